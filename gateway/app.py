@@ -1,0 +1,33 @@
+"""The REST gateway application: `create_app(settings)` wires routes, middleware and backends.
+
+HTTP in, gRPC out, JSON back (DESIGN.md "REST contract"). The handlers live in
+`gateway.handlers`, the JSON rendering in `gateway.views`, the upload streaming in
+`gateway.upload`, the error mapping in `gateway.errors` and the shutdown in `gateway.serving`.
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from gateway import handlers
+from gateway.backends import SETTINGS, open_backends
+from gateway.errors import error_middleware
+from gateway.serving import IN_FLIGHT, InFlight
+from services.common.config import GatewaySettings
+
+
+def create_app(settings: GatewaySettings) -> web.Application:
+    """The gateway application; its gRPC channels and storage open when it starts."""
+    in_flight = InFlight()
+    app = web.Application(middlewares=[in_flight.middleware, error_middleware])
+    app[SETTINGS] = settings
+    app[IN_FLIGHT] = in_flight
+    app.cleanup_ctx.append(open_backends)
+    app.router.add_post("/upload", handlers.upload)
+    app.router.add_get("/status", handlers.status)
+    app.router.add_get("/status/{request_id}", handlers.status)
+    app.router.add_get("/requests/{request_id}/output.csv", handlers.output_csv)
+    app.router.add_get("/files/{key:.+}", handlers.files)
+    app.router.add_get("/healthz", handlers.healthz)
+    app.router.add_get("/readyz", handlers.readyz)
+    return app

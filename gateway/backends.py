@@ -1,0 +1,68 @@
+"""The gateway's resources: gRPC channels and stubs to ingest and status, and the object store.
+
+They are opened when the application starts and closed in reverse order when it stops
+(`open_backends` is an aiohttp cleanup context); nothing is opened at import time.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from aiohttp import web
+from grpc_health.v1 import health_pb2_grpc
+
+from services.common.config import GatewaySettings, default_storage_url
+from services.common.pb.imgpipe.v1 import (
+    ingest_service_pb2_grpc as ingest_grpc,
+)
+from services.common.pb.imgpipe.v1 import (
+    status_service_pb2_grpc as status_grpc,
+)
+from services.common.storage import Storage
+
+log = logging.getLogger(__name__)
+
+# A page of 1000 products with many image URLs can pass gRPC's default 4 MiB receive limit.
+_CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
+# Channels are closed after in-flight calls had this long to finish.
+_CHANNEL_CLOSE_GRACE = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class Backends:
+    ingest: ingest_grpc.IngestServiceAsyncStub
+    status: status_grpc.StatusServiceAsyncStub
+    # grpc_health ships no type information.
+    ingest_health: Any
+    status_health: Any
+    storage: Storage
+
+
+SETTINGS = web.AppKey("settings", GatewaySettings)
+BACKENDS = web.AppKey("backends", Backends)
+
+
+async def open_backends(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    async with AsyncExitStack() as stack:
+        ingest_channel = grpc.aio.insecure_channel(settings.ingest_addr, options=_CHANNEL_OPTIONS)
+        stack.push_async_callback(ingest_channel.close, _CHANNEL_CLOSE_GRACE)
+        status_channel = grpc.aio.insecure_channel(settings.status_addr, options=_CHANNEL_OPTIONS)
+        stack.push_async_callback(status_channel.close, _CHANNEL_CLOSE_GRACE)
+        app[BACKENDS] = Backends(
+            ingest=ingest_grpc.IngestServiceStub(ingest_channel),
+            status=status_grpc.StatusServiceStub(status_channel),
+            ingest_health=health_pb2_grpc.HealthStub(ingest_channel),
+            status_health=health_pb2_grpc.HealthStub(status_channel),
+            storage=Storage.from_url(settings.storage_url or default_storage_url()),
+        )
+        log.info(
+            "backends configured",
+            extra={"ingest": settings.ingest_addr, "status": settings.status_addr},
+        )
+        yield

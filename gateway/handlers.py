@@ -1,0 +1,188 @@
+"""The REST handlers: validate the HTTP input, call ingest or status, render JSON.
+
+Errors are raised, never rendered here: `gateway.errors.error_middleware` turns ImgpipeError,
+gRPC errors and aiohttp's HTTP exceptions into the JSON error body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import grpc
+from aiohttp import web
+from grpc_health.v1 import health_pb2
+
+from gateway import views
+from gateway.backends import BACKENDS, SETTINGS
+from gateway.serving import IN_FLIGHT
+from gateway.upload import upload_csv
+from services.common.errors import Conflict, Detail, InvalidArgument, NotFound, Unavailable
+from services.common.pb.imgpipe.v1 import status_service_pb2 as status_pb
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PAGE_SIZE = 100
+MAX_PAGE_SIZE = 1000
+# /readyz must answer quickly even when a backend hangs.
+READY_TIMEOUT = 2.0
+_UNSAFE_FILENAME = re.compile(r"[^A-Za-z0-9._-]")
+
+
+def absolute_url(request: web.Request, path: str) -> str:
+    """`path` on the host and scheme the caller used to reach us."""
+    return f"{request.scheme}://{request.host}{path}"
+
+
+def status_url(request: web.Request, request_id: str) -> str:
+    return absolute_url(request, f"/status/{quote(request_id, safe='')}")
+
+
+def output_csv_url(request: web.Request, request_id: str) -> str:
+    return absolute_url(request, f"/requests/{quote(request_id, safe='')}/output.csv")
+
+
+async def upload(request: web.Request) -> web.Response:
+    accepted = await upload_csv(request, request.app[BACKENDS].ingest, request.app[SETTINGS])
+    url = status_url(request, accepted.request_id)
+    return web.json_response(
+        views.accepted_json(accepted, url),
+        # An idempotent replay finds the earlier request: nothing new was accepted.
+        status=202 if accepted.created else 200,
+        headers={"Location": url},
+    )
+
+
+async def status(request: web.Request) -> web.Response:
+    request_id = _request_id(request)
+    page_size = _page_size(request.query.get("page_size", ""))
+    backends, timeout = request.app[BACKENDS], request.app[SETTINGS].rpc_timeout
+    got = await backends.status.GetRequest(
+        status_pb.GetRequestRequest(request_id=request_id), timeout=timeout
+    )
+    page = await backends.status.ListProducts(
+        status_pb.ListProductsRequest(
+            request_id=request_id,
+            page_size=page_size,
+            page_token=request.query.get("page_token", ""),
+        ),
+        timeout=timeout,
+    )
+    found = got.request
+    csv_url = (
+        output_csv_url(request, found.request_id)
+        if views.is_final(found) and found.output_csv_key
+        else None
+    )
+    return web.json_response(views.status_json(found, page, csv_url))
+
+
+async def output_csv(request: web.Request) -> web.Response:
+    request_id = _request_id(request)
+    backends = request.app[BACKENDS]
+    got = await backends.status.GetRequest(
+        status_pb.GetRequestRequest(request_id=request_id),
+        timeout=request.app[SETTINGS].rpc_timeout,
+    )
+    found = got.request
+    if not views.is_final(found):
+        raise Conflict("the request is not finished yet")
+    if not found.output_csv_key:
+        raise NotFound("this request has no output CSV")
+    try:
+        data = await backends.storage.get(found.output_csv_key)
+    except FileNotFoundError:
+        raise NotFound("the output CSV of this request was not found") from None
+    filename = f"imgpipe-{_UNSAFE_FILENAME.sub('_', found.request_id or request_id)}.csv"
+    return web.Response(
+        body=data,
+        content_type="text/csv",
+        charset="utf-8",
+        headers={"Content-Disposition": f'attachment; filename="{filename}"'},
+    )
+
+
+async def files(request: web.Request) -> web.FileResponse:
+    root = request.app[BACKENDS].storage.local_root
+    path = resolve_under(root, request.match_info["key"]) if root is not None else None
+    if path is None:
+        raise NotFound("no such file")
+    # The store holds caller-influenced bytes: never let a browser guess another type.
+    return web.FileResponse(path, headers={"X-Content-Type-Options": "nosniff"})
+
+
+def resolve_under(root: Path, key: str) -> Path | None:
+    """The regular file `key` names inside `root`, or None if it is missing or escapes `root`.
+
+    `..` segments, absolute keys and symlinks are resolved first, so a key pointing outside
+    the store by any of them is refused.
+    """
+    if not key or "\x00" in key:
+        return None
+    path = (root / key).resolve()
+    if not path.is_relative_to(root) or not path.is_file():
+        return None
+    return path
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    if request.app[IN_FLIGHT].draining.is_set():
+        raise Unavailable("shutting down")
+    backends = request.app[BACKENDS]
+    deadline = min(READY_TIMEOUT, request.app[SETTINGS].rpc_timeout)
+    problems = [
+        problem
+        for problem in await asyncio.gather(
+            _not_ready("ingest", backends.ingest_health, deadline),
+            _not_ready("status", backends.status_health, deadline),
+        )
+        if problem is not None
+    ]
+    if problems:
+        names = ", ".join(problem.column for problem in problems)
+        raise Unavailable(f"not ready: {names} not serving", problems)
+    return web.json_response({"status": "ready"})
+
+
+async def _not_ready(name: str, health: Any, deadline: float) -> Detail | None:
+    """None when the backend reports SERVING, else what is wrong with it."""
+    try:
+        reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=deadline)
+    except grpc.aio.AioRpcError as exc:
+        return Detail(message=f"health check failed: {exc.code().name}", column=name)
+    if reply.status != health_pb2.HealthCheckResponse.SERVING:
+        state = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+        return Detail(message=f"reports {state}", column=name)
+    return None
+
+
+def _request_id(request: web.Request) -> str:
+    request_id = (
+        request.match_info.get("request_id") or request.query.get("request_id", "")
+    ).strip()
+    if not request_id:
+        raise InvalidArgument(
+            "request_id is required",
+            [Detail(message="give the request id in the path or the query", column="request_id")],
+        )
+    return request_id
+
+
+def _page_size(raw: str) -> int:
+    raw = raw.strip()
+    if not raw:
+        return DEFAULT_PAGE_SIZE
+    if raw.isascii() and raw.isdigit() and 1 <= int(raw) <= MAX_PAGE_SIZE:
+        return int(raw)
+    raise InvalidArgument(
+        f"page_size must be an integer from 1 to {MAX_PAGE_SIZE}",
+        [Detail(message=f"not {raw[:40]!r}", column="page_size")],
+    )

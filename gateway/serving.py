@@ -1,0 +1,82 @@
+"""Serving the gateway, and a shutdown that lets in-flight requests finish, uploads included.
+
+aiohttp's own graceful shutdown (`web.run_app`) stops reading from every connection as soon as
+it begins, so an upload whose body is still arriving would stall until the timeout and be cut
+off. `drain` instead closes the listener, waits (up to the grace period) for the requests being
+handled to finish while their bodies keep streaming in, and only then closes the connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from aiohttp import web
+
+from gateway.errors import Handler
+
+log = logging.getLogger(__name__)
+
+# After the grace period, what is still running is cancelled and given this long to unwind.
+_CANCEL_TIMEOUT = 2.0
+
+
+class InFlight:
+    """Counts the requests being handled, so a shutdown can wait for them."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.draining = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @web.middleware
+    async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        self.count += 1
+        self._idle.clear()
+        try:
+            response = await handler(request)
+        finally:
+            self.count -= 1
+            if self.count == 0:
+                self._idle.set()
+        if self.draining.is_set():
+            response.force_close()  # no keep-alive: this connection ends with this answer
+        return response
+
+    async def wait_idle(self) -> None:
+        await self._idle.wait()
+
+
+IN_FLIGHT = web.AppKey("in_flight", InFlight)
+
+
+async def start(app: web.Application, host: str, port: int) -> web.AppRunner:
+    """Start serving `app` on host:port (port 0 picks a free one: see `runner.addresses`)."""
+    runner = web.AppRunner(app, shutdown_timeout=_CANCEL_TIMEOUT)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port).start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    log.info("serving", extra={"addresses": [str(a) for a in runner.addresses]})
+    return runner
+
+
+async def drain(runner: web.AppRunner, grace: float) -> None:
+    """Stop accepting connections, let in-flight requests finish within `grace`, then stop."""
+    in_flight = runner.app[IN_FLIGHT]
+    try:
+        in_flight.draining.set()
+        for site in list(runner.sites):
+            await site.stop()
+        log.info("draining", extra={"in_flight": in_flight.count, "grace": grace})
+        try:
+            async with asyncio.timeout(grace):
+                await in_flight.wait_idle()
+        except TimeoutError:
+            log.warning("grace period over: cancelling", extra={"in_flight": in_flight.count})
+    finally:
+        await runner.cleanup()
+    log.info("stopped")

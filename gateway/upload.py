@@ -1,0 +1,229 @@
+"""POST /upload: read the CSV from the HTTP body as it arrives and stream it to ingest.
+
+The body is never held whole in memory: it is read in 64 KiB chunks and each chunk is written
+to the `IngestService.UploadCsv` client stream as soon as it arrives, counting bytes against
+`max_upload_bytes`. Any failure while reading (too large, a truncated body, a bad trailing form
+field) cancels the call, so ingest never commits a partial upload.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Awaitable, Callable, Mapping
+from functools import partial
+
+from aiohttp import BodyPartReader, MultipartReader, web
+
+from gateway.errors import UnsupportedMediaType
+from services.common.config import GatewaySettings
+from services.common.errors import Detail, InvalidArgument, TooLarge
+from services.common.pb.imgpipe.v1 import ingest_service_pb2 as ingest_pb
+from services.common.pb.imgpipe.v1 import ingest_service_pb2_grpc as ingest_grpc
+from services.common.pb.imgpipe.v1 import task_pb2
+
+CHUNK_SIZE = 64 * 1024
+CSV_MEDIA_TYPES = frozenset({"text/csv", "application/csv", "text/plain"})
+OPTION_FIELDS = ("webhook_url", "quality", "format", "scale", "max_width", "max_height")
+FILE_FIELD = "file"
+# Room for boundaries, part headers and option fields when the declared length of a
+# multipart body is compared with the limit on the file itself.
+_MULTIPART_OVERHEAD = 64 * 1024
+_MAX_FIELD_BYTES = 8 * 1024
+_UINT32_MAX = 2**32 - 1
+# Returns up to CHUNK_SIZE bytes of the CSV, b"" at the end.
+ReadChunk = Callable[[], Awaitable[bytes]]
+_FORMATS = {
+    "jpeg": task_pb2.OUTPUT_FORMAT_JPEG,
+    "webp": task_pb2.OUTPUT_FORMAT_WEBP,
+    "png": task_pb2.OUTPUT_FORMAT_PNG,
+}
+
+
+async def upload_csv(
+    request: web.Request, ingest: ingest_grpc.IngestServiceAsyncStub, settings: GatewaySettings
+) -> ingest_pb.Accepted:
+    """Stream the uploaded CSV to ingest and return what it accepted."""
+    limit = settings.max_upload_bytes
+    idempotency_key = request.headers.get("Idempotency-Key", "").strip()
+    if request.content_type == "multipart/form-data":
+        _check_declared_length(request, limit, limit + _MULTIPART_OVERHEAD)
+        header, read, after = await _open_multipart(request, idempotency_key)
+    elif request.content_type in CSV_MEDIA_TYPES:
+        _check_declared_length(request, limit, limit)
+        header = build_header(request.query, idempotency_key)
+        read, after = partial(request.content.read, CHUNK_SIZE), None
+    else:
+        raise UnsupportedMediaType(
+            f"unsupported content type {request.content_type!r}: send multipart/form-data "
+            f"with a {FILE_FIELD!r} field, or a text/csv body"
+        )
+    return await _send(ingest, header, read, limit, after, settings.upload_timeout)
+
+
+def build_header(values: Mapping[str, str], idempotency_key: str = "") -> ingest_pb.UploadHeader:
+    """The first message of an upload, from form or query values; every bad value is listed."""
+    problems: list[Detail] = []
+
+    def value(name: str) -> str:
+        return values.get(name, "").strip()
+
+    def integer(name: str, low: int, high: int, rule: str) -> int:
+        raw = value(name)
+        if not raw:
+            return 0
+        if raw.isascii() and raw.isdigit() and low <= int(raw) <= high:
+            return int(raw)
+        problems.append(Detail(message=f"{name} must be {rule}, not {raw[:40]!r}", column=name))
+        return 0
+
+    options = task_pb2.ImageOptions(
+        quality=integer("quality", 1, 95, "an integer from 1 to 95"),
+        max_width=integer("max_width", 0, _UINT32_MAX, "a whole number of pixels (0: no limit)"),
+        max_height=integer("max_height", 0, _UINT32_MAX, "a whole number of pixels (0: no limit)"),
+    )
+    if raw_format := value("format"):
+        if raw_format.lower() in _FORMATS:
+            options.format = _FORMATS[raw_format.lower()]
+        else:
+            problems.append(
+                Detail(
+                    message=f"format must be one of jpeg, webp, png, not {raw_format[:40]!r}",
+                    column="format",
+                )
+            )
+    if raw_scale := value("scale"):
+        try:
+            scale = float(raw_scale)
+        except ValueError:
+            scale = math.nan
+        if math.isfinite(scale) and 0 < scale <= 1:
+            options.scale = scale
+        else:
+            problems.append(
+                Detail(
+                    message=f"scale must be a number with 0 < scale <= 1, not {raw_scale[:40]!r}",
+                    column="scale",
+                )
+            )
+    if problems:
+        names = ", ".join(d.column for d in problems)
+        raise InvalidArgument(f"invalid upload options: {names}", problems)
+    return ingest_pb.UploadHeader(
+        options=options, webhook_url=value("webhook_url"), idempotency_key=idempotency_key
+    )
+
+
+def _check_declared_length(request: web.Request, limit: int, allowed: int) -> None:
+    # Refuse before reading a byte when the caller already told us the body is too big.
+    if request.content_length is not None and request.content_length > allowed:
+        raise _too_large(limit)
+
+
+def _too_large(limit: int) -> TooLarge:
+    return TooLarge(f"the upload is larger than the limit of {limit} bytes")
+
+
+async def _send(
+    ingest: ingest_grpc.IngestServiceAsyncStub,
+    header: ingest_pb.UploadHeader,
+    read: ReadChunk,
+    limit: int,
+    after: Callable[[], Awaitable[None]] | None,
+    deadline: float,
+) -> ingest_pb.Accepted:
+    # The call is driven by writes from this task rather than by an async generator handed to
+    # gRPC: gRPC swallows a generator's exception and reports a bare CancelledError, while here
+    # TooLarge or a read error propagates as itself and the call is cancelled at once.
+    call = ingest.UploadCsv(None, timeout=deadline)  # None: we write the messages
+    try:
+        await call.write(ingest_pb.UploadCsvRequest(header=header))
+        total = 0
+        while chunk := await read():
+            total += len(chunk)
+            if total > limit:
+                raise _too_large(limit)
+            await call.write(ingest_pb.UploadCsvRequest(chunk=chunk))
+        if after is not None:
+            await after()
+        # UploadEnd tells ingest the file is whole; without it ingest stores nothing.
+        await call.write(ingest_pb.UploadCsvRequest(end=ingest_pb.UploadEnd(count=total)))
+        await call.done_writing()
+    except asyncio.InvalidStateError:
+        pass  # ingest already answered (an early rejection); awaiting the call says why
+    except BaseException:
+        call.cancel()
+        raise
+    response = await call
+    return response.accepted
+
+
+async def _open_multipart(
+    request: web.Request, idempotency_key: str
+) -> tuple[ingest_pb.UploadHeader, ReadChunk, Callable[[], Awaitable[None]]]:
+    """Read option fields up to the file part; return the header, the file's chunks, a check."""
+    try:
+        reader = await request.multipart()
+    except (ValueError, AssertionError) as exc:
+        raise InvalidArgument(f"malformed multipart body: {exc}") from None
+    values = {name: request.query[name] for name in OPTION_FIELDS if name in request.query}
+    while True:
+        part = await _next_part(reader)
+        if part is None:
+            raise InvalidArgument(
+                f"the form has no {FILE_FIELD!r} field",
+                [Detail(message="the CSV file is required", column=FILE_FIELD)],
+            )
+        if part.name == FILE_FIELD:
+            break
+        if part.name in OPTION_FIELDS:
+            values[part.name] = await _read_field(part)
+        else:
+            await part.release()
+    header = build_header(values, idempotency_key)
+    file_part = part
+
+    async def check_rest() -> None:
+        # Options must be known before the first chunk is sent, so one that follows the file
+        # cannot be honoured: refuse rather than silently ignore it.
+        while (part := await _next_part(reader)) is not None:
+            if part.name in OPTION_FIELDS:
+                raise InvalidArgument(
+                    f"the form field {part.name!r} comes after the file: put option fields "
+                    f"before the {FILE_FIELD!r} field, or in the query string",
+                    [Detail(message="option fields must precede the file", column=part.name)],
+                )
+            if part.name == FILE_FIELD:
+                raise InvalidArgument(f"send one {FILE_FIELD!r} field, not several")
+            await part.release()
+
+    return header, partial(file_part.read_chunk, CHUNK_SIZE), check_rest
+
+
+async def _next_part(reader: MultipartReader) -> BodyPartReader | None:
+    try:
+        part = await reader.next()
+    except (ValueError, AssertionError) as exc:
+        raise InvalidArgument(f"malformed multipart body: {exc}") from None
+    if isinstance(part, MultipartReader):
+        raise InvalidArgument("nested multipart bodies are not supported")
+    return part
+
+
+async def _read_field(part: BodyPartReader) -> str:
+    name = part.name or ""
+    data = bytearray()
+    while chunk := await part.read_chunk(CHUNK_SIZE):
+        data += chunk
+        if len(data) > _MAX_FIELD_BYTES:
+            raise InvalidArgument(
+                f"the form field {name!r} is too long",
+                [Detail(message=f"at most {_MAX_FIELD_BYTES} bytes", column=name)],
+            )
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidArgument(
+            f"the form field {name!r} is not UTF-8",
+            [Detail(message="not UTF-8", column=name)],
+        ) from None

@@ -1,0 +1,95 @@
+"""Protobuf messages rendered as the JSON of DESIGN.md "REST contract". Pure functions."""
+
+from __future__ import annotations
+
+from datetime import UTC
+from typing import Any
+
+from google.protobuf import timestamp_pb2
+
+from services.common.pb.imgpipe.v1 import ingest_service_pb2 as ingest_pb
+from services.common.pb.imgpipe.v1 import request_pb2
+from services.common.pb.imgpipe.v1 import status_service_pb2 as status_pb
+
+STATUS_NAMES: dict[int, str] = {
+    # The proto3 zero value: a fresh acceptance may leave the status unset.
+    request_pb2.REQUEST_STATUS_UNSPECIFIED: "Pending",
+    request_pb2.REQUEST_STATUS_PENDING: "Pending",
+    request_pb2.REQUEST_STATUS_PROCESSING: "Processing",
+    request_pb2.REQUEST_STATUS_COMPLETED: "Completed",
+    request_pb2.REQUEST_STATUS_FAILED: "Failed",
+}
+FINAL_STATUSES = frozenset(
+    {request_pb2.REQUEST_STATUS_COMPLETED, request_pb2.REQUEST_STATUS_FAILED}
+)
+
+
+def status_name(status: int) -> str:
+    return STATUS_NAMES.get(status, "Pending")
+
+
+def is_final(request: request_pb2.Request) -> bool:
+    return request.status in FINAL_STATUSES
+
+
+def timestamp(message: Any, field: str) -> str | None:
+    """ISO 8601 in UTC (`2024-05-01T12:00:00.000Z`), or None when the field is unset."""
+    if not message.HasField(field):
+        return None
+    value: timestamp_pb2.Timestamp = getattr(message, field)
+    moment = value.ToDatetime(tzinfo=UTC)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def accepted_json(accepted: ingest_pb.Accepted, status_url: str) -> dict[str, Any]:
+    return {
+        "request_id": accepted.request_id,
+        "status": status_name(accepted.status),
+        "products": accepted.products,
+        "images": accepted.images,
+        "status_url": status_url,
+    }
+
+
+def status_json(
+    request: request_pb2.Request,
+    page: status_pb.ListProductsResponse,
+    output_csv_url: str | None,
+) -> dict[str, Any]:
+    progress = request.progress
+    return {
+        "request_id": request.request_id,
+        "status": status_name(request.status),
+        "created_at": timestamp(request, "created_at"),
+        "updated_at": timestamp(request, "updated_at"),
+        "completed_at": timestamp(request, "completed_at"),
+        "progress": {
+            "images_total": progress.images_total,
+            "images_done": progress.images_done,
+            "images_failed": progress.images_failed,
+            "percent": round(progress.percent, 1),
+            "bytes_in": progress.bytes_in,
+            "bytes_out": progress.bytes_out,
+        },
+        "output_csv_url": output_csv_url,
+        "products": [product_json(product) for product in page.products],
+        "next_page_token": page.next_page_token or None,
+    }
+
+
+def product_json(product: request_pb2.Product) -> dict[str, Any]:
+    inputs = list(product.input_image_urls)
+    # One slot per input image, in the same order; an image with no output yet (or failed)
+    # is null. A short list from the backend is padded so the slots always line up.
+    outputs: list[str | None] = [url or None for url in product.output_image_urls]
+    outputs += [None] * (len(inputs) - len(outputs))
+    return {
+        "serial_number": product.serial_number,
+        "product_name": product.product_name,
+        "input_image_urls": inputs,
+        "output_image_urls": outputs,
+        "errors": [
+            {"url": error.url, "code": error.code, "message": error.message}
+            for error in product.errors
+        ],
+    }

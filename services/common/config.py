@@ -1,0 +1,246 @@
+"""Settings for every imgpipe process, read from `IMGPIPE_*` environment variables in one place.
+
+Each service's `__main__` calls `<Service>Settings.from_env(os.environ)`. A missing or malformed
+value raises `ConfigError` listing every problem at once, so an operator fixes them in one go.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Self, TypeVar
+from urllib.parse import urlsplit
+
+from services.common.csv_format import CsvLimits
+from services.common.fetch import FetchAllow, FetchLimits
+from services.common.imaging import ImageLimits
+
+T = TypeVar("T")
+
+
+class ConfigError(Exception):
+    """One or more settings are missing or malformed."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("invalid configuration:\n  " + "\n  ".join(problems))
+        self.problems = problems
+
+
+class _Reader:
+    """Reads typed values from a mapping, collecting every problem instead of stopping."""
+
+    def __init__(self, environ: Mapping[str, str]) -> None:
+        self.environ = environ
+        self.problems: list[str] = []
+
+    def parsed(self, name: str, default: T, parse: Callable[[str], T], rule: str) -> T:
+        raw = self.environ.get(name, "").strip()
+        if not raw:
+            return default
+        try:
+            return parse(raw)
+        except ValueError as exc:
+            detail = f" ({exc})" if str(exc) else ""
+            self.problems.append(f"{name}={raw!r}: expected {rule}{detail}")
+            return default
+
+    def text(self, name: str, default: str = "") -> str:
+        return self.environ.get(name, "").strip() or default
+
+    def required(self, name: str, rule: str) -> str:
+        value = self.text(name)
+        if not value:
+            self.problems.append(f"{name} is required: {rule}")
+        return value
+
+    def integer(self, name: str, default: int, *, minimum: int = 0) -> int:
+        def parse(raw: str) -> int:
+            value = int(raw)
+            if value < minimum:
+                raise ValueError(f"at least {minimum}")
+            return value
+
+        return self.parsed(name, default, parse, "an integer")
+
+    def number(self, name: str, default: float, *, minimum: float = 0.0) -> float:
+        def parse(raw: str) -> float:
+            value = float(raw)
+            if not value > minimum:
+                raise ValueError(f"greater than {minimum}")
+            return value
+
+        return self.parsed(name, default, parse, "a number")
+
+    def address(self, name: str, default: str) -> str:
+        def parse(raw: str) -> str:
+            host, sep, port = raw.rpartition(":")
+            if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+                raise ValueError("")
+            return raw
+
+        return self.parsed(name, default, parse, "HOST:PORT")
+
+    def url(self, name: str, default: str, schemes: tuple[str, ...]) -> str:
+        def parse(raw: str) -> str:
+            if urlsplit(raw).scheme not in schemes:
+                raise ValueError("")
+            return raw
+
+        return self.parsed(name, default, parse, f"a URL with scheme {' or '.join(schemes)}")
+
+    def done(self) -> None:
+        if self.problems:
+            raise ConfigError(self.problems)
+
+
+@dataclass(frozen=True, slots=True)
+class CommonSettings:
+    """What every backend service needs: Postgres, Redis, storage and logging."""
+
+    database_url: str
+    redis_url: str
+    redis_prefix: str = "imgpipe"
+    storage_url: str = ""
+    public_base_url: str = "http://127.0.0.1:8080/files/"
+    grpc_listen: str = "127.0.0.1:50051"
+    grace_seconds: float = 20.0
+    log_level: str = "INFO"
+
+    @classmethod
+    def read(cls, env: _Reader, default_listen: str) -> Self:
+        return cls(
+            database_url=env.required(
+                "IMGPIPE_DATABASE_URL", "a postgresql:// URL (make run starts one for you)"
+            ),
+            redis_url=env.required(
+                "IMGPIPE_REDIS_URL", "a redis:// or unix:// URL (make run starts one for you)"
+            ),
+            redis_prefix=env.text("IMGPIPE_REDIS_PREFIX", "imgpipe"),
+            storage_url=env.url(
+                "IMGPIPE_STORAGE_URL", default_storage_url(), ("file", "s3", "memory")
+            ),
+            public_base_url=env.url(
+                "IMGPIPE_PUBLIC_BASE_URL", "http://127.0.0.1:8080/files/", ("http", "https")
+            ),
+            grpc_listen=env.address("IMGPIPE_GRPC_LISTEN", default_listen),
+            grace_seconds=env.number("IMGPIPE_GRACE_SECONDS", 20.0),
+            log_level=env.text("IMGPIPE_LOG_LEVEL", "INFO").upper(),
+        )
+
+
+def default_storage_url() -> str:
+    return (Path.cwd() / ".imgpipe" / "store").as_uri()
+
+
+@dataclass(frozen=True, slots=True)
+class IngestSettings:
+    common: CommonSettings
+    csv_limits: CsvLimits = field(default_factory=CsvLimits)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> Self:
+        env = _Reader(environ)
+        defaults = CsvLimits()
+        settings = cls(
+            common=CommonSettings.read(env, "127.0.0.1:50051"),
+            csv_limits=CsvLimits(
+                max_bytes=env.integer("IMGPIPE_MAX_UPLOAD_BYTES", defaults.max_bytes, minimum=1),
+                max_rows=env.integer("IMGPIPE_MAX_ROWS", defaults.max_rows, minimum=1),
+                max_urls_per_row=env.integer(
+                    "IMGPIPE_MAX_URLS_PER_ROW", defaults.max_urls_per_row, minimum=1
+                ),
+                max_urls_total=env.integer(
+                    "IMGPIPE_MAX_URLS_TOTAL", defaults.max_urls_total, minimum=1
+                ),
+            ),
+        )
+        env.done()
+        return settings
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSettings:
+    common: CommonSettings
+    consumer_name: str
+    concurrency: int = 8
+    threads: int = 2
+    fetch_limits: FetchLimits = field(default_factory=FetchLimits)
+    fetch_allow: FetchAllow = field(default_factory=FetchAllow)
+    image_limits: ImageLimits = field(default_factory=ImageLimits)
+    max_attempts: int = 3
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> Self:
+        env = _Reader(environ)
+        fetch = FetchLimits()
+        allow = env.parsed(
+            "IMGPIPE_FETCH_ALLOW", FetchAllow(), FetchAllow.parse, "host:port or CIDR entries"
+        )
+        settings = cls(
+            common=CommonSettings.read(env, "127.0.0.1:50061"),
+            # The pod name in Kubernetes; hostname-pid elsewhere, so restarts get a new name
+            # and the old name's pending entries are claimed by XAUTOCLAIM.
+            consumer_name=env.text("IMGPIPE_CONSUMER_NAME", f"{os.uname().nodename}-{os.getpid()}"),
+            concurrency=env.integer("IMGPIPE_WORKER_CONCURRENCY", 8, minimum=1),
+            threads=env.integer("IMGPIPE_WORKER_THREADS", os.cpu_count() or 2, minimum=1),
+            fetch_limits=FetchLimits(
+                connect_timeout=env.number("IMGPIPE_FETCH_CONNECT_TIMEOUT", fetch.connect_timeout),
+                total_timeout=env.number("IMGPIPE_FETCH_TOTAL_TIMEOUT", fetch.total_timeout),
+                max_bytes=env.integer("IMGPIPE_FETCH_MAX_BYTES", fetch.max_bytes, minimum=1),
+                max_redirects=env.integer("IMGPIPE_FETCH_MAX_REDIRECTS", fetch.max_redirects),
+                allowed_ports=fetch.allowed_ports,
+            ),
+            fetch_allow=allow,
+            image_limits=ImageLimits(
+                max_pixels=env.integer("IMGPIPE_MAX_PIXELS", ImageLimits().max_pixels, minimum=1)
+            ),
+            max_attempts=env.integer("IMGPIPE_MAX_ATTEMPTS", 3, minimum=1),
+        )
+        env.done()
+        return settings
+
+
+@dataclass(frozen=True, slots=True)
+class StatusSettings:
+    common: CommonSettings
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> Self:
+        env = _Reader(environ)
+        settings = cls(common=CommonSettings.read(env, "127.0.0.1:50052"))
+        env.done()
+        return settings
+
+
+@dataclass(frozen=True, slots=True)
+class GatewaySettings:
+    http_listen: str = "127.0.0.1:8080"
+    ingest_addr: str = "127.0.0.1:50051"
+    status_addr: str = "127.0.0.1:50052"
+    storage_url: str = ""
+    max_upload_bytes: int = CsvLimits().max_bytes
+    rpc_timeout: float = 10.0
+    upload_timeout: float = 300.0
+    log_level: str = "INFO"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> Self:
+        env = _Reader(environ)
+        settings = cls(
+            http_listen=env.address("IMGPIPE_HTTP_LISTEN", "127.0.0.1:8080"),
+            ingest_addr=env.address("IMGPIPE_INGEST_ADDR", "127.0.0.1:50051"),
+            status_addr=env.address("IMGPIPE_STATUS_ADDR", "127.0.0.1:50052"),
+            storage_url=env.url(
+                "IMGPIPE_STORAGE_URL", default_storage_url(), ("file", "s3", "memory")
+            ),
+            max_upload_bytes=env.integer(
+                "IMGPIPE_MAX_UPLOAD_BYTES", CsvLimits().max_bytes, minimum=1
+            ),
+            rpc_timeout=env.number("IMGPIPE_RPC_TIMEOUT", 10.0),
+            upload_timeout=env.number("IMGPIPE_UPLOAD_TIMEOUT", 300.0),
+            log_level=env.text("IMGPIPE_LOG_LEVEL", "INFO").upper(),
+        )
+        env.done()
+        return settings

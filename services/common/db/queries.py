@@ -1,0 +1,393 @@
+"""Every SQL statement imgpipe runs. Nothing outside services/common/db writes SQL.
+
+State changes are conditional on the previous state (`WHERE status = 'Pending'`) and counters
+move in the same transaction as the image row, so delivering a task twice is harmless.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+from services.common.csv_format import ProductRow
+
+Connection = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
+
+
+# ---------------------------------------------------------------- ingest
+
+
+@dataclass(frozen=True, slots=True)
+class ExistingRequest:
+    id: uuid.UUID
+    content_hash: bytes | None
+    status: str
+    products_total: int
+    images_total: int
+
+
+async def find_idempotent(conn: Connection, owner: str, key: str) -> ExistingRequest | None:
+    row = await conn.fetchrow(
+        """SELECT id, content_hash, status, products_total, images_total
+             FROM requests WHERE owner = $1 AND idempotency_key = $2""",
+        owner,
+        key,
+    )
+    return ExistingRequest(**dict(row)) if row else None
+
+
+async def insert_request(
+    conn: Connection,
+    request_id: uuid.UUID,
+    *,
+    options: dict[str, Any],
+    webhook_url: str | None,
+    owner: str,
+    idempotency_key: str | None,
+) -> None:
+    await conn.execute(
+        """INSERT INTO requests (id, options, webhook_url, owner, idempotency_key)
+           VALUES ($1, $2::jsonb, $3, $4, $5)""",
+        request_id,
+        json.dumps(options),
+        webhook_url,
+        owner,
+        idempotency_key,
+    )
+
+
+async def insert_products(
+    conn: Connection, request_id: uuid.UUID, products: Sequence[ProductRow]
+) -> int:
+    """Insert a batch of products and one Pending image row per URL; returns the image count."""
+    if not products:
+        return 0
+    rows = await conn.fetch(
+        """INSERT INTO products (request_id, row_number, serial_number, product_name)
+           SELECT $1, * FROM unnest($2::int[], $3::text[], $4::text[])
+           RETURNING id, row_number""",
+        request_id,
+        [p.row_number for p in products],
+        [p.serial_number for p in products],
+        [p.product_name for p in products],
+    )
+    product_ids = {r["row_number"]: r["id"] for r in rows}
+    images = [
+        (product_ids[p.row_number], request_id, position, url)
+        for p in products
+        for position, url in enumerate(p.image_urls)
+    ]
+    await conn.copy_records_to_table(
+        "images", records=images, columns=("product_id", "request_id", "position", "input_url")
+    )
+    return len(images)
+
+
+async def complete_request_insert(
+    conn: Connection,
+    request_id: uuid.UUID,
+    *,
+    products_total: int,
+    images_total: int,
+    content_hash: bytes,
+) -> None:
+    await conn.execute(
+        """UPDATE requests SET products_total = $2, images_total = $3, content_hash = $4
+            WHERE id = $1""",
+        request_id,
+        products_total,
+        images_total,
+        content_hash,
+    )
+
+
+async def mark_published(conn: Connection, request_id: uuid.UUID) -> None:
+    await conn.execute(
+        "UPDATE requests SET published_at = now() WHERE id = $1 AND published_at IS NULL",
+        request_id,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class PublishItem:
+    request_id: uuid.UUID
+    options: dict[str, Any]
+
+
+async def unpublished_requests(
+    conn: Connection, *, min_age_seconds: float = 0.0, limit: int = 1000
+) -> list[PublishItem]:
+    """Accepted requests whose tasks were never all published (oldest first)."""
+    rows = await conn.fetch(
+        """SELECT id, options FROM requests
+            WHERE published_at IS NULL AND status IN ('Pending', 'Processing')
+              AND created_at < now() - make_interval(secs => $1)
+            ORDER BY created_at LIMIT $2""",
+        min_age_seconds,
+        limit,
+    )
+    return [PublishItem(r["id"], json.loads(r["options"])) for r in rows]
+
+
+async def pending_images(
+    conn: Connection, request_id: uuid.UUID, *, batch: int = 1000
+) -> AsyncIterator[list[tuple[int, str]]]:
+    """Yield (image_id, input_url) of the request's Pending images in batches, by keyset."""
+    after = 0
+    while True:
+        rows = await conn.fetch(
+            """SELECT id, input_url FROM images
+                WHERE request_id = $1 AND id > $2 AND status = 'Pending'
+                ORDER BY id LIMIT $3""",
+            request_id,
+            after,
+            batch,
+        )
+        if not rows:
+            return
+        yield [(r["id"], r["input_url"]) for r in rows]
+        after = rows[-1]["id"]
+
+
+# ---------------------------------------------------------------- worker
+
+
+@dataclass(frozen=True, slots=True)
+class Counters:
+    request_id: uuid.UUID
+    images_total: int
+    images_done: int
+    images_failed: int
+
+    @property
+    def all_final(self) -> bool:
+        return self.images_done + self.images_failed >= self.images_total
+
+
+async def image_status(conn: Connection, image_id: int) -> tuple[str, uuid.UUID] | None:
+    row = await conn.fetchrow("SELECT status, request_id FROM images WHERE id = $1", image_id)
+    return (row["status"], row["request_id"]) if row else None
+
+
+async def bump_attempts(conn: Connection, image_id: int) -> int:
+    return int(
+        await conn.fetchval(
+            "UPDATE images SET attempts = attempts + 1 WHERE id = $1 RETURNING attempts", image_id
+        )
+    )
+
+
+_COUNTERS_UPDATE = """
+    UPDATE requests
+       SET images_done = images_done + $2,
+           images_failed = images_failed + $3,
+           bytes_in = bytes_in + $4,
+           bytes_out = bytes_out + $5,
+           status = CASE WHEN status = 'Pending' THEN 'Processing' ELSE status END,
+           updated_at = now()
+     WHERE id = $1
+ RETURNING id, images_total, images_done, images_failed"""
+
+
+async def record_image_done(
+    conn: Connection,
+    image_id: int,
+    *,
+    output_key: str,
+    bytes_in: int,
+    bytes_out: int,
+    width: int,
+    height: int,
+    kept_source: bool,
+) -> Counters | None:
+    """Mark a Pending image Done and move the counters; None if it was already final."""
+    async with conn.transaction():
+        request_id = await conn.fetchval(
+            """UPDATE images
+                  SET status = 'Done', output_key = $2, bytes_in = $3, bytes_out = $4,
+                      width = $5, height = $6, kept_source = $7,
+                      error_code = NULL, error_message = NULL, updated_at = now()
+                WHERE id = $1 AND status = 'Pending'
+            RETURNING request_id""",
+            image_id,
+            output_key,
+            bytes_in,
+            bytes_out,
+            width,
+            height,
+            kept_source,
+        )
+        if request_id is None:
+            return None
+        row = await conn.fetchrow(_COUNTERS_UPDATE, request_id, 1, 0, bytes_in, bytes_out)
+        return _counters(row)
+
+
+async def record_image_failed(
+    conn: Connection, image_id: int, *, code: str, message: str
+) -> Counters | None:
+    """Mark a Pending image Failed with its reason and move the counters."""
+    async with conn.transaction():
+        request_id = await conn.fetchval(
+            """UPDATE images
+                  SET status = 'Failed', error_code = $2, error_message = $3, updated_at = now()
+                WHERE id = $1 AND status = 'Pending'
+            RETURNING request_id""",
+            image_id,
+            code,
+            message[:1000],
+        )
+        if request_id is None:
+            return None
+        row = await conn.fetchrow(_COUNTERS_UPDATE, request_id, 0, 1, 0, 0)
+        return _counters(row)
+
+
+def _counters(row: asyncpg.Record | None) -> Counters:
+    assert row is not None, "the image row references its request"
+    return Counters(row["id"], row["images_total"], row["images_done"], row["images_failed"])
+
+
+async def counters(conn: Connection, request_id: uuid.UUID) -> Counters | None:
+    row = await conn.fetchrow(
+        "SELECT id, images_total, images_done, images_failed FROM requests WHERE id = $1",
+        request_id,
+    )
+    return _counters(row) if row else None
+
+
+async def is_final(conn: Connection, request_id: uuid.UUID) -> bool:
+    status = await conn.fetchval("SELECT status FROM requests WHERE id = $1", request_id)
+    return status in ("Completed", "Failed")
+
+
+async def finish_request(
+    conn: Connection, request_id: uuid.UUID, *, output_csv_key: str
+) -> RequestRow | None:
+    """Move a request whose images are all final to Completed or Failed, exactly once.
+
+    Returns the finished request, or None when it was already final (another worker won).
+    """
+    row = await conn.fetchrow(
+        f"""UPDATE requests
+               SET status = CASE WHEN images_done > 0 THEN 'Completed' ELSE 'Failed' END,
+                   output_csv_key = $2, completed_at = now(), updated_at = now()
+             WHERE id = $1 AND status IN ('Pending', 'Processing')
+               AND images_done + images_failed = images_total
+         RETURNING {_REQUEST_COLUMNS}""",
+        request_id,
+        output_csv_key,
+    )
+    return _request(row) if row else None
+
+
+# ---------------------------------------------------------------- status
+
+
+@dataclass(frozen=True, slots=True)
+class RequestRow:
+    id: uuid.UUID
+    status: str
+    options: dict[str, Any]
+    webhook_url: str | None
+    owner: str
+    products_total: int
+    images_total: int
+    images_done: int
+    images_failed: int
+    bytes_in: int
+    bytes_out: int
+    output_csv_key: str | None
+    created_at: datetime
+    updated_at: datetime
+    completed_at: datetime | None
+
+
+_REQUEST_COLUMNS = """id, status, options, webhook_url, owner, products_total, images_total,
+    images_done, images_failed, bytes_in, bytes_out, output_csv_key, created_at, updated_at,
+    completed_at"""
+
+
+def _request(row: asyncpg.Record) -> RequestRow:
+    values = dict(row)
+    values["options"] = json.loads(values["options"])
+    return RequestRow(**values)
+
+
+async def get_request(conn: Connection, request_id: uuid.UUID) -> RequestRow | None:
+    row = await conn.fetchrow(f"SELECT {_REQUEST_COLUMNS} FROM requests WHERE id = $1", request_id)
+    return _request(row) if row else None
+
+
+@dataclass(frozen=True, slots=True)
+class ImageRow:
+    input_url: str
+    status: str
+    output_key: str | None
+    error_code: str | None
+    error_message: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class ProductWithImages:
+    row_number: int
+    serial_number: str
+    product_name: str
+    images: list[ImageRow]
+
+
+_PRODUCT_PAGE = """
+    SELECT p.row_number, p.serial_number, p.product_name,
+           array_agg(i.input_url ORDER BY i.position) AS input_urls,
+           array_agg(i.status ORDER BY i.position) AS statuses,
+           array_agg(i.output_key ORDER BY i.position) AS output_keys,
+           array_agg(i.error_code ORDER BY i.position) AS error_codes,
+           array_agg(i.error_message ORDER BY i.position) AS error_messages
+      FROM products p JOIN images i ON i.product_id = p.id
+     WHERE p.request_id = $1 AND p.row_number > $2
+     GROUP BY p.id
+     ORDER BY p.row_number
+     LIMIT $3"""
+
+
+async def list_products(
+    conn: Connection, request_id: uuid.UUID, *, after_row: int, limit: int
+) -> list[ProductWithImages]:
+    """One page of products in CSV order, by keyset on row_number (no OFFSET scans)."""
+    rows = await conn.fetch(_PRODUCT_PAGE, request_id, after_row, limit)
+    return [_product(r) for r in rows]
+
+
+def _product(row: asyncpg.Record) -> ProductWithImages:
+    images = [
+        ImageRow(*values)
+        for values in zip(
+            row["input_urls"],
+            row["statuses"],
+            row["output_keys"],
+            row["error_codes"],
+            row["error_messages"],
+            strict=True,
+        )
+    ]
+    return ProductWithImages(row["row_number"], row["serial_number"], row["product_name"], images)
+
+
+async def iter_products(
+    conn: Connection, request_id: uuid.UUID, *, batch: int = 1000
+) -> AsyncIterator[ProductWithImages]:
+    """Every product of a request in CSV order, fetched a page at a time."""
+    after = 0
+    while True:
+        page = await list_products(conn, request_id, after_row=after, limit=batch)
+        for product in page:
+            yield product
+        if len(page) < batch:
+            return
+        after = page[-1].row_number

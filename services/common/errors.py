@@ -1,0 +1,170 @@
+"""One error hierarchy for imgpipe, mapped once to gRPC status and once to HTTP.
+
+Servicers raise `ImgpipeError` subclasses; `grpc_abort` turns them into a gRPC status with
+`google.rpc` details, and the gateway turns that status back into the JSON error of DESIGN.md
+with `http_error_from_rpc`. The field-violation encoding ("ROW:COLUMN") lives only here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, NoReturn
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+DOMAIN = "imgpipe"
+
+
+@dataclass(frozen=True, slots=True)
+class Detail:
+    """One problem: `row` is the spreadsheet row (None when not about a row)."""
+
+    message: str
+    column: str = ""
+    row: int | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"message": self.message}
+        if self.row is not None:
+            out["row"] = self.row
+        if self.column:
+            out["column"] = self.column
+        return out
+
+
+@dataclass
+class ImgpipeError(Exception):
+    message: str
+    details: list[Detail] = field(default_factory=list)
+    code = "internal"
+    grpc_code = grpc.StatusCode.INTERNAL
+    http_status = 500
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class InvalidCsv(ImgpipeError):
+    code = "invalid_csv"
+    grpc_code = grpc.StatusCode.INVALID_ARGUMENT
+    http_status = 400
+
+
+class InvalidArgument(ImgpipeError):
+    code = "invalid_argument"
+    grpc_code = grpc.StatusCode.INVALID_ARGUMENT
+    http_status = 400
+
+
+class NotFound(ImgpipeError):
+    code = "not_found"
+    grpc_code = grpc.StatusCode.NOT_FOUND
+    http_status = 404
+
+
+class Conflict(ImgpipeError):
+    code = "conflict"
+    grpc_code = grpc.StatusCode.FAILED_PRECONDITION
+    http_status = 409
+
+
+class TooLarge(ImgpipeError):
+    code = "too_large"
+    grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    http_status = 413
+
+
+class Unavailable(ImgpipeError):
+    code = "unavailable"
+    grpc_code = grpc.StatusCode.UNAVAILABLE
+    http_status = 503
+
+
+_BY_CODE: dict[str, type[ImgpipeError]] = {
+    cls.code: cls
+    for cls in (InvalidCsv, InvalidArgument, NotFound, Conflict, TooLarge, Unavailable)
+}
+_GRPC_CODE_VALUES = {
+    grpc.StatusCode.INVALID_ARGUMENT: code_pb2.INVALID_ARGUMENT,
+    grpc.StatusCode.NOT_FOUND: code_pb2.NOT_FOUND,
+    grpc.StatusCode.FAILED_PRECONDITION: code_pb2.FAILED_PRECONDITION,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: code_pb2.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.UNAVAILABLE: code_pb2.UNAVAILABLE,
+    grpc.StatusCode.INTERNAL: code_pb2.INTERNAL,
+}
+# gRPC status codes with no imgpipe reason attached (a dead backend, a deadline) → HTTP.
+_HTTP_FOR_GRPC = {
+    grpc.StatusCode.UNAVAILABLE: (503, "unavailable", "a backend service is unavailable"),
+    grpc.StatusCode.DEADLINE_EXCEEDED: (
+        503,
+        "unavailable",
+        "a backend service did not answer in time",
+    ),
+    grpc.StatusCode.NOT_FOUND: (404, "not_found", "not found"),
+    grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_argument", "invalid argument"),
+    grpc.StatusCode.RESOURCE_EXHAUSTED: (413, "too_large", "a limit was exceeded"),
+}
+
+
+def to_rpc_status(error: ImgpipeError) -> status_pb2.Status:
+    info = any_pb2.Any()
+    info.Pack(error_details_pb2.ErrorInfo(reason=error.code.upper(), domain=DOMAIN))
+    packed = [info]
+    if error.details:
+        bad = error_details_pb2.BadRequest()
+        for d in error.details:
+            where = f"{d.row}:{d.column}" if d.row is not None else d.column
+            bad.field_violations.add(field=where, description=d.message)
+        extra = any_pb2.Any()
+        extra.Pack(bad)
+        packed.append(extra)
+    return status_pb2.Status(
+        code=_GRPC_CODE_VALUES[error.grpc_code], message=error.message, details=packed
+    )
+
+
+async def grpc_abort(context: grpc.aio.ServicerContext[Any, Any], error: ImgpipeError) -> NoReturn:
+    status = rpc_status.to_status(to_rpc_status(error))
+    await context.abort_with_status(status)  # type: ignore[attr-defined]  # missing from grpc-stubs
+    raise AssertionError("abort_with_status returned")  # pragma: no cover
+
+
+def error_from_rpc(exc: grpc.aio.AioRpcError) -> ImgpipeError:
+    """Rebuild the ImgpipeError a servicer raised, or a generic one for transport failures."""
+    status = rpc_status.from_call(exc)  # type: ignore[arg-type]
+    if status is not None:
+        reason, details = "", []
+        for packed in status.details:
+            if packed.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+                info = error_details_pb2.ErrorInfo()
+                packed.Unpack(info)
+                reason = info.reason.lower()
+            elif packed.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+                bad = error_details_pb2.BadRequest()
+                packed.Unpack(bad)
+                details = [_detail_from_field(v.field, v.description) for v in bad.field_violations]
+        if reason in _BY_CODE:
+            return _BY_CODE[reason](status.message, details)
+    http, code, message = _HTTP_FOR_GRPC.get(exc.code(), (500, "internal", "internal error"))
+    cls = _BY_CODE.get(code, ImgpipeError)
+    return cls(message if http >= 500 else (exc.details() or message))
+
+
+def _detail_from_field(where: str, message: str) -> Detail:
+    row, sep, column = where.partition(":")
+    if sep and row.isdigit():
+        return Detail(message=message, column=column, row=int(row))
+    return Detail(message=message, column=where)
+
+
+def error_body(error: ImgpipeError) -> dict[str, Any]:
+    return {
+        "error": {
+            "code": error.code,
+            "message": error.message,
+            "details": [d.as_json() for d in error.details],
+        }
+    }

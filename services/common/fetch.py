@@ -1,0 +1,506 @@
+"""The SSRF-safe downloader: every outbound fetch (images and webhooks) goes through here.
+
+Three checks, each on the address that is actually dialled:
+
+- `fetch_image` refuses bad URLs on every hop (scheme, credentials, port) and IP literals that
+  are not public, before anything is sent; aiohttp never asks a resolver about IP literals.
+- `GuardedResolver` drops every resolved address that is not public. The connector's DNS
+  cache is off, so each new connection, on every redirect hop, is checked on a fresh answer:
+  DNS rebinding cannot swap in a private address after the check.
+- The connector's socket factory refuses, at connect time, any address the first two did not
+  approve. It is what protects other users of the session (webhook POSTs) from IP literals.
+
+`IMGPIPE_FETCH_ALLOW` (`FetchAllow`) lets tests and local demos reach named host:port pairs
+or networks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import ipaddress
+import logging
+import re
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import aiohttp
+from aiohappyeyeballs import AddrInfoType
+from aiohttp.abc import AbstractResolver, ResolveResult
+from aiohttp.resolver import DefaultResolver
+from yarl import URL
+
+from services.common.outcome import ImageFailure, OutcomeCode
+
+log = logging.getLogger(__name__)
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+USER_AGENT = "imgpipe/0.1"
+# Only what imaging decodes, so content negotiation (CDNs) never answers with AVIF or SVG.
+ACCEPT = "image/jpeg,image/png,image/webp,image/gif,image/bmp,image/tiff;q=0.9,*/*;q=0.5"
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
+_CHUNK = 64 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class FetchLimits:
+    connect_timeout: float = 5.0
+    total_timeout: float = 30.0
+    max_bytes: int = 50 * 1024 * 1024
+    max_redirects: int = 3
+    allowed_ports: frozenset[int] = frozenset({80, 443, 8080, 8443})
+
+
+# --- address policy -----------------------------------------------------------------------
+
+_BLOCKED_V4 = tuple(
+    ipaddress.IPv4Network(n)
+    for n in (
+        "0.0.0.0/8",  # "this network", unspecified
+        "10.0.0.0/8",
+        "100.64.0.0/10",  # CGNAT
+        "127.0.0.0/8",
+        "169.254.0.0/16",  # link-local, cloud metadata
+        "172.16.0.0/12",
+        "192.0.0.0/24",  # IETF protocol assignments
+        "192.0.2.0/24",  # documentation
+        "192.88.99.0/24",  # 6to4 relay anycast
+        "192.168.0.0/16",
+        "198.18.0.0/15",  # benchmarking
+        "198.51.100.0/24",
+        "203.0.113.0/24",
+        "224.0.0.0/4",  # multicast
+        "240.0.0.0/4",  # reserved, broadcast
+    )
+)
+_V6_GLOBAL_UNICAST = ipaddress.IPv6Network("2000::/3")
+_BLOCKED_V6 = tuple(
+    ipaddress.IPv6Network(n)
+    for n in (
+        "2001::/23",  # IETF protocol assignments, including Teredo 2001::/32
+        "2001:db8::/32",  # documentation
+        "3fff::/20",  # documentation
+        "5f00::/16",  # segment routing
+    )
+)
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+
+
+def is_public_address(address: IPAddress) -> bool:
+    """False for loopback, private, link-local (incl. 169.254.169.254), CGNAT 100.64/10,
+    multicast, reserved, documentation, unspecified, and IPv6 ULA, link-local, site-local.
+
+    IPv4 embedded in IPv6: mapped (::ffff:0:0/96), 6to4 (2002::/16) and well-known NAT64
+    (64:ff9b::/96, used by IPv6-only clusters) are judged by their embedded IPv4 address.
+    Teredo (2001::/32), local-use NAT64 (64:ff9b:1::/48), IPv4-compatible (::/96) and
+    everything else outside global unicast 2000::/3 are refused outright.
+    """
+    if isinstance(address, ipaddress.IPv4Address):
+        return not any(address in network for network in _BLOCKED_V4)
+    if address.ipv4_mapped is not None:
+        return is_public_address(address.ipv4_mapped)
+    if address in _NAT64:
+        return is_public_address(ipaddress.IPv4Address(int(address) & 0xFFFF_FFFF))
+    if address.sixtofour is not None:
+        return is_public_address(address.sixtofour)
+    if address not in _V6_GLOBAL_UNICAST:
+        return False
+    return not any(address in network for network in _BLOCKED_V6)
+
+
+def _parse_address(text: str) -> IPAddress | None:
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None
+
+
+def _unmapped(address: IPAddress) -> IPAddress:
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+_HOST_NAME = re.compile(r"^[a-z0-9_]([a-z0-9_.-]*[a-z0-9_])?$")
+
+
+def _normalise_host(host: str) -> str:
+    """Lower case, no brackets or trailing dot; IP literals in their canonical form."""
+    host = host.strip().removeprefix("[").removesuffix("]").rstrip(".").lower()
+    address = _parse_address(host)
+    return str(_unmapped(address)) if address is not None else host
+
+
+@dataclass(frozen=True, slots=True)
+class FetchAllow:
+    """IMGPIPE_FETCH_ALLOW: host:port entries or CIDRs that bypass the address block (tests and
+    demos only). A host:port entry also lifts the port rule for that pair; a network lifts it
+    for every address inside."""
+
+    host_ports: frozenset[tuple[str, int]] = frozenset()
+    networks: tuple[IPNetwork, ...] = ()
+
+    @classmethod
+    def parse(cls, text: str) -> FetchAllow:
+        """Comma-separated "127.0.0.1:8080", "[::1]:9000", "localhost:8080", "10.0.0.0/8".
+        Raises ValueError naming the bad entry."""
+        host_ports: set[tuple[str, int]] = set()
+        networks: list[IPNetwork] = []
+        for raw in text.split(","):
+            entry = raw.strip()
+            if not entry:
+                continue
+            if "/" in entry:
+                try:
+                    networks.append(ipaddress.ip_network(entry, strict=False))
+                except ValueError as exc:
+                    raise ValueError(f"{entry!r} is not a CIDR network: {exc}") from None
+            else:
+                host_ports.add(_parse_host_port(entry))
+        return cls(frozenset(host_ports), tuple(networks))
+
+    def allows(self, host: str | None, port: int, address: IPAddress) -> bool:
+        """True when `host:port` or `address:port` is listed, or `address` is in a listed
+        network. `host` None checks the address only."""
+        address = _unmapped(address)
+        if host is not None and (_normalise_host(host), port) in self.host_ports:
+            return True
+        if (str(address), port) in self.host_ports:
+            return True
+        return any(
+            network.version == address.version and address in network for network in self.networks
+        )
+
+    def could_allow(self, host: str, port: int) -> bool:
+        """Whether some address of `host` might be allowed on `port` (decided before DNS)."""
+        if self.networks:
+            return True
+        name = _normalise_host(host)
+        return any(
+            listed_port == port and (listed == name or _parse_address(listed) is not None)
+            for listed, listed_port in self.host_ports
+        )
+
+
+def _parse_host_port(entry: str) -> tuple[str, int]:
+    if entry.startswith("["):
+        host_text, bracket, port_text = entry[1:].partition("]:")
+        if not bracket or _parse_address(host_text) is None or ":" not in host_text:
+            raise ValueError(f"{entry!r} is not [IPv6]:port")
+    else:
+        host_text, colon, port_text = entry.rpartition(":")
+        if not colon or not host_text:
+            raise ValueError(f"{entry!r} is not host:port or a CIDR network")
+        if ":" in host_text:
+            raise ValueError(f"{entry!r}: write IPv6 addresses in brackets, as [::1]:9000")
+    host = _normalise_host(host_text)
+    if _parse_address(host) is None and not _HOST_NAME.match(host):
+        raise ValueError(f"{entry!r}: {host_text!r} is not a host name or IP address")
+    if not (port_text.isascii() and port_text.isdigit() and 1 <= int(port_text) <= 65535):
+        raise ValueError(f"{entry!r}: the port must be a number from 1 to 65535")
+    return host, int(port_text)
+
+
+# --- the guard ----------------------------------------------------------------------------
+
+
+class BlockedConnectError(OSError):
+    """Raised by the socket factory instead of dialling an address the guard refuses."""
+
+
+class GuardedResolver(AbstractResolver):
+    """Resolves through an inner resolver (default aiohttp's DefaultResolver), then drops every
+    address that is not allowed; raises ImageFailure(BLOCKED_ADDRESS) when nothing is left.
+
+    Allowed: public addresses on a port in `allowed_ports` (None = any port), and whatever
+    `allow` lists. Also supplies the connector's socket factory, the connect-time tripwire.
+    """
+
+    def __init__(
+        self,
+        allow: FetchAllow,
+        inner: AbstractResolver | None = None,
+        *,
+        allowed_ports: frozenset[int] | None = None,
+    ) -> None:
+        self.allow = allow
+        self.allowed_ports = allowed_ports
+        self._inner = inner
+        self._owns_inner = inner is None
+        # (address, port) pairs approved only because `allow` lists their host name: the
+        # socket factory sees addresses, not names. Bounded by the allow list.
+        self._approved_by_name: set[tuple[str, int]] = set()
+
+    def permits(self, host: str | None, port: int, address: IPAddress) -> bool:
+        """The policy: may a connection to `address:port`, reached as `host`, be made?"""
+        if self.allow.allows(host, port, address):
+            return True
+        port_ok = self.allowed_ports is None or port in self.allowed_ports
+        return port_ok and is_public_address(address)
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        if self._inner is None:
+            self._inner = DefaultResolver()
+        answers = await self._inner.resolve(host, port, family)
+        kept = []
+        for answer in answers:
+            address = _parse_address(answer["host"])
+            if address is None or not self.permits(host, port, address):
+                continue
+            if not self.permits(None, port, address):
+                self._approved_by_name.add((str(_unmapped(address)), port))
+            kept.append(answer)
+        if not kept:
+            log.warning(
+                "blocked fetch",
+                extra={"host": host, "port": port, "addresses": [a["host"] for a in answers]},
+            )
+            raise ImageFailure(
+                OutcomeCode.BLOCKED_ADDRESS, f"{host}:{port} has no address we may connect to"
+            )
+        return kept
+
+    async def close(self) -> None:
+        if self._inner is not None and self._owns_inner:
+            await self._inner.close()
+
+    def socket_factory(self, addr_info: AddrInfoType) -> socket.socket:
+        """aiohttp's socket factory: refuse to even create a socket for a refused address."""
+        family, type_, proto, _, sockaddr = addr_info
+        host, port = str(sockaddr[0]), int(sockaddr[1])
+        address = _parse_address(host)
+        if address is None or not (
+            self.permits(None, port, address)
+            or (str(_unmapped(address)), port) in self._approved_by_name
+        ):
+            log.warning("blocked connect", extra={"address": host, "port": port})
+            raise BlockedConnectError(f"refusing to connect to {host} port {port}")
+        return socket.socket(family=family, type=type_, proto=proto)
+
+
+class GuardedConnector(aiohttp.TCPConnector):
+    """A TCPConnector that resolves through `guard`, never caches DNS, and dials only what the
+    guard approves. Closing it closes the guard."""
+
+    def __init__(self, guard: GuardedResolver, *, limit_per_host: int = 8) -> None:
+        super().__init__(
+            resolver=guard,
+            use_dns_cache=False,
+            limit_per_host=limit_per_host,
+            socket_factory=guard.socket_factory,
+        )
+        self.guard = guard
+
+    async def close(self, *, abort_ssl: bool = False) -> None:
+        try:
+            await super().close(abort_ssl=abort_ssl)
+        finally:
+            await self.guard.close()
+
+
+def make_session(
+    allow: FetchAllow,
+    limits: FetchLimits,
+    *,
+    resolver_inner: AbstractResolver | None = None,
+    limit_per_host: int = 8,
+) -> aiohttp.ClientSession:
+    """A ClientSession on a GuardedConnector (no DNS cache, keep-alive), with the limits'
+    timeouts, no cookies and no proxy from the environment. Callers own and close it; call
+    from a running event loop."""
+    guard = GuardedResolver(allow, resolver_inner, allowed_ports=limits.allowed_ports)
+    return aiohttp.ClientSession(
+        connector=GuardedConnector(guard, limit_per_host=limit_per_host),
+        timeout=aiohttp.ClientTimeout(
+            total=limits.total_timeout, sock_connect=limits.connect_timeout
+        ),
+        cookie_jar=aiohttp.DummyCookieJar(),
+        trust_env=False,
+        headers={"User-Agent": USER_AGENT},
+    )
+
+
+# --- fetching -----------------------------------------------------------------------------
+
+
+async def fetch_image(session: aiohttp.ClientSession, url: str, limits: FetchLimits) -> bytes:
+    """GET `url` through `session` (from make_session), following at most
+    `limits.max_redirects` redirects, each hop checked like the first, within
+    `limits.total_timeout` overall and `limits.max_bytes` of body.
+
+    The port rule uses the session's `allowed_ports` (make_session's limits). Raises
+    ImageFailure: HTTP_STATUS, TIMEOUT, CONNECTION, TOO_MANY_REDIRECTS, BLOCKED_ADDRESS (also
+    for refused URLs: scheme, credentials, port) or TOO_LARGE. TypeError for a session that
+    make_session did not create.
+    """
+    connector = session.connector
+    if not isinstance(connector, GuardedConnector):
+        raise TypeError("fetch_image needs a session from make_session()")
+    try:
+        async with asyncio.timeout(limits.total_timeout):
+            return await _follow(session, connector.guard, url, limits)
+    except ImageFailure:
+        raise
+    except TimeoutError as exc:
+        raise ImageFailure(
+            OutcomeCode.TIMEOUT,
+            f"no complete answer within {limits.total_timeout:g} s",
+            transient=True,
+        ) from exc
+    except (aiohttp.ClientError, OSError) as exc:
+        raise failure_from_exception(exc) from exc
+
+
+async def _follow(
+    session: aiohttp.ClientSession, guard: GuardedResolver, url: str, limits: FetchLimits
+) -> bytes:
+    try:
+        current = URL(url)
+    except (ValueError, TypeError) as exc:
+        raise ImageFailure(OutcomeCode.BLOCKED_ADDRESS, f"not a valid URL: {exc}") from exc
+    timeout = aiohttp.ClientTimeout(total=limits.total_timeout, sock_connect=limits.connect_timeout)
+    for _ in range(limits.max_redirects + 1):
+        _check_url(current, guard)
+        async with session.get(
+            current, allow_redirects=False, timeout=timeout, headers={"Accept": ACCEPT}
+        ) as response:
+            if response.status in _REDIRECTS:
+                current = _redirect_target(response)
+                continue
+            if not 200 <= response.status < 300:
+                raise _status_failure(response)
+            return await _read_body(response, limits.max_bytes)
+    raise ImageFailure(
+        OutcomeCode.TOO_MANY_REDIRECTS, f"more than {limits.max_redirects} redirects"
+    )
+
+
+def _check_url(url: URL, guard: GuardedResolver) -> None:
+    """Refuse what no hop may ask for, before anything is resolved or sent."""
+    if url.scheme not in ("http", "https"):
+        raise ImageFailure(
+            OutcomeCode.BLOCKED_ADDRESS, f"scheme {url.scheme!r} refused; only http and https"
+        )
+    if url.raw_user is not None or url.raw_password is not None:
+        raise ImageFailure(OutcomeCode.BLOCKED_ADDRESS, "URLs with credentials are refused")
+    host, port = url.raw_host, url.port
+    if not host or port is None:
+        raise ImageFailure(OutcomeCode.BLOCKED_ADDRESS, "the URL has no host")
+    address = _parse_address(host)
+    if address is not None:
+        if not guard.permits(host, port, address):
+            raise ImageFailure(OutcomeCode.BLOCKED_ADDRESS, f"{host} port {port} is not allowed")
+        return
+    if host.replace(".", "").isdigit():
+        raise ImageFailure(OutcomeCode.BLOCKED_ADDRESS, f"{host!r} is not a canonical IPv4 address")
+    port_ok = guard.allowed_ports is None or port in guard.allowed_ports
+    if not (port_ok or guard.allow.could_allow(host, port)):
+        # Refused before DNS when no allow entry could lift the port rule.
+        raise ImageFailure(OutcomeCode.BLOCKED_ADDRESS, f"port {port} is not allowed")
+
+
+def _redirect_target(response: aiohttp.ClientResponse) -> URL:
+    location = response.headers.get(aiohttp.hdrs.LOCATION)
+    if not location:
+        raise ImageFailure(
+            OutcomeCode.HTTP_STATUS, f"HTTP {response.status} redirect without a Location"
+        )
+    try:
+        return response.url.join(URL(location)).with_fragment(None)
+    except (ValueError, TypeError) as exc:
+        raise ImageFailure(
+            OutcomeCode.HTTP_STATUS, f"HTTP {response.status} redirect to an invalid URL"
+        ) from exc
+
+
+def is_transient_status(status: int) -> bool:
+    return status in (408, 425, 429) or 500 <= status <= 599
+
+
+def _status_failure(response: aiohttp.ClientResponse) -> ImageFailure:
+    reason = f" {response.reason}" if response.reason else ""
+    return ImageFailure(
+        OutcomeCode.HTTP_STATUS,
+        f"HTTP {response.status}{reason}",
+        transient=is_transient_status(response.status),
+        retry_after=parse_retry_after(response.headers.get(aiohttp.hdrs.RETRY_AFTER)),
+    )
+
+
+def parse_retry_after(value: str | None, *, now: datetime | None = None) -> float | None:
+    """Seconds from a Retry-After header: delta-seconds or an HTTP date; None if absent or
+    unreadable."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isascii() and value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
+
+
+async def _read_body(response: aiohttp.ClientResponse, max_bytes: int) -> bytes:
+    length = response.content_length
+    if length is not None and length > max_bytes:
+        response.close()  # drop the connection rather than drain a body we will not read
+        raise ImageFailure(
+            OutcomeCode.TOO_LARGE, f"Content-Length {length} is over the {max_bytes} byte limit"
+        )
+    chunks = []
+    received = 0
+    # Counted after content decoding, so a small gzip body cannot inflate past the limit.
+    async for chunk in response.content.iter_chunked(_CHUNK):
+        received += len(chunk)
+        if received > max_bytes:
+            response.close()
+            raise ImageFailure(OutcomeCode.TOO_LARGE, f"body over the {max_bytes} byte limit")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    pending: list[BaseException | None] = [exc]
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield current
+        pending.append(current.__cause__)
+        pending.append(current.__context__)
+        if isinstance(current, aiohttp.ClientConnectorError):
+            pending.append(current.os_error)
+
+
+def failure_from_exception(exc: BaseException) -> ImageFailure:
+    """Classify an exception from a guarded session (fetch_image's own mapping; webhook
+    delivery uses it too). A guard refusal wrapped by aiohttp comes out as BLOCKED_ADDRESS."""
+    chain = list(_chain(exc))
+    for cause in chain:
+        if isinstance(cause, ImageFailure):
+            return cause
+    if any(isinstance(cause, BlockedConnectError) for cause in chain):
+        return ImageFailure(OutcomeCode.BLOCKED_ADDRESS, f"connection refused by the guard: {exc}")
+    if isinstance(exc, TimeoutError):
+        return ImageFailure(OutcomeCode.TIMEOUT, f"timed out: {exc}".rstrip(": "), transient=True)
+    if isinstance(exc, aiohttp.InvalidURL):
+        return ImageFailure(OutcomeCode.BLOCKED_ADDRESS, f"invalid URL: {exc}")
+    if isinstance(exc, aiohttp.ClientResponseError):
+        # Malformed or oversized response headers: the origin is broken, retrying won't help.
+        return ImageFailure(OutcomeCode.HTTP_STATUS, f"invalid HTTP response: {exc.message}")
+    if isinstance(exc, aiohttp.ClientError | OSError):
+        text = str(exc) or type(exc).__name__
+        return ImageFailure(OutcomeCode.CONNECTION, text, transient=True)
+    return ImageFailure(OutcomeCode.INTERNAL, f"{type(exc).__name__}: {exc}")

@@ -1,0 +1,119 @@
+"""run_service(): the one main shape every imgpipe service shares.
+
+It serves the service's gRPC APIs with grpc.health.v1 and reflection, runs the service's
+background loops, and drains on SIGTERM/SIGINT: health goes NOT_SERVING, loops are told to
+stop and given the grace period to finish in-flight work, then the server stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+log = logging.getLogger(__name__)
+
+Register = Callable[[grpc.aio.Server], None]
+Loop = Callable[[asyncio.Event], Coroutine[Any, Any, None]]
+
+
+async def wait_or_stop(stop: asyncio.Event, seconds: float) -> bool:
+    """Pause a loop for up to `seconds`; True (early) when `stop` is set."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), timeout=seconds)
+    return stop.is_set()
+
+
+class Health:
+    """The health servicer plus the names it reports on."""
+
+    def __init__(self, service_names: Sequence[str]) -> None:
+        self.servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
+        self.names = ["", *service_names]
+
+    async def set(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in self.names:
+            await self.servicer.set(name, status)
+
+
+async def run_service(
+    *,
+    listen: str,
+    service_names: Sequence[str] = (),
+    register: Register | None = None,
+    loops: Sequence[Loop] = (),
+    grace: float = 20.0,
+    stop: asyncio.Event | None = None,
+) -> None:
+    """Serve until SIGTERM/SIGINT (or `stop` is set), then drain within `grace` seconds.
+
+    `loops` are background coroutines taking the stop event; they must return soon after it is
+    set, having finished or released their in-flight work. A loop that crashes stops the service.
+    """
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    server = grpc.aio.server()
+    if register is not None:
+        register(server)
+    health_state = Health(service_names)
+    health_pb2_grpc.add_HealthServicer_to_server(health_state.servicer, server)
+    reflection.enable_server_reflection(
+        [
+            *service_names,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ],
+        server,
+    )
+    if server.add_insecure_port(listen) == 0:
+        raise OSError(f"cannot listen on {listen}")
+    await server.start()
+    await health_state.set(True)
+    log.info("serving", extra={"listen": listen, "services": list(service_names)})
+
+    tasks = [
+        asyncio.create_task(body(stop), name=getattr(body, "__name__", "loop")) for body in loops
+    ]
+    stopper: asyncio.Task[Any] = asyncio.create_task(stop.wait())
+    crashed: BaseException | None = None
+    try:
+        pending: set[asyncio.Task[Any]] = {stopper, *tasks}
+        while not stop.is_set():
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in done - {stopper}:
+                if task.exception() is not None:
+                    crashed = task.exception()
+                    log.error("background loop crashed", exc_info=crashed)
+                    stop.set()
+    finally:
+        log.info("draining", extra={"grace_seconds": grace})
+        await health_state.set(False)
+        if tasks:
+            _, late = await asyncio.wait(tasks, timeout=grace)
+            for task in late:
+                task.cancel()
+            for task in late:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        stopper.cancel()
+        await server.stop(grace)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        log.info("stopped")
+    if crashed is not None:
+        raise crashed

@@ -1,0 +1,475 @@
+"""Decode, normalise, resize and encode one image: pure, synchronous and thread-safe.
+
+The worker runs `compress` in a thread pool. Nothing here touches global Pillow state (no
+`Image.MAX_IMAGE_PIXELS`, no warning filters, no `LOAD_TRUNCATED_IMAGES`): every limit is
+checked per call, so concurrent calls cannot interfere.
+"""
+
+from __future__ import annotations
+
+import enum
+import io
+import math
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from PIL import ExifTags, Image, ImageCms, UnidentifiedImageError
+
+from services.common.outcome import ImageFailure, OutcomeCode
+
+# Pillow plugins we let parse untrusted bytes. Everything else (EPS runs Ghostscript, PDF,
+# ICO, PSD, ...) is refused before its parser ever sees the data.
+ACCEPTED_INPUT_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF")
+
+# What Pillow raises from inside a decoder on bad data. Confined to the calls that decode.
+_DECODE_ERRORS = (
+    OSError,
+    SyntaxError,
+    ValueError,
+    EOFError,
+    IndexError,
+    KeyError,
+    TypeError,
+    struct.error,
+    ZeroDivisionError,
+)
+
+_TRANSPOSE_FOR_ORIENTATION = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+class OutputFormat(enum.StrEnum):
+    JPEG = "jpeg"
+    WEBP = "webp"
+    PNG = "png"
+
+
+_CONTENT_TYPE = {
+    OutputFormat.JPEG: "image/jpeg",
+    OutputFormat.WEBP: "image/webp",
+    OutputFormat.PNG: "image/png",
+}
+_ENCODER_MAX_SIDE = {
+    OutputFormat.JPEG: 65_500,
+    OutputFormat.WEBP: 16_383,
+    OutputFormat.PNG: 2**31 - 1,
+}
+_EXTENSION = {OutputFormat.JPEG: "jpg", OutputFormat.WEBP: "webp", OutputFormat.PNG: "png"}
+# Pillow's name for the source format that counts as "already in the output format".
+_SAME_SOURCE_FORMATS = {
+    OutputFormat.JPEG: ("JPEG", "MPO"),
+    OutputFormat.WEBP: ("WEBP",),
+    OutputFormat.PNG: ("PNG",),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class ImageOptions:
+    format: OutputFormat = OutputFormat.JPEG
+    quality: int = 50  # 1..95
+    scale: float = 1.0  # 0 < scale <= 1
+    max_width: int = 0  # 0 = no limit
+    max_height: int = 0
+
+    def validate(self) -> list[str]:
+        """Human messages, one per bad field; [] when every field is fine."""
+        problems = []
+        if self.format not in tuple(OutputFormat):
+            choices = ", ".join(f.value for f in OutputFormat)
+            problems.append(f"format must be one of {choices}, not {self.format!r}")
+        if not _is_int(self.quality) or not 1 <= self.quality <= 95:
+            problems.append(f"quality must be an integer from 1 to 95, not {self.quality!r}")
+        if (
+            isinstance(self.scale, bool)
+            or not isinstance(self.scale, int | float)
+            or not 0 < self.scale <= 1
+        ):
+            problems.append(f"scale must be greater than 0 and at most 1, not {self.scale!r}")
+        for name in ("max_width", "max_height"):
+            value = getattr(self, name)
+            if not _is_int(value) or value < 0:
+                problems.append(f"{name} must be 0 (no limit) or a positive integer, not {value!r}")
+        return problems
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True, slots=True)
+class ImageLimits:
+    max_pixels: int = 50_000_000  # checked from the header before decoding
+
+
+@dataclass(frozen=True, slots=True)
+class Compressed:
+    data: bytes
+    width: int
+    height: int
+    format: OutputFormat
+    content_type: str  # image/jpeg ...
+    extension: str  # "jpg", "webp", "png"
+    kept_source: bool  # True when the never-larger rule kept the source bytes
+
+
+def compress(
+    data: bytes, options: ImageOptions = ImageOptions(), limits: ImageLimits = ImageLimits()
+) -> Compressed:
+    """Decode, normalise, resize, encode.
+
+    Normalising applies EXIF orientation, converts to sRGB (CMYK and embedded ICC profiles),
+    brings 16-bit and palette images to 8-bit RGB or grey, flattens alpha on white for JPEG
+    (kept for WebP and PNG), takes the first frame of animations and drops all metadata.
+    When the source is already in the output format, needs no pixel change and is smaller than
+    the new encoding, its own bytes are returned with metadata removed (`kept_source=True`).
+
+    Raises ImageFailure (NOT_AN_IMAGE, UNSUPPORTED_FORMAT, DECOMPRESSION_BOMB, CORRUPT_IMAGE);
+    ValueError when `options` are invalid.
+    """
+    problems = options.validate()
+    if problems:
+        raise ValueError("; ".join(problems))
+    output = OutputFormat(options.format)
+    with _open(data) as img:
+        source_format = img.format or ""
+        width, height = img.size
+        if width * height > limits.max_pixels:
+            raise ImageFailure(
+                OutcomeCode.DECOMPRESSION_BOMB,
+                f"{width}x{height} is more than the limit of {limits.max_pixels} pixels",
+            )
+        try:
+            animated = bool(getattr(img, "is_animated", False))
+            img.seek(0)
+            orientation = _orientation(img)
+            swapped = orientation in (5, 6, 7, 8)
+            upright = (height, width) if swapped else (width, height)
+            target = _target_size(upright, options)
+            if source_format in ("JPEG", "MPO") and target != upright:
+                # Shrink-on-load: the JPEG decoder scales by 1/2, 1/4 or 1/8 for free.
+                img.draft(None, (target[1], target[0]) if swapped else target)
+            img.load()
+        except Image.DecompressionBombError as exc:
+            raise ImageFailure(OutcomeCode.DECOMPRESSION_BOMB, str(exc)) from exc
+        except _DECODE_ERRORS as exc:
+            raise ImageFailure(OutcomeCode.CORRUPT_IMAGE, _describe(exc)) from exc
+        normal, changed = _normalise(img, orientation, output)
+        changed = changed or animated
+        if normal.size != target:
+            normal = normal.resize(target, Image.Resampling.LANCZOS, reducing_gap=3.0)
+            changed = True
+        encoded = _encode(normal, options)
+    if not changed and source_format in _SAME_SOURCE_FORMATS[output]:
+        stripped = _strip_metadata(output, data)
+        if stripped is not None and len(stripped) < len(encoded):
+            return _result(stripped, normal.size, output, kept_source=True)
+    return _result(encoded, normal.size, output, kept_source=False)
+
+
+def _result(
+    data: bytes, size: tuple[int, int], output: OutputFormat, *, kept_source: bool
+) -> Compressed:
+    return Compressed(
+        data=data,
+        width=size[0],
+        height=size[1],
+        format=output,
+        content_type=_CONTENT_TYPE[output],
+        extension=_EXTENSION[output],
+        kept_source=kept_source,
+    )
+
+
+def _open(data: bytes) -> Image.Image:
+    try:
+        return Image.open(io.BytesIO(data), formats=ACCEPTED_INPUT_FORMATS)
+    except UnidentifiedImageError as exc:
+        raise _unidentified(data) from exc
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        # The warning only arrives as an exception where warnings are errors (the tests);
+        # elsewhere it is logged by Pillow and our own pixel check refuses the image.
+        raise ImageFailure(OutcomeCode.DECOMPRESSION_BOMB, str(exc)) from exc
+    except _DECODE_ERRORS as exc:
+        raise ImageFailure(OutcomeCode.CORRUPT_IMAGE, _describe(exc)) from exc
+
+
+def _unidentified(data: bytes) -> ImageFailure:
+    """Tell a damaged accepted image, a refused format and a non-image apart, using only the
+    plugins' signature checks (never their parsers)."""
+    Image.init()
+    prefix = data[:16]
+    recognised = [name for name, (_, accept) in Image.OPEN.items() if _accepts(accept, prefix)]
+    accepted = [name for name in recognised if name in ACCEPTED_INPUT_FORMATS]
+    if accepted:
+        return ImageFailure(OutcomeCode.CORRUPT_IMAGE, f"damaged {accepted[0]} header")
+    if recognised:
+        return ImageFailure(
+            OutcomeCode.UNSUPPORTED_FORMAT,
+            f"{recognised[0]} images are not supported (accepted: "
+            f"{', '.join(ACCEPTED_INPUT_FORMATS)})",
+        )
+    return ImageFailure(OutcomeCode.NOT_AN_IMAGE, "the data is not a recognised image")
+
+
+def _accepts(accept: Callable[[bytes], bool | str] | None, prefix: bytes) -> bool:
+    if accept is None:
+        return False
+    try:
+        return bool(accept(prefix))
+    except (SyntaxError, IndexError, TypeError, struct.error):  # as Image.open treats them
+        return False
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return f"cannot decode the image: {text}"
+
+
+def _orientation(img: Image.Image) -> int:
+    try:
+        value = img.getexif().get(ExifTags.Base.Orientation, 1)
+    except _DECODE_ERRORS:
+        return 1  # unreadable EXIF: show the pixels as stored
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def _target_size(size: tuple[int, int], options: ImageOptions) -> tuple[int, int]:
+    """Scale and the max box together, keeping the aspect ratio, never upscaling; also fitted
+    into the largest side the output encoder can write."""
+    width, height = size
+    factor = min(1.0, float(options.scale))
+    if options.max_width:
+        factor = min(factor, options.max_width / width)
+    if options.max_height:
+        factor = min(factor, options.max_height / height)
+    encoder_limit = _ENCODER_MAX_SIDE[OutputFormat(options.format)]
+    factor = min(factor, encoder_limit / max(width, height))
+    if factor >= 1.0:
+        return size
+    return max(1, math.floor(width * factor + 0.5)), max(1, math.floor(height * factor + 0.5))
+
+
+def _normalise(
+    img: Image.Image, orientation: int, output: OutputFormat
+) -> tuple[Image.Image, bool]:
+    """Upright, sRGB, 8-bit, in a mode the output encoder takes. `changed` is True when the
+    pixels differ from the stored ones (not merely re-represented, as palette to RGB is)."""
+    changed = False
+    icc = img.info.get("icc_profile")
+    if orientation != 1:
+        # The same table as ImageOps.exif_transpose, from the orientation already read.
+        img = img.transpose(_TRANSPOSE_FOR_ORIENTATION[orientation])
+        changed = True
+    if img.mode.startswith("I") or img.mode == "F":
+        img = _to_8bit_grey(img)
+        changed = True
+        icc = None  # a grey profile describes the 16-bit data; the scaled copy is plain grey
+    elif img.mode == "1":
+        img = img.convert("L")
+    elif img.mode in ("P", "PA") or (img.mode in ("L", "RGB") and img.has_transparency_data):
+        img = img.convert("RGBA" if img.has_transparency_data else "RGB")
+    if img.mode in ("La", "RGBa"):
+        img = img.convert({"La": "LA", "RGBa": "RGBA"}[img.mode])
+    if icc or img.mode not in ("L", "LA", "RGB", "RGBA"):
+        img = _to_srgb(img, icc)
+        changed = True
+    img = _for_output(img, output)
+    img.info = {}  # no EXIF, ICC, XMP, comments or DPI reach the encoder
+    return img, changed
+
+
+def _to_8bit_grey(img: Image.Image) -> Image.Image:
+    """16-bit and 32-bit grey to 8-bit by scaling, not clipping (clipping turns it white)."""
+    if img.mode.startswith("I;16"):
+        wide, bottom, top = img.convert("I"), 0.0, 65535.0
+    else:  # "I" or "F": scale the range the data uses
+        wide = img
+        low, high = wide.getextrema()
+        assert isinstance(low, int | float)
+        assert isinstance(high, int | float)
+        if low >= 0 and high <= 255:
+            return wide.convert("L")
+        bottom, top = (0.0, 65535.0) if low >= 0 and high <= 65535 else (float(low), float(high))
+    factor = 255.0 / ((top - bottom) or 1.0)
+    return wide.point(lambda v: (v - bottom) * factor).convert("L")
+
+
+def _to_srgb(img: Image.Image, icc: bytes | None) -> Image.Image:
+    alpha = img.getchannel("A") if img.mode in ("LA", "RGBA") else None
+    colour_mode = {"LA": "L", "RGBA": "RGB"}.get(img.mode, img.mode)
+    colour = img.convert(colour_mode) if colour_mode != img.mode else img
+    converted: Image.Image | None = None
+    if icc:
+        try:
+            converted = ImageCms.profileToProfile(
+                colour,
+                ImageCms.ImageCmsProfile(io.BytesIO(icc)),
+                ImageCms.createProfile("sRGB"),
+                outputMode="RGB",
+                flags=ImageCms.Flags.BLACKPOINTCOMPENSATION,
+            )
+        except (ImageCms.PyCMSError, OSError, ValueError, TypeError):
+            converted = None  # a broken or mismatched profile: fall back to a plain conversion
+    if converted is None:
+        if colour.mode in ("L", "RGB"):
+            converted = colour
+        else:
+            try:
+                converted = colour.convert("RGB")
+            except ValueError as exc:
+                raise ImageFailure(
+                    OutcomeCode.UNSUPPORTED_FORMAT, f"unsupported colour mode {img.mode}"
+                ) from exc
+    if alpha is None:
+        return converted
+    if converted.mode == "L":
+        converted.putalpha(alpha)
+        return converted
+    rgba = converted.convert("RGBA")
+    rgba.putalpha(alpha)
+    return rgba
+
+
+def _for_output(img: Image.Image, output: OutputFormat) -> Image.Image:
+    if output is OutputFormat.JPEG and img.mode in ("LA", "RGBA"):
+        colour_mode = "L" if img.mode == "LA" else "RGB"
+        white = 255 if colour_mode == "L" else (255, 255, 255)
+        background = Image.new(colour_mode, img.size, white)
+        background.paste(img.convert(colour_mode), mask=img.getchannel("A"))
+        return background
+    if output is OutputFormat.WEBP and img.mode in ("L", "LA"):
+        return img.convert("RGB" if img.mode == "L" else "RGBA")
+    return img
+
+
+def _encode(img: Image.Image, options: ImageOptions) -> bytes:
+    out = io.BytesIO()
+    if options.format == OutputFormat.JPEG:
+        img.save(out, "JPEG", quality=options.quality, optimize=True, progressive=True)
+    elif options.format == OutputFormat.WEBP:
+        img.save(out, "WEBP", quality=options.quality, method=4)
+    else:
+        img.save(out, "PNG", optimize=True)
+    return out.getvalue()
+
+
+# --- never-larger rule: the source's own bytes without metadata -----------------------------
+
+
+def _strip_metadata(output: OutputFormat, data: bytes) -> bytes | None:
+    """The source bytes with metadata removed, or None when the structure is not what we
+    expect (then the new encoding is used)."""
+    if output is OutputFormat.JPEG:
+        return _strip_jpeg(data)
+    if output is OutputFormat.PNG:
+        return _strip_png(data)
+    return _strip_webp(data)
+
+
+_JPEG_KEEP_APP = (0xE0, 0xEE)  # APP0 JFIF, APP14 Adobe (its transform flag decides the colours)
+
+
+def _strip_jpeg(data: bytes) -> bytes | None:
+    """Drop APP1..APP15 (EXIF, XMP, ICC, MPF, ...) except APP14, and COM segments; keep every
+    other segment and the entropy-coded data byte for byte; stop at the first EOI, which also
+    drops the extra images an MPO file appends."""
+    if not data.startswith(b"\xff\xd8"):
+        return None
+    out = [b"\xff\xd8"]
+    i, n = 2, len(data)
+    while True:
+        if i + 1 >= n or data[i] != 0xFF:
+            return None
+        while i + 1 < n and data[i + 1] == 0xFF:  # fill bytes before a marker
+            i += 1
+        if i + 1 >= n:
+            return None
+        marker = data[i + 1]
+        if marker == 0xD9:
+            out.append(b"\xff\xd9")
+            return b"".join(out)
+        if 0xD0 <= marker <= 0xD7 or marker == 0x01:
+            out.append(data[i : i + 2])
+            i += 2
+            continue
+        if i + 4 > n:
+            return None
+        end = i + 2 + int.from_bytes(data[i + 2 : i + 4], "big")
+        if end > n or end < i + 4:
+            return None
+        is_app = 0xE0 <= marker <= 0xEF
+        if not ((is_app and marker not in _JPEG_KEEP_APP) or marker == 0xFE):
+            out.append(data[i:end])
+        i = end
+        if marker == 0xDA:  # start of scan: copy entropy-coded data up to the next marker
+            j = i
+            while True:
+                k = data.find(b"\xff", j)
+                if k < 0 or k + 1 >= n:
+                    return None
+                follower = data[k + 1]
+                if follower == 0x00 or 0xD0 <= follower <= 0xD7 or follower == 0xFF:
+                    j = k + 1 if follower == 0xFF else k + 2
+                    continue
+                break
+            out.append(data[i:k])
+            i = k
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_KEEP = (b"IHDR", b"PLTE", b"tRNS", b"IDAT", b"IEND")
+
+
+def _strip_png(data: bytes) -> bytes | None:
+    """Keep only the chunks that define the pixels: IHDR, PLTE, tRNS, IDAT, IEND."""
+    if not data.startswith(_PNG_SIGNATURE):
+        return None
+    out = [_PNG_SIGNATURE]
+    i, n = len(_PNG_SIGNATURE), len(data)
+    while i + 12 <= n:
+        length = int.from_bytes(data[i : i + 4], "big")
+        kind = data[i + 4 : i + 8]
+        end = i + 12 + length
+        if end > n:
+            return None
+        if kind in _PNG_KEEP:
+            out.append(data[i:end])
+        if kind == b"IEND":
+            return b"".join(out)
+        i = end
+    return None
+
+
+_WEBP_DROP = (b"EXIF", b"XMP ", b"ICCP")
+_VP8X_METADATA_FLAGS = 0x20 | 0x08 | 0x04  # ICC, EXIF, XMP
+
+
+def _strip_webp(data: bytes) -> bytes | None:
+    """Drop the EXIF, XMP and ICCP chunks and clear their flags in VP8X."""
+    if len(data) < 12 or data[:4] != b"RIFF" or data[8:12] != b"WEBP":
+        return None
+    n = min(len(data), 8 + int.from_bytes(data[4:8], "little"))
+    chunks = []
+    i = 12
+    while i + 8 <= n:
+        kind = data[i : i + 4]
+        size = int.from_bytes(data[i + 4 : i + 8], "little")
+        end = i + 8 + size + (size & 1)
+        if i + 8 + size > n:
+            return None
+        chunk = data[i : min(end, n)]
+        if kind == b"VP8X" and size >= 1:
+            chunk = chunk[:8] + bytes([chunk[8] & ~_VP8X_METADATA_FLAGS & 0xFF]) + chunk[9:]
+        if kind not in _WEBP_DROP:
+            chunks.append(chunk)
+        i = end
+    body = b"WEBP" + b"".join(chunks)
+    return b"RIFF" + len(body).to_bytes(4, "little") + body

@@ -1,0 +1,60 @@
+"""Per-image outcome codes shared by fetch and imaging (DESIGN.md, "Processing semantics").
+
+Fetching and compressing raise `ImageFailure`; the worker records `code` and `message` on the
+image row and retries only when `transient` is true.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class OutcomeCode(enum.StrEnum):
+    HTTP_STATUS = "HTTP_STATUS"
+    TIMEOUT = "TIMEOUT"
+    CONNECTION = "CONNECTION"
+    TOO_MANY_REDIRECTS = "TOO_MANY_REDIRECTS"
+    BLOCKED_ADDRESS = "BLOCKED_ADDRESS"
+    TOO_LARGE = "TOO_LARGE"
+    NOT_AN_IMAGE = "NOT_AN_IMAGE"
+    UNSUPPORTED_FORMAT = "UNSUPPORTED_FORMAT"
+    DECOMPRESSION_BOMB = "DECOMPRESSION_BOMB"
+    CORRUPT_IMAGE = "CORRUPT_IMAGE"
+    INTERNAL = "INTERNAL"
+
+
+class ImageFailure(Exception):
+    """A classified per-image failure."""
+
+    def __init__(
+        self,
+        code: OutcomeCode,
+        message: str,
+        *,
+        transient: bool = False,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(code, message)
+        self.code = code
+        self.message = message
+        self.transient = transient
+        self.retry_after = retry_after
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.message}"
+
+    def __repr__(self) -> str:
+        return (
+            f"ImageFailure({self.code.value!r}, {self.message!r}, "
+            f"transient={self.transient}, retry_after={self.retry_after})"
+        )
+
+    def __reduce__(self) -> tuple[object, ...]:
+        # The keyword-only arguments would be lost by the default exception pickling.
+        return (_rebuild, (self.code, self.message, self.transient, self.retry_after))
+
+
+def _rebuild(
+    code: OutcomeCode, message: str, transient: bool, retry_after: float | None
+) -> ImageFailure:
+    return ImageFailure(code, message, transient=transient, retry_after=retry_after)

@@ -1,0 +1,66 @@
+"""Conversions between protobuf messages, Python values and what Postgres keeps."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from services.common.imaging import ImageOptions, OutputFormat
+from services.common.pb.imgpipe.v1 import request_pb2, task_pb2
+
+_TO_PROTO = {
+    OutputFormat.JPEG: task_pb2.OUTPUT_FORMAT_JPEG,
+    OutputFormat.WEBP: task_pb2.OUTPUT_FORMAT_WEBP,
+    OutputFormat.PNG: task_pb2.OUTPUT_FORMAT_PNG,
+}
+_FROM_PROTO = {value: key for key, value in _TO_PROTO.items()}
+
+
+def from_proto(pb: task_pb2.ImageOptions) -> ImageOptions:
+    """Zero values mean the defaults (DESIGN.md): JPEG, quality 50, no resize."""
+    defaults = ImageOptions()
+    return ImageOptions(
+        format=_FROM_PROTO.get(pb.format, defaults.format),
+        quality=pb.quality or defaults.quality,
+        scale=pb.scale or defaults.scale,
+        max_width=pb.max_width,
+        max_height=pb.max_height,
+    )
+
+
+def to_proto(options: ImageOptions) -> task_pb2.ImageOptions:
+    return task_pb2.ImageOptions(
+        format=_TO_PROTO[options.format],
+        quality=options.quality,
+        scale=options.scale,
+        max_width=options.max_width,
+        max_height=options.max_height,
+    )
+
+
+def to_json(options: ImageOptions) -> dict[str, Any]:
+    return {
+        "format": options.format.value,
+        "quality": options.quality,
+        "scale": options.scale,
+        "max_width": options.max_width,
+        "max_height": options.max_height,
+    }
+
+
+def from_json(data: dict[str, Any]) -> ImageOptions:
+    return ImageOptions(
+        format=OutputFormat(data.get("format", "jpeg")),
+        quality=int(data.get("quality", 50)),
+        scale=float(data.get("scale", 1.0)),
+        max_width=int(data.get("max_width", 0)),
+        max_height=int(data.get("max_height", 0)),
+    )
+
+
+STATUS_TO_PROTO = {
+    "Pending": request_pb2.REQUEST_STATUS_PENDING,
+    "Processing": request_pb2.REQUEST_STATUS_PROCESSING,
+    "Completed": request_pb2.REQUEST_STATUS_COMPLETED,
+    "Failed": request_pb2.REQUEST_STATUS_FAILED,
+}
+FINAL_STATUSES = frozenset({"Completed", "Failed"})

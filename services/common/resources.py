@@ -1,0 +1,58 @@
+"""Opening the shared resources of a backend service, closed in reverse order on exit."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
+from typing import TypeVar
+
+import asyncpg
+import redis.asyncio as aioredis
+
+from services.common.config import CommonSettings, ConfigError
+from services.common.db.pool import create_pool, migrate
+from services.common.logging import configure_logging
+from services.common.streams import StreamNames
+
+log = logging.getLogger(__name__)
+
+S = TypeVar("S")
+
+
+def load_settings(
+    service: str, from_env: Callable[[Mapping[str, str]], S], environ: Mapping[str, str]
+) -> S:
+    """Settings from the environment, or exit 2 listing every problem (before any logging)."""
+    try:
+        return from_env(environ)
+    except ConfigError as exc:
+        print(f"{service}: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+@dataclass(frozen=True, slots=True)
+class Backends:
+    pool: asyncpg.Pool
+    redis: aioredis.Redis
+    names: StreamNames
+
+
+@contextlib.asynccontextmanager
+async def open_backends(
+    service: str, common: CommonSettings, *, pool_size: int = 10
+) -> AsyncIterator[Backends]:
+    """Logging, the Postgres pool (migrated) and the Redis client, for the service's lifetime."""
+    configure_logging(service, common.log_level)
+    pool = await create_pool(common.database_url, max_size=pool_size)
+    try:
+        await migrate(pool)
+        redis = aioredis.Redis.from_url(common.redis_url)
+        try:
+            yield Backends(pool, redis, StreamNames(common.redis_prefix))
+        finally:
+            await redis.aclose()
+    finally:
+        await pool.close()

@@ -1,0 +1,35 @@
+"""python -m services.ingest — the IngestService."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+from services.common.config import IngestSettings
+from services.common.grpc_server import run_service
+from services.common.pb.imgpipe.v1 import ingest_service_pb2 as ingest_pb
+from services.common.resources import load_settings, open_backends
+from services.ingest.publisher import republish_loop
+from services.ingest.servicer import IngestServicer, registrar
+
+
+async def main(settings: IngestSettings) -> None:
+    async with open_backends("ingest", settings.common) as backends:
+        servicer = IngestServicer(
+            backends.pool, backends.redis, backends.names, settings.csv_limits
+        )
+
+        async def republish(stop: asyncio.Event) -> None:
+            await republish_loop(backends.pool, backends.redis, backends.names, stop)
+
+        await run_service(
+            listen=settings.common.grpc_listen,
+            service_names=[ingest_pb.DESCRIPTOR.services_by_name["IngestService"].full_name],
+            register=registrar(servicer),
+            loops=[republish],
+            grace=settings.common.grace_seconds,
+        )
+
+
+if __name__ == "__main__":
+    asyncio.run(main(load_settings("ingest", IngestSettings.from_env, os.environ)))

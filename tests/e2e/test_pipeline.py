@@ -1,0 +1,194 @@
+"""End to end: the four services as real processes, a CSV over REST, images from 127.0.0.1."""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from PIL import Image
+
+from tests.origin import ImageOrigin
+from tests.stack import ROOT, Stack, start_stack
+from tests.support import wait_until_async
+
+pytestmark = pytest.mark.e2e
+
+STATUS_KEYS = {
+    "request_id",
+    "status",
+    "created_at",
+    "updated_at",
+    "completed_at",
+    "progress",
+    "output_csv_url",
+    "products",
+    "next_page_token",
+}
+PROGRESS_KEYS = {"images_total", "images_done", "images_failed", "percent", "bytes_in", "bytes_out"}
+PRODUCT_KEYS = {"serial_number", "product_name", "input_image_urls", "output_image_urls", "errors"}
+
+
+async def wait_completed(http: aiohttp.ClientSession, base: str, request_id: str) -> dict[str, Any]:
+    async def final() -> dict[str, Any] | None:
+        async with http.get(f"{base}/status/{request_id}") as response:
+            assert response.status == 200, await response.text()
+            body: dict[str, Any] = await response.json()
+        return body if body["status"] in ("Completed", "Failed") else None
+
+    return await wait_until_async(final, timeout=90, interval=0.25, message="request final")
+
+
+async def upload_csv(http: aiohttp.ClientSession, base: str, body: bytes) -> aiohttp.ClientResponse:
+    form = aiohttp.FormData()
+    form.add_field("file", body, filename="products.csv", content_type="text/csv")
+    return await http.post(f"{base}/upload", data=form)
+
+
+async def test_csv_to_compressed_images_status_and_output_csv(
+    tmp_path: Path,
+    database_url: str,
+    redis_server_url: str,
+    image_origin: ImageOrigin,
+    stack_factory: list[Stack],
+) -> None:
+    stack = start_stack(
+        tmp_path,
+        {
+            "IMGPIPE_DATABASE_URL": database_url,
+            "IMGPIPE_REDIS_URL": redis_server_url,
+            "IMGPIPE_FETCH_ALLOW": f"127.0.0.1:{image_origin.port}",
+        },
+    )
+    stack_factory.append(stack)
+    base = stack.base_url
+    products = [
+        ("10", "Trail Shoe", [image_origin.url(f"/img/shoe{i}.jpg") for i in range(3)]),
+        ("7", "Tote, leather", [image_origin.url(f"/img/bag{i}.jpg") for i in range(2)]),
+        ("3", "Trail Shoe", [image_origin.url("/img/hat.jpg")]),  # duplicate names stay apart
+        ("4", "Watch", [image_origin.url(f"/img/watch{i}.jpg") for i in range(4)]),
+    ]
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["S. No.", "Product Name", "Input Image Urls"])
+    writer.writerows((s, n, ",".join(u)) for s, n, u in products)
+
+    async with aiohttp.ClientSession() as http:
+        async with await upload_csv(http, base, out.getvalue().encode()) as response:
+            assert response.status == 202, await response.text()
+            accepted = await response.json()
+        assert accepted["status"] == "Pending"
+        assert (accepted["products"], accepted["images"]) == (4, 10)
+        assert accepted["status_url"] == f"{base}/status/{accepted['request_id']}"
+
+        status = await wait_completed(http, base, accepted["request_id"])
+
+        assert set(status) == STATUS_KEYS
+        assert status["status"] == "Completed"
+        assert set(status["progress"]) >= PROGRESS_KEYS - {"bytes_in", "bytes_out"}
+        assert status["progress"]["images_total"] == 10
+        assert status["progress"]["images_done"] == 10
+        assert status["progress"]["images_failed"] == 0
+        assert status["progress"]["percent"] == 100
+        assert status["completed_at"] is not None and status["next_page_token"] is None
+        assert [p["serial_number"] for p in status["products"]] == ["10", "7", "3", "4"]
+        for product, (serial, name, urls) in zip(status["products"], products, strict=True):
+            assert set(product) == PRODUCT_KEYS
+            assert (product["serial_number"], product["product_name"]) == (serial, name)
+            assert product["input_image_urls"] == urls
+            assert len(product["output_image_urls"]) == len(urls)
+            assert product["errors"] == []
+            for source_url, output_url in zip(urls, product["output_image_urls"], strict=True):
+                async with http.get(output_url) as response:
+                    assert response.status == 200
+                    data = await response.read()
+                source = image_origin.source(source_url)
+                with Image.open(io.BytesIO(data)) as image:
+                    image.verify()
+                with Image.open(io.BytesIO(data)) as image:
+                    assert image.format == "JPEG"
+                    assert image.size == (800, 600)
+                assert len(data) < len(source)
+
+        async with http.get(status["output_csv_url"]) as response:
+            assert response.status == 200
+            assert response.headers["Content-Type"].startswith("text/csv")
+            assert "attachment" in response.headers["Content-Disposition"]
+            table = list(csv.reader(io.StringIO(await response.text())))
+        assert table[0] == [
+            "S. No.",
+            "Product Name",
+            "Input Image Urls",
+            "Output Image Urls",
+            "Errors",
+        ]
+        assert [row[:3] for row in table[1:]] == [[s, n, ",".join(u)] for s, n, u in products]
+        assert [row[3].split(",") for row in table[1:]] == [
+            p["output_image_urls"] for p in status["products"]
+        ]
+        assert all(row[4] == "" for row in table[1:])
+
+        async with http.get(
+            f"{base}/status", params={"request_id": accepted["request_id"]}
+        ) as response:
+            assert response.status == 200
+            assert (await response.json())["status"] == "Completed"
+
+
+async def test_bad_csv_and_unknown_id_get_contract_errors(
+    tmp_path: Path,
+    database_url: str,
+    redis_server_url: str,
+    stack_factory: list[Stack],
+) -> None:
+    stack = start_stack(
+        tmp_path, {"IMGPIPE_DATABASE_URL": database_url, "IMGPIPE_REDIS_URL": redis_server_url}
+    )
+    stack_factory.append(stack)
+    bad = (
+        b"S. No.,Product Name,Input Image Urls\n"
+        b"1,Shoe,http://example.com/a.jpg\n"
+        b"2,,http://example.com/b.jpg\n"
+        b"3,Hat,not-a-url\n"
+    )
+    async with aiohttp.ClientSession() as http:
+        async with await upload_csv(http, stack.base_url, bad) as response:
+            assert response.status == 400
+            body = await response.json()
+        assert body["error"]["code"] == "invalid_csv"
+        assert {(d["row"], d["column"]) for d in body["error"]["details"]} == {
+            (3, "Product Name"),
+            (4, "Input Image Urls"),
+        }
+        assert all(d["message"] for d in body["error"]["details"])
+
+        unknown = "3f1c2a4e-0000-4000-8000-000000000000"
+        async with http.get(f"{stack.base_url}/status/{unknown}") as response:
+            assert response.status == 404
+            assert (await response.json())["error"]["code"] == "not_found"
+        async with http.get(f"{stack.base_url}/requests/{unknown}/output.csv") as response:
+            assert response.status == 404
+
+    assert stack.stop() == 0
+
+
+async def test_make_run_with_nothing_given_serves_the_readme_sample(
+    tmp_path: Path, image_origin: ImageOrigin, stack_factory: list[Stack]
+) -> None:
+    """`make run` on a fresh machine: embedded Postgres and Redis, the README's sample CSV."""
+    stack = start_stack(tmp_path, {"IMGPIPE_FETCH_ALLOW": f"127.0.0.1:{image_origin.port}"})
+    stack_factory.append(stack)
+    sample = (ROOT / "samples" / "products.csv").read_bytes()
+    body = sample.replace(b"http://127.0.0.1:8000/", image_origin.url("/img/").encode())
+    async with aiohttp.ClientSession() as http:
+        async with await upload_csv(http, stack.base_url, body) as response:
+            assert response.status == 202, await response.text()
+            request_id = (await response.json())["request_id"]
+        status = await wait_completed(http, stack.base_url, request_id)
+    assert status["status"] == "Completed"
+    assert status["progress"]["images_done"] == 5
+    assert (stack.data_dir / "pg").is_dir() and (stack.data_dir / "redis").is_dir()
+    assert stack.stop() == 0

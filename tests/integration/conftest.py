@@ -1,0 +1,129 @@
+"""Fixtures for in-process integration tests: migrated Postgres, Redis streams under a
+per-test prefix, a file:// store, servicers on real gRPC servers, and an image origin."""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import aiohttp
+import asyncpg
+import grpc
+import pytest
+import redis.asyncio
+
+from services.common.csv_format import CsvLimits
+from services.common.db.pool import migrate
+from services.common.fetch import FetchAllow, FetchLimits, fetch_image, make_session
+from services.common.imaging import ImageLimits
+from services.common.pb.imgpipe.v1 import ingest_service_pb2_grpc as ingest_grpc
+from services.common.pb.imgpipe.v1 import status_service_pb2_grpc as status_grpc
+from services.common.storage import Storage
+from services.common.streams import StreamNames, TaskConsumer
+from services.ingest.servicer import IngestServicer, registrar
+from services.status.servicer import StatusServicer
+from services.status.servicer import registrar as status_registrar
+from services.worker.processor import Processor, RetryPolicy
+from tests.origin import ImageOrigin, serve_images
+
+
+@pytest.fixture
+async def pool(db_pool: asyncpg.Pool) -> asyncpg.Pool:
+    await migrate(db_pool)
+    return db_pool
+
+
+@pytest.fixture
+def names(redis_prefix: str) -> StreamNames:
+    """A prefix of this test's own, inside the session's prefix (deleted at session end)."""
+    return StreamNames(f"{redis_prefix}:{secrets.token_hex(4)}")
+
+
+@pytest.fixture
+def storage(tmp_path: Path) -> Storage:
+    return Storage.from_url((tmp_path / "store").as_uri(), "http://127.0.0.1:8080/files/")
+
+
+@pytest.fixture
+async def origin() -> AsyncIterator[ImageOrigin]:
+    async with serve_images((640, 480)) as served:
+        yield served
+
+
+@pytest.fixture
+async def http_session(origin: ImageOrigin) -> AsyncIterator[aiohttp.ClientSession]:
+    session = make_session(FetchAllow.parse(f"127.0.0.1:{origin.port}"), FetchLimits())
+    try:
+        yield session
+    finally:
+        await session.close()
+
+
+@pytest.fixture
+def executor() -> Iterator[ThreadPoolExecutor]:
+    with ThreadPoolExecutor(2) as pool:
+        yield pool
+
+
+@pytest.fixture
+def processor(
+    pool: asyncpg.Pool,
+    redis_client: redis.asyncio.Redis,
+    names: StreamNames,
+    storage: Storage,
+    http_session: aiohttp.ClientSession,
+    executor: ThreadPoolExecutor,
+) -> Processor:
+    async def fetch(url: str) -> bytes:
+        return await fetch_image(http_session, url, FetchLimits())
+
+    return Processor(
+        pool=pool,
+        redis=redis_client,
+        names=names,
+        storage=storage,
+        fetch=fetch,
+        executor=executor,
+        image_limits=ImageLimits(),
+        retry=RetryPolicy(max_attempts=2, base_delay=0.01),
+    )
+
+
+@pytest.fixture
+def consumer(redis_client: redis.asyncio.Redis, names: StreamNames) -> TaskConsumer:
+    return TaskConsumer(redis_client, names, "test-consumer")
+
+
+@contextlib.asynccontextmanager
+async def serving(register: Callable[[grpc.aio.Server], None]) -> AsyncIterator[grpc.aio.Channel]:
+    """A gRPC server on 127.0.0.1 with the servicer `register` adds, and a channel to it."""
+    server = grpc.aio.server()
+    register(server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        yield channel
+    finally:
+        await channel.close(None)
+        await server.stop(None)
+
+
+@pytest.fixture
+async def ingest_stub(
+    pool: asyncpg.Pool, redis_client: redis.asyncio.Redis, names: StreamNames
+) -> AsyncIterator[ingest_grpc.IngestServiceAsyncStub]:
+    servicer = IngestServicer(pool, redis_client, names, CsvLimits(max_rows=50))
+    async with serving(registrar(servicer)) as channel:
+        yield ingest_grpc.IngestServiceStub(channel)
+
+
+@pytest.fixture
+async def status_stub(
+    pool: asyncpg.Pool, storage: Storage
+) -> AsyncIterator[status_grpc.StatusServiceAsyncStub]:
+    async with serving(status_registrar(StatusServicer(pool, storage))) as channel:
+        yield status_grpc.StatusServiceStub(channel)

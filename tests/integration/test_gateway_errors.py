@@ -1,0 +1,471 @@
+"""The gateway's error answers: every failure is the JSON error of DESIGN.md, never a trace.
+
+Ingest and status are "down" (their addresses are closed ports) unless a test starts the small
+in-process ingest below, which only stands in for ingest where streaming needs a reader on the
+other end. The end-to-end behaviour with the real services is tested in tests/e2e.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import grpc
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+from yarl import URL
+
+from gateway.app import create_app
+from gateway.serving import IN_FLIGHT, drain, start
+from services.common.config import GatewaySettings
+from services.common.pb.imgpipe.v1 import ingest_service_pb2 as ingest_pb
+from services.common.pb.imgpipe.v1 import ingest_service_pb2_grpc as ingest_grpc
+from services.common.pb.imgpipe.v1 import request_pb2, task_pb2
+
+pytestmark = pytest.mark.integration
+
+Client = TestClient[web.Request, web.Application]
+
+LIMIT = 1024
+CSV = b"S. No.,Product Name,Input Image Urls\n1,Shoe,https://example.com/a.jpg\n"
+SECRET = b"outside the store"
+
+
+def closed_port() -> int:
+    """A port nothing listens on: bound by us, then released."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+@dataclass
+class FakeIngest(ingest_grpc.IngestServiceServicer):
+    """Stands in for ingest: accepts every upload it reads to the end, records what it got."""
+
+    headers: list[ingest_pb.UploadHeader] = field(default_factory=list)
+    completed: list[bytes] = field(default_factory=list)
+    received_header: asyncio.Event = field(default_factory=asyncio.Event)
+    cancelled: asyncio.Event = field(default_factory=asyncio.Event)
+    # Cleared by a test to hold uploads after their last chunk until the client goes away.
+    commit: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        self.commit.set()
+
+    async def UploadCsv(
+        self, request_iterator: AsyncIterator[ingest_pb.UploadCsvRequest], context: Any
+    ) -> ingest_pb.UploadCsvResponse:
+        body = bytearray()
+        try:
+            async for message in request_iterator:
+                if message.HasField("header"):
+                    self.headers.append(message.header)
+                    self.received_header.set()
+                else:
+                    body += message.chunk
+            # A client's cancel can end the request stream like a half-close would; only the
+            # next await tells them apart, by raising CancelledError.
+            await self.commit.wait()
+        except asyncio.CancelledError:
+            self.cancelled.set()
+            raise
+        self.completed.append(bytes(body))
+        return ingest_pb.UploadCsvResponse(
+            accepted=ingest_pb.Accepted(
+                request_id="req-1",
+                status=request_pb2.REQUEST_STATUS_PENDING,
+                products=1,
+                images=1,
+                created=True,
+            )
+        )
+
+    async def SubmitProducts(
+        self, request_iterator: AsyncIterator[ingest_pb.SubmitProductsRequest], context: Any
+    ) -> ingest_pb.SubmitProductsResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not in this test")
+        raise AssertionError("abort returned")
+
+    async def wait_cancelled(self) -> None:
+        async with asyncio.timeout(10):
+            await self.cancelled.wait()
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Path:
+    """A file:// store, with a secret next to it and a symlink inside it pointing at the secret."""
+    (tmp_path / "secret.txt").write_bytes(SECRET)
+    root = tmp_path / "store"
+    root.mkdir()
+    (root / "link.txt").symlink_to(tmp_path / "secret.txt")
+    return root
+
+
+def settings_for(store: Path, ingest_addr: str = "") -> GatewaySettings:
+    return GatewaySettings(
+        ingest_addr=ingest_addr or f"127.0.0.1:{closed_port()}",
+        status_addr=f"127.0.0.1:{closed_port()}",
+        storage_url=store.as_uri(),
+        max_upload_bytes=LIMIT,
+        rpc_timeout=2,
+        upload_timeout=5,
+    )
+
+
+async def serve(settings: GatewaySettings) -> AsyncIterator[Client]:
+    server = TestServer(create_app(settings), host="127.0.0.1")
+    async with TestClient(server) as client:
+        yield client
+
+
+@pytest.fixture
+async def client(store: Path) -> AsyncIterator[Client]:
+    async for each in serve(settings_for(store)):
+        yield each
+
+
+@pytest.fixture
+async def fake_ingest() -> AsyncIterator[tuple[FakeIngest, str]]:
+    servicer = FakeIngest()
+    server = grpc.aio.server()
+    ingest_grpc.add_IngestServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        yield servicer, f"127.0.0.1:{port}"
+    finally:
+        await server.stop(None)
+
+
+@pytest.fixture
+async def client_with_ingest(
+    store: Path, fake_ingest: tuple[FakeIngest, str]
+) -> AsyncIterator[Client]:
+    async for each in serve(settings_for(store, ingest_addr=fake_ingest[1])):
+        yield each
+
+
+async def error_of(response: aiohttp.ClientResponse, status: int, code: str) -> dict[str, Any]:
+    """The error object of a JSON error answer, after checking its status, code and shape."""
+    assert response.status == status
+    assert response.content_type == "application/json"
+    body = await response.json()
+    assert set(body) == {"error"}
+    error: dict[str, Any] = body["error"]
+    assert set(error) == {"code", "message", "details"}
+    assert error["code"] == code
+    assert isinstance(error["message"], str)
+    assert error["message"]
+    assert "Traceback" not in error["message"]
+    assert isinstance(error["details"], list)
+    return error
+
+
+def csv_form(*fields: tuple[str, str], after: tuple[tuple[str, str], ...] = ()) -> aiohttp.FormData:
+    form = aiohttp.FormData()
+    for name, value in fields:
+        form.add_field(name, value)
+    form.add_field("file", CSV, filename="products.csv", content_type="text/csv")
+    for name, value in after:
+        form.add_field(name, value)
+    return form
+
+
+FORM_BOUNDARY = "imgpipe-test-boundary"
+FORM_TYPE = f"multipart/form-data; boundary={FORM_BOUNDARY}"
+FORM_END = f"--{FORM_BOUNDARY}--\r\n".encode()
+
+
+def form_part(name: str, value: bytes, filename: str = "") -> bytes:
+    """One multipart/form-data part, for bodies a test sends piece by piece."""
+    disposition = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename else "")
+    head = f"--{FORM_BOUNDARY}\r\nContent-Disposition: {disposition}\r\n\r\n"
+    return head.encode() + value + b"\r\n"
+
+
+# -- backends down --------------------------------------------------------------------------
+
+
+async def test_upload_csv_body_with_ingest_down_is_503(client: Client) -> None:
+    response = await client.post("/upload", data=CSV, headers={"Content-Type": "text/csv"})
+    error = await error_of(response, 503, "unavailable")
+    assert "127.0.0.1" not in error["message"]
+
+
+async def test_upload_multipart_with_ingest_down_is_503(client: Client) -> None:
+    response = await client.post("/upload", data=csv_form(("quality", "80")))
+    await error_of(response, 503, "unavailable")
+
+
+@pytest.mark.parametrize(
+    "path", ["/status?request_id=abc", "/status/abc", "/requests/abc/output.csv"]
+)
+async def test_status_reads_with_status_down_are_503(client: Client, path: str) -> None:
+    await error_of(await client.get(path), 503, "unavailable")
+
+
+async def test_readyz_names_the_backends_that_are_down(client: Client) -> None:
+    error = await error_of(await client.get("/readyz"), 503, "unavailable")
+    assert {detail["column"] for detail in error["details"]} == {"ingest", "status"}
+
+
+async def test_healthz_answers_while_backends_are_down(client: Client) -> None:
+    response = await client.get("/healthz")
+    assert response.status == 200
+    assert await response.json() == {"status": "ok"}
+
+
+# -- bad input ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("content_type", ["application/json", "application/octet-stream"])
+async def test_upload_of_another_media_type_is_415(client: Client, content_type: str) -> None:
+    response = await client.post("/upload", data=b"{}", headers={"Content-Type": content_type})
+    await error_of(response, 415, "unsupported_media_type")
+
+
+async def test_upload_declared_over_the_limit_is_413_before_reading(client: Client) -> None:
+    response = await client.post(
+        "/upload", data=b"x" * (LIMIT + 1), headers={"Content-Type": "text/csv"}
+    )
+    error = await error_of(response, 413, "too_large")
+    assert str(LIMIT) in error["message"]
+
+
+async def test_upload_streamed_over_the_limit_is_413_and_cancelled(
+    client_with_ingest: Client, fake_ingest: tuple[FakeIngest, str]
+) -> None:
+    servicer = fake_ingest[0]
+    servicer.commit.clear()
+
+    async def body() -> AsyncIterator[bytes]:
+        # Sent without Content-Length (chunked), so only the count while streaming can stop it.
+        # The client sends its request headers with the first chunk: send one, then wait.
+        yield CSV
+        await servicer.received_header.wait()
+        for _ in range(8):
+            yield b"x" * (LIMIT // 4)
+
+    response = await client_with_ingest.post(
+        "/upload", data=body(), headers={"Content-Type": "text/csv"}
+    )
+    error = await error_of(response, 413, "too_large")
+    assert str(LIMIT) in error["message"]
+    # The call was cancelled, not half-closed: ingest cannot take the first KiB as a whole file.
+    await servicer.wait_cancelled()
+    assert servicer.completed == []
+
+
+@pytest.mark.parametrize(
+    "framing", ["Content-Length: 1000\r\n\r\n", "Transfer-Encoding: chunked\r\n\r\n9\r\n"]
+)
+async def test_caller_leaving_mid_upload_cancels_the_ingest_call(
+    client_with_ingest: Client, fake_ingest: tuple[FakeIngest, str], framing: str
+) -> None:
+    servicer = fake_ingest[0]
+    servicer.commit.clear()
+    _, writer = await asyncio.open_connection("127.0.0.1", client_with_ingest.port)
+    head = f"POST /upload HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: text/csv\r\n{framing}"
+    writer.write(head.encode() + b"S. No.,x\n")
+    await writer.drain()
+    await servicer.received_header.wait()
+    writer.close()
+    await writer.wait_closed()
+    # A truncated body must never reach ingest as a complete (shorter) file.
+    await servicer.wait_cancelled()
+    assert servicer.completed == []
+
+
+@pytest.mark.parametrize(
+    ("query", "field_name"),
+    [
+        ("quality=abc", "quality"),
+        ("quality=0", "quality"),
+        ("quality=96", "quality"),
+        ("quality=1.5", "quality"),
+        ("format=gif", "format"),
+        ("scale=0", "scale"),
+        ("scale=1.5", "scale"),
+        ("scale=nan", "scale"),
+        ("max_width=-1", "max_width"),
+        ("max_height=wide", "max_height"),
+    ],
+)
+async def test_upload_with_a_bad_option_is_400(client: Client, query: str, field_name: str) -> None:
+    response = await client.post(f"/upload?{query}", data=CSV, headers={"Content-Type": "text/csv"})
+    error = await error_of(response, 400, "invalid_argument")
+    assert [detail["column"] for detail in error["details"]] == [field_name]
+    assert field_name in error["message"]
+
+
+async def test_upload_lists_every_bad_option_at_once(client: Client) -> None:
+    form = csv_form(("quality", "high"), ("scale", "2"))
+    error = await error_of(await client.post("/upload", data=form), 400, "invalid_argument")
+    assert {detail["column"] for detail in error["details"]} == {"quality", "scale"}
+
+
+async def test_multipart_without_a_file_is_400(client: Client) -> None:
+    form = aiohttp.FormData()
+    form.add_field("quality", "80")
+    form.add_field("notes", "no file here", filename="notes.txt")
+    error = await error_of(await client.post("/upload", data=form), 400, "invalid_argument")
+    assert error["details"][0]["column"] == "file"
+
+
+async def test_option_after_the_file_is_400_and_cancelled(
+    client_with_ingest: Client, fake_ingest: tuple[FakeIngest, str]
+) -> None:
+    servicer = fake_ingest[0]
+    servicer.commit.clear()
+
+    async def body() -> AsyncIterator[bytes]:
+        yield form_part("file", CSV, filename="products.csv")
+        # Only once the upload to ingest has begun does the late option field arrive.
+        await servicer.received_header.wait()
+        yield form_part("quality", b"80") + FORM_END
+
+    response = await client_with_ingest.post(
+        "/upload", data=body(), headers={"Content-Type": FORM_TYPE}
+    )
+    error = await error_of(response, 400, "invalid_argument")
+    assert "before" in error["message"]
+    assert error["details"][0]["column"] == "quality"
+    await servicer.wait_cancelled()
+    assert servicer.completed == []
+
+
+async def test_options_before_the_file_and_in_the_query_reach_ingest(
+    client_with_ingest: Client, fake_ingest: tuple[FakeIngest, str]
+) -> None:
+    form = csv_form(("quality", "80"), ("format", "webp"))
+    response = await client_with_ingest.post(
+        "/upload?scale=0.5&max_width=640",
+        data=form,
+        headers={"Idempotency-Key": "key-1"},
+    )
+    assert response.status == 202
+    body = await response.json()
+    assert body == {
+        "request_id": "req-1",
+        "status": "Pending",
+        "products": 1,
+        "images": 1,
+        "status_url": str(client_with_ingest.make_url("/status/req-1")),
+    }
+    servicer = fake_ingest[0]
+    assert servicer.completed == [CSV]
+    [header] = servicer.headers
+    assert header.idempotency_key == "key-1"
+    assert header.options == task_pb2.ImageOptions(
+        quality=80, format=task_pb2.OUTPUT_FORMAT_WEBP, scale=0.5, max_width=640
+    )
+
+
+@pytest.mark.parametrize("page_size", ["abc", "0", "1001", "-5", "10.5"])
+async def test_status_with_a_bad_page_size_is_400(client: Client, page_size: str) -> None:
+    response = await client.get(f"/status/abc?page_size={page_size}")
+    error = await error_of(response, 400, "invalid_argument")
+    assert error["details"][0]["column"] == "page_size"
+
+
+@pytest.mark.parametrize("path", ["/status", "/status?request_id=", "/status?request_id=%20"])
+async def test_status_without_a_request_id_is_400(client: Client, path: str) -> None:
+    error = await error_of(await client.get(path), 400, "invalid_argument")
+    assert error["details"][0]["column"] == "request_id"
+
+
+# -- routing --------------------------------------------------------------------------------
+
+
+async def test_unknown_route_is_json_404(client: Client) -> None:
+    await error_of(await client.get("/nowhere"), 404, "not_found")
+
+
+async def test_wrong_method_is_json_405_with_allow(client: Client) -> None:
+    response = await client.get("/upload")
+    await error_of(response, 405, "method_not_allowed")
+    assert "POST" in response.headers["Allow"]
+
+
+# -- /files/ --------------------------------------------------------------------------------
+
+
+async def test_files_serves_an_object_of_the_store(client: Client, store: Path) -> None:
+    image = store / "requests" / "r1" / "images" / "1.jpg"
+    image.parent.mkdir(parents=True)
+    image.write_bytes(b"\xff\xd8\xff fake jpeg")
+    response = await client.get("/files/requests/r1/images/1.jpg")
+    assert response.status == 200
+    assert response.content_type == "image/jpeg"
+    assert response.headers["X-Content-Type-Options"] == "nosniff"
+    assert await response.read() == b"\xff\xd8\xff fake jpeg"
+
+
+async def test_files_missing_object_is_json_404(client: Client) -> None:
+    await error_of(await client.get("/files/requests/none.jpg"), 404, "not_found")
+
+
+@pytest.mark.parametrize(
+    "raw_path",
+    [
+        "/files/../secret.txt",
+        "/files/%2e%2e%2fsecret.txt",
+        "/files/%2e%2e/secret.txt",
+        "/files/..%2fsecret.txt",
+        "/files/requests/%2e%2e%2f%2e%2e%2fsecret.txt",
+        "/files/%2F" + "%2F".join(["..", "..", "..", "etc", "hostname"]),
+        "/files/link.txt",
+        "/files/%00",
+    ],
+)
+async def test_files_refuses_to_leave_the_store(client: Client, raw_path: str) -> None:
+    # encoded=True sends the path byte for byte: no client-side normalisation of ".." or "%2e".
+    url = URL(f"http://127.0.0.1:{client.port}{raw_path}", encoded=True)
+    async with client.session.get(url) as response:
+        assert SECRET not in await response.read()
+        await error_of(response, 404, "not_found")
+
+
+# -- shutdown -------------------------------------------------------------------------------
+
+
+async def test_drain_lets_an_upload_in_flight_finish(
+    store: Path, fake_ingest: tuple[FakeIngest, str]
+) -> None:
+    servicer, ingest_addr = fake_ingest
+    runner = await start(create_app(settings_for(store, ingest_addr)), "127.0.0.1", 0)
+    base = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    drained: asyncio.Task[None] | None = None
+    try:
+        async with aiohttp.ClientSession() as session:
+
+            async def body() -> AsyncIterator[bytes]:
+                nonlocal drained
+                yield CSV[:10]
+                await servicer.received_header.wait()
+                # SIGTERM arrives while the body is still streaming in.
+                drained = asyncio.create_task(drain(runner, grace=10))
+                await runner.app[IN_FLIGHT].draining.wait()
+                with pytest.raises(aiohttp.ClientConnectionError):
+                    await session.get(f"{base}/healthz")
+                yield CSV[10:]
+
+            response = await session.post(
+                f"{base}/upload", data=body(), headers={"Content-Type": "text/csv"}
+            )
+            assert response.status == 202
+            assert response.headers.get("Connection", "").lower() == "close"
+            response.release()
+        assert servicer.completed == [CSV]
+    finally:
+        if drained is None:
+            await runner.cleanup()
+        else:
+            await drained

@@ -1,0 +1,175 @@
+"""The worker against real Postgres, Redis, a file:// store and a local image origin."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import uuid
+from collections.abc import AsyncIterator
+
+import asyncpg
+import pytest
+import redis.asyncio
+from PIL import Image
+
+from services.common.pb.imgpipe.v1 import ingest_service_pb2_grpc as ingest_grpc
+from services.common.pb.imgpipe.v1 import request_pb2
+from services.common.storage import Storage
+from services.common.streams import EVENT_FIELD, StreamNames, TaskConsumer
+from services.ingest.publisher import republish_pending
+from services.worker.processor import Processor
+from services.worker.runner import consume
+from tests.integration.flows import csv_of, image_rows, stream_messages, upload
+from tests.origin import ImageOrigin
+from tests.support import wait_until_async
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+async def running_worker(
+    consumer: TaskConsumer, processor: Processor
+) -> AsyncIterator[asyncio.Event]:
+    stop = asyncio.Event()
+    task = asyncio.create_task(consume(consumer, processor, 4, stop))
+    try:
+        yield stop
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, timeout=10)
+
+
+async def wait_final(pool: asyncpg.Pool, request_id: str) -> asyncpg.Record:
+    async def final() -> asyncpg.Record | None:
+        row = await pool.fetchrow("SELECT * FROM requests WHERE id = $1", uuid.UUID(request_id))
+        return row if row and row["status"] in ("Completed", "Failed") else None
+
+    return await wait_until_async(final, timeout=30, message=f"request {request_id} final")
+
+
+async def finished_events(
+    client: redis.asyncio.Redis, names: StreamNames
+) -> list[request_pb2.RequestEvent]:
+    return await stream_messages(client, names.events, EVENT_FIELD, request_pb2.RequestEvent)
+
+
+async def test_request_runs_to_completed_with_outputs_csv_and_event(
+    ingest_stub: ingest_grpc.IngestServiceAsyncStub,
+    running_worker: asyncio.Event,
+    pool: asyncpg.Pool,
+    redis_client: redis.asyncio.Redis,
+    names: StreamNames,
+    storage: Storage,
+    origin: ImageOrigin,
+) -> None:
+    good = [origin.url("/img/a.jpg"), origin.url("/img/b.jpg")]
+    body = csv_of(
+        [("1", "Shoe", good), ("2", "=cmd|' /C calc'!A0", [origin.url("/text"), good[0]])]
+    )
+    accepted = await upload(ingest_stub, body)
+
+    request = await wait_final(pool, accepted.request_id)
+
+    assert request["status"] == "Completed"
+    assert (request["images_done"], request["images_failed"]) == (3, 1)
+    assert request["completed_at"] is not None
+    rows = await image_rows(pool, accepted.request_id)
+    assert [r["status"] for r in rows] == ["Done", "Done", "Failed", "Done"]
+    failed = rows[2]
+    assert (failed["error_code"], failed["output_key"]) == ("NOT_AN_IMAGE", None)
+    for row in (rows[0], rows[1], rows[3]):
+        data = await storage.get(row["output_key"])
+        with Image.open(io.BytesIO(data)) as image:
+            assert image.format == "JPEG" and image.size == (640, 480)
+        assert row["bytes_out"] == len(data) < row["bytes_in"]
+    assert request["bytes_in"] == sum(r["bytes_in"] for r in rows if r["status"] == "Done")
+
+    table = list(csv.reader(io.StringIO((await storage.get(request["output_csv_key"])).decode())))
+    assert table[0] == ["S. No.", "Product Name", "Input Image Urls", "Output Image Urls", "Errors"]
+    assert table[1][3].split(",") == [storage.public_url(r["output_key"]) for r in rows[:2]]
+    assert table[2][1] == "'=cmd|' /C calc'!A0"  # formula injection neutralised
+    assert table[2][3] == "," + storage.public_url(rows[3]["output_key"])  # failed slot empty
+    assert table[2][4] == f"{origin.url('/text')}: NOT_AN_IMAGE"
+
+    [event] = [
+        e for e in await finished_events(redis_client, names) if e.request_id == accepted.request_id
+    ]
+    assert event.type == request_pb2.REQUEST_EVENT_TYPE_FINISHED
+    assert event.status == request_pb2.REQUEST_STATUS_COMPLETED
+    assert (event.progress.images_done, event.progress.images_failed) == (3, 1)
+    assert event.output_csv_key == request["output_csv_key"]
+
+
+async def test_all_failed_is_failed(
+    ingest_stub: ingest_grpc.IngestServiceAsyncStub,
+    running_worker: asyncio.Event,
+    pool: asyncpg.Pool,
+    origin: ImageOrigin,
+) -> None:
+    accepted = await upload(ingest_stub, csv_of([("1", "Shoe", [origin.url("/missing")])]))
+    request = await wait_final(pool, accepted.request_id)
+    assert request["status"] == "Failed"
+    [row] = await image_rows(pool, accepted.request_id)
+    assert row["error_code"] == "HTTP_STATUS" and "404" in row["error_message"]
+
+
+async def test_duplicate_deliveries_count_once_and_finish_once(
+    ingest_stub: ingest_grpc.IngestServiceAsyncStub,
+    pool: asyncpg.Pool,
+    redis_client: redis.asyncio.Redis,
+    names: StreamNames,
+    consumer: TaskConsumer,
+    processor: Processor,
+    origin: ImageOrigin,
+) -> None:
+    urls = [origin.url(f"/img/dup{i}.jpg") for i in range(3)]
+    accepted = await upload(ingest_stub, csv_of([("1", "Shoe", urls)]))
+    # Every task published a second time, as after a crash between XADD and marking published.
+    await pool.execute(
+        "UPDATE requests SET published_at = NULL WHERE id = $1", uuid.UUID(accepted.request_id)
+    )
+    await republish_pending(pool, redis_client, names)
+    assert await redis_client.xlen(names.tasks) == 6
+
+    stop = asyncio.Event()
+    # Two consumers race over the same entries.
+    other = TaskConsumer(redis_client, names, "other-consumer")
+    workers = [asyncio.create_task(consume(c, processor, 3, stop)) for c in (consumer, other)]
+    try:
+        request = await wait_final(pool, accepted.request_id)
+
+        async def all_acked() -> bool:
+            summary = await redis_client.xpending(names.tasks, "workers")
+            return summary["pending"] == 0
+
+        await wait_until_async(all_acked, timeout=10, message="every entry acknowledged")
+    finally:
+        stop.set()
+        await asyncio.wait_for(asyncio.gather(*workers), timeout=10)
+
+    assert (request["images_done"], request["images_failed"], request["images_total"]) == (3, 0, 3)
+    events = [
+        e for e in await finished_events(redis_client, names) if e.request_id == accepted.request_id
+    ]
+    assert len(events) == 1
+
+
+async def test_consumer_rereads_its_own_pending_entries_first(
+    ingest_stub: ingest_grpc.IngestServiceAsyncStub,
+    redis_client: redis.asyncio.Redis,
+    names: StreamNames,
+) -> None:
+    await upload(
+        ingest_stub, csv_of([("1", "Shoe", ["http://a.example/1.jpg", "http://a.example/2.jpg"])])
+    )
+    first = TaskConsumer(redis_client, names, "restarting")
+    await first.ensure_group()
+    taken = await first.read(count=1, block_ms=100)  # delivered, then the process "dies"
+
+    restarted = TaskConsumer(redis_client, names, "restarting")
+    again = await restarted.read(count=10, block_ms=100)
+    fresh = await restarted.read(count=10, block_ms=100)
+
+    assert [d.entry_id for d in again] == [d.entry_id for d in taken]
+    assert len(fresh) == 1 and fresh[0].entry_id != taken[0].entry_id

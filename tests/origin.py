@@ -1,0 +1,63 @@
+"""A local image origin on 127.0.0.1 for tests and benchmarks.
+
+`/img/<name>` serves a generated photo (made on first request, then the same bytes), `/text`
+serves text that is not an image, anything else is 404. `delay` adds origin latency.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+from tests.imagegen import photo_like
+
+
+@dataclass
+class ImageOrigin:
+    port: int
+    size: tuple[int, int]
+    served: dict[str, bytes] = field(default_factory=dict)
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def source(self, url: str) -> bytes:
+        """The bytes this origin served for `url`."""
+        return self.served[url.removeprefix(f"http://127.0.0.1:{self.port}")]
+
+    def image(self, path: str) -> bytes:
+        if path not in self.served:
+            self.served[path] = photo_like(*self.size, seed=len(self.served))
+        return self.served[path]
+
+
+@contextlib.asynccontextmanager
+async def serve_images(
+    size: tuple[int, int] = (800, 600), *, delay: float = 0.0
+) -> AsyncIterator[ImageOrigin]:
+    origin = ImageOrigin(port=0, size=size)
+
+    async def image(request: web.Request) -> web.Response:
+        if delay:
+            await asyncio.sleep(delay)  # simulated origin latency, not synchronisation
+        return web.Response(body=origin.image(request.path), content_type="image/jpeg")
+
+    async def text(request: web.Request) -> web.Response:
+        return web.Response(text="not an image")
+
+    app = web.Application()
+    app.router.add_get("/img/{name}", image)
+    app.router.add_get("/text", text)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    origin.port = runner.addresses[0][1]
+    try:
+        yield origin
+    finally:
+        await runner.cleanup()

@@ -1,0 +1,99 @@
+"""The whole stack as real processes, started through `python -m services.dev` (`make run`).
+
+Used by the end-to-end tests and by the benchmarks.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from tests.support import free_tcp_port, wait_until
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _free_grpc_base(workers: int) -> int:
+    """A base port whose ingest, status and worker ports (base, +1, +10, +11...) are free."""
+    offsets = (0, 1, *range(10, 10 + workers))
+    for _ in range(50):
+        base = random.randrange(20000, 60000)
+        if all(free_tcp_port_is(base + offset) for offset in offsets):
+            return base
+    raise AssertionError("no free block of gRPC ports")
+
+
+def free_tcp_port_is(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+@dataclass
+class Stack:
+    base_url: str
+    process: subprocess.Popen[bytes]
+    log: Path
+    data_dir: Path
+
+    def log_tail(self, lines: int = 60) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+
+    def stop(self) -> int:
+        """SIGTERM the launcher, which drains and stops every service; returns its exit code."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=10)
+            raise AssertionError(f"the stack did not stop in time:\n{self.log_tail()}") from None
+
+
+def start_stack(tmp_path: Path, extra_env: dict[str, str]) -> Stack:
+    port = free_tcp_port()
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("IMGPIPE_")},
+        "IMGPIPE_DATA_DIR": str(tmp_path / "data"),
+        "IMGPIPE_HTTP_LISTEN": f"127.0.0.1:{port}",
+        "IMGPIPE_DEV_GRPC_BASE_PORT": str(
+            _free_grpc_base(int(extra_env.get("IMGPIPE_DEV_WORKERS", "2")))
+        ),
+        "IMGPIPE_REDIS_PREFIX": f"imgpipe-e2e-{secrets.token_hex(4)}",
+        "IMGPIPE_GRACE_SECONDS": "10",
+        **extra_env,
+    }
+    log = tmp_path / "stack.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "services.dev"],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # a stuck stack can be killed as one process group
+        )
+    stack = Stack(f"http://127.0.0.1:{port}", process, log, tmp_path / "data")
+
+    def ready() -> bool:
+        if process.poll() is not None:
+            raise AssertionError(f"the stack exited with {process.returncode}:\n{stack.log_tail()}")
+        return "imgpipe is ready" in log.read_text(errors="replace")
+
+    try:
+        wait_until(ready, timeout=90, interval=0.2, message="the stack to be ready")
+    except BaseException:
+        stack.stop()
+        raise
+    return stack

@@ -1,0 +1,157 @@
+"""Helpers for tests: polling with a deadline, free ports, throwaway databases and key prefixes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TypeVar
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit
+
+import asyncpg
+import redis
+
+T = TypeVar("T")
+
+
+def free_tcp_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that nothing listens on right now (the OS picks it)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def wait_until(
+    predicate: Callable[[], T],
+    timeout: float = 10.0,
+    interval: float = 0.05,
+    message: str = "condition",
+    ignore: tuple[type[BaseException], ...] = (),
+) -> T:
+    """Call `predicate` until it returns something truthy, and return that.
+
+    Exceptions listed in `ignore` count as "not yet". Raises AssertionError after `timeout`.
+    """
+    deadline = time.monotonic() + timeout
+    last_error: BaseException | None = None
+    while True:
+        try:
+            result = predicate()
+        except ignore as exc:
+            last_error = exc
+        else:
+            if result:
+                return result
+        if time.monotonic() >= deadline:
+            raise AssertionError(_timeout_message(message, timeout, last_error))
+        time.sleep(interval)
+
+
+async def wait_until_async(
+    predicate: Callable[[], Awaitable[T | None]],
+    # A deadline rather than asyncio.timeout(): the failure names what was awaited, like wait_until.
+    timeout: float = 10.0,  # noqa: ASYNC109
+    interval: float = 0.05,
+    message: str = "condition",
+    ignore: tuple[type[BaseException], ...] = (),
+) -> T:
+    """wait_until() for the event loop: awaits `predicate()` until it gives something truthy."""
+    deadline = time.monotonic() + timeout
+    last_error: BaseException | None = None
+    while True:
+        try:
+            result = await predicate()
+        except ignore as exc:
+            last_error = exc
+        else:
+            if result:
+                return result
+        if time.monotonic() >= deadline:
+            raise AssertionError(_timeout_message(message, timeout, last_error))
+        await asyncio.sleep(interval)
+
+
+def process_exited(pid: int) -> bool:
+    """True once `pid` is gone, or is a zombie (it has exited; only the reaping is missing)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] == "Z"
+
+
+def with_database(dsn: str, database: str) -> str:
+    """`dsn` with its database name replaced by `database`.
+
+    Handles `postgresql://user:pw@host:port/db?x=y` and the socket form
+    `postgresql://postgres@/postgres?host=/path`; a dbname/database query parameter is dropped.
+    """
+    parts = urlsplit(dsn)
+    query = parts.query
+    pairs = parse_qsl(query, keep_blank_values=True)
+    if any(key in ("dbname", "database") for key, _ in pairs):
+        kept = [(key, value) for key, value in pairs if key not in ("dbname", "database")]
+        query = urlencode(kept, safe="/")
+    # Composed by hand: urlunsplit() drops the "//" of an empty host for schemes it does not
+    # know, and "postgresql:///db?host=/sock" must keep it.
+    url = f"{parts.scheme}://{parts.netloc}/{quote(database)}"
+    if query:
+        url += f"?{query}"
+    return url
+
+
+async def create_database(server_url: str, name: str) -> str:
+    """Create database `name` on the server at `server_url`; return a DSN for it.
+
+    template0, not template1: the new database is empty whatever was added to template1, and
+    copying template0 does not fail while someone else is connected to template1.
+    """
+    connection = await asyncpg.connect(server_url)
+    try:
+        await connection.execute(f'CREATE DATABASE "{name}" TEMPLATE template0')
+    finally:
+        await connection.close()
+    return with_database(server_url, name)
+
+
+async def drop_database(server_url: str, name: str) -> None:
+    """Drop database `name`, disconnecting whoever is still connected to it."""
+    connection = await asyncpg.connect(server_url)
+    try:
+        await connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await connection.close()
+
+
+def delete_keys(redis_url: str, pattern: str) -> int:
+    """Delete the keys matching `pattern` with SCAN (never FLUSHALL); return how many."""
+    deleted = 0
+    client = redis.Redis.from_url(redis_url)
+    try:
+        batch: list[bytes] = []
+        for key in client.scan_iter(match=pattern, count=500):
+            batch.append(key)
+            if len(batch) >= 500:
+                deleted += client.delete(*batch)
+                batch.clear()
+        if batch:
+            deleted += client.delete(*batch)
+    finally:
+        client.close()
+    return deleted
+
+
+def _timeout_message(message: str, timeout: float, last_error: BaseException | None) -> str:
+    text = f"timed out after {timeout:g} s waiting for {message}"
+    if last_error is not None:
+        text += f" (last error: {last_error!r})"
+    return text

@@ -1,0 +1,761 @@
+"""fetch_image and the SSRF guard, against real aiohttp servers on 127.0.0.1.
+
+Network rule: nothing here may connect anywhere but 127.0.0.1 / ::1. Host names are answered
+by an injected resolver (no real DNS), and the `dialled` fixture wraps the event loop's
+sock_connect so any other destination fails the test before a packet leaves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import ipaddress
+import pickle
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.abc import AbstractResolver, ResolveResult
+from aiohttp.test_utils import TestServer
+
+from services.common.fetch import (
+    BlockedConnectError,
+    FetchAllow,
+    FetchLimits,
+    GuardedResolver,
+    failure_from_exception,
+    fetch_image,
+    is_public_address,
+    make_session,
+    parse_retry_after,
+)
+from services.common.outcome import ImageFailure, OutcomeCode
+
+pytestmark = pytest.mark.unit
+
+LOOPBACK = {ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1")}
+IMAGE = bytes(range(256)) * 40  # any bytes: fetch does not decode
+RELEASE = web.AppKey("release", asyncio.Event)
+
+
+# --- fixtures -----------------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+async def dialled(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
+    """Every address a test dials, in order; anything but loopback fails before connecting."""
+    loop = asyncio.get_running_loop()
+    original = loop.sock_connect
+    log: list[tuple[str, int]] = []
+
+    async def guarded(sock: socket.socket, address: Any) -> None:
+        host, port = str(address[0]), int(address[1])
+        log.append((host, port))
+        if ipaddress.ip_address(host.split("%")[0]) not in LOOPBACK:
+            raise AssertionError(f"test tried to connect to {host}:{port}")
+        await original(sock, address)
+
+    monkeypatch.setattr(loop, "sock_connect", guarded)
+    return log
+
+
+class StaticResolver(AbstractResolver):
+    """Answers from a table: each name maps to a list of answers; every lookup takes the next
+    one and the last one repeats. Unknown names fail like NXDOMAIN."""
+
+    def __init__(self, table: dict[str, list[list[str]]]) -> None:
+        self.table = {name: list(answers) for name, answers in table.items()}
+        self.calls: list[str] = []
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        self.calls.append(host)
+        answers = self.table.get(host)
+        if not answers:
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        current = answers.pop(0) if len(answers) > 1 else answers[0]
+        return [
+            ResolveResult(
+                hostname=host,
+                host=address,
+                port=port,
+                family=socket.AF_INET6 if ":" in address else socket.AF_INET,
+                proto=0,
+                flags=socket.AI_NUMERICHOST,
+            )
+            for address in current
+        ]
+
+    async def close(self) -> None:
+        pass
+
+
+class ForbiddenResolver(StaticResolver):
+    """For tests where resolving at all would be a bug."""
+
+    def __init__(self) -> None:
+        super().__init__({})
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        raise AssertionError(f"{host} must not be resolved")
+
+
+async def image(request: web.Request) -> web.Response:
+    return web.Response(body=IMAGE, content_type="image/jpeg")
+
+
+async def status(request: web.Request) -> web.Response:
+    headers = {}
+    if "retry_after" in request.query:
+        headers["Retry-After"] = request.query["retry_after"]
+    return web.Response(status=int(request.match_info["code"]), headers=headers)
+
+
+async def hops(request: web.Request) -> web.Response:
+    left = int(request.match_info["n"])
+    location = f"/hops/{left - 1}" if left > 1 else "/image"
+    raise web.HTTPFound(location)
+
+
+async def redirect(request: web.Request) -> web.Response:
+    raise web.HTTPFound(request.query["to"])
+
+
+async def rebind(request: web.Request) -> web.Response:
+    # Same host again, on a new connection, so the name is resolved again.
+    response = web.Response(status=302, headers={"Location": f"http://{request.host}/image"})
+    response.force_close()
+    return response
+
+
+async def long_header(request: web.Request) -> web.StreamResponse:
+    response = web.StreamResponse()
+    response.content_length = int(request.query["length"])
+    await response.prepare(request)
+    await response.write(b"x" * 10)
+    await request.app[RELEASE].wait()  # a client reading the body would wait here
+    return response
+
+
+async def chunked(request: web.Request) -> web.StreamResponse:
+    response = web.StreamResponse()
+    response.enable_chunked_encoding()
+    await response.prepare(request)
+    remaining = int(request.query["size"])
+    while remaining > 0:
+        piece = min(remaining, 16 * 1024)
+        await response.write(b"y" * piece)
+        remaining -= piece
+    await response.write_eof()
+    return response
+
+
+async def gzipped(request: web.Request) -> web.Response:
+    body = gzip.compress(b"\0" * int(request.query["size"]))
+    return web.Response(body=body, headers={"Content-Encoding": "gzip"})
+
+
+async def stall(request: web.Request) -> web.Response:
+    await request.app[RELEASE].wait()
+    return web.Response(body=IMAGE)
+
+
+async def stall_body(request: web.Request) -> web.StreamResponse:
+    response = web.StreamResponse()
+    response.content_length = len(IMAGE)
+    await response.prepare(request)
+    await response.write(IMAGE[:100])
+    await request.app[RELEASE].wait()
+    return response
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[TestServer]:
+    app = web.Application()
+    app[RELEASE] = asyncio.Event()
+    app.router.add_get("/image", image)
+    app.router.add_get("/status/{code}", status)
+    app.router.add_get("/hops/{n}", hops)
+    app.router.add_get("/redirect", redirect)
+    app.router.add_get("/rebind", rebind)
+    app.router.add_get("/long-header", long_header)
+    app.router.add_get("/chunked", chunked)
+    app.router.add_get("/gzip", gzipped)
+    app.router.add_get("/stall", stall)
+    app.router.add_get("/stall-body", stall_body)
+    test_server = TestServer(app, host="127.0.0.1")
+    await test_server.start_server()
+    try:
+        yield test_server
+    finally:
+        app[RELEASE].set()  # let stalled handlers finish so the server closes at once
+        await test_server.close()
+
+
+SessionFactory = Callable[..., aiohttp.ClientSession]
+
+
+@pytest.fixture
+async def sessions() -> AsyncIterator[SessionFactory]:
+    opened: list[aiohttp.ClientSession] = []
+
+    def factory(
+        allow: str = "",
+        resolver: AbstractResolver | None = None,
+        limits: FetchLimits | None = None,
+    ) -> aiohttp.ClientSession:
+        # The default inner resolver would ask real DNS: tests always inject one.
+        session = make_session(
+            FetchAllow.parse(allow),
+            limits or FetchLimits(),
+            resolver_inner=resolver or ForbiddenResolver(),
+        )
+        opened.append(session)
+        return session
+
+    yield factory
+    for session in opened:
+        await session.close()
+
+
+def port_of(server: TestServer) -> int:
+    assert server.port is not None
+    return server.port
+
+
+def allow_for(server: TestServer) -> str:
+    return f"127.0.0.1:{port_of(server)}"
+
+
+def url(server: TestServer, path: str) -> str:
+    return str(server.make_url(path))
+
+
+async def failure(coroutine: Awaitable[bytes]) -> ImageFailure:
+    with pytest.raises(ImageFailure) as caught:
+        await coroutine
+    return caught.value
+
+
+# --- success and HTTP status --------------------------------------------------------------
+
+
+async def test_fetches_bytes(server: TestServer, sessions: SessionFactory) -> None:
+    session = sessions(allow_for(server))
+    assert await fetch_image(session, url(server, "/image"), FetchLimits()) == IMAGE
+
+
+async def test_connections_are_kept_alive(
+    server: TestServer, sessions: SessionFactory, dialled: list[tuple[str, int]]
+) -> None:
+    session = sessions(allow_for(server))
+    for _ in range(3):
+        await fetch_image(session, url(server, "/image"), FetchLimits())
+    assert dialled == [("127.0.0.1", server.port)]
+
+
+@pytest.mark.parametrize("code", [400, 401, 403, 404, 410, 451])
+async def test_client_errors_are_permanent(
+    server: TestServer, sessions: SessionFactory, code: int
+) -> None:
+    session = sessions(allow_for(server))
+    result = await failure(fetch_image(session, url(server, f"/status/{code}"), FetchLimits()))
+    assert result.code is OutcomeCode.HTTP_STATUS
+    assert str(code) in result.message
+    assert not result.transient
+
+
+@pytest.mark.parametrize("code", [408, 425, 429, 500, 502, 503, 504])
+async def test_retryable_statuses_are_transient(
+    server: TestServer, sessions: SessionFactory, code: int
+) -> None:
+    session = sessions(allow_for(server))
+    result = await failure(fetch_image(session, url(server, f"/status/{code}"), FetchLimits()))
+    assert result.code is OutcomeCode.HTTP_STATUS
+    assert result.transient
+    assert result.retry_after is None
+
+
+async def test_503_with_retry_after(server: TestServer, sessions: SessionFactory) -> None:
+    session = sessions(allow_for(server))
+    target = url(server, "/status/503?retry_after=7")
+    result = await failure(fetch_image(session, target, FetchLimits()))
+    assert result.code is OutcomeCode.HTTP_STATUS
+    assert result.transient
+    assert result.retry_after == 7.0
+    assert "503" in str(result)
+
+
+@pytest.mark.parametrize("code", [200, 204])
+async def test_empty_success_bodies_are_returned(
+    server: TestServer, sessions: SessionFactory, code: int
+) -> None:
+    session = sessions(allow_for(server))
+    assert await fetch_image(session, url(server, f"/status/{code}"), FetchLimits()) == b""
+
+
+def test_parse_retry_after() -> None:
+    now = datetime(2025, 1, 1, 12, 0, 0, tzinfo=UTC)
+    assert parse_retry_after(None) is None
+    assert parse_retry_after("") is None
+    assert parse_retry_after("120") == 120.0
+    assert parse_retry_after(format_datetime(now + timedelta(seconds=30)), now=now) == 30.0
+    assert parse_retry_after(format_datetime(now - timedelta(seconds=30)), now=now) == 0.0
+    assert parse_retry_after("soon") is None
+    assert parse_retry_after("-5") is None
+
+
+# --- redirects ----------------------------------------------------------------------------
+
+
+async def test_redirects_within_the_limit(server: TestServer, sessions: SessionFactory) -> None:
+    session = sessions(allow_for(server))
+    limits = FetchLimits(max_redirects=3)
+    assert await fetch_image(session, url(server, "/hops/3"), limits) == IMAGE
+
+
+async def test_too_many_redirects(server: TestServer, sessions: SessionFactory) -> None:
+    session = sessions(allow_for(server))
+    limits = FetchLimits(max_redirects=3)
+    result = await failure(fetch_image(session, url(server, "/hops/4"), limits))
+    assert result.code is OutcomeCode.TOO_MANY_REDIRECTS
+    assert not result.transient
+
+
+async def test_no_redirects_allowed(server: TestServer, sessions: SessionFactory) -> None:
+    session = sessions(allow_for(server))
+    limits = FetchLimits(max_redirects=0)
+    assert await fetch_image(session, url(server, "/image"), limits) == IMAGE
+    result = await failure(fetch_image(session, url(server, "/hops/1"), limits))
+    assert result.code is OutcomeCode.TOO_MANY_REDIRECTS
+
+
+@pytest.mark.parametrize(
+    "location",
+    [
+        "http://10.0.0.1:{port}/image",  # private literal
+        "http://169.254.169.254/latest/meta-data/",  # cloud metadata
+        "http://[::1]:{port}/image",  # loopback, but only 127.0.0.1:port is allowed
+        "http://[::ffff:10.0.0.1]:{port}/image",  # private in IPv4-mapped form
+        "http://[::ffff:127.0.0.1]/image",  # loopback in IPv4-mapped form, not allowed port
+        "http://127.0.0.1:{other}/image",  # allowed address, other port
+        "http://2130706433:{port}/image",  # 127.0.0.1 as a legacy number
+        "http://internal.test:{port}/image",  # a name for 10.0.0.5
+        "http://metadata.test/computeMetadata/v1/",  # a name for 169.254.169.254
+        "http://sneaky.test/image",  # a name for 127.0.0.1, on a port the entry doesn't list
+        "file:///etc/passwd",
+        "gopher://127.0.0.1:{port}/_x",
+        "http://user:secret@127.0.0.1:{port}/image",
+    ],
+)
+async def test_redirect_to_a_blocked_target_is_refused_before_connecting(
+    server: TestServer,
+    sessions: SessionFactory,
+    dialled: list[tuple[str, int]],
+    location: str,
+) -> None:
+    resolver = StaticResolver(
+        {
+            "internal.test": [["10.0.0.5"]],
+            "metadata.test": [["169.254.169.254"]],
+            "sneaky.test": [["127.0.0.1"]],
+        }
+    )
+    session = sessions(allow_for(server), resolver)
+    target = location.format(port=port_of(server), other=port_of(server) + 1)
+    start = str(server.make_url("/redirect").with_query(to=target))
+
+    result = await failure(fetch_image(session, start, FetchLimits()))
+
+    assert result.code is OutcomeCode.BLOCKED_ADDRESS
+    assert not result.transient
+    assert dialled == [("127.0.0.1", server.port)]  # only the first hop was ever dialled
+
+
+async def test_every_hop_resolves_again_so_rebinding_is_caught(
+    server: TestServer, sessions: SessionFactory, dialled: list[tuple[str, int]]
+) -> None:
+    # The first answer is allowed; the same name then answers with a private address.
+    resolver = StaticResolver({"rebind.test": [["127.0.0.1"], ["10.0.0.5"]]})
+    session = sessions("127.0.0.1/32", resolver)
+
+    result = await failure(
+        fetch_image(session, f"http://rebind.test:{server.port}/rebind", FetchLimits())
+    )
+
+    assert result.code is OutcomeCode.BLOCKED_ADDRESS
+    assert resolver.calls == ["rebind.test", "rebind.test"]
+    assert dialled == [("127.0.0.1", server.port)]
+
+
+async def test_a_name_answered_with_mixed_addresses_dials_only_the_allowed_one(
+    server: TestServer, sessions: SessionFactory, dialled: list[tuple[str, int]]
+) -> None:
+    resolver = StaticResolver({"mixed.test": [["10.0.0.5", "169.254.169.254", "127.0.0.1"]]})
+    session = sessions(allow_for(server), resolver)
+    target = f"http://mixed.test:{server.port}/image"
+    assert await fetch_image(session, target, FetchLimits()) == IMAGE
+    assert dialled == [("127.0.0.1", server.port)]
+
+
+async def test_allow_entry_by_host_name(server: TestServer, sessions: SessionFactory) -> None:
+    resolver = StaticResolver({"images.test": [["127.0.0.1"]]})
+    session = sessions(f"images.test:{server.port}", resolver)
+    target = f"http://images.test:{server.port}/hops/2"  # relative redirects stay on the name
+    assert await fetch_image(session, target, FetchLimits()) == IMAGE
+
+
+async def test_allow_entry_by_network_lifts_the_port_rule(
+    server: TestServer, sessions: SessionFactory
+) -> None:
+    session = sessions("127.0.0.0/8")
+    assert server.port not in FetchLimits().allowed_ports
+    assert await fetch_image(session, url(server, "/image"), FetchLimits()) == IMAGE
+
+
+# --- refused URLs -------------------------------------------------------------------------
+
+
+async def test_loopback_without_an_allow_entry_is_blocked(
+    server: TestServer, sessions: SessionFactory, dialled: list[tuple[str, int]]
+) -> None:
+    session = sessions("")
+    result = await failure(fetch_image(session, url(server, "/image"), FetchLimits()))
+    assert result.code is OutcomeCode.BLOCKED_ADDRESS
+    assert dialled == []
+
+
+async def test_a_name_for_loopback_without_an_allow_entry_is_blocked(
+    server: TestServer, sessions: SessionFactory, dialled: list[tuple[str, int]]
+) -> None:
+    resolver = StaticResolver({"localhost": [["127.0.0.1", "::1"]]})
+    session = sessions("", resolver, FetchLimits(allowed_ports=frozenset({port_of(server)})))
+    target = f"http://localhost:{server.port}/image"
+    result = await failure(fetch_image(session, target, FetchLimits()))
+    assert result.code is OutcomeCode.BLOCKED_ADDRESS
+    assert resolver.calls == ["localhost"]
+    assert dialled == []
+
+
+@pytest.mark.parametrize(
+    ("target", "words"),
+    [
+        ("ftp://files.test/a.jpg", "scheme"),
+        ("file:///etc/passwd", "scheme"),
+        ("data:image/png;base64,AAAA", "scheme"),
+        ("http://user:pw@files.test/a.jpg", "credentials"),
+        ("http://user@files.test/a.jpg", "credentials"),
+        ("http://files.test:2222/a.jpg", "port 2222"),
+        ("http://files.test:22/a.jpg", "port 22"),
+        ("http:///a.jpg", "host"),
+        ("http://127.1/a.jpg", "canonical"),
+        ("http://[fe80::1%25eth0]/a.jpg", "not allowed"),
+        ("http://0.0.0.0/a.jpg", "not allowed"),
+        ("http://[::]/a.jpg", "not allowed"),
+        ("http://[::ffff:127.0.0.1]/a.jpg", "not allowed"),
+        ("http://[64:ff9b::a9fe:a9fe]/a.jpg", "not allowed"),
+    ],
+)
+async def test_refused_urls_never_resolve_or_connect(
+    sessions: SessionFactory, dialled: list[tuple[str, int]], target: str, words: str
+) -> None:
+    session = sessions("", ForbiddenResolver())
+    result = await failure(fetch_image(session, target, FetchLimits()))
+    assert result.code is OutcomeCode.BLOCKED_ADDRESS
+    assert words in result.message
+    assert dialled == []
+
+
+async def test_fetch_image_needs_a_guarded_session() -> None:
+    async with aiohttp.ClientSession() as plain:
+        with pytest.raises(TypeError, match="make_session"):
+            await fetch_image(plain, "http://127.0.0.1/", FetchLimits())
+
+
+# --- the connect-time tripwire (what guards webhook POSTs and any other session use) ------
+
+
+async def test_session_refuses_a_blocked_literal_at_connect_time(
+    sessions: SessionFactory, dialled: list[tuple[str, int]]
+) -> None:
+    session = sessions("")
+    with pytest.raises(aiohttp.ClientConnectorError) as caught:
+        await session.post("http://10.0.0.1:8080/hook", data=b"{}")
+    assert isinstance(caught.value.os_error, BlockedConnectError)
+    assert failure_from_exception(caught.value).code is OutcomeCode.BLOCKED_ADDRESS
+    assert dialled == []
+
+
+async def test_session_refuses_a_blocked_name_in_the_resolver(
+    sessions: SessionFactory, dialled: list[tuple[str, int]]
+) -> None:
+    session = sessions("", StaticResolver({"hook.test": [["192.168.1.10"]]}))
+    with pytest.raises(ImageFailure) as caught:
+        await session.post("http://hook.test/hook", data=b"{}")
+    assert caught.value.code is OutcomeCode.BLOCKED_ADDRESS
+    assert failure_from_exception(caught.value) is caught.value
+    assert dialled == []
+
+
+async def test_session_reaches_an_allowed_name(
+    server: TestServer, sessions: SessionFactory
+) -> None:
+    session = sessions(f"hook.test:{server.port}", StaticResolver({"hook.test": [["127.0.0.1"]]}))
+    async with session.get(f"http://hook.test:{server.port}/image") as response:
+        assert await response.read() == IMAGE
+
+
+# --- size limits --------------------------------------------------------------------------
+
+
+async def test_content_length_over_the_cap_fails_without_reading(
+    server: TestServer, sessions: SessionFactory
+) -> None:
+    session = sessions(allow_for(server))
+    limits = FetchLimits(max_bytes=1000)
+    # The server sends headers and 10 bytes, then waits: reading the body would hang.
+    result = await failure(fetch_image(session, url(server, "/long-header?length=1001"), limits))
+    assert result.code is OutcomeCode.TOO_LARGE
+    assert "1001" in result.message
+    assert not result.transient
+
+
+async def test_streamed_body_over_the_cap(server: TestServer, sessions: SessionFactory) -> None:
+    session = sessions(allow_for(server))
+    limits = FetchLimits(max_bytes=100_000)
+    result = await failure(fetch_image(session, url(server, "/chunked?size=100001"), limits))
+    assert result.code is OutcomeCode.TOO_LARGE
+
+
+async def test_streamed_body_at_the_cap(server: TestServer, sessions: SessionFactory) -> None:
+    session = sessions(allow_for(server))
+    limits = FetchLimits(max_bytes=100_000)
+    data = await fetch_image(session, url(server, "/chunked?size=100000"), limits)
+    assert data == b"y" * 100_000
+
+
+async def test_decompressed_size_counts(server: TestServer, sessions: SessionFactory) -> None:
+    session = sessions(allow_for(server))
+    limits = FetchLimits(max_bytes=1_000_000)
+    result = await failure(fetch_image(session, url(server, "/gzip?size=5000000"), limits))
+    assert result.code is OutcomeCode.TOO_LARGE
+
+
+# --- time and connection failures ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", ["/stall", "/stall-body"])
+async def test_stalled_server_times_out(
+    server: TestServer, sessions: SessionFactory, path: str
+) -> None:
+    session = sessions(allow_for(server))
+    limits = FetchLimits(total_timeout=0.5)
+    result = await failure(fetch_image(session, url(server, path), limits))
+    assert result.code is OutcomeCode.TIMEOUT
+    assert result.transient
+
+
+async def test_connection_refused(sessions: SessionFactory) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    session = sessions(f"127.0.0.1:{port}")
+    result = await failure(fetch_image(session, f"http://127.0.0.1:{port}/", FetchLimits()))
+    assert result.code is OutcomeCode.CONNECTION
+    assert result.transient
+
+
+async def test_server_hanging_up_is_a_connection_failure(sessions: SessionFactory) -> None:
+    async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.close()
+        await writer.wait_closed()
+
+    raw = await asyncio.start_server(hang_up, "127.0.0.1", 0)
+    port = raw.sockets[0].getsockname()[1]
+    try:
+        session = sessions(f"127.0.0.1:{port}")
+        result = await failure(fetch_image(session, f"http://127.0.0.1:{port}/", FetchLimits()))
+    finally:
+        raw.close()
+        await raw.wait_closed()
+    assert result.code is OutcomeCode.CONNECTION
+    assert result.transient
+
+
+async def test_unknown_name_is_a_connection_failure(sessions: SessionFactory) -> None:
+    session = sessions("", StaticResolver({}))
+    result = await failure(fetch_image(session, "http://nowhere.test/a.jpg", FetchLimits()))
+    assert result.code is OutcomeCode.CONNECTION
+    assert result.transient
+
+
+# --- address classification (no connections) ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "public"),
+    [
+        ("8.8.8.8", True),
+        ("1.1.1.1", True),
+        ("93.184.216.34", True),
+        ("2606:4700::1111", True),
+        ("2a00:1450:4001:80b::200e", True),
+        ("::ffff:8.8.8.8", True),  # mapped, public inside
+        ("2002:808:808::1", True),  # 6to4 of 8.8.8.8
+        ("64:ff9b::808:808", True),  # NAT64 of 8.8.8.8
+        ("127.0.0.1", False),
+        ("127.255.255.254", False),
+        ("10.0.0.1", False),
+        ("10.255.255.255", False),
+        ("172.16.0.1", False),
+        ("172.31.255.255", False),
+        ("192.168.1.1", False),
+        ("169.254.169.254", False),
+        ("100.64.0.1", False),
+        ("100.127.255.255", False),
+        ("0.0.0.0", False),  # noqa: S104 - classified, never bound
+        ("0.1.2.3", False),
+        ("192.0.0.170", False),
+        ("192.0.2.1", False),
+        ("198.18.0.1", False),
+        ("198.51.100.1", False),
+        ("203.0.113.1", False),
+        ("224.0.0.1", False),
+        ("239.255.255.250", False),
+        ("240.0.0.1", False),
+        ("255.255.255.255", False),
+        ("::", False),
+        ("::1", False),
+        ("::127.0.0.1", False),  # IPv4-compatible
+        ("fe80::1", False),
+        ("fec0::1", False),
+        ("fc00::1", False),
+        ("fd12:3456:789a::1", False),
+        ("ff02::1", False),
+        ("100::1", False),
+        ("2001:db8::1", False),
+        ("3fff::1", False),
+        ("::ffff:127.0.0.1", False),
+        ("::ffff:10.0.0.1", False),
+        ("::ffff:169.254.169.254", False),
+        ("2002:7f00:1::", False),  # 6to4 of 127.0.0.1
+        ("2002:a00:1::1", False),  # 6to4 of 10.0.0.1
+        ("64:ff9b::a00:1", False),  # NAT64 of 10.0.0.1
+        ("64:ff9b::7f00:1", False),  # NAT64 of 127.0.0.1
+        ("64:ff9b:1::808:808", False),  # local-use NAT64, refused outright
+        ("2001:0:4136:e378:8000:63bf:3fff:fdd2", False),  # Teredo, refused outright
+        ("2001::1", False),
+    ],
+)
+def test_is_public_address(text: str, public: bool) -> None:
+    assert is_public_address(ipaddress.ip_address(text)) is public
+
+
+# --- FetchAllow ---------------------------------------------------------------------------
+
+
+def test_allow_parse() -> None:
+    allow = FetchAllow.parse(
+        " 127.0.0.1:8080, [::1]:9000 ,LocalHost.:8081,10.0.0.0/8, fd00::/8,192.168.1.7/24,"
+    )
+    assert allow.host_ports == frozenset({("127.0.0.1", 8080), ("::1", 9000), ("localhost", 8081)})
+    assert allow.networks == (
+        ipaddress.ip_network("10.0.0.0/8"),
+        ipaddress.ip_network("fd00::/8"),
+        ipaddress.ip_network("192.168.1.0/24"),
+    )
+
+
+def test_allow_parse_empty() -> None:
+    assert FetchAllow.parse("") == FetchAllow()
+    assert FetchAllow.parse(" , ") == FetchAllow()
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        "127.0.0.1",
+        "localhost",
+        "localhost:",
+        ":8080",
+        "localhost:http",
+        "localhost:0",
+        "localhost:70000",
+        "::1:9000",
+        "[::1]9000",
+        "[127.0.0.1]:80",
+        "[nonsense]:80",
+        "bad host:80",
+        "10.0.0.0/33",
+        "example.test/8",
+    ],
+)
+def test_allow_parse_names_the_bad_entry(entry: str) -> None:
+    with pytest.raises(ValueError, match="^" + repr(entry).replace("[", r"\[")):
+        FetchAllow.parse(f"127.0.0.1:8080,{entry}")
+
+
+def test_allow_matches() -> None:
+    allow = FetchAllow.parse("127.0.0.1:8080,[::1]:9000,images.test:8081,10.1.0.0/16")
+    loopback = ipaddress.ip_address("127.0.0.1")
+    assert allow.allows("127.0.0.1", 8080, loopback)
+    assert allow.allows("other.test", 8080, loopback)  # the address:port itself is listed
+    assert allow.allows(None, 8080, ipaddress.ip_address("::ffff:127.0.0.1"))
+    assert not allow.allows("127.0.0.1", 8081, loopback)
+    assert allow.allows("::1", 9000, ipaddress.ip_address("::1"))
+    assert allow.allows("IMAGES.test.", 8081, ipaddress.ip_address("10.9.9.9"))
+    assert not allow.allows(None, 8081, ipaddress.ip_address("10.9.9.9"))
+    assert allow.allows(None, 1, ipaddress.ip_address("10.1.2.3"))
+    assert not allow.allows(None, 1, ipaddress.ip_address("10.2.0.1"))
+    # An IPv4 network never matches an IPv6 address, whatever the integers say.
+    assert not FetchAllow.parse("0.0.0.0/0").allows(None, 80, ipaddress.ip_address("::1"))
+
+
+# --- the resolver on its own --------------------------------------------------------------
+
+
+async def test_guarded_resolver_filters_and_refuses() -> None:
+    inner = StaticResolver(
+        {
+            "mixed.test": [["10.0.0.5", "93.184.216.34", "fd00::1", "2606:4700::1111"]],
+            "private.test": [["10.0.0.5", "fd00::1"]],
+        }
+    )
+    guard = GuardedResolver(FetchAllow(), inner, allowed_ports=frozenset({80, 443}))
+
+    kept = await guard.resolve("mixed.test", 443, socket.AF_UNSPEC)
+    assert [answer["host"] for answer in kept] == ["93.184.216.34", "2606:4700::1111"]
+
+    with pytest.raises(ImageFailure) as caught:
+        await guard.resolve("private.test", 443)
+    assert caught.value.code is OutcomeCode.BLOCKED_ADDRESS
+
+    with pytest.raises(ImageFailure) as caught:
+        await guard.resolve("mixed.test", 22)  # public, but not an allowed port
+    assert caught.value.code is OutcomeCode.BLOCKED_ADDRESS
+    await guard.close()
+
+
+# --- outcome ------------------------------------------------------------------------------
+
+
+def test_image_failure_shape() -> None:
+    failure_ = ImageFailure(OutcomeCode.HTTP_STATUS, "HTTP 503", transient=True, retry_after=2.0)
+    assert str(failure_) == "HTTP_STATUS: HTTP 503"
+    copy = pickle.loads(pickle.dumps(failure_))  # noqa: S301 - our own object, round-tripped
+    assert (copy.code, copy.message, copy.transient, copy.retry_after) == (
+        OutcomeCode.HTTP_STATUS,
+        "HTTP 503",
+        True,
+        2.0,
+    )
+    assert [code.value for code in OutcomeCode] == [code.name for code in OutcomeCode]

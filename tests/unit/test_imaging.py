@@ -1,0 +1,558 @@
+"""compress(): decode, normalise, resize, encode, with every image generated in memory."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from PIL import ExifTags, Image, ImageCms
+from PIL.PngImagePlugin import PngInfo
+
+from services.common.imaging import (
+    Compressed,
+    ImageLimits,
+    ImageOptions,
+    OutputFormat,
+    compress,
+)
+from services.common.outcome import ImageFailure, OutcomeCode
+
+pytestmark = pytest.mark.unit
+
+RED = (255, 0, 0)
+BLUE = (0, 0, 255)
+WHITE = (255, 255, 255)
+
+
+def photo(size: tuple[int, int] = (320, 240)) -> Image.Image:
+    """A smooth, photo-like RGB image that compresses like a real one."""
+    fractal = Image.effect_mandelbrot(size, (-2.0, -1.2, 0.8, 1.2), 64)
+    across = Image.linear_gradient("L").resize(size)
+    down = Image.linear_gradient("L").rotate(90).resize(size)
+    return Image.merge("RGB", (fractal, across, down))
+
+
+def encode(img: Image.Image, fmt: str, **params: object) -> bytes:
+    out = io.BytesIO()
+    img.save(out, fmt, **params)
+    return out.getvalue()
+
+
+def decode(data: bytes) -> Image.Image:
+    img = Image.open(io.BytesIO(data))
+    img.load()
+    return img
+
+
+def srgb_icc() -> bytes:
+    return ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+
+
+def exif_with(orientation: int | None = None, **tags: str) -> Image.Exif:
+    exif = Image.Exif()
+    if orientation is not None:
+        exif[ExifTags.Base.Orientation] = orientation
+    for name, value in tags.items():
+        exif[ExifTags.Base[name]] = value
+    return exif
+
+
+def close_to(pixel: object, expected: tuple[int, ...], tolerance: int = 40) -> bool:
+    assert isinstance(pixel, tuple)
+    return all(abs(a - b) <= tolerance for a, b in zip(pixel, expected, strict=True))
+
+
+def failure_of(data: bytes, **kwargs: object) -> ImageFailure:
+    with pytest.raises(ImageFailure) as caught:
+        compress(data, **kwargs)  # type: ignore[arg-type]
+    return caught.value
+
+
+# --- default JPEG output ------------------------------------------------------------------
+
+
+def test_jpeg_output_is_smaller_progressive_and_stripped() -> None:
+    source = encode(
+        photo(),
+        "JPEG",
+        quality=95,
+        exif=exif_with(Artist="someone", Make="camera"),
+        icc_profile=srgb_icc(),
+    )
+
+    result = compress(source)
+
+    assert isinstance(result, Compressed)
+    assert (result.format, result.content_type, result.extension) == (
+        OutputFormat.JPEG,
+        "image/jpeg",
+        "jpg",
+    )
+    assert len(result.data) < len(source)
+    assert not result.kept_source
+    out = decode(result.data)
+    assert out.format == "JPEG"
+    assert out.size == (result.width, result.height) == (320, 240)
+    assert out.mode == "RGB"
+    assert out.info.get("progressive") or out.info.get("progression")
+    assert "exif" not in out.info
+    assert "icc_profile" not in out.info
+    assert not out.getexif()
+
+
+def test_quality_controls_size() -> None:
+    source = encode(photo(), "PNG")
+    low = compress(source, ImageOptions(quality=10))
+    high = compress(source, ImageOptions(quality=90))
+    assert len(low.data) < len(high.data)
+
+
+# --- orientation --------------------------------------------------------------------------
+
+# How to store an upright image so that EXIF orientation N shows it upright again: the inverse
+# of the transform a viewer applies for N.
+STORE_FOR_ORIENTATION: dict[int, Image.Transpose | None] = {
+    1: None,
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_90,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_270,
+}
+
+
+def upright_marker() -> Image.Image:
+    """60x40, blue, with a red block in the top-left corner as the viewer should see it."""
+    img = Image.new("RGB", (60, 40), BLUE)
+    img.paste(RED, (0, 0, 16, 16))
+    return img
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+@pytest.mark.parametrize("source_format", ["JPEG", "PNG"])
+def test_exif_orientation_is_applied(orientation: int, source_format: str) -> None:
+    store = STORE_FOR_ORIENTATION[orientation]
+    stored = upright_marker() if store is None else upright_marker().transpose(store)
+    source = encode(stored, source_format, exif=exif_with(orientation))
+
+    result = compress(source, ImageOptions(quality=90))
+
+    out = decode(result.data)
+    assert (result.width, result.height) == out.size == (60, 40)
+    assert close_to(out.getpixel((4, 4)), RED)
+    assert close_to(out.getpixel((55, 35)), BLUE)
+    assert not out.getexif()
+
+
+def test_orientation_and_resize_use_upright_dimensions() -> None:
+    stored = photo((400, 200)).transpose(Image.Transpose.ROTATE_90)  # stored 200x400
+    source = encode(stored, "JPEG", quality=90, exif=exif_with(6))
+    result = compress(source, ImageOptions(max_width=100))
+    assert (result.width, result.height) == (100, 50)
+
+
+# --- transparency -------------------------------------------------------------------------
+
+
+def half_transparent(mode: str) -> bytes:
+    """Left half opaque red (or dark grey), right half fully transparent."""
+    if mode == "RGBA":
+        img = Image.new("RGBA", (40, 20), (255, 0, 0, 0))
+        img.paste((255, 0, 0, 255), (0, 0, 20, 20))
+        return encode(img, "PNG")
+    if mode == "LA":
+        img = Image.new("LA", (40, 20), (30, 0))
+        img.paste((30, 255), (0, 0, 20, 20))
+        return encode(img, "PNG")
+    if mode == "P":
+        img = Image.new("P", (40, 20), 1)
+        img.putpalette([255, 0, 0, 0, 0, 0] + [0] * (256 - 2) * 3)
+        img.paste(0, (0, 0, 20, 20))
+        return encode(img, "PNG", transparency=1)
+    assert mode == "GIF"
+    img = Image.new("P", (40, 20), 1)
+    img.putpalette([255, 0, 0, 0, 0, 0] + [0] * (256 - 2) * 3)
+    img.paste(0, (0, 0, 20, 20))
+    return encode(img, "GIF", transparency=1)
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P", "GIF"])
+def test_transparency_is_flattened_on_white_for_jpeg(mode: str) -> None:
+    result = compress(half_transparent(mode), ImageOptions(quality=90))
+    out = decode(result.data).convert("RGB")
+    assert close_to(out.getpixel((35, 10)), WHITE, tolerance=8)
+    expected_opaque = (30, 30, 30) if mode == "LA" else RED
+    assert close_to(out.getpixel((5, 10)), expected_opaque)
+
+
+@pytest.mark.parametrize("output", [OutputFormat.WEBP, OutputFormat.PNG])
+def test_transparency_is_kept_for_webp_and_png(output: OutputFormat) -> None:
+    result = compress(half_transparent("RGBA"), ImageOptions(format=output, quality=90))
+    out = decode(result.data).convert("RGBA")
+    pixel = out.getpixel((35, 10))
+    assert isinstance(pixel, tuple)
+    assert pixel[3] == 0
+    assert close_to(out.getpixel((5, 10)), (255, 0, 0, 255))
+
+
+# --- colour and modes ---------------------------------------------------------------------
+
+
+def test_cmyk_jpeg_becomes_rgb() -> None:
+    cmyk = Image.new("CMYK", (32, 32), (0, 255, 255, 0))  # red ink
+    result = compress(encode(cmyk, "JPEG", quality=95))
+    out = decode(result.data)
+    assert out.mode == "RGB"
+    assert close_to(out.getpixel((16, 16)), RED)
+
+
+def test_embedded_icc_profile_is_converted_and_removed() -> None:
+    source = encode(Image.new("RGB", (32, 32), (200, 60, 20)), "JPEG", icc_profile=srgb_icc())
+    out = decode(compress(source, ImageOptions(quality=90)).data)
+    assert "icc_profile" not in out.info
+    assert close_to(out.getpixel((16, 16)), (200, 60, 20), tolerance=12)
+
+
+def test_broken_icc_profile_falls_back_to_plain_conversion() -> None:
+    source = encode(Image.new("RGB", (32, 32), (200, 60, 20)), "PNG", icc_profile=b"garbage" * 20)
+    out = decode(compress(source, ImageOptions(quality=90)).data)
+    assert "icc_profile" not in out.info
+    assert close_to(out.getpixel((16, 16)), (200, 60, 20), tolerance=12)
+
+
+def test_16_bit_grey_png_is_scaled_not_clipped() -> None:
+    ramp = Image.linear_gradient("L").resize((64, 64)).convert("I")
+    wide = ramp.point(lambda v: v * 257).convert("I;16")  # 0..65535 top to bottom
+    source = encode(wide, "PNG")
+    assert decode(source).mode == "I;16"
+
+    out = decode(compress(source, ImageOptions(format=OutputFormat.PNG)).data)
+
+    assert out.mode == "L"
+    top, middle, bottom = (grey_at(out, (32, y)) for y in (0, 32, 63))
+    assert top < 10
+    assert 100 < middle < 160
+    assert bottom > 245
+
+
+def grey_at(img: Image.Image, xy: tuple[int, int]) -> int:
+    value = img.getpixel(xy)
+    assert isinstance(value, int)
+    return value
+
+
+def test_palette_png_becomes_rgb_jpeg() -> None:
+    img = Image.new("P", (40, 20), 0)
+    img.putpalette([0, 128, 0, 0, 0, 255] + [0] * (256 - 2) * 3)
+    img.paste(1, (20, 0, 40, 20))
+    out = decode(compress(encode(img, "PNG"), ImageOptions(quality=90)).data)
+    assert out.mode == "RGB"
+    assert close_to(out.getpixel((5, 10)), (0, 128, 0))
+    assert close_to(out.getpixel((35, 10)), BLUE)
+
+
+def test_grey_stays_grey_for_jpeg() -> None:
+    grey = Image.linear_gradient("L").resize((64, 64))
+    out = decode(compress(encode(grey, "PNG")).data)
+    assert out.mode == "L"
+
+
+def test_bilevel_image_is_handled() -> None:
+    img = Image.new("1", (32, 32), 1)
+    img.paste(0, (0, 0, 16, 32))
+    out = decode(compress(encode(img, "BMP")).data)
+    assert grey_at(out, (4, 4)) < 30
+    assert grey_at(out, (28, 4)) > 225
+
+
+def test_animated_gif_gives_its_first_frame() -> None:
+    frames = [Image.new("RGB", (30, 20), colour) for colour in (RED, BLUE, WHITE)]
+    source = encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=50)
+    assert decode(source).n_frames == 3  # type: ignore[attr-defined]
+
+    out = decode(compress(source, ImageOptions(quality=90)).data)
+
+    assert out.size == (30, 20)
+    assert close_to(out.getpixel((15, 10)), RED)
+
+
+@pytest.mark.parametrize(
+    ("source_format", "params"),
+    [("WEBP", {"quality": 90}), ("BMP", {}), ("TIFF", {}), ("GIF", {})],
+)
+def test_other_accepted_inputs(source_format: str, params: dict[str, object]) -> None:
+    img = Image.new("RGB", (48, 32), (20, 160, 90))
+    result = compress(encode(img, source_format, **params), ImageOptions(quality=90))
+    out = decode(result.data)
+    assert out.format == "JPEG"
+    assert out.size == (48, 32)
+    assert close_to(out.getpixel((24, 16)), (20, 160, 90))
+
+
+# --- resizing -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        (ImageOptions(scale=0.5), (200, 100)),
+        (ImageOptions(max_width=100), (100, 50)),
+        (ImageOptions(max_height=50), (100, 50)),
+        (ImageOptions(max_width=100, max_height=100), (100, 50)),
+        (ImageOptions(scale=0.5, max_width=150), (150, 75)),
+        (ImageOptions(scale=0.5, max_width=300), (200, 100)),
+        (ImageOptions(max_width=1000, max_height=1000), (400, 200)),  # never upscales
+        (ImageOptions(scale=1.0), (400, 200)),
+        (ImageOptions(scale=0.001), (1, 1)),  # never below one pixel
+    ],
+)
+def test_resize(options: ImageOptions, expected: tuple[int, int]) -> None:
+    result = compress(encode(photo((400, 200)), "PNG"), options)
+    assert (result.width, result.height) == expected
+    assert decode(result.data).size == expected
+
+
+def test_large_jpeg_downscale_uses_shrink_on_load_and_keeps_the_picture() -> None:
+    big = Image.new("RGB", (1600, 1200), BLUE)
+    big.paste(RED, (0, 0, 800, 1200))
+    result = compress(encode(big, "JPEG", quality=90), ImageOptions(scale=0.1, quality=90))
+    out = decode(result.data)
+    assert out.size == (160, 120)
+    assert close_to(out.getpixel((20, 60)), RED)
+    assert close_to(out.getpixel((140, 60)), BLUE)
+
+
+def test_webp_output_is_fitted_into_the_encoder_limit() -> None:
+    wide = Image.new("RGB", (17_000, 20), BLUE)
+    result = compress(encode(wide, "PNG"), ImageOptions(format=OutputFormat.WEBP))
+    assert (result.width, result.height) == (16_383, 19)
+    assert decode(result.data).size == (16_383, 19)
+
+
+# --- output formats -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("output", "pillow_format", "content_type", "extension"),
+    [
+        (OutputFormat.WEBP, "WEBP", "image/webp", "webp"),
+        (OutputFormat.PNG, "PNG", "image/png", "png"),
+        (OutputFormat.JPEG, "JPEG", "image/jpeg", "jpg"),
+    ],
+)
+def test_output_formats(
+    output: OutputFormat, pillow_format: str, content_type: str, extension: str
+) -> None:
+    source = encode(photo(), "JPEG", quality=95, exif=exif_with(Artist="someone"))
+    result = compress(source, ImageOptions(format=output, quality=60))
+    out = decode(result.data)
+    assert out.format == pillow_format
+    assert (result.content_type, result.extension, result.format) == (
+        content_type,
+        extension,
+        output,
+    )
+    assert out.size == (320, 240)
+    assert "exif" not in out.info
+    assert not out.getexif()
+
+
+# --- never larger than the source ---------------------------------------------------------
+
+
+def test_small_optimised_jpeg_is_kept_without_metadata() -> None:
+    source = encode(
+        photo((96, 64)),
+        "JPEG",
+        quality=20,
+        optimize=True,
+        exif=exif_with(1, Artist="someone", ImageDescription="x" * 300),
+        comment=b"a comment",
+    )
+
+    result = compress(source, ImageOptions(quality=95))
+
+    assert result.kept_source
+    assert len(result.data) < len(source)
+    assert result.data.startswith(b"\xff\xd8")
+    assert result.data.endswith(b"\xff\xd9")
+    assert b"Exif" not in result.data
+    assert b"a comment" not in result.data
+    out = decode(result.data)
+    assert out.size == (result.width, result.height) == (96, 64)
+    assert "exif" not in out.info
+    assert "comment" not in out.info
+    assert out.tobytes() == decode(source).tobytes()  # the very same pixels
+
+
+def test_source_is_not_kept_when_pixels_had_to_change() -> None:
+    # The same tiny JPEG, but rotated by its EXIF: keeping its bytes without EXIF would show
+    # it sideways, so the re-encoded (larger) result is used.
+    source = encode(photo((96, 64)), "JPEG", quality=20, exif=exif_with(6))
+    result = compress(source, ImageOptions(quality=95))
+    assert not result.kept_source
+    assert (result.width, result.height) == (64, 96)
+
+
+def test_source_is_not_kept_when_resized() -> None:
+    source = encode(photo((96, 64)), "JPEG", quality=20)
+    result = compress(source, ImageOptions(quality=95, scale=0.9))
+    assert not result.kept_source
+
+
+def test_small_palette_png_is_kept_without_text_chunks() -> None:
+    img = photo((64, 64)).quantize(4)
+    info = PngInfo()
+    info.add_text("Comment", "y" * 200)
+    source = encode(img, "PNG", optimize=True, pnginfo=info)
+
+    result = compress(source, ImageOptions(format=OutputFormat.PNG))
+
+    assert result.kept_source
+    out = decode(result.data)
+    assert "Comment" not in out.info
+    assert out.convert("RGB").tobytes() == decode(source).convert("RGB").tobytes()
+
+
+def test_small_webp_is_kept_without_exif() -> None:
+    source = encode(photo((64, 64)), "WEBP", quality=5, exif=exif_with(1, Artist="someone"))
+    assert "exif" in decode(source).info
+
+    result = compress(source, ImageOptions(format=OutputFormat.WEBP, quality=95))
+
+    assert result.kept_source
+    out = decode(result.data)
+    assert "exif" not in out.info
+    assert out.size == (64, 64)
+
+
+# --- failures -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("data", [b"", b"hello, this is a text file\n" * 10, b"<svg></svg>"])
+def test_not_an_image(data: bytes) -> None:
+    failure = failure_of(data)
+    assert failure.code is OutcomeCode.NOT_AN_IMAGE
+    assert not failure.transient
+
+
+def test_truncated_jpeg_is_corrupt() -> None:
+    source = encode(photo(), "JPEG", quality=90)
+    failure = failure_of(source[: len(source) // 2])
+    assert failure.code is OutcomeCode.CORRUPT_IMAGE
+
+
+def test_damaged_png_header_is_corrupt() -> None:
+    source = bytearray(encode(photo((16, 16)), "PNG"))
+    source[29] ^= 0xFF  # inside the IHDR CRC
+    assert failure_of(bytes(source)).code is OutcomeCode.CORRUPT_IMAGE
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A tiny PNG whose header claims width x height pixels."""
+    data = bytearray(encode(Image.new("L", (1, 1)), "PNG"))
+    ihdr = struct.pack(">II", width, height) + bytes(data[24:29])
+    data[16:29] = ihdr
+    data[29:33] = struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+    return bytes(data)
+
+
+def test_pixel_limit_is_checked_before_decoding() -> None:
+    failure = failure_of(encode(photo((200, 100)), "PNG"), limits=ImageLimits(max_pixels=19_999))
+    assert failure.code is OutcomeCode.DECOMPRESSION_BOMB
+    assert "200x100" in failure.message
+
+
+def test_header_claiming_a_huge_image_is_a_bomb() -> None:
+    failure = failure_of(png_claiming(60_000, 60_000))  # Pillow's own hard limit
+    assert failure.code is OutcomeCode.DECOMPRESSION_BOMB
+
+
+def test_header_over_our_limit_is_a_bomb_before_any_decoding() -> None:
+    # 8000x8000 = 64 M pixels: under Pillow's warning threshold, over our default 50 M.
+    failure = failure_of(png_claiming(8000, 8000))
+    assert failure.code is OutcomeCode.DECOMPRESSION_BOMB
+
+
+def test_refused_format_ico() -> None:
+    failure = failure_of(encode(Image.new("RGB", (32, 32), RED), "ICO"))
+    assert failure.code is OutcomeCode.UNSUPPORTED_FORMAT
+    assert "ICO" in failure.message
+
+
+def test_eps_is_refused_without_running_its_parser(monkeypatch: pytest.MonkeyPatch) -> None:
+    Image.init()
+    _, accept = Image.OPEN["EPS"]
+
+    def tripwire(*args: object, **kwargs: object) -> Image.Image:
+        raise AssertionError("the EPS parser must never see untrusted bytes")
+
+    monkeypatch.setitem(Image.OPEN, "EPS", (tripwire, accept))
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n"
+
+    failure = failure_of(eps)
+
+    assert failure.code is OutcomeCode.UNSUPPORTED_FORMAT
+    assert "EPS" in failure.message
+
+
+def test_failure_str_names_the_code() -> None:
+    assert str(failure_of(b"nope")).startswith("NOT_AN_IMAGE: ")
+
+
+# --- options ------------------------------------------------------------------------------
+
+
+def test_default_options_are_valid() -> None:
+    assert ImageOptions().validate() == []
+    assert ImageOptions(OutputFormat.PNG, 95, 0.01, 10, 10).validate() == []
+
+
+@pytest.mark.parametrize(
+    ("options", "field"),
+    [
+        (ImageOptions(quality=0), "quality"),
+        (ImageOptions(quality=96), "quality"),
+        (ImageOptions(scale=0), "scale"),
+        (ImageOptions(scale=1.5), "scale"),
+        (ImageOptions(scale=float("nan")), "scale"),
+        (ImageOptions(max_width=-1), "max_width"),
+        (ImageOptions(max_height=-5), "max_height"),
+        (ImageOptions(format="gif"), "format"),  # type: ignore[arg-type]
+    ],
+)
+def test_bad_options_are_named(options: ImageOptions, field: str) -> None:
+    problems = options.validate()
+    assert len(problems) == 1
+    assert problems[0].startswith(field)
+
+
+def test_every_bad_field_is_reported_at_once() -> None:
+    problems = ImageOptions(quality=0, scale=2, max_width=-1, max_height=-1).validate()
+    assert [p.split()[0] for p in problems] == ["quality", "scale", "max_width", "max_height"]
+
+
+def test_compress_refuses_invalid_options() -> None:
+    with pytest.raises(ValueError, match="quality"):
+        compress(encode(photo(), "PNG"), ImageOptions(quality=0))
+
+
+# --- thread safety ------------------------------------------------------------------------
+
+
+def test_concurrent_calls_match_serial_results() -> None:
+    sources = [
+        encode(photo((120 + i * 8, 90)), fmt)
+        for i, fmt in enumerate(["PNG", "JPEG", "WEBP", "GIF"] * 3)
+    ]
+    options = [ImageOptions(format=OutputFormat(f)) for f in ("jpeg", "webp", "png")]
+    jobs = [(s, o) for s in sources for o in options]
+    serial = [compress(s, o).data for s, o in jobs]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        parallel = list(pool.map(lambda job: compress(*job).data, jobs))
+    assert parallel == serial
