@@ -97,3 +97,15 @@ def start_stack(tmp_path: Path, extra_env: dict[str, str]) -> Stack:
         stack.stop()
         raise
     return stack
+
+
+def start_service(module: str, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    """One service as a process (`python -m module`), its output in `log`."""
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", module],
+            cwd=ROOT,
+            env={**{k: v for k, v in os.environ.items() if not k.startswith("IMGPIPE_")}, **env},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )

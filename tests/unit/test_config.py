@@ -1,0 +1,86 @@
+"""Settings: defaults, every problem listed at once, values parsed into frozen objects."""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+
+import pytest
+
+from services.common.config import (
+    ConfigError,
+    GatewaySettings,
+    IngestSettings,
+    StatusSettings,
+    WorkerSettings,
+)
+
+pytestmark = pytest.mark.unit
+
+BASE = {"IMGPIPE_DATABASE_URL": "postgresql://db/x", "IMGPIPE_REDIS_URL": "redis://r:6379/0"}
+
+
+def test_defaults_follow_the_design() -> None:
+    worker = WorkerSettings.from_env(BASE)
+    assert worker.common.redis_prefix == "imgpipe"
+    assert worker.common.storage_url.startswith("file://")
+    assert worker.common.public_base_url == "http://127.0.0.1:8080/files/"
+    assert worker.common.grpc_listen == "127.0.0.1:50061"
+    assert worker.fetch_limits.max_redirects == 3
+    assert worker.fetch_allow.host_ports == frozenset()
+    assert IngestSettings.from_env(BASE).common.grpc_listen == "127.0.0.1:50051"
+    assert StatusSettings.from_env(BASE).common.grpc_listen == "127.0.0.1:50052"
+    gateway = GatewaySettings.from_env({})
+    assert (gateway.http_listen, gateway.ingest_addr) == ("127.0.0.1:8080", "127.0.0.1:50051")
+
+
+def test_every_problem_is_listed_at_once() -> None:
+    with pytest.raises(ConfigError) as caught:
+        WorkerSettings.from_env(
+            {
+                "IMGPIPE_REDIS_URL": "redis://r",
+                "IMGPIPE_WORKER_CONCURRENCY": "many",
+                "IMGPIPE_FETCH_TOTAL_TIMEOUT": "-1",
+                "IMGPIPE_GRPC_LISTEN": "nowhere",
+                "IMGPIPE_FETCH_ALLOW": "127.0.0.1:notaport",
+                "IMGPIPE_STORAGE_URL": "ftp://bucket",
+            }
+        )
+    problems = caught.value.problems
+    named = {problem.split("=")[0].split(" ")[0] for problem in problems}
+    assert named == {
+        "IMGPIPE_DATABASE_URL",
+        "IMGPIPE_WORKER_CONCURRENCY",
+        "IMGPIPE_FETCH_TOTAL_TIMEOUT",
+        "IMGPIPE_GRPC_LISTEN",
+        "IMGPIPE_FETCH_ALLOW",
+        "IMGPIPE_STORAGE_URL",
+    }
+    assert all(problem in str(caught.value) for problem in problems)
+
+
+def test_values_are_parsed_and_frozen() -> None:
+    settings = WorkerSettings.from_env(
+        {
+            **BASE,
+            "IMGPIPE_WORKER_CONCURRENCY": "16",
+            "IMGPIPE_FETCH_ALLOW": "127.0.0.1:8000, 10.1.0.0/16",
+            "IMGPIPE_CONSUMER_NAME": "worker-7",
+            "IMGPIPE_MAX_PIXELS": "1000",
+        }
+    )
+    assert settings.concurrency == 16
+    assert settings.consumer_name == "worker-7"
+    assert settings.image_limits.max_pixels == 1000
+    assert settings.fetch_allow.allows("127.0.0.1", 8000, ipaddress.ip_address("127.0.0.1"))
+    assert settings.fetch_allow.allows("h", 80, ipaddress.ip_address("10.1.2.3"))
+    assert not settings.fetch_allow.allows("h", 80, ipaddress.ip_address("10.2.0.1"))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.concurrency = 1  # type: ignore[misc]
+
+
+def test_ingest_limits_come_from_the_environment() -> None:
+    limits = IngestSettings.from_env({**BASE, "IMGPIPE_MAX_ROWS": "10"}).csv_limits
+    assert limits.max_rows == 10
+    with pytest.raises(ConfigError, match="IMGPIPE_MAX_ROWS"):
+        IngestSettings.from_env({**BASE, "IMGPIPE_MAX_ROWS": "0"})
