@@ -73,6 +73,15 @@ class _Reader:
 
         return self.parsed(name, default, parse, "a number")
 
+    def ports(self, name: str, default: frozenset[int]) -> frozenset[int]:
+        def parse(raw: str) -> frozenset[int]:
+            ports = frozenset(int(p) for p in raw.replace(" ", "").split(",") if p)
+            if not ports or not all(0 < p < 65536 for p in ports):
+                raise ValueError("")
+            return ports
+
+        return self.parsed(name, default, parse, "comma-separated port numbers")
+
     def address(self, name: str, default: str) -> str:
         def parse(raw: str) -> str:
             host, sep, port = raw.rpartition(":")
@@ -166,6 +175,7 @@ class WorkerSettings:
     consumer_name: str
     concurrency: int = 8
     threads: int = 2
+    fetch_per_host: int = 8
     fetch_limits: FetchLimits = field(default_factory=FetchLimits)
     fetch_allow: FetchAllow = field(default_factory=FetchAllow)
     image_limits: ImageLimits = field(default_factory=ImageLimits)
@@ -175,6 +185,7 @@ class WorkerSettings:
     def from_env(cls, environ: Mapping[str, str]) -> Self:
         env = _Reader(environ)
         fetch = FetchLimits()
+        images = ImageLimits()
         allow = env.parsed(
             "IMGPIPE_FETCH_ALLOW", FetchAllow(), FetchAllow.parse, "host:port or CIDR entries"
         )
@@ -188,13 +199,17 @@ class WorkerSettings:
             fetch_limits=FetchLimits(
                 connect_timeout=env.number("IMGPIPE_FETCH_CONNECT_TIMEOUT", fetch.connect_timeout),
                 total_timeout=env.number("IMGPIPE_FETCH_TOTAL_TIMEOUT", fetch.total_timeout),
+                stall_timeout=env.number("IMGPIPE_FETCH_STALL_TIMEOUT", fetch.stall_timeout),
                 max_bytes=env.integer("IMGPIPE_FETCH_MAX_BYTES", fetch.max_bytes, minimum=1),
                 max_redirects=env.integer("IMGPIPE_FETCH_MAX_REDIRECTS", fetch.max_redirects),
-                allowed_ports=fetch.allowed_ports,
+                allowed_ports=env.ports("IMGPIPE_FETCH_PORTS", fetch.allowed_ports),
+                max_retry_after=env.number("IMGPIPE_FETCH_MAX_RETRY_AFTER", fetch.max_retry_after),
             ),
+            fetch_per_host=env.integer("IMGPIPE_FETCH_PER_HOST", 8, minimum=1),
             fetch_allow=allow,
             image_limits=ImageLimits(
-                max_pixels=env.integer("IMGPIPE_MAX_PIXELS", ImageLimits().max_pixels, minimum=1)
+                max_pixels=env.integer("IMGPIPE_MAX_PIXELS", images.max_pixels, minimum=1),
+                max_frames=env.integer("IMGPIPE_MAX_FRAMES", images.max_frames, minimum=1),
             ),
             max_attempts=env.integer("IMGPIPE_MAX_ATTEMPTS", 3, minimum=1),
         )

@@ -12,6 +12,13 @@ Three checks, each on the address that is actually dialled:
 
 `IMGPIPE_FETCH_ALLOW` (`FetchAllow`) lets tests and local demos reach named host:port pairs
 or networks.
+
+Politeness: `limit_per_host` caps the connections to one origin, and an origin that answers
+429 or 503 is left alone for as long as its Retry-After asks (`HostCooldowns`, shared by every
+fetch on the session).
+
+Every ImageFailure message is written for the merchant who sent the URL: what happened, in
+plain words, with the number, limit or status involved.
 """
 
 from __future__ import annotations
@@ -20,9 +27,11 @@ import asyncio
 import email.utils
 import ipaddress
 import logging
+import math
 import re
 import socket
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -43,15 +52,20 @@ USER_AGENT = "imgpipe/0.1"
 # Only what imaging decodes, so content negotiation (CDNs) never answers with AVIF or SVG.
 ACCEPT = "image/jpeg,image/png,image/webp,image/gif,image/bmp,image/tiff;q=0.9,*/*;q=0.5"
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
+_SLOW_DOWN = frozenset({429, 503})  # the statuses whose Retry-After holds back the origin
+_DEFAULT_COOLDOWN = 1.0  # seconds, for a 429 or 503 that does not say how long to wait
 _CHUNK = 64 * 1024
+_IMAGE_SERVER = "the image server"  # how fetch_image's messages name the other side
 
 
 @dataclass(frozen=True, slots=True)
 class FetchLimits:
     connect_timeout: float = 5.0
-    total_timeout: float = 30.0
+    total_timeout: float = 30.0  # the whole download, every redirect hop included
+    stall_timeout: float = 10.0  # the longest wait for the next byte, so a slow drip ends
     max_bytes: int = 50 * 1024 * 1024
     max_redirects: int = 3
+    max_retry_after: float = 60.0  # the longest Retry-After we honour
     allowed_ports: frozenset[int] = frozenset({80, 443, 8080, 8443})
 
 
@@ -211,6 +225,11 @@ def _parse_host_port(entry: str) -> tuple[str, int]:
 class BlockedConnectError(OSError):
     """Raised by the socket factory instead of dialling an address the guard refuses."""
 
+    def __init__(self, host: str, port: int) -> None:
+        super().__init__(f"refusing to connect to {host} port {port}")
+        self.host = host
+        self.port = port
+
 
 class GuardedResolver(AbstractResolver):
     """Resolves through an inner resolver (default aiohttp's DefaultResolver), then drops every
@@ -262,7 +281,9 @@ class GuardedResolver(AbstractResolver):
                 extra={"host": host, "port": port, "addresses": [a["host"] for a in answers]},
             )
             raise ImageFailure(
-                OutcomeCode.BLOCKED_ADDRESS, f"{host}:{port} has no address we may connect to"
+                OutcomeCode.BLOCKED_ADDRESS,
+                f"{host} (port {port}) leads only to private, internal or otherwise blocked "
+                "addresses, so it was not contacted",
             )
         return kept
 
@@ -280,15 +301,63 @@ class GuardedResolver(AbstractResolver):
             or (str(_unmapped(address)), port) in self._approved_by_name
         ):
             log.warning("blocked connect", extra={"address": host, "port": port})
-            raise BlockedConnectError(f"refusing to connect to {host} port {port}")
+            raise BlockedConnectError(host, port)
         return socket.socket(family=family, type=type_, proto=proto)
+
+
+OriginKey = tuple[str, str, int]  # scheme, host, port
+
+
+class HostCooldowns:
+    """Origins that answered 429 or 503, and until when we leave them alone.
+
+    Kept on the session's connector, so one task's answer holds back every other fetch to the
+    same origin (scheme, host and port) on that session. `now` is the clock, in seconds
+    (time.monotonic; tests inject their own)."""
+
+    def __init__(self, now: Callable[[], float] = time.monotonic) -> None:
+        self.now = now
+        self._until: dict[OriginKey, float] = {}
+
+    @staticmethod
+    def key(url: URL) -> OriginKey:
+        return (url.scheme, _normalise_host(url.raw_host or ""), url.port or 0)
+
+    def remaining(self, url: URL) -> float:
+        """Seconds left before `url`'s origin may be asked again; 0.0 when it may now."""
+        key = self.key(url)
+        until = self._until.get(key)
+        if until is None:
+            return 0.0
+        left = until - self.now()
+        if left <= 0:
+            del self._until[key]
+            return 0.0
+        return left
+
+    def hold(self, url: URL, seconds: float) -> None:
+        """Leave `url`'s origin alone for `seconds` (never shortening a longer hold)."""
+        now = self.now()
+        # Forget the holds that are over, so the table only ever holds origins cooling now.
+        self._until = {key: until for key, until in self._until.items() if until > now}
+        if seconds <= 0:
+            return
+        key = self.key(url)
+        self._until[key] = max(self._until.get(key, now), now + seconds)
 
 
 class GuardedConnector(aiohttp.TCPConnector):
     """A TCPConnector that resolves through `guard`, never caches DNS, and dials only what the
-    guard approves. Closing it closes the guard."""
+    guard approves. Closing it closes the guard. `cooldowns` holds the origins that asked us
+    to slow down."""
 
-    def __init__(self, guard: GuardedResolver, *, limit_per_host: int = 8) -> None:
+    def __init__(
+        self,
+        guard: GuardedResolver,
+        *,
+        limit_per_host: int = 8,
+        now: Callable[[], float] = time.monotonic,
+    ) -> None:
         super().__init__(
             resolver=guard,
             use_dns_cache=False,
@@ -296,6 +365,7 @@ class GuardedConnector(aiohttp.TCPConnector):
             socket_factory=guard.socket_factory,
         )
         self.guard = guard
+        self.cooldowns = HostCooldowns(now)
 
     async def close(self, *, abort_ssl: bool = False) -> None:
         try:
@@ -310,15 +380,19 @@ def make_session(
     *,
     resolver_inner: AbstractResolver | None = None,
     limit_per_host: int = 8,
+    now: Callable[[], float] = time.monotonic,
 ) -> aiohttp.ClientSession:
-    """A ClientSession on a GuardedConnector (no DNS cache, keep-alive), with the limits'
-    timeouts, no cookies and no proxy from the environment. Callers own and close it; call
-    from a running event loop."""
+    """A ClientSession on a GuardedConnector (no DNS cache, keep-alive, at most
+    `limit_per_host` connections to one origin), with the limits' timeouts, no cookies and no
+    proxy from the environment. `now` is the clock of the 429/503 cooldowns. Callers own and
+    close it; call from a running event loop."""
     guard = GuardedResolver(allow, resolver_inner, allowed_ports=limits.allowed_ports)
     return aiohttp.ClientSession(
-        connector=GuardedConnector(guard, limit_per_host=limit_per_host),
+        connector=GuardedConnector(guard, limit_per_host=limit_per_host, now=now),
         timeout=aiohttp.ClientTimeout(
-            total=limits.total_timeout, sock_connect=limits.connect_timeout
+            total=limits.total_timeout,
+            sock_connect=limits.connect_timeout,
+            sock_read=limits.stall_timeout,
         ),
         cookie_jar=aiohttp.DummyCookieJar(),
         trust_env=False,
@@ -332,7 +406,12 @@ def make_session(
 async def fetch_image(session: aiohttp.ClientSession, url: str, limits: FetchLimits) -> bytes:
     """GET `url` through `session` (from make_session), following at most
     `limits.max_redirects` redirects, each hop checked like the first, within
-    `limits.total_timeout` overall and `limits.max_bytes` of body.
+    `limits.total_timeout` overall, at most `limits.stall_timeout` without receiving a byte,
+    and `limits.max_bytes` of body.
+
+    An origin that answered 429 or 503 is not asked again while its Retry-After lasts (capped
+    at `limits.max_retry_after`; 1 s when it gave none): until then the fetch fails at once,
+    transient, with `retry_after` set to the time left.
 
     The port rule uses the session's `allowed_ports` (make_session's limits). Raises
     ImageFailure: HTTP_STATUS, TIMEOUT, CONNECTION, TOO_MANY_REDIRECTS, BLOCKED_ADDRESS (also
@@ -342,31 +421,36 @@ async def fetch_image(session: aiohttp.ClientSession, url: str, limits: FetchLim
     connector = session.connector
     if not isinstance(connector, GuardedConnector):
         raise TypeError("fetch_image needs a session from make_session()")
+    deadline = asyncio.timeout(limits.total_timeout)
     try:
-        async with asyncio.timeout(limits.total_timeout):
-            return await _follow(session, connector.guard, url, limits)
+        async with deadline:
+            return await _follow(session, connector, url, limits)
     except ImageFailure:
         raise
     except TimeoutError as exc:
-        raise ImageFailure(
-            OutcomeCode.TIMEOUT,
-            f"no complete answer within {limits.total_timeout:g} s",
-            transient=True,
-        ) from exc
+        if deadline.expired():
+            message = f"the download took longer than {limits.total_timeout:g} s"
+            raise ImageFailure(OutcomeCode.TIMEOUT, message, transient=True) from exc
+        raise _timeout_failure(exc, _IMAGE_SERVER, limits) from exc
     except (aiohttp.ClientError, OSError) as exc:
-        raise failure_from_exception(exc) from exc
+        raise failure_from_exception(exc, who=_IMAGE_SERVER) from exc
 
 
 async def _follow(
-    session: aiohttp.ClientSession, guard: GuardedResolver, url: str, limits: FetchLimits
+    session: aiohttp.ClientSession, connector: GuardedConnector, url: str, limits: FetchLimits
 ) -> bytes:
     try:
         current = URL(url)
     except (ValueError, TypeError) as exc:
-        raise ImageFailure(OutcomeCode.BLOCKED_ADDRESS, f"not a valid URL: {exc}") from exc
-    timeout = aiohttp.ClientTimeout(total=limits.total_timeout, sock_connect=limits.connect_timeout)
+        raise ImageFailure(OutcomeCode.BLOCKED_ADDRESS, f"the URL is not valid: {exc}") from exc
+    # fetch_image's own deadline covers the whole download, every hop included. sock_read is
+    # the stall limit: aiohttp restarts it whenever a byte arrives, headers or body.
+    timeout = aiohttp.ClientTimeout(
+        total=None, sock_connect=limits.connect_timeout, sock_read=limits.stall_timeout
+    )
     for _ in range(limits.max_redirects + 1):
-        _check_url(current, guard)
+        _check_url(current, connector.guard)
+        _check_cooldown(current, connector.cooldowns)
         async with session.get(
             current, allow_redirects=False, timeout=timeout, headers={"Accept": ACCEPT}
         ) as response:
@@ -374,62 +458,109 @@ async def _follow(
                 current = _redirect_target(response)
                 continue
             if not 200 <= response.status < 300:
-                raise _status_failure(response)
-            return await _read_body(response, limits.max_bytes)
-    raise ImageFailure(
-        OutcomeCode.TOO_MANY_REDIRECTS, f"more than {limits.max_redirects} redirects"
-    )
+                raise _status_failure(response, current, connector.cooldowns, limits)
+            return await _read_body(response, limits)
+    if limits.max_redirects == 0:
+        message = "the image server answered with a redirect, and redirects are not followed"
+    else:
+        message = f"the image server redirected more than {limits.max_redirects} times"
+    raise ImageFailure(OutcomeCode.TOO_MANY_REDIRECTS, message)
 
 
 def _check_url(url: URL, guard: GuardedResolver) -> None:
     """Refuse what no hop may ask for, before anything is resolved or sent."""
     if url.scheme not in ("http", "https"):
         raise ImageFailure(
-            OutcomeCode.BLOCKED_ADDRESS, f"scheme {url.scheme!r} refused; only http and https"
+            OutcomeCode.BLOCKED_ADDRESS,
+            f"only http and https URLs can be downloaded, not the {url.scheme!r} scheme",
         )
     if url.raw_user is not None or url.raw_password is not None:
-        raise ImageFailure(OutcomeCode.BLOCKED_ADDRESS, "URLs with credentials are refused")
+        raise ImageFailure(
+            OutcomeCode.BLOCKED_ADDRESS,
+            "URLs with a user name or password (credentials) are not accepted",
+        )
     host, port = url.raw_host, url.port
     if not host or port is None:
-        raise ImageFailure(OutcomeCode.BLOCKED_ADDRESS, "the URL has no host")
+        raise ImageFailure(OutcomeCode.BLOCKED_ADDRESS, "the URL has no host name")
     address = _parse_address(host)
     if address is not None:
-        if not guard.permits(host, port, address):
-            raise ImageFailure(OutcomeCode.BLOCKED_ADDRESS, f"{host} port {port} is not allowed")
-        return
+        if guard.permits(host, port, address):
+            return
+        if is_public_address(address):  # then it is the port that is refused
+            raise ImageFailure(OutcomeCode.BLOCKED_ADDRESS, _port_refused(port, guard))
+        raise ImageFailure(
+            OutcomeCode.BLOCKED_ADDRESS,
+            f"{host} is a private, internal or reserved address; downloads from it are not allowed",
+        )
     if host.replace(".", "").isdigit():
-        raise ImageFailure(OutcomeCode.BLOCKED_ADDRESS, f"{host!r} is not a canonical IPv4 address")
+        raise ImageFailure(
+            OutcomeCode.BLOCKED_ADDRESS,
+            f"{host} is not a canonical IPv4 address (four numbers, like 93.184.216.34)",
+        )
     port_ok = guard.allowed_ports is None or port in guard.allowed_ports
     if not (port_ok or guard.allow.could_allow(host, port)):
         # Refused before DNS when no allow entry could lift the port rule.
-        raise ImageFailure(OutcomeCode.BLOCKED_ADDRESS, f"port {port} is not allowed")
+        raise ImageFailure(OutcomeCode.BLOCKED_ADDRESS, _port_refused(port, guard))
+
+
+def _port_refused(port: int, guard: GuardedResolver) -> str:
+    ports = ", ".join(str(p) for p in sorted(guard.allowed_ports or ()))
+    return f"port {port} is not allowed; images are downloaded only from ports {ports}"
+
+
+def _check_cooldown(url: URL, cooldowns: HostCooldowns) -> None:
+    """Refuse, without sending anything, a hop to an origin that asked us to slow down."""
+    wait = cooldowns.remaining(url)
+    if wait > 0:
+        raise ImageFailure(
+            OutcomeCode.HTTP_STATUS,
+            f"the image server asked us to slow down; retrying in {_whole_seconds(wait)} s",
+            transient=True,
+            retry_after=wait,
+            sent=False,
+        )
 
 
 def _redirect_target(response: aiohttp.ClientResponse) -> URL:
+    answer = _answer(response)
     location = response.headers.get(aiohttp.hdrs.LOCATION)
     if not location:
         raise ImageFailure(
-            OutcomeCode.HTTP_STATUS, f"HTTP {response.status} redirect without a Location"
+            OutcomeCode.HTTP_STATUS,
+            f"the image server answered {answer}, a redirect, without saying where to",
         )
     try:
         return response.url.join(URL(location)).with_fragment(None)
     except (ValueError, TypeError) as exc:
         raise ImageFailure(
-            OutcomeCode.HTTP_STATUS, f"HTTP {response.status} redirect to an invalid URL"
+            OutcomeCode.HTTP_STATUS,
+            f"the image server answered {answer}, a redirect to an invalid address",
         ) from exc
+
+
+def _answer(response: aiohttp.ClientResponse) -> str:
+    """ "404 Not Found", or the bare status when the server sent no reason phrase."""
+    return f"{response.status} {response.reason}" if response.reason else str(response.status)
 
 
 def is_transient_status(status: int) -> bool:
     return status in (408, 425, 429) or 500 <= status <= 599
 
 
-def _status_failure(response: aiohttp.ClientResponse) -> ImageFailure:
-    reason = f" {response.reason}" if response.reason else ""
+def _status_failure(
+    response: aiohttp.ClientResponse, url: URL, cooldowns: HostCooldowns, limits: FetchLimits
+) -> ImageFailure:
+    transient = is_transient_status(response.status)
+    retry_after = parse_retry_after(response.headers.get(aiohttp.hdrs.RETRY_AFTER))
+    if retry_after is not None:
+        retry_after = min(retry_after, limits.max_retry_after)
+    if response.status in _SLOW_DOWN:
+        cooldowns.hold(url, _DEFAULT_COOLDOWN if retry_after is None else retry_after)
+    message = f"the image server answered {_answer(response)}"
+    if transient and retry_after:
+        message += f"; it asked us to retry in {_whole_seconds(retry_after)} s"
     return ImageFailure(
-        OutcomeCode.HTTP_STATUS,
-        f"HTTP {response.status}{reason}",
-        transient=is_transient_status(response.status),
-        retry_after=parse_retry_after(response.headers.get(aiohttp.hdrs.RETRY_AFTER)),
+        OutcomeCode.HTTP_STATUS, message, transient=transient, retry_after=retry_after
     )
 
 
@@ -450,23 +581,52 @@ def parse_retry_after(value: str | None, *, now: datetime | None = None) -> floa
     return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
 
 
-async def _read_body(response: aiohttp.ClientResponse, max_bytes: int) -> bytes:
+async def _read_body(response: aiohttp.ClientResponse, limits: FetchLimits) -> bytes:
+    max_bytes = limits.max_bytes
     length = response.content_length
     if length is not None and length > max_bytes:
         response.close()  # drop the connection rather than drain a body we will not read
         raise ImageFailure(
-            OutcomeCode.TOO_LARGE, f"Content-Length {length} is over the {max_bytes} byte limit"
+            OutcomeCode.TOO_LARGE,
+            f"the image is {_size(length)}; the limit is {_size(max_bytes)}",
         )
     chunks = []
     received = 0
-    # Counted after content decoding, so a small gzip body cannot inflate past the limit.
-    async for chunk in response.content.iter_chunked(_CHUNK):
-        received += len(chunk)
-        if received > max_bytes:
-            response.close()
-            raise ImageFailure(OutcomeCode.TOO_LARGE, f"body over the {max_bytes} byte limit")
-        chunks.append(chunk)
+    try:
+        # Counted after content decoding, so a small gzip body cannot inflate past the limit.
+        async for chunk in response.content.iter_chunked(_CHUNK):
+            received += len(chunk)
+            if received > max_bytes:
+                response.close()
+                raise ImageFailure(
+                    OutcomeCode.TOO_LARGE,
+                    f"the download is larger than the {_size(max_bytes)} limit",
+                )
+            chunks.append(chunk)
+    except aiohttp.SocketTimeoutError as exc:
+        raise ImageFailure(
+            OutcomeCode.TIMEOUT,
+            f"the image server stopped sending data for {limits.stall_timeout:g} s",
+            transient=True,
+        ) from exc
     return b"".join(chunks)
+
+
+def _size(n: int) -> str:
+    """Bytes for people: "1001 bytes", "50 MiB", "50.1 MiB". Rounded up, so a size just over
+    a limit never reads as the limit itself."""
+    if n < 10 * 1024:
+        return f"{n} bytes"
+    unit, factor = next(
+        (unit, factor)
+        for unit, factor in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10))
+        if n >= factor
+    )
+    return f"{math.ceil(n * 10 / factor) / 10:g} {unit}"
+
+
+def _whole_seconds(seconds: float) -> int:
+    return max(1, math.ceil(seconds))
 
 
 def _chain(exc: BaseException) -> Iterator[BaseException]:
@@ -484,23 +644,66 @@ def _chain(exc: BaseException) -> Iterator[BaseException]:
             pending.append(current.os_error)
 
 
-def failure_from_exception(exc: BaseException) -> ImageFailure:
+def failure_from_exception(exc: BaseException, *, who: str = "the server") -> ImageFailure:
     """Classify an exception from a guarded session (fetch_image's own mapping; webhook
-    delivery uses it too). A guard refusal wrapped by aiohttp comes out as BLOCKED_ADDRESS."""
+    delivery uses it too); `who` names the other side in the message. A guard refusal wrapped
+    by aiohttp comes out as BLOCKED_ADDRESS."""
     chain = list(_chain(exc))
     for cause in chain:
         if isinstance(cause, ImageFailure):
             return cause
-    if any(isinstance(cause, BlockedConnectError) for cause in chain):
-        return ImageFailure(OutcomeCode.BLOCKED_ADDRESS, f"connection refused by the guard: {exc}")
+    for cause in chain:
+        if isinstance(cause, BlockedConnectError):
+            return ImageFailure(
+                OutcomeCode.BLOCKED_ADDRESS,
+                f"{cause.host} port {cause.port} is a private, internal or otherwise blocked "
+                "address, so it was not contacted",
+            )
     if isinstance(exc, TimeoutError):
-        return ImageFailure(OutcomeCode.TIMEOUT, f"timed out: {exc}".rstrip(": "), transient=True)
+        return _timeout_failure(exc, who, None)
     if isinstance(exc, aiohttp.InvalidURL):
-        return ImageFailure(OutcomeCode.BLOCKED_ADDRESS, f"invalid URL: {exc}")
+        return ImageFailure(OutcomeCode.BLOCKED_ADDRESS, f"the URL is not valid: {exc}")
     if isinstance(exc, aiohttp.ClientResponseError):
         # Malformed or oversized response headers: the origin is broken, retrying won't help.
-        return ImageFailure(OutcomeCode.HTTP_STATUS, f"invalid HTTP response: {exc.message}")
+        return ImageFailure(
+            OutcomeCode.HTTP_STATUS, f"{who} sent an invalid HTTP answer: {exc.message}"
+        )
     if isinstance(exc, aiohttp.ClientError | OSError):
-        text = str(exc) or type(exc).__name__
-        return ImageFailure(OutcomeCode.CONNECTION, text, transient=True)
-    return ImageFailure(OutcomeCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+        return ImageFailure(OutcomeCode.CONNECTION, _connection_text(exc, who), transient=True)
+    return ImageFailure(OutcomeCode.INTERNAL, f"unexpected error: {type(exc).__name__}: {exc}")
+
+
+def _timeout_failure(exc: TimeoutError, who: str, limits: FetchLimits | None) -> ImageFailure:
+    """An aiohttp connect or read timeout; `limits` (when known) puts the numbers in."""
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        within = f" within {limits.connect_timeout:g} s" if limits else " in time"
+        message = f"could not connect to {who}{within}"
+    elif isinstance(exc, aiohttp.SocketTimeoutError):
+        # fetch_image reports a stall in the body itself; this one came before any answer.
+        within = f" within {limits.stall_timeout:g} s" if limits else " in time"
+        message = f"{who} did not answer{within}"
+    else:
+        message = f"{who} did not answer in time"
+    return ImageFailure(OutcomeCode.TIMEOUT, message, transient=True)
+
+
+def _connection_text(exc: BaseException, who: str) -> str:
+    if isinstance(exc, aiohttp.ClientConnectorDNSError):
+        return f"the host name {exc.host} could not be found (DNS)"
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        return f"the HTTPS certificate of {exc.host} is not valid"
+    if isinstance(exc, aiohttp.ClientSSLError):
+        return f"a secure (HTTPS) connection to {exc.host} could not be set up"
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        where = f"{who} at {exc.host}:{exc.port}"
+        if isinstance(exc.os_error, ConnectionRefusedError):
+            return f"{where} refused the connection"
+        detail = exc.os_error.strerror or str(exc.os_error) or type(exc.os_error).__name__
+        return f"could not connect to {where}: {detail}"
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return f"{who} closed the connection unexpectedly"
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return f"{who} closed the connection before sending the whole answer"
+    if isinstance(exc, ConnectionResetError):
+        return f"{who} reset the connection"
+    return f"the connection to {who} failed: {str(exc) or type(exc).__name__}"

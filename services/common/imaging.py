@@ -3,6 +3,9 @@
 The worker runs `compress` in a thread pool. Nothing here touches global Pillow state (no
 `Image.MAX_IMAGE_PIXELS`, no warning filters, no `LOAD_TRUNCATED_IMAGES`): every limit is
 checked per call, so concurrent calls cannot interfere.
+
+Every ImageFailure message is written for the merchant who sent the image: what is wrong with
+it, in plain words, with the size or limit involved.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import enum
 import io
 import math
+import re
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -107,6 +111,7 @@ def _is_int(value: object) -> bool:
 @dataclass(frozen=True, slots=True)
 class ImageLimits:
     max_pixels: int = 50_000_000  # checked from the header before decoding
+    max_frames: int = 1000  # animation frames (or TIFF pages), counted without decoding them
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +136,10 @@ def compress(
     When the source is already in the output format, needs no pixel change and is smaller than
     the new encoding, its own bytes are returned with metadata removed (`kept_source=True`).
 
+    Refused before any pixel is decoded: more than `limits.max_pixels` pixels or more than
+    `limits.max_frames` frames (DECOMPRESSION_BOMB); SVG (UNSUPPORTED_FORMAT) and HTML pages
+    (NOT_AN_IMAGE) are told apart from other non-images by their first bytes.
+
     Raises ImageFailure (NOT_AN_IMAGE, UNSUPPORTED_FORMAT, DECOMPRESSION_BOMB, CORRUPT_IMAGE);
     ValueError when `options` are invalid.
     """
@@ -138,16 +147,26 @@ def compress(
     if problems:
         raise ValueError("; ".join(problems))
     output = OutputFormat(options.format)
-    with _open(data) as img:
+    with _open(data, limits) as img:
         source_format = img.format or ""
         width, height = img.size
         if width * height > limits.max_pixels:
             raise ImageFailure(
                 OutcomeCode.DECOMPRESSION_BOMB,
-                f"{width}x{height} is more than the limit of {limits.max_pixels} pixels",
+                f"the image is {width}x{height} pixels; the limit is {_pixels(limits.max_pixels)}",
+            )
+        frames = _count_frames(img, data, stop=limits.max_frames + 1)
+        if frames > limits.max_frames:
+            what, unit = (
+                ("TIFF image", "pages") if source_format == "TIFF" else ("animated image", "frames")
+            )
+            raise ImageFailure(
+                OutcomeCode.DECOMPRESSION_BOMB,
+                f"the {what} has more than {limits.max_frames} {unit}; the limit is "
+                f"{limits.max_frames} {unit}",
             )
         try:
-            animated = bool(getattr(img, "is_animated", False))
+            animated = frames > 1
             img.seek(0)
             orientation = _orientation(img)
             swapped = orientation in (5, 6, 7, 8)
@@ -158,7 +177,7 @@ def compress(
                 img.draft(None, (target[1], target[0]) if swapped else target)
             img.load()
         except Image.DecompressionBombError as exc:
-            raise ImageFailure(OutcomeCode.DECOMPRESSION_BOMB, str(exc)) from exc
+            raise _bomb(exc, limits) from exc
         except _DECODE_ERRORS as exc:
             raise ImageFailure(OutcomeCode.CORRUPT_IMAGE, _describe(exc)) from exc
         normal, changed = _normalise(img, orientation, output)
@@ -188,7 +207,10 @@ def _result(
     )
 
 
-def _open(data: bytes) -> Image.Image:
+def _open(data: bytes, limits: ImageLimits) -> Image.Image:
+    markup = _sniff_markup(data)
+    if markup is not None:
+        raise markup
     try:
         return Image.open(io.BytesIO(data), formats=ACCEPTED_INPUT_FORMATS)
     except UnidentifiedImageError as exc:
@@ -196,27 +218,54 @@ def _open(data: bytes) -> Image.Image:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         # The warning only arrives as an exception where warnings are errors (the tests);
         # elsewhere it is logged by Pillow and our own pixel check refuses the image.
-        raise ImageFailure(OutcomeCode.DECOMPRESSION_BOMB, str(exc)) from exc
+        raise _bomb(exc, limits) from exc
     except _DECODE_ERRORS as exc:
         raise ImageFailure(OutcomeCode.CORRUPT_IMAGE, _describe(exc)) from exc
+
+
+_SVG_PROLOGUES = (b"<?xml", b"<!doctype svg", b"<!--")
+_HTML_STARTS = (b"<!doctype html", b"<html", b"<head", b"<body", b"<meta", b"<title")
+
+
+def _sniff_markup(data: bytes) -> ImageFailure | None:
+    """SVG and HTML, told from their first bytes before any Pillow plugin sees them: a CDN's
+    error page served as image/jpeg deserves a clearer word than "not an image"."""
+    head = data[:4096].removeprefix(b"\xef\xbb\xbf").lstrip().lower()
+    if not head.startswith(b"<"):
+        return None  # no format we accept starts with "<"
+    if head.startswith(_HTML_STARTS):
+        return ImageFailure(OutcomeCode.NOT_AN_IMAGE, "the URL returned an HTML page, not an image")
+    if head.startswith(b"<svg") or (head.startswith(_SVG_PROLOGUES) and b"<svg" in head):
+        return ImageFailure(OutcomeCode.UNSUPPORTED_FORMAT, "SVG images are not supported")
+    if head.startswith(b"<!--") and b"<html" in head:
+        return ImageFailure(OutcomeCode.NOT_AN_IMAGE, "the URL returned an HTML page, not an image")
+    return None
 
 
 def _unidentified(data: bytes) -> ImageFailure:
     """Tell a damaged accepted image, a refused format and a non-image apart, using only the
     plugins' signature checks (never their parsers)."""
+    if not data:
+        return ImageFailure(
+            OutcomeCode.NOT_AN_IMAGE, "the URL returned an empty file, not an image"
+        )
     Image.init()
     prefix = data[:16]
     recognised = [name for name, (_, accept) in Image.OPEN.items() if _accepts(accept, prefix)]
     accepted = [name for name in recognised if name in ACCEPTED_INPUT_FORMATS]
     if accepted:
-        return ImageFailure(OutcomeCode.CORRUPT_IMAGE, f"damaged {accepted[0]} header")
+        return ImageFailure(
+            OutcomeCode.CORRUPT_IMAGE,
+            f"the {accepted[0]} image is damaged: its header cannot be read",
+        )
     if recognised:
         return ImageFailure(
             OutcomeCode.UNSUPPORTED_FORMAT,
-            f"{recognised[0]} images are not supported (accepted: "
-            f"{', '.join(ACCEPTED_INPUT_FORMATS)})",
+            f"{recognised[0]} images are not supported; send JPEG, PNG, GIF, WebP, BMP or TIFF",
         )
-    return ImageFailure(OutcomeCode.NOT_AN_IMAGE, "the data is not a recognised image")
+    return ImageFailure(
+        OutcomeCode.NOT_AN_IMAGE, "the URL returned a file that is not an image we know"
+    )
 
 
 def _accepts(accept: Callable[[bytes], bool | str] | None, prefix: bytes) -> bool:
@@ -230,7 +279,104 @@ def _accepts(accept: Callable[[bytes], bool | str] | None, prefix: bytes) -> boo
 
 def _describe(exc: BaseException) -> str:
     text = str(exc) or type(exc).__name__
-    return f"cannot decode the image: {text}"
+    return f"the image is damaged or incomplete and cannot be decoded ({text})"
+
+
+# Pillow's own bomb check, which runs first for headers far beyond any sane limit.
+_PILLOW_BOMB = re.compile(r"\((\d+) pixels\) exceeds limit of (\d+) pixels")
+
+
+def _bomb(exc: Exception, limits: ImageLimits) -> ImageFailure:
+    found = _PILLOW_BOMB.search(str(exc))
+    if found is None:
+        message = f"the image has more pixels than the limit of {_pixels(limits.max_pixels)}"
+    else:
+        pixels, pillow_limit = int(found[1]), int(found[2])
+        limit = min(limits.max_pixels, pillow_limit)
+        message = f"the image has {_pixels(pixels)}; the limit is {_pixels(limit)}"
+    return ImageFailure(OutcomeCode.DECOMPRESSION_BOMB, message)
+
+
+def _pixels(count: int) -> str:
+    """ "50 megapixels", "12.3 megapixels", "19,999 pixels"."""
+    if count < 1_000_000:
+        return f"{count:,} pixels"
+    return f"{count / 1e6:.1f}".removesuffix(".0") + " megapixels"
+
+
+# --- frames: counted from the file structure, never decoded ---------------------------------
+
+
+def _count_frames(img: Image.Image, data: bytes, *, stop: int) -> int:
+    """How many frames (or pages) the image holds, counted up to `stop`.
+
+    Pillow's own count walks a GIF frame by frame and a TIFF page by page, in Python, to the
+    end of the file; here both stop at `stop`. WebP (libwebp's demuxer), APNG (its acTL chunk)
+    and MPO (its index) state the count in a header that Pillow has already read.
+    """
+    if img.format == "GIF":
+        return _gif_frames(data, stop)
+    if img.format == "TIFF":
+        return _tiff_pages(data, stop)
+    count = getattr(img, "n_frames", 1)
+    return count if isinstance(count, int) and count > 0 else 1
+
+
+def _gif_frames(data: bytes, stop: int) -> int:
+    """Image descriptors in a GIF's block structure, up to `stop`. Anything unexpected ends
+    the count (Pillow, decoding only the first frame, has the last word on damage)."""
+    if len(data) < 13:
+        return 1
+    screen_flags = data[10]
+    i = 13 + (3 << ((screen_flags & 7) + 1) if screen_flags & 0x80 else 0)
+    frames, n = 0, len(data)
+    while i < n and frames < stop:
+        introducer = data[i]
+        if introducer == 0x21:  # extension: a label, then sub-blocks
+            i += 2
+        elif introducer == 0x2C:  # image descriptor, local palette, LZW code size, sub-blocks
+            frames += 1
+            if i + 10 > n:
+                break
+            flags = data[i + 9]
+            i += 10 + (3 << ((flags & 7) + 1) if flags & 0x80 else 0) + 1
+        else:  # 0x3B trailer, or not GIF structure
+            break
+        while i < n:  # sub-blocks, each a length byte and that many bytes; 0 ends them
+            size = data[i]
+            i += 1 + size
+            if size == 0:
+                break
+    return max(frames, 1)
+
+
+def _tiff_pages(data: bytes, stop: int) -> int:
+    """The chain of image file directories in a TIFF or BigTIFF, followed up to `stop` (a
+    loop or a bad offset ends it)."""
+    order = {b"II": "<", b"MM": ">"}.get(data[:2])
+    if order is None or len(data) < 16:
+        return 1
+    pages = 0
+    try:
+        (version,) = struct.unpack_from(order + "H", data, 2)
+        if version == 42:
+            count_format, entry_size, offset_format = "H", 12, "I"
+            (offset,) = struct.unpack_from(order + "I", data, 4)
+        elif version == 43:
+            count_format, entry_size, offset_format = "Q", 20, "Q"
+            (offset,) = struct.unpack_from(order + "Q", data, 8)
+        else:
+            return 1
+        seen: set[int] = set()
+        while offset and offset not in seen and pages < stop:
+            seen.add(offset)
+            (entries,) = struct.unpack_from(order + count_format, data, offset)
+            pages += 1
+            after = offset + struct.calcsize(count_format) + entries * entry_size
+            (offset,) = struct.unpack_from(order + offset_format, data, after)
+    except struct.error:
+        pass  # an offset past the end ends the chain; Pillow judges the damage when decoding
+    return max(pages, 1)
 
 
 def _orientation(img: Image.Image) -> int:
@@ -326,7 +472,8 @@ def _to_srgb(img: Image.Image, icc: bytes | None) -> Image.Image:
                 converted = colour.convert("RGB")
             except ValueError as exc:
                 raise ImageFailure(
-                    OutcomeCode.UNSUPPORTED_FORMAT, f"unsupported colour mode {img.mode}"
+                    OutcomeCode.UNSUPPORTED_FORMAT,
+                    f"the image uses the {img.mode} colour mode, which is not supported",
                 ) from exc
     if alpha is None:
         return converted

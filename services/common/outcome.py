@@ -33,12 +33,15 @@ class ImageFailure(Exception):
         *,
         transient: bool = False,
         retry_after: float | None = None,
+        sent: bool = True,
     ) -> None:
         super().__init__(code, message)
         self.code = code
         self.message = message
         self.transient = transient
         self.retry_after = retry_after
+        # False when nothing reached the origin (it asked us to wait): not an attempt.
+        self.sent = sent
 
     def __str__(self) -> str:
         return f"{self.code}: {self.message}"
@@ -46,15 +49,15 @@ class ImageFailure(Exception):
     def __repr__(self) -> str:
         return (
             f"ImageFailure({self.code.value!r}, {self.message!r}, "
-            f"transient={self.transient}, retry_after={self.retry_after})"
+            f"transient={self.transient}, retry_after={self.retry_after}, sent={self.sent})"
         )
 
     def __reduce__(self) -> tuple[object, ...]:
         # The keyword-only arguments would be lost by the default exception pickling.
-        return (_rebuild, (self.code, self.message, self.transient, self.retry_after))
+        return (_rebuild, (self.code, self.message, self.transient, self.retry_after, self.sent))
 
 
 def _rebuild(
-    code: OutcomeCode, message: str, transient: bool, retry_after: float | None
+    code: OutcomeCode, message: str, transient: bool, retry_after: float | None, sent: bool
 ) -> ImageFailure:
-    return ImageFailure(code, message, transient=transient, retry_after=retry_after)
+    return ImageFailure(code, message, transient=transient, retry_after=retry_after, sent=sent)

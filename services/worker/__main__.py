@@ -20,7 +20,9 @@ from services.worker.runner import consume
 async def main(settings: WorkerSettings) -> None:
     common = settings.common
     async with open_backends("worker", common, pool_size=settings.concurrency + 2) as backends:
-        session = make_session(settings.fetch_allow, settings.fetch_limits)
+        session = make_session(
+            settings.fetch_allow, settings.fetch_limits, limit_per_host=settings.fetch_per_host
+        )
         # Pillow releases the GIL while decoding and encoding, so threads use every core.
         executor = ThreadPoolExecutor(settings.threads, thread_name_prefix="compress")
         try:

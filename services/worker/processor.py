@@ -40,11 +40,19 @@ class RetryPolicy:
     max_attempts: int = 3
     base_delay: float = 0.5
     max_delay: float = 10.0
+    # Waiting for an origin's Retry-After cooldown: how often, and how long at most each time.
+    max_cooldown_waits: int = 5
+    max_wait: float = 60.0
 
     def delay(self, attempt: int, retry_after: float | None) -> float:
         """Exponential backoff with full jitter; an origin's Retry-After wins when longer."""
         backoff = random.uniform(0, min(self.max_delay, self.base_delay * 2 ** (attempt - 1)))
-        return max(backoff, min(retry_after or 0.0, self.max_delay))
+        return max(backoff, min(retry_after or 0.0, self.max_wait))
+
+    @property
+    def slowest_seconds(self) -> float:
+        """The longest a task may spend between fetch attempts and cooldown waits."""
+        return (self.max_attempts - 1) * self.max_wait + self.max_cooldown_waits * self.max_wait
 
 
 class Processor:
@@ -129,13 +137,25 @@ class Processor:
             )
 
     async def _fetch_with_retries(self, task: task_pb2.ImageTask) -> bytes:
-        attempt = 0
+        """Fetch, retrying transient failures with backoff up to max_attempts real attempts.
+
+        An origin in its Retry-After cooldown is waited for without spending an attempt (it saw
+        no request), a bounded number of times. The last transient error stays on the image row,
+        so a task dead-lettered later fails with it.
+        """
+        waits = 0
         while True:
-            async with self.pool.acquire() as conn:
-                attempt = await queries.bump_attempts(conn, task.image_id)
             try:
-                return await self.fetch(task.input_url)
+                data = await self.fetch(task.input_url)
             except ImageFailure as failure:
+                if not failure.sent and waits < self.retry.max_cooldown_waits:
+                    waits += 1
+                    await asyncio.sleep(min(failure.retry_after or 1.0, self.retry.max_wait))
+                    continue
+                async with self.pool.acquire() as conn:
+                    attempt = await queries.record_attempt(
+                        conn, task.image_id, code=str(failure.code), message=failure.message
+                    )
                 if not failure.transient or attempt >= self.retry.max_attempts:
                     raise
                 delay = self.retry.delay(attempt, failure.retry_after)
@@ -144,6 +164,10 @@ class Processor:
                     extra={"image_id": task.image_id, "attempt": attempt, "delay": delay},
                 )
                 await asyncio.sleep(delay)
+            else:
+                async with self.pool.acquire() as conn:
+                    await queries.record_attempt(conn, task.image_id)
+                return data
 
     async def finish_if_complete(self, request_id: uuid.UUID) -> None:
         """Finish a request whose images are all final: render the output CSV, mark it

@@ -84,3 +84,21 @@ def test_ingest_limits_come_from_the_environment() -> None:
     assert limits.max_rows == 10
     with pytest.raises(ConfigError, match="IMGPIPE_MAX_ROWS"):
         IngestSettings.from_env({**BASE, "IMGPIPE_MAX_ROWS": "0"})
+
+
+def test_fetch_and_image_limits_come_from_the_environment() -> None:
+    settings = WorkerSettings.from_env(
+        {
+            **BASE,
+            "IMGPIPE_FETCH_PORTS": "443, 8443",
+            "IMGPIPE_FETCH_STALL_TIMEOUT": "2.5",
+            "IMGPIPE_FETCH_PER_HOST": "3",
+            "IMGPIPE_MAX_FRAMES": "50",
+        }
+    )
+    assert settings.fetch_limits.allowed_ports == frozenset({443, 8443})
+    assert settings.fetch_limits.stall_timeout == 2.5
+    assert settings.fetch_per_host == 3
+    assert settings.image_limits.max_frames == 50
+    with pytest.raises(ConfigError, match="IMGPIPE_FETCH_PORTS"):
+        WorkerSettings.from_env({**BASE, "IMGPIPE_FETCH_PORTS": "80,99999"})

@@ -8,10 +8,12 @@ sock_connect so any other destination fails the test before a packet leaves.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import ipaddress
 import pickle
 import socket
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
@@ -41,6 +43,7 @@ pytestmark = pytest.mark.unit
 LOOPBACK = {ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1")}
 IMAGE = bytes(range(256)) * 40  # any bytes: fetch does not decode
 RELEASE = web.AppKey("release", asyncio.Event)
+SEEN = web.AppKey("seen", list[str])  # the path of every request the server received
 
 
 # --- fixtures -----------------------------------------------------------------------------
@@ -177,10 +180,43 @@ async def stall_body(request: web.Request) -> web.StreamResponse:
     return response
 
 
-@pytest.fixture
-async def server() -> AsyncIterator[TestServer]:
-    app = web.Application()
+async def drip(request: web.Request) -> web.StreamResponse:
+    """Headers, then one byte every 0.3 s until the test ends: slow, but never stalled."""
+    response = web.StreamResponse()
+    response.content_length = len(IMAGE)
+    await response.prepare(request)
+    release = request.app[RELEASE]
+    with contextlib.suppress(ConnectionResetError):  # the client gave up and hung up
+        for byte in IMAGE:
+            await response.write(bytes([byte]))
+            with contextlib.suppress(TimeoutError):  # the origin's drip rate, not a sync
+                await asyncio.wait_for(release.wait(), 0.3)
+            if release.is_set():
+                break
+    return response
+
+
+async def busy_once(request: web.Request) -> web.Response:
+    """The first request answers `code` (with `retry_after` when given); later ones, the
+    image."""
+    if request.app[SEEN].count(request.path) > 1:
+        return web.Response(body=IMAGE, content_type="image/jpeg")
+    return await status(request)
+
+
+@web.middleware
+async def record(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    request.app[SEEN].append(request.path)
+    return await handler(request)
+
+
+@contextlib.asynccontextmanager
+async def origin() -> AsyncIterator[TestServer]:
+    app = web.Application(middlewares=[record])
     app[RELEASE] = asyncio.Event()
+    app[SEEN] = []
     app.router.add_get("/image", image)
     app.router.add_get("/status/{code}", status)
     app.router.add_get("/hops/{n}", hops)
@@ -191,6 +227,8 @@ async def server() -> AsyncIterator[TestServer]:
     app.router.add_get("/gzip", gzipped)
     app.router.add_get("/stall", stall)
     app.router.add_get("/stall-body", stall_body)
+    app.router.add_get("/drip", drip)
+    app.router.add_get("/busy/{code}", busy_once)
     test_server = TestServer(app, host="127.0.0.1")
     await test_server.start_server()
     try:
@@ -198,6 +236,29 @@ async def server() -> AsyncIterator[TestServer]:
     finally:
         app[RELEASE].set()  # let stalled handlers finish so the server closes at once
         await test_server.close()
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[TestServer]:
+    async with origin() as test_server:
+        yield test_server
+
+
+@pytest.fixture
+async def other_server() -> AsyncIterator[TestServer]:
+    """A second origin: 127.0.0.1 too, on another port."""
+    async with origin() as test_server:
+        yield test_server
+
+
+class Clock:
+    """A monotonic clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.time = 1000.0
+
+    def __call__(self) -> float:
+        return self.time
 
 
 SessionFactory = Callable[..., aiohttp.ClientSession]
@@ -211,12 +272,14 @@ async def sessions() -> AsyncIterator[SessionFactory]:
         allow: str = "",
         resolver: AbstractResolver | None = None,
         limits: FetchLimits | None = None,
+        now: Callable[[], float] | None = None,
     ) -> aiohttp.ClientSession:
         # The default inner resolver would ask real DNS: tests always inject one.
         session = make_session(
             FetchAllow.parse(allow),
             limits or FetchLimits(),
             resolver_inner=resolver or ForbiddenResolver(),
+            now=now or time.monotonic,
         )
         opened.append(session)
         return session
@@ -302,6 +365,20 @@ async def test_empty_success_bodies_are_returned(
     assert await fetch_image(session, url(server, f"/status/{code}"), FetchLimits()) == b""
 
 
+async def test_status_message_names_the_answer(
+    server: TestServer, sessions: SessionFactory
+) -> None:
+    session = sessions(allow_for(server))
+    result = await failure(fetch_image(session, url(server, "/status/404"), FetchLimits()))
+    assert result.message == "the image server answered 404 Not Found"
+    result = await failure(
+        fetch_image(session, url(server, "/status/500?retry_after=3"), FetchLimits())
+    )
+    assert result.message == (
+        "the image server answered 500 Internal Server Error; it asked us to retry in 3 s"
+    )
+
+
 def test_parse_retry_after() -> None:
     now = datetime(2025, 1, 1, 12, 0, 0, tzinfo=UTC)
     assert parse_retry_after(None) is None
@@ -328,6 +405,7 @@ async def test_too_many_redirects(server: TestServer, sessions: SessionFactory) 
     result = await failure(fetch_image(session, url(server, "/hops/4"), limits))
     assert result.code is OutcomeCode.TOO_MANY_REDIRECTS
     assert not result.transient
+    assert result.message == "the image server redirected more than 3 times"
 
 
 async def test_no_redirects_allowed(server: TestServer, sessions: SessionFactory) -> None:
@@ -336,6 +414,7 @@ async def test_no_redirects_allowed(server: TestServer, sessions: SessionFactory
     assert await fetch_image(session, url(server, "/image"), limits) == IMAGE
     result = await failure(fetch_image(session, url(server, "/hops/1"), limits))
     assert result.code is OutcomeCode.TOO_MANY_REDIRECTS
+    assert "redirects are not followed" in result.message
 
 
 @pytest.mark.parametrize(
@@ -490,7 +569,9 @@ async def test_session_refuses_a_blocked_literal_at_connect_time(
     with pytest.raises(aiohttp.ClientConnectorError) as caught:
         await session.post("http://10.0.0.1:8080/hook", data=b"{}")
     assert isinstance(caught.value.os_error, BlockedConnectError)
-    assert failure_from_exception(caught.value).code is OutcomeCode.BLOCKED_ADDRESS
+    result = failure_from_exception(caught.value)
+    assert result.code is OutcomeCode.BLOCKED_ADDRESS
+    assert result.message.startswith("10.0.0.1 port 8080 is a private, internal")
     assert dialled == []
 
 
@@ -526,6 +607,19 @@ async def test_content_length_over_the_cap_fails_without_reading(
     assert result.code is OutcomeCode.TOO_LARGE
     assert "1001" in result.message
     assert not result.transient
+    assert result.message == "the image is 1001 bytes; the limit is 1000 bytes"
+
+
+async def test_size_messages_use_binary_units(server: TestServer, sessions: SessionFactory) -> None:
+    session = sessions(allow_for(server))
+    announced = 50 * 1024 * 1024 + 1
+    result = await failure(
+        fetch_image(session, url(server, f"/long-header?length={announced}"), FetchLimits())
+    )
+    assert result.message == "the image is 50.1 MiB; the limit is 50 MiB"
+    limits = FetchLimits(max_bytes=20 * 1024)
+    result = await failure(fetch_image(session, url(server, "/chunked?size=30000"), limits))
+    assert result.message == "the download is larger than the 20 KiB limit"
 
 
 async def test_streamed_body_over_the_cap(server: TestServer, sessions: SessionFactory) -> None:
@@ -563,6 +657,55 @@ async def test_stalled_server_times_out(
     assert result.transient
 
 
+async def test_a_slow_drip_is_cut_by_the_total_timeout(
+    server: TestServer, sessions: SessionFactory
+) -> None:
+    # A byte every 0.3 s never leaves the connection silent for the 1 s stall limit.
+    session = sessions(allow_for(server))
+    limits = FetchLimits(stall_timeout=1, total_timeout=1.5)
+    result = await failure(fetch_image(session, url(server, "/drip"), limits))
+    assert result.code is OutcomeCode.TIMEOUT
+    assert result.transient
+    assert result.message == "the download took longer than 1.5 s"
+
+
+async def test_a_body_that_stops_arriving_is_a_stall(
+    server: TestServer, sessions: SessionFactory
+) -> None:
+    session = sessions(allow_for(server))
+    limits = FetchLimits(stall_timeout=0.3, total_timeout=10)
+    result = await failure(fetch_image(session, url(server, "/stall-body"), limits))
+    assert result.code is OutcomeCode.TIMEOUT
+    assert result.transient
+    # The stall limit fired, not the 10 s total.
+    assert result.message == "the image server stopped sending data for 0.3 s"
+
+
+async def test_a_server_that_never_answers_times_out(
+    server: TestServer, sessions: SessionFactory
+) -> None:
+    session = sessions(allow_for(server))
+    limits = FetchLimits(stall_timeout=0.3, total_timeout=10)
+    result = await failure(fetch_image(session, url(server, "/stall"), limits))
+    assert result.code is OutcomeCode.TIMEOUT
+    assert result.transient
+    assert result.message == "the image server did not answer within 0.3 s"
+
+
+async def test_the_total_timeout_is_named(server: TestServer, sessions: SessionFactory) -> None:
+    session = sessions(allow_for(server))
+    limits = FetchLimits(total_timeout=0.5)  # the default 10 s stall limit never fires
+    result = await failure(fetch_image(session, url(server, "/stall"), limits))
+    assert result.message == "the download took longer than 0.5 s"
+
+
+async def test_the_session_has_the_stall_limit(sessions: SessionFactory) -> None:
+    assert FetchLimits().stall_timeout == 10.0
+    limits = FetchLimits(connect_timeout=2, total_timeout=20, stall_timeout=4)
+    timeout = sessions(limits=limits).timeout
+    assert (timeout.total, timeout.sock_connect, timeout.sock_read) == (20, 2, 4)
+
+
 async def test_connection_refused(sessions: SessionFactory) -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -571,6 +714,7 @@ async def test_connection_refused(sessions: SessionFactory) -> None:
     result = await failure(fetch_image(session, f"http://127.0.0.1:{port}/", FetchLimits()))
     assert result.code is OutcomeCode.CONNECTION
     assert result.transient
+    assert result.message == f"the image server at 127.0.0.1:{port} refused the connection"
 
 
 async def test_server_hanging_up_is_a_connection_failure(sessions: SessionFactory) -> None:
@@ -589,6 +733,7 @@ async def test_server_hanging_up_is_a_connection_failure(sessions: SessionFactor
         await raw.wait_closed()
     assert result.code is OutcomeCode.CONNECTION
     assert result.transient
+    assert result.message == "the image server closed the connection unexpectedly"
 
 
 async def test_unknown_name_is_a_connection_failure(sessions: SessionFactory) -> None:
@@ -596,6 +741,112 @@ async def test_unknown_name_is_a_connection_failure(sessions: SessionFactory) ->
     result = await failure(fetch_image(session, "http://nowhere.test/a.jpg", FetchLimits()))
     assert result.code is OutcomeCode.CONNECTION
     assert result.transient
+    assert result.message == "the host name nowhere.test could not be found (DNS)"
+
+
+# --- 429 and 503: the origin is left alone while its Retry-After lasts ---------------------
+
+
+async def test_retry_after_holds_back_that_origin_and_no_other(
+    server: TestServer, other_server: TestServer, sessions: SessionFactory
+) -> None:
+    clock = Clock()
+    session = sessions(f"{allow_for(server)},{allow_for(other_server)}", now=clock)
+
+    first = await failure(
+        fetch_image(session, url(server, "/busy/429?retry_after=2"), FetchLimits())
+    )
+    assert first.code is OutcomeCode.HTTP_STATUS
+    assert (first.transient, first.retry_after) == (True, 2.0)
+    assert (
+        first.message
+        == "the image server answered 429 Too Many Requests; it asked us to retry in 2 s"
+    )
+
+    clock.time += 0.5
+    second = await failure(fetch_image(session, url(server, "/image"), FetchLimits()))
+    assert second.code is OutcomeCode.HTTP_STATUS
+    assert second.transient
+    assert second.retry_after is not None and 0 < second.retry_after <= 2
+    assert second.retry_after == 1.5
+    assert second.message == "the image server asked us to slow down; retrying in 2 s"
+    assert server.app[SEEN] == ["/busy/429"]  # the second fetch sent nothing
+
+    assert await fetch_image(session, url(other_server, "/image"), FetchLimits()) == IMAGE
+    assert other_server.app[SEEN] == ["/image"]
+
+
+async def test_the_origin_is_asked_again_once_the_wait_is_over(
+    server: TestServer, sessions: SessionFactory
+) -> None:
+    clock = Clock()
+    session = sessions(allow_for(server), now=clock)
+    target = url(server, "/busy/503?retry_after=2")
+    await failure(fetch_image(session, target, FetchLimits()))
+    clock.time += 1.5
+    waiting = await failure(fetch_image(session, target, FetchLimits()))
+    assert waiting.retry_after == 0.5
+    clock.time += 0.5
+    assert await fetch_image(session, target, FetchLimits()) == IMAGE
+    assert server.app[SEEN] == ["/busy/503", "/busy/503"]
+
+
+@pytest.mark.parametrize("code", [429, 503])
+async def test_without_retry_after_the_origin_rests_one_second(
+    server: TestServer, sessions: SessionFactory, code: int
+) -> None:
+    clock = Clock()
+    session = sessions(allow_for(server), now=clock)
+    first = await failure(fetch_image(session, url(server, f"/busy/{code}"), FetchLimits()))
+    assert first.retry_after is None  # the origin did not say; the worker's backoff decides
+    second = await failure(fetch_image(session, url(server, "/image"), FetchLimits()))
+    assert second.retry_after == 1.0
+    clock.time += 1.0
+    assert await fetch_image(session, url(server, "/image"), FetchLimits()) == IMAGE
+
+
+async def test_retry_after_is_capped(server: TestServer, sessions: SessionFactory) -> None:
+    clock = Clock()
+    session = sessions(allow_for(server), now=clock)
+    limits = FetchLimits(max_retry_after=5)
+    first = await failure(fetch_image(session, url(server, "/busy/429?retry_after=3600"), limits))
+    assert first.retry_after == 5.0
+    second = await failure(fetch_image(session, url(server, "/image"), limits))
+    assert second.retry_after == 5.0
+    assert FetchLimits().max_retry_after == 60.0
+
+
+async def test_retry_after_as_an_http_date(server: TestServer, sessions: SessionFactory) -> None:
+    clock = Clock()
+    session = sessions(allow_for(server), now=clock)
+    when = format_datetime(datetime.now(UTC) + timedelta(seconds=30), usegmt=True)
+    target = server.make_url("/busy/503").with_query(retry_after=when)
+    first = await failure(fetch_image(session, str(target), FetchLimits()))
+    assert first.retry_after is not None and 28 < first.retry_after <= 30
+    second = await failure(fetch_image(session, url(server, "/image"), FetchLimits()))
+    assert second.retry_after == pytest.approx(first.retry_after)
+
+
+async def test_other_statuses_do_not_hold_the_origin_back(
+    server: TestServer, sessions: SessionFactory
+) -> None:
+    session = sessions(allow_for(server), now=Clock())
+    result = await failure(
+        fetch_image(session, url(server, "/busy/500?retry_after=30"), FetchLimits())
+    )
+    assert result.retry_after == 30.0  # passed on to the worker, but no cooldown
+    assert await fetch_image(session, url(server, "/image"), FetchLimits()) == IMAGE
+
+
+async def test_a_redirect_into_a_resting_origin_is_not_sent(
+    server: TestServer, other_server: TestServer, sessions: SessionFactory
+) -> None:
+    session = sessions(f"{allow_for(server)},{allow_for(other_server)}", now=Clock())
+    await failure(fetch_image(session, url(other_server, "/busy/429?retry_after=9"), FetchLimits()))
+    start = server.make_url("/redirect").with_query(to=url(other_server, "/image"))
+    result = await failure(fetch_image(session, str(start), FetchLimits()))
+    assert result.retry_after == 9.0
+    assert other_server.app[SEEN] == ["/busy/429"]
 
 
 # --- address classification (no connections) ---------------------------------------------

@@ -8,7 +8,7 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from PIL import ExifTags, Image, ImageCms
+from PIL import ExifTags, Image, ImageChops, ImageCms, ImageStat
 from PIL.PngImagePlugin import PngInfo
 
 from services.common.imaging import (
@@ -16,6 +16,8 @@ from services.common.imaging import (
     ImageLimits,
     ImageOptions,
     OutputFormat,
+    _gif_frames,
+    _tiff_pages,
     compress,
 )
 from services.common.outcome import ImageFailure, OutcomeCode
@@ -49,6 +51,71 @@ def decode(data: bytes) -> Image.Image:
 
 def srgb_icc() -> bytes:
     return ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+
+
+def _s15(value: float) -> bytes:
+    return struct.pack(">i", round(value * 65536))
+
+
+def display_p3_icc() -> bytes:
+    """A minimal ICC v4 matrix/TRC profile for Display P3: P3 primaries (D50-adapted, as in
+    Apple's profile), D65 white, the sRGB tone curve. ImageCms cannot create one, and none
+    ships with Pillow or littlecms."""
+
+    def xyz(x: float, y: float, z: float) -> bytes:
+        return b"XYZ \0\0\0\0" + _s15(x) + _s15(y) + _s15(z)
+
+    def mluc(text: str) -> bytes:
+        utf16 = text.encode("utf-16-be")
+        return (
+            b"mluc\0\0\0\0" + struct.pack(">II2s2sII", 1, 12, b"en", b"US", len(utf16), 28) + utf16
+        )
+
+    def numbers(kind: bytes, *values: float) -> bytes:
+        return kind + b"\0\0\0\0" + b"".join(_s15(v) for v in values)
+
+    # parametricCurveType 3: the sRGB transfer function.
+    srgb_curve = (
+        b"para\0\0\0\0"
+        + struct.pack(">HH", 3, 0)
+        + b"".join(_s15(v) for v in (2.4, 1 / 1.055, 0.055 / 1.055, 1 / 12.92, 0.04045))
+    )
+    bradford_d65_to_d50 = (
+        1.0478112, 0.0228866, -0.0501270,
+        0.0295424, 0.9904844, -0.0170491,
+        -0.0092345, 0.0150436, 0.7521316,
+    )  # fmt: skip
+    tags = [
+        (b"desc", mluc("Display P3 (test)")),
+        (b"cprt", mluc("No copyright")),
+        (b"wtpt", xyz(0.9642, 1.0, 0.8249)),
+        (b"chad", numbers(b"sf32", *bradford_d65_to_d50)),
+        (b"rXYZ", xyz(0.515102, 0.241196, -0.001053)),
+        (b"gXYZ", xyz(0.291965, 0.692236, 0.041882)),
+        (b"bXYZ", xyz(0.157153, 0.066574, 0.784073)),
+        (b"rTRC", srgb_curve),
+        (b"gTRC", srgb_curve),
+        (b"bTRC", srgb_curve),
+    ]
+    data_start = 128 + 4 + 12 * len(tags)
+    entries, body = b"", b""
+    for signature, tag in tags:
+        tag += b"\0" * (-len(tag) % 4)
+        entries += struct.pack(">4sII", signature, data_start + len(body), len(tag))
+        body += tag
+    header = b"".join(
+        (
+            struct.pack(">I4sI", data_start + len(body), b"", 0x04300000),  # size, CMM, v4.3
+            b"mntrRGB XYZ ",  # a display profile, RGB data, XYZ connection space
+            bytes(12),  # date
+            b"acsp",
+            bytes(28),  # platform, flags, manufacturer, model, attributes, rendering intent
+            _s15(0.9642) + _s15(1.0) + _s15(0.8249),  # the PCS illuminant, D50
+            bytes(48),  # creator, profile ID, reserved
+        )
+    )
+    assert len(header) == 128
+    return header + struct.pack(">I", len(tags)) + entries + body
 
 
 def exif_with(orientation: int | None = None, **tags: str) -> Image.Exif:
@@ -211,6 +278,73 @@ def test_cmyk_jpeg_becomes_rgb() -> None:
     assert close_to(out.getpixel((16, 16)), RED)
 
 
+def ycck_jpeg(cmyk: tuple[int, int, int, int]) -> bytes:
+    """A 32x32 Adobe YCCK JPEG (APP14 transform 2) that decodes to `cmyk`.
+
+    Pillow writes CMYK JPEGs only (APP14 transform 0), inverted as Adobe does. So the YCCK
+    components are computed here and written as if they were CMYK, then the transform byte
+    is patched: a decoder then turns Y, Cb, Cr into R, G, B, stores 255 - R as C (and so on),
+    and Pillow's inverted reading gives C = R. Hence Y, Cb, Cr are those of the RGB colour
+    (c, m, y), and K is stored as it is.
+    """
+    c, m, y, k = cmyk
+    ycc = Image.new("RGB", (1, 1), (c, m, y)).convert("YCbCr").getpixel((0, 0))
+    assert isinstance(ycc, tuple)
+    luma, blue, red = ycc
+    stored = Image.new("CMYK", (32, 32), (255 - luma, 255 - blue, 255 - red, k))
+    data = bytearray(encode(stored, "JPEG", quality=95))
+    app14 = data.find(b"\xff\xee")
+    assert data[app14 + 4 : app14 + 9] == b"Adobe"
+    assert data[app14 + 15] == 0  # transform: none (CMYK)
+    data[app14 + 15] = 2  # transform: YCCK
+    return bytes(data)
+
+
+@pytest.mark.parametrize(
+    ("cmyk", "rgb"),
+    [((0, 255, 255, 0), RED), ((255, 255, 0, 0), BLUE), ((0, 0, 0, 255), (0, 0, 0))],
+)
+def test_ycck_jpeg_becomes_rgb(cmyk: tuple[int, int, int, int], rgb: tuple[int, int, int]) -> None:
+    source = ycck_jpeg(cmyk)
+    decoded = decode(source)
+    assert decoded.mode == "CMYK"
+    assert decoded.info["adobe_transform"] == 2
+    assert close_to(decoded.getpixel((16, 16)), cmyk, tolerance=4)
+
+    out = decode(compress(source, ImageOptions(quality=90)).data)
+
+    assert out.mode == "RGB"
+    assert close_to(out.getpixel((16, 16)), rgb)
+
+
+def test_display_p3_profile_is_converted_to_srgb() -> None:
+    p3 = ImageCms.ImageCmsProfile(io.BytesIO(display_p3_icc()))
+    assert ImageCms.getProfileDescription(p3).strip() == "Display P3 (test)"
+    # Full P3 red clips to sRGB (255, 0, 0) with or without conversion; a slightly softer
+    # P3 red is still outside sRGB and shows the difference.
+    p3_red = (220, 40, 40)
+    source = encode(Image.new("RGB", (16, 16), p3_red), "PNG", icc_profile=display_p3_icc())
+
+    out = decode(compress(source, ImageOptions(format=OutputFormat.PNG)).data)
+
+    assert "icc_profile" not in out.info
+    pixel = out.getpixel((8, 8))
+    assert isinstance(pixel, tuple)
+    red, green, _ = pixel
+    # Stripping the tag would leave (220, 40, 40): P3's wider red becomes a stronger sRGB
+    # red, and the green that sRGB would need below zero is clipped to 0.
+    assert red > p3_red[0] + 10
+    assert green < p3_red[1] - 30
+    assert close_to(pixel, (240, 0, 21), tolerance=6)
+    # Neutral colours stay neutral: the white point is right.
+    grey = encode(Image.new("RGB", (16, 16), (128, 128, 128)), "PNG", icc_profile=display_p3_icc())
+    assert close_to(
+        decode(compress(grey, ImageOptions(format=OutputFormat.PNG)).data).getpixel((8, 8)),
+        (128, 128, 128),
+        tolerance=1,
+    )
+
+
 def test_embedded_icc_profile_is_converted_and_removed() -> None:
     source = encode(Image.new("RGB", (32, 32), (200, 60, 20)), "JPEG", icc_profile=srgb_icc())
     out = decode(compress(source, ImageOptions(quality=90)).data)
@@ -279,6 +413,89 @@ def test_animated_gif_gives_its_first_frame() -> None:
 
     assert out.size == (30, 20)
     assert close_to(out.getpixel((15, 10)), RED)
+
+
+def animation(source_format: str, count: int, size: tuple[int, int] = (12, 8)) -> bytes:
+    """`count` frames of distinct colours (identical frames would be merged by the writer);
+    the first one red."""
+    frames = [Image.new("RGB", size, (255 - i * 5, i * 5, 0)) for i in range(count)]
+    params: dict[str, object] = {"lossless": True} if source_format == "WEBP" else {}
+    return encode(
+        frames[0], source_format, save_all=True, append_images=frames[1:], duration=40, **params
+    )
+
+
+@pytest.mark.parametrize("source_format", ["WEBP", "PNG"])
+def test_animated_webp_and_png_give_their_first_frame(source_format: str) -> None:
+    source = animation(source_format, 3, size=(30, 20))
+    assert decode(source).n_frames == 3  # type: ignore[attr-defined]
+
+    for output in OutputFormat:
+        result = compress(source, ImageOptions(format=output, quality=90))
+        out = decode(result.data)
+        assert getattr(out, "n_frames", 1) == 1
+        assert not result.kept_source
+        assert out.size == (30, 20)
+        assert close_to(out.convert("RGB").getpixel((15, 10)), RED)
+
+
+@pytest.mark.parametrize(
+    ("source_format", "message"),
+    [
+        ("GIF", "the animated image has more than 10 frames; the limit is 10 frames"),
+        ("WEBP", "the animated image has more than 10 frames; the limit is 10 frames"),
+        ("PNG", "the animated image has more than 10 frames; the limit is 10 frames"),
+        ("TIFF", "the TIFF image has more than 10 pages; the limit is 10 pages"),
+    ],
+)
+def test_too_many_frames_is_a_bomb(source_format: str, message: str) -> None:
+    source = animation(source_format, 30)
+    assert decode(source).n_frames == 30  # type: ignore[attr-defined]
+
+    failure = failure_of(source, limits=ImageLimits(max_frames=10))
+
+    assert failure.code is OutcomeCode.DECOMPRESSION_BOMB
+    assert failure.message == message
+    assert not failure.transient
+    # Exactly at the limit is fine.
+    assert compress(source, limits=ImageLimits(max_frames=30)).width == 12
+
+
+def test_frames_are_counted_only_up_to_the_limit() -> None:
+    gif = animation("GIF", 30)
+    tiff = animation("TIFF", 30)
+    assert _gif_frames(gif, stop=11) == 11
+    assert _tiff_pages(tiff, stop=11) == 11
+    assert _gif_frames(gif, stop=1000) == 30
+    assert _tiff_pages(tiff, stop=1000) == 30
+    assert ImageLimits().max_frames == 1000
+
+
+def test_gif_frame_count_agrees_with_pillow() -> None:
+    # Local palettes, a comment and a loop extension between frames.
+    frames = [photo((20, 10)).quantize(16 + i) for i in range(5)]
+    source = encode(
+        frames[0], "GIF", save_all=True, append_images=frames[1:], loop=0, comment=b"hi"
+    )
+    pillow_count = decode(source).n_frames  # type: ignore[attr-defined]
+    assert _gif_frames(source, stop=1000) == pillow_count == 5
+
+
+def test_progressive_jpeg_input() -> None:
+    original = photo()
+    source = encode(original, "JPEG", quality=90, progressive=True)
+    assert decode(source).info.get("progressive")
+
+    for options, size in (
+        (ImageOptions(quality=90), (320, 240)),
+        (ImageOptions(quality=90, scale=0.5), (160, 120)),
+    ):
+        result = compress(source, options)
+        out = decode(result.data)
+        assert out.size == (result.width, result.height) == size
+        expected = original.resize(size, Image.Resampling.LANCZOS)
+        difference = ImageStat.Stat(ImageChops.difference(out.convert("RGB"), expected)).mean
+        assert max(difference) < 6
 
 
 @pytest.mark.parametrize(
@@ -434,23 +651,78 @@ def test_small_webp_is_kept_without_exif() -> None:
 # --- failures -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("data", [b"", b"hello, this is a text file\n" * 10, b"<svg></svg>"])
+# SVG, once in this list, now has a code of its own (test_svg_is_unsupported).
+@pytest.mark.parametrize("data", [b"", b"hello, this is a text file\n" * 10])
 def test_not_an_image(data: bytes) -> None:
     failure = failure_of(data)
     assert failure.code is OutcomeCode.NOT_AN_IMAGE
     assert not failure.transient
 
 
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b"", "the URL returned an empty file, not an image"),
+        (b"hello, this is a text file\n", "the URL returned a file that is not an image we know"),
+        (b'<?xml version="1.0"?><rss/>', "the URL returned a file that is not an image we know"),
+    ],
+)
+def test_not_an_image_messages(data: bytes, message: str) -> None:
+    failure = failure_of(data)
+    assert failure.code is OutcomeCode.NOT_AN_IMAGE
+    assert failure.message == message
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"<svg></svg>",
+        b'<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"/>',
+        b'<?xml version="1.0" encoding="UTF-8"?>\n<svg xmlns="http://www.w3.org/2000/svg"/>',
+        b'<?xml version="1.0"?>\n<!DOCTYPE svg PUBLIC "-//W3C//DTD SVG 1.1//EN" "x">\n<svg/>',
+        b"\xef\xbb\xbf  \n<!-- drawn by hand -->\n<SVG></SVG>",
+    ],
+)
+def test_svg_is_unsupported(data: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
+    def tripwire(*args: object, **kwargs: object) -> Image.Image:
+        raise AssertionError("SVG must be recognised before Pillow sees it")
+
+    monkeypatch.setattr(Image, "open", tripwire)
+    failure = failure_of(data)
+    assert failure.code is OutcomeCode.UNSUPPORTED_FORMAT
+    assert failure.message == "SVG images are not supported"
+    assert not failure.transient
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"<!doctype html><html><head><title>404</title></head><body>Not found</body></html>",
+        b'\r\n\r\n  <!DOCTYPE HTML PUBLIC "-//W3C//DTD HTML 4.01//EN">\n<HTML></HTML>',
+        b"<html><body><svg></svg></body></html>",  # an inline SVG does not make it an SVG
+        b"<!-- served by a CDN -->\n<html lang=en></html>",
+        b"<head><meta charset=utf-8><title>Access denied</title></head>",
+    ],
+)
+def test_html_page_served_as_an_image(data: bytes) -> None:
+    failure = failure_of(data)
+    assert failure.code is OutcomeCode.NOT_AN_IMAGE
+    assert failure.message == "the URL returned an HTML page, not an image"
+
+
 def test_truncated_jpeg_is_corrupt() -> None:
     source = encode(photo(), "JPEG", quality=90)
     failure = failure_of(source[: len(source) // 2])
     assert failure.code is OutcomeCode.CORRUPT_IMAGE
+    assert failure.message.startswith("the image is damaged or incomplete and cannot be decoded")
 
 
 def test_damaged_png_header_is_corrupt() -> None:
     source = bytearray(encode(photo((16, 16)), "PNG"))
     source[29] ^= 0xFF  # inside the IHDR CRC
-    assert failure_of(bytes(source)).code is OutcomeCode.CORRUPT_IMAGE
+    failure = failure_of(bytes(source))
+    assert failure.code is OutcomeCode.CORRUPT_IMAGE
+    assert failure.message == "the PNG image is damaged: its header cannot be read"
 
 
 def png_claiming(width: int, height: int) -> bytes:
@@ -466,6 +738,7 @@ def test_pixel_limit_is_checked_before_decoding() -> None:
     failure = failure_of(encode(photo((200, 100)), "PNG"), limits=ImageLimits(max_pixels=19_999))
     assert failure.code is OutcomeCode.DECOMPRESSION_BOMB
     assert "200x100" in failure.message
+    assert failure.message == "the image is 200x100 pixels; the limit is 19,999 pixels"
 
 
 def test_header_claiming_a_huge_image_is_a_bomb() -> None:
@@ -477,12 +750,23 @@ def test_header_over_our_limit_is_a_bomb_before_any_decoding() -> None:
     # 8000x8000 = 64 M pixels: under Pillow's warning threshold, over our default 50 M.
     failure = failure_of(png_claiming(8000, 8000))
     assert failure.code is OutcomeCode.DECOMPRESSION_BOMB
+    assert failure.message == "the image is 8000x8000 pixels; the limit is 50 megapixels"
+
+
+def test_png_claiming_30000_by_30000_is_a_bomb_before_decoding() -> None:
+    # Its one IDAT byte stream holds a single pixel: decoding would fail as corrupt.
+    failure = failure_of(png_claiming(30_000, 30_000))
+    assert failure.code is OutcomeCode.DECOMPRESSION_BOMB
+    assert failure.message == "the image has 900 megapixels; the limit is 50 megapixels"
 
 
 def test_refused_format_ico() -> None:
     failure = failure_of(encode(Image.new("RGB", (32, 32), RED), "ICO"))
     assert failure.code is OutcomeCode.UNSUPPORTED_FORMAT
     assert "ICO" in failure.message
+    assert failure.message == (
+        "ICO images are not supported; send JPEG, PNG, GIF, WebP, BMP or TIFF"
+    )
 
 
 def test_eps_is_refused_without_running_its_parser(monkeypatch: pytest.MonkeyPatch) -> None:

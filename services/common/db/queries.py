@@ -175,12 +175,23 @@ async def image_status(conn: Connection, image_id: int) -> tuple[str, uuid.UUID]
     return (row["status"], row["request_id"]) if row else None
 
 
-async def bump_attempts(conn: Connection, image_id: int) -> int:
-    return int(
-        await conn.fetchval(
-            "UPDATE images SET attempts = attempts + 1 WHERE id = $1 RETURNING attempts", image_id
-        )
+async def record_attempt(
+    conn: Connection, image_id: int, *, code: str | None = None, message: str | None = None
+) -> int:
+    """Count one fetch attempt; a failed one leaves its error on the still-Pending row."""
+    attempts = await conn.fetchval(
+        """UPDATE images
+              SET attempts = attempts + 1,
+                  error_code = COALESCE($2, error_code),
+                  error_message = COALESCE($3, error_message),
+                  updated_at = now()
+            WHERE id = $1 AND status = 'Pending'
+        RETURNING attempts""",
+        image_id,
+        code,
+        message[:1000] if message else None,
     )
+    return int(attempts or 0)
 
 
 _COUNTERS_UPDATE = """

@@ -1,0 +1,353 @@
+"""A request mixing good and hostile URLs: the good images are done, each hostile one fails
+under its own code, and no connection ever reaches a blocked address.
+
+The origin misbehaves on purpose; tripwire servers listen where the hostile URLs point (the
+loopback spellings, and a redirect to "Redis" on another port) and count every connection.
+Everything listens on loopback: no traffic leaves 127.0.0.0/8 and ::1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import socket
+import struct
+import zlib
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import asyncpg
+import pytest
+import redis.asyncio
+from aiohttp import web
+from PIL import Image
+
+from services.common.fetch import FetchAllow, FetchLimits, fetch_image, make_session
+from services.common.imaging import ImageLimits
+from services.common.pb.imgpipe.v1 import ingest_service_pb2_grpc as ingest_grpc
+from services.common.pb.imgpipe.v1 import status_service_pb2 as status_pb
+from services.common.pb.imgpipe.v1 import status_service_pb2_grpc as status_grpc
+from services.common.storage import Storage
+from services.common.streams import StreamNames, TaskConsumer
+from services.worker.processor import Processor, RetryPolicy
+from services.worker.runner import consume
+from tests.imagegen import photo_like
+from tests.integration.flows import csv_of, upload
+from tests.support import wait_until_async
+
+pytestmark = pytest.mark.integration
+
+LIMITS = FetchLimits(connect_timeout=2.0, total_timeout=3.0, stall_timeout=0.5, max_bytes=2_000_000)
+
+
+@dataclass
+class Tripwire:
+    """A listener that only counts the connections it accepts."""
+
+    host: str
+    port: int = 0
+    accepted: int = 0
+    server: asyncio.Server | None = field(default=None, repr=False)
+
+    async def start(self) -> None:
+        def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            self.accepted += 1
+            writer.close()
+
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        self.server = await asyncio.start_server(on_connect, self.host, 0, family=family)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+
+
+def png_bomb() -> bytes:
+    """A valid PNG header claiming 30000×30000 pixels, with a tiny body."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    header = struct.pack(">IIBBBBB", 30000, 30000, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + chunk(b"IEND", b"")
+    )
+
+
+def many_frames_gif(frames: int) -> bytes:
+    # Distinct frames: Pillow merges identical consecutive frames when saving.
+    images = [Image.new("RGB", (8, 8), (i * 8 % 256, 0, 0)) for i in range(frames)]
+    out = io.BytesIO()
+    images[0].save(out, "GIF", save_all=True, append_images=images[1:], duration=10, loop=0)
+    return out.getvalue()
+
+
+@pytest.fixture
+async def tripwires() -> AsyncIterator[dict[str, Tripwire]]:
+    wires = {host: Tripwire(host) for host in ("127.0.0.1", "127.0.0.2", "::1")}
+    for wire in wires.values():
+        await wire.start()
+    try:
+        yield wires
+    finally:
+        for wire in wires.values():
+            await wire.stop()
+
+
+@dataclass
+class HostileOrigin:
+    port: int
+    calls: dict[str, int]
+    concurrency: dict[str, int]  # "now" and "peak" requests in flight on /img/
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+
+@pytest.fixture
+async def hostile_origin(tripwires: dict[str, Tripwire]) -> AsyncIterator[HostileOrigin]:
+    good = photo_like(320, 240, seed=1)
+    calls: dict[str, int] = {}
+    never = asyncio.Event()  # set at teardown, so hanging handlers end
+
+    @web.middleware
+    async def count(request: web.Request, handler: object) -> web.StreamResponse:
+        calls[request.path] = calls.get(request.path, 0) + 1
+        return await handler(request)  # type: ignore[operator]
+
+    concurrency = {"now": 0, "peak": 0}
+
+    async def image(request: web.Request) -> web.Response:
+        concurrency["now"] += 1
+        concurrency["peak"] = max(concurrency["peak"], concurrency["now"])
+        try:
+            await asyncio.sleep(0.05)  # origin latency, so that downloads overlap
+            return web.Response(body=good, content_type="image/jpeg")
+        finally:
+            concurrency["now"] -= 1
+
+    async def flaky(request: web.Request) -> web.Response:
+        if calls[request.path] == 1:
+            return web.Response(status=503, headers={"Retry-After": "1"})
+        return web.Response(body=good, content_type="image/jpeg")
+
+    async def to_redis(request: web.Request) -> web.Response:
+        redis_like = tripwires["127.0.0.1"].port
+        raise web.HTTPFound(f"http://127.0.0.1:{redis_like}/")
+
+    async def loop(request: web.Request) -> web.Response:
+        raise web.HTTPFound("/loop")
+
+    async def drip(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "image/jpeg"})
+        await response.prepare(request)
+        while not never.is_set():
+            await response.write(b"\xff")
+            await asyncio.sleep(0.1)  # the origin's drip rate, not synchronisation
+        return response
+
+    async def silent(request: web.Request) -> web.StreamResponse:
+        await never.wait()
+        return web.Response()
+
+    async def big_declared(request: web.Request) -> web.Response:
+        return web.Response(body=b"\0" * 3_000_000, content_type="image/jpeg")
+
+    async def big_chunked(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "image/jpeg"})
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        for _ in range(40):
+            await response.write(b"\0" * 100_000)
+        return response
+
+    static = {
+        "/html": (b"<!doctype html><html><body>Not found</body></html>", "image/jpeg"),
+        "/truncated": (good[: len(good) // 2], "image/jpeg"),
+        "/bomb.png": (png_bomb(), "image/png"),
+        "/frames.gif": (many_frames_gif(30), "image/gif"),
+        "/logo.svg": (
+            b'<?xml version="1.0"?><svg xmlns="http://www.w3.org/2000/svg"/>',
+            "image/svg+xml",
+        ),
+    }
+
+    async def fixed(request: web.Request) -> web.Response:
+        body, content_type = static[request.path]
+        return web.Response(body=body, content_type=content_type)
+
+    app = web.Application(middlewares=[count])
+    app.router.add_get("/img/{name}", image)
+    app.router.add_get("/flaky", flaky)
+    app.router.add_get("/to-redis", to_redis)
+    app.router.add_get("/loop", loop)
+    app.router.add_get("/drip", drip)
+    app.router.add_get("/silent", silent)
+    app.router.add_get("/big-declared", big_declared)
+    app.router.add_get("/big-chunked", big_chunked)
+    for path in static:
+        app.router.add_get(path, fixed)
+    runner = web.AppRunner(app, shutdown_timeout=1)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield HostileOrigin(runner.addresses[0][1], calls, concurrency)
+    finally:
+        never.set()
+        await runner.cleanup()
+
+
+@pytest.fixture
+async def guarded_processor(
+    hostile_origin: HostileOrigin,
+    pool: asyncpg.Pool,
+    redis_client: redis.asyncio.Redis,
+    names: StreamNames,
+    storage: Storage,
+) -> AsyncIterator[Processor]:
+    # Only the origin is allowed; the tripwires are not.
+    session = make_session(FetchAllow.parse(f"127.0.0.1:{hostile_origin.port}"), LIMITS)
+    with ThreadPoolExecutor(2) as executor:
+        try:
+
+            async def fetch(url: str) -> bytes:
+                return await fetch_image(session, url, LIMITS)
+
+            yield Processor(
+                pool=pool,
+                redis=redis_client,
+                names=names,
+                storage=storage,
+                fetch=fetch,
+                executor=executor,
+                image_limits=ImageLimits(max_pixels=50_000_000, max_frames=10),
+                retry=RetryPolicy(max_attempts=2, base_delay=0.01, max_delay=0.05, max_wait=2),
+            )
+        finally:
+            await session.close()
+
+
+async def test_good_and_hostile_urls_in_one_request(
+    ingest_stub: ingest_grpc.IngestServiceAsyncStub,
+    status_stub: status_grpc.StatusServiceAsyncStub,
+    guarded_processor: Processor,
+    consumer: TaskConsumer,
+    hostile_origin: HostileOrigin,
+    tripwires: dict[str, Tripwire],
+    pool: asyncpg.Pool,
+    storage: Storage,
+) -> None:
+    o = hostile_origin
+    wire4, wire2, wire6 = (tripwires[h].port for h in ("127.0.0.1", "127.0.0.2", "::1"))
+    expected = {
+        o.url("/img/a.jpg"): None,
+        o.url("/flaky"): None,  # 503 once, then fine: a transient failure is retried
+        o.url("/img/b.jpg"): None,
+        o.url("/to-redis"): "BLOCKED_ADDRESS",
+        f"http://localhost:{wire4}/x.jpg": "BLOCKED_ADDRESS",
+        f"http://127.0.0.2:{wire2}/x.jpg": "BLOCKED_ADDRESS",
+        f"http://[::1]:{wire6}/x.jpg": "BLOCKED_ADDRESS",
+        f"http://0.0.0.0:{wire4}/x.jpg": "BLOCKED_ADDRESS",
+        f"http://[::ffff:127.0.0.1]:{wire4}/x.jpg": "BLOCKED_ADDRESS",
+        f"http://2130706433:{wire4}/x.jpg": "BLOCKED_ADDRESS",
+        o.url("/loop"): "TOO_MANY_REDIRECTS",
+        o.url("/drip"): "TIMEOUT",
+        o.url("/silent"): "TIMEOUT",
+        o.url("/big-declared"): "TOO_LARGE",
+        o.url("/big-chunked"): "TOO_LARGE",
+        o.url("/html"): "NOT_AN_IMAGE",
+        o.url("/truncated"): "CORRUPT_IMAGE",
+        o.url("/bomb.png"): "DECOMPRESSION_BOMB",
+        o.url("/frames.gif"): "DECOMPRESSION_BOMB",
+        o.url("/logo.svg"): "UNSUPPORTED_FORMAT",
+        o.url("/missing"): "HTTP_STATUS",
+    }
+    urls = list(expected)
+    rows = [(str(i + 1), f"Product {i + 1}", urls[i : i + 3]) for i in range(0, len(urls), 3)]
+    accepted = await upload(ingest_stub, csv_of(rows), chunk_size=512)
+
+    stop = asyncio.Event()
+    worker = asyncio.create_task(consume(consumer, guarded_processor, 8, stop))
+    try:
+
+        async def final() -> asyncpg.Record | None:
+            row = await pool.fetchrow(
+                "SELECT * FROM requests WHERE id = $1::uuid", accepted.request_id
+            )
+            return row if row and row["status"] in ("Completed", "Failed") else None
+
+        request = await wait_until_async(final, timeout=60, message="request final")
+    finally:
+        stop.set()
+        await asyncio.wait_for(worker, timeout=15)
+
+    assert request["status"] == "Completed"
+    good = sum(1 for code in expected.values() if code is None)
+    assert (request["images_done"], request["images_failed"]) == (good, len(expected) - good)
+
+    outcomes = {
+        r["input_url"]: r
+        for r in await pool.fetch(
+            "SELECT * FROM images WHERE request_id = $1::uuid", accepted.request_id
+        )
+    }
+    assert {url: r["error_code"] for url, r in outcomes.items()} == expected
+    assert outcomes[o.url("/flaky")]["attempts"] == 2  # 503 + Retry-After, then success
+    assert o.calls["/missing"] == 1  # permanent: not retried
+    assert all(r["error_message"] for r in outcomes.values() if r["error_code"])
+
+    # No connection ever reached a blocked address, asserted where it would have arrived.
+    assert {host: wire.accepted for host, wire in tripwires.items()} == {
+        "127.0.0.1": 0,
+        "127.0.0.2": 0,
+        "::1": 0,
+    }
+    assert o.calls["/to-redis"] == 1 and o.calls["/flaky"] == 2
+
+    # The status API and the output CSV show the codes.
+    errors: dict[str, str] = {}
+    token = ""
+    while True:
+        page = await status_stub.ListProducts(
+            status_pb.ListProductsRequest(request_id=accepted.request_id, page_token=token),
+            timeout=5,
+        )
+        errors |= {e.url: e.code for p in page.products for e in p.errors}
+        if not (token := page.next_page_token):
+            break
+    assert errors == {url: code for url, code in expected.items() if code}
+    table = list(csv.reader(io.StringIO((await storage.get(request["output_csv_key"])).decode())))
+    listed = {
+        entry.rsplit(": ", 1)[0]: entry.rsplit(": ", 1)[1]
+        for row in table[1:]
+        for entry in row[4].split("; ")
+        if entry
+    }
+    assert listed == errors
+
+
+async def test_fetches_to_one_origin_share_its_connection_limit(
+    hostile_origin: HostileOrigin,
+) -> None:
+    """The per-host limit: eight concurrent downloads from one origin use at most two
+    connections when the limit is two."""
+    session = make_session(
+        FetchAllow.parse(f"127.0.0.1:{hostile_origin.port}"), LIMITS, limit_per_host=2
+    )
+    try:
+        results = await asyncio.gather(
+            *(fetch_image(session, hostile_origin.url(f"/img/{i}.jpg"), LIMITS) for i in range(8))
+        )
+        assert all(results)
+        assert hostile_origin.concurrency["peak"] == 2  # measured at the origin
+    finally:
+        await session.close()
