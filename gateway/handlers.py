@@ -22,6 +22,7 @@ from gateway.backends import BACKENDS, SETTINGS
 from gateway.serving import IN_FLIGHT
 from gateway.upload import upload_csv
 from services.common.errors import Conflict, Detail, InvalidArgument, NotFound, Unavailable
+from services.common.pb.imgpipe.v1 import ingest_service_pb2 as ingest_pb
 from services.common.pb.imgpipe.v1 import status_service_pb2 as status_pb
 
 log = logging.getLogger(__name__)
@@ -104,6 +105,33 @@ async def output_csv(request: web.Request) -> web.Response:
         charset="utf-8",
         headers={"Content-Disposition": f'attachment; filename="{filename}"'},
     )
+
+
+async def retry(request: web.Request) -> web.Response:
+    """Put a request's failed images back in the queue (an operator's action)."""
+    request_id = _request_id(request)
+    answer = await request.app[BACKENDS].ingest.RetryFailedImages(
+        ingest_pb.RetryFailedImagesRequest(request_id=request_id),
+        timeout=request.app[SETTINGS].rpc_timeout,
+    )
+    return web.json_response(
+        views.retry_json(answer, status_url(request, answer.request_id)), status=202
+    )
+
+
+async def queue(request: web.Request) -> web.Response:
+    """How much work waits, is in flight, or was dead-lettered."""
+    limit = request.query.get("dead_letters", "20").strip()
+    if not (limit.isascii() and limit.isdigit() and int(limit) <= 100):
+        raise InvalidArgument(
+            "dead_letters must be an integer from 0 to 100",
+            [Detail(message=f"not {limit[:40]!r}", column="dead_letters")],
+        )
+    stats = await request.app[BACKENDS].status.GetQueueStats(
+        status_pb.GetQueueStatsRequest(dead_letter_limit=int(limit)),
+        timeout=request.app[SETTINGS].rpc_timeout,
+    )
+    return web.json_response(views.queue_json(stats))
 
 
 async def files(request: web.Request) -> web.FileResponse:

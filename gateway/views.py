@@ -93,3 +93,35 @@ def product_json(product: request_pb2.Product) -> dict[str, Any]:
             for error in product.errors
         ],
     }
+
+
+def retry_json(answer: ingest_pb.RetryFailedImagesResponse, status_url: str) -> dict[str, Any]:
+    return {
+        "request_id": answer.request_id,
+        "status": status_name(answer.status),
+        "images_retried": answer.images_retried,
+        "status_url": status_url,
+    }
+
+
+def queue_json(stats: status_pb.GetQueueStatsResponse) -> dict[str, Any]:
+    return {
+        "backlog_images": stats.backlog_images,
+        "stream_length": stats.stream_length,
+        "in_flight": stats.in_flight,
+        "consumers": stats.consumers,
+        "dead_letter_length": stats.dead_letter_length,
+        "dead_letters": [
+            {
+                "entry_id": d.entry_id,
+                "request_id": d.request_id,
+                "image_id": d.image_id,
+                "input_url": d.input_url,
+                "error_code": d.error_code,
+                "error_message": d.error_message,
+                "deliveries": d.deliveries,
+                "dead_at": timestamp(d, "dead_at"),
+            }
+            for d in stats.dead_letters
+        ],
+    }

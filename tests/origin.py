@@ -21,6 +21,7 @@ class ImageOrigin:
     port: int
     size: tuple[int, int]
     served: dict[str, bytes] = field(default_factory=dict)
+    missing: set[str] = field(default_factory=set)  # paths answered 404 for now
 
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.port}{path}"
@@ -44,6 +45,8 @@ async def serve_images(
     async def image(request: web.Request) -> web.Response:
         if delay:
             await asyncio.sleep(delay)  # simulated origin latency, not synchronisation
+        if request.path in origin.missing:
+            raise web.HTTPNotFound()
         return web.Response(body=origin.image(request.path), content_type="image/jpeg")
 
     async def text(request: web.Request) -> web.Response:

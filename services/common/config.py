@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 from services.common.csv_format import CsvLimits
 from services.common.fetch import FetchAllow, FetchLimits
 from services.common.imaging import ImageLimits
+from services.common.outcome import RetryPolicy
 
 T = TypeVar("T")
 
@@ -116,6 +117,8 @@ class CommonSettings:
     grpc_listen: str = "127.0.0.1:50051"
     grace_seconds: float = 20.0
     log_level: str = "INFO"
+    # Crash points for fault tests (services/common/failpoints.py); empty in production.
+    failpoints: frozenset[str] = frozenset()
 
     @classmethod
     def read(cls, env: _Reader, default_listen: str) -> Self:
@@ -136,6 +139,9 @@ class CommonSettings:
             grpc_listen=env.address("IMGPIPE_GRPC_LISTEN", default_listen),
             grace_seconds=env.number("IMGPIPE_GRACE_SECONDS", 20.0),
             log_level=env.text("IMGPIPE_LOG_LEVEL", "INFO").upper(),
+            failpoints=frozenset(
+                name.strip() for name in env.text("IMGPIPE_FAILPOINTS").split(",") if name.strip()
+            ),
         )
 
 
@@ -179,7 +185,28 @@ class WorkerSettings:
     fetch_limits: FetchLimits = field(default_factory=FetchLimits)
     fetch_allow: FetchAllow = field(default_factory=FetchAllow)
     image_limits: ImageLimits = field(default_factory=ImageLimits)
-    max_attempts: int = 3
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    # Time allowed to decode, encode and store one image and record it, after the download.
+    process_budget: float = 60.0
+    # An entry idle this long belongs to a dead worker and is claimed; None: derived.
+    visibility_override: float | None = None
+    max_deliveries: int = 5
+    claim_interval: float = 10.0
+    reconcile_interval: float = 30.0
+    reconcile_min_age: float = 10.0
+
+    @property
+    def slowest_image(self) -> float:
+        """The longest one image may legitimately take: every attempt at the total timeout,
+        every wait between attempts and for cooldowns, and the processing budget."""
+        fetching = self.retry.max_attempts * self.fetch_limits.total_timeout
+        return fetching + self.retry.longest_wait + self.process_budget
+
+    @property
+    def visibility_timeout(self) -> float:
+        """Entries idle longer than this are taken over; it exceeds the slowest legitimate
+        image, so live work is never stolen."""
+        return self.visibility_override or self.slowest_image
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Self:
@@ -211,8 +238,23 @@ class WorkerSettings:
                 max_pixels=env.integer("IMGPIPE_MAX_PIXELS", images.max_pixels, minimum=1),
                 max_frames=env.integer("IMGPIPE_MAX_FRAMES", images.max_frames, minimum=1),
             ),
-            max_attempts=env.integer("IMGPIPE_MAX_ATTEMPTS", 3, minimum=1),
+            retry=RetryPolicy(
+                max_attempts=env.integer("IMGPIPE_MAX_ATTEMPTS", 3, minimum=1),
+                max_wait=env.number("IMGPIPE_FETCH_MAX_RETRY_AFTER", fetch.max_retry_after),
+            ),
+            process_budget=env.number("IMGPIPE_PROCESS_BUDGET", 60.0),
+            visibility_override=env.number("IMGPIPE_VISIBILITY_TIMEOUT", 0.0) or None,
+            max_deliveries=env.integer("IMGPIPE_MAX_DELIVERIES", 5, minimum=1),
+            claim_interval=env.number("IMGPIPE_CLAIM_INTERVAL", 10.0),
+            reconcile_interval=env.number("IMGPIPE_RECONCILE_INTERVAL", 30.0),
+            reconcile_min_age=env.number("IMGPIPE_RECONCILE_MIN_AGE", 10.0),
         )
+        if settings.visibility_override and settings.visibility_override < settings.slowest_image:
+            env.problems.append(
+                f"IMGPIPE_VISIBILITY_TIMEOUT={settings.visibility_override:g} is shorter than the"
+                f" slowest legitimate image ({settings.slowest_image:g} s, from the fetch and"
+                " processing limits): live work would be taken over"
+            )
         env.done()
         return settings
 

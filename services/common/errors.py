@@ -7,15 +7,33 @@ with `http_error_from_rpc`. The field-violation encoding ("ROW:COLUMN") lives on
 
 from __future__ import annotations
 
+import functools
+import inspect
+import logging
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
+import asyncpg
 import grpc
 from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
+from redis.exceptions import RedisError
+
+log = logging.getLogger(__name__)
 
 DOMAIN = "imgpipe"
+
+# Failures of a backend (Postgres, Redis, the network to them), as opposed to a bad request:
+# callers get UNAVAILABLE (503) and may retry.
+BACKEND_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.OperatorInterventionError,
+    RedisError,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,3 +186,38 @@ def error_body(error: ImgpipeError) -> dict[str, Any]:
             "details": [d.as_json() for d in error.details],
         }
     }
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def rpc_method(method: F) -> F:
+    """Decorate a servicer method: an ImgpipeError becomes its gRPC status, a backend failure
+    becomes UNAVAILABLE, and nothing else leaks. Works for unary and server-streaming methods."""
+
+    async def fail(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException) -> NoReturn:
+        if isinstance(exc, ImgpipeError):
+            await grpc_abort(context, exc)
+        log.warning("backend unavailable", extra={"error": repr(exc), "method": method.__name__})
+        await grpc_abort(context, Unavailable("a backend is unavailable; retry later"))
+
+    if inspect.isasyncgenfunction(method):
+
+        @functools.wraps(method)
+        async def stream(self: Any, request: Any, context: Any) -> AsyncIterator[Any]:
+            try:
+                async for item in method(self, request, context):
+                    yield item
+            except (ImgpipeError, *BACKEND_ERRORS) as exc:  # type: ignore[misc]
+                await fail(context, exc)
+
+        return stream  # type: ignore[return-value]
+
+    @functools.wraps(method)
+    async def unary(self: Any, request: Any, context: Any) -> Any:
+        try:
+            return await method(self, request, context)
+        except (ImgpipeError, *BACKEND_ERRORS) as exc:  # type: ignore[misc]
+            await fail(context, exc)
+
+    return unary  # type: ignore[return-value]

@@ -24,10 +24,22 @@ Register = Callable[[grpc.aio.Server], None]
 Loop = Callable[[asyncio.Event], Coroutine[Any, Any, None]]
 
 
+async def wait_any(*events: asyncio.Event, timeout: float | None = None) -> bool:  # noqa: ASYNC109
+    """Wait until one of `events` is set, at most `timeout` seconds; True if one was set."""
+    if any(event.is_set() for event in events):
+        return True
+    waiters = [asyncio.ensure_future(event.wait()) for event in events]
+    try:
+        await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+    return any(event.is_set() for event in events)
+
+
 async def wait_or_stop(stop: asyncio.Event, seconds: float) -> bool:
     """Pause a loop for up to `seconds`; True (early) when `stop` is set."""
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stop.wait(), timeout=seconds)
+    await wait_any(stop, timeout=seconds)
     return stop.is_set()
 
 
@@ -56,11 +68,13 @@ async def run_service(
     loops: Sequence[Loop] = (),
     grace: float = 20.0,
     stop: asyncio.Event | None = None,
+    health: Health | None = None,
 ) -> None:
     """Serve until SIGTERM/SIGINT (or `stop` is set), then drain within `grace` seconds.
 
     `loops` are background coroutines taking the stop event; they must return soon after it is
     set, having finished or released their in-flight work. A loop that crashes stops the service.
+    `health` lets a loop (the dependency monitor) report NOT_SERVING while the service runs.
     """
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -70,7 +84,7 @@ async def run_service(
     server = grpc.aio.server()
     if register is not None:
         register(server)
-    health_state = Health(service_names)
+    health_state = health or Health(service_names)
     health_pb2_grpc.add_HealthServicer_to_server(health_state.servicer, server)
     reflection.enable_server_reflection(
         [

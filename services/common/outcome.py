@@ -7,6 +7,8 @@ image row and retries only when `transient` is true.
 from __future__ import annotations
 
 import enum
+import random
+from dataclasses import dataclass
 
 
 class OutcomeCode(enum.StrEnum):
@@ -61,3 +63,26 @@ def _rebuild(
     code: OutcomeCode, message: str, transient: bool, retry_after: float | None, sent: bool
 ) -> ImageFailure:
     return ImageFailure(code, message, transient=transient, retry_after=retry_after, sent=sent)
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """How a task retries transient fetch failures (exponential backoff with full jitter)."""
+
+    max_attempts: int = 3
+    base_delay: float = 0.5
+    max_delay: float = 10.0
+    # Waiting for an origin's Retry-After cooldown: how often, and how long at most each time.
+    max_cooldown_waits: int = 3
+    max_wait: float = 60.0
+
+    def delay(self, attempt: int, retry_after: float | None) -> float:
+        """Exponential backoff with full jitter; an origin's Retry-After wins when longer."""
+        backoff = random.uniform(0, min(self.max_delay, self.base_delay * 2 ** (attempt - 1)))
+        return max(backoff, min(retry_after or 0.0, self.max_wait))
+
+    @property
+    def longest_wait(self) -> float:
+        """The most a task can spend waiting between attempts and for origin cooldowns."""
+        between = max(self.max_delay, self.max_wait)
+        return (self.max_attempts - 1) * between + self.max_cooldown_waits * self.max_wait

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
+from services.common.errors import NotFound
 from services.common.imaging import ImageOptions, OutputFormat
 from services.common.pb.imgpipe.v1 import request_pb2, task_pb2
 
@@ -64,3 +66,11 @@ STATUS_TO_PROTO = {
     "Failed": request_pb2.REQUEST_STATUS_FAILED,
 }
 FINAL_STATUSES = frozenset({"Completed", "Failed"})
+
+
+def parse_request_id(raw: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(raw)
+    except ValueError:
+        # Not an id we could have issued: the same answer as an unknown one.
+        raise NotFound(f"no request {raw[:64]}") from None

@@ -12,8 +12,16 @@ from typing import TypeVar
 import asyncpg
 import redis.asyncio as aioredis
 
+from services.common import failpoints
 from services.common.config import CommonSettings, ConfigError
 from services.common.db.pool import create_pool, migrate
+from services.common.dependencies import (
+    DependencyMonitor,
+    Probe,
+    postgres_probe,
+    redis_probe,
+)
+from services.common.grpc_server import Health
 from services.common.logging import configure_logging
 from services.common.streams import StreamNames
 
@@ -39,6 +47,11 @@ class Backends:
     redis: aioredis.Redis
     names: StreamNames
 
+    def monitor(self, health: Health, **extra: Probe) -> DependencyMonitor:
+        """Watches Postgres and Redis (and `extra`) and drives `health` accordingly."""
+        probes = {"postgres": postgres_probe(self.pool), "redis": redis_probe(self.redis), **extra}
+        return DependencyMonitor(probes, health)
+
 
 @contextlib.asynccontextmanager
 async def open_backends(
@@ -46,6 +59,7 @@ async def open_backends(
 ) -> AsyncIterator[Backends]:
     """Logging, the Postgres pool (migrated) and the Redis client, for the service's lifetime."""
     configure_logging(service, common.log_level)
+    failpoints.arm(common.failpoints)
     pool = await create_pool(common.database_url, max_size=pool_size)
     try:
         await migrate(pool)

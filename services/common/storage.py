@@ -6,6 +6,7 @@ overwrites its own output with the same bytes instead of leaving two outputs.
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +60,11 @@ class Storage:
         """The object's bytes; FileNotFoundError when it does not exist."""
         result = await obstore.get_async(self.store, key)
         return bytes(await result.bytes_async())
+
+    async def probe(self) -> None:
+        """Raise if the store cannot be reached (a missing probe object is fine)."""
+        with contextlib.suppress(FileNotFoundError):
+            await obstore.head_async(self.store, ".imgpipe-probe")
 
     def public_url(self, key: str) -> str:
         return self.public_base_url.rstrip("/") + "/" + quote(key)

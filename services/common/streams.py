@@ -1,12 +1,16 @@
-"""Redis Streams: the task stream with its consumer group, and the events stream.
+"""Redis Streams: the task stream with its consumer group, the dead letters, the events stream.
 
 Payloads are serialized protobuf (`ImageTask`, `RequestEvent`) in one field, so the streams
-have a versioned contract. Consumers acknowledge only after the outcome is durable in Postgres.
+have a versioned contract. Consumers acknowledge only after the outcome is durable in Postgres;
+entries of a consumer that died are taken over with XAUTOCLAIM; an entry delivered too often
+goes to the dead-letter stream. Trimming never removes an entry some group has not acknowledged.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +26,16 @@ log = logging.getLogger(__name__)
 TASK_FIELD = b"task"
 EVENT_FIELD = b"event"
 WORKER_GROUP = "workers"
+# How long "this event was published" is remembered, so republishing it is a no-op.
+EVENT_DEDUP_SECONDS = 7 * 24 * 3600
+
+# XADD only if the event id was never published: SET NX and XADD in one atomic step.
+_PUBLISH_ONCE = """
+if redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[2]) then
+  return redis.call('XADD', KEYS[1], '*', 'event', ARGV[1])
+end
+return false
+"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,33 +56,47 @@ class StreamNames:
     def events(self) -> str:
         return f"{self.prefix}:events"
 
+    def event_published(self, event_id: str) -> str:
+        return f"{self.prefix}:events:published:{event_id}"
+
 
 async def publish_tasks(
     redis: aioredis.Redis, names: StreamNames, tasks: Sequence[task_pb2.ImageTask]
-) -> list[bytes]:
-    """XADD every task in one pipelined round trip; returns the entry ids."""
+) -> list[str]:
+    """XADD every task in one pipelined round trip; returns the entry ids, in order."""
     if not tasks:
         return []
     async with redis.pipeline(transaction=False) as pipe:
         for task in tasks:
             pipe.xadd(names.tasks, {TASK_FIELD: task.SerializeToString()})
-        return list(await pipe.execute())
+        return [_text(entry_id) for entry_id in await pipe.execute()]
 
 
-async def publish_event(
+async def publish_event_once(
     redis: aioredis.Redis, names: StreamNames, event: request_pb2.RequestEvent
-) -> None:
-    await redis.xadd(names.events, {EVENT_FIELD: event.SerializeToString()})
+) -> bool:
+    """Publish `event` unless an event with its id was already published; True if it was now."""
+    added = await redis.eval(
+        _PUBLISH_ONCE,
+        2,
+        names.events,
+        names.event_published(event.event_id),
+        event.SerializeToString(),
+        EVENT_DEDUP_SECONDS,
+    )
+    return bool(added)
 
 
 @dataclass(frozen=True, slots=True)
 class Delivery:
-    entry_id: bytes
+    entry_id: str
     task: task_pb2.ImageTask
+    deliveries: int = 1  # how often the group has handed this entry out, this time included
 
 
 class TaskConsumer:
-    """One consumer of the workers group: its own pending entries first, then new ones."""
+    """One consumer of the workers group: its own pending entries first, then new ones, and
+    entries other consumers left idle too long (they died) through XAUTOCLAIM."""
 
     def __init__(self, redis: aioredis.Redis, names: StreamNames, consumer: str) -> None:
         self.redis = redis
@@ -76,7 +104,8 @@ class TaskConsumer:
         self.consumer = consumer
         # "0" re-reads this consumer's own pending entries (a restart with the same name);
         # once they are exhausted we switch to ">" for new entries.
-        self._cursor = b"0"
+        self._cursor = "0"
+        self._claim_cursor = "0-0"
 
     async def ensure_group(self) -> None:
         try:
@@ -86,7 +115,25 @@ class TaskConsumer:
                 raise
 
     async def read(self, count: int, block_ms: int) -> list[Delivery]:
-        reading_pending = self._cursor != b">"
+        """Up to `count` deliveries, waiting at most `block_ms` for new ones."""
+        try:
+            return await self._read(count, block_ms)
+        except ResponseError as exc:
+            await self._recreate_group(exc)
+            return []
+
+    async def _recreate_group(self, exc: ResponseError) -> None:
+        if "NOGROUP" not in str(exc):
+            raise exc
+        # Redis lost the stream (a restart without persistence): start over. Lost tasks are
+        # republished by the reconciler from Postgres.
+        log.warning("consumer group missing; recreating it")
+        await self.ensure_group()
+        self._cursor = "0"
+        self._claim_cursor = "0-0"
+
+    async def _read(self, count: int, block_ms: int) -> list[Delivery]:
+        reading_pending = self._cursor != ">"
         # redis-py types replies as a union of every RESP shape; ours is RESP2 with bytes.
         response: Any = await self.redis.xreadgroup(
             WORKER_GROUP,
@@ -96,34 +143,225 @@ class TaskConsumer:
             block=None if reading_pending else block_ms,
         )
         entries = response[0][1] if response else []
-        if reading_pending:
-            if not entries:
-                self._cursor = b">"
-                return await self.read(count, block_ms)
-            self._cursor = entries[-1][0]
+        if not reading_pending:
+            return await self._decode(entries, {})
+        if not entries:
+            self._cursor = ">"
+            return await self._read(count, block_ms)
+        self._cursor = _text(entries[-1][0])
+        return await self._decode(entries, await self._delivery_counts(entries))
+
+    async def claim_stale(self, min_idle_ms: int, count: int) -> list[Delivery]:
+        """Take over up to `count` entries idle for `min_idle_ms` (their consumer died)."""
+        try:
+            response: Any = await self.redis.xautoclaim(
+                self.names.tasks,
+                WORKER_GROUP,
+                self.consumer,
+                min_idle_time=min_idle_ms,
+                start_id=self._claim_cursor,
+                count=count,
+            )
+        except ResponseError as exc:
+            await self._recreate_group(exc)
+            return []
+        self._claim_cursor = _text(response[0])
+        entries = [entry for entry in response[1] if entry is not None]
+        if entries:
+            log.warning("claimed idle tasks", extra={"entries": len(entries)})
+        return await self._decode(entries, await self._delivery_counts(entries))
+
+    async def _delivery_counts(self, entries: list[Any]) -> dict[str, int]:
+        if not entries:
+            return {}
+        pending: Any = await self.redis.xpending_range(
+            self.names.tasks,
+            WORKER_GROUP,
+            min=entries[0][0],
+            max=entries[-1][0],
+            count=len(entries) * 2,
+            consumername=self.consumer,
+        )
+        return {_text(p["message_id"]): int(p["times_delivered"]) for p in pending}
+
+    async def _decode(self, entries: list[Any], counts: dict[str, int]) -> list[Delivery]:
         deliveries = []
-        for entry_id, fields in entries:
-            delivery = await self._decode(entry_id, fields)
-            if delivery is not None:
-                deliveries.append(delivery)
+        for raw_id, fields in entries:
+            entry_id = _text(raw_id)
+            payload = (fields or {}).get(TASK_FIELD)
+            if payload is None:
+                # A pending entry whose data was deleted: nothing to process, release it.
+                await self.ack([entry_id])
+                continue
+            task = task_pb2.ImageTask()
+            try:
+                task.ParseFromString(payload)
+            except DecodeError:
+                log.error("undecodable task moved to dead letter", extra={"entry_id": entry_id})
+                await self.redis.xadd(
+                    self.names.dead, {TASK_FIELD: payload, b"error": b"undecodable payload"}
+                )
+                await self.ack([entry_id])
+                continue
+            deliveries.append(Delivery(entry_id, task, counts.get(entry_id, 1)))
         return deliveries
 
-    async def _decode(self, entry_id: bytes, fields: dict[bytes, bytes] | None) -> Delivery | None:
-        payload = (fields or {}).get(TASK_FIELD)
-        if payload is None:
-            # A pending entry whose data was trimmed away: nothing to process, release it.
-            await self.ack([entry_id])
-            return None
-        task = task_pb2.ImageTask()
-        try:
-            task.ParseFromString(payload)
-        except DecodeError:
-            log.error("undecodable task moved to dead letter", extra={"entry_id": entry_id})
-            await self.redis.xadd(self.names.dead, {TASK_FIELD: payload, b"error": b"undecodable"})
-            await self.ack([entry_id])
-            return None
-        return Delivery(entry_id, task)
-
-    async def ack(self, entry_ids: Sequence[bytes]) -> None:
+    async def ack(self, entry_ids: Sequence[str]) -> None:
         if entry_ids:
             await self.redis.xack(self.names.tasks, WORKER_GROUP, *entry_ids)
+
+    async def dead_letter(self, delivery: Delivery, code: str, message: str) -> None:
+        """Move a task that was delivered too often to the dead-letter stream, and ack it."""
+        await self.redis.xadd(
+            self.names.dead,
+            {
+                TASK_FIELD: delivery.task.SerializeToString(),
+                b"entry_id": delivery.entry_id,
+                b"deliveries": str(delivery.deliveries),
+                b"error_code": code,
+                b"error_message": message,
+                b"consumer": self.consumer,
+                b"dead_at": str(int(time.time())),
+            },
+        )
+        await self.ack([delivery.entry_id])
+
+
+@dataclass(frozen=True, slots=True)
+class TaskStreamState:
+    """What the reconciler needs to tell a live entry from a lost one."""
+
+    exists: bool
+    last_delivered: str  # the group's last delivered id ("0-0" when none)
+
+    def undelivered(self, entry_id: str) -> bool:
+        return _id_key(entry_id) > _id_key(self.last_delivered)
+
+
+async def task_stream_state(redis: aioredis.Redis, names: StreamNames) -> TaskStreamState:
+    try:
+        groups: Any = await redis.xinfo_groups(names.tasks)
+    except ResponseError:  # no such stream
+        return TaskStreamState(exists=False, last_delivered="0-0")
+    for group in groups:
+        if _text(group["name"]) == WORKER_GROUP:
+            return TaskStreamState(True, _text(group["last-delivered-id"]))
+    return TaskStreamState(exists=False, last_delivered="0-0")
+
+
+async def live_entries(
+    redis: aioredis.Redis, names: StreamNames, entry_ids: Sequence[str]
+) -> set[str]:
+    """The ids among `entry_ids` still on the task stream and not yet done with: waiting to be
+    delivered, or delivered and pending (in flight, or claimable when its consumer died)."""
+    state = await task_stream_state(redis, names)
+    if not state.exists or not entry_ids:
+        return set()
+    async with redis.pipeline(transaction=False) as pipe:
+        for entry_id in entry_ids:
+            pipe.xrange(names.tasks, min=entry_id, max=entry_id, count=1)
+            pipe.xpending_range(names.tasks, WORKER_GROUP, min=entry_id, max=entry_id, count=1)
+        replies = await pipe.execute()
+    live = set()
+    for index, entry_id in enumerate(entry_ids):
+        exists, pending = replies[2 * index], replies[2 * index + 1]
+        if exists and (pending or state.undelivered(entry_id)):
+            live.add(entry_id)
+    return live
+
+
+async def trim_acknowledged(
+    redis: aioredis.Redis, key: str, *, keep_without_groups: int | None
+) -> int:
+    """Trim entries every group has acknowledged; never an unacknowledged one.
+
+    Below the smallest of (each group's oldest pending id, each group's last delivered id)
+    every entry was delivered to every group and is no longer pending: acknowledged. A stream
+    without groups keeps its newest `keep_without_groups` entries (None: it is not trimmed).
+    """
+    try:
+        groups: Any = await redis.xinfo_groups(key)
+    except ResponseError:
+        return 0
+    if not groups:
+        if keep_without_groups is None:
+            return 0
+        trimmed: int = await redis.xtrim(key, maxlen=keep_without_groups, approximate=True)
+        return trimmed
+    floor: tuple[int, int] | None = None
+    for group in groups:
+        bounds = [_id_key(_text(group["last-delivered-id"]))]
+        summary: Any = await redis.xpending(key, group["name"])
+        if summary["pending"]:
+            bounds.append(_id_key(_text(summary["min"])))
+        low = min(bounds)
+        floor = low if floor is None else min(floor, low)
+    if floor is None or floor == (0, 0):
+        return 0
+    trimmed = await redis.xtrim(key, minid=f"{floor[0]}-{floor[1]}", approximate=False)
+    return trimmed
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    entry_id: str
+    task: task_pb2.ImageTask
+    error_code: str
+    error_message: str
+    deliveries: int
+    dead_at: int  # unix seconds
+
+
+@dataclass(frozen=True, slots=True)
+class QueueStats:
+    stream_length: int
+    in_flight: int
+    consumers: int
+    dead_letter_length: int
+    dead_letters: list[DeadLetter]
+
+
+async def queue_stats(
+    redis: aioredis.Redis, names: StreamNames, *, dead_letter_limit: int
+) -> QueueStats:
+    """The task stream's length, what is in flight, and the newest dead letters."""
+    in_flight = consumers = 0
+    try:
+        groups: Any = await redis.xinfo_groups(names.tasks)
+    except ResponseError:
+        groups = []
+    for group in groups:
+        if _text(group["name"]) == WORKER_GROUP:
+            in_flight, consumers = int(group["pending"]), int(group["consumers"])
+    dead: Any = await redis.xrevrange(names.dead, count=dead_letter_limit)
+    return QueueStats(
+        stream_length=int(await redis.xlen(names.tasks)),
+        in_flight=in_flight,
+        consumers=consumers,
+        dead_letter_length=int(await redis.xlen(names.dead)),
+        dead_letters=[_dead_letter(_text(entry_id), fields) for entry_id, fields in dead],
+    )
+
+
+def _dead_letter(entry_id: str, fields: dict[bytes, bytes]) -> DeadLetter:
+    task = task_pb2.ImageTask()
+    # An undecodable payload is itself the reason it is here; show what we have.
+    with contextlib.suppress(DecodeError):
+        task.ParseFromString(fields.get(TASK_FIELD, b""))
+    return DeadLetter(
+        entry_id=entry_id,
+        task=task,
+        error_code=fields.get(b"error_code", b"").decode(),
+        error_message=fields.get(b"error_message", fields.get(b"error", b"")).decode(),
+        deliveries=int(fields.get(b"deliveries", b"0")),
+        dead_at=int(fields.get(b"dead_at", b"0")),
+    )
+
+
+def _id_key(entry_id: str) -> tuple[int, int]:
+    millis, _, seq = entry_id.partition("-")
+    return int(millis), int(seq or 0)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

@@ -6,11 +6,13 @@ import asyncio
 import os
 
 from services.common.config import IngestSettings
-from services.common.grpc_server import run_service
+from services.common.grpc_server import Health, run_service
 from services.common.pb.imgpipe.v1 import ingest_service_pb2 as ingest_pb
+from services.common.publish import republish_loop
 from services.common.resources import load_settings, open_backends
-from services.ingest.publisher import republish_loop
 from services.ingest.servicer import IngestServicer, registrar
+
+SERVICE = ingest_pb.DESCRIPTOR.services_by_name["IngestService"].full_name
 
 
 async def main(settings: IngestSettings) -> None:
@@ -18,16 +20,19 @@ async def main(settings: IngestSettings) -> None:
         servicer = IngestServicer(
             backends.pool, backends.redis, backends.names, settings.csv_limits
         )
+        health = Health([SERVICE])
+        monitor = backends.monitor(health)
 
         async def republish(stop: asyncio.Event) -> None:
             await republish_loop(backends.pool, backends.redis, backends.names, stop)
 
         await run_service(
             listen=settings.common.grpc_listen,
-            service_names=[ingest_pb.DESCRIPTOR.services_by_name["IngestService"].full_name],
+            service_names=[SERVICE],
             register=registrar(servicer),
-            loops=[republish],
+            loops=[monitor.run, republish],
             grace=settings.common.grace_seconds,
+            health=health,
         )
 
 

@@ -22,15 +22,16 @@ import grpc
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from services.common import failpoints
 from services.common.csv_format import REQUIRED_COLUMNS, CsvLimits, CsvReader, ProductRow
 from services.common.db import queries
 from services.common.errors import (
     Conflict,
     Detail,
-    ImgpipeError,
     InvalidArgument,
     InvalidCsv,
-    grpc_abort,
+    NotFound,
+    rpc_method,
 )
 from services.common.grpc_server import Register
 from services.common.imaging import ImageOptions
@@ -43,8 +44,14 @@ from services.common.pb.imgpipe.v1 import (
 from services.common.pb.imgpipe.v1 import (
     request_pb2,
 )
-from services.common.proto_convert import STATUS_TO_PROTO, from_proto, to_json
-from services.ingest.publisher import publish_request
+from services.common.proto_convert import (
+    STATUS_TO_PROTO,
+    from_json,
+    from_proto,
+    parse_request_id,
+    to_json,
+)
+from services.common.publish import publish_images, publish_request
 
 log = logging.getLogger(__name__)
 
@@ -72,34 +79,58 @@ class IngestServicer(ingest_grpc.IngestServiceServicer):
         self.names = names
         self.limits = limits
 
+    @rpc_method
     async def UploadCsv(
         self, request_iterator: AsyncIterator[ingest_pb.UploadCsvRequest], context: Context
     ) -> ingest_pb.UploadCsvResponse:
-        try:
-            header = await self._header(request_iterator)
-            chunks = _content(request_iterator, "chunk", len)
-            accepted = await self._ingest(header, chunks)
-        except ImgpipeError as exc:
-            await grpc_abort(context, exc)
+        header = await self._header(request_iterator)
+        accepted = await self._ingest(header, _content(request_iterator, "chunk", len))
         return ingest_pb.UploadCsvResponse(accepted=accepted)
 
+    @rpc_method
     async def SubmitProducts(
         self, request_iterator: AsyncIterator[ingest_pb.SubmitProductsRequest], context: Context
     ) -> ingest_pb.SubmitProductsResponse:
-        try:
-            header = await self._header(request_iterator)
+        header = await self._header(request_iterator)
 
-            # Structured products go through the very same reader as CSV uploads, so both
-            # paths share every validation rule, limit and row number (first product = row 2).
-            async def as_csv() -> AsyncIterator[bytes]:
-                yield _csv_line(REQUIRED_COLUMNS)
-                async for p in _content(request_iterator, "product", lambda _: 1):
-                    yield _csv_line((p.serial_number, p.product_name, ",".join(p.input_image_urls)))
+        # Structured products go through the very same reader as CSV uploads, so both paths
+        # share every validation rule, limit and row number (the first product is row 2).
+        async def as_csv() -> AsyncIterator[bytes]:
+            yield _csv_line(REQUIRED_COLUMNS)
+            async for p in _content(request_iterator, "product", lambda _: 1):
+                yield _csv_line((p.serial_number, p.product_name, ",".join(p.input_image_urls)))
 
-            accepted = await self._ingest(header, as_csv())
-        except ImgpipeError as exc:
-            await grpc_abort(context, exc)
+        accepted = await self._ingest(header, as_csv())
         return ingest_pb.SubmitProductsResponse(accepted=accepted)
+
+    @rpc_method
+    async def RetryFailedImages(
+        self, request: ingest_pb.RetryFailedImagesRequest, context: Context
+    ) -> ingest_pb.RetryFailedImagesResponse:
+        request_id = parse_request_id(request.request_id)
+        async with self.pool.acquire() as conn:
+            batch = await queries.retry_failed_images(conn, request_id)
+            if batch is None:
+                raise NotFound(f"no request {request.request_id}")
+            options = from_json(batch.request.options)
+            for start in range(0, len(batch.images), INSERT_BATCH):
+                await publish_images(
+                    conn,
+                    self.redis,
+                    self.names,
+                    request_id,
+                    options,
+                    batch.images[start : start + INSERT_BATCH],
+                )
+        log.info(
+            "retrying failed images",
+            extra={"request_id": str(request_id), "images": len(batch.images)},
+        )
+        return ingest_pb.RetryFailedImagesResponse(
+            request_id=str(request_id),
+            status=STATUS_TO_PROTO[batch.request.status],
+            images_retried=len(batch.images),
+        )
 
     async def _header(self, messages: AsyncIterator[Any]) -> Header:
         first = await anext(aiter(messages), None)
@@ -134,6 +165,7 @@ class IngestServicer(ingest_grpc.IngestServiceServicer):
             # A concurrent upload with the same key committed first. The stream is consumed,
             # so the content cannot be compared: ask the caller to retry, which then replays.
             raise Conflict("an upload with this Idempotency-Key is in progress; retry") from None
+        failpoints.crash_here("ingest.after_commit")
         log.info(
             "accepted",
             extra={"request_id": str(request_id), "products": products, "images": images},

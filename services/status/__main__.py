@@ -6,22 +6,28 @@ import asyncio
 import os
 
 from services.common.config import StatusSettings
-from services.common.grpc_server import run_service
+from services.common.grpc_server import Health, run_service
 from services.common.pb.imgpipe.v1 import status_service_pb2 as status_pb
 from services.common.resources import load_settings, open_backends
 from services.common.storage import Storage
 from services.status.servicer import StatusServicer, registrar
+
+SERVICE = status_pb.DESCRIPTOR.services_by_name["StatusService"].full_name
 
 
 async def main(settings: StatusSettings) -> None:
     common = settings.common
     async with open_backends("status", common) as backends:
         storage = Storage.from_url(common.storage_url, common.public_base_url)
+        servicer = StatusServicer(backends.pool, storage, backends.redis, backends.names)
+        health = Health([SERVICE])
         await run_service(
             listen=common.grpc_listen,
-            service_names=[status_pb.DESCRIPTOR.services_by_name["StatusService"].full_name],
-            register=registrar(StatusServicer(backends.pool, storage)),
+            service_names=[SERVICE],
+            register=registrar(servicer),
+            loops=[backends.monitor(health).run],
             grace=common.grace_seconds,
+            health=health,
         )
 
 

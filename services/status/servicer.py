@@ -5,23 +5,30 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import uuid
 from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Any
 
 import asyncpg
 import grpc
+import redis.asyncio as aioredis
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from services.common.db import queries
-from services.common.errors import Detail, ImgpipeError, InvalidArgument, NotFound, grpc_abort
+from services.common.errors import Detail, InvalidArgument, NotFound, rpc_method
 from services.common.grpc_server import Register
 from services.common.pb.imgpipe.v1 import request_pb2
 from services.common.pb.imgpipe.v1 import status_service_pb2 as status_pb
 from services.common.pb.imgpipe.v1 import status_service_pb2_grpc as status_grpc
-from services.common.proto_convert import FINAL_STATUSES, STATUS_TO_PROTO, from_json, to_proto
+from services.common.proto_convert import (
+    FINAL_STATUSES,
+    STATUS_TO_PROTO,
+    from_json,
+    parse_request_id,
+    to_proto,
+)
 from services.common.storage import Storage
+from services.common.streams import DeadLetter, StreamNames, queue_stats
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -31,39 +38,43 @@ WATCH_INTERVAL = 0.5
 
 
 class StatusServicer(status_grpc.StatusServiceServicer):
-    def __init__(self, pool: asyncpg.Pool, storage: Storage) -> None:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        storage: Storage,
+        redis: aioredis.Redis | None = None,
+        names: StreamNames | None = None,
+    ) -> None:
         self.pool = pool
         self.storage = storage
+        self.redis = redis
+        self.names = names or StreamNames()
 
+    @rpc_method
     async def GetRequest(
         self, request: status_pb.GetRequestRequest, context: Context
     ) -> status_pb.GetRequestResponse:
-        try:
-            row = await self._load(request.request_id)
-        except ImgpipeError as exc:
-            await grpc_abort(context, exc)
+        row = await self._load(request.request_id)
         return status_pb.GetRequestResponse(request=request_message(row))
 
+    @rpc_method
     async def ListProducts(
         self, request: status_pb.ListProductsRequest, context: Context
     ) -> status_pb.ListProductsResponse:
-        try:
-            request_id = _parse_id(request.request_id)
-            page_size = request.page_size or DEFAULT_PAGE_SIZE
-            if page_size > MAX_PAGE_SIZE:
-                raise InvalidArgument(
-                    f"page_size must be at most {MAX_PAGE_SIZE}",
-                    [Detail(f"at most {MAX_PAGE_SIZE}", "page_size")],
-                )
-            after_row = _decode_token(request.page_token)
-            async with self.pool.acquire() as conn:
-                if await queries.get_request(conn, request_id) is None:
-                    raise NotFound(f"no request {request.request_id}")
-                page = await queries.list_products(
-                    conn, request_id, after_row=after_row, limit=page_size + 1
-                )
-        except ImgpipeError as exc:
-            await grpc_abort(context, exc)
+        request_id = parse_request_id(request.request_id)
+        page_size = request.page_size or DEFAULT_PAGE_SIZE
+        if page_size > MAX_PAGE_SIZE:
+            raise InvalidArgument(
+                f"page_size must be at most {MAX_PAGE_SIZE}",
+                [Detail(f"at most {MAX_PAGE_SIZE}", "page_size")],
+            )
+        after_row = _decode_token(request.page_token)
+        async with self.pool.acquire() as conn:
+            if await queries.get_request(conn, request_id) is None:
+                raise NotFound(f"no request {request.request_id}")
+            page = await queries.list_products(
+                conn, request_id, after_row=after_row, limit=page_size + 1
+            )
         more = len(page) > page_size
         page = page[:page_size]
         return status_pb.ListProductsResponse(
@@ -71,16 +82,14 @@ class StatusServicer(status_grpc.StatusServiceServicer):
             next_page_token=_encode_token(page[-1].row_number) if more else "",
         )
 
+    @rpc_method
     async def WatchRequest(
         self, request: status_pb.WatchRequestRequest, context: Context
     ) -> AsyncIterator[status_pb.WatchRequestResponse]:
         # Polls Postgres while the request is open; the Redis fan-out comes with live progress.
         last: tuple[Any, ...] | None = None
         while True:
-            try:
-                row = await self._load(request.request_id)
-            except ImgpipeError as exc:
-                await grpc_abort(context, exc)
+            row = await self._load(request.request_id)
             seen = (row.status, row.images_done, row.images_failed)
             if seen != last:
                 last = seen
@@ -89,8 +98,27 @@ class StatusServicer(status_grpc.StatusServiceServicer):
                 return
             await asyncio.sleep(WATCH_INTERVAL)
 
+    @rpc_method
+    async def GetQueueStats(
+        self, request: status_pb.GetQueueStatsRequest, context: Context
+    ) -> status_pb.GetQueueStatsResponse:
+        limit = min(request.dead_letter_limit or 20, 100)
+        async with self.pool.acquire() as conn:
+            backlog = await queries.backlog(conn)
+        if self.redis is None:
+            return status_pb.GetQueueStatsResponse(backlog_images=backlog)
+        stats = await queue_stats(self.redis, self.names, dead_letter_limit=limit)
+        return status_pb.GetQueueStatsResponse(
+            backlog_images=backlog,
+            stream_length=stats.stream_length,
+            in_flight=stats.in_flight,
+            consumers=stats.consumers,
+            dead_letter_length=stats.dead_letter_length,
+            dead_letters=[_dead_letter(d) for d in stats.dead_letters],
+        )
+
     async def _load(self, raw_id: str) -> queries.RequestRow:
-        request_id = _parse_id(raw_id)
+        request_id = parse_request_id(raw_id)
         async with self.pool.acquire() as conn:
             row = await queries.get_request(conn, request_id)
         if row is None:
@@ -140,18 +168,23 @@ def request_message(row: queries.RequestRow) -> request_pb2.Request:
     )
 
 
+def _dead_letter(dead: DeadLetter) -> status_pb.DeadLetter:
+    return status_pb.DeadLetter(
+        entry_id=dead.entry_id,
+        request_id=dead.task.request_id,
+        image_id=dead.task.image_id,
+        input_url=dead.task.input_url,
+        error_code=dead.error_code,
+        error_message=dead.error_message,
+        deliveries=dead.deliveries,
+        dead_at=Timestamp(seconds=dead.dead_at),
+    )
+
+
 def _timestamp(value: datetime) -> Timestamp:
     stamp = Timestamp()
     stamp.FromDatetime(value)
     return stamp
-
-
-def _parse_id(raw: str) -> uuid.UUID:
-    try:
-        return uuid.UUID(raw)
-    except ValueError:
-        # Not an id we could have issued: the same answer as an unknown one.
-        raise NotFound(f"no request {raw[:64]}") from None
 
 
 def _encode_token(after_row: int) -> str:

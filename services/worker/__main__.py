@@ -9,12 +9,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 from services.common.config import WorkerSettings
 from services.common.fetch import fetch_image, make_session
-from services.common.grpc_server import run_service
+from services.common.grpc_server import Health, run_service
 from services.common.resources import load_settings, open_backends
 from services.common.storage import Storage
 from services.common.streams import TaskConsumer
-from services.worker.processor import Processor, RetryPolicy
-from services.worker.runner import consume
+from services.worker.processor import Processor
+from services.worker.reconciler import Reconciler
+from services.worker.runner import ConsumePolicy, consume
 
 
 async def main(settings: WorkerSettings) -> None:
@@ -26,23 +27,45 @@ async def main(settings: WorkerSettings) -> None:
         # Pillow releases the GIL while decoding and encoding, so threads use every core.
         executor = ThreadPoolExecutor(settings.threads, thread_name_prefix="compress")
         try:
+            storage = Storage.from_url(common.storage_url, common.public_base_url)
             processor = Processor(
                 pool=backends.pool,
                 redis=backends.redis,
                 names=backends.names,
-                storage=Storage.from_url(common.storage_url, common.public_base_url),
+                storage=storage,
                 fetch=functools.partial(fetch_image, session, limits=settings.fetch_limits),
                 executor=executor,
                 image_limits=settings.image_limits,
-                retry=RetryPolicy(max_attempts=settings.max_attempts),
+                retry=settings.retry,
             )
             consumer = TaskConsumer(backends.redis, backends.names, settings.consumer_name)
+            policy = ConsumePolicy(
+                concurrency=settings.concurrency,
+                visibility_timeout=settings.visibility_timeout,
+                claim_interval=settings.claim_interval,
+                max_deliveries=settings.max_deliveries,
+            )
+            reconciler = Reconciler(
+                pool=backends.pool,
+                redis=backends.redis,
+                names=backends.names,
+                processor=processor,
+                min_age=settings.reconcile_min_age,
+            )
+            health = Health([])
+            monitor = backends.monitor(health, storage=storage.probe)
 
             async def consuming(stop: asyncio.Event) -> None:
-                await consume(consumer, processor, settings.concurrency, stop)
+                await consume(consumer, processor, policy, stop, monitor)
+
+            async def reconciling(stop: asyncio.Event) -> None:
+                await reconciler.run(stop, settings.reconcile_interval)
 
             await run_service(
-                listen=common.grpc_listen, loops=[consuming], grace=common.grace_seconds
+                listen=common.grpc_listen,
+                loops=[monitor.run, consuming, reconciling],
+                grace=common.grace_seconds,
+                health=health,
             )
         finally:
             executor.shutdown(wait=True, cancel_futures=True)

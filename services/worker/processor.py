@@ -10,11 +10,9 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
-import random
 import uuid
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
-from dataclasses import dataclass
 
 import asyncpg
 import redis.asyncio as aioredis
@@ -24,35 +22,15 @@ from services.common import storage as keys
 from services.common.csv_format import OutputCsvWriter
 from services.common.db import queries
 from services.common.imaging import ImageLimits, compress
-from services.common.outcome import ImageFailure, OutcomeCode
+from services.common.outcome import ImageFailure, OutcomeCode, RetryPolicy
 from services.common.pb.imgpipe.v1 import request_pb2, task_pb2
 from services.common.proto_convert import STATUS_TO_PROTO, from_proto
 from services.common.storage import Storage
-from services.common.streams import StreamNames, publish_event
+from services.common.streams import StreamNames, publish_event_once
 
 log = logging.getLogger(__name__)
 
 Fetch = Callable[[str], Awaitable[bytes]]
-
-
-@dataclass(frozen=True, slots=True)
-class RetryPolicy:
-    max_attempts: int = 3
-    base_delay: float = 0.5
-    max_delay: float = 10.0
-    # Waiting for an origin's Retry-After cooldown: how often, and how long at most each time.
-    max_cooldown_waits: int = 5
-    max_wait: float = 60.0
-
-    def delay(self, attempt: int, retry_after: float | None) -> float:
-        """Exponential backoff with full jitter; an origin's Retry-After wins when longer."""
-        backoff = random.uniform(0, min(self.max_delay, self.base_delay * 2 ** (attempt - 1)))
-        return max(backoff, min(retry_after or 0.0, self.max_wait))
-
-    @property
-    def slowest_seconds(self) -> float:
-        """The longest a task may spend between fetch attempts and cooldown waits."""
-        return (self.max_attempts - 1) * self.max_wait + self.max_cooldown_waits * self.max_wait
 
 
 class Processor:
@@ -186,7 +164,32 @@ class Processor:
         log.info(
             "request finished", extra={"request_id": str(request_id), "status": finished.status}
         )
-        await publish_event(self.redis, self.names, finished_event(finished))
+        await self.publish_finished(finished)
+
+    async def publish_finished(self, request: queries.RequestRow) -> None:
+        """Publish request.finished once per finish, then note it in the outbox column.
+
+        A crash before the XADD leaves finished_event_at NULL and the reconciler publishes it;
+        a crash after it makes the reconciler try again, which the event-id guard makes a no-op.
+        """
+        await publish_event_once(self.redis, self.names, finished_event(request))
+        async with self.pool.acquire() as conn:
+            await queries.mark_event_published(conn, request.id, request.finish_generation)
+
+    async def give_up(self, task: task_pb2.ImageTask, deliveries: int) -> tuple[str, str]:
+        """Fail the image of a task delivered too often, with its last error; returns it."""
+        async with self.pool.acquire() as conn:
+            code, message = await queries.last_error(conn, task.image_id)
+            code = code or str(OutcomeCode.INTERNAL)
+            message = f"gave up after {deliveries} deliveries" + (
+                f"; last error: {message}" if message else ""
+            )
+            counters = await queries.record_image_failed(
+                conn, task.image_id, code=code, message=message
+            )
+        if counters is not None and counters.all_final:
+            await self.finish_if_complete(counters.request_id)
+        return code, message
 
     async def _render_csv(self, conn: queries.Connection, request_id: uuid.UUID) -> bytes:
         out = io.BytesIO()
@@ -213,7 +216,7 @@ def finished_event(request: queries.RequestRow) -> request_pb2.RequestEvent:
     occurred = Timestamp()
     occurred.GetCurrentTime()
     return request_pb2.RequestEvent(
-        event_id=f"evt_{uuid.uuid4().hex}",
+        event_id=request.finished_event_id,
         type=request_pb2.REQUEST_EVENT_TYPE_FINISHED,
         request_id=str(request.id),
         status=STATUS_TO_PROTO[request.status],

@@ -1,12 +1,23 @@
-"""The worker's read loop: a bounded number of tasks in flight, acked after their commit."""
+"""The worker's read loop: a bounded number of tasks in flight, acknowledged after their commit.
+
+Besides new entries, it takes over entries that another consumer left idle past the visibility
+timeout (that consumer died), and dead-letters an entry delivered more than `max_deliveries`
+times. While Postgres, Redis or storage is down it reads nothing: a task that hit the outage is
+retried in place once they answer again, and is never acknowledged unfinished.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import time
+from dataclasses import dataclass
 
 from redis.exceptions import RedisError
 
+from services.common.dependencies import DependencyMonitor
+from services.common.errors import BACKEND_ERRORS
 from services.common.grpc_server import wait_or_stop
 from services.common.streams import Delivery, TaskConsumer
 from services.worker.processor import Processor
@@ -15,53 +26,119 @@ log = logging.getLogger(__name__)
 
 READ_BLOCK_MS = 1000  # also bounds how long a SIGTERM waits for the read to return
 BACKOFF_MAX = 10.0
+# A task that keeps meeting a backend outage is retried in place this many times, then left
+# pending (not acknowledged) for another delivery.
+OUTAGE_RETRIES = 50
+
+
+@dataclass(frozen=True, slots=True)
+class ConsumePolicy:
+    concurrency: int = 8
+    visibility_timeout: float = 300.0
+    claim_interval: float = 10.0
+    max_deliveries: int = 5
 
 
 async def consume(
-    consumer: TaskConsumer, processor: Processor, concurrency: int, stop: asyncio.Event
+    consumer: TaskConsumer,
+    processor: Processor,
+    policy: ConsumePolicy,
+    stop: asyncio.Event,
+    monitor: DependencyMonitor | None = None,
 ) -> None:
     """Read and process tasks until `stop` is set, then let in-flight tasks finish.
 
     The caller (run_service) cancels stragglers after the grace period; a cancelled task is
     simply not acknowledged, so it is delivered again later.
     """
-    await consumer.ensure_group()
-    in_flight: set[asyncio.Task[None]] = set()
+    monitor = monitor or DependencyMonitor({})
+    # By entry id: XAUTOCLAIM may hand back an entry this worker is still processing (when it
+    # is slower than the visibility timeout); it must not be processed twice at once.
+    in_flight: dict[str, asyncio.Task[None]] = {}
     failures = 0
+    next_claim = 0.0
+    await consumer.ensure_group()
     try:
         while not stop.is_set():
-            free = concurrency - len(in_flight)
+            if not await monitor.wait_healthy(stop):
+                break
+            free = policy.concurrency - len(in_flight)
             if free <= 0:
-                await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait(in_flight.values(), return_when=asyncio.FIRST_COMPLETED)
                 continue
             try:
-                deliveries = await consumer.read(free, READ_BLOCK_MS)
+                deliveries: list[Delivery] = []
+                if time.monotonic() >= next_claim:
+                    next_claim = time.monotonic() + policy.claim_interval
+                    deliveries = await consumer.claim_stale(
+                        int(policy.visibility_timeout * 1000), free
+                    )
+                if not deliveries:
+                    deliveries = await consumer.read(free, READ_BLOCK_MS)
                 failures = 0
             except (RedisError, OSError) as exc:
                 failures += 1
+                monitor.report_failure()
                 delay = min(BACKOFF_MAX, 0.2 * 2**failures)
                 log.warning("reading tasks failed", extra={"error": str(exc), "retry_in": delay})
                 await wait_or_stop(stop, delay)
                 continue
             for delivery in deliveries:
-                task = asyncio.create_task(_handle(consumer, processor, delivery))
-                in_flight.add(task)
-                task.add_done_callback(in_flight.discard)
+                if delivery.entry_id in in_flight:
+                    continue
+                task = asyncio.create_task(
+                    _handle(consumer, processor, delivery, policy, monitor, stop)
+                )
+                in_flight[delivery.entry_id] = task
+                task.add_done_callback(functools.partial(_forget, in_flight, delivery.entry_id))
     finally:
         if in_flight:
             log.info("draining in-flight tasks", extra={"tasks": len(in_flight)})
-            await asyncio.gather(*in_flight, return_exceptions=True)
+            await asyncio.gather(*in_flight.values(), return_exceptions=True)
 
 
-async def _handle(consumer: TaskConsumer, processor: Processor, delivery: Delivery) -> None:
-    try:
-        await processor.process(delivery.task)
-        await consumer.ack([delivery.entry_id])
-    except asyncio.CancelledError:
-        raise
-    except Exception:
-        # Postgres, Redis or storage failed: leave the entry pending so it is delivered again.
-        log.exception(
-            "task not processed; left pending",
-            extra={"image_id": delivery.task.image_id, "entry_id": delivery.entry_id},
-        )
+def _forget(in_flight: dict[str, asyncio.Task[None]], entry_id: str, _: object) -> None:
+    in_flight.pop(entry_id, None)
+
+
+async def _handle(
+    consumer: TaskConsumer,
+    processor: Processor,
+    delivery: Delivery,
+    policy: ConsumePolicy,
+    monitor: DependencyMonitor,
+    stop: asyncio.Event,
+) -> None:
+    task = delivery.task
+    for outage in range(OUTAGE_RETRIES):
+        try:
+            if delivery.deliveries > policy.max_deliveries:
+                code, message = await processor.give_up(task, delivery.deliveries)
+                await consumer.dead_letter(delivery, code, message)
+                log.error(
+                    "task dead-lettered",
+                    extra={"image_id": task.image_id, "deliveries": delivery.deliveries},
+                )
+            else:
+                await processor.process(task)
+                await consumer.ack([delivery.entry_id])
+            return
+        except asyncio.CancelledError:
+            raise
+        except BACKEND_ERRORS as exc:
+            # Postgres, Redis or storage failed: nothing is acknowledged. Pause the worker,
+            # wait for the dependencies, then try this task again.
+            log.warning(
+                "backend failed; task kept and retried",
+                extra={"image_id": task.image_id, "error": repr(exc), "outage_retry": outage},
+            )
+            monitor.report_failure()
+            await wait_or_stop(stop, min(BACKOFF_MAX, 0.2 * 2**outage))
+            if stop.is_set() or not await monitor.wait_healthy(stop):
+                return  # released: the entry stays pending and is delivered again
+        except Exception:
+            log.exception(
+                "task failed unexpectedly; left pending",
+                extra={"image_id": task.image_id, "entry_id": delivery.entry_id},
+            )
+            return

@@ -192,3 +192,65 @@ async def test_make_run_with_nothing_given_serves_the_readme_sample(
     assert status["progress"]["images_done"] == 5
     assert (stack.data_dir / "pg").is_dir() and (stack.data_dir / "redis").is_dir()
     assert stack.stop() == 0
+
+
+async def test_operator_sees_the_queue_and_retries_failed_images(
+    tmp_path: Path,
+    database_url: str,
+    redis_server_url: str,
+    image_origin: ImageOrigin,
+    stack_factory: list[Stack],
+) -> None:
+    stack = start_stack(
+        tmp_path,
+        {
+            "IMGPIPE_DATABASE_URL": database_url,
+            "IMGPIPE_REDIS_URL": redis_server_url,
+            "IMGPIPE_FETCH_ALLOW": f"127.0.0.1:{image_origin.port}",
+        },
+    )
+    stack_factory.append(stack)
+    base = stack.base_url
+    image_origin.missing.add("/img/later.jpg")
+    urls = [image_origin.url("/img/now.jpg"), image_origin.url("/img/later.jpg")]
+    body = f'S. No.,Product Name,Input Image Urls\n1,Shoe,"{",".join(urls)}"\n'.encode()
+    async with aiohttp.ClientSession() as http:
+        async with await upload_csv(http, base, body) as response:
+            request_id = (await response.json())["request_id"]
+        first = await wait_completed(http, base, request_id)
+        assert first["progress"]["images_failed"] == 1
+        assert first["products"][0]["errors"][0]["code"] == "HTTP_STATUS"
+        assert first["products"][0]["output_image_urls"][1] is None
+
+        async with http.get(f"{base}/queue") as response:
+            assert response.status == 200
+            queue = await response.json()
+        assert set(queue) == {
+            "backlog_images",
+            "stream_length",
+            "in_flight",
+            "consumers",
+            "dead_letter_length",
+            "dead_letters",
+        }
+        assert queue["consumers"] >= 2 and queue["dead_letter_length"] == 0
+
+        image_origin.missing.clear()
+        async with http.post(f"{base}/requests/{request_id}/retry") as response:
+            assert response.status == 202
+            retried = await response.json()
+        assert (retried["images_retried"], retried["status"]) == (1, "Processing")
+
+        async def all_done() -> dict[str, Any] | None:
+            async with http.get(f"{base}/status/{request_id}") as response:
+                status: dict[str, Any] = await response.json()
+            done = status["status"] == "Completed" and status["progress"]["images_done"] == 2
+            return status if done else None
+
+        second = await wait_until_async(all_done, timeout=60, message="retried images done")
+        assert second["products"][0]["errors"] == []
+        assert all(second["products"][0]["output_image_urls"])
+
+        unknown = "3f1c2a4e-0000-4000-8000-000000000000"
+        async with http.post(f"{base}/requests/{unknown}/retry") as response:
+            assert response.status == 404

@@ -87,6 +87,12 @@ class FakeIngest(ingest_grpc.IngestServiceServicer):
             )
         )
 
+    async def RetryFailedImages(
+        self, request: ingest_pb.RetryFailedImagesRequest, context: Any
+    ) -> ingest_pb.RetryFailedImagesResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not part of this stand-in")
+        raise AssertionError("unreachable")
+
     async def SubmitProducts(
         self, request_iterator: AsyncIterator[ingest_pb.SubmitProductsRequest], context: Any
     ) -> ingest_pb.SubmitProductsResponse:

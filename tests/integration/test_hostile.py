@@ -32,7 +32,7 @@ from services.common.pb.imgpipe.v1 import status_service_pb2_grpc as status_grpc
 from services.common.storage import Storage
 from services.common.streams import StreamNames, TaskConsumer
 from services.worker.processor import Processor, RetryPolicy
-from services.worker.runner import consume
+from services.worker.runner import ConsumePolicy, consume
 from tests.imagegen import photo_like
 from tests.integration.flows import csv_of, upload
 from tests.support import wait_until_async
@@ -276,7 +276,9 @@ async def test_good_and_hostile_urls_in_one_request(
     accepted = await upload(ingest_stub, csv_of(rows), chunk_size=512)
 
     stop = asyncio.Event()
-    worker = asyncio.create_task(consume(consumer, guarded_processor, 8, stop))
+    worker = asyncio.create_task(
+        consume(consumer, guarded_processor, ConsumePolicy(concurrency=8), stop)
+    )
     try:
 
         async def final() -> asyncpg.Record | None:

@@ -14,8 +14,8 @@ from services.common.errors import Conflict, InvalidArgument, InvalidCsv, error_
 from services.common.pb.imgpipe.v1 import ingest_service_pb2 as ingest_pb
 from services.common.pb.imgpipe.v1 import ingest_service_pb2_grpc as ingest_grpc
 from services.common.pb.imgpipe.v1 import request_pb2, task_pb2
+from services.common.publish import republish_pending
 from services.common.streams import TASK_FIELD, StreamNames
-from services.ingest.publisher import republish_pending
 from tests.integration.flows import csv_of, image_rows, stream_messages, upload
 
 pytestmark = pytest.mark.integration

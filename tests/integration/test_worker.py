@@ -15,11 +15,11 @@ from PIL import Image
 
 from services.common.pb.imgpipe.v1 import ingest_service_pb2_grpc as ingest_grpc
 from services.common.pb.imgpipe.v1 import request_pb2
+from services.common.publish import republish_pending
 from services.common.storage import Storage
 from services.common.streams import EVENT_FIELD, StreamNames, TaskConsumer
-from services.ingest.publisher import republish_pending
 from services.worker.processor import Processor
-from services.worker.runner import consume
+from services.worker.runner import ConsumePolicy, consume
 from tests.integration.flows import csv_of, image_rows, stream_messages, upload
 from tests.origin import ImageOrigin
 from tests.support import wait_until_async
@@ -32,7 +32,7 @@ async def running_worker(
     consumer: TaskConsumer, processor: Processor
 ) -> AsyncIterator[asyncio.Event]:
     stop = asyncio.Event()
-    task = asyncio.create_task(consume(consumer, processor, 4, stop))
+    task = asyncio.create_task(consume(consumer, processor, ConsumePolicy(concurrency=4), stop))
     try:
         yield stop
     finally:
@@ -135,7 +135,10 @@ async def test_duplicate_deliveries_count_once_and_finish_once(
     stop = asyncio.Event()
     # Two consumers race over the same entries.
     other = TaskConsumer(redis_client, names, "other-consumer")
-    workers = [asyncio.create_task(consume(c, processor, 3, stop)) for c in (consumer, other)]
+    workers = [
+        asyncio.create_task(consume(c, processor, ConsumePolicy(concurrency=3), stop))
+        for c in (consumer, other)
+    ]
     try:
         request = await wait_final(pool, accepted.request_id)
 

@@ -107,6 +107,19 @@ async def complete_request_insert(
     )
 
 
+async def set_stream_entries(
+    conn: Connection, image_ids: Sequence[int], entry_ids: Sequence[str]
+) -> None:
+    """Remember where each image's task is on the stream (see the reconciler)."""
+    await conn.execute(
+        """UPDATE images SET stream_entry_id = e.entry_id, enqueued_at = now()
+             FROM unnest($1::bigint[], $2::text[]) AS e(image_id, entry_id)
+            WHERE images.id = e.image_id""",
+        list(image_ids),
+        list(entry_ids),
+    )
+
+
 async def mark_published(conn: Connection, request_id: uuid.UUID) -> None:
     await conn.execute(
         "UPDATE requests SET published_at = now() WHERE id = $1 AND published_at IS NULL",
@@ -278,6 +291,13 @@ async def is_final(conn: Connection, request_id: uuid.UUID) -> bool:
     return status in ("Completed", "Failed")
 
 
+async def last_error(conn: Connection, image_id: int) -> tuple[str | None, str | None]:
+    row = await conn.fetchrow(
+        "SELECT error_code, error_message FROM images WHERE id = $1", image_id
+    )
+    return (row["error_code"], row["error_message"]) if row else (None, None)
+
+
 async def finish_request(
     conn: Connection, request_id: uuid.UUID, *, output_csv_key: str
 ) -> RequestRow | None:
@@ -288,7 +308,8 @@ async def finish_request(
     row = await conn.fetchrow(
         f"""UPDATE requests
                SET status = CASE WHEN images_done > 0 THEN 'Completed' ELSE 'Failed' END,
-                   output_csv_key = $2, completed_at = now(), updated_at = now()
+                   output_csv_key = $2, completed_at = now(), updated_at = now(),
+                   finished_event_at = NULL
              WHERE id = $1 AND status IN ('Pending', 'Processing')
                AND images_done + images_failed = images_total
          RETURNING {_REQUEST_COLUMNS}""",
@@ -296,6 +317,126 @@ async def finish_request(
         output_csv_key,
     )
     return _request(row) if row else None
+
+
+async def mark_event_published(conn: Connection, request_id: uuid.UUID, generation: int) -> None:
+    await conn.execute(
+        """UPDATE requests SET finished_event_at = now()
+            WHERE id = $1 AND finish_generation = $2 AND status IN ('Completed', 'Failed')""",
+        request_id,
+        generation,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class RetryBatch:
+    request: RequestRow
+    images: list[tuple[int, str]]  # (image_id, input_url) now Pending again
+
+
+async def retry_failed_images(conn: Connection, request_id: uuid.UUID) -> RetryBatch | None:
+    """Put a request's failed images back to Pending and reopen it; None if unknown."""
+    async with conn.transaction():
+        if (
+            await conn.fetchval("SELECT 1 FROM requests WHERE id = $1 FOR UPDATE", request_id)
+            is None
+        ):
+            return None
+        rows = await conn.fetch(
+            """UPDATE images
+                  SET status = 'Pending', error_code = NULL, error_message = NULL, attempts = 0,
+                      stream_entry_id = NULL, enqueued_at = NULL, updated_at = now()
+                WHERE request_id = $1 AND status = 'Failed'
+            RETURNING id, input_url""",
+            request_id,
+        )
+        row = await conn.fetchrow(
+            f"""UPDATE requests
+                   SET images_failed = images_failed - $2,
+                       status = CASE WHEN $2 = 0 THEN status
+                                     WHEN images_done > 0 THEN 'Processing' ELSE 'Pending' END,
+                       completed_at = CASE WHEN $2 = 0 THEN completed_at END,
+                       output_csv_key = CASE WHEN $2 = 0 THEN output_csv_key END,
+                       finish_generation = finish_generation + CASE WHEN $2 = 0 THEN 0 ELSE 1 END,
+                       finished_event_at = CASE WHEN $2 = 0 THEN finished_event_at END,
+                       updated_at = now()
+                 WHERE id = $1
+             RETURNING {_REQUEST_COLUMNS}""",
+            request_id,
+            len(rows),
+        )
+        assert row is not None, "locked above"
+        return RetryBatch(_request(row), [(r["id"], r["input_url"]) for r in rows])
+
+
+# ---------------------------------------------------------------- reconciler
+
+
+@dataclass(frozen=True, slots=True)
+class StaleImage:
+    image_id: int
+    request_id: uuid.UUID
+    input_url: str
+    stream_entry_id: str | None
+    options: dict[str, Any]
+
+
+async def stale_pending_images(
+    conn: Connection, *, min_age_seconds: float, limit: int
+) -> list[StaleImage]:
+    """Pending images published (or accepted) more than `min_age_seconds` ago."""
+    rows = await conn.fetch(
+        """SELECT i.id, i.request_id, i.input_url, i.stream_entry_id, r.options
+             FROM images i JOIN requests r ON r.id = i.request_id
+            WHERE i.status = 'Pending'
+              AND COALESCE(i.enqueued_at, r.created_at) < now() - make_interval(secs => $1)
+            ORDER BY i.enqueued_at NULLS FIRST, i.id
+            LIMIT $2""",
+        min_age_seconds,
+        limit,
+    )
+    return [
+        StaleImage(
+            r["id"], r["request_id"], r["input_url"], r["stream_entry_id"], json.loads(r["options"])
+        )
+        for r in rows
+    ]
+
+
+async def unfinished_complete_requests(
+    conn: Connection, *, min_age_seconds: float, limit: int
+) -> list[uuid.UUID]:
+    """Open requests whose images are all final, untouched for `min_age_seconds`."""
+    rows = await conn.fetch(
+        """SELECT id FROM requests
+            WHERE status IN ('Pending', 'Processing')
+              AND images_done + images_failed = images_total AND published_at IS NOT NULL
+              AND updated_at < now() - make_interval(secs => $1)
+            ORDER BY updated_at LIMIT $2""",
+        min_age_seconds,
+        limit,
+    )
+    return [r["id"] for r in rows]
+
+
+async def unpublished_finished_requests(
+    conn: Connection, *, min_age_seconds: float, limit: int
+) -> list[RequestRow]:
+    """Final requests whose request.finished is not known to be on the events stream."""
+    rows = await conn.fetch(
+        f"""SELECT {_REQUEST_COLUMNS} FROM requests
+             WHERE status IN ('Completed', 'Failed') AND finished_event_at IS NULL
+               AND completed_at < now() - make_interval(secs => $1)
+             ORDER BY completed_at LIMIT $2""",
+        min_age_seconds,
+        limit,
+    )
+    return [_request(r) for r in rows]
+
+
+async def backlog(conn: Connection) -> int:
+    """Images accepted and not yet final, across all requests: the true queue length."""
+    return int(await conn.fetchval("SELECT count(*) FROM images WHERE status = 'Pending'"))
 
 
 # ---------------------------------------------------------------- status
@@ -318,11 +459,17 @@ class RequestRow:
     created_at: datetime
     updated_at: datetime
     completed_at: datetime | None
+    finish_generation: int
+
+    @property
+    def finished_event_id(self) -> str:
+        """One id per finish, the same however often it is published, so receivers dedupe."""
+        return f"evt_{self.id.hex}_{self.finish_generation}"
 
 
 _REQUEST_COLUMNS = """id, status, options, webhook_url, owner, products_total, images_total,
     images_done, images_failed, bytes_in, bytes_out, output_csv_key, created_at, updated_at,
-    completed_at"""
+    completed_at, finish_generation"""
 
 
 def _request(row: asyncpg.Record) -> RequestRow:

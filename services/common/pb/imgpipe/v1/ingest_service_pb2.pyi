@@ -242,3 +242,51 @@ class SubmitProductsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SubmitProductsResponse: _TypeAlias = SubmitProductsResponse  # noqa: Y015
+
+@_typing.final
+class RetryFailedImagesRequest(_message.Message):
+    """RetryFailedImagesRequest names the request whose failed images are retried."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RetryFailedImagesRequest: _TypeAlias = RetryFailedImagesRequest  # noqa: Y015
+
+@_typing.final
+class RetryFailedImagesResponse(_message.Message):
+    """RetryFailedImagesResponse says how many images went back in the queue."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    IMAGES_RETRIED_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    status: _request_pb2.RequestStatus.ValueType
+    images_retried: _builtins.int
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        status: _request_pb2.RequestStatus.ValueType = ...,
+        images_retried: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["images_retried", b"images_retried", "request_id", b"request_id", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RetryFailedImagesResponse: _TypeAlias = RetryFailedImagesResponse  # noqa: Y015

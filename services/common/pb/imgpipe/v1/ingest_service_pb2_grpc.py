@@ -50,6 +50,11 @@ class IngestServiceStub:
                 request_serializer=imgpipe_dot_v1_dot_ingest__service__pb2.SubmitProductsRequest.SerializeToString,
                 response_deserializer=imgpipe_dot_v1_dot_ingest__service__pb2.SubmitProductsResponse.FromString,
                 _registered_method=True)
+        self.RetryFailedImages = channel.unary_unary(
+                '/imgpipe.v1.IngestService/RetryFailedImages',
+                request_serializer=imgpipe_dot_v1_dot_ingest__service__pb2.RetryFailedImagesRequest.SerializeToString,
+                response_deserializer=imgpipe_dot_v1_dot_ingest__service__pb2.RetryFailedImagesResponse.FromString,
+                _registered_method=True)
 
 
 class IngestServiceServicer:
@@ -75,6 +80,14 @@ class IngestServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RetryFailedImages(self, request, context):
+        """RetryFailedImages puts a request's failed images back in the queue and reopens the
+        request; it finishes again (with a new request.finished event) when they are final.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_IngestServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -87,6 +100,11 @@ def add_IngestServiceServicer_to_server(servicer, server):
                     servicer.SubmitProducts,
                     request_deserializer=imgpipe_dot_v1_dot_ingest__service__pb2.SubmitProductsRequest.FromString,
                     response_serializer=imgpipe_dot_v1_dot_ingest__service__pb2.SubmitProductsResponse.SerializeToString,
+            ),
+            'RetryFailedImages': grpc.unary_unary_rpc_method_handler(
+                    servicer.RetryFailedImages,
+                    request_deserializer=imgpipe_dot_v1_dot_ingest__service__pb2.RetryFailedImagesRequest.FromString,
+                    response_serializer=imgpipe_dot_v1_dot_ingest__service__pb2.RetryFailedImagesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -149,6 +167,33 @@ class IngestService:
             '/imgpipe.v1.IngestService/SubmitProducts',
             imgpipe_dot_v1_dot_ingest__service__pb2.SubmitProductsRequest.SerializeToString,
             imgpipe_dot_v1_dot_ingest__service__pb2.SubmitProductsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RetryFailedImages(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/imgpipe.v1.IngestService/RetryFailedImages',
+            imgpipe_dot_v1_dot_ingest__service__pb2.RetryFailedImagesRequest.SerializeToString,
+            imgpipe_dot_v1_dot_ingest__service__pb2.RetryFailedImagesResponse.FromString,
             options,
             channel_credentials,
             insecure,

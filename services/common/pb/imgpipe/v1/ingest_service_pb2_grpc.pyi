@@ -43,6 +43,10 @@ class IngestServiceStub:
     """UploadCsv takes one header message, the CSV bytes in chunks of any size, then UploadEnd."""
     SubmitProducts: _grpc.StreamUnaryMultiCallable[_ingest_service_pb2.SubmitProductsRequest, _ingest_service_pb2.SubmitProductsResponse]
     """SubmitProducts takes one header message, one message per product, then UploadEnd."""
+    RetryFailedImages: _grpc.UnaryUnaryMultiCallable[_ingest_service_pb2.RetryFailedImagesRequest, _ingest_service_pb2.RetryFailedImagesResponse]
+    """RetryFailedImages puts a request's failed images back in the queue and reopens the
+    request; it finishes again (with a new request.finished event) when they are final.
+    """
 
 @_typing.type_check_only
 class IngestServiceAsyncStub(IngestServiceStub):
@@ -59,6 +63,10 @@ class IngestServiceAsyncStub(IngestServiceStub):
     """UploadCsv takes one header message, the CSV bytes in chunks of any size, then UploadEnd."""
     SubmitProducts: _aio.StreamUnaryMultiCallable[_ingest_service_pb2.SubmitProductsRequest, _ingest_service_pb2.SubmitProductsResponse]  # type: ignore[assignment]
     """SubmitProducts takes one header message, one message per product, then UploadEnd."""
+    RetryFailedImages: _aio.UnaryUnaryMultiCallable[_ingest_service_pb2.RetryFailedImagesRequest, _ingest_service_pb2.RetryFailedImagesResponse]  # type: ignore[assignment]
+    """RetryFailedImages puts a request's failed images back in the queue and reopens the
+    request; it finishes again (with a new request.finished event) when they are final.
+    """
 
 class IngestServiceServicer(metaclass=_abc_1.ABCMeta):
     """IngestService accepts work. Every upload is a header message, the content, then an UploadEnd
@@ -84,5 +92,15 @@ class IngestServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_ingest_service_pb2.SubmitProductsResponse, _abc.Awaitable[_ingest_service_pb2.SubmitProductsResponse]]:
         """SubmitProducts takes one header message, one message per product, then UploadEnd."""
+
+    @_abc_1.abstractmethod
+    def RetryFailedImages(
+        self,
+        request: _ingest_service_pb2.RetryFailedImagesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ingest_service_pb2.RetryFailedImagesResponse, _abc.Awaitable[_ingest_service_pb2.RetryFailedImagesResponse]]:
+        """RetryFailedImages puts a request's failed images back in the queue and reopens the
+        request; it finishes again (with a new request.finished event) when they are final.
+        """
 
 def add_IngestServiceServicer_to_server(servicer: IngestServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -22,28 +22,35 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from services.common.pb.imgpipe.v1 import request_pb2 as imgpipe_dot_v1_dot_request__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fimgpipe/v1/status_service.proto\x12\nimgpipe.v1\x1a\x18imgpipe/v1/request.proto\"\'\n\x11GetRequestRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\":\n\x12GetRequestResponse\x12$\n\x07request\x18\x01 \x01(\x0b\x32\x13.imgpipe.v1.Request\"P\n\x13ListProductsRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\r\x12\x12\n\npage_token\x18\x03 \x01(\t\"V\n\x14ListProductsResponse\x12%\n\x08products\x18\x01 \x03(\x0b\x32\x13.imgpipe.v1.Product\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\")\n\x13WatchRequestRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"<\n\x14WatchRequestResponse\x12$\n\x07request\x18\x01 \x01(\x0b\x32\x13.imgpipe.v1.Request2\x84\x02\n\rStatusService\x12K\n\nGetRequest\x12\x1d.imgpipe.v1.GetRequestRequest\x1a\x1e.imgpipe.v1.GetRequestResponse\x12Q\n\x0cListProducts\x12\x1f.imgpipe.v1.ListProductsRequest\x1a .imgpipe.v1.ListProductsResponse\x12S\n\x0cWatchRequest\x12\x1f.imgpipe.v1.WatchRequestRequest\x1a .imgpipe.v1.WatchRequestResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fimgpipe/v1/status_service.proto\x12\nimgpipe.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18imgpipe/v1/request.proto\"\'\n\x11GetRequestRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\":\n\x12GetRequestResponse\x12$\n\x07request\x18\x01 \x01(\x0b\x32\x13.imgpipe.v1.Request\"P\n\x13ListProductsRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\r\x12\x12\n\npage_token\x18\x03 \x01(\t\"V\n\x14ListProductsResponse\x12%\n\x08products\x18\x01 \x03(\x0b\x32\x13.imgpipe.v1.Product\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\")\n\x13WatchRequestRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"<\n\x14WatchRequestResponse\x12$\n\x07request\x18\x01 \x01(\x0b\x32\x13.imgpipe.v1.Request\"1\n\x14GetQueueStatsRequest\x12\x19\n\x11\x64\x65\x61\x64_letter_limit\x18\x01 \x01(\r\"\xc3\x01\n\nDeadLetter\x12\x10\n\x08\x65ntry_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x10\n\x08image_id\x18\x03 \x01(\x03\x12\x11\n\tinput_url\x18\x04 \x01(\t\x12\x12\n\nerror_code\x18\x05 \x01(\t\x12\x15\n\rerror_message\x18\x06 \x01(\t\x12\x12\n\ndeliveries\x18\x07 \x01(\r\x12+\n\x07\x64\x65\x61\x64_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xb6\x01\n\x15GetQueueStatsResponse\x12\x16\n\x0e\x62\x61\x63klog_images\x18\x01 \x01(\x04\x12\x15\n\rstream_length\x18\x02 \x01(\x04\x12\x11\n\tin_flight\x18\x03 \x01(\x04\x12\x11\n\tconsumers\x18\x04 \x01(\r\x12\x1a\n\x12\x64\x65\x61\x64_letter_length\x18\x05 \x01(\x04\x12,\n\x0c\x64\x65\x61\x64_letters\x18\x06 \x03(\x0b\x32\x16.imgpipe.v1.DeadLetter2\xda\x02\n\rStatusService\x12K\n\nGetRequest\x12\x1d.imgpipe.v1.GetRequestRequest\x1a\x1e.imgpipe.v1.GetRequestResponse\x12Q\n\x0cListProducts\x12\x1f.imgpipe.v1.ListProductsRequest\x1a .imgpipe.v1.ListProductsResponse\x12S\n\x0cWatchRequest\x12\x1f.imgpipe.v1.WatchRequestRequest\x1a .imgpipe.v1.WatchRequestResponse0\x01\x12T\n\rGetQueueStats\x12 .imgpipe.v1.GetQueueStatsRequest\x1a!.imgpipe.v1.GetQueueStatsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'imgpipe.v1.status_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_GETREQUESTREQUEST']._serialized_start=73
-  _globals['_GETREQUESTREQUEST']._serialized_end=112
-  _globals['_GETREQUESTRESPONSE']._serialized_start=114
-  _globals['_GETREQUESTRESPONSE']._serialized_end=172
-  _globals['_LISTPRODUCTSREQUEST']._serialized_start=174
-  _globals['_LISTPRODUCTSREQUEST']._serialized_end=254
-  _globals['_LISTPRODUCTSRESPONSE']._serialized_start=256
-  _globals['_LISTPRODUCTSRESPONSE']._serialized_end=342
-  _globals['_WATCHREQUESTREQUEST']._serialized_start=344
-  _globals['_WATCHREQUESTREQUEST']._serialized_end=385
-  _globals['_WATCHREQUESTRESPONSE']._serialized_start=387
-  _globals['_WATCHREQUESTRESPONSE']._serialized_end=447
-  _globals['_STATUSSERVICE']._serialized_start=450
-  _globals['_STATUSSERVICE']._serialized_end=710
+  _globals['_GETREQUESTREQUEST']._serialized_start=106
+  _globals['_GETREQUESTREQUEST']._serialized_end=145
+  _globals['_GETREQUESTRESPONSE']._serialized_start=147
+  _globals['_GETREQUESTRESPONSE']._serialized_end=205
+  _globals['_LISTPRODUCTSREQUEST']._serialized_start=207
+  _globals['_LISTPRODUCTSREQUEST']._serialized_end=287
+  _globals['_LISTPRODUCTSRESPONSE']._serialized_start=289
+  _globals['_LISTPRODUCTSRESPONSE']._serialized_end=375
+  _globals['_WATCHREQUESTREQUEST']._serialized_start=377
+  _globals['_WATCHREQUESTREQUEST']._serialized_end=418
+  _globals['_WATCHREQUESTRESPONSE']._serialized_start=420
+  _globals['_WATCHREQUESTRESPONSE']._serialized_end=480
+  _globals['_GETQUEUESTATSREQUEST']._serialized_start=482
+  _globals['_GETQUEUESTATSREQUEST']._serialized_end=531
+  _globals['_DEADLETTER']._serialized_start=534
+  _globals['_DEADLETTER']._serialized_end=729
+  _globals['_GETQUEUESTATSRESPONSE']._serialized_start=732
+  _globals['_GETQUEUESTATSRESPONSE']._serialized_end=914
+  _globals['_STATUSSERVICE']._serialized_start=917
+  _globals['_STATUSSERVICE']._serialized_end=1263
 # @@protoc_insertion_point(module_scope)

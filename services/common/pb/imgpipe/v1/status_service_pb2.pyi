@@ -6,6 +6,7 @@ isort:skip_file
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from services.common.pb.imgpipe.v1 import request_pb2 as _request_pb2
 import builtins as _builtins
@@ -159,3 +160,108 @@ class WatchRequestResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___WatchRequestResponse: _TypeAlias = WatchRequestResponse  # noqa: Y015
+
+@_typing.final
+class GetQueueStatsRequest(_message.Message):
+    """GetQueueStatsRequest asks for the queue's state."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEAD_LETTER_LIMIT_FIELD_NUMBER: _builtins.int
+    dead_letter_limit: _builtins.int
+    """How many of the newest dead letters to return; 0 means 20, at most 100."""
+    def __init__(
+        self,
+        *,
+        dead_letter_limit: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dead_letter_limit", b"dead_letter_limit"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetQueueStatsRequest: _TypeAlias = GetQueueStatsRequest  # noqa: Y015
+
+@_typing.final
+class DeadLetter(_message.Message):
+    """DeadLetter is a task that was delivered too often and given up on."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENTRY_ID_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    IMAGE_ID_FIELD_NUMBER: _builtins.int
+    INPUT_URL_FIELD_NUMBER: _builtins.int
+    ERROR_CODE_FIELD_NUMBER: _builtins.int
+    ERROR_MESSAGE_FIELD_NUMBER: _builtins.int
+    DELIVERIES_FIELD_NUMBER: _builtins.int
+    DEAD_AT_FIELD_NUMBER: _builtins.int
+    entry_id: _builtins.str
+    request_id: _builtins.str
+    image_id: _builtins.int
+    input_url: _builtins.str
+    error_code: _builtins.str
+    error_message: _builtins.str
+    deliveries: _builtins.int
+    @_builtins.property
+    def dead_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        entry_id: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+        image_id: _builtins.int = ...,
+        input_url: _builtins.str = ...,
+        error_code: _builtins.str = ...,
+        error_message: _builtins.str = ...,
+        deliveries: _builtins.int = ...,
+        dead_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["dead_at", b"dead_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dead_at", b"dead_at", "deliveries", b"deliveries", "entry_id", b"entry_id", "error_code", b"error_code", "error_message", b"error_message", "image_id", b"image_id", "input_url", b"input_url", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeadLetter: _TypeAlias = DeadLetter  # noqa: Y015
+
+@_typing.final
+class GetQueueStatsResponse(_message.Message):
+    """GetQueueStatsResponse is the queue's state."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BACKLOG_IMAGES_FIELD_NUMBER: _builtins.int
+    STREAM_LENGTH_FIELD_NUMBER: _builtins.int
+    IN_FLIGHT_FIELD_NUMBER: _builtins.int
+    CONSUMERS_FIELD_NUMBER: _builtins.int
+    DEAD_LETTER_LENGTH_FIELD_NUMBER: _builtins.int
+    DEAD_LETTERS_FIELD_NUMBER: _builtins.int
+    backlog_images: _builtins.int
+    """Images accepted and not yet final, counted in Postgres: the real backlog."""
+    stream_length: _builtins.int
+    """Entries on the task stream (acknowledged ones are trimmed over time)."""
+    in_flight: _builtins.int
+    """Entries delivered to a worker and not yet acknowledged."""
+    consumers: _builtins.int
+    dead_letter_length: _builtins.int
+    @_builtins.property
+    def dead_letters(self) -> _containers.RepeatedCompositeFieldContainer[Global___DeadLetter]: ...
+    def __init__(
+        self,
+        *,
+        backlog_images: _builtins.int = ...,
+        stream_length: _builtins.int = ...,
+        in_flight: _builtins.int = ...,
+        consumers: _builtins.int = ...,
+        dead_letter_length: _builtins.int = ...,
+        dead_letters: _abc.Iterable[Global___DeadLetter] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backlog_images", b"backlog_images", "consumers", b"consumers", "dead_letter_length", b"dead_letter_length", "dead_letters", b"dead_letters", "in_flight", b"in_flight", "stream_length", b"stream_length"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetQueueStatsResponse: _TypeAlias = GetQueueStatsResponse  # noqa: Y015

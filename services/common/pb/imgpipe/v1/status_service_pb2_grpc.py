@@ -50,6 +50,11 @@ class StatusServiceStub:
                 request_serializer=imgpipe_dot_v1_dot_status__service__pb2.WatchRequestRequest.SerializeToString,
                 response_deserializer=imgpipe_dot_v1_dot_status__service__pb2.WatchRequestResponse.FromString,
                 _registered_method=True)
+        self.GetQueueStats = channel.unary_unary(
+                '/imgpipe.v1.StatusService/GetQueueStats',
+                request_serializer=imgpipe_dot_v1_dot_status__service__pb2.GetQueueStatsRequest.SerializeToString,
+                response_deserializer=imgpipe_dot_v1_dot_status__service__pb2.GetQueueStatsResponse.FromString,
+                _registered_method=True)
 
 
 class StatusServiceServicer:
@@ -77,6 +82,13 @@ class StatusServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetQueueStats(self, request, context):
+        """GetQueueStats tells operators how much work waits, is in flight, or was dead-lettered.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_StatusServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -94,6 +106,11 @@ def add_StatusServiceServicer_to_server(servicer, server):
                     servicer.WatchRequest,
                     request_deserializer=imgpipe_dot_v1_dot_status__service__pb2.WatchRequestRequest.FromString,
                     response_serializer=imgpipe_dot_v1_dot_status__service__pb2.WatchRequestResponse.SerializeToString,
+            ),
+            'GetQueueStats': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetQueueStats,
+                    request_deserializer=imgpipe_dot_v1_dot_status__service__pb2.GetQueueStatsRequest.FromString,
+                    response_serializer=imgpipe_dot_v1_dot_status__service__pb2.GetQueueStatsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -178,6 +195,33 @@ class StatusService:
             '/imgpipe.v1.StatusService/WatchRequest',
             imgpipe_dot_v1_dot_status__service__pb2.WatchRequestRequest.SerializeToString,
             imgpipe_dot_v1_dot_status__service__pb2.WatchRequestResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetQueueStats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/imgpipe.v1.StatusService/GetQueueStats',
+            imgpipe_dot_v1_dot_status__service__pb2.GetQueueStatsRequest.SerializeToString,
+            imgpipe_dot_v1_dot_status__service__pb2.GetQueueStatsResponse.FromString,
             options,
             channel_credentials,
             insecure,

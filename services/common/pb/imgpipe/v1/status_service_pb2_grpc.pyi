@@ -39,6 +39,8 @@ class StatusServiceStub:
     """ListProducts pages through a request's products in CSV order."""
     WatchRequest: _grpc.UnaryStreamMultiCallable[_status_service_pb2.WatchRequestRequest, _status_service_pb2.WatchRequestResponse]
     """WatchRequest streams the request's state whenever it changes, ending after the final state."""
+    GetQueueStats: _grpc.UnaryUnaryMultiCallable[_status_service_pb2.GetQueueStatsRequest, _status_service_pb2.GetQueueStatsResponse]
+    """GetQueueStats tells operators how much work waits, is in flight, or was dead-lettered."""
 
 @_typing.type_check_only
 class StatusServiceAsyncStub(StatusServiceStub):
@@ -51,6 +53,8 @@ class StatusServiceAsyncStub(StatusServiceStub):
     """ListProducts pages through a request's products in CSV order."""
     WatchRequest: _aio.UnaryStreamMultiCallable[_status_service_pb2.WatchRequestRequest, _status_service_pb2.WatchRequestResponse]  # type: ignore[assignment]
     """WatchRequest streams the request's state whenever it changes, ending after the final state."""
+    GetQueueStats: _aio.UnaryUnaryMultiCallable[_status_service_pb2.GetQueueStatsRequest, _status_service_pb2.GetQueueStatsResponse]  # type: ignore[assignment]
+    """GetQueueStats tells operators how much work waits, is in flight, or was dead-lettered."""
 
 class StatusServiceServicer(metaclass=_abc_1.ABCMeta):
     """StatusService answers questions about requests. An unknown id is NOT_FOUND."""
@@ -78,5 +82,13 @@ class StatusServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_status_service_pb2.WatchRequestResponse], _abc.AsyncIterator[_status_service_pb2.WatchRequestResponse]]:
         """WatchRequest streams the request's state whenever it changes, ending after the final state."""
+
+    @_abc_1.abstractmethod
+    def GetQueueStats(
+        self,
+        request: _status_service_pb2.GetQueueStatsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_status_service_pb2.GetQueueStatsResponse, _abc.Awaitable[_status_service_pb2.GetQueueStatsResponse]]:
+        """GetQueueStats tells operators how much work waits, is in flight, or was dead-lettered."""
 
 def add_StatusServiceServicer_to_server(servicer: StatusServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

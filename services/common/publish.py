@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from collections.abc import Sequence
 
 import asyncpg
 import redis.asyncio as aioredis
@@ -36,27 +37,40 @@ async def publish_request(
     options: ImageOptions,
 ) -> int:
     """Publish one ImageTask per Pending image, in pipelined batches; then mark it published."""
-    options_pb = to_proto(options)
     published = 0
     async with pool.acquire() as conn:
         async for batch in queries.pending_images(conn, request_id, batch=BATCH):
-            now = Timestamp()
-            now.GetCurrentTime()
-            tasks = [
-                task_pb2.ImageTask(
-                    request_id=str(request_id),
-                    image_id=image_id,
-                    input_url=url,
-                    options=options_pb,
-                    enqueued_at=now,
-                )
-                for image_id, url in batch
-            ]
-            await publish_tasks(redis, names, tasks)
-            published += len(tasks)
+            await publish_images(conn, redis, names, request_id, options, batch)
+            published += len(batch)
         await queries.mark_published(conn, request_id)
     log.info("published", extra={"request_id": str(request_id), "tasks": published})
     return published
+
+
+async def publish_images(
+    conn: queries.Connection,
+    redis: aioredis.Redis,
+    names: StreamNames,
+    request_id: uuid.UUID,
+    options: ImageOptions,
+    images: Sequence[tuple[int, str]],
+) -> None:
+    """XADD the tasks of `images` (image_id, url) and record their stream entries."""
+    now = Timestamp()
+    now.GetCurrentTime()
+    options_pb = to_proto(options)
+    tasks = [
+        task_pb2.ImageTask(
+            request_id=str(request_id),
+            image_id=image_id,
+            input_url=url,
+            options=options_pb,
+            enqueued_at=now,
+        )
+        for image_id, url in images
+    ]
+    entry_ids = await publish_tasks(redis, names, tasks)
+    await queries.set_stream_entries(conn, [image_id for image_id, _ in images], entry_ids)
 
 
 async def republish_pending(
