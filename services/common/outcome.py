@@ -84,5 +84,8 @@ class RetryPolicy:
     @property
     def longest_wait(self) -> float:
         """The most a task can spend waiting between attempts and for origin cooldowns."""
-        between = max(self.max_delay, self.max_wait)
-        return (self.max_attempts - 1) * between + self.max_cooldown_waits * self.max_wait
+        between = sum(
+            max(min(self.max_delay, self.base_delay * 2 ** (attempt - 1)), self.max_wait)
+            for attempt in range(1, self.max_attempts)
+        )
+        return between + self.max_cooldown_waits * self.max_wait

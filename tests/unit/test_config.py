@@ -102,3 +102,23 @@ def test_fetch_and_image_limits_come_from_the_environment() -> None:
     assert settings.image_limits.max_frames == 50
     with pytest.raises(ConfigError, match="IMGPIPE_FETCH_PORTS"):
         WorkerSettings.from_env({**BASE, "IMGPIPE_FETCH_PORTS": "80,99999"})
+
+
+def test_visibility_timeout_exceeds_the_slowest_legitimate_image() -> None:
+    settings = WorkerSettings.from_env(
+        {
+            **BASE,
+            "IMGPIPE_FETCH_TOTAL_TIMEOUT": "2",
+            "IMGPIPE_MAX_ATTEMPTS": "2",
+            "IMGPIPE_FETCH_MAX_RETRY_AFTER": "1",
+            "IMGPIPE_PROCESS_BUDGET": "2",
+        }
+    )
+    # 2 attempts × 2 s + 1 wait between them, max(0.5 s of backoff, 1 s of Retry-After),
+    # + 3 cooldown waits × 1 s + 2 s of processing.
+    assert settings.slowest_image == 2 * 2 + 1 + 3 * 1 + 2
+    assert settings.visibility_timeout == settings.slowest_image
+    longer = WorkerSettings.from_env({**BASE, "IMGPIPE_VISIBILITY_TIMEOUT": "900"})
+    assert longer.visibility_timeout == 900
+    with pytest.raises(ConfigError, match="IMGPIPE_VISIBILITY_TIMEOUT=5 is shorter"):
+        WorkerSettings.from_env({**BASE, "IMGPIPE_VISIBILITY_TIMEOUT": "5"})
