@@ -28,6 +28,8 @@ def create_app(settings: GatewaySettings) -> web.Application:
     app.router.add_get("/status/{request_id}", handlers.status)
     app.router.add_get("/requests/{request_id}/output.csv", handlers.output_csv)
     app.router.add_post("/requests/{request_id}/retry", handlers.retry)
+    app.router.add_get("/requests/{request_id}/webhooks", handlers.webhooks)
+    app.router.add_post("/requests/{request_id}/webhooks/redeliver", handlers.redeliver_webhook)
     app.router.add_get("/queue", handlers.queue)
     app.router.add_get("/files/{key:.+}", handlers.files)
     app.router.add_get("/healthz", handlers.healthz)

@@ -119,6 +119,24 @@ async def retry(request: web.Request) -> web.Response:
     )
 
 
+async def webhooks(request: web.Request) -> web.Response:
+    """Every webhook attempt of a request, oldest first."""
+    answer = await request.app[BACKENDS].status.ListWebhookDeliveries(
+        status_pb.ListWebhookDeliveriesRequest(request_id=_request_id(request)),
+        timeout=request.app[SETTINGS].rpc_timeout,
+    )
+    return web.json_response({"deliveries": [views.delivery_json(d) for d in answer.deliveries]})
+
+
+async def redeliver_webhook(request: web.Request) -> web.Response:
+    """Send the request's latest event to its webhook again."""
+    answer = await request.app[BACKENDS].status.RedeliverWebhook(
+        status_pb.RedeliverWebhookRequest(request_id=_request_id(request)),
+        timeout=request.app[SETTINGS].rpc_timeout,
+    )
+    return web.json_response({"delivery": views.delivery_json(answer.delivery)}, status=202)
+
+
 async def queue(request: web.Request) -> web.Response:
     """How much work waits, is in flight, or was dead-lettered."""
     limit = request.query.get("dead_letters", "20").strip()

@@ -125,3 +125,26 @@ def queue_json(stats: status_pb.GetQueueStatsResponse) -> dict[str, Any]:
             for d in stats.dead_letters
         ],
     }
+
+
+DELIVERY_STATES = {
+    status_pb.WEBHOOK_DELIVERY_STATE_SCHEDULED: "scheduled",
+    status_pb.WEBHOOK_DELIVERY_STATE_SUCCEEDED: "succeeded",
+    status_pb.WEBHOOK_DELIVERY_STATE_FAILED: "failed",
+    status_pb.WEBHOOK_DELIVERY_STATE_ABANDONED: "abandoned",
+}
+
+
+def delivery_json(delivery: status_pb.WebhookDelivery) -> dict[str, Any]:
+    return {
+        "event_id": delivery.event_id,
+        "event_type": delivery.event_type,
+        "url": delivery.url,
+        "attempt": delivery.attempt,
+        "state": DELIVERY_STATES.get(delivery.state, "scheduled"),
+        "status_code": delivery.status_code or None,
+        "error": delivery.error or None,
+        "created_at": timestamp(delivery, "created_at"),
+        "attempted_at": timestamp(delivery, "attempted_at"),
+        "next_attempt_at": timestamp(delivery, "next_attempt_at"),
+    }

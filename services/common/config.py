@@ -259,16 +259,77 @@ class WorkerSettings:
         return settings
 
 
+# The Standard Webhooks retry schedule: seconds after the previous attempt.
+WEBHOOK_SCHEDULE = (5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0)
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookSettings:
+    """Webhook delivery (status service). Receivers verify with `secret` (whsec_...)."""
+
+    secret: str = ""
+    # Where callers reach the REST gateway: the base of status_url and output_csv_url.
+    public_api_url: str = "http://127.0.0.1:8080"
+    timeout: float = 10.0  # at most 15 s
+    schedule: tuple[float, ...] = WEBHOOK_SCHEDULE
+    fetch_allow: FetchAllow = field(default_factory=FetchAllow)
+    fetch_limits: FetchLimits = field(default_factory=FetchLimits)
+
+
 @dataclass(frozen=True, slots=True)
 class StatusSettings:
     common: CommonSettings
+    webhooks: WebhookSettings = field(default_factory=WebhookSettings)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Self:
         env = _Reader(environ)
-        settings = cls(common=CommonSettings.read(env, "127.0.0.1:50052"))
+        secret = env.text("IMGPIPE_WEBHOOK_SECRET")
+        if secret and not secret.startswith("whsec_"):
+            env.problems.append(
+                "IMGPIPE_WEBHOOK_SECRET: expected a Standard Webhooks secret, whsec_<base64>"
+            )
+        timeout = env.number("IMGPIPE_WEBHOOK_TIMEOUT", 10.0)
+        if timeout > 15:
+            env.problems.append(f"IMGPIPE_WEBHOOK_TIMEOUT={timeout:g}: at most 15 seconds")
+        settings = cls(
+            common=CommonSettings.read(env, "127.0.0.1:50052"),
+            webhooks=WebhookSettings(
+                secret=secret,
+                public_api_url=env.url(
+                    "IMGPIPE_PUBLIC_API_URL", "http://127.0.0.1:8080", ("http", "https")
+                ).rstrip("/"),
+                timeout=timeout,
+                schedule=env.parsed(
+                    "IMGPIPE_WEBHOOK_SCHEDULE",
+                    WEBHOOK_SCHEDULE,
+                    _seconds_list,
+                    "seconds, comma-separated",
+                ),
+                fetch_allow=env.parsed(
+                    "IMGPIPE_FETCH_ALLOW",
+                    FetchAllow(),
+                    FetchAllow.parse,
+                    "host:port or CIDR entries",
+                ),
+                fetch_limits=FetchLimits(
+                    connect_timeout=min(timeout, FetchLimits().connect_timeout),
+                    total_timeout=timeout,
+                    stall_timeout=timeout,
+                    max_redirects=0,  # a webhook receiver answers; it does not redirect
+                    allowed_ports=env.ports("IMGPIPE_FETCH_PORTS", FetchLimits().allowed_ports),
+                ),
+            ),
+        )
         env.done()
         return settings
+
+
+def _seconds_list(raw: str) -> tuple[float, ...]:
+    values = tuple(float(part) for part in raw.replace(" ", "").split(",") if part)
+    if not values or any(value < 0 for value in values):
+        raise ValueError("")
+    return values
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,11 +6,13 @@ import asyncio
 import os
 
 from services.common.config import StatusSettings
+from services.common.fetch import make_session
 from services.common.grpc_server import Health, run_service
 from services.common.pb.imgpipe.v1 import status_service_pb2 as status_pb
 from services.common.resources import load_settings, open_backends
 from services.common.storage import Storage
 from services.status.servicer import StatusServicer, registrar
+from services.status.webhooks import WebhookDispatcher
 
 SERVICE = status_pb.DESCRIPTOR.services_by_name["StatusService"].full_name
 
@@ -19,16 +21,31 @@ async def main(settings: StatusSettings) -> None:
     common = settings.common
     async with open_backends("status", common) as backends:
         storage = Storage.from_url(common.storage_url, common.public_base_url)
-        servicer = StatusServicer(backends.pool, storage, backends.redis, backends.names)
-        health = Health([SERVICE])
-        await run_service(
-            listen=common.grpc_listen,
-            service_names=[SERVICE],
-            register=registrar(servicer),
-            loops=[backends.monitor(health).run],
-            grace=common.grace_seconds,
-            health=health,
-        )
+        hooks = settings.webhooks
+        # Webhooks go through the same SSRF guard as image downloads.
+        session = make_session(hooks.fetch_allow, hooks.fetch_limits)
+        try:
+            webhooks = WebhookDispatcher(
+                pool=backends.pool,
+                redis=backends.redis,
+                names=backends.names,
+                session=session,
+                settings=hooks,
+            )
+            servicer = StatusServicer(
+                backends.pool, storage, backends.redis, backends.names, webhooks
+            )
+            health = Health([SERVICE])
+            await run_service(
+                listen=common.grpc_listen,
+                service_names=[SERVICE],
+                register=registrar(servicer),
+                loops=[backends.monitor(health).run, webhooks.run_events, webhooks.run_deliveries],
+                grace=common.grace_seconds,
+                health=health,
+            )
+        finally:
+            await session.close()
 
 
 if __name__ == "__main__":

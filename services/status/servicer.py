@@ -15,7 +15,7 @@ import redis.asyncio as aioredis
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from services.common.db import queries
-from services.common.errors import Detail, InvalidArgument, NotFound, rpc_method
+from services.common.errors import Detail, InvalidArgument, NotFound, Unavailable, rpc_method
 from services.common.grpc_server import Register
 from services.common.pb.imgpipe.v1 import request_pb2
 from services.common.pb.imgpipe.v1 import status_service_pb2 as status_pb
@@ -29,6 +29,7 @@ from services.common.proto_convert import (
 )
 from services.common.storage import Storage
 from services.common.streams import DeadLetter, StreamNames, queue_stats
+from services.status.webhooks import WebhookDispatcher
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -44,11 +45,13 @@ class StatusServicer(status_grpc.StatusServiceServicer):
         storage: Storage,
         redis: aioredis.Redis | None = None,
         names: StreamNames | None = None,
+        webhooks: WebhookDispatcher | None = None,
     ) -> None:
         self.pool = pool
         self.storage = storage
         self.redis = redis
         self.names = names or StreamNames()
+        self.webhooks = webhooks
 
     @rpc_method
     async def GetRequest(
@@ -116,6 +119,26 @@ class StatusServicer(status_grpc.StatusServiceServicer):
             dead_letter_length=stats.dead_letter_length,
             dead_letters=[_dead_letter(d) for d in stats.dead_letters],
         )
+
+    @rpc_method
+    async def ListWebhookDeliveries(
+        self, request: status_pb.ListWebhookDeliveriesRequest, context: Context
+    ) -> status_pb.ListWebhookDeliveriesResponse:
+        row = await self._load(request.request_id)
+        deliveries = await self._dispatcher().list_deliveries(row.id)
+        return status_pb.ListWebhookDeliveriesResponse(deliveries=deliveries)
+
+    @rpc_method
+    async def RedeliverWebhook(
+        self, request: status_pb.RedeliverWebhookRequest, context: Context
+    ) -> status_pb.RedeliverWebhookResponse:
+        row = await self._load(request.request_id)
+        return status_pb.RedeliverWebhookResponse(delivery=await self._dispatcher().redeliver(row))
+
+    def _dispatcher(self) -> WebhookDispatcher:
+        if self.webhooks is None:
+            raise Unavailable("webhook delivery is not running in this status service")
+        return self.webhooks
 
     async def _load(self, raw_id: str) -> queries.RequestRow:
         request_id = parse_request_id(raw_id)

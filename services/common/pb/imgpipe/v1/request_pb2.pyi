@@ -60,6 +60,8 @@ class _RequestEventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Requ
     REQUEST_EVENT_TYPE_UNSPECIFIED: _RequestEventType.ValueType  # 0
     REQUEST_EVENT_TYPE_FINISHED: _RequestEventType.ValueType  # 1
     """The request reached Completed or Failed."""
+    REQUEST_EVENT_TYPE_PROGRESS: _RequestEventType.ValueType  # 2
+    """An image of the request became final (live progress; published, not streamed)."""
 
 class RequestEventType(_RequestEventType, metaclass=_RequestEventTypeEnumTypeWrapper):
     """RequestEventType names what happened to a request."""
@@ -67,6 +69,8 @@ class RequestEventType(_RequestEventType, metaclass=_RequestEventTypeEnumTypeWra
 REQUEST_EVENT_TYPE_UNSPECIFIED: RequestEventType.ValueType  # 0
 REQUEST_EVENT_TYPE_FINISHED: RequestEventType.ValueType  # 1
 """The request reached Completed or Failed."""
+REQUEST_EVENT_TYPE_PROGRESS: RequestEventType.ValueType  # 2
+"""An image of the request became final (live progress; published, not streamed)."""
 Global___RequestEventType: _TypeAlias = RequestEventType  # noqa: Y015
 
 @_typing.final
@@ -81,6 +85,8 @@ class Progress(_message.Message):
     PERCENT_FIELD_NUMBER: _builtins.int
     BYTES_IN_FIELD_NUMBER: _builtins.int
     BYTES_OUT_FIELD_NUMBER: _builtins.int
+    IMAGES_PER_SECOND_FIELD_NUMBER: _builtins.int
+    ETA_SECONDS_FIELD_NUMBER: _builtins.int
     images_total: _builtins.int
     images_done: _builtins.int
     images_failed: _builtins.int
@@ -88,6 +94,10 @@ class Progress(_message.Message):
     """0 to 100: the share of images that are final."""
     bytes_in: _builtins.int
     bytes_out: _builtins.int
+    images_per_second: _builtins.float
+    """Final images per second since the request was accepted; 0 until one is final."""
+    eta_seconds: _builtins.float
+    """Seconds until every image is final at that rate; unset when unknown or final."""
     def __init__(
         self,
         *,
@@ -97,12 +107,16 @@ class Progress(_message.Message):
         percent: _builtins.float = ...,
         bytes_in: _builtins.int = ...,
         bytes_out: _builtins.int = ...,
+        images_per_second: _builtins.float = ...,
+        eta_seconds: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_eta_seconds", b"_eta_seconds", "eta_seconds", b"eta_seconds"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_in", b"bytes_in", "bytes_out", b"bytes_out", "images_done", b"images_done", "images_failed", b"images_failed", "images_total", b"images_total", "percent", b"percent"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_eta_seconds", b"_eta_seconds", "bytes_in", b"bytes_in", "bytes_out", b"bytes_out", "eta_seconds", b"eta_seconds", "images_done", b"images_done", "images_failed", b"images_failed", "images_per_second", b"images_per_second", "images_total", b"images_total", "percent", b"percent"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__eta_seconds: _TypeAlias = _typing.Literal["eta_seconds"]  # noqa: Y015
+    _WhichOneofArgType__eta_seconds: _TypeAlias = _typing.Literal["_eta_seconds", b"_eta_seconds"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__eta_seconds) -> _WhichOneofReturnType__eta_seconds | None: ...
 
 Global___Progress: _TypeAlias = Progress  # noqa: Y015
 

@@ -55,6 +55,16 @@ class StatusServiceStub:
                 request_serializer=imgpipe_dot_v1_dot_status__service__pb2.GetQueueStatsRequest.SerializeToString,
                 response_deserializer=imgpipe_dot_v1_dot_status__service__pb2.GetQueueStatsResponse.FromString,
                 _registered_method=True)
+        self.ListWebhookDeliveries = channel.unary_unary(
+                '/imgpipe.v1.StatusService/ListWebhookDeliveries',
+                request_serializer=imgpipe_dot_v1_dot_status__service__pb2.ListWebhookDeliveriesRequest.SerializeToString,
+                response_deserializer=imgpipe_dot_v1_dot_status__service__pb2.ListWebhookDeliveriesResponse.FromString,
+                _registered_method=True)
+        self.RedeliverWebhook = channel.unary_unary(
+                '/imgpipe.v1.StatusService/RedeliverWebhook',
+                request_serializer=imgpipe_dot_v1_dot_status__service__pb2.RedeliverWebhookRequest.SerializeToString,
+                response_deserializer=imgpipe_dot_v1_dot_status__service__pb2.RedeliverWebhookResponse.FromString,
+                _registered_method=True)
 
 
 class StatusServiceServicer:
@@ -89,6 +99,20 @@ class StatusServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListWebhookDeliveries(self, request, context):
+        """ListWebhookDeliveries lists every webhook attempt of a request, oldest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RedeliverWebhook(self, request, context):
+        """RedeliverWebhook sends the request's latest event to its webhook again, now.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_StatusServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -111,6 +135,16 @@ def add_StatusServiceServicer_to_server(servicer, server):
                     servicer.GetQueueStats,
                     request_deserializer=imgpipe_dot_v1_dot_status__service__pb2.GetQueueStatsRequest.FromString,
                     response_serializer=imgpipe_dot_v1_dot_status__service__pb2.GetQueueStatsResponse.SerializeToString,
+            ),
+            'ListWebhookDeliveries': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListWebhookDeliveries,
+                    request_deserializer=imgpipe_dot_v1_dot_status__service__pb2.ListWebhookDeliveriesRequest.FromString,
+                    response_serializer=imgpipe_dot_v1_dot_status__service__pb2.ListWebhookDeliveriesResponse.SerializeToString,
+            ),
+            'RedeliverWebhook': grpc.unary_unary_rpc_method_handler(
+                    servicer.RedeliverWebhook,
+                    request_deserializer=imgpipe_dot_v1_dot_status__service__pb2.RedeliverWebhookRequest.FromString,
+                    response_serializer=imgpipe_dot_v1_dot_status__service__pb2.RedeliverWebhookResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -222,6 +256,60 @@ class StatusService:
             '/imgpipe.v1.StatusService/GetQueueStats',
             imgpipe_dot_v1_dot_status__service__pb2.GetQueueStatsRequest.SerializeToString,
             imgpipe_dot_v1_dot_status__service__pb2.GetQueueStatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListWebhookDeliveries(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/imgpipe.v1.StatusService/ListWebhookDeliveries',
+            imgpipe_dot_v1_dot_status__service__pb2.ListWebhookDeliveriesRequest.SerializeToString,
+            imgpipe_dot_v1_dot_status__service__pb2.ListWebhookDeliveriesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RedeliverWebhook(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/imgpipe.v1.StatusService/RedeliverWebhook',
+            imgpipe_dot_v1_dot_status__service__pb2.RedeliverWebhookRequest.SerializeToString,
+            imgpipe_dot_v1_dot_status__service__pb2.RedeliverWebhookResponse.FromString,
             options,
             channel_credentials,
             insecure,

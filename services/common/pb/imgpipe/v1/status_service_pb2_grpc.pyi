@@ -41,6 +41,10 @@ class StatusServiceStub:
     """WatchRequest streams the request's state whenever it changes, ending after the final state."""
     GetQueueStats: _grpc.UnaryUnaryMultiCallable[_status_service_pb2.GetQueueStatsRequest, _status_service_pb2.GetQueueStatsResponse]
     """GetQueueStats tells operators how much work waits, is in flight, or was dead-lettered."""
+    ListWebhookDeliveries: _grpc.UnaryUnaryMultiCallable[_status_service_pb2.ListWebhookDeliveriesRequest, _status_service_pb2.ListWebhookDeliveriesResponse]
+    """ListWebhookDeliveries lists every webhook attempt of a request, oldest first."""
+    RedeliverWebhook: _grpc.UnaryUnaryMultiCallable[_status_service_pb2.RedeliverWebhookRequest, _status_service_pb2.RedeliverWebhookResponse]
+    """RedeliverWebhook sends the request's latest event to its webhook again, now."""
 
 @_typing.type_check_only
 class StatusServiceAsyncStub(StatusServiceStub):
@@ -55,6 +59,10 @@ class StatusServiceAsyncStub(StatusServiceStub):
     """WatchRequest streams the request's state whenever it changes, ending after the final state."""
     GetQueueStats: _aio.UnaryUnaryMultiCallable[_status_service_pb2.GetQueueStatsRequest, _status_service_pb2.GetQueueStatsResponse]  # type: ignore[assignment]
     """GetQueueStats tells operators how much work waits, is in flight, or was dead-lettered."""
+    ListWebhookDeliveries: _aio.UnaryUnaryMultiCallable[_status_service_pb2.ListWebhookDeliveriesRequest, _status_service_pb2.ListWebhookDeliveriesResponse]  # type: ignore[assignment]
+    """ListWebhookDeliveries lists every webhook attempt of a request, oldest first."""
+    RedeliverWebhook: _aio.UnaryUnaryMultiCallable[_status_service_pb2.RedeliverWebhookRequest, _status_service_pb2.RedeliverWebhookResponse]  # type: ignore[assignment]
+    """RedeliverWebhook sends the request's latest event to its webhook again, now."""
 
 class StatusServiceServicer(metaclass=_abc_1.ABCMeta):
     """StatusService answers questions about requests. An unknown id is NOT_FOUND."""
@@ -90,5 +98,21 @@ class StatusServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_status_service_pb2.GetQueueStatsResponse, _abc.Awaitable[_status_service_pb2.GetQueueStatsResponse]]:
         """GetQueueStats tells operators how much work waits, is in flight, or was dead-lettered."""
+
+    @_abc_1.abstractmethod
+    def ListWebhookDeliveries(
+        self,
+        request: _status_service_pb2.ListWebhookDeliveriesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_status_service_pb2.ListWebhookDeliveriesResponse, _abc.Awaitable[_status_service_pb2.ListWebhookDeliveriesResponse]]:
+        """ListWebhookDeliveries lists every webhook attempt of a request, oldest first."""
+
+    @_abc_1.abstractmethod
+    def RedeliverWebhook(
+        self,
+        request: _status_service_pb2.RedeliverWebhookRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_status_service_pb2.RedeliverWebhookResponse, _abc.Awaitable[_status_service_pb2.RedeliverWebhookResponse]]:
+        """RedeliverWebhook sends the request's latest event to its webhook again, now."""
 
 def add_StatusServiceServicer_to_server(servicer: StatusServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
