@@ -5,6 +5,9 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from services.common.db import queries
 from services.common.errors import NotFound
 from services.common.imaging import ImageOptions, OutputFormat
 from services.common.pb.imgpipe.v1 import request_pb2, task_pb2
@@ -74,3 +77,42 @@ def parse_request_id(raw: str) -> uuid.UUID:
     except ValueError:
         # Not an id we could have issued: the same answer as an unknown one.
         raise NotFound(f"no request {raw[:64]}") from None
+
+
+def progress_event(counters: queries.Counters) -> request_pb2.RequestEvent:
+    occurred = Timestamp()
+    occurred.GetCurrentTime()
+    return request_pb2.RequestEvent(
+        type=request_pb2.REQUEST_EVENT_TYPE_PROGRESS,
+        request_id=str(counters.request_id),
+        status=STATUS_TO_PROTO[counters.status],
+        progress=request_pb2.Progress(
+            images_total=counters.images_total,
+            images_done=counters.images_done,
+            images_failed=counters.images_failed,
+            bytes_in=counters.bytes_in,
+            bytes_out=counters.bytes_out,
+        ),
+        occurred_at=occurred,
+    )
+
+
+def finished_event(request: queries.RequestRow) -> request_pb2.RequestEvent:
+    occurred = Timestamp()
+    occurred.GetCurrentTime()
+    return request_pb2.RequestEvent(
+        event_id=request.finished_event_id,
+        type=request_pb2.REQUEST_EVENT_TYPE_FINISHED,
+        request_id=str(request.id),
+        status=STATUS_TO_PROTO[request.status],
+        progress=request_pb2.Progress(
+            images_total=request.images_total,
+            images_done=request.images_done,
+            images_failed=request.images_failed,
+            percent=100.0,
+            bytes_in=request.bytes_in,
+            bytes_out=request.bytes_out,
+        ),
+        occurred_at=occurred,
+        output_csv_key=request.output_csv_key or "",
+    )

@@ -59,6 +59,14 @@ class StreamNames:
     def event_published(self, event_id: str) -> str:
         return f"{self.prefix}:events:published:{event_id}"
 
+    def progress(self, request_id: str) -> str:
+        """The pub/sub channel of a request's live progress."""
+        return f"{self.prefix}:progress:{request_id}"
+
+    @property
+    def progress_pattern(self) -> str:
+        return f"{self.prefix}:progress:*"
+
 
 async def publish_tasks(
     redis: aioredis.Redis, names: StreamNames, tasks: Sequence[task_pb2.ImageTask]
@@ -85,6 +93,13 @@ async def publish_event_once(
         EVENT_DEDUP_SECONDS,
     )
     return bool(added)
+
+
+async def publish_progress(
+    redis: aioredis.Redis, names: StreamNames, event: request_pb2.RequestEvent
+) -> None:
+    """Live progress over pub/sub: at most once, for watchers; Postgres stays the truth."""
+    await redis.publish(names.progress(event.request_id), event.SerializeToString())
 
 
 @dataclass(frozen=True, slots=True)

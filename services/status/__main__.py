@@ -11,6 +11,7 @@ from services.common.grpc_server import Health, run_service
 from services.common.pb.imgpipe.v1 import status_service_pb2 as status_pb
 from services.common.resources import load_settings, open_backends
 from services.common.storage import Storage
+from services.status.progress import ProgressHub
 from services.status.servicer import StatusServicer, registrar
 from services.status.webhooks import WebhookDispatcher
 
@@ -32,15 +33,26 @@ async def main(settings: StatusSettings) -> None:
                 session=session,
                 settings=hooks,
             )
+            hub = ProgressHub(backends.redis, backends.names)
             servicer = StatusServicer(
-                backends.pool, storage, backends.redis, backends.names, webhooks
+                backends.pool, storage, backends.redis, backends.names, webhooks, hub
             )
             health = Health([SERVICE])
+
+            async def refresh(stop: asyncio.Event) -> None:
+                await hub.run_refresh(stop, backends.pool)
+
             await run_service(
                 listen=common.grpc_listen,
                 service_names=[SERVICE],
                 register=registrar(servicer),
-                loops=[backends.monitor(health).run, webhooks.run_events, webhooks.run_deliveries],
+                loops=[
+                    backends.monitor(health).run,
+                    hub.run,
+                    refresh,
+                    webhooks.run_events,
+                    webhooks.run_deliveries,
+                ],
                 grace=common.grace_seconds,
                 health=health,
             )

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 from collections.abc import AsyncIterator
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -29,13 +28,13 @@ from services.common.proto_convert import (
 )
 from services.common.storage import Storage
 from services.common.streams import DeadLetter, StreamNames, queue_stats
+from services.status.progress import ProgressHub
 from services.status.webhooks import WebhookDispatcher
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
-WATCH_INTERVAL = 0.5
 
 
 class StatusServicer(status_grpc.StatusServiceServicer):
@@ -46,12 +45,14 @@ class StatusServicer(status_grpc.StatusServiceServicer):
         redis: aioredis.Redis | None = None,
         names: StreamNames | None = None,
         webhooks: WebhookDispatcher | None = None,
+        hub: ProgressHub | None = None,
     ) -> None:
         self.pool = pool
         self.storage = storage
         self.redis = redis
         self.names = names or StreamNames()
         self.webhooks = webhooks
+        self.hub = hub
 
     @rpc_method
     async def GetRequest(
@@ -89,17 +90,29 @@ class StatusServicer(status_grpc.StatusServiceServicer):
     async def WatchRequest(
         self, request: status_pb.WatchRequestRequest, context: Context
     ) -> AsyncIterator[status_pb.WatchRequestResponse]:
-        # Polls Postgres while the request is open; the Redis fan-out comes with live progress.
-        last: tuple[Any, ...] | None = None
-        while True:
-            row = await self._load(request.request_id)
-            seen = (row.status, row.images_done, row.images_failed)
-            if seen != last:
-                last = seen
-                yield status_pb.WatchRequestResponse(request=request_message(row))
-            if row.status in FINAL_STATUSES:
-                return
-            await asyncio.sleep(WATCH_INTERVAL)
+        """The request now, then again whenever one of its images becomes final, then its
+        final state; updates come from the progress hub, not from polling Postgres."""
+        hub = self._hub()
+        async with hub.watch(str(parse_request_id(request.request_id))) as watch:
+            row = await self._load(request.request_id)  # after subscribing: nothing is missed
+            current = request_message(row)
+            yield status_pb.WatchRequestResponse(request=current)
+            while row.status not in FINAL_STATUSES:
+                await watch.changed.wait()
+                event, stale = watch.take()
+                final = event is not None and event.status in FINAL_STATUS_VALUES
+                if stale or final or event is None:
+                    # Re-read: the hub may have missed messages, or the final state has fields
+                    # (completed_at, the output CSV) a progress message does not carry.
+                    row = await self._load(request.request_id)
+                    updated = request_message(row)
+                elif _final_count(event.progress) < _final_count(current.progress):
+                    continue  # workers publish after their commits, so messages can cross
+                else:
+                    updated = _apply(current, event, row.created_at)
+                if _changed(current, updated):
+                    current = updated
+                    yield status_pb.WatchRequestResponse(request=current)
 
     @rpc_method
     async def GetQueueStats(
@@ -135,6 +148,11 @@ class StatusServicer(status_grpc.StatusServiceServicer):
         row = await self._load(request.request_id)
         return status_pb.RedeliverWebhookResponse(delivery=await self._dispatcher().redeliver(row))
 
+    def _hub(self) -> ProgressHub:
+        if self.hub is None:
+            raise Unavailable("live progress is not running in this status service")
+        return self.hub
+
     def _dispatcher(self) -> WebhookDispatcher:
         if self.webhooks is None:
             raise Unavailable("webhook delivery is not running in this status service")
@@ -168,26 +186,74 @@ class StatusServicer(status_grpc.StatusServiceServicer):
         )
 
 
+def progress_message(
+    counts: request_pb2.Progress, created_at: datetime, final: bool, now: datetime | None = None
+) -> request_pb2.Progress:
+    """Progress with percent, the observed rate since acceptance, and the ETA at that rate."""
+    done = counts.images_done + counts.images_failed
+    total = counts.images_total
+    elapsed = ((now or datetime.now(UTC)) - created_at).total_seconds()
+    rate = done / elapsed if done and elapsed > 0 else 0.0
+    progress = request_pb2.Progress(
+        images_total=total,
+        images_done=counts.images_done,
+        images_failed=counts.images_failed,
+        percent=round(100.0 * done / total, 1) if total else 100.0,
+        bytes_in=counts.bytes_in,
+        bytes_out=counts.bytes_out,
+        images_per_second=round(rate, 2),
+    )
+    if rate > 0 and not final:
+        progress.eta_seconds = round((total - done) / rate, 1)
+    return progress
+
+
 def request_message(row: queries.RequestRow) -> request_pb2.Request:
-    final = row.images_done + row.images_failed
+    counts = request_pb2.Progress(
+        images_total=row.images_total,
+        images_done=row.images_done,
+        images_failed=row.images_failed,
+        bytes_in=row.bytes_in,
+        bytes_out=row.bytes_out,
+    )
     return request_pb2.Request(
         request_id=str(row.id),
         status=STATUS_TO_PROTO[row.status],
         created_at=_timestamp(row.created_at),
         updated_at=_timestamp(row.updated_at),
         completed_at=_timestamp(row.completed_at) if row.completed_at else None,
-        progress=request_pb2.Progress(
-            images_total=row.images_total,
-            images_done=row.images_done,
-            images_failed=row.images_failed,
-            percent=round(100.0 * final / row.images_total, 1) if row.images_total else 100.0,
-            bytes_in=row.bytes_in,
-            bytes_out=row.bytes_out,
-        ),
+        progress=progress_message(counts, row.created_at, row.status in FINAL_STATUSES),
         products_total=row.products_total,
         options=to_proto(from_json(row.options)),
         webhook_url=row.webhook_url or "",
         output_csv_key=row.output_csv_key or "",
+    )
+
+
+FINAL_STATUS_VALUES = frozenset(STATUS_TO_PROTO[status] for status in FINAL_STATUSES)
+
+
+def _apply(
+    current: request_pb2.Request, event: request_pb2.RequestEvent, created_at: datetime
+) -> request_pb2.Request:
+    """`current` updated with a progress event's status and counters."""
+    updated = request_pb2.Request()
+    updated.CopyFrom(current)
+    updated.status = event.status
+    updated.updated_at.CopyFrom(event.occurred_at)
+    updated.progress.CopyFrom(progress_message(event.progress, created_at, final=False))
+    return updated
+
+
+def _final_count(progress: request_pb2.Progress) -> int:
+    return progress.images_done + progress.images_failed
+
+
+def _changed(before: request_pb2.Request, after: request_pb2.Request) -> bool:
+    return (before.status, before.progress.images_done, before.progress.images_failed) != (
+        after.status,
+        after.progress.images_done,
+        after.progress.images_failed,
     )
 
 

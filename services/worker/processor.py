@@ -16,17 +16,17 @@ from concurrent.futures import Executor
 
 import asyncpg
 import redis.asyncio as aioredis
-from google.protobuf.timestamp_pb2 import Timestamp
+from redis.exceptions import RedisError
 
 from services.common import storage as keys
 from services.common.csv_format import OutputCsvWriter
 from services.common.db import queries
 from services.common.imaging import ImageLimits, compress
 from services.common.outcome import ImageFailure, OutcomeCode, RetryPolicy
-from services.common.pb.imgpipe.v1 import request_pb2, task_pb2
-from services.common.proto_convert import STATUS_TO_PROTO, from_proto
+from services.common.pb.imgpipe.v1 import task_pb2
+from services.common.proto_convert import finished_event, from_proto, progress_event
 from services.common.storage import Storage
-from services.common.streams import StreamNames, publish_event_once
+from services.common.streams import StreamNames, publish_event_once, publish_progress
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +82,17 @@ class Processor:
                 counters = await queries.record_image_failed(
                     conn, task.image_id, code=str(failure.code), message=failure.message
                 )
-        if counters is not None and counters.all_final:
-            await self.finish_if_complete(request_id)
+        if counters is not None:
+            await self._announce(counters)
+            if counters.all_final:
+                await self.finish_if_complete(request_id)
+
+    async def _announce(self, counters: queries.Counters) -> None:
+        """Tell live watchers; losing this message loses nothing (they re-read Postgres)."""
+        try:
+            await publish_progress(self.redis, self.names, progress_event(counters))
+        except RedisError as exc:
+            log.warning("progress not published", extra={"error": repr(exc)})
 
     async def _compress_and_store(
         self, task: task_pb2.ImageTask, request_id: uuid.UUID
@@ -164,6 +173,7 @@ class Processor:
         log.info(
             "request finished", extra={"request_id": str(request_id), "status": finished.status}
         )
+        await self._announce(queries.Counters.of(finished))
         await self.publish_finished(finished)
 
     async def publish_finished(self, request: queries.RequestRow) -> None:
@@ -187,8 +197,10 @@ class Processor:
             counters = await queries.record_image_failed(
                 conn, task.image_id, code=code, message=message
             )
-        if counters is not None and counters.all_final:
-            await self.finish_if_complete(counters.request_id)
+        if counters is not None:
+            await self._announce(counters)
+            if counters.all_final:
+                await self.finish_if_complete(counters.request_id)
         return code, message
 
     async def _render_csv(self, conn: queries.Connection, request_id: uuid.UUID) -> bytes:
@@ -210,24 +222,3 @@ class Processor:
                 ],
             )
         return out.getvalue()
-
-
-def finished_event(request: queries.RequestRow) -> request_pb2.RequestEvent:
-    occurred = Timestamp()
-    occurred.GetCurrentTime()
-    return request_pb2.RequestEvent(
-        event_id=request.finished_event_id,
-        type=request_pb2.REQUEST_EVENT_TYPE_FINISHED,
-        request_id=str(request.id),
-        status=STATUS_TO_PROTO[request.status],
-        progress=request_pb2.Progress(
-            images_total=request.images_total,
-            images_done=request.images_done,
-            images_failed=request.images_failed,
-            percent=100.0,
-            bytes_in=request.bytes_in,
-            bytes_out=request.bytes_out,
-        ),
-        occurred_at=occurred,
-        output_csv_key=request.output_csv_key or "",
-    )

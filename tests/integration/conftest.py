@@ -3,6 +3,7 @@ per-test prefix, a file:// store, servicers on real gRPC servers, and an image o
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import secrets
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -24,6 +25,7 @@ from services.common.pb.imgpipe.v1 import status_service_pb2_grpc as status_grpc
 from services.common.storage import Storage
 from services.common.streams import StreamNames, TaskConsumer
 from services.ingest.servicer import IngestServicer, registrar
+from services.status.progress import ProgressHub
 from services.status.servicer import StatusServicer
 from services.status.servicer import registrar as status_registrar
 from services.worker.processor import Processor, RetryPolicy
@@ -122,8 +124,29 @@ async def ingest_stub(
 
 
 @pytest.fixture
+async def hub(
+    redis_client: redis.asyncio.Redis, names: StreamNames, pool: asyncpg.Pool
+) -> AsyncIterator[ProgressHub]:
+    """The live-progress hub, subscribed (its loops run for the test)."""
+    hub = ProgressHub(redis_client, names)
+    stop = asyncio.Event()
+    loops = [asyncio.create_task(hub.run(stop)), asyncio.create_task(hub.run_refresh(stop, pool))]
+    try:
+        await asyncio.wait_for(hub.connected.wait(), timeout=10)
+        yield hub
+    finally:
+        stop.set()
+        await asyncio.wait_for(asyncio.gather(*loops), timeout=10)
+
+
+@pytest.fixture
 async def status_stub(
-    pool: asyncpg.Pool, storage: Storage
+    pool: asyncpg.Pool,
+    storage: Storage,
+    redis_client: redis.asyncio.Redis,
+    names: StreamNames,
+    hub: ProgressHub,
 ) -> AsyncIterator[status_grpc.StatusServiceAsyncStub]:
-    async with serving(status_registrar(StatusServicer(pool, storage))) as channel:
+    servicer = StatusServicer(pool, storage, redis_client, names, hub=hub)
+    async with serving(status_registrar(servicer)) as channel:
         yield status_grpc.StatusServiceStub(channel)

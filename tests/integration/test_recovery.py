@@ -18,6 +18,7 @@ from services.common.db.pool import create_pool, migrate
 from services.common.pb.imgpipe.v1 import ingest_service_pb2 as ingest_pb
 from services.common.pb.imgpipe.v1 import ingest_service_pb2_grpc as ingest_grpc
 from services.common.pb.imgpipe.v1 import request_pb2
+from services.common.proto_convert import finished_event
 from services.common.streams import (
     EVENT_FIELD,
     WORKER_GROUP,
@@ -26,7 +27,7 @@ from services.common.streams import (
     publish_event_once,
     trim_acknowledged,
 )
-from services.worker.processor import Processor, finished_event
+from services.worker.processor import Processor
 from services.worker.reconciler import Reconciler
 from services.worker.runner import ConsumePolicy, consume
 from tests.integration.flows import csv_of, image_rows, stream_messages, upload

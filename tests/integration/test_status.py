@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
+from typing import Any
 
 import asyncpg
 import grpc
 import pytest
+import redis.asyncio
 
 from services.common.errors import InvalidArgument, NotFound, error_from_rpc
 from services.common.pb.imgpipe.v1 import ingest_service_pb2_grpc as ingest_grpc
 from services.common.pb.imgpipe.v1 import request_pb2
 from services.common.pb.imgpipe.v1 import status_service_pb2 as status_pb
 from services.common.pb.imgpipe.v1 import status_service_pb2_grpc as status_grpc
+from services.common.streams import TaskConsumer
+from services.status.progress import ProgressHub
+from services.worker.processor import Processor
+from services.worker.runner import ConsumePolicy, consume
 from tests.integration.flows import csv_of, upload
+from tests.origin import ImageOrigin
 
 pytestmark = pytest.mark.integration
 
@@ -102,23 +110,47 @@ async def test_bad_page_arguments(
         assert isinstance(error_from_rpc(caught.value), InvalidArgument)
 
 
-async def test_watch_streams_until_final(
+async def test_many_watchers_see_progress_to_the_end_through_one_subscription(
     ingest_stub: ingest_grpc.IngestServiceAsyncStub,
     status_stub: status_grpc.StatusServiceAsyncStub,
-    pool: asyncpg.Pool,
+    consumer: TaskConsumer,
+    processor: Processor,
+    redis_client: redis.asyncio.Redis,
+    hub: ProgressHub,
+    origin: ImageOrigin,
 ) -> None:
-    accepted = await upload(ingest_stub, csv_of([("1", "Shoe", ["http://h.example/a.jpg"])]))
-    call = status_stub.WatchRequest(
-        status_pb.WatchRequestRequest(request_id=accepted.request_id), timeout=20
-    )
-    updates = aiter(call)
-    first = await anext(updates)
-    assert first.request.status == request_pb2.REQUEST_STATUS_PENDING
-    await pool.execute(
-        """UPDATE requests SET status = 'Failed', images_failed = 1, completed_at = now()
-            WHERE id = $1""",
-        uuid.UUID(accepted.request_id),
-    )
-    statuses = [first.request.status] + [m.request.status async for m in updates]
-    assert statuses[-1] == request_pb2.REQUEST_STATUS_FAILED
-    assert await call.code() == grpc.StatusCode.OK
+    urls = [origin.url(f"/img/watch{i}.jpg") for i in range(6)]
+    accepted = await upload(ingest_stub, csv_of([("1", "Shoe", urls)]))
+    calls = [
+        status_stub.WatchRequest(
+            status_pb.WatchRequestRequest(request_id=accepted.request_id), timeout=30
+        )
+        for _ in range(20)
+    ]
+    firsts = [await anext(aiter(call)) for call in calls]  # every watcher is subscribed now
+    assert {f.request.status for f in firsts} == {request_pb2.REQUEST_STATUS_PENDING}
+    assert hub.watchers == 20
+    assert await redis_client.execute_command("PUBSUB", "NUMPAT") == 1
+
+    stop = asyncio.Event()
+    worker = asyncio.create_task(consume(consumer, processor, ConsumePolicy(concurrency=2), stop))
+    try:
+        streams = await asyncio.gather(*(_rest(call) for call in calls))
+    finally:
+        stop.set()
+        await asyncio.wait_for(worker, timeout=10)
+
+    for updates in streams:
+        done = [u.progress.images_done for u in updates]
+        assert done == sorted(done)  # never goes backwards
+        last = updates[-1]
+        assert last.status == request_pb2.REQUEST_STATUS_COMPLETED
+        assert last.progress.images_done == 6 and last.progress.percent == 100
+        assert last.HasField("completed_at") and last.output_csv_key
+        assert not last.progress.HasField("eta_seconds")
+    assert any(len(updates) > 2 for updates in streams)  # intermediate progress arrived
+    assert hub.watchers == 0
+
+
+async def _rest(call: Any) -> list[request_pb2.Request]:
+    return [message.request async for message in call]

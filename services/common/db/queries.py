@@ -177,6 +177,21 @@ class Counters:
     images_total: int
     images_done: int
     images_failed: int
+    status: str = "Processing"
+    bytes_in: int = 0
+    bytes_out: int = 0
+
+    @classmethod
+    def of(cls, request: RequestRow) -> Counters:
+        return cls(
+            request.id,
+            request.images_total,
+            request.images_done,
+            request.images_failed,
+            request.status,
+            request.bytes_in,
+            request.bytes_out,
+        )
 
     @property
     def all_final(self) -> bool:
@@ -216,7 +231,7 @@ _COUNTERS_UPDATE = """
            status = CASE WHEN status = 'Pending' THEN 'Processing' ELSE status END,
            updated_at = now()
      WHERE id = $1
- RETURNING id, images_total, images_done, images_failed"""
+ RETURNING id, images_total, images_done, images_failed, status, bytes_in, bytes_out"""
 
 
 async def record_image_done(
@@ -275,15 +290,34 @@ async def record_image_failed(
 
 def _counters(row: asyncpg.Record | None) -> Counters:
     assert row is not None, "the image row references its request"
-    return Counters(row["id"], row["images_total"], row["images_done"], row["images_failed"])
+    return Counters(
+        row["id"],
+        row["images_total"],
+        row["images_done"],
+        row["images_failed"],
+        row["status"],
+        row["bytes_in"],
+        row["bytes_out"],
+    )
 
 
 async def counters(conn: Connection, request_id: uuid.UUID) -> Counters | None:
     row = await conn.fetchrow(
-        "SELECT id, images_total, images_done, images_failed FROM requests WHERE id = $1",
+        """SELECT id, images_total, images_done, images_failed, status, bytes_in, bytes_out
+             FROM requests WHERE id = $1""",
         request_id,
     )
     return _counters(row) if row else None
+
+
+async def counters_of(conn: Connection, request_ids: Sequence[uuid.UUID]) -> list[Counters]:
+    """The counters of several requests in one query (the progress hub's safety net)."""
+    rows = await conn.fetch(
+        """SELECT id, images_total, images_done, images_failed, status, bytes_in, bytes_out
+             FROM requests WHERE id = ANY($1::uuid[])""",
+        list(request_ids),
+    )
+    return [_counters(row) for row in rows]
 
 
 async def is_final(conn: Connection, request_id: uuid.UUID) -> bool:
@@ -500,18 +534,24 @@ class ProductWithImages:
     images: list[ImageRow]
 
 
+# The page of products is chosen first through the (request_id, row_number) index, then each
+# product's images are gathered through the (product_id, position) index: a page costs the
+# same on the first page of a 100,000-product request as on its last.
 _PRODUCT_PAGE = """
-    SELECT p.row_number, p.serial_number, p.product_name,
-           array_agg(i.input_url ORDER BY i.position) AS input_urls,
-           array_agg(i.status ORDER BY i.position) AS statuses,
-           array_agg(i.output_key ORDER BY i.position) AS output_keys,
-           array_agg(i.error_code ORDER BY i.position) AS error_codes,
-           array_agg(i.error_message ORDER BY i.position) AS error_messages
-      FROM products p JOIN images i ON i.product_id = p.id
-     WHERE p.request_id = $1 AND p.row_number > $2
-     GROUP BY p.id
-     ORDER BY p.row_number
-     LIMIT $3"""
+    SELECT p.row_number, p.serial_number, p.product_name, i.*
+      FROM (SELECT id, row_number, serial_number, product_name
+              FROM products
+             WHERE request_id = $1 AND row_number > $2
+             ORDER BY row_number
+             LIMIT $3) p
+     CROSS JOIN LATERAL (
+           SELECT array_agg(input_url ORDER BY position) AS input_urls,
+                  array_agg(status ORDER BY position) AS statuses,
+                  array_agg(output_key ORDER BY position) AS output_keys,
+                  array_agg(error_code ORDER BY position) AS error_codes,
+                  array_agg(error_message ORDER BY position) AS error_messages
+             FROM images WHERE product_id = p.id) i
+     ORDER BY p.row_number"""
 
 
 async def list_products(
