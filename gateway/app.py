@@ -27,6 +27,7 @@ def create_app(settings: GatewaySettings) -> web.Application:
     app.router.add_get("/status", handlers.status)
     app.router.add_get("/status/{request_id}", handlers.status)
     app.router.add_get("/requests/{request_id}/output.csv", handlers.output_csv)
+    app.router.add_get("/requests/{request_id}/events", handlers.events)
     app.router.add_post("/requests/{request_id}/retry", handlers.retry)
     app.router.add_get("/requests/{request_id}/webhooks", handlers.webhooks)
     app.router.add_post("/requests/{request_id}/webhooks/redeliver", handlers.redeliver_webhook)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -31,6 +32,7 @@ DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
 # /readyz must answer quickly even when a backend hangs.
 READY_TIMEOUT = 2.0
+KEEPALIVE = 15.0
 _UNSAFE_FILENAME = re.compile(r"[^A-Za-z0-9._-]")
 
 
@@ -80,6 +82,59 @@ async def status(request: web.Request) -> web.Response:
         else None
     )
     return web.json_response(views.status_json(found, page, csv_url))
+
+
+async def events(request: web.Request) -> web.StreamResponse:
+    """Server-Sent Events: `progress` whenever an image becomes final, then `final`, then the
+    stream ends. A comment line every KEEPALIVE seconds keeps proxies from closing it."""
+    request_id = _request_id(request)
+    settings = request.app[SETTINGS]
+    call = request.app[BACKENDS].status.WatchRequest(
+        status_pb.WatchRequestRequest(request_id=request_id), timeout=settings.watch_timeout
+    )
+    updates = aiter(call)
+    try:
+        # The first answer decides the status code: a 404 is still a JSON error, not a stream.
+        first = await anext(updates)
+        response = web.StreamResponse(
+            headers={
+                "Content-Type": "text/event-stream",
+                "Cache-Control": "no-cache",
+                "X-Accel-Buffering": "no",
+            }
+        )
+        await response.prepare(request)
+        update: status_pb.WatchRequestResponse | None = first
+        try:
+            while update is not None:
+                found = update.request
+                final = views.is_final(found)
+                csv_url = output_csv_url(request, found.request_id) if final else None
+                event = views.request_json(found, csv_url)
+                await response.write(views.sse("final" if final else "progress", event))
+                update = await _next_or_keepalive(updates, response)
+        except grpc.aio.AioRpcError as exc:
+            # Headers are sent: say why the stream ends, in the stream; the client reconnects.
+            log.warning("live progress interrupted", extra={"error": exc.code().name})
+            await response.write(views.sse("error", {"code": "unavailable"}))
+        await response.write_eof()
+        return response
+    finally:
+        call.cancel()
+
+
+async def _next_or_keepalive(
+    updates: AsyncIterator[status_pb.WatchRequestResponse], response: web.StreamResponse
+) -> status_pb.WatchRequestResponse | None:
+    pending = asyncio.ensure_future(anext(updates, None))
+    try:
+        while True:
+            done, _ = await asyncio.wait({pending}, timeout=KEEPALIVE)
+            if done:
+                return pending.result()
+            await response.write(b": keep-alive\n\n")
+    finally:
+        pending.cancel()
 
 
 async def output_csv(request: web.Request) -> web.Response:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC
 from typing import Any
 
@@ -56,6 +57,14 @@ def status_json(
     page: status_pb.ListProductsResponse,
     output_csv_url: str | None,
 ) -> dict[str, Any]:
+    return request_json(request, output_csv_url) | {
+        "products": [product_json(product) for product in page.products],
+        "next_page_token": page.next_page_token or None,
+    }
+
+
+def request_json(request: request_pb2.Request, output_csv_url: str | None) -> dict[str, Any]:
+    """The request without its products: the status page head, and each live-progress event."""
     progress = request.progress
     return {
         "request_id": request.request_id,
@@ -70,10 +79,10 @@ def status_json(
             "percent": round(progress.percent, 1),
             "bytes_in": progress.bytes_in,
             "bytes_out": progress.bytes_out,
+            "images_per_second": progress.images_per_second,
+            "eta_seconds": progress.eta_seconds if progress.HasField("eta_seconds") else None,
         },
         "output_csv_url": output_csv_url,
-        "products": [product_json(product) for product in page.products],
-        "next_page_token": page.next_page_token or None,
     }
 
 
@@ -148,3 +157,8 @@ def delivery_json(delivery: status_pb.WebhookDelivery) -> dict[str, Any]:
         "attempted_at": timestamp(delivery, "attempted_at"),
         "next_attempt_at": timestamp(delivery, "next_attempt_at"),
     }
+
+
+def sse(event: str, data: dict[str, Any]) -> bytes:
+    """One Server-Sent Events message (JSON has no raw newlines, so one data line)."""
+    return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()

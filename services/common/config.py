@@ -341,6 +341,7 @@ class GatewaySettings:
     max_upload_bytes: int = CsvLimits().max_bytes
     rpc_timeout: float = 10.0
     upload_timeout: float = 300.0
+    watch_timeout: float = 3600.0  # the longest one live-progress stream stays open
     log_level: str = "INFO"
 
     @classmethod
@@ -358,6 +359,7 @@ class GatewaySettings:
             ),
             rpc_timeout=env.number("IMGPIPE_RPC_TIMEOUT", 10.0),
             upload_timeout=env.number("IMGPIPE_UPLOAD_TIMEOUT", 300.0),
+            watch_timeout=env.number("IMGPIPE_WATCH_TIMEOUT", 3600.0),
             log_level=env.text("IMGPIPE_LOG_LEVEL", "INFO").upper(),
         )
         env.done()

@@ -198,8 +198,14 @@ def rpc_method(method: F) -> F:
     async def fail(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException) -> NoReturn:
         if isinstance(exc, ImgpipeError):
             await grpc_abort(context, exc)
-        log.warning("backend unavailable", extra={"error": repr(exc), "method": method.__name__})
-        await grpc_abort(context, Unavailable("a backend is unavailable; retry later"))
+        if isinstance(exc, BACKEND_ERRORS):
+            log.warning(
+                "backend unavailable", extra={"error": repr(exc), "method": method.__name__}
+            )
+            await grpc_abort(context, Unavailable("a backend is unavailable; retry later"))
+        # A bug: logged with its traceback here, never sent to the caller.
+        log.error("unexpected error", exc_info=exc, extra={"method": method.__name__})
+        await grpc_abort(context, ImgpipeError("internal error"))
 
     if inspect.isasyncgenfunction(method):
 
@@ -208,7 +214,9 @@ def rpc_method(method: F) -> F:
             try:
                 async for item in method(self, request, context):
                     yield item
-            except (ImgpipeError, *BACKEND_ERRORS) as exc:  # type: ignore[misc]
+            except grpc.aio.AbortError:
+                raise  # the method ended the call itself
+            except Exception as exc:
                 await fail(context, exc)
 
         return stream  # type: ignore[return-value]
@@ -217,7 +225,9 @@ def rpc_method(method: F) -> F:
     async def unary(self: Any, request: Any, context: Any) -> Any:
         try:
             return await method(self, request, context)
-        except (ImgpipeError, *BACKEND_ERRORS) as exc:  # type: ignore[misc]
+        except grpc.aio.AbortError:
+            raise  # the method ended the call itself
+        except Exception as exc:
             await fail(context, exc)
 
     return unary  # type: ignore[return-value]

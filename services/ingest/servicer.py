@@ -56,6 +56,7 @@ from services.common.publish import publish_images, publish_request
 log = logging.getLogger(__name__)
 
 INSERT_BATCH = 500
+ANALYZE_AFTER_PRODUCTS = 5_000
 Context = grpc.aio.ServicerContext[Any, Any]
 
 
@@ -144,28 +145,43 @@ class IngestServicer(ingest_grpc.IngestServiceServicer):
             problems.append(
                 Detail(message="webhook_url must be an absolute http(s) URL", column="webhook_url")
             )
+        key = pb.idempotency_key.strip()
+        if len(key) > 255 or not key.isprintable():
+            problems.append(
+                Detail(
+                    message="an Idempotency-Key is at most 255 printable characters",
+                    column="idempotency_key",
+                )
+            )
         if problems:
             raise InvalidArgument("invalid upload options", problems)
-        return Header(options, webhook_url, pb.idempotency_key.strip() or None)
+        return Header(options, webhook_url, key or None)
 
     async def _ingest(self, header: Header, chunks: AsyncIterator[bytes]) -> ingest_pb.Accepted:
         owner = ""  # API keys and owners arrive with authentication (DESIGN.md "Security").
-        if header.idempotency_key:
+        request_id = uuid.uuid4()
+        key = header.idempotency_key
+        if not key:
             async with self.pool.acquire() as conn:
-                existing = await queries.find_idempotent(conn, owner, header.idempotency_key)
+                products, images = await self._store(conn, request_id, owner, header, chunks)
+        else:
+            # Uploads with the same key take turns on one connection, so two identical ones sent
+            # at once make one request: the second waits, then finds the first and replays it.
+            async with queries.idempotency_lock(self.pool, owner, key) as conn:
+                existing = await queries.find_idempotent(conn, owner, key)
+                if existing is None:
+                    products, images = await self._store(conn, request_id, owner, header, chunks)
             if existing is not None:
                 digest = hashlib.sha256()
                 async for chunk in chunks:
                     digest.update(chunk)
                 return _replay(existing, digest.digest())
-        request_id = uuid.uuid4()
-        try:
-            products, images = await self._store(request_id, owner, header, chunks)
-        except asyncpg.UniqueViolationError:
-            # A concurrent upload with the same key committed first. The stream is consumed,
-            # so the content cannot be compared: ask the caller to retry, which then replays.
-            raise Conflict("an upload with this Idempotency-Key is in progress; retry") from None
         failpoints.crash_here("ingest.after_commit")
+        if products >= ANALYZE_AFTER_PRODUCTS:
+            # A large request arrives all at once, before autovacuum's statistics notice it;
+            # stale statistics make the planner sort the whole request for every status page.
+            async with self.pool.acquire() as conn:
+                await queries.refresh_statistics(conn)
         log.info(
             "accepted",
             extra={"request_id": str(request_id), "products": products, "images": images},
@@ -187,13 +203,19 @@ class IngestServicer(ingest_grpc.IngestServiceServicer):
         )
 
     async def _store(
-        self, request_id: uuid.UUID, owner: str, header: Header, chunks: AsyncIterator[bytes]
+        self,
+        conn: queries.Connection,
+        request_id: uuid.UUID,
+        owner: str,
+        header: Header,
+        chunks: AsyncIterator[bytes],
     ) -> tuple[int, int]:
+        """Validate while streaming and write everything in one transaction on `conn`."""
         reader = CsvReader(self.limits)
         digest = hashlib.sha256()
         batch: list[ProductRow] = []
         products = images = 0
-        async with self.pool.acquire() as conn, conn.transaction():
+        async with conn.transaction():
             await queries.insert_request(
                 conn,
                 request_id,

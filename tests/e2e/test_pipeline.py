@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
+import json
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +13,7 @@ import aiohttp
 import pytest
 from PIL import Image
 
-from tests.origin import ImageOrigin
+from tests.origin import ImageOrigin, serve_images
 from tests.stack import ROOT, Stack, start_stack
 from tests.support import wait_until_async
 
@@ -254,3 +256,62 @@ async def test_operator_sees_the_queue_and_retries_failed_images(
         unknown = "3f1c2a4e-0000-4000-8000-000000000000"
         async with http.post(f"{base}/requests/{unknown}/retry") as response:
             assert response.status == 404
+
+
+async def read_sse(response: aiohttp.ClientResponse) -> list[tuple[str, dict[str, Any]]]:
+    """Every (event, data) of a Server-Sent Events stream, until the server ends it."""
+    events: list[tuple[str, dict[str, Any]]] = []
+    name, data = "message", ""
+    async for raw in response.content:
+        line = raw.decode().rstrip("\r\n")
+        if line.startswith("event: "):
+            name = line.removeprefix("event: ")
+        elif line.startswith("data: "):
+            data = line.removeprefix("data: ")
+        elif not line and data:
+            events.append((name, json.loads(data)))
+            name, data = "message", ""
+    return events
+
+
+async def test_server_sent_events_stream_progress_then_the_final_state(
+    tmp_path: Path,
+    database_url: str,
+    redis_server_url: str,
+    stack_factory: list[Stack],
+) -> None:
+    async with serve_images((800, 600), delay=0.15) as origin:
+        stack = start_stack(
+            tmp_path,
+            {
+                "IMGPIPE_DATABASE_URL": database_url,
+                "IMGPIPE_REDIS_URL": redis_server_url,
+                "IMGPIPE_FETCH_ALLOW": f"127.0.0.1:{origin.port}",
+            },
+        )
+        stack_factory.append(stack)
+        base = stack.base_url
+        urls = [origin.url(f"/img/sse{i}.jpg") for i in range(8)]
+        body = f'S. No.,Product Name,Input Image Urls\n1,Shoe,"{",".join(urls)}"\n'.encode()
+        async with aiohttp.ClientSession() as http:
+            async with await upload_csv(http, base, body) as response:
+                request_id = (await response.json())["request_id"]
+            async with http.get(f"{base}/requests/{request_id}/events") as response:
+                assert response.status == 200
+                assert response.headers["Content-Type"].startswith("text/event-stream")
+                events = await asyncio.wait_for(read_sse(response), timeout=60)
+            async with http.get(
+                f"{base}/requests/3f1c2a4e-0000-4000-8000-000000000000/events"
+            ) as missing:
+                assert missing.status == 404
+                assert (await missing.json())["error"]["code"] == "not_found"
+
+    names = [name for name, _ in events]
+    assert names[-1] == "final" and set(names[:-1]) <= {"progress"}
+    assert len(names) >= 3  # the start, progress along the way, the end
+    done = [data["progress"]["images_done"] for _, data in events]
+    assert done == sorted(done) and done[-1] == 8
+    final = events[-1][1]
+    assert final["status"] == "Completed" and final["completed_at"]
+    assert final["output_csv_url"] == f"{base}/requests/{request_id}/output.csv"
+    assert final["progress"]["percent"] == 100 and final["progress"]["eta_seconds"] is None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 
@@ -238,3 +239,17 @@ async def test_a_stream_cut_short_is_never_stored(
         await ingest_stub.UploadCsv(lying_end(), timeout=10)
     assert "incomplete" in error_from_rpc(caught.value).message
     assert await pool.fetchval("SELECT count(*) FROM requests") == before
+
+
+async def test_two_identical_uploads_at_once_make_one_request(
+    ingest_stub: ingest_grpc.IngestServiceAsyncStub, pool: asyncpg.Pool
+) -> None:
+    key = f"key-{uuid.uuid4()}"
+    body = csv_of([(str(i), f"P{i}", URLS) for i in range(40)])
+    answers = await asyncio.gather(
+        *(upload(ingest_stub, body, idempotency_key=key, chunk_size=64) for _ in range(4))
+    )
+    assert len({a.request_id for a in answers}) == 1
+    assert sorted(a.created for a in answers) == [False, False, False, True]
+    count = await pool.fetchval("SELECT count(*) FROM requests WHERE idempotency_key = $1", key)
+    assert count == 1

@@ -6,6 +6,7 @@ move in the same transaction as the image row, so delivering a task twice is har
 
 from __future__ import annotations
 
+import contextlib
 import json
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -40,6 +41,20 @@ async def find_idempotent(conn: Connection, owner: str, key: str) -> ExistingReq
         key,
     )
     return ExistingRequest(**dict(row)) if row else None
+
+
+@contextlib.asynccontextmanager
+async def idempotency_lock(pool: asyncpg.Pool, owner: str, key: str) -> AsyncIterator[Connection]:
+    """Hold a session advisory lock on (owner, key) for the block: uploads sharing a key
+    take turns instead of racing to insert."""
+    async with pool.acquire() as conn:
+        # The owner's length first makes the pair unambiguous without a separator.
+        lock = await conn.fetchval("SELECT hashtextextended($1, 0)", f"{len(owner)}:{owner}{key}")
+        await conn.execute("SELECT pg_advisory_lock($1)", lock)
+        try:
+            yield conn
+        finally:
+            await conn.execute("SELECT pg_advisory_unlock($1)", lock)
 
 
 async def insert_request(
@@ -87,6 +102,10 @@ async def insert_products(
         "images", records=images, columns=("product_id", "request_id", "position", "input_url")
     )
     return len(images)
+
+
+async def refresh_statistics(conn: Connection) -> None:
+    await conn.execute("ANALYZE products; ANALYZE images")
 
 
 async def complete_request_insert(
