@@ -32,6 +32,9 @@ BACKEND_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.PostgresConnectionError,
     asyncpg.InterfaceError,
     asyncpg.exceptions.OperatorInterventionError,
+    # What asyncpg raises when the server goes away in the middle of an operation
+    # ("cannot switch to state 12; another operation is in progress"), MagicStack/asyncpg#784.
+    asyncpg.exceptions.InternalClientError,
     RedisError,
 )
 
