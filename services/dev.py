@@ -13,8 +13,10 @@ plan_stack() turns the environment into a StackPlan without side effects; run_st
 
 from __future__ import annotations
 
+import base64
 import http.client
 import os
+import secrets
 import select
 import signal
 import socket
@@ -80,9 +82,13 @@ class StackPlan:
     children: tuple[ChildSpec, ...]  # in start order
     base_env: Mapping[str, str] = field(repr=False)
 
-    def child_env(self, child: ChildSpec, *, database_url: str, redis_url: str) -> dict[str, str]:
+    def child_env(
+        self, child: ChildSpec, *, database_url: str, redis_url: str, webhook_secret: str = ""
+    ) -> dict[str, str]:
         """The full environment of `child`, once the database and Redis URLs are known."""
         env = dict(self.base_env)
+        if webhook_secret and not env.get("IMGPIPE_WEBHOOK_SECRET"):
+            env["IMGPIPE_WEBHOOK_SECRET"] = webhook_secret
         # Per-child variables come from the plan only, never from the launcher's own shell.
         for name in ("IMGPIPE_GRPC_LISTEN", "IMGPIPE_CONSUMER_NAME"):
             env.pop(name, None)
@@ -93,6 +99,7 @@ class StackPlan:
             IMGPIPE_REDIS_URL=redis_url,
             IMGPIPE_STORAGE_URL=self.storage_url,
             IMGPIPE_PUBLIC_BASE_URL=self.public_base_url,
+            IMGPIPE_PUBLIC_API_URL=self.base_env.get("IMGPIPE_PUBLIC_API_URL") or self.gateway_url,
             IMGPIPE_INGEST_ADDR=self.ingest_addr,
             IMGPIPE_STATUS_ADDR=self.status_addr,
             IMGPIPE_HTTP_LISTEN=self.http_listen,
@@ -217,8 +224,12 @@ def run_stack(plan: StackPlan) -> int:
         if signals.received:
             return 0
 
+        # A local stack signs webhooks too: with a secret of its own, kept in the data folder.
+        secret = plan.base_env.get("IMGPIPE_WEBHOOK_SECRET") or _dev_webhook_secret(plan.data_dir)
         for spec in plan.children:
-            env = plan.child_env(spec, database_url=database_url, redis_url=redis_url)
+            env = plan.child_env(
+                spec, database_url=database_url, redis_url=redis_url, webhook_secret=secret
+            )
             try:
                 running.append(_Child.start(spec, env))
             except OSError as exc:
@@ -394,6 +405,9 @@ def _banner(
             f"  Postgres     {_redact(database_url)}  ({pg})",
             f"  Redis        {_redact(redis_url)}  ({rd})",
             f"  storage      {plan.storage_url}",
+            f"  webhooks     signed with the secret in {plan.data_dir / 'webhook-secret'}"
+            if not plan.base_env.get("IMGPIPE_WEBHOOK_SECRET")
+            else "  webhooks     signed with IMGPIPE_WEBHOOK_SECRET",
             "  try:",
             f"    curl -F file=@samples/products.csv {url}/upload",
             f"    curl '{url}/status?request_id=<id>'",
@@ -401,6 +415,14 @@ def _banner(
             "",
         ]
     )
+
+
+def _dev_webhook_secret(data_dir: Path) -> str:
+    path = data_dir / "webhook-secret"
+    if not path.exists():
+        path.write_text("whsec_" + base64.b64encode(secrets.token_bytes(24)).decode() + "\n")
+        path.chmod(0o600)
+    return path.read_text().strip()
 
 
 def _child(python: str, name: str, role: str, module: str, **env: str) -> ChildSpec:

@@ -6,6 +6,8 @@ value raises `ConfigError` listing every problem at once, so an operator fixes t
 
 from __future__ import annotations
 
+import base64
+import binascii
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -285,7 +287,7 @@ class StatusSettings:
     def from_env(cls, environ: Mapping[str, str]) -> Self:
         env = _Reader(environ)
         secret = env.text("IMGPIPE_WEBHOOK_SECRET")
-        if secret and not secret.startswith("whsec_"):
+        if secret and not _is_webhook_secret(secret):
             env.problems.append(
                 "IMGPIPE_WEBHOOK_SECRET: expected a Standard Webhooks secret, whsec_<base64>"
             )
@@ -323,6 +325,14 @@ class StatusSettings:
         )
         env.done()
         return settings
+
+
+def _is_webhook_secret(secret: str) -> bool:
+    try:
+        key = base64.b64decode(secret.removeprefix("whsec_"), validate=True)
+    except (binascii.Error, ValueError):
+        return False
+    return secret.startswith("whsec_") and len(key) >= 16
 
 
 def _seconds_list(raw: str) -> tuple[float, ...]:

@@ -467,6 +467,24 @@ async def _follow(
     raise ImageFailure(OutcomeCode.TOO_MANY_REDIRECTS, message)
 
 
+def check_url(session: aiohttp.ClientSession, url: str | URL) -> URL:
+    """Refuse, before anything is resolved or sent, what the session's guard never allows
+    (scheme, credentials, port, an IP literal that is not public); returns the parsed URL.
+
+    For requests made with the session directly (webhooks); fetch_image does it on every hop.
+    Raises ImageFailure(BLOCKED_ADDRESS), or TypeError for a session not from make_session().
+    """
+    connector = session.connector
+    if not isinstance(connector, GuardedConnector):
+        raise TypeError("check_url needs a session from make_session()")
+    try:
+        parsed = URL(url) if isinstance(url, str) else url
+    except (ValueError, TypeError) as exc:
+        raise ImageFailure(OutcomeCode.BLOCKED_ADDRESS, f"the URL is not valid: {exc}") from exc
+    _check_url(parsed, connector.guard)
+    return parsed
+
+
 def _check_url(url: URL, guard: GuardedResolver) -> None:
     """Refuse what no hop may ask for, before anything is resolved or sent."""
     if url.scheme not in ("http", "https"):

@@ -1,22 +1,101 @@
-"""Webhook delivery (Standard Webhooks). Being written; see WebhookDispatcher."""
+"""Webhook delivery by the Standard Webhooks specification (https://www.standardwebhooks.com).
+
+Two loops run in every status replica:
+
+- `run_events` reads `request.finished` events from the events stream through the consumer
+  group "webhooks" (its own pending entries first, then new ones, then entries another replica
+  left idle too long) and schedules attempt 1 of each in Postgres; an event is acknowledged
+  only after its delivery is durable there. An event read twice schedules once.
+- `run_deliveries` leases due attempts from Postgres (FOR UPDATE SKIP LOCKED, so replicas
+  share the queue), POSTs them through the SSRF-guarded session without following redirects,
+  and records every attempt: succeeded on 2xx; abandoned on 410, a blocked address, or when
+  the retry schedule is spent; otherwise failed, with the next attempt scheduled after the
+  schedule's step (with jitter), or after the receiver's Retry-After when that is longer.
+
+Every attempt of an event sends the same `webhook-id` (the event id, so receivers can
+deduplicate) and the same body bytes; the timestamp and signature are made per attempt.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import binascii
+import json
+import logging
+import math
+import os
+import random
+import time
 import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
 
 import aiohttp
 import asyncpg
 import redis.asyncio as aioredis
+from google.protobuf.message import DecodeError
+from google.protobuf.timestamp_pb2 import Timestamp
+from redis.exceptions import ResponseError
+from standardwebhooks.webhooks import EmptyWebhookSecretError, Webhook
+from yarl import URL
 
-from services.common.config import WebhookSettings
+from services.common.config import ConfigError, WebhookSettings
 from services.common.db import queries
-from services.common.errors import Unavailable
+from services.common.db import webhooks as db
+from services.common.errors import BACKEND_ERRORS, Conflict
+from services.common.fetch import (
+    USER_AGENT,
+    check_url,
+    failure_from_exception,
+    parse_retry_after,
+)
+from services.common.grpc_server import wait_any, wait_or_stop
+from services.common.outcome import ImageFailure, OutcomeCode
+from services.common.pb.imgpipe.v1 import request_pb2
 from services.common.pb.imgpipe.v1 import status_service_pb2 as status_pb
-from services.common.streams import StreamNames
+from services.common.streams import EVENT_FIELD, StreamNames
+
+log = logging.getLogger(__name__)
+
+GROUP = "webhooks"
+NOT_CONFIGURED = "webhooks are not configured: set IMGPIPE_WEBHOOK_SECRET"
+WHO = "the webhook receiver"  # how failure messages name the other side
+
+EVENT_BATCH = 50  # events read per XREADGROUP
+READ_BLOCK_MS = 1000  # also bounds how long a SIGTERM waits for a read to return
+CLAIM_INTERVAL = 15.0  # how often entries left idle by a dead replica are looked for
+CLAIM_IDLE = 60.0  # scheduling an event takes milliseconds: idle this long, its replica died
+FORGET_IDLE = 3600.0  # a consumer holding nothing, unseen this long, is dropped from the group
+CONCURRENCY = 16  # attempts in flight per replica
+POLL_INTERVAL = 1.0  # the longest the delivery loop sleeps without being woken
+LEASE_MARGIN = 30.0  # seconds a lease outlives the HTTP timeout
+JITTER = (0.8, 1.2)
+BACKOFF_MAX = 10.0
+# A Retry-After is honoured up to the largest schedule step, and never capped below this.
+RETRY_AFTER_FLOOR = 60.0
+
+_EVENT_TYPES = {
+    request_pb2.REQUEST_STATUS_COMPLETED: ("request.completed", "Completed"),
+    request_pb2.REQUEST_STATUS_FAILED: ("request.failed", "Failed"),
+}
+_STATES = {
+    db.SCHEDULED: status_pb.WEBHOOK_DELIVERY_STATE_SCHEDULED,
+    db.SUCCEEDED: status_pb.WEBHOOK_DELIVERY_STATE_SUCCEEDED,
+    db.FAILED: status_pb.WEBHOOK_DELIVERY_STATE_FAILED,
+    db.ABANDONED: status_pb.WEBHOOK_DELIVERY_STATE_ABANDONED,
+}
 
 
 class WebhookDispatcher:
+    """Schedules, sends, retries and lists the webhooks of finished requests.
+
+    `session` comes from `make_session(settings.fetch_allow, settings.fetch_limits)`: its
+    connector refuses blocked addresses at resolve and at connect time. `consumer` names this
+    replica in the consumer group (default `status-<host>-<pid>`).
+    """
+
     def __init__(
         self,
         *,
@@ -25,21 +104,525 @@ class WebhookDispatcher:
         names: StreamNames,
         session: aiohttp.ClientSession,
         settings: WebhookSettings,
+        consumer: str | None = None,
+        claim_idle: float = CLAIM_IDLE,
     ) -> None:
         self.pool = pool
         self.redis = redis
         self.names = names
         self.session = session
         self.settings = settings
+        self.consumer = consumer or f"status-{os.uname().nodename}-{os.getpid()}"
+        self.claim_idle = claim_idle
+        self._signer = _signer(settings.secret)
+        # Set when an attempt is scheduled or finishes, so the delivery loop looks at once.
+        self._wake = asyncio.Event()
+
+    # ------------------------------------------------------------------ events
 
     async def run_events(self, stop: asyncio.Event) -> None:
-        await stop.wait()  # not delivering yet
+        """Schedule a delivery for every finished request with a webhook_url, until `stop`."""
+        reader = _EventReader(self.redis, self.names, self.consumer)
+        failures = 0
+        next_claim = 0.0
+        while not stop.is_set():
+            try:
+                entries: list[_Entry] = []
+                if time.monotonic() >= next_claim:
+                    next_claim = time.monotonic() + CLAIM_INTERVAL
+                    entries = await reader.claim_stale(int(self.claim_idle * 1000), EVENT_BATCH)
+                if not entries:
+                    entries = await reader.read(EVENT_BATCH, READ_BLOCK_MS)
+                done = [entry.entry_id for entry in entries if await self._schedule(entry)]
+                await reader.ack(done)
+                failures = 0
+            except BACKEND_ERRORS as exc:
+                failures += 1
+                delay = min(BACKOFF_MAX, 0.2 * 2**failures)
+                log.warning(
+                    "reading webhook events failed", extra={"error": repr(exc), "retry_in": delay}
+                )
+                # What was read but not acknowledged is this consumer's pending: read it again
+                # first once the backend answers.
+                reader.reread_pending()
+                await wait_or_stop(stop, delay)
+
+    async def _schedule(self, entry: _Entry) -> bool:
+        """Schedule the delivery of one stream entry; True when it may be acknowledged."""
+        event = entry.event
+        if event is None or event.type != request_pb2.REQUEST_EVENT_TYPE_FINISHED:
+            return True
+        try:
+            request_id = uuid.UUID(event.request_id)
+        except ValueError:
+            log.error("webhook event with a bad request id", extra={"event_id": event.event_id})
+            return True
+        if event.status not in _EVENT_TYPES or not event.event_id:
+            log.error("unexpected finished event", extra={"event_id": event.event_id})
+            return True
+        try:
+            async with self.pool.acquire() as conn:
+                request = await queries.get_request(conn, request_id)
+                if request is None or not request.webhook_url:
+                    return True
+                event_type, status = _EVENT_TYPES[event.status]
+                progress = event.progress
+                scheduled = await db.schedule_first_attempt(
+                    conn,
+                    request_id=request_id,
+                    event_id=event.event_id,
+                    event_type=event_type,
+                    url=request.webhook_url,
+                    payload=self._payload(
+                        event_type,
+                        request_id,
+                        status,
+                        (progress.images_total, progress.images_done, progress.images_failed),
+                        _occurred(event.occurred_at),
+                    ),
+                )
+        except BACKEND_ERRORS:
+            raise
+        except Exception:
+            # Left pending: taken over and tried again after CLAIM_IDLE.
+            log.exception("scheduling a webhook failed", extra={"event_id": event.event_id})
+            return False
+        if scheduled:
+            log.info("webhook scheduled", extra={"event_id": event.event_id})
+            self._wake.set()
+        return True
+
+    def _payload(
+        self,
+        event_type: str,
+        request_id: uuid.UUID,
+        status: str,
+        counts: tuple[int, int, int],
+        occurred: datetime,
+    ) -> str:
+        """The thin Standard Webhooks envelope, as the exact text that is signed and sent."""
+        base = self.settings.public_api_url.rstrip("/")
+        total, done, failed = counts
+        envelope = {
+            "type": event_type,
+            "timestamp": _iso(occurred),
+            "data": {
+                "request_id": str(request_id),
+                "status": status,
+                "images_total": total,
+                "images_done": done,
+                "images_failed": failed,
+                "output_csv_url": f"{base}/requests/{request_id}/output.csv",
+                "status_url": f"{base}/status/{request_id}",
+            },
+        }
+        return json.dumps(envelope, separators=(",", ":"))
+
+    # ------------------------------------------------------------------ deliveries
 
     async def run_deliveries(self, stop: asyncio.Event) -> None:
-        await stop.wait()  # not delivering yet
+        """Send due attempts, at most CONCURRENCY at once, until `stop`; then let the ones in
+        flight finish (they are bounded by the timeout; a cancelled one lets its lease lapse and
+        is sent again later)."""
+        if self._signer is None:
+            log.warning(NOT_CONFIGURED + "; every webhook will be recorded as abandoned")
+        in_flight: set[asyncio.Task[None]] = set()
+        failures = 0
+        try:
+            while not stop.is_set():
+                self._wake.clear()
+                pause = POLL_INTERVAL
+                free = CONCURRENCY - len(in_flight)
+                if free > 0:
+                    try:
+                        due, next_due = await self._claim(free)
+                        failures = 0
+                    except BACKEND_ERRORS as exc:
+                        failures += 1
+                        pause = min(BACKOFF_MAX, 0.2 * 2**failures)
+                        log.warning(
+                            "claiming webhooks failed",
+                            extra={"error": repr(exc), "retry_in": pause},
+                        )
+                    else:
+                        for delivery in due:
+                            task = asyncio.create_task(self._deliver(delivery))
+                            in_flight.add(task)
+                            task.add_done_callback(in_flight.discard)
+                        if next_due is not None:
+                            pause = min(POLL_INTERVAL, max(next_due, 0.02))
+                # Woken early by a new schedule (run_events, redeliver) or a finished attempt.
+                await wait_any(stop, self._wake, timeout=pause)
+        finally:
+            if in_flight:
+                log.info("finishing webhooks in flight", extra={"attempts": len(in_flight)})
+                await asyncio.gather(*in_flight, return_exceptions=True)
+
+    async def _claim(self, limit: int) -> tuple[list[db.DeliveryRow], float | None]:
+        """Lease up to `limit` due attempts; when there were fewer, also the seconds until the
+        next one is due (None: nothing is scheduled)."""
+        lease = self.settings.timeout + LEASE_MARGIN
+        async with self.pool.acquire() as conn:
+            due = await db.claim_due(conn, limit=limit, lease_seconds=lease)
+            if len(due) == limit:
+                return due, None
+            return due, await db.seconds_until_due(conn)
+
+    async def _deliver(self, delivery: db.DeliveryRow) -> None:
+        try:
+            outcome = await self._send(delivery)
+            retry_in = None
+            state = outcome.state
+            error = outcome.error
+            if state == db.FAILED:
+                retry_in = self._retry_delay(delivery.attempt, outcome.retry_after)
+                if retry_in is None:
+                    state = db.ABANDONED
+                    error = f"{error}; gave up after {delivery.attempt} attempts"
+            async with self.pool.acquire() as conn:
+                recorded = await db.record_attempt(
+                    conn,
+                    delivery,
+                    state=state,
+                    status_code=outcome.status_code,
+                    error=error,
+                    retry_in=retry_in,
+                )
+            log.info(
+                "webhook attempt",
+                extra={
+                    "event_id": delivery.event_id,
+                    "attempt": delivery.attempt,
+                    "receiver": _origin(delivery.url),
+                    "state": state,
+                    "status_code": outcome.status_code,
+                    "error": error,
+                    "retry_in": retry_in,
+                    "recorded": recorded,
+                },
+            )
+        except BACKEND_ERRORS as exc:
+            # Not recorded: the lease lapses and the attempt is made again.
+            log.warning(
+                "recording a webhook attempt failed",
+                extra={"event_id": delivery.event_id, "error": repr(exc)},
+            )
+        except Exception:
+            log.exception("webhook attempt failed unexpectedly", extra={"id": delivery.id})
+        finally:
+            self._wake.set()
+
+    async def _send(self, delivery: db.DeliveryRow) -> _Outcome:
+        if self._signer is None:
+            return _Outcome(db.ABANDONED, None, NOT_CONFIGURED)
+        try:
+            check_url(self.session, delivery.url)
+            headers = _signed_headers(self._signer, delivery.event_id, delivery.payload)
+            timeout = aiohttp.ClientTimeout(
+                total=self.settings.timeout,
+                sock_connect=min(self.settings.timeout, self.settings.fetch_limits.connect_timeout),
+            )
+            async with self.session.post(
+                delivery.url,
+                data=delivery.payload.encode(),
+                headers=headers,
+                allow_redirects=False,
+                timeout=timeout,
+            ) as response:
+                return _answer_outcome(response)
+        except ImageFailure as failure:
+            return _failure_outcome(failure)
+        except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
+            return _failure_outcome(failure_from_exception(exc, who=WHO))
+
+    def _retry_delay(self, attempt: int, retry_after: float | None) -> float | None:
+        return retry_delay(
+            self.settings.schedule,
+            attempt,
+            retry_after,
+            floor=max(RETRY_AFTER_FLOOR, self.settings.fetch_limits.max_retry_after),
+        )
+
+    # ------------------------------------------------------------------ API
 
     async def list_deliveries(self, request_id: uuid.UUID) -> list[status_pb.WebhookDelivery]:
-        raise Unavailable("webhook delivery is not available yet")
+        """Every attempt for the request, oldest first."""
+        async with self.pool.acquire() as conn:
+            rows = await db.list_deliveries(conn, request_id)
+        return [_message(row) for row in rows]
 
     async def redeliver(self, request: queries.RequestRow) -> status_pb.WebhookDelivery:
-        raise Unavailable("webhook delivery is not available yet")
+        """Send the request's latest event again, now: the attempt already scheduled is brought
+        forward, or a new attempt is scheduled. Conflict when the request is not final or has
+        no webhook_url."""
+        if request.status not in ("Completed", "Failed"):
+            raise Conflict(
+                f"request {request.id} is {request.status}: its webhook is sent once it is"
+                " Completed or Failed"
+            )
+        if not request.webhook_url:
+            raise Conflict(f"request {request.id} has no webhook_url")
+        event_type = "request.completed" if request.status == "Completed" else "request.failed"
+        payload = self._payload(
+            event_type,
+            request.id,
+            request.status,
+            (request.images_total, request.images_done, request.images_failed),
+            request.completed_at or request.updated_at,
+        )
+        for _ in range(5):
+            async with self.pool.acquire() as conn:
+                row = await db.redeliver(
+                    conn,
+                    request_id=request.id,
+                    event_id=request.finished_event_id,
+                    event_type=event_type,
+                    url=request.webhook_url,
+                    payload=payload,
+                )
+            if row is not None:
+                log.info(
+                    "webhook redelivery scheduled",
+                    extra={"event_id": row.event_id, "attempt": row.attempt},
+                )
+                self._wake.set()
+                return _message(row)
+        raise Conflict(f"request {request.id}: its webhook is being redelivered already")
+
+
+# ---------------------------------------------------------------------- pure parts
+
+
+@dataclass(frozen=True, slots=True)
+class _Outcome:
+    state: str
+    status_code: int | None
+    error: str | None
+    retry_after: float | None = None
+
+
+def _answer_outcome(response: aiohttp.ClientResponse) -> _Outcome:
+    status = response.status
+    answer = f"{status} {response.reason}" if response.reason else str(status)
+    if 200 <= status < 300:
+        return _Outcome(db.SUCCEEDED, status, None)
+    if status == 410:
+        return _Outcome(db.ABANDONED, status, f"{WHO} answered {answer}: no more attempts")
+    error = f"{WHO} answered {answer}"
+    if 300 <= status < 400:
+        error += ", a redirect; redirects are not followed"
+    retry_after = parse_retry_after(response.headers.get(aiohttp.hdrs.RETRY_AFTER))
+    if retry_after:
+        error += f"; it asked us to retry in {math.ceil(retry_after)} s"
+    return _Outcome(db.FAILED, status, error, retry_after)
+
+
+def _failure_outcome(failure: ImageFailure) -> _Outcome:
+    # A refused address or URL will be refused again: no retries. Everything else (timeouts,
+    # connection errors, a broken answer) may pass later.
+    state = db.ABANDONED if failure.code == OutcomeCode.BLOCKED_ADDRESS else db.FAILED
+    return _Outcome(state, None, str(failure))
+
+
+def retry_delay(
+    schedule: Sequence[float], attempt: int, retry_after: float | None, *, floor: float
+) -> float | None:
+    """Seconds until the attempt after `attempt` (1-based), or None when the schedule is spent.
+
+    The schedule's step for `attempt`, times a jitter factor, so receivers that failed together
+    are not retried together; the receiver's Retry-After wins when it is longer, capped at the
+    largest schedule step (and at least at `floor`)."""
+    if attempt > len(schedule):
+        return None
+    delay = schedule[attempt - 1] * random.uniform(*JITTER)
+    if retry_after is not None:
+        delay = max(delay, min(retry_after, max(max(schedule), floor)))
+    return delay
+
+
+def _signed_headers(signer: Webhook, event_id: str, payload: str) -> dict[str, str]:
+    """Standard Webhooks headers; the timestamp and signature are new on every attempt."""
+    sent_at = datetime.now(UTC)
+    return {
+        "webhook-id": event_id,
+        "webhook-timestamp": str(math.floor(sent_at.timestamp())),
+        "webhook-signature": signer.sign(event_id, sent_at, payload),
+        "Content-Type": "application/json",
+        "User-Agent": f"{USER_AGENT} (webhooks)",
+    }
+
+
+def _signer(secret: str) -> Webhook | None:
+    if not secret:
+        return None
+    try:
+        return Webhook(secret)
+    except (binascii.Error, ValueError, EmptyWebhookSecretError) as exc:
+        raise ConfigError(
+            [f"IMGPIPE_WEBHOOK_SECRET: not a valid whsec_<base64> secret ({exc})"]
+        ) from None
+
+
+def _message(row: db.DeliveryRow) -> status_pb.WebhookDelivery:
+    message = status_pb.WebhookDelivery(
+        event_id=row.event_id,
+        event_type=row.event_type,
+        url=row.url,
+        attempt=row.attempt,
+        state=_STATES[row.state],
+        status_code=row.status_code or 0,
+        error=row.error or "",
+    )
+    message.created_at.FromDatetime(row.created_at)
+    if row.attempted_at is not None:
+        message.attempted_at.FromDatetime(row.attempted_at)
+    if row.next_attempt_at is not None:
+        message.next_attempt_at.FromDatetime(row.next_attempt_at)
+    return message
+
+
+def _occurred(stamp: Timestamp) -> datetime:
+    if stamp.seconds or stamp.nanos:
+        return stamp.ToDatetime(tzinfo=UTC)
+    return datetime.now(UTC)
+
+
+def _iso(moment: datetime) -> str:
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _origin(url: str) -> str:
+    """scheme://host:port of a webhook URL, for logs (its path and query may hold tokens)."""
+    try:
+        parsed = URL(url)
+        return f"{parsed.scheme}://{parsed.host}:{parsed.port}"
+    except (ValueError, TypeError):
+        return "(invalid URL)"
+
+
+# ---------------------------------------------------------------------- the events stream
+
+
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    entry_id: str
+    event: request_pb2.RequestEvent | None  # None: nothing usable in the entry
+
+
+class _EventReader:
+    """One consumer of the "webhooks" group on the events stream: its own pending entries
+    first (a restart under the same name), then new ones; entries idle too long (their replica
+    died) through XAUTOCLAIM. Recreates the group when Redis lost it."""
+
+    def __init__(self, redis: aioredis.Redis, names: StreamNames, consumer: str) -> None:
+        self.redis = redis
+        self.names = names
+        self.consumer = consumer
+        self._cursor = "0"
+        self._claim_cursor = "0-0"
+        self._group_ready = False
+
+    def reread_pending(self) -> None:
+        self._cursor = "0"
+
+    async def ensure_group(self) -> None:
+        # From the start of the stream: an event published before the first status replica
+        # ever started still gets its webhook.
+        try:
+            await self.redis.xgroup_create(self.names.events, GROUP, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+        self._group_ready = True
+
+    async def read(self, count: int, block_ms: int) -> list[_Entry]:
+        if not self._group_ready:
+            await self.ensure_group()
+        try:
+            return await self._read(count, block_ms)
+        except ResponseError as exc:
+            await self._recreate_group(exc)
+            return []
+
+    async def _read(self, count: int, block_ms: int) -> list[_Entry]:
+        reading_pending = self._cursor != ">"
+        response: Any = await self.redis.xreadgroup(
+            GROUP,
+            self.consumer,
+            {self.names.events: self._cursor},
+            count=count,
+            block=None if reading_pending else block_ms,
+        )
+        entries = response[0][1] if response else []
+        if reading_pending:
+            if not entries:
+                self._cursor = ">"
+                return await self._read(count, block_ms)
+            self._cursor = _text(entries[-1][0])
+        return [_decode(raw_id, fields) for raw_id, fields in entries]
+
+    async def claim_stale(self, min_idle_ms: int, count: int) -> list[_Entry]:
+        if not self._group_ready:
+            await self.ensure_group()
+        try:
+            response: Any = await self.redis.xautoclaim(
+                self.names.events,
+                GROUP,
+                self.consumer,
+                min_idle_time=min_idle_ms,
+                start_id=self._claim_cursor,
+                count=count,
+            )
+        except ResponseError as exc:
+            await self._recreate_group(exc)
+            return []
+        self._claim_cursor = _text(response[0])
+        entries = [entry for entry in response[1] if entry is not None]
+        if entries:
+            log.warning("claimed idle webhook events", extra={"entries": len(entries)})
+        if self._claim_cursor == "0-0":
+            await self._forget_idle_consumers()
+        return [_decode(raw_id, fields) for raw_id, fields in entries]
+
+    async def _forget_idle_consumers(self) -> None:
+        """Drop consumers that hold nothing (replicas gone since), once per full claim sweep;
+        a live one is recreated by its next read."""
+        consumers: Any = await self.redis.xinfo_consumers(self.names.events, GROUP)
+        for consumer in consumers:
+            name = _text(consumer["name"])
+            idle = int(consumer["idle"]) / 1000
+            if name != self.consumer and int(consumer["pending"]) == 0 and idle > FORGET_IDLE:
+                await self.redis.xgroup_delconsumer(self.names.events, GROUP, name)
+
+    async def _recreate_group(self, exc: ResponseError) -> None:
+        if "NOGROUP" not in str(exc):
+            raise exc
+        # Redis lost the stream (a restart without persistence). Events are published again
+        # from Postgres by the worker's reconciler only while unpublished; what is lost here
+        # can be sent with POST /requests/{id}/webhooks/redeliver.
+        log.warning("webhook consumer group missing; recreating it")
+        await self.ensure_group()
+        self._cursor = "0"
+        self._claim_cursor = "0-0"
+
+    async def ack(self, entry_ids: Sequence[str]) -> None:
+        if entry_ids:
+            await self.redis.xack(self.names.events, GROUP, *entry_ids)
+
+
+def _decode(raw_id: bytes | str, fields: dict[bytes, bytes] | None) -> _Entry:
+    entry_id = _text(raw_id)
+    payload = (fields or {}).get(EVENT_FIELD)
+    if payload is None:
+        return _Entry(entry_id, None)  # a pending entry whose data was trimmed
+    event = request_pb2.RequestEvent()
+    try:
+        event.ParseFromString(payload)
+    except DecodeError:
+        log.error("undecodable webhook event dropped", extra={"entry_id": entry_id})
+        return _Entry(entry_id, None)
+    return _Entry(entry_id, event)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

@@ -9,14 +9,14 @@ Everything listens on loopback: no traffic leaves 127.0.0.0/8 and ::1.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import csv
 import io
-import socket
 import struct
 import zlib
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import asyncpg
 import pytest
@@ -35,35 +35,12 @@ from services.worker.processor import Processor, RetryPolicy
 from services.worker.runner import ConsumePolicy, consume
 from tests.imagegen import photo_like
 from tests.integration.flows import csv_of, upload
+from tests.listeners import Tripwire
 from tests.support import wait_until_async
 
 pytestmark = pytest.mark.integration
 
 LIMITS = FetchLimits(connect_timeout=2.0, total_timeout=3.0, stall_timeout=0.5, max_bytes=2_000_000)
-
-
-@dataclass
-class Tripwire:
-    """A listener that only counts the connections it accepts."""
-
-    host: str
-    port: int = 0
-    accepted: int = 0
-    server: asyncio.Server | None = field(default=None, repr=False)
-
-    async def start(self) -> None:
-        def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            self.accepted += 1
-            writer.close()
-
-        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-        self.server = await asyncio.start_server(on_connect, self.host, 0, family=family)
-        self.port = self.server.sockets[0].getsockname()[1]
-
-    async def stop(self) -> None:
-        if self.server is not None:
-            self.server.close()
-            await self.server.wait_closed()
 
 
 def png_bomb() -> bytes:
@@ -92,14 +69,11 @@ def many_frames_gif(frames: int) -> bytes:
 
 @pytest.fixture
 async def tripwires() -> AsyncIterator[dict[str, Tripwire]]:
-    wires = {host: Tripwire(host) for host in ("127.0.0.1", "127.0.0.2", "::1")}
-    for wire in wires.values():
-        await wire.start()
-    try:
-        yield wires
-    finally:
-        for wire in wires.values():
-            await wire.stop()
+    async with contextlib.AsyncExitStack() as stack:
+        yield {
+            host: await stack.enter_async_context(Tripwire(host).listening())
+            for host in ("127.0.0.1", "127.0.0.2", "::1")
+        }
 
 
 @dataclass

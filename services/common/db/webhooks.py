@@ -1,0 +1,192 @@
+"""The SQL of webhook delivery: one row of webhook_deliveries per attempt to deliver one event.
+
+Rows in state 'scheduled' are the queue. A replica claims due rows with FOR UPDATE SKIP LOCKED
+and leases them (`leased_until`) while it sends, so replicas never send the same attempt at
+once and a replica that dies mid-send only delays it. Scheduling is idempotent: an event has
+one row per attempt number (UNIQUE (event_id, attempt)), and inserts that would repeat one do
+nothing.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+
+from services.common.db.queries import Connection
+
+SCHEDULED, SUCCEEDED, FAILED, ABANDONED = "scheduled", "succeeded", "failed", "abandoned"
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryRow:
+    id: int
+    request_id: uuid.UUID
+    event_id: str
+    event_type: str
+    url: str
+    payload: str  # the exact JSON text that is signed and sent
+    attempt: int
+    state: str
+    status_code: int | None
+    error: str | None
+    created_at: datetime
+    attempted_at: datetime | None
+    next_attempt_at: datetime | None
+    leased_until: datetime | None
+
+
+_COLUMNS = """id, request_id, event_id, event_type, url, payload, attempt, state, status_code,
+    error, created_at, attempted_at, next_attempt_at, leased_until"""
+
+
+async def schedule_first_attempt(
+    conn: Connection,
+    *,
+    request_id: uuid.UUID,
+    event_id: str,
+    event_type: str,
+    url: str,
+    payload: str,
+) -> bool:
+    """Schedule attempt 1 of an event, due now; False when it was already scheduled."""
+    inserted = await conn.fetchval(
+        """INSERT INTO webhook_deliveries
+                  (request_id, event_id, attempt, event_type, url, payload, state,
+                   next_attempt_at)
+           VALUES ($1, $2, 1, $3, $4, $5, 'scheduled', now())
+           ON CONFLICT (event_id, attempt) DO NOTHING
+           RETURNING id""",
+        request_id,
+        event_id,
+        event_type,
+        url,
+        payload,
+    )
+    return inserted is not None
+
+
+async def claim_due(conn: Connection, *, limit: int, lease_seconds: float) -> list[DeliveryRow]:
+    """Lease up to `limit` due scheduled attempts, oldest due first, for `lease_seconds`.
+
+    The returned row's `leased_until` is the lease: record_attempt takes it back as proof that
+    the attempt is still this caller's.
+    """
+    rows = await conn.fetch(
+        f"""UPDATE webhook_deliveries
+               SET leased_until = now() + make_interval(secs => $2)
+             WHERE id IN (SELECT id FROM webhook_deliveries
+                           WHERE state = 'scheduled' AND next_attempt_at <= now()
+                             AND (leased_until IS NULL OR leased_until <= now())
+                           ORDER BY next_attempt_at, id
+                           LIMIT $1
+                             FOR UPDATE SKIP LOCKED)
+         RETURNING {_COLUMNS}""",
+        limit,
+        lease_seconds,
+    )
+    return sorted((DeliveryRow(**dict(r)) for r in rows), key=lambda r: r.id)
+
+
+async def seconds_until_due(conn: Connection) -> float | None:
+    """Seconds until the next scheduled attempt may be claimed (≤ 0: now); None if none is."""
+    value = await conn.fetchval(
+        """SELECT EXTRACT(EPOCH FROM min(GREATEST(next_attempt_at,
+                                                  COALESCE(leased_until, next_attempt_at)))
+                                     - now())
+             FROM webhook_deliveries WHERE state = 'scheduled'"""
+    )
+    return None if value is None else float(value)
+
+
+async def record_attempt(
+    conn: Connection,
+    delivery: DeliveryRow,
+    *,
+    state: str,
+    status_code: int | None,
+    error: str | None,
+    retry_in: float | None = None,
+) -> bool:
+    """Record the outcome of a leased attempt; with `retry_in` (state 'failed'), also schedule
+    the next attempt that many seconds from now. False when the lease was lost (another replica
+    took the attempt over): nothing is recorded."""
+    async with conn.transaction():
+        next_at = await conn.fetchrow(
+            """UPDATE webhook_deliveries
+                  SET state = $3, status_code = $4, error = $5, attempted_at = now(),
+                      leased_until = NULL,
+                      next_attempt_at = now() + make_interval(secs => $6::float8)
+                WHERE id = $1 AND state = 'scheduled' AND leased_until = $2
+            RETURNING next_attempt_at""",
+            delivery.id,
+            delivery.leased_until,
+            state,
+            status_code,
+            error[:1000] if error else None,
+            retry_in,
+        )
+        if next_at is None:
+            return False
+        if retry_in is not None:
+            await conn.execute(
+                """INSERT INTO webhook_deliveries
+                          (request_id, event_id, attempt, event_type, url, payload, state,
+                           next_attempt_at)
+                   SELECT request_id, event_id, attempt + 1, event_type, url, payload,
+                          'scheduled', next_attempt_at
+                     FROM webhook_deliveries WHERE id = $1
+                   ON CONFLICT (event_id, attempt) DO NOTHING""",
+                delivery.id,
+            )
+        return True
+
+
+async def redeliver(
+    conn: Connection,
+    *,
+    request_id: uuid.UUID,
+    event_id: str,
+    event_type: str,
+    url: str,
+    payload: str,
+) -> DeliveryRow | None:
+    """Make an attempt of `event_id` due now: the one already scheduled, if any, else a new
+    one numbered after the last, sending the body of the earlier attempts (`payload` only when
+    there were none). None when a concurrent call got in first: call again."""
+    async with conn.transaction():
+        row = await conn.fetchrow(
+            f"""UPDATE webhook_deliveries SET next_attempt_at = now()
+                 WHERE event_id = $1 AND state = 'scheduled'
+             RETURNING {_COLUMNS}""",
+            event_id,
+        )
+        if row is None:
+            row = await conn.fetchrow(
+                f"""INSERT INTO webhook_deliveries
+                           (request_id, event_id, attempt, event_type, url, payload, state,
+                            next_attempt_at)
+                    SELECT $1, $2, COALESCE(max(attempt), 0) + 1, $3, $4,
+                           COALESCE((SELECT payload FROM webhook_deliveries
+                                      WHERE event_id = $2 ORDER BY attempt DESC LIMIT 1), $5),
+                           'scheduled', now()
+                      FROM webhook_deliveries WHERE event_id = $2
+                    ON CONFLICT (event_id, attempt) DO NOTHING
+                 RETURNING {_COLUMNS}""",
+                request_id,
+                event_id,
+                event_type,
+                url,
+                payload,
+            )
+        return DeliveryRow(**dict(row)) if row is not None else None
+
+
+async def list_deliveries(conn: Connection, request_id: uuid.UUID) -> list[DeliveryRow]:
+    """Every attempt for a request, oldest first."""
+    rows = await conn.fetch(
+        f"""SELECT {_COLUMNS} FROM webhook_deliveries
+             WHERE request_id = $1 ORDER BY id""",
+        request_id,
+    )
+    return [DeliveryRow(**dict(r)) for r in rows]
