@@ -195,16 +195,24 @@ async def test_reconciler_recovers_everything_after_the_stream_is_gone(
     redis_client: redis.asyncio.Redis,
     names: StreamNames,
     reconciler: Reconciler,
+    consumer: TaskConsumer,
+    processor: Processor,
     origin: ImageOrigin,
-    worker: asyncio.Event,
 ) -> None:
-    # Published, then Redis lost everything before any worker read it.
+    # Published, then Redis lost everything (group included) before any worker read it.
     urls = [origin.url(f"/img/gone{i}.jpg") for i in range(3)]
-    await redis_client.delete(names.tasks)
     accepted = await upload(ingest_stub, csv_of([("1", "Shoe", urls)]))
     await redis_client.delete(names.tasks)
-    assert (await reconciler.reconcile_once()).republished >= 3
-    request = await wait_status(pool, accepted.request_id, "Completed")
+
+    assert (await reconciler.reconcile_once()).republished == 3
+
+    stop = asyncio.Event()
+    worker = asyncio.create_task(consume(consumer, processor, ConsumePolicy(concurrency=4), stop))
+    try:
+        request = await wait_status(pool, accepted.request_id, "Completed")
+    finally:
+        stop.set()
+        await asyncio.wait_for(worker, timeout=10)
     assert request["images_done"] == 3
 
 
