@@ -152,8 +152,8 @@ async def test_bad_csv_and_unknown_id_get_contract_errors(
     stack_factory.append(stack)
     bad = (
         b"S. No.,Product Name,Input Image Urls\n"
-        b"1,Shoe,http://example.com/a.jpg\n"
-        b"2,,http://example.com/b.jpg\n"
+        b"1,Shoe,http://127.0.0.1:9/a.jpg\n"
+        b"2,,http://127.0.0.1:9/b.jpg\n"
         b"3,Hat,not-a-url\n"
     )
     async with aiohttp.ClientSession() as http:
@@ -173,6 +173,22 @@ async def test_bad_csv_and_unknown_id_get_contract_errors(
             assert (await response.json())["error"]["code"] == "not_found"
         async with http.get(f"{stack.base_url}/requests/{unknown}/output.csv") as response:
             assert response.status == 404
+
+        # Idempotent uploads over REST: the same key and bytes replay (200, same id, even
+        # when sent at once), other bytes conflict (409).
+        # Loopback and not allowed: the worker refuses it without connecting anywhere.
+        good = b"S. No.,Product Name,Input Image Urls\n1,Shoe,http://127.0.0.1:9/a.jpg\n"
+        headers = {"Idempotency-Key": "order-7", "Content-Type": "text/csv"}
+
+        async def send(body: bytes) -> tuple[int, dict[str, Any]]:
+            async with http.post(f"{stack.base_url}/upload", data=body, headers=headers) as r:
+                return r.status, await r.json()
+
+        answers = await asyncio.gather(send(good), send(good), send(good))
+        assert sorted(status for status, _ in answers) == [200, 200, 202]
+        assert len({body["request_id"] for _, body in answers}) == 1
+        status, body = await send(good.replace(b"Shoe", b"Boot"))
+        assert status == 409 and body["error"]["code"] == "conflict"
 
     assert stack.stop() == 0
 
