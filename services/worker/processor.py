@@ -55,18 +55,24 @@ class Processor:
         self.image_limits = image_limits
         self.retry = retry
 
-    async def process(self, task: task_pb2.ImageTask) -> None:
+    async def process(self, task: task_pb2.ImageTask, deliveries: int = 1) -> None:
         """Bring the task's image to a final state. Raises only for infrastructure failures
-        (Postgres, Redis, storage), in which case the entry must not be acknowledged."""
-        async with self.pool.acquire() as conn:
-            state = await queries.image_status(conn, task.image_id)
-        if state is None:
-            log.warning("task for unknown image dropped", extra={"image_id": task.image_id})
-            return
-        status, request_id = state
-        if status != "Pending":
-            await self.finish_if_complete(request_id)
-            return
+        (Postgres, Redis, storage), in which case the entry must not be acknowledged.
+
+        A first delivery goes straight to work: the outcome is recorded conditionally, so a
+        duplicate costs a download, never a wrong count. A redelivery (a crash happened)
+        checks the image first, and finishes its request if the image was already final.
+        """
+        request_id = uuid.UUID(task.request_id)
+        if deliveries > 1:
+            async with self.pool.acquire() as conn:
+                state = await queries.image_status(conn, task.image_id)
+            if state is None:
+                log.warning("task for unknown image dropped", extra={"image_id": task.image_id})
+                return
+            if state[0] != "Pending":
+                await self.finish_if_complete(request_id)
+                return
         try:
             counters = await self._compress_and_store(task, request_id)
         except ImageFailure as failure:
@@ -152,9 +158,7 @@ class Processor:
                 )
                 await asyncio.sleep(delay)
             else:
-                async with self.pool.acquire() as conn:
-                    await queries.record_attempt(conn, task.image_id)
-                return data
+                return data  # record_image_done counts this successful attempt
 
     async def finish_if_complete(self, request_id: uuid.UUID) -> None:
         """Finish a request whose images are all final: render the output CSV, mark it

@@ -120,7 +120,7 @@ async def _handle(
                     extra={"image_id": task.image_id, "deliveries": delivery.deliveries},
                 )
             else:
-                await processor.process(task)
+                await processor.process(task, delivery.deliveries)
                 await consumer.ack([delivery.entry_id])
             return
         except asyncio.CancelledError:

@@ -241,16 +241,43 @@ async def record_attempt(
     return int(attempts or 0)
 
 
-_COUNTERS_UPDATE = """
+# One statement per outcome: the image's conditional state change and the request's counters
+# move atomically in a single round trip (the hot path of every worker). When the image was
+# already final, the CTE updates nothing and neither does the request.
+_COUNTERS = """
     UPDATE requests
-       SET images_done = images_done + $2,
-           images_failed = images_failed + $3,
-           bytes_in = bytes_in + $4,
-           bytes_out = bytes_out + $5,
+       SET images_done = images_done + CASE WHEN img.done THEN 1 ELSE 0 END,
+           images_failed = images_failed + CASE WHEN img.done THEN 0 ELSE 1 END,
+           bytes_in = requests.bytes_in + COALESCE(img.bytes_in, 0),
+           bytes_out = requests.bytes_out + COALESCE(img.bytes_out, 0),
            status = CASE WHEN status = 'Pending' THEN 'Processing' ELSE status END,
            updated_at = now()
-     WHERE id = $1
- RETURNING id, images_total, images_done, images_failed, status, bytes_in, bytes_out"""
+      FROM img
+     WHERE requests.id = img.request_id
+ RETURNING requests.id, images_total, images_done, images_failed, status,
+           requests.bytes_in, requests.bytes_out"""
+
+_IMAGE_DONE = (
+    """
+WITH img AS (
+    UPDATE images
+       SET status = 'Done', output_key = $2, bytes_in = $3, bytes_out = $4, width = $5,
+           height = $6, kept_source = $7, attempts = attempts + 1,
+           error_code = NULL, error_message = NULL, updated_at = now()
+     WHERE id = $1 AND status = 'Pending'
+ RETURNING request_id, bytes_in, bytes_out, true AS done)"""
+    + _COUNTERS
+)
+
+_IMAGE_FAILED = (
+    """
+WITH img AS (
+    UPDATE images
+       SET status = 'Failed', error_code = $2, error_message = $3, updated_at = now()
+     WHERE id = $1 AND status = 'Pending'
+ RETURNING request_id, NULL::integer AS bytes_in, NULL::integer AS bytes_out, false AS done)"""
+    + _COUNTERS
+)
 
 
 async def record_image_done(
@@ -264,47 +291,20 @@ async def record_image_done(
     height: int,
     kept_source: bool,
 ) -> Counters | None:
-    """Mark a Pending image Done and move the counters; None if it was already final."""
-    async with conn.transaction():
-        request_id = await conn.fetchval(
-            """UPDATE images
-                  SET status = 'Done', output_key = $2, bytes_in = $3, bytes_out = $4,
-                      width = $5, height = $6, kept_source = $7,
-                      error_code = NULL, error_message = NULL, updated_at = now()
-                WHERE id = $1 AND status = 'Pending'
-            RETURNING request_id""",
-            image_id,
-            output_key,
-            bytes_in,
-            bytes_out,
-            width,
-            height,
-            kept_source,
-        )
-        if request_id is None:
-            return None
-        row = await conn.fetchrow(_COUNTERS_UPDATE, request_id, 1, 0, bytes_in, bytes_out)
-        return _counters(row)
+    """Mark a Pending image Done (counting its successful attempt) and move the counters;
+    None if it was already final."""
+    row = await conn.fetchrow(
+        _IMAGE_DONE, image_id, output_key, bytes_in, bytes_out, width, height, kept_source
+    )
+    return _counters(row) if row else None
 
 
 async def record_image_failed(
     conn: Connection, image_id: int, *, code: str, message: str
 ) -> Counters | None:
     """Mark a Pending image Failed with its reason and move the counters."""
-    async with conn.transaction():
-        request_id = await conn.fetchval(
-            """UPDATE images
-                  SET status = 'Failed', error_code = $2, error_message = $3, updated_at = now()
-                WHERE id = $1 AND status = 'Pending'
-            RETURNING request_id""",
-            image_id,
-            code,
-            message[:1000],
-        )
-        if request_id is None:
-            return None
-        row = await conn.fetchrow(_COUNTERS_UPDATE, request_id, 0, 1, 0, 0)
-        return _counters(row)
+    row = await conn.fetchrow(_IMAGE_FAILED, image_id, code, message[:1000])
+    return _counters(row) if row else None
 
 
 def _counters(row: asyncpg.Record | None) -> Counters:
