@@ -2,7 +2,9 @@
 
 Publishing happens after the ingest commit, so a crash in between leaves a request with
 `published_at IS NULL`; `republish_loop` finds those at start-up and periodically afterwards
-and publishes them again. Duplicates are harmless: workers skip images that are already final.
+and publishes them again (the reconciler does too). While an ingest publishes, it holds a
+lease on the request so no one else does it twice. Duplicates would be harmless anyway:
+outcomes are recorded conditionally.
 """
 
 from __future__ import annotations
@@ -15,9 +17,9 @@ from collections.abc import Sequence
 import asyncpg
 import redis.asyncio as aioredis
 from google.protobuf.timestamp_pb2 import Timestamp
-from redis.exceptions import RedisError
 
 from services.common.db import queries
+from services.common.errors import BACKEND_ERRORS
 from services.common.grpc_server import wait_or_stop
 from services.common.imaging import ImageOptions
 from services.common.pb.imgpipe.v1 import task_pb2
@@ -40,6 +42,7 @@ async def publish_request(
     published = 0
     async with pool.acquire() as conn:
         async for batch in queries.pending_images(conn, request_id, batch=BATCH):
+            await queries.renew_publish_lease(conn, request_id)
             await publish_images(conn, redis, names, request_id, options, batch)
             published += len(batch)
         await queries.mark_published(conn, request_id)
@@ -74,14 +77,15 @@ async def publish_images(
 
 
 async def republish_pending(
-    pool: asyncpg.Pool, redis: aioredis.Redis, names: StreamNames, *, min_age_seconds: float = 0.0
+    pool: asyncpg.Pool, redis: aioredis.Redis, names: StreamNames, *, at_start_up: bool = False
 ) -> int:
     """Publish every accepted request not yet marked published; returns how many.
 
-    `min_age_seconds` skips requests an upload handler may be publishing right now.
+    Requests an ingest is publishing right now hold a lease and are left alone, except at
+    start-up, when this process publishes nothing yet and a lease may be a dead process's.
     """
     async with pool.acquire() as conn:
-        items = await queries.unpublished_requests(conn, min_age_seconds=min_age_seconds)
+        items = await queries.unpublished_requests(conn, respect_lease=not at_start_up)
     for item in items:
         await publish_request(pool, redis, names, item.request_id, from_json(item.options))
     return len(items)
@@ -96,13 +100,13 @@ async def republish_loop(
     interval: float = 30.0,
 ) -> None:
     """At start-up, then every `interval` seconds until `stop` is set."""
-    min_age = 0.0  # at start-up nothing of ours is in flight: take everything
+    at_start_up = True
     while not stop.is_set():
         try:
-            count = await republish_pending(pool, redis, names, min_age_seconds=min_age)
-            min_age = interval
+            count = await republish_pending(pool, redis, names, at_start_up=at_start_up)
+            at_start_up = False
             if count:
                 log.warning("republished requests left unpublished", extra={"requests": count})
-        except (RedisError, OSError, asyncpg.PostgresError) as exc:
-            log.warning("republish failed; will retry", extra={"error": str(exc)})
+        except BACKEND_ERRORS as exc:
+            log.warning("republish failed; will retry", extra={"error": repr(exc)})
         await wait_or_stop(stop, interval)

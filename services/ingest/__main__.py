@@ -30,7 +30,7 @@ async def main(settings: IngestSettings) -> None:
             listen=settings.common.grpc_listen,
             service_names=[SERVICE],
             register=registrar(servicer),
-            loops=[monitor.run, republish],
+            loops=[monitor.run, republish, servicer.drain],
             grace=settings.common.grace_seconds,
             health=health,
         )

@@ -7,6 +7,7 @@ transaction back and the caller gets every problem found (up to the limit) with 
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import hashlib
 import io
@@ -20,12 +21,12 @@ from urllib.parse import urlsplit
 import asyncpg
 import grpc
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
 
 from services.common import failpoints
 from services.common.csv_format import REQUIRED_COLUMNS, CsvLimits, CsvReader, ProductRow
 from services.common.db import queries
 from services.common.errors import (
+    BACKEND_ERRORS,
     Conflict,
     Detail,
     InvalidArgument,
@@ -57,6 +58,9 @@ log = logging.getLogger(__name__)
 
 INSERT_BATCH = 500
 ANALYZE_AFTER_PRODUCTS = 5_000
+# Requests with more images are answered right after their commit and published in the
+# background; smaller ones have every task on the stream when the caller gets the answer.
+PUBLISH_INLINE_IMAGES = 10_000
 Context = grpc.aio.ServicerContext[Any, Any]
 
 
@@ -79,6 +83,15 @@ class IngestServicer(ingest_grpc.IngestServiceServicer):
         self.redis = redis
         self.names = names
         self.limits = limits
+        self._publishing: set[asyncio.Task[None]] = set()
+
+    async def drain(self, stop: asyncio.Event) -> None:
+        """A service loop: at shutdown, let background publishing finish (within the grace
+        period; what is cut short stays unpublished and is published again at start-up)."""
+        await stop.wait()
+        if self._publishing:
+            log.info("finishing background publishing", extra={"requests": len(self._publishing)})
+            await asyncio.gather(*self._publishing, return_exceptions=True)
 
     @rpc_method
     async def UploadCsv(
@@ -186,14 +199,13 @@ class IngestServicer(ingest_grpc.IngestServiceServicer):
             "accepted",
             extra={"request_id": str(request_id), "products": products, "images": images},
         )
-        try:
-            await publish_request(self.pool, self.redis, self.names, request_id, header.options)
-        except (RedisError, OSError) as exc:
-            # The request is durable; the republish loop will publish it when Redis is back.
-            log.warning(
-                "publish failed after commit; will republish",
-                extra={"request_id": str(request_id), "error": str(exc)},
-            )
+        if images <= PUBLISH_INLINE_IMAGES:
+            await self._publish(request_id, header.options)
+        else:
+            # The request is durable: answer now rather than after 300,000 XADDs.
+            task = asyncio.create_task(self._publish(request_id, header.options))
+            self._publishing.add(task)
+            task.add_done_callback(self._publishing.discard)
         return ingest_pb.Accepted(
             request_id=str(request_id),
             status=request_pb2.REQUEST_STATUS_PENDING,
@@ -201,6 +213,16 @@ class IngestServicer(ingest_grpc.IngestServiceServicer):
             images=images,
             created=True,
         )
+
+    async def _publish(self, request_id: uuid.UUID, options: ImageOptions) -> None:
+        try:
+            await publish_request(self.pool, self.redis, self.names, request_id, options)
+        except BACKEND_ERRORS as exc:
+            # The request is durable; the republish loop publishes it when Redis is back.
+            log.warning(
+                "publish failed after commit; will republish",
+                extra={"request_id": str(request_id), "error": repr(exc)},
+            )
 
     async def _store(
         self,

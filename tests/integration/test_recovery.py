@@ -19,6 +19,7 @@ from services.common.pb.imgpipe.v1 import ingest_service_pb2 as ingest_pb
 from services.common.pb.imgpipe.v1 import ingest_service_pb2_grpc as ingest_grpc
 from services.common.pb.imgpipe.v1 import request_pb2
 from services.common.proto_convert import finished_event
+from services.common.publish import republish_pending
 from services.common.streams import (
     EVENT_FIELD,
     WORKER_GROUP,
@@ -328,3 +329,29 @@ async def test_trimming_never_drops_an_unacknowledged_entry(
     remaining = [entry_id for entry_id, _ in entries]
     assert trimmed == 2
     assert remaining == ids[2:]  # ids[2] is pending in the workers group; 4 and 5 undelivered
+
+
+async def test_a_request_being_published_is_left_to_its_publisher(
+    ingest_stub: ingest_grpc.IngestServiceAsyncStub,
+    pool: asyncpg.Pool,
+    redis_client: redis.asyncio.Redis,
+    names: StreamNames,
+    reconciler: Reconciler,
+) -> None:
+    accepted = await upload(ingest_stub, csv_of([("1", "Shoe", ["http://a.example/1.jpg"])]))
+    # What a large request looks like while ingest is still publishing it in the background.
+    await redis_client.delete(names.tasks)
+    await pool.execute(
+        """UPDATE images SET stream_entry_id = NULL, enqueued_at = NULL WHERE request_id = $1""",
+        uuid.UUID(accepted.request_id),
+    )
+    await pool.execute(
+        """UPDATE requests SET published_at = NULL, publish_lease_until = now() + interval '1 min'
+            WHERE id = $1""",
+        uuid.UUID(accepted.request_id),
+    )
+    assert (await reconciler.reconcile_once()).republished == 0
+    assert await republish_pending(pool, redis_client, names) == 0
+    # A starting ingest publishes nothing itself yet: a lease it finds belongs to the dead.
+    assert await republish_pending(pool, redis_client, names, at_start_up=True) == 1
+    assert await redis_client.xlen(names.tasks) == 1

@@ -43,6 +43,20 @@ async def find_idempotent(conn: Connection, owner: str, key: str) -> ExistingReq
     return ExistingRequest(**dict(row)) if row else None
 
 
+# How long ingest may publish a request's tasks before recovery takes it over (renewed with
+# every batch of 1,000 tasks).
+PUBLISH_LEASE_SECONDS = 60.0
+
+
+async def renew_publish_lease(conn: Connection, request_id: uuid.UUID) -> None:
+    await conn.execute(
+        """UPDATE requests SET publish_lease_until = now() + make_interval(secs => $2)
+            WHERE id = $1""",
+        request_id,
+        PUBLISH_LEASE_SECONDS,
+    )
+
+
 @contextlib.asynccontextmanager
 async def idempotency_lock(pool: asyncpg.Pool, owner: str, key: str) -> AsyncIterator[Connection]:
     """Hold a session advisory lock on (owner, key) for the block: uploads sharing a key
@@ -67,13 +81,15 @@ async def insert_request(
     idempotency_key: str | None,
 ) -> None:
     await conn.execute(
-        """INSERT INTO requests (id, options, webhook_url, owner, idempotency_key)
-           VALUES ($1, $2::jsonb, $3, $4, $5)""",
+        """INSERT INTO requests (id, options, webhook_url, owner, idempotency_key,
+                                 publish_lease_until)
+           VALUES ($1, $2::jsonb, $3, $4, $5, now() + make_interval(secs => $6))""",
         request_id,
         json.dumps(options),
         webhook_url,
         owner,
         idempotency_key,
+        PUBLISH_LEASE_SECONDS,
     )
 
 
@@ -141,7 +157,9 @@ async def set_stream_entries(
 
 async def mark_published(conn: Connection, request_id: uuid.UUID) -> None:
     await conn.execute(
-        "UPDATE requests SET published_at = now() WHERE id = $1 AND published_at IS NULL",
+        """UPDATE requests SET published_at = COALESCE(published_at, now()),
+                               publish_lease_until = NULL
+            WHERE id = $1""",
         request_id,
     )
 
@@ -153,16 +171,19 @@ class PublishItem:
 
 
 async def unpublished_requests(
-    conn: Connection, *, min_age_seconds: float = 0.0, limit: int = 1000
+    conn: Connection, *, min_age_seconds: float = 0.0, respect_lease: bool = True, limit: int = 1000
 ) -> list[PublishItem]:
-    """Accepted requests whose tasks were never all published (oldest first)."""
+    """Accepted requests whose tasks were never all published (oldest first); with
+    `respect_lease`, not those an ingest is publishing right now."""
     rows = await conn.fetch(
         """SELECT id, options FROM requests
             WHERE published_at IS NULL AND status IN ('Pending', 'Processing')
               AND created_at < now() - make_interval(secs => $1)
+              AND (NOT $3 OR publish_lease_until IS NULL OR publish_lease_until < now())
             ORDER BY created_at LIMIT $2""",
         min_age_seconds,
         limit,
+        respect_lease,
     )
     return [PublishItem(r["id"], json.loads(r["options"])) for r in rows]
 
@@ -443,6 +464,7 @@ async def stale_pending_images(
              FROM images i JOIN requests r ON r.id = i.request_id
             WHERE i.status = 'Pending'
               AND COALESCE(i.enqueued_at, r.created_at) < now() - make_interval(secs => $1)
+              AND (r.publish_lease_until IS NULL OR r.publish_lease_until < now())
             ORDER BY i.enqueued_at NULLS FIRST, i.id
             LIMIT $2""",
         min_age_seconds,
