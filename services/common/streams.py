@@ -103,75 +103,82 @@ async def publish_progress(
 
 
 @dataclass(frozen=True, slots=True)
-class Delivery:
+class Entry:
     entry_id: str
-    task: task_pb2.ImageTask
-    deliveries: int = 1  # how often the group has handed this entry out, this time included
+    fields: dict[bytes, bytes] | None  # None: a pending entry whose data was trimmed
+    deliveries: int = 1  # how often the group has handed it out, this time included
 
 
-class TaskConsumer:
-    """One consumer of the workers group: its own pending entries first, then new ones, and
-    entries other consumers left idle too long (they died) through XAUTOCLAIM."""
+class GroupReader:
+    """One consumer of a consumer group: its own pending entries first (a restart under the
+    same name), then new ones; entries other consumers left idle too long (they died) through
+    XAUTOCLAIM. Recreates the group when Redis lost it, and forgets consumers that are gone."""
 
-    def __init__(self, redis: aioredis.Redis, names: StreamNames, consumer: str) -> None:
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        stream: str,
+        group: str,
+        consumer: str,
+        *,
+        forget_idle_seconds: float = 3600.0,
+    ) -> None:
         self.redis = redis
-        self.names = names
+        self.stream = stream
+        self.group = group
         self.consumer = consumer
-        # "0" re-reads this consumer's own pending entries (a restart with the same name);
-        # once they are exhausted we switch to ">" for new entries.
+        self.forget_idle_seconds = forget_idle_seconds
+        # "0" re-reads this consumer's own pending entries; once they are exhausted we switch
+        # to ">" for new entries.
         self._cursor = "0"
         self._claim_cursor = "0-0"
 
+    def reread_pending(self) -> None:
+        """Read this consumer's pending entries again first (after a failure mid-batch)."""
+        self._cursor = "0"
+
     async def ensure_group(self) -> None:
+        # From the start of the stream: what was published before the first consumer existed
+        # is still delivered.
         try:
-            await self.redis.xgroup_create(self.names.tasks, WORKER_GROUP, id="0", mkstream=True)
+            await self.redis.xgroup_create(self.stream, self.group, id="0", mkstream=True)
         except ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
 
-    async def read(self, count: int, block_ms: int) -> list[Delivery]:
-        """Up to `count` deliveries, waiting at most `block_ms` for new ones."""
+    async def read(self, count: int, block_ms: int) -> list[Entry]:
+        """Up to `count` entries, waiting at most `block_ms` for new ones."""
         try:
             return await self._read(count, block_ms)
         except ResponseError as exc:
             await self._recreate_group(exc)
             return []
 
-    async def _recreate_group(self, exc: ResponseError) -> None:
-        if "NOGROUP" not in str(exc):
-            raise exc
-        # Redis lost the stream (a restart without persistence): start over. Lost tasks are
-        # republished by the reconciler from Postgres.
-        log.warning("consumer group missing; recreating it")
-        await self.ensure_group()
-        self._cursor = "0"
-        self._claim_cursor = "0-0"
-
-    async def _read(self, count: int, block_ms: int) -> list[Delivery]:
+    async def _read(self, count: int, block_ms: int) -> list[Entry]:
         reading_pending = self._cursor != ">"
         # redis-py types replies as a union of every RESP shape; ours is RESP2 with bytes.
         response: Any = await self.redis.xreadgroup(
-            WORKER_GROUP,
+            self.group,
             self.consumer,
-            {self.names.tasks: self._cursor},
+            {self.stream: self._cursor},
             count=count,
             block=None if reading_pending else block_ms,
         )
         entries = response[0][1] if response else []
         if not reading_pending:
-            return await self._decode(entries, {})
+            return [Entry(_text(entry_id), fields) for entry_id, fields in entries]
         if not entries:
             self._cursor = ">"
             return await self._read(count, block_ms)
         self._cursor = _text(entries[-1][0])
-        return await self._decode(entries, await self._delivery_counts(entries))
+        return await self._counted(entries)
 
-    async def claim_stale(self, min_idle_ms: int, count: int) -> list[Delivery]:
+    async def claim_stale(self, min_idle_ms: int, count: int) -> list[Entry]:
         """Take over up to `count` entries idle for `min_idle_ms` (their consumer died)."""
         try:
             response: Any = await self.redis.xautoclaim(
-                self.names.tasks,
-                WORKER_GROUP,
+                self.stream,
+                self.group,
                 self.consumer,
                 min_idle_time=min_idle_ms,
                 start_id=self._claim_cursor,
@@ -183,47 +190,110 @@ class TaskConsumer:
         self._claim_cursor = _text(response[0])
         entries = [entry for entry in response[1] if entry is not None]
         if entries:
-            log.warning("claimed idle tasks", extra={"entries": len(entries)})
-        return await self._decode(entries, await self._delivery_counts(entries))
+            log.warning(
+                "claimed idle entries", extra={"stream": self.stream, "entries": len(entries)}
+            )
+        if self._claim_cursor == "0-0":
+            await self._forget_idle_consumers()
+        return await self._counted(entries)
 
-    async def _delivery_counts(self, entries: list[Any]) -> dict[str, int]:
+    async def ack(self, entry_ids: Sequence[str]) -> None:
+        if entry_ids:
+            await self.redis.xack(self.stream, self.group, *entry_ids)
+
+    async def _counted(self, entries: list[Any]) -> list[Entry]:
+        """Entries with their delivery counts (they are this consumer's pending ones)."""
         if not entries:
-            return {}
+            return []
         pending: Any = await self.redis.xpending_range(
-            self.names.tasks,
-            WORKER_GROUP,
+            self.stream,
+            self.group,
             min=entries[0][0],
             max=entries[-1][0],
             count=len(entries) * 2,
             consumername=self.consumer,
         )
-        return {_text(p["message_id"]): int(p["times_delivered"]) for p in pending}
+        counts = {_text(p["message_id"]): int(p["times_delivered"]) for p in pending}
+        return [
+            Entry(_text(entry_id), fields, counts.get(_text(entry_id), 1))
+            for entry_id, fields in entries
+        ]
 
-    async def _decode(self, entries: list[Any], counts: dict[str, int]) -> list[Delivery]:
+    async def _forget_idle_consumers(self) -> None:
+        """Drop consumers that hold nothing and were idle long (pods gone since), once per
+        full claim sweep; a live one is recreated by its next read."""
+        consumers: Any = await self.redis.xinfo_consumers(self.stream, self.group)
+        for consumer in consumers:
+            name = _text(consumer["name"])
+            idle = int(consumer["idle"]) / 1000
+            if (
+                name != self.consumer
+                and not int(consumer["pending"])
+                and idle > self.forget_idle_seconds
+            ):
+                await self.redis.xgroup_delconsumer(self.stream, self.group, name)
+
+    async def _recreate_group(self, exc: ResponseError) -> None:
+        if "NOGROUP" not in str(exc):
+            raise exc
+        # Redis lost the stream (a restart without persistence): start over. Lost tasks are
+        # republished by the reconciler from Postgres.
+        log.warning("consumer group missing; recreating it", extra={"stream": self.stream})
+        await self.ensure_group()
+        self._cursor = "0"
+        self._claim_cursor = "0-0"
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    entry_id: str
+    task: task_pb2.ImageTask
+    deliveries: int = 1  # how often the group has handed this entry out, this time included
+
+
+class TaskConsumer:
+    """A worker's consumer of the task stream: GroupReader entries decoded into ImageTasks;
+    an undecodable one goes straight to the dead letters."""
+
+    def __init__(self, redis: aioredis.Redis, names: StreamNames, consumer: str) -> None:
+        self.redis = redis
+        self.names = names
+        self.consumer = consumer
+        self.reader = GroupReader(redis, names.tasks, WORKER_GROUP, consumer)
+
+    async def ensure_group(self) -> None:
+        await self.reader.ensure_group()
+
+    async def read(self, count: int, block_ms: int) -> list[Delivery]:
+        return await self._decode(await self.reader.read(count, block_ms))
+
+    async def claim_stale(self, min_idle_ms: int, count: int) -> list[Delivery]:
+        return await self._decode(await self.reader.claim_stale(min_idle_ms, count))
+
+    async def ack(self, entry_ids: Sequence[str]) -> None:
+        await self.reader.ack(entry_ids)
+
+    async def _decode(self, entries: list[Entry]) -> list[Delivery]:
         deliveries = []
-        for raw_id, fields in entries:
-            entry_id = _text(raw_id)
-            payload = (fields or {}).get(TASK_FIELD)
+        for entry in entries:
+            payload = (entry.fields or {}).get(TASK_FIELD)
             if payload is None:
-                # A pending entry whose data was deleted: nothing to process, release it.
-                await self.ack([entry_id])
+                await self.ack([entry.entry_id])  # its data was trimmed: nothing to process
                 continue
             task = task_pb2.ImageTask()
             try:
                 task.ParseFromString(payload)
             except DecodeError:
-                log.error("undecodable task moved to dead letter", extra={"entry_id": entry_id})
+                log.error(
+                    "undecodable task moved to dead letter", extra={"entry_id": entry.entry_id}
+                )
                 await self.redis.xadd(
                     self.names.dead, {TASK_FIELD: payload, b"error": b"undecodable payload"}
                 )
-                await self.ack([entry_id])
+                await self.ack([entry.entry_id])
                 continue
-            deliveries.append(Delivery(entry_id, task, counts.get(entry_id, 1)))
+            deliveries.append(Delivery(entry.entry_id, task, entry.deliveries))
         return deliveries
-
-    async def ack(self, entry_ids: Sequence[str]) -> None:
-        if entry_ids:
-            await self.redis.xack(self.names.tasks, WORKER_GROUP, *entry_ids)
 
     async def dead_letter(self, delivery: Delivery, code: str, message: str) -> None:
         """Move a task that was delivered too often to the dead-letter stream, and ack it."""

@@ -30,14 +30,12 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
 
 import aiohttp
 import asyncpg
 import redis.asyncio as aioredis
 from google.protobuf.message import DecodeError
 from google.protobuf.timestamp_pb2 import Timestamp
-from redis.exceptions import ResponseError
 from standardwebhooks.webhooks import EmptyWebhookSecretError, Webhook
 from yarl import URL
 
@@ -55,7 +53,7 @@ from services.common.grpc_server import wait_any, wait_or_stop
 from services.common.outcome import ImageFailure, OutcomeCode
 from services.common.pb.imgpipe.v1 import request_pb2
 from services.common.pb.imgpipe.v1 import status_service_pb2 as status_pb
-from services.common.streams import EVENT_FIELD, StreamNames
+from services.common.streams import EVENT_FIELD, Entry, GroupReader, StreamNames
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +65,6 @@ EVENT_BATCH = 50  # events read per XREADGROUP
 READ_BLOCK_MS = 1000  # also bounds how long a SIGTERM waits for a read to return
 CLAIM_INTERVAL = 15.0  # how often entries left idle by a dead replica are looked for
 CLAIM_IDLE = 60.0  # scheduling an event takes milliseconds: idle this long, its replica died
-FORGET_IDLE = 3600.0  # a consumer holding nothing, unseen this long, is dropped from the group
 CONCURRENCY = 16  # attempts in flight per replica
 POLL_INTERVAL = 1.0  # the longest the delivery loop sleeps without being woken
 LEASE_MARGIN = 30.0  # seconds a lease outlives the HTTP timeout
@@ -122,12 +119,13 @@ class WebhookDispatcher:
 
     async def run_events(self, stop: asyncio.Event) -> None:
         """Schedule a delivery for every finished request with a webhook_url, until `stop`."""
-        reader = _EventReader(self.redis, self.names, self.consumer)
+        reader = GroupReader(self.redis, self.names.events, GROUP, self.consumer)
+        await reader.ensure_group()
         failures = 0
         next_claim = 0.0
         while not stop.is_set():
             try:
-                entries: list[_Entry] = []
+                entries: list[Entry] = []
                 if time.monotonic() >= next_claim:
                     next_claim = time.monotonic() + CLAIM_INTERVAL
                     entries = await reader.claim_stale(int(self.claim_idle * 1000), EVENT_BATCH)
@@ -147,9 +145,9 @@ class WebhookDispatcher:
                 reader.reread_pending()
                 await wait_or_stop(stop, delay)
 
-    async def _schedule(self, entry: _Entry) -> bool:
+    async def _schedule(self, entry: Entry) -> bool:
         """Schedule the delivery of one stream entry; True when it may be acknowledged."""
-        event = entry.event
+        event = _event(entry)
         if event is None or event.type != request_pb2.REQUEST_EVENT_TYPE_FINISHED:
             return True
         try:
@@ -503,126 +501,15 @@ def _origin(url: str) -> str:
 # ---------------------------------------------------------------------- the events stream
 
 
-@dataclass(frozen=True, slots=True)
-class _Entry:
-    entry_id: str
-    event: request_pb2.RequestEvent | None  # None: nothing usable in the entry
-
-
-class _EventReader:
-    """One consumer of the "webhooks" group on the events stream: its own pending entries
-    first (a restart under the same name), then new ones; entries idle too long (their replica
-    died) through XAUTOCLAIM. Recreates the group when Redis lost it."""
-
-    def __init__(self, redis: aioredis.Redis, names: StreamNames, consumer: str) -> None:
-        self.redis = redis
-        self.names = names
-        self.consumer = consumer
-        self._cursor = "0"
-        self._claim_cursor = "0-0"
-        self._group_ready = False
-
-    def reread_pending(self) -> None:
-        self._cursor = "0"
-
-    async def ensure_group(self) -> None:
-        # From the start of the stream: an event published before the first status replica
-        # ever started still gets its webhook.
-        try:
-            await self.redis.xgroup_create(self.names.events, GROUP, id="0", mkstream=True)
-        except ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
-        self._group_ready = True
-
-    async def read(self, count: int, block_ms: int) -> list[_Entry]:
-        if not self._group_ready:
-            await self.ensure_group()
-        try:
-            return await self._read(count, block_ms)
-        except ResponseError as exc:
-            await self._recreate_group(exc)
-            return []
-
-    async def _read(self, count: int, block_ms: int) -> list[_Entry]:
-        reading_pending = self._cursor != ">"
-        response: Any = await self.redis.xreadgroup(
-            GROUP,
-            self.consumer,
-            {self.names.events: self._cursor},
-            count=count,
-            block=None if reading_pending else block_ms,
-        )
-        entries = response[0][1] if response else []
-        if reading_pending:
-            if not entries:
-                self._cursor = ">"
-                return await self._read(count, block_ms)
-            self._cursor = _text(entries[-1][0])
-        return [_decode(raw_id, fields) for raw_id, fields in entries]
-
-    async def claim_stale(self, min_idle_ms: int, count: int) -> list[_Entry]:
-        if not self._group_ready:
-            await self.ensure_group()
-        try:
-            response: Any = await self.redis.xautoclaim(
-                self.names.events,
-                GROUP,
-                self.consumer,
-                min_idle_time=min_idle_ms,
-                start_id=self._claim_cursor,
-                count=count,
-            )
-        except ResponseError as exc:
-            await self._recreate_group(exc)
-            return []
-        self._claim_cursor = _text(response[0])
-        entries = [entry for entry in response[1] if entry is not None]
-        if entries:
-            log.warning("claimed idle webhook events", extra={"entries": len(entries)})
-        if self._claim_cursor == "0-0":
-            await self._forget_idle_consumers()
-        return [_decode(raw_id, fields) for raw_id, fields in entries]
-
-    async def _forget_idle_consumers(self) -> None:
-        """Drop consumers that hold nothing (replicas gone since), once per full claim sweep;
-        a live one is recreated by its next read."""
-        consumers: Any = await self.redis.xinfo_consumers(self.names.events, GROUP)
-        for consumer in consumers:
-            name = _text(consumer["name"])
-            idle = int(consumer["idle"]) / 1000
-            if name != self.consumer and int(consumer["pending"]) == 0 and idle > FORGET_IDLE:
-                await self.redis.xgroup_delconsumer(self.names.events, GROUP, name)
-
-    async def _recreate_group(self, exc: ResponseError) -> None:
-        if "NOGROUP" not in str(exc):
-            raise exc
-        # Redis lost the stream (a restart without persistence). Events are published again
-        # from Postgres by the worker's reconciler only while unpublished; what is lost here
-        # can be sent with POST /requests/{id}/webhooks/redeliver.
-        log.warning("webhook consumer group missing; recreating it")
-        await self.ensure_group()
-        self._cursor = "0"
-        self._claim_cursor = "0-0"
-
-    async def ack(self, entry_ids: Sequence[str]) -> None:
-        if entry_ids:
-            await self.redis.xack(self.names.events, GROUP, *entry_ids)
-
-
-def _decode(raw_id: bytes | str, fields: dict[bytes, bytes] | None) -> _Entry:
-    entry_id = _text(raw_id)
-    payload = (fields or {}).get(EVENT_FIELD)
+def _event(entry: Entry) -> request_pb2.RequestEvent | None:
+    """The RequestEvent in an entry; None when there is nothing usable in it."""
+    payload = (entry.fields or {}).get(EVENT_FIELD)
     if payload is None:
-        return _Entry(entry_id, None)  # a pending entry whose data was trimmed
+        return None  # a pending entry whose data was trimmed
     event = request_pb2.RequestEvent()
     try:
         event.ParseFromString(payload)
     except DecodeError:
-        log.error("undecodable webhook event dropped", extra={"entry_id": entry_id})
-        return _Entry(entry_id, None)
-    return _Entry(entry_id, event)
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
+        log.error("undecodable webhook event dropped", extra={"entry_id": entry.entry_id})
+        return None
+    return event
