@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from gateway import handlers
+from gateway import handlers, openapi
 from gateway.backends import SETTINGS, open_backends
 from gateway.errors import error_middleware
 from gateway.serving import IN_FLIGHT, InFlight
@@ -35,4 +35,6 @@ def create_app(settings: GatewaySettings) -> web.Application:
     app.router.add_get("/files/{key:.+}", handlers.files)
     app.router.add_get("/healthz", handlers.healthz)
     app.router.add_get("/readyz", handlers.readyz)
+    app.router.add_get("/openapi.json", openapi.openapi)
+    app.router.add_get("/docs", openapi.docs)
     return app

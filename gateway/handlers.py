@@ -239,8 +239,11 @@ def resolve_under(root: Path, key: str) -> Path | None:
     """
     if not key or "\x00" in key:
         return None
-    path = (root / key).resolve()
-    if not path.is_relative_to(root) or not path.is_file():
+    try:
+        path = (root / key).resolve()
+        if not path.is_relative_to(root) or not path.is_file():
+            return None
+    except OSError:  # a name too long, a loop of links: not a file we serve
         return None
     return path
 

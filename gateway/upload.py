@@ -13,6 +13,7 @@ import math
 from collections.abc import Awaitable, Callable, Mapping
 from functools import partial
 
+import grpc
 from aiohttp import BodyPartReader, MultipartReader, web
 
 from gateway.errors import UnsupportedMediaType
@@ -46,6 +47,11 @@ async def upload_csv(
     """Stream the uploaded CSV to ingest and return what it accepted."""
     limit = settings.max_upload_bytes
     idempotency_key = request.headers.get("Idempotency-Key", "").strip()
+    if not (idempotency_key.isascii() and idempotency_key.isprintable()):
+        raise InvalidArgument(
+            "Idempotency-Key must be printable ASCII",
+            [Detail(message="printable ASCII, at most 255 characters", column="Idempotency-Key")],
+        )
     if request.content_type == "multipart/form-data":
         _check_declared_length(request, limit, limit + _MULTIPART_OVERHEAD)
         header, read, after = await _open_multipart(request, idempotency_key)
@@ -149,8 +155,10 @@ async def _send(
         # UploadEnd tells ingest the file is whole; without it ingest stores nothing.
         await call.write(ingest_pb.UploadCsvRequest(end=ingest_pb.UploadEnd(count=total)))
         await call.done_writing()
-    except asyncio.InvalidStateError:
-        pass  # ingest already answered (an early rejection); awaiting the call says why
+    except (asyncio.InvalidStateError, grpc.aio.AioRpcError):
+        # Ingest already answered (an early rejection) while we were still writing; a write
+        # then fails with a transport error. Awaiting the call gives ingest's own answer.
+        pass
     except BaseException:
         call.cancel()
         raise

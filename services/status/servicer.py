@@ -34,6 +34,7 @@ from services.status.webhooks import WebhookDispatcher
 Context = grpc.aio.ServicerContext[Any, Any]
 
 DEFAULT_PAGE_SIZE = 100
+MAX_ROW = 2**31 - 1  # row numbers are Postgres integers
 MAX_PAGE_SIZE = 1000
 
 
@@ -222,7 +223,10 @@ def request_message(row: queries.RequestRow) -> request_pb2.Request:
         created_at=_timestamp(row.created_at),
         updated_at=_timestamp(row.updated_at),
         completed_at=_timestamp(row.completed_at) if row.completed_at else None,
-        progress=progress_message(counts, row.created_at, row.status in FINAL_STATUSES),
+        # A final request's rate is over its whole run, not diluted by the time since.
+        progress=progress_message(
+            counts, row.created_at, row.status in FINAL_STATUSES, now=row.completed_at
+        ),
         products_total=row.products_total,
         options=to_proto(from_json(row.options)),
         webhook_url=row.webhook_url or "",
@@ -286,7 +290,7 @@ def _decode_token(token: str) -> int:
     try:
         text = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
         version, _, after = text.partition(":")
-        if version != "v1" or not after.isdigit():
+        if version != "v1" or not after.isdigit() or int(after) > MAX_ROW:
             raise ValueError(text)
         return int(after)
     except (ValueError, binascii.Error, UnicodeDecodeError):
