@@ -1,0 +1,100 @@
+"""The generated photos every benchmark serves, and the plain Pillow loop they are measured by.
+
+Photos are generated once per suite run, in one process per core, into a temporary folder;
+the origin serves their bytes and the Pillow loop reads the very same files.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import resource
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+from PIL import Image
+
+from bench.pipeline import log
+from tests.imagegen import photo_like
+from tests.origin import ImageOrigin
+
+
+class Corpus:
+    """Photos of one size, named /img/<seed>.jpg, generated on first use and kept on disk."""
+
+    def __init__(self, folder: Path, size: tuple[int, int]) -> None:
+        self.folder = folder / f"{size[0]}x{size[1]}"
+        self.size = size
+        self.paths: list[Path] = []
+        self._bytes: list[bytes] = []  # read once, shared by every origin that serves them
+
+    def ensure(self, count: int) -> list[Path]:
+        """The first `count` photos, generating the missing ones across every core."""
+        if count > len(self.paths):
+            self.folder.mkdir(parents=True, exist_ok=True)
+            started = time.perf_counter()
+            make = partial(_generate, str(self.folder), self.size)
+            with ProcessPoolExecutor(os.cpu_count() or 1) as pool:
+                new = list(pool.map(make, range(len(self.paths), count)))
+            self.paths.extend(Path(p) for p in new)
+            took = time.perf_counter() - started
+            log(f"generated {len(new)} photos of {self.size[0]}x{self.size[1]} in {took:.0f} s")
+        return self.paths[:count]
+
+    def serve(self, origin: ImageOrigin, count: int) -> list[str]:
+        """Put the first `count` photos on `origin`; returns their URLs."""
+        paths = self.ensure(count)
+        self._bytes.extend(path.read_bytes() for path in paths[len(self._bytes) :])
+        urls = []
+        for seed in range(count):
+            origin.served[f"/img/{seed}.jpg"] = self._bytes[seed]
+            urls.append(origin.url(f"/img/{seed}.jpg"))
+        return urls
+
+
+def _generate(folder: str, size: tuple[int, int], seed: int) -> str:
+    path = Path(folder) / f"{seed}.jpg"
+    path.write_bytes(photo_like(*size, seed=seed))
+    return str(path)
+
+
+def encode_like_pipeline(path: str) -> int:
+    """What the pipeline does to a JPEG with default options: decode, RGB, JPEG q50 with
+    optimize and progressive (services/common/imaging.py `compress` and `_encode`)."""
+    data = Path(path).read_bytes()  # from the page cache: microseconds against milliseconds
+    with Image.open(io.BytesIO(data)) as image:
+        out = io.BytesIO()
+        image.convert("RGB").save(out, "JPEG", quality=50, optimize=True, progressive=True)
+        return out.tell()
+
+
+@dataclass(frozen=True, slots=True)
+class PillowRun:
+    images_per_s: float
+    cpu_s: float  # CPU time of the pool processes, warm-up and start-up included
+    images: int  # warm-up included
+
+    @property
+    def cpu_ms_per_image(self) -> float:
+        return 1000 * self.cpu_s / self.images
+
+
+def pillow_loop(paths: list[Path], processes: int) -> PillowRun:
+    """The plain Pillow loop over `paths` in `processes` processes: throughput and CPU cost.
+
+    Must not overlap with other child processes ending: their CPU time would count too.
+    """
+    names = [str(p) for p in paths]
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    with ProcessPoolExecutor(processes) as pool:
+        list(pool.map(encode_like_pipeline, names[:processes]))  # start and warm the workers
+        started = time.perf_counter()
+        list(pool.map(encode_like_pipeline, names, chunksize=4))
+        rate = len(names) / (time.perf_counter() - started)
+    # The pool's processes have ended and been reaped: their CPU time is now the children's.
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime + after.ru_stime - children.ru_utime - children.ru_stime
+    return PillowRun(rate, cpu, len(names) + processes)

@@ -1,0 +1,90 @@
+"""The benchmark knobs, read from `IMGPIPE_BENCH_*` environment variables in one place.
+
+Defaults are the figures the issue asks for; smaller values are for quick iterations, and every
+value used is written into the report so a reduced run cannot pass for a full one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+
+BENCHMARKS = ("B1", "B2", "B3", "B4", "B5", "B6")
+
+
+@dataclass(frozen=True, slots=True)
+class BenchSettings:
+    runs: int = 3  # IMGPIPE_BENCH_RUNS: each figure is the median of this many runs
+    images: int = 1000  # IMGPIPE_BENCH_IMAGES: 1200×1200 photos per run of B1, B2 and B6
+    workers: int = 2  # IMGPIPE_BENCH_WORKERS: worker processes in B1, B2 and B4
+    origin_delay: float = 0.2  # IMGPIPE_BENCH_ORIGIN_DELAY: seconds per image in B2
+    ingest_rows: tuple[int, ...] = (10_000, 50_000, 100_000)  # IMGPIPE_BENCH_INGEST_ROWS
+    urls_per_row: int = 3  # IMGPIPE_BENCH_URLS_PER_ROW: B3 (100,000 rows, 300,000 URLs)
+    status_rate: int = 500  # IMGPIPE_BENCH_STATUS_RATE: B4 requests per second
+    status_seconds: float = 20.0  # IMGPIPE_BENCH_STATUS_SECONDS: B4 duration of one run
+    status_products: int = 100  # IMGPIPE_BENCH_STATUS_PRODUCTS: products of the B4 request
+    big_images: int = 20  # IMGPIPE_BENCH_BIG_IMAGES: 6000×4000 photos per run of B5
+    scaling_workers: tuple[int, ...] = (1, 2, 4)  # IMGPIPE_BENCH_SCALING_WORKERS: B6
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> BenchSettings:
+        """Raises ValueError listing every malformed variable."""
+        problems: list[str] = []
+        defaults = cls()
+
+        def number(name: str, default: float, parse: type[int] | type[float]) -> float:
+            raw = environ.get(f"IMGPIPE_BENCH_{name}", "").strip()
+            if not raw:
+                return default
+            try:
+                value = parse(raw)
+            except ValueError:
+                value = 0
+            if value <= 0:
+                problems.append(f"IMGPIPE_BENCH_{name}={raw!r}: expected a positive number")
+                return default
+            return value
+
+        def integers(name: str, default: tuple[int, ...]) -> tuple[int, ...]:
+            raw = environ.get(f"IMGPIPE_BENCH_{name}", "").strip()
+            if not raw:
+                return default
+            try:
+                values = tuple(int(part) for part in raw.split(",") if part.strip())
+            except ValueError:
+                values = ()
+            if not values or min(values) <= 0:
+                problems.append(f"IMGPIPE_BENCH_{name}={raw!r}: expected positive integers, a,b,c")
+                return default
+            return values
+
+        settings = cls(
+            runs=int(number("RUNS", defaults.runs, int)),
+            images=int(number("IMAGES", defaults.images, int)),
+            workers=int(number("WORKERS", defaults.workers, int)),
+            origin_delay=number("ORIGIN_DELAY", defaults.origin_delay, float),
+            ingest_rows=integers("INGEST_ROWS", defaults.ingest_rows),
+            urls_per_row=int(number("URLS_PER_ROW", defaults.urls_per_row, int)),
+            status_rate=int(number("STATUS_RATE", defaults.status_rate, int)),
+            status_seconds=number("STATUS_SECONDS", defaults.status_seconds, float),
+            status_products=int(number("STATUS_PRODUCTS", defaults.status_products, int)),
+            big_images=int(number("BIG_IMAGES", defaults.big_images, int)),
+            scaling_workers=integers("SCALING_WORKERS", defaults.scaling_workers),
+        )
+        if problems:
+            raise ValueError("; ".join(problems))
+        return settings
+
+    def changed(self) -> dict[str, object]:
+        """The knobs that differ from the defaults (a reduced run says so in its report)."""
+        defaults = asdict(BenchSettings())
+        return {name: value for name, value in asdict(self).items() if value != defaults[name]}
+
+
+def select(argv: list[str]) -> tuple[str, ...]:
+    """The benchmarks named on the command line (all of them when none is), in suite order."""
+    wanted = {arg.upper() for arg in argv}
+    unknown = sorted(wanted - set(BENCHMARKS))
+    if unknown:
+        raise ValueError(f"unknown benchmark(s) {', '.join(unknown)}; choose from B1 … B6")
+    return tuple(name for name in BENCHMARKS if not wanted or name in wanted)
