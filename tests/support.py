@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import secrets
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit
 
 import asyncpg
 import redis
+
+from services.common.db.pool import create_pool, migrate
 
 T = TypeVar("T")
 
@@ -155,3 +159,18 @@ def _timeout_message(message: str, timeout: float, last_error: BaseException | N
     if last_error is not None:
         text += f" (last error: {last_error!r})"
     return text
+
+
+@contextlib.asynccontextmanager
+async def own_database(server_url: str, prefix: str) -> AsyncIterator[asyncpg.Pool]:
+    """A migrated database of the caller's own, for code that scans every row it finds
+    (the reconciler, the webhook dispatcher); dropped afterwards."""
+    name = f"{prefix}_{secrets.token_hex(4)}"
+    url = await create_database(server_url, name)
+    pool = await create_pool(url, max_size=6)
+    try:
+        await migrate(pool)
+        yield pool
+    finally:
+        await pool.close()
+        await drop_database(server_url, name)

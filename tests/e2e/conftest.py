@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import functools
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
 
 from tests.origin import ImageOrigin, serve_images
-from tests.stack import Stack
+from tests.stack import Stack, start_stack
 from tests.support import process_exited, wait_until
 
 
@@ -29,3 +30,24 @@ def stack_factory() -> Iterator[list[Stack]]:
             timeout=10,
             message="launcher gone",
         )
+
+
+@pytest.fixture
+def origin_stack(
+    tmp_path: Path,
+    database_url: str,
+    redis_server_url: str,
+    image_origin: ImageOrigin,
+    stack_factory: list[Stack],
+) -> Stack:
+    """The stack on the session's database and Redis, allowed to fetch from image_origin."""
+    stack = start_stack(
+        tmp_path,
+        {
+            "IMGPIPE_DATABASE_URL": database_url,
+            "IMGPIPE_REDIS_URL": redis_server_url,
+            "IMGPIPE_FETCH_ALLOW": f"127.0.0.1:{image_origin.port}",
+        },
+    )
+    stack_factory.append(stack)
+    return stack

@@ -51,22 +51,10 @@ async def upload_csv(http: aiohttp.ClientSession, base: str, body: bytes) -> aio
 
 
 async def test_csv_to_compressed_images_status_and_output_csv(
-    tmp_path: Path,
-    database_url: str,
-    redis_server_url: str,
     image_origin: ImageOrigin,
-    stack_factory: list[Stack],
+    origin_stack: Stack,
 ) -> None:
-    stack = start_stack(
-        tmp_path,
-        {
-            "IMGPIPE_DATABASE_URL": database_url,
-            "IMGPIPE_REDIS_URL": redis_server_url,
-            "IMGPIPE_FETCH_ALLOW": f"127.0.0.1:{image_origin.port}",
-        },
-    )
-    stack_factory.append(stack)
-    base = stack.base_url
+    base = origin_stack.base_url
     products = [
         ("10", "Trail Shoe", [image_origin.url(f"/img/shoe{i}.jpg") for i in range(3)]),
         ("7", "Tote, leather", [image_origin.url(f"/img/bag{i}.jpg") for i in range(2)]),
@@ -213,22 +201,10 @@ async def test_make_run_with_nothing_given_serves_the_readme_sample(
 
 
 async def test_operator_sees_the_queue_and_retries_failed_images(
-    tmp_path: Path,
-    database_url: str,
-    redis_server_url: str,
     image_origin: ImageOrigin,
-    stack_factory: list[Stack],
+    origin_stack: Stack,
 ) -> None:
-    stack = start_stack(
-        tmp_path,
-        {
-            "IMGPIPE_DATABASE_URL": database_url,
-            "IMGPIPE_REDIS_URL": redis_server_url,
-            "IMGPIPE_FETCH_ALLOW": f"127.0.0.1:{image_origin.port}",
-        },
-    )
-    stack_factory.append(stack)
-    base = stack.base_url
+    base = origin_stack.base_url
     image_origin.missing.add("/img/later.jpg")
     urls = [image_origin.url("/img/now.jpg"), image_origin.url("/img/later.jpg")]
     body = f'S. No.,Product Name,Input Image Urls\n1,Shoe,"{",".join(urls)}"\n'.encode()

@@ -4,7 +4,6 @@ against real Postgres and Redis."""
 from __future__ import annotations
 
 import asyncio
-import secrets
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -14,7 +13,6 @@ import pytest
 import redis.asyncio
 
 from services.common.db import queries
-from services.common.db.pool import create_pool, migrate
 from services.common.pb.imgpipe.v1 import ingest_service_pb2 as ingest_pb
 from services.common.pb.imgpipe.v1 import ingest_service_pb2_grpc as ingest_grpc
 from services.common.pb.imgpipe.v1 import request_pb2
@@ -33,7 +31,7 @@ from services.worker.reconciler import Reconciler
 from services.worker.runner import ConsumePolicy, consume
 from tests.integration.flows import csv_of, image_rows, stream_messages, upload
 from tests.origin import ImageOrigin
-from tests.support import create_database, drop_database, wait_until_async
+from tests.support import own_database, wait_until_async
 
 pytestmark = pytest.mark.integration
 
@@ -41,15 +39,8 @@ pytestmark = pytest.mark.integration
 @pytest.fixture
 async def pool(postgres_server_url: str) -> AsyncIterator[asyncpg.Pool]:
     """A database of this test's own: the reconciler scans every request in its database."""
-    name = f"imgpipe_recovery_{secrets.token_hex(4)}"
-    url = await create_database(postgres_server_url, name)
-    pool = await create_pool(url, max_size=6)
-    try:
-        await migrate(pool)
+    async with own_database(postgres_server_url, "imgpipe_recovery") as pool:
         yield pool
-    finally:
-        await pool.close()
-        await drop_database(postgres_server_url, name)
 
 
 @pytest.fixture

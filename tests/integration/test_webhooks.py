@@ -8,7 +8,6 @@ import base64
 import contextlib
 import itertools
 import logging
-import secrets
 import socket
 import uuid
 from collections.abc import AsyncIterator
@@ -26,7 +25,6 @@ from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 from services.common.config import WebhookSettings
 from services.common.csv_format import ProductRow
 from services.common.db import queries
-from services.common.db.pool import create_pool, migrate
 from services.common.errors import Conflict
 from services.common.fetch import FetchAllow, FetchLimits, make_session
 from services.common.pb.imgpipe.v1 import request_pb2
@@ -34,7 +32,7 @@ from services.common.pb.imgpipe.v1 import status_service_pb2 as status_pb
 from services.common.streams import EVENT_FIELD, StreamNames
 from services.status.webhooks import GROUP, NOT_CONFIGURED, WebhookDispatcher, retry_delay
 from tests.listeners import Receiver, Tripwire, serve_receiver
-from tests.support import create_database, drop_database, wait_until_async
+from tests.support import own_database, wait_until_async
 
 pytestmark = pytest.mark.integration
 
@@ -77,15 +75,8 @@ class StaticResolver(AbstractResolver):
 @pytest.fixture
 async def pool(postgres_server_url: str) -> AsyncIterator[asyncpg.Pool]:
     """A database of this test's own: the dispatcher sends every due row in its database."""
-    name = f"imgpipe_webhooks_{secrets.token_hex(4)}"
-    url = await create_database(postgres_server_url, name)
-    pool = await create_pool(url, max_size=6)
-    try:
-        await migrate(pool)
+    async with own_database(postgres_server_url, "imgpipe_webhooks") as pool:
         yield pool
-    finally:
-        await pool.close()
-        await drop_database(postgres_server_url, name)
 
 
 @pytest.fixture
