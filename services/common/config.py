@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Self, TypeVar
 from urllib.parse import urlsplit
 
+from services.common.budget import DEFAULT_BUFFER_BYTES, DEFAULT_PIXEL_BUDGET
 from services.common.csv_format import CsvLimits
 from services.common.fetch import FetchAllow, FetchLimits
 from services.common.imaging import ImageLimits
@@ -181,9 +182,13 @@ class IngestSettings:
 class WorkerSettings:
     common: CommonSettings
     consumer_name: str
-    concurrency: int = 8
+    # Tasks in flight: enough to hide origin latency (32 × 16 per origin); the budgets below,
+    # not this number, bound memory.
+    concurrency: int = 32
     threads: int = 2
-    fetch_per_host: int = 8
+    fetch_per_host: int = 16
+    buffer_bytes: int = DEFAULT_BUFFER_BYTES  # downloaded bodies waiting for a compress thread
+    pixel_budget: int = DEFAULT_PIXEL_BUDGET  # pixels decoded and encoded at once, all threads
     fetch_limits: FetchLimits = field(default_factory=FetchLimits)
     fetch_allow: FetchAllow = field(default_factory=FetchAllow)
     image_limits: ImageLimits = field(default_factory=ImageLimits)
@@ -223,7 +228,7 @@ class WorkerSettings:
             # The pod name in Kubernetes; hostname-pid elsewhere, so restarts get a new name
             # and the old name's pending entries are claimed by XAUTOCLAIM.
             consumer_name=env.text("IMGPIPE_CONSUMER_NAME", f"{os.uname().nodename}-{os.getpid()}"),
-            concurrency=env.integer("IMGPIPE_WORKER_CONCURRENCY", 8, minimum=1),
+            concurrency=env.integer("IMGPIPE_WORKER_CONCURRENCY", 32, minimum=1),
             threads=env.integer("IMGPIPE_WORKER_THREADS", os.cpu_count() or 2, minimum=1),
             fetch_limits=FetchLimits(
                 connect_timeout=env.number("IMGPIPE_FETCH_CONNECT_TIMEOUT", fetch.connect_timeout),
@@ -234,7 +239,11 @@ class WorkerSettings:
                 allowed_ports=env.ports("IMGPIPE_FETCH_PORTS", fetch.allowed_ports),
                 max_retry_after=env.number("IMGPIPE_FETCH_MAX_RETRY_AFTER", fetch.max_retry_after),
             ),
-            fetch_per_host=env.integer("IMGPIPE_FETCH_PER_HOST", 8, minimum=1),
+            fetch_per_host=env.integer("IMGPIPE_FETCH_PER_HOST", 16, minimum=1),
+            buffer_bytes=env.integer(
+                "IMGPIPE_WORKER_BUFFER_BYTES", DEFAULT_BUFFER_BYTES, minimum=1
+            ),
+            pixel_budget=env.integer("IMGPIPE_PIXEL_BUDGET", DEFAULT_PIXEL_BUDGET, minimum=1),
             fetch_allow=allow,
             image_limits=ImageLimits(
                 max_pixels=env.integer("IMGPIPE_MAX_PIXELS", images.max_pixels, minimum=1),

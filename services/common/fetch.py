@@ -31,7 +31,7 @@ import math
 import re
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+Reserve = Callable[[int], Awaitable[None]]  # awaited with a body's length before it is read
 
 USER_AGENT = "imgpipe/0.1"
 # Only what imaging decodes, so content negotiation (CDNs) never answers with AVIF or SVG.
@@ -403,7 +404,13 @@ def make_session(
 # --- fetching -----------------------------------------------------------------------------
 
 
-async def fetch_image(session: aiohttp.ClientSession, url: str, limits: FetchLimits) -> bytes:
+async def fetch_image(
+    session: aiohttp.ClientSession,
+    url: str,
+    limits: FetchLimits,
+    *,
+    reserve: Reserve | None = None,
+) -> bytes:
     """GET `url` through `session` (from make_session), following at most
     `limits.max_redirects` redirects, each hop checked like the first, within
     `limits.total_timeout` overall, at most `limits.stall_timeout` without receiving a byte,
@@ -412,6 +419,9 @@ async def fetch_image(session: aiohttp.ClientSession, url: str, limits: FetchLim
     An origin that answered 429 or 503 is not asked again while its Retry-After lasts (capped
     at `limits.max_retry_after`; 1 s when it gave none): until then the fetch fails at once,
     transient, with `retry_after` set to the time left.
+
+    With `reserve`, a body of known length is reserved (awaited) before it is read, so a
+    worker can bound the input it holds; the wait does not count against the timeouts.
 
     The port rule uses the session's `allowed_ports` (make_session's limits). Raises
     ImageFailure: HTTP_STATUS, TIMEOUT, CONNECTION, TOO_MANY_REDIRECTS, BLOCKED_ADDRESS (also
@@ -422,9 +432,22 @@ async def fetch_image(session: aiohttp.ClientSession, url: str, limits: FetchLim
     if not isinstance(connector, GuardedConnector):
         raise TypeError("fetch_image needs a session from make_session()")
     deadline = asyncio.timeout(limits.total_timeout)
+
+    async def reserve_body(length: int) -> None:
+        if reserve is None:
+            return
+        loop = asyncio.get_running_loop()
+        started, when = loop.time(), deadline.when()
+        deadline.reschedule(None)  # the clock stops while the worker's budget is busy
+        try:
+            await reserve(length)
+        finally:
+            if when is not None:
+                deadline.reschedule(when + loop.time() - started)
+
     try:
         async with deadline:
-            return await _follow(session, connector, url, limits)
+            return await _follow(session, connector, url, limits, reserve_body)
     except ImageFailure:
         raise
     except TimeoutError as exc:
@@ -437,7 +460,11 @@ async def fetch_image(session: aiohttp.ClientSession, url: str, limits: FetchLim
 
 
 async def _follow(
-    session: aiohttp.ClientSession, connector: GuardedConnector, url: str, limits: FetchLimits
+    session: aiohttp.ClientSession,
+    connector: GuardedConnector,
+    url: str,
+    limits: FetchLimits,
+    reserve: Reserve,
 ) -> bytes:
     try:
         current = URL(url)
@@ -459,7 +486,7 @@ async def _follow(
                 continue
             if not 200 <= response.status < 300:
                 raise _status_failure(response, current, connector.cooldowns, limits)
-            return await _read_body(response, limits)
+            return await _read_body(response, limits, reserve)
     if limits.max_redirects == 0:
         message = "the image server answered with a redirect, and redirects are not followed"
     else:
@@ -599,7 +626,9 @@ def parse_retry_after(value: str | None, *, now: datetime | None = None) -> floa
     return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
 
 
-async def _read_body(response: aiohttp.ClientResponse, limits: FetchLimits) -> bytes:
+async def _read_body(
+    response: aiohttp.ClientResponse, limits: FetchLimits, reserve: Reserve
+) -> bytes:
     max_bytes = limits.max_bytes
     length = response.content_length
     if length is not None and length > max_bytes:
@@ -608,6 +637,8 @@ async def _read_body(response: aiohttp.ClientResponse, limits: FetchLimits) -> b
             OutcomeCode.TOO_LARGE,
             f"the image is {_size(length)}; the limit is {_size(max_bytes)}",
         )
+    if length is not None:
+        await reserve(length)
     chunks = []
     received = 0
     try:

@@ -10,6 +10,7 @@ it, in plain words, with the size or limit involved.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import io
 import math
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 
 from PIL import ExifTags, Image, ImageCms, UnidentifiedImageError
 
+from services.common.budget import PixelBudget
 from services.common.outcome import ImageFailure, OutcomeCode
 
 # Pillow plugins we let parse untrusted bytes. Everything else (EPS runs Ghostscript, PDF,
@@ -126,7 +128,10 @@ class Compressed:
 
 
 def compress(
-    data: bytes, options: ImageOptions = ImageOptions(), limits: ImageLimits = ImageLimits()
+    data: bytes,
+    options: ImageOptions = ImageOptions(),
+    limits: ImageLimits = ImageLimits(),
+    budget: PixelBudget | None = None,
 ) -> Compressed:
     """Decode, normalise, resize, encode.
 
@@ -140,6 +145,9 @@ def compress(
     `limits.max_frames` frames (DECOMPRESSION_BOMB); SVG (UNSUPPORTED_FORMAT) and HTML pages
     (NOT_AN_IMAGE) are told apart from other non-images by their first bytes.
 
+    With a `budget`, the decode and encode wait until the image's pixels (after JPEG
+    shrink-on-load) fit in it beside the other threads' images.
+
     Raises ImageFailure (NOT_AN_IMAGE, UNSUPPORTED_FORMAT, DECOMPRESSION_BOMB, CORRUPT_IMAGE);
     ValueError when `options` are invalid.
     """
@@ -147,7 +155,7 @@ def compress(
     if problems:
         raise ValueError("; ".join(problems))
     output = OutputFormat(options.format)
-    with _open(data, limits) as img:
+    with _open(data, limits) as img, contextlib.ExitStack() as held:
         source_format = img.format or ""
         width, height = img.size
         if width * height > limits.max_pixels:
@@ -175,6 +183,8 @@ def compress(
             if source_format in ("JPEG", "MPO") and target != upright:
                 # Shrink-on-load: the JPEG decoder scales by 1/2, 1/4 or 1/8 for free.
                 img.draft(None, (target[1], target[0]) if swapped else target)
+            if budget is not None:
+                held.enter_context(budget.reserve(img.width * img.height))
             img.load()
         except Image.DecompressionBombError as exc:
             raise _bomb(exc, limits) from exc

@@ -7,6 +7,7 @@ import functools
 import os
 from concurrent.futures import ThreadPoolExecutor
 
+from services.common.budget import ByteBudget, PixelBudget
 from services.common.config import WorkerSettings
 from services.common.fetch import fetch_image, make_session
 from services.common.grpc_server import Health, run_service
@@ -37,6 +38,8 @@ async def main(settings: WorkerSettings) -> None:
                 executor=executor,
                 image_limits=settings.image_limits,
                 retry=settings.retry,
+                buffers=ByteBudget(settings.buffer_bytes),
+                pixels=PixelBudget(settings.pixel_budget),
             )
             consumer = TaskConsumer(backends.redis, backends.names, settings.consumer_name)
             policy = ConsumePolicy(

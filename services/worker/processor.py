@@ -11,16 +11,25 @@ import asyncio
 import io
 import logging
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from concurrent.futures import Executor
+from typing import Protocol
 
 import asyncpg
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from services.common import storage as keys
+from services.common.budget import (
+    DEFAULT_BUFFER_BYTES,
+    DEFAULT_PIXEL_BUDGET,
+    ByteBudget,
+    Lease,
+    PixelBudget,
+)
 from services.common.csv_format import OutputCsvWriter
 from services.common.db import queries
+from services.common.fetch import Reserve
 from services.common.imaging import ImageLimits, compress
 from services.common.outcome import ImageFailure, OutcomeCode, RetryPolicy
 from services.common.pb.imgpipe.v1 import task_pb2
@@ -30,7 +39,11 @@ from services.common.streams import StreamNames, publish_event_once, publish_pro
 
 log = logging.getLogger(__name__)
 
-Fetch = Callable[[str], Awaitable[bytes]]
+
+class Fetch(Protocol):
+    """fetch_image with its session and limits bound (see services.worker.__main__)."""
+
+    def __call__(self, url: str, *, reserve: Reserve | None = None) -> Awaitable[bytes]: ...
 
 
 class Processor:
@@ -45,6 +58,8 @@ class Processor:
         executor: Executor,
         image_limits: ImageLimits,
         retry: RetryPolicy,
+        buffers: ByteBudget | None = None,
+        pixels: PixelBudget | None = None,
     ) -> None:
         self.pool = pool
         self.redis = redis
@@ -54,6 +69,9 @@ class Processor:
         self.executor = executor
         self.image_limits = image_limits
         self.retry = retry
+        # Many tasks wait on origins at once; these bound what they hold once the bytes come.
+        self.buffers = buffers or ByteBudget(DEFAULT_BUFFER_BYTES)
+        self.pixels = pixels or PixelBudget(DEFAULT_PIXEL_BUDGET)
 
     async def process(self, task: task_pb2.ImageTask, deliveries: int = 1) -> None:
         """Bring the task's image to a final state. Raises only for infrastructure failures
@@ -103,18 +121,22 @@ class Processor:
     async def _compress_and_store(
         self, task: task_pb2.ImageTask, request_id: uuid.UUID
     ) -> queries.Counters | None:
-        data = await self._fetch_with_retries(task)
-        options = from_proto(task.options)
-        loop = asyncio.get_running_loop()
-        try:
-            result = await loop.run_in_executor(
-                self.executor, compress, data, options, self.image_limits
-            )
-        except ImageFailure:
-            raise
-        except Exception as exc:  # a Pillow bug or MemoryError must fail the image, not loop
-            log.exception("compress crashed", extra={"image_id": task.image_id})
-            raise ImageFailure(OutcomeCode.INTERNAL, f"{type(exc).__name__}: {exc}") from exc
+        async with self.buffers.lease() as lease:
+            data = await self._fetch_with_retries(task, lease)
+            await lease.reserve(len(data))  # a body without Content-Length is counted now
+            options = from_proto(task.options)
+            loop = asyncio.get_running_loop()
+            try:
+                result = await loop.run_in_executor(
+                    self.executor, compress, data, options, self.image_limits, self.pixels
+                )
+            except ImageFailure:
+                raise
+            except Exception as exc:  # a Pillow bug or MemoryError must fail the image
+                log.exception("compress crashed", extra={"image_id": task.image_id})
+                raise ImageFailure(OutcomeCode.INTERNAL, f"{type(exc).__name__}: {exc}") from exc
+            bytes_in = len(data)
+            del data  # the lease ends here, and so does the input
         key = keys.image_key(request_id, task.image_id, result.extension)
         await self.storage.put(key, result.data, result.content_type)
         async with self.pool.acquire() as conn:
@@ -122,14 +144,14 @@ class Processor:
                 conn,
                 task.image_id,
                 output_key=key,
-                bytes_in=len(data),
+                bytes_in=bytes_in,
                 bytes_out=len(result.data),
                 width=result.width,
                 height=result.height,
                 kept_source=result.kept_source,
             )
 
-    async def _fetch_with_retries(self, task: task_pb2.ImageTask) -> bytes:
+    async def _fetch_with_retries(self, task: task_pb2.ImageTask, lease: Lease) -> bytes:
         """Fetch, retrying transient failures with backoff up to max_attempts real attempts.
 
         An origin in its Retry-After cooldown is waited for without spending an attempt (it saw
@@ -139,8 +161,9 @@ class Processor:
         waits = 0
         while True:
             try:
-                data = await self.fetch(task.input_url)
+                data = await self.fetch(task.input_url, reserve=lease.reserve)
             except ImageFailure as failure:
+                lease.release()  # nothing is held while waiting to try again
                 if not failure.sent and waits < self.retry.max_cooldown_waits:
                     waits += 1
                     await asyncio.sleep(min(failure.retry_after or 1.0, self.retry.max_wait))

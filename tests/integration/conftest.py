@@ -18,7 +18,7 @@ import redis.asyncio
 
 from services.common.csv_format import CsvLimits
 from services.common.db.pool import migrate
-from services.common.fetch import FetchAllow, FetchLimits, fetch_image, make_session
+from services.common.fetch import FetchAllow, FetchLimits, Reserve, fetch_image, make_session
 from services.common.imaging import ImageLimits
 from services.common.pb.imgpipe.v1 import ingest_service_pb2_grpc as ingest_grpc
 from services.common.pb.imgpipe.v1 import status_service_pb2_grpc as status_grpc
@@ -79,8 +79,8 @@ def processor(
     http_session: aiohttp.ClientSession,
     executor: ThreadPoolExecutor,
 ) -> Processor:
-    async def fetch(url: str) -> bytes:
-        return await fetch_image(http_session, url, FetchLimits())
+    async def fetch(url: str, *, reserve: Reserve | None = None) -> bytes:
+        return await fetch_image(http_session, url, FetchLimits(), reserve=reserve)
 
     return Processor(
         pool=pool,

@@ -24,7 +24,7 @@ import redis.asyncio
 from aiohttp import web
 from PIL import Image
 
-from services.common.fetch import FetchAllow, FetchLimits, fetch_image, make_session
+from services.common.fetch import FetchAllow, FetchLimits, Reserve, fetch_image, make_session
 from services.common.imaging import ImageLimits
 from services.common.pb.imgpipe.v1 import ingest_service_pb2_grpc as ingest_grpc
 from services.common.pb.imgpipe.v1 import status_service_pb2 as status_pb
@@ -193,8 +193,8 @@ async def guarded_processor(
     with ThreadPoolExecutor(2) as executor:
         try:
 
-            async def fetch(url: str) -> bytes:
-                return await fetch_image(session, url, LIMITS)
+            async def fetch(url: str, *, reserve: Reserve | None = None) -> bytes:
+                return await fetch_image(session, url, LIMITS, reserve=reserve)
 
             yield Processor(
                 pool=pool,

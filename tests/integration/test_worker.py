@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import csv
 import io
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import asyncpg
 import pytest
 import redis.asyncio
 from PIL import Image
 
+from services.common.budget import ByteBudget, PixelBudget
 from services.common.pb.imgpipe.v1 import ingest_service_pb2_grpc as ingest_grpc
 from services.common.pb.imgpipe.v1 import request_pb2
 from services.common.publish import republish_pending
@@ -176,3 +178,46 @@ async def test_consumer_rereads_its_own_pending_entries_first(
 
     assert [d.entry_id for d in again] == [d.entry_id for d in taken]
     assert len(fresh) == 1 and fresh[0].entry_id != taken[0].entry_id
+
+
+class CountingPixels(PixelBudget):
+    """A pixel budget that remembers how many images it ever let work at once."""
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__(capacity)
+        self.holders = 0
+        self.most_holders = 0
+        self.reserved: list[int] = []
+
+    @contextlib.contextmanager
+    def reserve(self, pixels: int) -> Iterator[None]:
+        with super().reserve(pixels):
+            with self._changed:
+                self.holders += 1
+                self.most_holders = max(self.most_holders, self.holders)
+                self.reserved.append(pixels)
+            try:
+                yield
+            finally:
+                with self._changed:
+                    self.holders -= 1
+
+
+async def test_budgets_smaller_than_one_image_still_finish_every_image_one_at_a_time(
+    ingest_stub: ingest_grpc.IngestServiceAsyncStub,
+    running_worker: asyncio.Event,
+    processor: Processor,
+    pool: asyncpg.Pool,
+    origin: ImageOrigin,
+) -> None:
+    # Each image is larger than both budgets, so each runs alone, and none waits forever.
+    processor.buffers = ByteBudget(1)
+    processor.pixels = pixels = CountingPixels(1)
+    urls = [origin.url(f"/img/{name}.jpg") for name in "abcdef"]
+    accepted = await upload(ingest_stub, csv_of([("1", "Shoe", urls[:3]), ("2", "Hat", urls[3:])]))
+
+    request = await wait_final(pool, accepted.request_id)
+
+    assert (request["status"], request["images_done"]) == ("Completed", 6)
+    assert pixels.most_holders == 1 and pixels.reserved == [640 * 480] * 6
+    assert (processor.buffers.used, pixels.used) == (0, 0)  # every lease given back

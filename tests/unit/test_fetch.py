@@ -1010,3 +1010,40 @@ def test_image_failure_shape() -> None:
         2.0,
     )
     assert [code.value for code in OutcomeCode] == [code.name for code in OutcomeCode]
+
+
+# --- the worker's byte budget -------------------------------------------------------------
+
+
+async def test_a_known_length_is_reserved_before_the_body_and_the_wait_is_not_timed(
+    server: TestServer, sessions: SessionFactory
+) -> None:
+    session = sessions(allow_for(server))
+    limits = FetchLimits(total_timeout=0.3, stall_timeout=0.3)
+    granted = asyncio.Event()
+    asked: list[int] = []
+
+    async def reserve(length: int) -> None:
+        asked.append(length)
+        # The budget is busy for longer than the whole download may take.
+        asyncio.get_running_loop().call_later(0.6, granted.set)
+        await granted.wait()
+
+    data = await fetch_image(session, url(server, "/image"), limits, reserve=reserve)
+
+    assert data == IMAGE and asked == [len(IMAGE)] and granted.is_set()
+
+
+async def test_a_body_without_length_is_not_reserved_by_the_fetch(
+    server: TestServer, sessions: SessionFactory
+) -> None:
+    session = sessions(allow_for(server))
+    asked: list[int] = []
+
+    async def reserve(length: int) -> None:
+        asked.append(length)
+
+    data = await fetch_image(
+        session, url(server, "/chunked?size=3000"), FetchLimits(), reserve=reserve
+    )
+    assert len(data) == 3000 and asked == []  # the worker counts it once it has arrived

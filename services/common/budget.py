@@ -1,0 +1,121 @@
+"""Memory budgets for a worker: what its images may hold at once, so big ones cannot blow it.
+
+A worker keeps many tasks in flight to hide origin latency, but memory is spent in two places
+that must not scale with that number:
+
+- `ByteBudget` (asyncio): downloaded bodies waiting for a compress thread. A download reserves
+  its Content-Length before reading the body, so only a bounded amount of input sits in
+  memory however fast the origin is.
+- `PixelBudget` (threads): images being decoded and encoded. A decoded RGB pixel costs 4
+  bytes, and a progressive JPEG encode keeps the whole image's coefficients (about 3 bytes
+  per pixel more), so pixels in flight, not images, are what bound the peak.
+
+Both grant any single request when nothing else holds the budget, so an item larger than the
+whole budget still runs (alone) and neither can deadlock: a holder never waits on its own
+budget again, and the two are always taken in the same order (bytes, then pixels).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from collections import deque
+from collections.abc import AsyncIterator, Iterator
+
+DEFAULT_BUFFER_BYTES = 64 * 1024 * 1024  # about ten 24-megapixel JPEGs
+DEFAULT_PIXEL_BUDGET = 32_000_000  # one 24 MP photo, or two 16 MP ones: about 225 MB at work
+
+
+class ByteBudget:
+    """Bytes held by downloads, granted first come, first served."""
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 1:
+            raise ValueError("a byte budget needs a capacity of at least 1")
+        self.capacity = capacity
+        self.used = 0
+        self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
+
+    async def acquire(self, amount: int) -> None:
+        if not self._waiters and self._fits(amount):
+            self.used += amount
+            return
+        future = asyncio.get_running_loop().create_future()
+        entry = (amount, future)
+        self._waiters.append(entry)
+        try:
+            await future
+        except BaseException:
+            if future.done() and not future.cancelled():
+                self.release(amount)  # granted just as we were cancelled
+            else:
+                self._waiters.remove(entry)
+                self._wake()  # a large waiter leaving may unblock smaller ones behind it
+            raise
+
+    def release(self, amount: int) -> None:
+        self.used -= amount
+        self._wake()
+
+    def _fits(self, amount: int) -> bool:
+        return self.used == 0 or self.used + amount <= self.capacity
+
+    def _wake(self) -> None:
+        while self._waiters and self._fits(self._waiters[0][0]):
+            amount, future = self._waiters.popleft()
+            if not future.done():
+                self.used += amount
+                future.set_result(None)
+
+    @contextlib.asynccontextmanager
+    async def lease(self) -> AsyncIterator[Lease]:
+        """A holder that reserves as it learns sizes and gives everything back at the end."""
+        lease = Lease(self)
+        try:
+            yield lease
+        finally:
+            lease.release()
+
+
+class Lease:
+    def __init__(self, budget: ByteBudget) -> None:
+        self._budget = budget
+        self.held = 0
+
+    async def reserve(self, amount: int) -> None:
+        """Hold at least `amount` bytes (a retry of the same download reuses what it holds)."""
+        if amount > self.held:
+            if self.held:
+                self.release()  # never wait while holding: that is how budgets deadlock
+            await self._budget.acquire(amount)
+            self.held = amount
+
+    def release(self) -> None:
+        if self.held:
+            self._budget.release(self.held)
+            self.held = 0
+
+
+class PixelBudget:
+    """Pixels being decoded and encoded at once, across the compress threads."""
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 1:
+            raise ValueError("a pixel budget needs a capacity of at least 1")
+        self.capacity = capacity
+        self.used = 0
+        self._changed = threading.Condition()
+
+    @contextlib.contextmanager
+    def reserve(self, pixels: int) -> Iterator[None]:
+        amount = min(pixels, self.capacity)
+        with self._changed:
+            self._changed.wait_for(lambda: self.used + amount <= self.capacity)
+            self.used += amount
+        try:
+            yield
+        finally:
+            with self._changed:
+                self.used -= amount
+                self._changed.notify_all()

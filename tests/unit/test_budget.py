@@ -1,0 +1,131 @@
+"""The worker's memory budgets: bounded, first come first served, and never deadlocked."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import threading
+from collections.abc import Iterator
+
+import pytest
+from PIL import Image
+
+from services.common.budget import ByteBudget, PixelBudget
+from services.common.imaging import ImageOptions, compress
+from tests.imagegen import photo_like
+from tests.support import wait_until
+
+pytestmark = pytest.mark.unit
+
+
+async def settle() -> None:
+    """Let every ready task run until it blocks (a yield to the loop, not a timed wait)."""
+    for _ in range(10):
+        await asyncio.sleep(0)
+
+
+async def test_byte_budget_grants_within_capacity_and_queues_the_rest_in_order() -> None:
+    budget = ByteBudget(100)
+    await budget.acquire(60)
+    order: list[str] = []
+
+    async def take(name: str, amount: int) -> None:
+        await budget.acquire(amount)
+        order.append(name)
+
+    big = asyncio.create_task(take("big", 50))
+    small = asyncio.create_task(take("small", 10))  # would fit, but waits its turn
+    await settle()
+    assert order == [] and budget.used == 60
+
+    budget.release(60)
+    await asyncio.gather(big, small)
+    assert order == ["big", "small"] and budget.used == 60
+
+
+async def test_byte_budget_grants_an_oversized_request_when_it_is_empty() -> None:
+    budget = ByteBudget(10)
+    await budget.acquire(5)
+    oversized = asyncio.create_task(budget.acquire(1000))
+    await settle()
+    assert not oversized.done()
+    budget.release(5)
+    await oversized
+    assert budget.used == 1000
+
+
+async def test_a_cancelled_waiter_leaves_the_queue_and_lets_smaller_ones_through() -> None:
+    budget = ByteBudget(100)
+    await budget.acquire(90)
+    big = asyncio.create_task(budget.acquire(50))
+    small = asyncio.create_task(budget.acquire(10))
+    await settle()
+    assert not small.done()  # behind the big one
+
+    big.cancel()
+    await asyncio.gather(big, return_exceptions=True)
+    await small
+    assert budget.used == 100
+
+
+async def test_a_lease_reuses_what_it_holds_and_gives_everything_back() -> None:
+    budget = ByteBudget(100)
+    async with budget.lease() as lease:
+        await lease.reserve(40)
+        await lease.reserve(30)  # a retry of the same download: already covered
+        assert budget.used == 40
+        await lease.reserve(70)  # a larger body after all
+        assert (budget.used, lease.held) == (70, 70)
+    assert budget.used == 0
+
+
+def test_pixel_budget_makes_the_second_image_wait_for_the_first() -> None:
+    budget = PixelBudget(1000)
+    entered = threading.Event()
+
+    def second() -> None:
+        with budget.reserve(800):
+            entered.set()
+
+    with budget.reserve(600):
+        thread = threading.Thread(target=second)
+        thread.start()
+        wait_until(lambda: budget._changed._waiters, timeout=5, message="second thread waits")  # type: ignore[attr-defined]
+        assert not entered.is_set() and budget.used == 600
+    thread.join(timeout=5)
+    assert entered.is_set() and budget.used == 0
+
+
+def test_pixel_budget_lets_an_image_larger_than_itself_run_alone() -> None:
+    budget = PixelBudget(1000)
+    with budget.reserve(10**9):
+        assert budget.used == 1000
+    assert budget.used == 0
+
+
+class Recording(PixelBudget):
+    def __init__(self) -> None:
+        super().__init__(10**9)
+        self.asked: list[int] = []
+
+    @contextlib.contextmanager
+    def reserve(self, pixels: int) -> Iterator[None]:
+        self.asked.append(pixels)
+        with super().reserve(pixels):
+            yield
+
+
+def test_compress_reserves_the_pixels_it_decodes_after_shrink_on_load() -> None:
+    source = photo_like(1200, 1200)
+    budget = Recording()
+
+    full = compress(source, ImageOptions(), budget=budget)
+    small = compress(source, ImageOptions(max_width=300, max_height=300), budget=budget)
+
+    assert (full.width, small.width) == (1200, 300)
+    # The JPEG decoder scales by 1/4 on load for a 300-pixel target: 16× fewer pixels held.
+    assert budget.asked == [1200 * 1200, 300 * 300]
+    assert budget.used == 0
+    with Image.open(io.BytesIO(small.data)) as image:
+        assert image.size == (300, 300)
