@@ -13,6 +13,7 @@ from bench.pipeline import log, process, running_stack
 from bench.procs import memory_mb, stack_processes
 from bench.report import Section, Target, median, table
 from bench.settings import BenchSettings
+from services.common.budget import DEFAULT_BUFFER_BYTES, DEFAULT_PIXEL_BUDGET
 from tests.origin import serve_images
 from tests.stack import Stack
 
@@ -40,8 +41,10 @@ async def run(settings: BenchSettings, corpus: Corpus) -> Section:
     lines = [
         f"{count} photos of {width}×{height} ({width * height / 1e6:.0f} megapixels, about"
         f" {median([p.stat().st_size for p in corpus.paths[:count]]) / 1e6:.1f} MB each as"
-        " JPEG q95) in one request, one worker at the default concurrency (8 tasks) and"
-        " threads (one per core); VmHWM of the worker process, on a fresh stack per run.",
+        " JPEG q95) in one request, one worker at its defaults: 32 tasks in flight, one"
+        f" thread per core, a {DEFAULT_BUFFER_BYTES >> 20} MiB download buffer and a"
+        f" {DEFAULT_PIXEL_BUDGET / 1e6:.0f} MP pixel budget; VmHWM of the worker process, on a"
+        " fresh stack per run.",
         "",
         *table(
             ("run", "worker idle MB", "worker peak MB", "time, s", "images/s"),

@@ -7,7 +7,7 @@ import functools
 import os
 from concurrent.futures import ThreadPoolExecutor
 
-from services.common.budget import ByteBudget, PixelBudget
+from services.common.budget import ByteBudget, PixelBudget, return_freed_images_to_the_os
 from services.common.config import WorkerSettings
 from services.common.fetch import fetch_image, make_session
 from services.common.grpc_server import Health, run_service
@@ -21,6 +21,7 @@ from services.worker.runner import ConsumePolicy, consume
 
 async def main(settings: WorkerSettings) -> None:
     common = settings.common
+    return_freed_images_to_the_os()
     async with open_backends("worker", common, pool_size=settings.concurrency + 2) as backends:
         session = make_session(
             settings.fetch_allow, settings.fetch_limits, limit_per_host=settings.fetch_per_host

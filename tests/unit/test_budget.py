@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import pytest
 from PIL import Image
 
-from services.common.budget import ByteBudget, PixelBudget
+from services.common.budget import ByteBudget, PixelBudget, return_freed_images_to_the_os
 from services.common.imaging import ImageOptions, compress
 from tests.imagegen import photo_like
 from tests.support import wait_until
@@ -129,3 +129,8 @@ def test_compress_reserves_the_pixels_it_decodes_after_shrink_on_load() -> None:
     assert budget.used == 0
     with Image.open(io.BytesIO(small.data)) as image:
         assert image.size == (300, 300)
+
+
+def test_glibc_accepts_a_fixed_mmap_threshold() -> None:
+    # This machine (and the container image) use glibc: the tuning must take effect there.
+    assert return_freed_images_to_the_os() is True
