@@ -12,6 +12,7 @@ from aiohttp import web
 from gateway import handlers, openapi
 from gateway.backends import SETTINGS, open_backends
 from gateway.errors import error_middleware
+from gateway.page_cache import PAGES, PageCache
 from gateway.serving import IN_FLIGHT, InFlight
 from services.common.config import GatewaySettings
 
@@ -22,6 +23,7 @@ def create_app(settings: GatewaySettings) -> web.Application:
     app = web.Application(middlewares=[in_flight.middleware, error_middleware])
     app[SETTINGS] = settings
     app[IN_FLIGHT] = in_flight
+    app[PAGES] = PageCache()
     app.cleanup_ctx.append(open_backends)
     app.router.add_post("/upload", handlers.upload)
     app.router.add_get("/status", handlers.status)

@@ -20,6 +20,7 @@ from grpc_health.v1 import health_pb2
 
 from gateway import views
 from gateway.backends import BACKENDS, SETTINGS
+from gateway.page_cache import PAGES, PageKey, Version
 from gateway.serving import IN_FLIGHT
 from gateway.upload import upload_csv
 from services.common.errors import Conflict, Detail, InvalidArgument, NotFound, Unavailable
@@ -66,28 +67,44 @@ async def upload(request: web.Request) -> web.Response:
 async def status(request: web.Request) -> web.Response:
     request_id = _request_id(request)
     page_size = _page_size(request.query.get("page_size", ""))
+    page_token = request.query.get("page_token", "")
     backends, timeout = request.app[BACKENDS], request.app[SETTINGS].rpc_timeout
-    # Both calls at once: the answer waits for the slower one, not for their sum.
-    got, page = await _both(
-        backends.status.GetRequest(
-            status_pb.GetRequestRequest(request_id=request_id), timeout=timeout
-        ),
-        backends.status.ListProducts(
+    pages, key = request.app[PAGES], PageKey(request_id, page_size, page_token)
+    get_request = backends.status.GetRequest(
+        status_pb.GetRequestRequest(request_id=request_id), timeout=timeout
+    )
+
+    def list_products() -> Awaitable[status_pb.ListProductsResponse]:
+        return backends.status.ListProducts(
             status_pb.ListProductsRequest(
-                request_id=request_id,
-                page_size=page_size,
-                page_token=request.query.get("page_token", ""),
+                request_id=request_id, page_size=page_size, page_token=page_token
             ),
             timeout=timeout,
-        ),
-    )
-    found = got.request
+        )
+
+    body: bytes | None = None
+    if pages.known(key):
+        # Polled before: the head alone says whether the kept page still holds.
+        found = (await get_request).request
+        body = pages.get(key, Version.of(found))
+        page = None if body is not None else await list_products()
+    else:
+        # Both calls at once: the answer waits for the slower one, not for their sum.
+        got, page = await _both(get_request, list_products())
+        found = got.request
+    if page is not None:
+        body = views.products_members(page)
+        pages.put(key, Version.of(found), body)
+    assert body is not None
     csv_url = (
         output_csv_url(request, found.request_id)
         if views.is_final(found) and found.output_csv_key
         else None
     )
-    return web.json_response(views.status_json(found, page, csv_url))
+    return web.Response(
+        body=views.join_members(views.request_json(found, csv_url), body),
+        content_type="application/json",
+    )
 
 
 async def _both(first: Awaitable[A], second: Awaitable[B]) -> tuple[A, B]:

@@ -52,15 +52,22 @@ def accepted_json(accepted: ingest_pb.Accepted, status_url: str) -> dict[str, An
     }
 
 
-def status_json(
-    request: request_pb2.Request,
-    page: status_pb.ListProductsResponse,
-    output_csv_url: str | None,
-) -> dict[str, Any]:
-    return request_json(request, output_csv_url) | {
-        "products": [product_json(product) for product in page.products],
-        "next_page_token": page.next_page_token or None,
-    }
+def products_members(page: status_pb.ListProductsResponse) -> bytes:
+    """The `products` and `next_page_token` members of status_json, as JSON text without
+    braces, for `join_members` (a rendered page is kept by gateway.page_cache)."""
+    members = json.dumps(
+        {
+            "products": [product_json(product) for product in page.products],
+            "next_page_token": page.next_page_token or None,
+        }
+    )
+    return members[1:-1].encode()
+
+
+def join_members(head: dict[str, Any], members: bytes) -> bytes:
+    """`head` as a JSON object with `members` appended: status_json's bytes."""
+    text = json.dumps(head).encode()
+    return text[:-1] + b", " + members + b"}"
 
 
 def request_json(request: request_pb2.Request, output_csv_url: str | None) -> dict[str, Any]:
