@@ -9,6 +9,8 @@ import sys
 
 from gateway.app import create_app
 from gateway.serving import drain, start
+from services.common import metrics
+from services.common.auth import log_auth_state
 from services.common.config import ConfigError, GatewaySettings
 from services.common.logging import configure_logging
 
@@ -34,7 +36,10 @@ def main() -> int:
         print(exc, file=sys.stderr)
         return 2
     configure_logging("gateway", settings.log_level)
-    asyncio.run(serve(settings))
+    log_auth_state(settings.api_keys, settings.http_listen)
+    # On a port of its own (IMGPIPE_METRICS_LISTEN), never the public API's.
+    with metrics.serving(settings.metrics_listen):
+        asyncio.run(serve(settings))
     return 0
 
 

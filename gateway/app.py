@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from gateway import handlers, openapi
+from gateway import auth, handlers, observability, openapi
+from gateway import web as web_page
 from gateway.backends import SETTINGS, open_backends
 from gateway.errors import error_middleware
 from gateway.page_cache import PAGES, PageCache
@@ -20,8 +21,19 @@ from services.common.config import GatewaySettings
 def create_app(settings: GatewaySettings) -> web.Application:
     """The gateway application; its gRPC channels and storage open when it starts."""
     in_flight = InFlight()
-    app = web.Application(middlewares=[in_flight.middleware, error_middleware])
+    # Outermost first: auth's 401 goes through the error middleware like any other error, and
+    # every answer, errors included, is counted with its trace context set.
+    app = web.Application(
+        middlewares=[
+            observability.observe_middleware,
+            in_flight.middleware,
+            error_middleware,
+            auth.auth_middleware,
+        ]
+    )
+    observability.setup(app)
     app[SETTINGS] = settings
+    app[auth.API_KEYS] = settings.api_keys
     app[IN_FLIGHT] = in_flight
     app[PAGES] = PageCache()
     app.cleanup_ctx.append(open_backends)
@@ -39,4 +51,12 @@ def create_app(settings: GatewaySettings) -> web.Application:
     app.router.add_get("/readyz", handlers.readyz)
     app.router.add_get("/openapi.json", openapi.openapi)
     app.router.add_get("/docs", openapi.docs)
+    # Browser sign-in: the API key in an HttpOnly cookie (gateway/auth.py).
+    app.router.add_post("/session", auth.sign_in)
+    app.router.add_post("/session/logout", auth.sign_out)
+    # The web page, and its HTML routes for browsers without JavaScript (gateway/web.py).
+    app.router.add_get("/", web_page.index)
+    app.router.add_get("/static/{name}", web_page.asset)
+    app.router.add_post("/ui/upload", web_page.upload_form)
+    app.router.add_get("/ui/requests/{request_id}", web_page.request_page)
     return app

@@ -16,7 +16,9 @@ import grpc
 from aiohttp import web
 from grpc_health.v1 import health_pb2_grpc
 
-from services.common.config import GatewaySettings, default_storage_url
+from gateway.auth import forwarding_interceptors
+from services.common import tracing
+from services.common.config import GatewaySettings
 from services.common.pb.imgpipe.v1 import (
     ingest_service_pb2_grpc as ingest_grpc,
 )
@@ -50,19 +52,29 @@ BACKENDS = web.AppKey("backends", Backends)
 async def open_backends(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     async with AsyncExitStack() as stack:
-        ingest_channel = grpc.aio.insecure_channel(settings.ingest_addr, options=_CHANNEL_OPTIONS)
+        # Every call carries the key (gateway/auth.py) and the trace context
+        # (services/common/tracing.py) of the HTTP request it is made for.
+        ingest_channel = grpc.aio.insecure_channel(
+            settings.ingest_addr, options=_CHANNEL_OPTIONS, interceptors=_interceptors()
+        )
         stack.push_async_callback(ingest_channel.close, _CHANNEL_CLOSE_GRACE)
-        status_channel = grpc.aio.insecure_channel(settings.status_addr, options=_CHANNEL_OPTIONS)
+        status_channel = grpc.aio.insecure_channel(
+            settings.status_addr, options=_CHANNEL_OPTIONS, interceptors=_interceptors()
+        )
         stack.push_async_callback(status_channel.close, _CHANNEL_CLOSE_GRACE)
         app[BACKENDS] = Backends(
             ingest=ingest_grpc.IngestServiceStub(ingest_channel),
             status=status_grpc.StatusServiceStub(status_channel),
             ingest_health=health_pb2_grpc.HealthStub(ingest_channel),
             status_health=health_pb2_grpc.HealthStub(status_channel),
-            storage=Storage.from_url(settings.storage_url or default_storage_url()),
+            storage=Storage.from_config(settings.storage),
         )
         log.info(
             "backends configured",
             extra={"ingest": settings.ingest_addr, "status": settings.status_addr},
         )
         yield
+
+
+def _interceptors() -> list[grpc.aio.ClientInterceptor]:
+    return [*forwarding_interceptors(), *tracing.client_interceptors()]

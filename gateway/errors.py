@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 import grpc
 from aiohttp import hdrs, web
 from aiohttp.typedefs import LooseHeaders
+from multidict import CIMultiDict
 
 from services.common.errors import ImgpipeError, error_body, error_from_rpc
 
@@ -45,7 +46,11 @@ _KEPT_HEADERS = (hdrs.ALLOW, hdrs.RETRY_AFTER, hdrs.WWW_AUTHENTICATE)
 def error_response(
     error: ImgpipeError, *, status: int | None = None, headers: LooseHeaders | None = None
 ) -> web.Response:
-    return web.json_response(error_body(error), status=status or error.http_status, headers=headers)
+    # The error's own headers: WWW-Authenticate on a 401, Retry-After on a 429.
+    merged = CIMultiDict(error.http_headers())
+    if headers:
+        merged.update(headers)
+    return web.json_response(error_body(error), status=status or error.http_status, headers=merged)
 
 
 def _from_http_exception(request: web.Request, exc: web.HTTPException) -> web.Response:

@@ -20,9 +20,11 @@ from grpc_health.v1 import health_pb2
 
 from gateway import views
 from gateway.backends import BACKENDS, SETTINGS
+from gateway.output_csv import stream_output_csv
 from gateway.page_cache import PAGES, PageKey, Version
 from gateway.serving import IN_FLIGHT
 from gateway.upload import upload_csv
+from services.common import tracing
 from services.common.errors import Conflict, Detail, InvalidArgument, NotFound, Unavailable
 from services.common.pb.imgpipe.v1 import ingest_service_pb2 as ingest_pb
 from services.common.pb.imgpipe.v1 import status_service_pb2 as status_pb
@@ -55,6 +57,7 @@ def output_csv_url(request: web.Request, request_id: str) -> str:
 
 async def upload(request: web.Request) -> web.Response:
     accepted = await upload_csv(request, request.app[BACKENDS].ingest, request.app[SETTINGS])
+    tracing.set_request_id(accepted.request_id)  # on this request's access log line
     url = status_url(request, accepted.request_id)
     return web.json_response(
         views.accepted_json(accepted, url),
@@ -169,7 +172,7 @@ async def _next_or_keepalive(
         pending.cancel()
 
 
-async def output_csv(request: web.Request) -> web.Response:
+async def output_csv(request: web.Request) -> web.StreamResponse:
     request_id = _request_id(request)
     backends = request.app[BACKENDS]
     got = await backends.status.GetRequest(
@@ -181,17 +184,16 @@ async def output_csv(request: web.Request) -> web.Response:
         raise Conflict("the request is not finished yet")
     if not found.output_csv_key:
         raise NotFound("this request has no output CSV")
+    filename = f"imgpipe-{_UNSAFE_FILENAME.sub('_', found.request_id or request_id)}.csv"
+    headers = {"Content-Disposition": f'attachment; filename="{filename}"'}
+    if backends.storage.presigned:
+        # Signed URLs expire: render the CSV now instead of serving the stored copy.
+        return await stream_output_csv(request, found.request_id, headers)
     try:
         data = await backends.storage.get(found.output_csv_key)
     except FileNotFoundError:
         raise NotFound("the output CSV of this request was not found") from None
-    filename = f"imgpipe-{_UNSAFE_FILENAME.sub('_', found.request_id or request_id)}.csv"
-    return web.Response(
-        body=data,
-        content_type="text/csv",
-        charset="utf-8",
-        headers={"Content-Disposition": f'attachment; filename="{filename}"'},
-    )
+    return web.Response(body=data, content_type="text/csv", charset="utf-8", headers=headers)
 
 
 async def retry(request: web.Request) -> web.Response:

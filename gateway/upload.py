@@ -15,6 +15,7 @@ from functools import partial
 
 import grpc
 from aiohttp import BodyPartReader, MultipartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from gateway.errors import UnsupportedMediaType
 from services.common.config import GatewaySettings
@@ -127,7 +128,7 @@ def _check_declared_length(request: web.Request, limit: int, allowed: int) -> No
 
 
 def _too_large(limit: int) -> TooLarge:
-    return TooLarge(f"the upload is larger than the limit of {limit} bytes")
+    return TooLarge(f"the upload exceeds IMGPIPE_MAX_UPLOAD_BYTES={limit} bytes")
 
 
 async def _send(
@@ -172,7 +173,7 @@ async def _open_multipart(
     """Read option fields up to the file part; return the header, the file's chunks, a check."""
     try:
         reader = await request.multipart()
-    except (ValueError, AssertionError) as exc:
+    except (ValueError, AssertionError, HttpProcessingError) as exc:
         raise InvalidArgument(f"malformed multipart body: {exc}") from None
     values = {name: request.query[name] for name in OPTION_FIELDS if name in request.query}
     while True:
@@ -211,7 +212,7 @@ async def _open_multipart(
 async def _next_part(reader: MultipartReader) -> BodyPartReader | None:
     try:
         part = await reader.next()
-    except (ValueError, AssertionError) as exc:
+    except (ValueError, AssertionError, HttpProcessingError) as exc:
         raise InvalidArgument(f"malformed multipart body: {exc}") from None
     if isinstance(part, MultipartReader):
         raise InvalidArgument("nested multipart bodies are not supported")

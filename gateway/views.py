@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from datetime import UTC
 from typing import Any
 
@@ -53,8 +54,8 @@ def accepted_json(accepted: ingest_pb.Accepted, status_url: str) -> dict[str, An
 
 
 def products_members(page: status_pb.ListProductsResponse) -> bytes:
-    """The `products` and `next_page_token` members of status_json, as JSON text without
-    braces, for `join_members` (a rendered page is kept by gateway.page_cache)."""
+    """The `products` and `next_page_token` members of the status document, as JSON text
+    without braces, for `join_members` (a rendered page is kept by gateway.page_cache)."""
     members = json.dumps(
         {
             "products": [product_json(product) for product in page.products],
@@ -65,7 +66,7 @@ def products_members(page: status_pb.ListProductsResponse) -> bytes:
 
 
 def join_members(head: dict[str, Any], members: bytes) -> bytes:
-    """`head` as a JSON object with `members` appended: status_json's bytes."""
+    """`head` (request_json) as a JSON object with `members` appended: GET /status's body."""
     text = json.dumps(head).encode()
     return text[:-1] + b", " + members + b"}"
 
@@ -108,7 +109,15 @@ def product_json(product: request_pb2.Product) -> dict[str, Any]:
             {"url": error.url, "code": error.code, "message": error.message}
             for error in product.errors
         ],
+        # Per slot, like the URLs: bytes downloaded and stored, null until the image is done.
+        "input_bytes": _sizes(product.input_bytes, outputs),
+        "output_bytes": _sizes(product.output_bytes, outputs),
     }
+
+
+def _sizes(sizes: Sequence[int], outputs: list[str | None]) -> list[int | None]:
+    padded = list(sizes) + [0] * (len(outputs) - len(sizes))
+    return [size if url is not None else None for size, url in zip(padded, outputs, strict=False)]
 
 
 def retry_json(answer: ingest_pb.RetryFailedImagesResponse, status_url: str) -> dict[str, Any]:

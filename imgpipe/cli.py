@@ -106,6 +106,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run ingest, status, workers and the gateway, with an embedded Postgres "
         "and Redis unless IMGPIPE_DATABASE_URL and IMGPIPE_REDIS_URL are set. Ctrl-C stops it.",
     )
+
+    keygen = sub.add_parser(
+        "keygen",
+        help="make a new API key and its IMGPIPE_API_KEYS entry",
+        description="Print a new random API key (once: it is not stored anywhere) and the "
+        "NAME:SHA256 entry to add to IMGPIPE_API_KEYS. NAME is the owner recorded on the "
+        "requests made with the key.",
+    )
+    keygen.add_argument("name", metavar="NAME", help="the key's owner, e.g. acme")
     return parser
 
 
@@ -160,6 +169,8 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         from services.dev import main as run_dev
 
         return run_dev()
+    if args.command == "keygen":
+        return _keygen(args.name)
     target = target_from(args, environ)
     try:
         return int(_run_client(args, target))
@@ -240,6 +251,20 @@ def _download(target: commands.Target, request_id: str, output: str) -> int:
     else:
         print(f"Saved the output CSV of {request_id} to {path} ({render.format_bytes(size)})")
     return code
+
+
+def _keygen(name: str) -> int:
+    # Imported here, like `dev`: the client commands need none of the services' modules.
+    from services.common import auth
+
+    if not auth.is_valid_name(name):
+        return _usage_error(f"NAME must be {auth.NAME_RULE}, not {name!r}")
+    key = auth.new_key()
+    print(f"API key for {name} (shown only now; give it to its user, keep it secret):")
+    print(f"  {key}")
+    print("Entry for IMGPIPE_API_KEYS (its hash: safe in configuration; comma-separate entries):")
+    print(f"  {name}:{auth.key_hash(key)}")
+    return Exit.OK
 
 
 def _run(coroutine: Coroutine[Any, Any, int]) -> int:

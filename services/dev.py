@@ -8,6 +8,10 @@ ingest and status, the workers, and the gateway; it waits for the gateway's /rea
 where everything is. Ctrl-C or SIGTERM stops the services in reverse order (gateway, workers,
 ingest and status), each with a grace period, then Redis and Postgres.
 
+Metrics are off unless IMGPIPE_DEV_METRICS_BASE_PORT is set: then each child serves /metrics on
+a port of its own (`metrics_ports`). IMGPIPE_METRICS_LISTEN itself is never passed on, since
+one address cannot serve several processes.
+
 plan_stack() turns the environment into a StackPlan without side effects; run_stack() runs it.
 """
 
@@ -24,7 +28,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import FrameType
 from urllib.parse import unquote, urlsplit, urlunsplit
@@ -90,7 +94,7 @@ class StackPlan:
         if webhook_secret and not env.get("IMGPIPE_WEBHOOK_SECRET"):
             env["IMGPIPE_WEBHOOK_SECRET"] = webhook_secret
         # Per-child variables come from the plan only, never from the launcher's own shell.
-        for name in ("IMGPIPE_GRPC_LISTEN", "IMGPIPE_CONSUMER_NAME"):
+        for name in ("IMGPIPE_GRPC_LISTEN", "IMGPIPE_CONSUMER_NAME", "IMGPIPE_METRICS_LISTEN"):
             env.pop(name, None)
         # Children log JSON lines to our stdout; unbuffered, so lines arrive as they happen.
         env.setdefault("PYTHONUNBUFFERED", "1")
@@ -143,6 +147,12 @@ def plan_stack(
         problems.append(
             f"IMGPIPE_DEV_GRPC_BASE_PORT={grpc_base}: workers would listen beyond port 65535"
         )
+    metrics_base = integer("IMGPIPE_DEV_METRICS_BASE_PORT", 0, 1, 65535)
+    if metrics_base + 9 + workers > 65535:
+        problems.append(
+            f"IMGPIPE_DEV_METRICS_BASE_PORT={metrics_base}: workers would serve metrics beyond"
+            " port 65535"
+        )
     http_listen = get("IMGPIPE_HTTP_LISTEN") or DEFAULT_HTTP_LISTEN
     http_host, http_port = _split_address(http_listen)
     if http_port is None:
@@ -175,15 +185,24 @@ def plan_stack(
             )
         )
     children.append(_child(python, GATEWAY, GATEWAY, "gateway"))
+    if metrics_base:
+        ports = metrics_ports(metrics_base, workers)
+        children = [
+            replace(c, env={**c.env, "IMGPIPE_METRICS_LISTEN": f"127.0.0.1:{ports[c.name]}"})
+            for c in children
+        ]
 
+    storage_url = get("IMGPIPE_STORAGE_URL") or (data_dir / "store").as_uri()
+    # The gateway serves a file:// store; S3 URLs are a CDN's or presigned (empty: unset).
+    files_url = f"{gateway_url}/files/" if storage_url.startswith("file:") else ""
     return StackPlan(
         data_dir=data_dir,
         database_url=get("IMGPIPE_DATABASE_URL"),
         redis_url=get("IMGPIPE_REDIS_URL"),
         postgres_dir=data_dir / "pg",
         redis_dir=data_dir / "redis",
-        storage_url=get("IMGPIPE_STORAGE_URL") or (data_dir / "store").as_uri(),
-        public_base_url=get("IMGPIPE_PUBLIC_BASE_URL") or f"{gateway_url}/files/",
+        storage_url=storage_url,
+        public_base_url=get("IMGPIPE_PUBLIC_BASE_URL") or files_url,
         http_listen=http_listen,
         gateway_url=gateway_url,
         ingest_addr=ingest_addr,
@@ -397,6 +416,13 @@ def _banner(
     pg = f"embedded, data in {postgres.data_dir}" if postgres else "given"
     rd = f"embedded, data in {redis.data_dir}" if redis else "given"
     url = plan.gateway_url
+    keys = bool(plan.base_env.get("IMGPIPE_API_KEYS", "").strip())
+    bearer = ' -H "Authorization: Bearer $IMGPIPE_API_KEY"' if keys else ""
+    metrics = [
+        f"{c.name} http://{c.env['IMGPIPE_METRICS_LISTEN']}/metrics"
+        for c in plan.children
+        if "IMGPIPE_METRICS_LISTEN" in c.env
+    ]
     return "\n".join(
         [
             "",
@@ -408,9 +434,14 @@ def _banner(
             f"  webhooks     signed with the secret in {plan.data_dir / 'webhook-secret'}"
             if not plan.base_env.get("IMGPIPE_WEBHOOK_SECRET")
             else "  webhooks     signed with IMGPIPE_WEBHOOK_SECRET",
+            "  auth         API keys required (IMGPIPE_API_KEYS)"
+            if keys
+            else "  auth         OFF: IMGPIPE_API_KEYS is empty, anyone who reaches the ports can"
+            " upload (`imgpipe keygen NAME` makes a key)",
+            "  metrics      " + (", ".join(metrics) or "off (IMGPIPE_DEV_METRICS_BASE_PORT)"),
             "  try:",
-            f"    curl -F file=@samples/products.csv {url}/upload",
-            f"    curl '{url}/status?request_id=<id>'",
+            f"    curl{bearer} -F file=@samples/products.csv {url}/upload",
+            f"    curl{bearer} '{url}/status?request_id=<id>'",
             "  Ctrl-C stops everything.",
             "",
         ]
@@ -423,6 +454,14 @@ def _dev_webhook_secret(data_dir: Path) -> str:
         path.write_text("whsec_" + base64.b64encode(secrets.token_bytes(24)).decode() + "\n")
         path.chmod(0o600)
     return path.read_text().strip()
+
+
+def metrics_ports(base: int, workers: int) -> dict[str, int]:
+    """The /metrics port of each child under IMGPIPE_DEV_METRICS_BASE_PORT=base: ingest base,
+    status base+1, gateway base+2, worker-N base+9+N (the gRPC ports' pattern)."""
+    ports = {INGEST: base, STATUS: base + 1, GATEWAY: base + 2}
+    ports.update({f"worker-{i}": base + 9 + i for i in range(1, workers + 1)})
+    return ports
 
 
 def _child(python: str, name: str, role: str, module: str, **env: str) -> ChildSpec:

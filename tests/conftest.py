@@ -21,6 +21,7 @@ import pytest
 import redis.asyncio
 
 from services.common.embedded import docker_available, start_postgres, start_redis
+from tests.seaweed import BUCKET, SeaweedS3, start_seaweed
 from tests.support import create_database, delete_keys, drop_database
 
 T = TypeVar("T")
@@ -76,6 +77,27 @@ def redis_server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             yield server.url
         finally:
             server.stop()
+
+
+@pytest.fixture(scope="session")
+def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
+    """A SeaweedFS S3 server on 127.0.0.1 (tests/seaweed.py), started once, on first use."""
+    server = start_seaweed(tmp_path_factory.mktemp("seaweed"))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def storage_env(request: pytest.FixtureRequest) -> dict[str, str]:
+    """The variables that choose a stack's object store: none for file:// (the default), or,
+    with `@pytest.mark.parametrize("storage_env", ["file", "s3"], indirect=True)`, the
+    session's SeaweedFS under a prefix of the test's own (output URLs presigned)."""
+    if getattr(request, "param", "file") == "file":
+        return {}
+    server: SeaweedS3 = request.getfixturevalue("seaweed")
+    return server.env(f"s3://{BUCKET}/e2e-{secrets.token_hex(4)}")
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -15,11 +16,13 @@ from pathlib import Path
 from typing import Self, TypeVar
 from urllib.parse import urlsplit
 
+from services.common.auth import KeyRing, Limits, parse_api_keys, parse_rate
 from services.common.budget import DEFAULT_BUFFER_BYTES, DEFAULT_PIXEL_BUDGET
 from services.common.csv_format import CsvLimits
 from services.common.fetch import FetchAllow, FetchLimits
 from services.common.imaging import ImageLimits
 from services.common.outcome import RetryPolicy
+from services.common.storage import S3Options, StorageConfig
 
 T = TypeVar("T")
 
@@ -115,17 +118,19 @@ class CommonSettings:
     database_url: str
     redis_url: str
     redis_prefix: str = "imgpipe"
-    storage_url: str = ""
-    public_base_url: str = "http://127.0.0.1:8080/files/"
+    storage: StorageConfig = field(
+        default_factory=lambda: StorageConfig(default_storage_url(), DEFAULT_PUBLIC_BASE_URL)
+    )
     grpc_listen: str = "127.0.0.1:50051"
     grace_seconds: float = 20.0
     log_level: str = "INFO"
     # Crash points for fault tests (services/common/failpoints.py); empty in production.
     failpoints: frozenset[str] = frozenset()
+    metrics_listen: str = ""  # where /metrics is served; '' serves nothing
 
     @classmethod
     def read(cls, env: _Reader, default_listen: str) -> Self:
-        return cls(
+        settings = cls(
             database_url=env.required(
                 "IMGPIPE_DATABASE_URL", "a postgresql:// URL (make run starts one for you)"
             ),
@@ -133,18 +138,37 @@ class CommonSettings:
                 "IMGPIPE_REDIS_URL", "a redis:// or unix:// URL (make run starts one for you)"
             ),
             redis_prefix=env.text("IMGPIPE_REDIS_PREFIX", "imgpipe"),
-            storage_url=env.url(
-                "IMGPIPE_STORAGE_URL", default_storage_url(), ("file", "s3", "memory")
-            ),
-            public_base_url=env.url(
-                "IMGPIPE_PUBLIC_BASE_URL", "http://127.0.0.1:8080/files/", ("http", "https")
-            ),
+            storage=read_storage(env),
             grpc_listen=env.address("IMGPIPE_GRPC_LISTEN", default_listen),
             grace_seconds=env.number("IMGPIPE_GRACE_SECONDS", 20.0),
             log_level=env.text("IMGPIPE_LOG_LEVEL", "INFO").upper(),
             failpoints=frozenset(
                 name.strip() for name in env.text("IMGPIPE_FAILPOINTS").split(",") if name.strip()
             ),
+            metrics_listen=read_metrics_listen(env),
+        )
+        check_metrics_port(
+            env, settings.metrics_listen, "IMGPIPE_GRPC_LISTEN", settings.grpc_listen
+        )
+        return settings
+
+
+def read_metrics_listen(env: _Reader) -> str:
+    """IMGPIPE_METRICS_LISTEN, host:port: where this process serves /metrics. Unset serves
+    nothing (`make run` starts several processes on one machine: IMGPIPE_DEV_METRICS_BASE_PORT)."""
+    listen = env.address("IMGPIPE_METRICS_LISTEN", "")
+    if listen and int(listen.rpartition(":")[2]) == 0:
+        env.problems.append(f"IMGPIPE_METRICS_LISTEN={listen!r}: expected a port from 1 to 65535")
+        return ""
+    return listen
+
+
+def check_metrics_port(env: _Reader, metrics: str, name: str, listen: str) -> None:
+    """Metrics have a port of their own, never the API's: scrapers stay off the API port."""
+    if metrics and metrics.rpartition(":")[2] == listen.rpartition(":")[2]:
+        env.problems.append(
+            f"IMGPIPE_METRICS_LISTEN={metrics!r} uses the port of {name}={listen!r}: give metrics"
+            " a port of their own"
         )
 
 
@@ -152,10 +176,120 @@ def default_storage_url() -> str:
     return (Path.cwd() / ".imgpipe" / "store").as_uri()
 
 
+DEFAULT_PUBLIC_BASE_URL = "http://127.0.0.1:8080/files/"  # the gateway serving a file:// store
+URL_MODES = ("base", "presigned")
+# At least 5 min: a status page can come from the gateway's page cache, up to a minute old.
+# At most 7 days: the longest SigV4 allows.
+PRESIGN_EXPIRY_BOUNDS = (300, 7 * 24 * 3600)
+
+
+def read_storage(env: _Reader) -> StorageConfig:
+    """IMGPIPE_STORAGE_URL, how output URLs are made, and for s3:// where S3 is and who we are.
+
+    Output URLs are IMGPIPE_PUBLIC_BASE_URL + key (mode `base`: the default for file:// and
+    for s3:// with a base URL) or GET URLs signed when served, valid IMGPIPE_PRESIGN_EXPIRY
+    seconds (mode `presigned`: the default for s3:// without a base URL). S3 is configured
+    with the standard AWS variables; IMGPIPE_S3_ENDPOINT, when set, wins over
+    AWS_ENDPOINT_URL. Without AWS keys obstore uses the environment's role.
+    """
+    url = env.url("IMGPIPE_STORAGE_URL", default_storage_url(), ("file", "s3", "memory"))
+    s3 = urlsplit(url).scheme == "s3"
+    base = env.url("IMGPIPE_PUBLIC_BASE_URL", "", ("http", "https"))
+    mode = env.parsed(
+        "IMGPIPE_PUBLIC_URL_MODE",
+        "presigned" if s3 and not base else "base",
+        _url_mode,
+        " or ".join(URL_MODES),
+    )
+    low, high = PRESIGN_EXPIRY_BOUNDS
+    expiry = env.parsed(
+        "IMGPIPE_PRESIGN_EXPIRY",
+        3600,
+        functools.partial(_bounded_int, low=low, high=high),
+        f"whole seconds from {low} to {high} (7 days, the S3 limit)",
+    )
+    if mode == "presigned" and not s3:
+        env.problems.append(
+            f"IMGPIPE_PUBLIC_URL_MODE=presigned needs s3:// storage, not IMGPIPE_STORAGE_URL={url}"
+        )
+    elif mode == "presigned" and base:
+        env.problems.append(
+            "IMGPIPE_PUBLIC_BASE_URL is set but IMGPIPE_PUBLIC_URL_MODE=presigned does not use"
+            " it: unset one of them"
+        )
+    elif mode == "base" and s3 and not base:
+        env.problems.append(
+            "IMGPIPE_PUBLIC_BASE_URL is required for s3:// storage in base mode (the gateway"
+            " serves only file:// stores); or set IMGPIPE_PUBLIC_URL_MODE=presigned"
+        )
+    return StorageConfig(
+        url=url,
+        public_base_url=base or (DEFAULT_PUBLIC_BASE_URL if mode == "base" else ""),
+        presign_expiry=expiry if mode == "presigned" else None,
+        s3=_read_s3(env) if s3 else S3Options(),
+    )
+
+
+def _read_s3(env: _Reader) -> S3Options:
+    key_id, secret = env.text("AWS_ACCESS_KEY_ID"), env.text("AWS_SECRET_ACCESS_KEY")
+    if bool(key_id) != bool(secret):
+        env.problems.append(
+            "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY go together: set both, or neither to"
+            " use the environment's role"
+        )
+    endpoint_names = ("IMGPIPE_S3_ENDPOINT", "AWS_ENDPOINT_URL")
+    name = next((name for name in endpoint_names if env.text(name)), endpoint_names[0])
+    return S3Options(
+        endpoint=env.url(name, "", ("http", "https")),
+        region=env.text("AWS_REGION") or env.text("AWS_DEFAULT_REGION"),
+        access_key_id=key_id,
+        secret_access_key=secret,
+        session_token=env.text("AWS_SESSION_TOKEN"),
+    )
+
+
+def _url_mode(raw: str) -> str:
+    if raw.lower() not in URL_MODES:
+        raise ValueError("")
+    return raw.lower()
+
+
+def _bounded_int(raw: str, *, low: int, high: int) -> int:
+    value = int(raw)
+    if not low <= value <= high:
+        raise ValueError("")
+    return value
+
+
+def read_api_keys(env: _Reader) -> KeyRing:
+    """IMGPIPE_API_KEYS with the IMGPIPE_LIMIT_* defaults (format in services/common/auth.py).
+    Its problems name the entry, never its text: an entry may be a key pasted by mistake."""
+    defaults = Limits()
+    limits = Limits(
+        rate=env.parsed("IMGPIPE_LIMIT_RATE", defaults.rate, parse_rate, "a rate"),
+        burst=env.integer("IMGPIPE_LIMIT_BURST", defaults.burst, minimum=1),
+        concurrent=env.integer("IMGPIPE_LIMIT_CONCURRENT", defaults.concurrent),
+        images_per_day=env.integer("IMGPIPE_LIMIT_IMAGES_PER_DAY", defaults.images_per_day),
+    )
+    keys, problems = parse_api_keys(env.environ.get("IMGPIPE_API_KEYS", ""), limits)
+    env.problems += problems
+    return keys
+
+
+# The setting behind each CsvLimits field, to name it when a CSV goes over it (413).
+CSV_LIMIT_SETTINGS = {
+    "max_bytes": ("IMGPIPE_MAX_UPLOAD_BYTES", "bytes"),
+    "max_rows": ("IMGPIPE_MAX_ROWS", "rows"),
+    "max_urls_per_row": ("IMGPIPE_MAX_URLS_PER_ROW", "image URLs in one row"),
+    "max_urls_total": ("IMGPIPE_MAX_URLS_TOTAL", "image URLs"),
+}
+
+
 @dataclass(frozen=True, slots=True)
 class IngestSettings:
     common: CommonSettings
     csv_limits: CsvLimits = field(default_factory=CsvLimits)
+    api_keys: KeyRing = field(default_factory=KeyRing)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Self:
@@ -173,6 +307,7 @@ class IngestSettings:
                     "IMGPIPE_MAX_URLS_TOTAL", defaults.max_urls_total, minimum=1
                 ),
             ),
+            api_keys=read_api_keys(env),
         )
         env.done()
         return settings
@@ -291,6 +426,7 @@ class WebhookSettings:
 class StatusSettings:
     common: CommonSettings
     webhooks: WebhookSettings = field(default_factory=WebhookSettings)
+    api_keys: KeyRing = field(default_factory=KeyRing)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Self:
@@ -331,6 +467,7 @@ class StatusSettings:
                     allowed_ports=env.ports("IMGPIPE_FETCH_PORTS", FetchLimits().allowed_ports),
                 ),
             ),
+            api_keys=read_api_keys(env),
         )
         env.done()
         return settings
@@ -356,12 +493,14 @@ class GatewaySettings:
     http_listen: str = "127.0.0.1:8080"
     ingest_addr: str = "127.0.0.1:50051"
     status_addr: str = "127.0.0.1:50052"
-    storage_url: str = ""
+    storage: StorageConfig = field(default_factory=lambda: StorageConfig(default_storage_url()))
     max_upload_bytes: int = CsvLimits().max_bytes
     rpc_timeout: float = 10.0
     upload_timeout: float = 300.0
     watch_timeout: float = 3600.0  # the longest one live-progress stream stays open
     log_level: str = "INFO"
+    api_keys: KeyRing = field(default_factory=KeyRing)
+    metrics_listen: str = ""  # where /metrics is served (never the API port); '' serves nothing
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Self:
@@ -370,9 +509,7 @@ class GatewaySettings:
             http_listen=env.address("IMGPIPE_HTTP_LISTEN", "127.0.0.1:8080"),
             ingest_addr=env.address("IMGPIPE_INGEST_ADDR", "127.0.0.1:50051"),
             status_addr=env.address("IMGPIPE_STATUS_ADDR", "127.0.0.1:50052"),
-            storage_url=env.url(
-                "IMGPIPE_STORAGE_URL", default_storage_url(), ("file", "s3", "memory")
-            ),
+            storage=read_storage(env),
             max_upload_bytes=env.integer(
                 "IMGPIPE_MAX_UPLOAD_BYTES", CsvLimits().max_bytes, minimum=1
             ),
@@ -380,6 +517,11 @@ class GatewaySettings:
             upload_timeout=env.number("IMGPIPE_UPLOAD_TIMEOUT", 300.0),
             watch_timeout=env.number("IMGPIPE_WATCH_TIMEOUT", 3600.0),
             log_level=env.text("IMGPIPE_LOG_LEVEL", "INFO").upper(),
+            api_keys=read_api_keys(env),
+            metrics_listen=read_metrics_listen(env),
+        )
+        check_metrics_port(
+            env, settings.metrics_listen, "IMGPIPE_HTTP_LISTEN", settings.http_listen
         )
         env.done()
         return settings

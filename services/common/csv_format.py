@@ -64,8 +64,9 @@ class CsvReader:
     """Push parser: `feed(bytes)` as chunks arrive, then `finish()` once.
 
     Chunks may be split anywhere (inside a UTF-8 character, a CRLF or a quoted cell). Memory
-    holds one chunk and the record in progress (which `max_bytes` bounds), plus the serial
-    numbers kept to detect duplicates; it does not grow with the number of rows otherwise.
+    holds one chunk and the record in progress (which `max_bytes` bounds); it does not grow with
+    the number of rows. So the one rule that needs every row, unique serial numbers, is not
+    checked here: ingest asks Postgres once the rows are stored (`duplicate_serial`).
     Rows are numbered as physical records: a quoted cell spanning lines is still one row, and
     blank lines are skipped but counted.
     """
@@ -80,7 +81,6 @@ class CsvReader:
         self._records = 0  # physical records completed, blank ones included
         self._header_row: int | None = None
         self._columns: tuple[int, int, int] | None = None  # None: no valid header (yet)
-        self._serials: dict[str, int] = {}  # serial number -> first row it appeared in
         self._problems: list[CsvProblem] = []
         self._problem_count = 0  # including the ones not kept
         self._stopped = False
@@ -88,6 +88,7 @@ class CsvReader:
         self._rows_seen = 0
         self._urls_seen = 0
         self._bytes_seen = 0
+        self._exceeded: str | None = None
         # The URL cell of a legal row can exceed csv's default 128 KiB field limit (100 URLs of
         # 2048 characters). The limit is process-wide, so only ever raise it.
         needed = limits.max_urls_per_row * (limits.max_url_length + 1) + 1024
@@ -110,6 +111,12 @@ class CsvReader:
         return self._problem_count == 0
 
     @property
+    def exceeded(self) -> str | None:
+        """The `CsvLimits` field of the first size limit the file crossed (`max_rows`, ...),
+        even when its problem was not kept; None while the file is within every limit."""
+        return self._exceeded
+
+    @property
     def rows_seen(self) -> int:
         """Product rows read (header and blank lines excluded)."""
         return self._rows_seen
@@ -126,9 +133,10 @@ class CsvReader:
     def feed(self, chunk: bytes) -> list[ProductRow]:
         """Parse the next chunk and return the rows it completed.
 
-        A row is returned only if it is valid and no problem had been found before it, so once
-        `ok` is False this returns []; it still goes on finding problems until
-        `limits.max_problems` is exceeded or a file-level limit stops it.
+        Every valid row is returned, even after a problem elsewhere (a file with problems is
+        rejected whole, but ingest checks the stored rows' serial numbers for duplicates: the
+        report then names them too). It goes on finding problems until `limits.max_problems`
+        is exceeded or a file-level limit stops it.
         """
         if self._finished:
             raise RuntimeError("CsvReader.feed() called after finish()")
@@ -145,6 +153,7 @@ class CsvReader:
                 self._records + 1,
                 "",
                 f"file too large: the limit is {self._limits.max_bytes} bytes",
+                limit="max_bytes",
             )
             self._stop()
         return rows
@@ -259,20 +268,13 @@ class CsvReader:
         limits = self._limits
         self._rows_seen += 1
         if self._rows_seen > limits.max_rows:
-            self._add(row, "", f"too many rows: the limit is {limits.max_rows}")
+            self._add(row, "", f"too many rows: the limit is {limits.max_rows}", limit="max_rows")
             self._stop()
             return
+        problems_before = self._problem_count
         serial, name, url_cell = (_cell(cells, index) for index in self._columns)
         if not serial:
             self._add(row, _SERIAL, "empty serial number")
-        else:
-            first = self._serials.setdefault(serial, row)
-            if first != row:
-                self._add(
-                    row,
-                    _SERIAL,
-                    f"duplicate serial number {_show(serial)} (first seen in row {first})",
-                )
         if not name:
             self._add(row, _NAME, "empty product name")
         # Postgres text cannot hold NUL; everything else a spreadsheet cell may hold is fine.
@@ -287,6 +289,7 @@ class CsvReader:
                 row,
                 _URLS,
                 f"too many image URLs: {len(urls)}, the limit is {limits.max_urls_per_row}",
+                limit="max_urls_per_row",
             )
         for url in urls:
             if self._stopped:
@@ -297,13 +300,18 @@ class CsvReader:
         self._urls_seen += len(urls)
         if self._urls_seen > limits.max_urls_total and not self._stopped:
             self._add(
-                row, "", f"too many image URLs in the file: the limit is {limits.max_urls_total}"
+                row,
+                "",
+                f"too many image URLs in the file: the limit is {limits.max_urls_total}",
+                limit="max_urls_total",
             )
             self._stop()
-        if self._problem_count == 0:
+        if self._problem_count == problems_before:
             out.append(ProductRow(row, serial, name, urls))
 
-    def _add(self, row: int, column: str, message: str) -> None:
+    def _add(self, row: int, column: str, message: str, limit: str = "") -> None:
+        if limit and self._exceeded is None:
+            self._exceeded = limit
         self._problem_count += 1
         if len(self._problems) < self._limits.max_problems:
             self._problems.append(CsvProblem(row, column, message))
@@ -314,7 +322,6 @@ class CsvReader:
         self._stopped = True
         # Nothing more will be parsed or checked: release what the reader holds.
         self._pieces.clear()
-        self._serials.clear()
 
 
 def _header_key(name: str) -> str:
@@ -324,6 +331,12 @@ def _header_key(name: str) -> str:
 def _cell(cells: list[str], index: int) -> str:
     # A short row leaves its missing cells empty.
     return cells[index].strip() if index < len(cells) else ""
+
+
+def duplicate_serial(row: int, serial: str, first_row: int) -> CsvProblem:
+    """The problem of a row whose serial number (compared stripped) an earlier row has."""
+    message = f"duplicate serial number {_show(serial)} (first seen in row {first_row})"
+    return CsvProblem(row, _SERIAL, message)
 
 
 def _show(text: str) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import math
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, NoReturn, TypeVar
@@ -67,6 +68,10 @@ class ImgpipeError(Exception):
     def __str__(self) -> str:
         return self.message
 
+    def http_headers(self) -> dict[str, str]:
+        """Headers the HTTP answer to this error must carry (none for most errors)."""
+        return {}
+
 
 class InvalidCsv(ImgpipeError):
     code = "invalid_csv"
@@ -104,9 +109,48 @@ class Unavailable(ImgpipeError):
     http_status = 503
 
 
+@dataclass
+class Unauthenticated(ImgpipeError):
+    """No API key, or one that is not configured. `key_given` tells the two apart."""
+
+    key_given: bool = False
+    code = "unauthenticated"
+    grpc_code = grpc.StatusCode.UNAUTHENTICATED
+    http_status = 401
+
+    def http_headers(self) -> dict[str, str]:
+        challenge = 'Bearer realm="imgpipe"'
+        if self.key_given:
+            challenge += ', error="invalid_token"'
+        return {"WWW-Authenticate": challenge}
+
+
+@dataclass
+class RateLimited(ImgpipeError):
+    """A per-key limit (call rate, unfinished requests, images per day) is reached. Details
+    name the limit (`column`); `retry_after` is in whole seconds, at least 1."""
+
+    retry_after: int = 1
+    code = "rate_limited"
+    grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    http_status = 429
+
+    def http_headers(self) -> dict[str, str]:
+        return {"Retry-After": str(max(1, self.retry_after))}
+
+
 _BY_CODE: dict[str, type[ImgpipeError]] = {
     cls.code: cls
-    for cls in (InvalidCsv, InvalidArgument, NotFound, Conflict, TooLarge, Unavailable)
+    for cls in (
+        InvalidCsv,
+        InvalidArgument,
+        NotFound,
+        Conflict,
+        TooLarge,
+        Unavailable,
+        Unauthenticated,
+        RateLimited,
+    )
 }
 _GRPC_CODE_VALUES = {
     grpc.StatusCode.INVALID_ARGUMENT: code_pb2.INVALID_ARGUMENT,
@@ -115,6 +159,7 @@ _GRPC_CODE_VALUES = {
     grpc.StatusCode.RESOURCE_EXHAUSTED: code_pb2.RESOURCE_EXHAUSTED,
     grpc.StatusCode.UNAVAILABLE: code_pb2.UNAVAILABLE,
     grpc.StatusCode.INTERNAL: code_pb2.INTERNAL,
+    grpc.StatusCode.UNAUTHENTICATED: code_pb2.UNAUTHENTICATED,
 }
 # gRPC status codes with no imgpipe reason attached (a dead backend, a deadline) → HTTP.
 _HTTP_FOR_GRPC = {
@@ -127,6 +172,7 @@ _HTTP_FOR_GRPC = {
     grpc.StatusCode.NOT_FOUND: (404, "not_found", "not found"),
     grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_argument", "invalid argument"),
     grpc.StatusCode.RESOURCE_EXHAUSTED: (413, "too_large", "a limit was exceeded"),
+    grpc.StatusCode.UNAUTHENTICATED: (401, "unauthenticated", "an API key is required"),
 }
 
 
@@ -134,7 +180,18 @@ def to_rpc_status(error: ImgpipeError) -> status_pb2.Status:
     info = any_pb2.Any()
     info.Pack(error_details_pb2.ErrorInfo(reason=error.code.upper(), domain=DOMAIN))
     packed = [info]
-    if error.details:
+    if isinstance(error, RateLimited):
+        # The standard details of a quota: which limit (QuotaFailure), and when to come back.
+        quota = error_details_pb2.QuotaFailure()
+        for d in error.details:
+            quota.violations.add(subject=d.column, description=d.message)
+        retry = error_details_pb2.RetryInfo()
+        retry.retry_delay.FromSeconds(max(1, error.retry_after))
+        for message in (quota, retry):
+            extra = any_pb2.Any()
+            extra.Pack(message)
+            packed.append(extra)
+    elif error.details:
         bad = error_details_pb2.BadRequest()
         for d in error.details:
             where = f"{d.row}:{d.column}" if d.row is not None else d.column
@@ -157,7 +214,7 @@ def error_from_rpc(exc: grpc.aio.AioRpcError) -> ImgpipeError:
     """Rebuild the ImgpipeError a servicer raised, or a generic one for transport failures."""
     status = rpc_status.from_call(exc)  # type: ignore[arg-type]
     if status is not None:
-        reason, details = "", []
+        reason, details, retry_after = "", [], None
         for packed in status.details:
             if packed.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
                 info = error_details_pb2.ErrorInfo()
@@ -167,6 +224,16 @@ def error_from_rpc(exc: grpc.aio.AioRpcError) -> ImgpipeError:
                 bad = error_details_pb2.BadRequest()
                 packed.Unpack(bad)
                 details = [_detail_from_field(v.field, v.description) for v in bad.field_violations]
+            elif packed.Is(error_details_pb2.QuotaFailure.DESCRIPTOR):
+                quota = error_details_pb2.QuotaFailure()
+                packed.Unpack(quota)
+                details = [Detail(v.description, v.subject) for v in quota.violations]
+            elif packed.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+                retry = error_details_pb2.RetryInfo()
+                packed.Unpack(retry)
+                retry_after = math.ceil(retry.retry_delay.ToNanoseconds() / 1e9)
+        if retry_after is not None and reason in ("", RateLimited.code):
+            return RateLimited(status.message, details, retry_after=max(1, retry_after))
         if reason in _BY_CODE:
             return _BY_CODE[reason](status.message, details)
     http, code, message = _HTTP_FOR_GRPC.get(exc.code(), (500, "internal", "internal error"))

@@ -18,6 +18,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from services.common.metrics import GrpcServerInterceptor
+
 log = logging.getLogger(__name__)
 
 Register = Callable[[grpc.aio.Server], None]
@@ -69,19 +71,22 @@ async def run_service(
     grace: float = 20.0,
     stop: asyncio.Event | None = None,
     health: Health | None = None,
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
 ) -> None:
     """Serve until SIGTERM/SIGINT (or `stop` is set), then drain within `grace` seconds.
 
     `loops` are background coroutines taking the stop event; they must return soon after it is
     set, having finished or released their in-flight work. A loop that crashes stops the service.
     `health` lets a loop (the dependency monitor) report NOT_SERVING while the service runs.
+    `interceptors` see every call (API keys and rate limits: services/common/auth.py).
     """
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
-    server = grpc.aio.server()
+    # Metrics and trace context outermost: they see calls the other interceptors refuse.
+    server = grpc.aio.server(interceptors=[GrpcServerInterceptor(), *interceptors])
     if register is not None:
         register(server)
     health_state = health or Health(service_names)

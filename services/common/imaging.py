@@ -16,6 +16,7 @@ import io
 import math
 import re
 import struct
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -125,6 +126,11 @@ class Compressed:
     content_type: str  # image/jpeg ...
     extension: str  # "jpg", "webp", "png"
     kept_source: bool  # True when the never-larger rule kept the source bytes
+    # Seconds spent on the two halves, for the worker's stage metrics: opening, decoding,
+    # normalising and resizing (not waiting for the pixel budget); then encoding and the
+    # never-larger check.
+    decode_seconds: float = 0.0
+    encode_seconds: float = 0.0
 
 
 def compress(
@@ -151,6 +157,7 @@ def compress(
     Raises ImageFailure (NOT_AN_IMAGE, UNSUPPORTED_FORMAT, DECOMPRESSION_BOMB, CORRUPT_IMAGE);
     ValueError when `options` are invalid.
     """
+    started, waited = time.perf_counter(), 0.0
     problems = options.validate()
     if problems:
         raise ValueError("; ".join(problems))
@@ -184,7 +191,9 @@ def compress(
                 # Shrink-on-load: the JPEG decoder scales by 1/2, 1/4 or 1/8 for free.
                 img.draft(None, (target[1], target[0]) if swapped else target)
             if budget is not None:
+                waiting = time.perf_counter()
                 held.enter_context(budget.reserve(img.width * img.height))
+                waited = time.perf_counter() - waiting
             img.load()
         except Image.DecompressionBombError as exc:
             raise _bomb(exc, limits) from exc
@@ -195,16 +204,23 @@ def compress(
         if normal.size != target:
             normal = normal.resize(target, Image.Resampling.LANCZOS, reducing_gap=3.0)
             changed = True
+        decoded = time.perf_counter()
         encoded = _encode(normal, options)
+    decode_seconds = decoded - started - waited
     if not changed and source_format in _SAME_SOURCE_FORMATS[output]:
         stripped = _strip_metadata(output, data)
         if stripped is not None and len(stripped) < len(encoded):
-            return _result(stripped, normal.size, output, kept_source=True)
-    return _result(encoded, normal.size, output, kept_source=False)
+            return _result(stripped, normal.size, output, True, decode_seconds, decoded)
+    return _result(encoded, normal.size, output, False, decode_seconds, decoded)
 
 
 def _result(
-    data: bytes, size: tuple[int, int], output: OutputFormat, *, kept_source: bool
+    data: bytes,
+    size: tuple[int, int],
+    output: OutputFormat,
+    kept_source: bool,
+    decode_seconds: float,
+    encode_began: float,  # perf_counter() when encoding began
 ) -> Compressed:
     return Compressed(
         data=data,
@@ -214,6 +230,8 @@ def _result(
         content_type=_CONTENT_TYPE[output],
         extension=_EXTENSION[output],
         kept_source=kept_source,
+        decode_seconds=decode_seconds,
+        encode_seconds=time.perf_counter() - encode_began,
     )
 
 

@@ -7,6 +7,7 @@ from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from services.common import tracing
 from services.common.db import queries
 from services.common.errors import NotFound
 from services.common.imaging import ImageOptions, OutputFormat
@@ -115,4 +116,5 @@ def finished_event(request: queries.RequestRow) -> request_pb2.RequestEvent:
         ),
         occurred_at=occurred,
         output_csv_key=request.output_csv_key or "",
+        traceparent=tracing.current_traceparent(),
     )

@@ -18,6 +18,7 @@ import asyncpg
 import redis.asyncio as aioredis
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from services.common import tracing
 from services.common.db import queries
 from services.common.errors import BACKEND_ERRORS
 from services.common.grpc_server import wait_or_stop
@@ -62,6 +63,8 @@ async def publish_images(
     now = Timestamp()
     now.GetCurrentTime()
     options_pb = to_proto(options)
+    # The trace of the upload (or retry) being published, for the workers' log lines.
+    traceparent = tracing.current_traceparent()
     tasks = [
         task_pb2.ImageTask(
             request_id=str(request_id),
@@ -69,6 +72,7 @@ async def publish_images(
             input_url=url,
             options=options_pb,
             enqueued_at=now,
+            traceparent=traceparent,
         )
         for image_id, url in images
     ]

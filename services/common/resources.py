@@ -12,7 +12,7 @@ from typing import TypeVar
 import asyncpg
 import redis.asyncio as aioredis
 
-from services.common import failpoints
+from services.common import failpoints, metrics
 from services.common.config import CommonSettings, ConfigError
 from services.common.db.pool import create_pool, migrate
 from services.common.dependencies import (
@@ -57,16 +57,18 @@ class Backends:
 async def open_backends(
     service: str, common: CommonSettings, *, pool_size: int = 10
 ) -> AsyncIterator[Backends]:
-    """Logging, the Postgres pool (migrated) and the Redis client, for the service's lifetime."""
+    """Logging, /metrics (when IMGPIPE_METRICS_LISTEN is set), the Postgres pool (migrated)
+    and the Redis client, for the service's lifetime."""
     configure_logging(service, common.log_level)
     failpoints.arm(common.failpoints)
-    pool = await create_pool(common.database_url, max_size=pool_size)
-    try:
-        await migrate(pool)
-        redis = aioredis.Redis.from_url(common.redis_url)
+    with metrics.serving(common.metrics_listen):
+        pool = await create_pool(common.database_url, max_size=pool_size)
         try:
-            yield Backends(pool, redis, StreamNames(common.redis_prefix))
+            await migrate(pool)
+            redis = aioredis.Redis.from_url(common.redis_url)
+            try:
+                yield Backends(pool, redis, StreamNames(common.redis_prefix))
+            finally:
+                await redis.aclose()
         finally:
-            await redis.aclose()
-    finally:
-        await pool.close()
+            await pool.close()

@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import os
 
+from services.common.auth import ApiKeyInterceptor, log_auth_state
 from services.common.config import IngestSettings
 from services.common.grpc_server import Health, run_service
+from services.common.limits import Limiter
 from services.common.pb.imgpipe.v1 import ingest_service_pb2 as ingest_pb
 from services.common.publish import republish_loop
 from services.common.resources import load_settings, open_backends
@@ -17,8 +19,10 @@ SERVICE = ingest_pb.DESCRIPTOR.services_by_name["IngestService"].full_name
 
 async def main(settings: IngestSettings) -> None:
     async with open_backends("ingest", settings.common) as backends:
+        log_auth_state(settings.api_keys, settings.common.grpc_listen)
+        limiter = Limiter(backends.redis, backends.names, backends.pool)
         servicer = IngestServicer(
-            backends.pool, backends.redis, backends.names, settings.csv_limits
+            backends.pool, backends.redis, backends.names, settings.csv_limits, limiter
         )
         health = Health([SERVICE])
         monitor = backends.monitor(health)
@@ -33,6 +37,7 @@ async def main(settings: IngestSettings) -> None:
             loops=[monitor.run, republish, servicer.drain],
             grace=settings.common.grace_seconds,
             health=health,
+            interceptors=[ApiKeyInterceptor(settings.api_keys, limiter.check_rate)],
         )
 
 

@@ -22,8 +22,16 @@ import asyncpg
 import grpc
 import redis.asyncio as aioredis
 
-from services.common import failpoints
-from services.common.csv_format import REQUIRED_COLUMNS, CsvLimits, CsvReader, ProductRow
+from services.common import failpoints, tracing
+from services.common.auth import Principal, caller, caller_owner
+from services.common.config import CSV_LIMIT_SETTINGS
+from services.common.csv_format import (
+    REQUIRED_COLUMNS,
+    CsvLimits,
+    CsvReader,
+    ProductRow,
+    duplicate_serial,
+)
 from services.common.db import queries
 from services.common.errors import (
     BACKEND_ERRORS,
@@ -32,10 +40,12 @@ from services.common.errors import (
     InvalidArgument,
     InvalidCsv,
     NotFound,
+    TooLarge,
     rpc_method,
 )
 from services.common.grpc_server import Register
 from services.common.imaging import ImageOptions
+from services.common.limits import ImageReservation, Limiter
 from services.common.pb.imgpipe.v1 import (
     ingest_service_pb2 as ingest_pb,
 )
@@ -78,11 +88,15 @@ class IngestServicer(ingest_grpc.IngestServiceServicer):
         redis: aioredis.Redis,
         names: Any,
         limits: CsvLimits,
+        limiter: Limiter | None = None,
     ) -> None:
         self.pool = pool
         self.redis = redis
         self.names = names
         self.limits = limits
+        # Per-key limits (concurrent requests, images per day); they apply to callers that
+        # authenticated with an API key, so not when authentication is off.
+        self.limiter = limiter
         self._publishing: set[asyncio.Task[None]] = set()
 
     async def drain(self, stop: asyncio.Event) -> None:
@@ -122,9 +136,13 @@ class IngestServicer(ingest_grpc.IngestServiceServicer):
         self, request: ingest_pb.RetryFailedImagesRequest, context: Context
     ) -> ingest_pb.RetryFailedImagesResponse:
         request_id = parse_request_id(request.request_id)
+        principal = caller()
+        # A retry reopens the request: it takes a slot again (its own, if it still has one).
+        await self._take_slot(principal, request_id)
         async with self.pool.acquire() as conn:
-            batch = await queries.retry_failed_images(conn, request_id)
+            batch = await queries.retry_failed_images(conn, request_id, owner=caller_owner())
             if batch is None:
+                await self._give_back_slot(principal, request_id)
                 raise NotFound(f"no request {request.request_id}")
             options = from_json(batch.request.options)
             for start in range(0, len(batch.images), INSERT_BATCH):
@@ -171,8 +189,9 @@ class IngestServicer(ingest_grpc.IngestServiceServicer):
         return Header(options, webhook_url, key or None)
 
     async def _ingest(self, header: Header, chunks: AsyncIterator[bytes]) -> ingest_pb.Accepted:
-        owner = ""  # API keys and owners arrive with authentication (DESIGN.md "Security").
+        owner = caller_owner()  # '' when authentication is off
         request_id = uuid.uuid4()
+        tracing.set_request_id(str(request_id))  # for this call's log lines
         key = header.idempotency_key
         if not key:
             async with self.pool.acquire() as conn:
@@ -185,6 +204,7 @@ class IngestServicer(ingest_grpc.IngestServiceServicer):
                 if existing is None:
                     products, images = await self._store(conn, request_id, owner, header, chunks)
             if existing is not None:
+                tracing.set_request_id(str(existing.id))
                 digest = hashlib.sha256()
                 async for chunk in chunks:
                     digest.update(chunk)
@@ -232,7 +252,52 @@ class IngestServicer(ingest_grpc.IngestServiceServicer):
         header: Header,
         chunks: AsyncIterator[bytes],
     ) -> tuple[int, int]:
-        """Validate while streaming and write everything in one transaction on `conn`."""
+        """Validate while streaming and write everything in one transaction on `conn`.
+
+        The caller's limits are taken first (a slot) and last (today's images, once the count is
+        known, before the commit); both are given back if the upload is refused or fails.
+        """
+        principal = caller()
+        if principal is not None and self.limiter is not None:
+            await self.limiter.check_images_left(principal)
+        await self._take_slot(principal, request_id)
+        # Filled just before the commit, so a failed commit gives the images back too.
+        reserved: list[ImageReservation] = []
+        try:
+            return await self._write(conn, request_id, owner, header, chunks, reserved)
+        except BaseException:
+            await self._give_back_slot(principal, request_id)
+            if self.limiter is not None:
+                for reservation in reserved:
+                    try:
+                        await self.limiter.give_back_images(reservation)
+                    except BACKEND_ERRORS as exc:
+                        # Counted until the day ends; the upload's own error matters more.
+                        log.warning("images not given back", extra={"error": repr(exc)})
+            raise
+
+    async def _take_slot(self, principal: Principal | None, request_id: uuid.UUID) -> None:
+        if principal is not None and self.limiter is not None:
+            await self.limiter.take_slot(principal, request_id)
+
+    async def _give_back_slot(self, principal: Principal | None, request_id: uuid.UUID) -> None:
+        if principal is not None and self.limiter is not None:
+            try:
+                await self.limiter.give_back_slot(principal, request_id)
+            except BACKEND_ERRORS as exc:
+                # Freed later: a slot with no request behind it goes stale (limits.py).
+                log.warning("slot not given back", extra={"error": repr(exc)})
+
+    async def _write(
+        self,
+        conn: queries.Connection,
+        request_id: uuid.UUID,
+        owner: str,
+        header: Header,
+        chunks: AsyncIterator[bytes],
+        reserved: list[ImageReservation],
+    ) -> tuple[int, int]:
+        principal = caller()
         reader = CsvReader(self.limits)
         digest = hashlib.sha256()
         batch: list[ProductRow] = []
@@ -249,7 +314,9 @@ class IngestServicer(ingest_grpc.IngestServiceServicer):
 
             async def flush() -> None:
                 nonlocal products, images
-                if batch and reader.ok:
+                # Valid rows are stored even after a problem (the transaction is rolled back
+                # then): the duplicate check below sees them all.
+                if batch and reader.exceeded is None:
                     images += await queries.insert_products(conn, request_id, batch)
                     products += len(batch)
                 batch.clear()
@@ -263,12 +330,24 @@ class IngestServicer(ingest_grpc.IngestServiceServicer):
                     break  # enough problems to report; stop reading a file we will reject
             batch.extend(reader.finish())
             await flush()
-            if not reader.ok:
+            if reader.exceeded is not None:
+                raise self._too_large(reader)
+            most = self.limits.max_problems
+            duplicates = [
+                duplicate_serial(*found)
+                for found in await queries.duplicate_serials(conn, request_id, limit=most + 1)
+            ]
+            if not reader.ok or duplicates:
+                problems = sorted([*reader.problems, *duplicates], key=lambda p: p.row)
+                truncated = reader.truncated or len(problems) > most
                 raise InvalidCsv(
-                    f"the CSV has {len(reader.problems)}"
-                    f"{'+' if reader.truncated else ''} problem(s)",
-                    [Detail(p.message, p.column, p.row) for p in reader.problems],
+                    f"the CSV has {min(len(problems), most)}{'+' if truncated else ''} problem(s)",
+                    [Detail(p.message, p.column, p.row) for p in problems[:most]],
                 )
+            if principal is not None and self.limiter is not None:
+                reservation = await self.limiter.take_images(principal, images)
+                if reservation is not None:
+                    reserved.append(reservation)
             await queries.complete_request_insert(
                 conn,
                 request_id,
@@ -277,6 +356,15 @@ class IngestServicer(ingest_grpc.IngestServiceServicer):
                 content_hash=digest.digest(),
             )
         return products, images
+
+    def _too_large(self, reader: CsvReader) -> TooLarge:
+        """413: the CSV went over a size limit, named with its setting and value."""
+        field = reader.exceeded or ""
+        setting, unit = CSV_LIMIT_SETTINGS[field]
+        return TooLarge(
+            f"the CSV exceeds {setting}={getattr(self.limits, field)} {unit}",
+            [Detail(p.message, p.column, p.row) for p in reader.problems],
+        )
 
 
 async def _content(

@@ -5,14 +5,19 @@ from __future__ import annotations
 import asyncio
 import os
 
+from services.common.auth import ApiKeyInterceptor, log_auth_state
 from services.common.config import StatusSettings
 from services.common.fetch import make_session
 from services.common.grpc_server import Health, run_service
+from services.common.limits import Limiter
+from services.common.metrics import StreamStats
 from services.common.pb.imgpipe.v1 import status_service_pb2 as status_pb
 from services.common.resources import load_settings, open_backends
 from services.common.storage import Storage
+from services.common.streams import WORKER_GROUP
 from services.status.progress import ProgressHub
 from services.status.servicer import StatusServicer, registrar
+from services.status.webhooks import GROUP as WEBHOOK_GROUP
 from services.status.webhooks import WebhookDispatcher
 
 SERVICE = status_pb.DESCRIPTOR.services_by_name["StatusService"].full_name
@@ -21,7 +26,9 @@ SERVICE = status_pb.DESCRIPTOR.services_by_name["StatusService"].full_name
 async def main(settings: StatusSettings) -> None:
     common = settings.common
     async with open_backends("status", common) as backends:
-        storage = Storage.from_url(common.storage_url, common.public_base_url)
+        log_auth_state(settings.api_keys, common.grpc_listen)
+        limiter = Limiter(backends.redis, backends.names, backends.pool)
+        storage = Storage.from_config(common.storage)
         hooks = settings.webhooks
         # Webhooks go through the same SSRF guard as image downloads.
         session = make_session(hooks.fetch_allow, hooks.fetch_limits)
@@ -38,6 +45,13 @@ async def main(settings: StatusSettings) -> None:
                 backends.pool, storage, backends.redis, backends.names, webhooks, hub
             )
             health = Health([SERVICE])
+            names = backends.names
+            # The queue gauges of /metrics (imgpipe_stream_lag, _pending, _dead_letter_entries).
+            stream_stats = StreamStats(
+                backends.redis,
+                [(names.tasks, WORKER_GROUP), (names.events, WEBHOOK_GROUP)],
+                names.dead,
+            )
 
             async def refresh(stop: asyncio.Event) -> None:
                 await hub.run_refresh(stop, backends.pool)
@@ -52,9 +66,11 @@ async def main(settings: StatusSettings) -> None:
                     refresh,
                     webhooks.run_events,
                     webhooks.run_deliveries,
+                    stream_stats.run,
                 ],
                 grace=common.grace_seconds,
                 health=health,
+                interceptors=[ApiKeyInterceptor(settings.api_keys, limiter.check_rate)],
             )
         finally:
             await session.close()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
+import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
@@ -13,6 +15,7 @@ import grpc
 import redis.asyncio as aioredis
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from services.common.auth import caller_owner
 from services.common.db import queries
 from services.common.errors import Detail, InvalidArgument, NotFound, Unavailable, rpc_method
 from services.common.grpc_server import Register
@@ -75,15 +78,18 @@ class StatusServicer(status_grpc.StatusServiceServicer):
             )
         after_row = _decode_token(request.page_token)
         async with self.pool.acquire() as conn:
-            if await queries.get_request(conn, request_id) is None:
+            if not _visible(await queries.get_request(conn, request_id)):
                 raise NotFound(f"no request {request.request_id}")
             page = await queries.list_products(
                 conn, request_id, after_row=after_row, limit=page_size + 1
             )
         more = len(page) > page_size
         page = page[:page_size]
+        # Output URLs are made now, one batch per page: presigned ones expire.
+        keys = [i.output_key for p in page for i in p.images if i.output_key]
+        urls = dict(zip(keys, await self.storage.public_urls(keys), strict=True))
         return status_pb.ListProductsResponse(
-            products=[self._product(p) for p in page],
+            products=[self._product(p, urls) for p in page],
             next_page_token=_encode_token(page[-1].row_number) if more else "",
         )
 
@@ -131,7 +137,7 @@ class StatusServicer(status_grpc.StatusServiceServicer):
             in_flight=stats.in_flight,
             consumers=stats.consumers,
             dead_letter_length=stats.dead_letter_length,
-            dead_letters=[_dead_letter(d) for d in stats.dead_letters],
+            dead_letters=[_dead_letter(d) for d in await self._own(stats.dead_letters)],
         )
 
     @rpc_method
@@ -163,20 +169,33 @@ class StatusServicer(status_grpc.StatusServiceServicer):
         request_id = parse_request_id(raw_id)
         async with self.pool.acquire() as conn:
             row = await queries.get_request(conn, request_id)
-        if row is None:
+        if row is None or not _visible(row):
             raise NotFound(f"no request {raw_id}")
         return row
 
-    def _product(self, product: queries.ProductWithImages) -> request_pb2.Product:
+    async def _own(self, dead: list[DeadLetter]) -> list[DeadLetter]:
+        """The dead letters of the caller's own requests: the counts are the operators' view of
+        the whole queue, but a dead letter names a request and an image URL."""
+        ids: dict[str, uuid.UUID] = {}
+        for letter in dead:
+            with contextlib.suppress(ValueError):
+                ids[letter.task.request_id] = uuid.UUID(letter.task.request_id)
+        if not ids:
+            return []
+        async with self.pool.acquire() as conn:
+            owned = await queries.owned_request_ids(conn, list(ids.values()), caller_owner())
+        return [d for d in dead if ids.get(d.task.request_id) in owned]
+
+    def _product(
+        self, product: queries.ProductWithImages, urls: dict[str, str]
+    ) -> request_pb2.Product:
+        """`product` as a message; `urls` maps its output keys to their public URLs."""
         return request_pb2.Product(
             serial_number=product.serial_number,
             product_name=product.product_name,
             row_number=product.row_number,
             input_image_urls=[i.input_url for i in product.images],
-            output_image_urls=[
-                self.storage.public_url(i.output_key) if i.output_key else ""
-                for i in product.images
-            ],
+            output_image_urls=[urls[i.output_key] if i.output_key else "" for i in product.images],
             errors=[
                 request_pb2.ImageError(
                     url=i.input_url, code=i.error_code or "", message=i.error_message or ""
@@ -184,7 +203,15 @@ class StatusServicer(status_grpc.StatusServiceServicer):
                 for i in product.images
                 if i.status == "Failed"
             ],
+            input_bytes=[i.bytes_in or 0 if i.status == "Done" else 0 for i in product.images],
+            output_bytes=[i.bytes_out or 0 if i.status == "Done" else 0 for i in product.images],
         )
+
+
+def _visible(row: queries.RequestRow | None) -> bool:
+    """A request exists for the caller only if the caller owns it: another owner's request
+    is NOT_FOUND exactly like a missing one, so ids cannot be probed."""
+    return row is not None and row.owner == caller_owner()
 
 
 def progress_message(

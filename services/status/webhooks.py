@@ -39,6 +39,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from standardwebhooks.webhooks import EmptyWebhookSecretError, Webhook
 from yarl import URL
 
+from services.common import metrics, tracing
 from services.common.config import ConfigError, WebhookSettings
 from services.common.db import queries
 from services.common.db import webhooks as db
@@ -150,6 +151,11 @@ class WebhookDispatcher:
         event = _event(entry)
         if event is None or event.type != request_pb2.REQUEST_EVENT_TYPE_FINISHED:
             return True
+        # Its log lines join the trace of the work that finished the request.
+        with tracing.bound(tracing.continue_trace(event.traceparent), event.request_id):
+            return await self._schedule_finished(event)
+
+    async def _schedule_finished(self, event: request_pb2.RequestEvent) -> bool:
         try:
             request_id = uuid.UUID(event.request_id)
         except ValueError:
@@ -267,8 +273,10 @@ class WebhookDispatcher:
             return due, await db.seconds_until_due(conn)
 
     async def _deliver(self, delivery: db.DeliveryRow) -> None:
+        tracing.set_request_id(str(delivery.request_id))  # a task of its own: see run_deliveries
         try:
             outcome = await self._send(delivery)
+            metrics.WEBHOOK_ATTEMPTS.labels(outcome.result).inc()
             retry_in = None
             state = outcome.state
             error = outcome.error
@@ -312,7 +320,7 @@ class WebhookDispatcher:
 
     async def _send(self, delivery: db.DeliveryRow) -> _Outcome:
         if self._signer is None:
-            return _Outcome(db.ABANDONED, None, NOT_CONFIGURED)
+            return _Outcome(db.ABANDONED, None, NOT_CONFIGURED, result="not_configured")
         try:
             check_url(self.session, delivery.url)
             headers = _signed_headers(self._signer, delivery.event_id, delivery.payload)
@@ -397,29 +405,41 @@ class _Outcome:
     status_code: int | None
     error: str | None
     retry_after: float | None = None
+    result: str = "error"  # the attempt's label in metrics.WEBHOOK_ATTEMPTS
 
 
 def _answer_outcome(response: aiohttp.ClientResponse) -> _Outcome:
     status = response.status
     answer = f"{status} {response.reason}" if response.reason else str(status)
     if 200 <= status < 300:
-        return _Outcome(db.SUCCEEDED, status, None)
+        return _Outcome(db.SUCCEEDED, status, None, result="succeeded")
+    result = {4: "http_4xx", 5: "http_5xx"}.get(status // 100, "http_other")
     if status == 410:
-        return _Outcome(db.ABANDONED, status, f"{WHO} answered {answer}: no more attempts")
+        return _Outcome(
+            db.ABANDONED, status, f"{WHO} answered {answer}: no more attempts", result=result
+        )
     error = f"{WHO} answered {answer}"
     if 300 <= status < 400:
         error += ", a redirect; redirects are not followed"
     retry_after = parse_retry_after(response.headers.get(aiohttp.hdrs.RETRY_AFTER))
     if retry_after:
         error += f"; it asked us to retry in {math.ceil(retry_after)} s"
-    return _Outcome(db.FAILED, status, error, retry_after)
+    return _Outcome(db.FAILED, status, error, retry_after, result)
 
 
 def _failure_outcome(failure: ImageFailure) -> _Outcome:
     # A refused address or URL will be refused again: no retries. Everything else (timeouts,
     # connection errors, a broken answer) may pass later.
     state = db.ABANDONED if failure.code == OutcomeCode.BLOCKED_ADDRESS else db.FAILED
-    return _Outcome(state, None, str(failure))
+    result = _FAILURE_RESULTS.get(failure.code, "error")
+    return _Outcome(state, None, str(failure), result=result)
+
+
+_FAILURE_RESULTS = {
+    OutcomeCode.TIMEOUT: "timeout",
+    OutcomeCode.CONNECTION: "connection",
+    OutcomeCode.BLOCKED_ADDRESS: "blocked",
+}
 
 
 def retry_delay(

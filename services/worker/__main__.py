@@ -7,6 +7,7 @@ import functools
 import os
 from concurrent.futures import ThreadPoolExecutor
 
+from services.common import metrics
 from services.common.budget import ByteBudget, PixelBudget, return_freed_images_to_the_os
 from services.common.config import WorkerSettings
 from services.common.fetch import fetch_image, make_session
@@ -22,6 +23,7 @@ from services.worker.runner import ConsumePolicy, consume
 async def main(settings: WorkerSettings) -> None:
     common = settings.common
     return_freed_images_to_the_os()
+    metrics.prime_worker()
     async with open_backends("worker", common, pool_size=settings.concurrency + 2) as backends:
         session = make_session(
             settings.fetch_allow, settings.fetch_limits, limit_per_host=settings.fetch_per_host
@@ -29,7 +31,7 @@ async def main(settings: WorkerSettings) -> None:
         # Pillow releases the GIL while decoding and encoding, so threads use every core.
         executor = ThreadPoolExecutor(settings.threads, thread_name_prefix="compress")
         try:
-            storage = Storage.from_url(common.storage_url, common.public_base_url)
+            storage = Storage.from_config(common.storage)
             processor = Processor(
                 pool=backends.pool,
                 redis=backends.redis,

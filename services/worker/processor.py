@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import time
 import uuid
 from collections.abc import Awaitable
 from concurrent.futures import Executor
@@ -19,6 +20,7 @@ import asyncpg
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from services.common import metrics
 from services.common import storage as keys
 from services.common.budget import (
     DEFAULT_BUFFER_BYTES,
@@ -106,6 +108,8 @@ class Processor:
                 counters = await queries.record_image_failed(
                     conn, task.image_id, code=str(failure.code), message=failure.message
                 )
+            if counters is not None:  # None: another delivery recorded it first
+                metrics.image_failed(str(failure.code))
         if counters is not None:
             await self._announce(counters)
             if counters.all_final:
@@ -137,10 +141,14 @@ class Processor:
                 raise ImageFailure(OutcomeCode.INTERNAL, f"{type(exc).__name__}: {exc}") from exc
             bytes_in = len(data)
             del data  # the lease ends here, and so does the input
+        metrics.STAGE_SECONDS.labels("decode").observe(result.decode_seconds)
+        metrics.STAGE_SECONDS.labels("encode").observe(result.encode_seconds)
         key = keys.image_key(request_id, task.image_id, result.extension)
+        started = time.perf_counter()
         await self.storage.put(key, result.data, result.content_type)
+        metrics.STAGE_SECONDS.labels("store").observe(time.perf_counter() - started)
         async with self.pool.acquire() as conn:
-            return await queries.record_image_done(
+            counters = await queries.record_image_done(
                 conn,
                 task.image_id,
                 output_key=key,
@@ -150,6 +158,9 @@ class Processor:
                 height=result.height,
                 kept_source=result.kept_source,
             )
+        if counters is not None:  # None: another delivery recorded it first
+            metrics.image_done(bytes_in, len(result.data))
+        return counters
 
     async def _fetch_with_retries(self, task: task_pb2.ImageTask, lease: Lease) -> bytes:
         """Fetch, retrying transient failures with backoff up to max_attempts real attempts.
@@ -160,6 +171,7 @@ class Processor:
         """
         waits = 0
         while True:
+            started = time.perf_counter()
             try:
                 data = await self.fetch(task.input_url, reserve=lease.reserve)
             except ImageFailure as failure:
@@ -181,6 +193,7 @@ class Processor:
                 )
                 await asyncio.sleep(delay)
             else:
+                metrics.STAGE_SECONDS.labels("fetch").observe(time.perf_counter() - started)
                 return data  # record_image_done counts this successful attempt
 
     async def finish_if_complete(self, request_id: uuid.UUID) -> None:
@@ -225,6 +238,7 @@ class Processor:
                 conn, task.image_id, code=code, message=message
             )
         if counters is not None:
+            metrics.image_failed(code)
             await self._announce(counters)
             if counters.all_final:
                 await self.finish_if_complete(counters.request_id)
@@ -238,8 +252,10 @@ class Processor:
                 product.serial_number,
                 product.product_name,
                 [image.input_url for image in product.images],
+                # Never signed URLs, which would expire in the stored file: in presigned mode
+                # the gateway renders the CSV again when it is downloaded.
                 [
-                    self.storage.public_url(image.output_key) if image.output_key else None
+                    self.storage.permanent_url(image.output_key) if image.output_key else None
                     for image in product.images
                 ],
                 [

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from redis.exceptions import RedisError
 
+from services.common import tracing
 from services.common.dependencies import DependencyMonitor
 from services.common.errors import BACKEND_ERRORS
 from services.common.grpc_server import wait_or_stop
@@ -110,6 +111,10 @@ async def _handle(
     stop: asyncio.Event,
 ) -> None:
     task = delivery.task
+    # One task per delivery (see consume): its log lines carry the request and the trace the
+    # upload started, continued by this span.
+    tracing.set_trace(tracing.continue_trace(task.traceparent))
+    tracing.set_request_id(task.request_id)
     for outage in range(OUTAGE_RETRIES):
         try:
             if delivery.deliveries > policy.max_deliveries:

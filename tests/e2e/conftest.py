@@ -39,14 +39,17 @@ def origin_stack(
     redis_server_url: str,
     image_origin: ImageOrigin,
     stack_factory: list[Stack],
+    storage_env: dict[str, str],
 ) -> Stack:
-    """The stack on the session's database and Redis, allowed to fetch from image_origin."""
+    """The stack on the session's database and Redis, allowed to fetch from image_origin, with
+    the object store storage_env chooses (file:// unless a test parametrizes it)."""
     stack = start_stack(
         tmp_path,
         {
             "IMGPIPE_DATABASE_URL": database_url,
             "IMGPIPE_REDIS_URL": redis_server_url,
             "IMGPIPE_FETCH_ALLOW": f"127.0.0.1:{image_origin.port}",
+            **storage_env,
         },
     )
     stack_factory.append(stack)

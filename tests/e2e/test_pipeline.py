@@ -13,6 +13,7 @@ import aiohttp
 import pytest
 from PIL import Image
 
+from services.common.storage import S3Options, Storage, StorageConfig
 from tests.origin import ImageOrigin, serve_images
 from tests.stack import ROOT, Stack, start_stack
 from tests.support import wait_until_async
@@ -31,7 +32,15 @@ STATUS_KEYS = {
     "next_page_token",
 }
 PROGRESS_KEYS = {"images_total", "images_done", "images_failed", "percent", "bytes_in", "bytes_out"}
-PRODUCT_KEYS = {"serial_number", "product_name", "input_image_urls", "output_image_urls", "errors"}
+PRODUCT_KEYS = {
+    "serial_number",
+    "product_name",
+    "input_image_urls",
+    "output_image_urls",
+    "errors",
+    "input_bytes",
+    "output_bytes",
+}
 
 
 async def wait_completed(http: aiohttp.ClientSession, base: str, request_id: str) -> dict[str, Any]:
@@ -50,10 +59,13 @@ async def upload_csv(http: aiohttp.ClientSession, base: str, body: bytes) -> aio
     return await http.post(f"{base}/upload", data=form)
 
 
+@pytest.mark.parametrize("storage_env", ["file", "s3"], indirect=True)
 async def test_csv_to_compressed_images_status_and_output_csv(
     image_origin: ImageOrigin,
     origin_stack: Stack,
+    storage_env: dict[str, str],
 ) -> None:
+    """Once with the file:// store the gateway serves, once with S3 and presigned URLs."""
     base = origin_stack.base_url
     products = [
         ("10", "Trail Shoe", [image_origin.url(f"/img/shoe{i}.jpg") for i in range(3)]),
@@ -91,7 +103,14 @@ async def test_csv_to_compressed_images_status_and_output_csv(
             assert product["input_image_urls"] == urls
             assert len(product["output_image_urls"]) == len(urls)
             assert product["errors"] == []
-            for source_url, output_url in zip(urls, product["output_image_urls"], strict=True):
+            slots = zip(
+                urls,
+                product["output_image_urls"],
+                product["input_bytes"],
+                product["output_bytes"],
+                strict=True,
+            )
+            for source_url, output_url, bytes_in, bytes_out in slots:
                 async with http.get(output_url) as response:
                     assert response.status == 200
                     data = await response.read()
@@ -101,6 +120,7 @@ async def test_csv_to_compressed_images_status_and_output_csv(
                 with Image.open(io.BytesIO(data)) as image:
                     assert image.format == "JPEG"
                     assert image.size == (800, 600)
+                assert (bytes_in, bytes_out) == (len(source), len(data))
                 assert len(data) < len(source)
 
         async with http.get(status["output_csv_url"]) as response:
@@ -116,9 +136,12 @@ async def test_csv_to_compressed_images_status_and_output_csv(
             "Errors",
         ]
         assert [row[:3] for row in table[1:]] == [[s, n, ",".join(u)] for s, n, u in products]
-        assert [row[3].split(",") for row in table[1:]] == [
-            p["output_image_urls"] for p in status["products"]
-        ]
+        csv_urls = [row[3].split(",") for row in table[1:]]
+        status_urls = [p["output_image_urls"] for p in status["products"]]
+        if storage_env:
+            await check_presigned_outputs(http, storage_env, csv_urls, status_urls)
+        else:
+            assert csv_urls == status_urls
         assert all(row[4] == "" for row in table[1:])
 
         async with http.get(
@@ -126,6 +149,49 @@ async def test_csv_to_compressed_images_status_and_output_csv(
         ) as response:
             assert response.status == 200
             assert (await response.json())["status"] == "Completed"
+
+
+async def check_presigned_outputs(
+    http: aiohttp.ClientSession,
+    env: dict[str, str],
+    csv_urls: list[list[str]],
+    status_urls: list[list[str]],
+) -> None:
+    """The output CSV of an S3 stack: URLs signed for the download, on the S3 server, serving
+    the JPEGs; the copy in the store names the objects by their s3:// URLs, which never expire."""
+
+    def objects(table: list[list[str]]) -> list[list[str]]:
+        return [[url.partition("?")[0] for url in row] for row in table]
+
+    # Signed again for the download: the same objects as in the status, other signatures.
+    assert objects(csv_urls) == objects(status_urls)
+    for url in (url for row in csv_urls for url in row):
+        assert url.startswith(env["AWS_ENDPOINT_URL"] + "/") and "X-Amz-Signature=" in url
+        async with http.get(url) as response:
+            assert response.status == 200
+            assert response.headers["Content-Type"] == "image/jpeg"
+            data = await response.read()
+        with Image.open(io.BytesIO(data)) as image:
+            assert image.format == "JPEG"
+
+    storage = Storage.from_config(
+        StorageConfig(
+            env["IMGPIPE_STORAGE_URL"],
+            s3=S3Options(
+                endpoint=env["AWS_ENDPOINT_URL"],
+                region=env["AWS_REGION"],
+                access_key_id=env["AWS_ACCESS_KEY_ID"],
+                secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+            ),
+        )
+    )
+    request_id = csv_urls[0][0].partition("/requests/")[2].partition("/")[0]
+    stored = await storage.get(f"requests/{request_id}/output.csv")
+    kept = [row[3].split(",") for row in list(csv.reader(io.StringIO(stored.decode())))[1:]]
+    prefix = env["IMGPIPE_STORAGE_URL"] + "/requests/"
+    assert [[url.removeprefix(prefix) for url in row] for row in kept] == [
+        [url.partition("/requests/")[2] for url in row] for row in objects(csv_urls)
+    ]
 
 
 async def test_bad_csv_and_unknown_id_get_contract_errors(

@@ -27,6 +27,7 @@ from services.common.config import GatewaySettings
 from services.common.pb.imgpipe.v1 import ingest_service_pb2 as ingest_pb
 from services.common.pb.imgpipe.v1 import ingest_service_pb2_grpc as ingest_grpc
 from services.common.pb.imgpipe.v1 import request_pb2, task_pb2
+from services.common.storage import StorageConfig
 
 pytestmark = pytest.mark.integration
 
@@ -118,7 +119,7 @@ def settings_for(store: Path, ingest_addr: str = "") -> GatewaySettings:
     return GatewaySettings(
         ingest_addr=ingest_addr or f"127.0.0.1:{closed_port()}",
         status_addr=f"127.0.0.1:{closed_port()}",
-        storage_url=store.as_uri(),
+        storage=StorageConfig(store.as_uri()),
         max_upload_bytes=LIMIT,
         rpc_timeout=2,
         upload_timeout=5,
@@ -323,6 +324,13 @@ async def test_multipart_without_a_file_is_400(client: Client) -> None:
     form.add_field("notes", "no file here", filename="notes.txt")
     error = await error_of(await client.post("/upload", data=form), 400, "invalid_argument")
     assert error["details"][0]["column"] == "file"
+
+
+@pytest.mark.parametrize("route", ["/upload", "/ui/upload"])
+async def test_a_malformed_part_header_is_400_not_500(client: Client, route: str) -> None:
+    body = f"--{FORM_BOUNDARY}\r\nthis line is no header\r\n\r\nx\r\n".encode() + FORM_END
+    response = await client.post(route, data=body, headers={"Content-Type": FORM_TYPE})
+    assert response.status == 400, await response.text()
 
 
 async def test_option_after_the_file_is_400_and_cancelled(

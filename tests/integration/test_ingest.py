@@ -91,6 +91,32 @@ async def test_invalid_csv_is_rejected_whole_with_every_problem(
     assert await redis_client.exists(names.tasks) == 0
 
 
+async def test_duplicate_serials_are_found_in_postgres_in_row_order(
+    ingest_stub: ingest_grpc.IngestServiceAsyncStub, pool: asyncpg.Pool
+) -> None:
+    body = csv_of(
+        [
+            ("7", "Shirt", URLS),
+            ("8", "Hat", URLS),
+            (" 7 ", "Cap", URLS),
+            ("8", "Bag", URLS),
+            ("07", "Sock", URLS),  # not the same serial number as 7
+        ]
+    )
+    before = await pool.fetchval("SELECT count(*) FROM products")
+
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await upload(ingest_stub, body)
+
+    error = error_from_rpc(caught.value)
+    assert error.message == "the CSV has 2 problem(s)"
+    assert [(d.row, d.column, d.message) for d in error.details] == [
+        (4, "S. No.", "duplicate serial number '7' (first seen in row 2)"),
+        (5, "S. No.", "duplicate serial number '8' (first seen in row 3)"),
+    ]
+    assert await pool.fetchval("SELECT count(*) FROM products") == before  # rolled back
+
+
 async def test_missing_columns_and_empty_file(
     ingest_stub: ingest_grpc.IngestServiceAsyncStub,
 ) -> None:

@@ -89,9 +89,9 @@ async def test_request_runs_to_completed_with_outputs_csv_and_event(
 
     table = list(csv.reader(io.StringIO((await storage.get(request["output_csv_key"])).decode())))
     assert table[0] == ["S. No.", "Product Name", "Input Image Urls", "Output Image Urls", "Errors"]
-    assert table[1][3].split(",") == [storage.public_url(r["output_key"]) for r in rows[:2]]
+    assert table[1][3].split(",") == [await storage.public_url(r["output_key"]) for r in rows[:2]]
     assert table[2][1] == "'=cmd|' /C calc'!A0"  # formula injection neutralised
-    assert table[2][3] == "," + storage.public_url(rows[3]["output_key"])  # failed slot empty
+    assert table[2][3] == "," + await storage.public_url(rows[3]["output_key"])  # failed slot empty
     assert table[2][4] == f"{origin.url('/text')}: NOT_AN_IMAGE"
 
     [event] = [

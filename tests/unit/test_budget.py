@@ -11,6 +11,7 @@ from collections.abc import Iterator
 import pytest
 from PIL import Image
 
+from services.common import imaging
 from services.common.budget import ByteBudget, PixelBudget, return_freed_images_to_the_os
 from services.common.imaging import ImageOptions, compress
 from tests.imagegen import photo_like
@@ -129,6 +130,44 @@ def test_compress_reserves_the_pixels_it_decodes_after_shrink_on_load() -> None:
     assert budget.used == 0
     with Image.open(io.BytesIO(small.data)) as image:
         assert image.size == (300, 300)
+
+
+class Clock:
+    """perf_counter for compress: still, except while a budget makes the caller wait."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Waiting(PixelBudget):
+    """A budget whose every reservation waits 100 (fake) seconds."""
+
+    def __init__(self, clock: Clock) -> None:
+        super().__init__(10**9)
+        self.clock = clock
+
+    @contextlib.contextmanager
+    def reserve(self, pixels: int) -> Iterator[None]:
+        self.clock.now += 100.0
+        with super().reserve(pixels):
+            yield
+
+
+def test_compress_reports_decode_and_encode_time_without_the_budget_wait(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    source = photo_like(400, 300)
+    real = compress(source, ImageOptions(max_width=200))
+    assert real.decode_seconds > 0 and real.encode_seconds > 0
+
+    clock = Clock()
+    monkeypatch.setattr(imaging.time, "perf_counter", clock)
+    waited = compress(source, ImageOptions(max_width=200), budget=Waiting(clock))
+    assert (waited.decode_seconds, waited.encode_seconds) == (0.0, 0.0)
+    assert waited.data == real.data  # timing changes nothing else
 
 
 def test_glibc_accepts_a_fixed_mmap_threshold() -> None:

@@ -23,8 +23,9 @@ BASE = {"IMGPIPE_DATABASE_URL": "postgresql://db/x", "IMGPIPE_REDIS_URL": "redis
 def test_defaults_follow_the_design() -> None:
     worker = WorkerSettings.from_env(BASE)
     assert worker.common.redis_prefix == "imgpipe"
-    assert worker.common.storage_url.startswith("file://")
-    assert worker.common.public_base_url == "http://127.0.0.1:8080/files/"
+    assert worker.common.storage.url.startswith("file://")
+    assert worker.common.storage.public_base_url == "http://127.0.0.1:8080/files/"
+    assert worker.common.storage.presign_expiry is None
     assert worker.common.grpc_listen == "127.0.0.1:50061"
     assert worker.fetch_limits.max_redirects == 3
     assert worker.fetch_allow.host_ports == frozenset()

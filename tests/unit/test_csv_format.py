@@ -18,6 +18,7 @@ from services.common.csv_format import (
     CsvReader,
     OutputCsvWriter,
     ProductRow,
+    duplicate_serial,
     neutralise,
 )
 
@@ -304,19 +305,21 @@ def test_too_long_url_is_rejected_and_clipped_in_the_message() -> None:
     assert len(message) < 130
 
 
-def test_duplicate_serial_names_the_first_row_and_compares_stripped() -> None:
+def test_duplicate_serials_are_left_to_ingest_so_memory_stays_flat() -> None:
+    # Uniqueness needs every row; ingest checks it in Postgres (tests/integration/test_ingest).
     data = (
         HEADER
         + "7,Shirt,https://a.example/x\n\n 7 ,Hat,https://a.example/y\n07,Cap,https://a.example/z\n"
     )
     rows, reader = read(data)
-    assert [row.serial_number for row in rows] == ["7"]  # the row before the problem
-    assert [(p.row, p.column, p.message) for p in reader.problems] == [
-        (4, SERIAL, "duplicate serial number '7' (first seen in row 2)"),
-    ]
+    assert reader.ok
+    assert [(row.row_number, row.serial_number) for row in rows] == [(2, "7"), (4, "7"), (5, "07")]
+    assert duplicate_serial(4, "7", 2) == CsvProblem(
+        4, SERIAL, "duplicate serial number '7' (first seen in row 2)"
+    )
 
 
-def test_problems_keep_being_found_after_the_first_and_rows_stop() -> None:
+def test_problems_keep_being_found_after_the_first_and_valid_rows_still_come() -> None:
     data = (
         HEADER
         + "1,Shirt,https://a.example/x\n"
@@ -325,7 +328,7 @@ def test_problems_keep_being_found_after_the_first_and_rows_stop() -> None:
         + "3,,gopher://a.example\n"
     )
     rows, reader = read(data)
-    assert [row.row_number for row in rows] == [2]
+    assert [row.row_number for row in rows] == [2, 4]  # ingest checks their serial numbers
     assert not reader.ok
     assert [(p.row, p.column) for p in reader.problems] == [(3, SERIAL), (5, NAME), (5, URLS)]
 
@@ -556,7 +559,6 @@ def test_chunking_samples_exercise_what_they_claim() -> None:
 
     assert problems_of(INVALID_SAMPLE) == [
         (3, SERIAL, "empty serial number"),
-        (4, SERIAL, "duplicate serial number '1' (first seen in row 2)"),
         (4, URLS, "image URL 'ftp://a.example/3.jpg' is not an absolute http(s) URL"),
         (6, "", "malformed CSV: ',' expected after '\"'"),
         (7, URLS, "no image URLs"),

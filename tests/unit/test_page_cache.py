@@ -81,7 +81,9 @@ def test_version_reads_the_request_head() -> None:
 
 
 def test_joined_members_are_the_whole_status_document() -> None:
-    request = request_pb2.Request(request_id=KEY.request_id, status=V1.status)
+    request = request_pb2.Request(
+        request_id=KEY.request_id, status=request_pb2.REQUEST_STATUS_PROCESSING
+    )
     page = status_pb.ListProductsResponse(
         products=[
             request_pb2.Product(
@@ -102,3 +104,15 @@ def test_joined_members_are_the_whole_status_document() -> None:
         "next_page_token": "tok",
     }
     assert list(document)[-2:] == ["products", "next_page_token"]
+
+
+def test_product_sizes_line_up_with_the_urls_and_are_null_until_done() -> None:
+    product = request_pb2.Product(
+        input_image_urls=["http://127.0.0.1/a.jpg", "http://127.0.0.1/b.jpg", "http://x/c"],
+        output_image_urls=["http://127.0.0.1/files/a.jpg", "", ""],
+        input_bytes=[5000, 0, 0],
+        output_bytes=[1200, 0, 0],
+    )
+    rendered = views.product_json(product)
+    assert rendered["input_bytes"] == [5000, None, None]
+    assert rendered["output_bytes"] == [1200, None, None]

@@ -93,6 +93,26 @@ async def insert_request(
     )
 
 
+async def duplicate_serials(
+    conn: Connection, request_id: uuid.UUID, *, limit: int
+) -> list[tuple[int, str, int]]:
+    """(row, serial number, first row) of every product whose serial number an earlier row of
+    the request has, in row order, at most `limit`: the uniqueness check of an upload, done
+    here so the reader's memory does not grow with the rows."""
+    rows = await conn.fetch(
+        """SELECT row_number, serial_number, first_row
+             FROM (SELECT row_number, serial_number,
+                          min(row_number) OVER (PARTITION BY serial_number) AS first_row
+                     FROM products WHERE request_id = $1) p
+            WHERE row_number <> first_row
+            ORDER BY row_number
+            LIMIT $2""",
+        request_id,
+        limit,
+    )
+    return [(r["row_number"], r["serial_number"], r["first_row"]) for r in rows]
+
+
 async def insert_products(
     conn: Connection, request_id: uuid.UUID, products: Sequence[ProductRow]
 ) -> int:
@@ -408,13 +428,16 @@ class RetryBatch:
     images: list[tuple[int, str]]  # (image_id, input_url) now Pending again
 
 
-async def retry_failed_images(conn: Connection, request_id: uuid.UUID) -> RetryBatch | None:
-    """Put a request's failed images back to Pending and reopen it; None if unknown."""
+async def retry_failed_images(
+    conn: Connection, request_id: uuid.UUID, *, owner: str
+) -> RetryBatch | None:
+    """Put a request's failed images back to Pending and reopen it; None if `owner` has no
+    such request."""
     async with conn.transaction():
-        if (
-            await conn.fetchval("SELECT 1 FROM requests WHERE id = $1 FOR UPDATE", request_id)
-            is None
-        ):
+        found = await conn.fetchval(
+            "SELECT 1 FROM requests WHERE id = $1 AND owner = $2 FOR UPDATE", request_id, owner
+        )
+        if found is None:
             return None
         rows = await conn.fetch(
             """UPDATE images
@@ -558,6 +581,28 @@ async def get_request(conn: Connection, request_id: uuid.UUID) -> RequestRow | N
     return _request(row) if row else None
 
 
+async def request_statuses(
+    conn: Connection, request_ids: Sequence[uuid.UUID]
+) -> dict[uuid.UUID, str]:
+    """The status of each of `request_ids` that exists (the concurrency limit's bookkeeping)."""
+    rows = await conn.fetch(
+        "SELECT id, status FROM requests WHERE id = ANY($1::uuid[])", list(request_ids)
+    )
+    return {r["id"]: r["status"] for r in rows}
+
+
+async def owned_request_ids(
+    conn: Connection, request_ids: Sequence[uuid.UUID], owner: str
+) -> set[uuid.UUID]:
+    """Those of `request_ids` that belong to `owner`."""
+    rows = await conn.fetch(
+        "SELECT id FROM requests WHERE id = ANY($1::uuid[]) AND owner = $2",
+        list(request_ids),
+        owner,
+    )
+    return {r["id"] for r in rows}
+
+
 @dataclass(frozen=True, slots=True)
 class ImageRow:
     input_url: str
@@ -565,6 +610,8 @@ class ImageRow:
     output_key: str | None
     error_code: str | None
     error_message: str | None
+    bytes_in: int | None  # both set once the image is Done
+    bytes_out: int | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -590,7 +637,9 @@ _PRODUCT_PAGE = """
                   array_agg(status ORDER BY position) AS statuses,
                   array_agg(output_key ORDER BY position) AS output_keys,
                   array_agg(error_code ORDER BY position) AS error_codes,
-                  array_agg(error_message ORDER BY position) AS error_messages
+                  array_agg(error_message ORDER BY position) AS error_messages,
+                  array_agg(bytes_in ORDER BY position) AS bytes_in,
+                  array_agg(bytes_out ORDER BY position) AS bytes_out
              FROM images WHERE product_id = p.id) i
      ORDER BY p.row_number"""
 
@@ -612,6 +661,8 @@ def _product(row: asyncpg.Record) -> ProductWithImages:
             row["output_keys"],
             row["error_codes"],
             row["error_messages"],
+            row["bytes_in"],
+            row["bytes_out"],
             strict=True,
         )
     ]

@@ -218,6 +218,8 @@ class Product(_message.Message):
     INPUT_IMAGE_URLS_FIELD_NUMBER: _builtins.int
     OUTPUT_IMAGE_URLS_FIELD_NUMBER: _builtins.int
     ERRORS_FIELD_NUMBER: _builtins.int
+    INPUT_BYTES_FIELD_NUMBER: _builtins.int
+    OUTPUT_BYTES_FIELD_NUMBER: _builtins.int
     serial_number: _builtins.str
     product_name: _builtins.str
     row_number: _builtins.int
@@ -230,6 +232,14 @@ class Product(_message.Message):
 
     @_builtins.property
     def errors(self) -> _containers.RepeatedCompositeFieldContainer[Global___ImageError]: ...
+    @_builtins.property
+    def input_bytes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Same order and count as input_image_urls: the downloaded size and the stored output
+        size in bytes, 0 for an image that is not done.
+        """
+
+    @_builtins.property
+    def output_bytes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     def __init__(
         self,
         *,
@@ -239,10 +249,12 @@ class Product(_message.Message):
         input_image_urls: _abc.Iterable[_builtins.str] | None = ...,
         output_image_urls: _abc.Iterable[_builtins.str] | None = ...,
         errors: _abc.Iterable[Global___ImageError] | None = ...,
+        input_bytes: _abc.Iterable[_builtins.int] | None = ...,
+        output_bytes: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["errors", b"errors", "input_image_urls", b"input_image_urls", "output_image_urls", b"output_image_urls", "product_name", b"product_name", "row_number", b"row_number", "serial_number", b"serial_number"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["errors", b"errors", "input_bytes", b"input_bytes", "input_image_urls", b"input_image_urls", "output_bytes", b"output_bytes", "output_image_urls", b"output_image_urls", "product_name", b"product_name", "row_number", b"row_number", "serial_number", b"serial_number"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -261,12 +273,18 @@ class RequestEvent(_message.Message):
     PROGRESS_FIELD_NUMBER: _builtins.int
     OCCURRED_AT_FIELD_NUMBER: _builtins.int
     OUTPUT_CSV_KEY_FIELD_NUMBER: _builtins.int
+    TRACEPARENT_FIELD_NUMBER: _builtins.int
     event_id: _builtins.str
     """Unique per event, so receivers can deduplicate."""
     type: Global___RequestEventType.ValueType
     request_id: _builtins.str
     status: Global___RequestStatus.ValueType
     output_csv_key: _builtins.str
+    traceparent: _builtins.str
+    """W3C trace context of the work that produced the event (for request.finished, the task
+    that finished the request), so the webhook dispatcher's log lines join that trace.
+    Empty when none was known.
+    """
     @_builtins.property
     def progress(self) -> Global___Progress: ...
     @_builtins.property
@@ -281,10 +299,11 @@ class RequestEvent(_message.Message):
         progress: Global___Progress | None = ...,
         occurred_at: _timestamp_pb2.Timestamp | None = ...,
         output_csv_key: _builtins.str = ...,
+        traceparent: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["occurred_at", b"occurred_at", "progress", b"progress"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["event_id", b"event_id", "occurred_at", b"occurred_at", "output_csv_key", b"output_csv_key", "progress", b"progress", "request_id", b"request_id", "status", b"status", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event_id", b"event_id", "occurred_at", b"occurred_at", "output_csv_key", b"output_csv_key", "progress", b"progress", "request_id", b"request_id", "status", b"status", "traceparent", b"traceparent", "type", b"type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

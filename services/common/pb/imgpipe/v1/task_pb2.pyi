@@ -89,9 +89,14 @@ class ImageTask(_message.Message):
     INPUT_URL_FIELD_NUMBER: _builtins.int
     OPTIONS_FIELD_NUMBER: _builtins.int
     ENQUEUED_AT_FIELD_NUMBER: _builtins.int
+    TRACEPARENT_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     image_id: _builtins.int
     input_url: _builtins.str
+    traceparent: _builtins.str
+    """W3C trace context (`00-<trace id>-<span id>-<flags>`) of the call that published the
+    task, so the worker's log lines join the caller's trace. Empty when none was known.
+    """
     @_builtins.property
     def options(self) -> Global___ImageOptions: ...
     @_builtins.property
@@ -104,10 +109,11 @@ class ImageTask(_message.Message):
         input_url: _builtins.str = ...,
         options: Global___ImageOptions | None = ...,
         enqueued_at: _timestamp_pb2.Timestamp | None = ...,
+        traceparent: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["enqueued_at", b"enqueued_at", "options", b"options"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["enqueued_at", b"enqueued_at", "image_id", b"image_id", "input_url", b"input_url", "options", b"options", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["enqueued_at", b"enqueued_at", "image_id", b"image_id", "input_url", b"input_url", "options", b"options", "request_id", b"request_id", "traceparent", b"traceparent"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

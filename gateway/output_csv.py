@@ -1,0 +1,76 @@
+"""The output CSV rendered at download time, for a store whose output URLs are presigned.
+
+Signed URLs expire, so the copy the worker stored (which names each image by its permanent
+`s3://` URL) is not what callers get: the rows are rendered again from the products the status
+service lists, with URLs it signs as it reads them, and streamed a page at a time, so memory
+stays flat whatever the size of the request.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+
+import grpc
+from aiohttp import web
+
+from gateway.backends import BACKENDS, SETTINGS
+from services.common.csv_format import OutputCsvWriter
+from services.common.pb.imgpipe.v1 import status_service_pb2 as status_pb
+
+log = logging.getLogger(__name__)
+
+# Products per ListProducts call: a page of presigned URLs stays far below the gRPC message limit.
+PAGE_SIZE = 500
+
+
+async def stream_output_csv(
+    request: web.Request, request_id: str, headers: dict[str, str]
+) -> web.StreamResponse:
+    """Answer with the output CSV of the final request `request_id`, rendered now."""
+    status, timeout = request.app[BACKENDS].status, request.app[SETTINGS].rpc_timeout
+
+    async def page(token: str) -> status_pb.ListProductsResponse:
+        return await status.ListProducts(
+            status_pb.ListProductsRequest(
+                request_id=request_id, page_size=PAGE_SIZE, page_token=token
+            ),
+            timeout=timeout,
+        )
+
+    # The first page before the headers: a failure here is still a JSON error answer.
+    current = await page("")
+    response = web.StreamResponse(headers=headers)
+    response.content_type = "text/csv"
+    response.charset = "utf-8"
+    await response.prepare(request)
+    out = io.BytesIO()
+    writer = OutputCsvWriter(out)
+    try:
+        while True:
+            for product in current.products:
+                inputs = list(product.input_image_urls)
+                outputs: list[str | None] = [url or None for url in product.output_image_urls]
+                outputs += [None] * (len(inputs) - len(outputs))
+                writer.write_product(
+                    product.serial_number,
+                    product.product_name,
+                    inputs,
+                    outputs,
+                    [(error.url, error.code) for error in product.errors],
+                )
+            await response.write(out.getvalue())
+            out.seek(0)
+            out.truncate()
+            if not current.next_page_token:
+                break
+            current = await page(current.next_page_token)
+    except grpc.aio.AioRpcError as exc:
+        # The headers are sent: drop the connection before the last chunk, so the caller sees
+        # an incomplete download instead of a CSV that looks whole but is short.
+        log.warning("output CSV interrupted", extra={"grpc_code": exc.code().name})
+        if request.transport is not None:
+            request.transport.close()
+        return response
+    await response.write_eof()
+    return response

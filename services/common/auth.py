@@ -1,0 +1,327 @@
+"""API keys: the IMGPIPE_API_KEYS format, checking a presented key, and who is calling.
+
+A key is `imgpipe_` + 32 random bytes (urlsafe base64), made by `imgpipe keygen NAME`. The
+configuration holds only each key's SHA-256, so a leaked configuration (an environment dump, a
+manifest in a repository) gives away no key. A plain SHA-256 is the right hash here: slow
+functions (bcrypt, scrypt, Argon2) exist to make guessing low-entropy passwords expensive, and
+nobody guesses 256 random bits, whatever the hash costs; a fast hash lets every call be checked
+without a cache.
+
+    IMGPIPE_API_KEYS="acme:<sha256 hex> rate=50/s concurrent=20, globex:<sha256 hex>"
+
+Entries are separated by commas (or newlines); each is `NAME:SHA256HEX`, then optional
+space-separated limits (`rate`, `burst`, `concurrent`, `images_per_day`) that override the
+IMGPIPE_LIMIT_* defaults for that name. NAME is the owner recorded on the caller's requests.
+Several entries may share a name (a key being rotated): they are one owner with one set of
+limits. An empty IMGPIPE_API_KEYS turns authentication off.
+
+gRPC services authenticate every call but health and reflection in `ApiKeyInterceptor`, which
+also applies the call-rate limit and makes the caller available to servicers (`caller_owner`).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import logging
+import re
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextvars import ContextVar
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import grpc
+
+from services.common.errors import (
+    BACKEND_ERRORS,
+    ImgpipeError,
+    Unauthenticated,
+    Unavailable,
+    grpc_abort,
+)
+
+log = logging.getLogger(__name__)
+
+VARIABLE = "IMGPIPE_API_KEYS"
+KEY_PREFIX = "imgpipe_"
+KEY_BYTES = 32
+# Longer than any key we make; anything longer is refused without hashing it.
+MAX_KEY_LENGTH = 256
+NAME_RULE = "1-64 letters, digits, '_', '.' or '-', starting with a letter or digit"
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
+_ENTRY_SEPARATOR = re.compile(r"[,\n]")
+_RATE = re.compile(r"(\d+(?:\.\d+)?)(?:/(s|sec|second|m|min|minute|h|hour))?")
+_PER_SECONDS = {"s": 1, "sec": 1, "second": 1, "m": 60, "min": 60, "minute": 60}
+_PER_SECONDS |= {"h": 3600, "hour": 3600}
+
+AUTH_OFF_WARNING = (
+    "auth is OFF: IMGPIPE_API_KEYS is empty; anyone who reaches this port can upload and read"
+    " every request (make a key with `imgpipe keygen NAME`)"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """What one API key (one owner) may do. 0 means no limit."""
+
+    rate: float = 20.0  # API calls per second, sustained
+    burst: int = 40  # API calls at once, after a quiet period
+    concurrent: int = 10  # unfinished requests at a time
+    images_per_day: int = 1_000_000  # images accepted per UTC day
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """An authenticated caller: `name` is the owner recorded on its requests."""
+
+    name: str
+    limits: Limits = field(default_factory=Limits)
+
+
+@dataclass(frozen=True)
+class KeyRing:
+    """The configured keys, by the SHA-256 digest of each key. Empty: authentication is off."""
+
+    by_digest: Mapping[bytes, Principal] = field(default_factory=dict)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.by_digest)
+
+    @property
+    def owners(self) -> list[str]:
+        return sorted({p.name for p in self.by_digest.values()})
+
+    def authenticate(self, key: str) -> Principal | None:
+        """The principal a presented key belongs to, or None.
+
+        A lookup by digest, not a comparison of secrets: how long the lookup takes depends only
+        on the SHA-256 of what the caller sent, which tells an attacker nothing about any
+        configured key (finding a key from its hash is a preimage attack on SHA-256).
+        """
+        if not key or len(key) > MAX_KEY_LENGTH:
+            return None
+        return self.by_digest.get(hashlib.sha256(key.encode("utf-8", "replace")).digest())
+
+
+def new_key() -> str:
+    """A fresh API key: `imgpipe_` + 32 random bytes, urlsafe base64 without padding."""
+    token = base64.urlsafe_b64encode(secrets.token_bytes(KEY_BYTES)).decode().rstrip("=")
+    return KEY_PREFIX + token
+
+
+def key_hash(key: str) -> str:
+    """The SHA-256 of a key, in hex: what IMGPIPE_API_KEYS holds."""
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+def is_valid_name(name: str) -> bool:
+    return _NAME.fullmatch(name) is not None
+
+
+def bearer_token(value: str | None) -> str | None:
+    """The token of an `Authorization: Bearer <token>` value, or None."""
+    scheme, _, token = (value or "").strip().partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        return None
+    return token
+
+
+def parse_rate(raw: str) -> float:
+    """`20/s`, `600/min`, `5000/h` or a bare `20` (per second) → calls per second."""
+    match = _RATE.fullmatch(raw.strip().lower().replace(" ", ""))
+    if match is None:
+        raise ValueError("N/s, N/min or N/h")
+    return float(match.group(1)) / _PER_SECONDS[match.group(2) or "s"]
+
+
+def parse_api_keys(raw: str, defaults: Limits) -> tuple[KeyRing, list[str]]:
+    """Parse IMGPIPE_API_KEYS; returns the key ring and every problem found.
+
+    Problems name the variable and the entry's position (1-based), never the entry's text:
+    a key pasted where its hash belongs must not end up in a log.
+    """
+    problems: list[str] = []
+    by_digest: dict[bytes, Principal] = {}
+    limits_of: dict[str, Limits] = {}
+    entries = [entry.strip() for entry in _ENTRY_SEPARATOR.split(raw)]
+    for index, entry in enumerate((e for e in entries if e), start=1):
+        where = f"{VARIABLE} entry {index}"
+        credential, *options = entry.split()
+        name, sep, hex_digest = credential.partition(":")
+        if not sep or ":" in hex_digest:
+            if credential.startswith(KEY_PREFIX) or hex_digest.startswith(KEY_PREFIX):
+                problems.append(f"{where}: looks like a key; put NAME:SHA256 of the key instead")
+            else:
+                problems.append(f"{where}: expected NAME:SHA256HEX [limit=value ...]")
+            continue
+        if hex_digest.startswith(KEY_PREFIX):
+            problems.append(
+                f"{where}: holds a key, not its hash; configure NAME:SHA256HEX "
+                "(`imgpipe keygen NAME` prints the entry)"
+            )
+            continue
+        if not is_valid_name(name):
+            problems.append(f"{where}: the name must be {NAME_RULE}")
+            continue
+        if not _SHA256_HEX.fullmatch(hex_digest):
+            problems.append(f"{where} ({name}): the hash must be 64 hexadecimal digits (SHA-256)")
+            continue
+        limits, bad = _limits(options, defaults)
+        problems += [f"{where} ({name}): {problem}" for problem in bad]
+        if limits_of.setdefault(name, limits) != limits:
+            problems.append(
+                f"{where} ({name}): other limits than an earlier entry of the same name; "
+                "limits belong to the name, give them once"
+            )
+        digest = bytes.fromhex(hex_digest)
+        if digest in by_digest:
+            problems.append(f"{where} ({name}): the same hash as an earlier entry")
+        by_digest[digest] = Principal(name, limits)
+    return KeyRing(by_digest), problems
+
+
+def _limits(options: list[str], defaults: Limits) -> tuple[Limits, list[str]]:
+    limits, problems = defaults, []
+    for option in options:
+        key, _, value = option.partition("=")
+        try:
+            if key == "rate":
+                limits = replace(limits, rate=parse_rate(value))
+            elif key in ("burst", "concurrent", "images_per_day"):
+                number = int(value)
+                if number < (1 if key == "burst" else 0):
+                    raise ValueError
+                limits = replace(limits, **{key: number})
+            else:
+                # Named only when it looks like an option name: never echo what may be a key.
+                shown = f" {key!r}" if re.fullmatch(r"[a-z_]{1,20}", key) else ""
+                problems.append(
+                    f"unknown option{shown}: expected rate, burst, concurrent or images_per_day"
+                )
+        except ValueError:
+            rule = "N/s, N/min or N/h" if key == "rate" else "a whole number"
+            rule += ", at least 1" if key == "burst" else ""
+            problems.append(f"{key}: expected {rule}")
+    return limits, problems
+
+
+def log_auth_state(keys: KeyRing, listen: str) -> None:
+    """At start-up: say loudly when authentication is off."""
+    if keys.enabled:
+        log.info("API keys required", extra={"owners": keys.owners, "listen": listen})
+    else:
+        log.warning(AUTH_OFF_WARNING, extra={"listen": listen})
+
+
+# ---------------------------------------------------------------- the caller of a gRPC call
+
+# Set by ApiKeyInterceptor for the duration of each call; None when authentication is off.
+_caller: ContextVar[Principal | None] = ContextVar("imgpipe_caller", default=None)
+
+
+def caller() -> Principal | None:
+    """The authenticated caller of the current gRPC call (None when authentication is off)."""
+    return _caller.get()
+
+
+def caller_owner() -> str:
+    """The owner of the current call: the key's name, or '' when authentication is off."""
+    principal = _caller.get()
+    return principal.name if principal is not None else ""
+
+
+RateCheck = Callable[[Principal], Awaitable[None]]
+# Health checks and reflection answer without a key: probes and tools call them.
+_PUBLIC_METHODS = ("/grpc.health.", "/grpc.reflection.")
+
+
+class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
+    """Authenticates every call (but health and reflection) from its `authorization: Bearer`
+    metadata, applies the caller's rate limit, and sets the caller for the servicer.
+
+    The check runs inside the wrapped handler rather than in `intercept_service`, so a refusal
+    goes out through the call's own context with its `google.rpc` details (RetryInfo).
+    """
+
+    def __init__(self, keys: KeyRing, check_rate: RateCheck | None = None) -> None:
+        self.keys = keys
+        self.check_rate = check_rate
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        method: str = handler_call_details.method
+        if handler is None or method.startswith(_PUBLIC_METHODS):
+            return handler
+        return _guarded(handler, self._admit)
+
+    async def _admit(self, context: grpc.aio.ServicerContext[Any, Any]) -> Principal | None:
+        if not self.keys.enabled:
+            return None
+        metadata = context.invocation_metadata() or ()
+        values = [str(value) for key, value in metadata if key == "authorization"]
+        token = bearer_token(values[0]) if values else None
+        if token is None:
+            raise Unauthenticated(
+                "an API key is required: send the metadata `authorization: Bearer <key>`"
+            )
+        principal = self.keys.authenticate(token)
+        if principal is None:
+            raise Unauthenticated("the API key is not valid", key_given=True)
+        if self.check_rate is not None:
+            await self.check_rate(principal)
+        return principal
+
+
+async def _enter(admit: Callable[[Any], Awaitable[Principal | None]], context: Any) -> None:
+    try:
+        principal = await admit(context)
+    except ImgpipeError as exc:
+        await grpc_abort(context, exc)
+    except BACKEND_ERRORS as exc:
+        log.warning("backend unavailable while authenticating", extra={"error": repr(exc)})
+        await grpc_abort(context, Unavailable("a backend is unavailable; retry later"))
+    # Each call runs in a task of its own, so this value is seen by this call alone.
+    _caller.set(principal)
+
+
+def _guarded(
+    handler: grpc.RpcMethodHandler, admit: Callable[[Any], Awaitable[Principal | None]]
+) -> grpc.RpcMethodHandler:
+    """`handler` with `admit` run first, for any of the four kinds of method."""
+    h: Any = handler
+    behavior = h.unary_unary or h.unary_stream or h.stream_unary or h.stream_stream
+    wrapped: Callable[..., Any]
+    if h.response_streaming:
+
+        async def streaming(request: Any, context: Any) -> AsyncIterator[Any]:
+            await _enter(admit, context)
+            async for item in behavior(request, context):
+                yield item
+
+        wrapped = streaming
+    else:
+
+        async def unary(request: Any, context: Any) -> Any:
+            await _enter(admit, context)
+            return await behavior(request, context)
+
+        wrapped = unary
+    make = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }[(h.request_streaming, h.response_streaming)]
+    return make(
+        wrapped,
+        request_deserializer=h.request_deserializer,
+        response_serializer=h.response_serializer,
+    )

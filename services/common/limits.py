@@ -1,0 +1,235 @@
+"""Per-key limits, kept in Redis so every replica of every service counts against one budget.
+
+- **rate**: a GCRA (generic cell rate algorithm, a token bucket kept as one timestamp) per owner,
+  checked for every authenticated gRPC call by `ApiKeyInterceptor`. A REST call is charged for
+  the gRPC calls the gateway makes for it (one each; `GET /status` makes two).
+- **concurrent**: a sorted set per owner of its unfinished request ids, scored by the time the
+  slot was taken. Ingest takes a slot when an upload starts and gives it back if the upload is
+  refused or fails. Nothing has to free a slot when a request finishes: when an owner is at its
+  limit, the set is checked against Postgres and finished requests leave it, as do reservations
+  that never became a request (an ingest that crashed mid-upload) once they are
+  `STALE_RESERVATION` old. So a crash can never hold a slot forever.
+- **images_per_day**: a counter per owner and UTC day, which expires two days later. Ingest
+  reserves a request's images once its CSV is validated, before the commit, and gives them back
+  if the commit fails.
+
+Every check-and-take is one Lua script, so two uploads arriving at once cannot both take the
+last slot. Times come from the Redis server's clock, so hosts with skewed clocks still agree.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+import redis.asyncio as aioredis
+
+from services.common.auth import Principal
+from services.common.db import queries
+from services.common.errors import Detail, RateLimited
+from services.common.streams import StreamNames
+
+log = logging.getLogger(__name__)
+
+DAY = 86_400
+# A slot whose request is not in Postgres this long after it was taken belongs to an upload
+# that died; longer than any upload takes (the gateway's upload deadline is 300 s).
+STALE_RESERVATION = 900.0
+# When a slot may free up is unknown; callers are told to try again after this long.
+CONCURRENT_RETRY_AFTER = 5
+
+# Scripts that call TIME before writing need effects replication on Redis < 7 (a no-op after).
+_EFFECTS = "if redis.replicate_commands then redis.replicate_commands() end\n"
+
+# KEYS[1]: the theoretical arrival time (ms) of the owner's next call.
+# ARGV: the emission interval (ms), the burst. Returns 0 (allowed) or the wait in ms.
+_GCRA = (
+    _EFFECTS
+    + """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local interval = tonumber(ARGV[1])
+local burst = tonumber(ARGV[2])
+local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
+if tat < now then tat = now end
+local wait = tat - now - (burst - 1) * interval
+if wait > 0 then return math.ceil(wait) end
+local next_tat = tat + interval
+redis.call('SET', KEYS[1], string.format('%.3f', next_tat), 'PX', math.ceil(next_tat - now) + 1000)
+return 0
+"""
+)
+
+# KEYS[1]: the owner's unfinished request ids. ARGV: the limit, a request id.
+# Returns 1 when the id holds a slot (already, or now), 0 when the owner is at its limit.
+_TAKE_SLOT = (
+    _EFFECTS
+    + """
+if redis.call('ZSCORE', KEYS[1], ARGV[2]) then return 1 end
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
+redis.call('ZADD', KEYS[1], redis.call('TIME')[1], ARGV[2])
+return 1
+"""
+)
+
+# KEYS[1]: images accepted today. ARGV: the limit, this upload's images, the key's lifetime.
+# Returns {1, used after} when taken, {0, used} when it would go over the limit.
+_TAKE_IMAGES = """
+local used = tonumber(redis.call('GET', KEYS[1]) or '0')
+local count = tonumber(ARGV[2])
+if used + count > tonumber(ARGV[1]) then return {0, used} end
+redis.call('INCRBY', KEYS[1], count)
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+return {1, used + count}
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class ImageReservation:
+    key: str
+    count: int
+
+
+class Limiter:
+    """The per-key limits of DESIGN.md "Security", for one Redis and one Postgres."""
+
+    def __init__(self, redis: aioredis.Redis, names: StreamNames, pool: asyncpg.Pool) -> None:
+        self.redis = redis
+        self.pool = pool
+        self.prefix = f"{names.prefix}:limits"
+        self._gcra = redis.register_script(_GCRA)
+        self._take_slot = redis.register_script(_TAKE_SLOT)
+        self._take_images = redis.register_script(_TAKE_IMAGES)
+
+    # ------------------------------------------------------------ rate
+
+    async def check_rate(self, principal: Principal) -> None:
+        """Charge one call to the caller; RateLimited when it is over its rate."""
+        limits = principal.limits
+        if limits.rate <= 0:
+            return
+        interval_ms = 1000.0 / limits.rate
+        wait_ms = int(
+            await self._gcra(
+                keys=[f"{self.prefix}:rate:{principal.name}"],
+                args=[repr(interval_ms), limits.burst],
+            )
+        )
+        if wait_ms > 0:
+            rate = f"rate={rate_text(limits.rate)} burst={limits.burst}"
+            raise RateLimited(
+                f"over the rate limit of this API key ({rate}); slow down",
+                [Detail(f"{rate_text(limits.rate)} calls, {limits.burst} at once", "rate")],
+                retry_after=max(1, math.ceil(wait_ms / 1000)),
+            )
+
+    # ------------------------------------------------------------ concurrent
+
+    async def take_slot(self, principal: Principal, request_id: uuid.UUID) -> None:
+        """Count `request_id` as one of the caller's unfinished requests; RateLimited when the
+        caller already has `concurrent` of them."""
+        limit = principal.limits.concurrent
+        if limit <= 0:
+            return
+        key = self._slots(principal.name)
+        args: list[Any] = [limit, str(request_id)]
+        if await self._take_slot(keys=[key], args=args):
+            return
+        if await self._forget_finished(key) and await self._take_slot(keys=[key], args=args):
+            return
+        raise RateLimited(
+            f"over the limit of this API key (concurrent={limit} unfinished requests);"
+            " retry when one of them is final",
+            [Detail(f"at most {limit} unfinished requests", "concurrent")],
+            retry_after=CONCURRENT_RETRY_AFTER,
+        )
+
+    async def give_back_slot(self, principal: Principal, request_id: uuid.UUID) -> None:
+        if principal.limits.concurrent > 0:
+            await self.redis.zrem(self._slots(principal.name), str(request_id))
+
+    async def _forget_finished(self, key: str) -> int:
+        """Remove the slots of requests that are final or were never stored; how many."""
+        held: list[Any] = await self.redis.zrange(key, 0, -1, withscores=True)
+        slots: list[tuple[str, uuid.UUID | None, float]] = []
+        for member, taken_at in held:
+            text = member.decode() if isinstance(member, bytes) else str(member)
+            try:
+                slots.append((text, uuid.UUID(text), float(taken_at)))
+            except ValueError:
+                slots.append((text, None, 0.0))  # not ours: always removed
+        async with self.pool.acquire() as conn:
+            statuses = await queries.request_statuses(
+                conn, [request_id for _, request_id, _ in slots if request_id is not None]
+            )
+        seconds, _ = await self.redis.time()
+        gone = []
+        for text, request_id, taken_at in slots:
+            status = statuses.get(request_id) if request_id is not None else None
+            if status in ("Completed", "Failed"):
+                gone.append(text)
+            elif status is None and int(seconds) - taken_at > STALE_RESERVATION:
+                gone.append(text)  # an upload that never committed and never gave it back
+        if gone:
+            await self.redis.zrem(key, *gone)
+            log.info("freed finished request slots", extra={"key": key, "slots": len(gone)})
+        return len(gone)
+
+    def _slots(self, owner: str) -> str:
+        return f"{self.prefix}:unfinished:{owner}"
+
+    # ------------------------------------------------------------ images per day
+
+    async def check_images_left(self, principal: Principal) -> None:
+        """Refuse at once an upload from a caller that has used today's images already."""
+        limit = principal.limits.images_per_day
+        if limit <= 0:
+            return
+        key, retry_after = await self._today(principal.name)
+        used = int(await self.redis.get(key) or 0)
+        if used >= limit:
+            raise _images_exhausted(limit, used, 0, retry_after)
+
+    async def take_images(self, principal: Principal, count: int) -> ImageReservation | None:
+        """Count `count` images against today's budget, or raise RateLimited (nothing taken)."""
+        limit = principal.limits.images_per_day
+        if limit <= 0 or count <= 0:
+            return None
+        key, retry_after = await self._today(principal.name)
+        taken, used = await self._take_images(keys=[key], args=[limit, count, 2 * DAY])
+        if not taken:
+            raise _images_exhausted(limit, int(used), count, retry_after)
+        return ImageReservation(key, count)
+
+    async def give_back_images(self, reservation: ImageReservation | None) -> None:
+        if reservation is not None:
+            await self.redis.decrby(reservation.key, reservation.count)
+
+    async def _today(self, owner: str) -> tuple[str, int]:
+        """The owner's counter for the current UTC day, and the seconds until the next one."""
+        seconds, _ = await self.redis.time()
+        day, elapsed = divmod(int(seconds), DAY)
+        return f"{self.prefix}:images:{owner}:{day}", DAY - elapsed
+
+
+def _images_exhausted(limit: int, used: int, count: int, retry_after: int) -> RateLimited:
+    upload = f"; this upload has {count}" if count else ""
+    return RateLimited(
+        f"over the limit of this API key (images_per_day={limit}): {used} images accepted"
+        f" today (UTC){upload}",
+        [Detail(f"at most {limit} images per UTC day", "images_per_day")],
+        retry_after=max(1, retry_after),
+    )
+
+
+def rate_text(per_second: float) -> str:
+    """A rate as people write it: `20/s`, `30/min`, `10/h`."""
+    if per_second >= 1:
+        return f"{per_second:g}/s"
+    if per_second * 60 >= 1:
+        return f"{per_second * 60:g}/min"
+    return f"{per_second * 3600:g}/h"

@@ -1,0 +1,367 @@
+"""Prometheus metrics of every imgpipe process, and where they are served.
+
+A process serves `/metrics` on its own port when IMGPIPE_METRICS_LISTEN=host:port is set
+(`serving`); unset, nothing listens. The names and labels below are a contract: the alerts
+and the dashboard in deploy/monitoring/ are written against them.
+
+| metric | type | labels | reported by |
+|---|---|---|---|
+| imgpipe_images_total | counter | outcome (done, failed), code (OutcomeCode; "" if done) | worker |
+| imgpipe_stage_duration_seconds | histogram | stage (fetch, decode, encode, store) | worker |
+| imgpipe_image_bytes_total | counter | direction (in: downloaded, out: stored) | worker |
+| imgpipe_stream_lag | gauge | stream, group: entries not yet delivered to the group | status |
+| imgpipe_stream_pending | gauge | stream, group: delivered, not yet acknowledged | status |
+| imgpipe_dead_letter_entries | gauge | — | status |
+| imgpipe_webhook_attempts_total | counter | result (WEBHOOK_RESULTS) | status |
+| grpc_server_handled_total | counter | grpc_service, grpc_method, grpc_code | ingest, status |
+| grpc_server_handling_seconds | histogram | grpc_service, grpc_method | ingest, status |
+| http_requests_total | counter | method, route (the route template), status | gateway |
+| http_request_duration_seconds | histogram | method, route | gateway |
+
+Besides these, prometheus_client's own process_* and python_* metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+import grpc
+import redis.asyncio as aioredis
+from prometheus_client import REGISTRY, Counter, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from redis.exceptions import RedisError, ResponseError
+
+from services.common import tracing
+
+log = logging.getLogger(__name__)
+
+# Seconds, from a cached thumbnail to a slow origin at the download timeout.
+_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+# Calls and HTTP requests: uploads of large CSVs take minutes.
+_CALL_BUCKETS = (*_BUCKETS, 120, 300)
+
+# ---------------------------------------------------------------- worker
+
+IMAGES = Counter(
+    "imgpipe_images",
+    "Images brought to a final state, by outcome and failure code",
+    ["outcome", "code"],
+)
+STAGE_SECONDS = Histogram(
+    "imgpipe_stage_duration_seconds",
+    "Duration of each completed processing stage of one image",
+    ["stage"],
+    buckets=_BUCKETS,
+)
+IMAGE_BYTES = Counter(
+    "imgpipe_image_bytes",
+    "Bytes of done images: downloaded (in) and stored (out)",
+    ["direction"],
+)
+STAGES = ("fetch", "decode", "encode", "store")
+
+
+def prime_worker() -> None:
+    """Create the worker's series at zero, so rates start from the first image."""
+    IMAGES.labels("done", "")
+    for stage in STAGES:
+        STAGE_SECONDS.labels(stage)
+    for direction in ("in", "out"):
+        IMAGE_BYTES.labels(direction)
+
+
+def image_done(bytes_in: int, bytes_out: int) -> None:
+    IMAGES.labels("done", "").inc()
+    IMAGE_BYTES.labels("in").inc(bytes_in)
+    IMAGE_BYTES.labels("out").inc(bytes_out)
+
+
+def image_failed(code: str) -> None:
+    IMAGES.labels("failed", code).inc()
+
+
+# ---------------------------------------------------------------- status: webhooks
+
+# A bounded set: what happened to one attempt, whether or not another follows.
+WEBHOOK_RESULTS = (
+    "succeeded",  # 2xx
+    "http_4xx",  # 410 Gone included (it ends delivery)
+    "http_5xx",
+    "http_other",  # 1xx and 3xx: redirects are not followed
+    "timeout",  # no answer within IMGPIPE_WEBHOOK_TIMEOUT
+    "connection",  # refused, reset, DNS, TLS
+    "blocked",  # the SSRF guard refused the address: never retried
+    "not_configured",  # no IMGPIPE_WEBHOOK_SECRET: recorded as abandoned, nothing sent
+    "error",  # anything else (a broken answer)
+)
+WEBHOOK_ATTEMPTS = Counter(
+    "imgpipe_webhook_attempts", "Webhook delivery attempts, by result", ["result"]
+)
+
+# ---------------------------------------------------------------- gRPC servers
+
+GRPC_HANDLED = Counter(
+    "grpc_server_handled",
+    "gRPC calls completed on the server, by status code",
+    ["grpc_service", "grpc_method", "grpc_code"],
+)
+GRPC_SECONDS = Histogram(
+    "grpc_server_handling_seconds",
+    "Time from the start of a gRPC call to its status (a stream's whole life)",
+    ["grpc_service", "grpc_method"],
+    buckets=_CALL_BUCKETS,
+)
+# Probes and tools, not API traffic.
+_UNOBSERVED = ("/grpc.health.", "/grpc.reflection.")
+# The names other gRPC implementations (and their dashboards) use for the codes.
+_CODE_NAMES = {
+    code: "".join(part.title() for part in code.name.split("_")) for code in grpc.StatusCode
+}
+_CODE_NAMES[grpc.StatusCode.OK] = "OK"
+_CODE_NAMES[grpc.StatusCode.CANCELLED] = "Canceled"
+_MAX_REQUEST_ID = 64
+
+
+class GrpcServerInterceptor(grpc.aio.ServerInterceptor):
+    """Counts and times every call (but health and reflection), and makes its trace context
+    and request id current while the servicer handles it, so its log lines carry them."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        method: str = handler_call_details.method
+        if handler is None or method.startswith(_UNOBSERVED):
+            return handler
+        return _observed(handler, method)
+
+
+def _observed(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+    h: Any = handler
+    behavior = h.unary_unary or h.unary_stream or h.stream_unary or h.stream_stream
+    service, _, name = method.lstrip("/").rpartition("/")
+    seconds = GRPC_SECONDS.labels(service, name)
+
+    def begin(request: Any, context: Any) -> float:
+        # Each call runs in a task of its own: these values are seen by this call alone.
+        tracing.set_trace(tracing.server_span(context.invocation_metadata()))
+        if not h.request_streaming:
+            request_id = getattr(request, "request_id", None)
+            if isinstance(request_id, str) and 0 < len(request_id) <= _MAX_REQUEST_ID:
+                tracing.set_request_id(request_id)
+        return time.perf_counter()
+
+    def end(started: float, context: Any, error: BaseException | None) -> None:
+        seconds.observe(time.perf_counter() - started)
+        GRPC_HANDLED.labels(service, name, _code_name(context, error)).inc()
+
+    wrapped: Callable[..., Any]
+    if h.response_streaming:
+
+        async def streaming(request: Any, context: Any) -> AsyncIterator[Any]:
+            started = begin(request, context)
+            error: BaseException | None = None
+            try:
+                async for item in behavior(request, context):
+                    yield item
+            except BaseException as exc:
+                error = exc
+                raise
+            finally:
+                end(started, context, error)
+
+        wrapped = streaming
+    else:
+
+        async def unary(request: Any, context: Any) -> Any:
+            started = begin(request, context)
+            try:
+                response = await behavior(request, context)
+            except BaseException as exc:
+                end(started, context, exc)
+                raise
+            end(started, context, None)
+            return response
+
+        wrapped = unary
+    make = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }[(h.request_streaming, h.response_streaming)]
+    return make(
+        wrapped,
+        request_deserializer=h.request_deserializer,
+        response_serializer=h.response_serializer,
+    )
+
+
+def _code_name(context: Any, error: BaseException | None) -> str:
+    if error is None or isinstance(error, grpc.aio.AbortError):
+        # An abort set the code; a normal return leaves OK unless the servicer set one.
+        code = context.code()
+        if isinstance(code, grpc.StatusCode):
+            return _CODE_NAMES[code]
+        return "OK" if error is None else "Unknown"
+    if isinstance(error, asyncio.CancelledError | GeneratorExit):
+        # grpc cancels the handler when the caller cancels or its deadline passes.
+        remaining = context.time_remaining() if context is not None else None
+        if remaining is not None and remaining <= 0:
+            return _CODE_NAMES[grpc.StatusCode.DEADLINE_EXCEEDED]
+        return _CODE_NAMES[grpc.StatusCode.CANCELLED]
+    return _CODE_NAMES[grpc.StatusCode.UNKNOWN]  # what grpc answers for an uncaught exception
+
+
+# ---------------------------------------------------------------- gateway
+
+HTTP_REQUESTS = Counter(
+    "http_requests",
+    "HTTP requests answered by the gateway",
+    ["method", "route", "status"],
+)
+HTTP_SECONDS = Histogram(
+    "http_request_duration_seconds",
+    "Time to answer an HTTP request (a streamed answer's whole life)",
+    ["method", "route"],
+    buckets=_CALL_BUCKETS,
+)
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+UNMATCHED_ROUTE = "unmatched"
+
+
+def http_method_label(method: str) -> str:
+    """Methods outside the standard ones are one label, so a caller cannot add series."""
+    return method if method in HTTP_METHODS else "other"
+
+
+# ---------------------------------------------------------------- status: streams
+
+LAG_SCAN_LIMIT = 10_000
+
+
+class StreamStats(Collector):
+    """Lag and pending of consumer groups, and the dead-letter stream's length, read from Redis
+    every `interval` seconds by `run` and reported at scrape time from the last reading.
+
+    Every status replica reports the same values: read them with max(), never sum().
+    """
+
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        groups: Sequence[tuple[str, str]],
+        dead_letters: str,
+        *,
+        interval: float = 15.0,
+    ) -> None:
+        self.redis = redis
+        self.groups = list(groups)
+        self.dead_letters = dead_letters
+        self.interval = interval
+        # Replaced whole by each reading, so a scrape (another thread) sees one reading.
+        self._groups: list[tuple[str, str, int, int]] = []
+        self._dead: int | None = None
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """A service loop: registered while it runs, refreshed until `stop` is set."""
+        REGISTRY.register(self)
+        try:
+            while not stop.is_set():
+                try:
+                    await self.refresh()
+                except (RedisError, OSError) as exc:
+                    # No values rather than stale ones: absent() alerts notice.
+                    self._groups, self._dead = [], None
+                    log.warning("stream metrics not refreshed", extra={"error": repr(exc)})
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), self.interval)
+        finally:
+            REGISTRY.unregister(self)
+
+    async def refresh(self) -> None:
+        readings = []
+        for stream, group in self.groups:
+            lag, pending = await group_state(self.redis, stream, group)
+            readings.append((stream, group, lag, pending))
+        dead = int(await self.redis.xlen(self.dead_letters))
+        self._groups, self._dead = readings, dead
+
+    def collect(self) -> Iterable[Metric]:
+        readings, dead = self._groups, self._dead
+        lag = GaugeMetricFamily(
+            "imgpipe_stream_lag",
+            "Stream entries not yet delivered to the consumer group",
+            labels=["stream", "group"],
+        )
+        pending = GaugeMetricFamily(
+            "imgpipe_stream_pending",
+            "Stream entries delivered to the consumer group and not yet acknowledged",
+            labels=["stream", "group"],
+        )
+        for stream, group, lag_value, pending_value in readings:
+            lag.add_metric([stream, group], lag_value)
+            pending.add_metric([stream, group], pending_value)
+        yield lag
+        yield pending
+        if dead is not None:
+            yield GaugeMetricFamily(
+                "imgpipe_dead_letter_entries", "Tasks in the dead-letter stream", value=dead
+            )
+
+
+async def group_state(redis: aioredis.Redis, stream: str, group: str) -> tuple[int, int]:
+    """(lag, pending) of `group` on `stream`. A group not created yet will be delivered every
+    entry (groups start at the beginning); a missing stream has neither."""
+    try:
+        groups: Any = await redis.xinfo_groups(stream)
+    except ResponseError:  # no such stream
+        return 0, 0
+    for info in groups:
+        if _text(info["name"]) != group:
+            continue
+        lag = info.get("lag")
+        if lag is None:
+            # Redis before 7 has no lag field (and 7 reports none after some deletions).
+            lag = await entries_after(redis, stream, _text(info["last-delivered-id"]))
+        return int(lag), int(info["pending"])
+    return int(await redis.xlen(stream)), 0
+
+
+async def entries_after(redis: aioredis.Redis, stream: str, entry_id: str) -> int:
+    """How many entries of `stream` come after `entry_id`, counted up to LAG_SCAN_LIMIT."""
+    entries: Any = await redis.xrange(stream, min=f"({entry_id}", max="+", count=LAG_SCAN_LIMIT)
+    return len(entries)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+# ---------------------------------------------------------------- serving
+
+
+@contextlib.contextmanager
+def serving(listen: str) -> Iterator[None]:
+    """Serve /metrics on `listen` (host:port) in a thread of its own while the block runs, so
+    a busy event loop never delays a scrape; '' serves nothing."""
+    if not listen:
+        yield
+        return
+    host, _, port = listen.rpartition(":")
+    server, thread = start_http_server(int(port), addr=host.strip("[]"))
+    log.info("serving metrics", extra={"metrics_listen": listen})
+    try:
+        yield
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)

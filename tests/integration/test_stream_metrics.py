@@ -1,0 +1,64 @@
+"""The queue gauges, read from a real Redis: lag, pending and dead letters."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import redis.asyncio
+from prometheus_client import REGISTRY
+
+from services.common.metrics import StreamStats, entries_after, group_state
+from services.common.streams import StreamNames
+from tests.support import wait_until_async
+
+pytestmark = pytest.mark.integration
+
+
+async def test_lag_pending_and_dead_letters_follow_the_streams(
+    redis_client: redis.asyncio.Redis, redis_prefix: str
+) -> None:
+    names = StreamNames(f"{redis_prefix}:metrics")  # streams no other test reads
+    group = "workers"
+    assert await group_state(redis_client, names.tasks, group) == (0, 0)  # no stream yet
+    ids = [_text(await redis_client.xadd(names.tasks, {b"task": b"x"})) for _ in range(5)]
+    assert await group_state(redis_client, names.tasks, group) == (5, 0)  # no group yet
+
+    await redis_client.xgroup_create(names.tasks, group, id="0")
+    await redis_client.xreadgroup(group, "c1", {names.tasks: ">"}, count=2)
+    assert await group_state(redis_client, names.tasks, group) == (3, 2)
+    await redis_client.xack(names.tasks, group, ids[0])
+    assert await group_state(redis_client, names.tasks, group) == (3, 1)
+    # What Redis 6 is asked instead of the lag field it lacks.
+    assert await entries_after(redis_client, names.tasks, ids[1]) == 3
+    assert await entries_after(redis_client, names.tasks, "0-0") == 5
+
+    await redis_client.xadd(names.dead, {b"task": b"x"})
+    stats = StreamStats(
+        redis_client, [(names.tasks, group), (names.events, "webhooks")], names.dead
+    )
+    stop = asyncio.Event()
+    loop = asyncio.create_task(stats.run(stop))
+    try:
+
+        async def reported() -> float | None:
+            return REGISTRY.get_sample_value(
+                "imgpipe_stream_lag", {"stream": names.tasks, "group": group}
+            )
+
+        assert await wait_until_async(reported, timeout=10, message="the first reading") == 3
+        labels = {"stream": names.tasks, "group": group}
+        assert REGISTRY.get_sample_value("imgpipe_stream_pending", labels) == 1
+        events = {"stream": names.events, "group": "webhooks"}
+        assert REGISTRY.get_sample_value("imgpipe_stream_lag", events) == 0
+        assert REGISTRY.get_sample_value("imgpipe_dead_letter_entries") == 1
+    finally:
+        stop.set()
+        await asyncio.wait_for(loop, timeout=10)
+    # Unregistered with its loop: a stopped service reports nothing stale.
+    assert REGISTRY.get_sample_value("imgpipe_dead_letter_entries") is None
+    await redis_client.delete(names.tasks, names.events, names.dead)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
