@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
-BENCHMARKS = ("B1", "B2", "B3", "B4", "B5", "B6")
+BENCHMARKS = ("B1", "B2", "B3", "B4", "B5", "B6", "B7")
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,6 +25,9 @@ class BenchSettings:
     status_products: int = 100  # IMGPIPE_BENCH_STATUS_PRODUCTS: products of the B4 request
     big_images: int = 20  # IMGPIPE_BENCH_BIG_IMAGES: 6000×4000 photos per run of B5
     scaling_workers: tuple[int, ...] = (1, 2, 4)  # IMGPIPE_BENCH_SCALING_WORKERS: B6
+    scaleout_images: int = 400  # IMGPIPE_BENCH_SCALEOUT_IMAGES: 400×300 photos per run of B7
+    scaleout_delay: float = 0.2  # IMGPIPE_BENCH_SCALEOUT_DELAY: seconds per image in B7
+    scaleout_concurrency: int = 4  # IMGPIPE_BENCH_SCALEOUT_CONCURRENCY: tasks per B7 worker
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> BenchSettings:
@@ -70,6 +73,11 @@ class BenchSettings:
             status_products=int(number("STATUS_PRODUCTS", defaults.status_products, int)),
             big_images=int(number("BIG_IMAGES", defaults.big_images, int)),
             scaling_workers=integers("SCALING_WORKERS", defaults.scaling_workers),
+            scaleout_images=int(number("SCALEOUT_IMAGES", defaults.scaleout_images, int)),
+            scaleout_delay=number("SCALEOUT_DELAY", defaults.scaleout_delay, float),
+            scaleout_concurrency=int(
+                number("SCALEOUT_CONCURRENCY", defaults.scaleout_concurrency, int)
+            ),
         )
         if problems:
             raise ValueError("; ".join(problems))
@@ -86,5 +94,5 @@ def select(argv: list[str]) -> tuple[str, ...]:
     wanted = {arg.upper() for arg in argv}
     unknown = sorted(wanted - set(BENCHMARKS))
     if unknown:
-        raise ValueError(f"unknown benchmark(s) {', '.join(unknown)}; choose from B1 … B6")
+        raise ValueError(f"unknown benchmark(s) {', '.join(unknown)}; choose from B1 … B7")
     return tuple(name for name in BENCHMARKS if not wanted or name in wanted)

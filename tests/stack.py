@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,13 +100,26 @@ def start_stack(tmp_path: Path, extra_env: dict[str, str]) -> Stack:
     return stack
 
 
-def start_service(module: str, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    """One service as a process (`python -m module`), its output in `log`."""
+def start_service(
+    module: str,
+    env: dict[str, str],
+    log: Path,
+    *,
+    process_group: int | None = None,
+    launcher: Sequence[str] = (),
+) -> subprocess.Popen[bytes]:
+    """One service as a process (`python -m module`), its output in `log`.
+
+    `process_group`: 0 makes the process the leader of a new group, a pid joins that leader's
+    group (so one os.killpg reaches them all). `launcher`: a command that runs the service
+    (e.g. `nsenter --net=...`); it must exec it, so the pid stays the service's.
+    """
     with log.open("wb") as out:
         return subprocess.Popen(
-            [sys.executable, "-m", module],
+            [*launcher, sys.executable, "-m", module],
             cwd=ROOT,
             env={**{k: v for k, v in os.environ.items() if not k.startswith("IMGPIPE_")}, **env},
             stdout=out,
             stderr=subprocess.STDOUT,
+            process_group=process_group,
         )

@@ -166,10 +166,25 @@ class Services:
         }
         self.started: list[Service] = []
 
-    def start(self, module: str, name: str, extra: dict[str, str]) -> Service:
+    def start(
+        self,
+        module: str,
+        name: str,
+        extra: dict[str, str],
+        *,
+        process_group: int | None = None,
+        launcher: Sequence[str] = (),
+    ) -> Service:
+        """`process_group` and `launcher` as in tests.stack.start_service."""
         listen = f"127.0.0.1:{free_tcp_port()}"
         log = self.folder / f"{name}.log"
-        process = start_service(module, {**self.env, "IMGPIPE_GRPC_LISTEN": listen, **extra}, log)
+        process = start_service(
+            module,
+            {**self.env, "IMGPIPE_GRPC_LISTEN": listen, **extra},
+            log,
+            process_group=process_group,
+            launcher=launcher,
+        )
         service = Service(name, process, log, listen, grpc.aio.insecure_channel(listen))
         self.started.append(service)
         return service
