@@ -440,6 +440,15 @@ def _banner(
             " upload (`imgpipe keygen NAME` makes a key)",
             "  metrics      " + (", ".join(metrics) or "off (IMGPIPE_DEV_METRICS_BASE_PORT)"),
             "  try:",
+            *(
+                []
+                if "127.0.0.1:8000" in plan.base_env.get("IMGPIPE_FETCH_ALLOW", "")
+                else [
+                    "    (the sample images are on 127.0.0.1:8000, which the SSRF guard refuses:",
+                    "     serve samples/images there and start with"
+                    " IMGPIPE_FETCH_ALLOW=127.0.0.1:8000, see the README)",
+                ]
+            ),
             f"    curl{bearer} -F file=@samples/products.csv {url}/upload",
             f"    curl{bearer} '{url}/status?request_id=<id>'",
             "  Ctrl-C stops everything.",
