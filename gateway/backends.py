@@ -30,7 +30,12 @@ from services.common.storage import Storage
 log = logging.getLogger(__name__)
 
 # A page of 1000 products with many image URLs can pass gRPC's default 4 MiB receive limit.
-_CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    # Calls spread over every address the name resolves to. Behind a headless Kubernetes
+    # Service (deploy/k8s) that is every ingest or status pod; with one address it is a no-op.
+    ("grpc.lb_policy_name", "round_robin"),
+]
 # Channels are closed after in-flight calls had this long to finish.
 _CHANNEL_CLOSE_GRACE = 5.0
 
@@ -55,11 +60,11 @@ async def open_backends(app: web.Application) -> AsyncIterator[None]:
         # Every call carries the key (gateway/auth.py) and the trace context
         # (services/common/tracing.py) of the HTTP request it is made for.
         ingest_channel = grpc.aio.insecure_channel(
-            settings.ingest_addr, options=_CHANNEL_OPTIONS, interceptors=_interceptors()
+            settings.ingest_addr, options=CHANNEL_OPTIONS, interceptors=_interceptors()
         )
         stack.push_async_callback(ingest_channel.close, _CHANNEL_CLOSE_GRACE)
         status_channel = grpc.aio.insecure_channel(
-            settings.status_addr, options=_CHANNEL_OPTIONS, interceptors=_interceptors()
+            settings.status_addr, options=CHANNEL_OPTIONS, interceptors=_interceptors()
         )
         stack.push_async_callback(status_channel.close, _CHANNEL_CLOSE_GRACE)
         app[BACKENDS] = Backends(

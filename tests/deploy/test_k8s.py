@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from gateway.__main__ import GRACE_SECONDS as GATEWAY_GRACE_SECONDS
+from gateway.backends import CHANNEL_OPTIONS as gateway_channel_options
 from imgpipe.cli import SERVICES
 from services.common.config import (
     CommonSettings,
@@ -236,6 +237,17 @@ def test_service_addresses_in_the_config_reach_the_services(overlay: Rendered) -
         workload = overlay.apps()[component]
         assert matches({"matchLabels": service["spec"]["selector"]}, workload.labels)
         assert workload.port_names()[service_port["targetPort"]] == int(port)
+
+
+def test_the_gateway_balances_its_calls_over_every_ingest_and_status_pod(
+    overlay: Rendered,
+) -> None:
+    # A virtual IP would pin a gateway's single HTTP/2 connection (all its calls) to one pod.
+    config = overlay.config_data(config_map_name(overlay))
+    for variable in ("IMGPIPE_INGEST_ADDR", "IMGPIPE_STATUS_ADDR"):
+        service = overlay.named("Service", config[variable].rpartition(":")[0])
+        assert service is not None and service["spec"].get("clusterIP") == "None", variable
+    assert ("grpc.lb_policy_name", "round_robin") in gateway_channel_options
 
 
 def test_every_deployment_has_a_disruption_budget(overlay: Rendered) -> None:
