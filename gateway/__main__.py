@@ -13,6 +13,7 @@ from services.common import metrics
 from services.common.auth import log_auth_state
 from services.common.config import ConfigError, GatewaySettings
 from services.common.logging import configure_logging
+from services.common.process import exit_now
 
 # On SIGTERM the listener closes at once; in-flight requests get this long to finish.
 GRACE_SECONDS = 20.0
@@ -44,4 +45,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())

@@ -10,6 +10,7 @@ from services.common.config import IngestSettings
 from services.common.grpc_server import Health, run_service
 from services.common.limits import Limiter
 from services.common.pb.imgpipe.v1 import ingest_service_pb2 as ingest_pb
+from services.common.process import run_main
 from services.common.publish import republish_loop
 from services.common.resources import load_settings, open_backends
 from services.ingest.servicer import IngestServicer, registrar
@@ -42,4 +43,4 @@ async def main(settings: IngestSettings) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main(load_settings("ingest", IngestSettings.from_env, os.environ)))
+    run_main(main(load_settings("ingest", IngestSettings.from_env, os.environ)))

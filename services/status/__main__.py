@@ -12,6 +12,7 @@ from services.common.grpc_server import Health, run_service
 from services.common.limits import Limiter
 from services.common.metrics import StreamStats
 from services.common.pb.imgpipe.v1 import status_service_pb2 as status_pb
+from services.common.process import run_main
 from services.common.resources import load_settings, open_backends
 from services.common.storage import Storage
 from services.common.streams import WORKER_GROUP
@@ -77,4 +78,4 @@ async def main(settings: StatusSettings) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main(load_settings("status", StatusSettings.from_env, os.environ)))
+    run_main(main(load_settings("status", StatusSettings.from_env, os.environ)))

@@ -12,6 +12,7 @@ from services.common.budget import ByteBudget, PixelBudget, return_freed_images_
 from services.common.config import WorkerSettings
 from services.common.fetch import fetch_image, make_session
 from services.common.grpc_server import Health, run_service
+from services.common.process import run_main
 from services.common.resources import load_settings, open_backends
 from services.common.storage import Storage
 from services.common.streams import TaskConsumer
@@ -79,4 +80,4 @@ async def main(settings: WorkerSettings) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main(load_settings("worker", WorkerSettings.from_env, os.environ)))
+    run_main(main(load_settings("worker", WorkerSettings.from_env, os.environ)))
