@@ -40,6 +40,7 @@ from services.common.errors import (
     Unavailable,
     grpc_abort,
 )
+from services.common.grpc_handlers import behavior_of, with_behavior
 
 log = logging.getLogger(__name__)
 
@@ -297,7 +298,7 @@ def _guarded(
 ) -> grpc.RpcMethodHandler:
     """`handler` with `admit` run first, for any of the four kinds of method."""
     h: Any = handler
-    behavior = h.unary_unary or h.unary_stream or h.stream_unary or h.stream_stream
+    behavior = behavior_of(handler)
     wrapped: Callable[..., Any]
     if h.response_streaming:
 
@@ -314,14 +315,4 @@ def _guarded(
             return await behavior(request, context)
 
         wrapped = unary
-    make = {
-        (False, False): grpc.unary_unary_rpc_method_handler,
-        (False, True): grpc.unary_stream_rpc_method_handler,
-        (True, False): grpc.stream_unary_rpc_method_handler,
-        (True, True): grpc.stream_stream_rpc_method_handler,
-    }[(h.request_streaming, h.response_streaming)]
-    return make(
-        wrapped,
-        request_deserializer=h.request_deserializer,
-        response_serializer=h.response_serializer,
-    )
+    return with_behavior(handler, wrapped)

@@ -38,6 +38,7 @@ from prometheus_client.registry import Collector
 from redis.exceptions import RedisError, ResponseError
 
 from services.common import tracing
+from services.common.grpc_handlers import behavior_of, with_behavior
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +147,7 @@ class GrpcServerInterceptor(grpc.aio.ServerInterceptor):
 
 def _observed(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
     h: Any = handler
-    behavior = h.unary_unary or h.unary_stream or h.stream_unary or h.stream_stream
+    behavior = behavior_of(handler)
     service, _, name = method.lstrip("/").rpartition("/")
     seconds = GRPC_SECONDS.labels(service, name)
 
@@ -192,17 +193,7 @@ def _observed(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHand
             return response
 
         wrapped = unary
-    make = {
-        (False, False): grpc.unary_unary_rpc_method_handler,
-        (False, True): grpc.unary_stream_rpc_method_handler,
-        (True, False): grpc.stream_unary_rpc_method_handler,
-        (True, True): grpc.stream_stream_rpc_method_handler,
-    }[(h.request_streaming, h.response_streaming)]
-    return make(
-        wrapped,
-        request_deserializer=h.request_deserializer,
-        response_serializer=h.response_serializer,
-    )
+    return with_behavior(handler, wrapped)
 
 
 def _code_name(context: Any, error: BaseException | None) -> str:

@@ -1,0 +1,42 @@
+"""Server method handlers with their behaviour wrapped (for server interceptors).
+
+grpc.aio has four handler kinds; an interceptor that runs code around a call takes the
+handler's behaviour, wraps it, and builds a handler of the same kind around the wrapper. The
+auth interceptor (services.common.auth) and the metrics one (services.common.metrics) do this.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+
+_MAKERS = {
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
+
+
+def behavior_of(handler: grpc.RpcMethodHandler) -> Callable[..., Any]:
+    """The servicer method behind `handler`, whichever of the four kinds it is."""
+    h: Any = handler
+    behavior: Callable[..., Any] = (
+        h.unary_unary or h.unary_stream or h.stream_unary or h.stream_stream
+    )
+    return behavior
+
+
+def with_behavior(
+    handler: grpc.RpcMethodHandler, behavior: Callable[..., Any]
+) -> grpc.RpcMethodHandler:
+    """A handler of `handler`'s kind and (de)serialisers that runs `behavior` instead."""
+    h: Any = handler
+    make = _MAKERS[(h.request_streaming, h.response_streaming)]
+    return make(
+        behavior,
+        request_deserializer=h.request_deserializer,
+        response_serializer=h.response_serializer,
+    )
