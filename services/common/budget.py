@@ -39,6 +39,11 @@ class ByteBudget:
         self.used = 0
         self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
 
+    @property
+    def waiting(self) -> int:
+        """How many acquisitions are queued for bytes."""
+        return len(self._waiters)
+
     async def acquire(self, amount: int) -> None:
         if not self._waiters and self._fits(amount):
             self.used += amount
@@ -107,13 +112,16 @@ class PixelBudget:
             raise ValueError("a pixel budget needs a capacity of at least 1")
         self.capacity = capacity
         self.used = 0
+        self.waiting = 0  # threads waiting for pixels
         self._changed = threading.Condition()
 
     @contextlib.contextmanager
     def reserve(self, pixels: int) -> Iterator[None]:
         amount = min(pixels, self.capacity)
         with self._changed:
+            self.waiting += 1
             self._changed.wait_for(lambda: self.used + amount <= self.capacity)
+            self.waiting -= 1
             self.used += amount
         try:
             yield

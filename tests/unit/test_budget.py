@@ -15,15 +15,18 @@ from services.common import imaging
 from services.common.budget import ByteBudget, PixelBudget, return_freed_images_to_the_os
 from services.common.imaging import ImageOptions, compress
 from tests.imagegen import photo_like
-from tests.support import wait_until
+from tests.support import wait_until, wait_until_async
 
 pytestmark = pytest.mark.unit
 
 
-async def settle() -> None:
-    """Let every ready task run until it blocks (a yield to the loop, not a timed wait)."""
-    for _ in range(10):
-        await asyncio.sleep(0)
+async def queued(budget: ByteBudget, count: int) -> None:
+    """Until `count` acquisitions are blocked in the budget's queue (polled, with a deadline)."""
+
+    async def reached() -> bool:
+        return budget.waiting == count
+
+    await wait_until_async(reached, timeout=5, interval=0.001, message=f"{count} queued")
 
 
 async def test_byte_budget_grants_within_capacity_and_queues_the_rest_in_order() -> None:
@@ -37,7 +40,7 @@ async def test_byte_budget_grants_within_capacity_and_queues_the_rest_in_order()
 
     big = asyncio.create_task(take("big", 50))
     small = asyncio.create_task(take("small", 10))  # would fit, but waits its turn
-    await settle()
+    await queued(budget, 2)
     assert order == [] and budget.used == 60
 
     budget.release(60)
@@ -49,7 +52,7 @@ async def test_byte_budget_grants_an_oversized_request_when_it_is_empty() -> Non
     budget = ByteBudget(10)
     await budget.acquire(5)
     oversized = asyncio.create_task(budget.acquire(1000))
-    await settle()
+    await queued(budget, 1)
     assert not oversized.done()
     budget.release(5)
     await oversized
@@ -61,7 +64,7 @@ async def test_a_cancelled_waiter_leaves_the_queue_and_lets_smaller_ones_through
     await budget.acquire(90)
     big = asyncio.create_task(budget.acquire(50))
     small = asyncio.create_task(budget.acquire(10))
-    await settle()
+    await queued(budget, 2)
     assert not small.done()  # behind the big one
 
     big.cancel()
@@ -92,7 +95,7 @@ def test_pixel_budget_makes_the_second_image_wait_for_the_first() -> None:
     with budget.reserve(600):
         thread = threading.Thread(target=second)
         thread.start()
-        wait_until(lambda: budget._changed._waiters, timeout=5, message="second thread waits")  # type: ignore[attr-defined]
+        wait_until(lambda: budget.waiting == 1, timeout=5, message="second thread waits")
         assert not entered.is_set() and budget.used == 600
     thread.join(timeout=5)
     assert entered.is_set() and budget.used == 0

@@ -91,14 +91,17 @@ def test_bound_values_are_restored_after_the_block() -> None:
 
 
 async def test_values_set_in_one_task_stay_in_that_task() -> None:
-    async def handle(request_id: str) -> tuple[str | None, str | None]:
+    have_set = {"a": asyncio.Event(), "b": asyncio.Event()}
+
+    async def handle(request_id: str, other: str) -> tuple[str | None, str | None]:
         tracing.set_request_id(request_id)
         tracing.set_trace(TraceContext.new())
-        await asyncio.sleep(0)  # let the other task run in between
+        have_set[request_id].set()
+        await have_set[other].wait()  # the other task has set its own values meanwhile
         trace = tracing.current_trace()
         return tracing.current_request_id(), trace.trace_id if trace else None
 
-    first, second = await asyncio.gather(handle("a"), handle("b"))
+    first, second = await asyncio.gather(handle("a", "b"), handle("b", "a"))
     assert (first[0], second[0]) == ("a", "b") and first[1] != second[1]
     assert tracing.current_request_id() is None and tracing.current_trace() is None
 
