@@ -22,6 +22,7 @@ import contextlib
 import ctypes
 import sys
 import threading
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Iterator
 
@@ -89,13 +90,16 @@ class Lease:
     def __init__(self, budget: ByteBudget) -> None:
         self._budget = budget
         self.held = 0
+        self.waited = 0.0  # seconds spent waiting for the budget, so timings can leave it out
 
     async def reserve(self, amount: int) -> None:
         """Hold at least `amount` bytes (a retry of the same download reuses what it holds)."""
         if amount > self.held:
             if self.held:
                 self.release()  # never wait while holding: that is how budgets deadlock
+            started = time.perf_counter()
             await self._budget.acquire(amount)
+            self.waited += time.perf_counter() - started
             self.held = amount
 
     def release(self) -> None:

@@ -171,7 +171,7 @@ class Processor:
         """
         waits = 0
         while True:
-            started = time.perf_counter()
+            started, waited = time.perf_counter(), lease.waited
             try:
                 data = await self.fetch(task.input_url, reserve=lease.reserve)
             except ImageFailure as failure:
@@ -193,7 +193,9 @@ class Processor:
                 )
                 await asyncio.sleep(delay)
             else:
-                metrics.STAGE_SECONDS.labels("fetch").observe(time.perf_counter() - started)
+                # The download itself: time spent waiting for the byte budget is not fetching.
+                fetching = time.perf_counter() - started - (lease.waited - waited)
+                metrics.STAGE_SECONDS.labels("fetch").observe(fetching)
                 return data  # record_image_done counts this successful attempt
 
     async def finish_if_complete(self, request_id: uuid.UUID) -> None:

@@ -73,6 +73,20 @@ async def test_a_cancelled_waiter_leaves_the_queue_and_lets_smaller_ones_through
     assert budget.used == 100
 
 
+async def test_a_lease_counts_the_time_it_waited_for_the_budget() -> None:
+    budget = ByteBudget(100)
+    await budget.acquire(100)
+    async with budget.lease() as lease:
+        waiting = asyncio.create_task(lease.reserve(10))
+        await queued(budget, 1)
+        asyncio.get_running_loop().call_later(0.05, budget.release, 100)  # busy for 50 ms
+        await waiting
+        waited = lease.waited
+        assert waited >= 0.04  # (two clocks: a little slack)
+        await lease.reserve(10)  # already held: nothing to wait for
+        assert lease.waited == waited
+
+
 async def test_a_lease_reuses_what_it_holds_and_gives_everything_back() -> None:
     budget = ByteBudget(100)
     async with budget.lease() as lease:
