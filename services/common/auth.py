@@ -10,7 +10,8 @@ without a cache.
     IMGPIPE_API_KEYS="acme:<sha256 hex> rate=50/s concurrent=20, globex:<sha256 hex>"
 
 Entries are separated by commas (or newlines); each is `NAME:SHA256HEX`, then optional
-space-separated limits (`rate`, `burst`, `concurrent`, `images_per_day`) that override the
+space-separated limits (`rate`, `burst`, `concurrent`, `images_per_day`, `uploads`, `streams`,
+`weight`) that override the
 IMGPIPE_LIMIT_* defaults for that name. NAME is the owner recorded on the caller's requests.
 Several entries may share a name (a key being rotated): they are one owner with one set of
 limits. An empty IMGPIPE_API_KEYS turns authentication off.
@@ -71,6 +72,9 @@ class Limits:
     burst: int = 40  # API calls at once, after a quiet period
     concurrent: int = 10  # unfinished requests at a time
     images_per_day: int = 1_000_000  # images accepted per UTC day
+    uploads: int = 2  # uploads being received at a time
+    streams: int = 20  # live progress streams (SSE, WatchRequest) open at a time
+    weight: int = 1  # share of the workers against other owners (weighted round robin)
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,6 +189,10 @@ def parse_api_keys(raw: str, defaults: Limits) -> tuple[KeyRing, list[str]]:
     return KeyRing(by_digest), problems
 
 
+_WHOLE_NUMBER_LIMITS = ("burst", "concurrent", "images_per_day", "uploads", "streams", "weight")
+_AT_LEAST_ONE = ("burst", "weight")
+
+
 def _limits(options: list[str], defaults: Limits) -> tuple[Limits, list[str]]:
     limits, problems = defaults, []
     for option in options:
@@ -192,20 +200,22 @@ def _limits(options: list[str], defaults: Limits) -> tuple[Limits, list[str]]:
         try:
             if key == "rate":
                 limits = replace(limits, rate=parse_rate(value))
-            elif key in ("burst", "concurrent", "images_per_day"):
+            elif key in _WHOLE_NUMBER_LIMITS:
                 number = int(value)
-                if number < (1 if key == "burst" else 0):
+                if number < (1 if key in _AT_LEAST_ONE else 0):
                     raise ValueError
                 limits = replace(limits, **{key: number})
             else:
                 # Named only when it looks like an option name: never echo what may be a key.
                 shown = f" {key!r}" if re.fullmatch(r"[a-z_]{1,20}", key) else ""
                 problems.append(
-                    f"unknown option{shown}: expected rate, burst, concurrent or images_per_day"
+                    f"unknown option{shown}: expected rate, "
+                    + ", ".join(_WHOLE_NUMBER_LIMITS[:-1])
+                    + f" or {_WHOLE_NUMBER_LIMITS[-1]}"
                 )
         except ValueError:
             rule = "N/s, N/min or N/h" if key == "rate" else "a whole number"
-            rule += ", at least 1" if key == "burst" else ""
+            rule += ", at least 1" if key in _AT_LEAST_ONE else ""
             problems.append(f"{key}: expected {rule}")
     return limits, problems
 

@@ -270,6 +270,9 @@ def read_api_keys(env: _Reader) -> KeyRing:
         burst=env.integer("IMGPIPE_LIMIT_BURST", defaults.burst, minimum=1),
         concurrent=env.integer("IMGPIPE_LIMIT_CONCURRENT", defaults.concurrent),
         images_per_day=env.integer("IMGPIPE_LIMIT_IMAGES_PER_DAY", defaults.images_per_day),
+        uploads=env.integer("IMGPIPE_LIMIT_UPLOADS", defaults.uploads),
+        streams=env.integer("IMGPIPE_LIMIT_STREAMS", defaults.streams),
+        weight=env.integer("IMGPIPE_LIMIT_WEIGHT", defaults.weight, minimum=1),
     )
     keys, problems = parse_api_keys(env.environ.get("IMGPIPE_API_KEYS", ""), limits)
     env.problems += problems
