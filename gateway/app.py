@@ -45,6 +45,8 @@ def create_app(settings: GatewaySettings) -> web.Application:
     app.router.add_post("/requests/{request_id}/retry", handlers.retry)
     app.router.add_get("/requests/{request_id}/webhooks", handlers.webhooks)
     app.router.add_post("/requests/{request_id}/webhooks/redeliver", handlers.redeliver_webhook)
+    app.router.add_get("/webhook-secret", handlers.webhook_secret)
+    app.router.add_post("/webhook-secret/rotate", handlers.rotate_webhook_secret)
     app.router.add_get("/queue", handlers.queue)
     app.router.add_get("/files/{key:.+}", handlers.files)
     app.router.add_get("/healthz", handlers.healthz)

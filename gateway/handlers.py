@@ -226,6 +226,29 @@ async def redeliver_webhook(request: web.Request) -> web.Response:
     return web.json_response({"delivery": views.delivery_json(answer.delivery)}, status=202)
 
 
+async def webhook_secret(request: web.Request) -> web.Response:
+    """The caller's webhook signing secret (and the previous one, in its grace period)."""
+    answer = await request.app[BACKENDS].status.GetWebhookSecret(
+        status_pb.GetWebhookSecretRequest(), timeout=request.app[SETTINGS].rpc_timeout
+    )
+    return _secret_response(answer.secret)
+
+
+async def rotate_webhook_secret(request: web.Request) -> web.Response:
+    """A new signing secret for the caller; the old one signs too for the grace period."""
+    answer = await request.app[BACKENDS].status.RotateWebhookSecret(
+        status_pb.RotateWebhookSecretRequest(), timeout=request.app[SETTINGS].rpc_timeout
+    )
+    return _secret_response(answer.secret)
+
+
+def _secret_response(secret: status_pb.WebhookSecret) -> web.Response:
+    # A secret must not stay in a shared cache or the browser's.
+    return web.json_response(
+        views.webhook_secret_json(secret), headers={"Cache-Control": "no-store"}
+    )
+
+
 async def queue(request: web.Request) -> web.Response:
     """How much work waits, is in flight, or was dead-lettered."""
     limit = request.query.get("dead_letters", "20").strip()

@@ -175,6 +175,23 @@ def delivery_json(delivery: status_pb.WebhookDelivery) -> dict[str, Any]:
     }
 
 
+def webhook_secret_json(secret: status_pb.WebhookSecret) -> dict[str, Any]:
+    previous = None
+    if secret.previous_secret:
+        previous = {
+            "secret": secret.previous_secret,
+            "generation": secret.previous_generation,
+            "expires_at": timestamp(secret, "previous_expires_at"),
+        }
+    return {
+        "owner": secret.owner,
+        "secret": secret.secret,
+        "generation": secret.generation,
+        "previous": previous,
+        "rotated_at": timestamp(secret, "rotated_at"),
+    }
+
+
 def sse(event: str, data: dict[str, Any]) -> bytes:
     """One Server-Sent Events message (JSON has no raw newlines, so one data line)."""
     return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()

@@ -410,6 +410,11 @@ class WorkerSettings:
 
 # The Standard Webhooks retry schedule: seconds after the previous attempt.
 WEBHOOK_SCHEDULE = (5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0)
+# After a rotation, the secret before still signs this long: a day to update receivers.
+WEBHOOK_SECRET_GRACE = 86_400.0
+# Redeliveries per owner: each one is a signed POST to a URL the owner chose.
+WEBHOOK_REDELIVER_RATE = 10 / 60
+WEBHOOK_REDELIVER_BURST = 5
 
 
 @dataclass(frozen=True, slots=True)
@@ -423,6 +428,10 @@ class WebhookSettings:
     schedule: tuple[float, ...] = WEBHOOK_SCHEDULE
     fetch_allow: FetchAllow = field(default_factory=FetchAllow)
     fetch_limits: FetchLimits = field(default_factory=FetchLimits)
+    # With API keys, each owner's secret is derived from `secret` (webhook_secrets.py).
+    secret_grace: float = WEBHOOK_SECRET_GRACE
+    redeliver_rate: float = WEBHOOK_REDELIVER_RATE  # per second and owner; 0: unthrottled
+    redeliver_burst: int = WEBHOOK_REDELIVER_BURST
 
 
 @dataclass(frozen=True, slots=True)
@@ -468,6 +477,13 @@ class StatusSettings:
                     stall_timeout=timeout,
                     max_redirects=0,  # a webhook receiver answers; it does not redirect
                     allowed_ports=env.ports("IMGPIPE_FETCH_PORTS", FetchLimits().allowed_ports),
+                ),
+                secret_grace=env.number("IMGPIPE_WEBHOOK_SECRET_GRACE", WEBHOOK_SECRET_GRACE),
+                redeliver_rate=env.parsed(
+                    "IMGPIPE_WEBHOOK_REDELIVER_RATE", WEBHOOK_REDELIVER_RATE, parse_rate, "a rate"
+                ),
+                redeliver_burst=env.integer(
+                    "IMGPIPE_WEBHOOK_REDELIVER_BURST", WEBHOOK_REDELIVER_BURST, minimum=1
                 ),
             ),
             api_keys=read_api_keys(env),

@@ -3,6 +3,7 @@
 - **rate**: a GCRA (generic cell rate algorithm, a token bucket kept as one timestamp) per owner,
   checked for every authenticated gRPC call by `ApiKeyInterceptor`. A REST call is charged for
   the gRPC calls the gateway makes for it (one each; `GET /status` makes two).
+  The same bucket (`take_token`) throttles webhook redeliveries per owner.
 - **concurrent**: a sorted set per owner of its unfinished request ids, scored by the time the
   slot was taken. Ingest takes a slot when an upload starts and gives it back if the upload is
   refused or fails. Nothing has to free a slot when a request finishes: when an owner is at its
@@ -112,20 +113,23 @@ class Limiter:
         limits = principal.limits
         if limits.rate <= 0:
             return
-        interval_ms = 1000.0 / limits.rate
-        wait_ms = int(
-            await self._gcra(
-                keys=[f"{self.prefix}:rate:{principal.name}"],
-                args=[repr(interval_ms), limits.burst],
-            )
-        )
-        if wait_ms > 0:
+        wait = await self.take_token(f"rate:{principal.name}", limits.rate, limits.burst)
+        if wait > 0:
             rate = f"rate={rate_text(limits.rate)} burst={limits.burst}"
             raise RateLimited(
                 f"over the rate limit of this API key ({rate}); slow down",
                 [Detail(f"{rate_text(limits.rate)} calls, {limits.burst} at once", "rate")],
-                retry_after=max(1, math.ceil(wait_ms / 1000)),
+                retry_after=max(1, math.ceil(wait)),
             )
+
+    async def take_token(self, bucket: str, rate: float, burst: int) -> float:
+        """Take one token from the bucket `bucket` (a name of this limiter's own, with the
+        owner in it), refilled at `rate` per second, holding `burst`: 0.0 when taken, else
+        the seconds until one is there (nothing taken)."""
+        wait_ms = int(
+            await self._gcra(keys=[f"{self.prefix}:{bucket}"], args=[repr(1000.0 / rate), burst])
+        )
+        return wait_ms / 1000 if wait_ms > 0 else 0.0
 
     # ------------------------------------------------------------ concurrent
 

@@ -32,6 +32,7 @@ from services.common.proto_convert import (
 from services.common.storage import Storage
 from services.common.streams import DeadLetter, StreamNames, queue_stats
 from services.status.progress import ProgressHub
+from services.status.webhook_secrets import OwnerSecret
 from services.status.webhooks import WebhookDispatcher
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -154,6 +155,20 @@ class StatusServicer(status_grpc.StatusServiceServicer):
     ) -> status_pb.RedeliverWebhookResponse:
         row = await self._load(request.request_id)
         return status_pb.RedeliverWebhookResponse(delivery=await self._dispatcher().redeliver(row))
+
+    @rpc_method
+    async def GetWebhookSecret(
+        self, request: status_pb.GetWebhookSecretRequest, context: Context
+    ) -> status_pb.GetWebhookSecretResponse:
+        secret = await self._dispatcher().secrets.current(self.pool, caller_owner())
+        return status_pb.GetWebhookSecretResponse(secret=_secret_message(secret))
+
+    @rpc_method
+    async def RotateWebhookSecret(
+        self, request: status_pb.RotateWebhookSecretRequest, context: Context
+    ) -> status_pb.RotateWebhookSecretResponse:
+        secret = await self._dispatcher().secrets.rotate(self.pool, caller_owner())
+        return status_pb.RotateWebhookSecretResponse(secret=_secret_message(secret))
 
     def _hub(self) -> ProgressHub:
         if self.hub is None:
@@ -299,6 +314,19 @@ def _dead_letter(dead: DeadLetter) -> status_pb.DeadLetter:
         deliveries=dead.deliveries,
         dead_at=Timestamp(seconds=dead.dead_at),
     )
+
+
+def _secret_message(secret: OwnerSecret) -> status_pb.WebhookSecret:
+    message = status_pb.WebhookSecret(
+        owner=secret.owner, secret=secret.secret, generation=secret.generation
+    )
+    if secret.previous is not None and secret.previous_until is not None:
+        message.previous_secret = secret.previous
+        message.previous_generation = secret.generation - 1
+        message.previous_expires_at.CopyFrom(_timestamp(secret.previous_until))
+    if secret.rotated_at is not None:
+        message.rotated_at.CopyFrom(_timestamp(secret.rotated_at))
+    return message
 
 
 def _timestamp(value: datetime) -> Timestamp:

@@ -13,7 +13,9 @@ Two loops run in every status replica:
   schedule's step (with jitter), or after the receiver's Retry-After when that is longer.
 
 Every attempt of an event sends the same `webhook-id` (the event id, so receivers can
-deduplicate) and the same body bytes; the timestamp and signature are made per attempt.
+deduplicate) and the same body bytes; the timestamp and signature are made per attempt, with
+the secret of the request's owner (services/status/webhook_secrets.py), and the body names
+that owner. Redelivery on demand is throttled per owner.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ from services.common import metrics, tracing
 from services.common.config import ConfigError, WebhookSettings
 from services.common.db import queries
 from services.common.db import webhooks as db
-from services.common.errors import BACKEND_ERRORS, Conflict
+from services.common.errors import BACKEND_ERRORS, Conflict, Detail, RateLimited
 from services.common.fetch import (
     USER_AGENT,
     check_url,
@@ -51,15 +53,21 @@ from services.common.fetch import (
     parse_retry_after,
 )
 from services.common.grpc_server import wait_any, wait_or_stop
+from services.common.limits import Limiter, rate_text
 from services.common.outcome import ImageFailure, OutcomeCode
 from services.common.pb.imgpipe.v1 import request_pb2
 from services.common.pb.imgpipe.v1 import status_service_pb2 as status_pb
 from services.common.streams import EVENT_FIELD, Entry, GroupReader, StreamNames
+from services.status.webhook_secrets import (
+    NOT_CONFIGURED,
+    OwnerSecret,
+    WebhookSecrets,
+    signature_header,
+)
 
 log = logging.getLogger(__name__)
 
 GROUP = "webhooks"
-NOT_CONFIGURED = "webhooks are not configured: set IMGPIPE_WEBHOOK_SECRET"
 WHO = "the webhook receiver"  # how failure messages name the other side
 
 EVENT_BATCH = 50  # events read per XREADGROUP
@@ -112,7 +120,9 @@ class WebhookDispatcher:
         self.settings = settings
         self.consumer = consumer or f"status-{os.uname().nodename}-{os.getpid()}"
         self.claim_idle = claim_idle
-        self._signer = _signer(settings.secret)
+        _check_secret(settings.secret)
+        self.secrets = WebhookSecrets(settings.secret, grace_seconds=settings.secret_grace)
+        self._limiter = Limiter(redis, names, pool)
         # Set when an attempt is scheduled or finishes, so the delivery loop looks at once.
         self._wake = asyncio.Event()
 
@@ -179,7 +189,7 @@ class WebhookDispatcher:
                     url=request.webhook_url,
                     payload=self._payload(
                         event_type,
-                        request_id,
+                        request,
                         status,
                         (progress.images_total, progress.images_done, progress.images_failed),
                         _occurred(event.occurred_at),
@@ -199,18 +209,24 @@ class WebhookDispatcher:
     def _payload(
         self,
         event_type: str,
-        request_id: uuid.UUID,
+        request: queries.RequestRow,
         status: str,
         counts: tuple[int, int, int],
         occurred: datetime,
     ) -> str:
-        """The thin Standard Webhooks envelope, as the exact text that is signed and sent."""
+        """The thin Standard Webhooks envelope, as the exact text that is signed and sent.
+
+        It names the request's owner, so a receiver shared by several owners knows whose
+        secret must have signed it; with no owner (one tenant) the envelope is as it was."""
         base = self.settings.public_api_url.rstrip("/")
+        request_id = request.id
         total, done, failed = counts
+        owner = {"owner": request.owner} if request.owner else {}
         envelope = {
             "type": event_type,
             "timestamp": _iso(occurred),
             "data": {
+                **owner,
                 "request_id": str(request_id),
                 "status": status,
                 "images_total": total,
@@ -228,7 +244,7 @@ class WebhookDispatcher:
         """Send due attempts, at most CONCURRENCY at once, until `stop`; then let the ones in
         flight finish (they are bounded by the timeout; a cancelled one lets its lease lapse and
         is sent again later)."""
-        if self._signer is None:
+        if not self.secrets.configured:
             log.warning(NOT_CONFIGURED + "; every webhook will be recorded as abandoned")
         in_flight: set[asyncio.Task[None]] = set()
         failures = 0
@@ -249,8 +265,8 @@ class WebhookDispatcher:
                             extra={"error": repr(exc), "retry_in": pause},
                         )
                     else:
-                        for delivery in due:
-                            task = asyncio.create_task(self._deliver(delivery))
+                        for delivery, secret in due:
+                            task = asyncio.create_task(self._deliver(delivery, secret))
                             in_flight.add(task)
                             task.add_done_callback(in_flight.discard)
                         if next_due is not None:
@@ -262,20 +278,28 @@ class WebhookDispatcher:
                 log.info("finishing webhooks in flight", extra={"attempts": len(in_flight)})
                 await asyncio.gather(*in_flight, return_exceptions=True)
 
-    async def _claim(self, limit: int) -> tuple[list[db.DeliveryRow], float | None]:
-        """Lease up to `limit` due attempts; when there were fewer, also the seconds until the
-        next one is due (None: nothing is scheduled)."""
+    async def _claim(
+        self, limit: int
+    ) -> tuple[list[tuple[db.DeliveryRow, OwnerSecret]], float | None]:
+        """Lease up to `limit` due attempts, each with the secrets that sign it; when there
+        were fewer, also the seconds until the next one is due (None: nothing is scheduled)."""
         lease = self.settings.timeout + LEASE_MARGIN
         async with self.pool.acquire() as conn:
             due = await db.claim_due(conn, limit=limit, lease_seconds=lease)
+            states = await db.signing_generations(conn, list({d.request_id for d in due}))
+            signed = [(d, self._secret_of(states.get(d.request_id))) for d in due]
             if len(due) == limit:
-                return due, None
-            return due, await db.seconds_until_due(conn)
+                return signed, None
+            return signed, await db.seconds_until_due(conn)
 
-    async def _deliver(self, delivery: db.DeliveryRow) -> None:
+    def _secret_of(self, state: db.SecretGeneration | None) -> OwnerSecret:
+        # No state: the request is gone (its attempts go with it); sign as for no owner.
+        return self.secrets.of(state or db.SecretGeneration("", 1, None, False, None))
+
+    async def _deliver(self, delivery: db.DeliveryRow, secret: OwnerSecret) -> None:
         tracing.set_request_id(str(delivery.request_id))  # a task of its own: see run_deliveries
         try:
-            outcome = await self._send(delivery)
+            outcome = await self._send(delivery, secret)
             metrics.WEBHOOK_ATTEMPTS.labels(outcome.result).inc()
             retry_in = None
             state = outcome.state
@@ -318,12 +342,12 @@ class WebhookDispatcher:
         finally:
             self._wake.set()
 
-    async def _send(self, delivery: db.DeliveryRow) -> _Outcome:
-        if self._signer is None:
+    async def _send(self, delivery: db.DeliveryRow, secret: OwnerSecret) -> _Outcome:
+        if not self.secrets.configured:
             return _Outcome(db.ABANDONED, None, NOT_CONFIGURED, result="not_configured")
         try:
             check_url(self.session, delivery.url)
-            headers = _signed_headers(self._signer, delivery.event_id, delivery.payload)
+            headers = _signed_headers(secret.signing, delivery.event_id, delivery.payload)
             timeout = aiohttp.ClientTimeout(
                 total=self.settings.timeout,
                 sock_connect=min(self.settings.timeout, self.settings.fetch_limits.connect_timeout),
@@ -360,7 +384,8 @@ class WebhookDispatcher:
     async def redeliver(self, request: queries.RequestRow) -> status_pb.WebhookDelivery:
         """Send the request's latest event again, now: the attempt already scheduled is brought
         forward, or a new attempt is scheduled. Conflict when the request is not final or has
-        no webhook_url."""
+        no webhook_url; RateLimited when its owner redelivers faster than the settings allow
+        (each redelivery is a signed POST to a URL of the caller's choosing)."""
         if request.status not in ("Completed", "Failed"):
             raise Conflict(
                 f"request {request.id} is {request.status}: its webhook is sent once it is"
@@ -368,10 +393,11 @@ class WebhookDispatcher:
             )
         if not request.webhook_url:
             raise Conflict(f"request {request.id} has no webhook_url")
+        await self._throttle_redelivery(request.owner)
         event_type = "request.completed" if request.status == "Completed" else "request.failed"
         payload = self._payload(
             event_type,
-            request.id,
+            request,
             request.status,
             (request.images_total, request.images_done, request.images_failed),
             request.completed_at or request.updated_at,
@@ -394,6 +420,19 @@ class WebhookDispatcher:
                 self._wake.set()
                 return _message(row)
         raise Conflict(f"request {request.id}: its webhook is being redelivered already")
+
+    async def _throttle_redelivery(self, owner: str) -> None:
+        rate, burst = self.settings.redeliver_rate, self.settings.redeliver_burst
+        if rate <= 0:
+            return
+        wait = await self._limiter.take_token(f"redeliver:{owner}", rate, burst)
+        if wait > 0:
+            shown = f"{rate_text(rate)}, {burst} at once"
+            raise RateLimited(
+                f"webhook redeliveries are throttled per owner ({shown}); try again later",
+                [Detail(f"{shown}: IMGPIPE_WEBHOOK_REDELIVER_RATE", "redeliver")],
+                retry_after=max(1, math.ceil(wait)),
+            )
 
 
 # ---------------------------------------------------------------------- pure parts
@@ -458,23 +497,24 @@ def retry_delay(
     return delay
 
 
-def _signed_headers(signer: Webhook, event_id: str, payload: str) -> dict[str, str]:
-    """Standard Webhooks headers; the timestamp and signature are new on every attempt."""
+def _signed_headers(secrets: tuple[str, ...], event_id: str, payload: str) -> dict[str, str]:
+    """Standard Webhooks headers; the timestamp and signature are new on every attempt, with
+    one signature per secret (two during a rotation's grace period)."""
     sent_at = datetime.now(UTC)
     return {
         "webhook-id": event_id,
         "webhook-timestamp": str(math.floor(sent_at.timestamp())),
-        "webhook-signature": signer.sign(event_id, sent_at, payload),
+        "webhook-signature": signature_header(secrets, event_id, sent_at, payload),
         "Content-Type": "application/json",
         "User-Agent": f"{USER_AGENT} (webhooks)",
     }
 
 
-def _signer(secret: str) -> Webhook | None:
+def _check_secret(secret: str) -> None:
     if not secret:
-        return None
+        return
     try:
-        return Webhook(secret)
+        Webhook(secret)
     except (binascii.Error, ValueError, EmptyWebhookSecretError) as exc:
         raise ConfigError(
             [f"IMGPIPE_WEBHOOK_SECRET: not a valid whsec_<base64> secret ({exc})"]

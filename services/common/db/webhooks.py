@@ -190,3 +190,69 @@ async def list_deliveries(conn: Connection, request_id: uuid.UUID) -> list[Deliv
         request_id,
     )
     return [DeliveryRow(**dict(r)) for r in rows]
+
+
+# ---------------------------------------------------------------- signing secret generations
+
+
+@dataclass(frozen=True, slots=True)
+class SecretGeneration:
+    """Where an owner's signing secret stands: its generation, and until when the generation
+    before still signs (`previous_until`, None or past when it no longer does)."""
+
+    owner: str
+    generation: int
+    previous_until: datetime | None
+    in_grace: bool  # previous_until is still ahead, by the database's clock
+    rotated_at: datetime | None
+
+
+_GENERATION = """COALESCE(s.generation, 1) AS generation, s.previous_until,
+    COALESCE(s.previous_until > now(), false) AS in_grace, s.rotated_at"""
+
+
+async def secret_generation(conn: Connection, owner: str) -> SecretGeneration:
+    """The owner's generation (1, never rotated, when it has no row)."""
+    row = await conn.fetchrow(
+        f"""SELECT o.owner, {_GENERATION}
+              FROM (VALUES ($1::text)) AS o (owner)
+              LEFT JOIN webhook_secrets s ON s.owner = o.owner""",
+        owner,
+    )
+    assert row is not None  # one row, always
+    return SecretGeneration(**dict(row))
+
+
+async def rotate_secret(conn: Connection, owner: str, *, grace_seconds: float) -> SecretGeneration:
+    """Move the owner to its next generation; the one before signs for `grace_seconds` more
+    (a generation older than that stops at once)."""
+    row = await conn.fetchrow(
+        """INSERT INTO webhook_secrets AS s (owner, generation, previous_until, rotated_at)
+           VALUES ($1, 2, now() + make_interval(secs => $2::float8), now())
+           ON CONFLICT (owner) DO UPDATE
+              SET generation = s.generation + 1,
+                  previous_until = EXCLUDED.previous_until,
+                  rotated_at = EXCLUDED.rotated_at
+        RETURNING owner, generation, previous_until, previous_until > now() AS in_grace,
+                  rotated_at""",
+        owner,
+        grace_seconds,
+    )
+    assert row is not None  # an upsert returns its row
+    return SecretGeneration(**dict(row))
+
+
+async def signing_generations(
+    conn: Connection, request_ids: list[uuid.UUID]
+) -> dict[uuid.UUID, SecretGeneration]:
+    """The owner and secret generation of each request, to sign its webhooks."""
+    rows = await conn.fetch(
+        f"""SELECT r.id, r.owner, {_GENERATION}
+              FROM requests r LEFT JOIN webhook_secrets s ON s.owner = r.owner
+             WHERE r.id = ANY($1::uuid[])""",
+        request_ids,
+    )
+    return {
+        row["id"]: SecretGeneration(**{k: v for k, v in dict(row).items() if k != "id"})
+        for row in rows
+    }

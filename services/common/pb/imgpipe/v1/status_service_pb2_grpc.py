@@ -65,6 +65,16 @@ class StatusServiceStub:
                 request_serializer=imgpipe_dot_v1_dot_status__service__pb2.RedeliverWebhookRequest.SerializeToString,
                 response_deserializer=imgpipe_dot_v1_dot_status__service__pb2.RedeliverWebhookResponse.FromString,
                 _registered_method=True)
+        self.GetWebhookSecret = channel.unary_unary(
+                '/imgpipe.v1.StatusService/GetWebhookSecret',
+                request_serializer=imgpipe_dot_v1_dot_status__service__pb2.GetWebhookSecretRequest.SerializeToString,
+                response_deserializer=imgpipe_dot_v1_dot_status__service__pb2.GetWebhookSecretResponse.FromString,
+                _registered_method=True)
+        self.RotateWebhookSecret = channel.unary_unary(
+                '/imgpipe.v1.StatusService/RotateWebhookSecret',
+                request_serializer=imgpipe_dot_v1_dot_status__service__pb2.RotateWebhookSecretRequest.SerializeToString,
+                response_deserializer=imgpipe_dot_v1_dot_status__service__pb2.RotateWebhookSecretResponse.FromString,
+                _registered_method=True)
 
 
 class StatusServiceServicer:
@@ -113,6 +123,21 @@ class StatusServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetWebhookSecret(self, request, context):
+        """GetWebhookSecret returns the caller's webhook signing secret (API keys only).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RotateWebhookSecret(self, request, context):
+        """RotateWebhookSecret gives the caller a new signing secret; the old one keeps signing too
+        for a grace period.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_StatusServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -145,6 +170,16 @@ def add_StatusServiceServicer_to_server(servicer, server):
                     servicer.RedeliverWebhook,
                     request_deserializer=imgpipe_dot_v1_dot_status__service__pb2.RedeliverWebhookRequest.FromString,
                     response_serializer=imgpipe_dot_v1_dot_status__service__pb2.RedeliverWebhookResponse.SerializeToString,
+            ),
+            'GetWebhookSecret': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetWebhookSecret,
+                    request_deserializer=imgpipe_dot_v1_dot_status__service__pb2.GetWebhookSecretRequest.FromString,
+                    response_serializer=imgpipe_dot_v1_dot_status__service__pb2.GetWebhookSecretResponse.SerializeToString,
+            ),
+            'RotateWebhookSecret': grpc.unary_unary_rpc_method_handler(
+                    servicer.RotateWebhookSecret,
+                    request_deserializer=imgpipe_dot_v1_dot_status__service__pb2.RotateWebhookSecretRequest.FromString,
+                    response_serializer=imgpipe_dot_v1_dot_status__service__pb2.RotateWebhookSecretResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -310,6 +345,60 @@ class StatusService:
             '/imgpipe.v1.StatusService/RedeliverWebhook',
             imgpipe_dot_v1_dot_status__service__pb2.RedeliverWebhookRequest.SerializeToString,
             imgpipe_dot_v1_dot_status__service__pb2.RedeliverWebhookResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetWebhookSecret(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/imgpipe.v1.StatusService/GetWebhookSecret',
+            imgpipe_dot_v1_dot_status__service__pb2.GetWebhookSecretRequest.SerializeToString,
+            imgpipe_dot_v1_dot_status__service__pb2.GetWebhookSecretResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RotateWebhookSecret(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/imgpipe.v1.StatusService/RotateWebhookSecret',
+            imgpipe_dot_v1_dot_status__service__pb2.RotateWebhookSecretRequest.SerializeToString,
+            imgpipe_dot_v1_dot_status__service__pb2.RotateWebhookSecretResponse.FromString,
             options,
             channel_credentials,
             insecure,

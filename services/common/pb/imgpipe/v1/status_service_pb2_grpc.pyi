@@ -45,6 +45,12 @@ class StatusServiceStub:
     """ListWebhookDeliveries lists every webhook attempt of a request, oldest first."""
     RedeliverWebhook: _grpc.UnaryUnaryMultiCallable[_status_service_pb2.RedeliverWebhookRequest, _status_service_pb2.RedeliverWebhookResponse]
     """RedeliverWebhook sends the request's latest event to its webhook again, now."""
+    GetWebhookSecret: _grpc.UnaryUnaryMultiCallable[_status_service_pb2.GetWebhookSecretRequest, _status_service_pb2.GetWebhookSecretResponse]
+    """GetWebhookSecret returns the caller's webhook signing secret (API keys only)."""
+    RotateWebhookSecret: _grpc.UnaryUnaryMultiCallable[_status_service_pb2.RotateWebhookSecretRequest, _status_service_pb2.RotateWebhookSecretResponse]
+    """RotateWebhookSecret gives the caller a new signing secret; the old one keeps signing too
+    for a grace period.
+    """
 
 @_typing.type_check_only
 class StatusServiceAsyncStub(StatusServiceStub):
@@ -63,6 +69,12 @@ class StatusServiceAsyncStub(StatusServiceStub):
     """ListWebhookDeliveries lists every webhook attempt of a request, oldest first."""
     RedeliverWebhook: _aio.UnaryUnaryMultiCallable[_status_service_pb2.RedeliverWebhookRequest, _status_service_pb2.RedeliverWebhookResponse]  # type: ignore[assignment]
     """RedeliverWebhook sends the request's latest event to its webhook again, now."""
+    GetWebhookSecret: _aio.UnaryUnaryMultiCallable[_status_service_pb2.GetWebhookSecretRequest, _status_service_pb2.GetWebhookSecretResponse]  # type: ignore[assignment]
+    """GetWebhookSecret returns the caller's webhook signing secret (API keys only)."""
+    RotateWebhookSecret: _aio.UnaryUnaryMultiCallable[_status_service_pb2.RotateWebhookSecretRequest, _status_service_pb2.RotateWebhookSecretResponse]  # type: ignore[assignment]
+    """RotateWebhookSecret gives the caller a new signing secret; the old one keeps signing too
+    for a grace period.
+    """
 
 class StatusServiceServicer(metaclass=_abc_1.ABCMeta):
     """StatusService answers questions about requests. An unknown id is NOT_FOUND."""
@@ -114,5 +126,23 @@ class StatusServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_status_service_pb2.RedeliverWebhookResponse, _abc.Awaitable[_status_service_pb2.RedeliverWebhookResponse]]:
         """RedeliverWebhook sends the request's latest event to its webhook again, now."""
+
+    @_abc_1.abstractmethod
+    def GetWebhookSecret(
+        self,
+        request: _status_service_pb2.GetWebhookSecretRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_status_service_pb2.GetWebhookSecretResponse, _abc.Awaitable[_status_service_pb2.GetWebhookSecretResponse]]:
+        """GetWebhookSecret returns the caller's webhook signing secret (API keys only)."""
+
+    @_abc_1.abstractmethod
+    def RotateWebhookSecret(
+        self,
+        request: _status_service_pb2.RotateWebhookSecretRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_status_service_pb2.RotateWebhookSecretResponse, _abc.Awaitable[_status_service_pb2.RotateWebhookSecretResponse]]:
+        """RotateWebhookSecret gives the caller a new signing secret; the old one keeps signing too
+        for a grace period.
+        """
 
 def add_StatusServiceServicer_to_server(servicer: StatusServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
