@@ -22,6 +22,7 @@ from gateway import views
 from gateway.backends import BACKENDS, SETTINGS
 from gateway.output_csv import stream_output_csv
 from gateway.page_cache import PAGES, PageKey, Version
+from gateway.public_url import public_url
 from gateway.serving import IN_FLIGHT
 from gateway.upload import upload_csv
 from services.common import tracing
@@ -42,17 +43,12 @@ KEEPALIVE = 15.0
 _UNSAFE_FILENAME = re.compile(r"[^A-Za-z0-9._-]")
 
 
-def absolute_url(request: web.Request, path: str) -> str:
-    """`path` on the host and scheme the caller used to reach us."""
-    return f"{request.scheme}://{request.host}{path}"
-
-
 def status_url(request: web.Request, request_id: str) -> str:
-    return absolute_url(request, f"/status/{quote(request_id, safe='')}")
+    return public_url(request, f"/status/{quote(request_id, safe='')}")
 
 
 def output_csv_url(request: web.Request, request_id: str) -> str:
-    return absolute_url(request, f"/requests/{quote(request_id, safe='')}/output.csv")
+    return public_url(request, f"/requests/{quote(request_id, safe='')}/output.csv")
 
 
 async def upload(request: web.Request) -> web.Response:

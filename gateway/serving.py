@@ -13,6 +13,7 @@ import logging
 
 from aiohttp import web
 
+from gateway.access_log import AccessLogger
 from gateway.errors import Handler
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,8 @@ IN_FLIGHT = web.AppKey("in_flight", InFlight)
 
 async def start(app: web.Application, host: str, port: int) -> web.AppRunner:
     """Start serving `app` on host:port (port 0 picks a free one: see `runner.addresses`)."""
-    runner = web.AppRunner(app, shutdown_timeout=_CANCEL_TIMEOUT)
+    # The access log never writes query string values (gateway/access_log.py).
+    runner = web.AppRunner(app, shutdown_timeout=_CANCEL_TIMEOUT, access_log_class=AccessLogger)
     await runner.setup()
     try:
         await web.TCPSite(runner, host, port).start()

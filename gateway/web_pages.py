@@ -43,8 +43,13 @@ def esc(value: object) -> str:
 
 
 def web_url(url: object) -> str | None:
-    """`url` if it is an absolute http(s) URL (safe in href or src), else None."""
-    if isinstance(url, str) and url[:8].lower().startswith(("http://", "https://")):
+    """`url` if it is an absolute http(s) URL or a path on this site (safe in href or src),
+    else None. The gateway's own links are paths when it does not know its public URL."""
+    if not isinstance(url, str):
+        return None
+    if url[:8].lower().startswith(("http://", "https://")):
+        return url
+    if url.startswith("/") and not url.startswith(("//", "/\\")):
         return url
     return None
 

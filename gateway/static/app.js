@@ -33,8 +33,11 @@
     return node;
   }
 
+  // An absolute http(s) URL, or a path on this site (the gateway's own links are paths when
+  // it does not know its public URL); anything else (javascript:, //host) is not a link.
   function webUrl(url) {
-    return typeof url === "string" && /^https?:\/\//i.test(url) ? url : null;
+    if (typeof url !== "string") return null;
+    return /^https?:\/\//i.test(url) || /^\/(?![\/\\])/.test(url) ? url : null;
   }
 
   function formatBytes(count) {

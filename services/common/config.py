@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import binascii
 import functools
+import ipaddress
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from urllib.parse import urlsplit
 from services.common.auth import KeyRing, Limits, parse_api_keys, parse_rate
 from services.common.budget import DEFAULT_BUFFER_BYTES, DEFAULT_PIXEL_BUDGET
 from services.common.csv_format import CsvLimits
-from services.common.fetch import FetchAllow, FetchLimits
+from services.common.fetch import FetchAllow, FetchLimits, IPNetwork
 from services.common.imaging import ImageLimits
 from services.common.outcome import RetryPolicy
 from services.common.storage import S3Options, StorageConfig
@@ -105,6 +106,13 @@ class _Reader:
             return raw
 
         return self.parsed(name, default, parse, f"a URL with scheme {' or '.join(schemes)}")
+
+    def networks(self, name: str) -> tuple[IPNetwork, ...]:
+        def parse(raw: str) -> tuple[IPNetwork, ...]:
+            entries = [entry.strip() for entry in raw.split(",") if entry.strip()]
+            return tuple(ipaddress.ip_network(entry, strict=False) for entry in entries)
+
+        return self.parsed(name, (), parse, "comma-separated IP addresses or CIDR networks")
 
     def done(self) -> None:
         if self.problems:
@@ -293,6 +301,10 @@ class IngestSettings:
     common: CommonSettings
     csv_limits: CsvLimits = field(default_factory=CsvLimits)
     api_keys: KeyRing = field(default_factory=KeyRing)
+    # The status service's fetch guard settings: a webhook_url it would refuse whatever DNS
+    # says is refused at upload instead.
+    fetch_allow: FetchAllow = field(default_factory=FetchAllow)
+    fetch_ports: frozenset[int] = FetchLimits().allowed_ports
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Self:
@@ -311,9 +323,18 @@ class IngestSettings:
                 ),
             ),
             api_keys=read_api_keys(env),
+            fetch_allow=read_fetch_allow(env),
+            fetch_ports=env.ports("IMGPIPE_FETCH_PORTS", FetchLimits().allowed_ports),
         )
         env.done()
         return settings
+
+
+def read_fetch_allow(env: _Reader) -> FetchAllow:
+    """IMGPIPE_FETCH_ALLOW: what the fetch guard lets through (tests and demos only)."""
+    return env.parsed(
+        "IMGPIPE_FETCH_ALLOW", FetchAllow(), FetchAllow.parse, "host:port or CIDR entries"
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -358,9 +379,7 @@ class WorkerSettings:
         env = _Reader(environ)
         fetch = FetchLimits()
         images = ImageLimits()
-        allow = env.parsed(
-            "IMGPIPE_FETCH_ALLOW", FetchAllow(), FetchAllow.parse, "host:port or CIDR entries"
-        )
+        allow = read_fetch_allow(env)
         settings = cls(
             common=CommonSettings.read(env, "127.0.0.1:50061"),
             # The pod name in Kubernetes; hostname-pid elsewhere, so restarts get a new name
@@ -465,12 +484,7 @@ class StatusSettings:
                     _seconds_list,
                     "seconds, comma-separated",
                 ),
-                fetch_allow=env.parsed(
-                    "IMGPIPE_FETCH_ALLOW",
-                    FetchAllow(),
-                    FetchAllow.parse,
-                    "host:port or CIDR entries",
-                ),
+                fetch_allow=read_fetch_allow(env),
                 fetch_limits=FetchLimits(
                     connect_timeout=min(timeout, FetchLimits().connect_timeout),
                     total_timeout=timeout,
@@ -520,6 +534,10 @@ class GatewaySettings:
     log_level: str = "INFO"
     api_keys: KeyRing = field(default_factory=KeyRing)
     metrics_listen: str = ""  # where /metrics is served (never the API port); '' serves nothing
+    # How callers reach the gateway, for the links it hands out (gateway/public_url.py); ''
+    # trusts X-Forwarded-Proto from `trusted_proxies` only, else links are paths.
+    public_api_url: str = ""
+    trusted_proxies: tuple[IPNetwork, ...] = ()
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Self:
@@ -538,6 +556,8 @@ class GatewaySettings:
             log_level=env.text("IMGPIPE_LOG_LEVEL", "INFO").upper(),
             api_keys=read_api_keys(env),
             metrics_listen=read_metrics_listen(env),
+            public_api_url=env.url("IMGPIPE_PUBLIC_API_URL", "", ("http", "https")).rstrip("/"),
+            trusted_proxies=env.networks("IMGPIPE_TRUSTED_PROXIES"),
         )
         check_metrics_port(
             env, settings.metrics_listen, "IMGPIPE_HTTP_LISTEN", settings.http_listen

@@ -512,6 +512,21 @@ def check_url(session: aiohttp.ClientSession, url: str | URL) -> URL:
     return parsed
 
 
+def refused_before_dns(url: str, allow: FetchAllow, allowed_ports: frozenset[int]) -> str | None:
+    """Why the guard will refuse `url` whatever DNS answers (its scheme, credentials or port,
+    an IP literal that is not public), or None when only resolving it can tell.
+
+    For URLs accepted now and fetched later (webhook_url): refusing them up front beats
+    accepting them and abandoning every delivery."""
+    try:
+        _check_url(URL(url), GuardedResolver(allow, allowed_ports=allowed_ports))
+    except ImageFailure as failure:
+        return failure.message
+    except (ValueError, TypeError) as exc:
+        return f"the URL is not valid: {exc}"
+    return None
+
+
 def _check_url(url: URL, guard: GuardedResolver) -> None:
     """Refuse what no hop may ask for, before anything is resolved or sent."""
     if url.scheme not in ("http", "https"):
@@ -535,7 +550,7 @@ def _check_url(url: URL, guard: GuardedResolver) -> None:
             raise ImageFailure(OutcomeCode.BLOCKED_ADDRESS, _port_refused(port, guard))
         raise ImageFailure(
             OutcomeCode.BLOCKED_ADDRESS,
-            f"{host} is a private, internal or reserved address; downloads from it are not allowed",
+            f"{host} is a private, internal or reserved address; imgpipe does not connect to it",
         )
     if host.replace(".", "").isdigit():
         raise ImageFailure(
@@ -550,7 +565,7 @@ def _check_url(url: URL, guard: GuardedResolver) -> None:
 
 def _port_refused(port: int, guard: GuardedResolver) -> str:
     ports = ", ".join(str(p) for p in sorted(guard.allowed_ports or ()))
-    return f"port {port} is not allowed; images are downloaded only from ports {ports}"
+    return f"port {port} is not allowed; imgpipe connects only to ports {ports}"
 
 
 def _check_cooldown(url: URL, cooldowns: HostCooldowns) -> None:

@@ -23,7 +23,13 @@ async def main(settings: IngestSettings) -> None:
         log_auth_state(settings.api_keys, settings.common.grpc_listen)
         limiter = Limiter(backends.redis, backends.names, backends.pool)
         servicer = IngestServicer(
-            backends.pool, backends.redis, backends.names, settings.csv_limits, limiter
+            backends.pool,
+            backends.redis,
+            backends.names,
+            settings.csv_limits,
+            limiter,
+            fetch_allow=settings.fetch_allow,
+            fetch_ports=settings.fetch_ports,
         )
         health = Health([SERVICE])
         monitor = backends.monitor(health)

@@ -43,6 +43,7 @@ from services.common.errors import (
     TooLarge,
     rpc_method,
 )
+from services.common.fetch import FetchAllow, FetchLimits, refused_before_dns
 from services.common.grpc_server import Register
 from services.common.imaging import ImageOptions
 from services.common.limits import ImageReservation, Limiter
@@ -89,6 +90,9 @@ class IngestServicer(ingest_grpc.IngestServiceServicer):
         names: Any,
         limits: CsvLimits,
         limiter: Limiter | None = None,
+        *,
+        fetch_allow: FetchAllow | None = None,
+        fetch_ports: frozenset[int] = FetchLimits().allowed_ports,
     ) -> None:
         self.pool = pool
         self.redis = redis
@@ -97,6 +101,9 @@ class IngestServicer(ingest_grpc.IngestServiceServicer):
         # Per-key limits (concurrent requests, images per day); they apply to callers that
         # authenticated with an API key, so not when authentication is off.
         self.limiter = limiter
+        # The status service's fetch guard, to refuse a webhook_url it would never contact.
+        self.fetch_allow = fetch_allow or FetchAllow()
+        self.fetch_ports = fetch_ports
         self._publishing: set[asyncio.Task[None]] = set()
 
     async def drain(self, stop: asyncio.Event) -> None:
@@ -172,10 +179,10 @@ class IngestServicer(ingest_grpc.IngestServiceServicer):
         options = from_proto(pb.options)
         problems = [Detail(message=m, column="options") for m in options.validate()]
         webhook_url = pb.webhook_url.strip() or None
-        if webhook_url is not None and not _is_http_url(webhook_url):
-            problems.append(
-                Detail(message="webhook_url must be an absolute http(s) URL", column="webhook_url")
-            )
+        if webhook_url is not None:
+            problem = self._webhook_url_problem(webhook_url)
+            if problem is not None:
+                problems.append(Detail(message=problem, column="webhook_url"))
         key = pb.idempotency_key.strip()
         if len(key) > 255 or not key.isprintable():
             problems.append(
@@ -187,6 +194,14 @@ class IngestServicer(ingest_grpc.IngestServiceServicer):
         if problems:
             raise InvalidArgument("invalid upload options", problems)
         return Header(options, webhook_url, key or None)
+
+    def _webhook_url_problem(self, url: str) -> str | None:
+        """Why `url` can never receive a webhook, when that is known without DNS: not http(s),
+        credentials in it, a port or an IP literal the fetch guard refuses."""
+        if not _is_http_url(url):
+            return "webhook_url must be an absolute http(s) URL"
+        refused = refused_before_dns(url, self.fetch_allow, self.fetch_ports)
+        return f"webhook_url is refused: {refused}" if refused is not None else None
 
     async def _ingest(self, header: Header, chunks: AsyncIterator[bytes]) -> ingest_pb.Accepted:
         owner = caller_owner()  # '' when authentication is off

@@ -371,8 +371,10 @@ async def test_options_before_the_file_and_in_the_query_reach_ingest(
         "status": "Pending",
         "products": 1,
         "images": 1,
-        "status_url": str(client_with_ingest.make_url("/status/req-1")),
+        # No IMGPIPE_PUBLIC_API_URL and no trusted proxy: a path, never the Host header's.
+        "status_url": "/status/req-1",
     }
+    assert response.headers["Location"] == "/status/req-1"
     servicer = fake_ingest[0]
     assert servicer.completed == [CSV]
     [header] = servicer.headers

@@ -170,13 +170,18 @@ class Complaints(logging.Handler):
 
 
 async def finished_request(
-    pool: asyncpg.Pool, webhook_url: str | None, *, failed: bool = False
+    pool: asyncpg.Pool, webhook_url: str | None, *, failed: bool = False, owner: str = ""
 ) -> queries.RequestRow:
     """A request of two images, finished: one done and one failed (both failed: Failed)."""
     request_id = uuid.uuid4()
     async with pool.acquire() as conn:
         await queries.insert_request(
-            conn, request_id, options={}, webhook_url=webhook_url, owner="", idempotency_key=None
+            conn,
+            request_id,
+            options={},
+            webhook_url=webhook_url,
+            owner=owner,
+            idempotency_key=None,
         )
         product = ProductRow(2, "1", "Shoe", ("http://a.example/1.jpg", "http://a.example/2.jpg"))
         images = await queries.insert_products(conn, request_id, [product])
