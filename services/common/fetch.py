@@ -550,7 +550,7 @@ def _check_url(url: URL, guard: GuardedResolver) -> None:
             raise ImageFailure(OutcomeCode.BLOCKED_ADDRESS, _port_refused(port, guard))
         raise ImageFailure(
             OutcomeCode.BLOCKED_ADDRESS,
-            f"{host} is a private, internal or reserved address; imgpipe does not connect to it",
+            f"{host} is a private, internal or reserved address; connections to it are not allowed",
         )
     if host.replace(".", "").isdigit():
         raise ImageFailure(
