@@ -92,6 +92,15 @@ def build_parser() -> argparse.ArgumentParser:
     again.add_argument("request_id", metavar="ID")
     again.add_argument("--wait", action="store_true", help="follow it to the end")
 
+    hook = command(
+        "webhook-secret", "print the webhook signing secret of your API key (verify with it)"
+    )
+    hook.add_argument(
+        "--rotate",
+        action="store_true",
+        help="make a new secret first; the old one keeps signing for the grace period",
+    )
+
     serve = sub.add_parser(
         "serve",
         help="run one service in the foreground",
@@ -201,6 +210,8 @@ def _run_client(args: argparse.Namespace, target: commands.Target) -> int:
         return _download(target, args.request_id, args.output)
     if args.command == "retry":
         return _run(commands.retry(target, args.request_id, wait=args.wait))
+    if args.command == "webhook-secret":
+        return _run(commands.webhook_secret(target, rotate=args.rotate))
     raise AssertionError(f"unknown command {args.command!r}")
 
 

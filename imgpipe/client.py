@@ -169,6 +169,12 @@ class ApiClient:
         async with self._call("POST", self.request_path(request_id, "/retry")) as response:
             return await _json(response)
 
+    async def webhook_secret(self, *, rotate: bool = False) -> dict[str, Any]:
+        """GET /webhook-secret, or POST /webhook-secret/rotate: the caller's signing secret."""
+        method, path = ("POST", "/webhook-secret/rotate") if rotate else ("GET", "/webhook-secret")
+        async with self._call(method, path) as response:
+            return await _json(response)
+
     async def events(self, request_id: str) -> AsyncGenerator[Event, None]:
         """One connection to GET /requests/{id}/events: each (event name, data) until the
         server ends the stream. A silent stream times out after STREAM_READ_TIMEOUT."""

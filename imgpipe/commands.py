@@ -103,6 +103,14 @@ async def retry(target: Target, request_id: str, *, wait: bool) -> int:
         return await _wait(api, target, answer["request_id"])
 
 
+async def webhook_secret(target: Target, *, rotate: bool) -> int:
+    """Print the key's webhook signing secret; with `rotate`, make a new one first."""
+    async with target.client() as api:
+        answer = await api.webhook_secret(rotate=rotate)
+    say([render.to_json(answer)] if target.json else render.webhook_secret_lines(answer))
+    return Exit.OK
+
+
 async def _wait(api: ApiClient, target: Target, request_id: str) -> int:
     if target.json:
         await follow(api, request_id, _ignore)

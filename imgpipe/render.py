@@ -76,6 +76,23 @@ def accepted_lines(accepted: dict[str, Any], created: bool) -> list[str]:
     ]
 
 
+def webhook_secret_lines(secret: dict[str, Any]) -> list[str]:
+    """An owner's webhook secrets: the one to verify with, and the previous one in grace."""
+    lines = [
+        f"Webhook signing secret of {secret.get('owner', '')} "
+        f"(generation {secret.get('generation', '')}):",
+        f"  {secret.get('secret', '')}",
+    ]
+    previous = secret.get("previous")
+    if previous:
+        lines += [
+            f"Previous secret (generation {previous.get('generation', '')}), still signing "
+            f"until {previous.get('expires_at', '')}:",
+            f"  {previous.get('secret', '')}",
+        ]
+    return lines
+
+
 def request_lines(request: dict[str, Any]) -> list[str]:
     """The head of a status: the request's state, counters, saving and timestamps."""
     progress = request.get("progress") or {}

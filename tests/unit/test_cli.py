@@ -429,3 +429,21 @@ async def test_follow_raises_not_found_at_once() -> None:
 
 def test_backoff_grows_and_is_capped() -> None:
     assert [backoff(n) for n in (1, 2, 3, 4, 5, 9)] == [0.5, 1.0, 2.0, 4.0, 5.0, 5.0]
+
+
+def test_webhook_secret_prints_the_secret_and_the_previous_one_in_grace() -> None:
+    assert parse("webhook-secret").rotate is False
+    assert parse("webhook-secret", "--rotate").rotate is True
+    lines = render.webhook_secret_lines(
+        {
+            "owner": "acme",
+            "secret": "whsec_new",
+            "generation": 2,
+            "previous": {"secret": "whsec_old", "generation": 1, "expires_at": "2026-01-02T00:00Z"},
+            "rotated_at": "2026-01-01T00:00Z",
+        }
+    )
+    assert lines[0] == "Webhook signing secret of acme (generation 2):"
+    assert lines[1].strip() == "whsec_new"
+    assert "until 2026-01-02T00:00Z" in lines[2] and lines[3].strip() == "whsec_old"
+    assert len(render.webhook_secret_lines({"owner": "a", "secret": "s", "previous": None})) == 2
