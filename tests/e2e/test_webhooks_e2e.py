@@ -4,16 +4,22 @@ deliveries listed and redelivered over REST."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import csv
 import io
+import json
+import os
 import secrets
+import sys
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
+from services.common.auth import key_hash, new_key
 from tests.e2e.test_pipeline import wait_completed
 from tests.listeners import Received, Receiver, serve_receiver
 from tests.origin import ImageOrigin
@@ -123,3 +129,96 @@ async def _deliveries(
         return deliveries if [d["state"] for d in deliveries] == states else None
 
     return await wait_until_async(reached, timeout=30, interval=0.1, message=f"states {states}")
+
+
+async def test_with_keys_each_owner_verifies_with_its_own_secret_rotated_from_the_cli(
+    tmp_path: Path,
+    database_url: str,
+    redis_server_url: str,
+    image_origin: ImageOrigin,
+    stack_factory: list[Stack],
+) -> None:
+    acme, globex = new_key(), new_key()
+    master = "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
+    # The receiver's secret is acme's, known once the stack answers.
+    async with serve_receiver(master) as receiver:
+        port = free_tcp_port()
+        base = f"http://127.0.0.1:{port}"
+        stack = start_stack(
+            tmp_path,
+            {
+                "IMGPIPE_DATABASE_URL": database_url,
+                "IMGPIPE_REDIS_URL": redis_server_url,
+                "IMGPIPE_HTTP_LISTEN": f"127.0.0.1:{port}",
+                "IMGPIPE_API_KEYS": f"acme:{key_hash(acme)}, globex:{key_hash(globex)}",
+                "IMGPIPE_FETCH_ALLOW": f"127.0.0.1:{image_origin.port},127.0.0.1:{receiver.port}",
+                "IMGPIPE_WEBHOOK_SECRET": master,
+                "IMGPIPE_WEBHOOK_SCHEDULE": "0.2,0.2,0.2",
+            },
+        )
+        stack_factory.append(stack)
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"{base}/webhook-secret") as response:
+                assert response.status == 401
+            first = await _secret(http, base, acme)
+            assert (first["owner"], first["generation"], first["previous"]) == ("acme", 1, None)
+            assert (await _secret(http, base, globex))["secret"] not in (first["secret"], master)
+
+            code, out = await _cli(base, acme, "--json", "webhook-secret", "--rotate")
+            assert code == 0, out
+            rotated = json.loads(out)
+            assert rotated["generation"] == 2
+            assert rotated["previous"]["secret"] == first["secret"]
+            receiver.secret = rotated["secret"]
+
+            form = aiohttp.FormData()
+            form.add_field("webhook_url", receiver.url("/hooks/acme"))
+            form.add_field("file", _one_product(image_origin), filename="p.csv")
+            headers = {"Authorization": f"Bearer {acme}"}
+            async with http.post(f"{base}/upload", data=form, headers=headers) as response:
+                assert response.status == 202, await response.text()
+                assert response.headers["Location"].startswith(f"{base}/status/")
+
+            [delivery] = await received(receiver, 1)
+    assert receiver.rejected == []
+    assert delivery.payload["data"]["owner"] == "acme"
+    assert len(delivery.headers["webhook-signature"].split(" ")) == 2  # in the grace period
+    Webhook(first["secret"]).verify(delivery.body, delivery.headers)  # the old one signs too
+    with pytest.raises(WebhookVerificationError):
+        Webhook(master).verify(delivery.body, delivery.headers)
+
+
+async def _secret(http: aiohttp.ClientSession, base: str, key: str) -> dict[str, Any]:
+    headers = {"Authorization": f"Bearer {key}"}
+    async with http.get(f"{base}/webhook-secret", headers=headers) as response:
+        assert response.status == 200, await response.text()
+        assert response.headers["Cache-Control"] == "no-store"
+        body: dict[str, Any] = await response.json()
+    return body
+
+
+async def _cli(base: str, key: str, *argv: str) -> tuple[int, str]:
+    """`python -m imgpipe ARGV` against `base` with `key`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IMGPIPE_")}
+    env |= {"IMGPIPE_URL": base, "IMGPIPE_API_KEY": key}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "imgpipe",
+        *argv,
+        env=env,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await asyncio.wait_for(process.communicate(), 90)
+    assert process.returncode is not None
+    return process.returncode, out.decode()
+
+
+def _one_product(origin: ImageOrigin) -> bytes:
+    out = io.StringIO()
+    csv.writer(out).writerows(
+        [["S. No.", "Product Name", "Input Image Urls"], ["1", "Shoe", origin.url("/img/a.jpg")]]
+    )
+    return out.getvalue().encode()

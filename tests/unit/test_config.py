@@ -123,3 +123,41 @@ def test_visibility_timeout_exceeds_the_slowest_legitimate_image() -> None:
     assert longer.visibility_timeout == 900
     with pytest.raises(ConfigError, match="IMGPIPE_VISIBILITY_TIMEOUT=5 is shorter"):
         WorkerSettings.from_env({**BASE, "IMGPIPE_VISIBILITY_TIMEOUT": "5"})
+
+
+def test_webhook_secrets_links_and_proxies_come_from_the_environment() -> None:
+    status = StatusSettings.from_env(
+        {
+            **BASE,
+            "IMGPIPE_WEBHOOK_SECRET_GRACE": "3600",
+            "IMGPIPE_WEBHOOK_REDELIVER_RATE": "2/min",
+            "IMGPIPE_WEBHOOK_REDELIVER_BURST": "3",
+        }
+    ).webhooks
+    assert (status.secret_grace, status.redeliver_rate, status.redeliver_burst) == (
+        3600.0,
+        2 / 60,
+        3,
+    )
+    gateway = GatewaySettings.from_env(
+        {
+            "IMGPIPE_PUBLIC_API_URL": "https://api.example/",
+            "IMGPIPE_TRUSTED_PROXIES": "10.0.0.0/8, 192.168.1.7",
+        }
+    )
+    assert gateway.public_api_url == "https://api.example"
+    assert gateway.trusted_proxies == (
+        ipaddress.ip_network("10.0.0.0/8"),
+        ipaddress.ip_network("192.168.1.7/32"),
+    )
+    assert GatewaySettings.from_env({}).public_api_url == ""  # links are paths
+    ingest = IngestSettings.from_env({**BASE, "IMGPIPE_FETCH_ALLOW": "127.0.0.1:9000"})
+    assert ingest.fetch_allow.host_ports == frozenset({("127.0.0.1", 9000)})
+    with pytest.raises(ConfigError) as caught:
+        GatewaySettings.from_env(
+            {"IMGPIPE_TRUSTED_PROXIES": "proxy.local", "IMGPIPE_PUBLIC_API_URL": "ftp://x"}
+        )
+    assert {problem.split("=")[0] for problem in caught.value.problems} == {
+        "IMGPIPE_TRUSTED_PROXIES",
+        "IMGPIPE_PUBLIC_API_URL",
+    }
