@@ -5,6 +5,7 @@ Used by the end-to-end tests and by the benchmarks.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import random
 import secrets
@@ -98,6 +99,29 @@ def start_stack(tmp_path: Path, extra_env: dict[str, str]) -> Stack:
         stack.stop()
         raise
     return stack
+
+
+async def run_cli(base_url: str, *argv: str, key: str | None) -> tuple[int, str]:
+    """`python -m imgpipe ARGV` with IMGPIPE_URL and IMGPIPE_API_KEY (when given): its exit
+    code and its output (stdout and stderr together)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IMGPIPE_")}
+    env["IMGPIPE_URL"] = base_url
+    if key is not None:
+        env["IMGPIPE_API_KEY"] = key
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "imgpipe",
+        *argv,
+        cwd=ROOT,
+        env=env,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await asyncio.wait_for(process.communicate(), 90)
+    assert process.returncode is not None
+    return process.returncode, out.decode()
 
 
 def start_service(

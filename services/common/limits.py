@@ -111,25 +111,28 @@ class Limiter:
     async def check_rate(self, principal: Principal) -> None:
         """Charge one call to the caller; RateLimited when it is over its rate."""
         limits = principal.limits
-        if limits.rate <= 0:
-            return
-        wait = await self.take_token(f"rate:{principal.name}", limits.rate, limits.burst)
-        if wait > 0:
-            rate = f"rate={rate_text(limits.rate)} burst={limits.burst}"
-            raise RateLimited(
-                f"over the rate limit of this API key ({rate}); slow down",
-                [Detail(f"{rate_text(limits.rate)} calls, {limits.burst} at once", "rate")],
-                retry_after=max(1, math.ceil(wait)),
-            )
+        rate = f"rate={rate_text(limits.rate)} burst={limits.burst}"
+        await self.take_token(
+            f"rate:{principal.name}",
+            limits.rate,
+            limits.burst,
+            refusal=f"over the rate limit of this API key ({rate}); slow down",
+            limit=Detail(f"{rate_text(limits.rate)} calls, {limits.burst} at once", "rate"),
+        )
 
-    async def take_token(self, bucket: str, rate: float, burst: int) -> float:
+    async def take_token(
+        self, bucket: str, rate: float, burst: int, *, refusal: str, limit: Detail
+    ) -> None:
         """Take one token from the bucket `bucket` (a name of this limiter's own, with the
-        owner in it), refilled at `rate` per second, holding `burst`: 0.0 when taken, else
-        the seconds until one is there (nothing taken)."""
+        owner in it), refilled at `rate` per second (0: no limit), holding `burst`; when it is
+        empty, raise RateLimited with `refusal` and `limit`, and take nothing."""
+        if rate <= 0:
+            return
         wait_ms = int(
             await self._gcra(keys=[f"{self.prefix}:{bucket}"], args=[repr(1000.0 / rate), burst])
         )
-        return wait_ms / 1000 if wait_ms > 0 else 0.0
+        if wait_ms > 0:
+            raise RateLimited(refusal, [limit], retry_after=max(1, math.ceil(wait_ms / 1000)))
 
     # ------------------------------------------------------------ concurrent
 

@@ -45,7 +45,7 @@ from services.common import metrics, tracing
 from services.common.config import ConfigError, WebhookSettings
 from services.common.db import queries
 from services.common.db import webhooks as db
-from services.common.errors import BACKEND_ERRORS, Conflict, Detail, RateLimited
+from services.common.errors import BACKEND_ERRORS, Conflict, Detail
 from services.common.fetch import (
     USER_AGENT,
     check_url,
@@ -423,16 +423,14 @@ class WebhookDispatcher:
 
     async def _throttle_redelivery(self, owner: str) -> None:
         rate, burst = self.settings.redeliver_rate, self.settings.redeliver_burst
-        if rate <= 0:
-            return
-        wait = await self._limiter.take_token(f"redeliver:{owner}", rate, burst)
-        if wait > 0:
-            shown = f"{rate_text(rate)}, {burst} at once"
-            raise RateLimited(
-                f"webhook redeliveries are throttled per owner ({shown}); try again later",
-                [Detail(f"{shown}: IMGPIPE_WEBHOOK_REDELIVER_RATE", "redeliver")],
-                retry_after=max(1, math.ceil(wait)),
-            )
+        shown = f"{rate_text(rate)}, {burst} at once"
+        await self._limiter.take_token(
+            f"redeliver:{owner}",
+            rate,
+            burst,
+            refusal=f"webhook redeliveries are throttled per owner ({shown}); try again later",
+            limit=Detail(f"{shown}: IMGPIPE_WEBHOOK_REDELIVER_RATE", "redeliver"),
+        )
 
 
 # ---------------------------------------------------------------------- pure parts

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import os
-import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass
@@ -26,7 +24,7 @@ import pytest
 from services.common.auth import AUTH_OFF_WARNING, key_hash, new_key
 from services.common.pb.imgpipe.v1 import status_service_pb2 as status_pb
 from services.common.pb.imgpipe.v1 import status_service_pb2_grpc as status_grpc
-from tests.stack import ROOT, Stack, _free_grpc_base, start_service, start_stack
+from tests.stack import Stack, _free_grpc_base, run_cli, start_service, start_stack
 from tests.support import free_tcp_port, process_exited, wait_until, wait_until_async
 
 pytestmark = pytest.mark.e2e
@@ -373,24 +371,7 @@ async def test_a_browser_signs_in_with_a_cookie(live: Live, http: aiohttp.Client
 
 async def imgpipe(live: Live, *argv: str, key: str | None) -> tuple[int, str]:
     """`python -m imgpipe ARGV` with IMGPIPE_URL and IMGPIPE_API_KEY (when given)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("IMGPIPE_")}
-    env["IMGPIPE_URL"] = live.base
-    if key is not None:
-        env["IMGPIPE_API_KEY"] = key
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "imgpipe",
-        *argv,
-        cwd=ROOT,
-        env=env,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    out, _ = await asyncio.wait_for(process.communicate(), 90)
-    assert process.returncode is not None
-    return process.returncode, out.decode()
+    return await run_cli(live.base, *argv, key=key)
 
 
 async def test_the_cli_sends_imgpipe_api_key(live: Live, http: aiohttp.ClientSession) -> None:

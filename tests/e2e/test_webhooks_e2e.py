@@ -4,14 +4,12 @@ deliveries listed and redelivered over REST."""
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import csv
 import io
 import json
-import os
 import secrets
-import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +21,7 @@ from services.common.auth import key_hash, new_key
 from tests.e2e.test_pipeline import wait_completed
 from tests.listeners import Received, Receiver, serve_receiver
 from tests.origin import ImageOrigin
-from tests.stack import Stack, start_stack
+from tests.stack import Stack, run_cli, start_stack
 from tests.support import free_tcp_port, wait_until_async
 
 pytestmark = pytest.mark.e2e
@@ -36,6 +34,56 @@ async def received(receiver: Receiver, count: int) -> list[Received]:
     return await wait_until_async(enough, timeout=60, interval=0.1, message=f"{count} webhooks")
 
 
+def new_secret() -> str:
+    return "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
+
+
+@dataclass
+class HookedStack:
+    """What a stack that sends webhooks is started with."""
+
+    tmp_path: Path
+    database_url: str
+    redis_server_url: str
+    origin: ImageOrigin
+    stacks: list[Stack]
+
+
+def hooked_stack(where: HookedStack, receiver: Receiver, env: dict[str, str]) -> str:
+    """Start a stack allowed to reach the image origin and `receiver`; its base URL."""
+    port = free_tcp_port()
+    base = f"http://127.0.0.1:{port}"
+    stack = start_stack(
+        where.tmp_path,
+        {
+            "IMGPIPE_DATABASE_URL": where.database_url,
+            "IMGPIPE_REDIS_URL": where.redis_server_url,
+            "IMGPIPE_HTTP_LISTEN": f"127.0.0.1:{port}",
+            "IMGPIPE_PUBLIC_API_URL": base,
+            "IMGPIPE_FETCH_ALLOW": f"127.0.0.1:{where.origin.port},127.0.0.1:{receiver.port}",
+            "IMGPIPE_WEBHOOK_SCHEDULE": "0.2,0.2,0.2",
+            **env,
+        },
+    )
+    where.stacks.append(stack)
+    return base
+
+
+def hooked_form(hook: str, origin: ImageOrigin, *paths: str) -> aiohttp.FormData:
+    """An upload of one product with the images at `paths` of the origin, and `hook`."""
+    out = io.StringIO()
+    csv.writer(out).writerows(
+        [
+            ["S. No.", "Product Name", "Input Image Urls"],
+            ["1", "Shoe", ",".join(origin.url(path) for path in paths)],
+        ]
+    )
+    form = aiohttp.FormData()
+    form.add_field("webhook_url", hook)  # before the file, as the gateway streams
+    form.add_field("file", out.getvalue().encode(), filename="p.csv", content_type="text/csv")
+    return form
+
+
 async def test_upload_with_a_webhook_is_delivered_listed_and_redelivered(
     tmp_path: Path,
     database_url: str,
@@ -43,38 +91,17 @@ async def test_upload_with_a_webhook_is_delivered_listed_and_redelivered(
     image_origin: ImageOrigin,
     stack_factory: list[Stack],
 ) -> None:
-    secret = "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
+    secret = new_secret()
     async with serve_receiver(secret) as receiver:
-        port = free_tcp_port()
-        base = f"http://127.0.0.1:{port}"
-        stack = start_stack(
-            tmp_path,
-            {
-                "IMGPIPE_DATABASE_URL": database_url,
-                "IMGPIPE_REDIS_URL": redis_server_url,
-                "IMGPIPE_HTTP_LISTEN": f"127.0.0.1:{port}",
-                "IMGPIPE_PUBLIC_API_URL": base,
-                "IMGPIPE_FETCH_ALLOW": f"127.0.0.1:{image_origin.port},127.0.0.1:{receiver.port}",
-                "IMGPIPE_WEBHOOK_SECRET": secret,
-                "IMGPIPE_WEBHOOK_SCHEDULE": "0.2,0.2,0.2",
-            },
-        )
-        stack_factory.append(stack)
-        out = io.StringIO()
-        csv.writer(out).writerows(
-            [
-                ["S. No.", "Product Name", "Input Image Urls"],
-                ["1", "Shoe", f"{image_origin.url('/img/a.jpg')},{image_origin.url('/img/b.jpg')}"],
-            ]
+        base = hooked_stack(
+            HookedStack(tmp_path, database_url, redis_server_url, image_origin, stack_factory),
+            receiver,
+            {"IMGPIPE_WEBHOOK_SECRET": secret},
         )
         hook = receiver.url("/hooks/imgpipe")
 
         async with aiohttp.ClientSession() as http:
-            form = aiohttp.FormData()
-            form.add_field("webhook_url", hook)  # before the file, as the gateway streams
-            form.add_field(
-                "file", out.getvalue().encode(), filename="p.csv", content_type="text/csv"
-            )
+            form = hooked_form(hook, image_origin, "/img/a.jpg", "/img/b.jpg")
             async with http.post(f"{base}/upload", data=form) as response:
                 assert response.status == 202, await response.text()
                 request_id = (await response.json())["request_id"]
@@ -139,24 +166,17 @@ async def test_with_keys_each_owner_verifies_with_its_own_secret_rotated_from_th
     stack_factory: list[Stack],
 ) -> None:
     acme, globex = new_key(), new_key()
-    master = "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
+    master = new_secret()
     # The receiver's secret is acme's, known once the stack answers.
     async with serve_receiver(master) as receiver:
-        port = free_tcp_port()
-        base = f"http://127.0.0.1:{port}"
-        stack = start_stack(
-            tmp_path,
+        base = hooked_stack(
+            HookedStack(tmp_path, database_url, redis_server_url, image_origin, stack_factory),
+            receiver,
             {
-                "IMGPIPE_DATABASE_URL": database_url,
-                "IMGPIPE_REDIS_URL": redis_server_url,
-                "IMGPIPE_HTTP_LISTEN": f"127.0.0.1:{port}",
                 "IMGPIPE_API_KEYS": f"acme:{key_hash(acme)}, globex:{key_hash(globex)}",
-                "IMGPIPE_FETCH_ALLOW": f"127.0.0.1:{image_origin.port},127.0.0.1:{receiver.port}",
                 "IMGPIPE_WEBHOOK_SECRET": master,
-                "IMGPIPE_WEBHOOK_SCHEDULE": "0.2,0.2,0.2",
             },
         )
-        stack_factory.append(stack)
         async with aiohttp.ClientSession() as http:
             async with http.get(f"{base}/webhook-secret") as response:
                 assert response.status == 401
@@ -164,16 +184,14 @@ async def test_with_keys_each_owner_verifies_with_its_own_secret_rotated_from_th
             assert (first["owner"], first["generation"], first["previous"]) == ("acme", 1, None)
             assert (await _secret(http, base, globex))["secret"] not in (first["secret"], master)
 
-            code, out = await _cli(base, acme, "--json", "webhook-secret", "--rotate")
+            code, out = await run_cli(base, "--json", "webhook-secret", "--rotate", key=acme)
             assert code == 0, out
             rotated = json.loads(out)
             assert rotated["generation"] == 2
             assert rotated["previous"]["secret"] == first["secret"]
             receiver.secret = rotated["secret"]
 
-            form = aiohttp.FormData()
-            form.add_field("webhook_url", receiver.url("/hooks/acme"))
-            form.add_field("file", _one_product(image_origin), filename="p.csv")
+            form = hooked_form(receiver.url("/hooks/acme"), image_origin, "/img/a.jpg")
             headers = {"Authorization": f"Bearer {acme}"}
             async with http.post(f"{base}/upload", data=form, headers=headers) as response:
                 assert response.status == 202, await response.text()
@@ -195,30 +213,3 @@ async def _secret(http: aiohttp.ClientSession, base: str, key: str) -> dict[str,
         assert response.headers["Cache-Control"] == "no-store"
         body: dict[str, Any] = await response.json()
     return body
-
-
-async def _cli(base: str, key: str, *argv: str) -> tuple[int, str]:
-    """`python -m imgpipe ARGV` against `base` with `key`."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("IMGPIPE_")}
-    env |= {"IMGPIPE_URL": base, "IMGPIPE_API_KEY": key}
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "imgpipe",
-        *argv,
-        env=env,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    out, _ = await asyncio.wait_for(process.communicate(), 90)
-    assert process.returncode is not None
-    return process.returncode, out.decode()
-
-
-def _one_product(origin: ImageOrigin) -> bytes:
-    out = io.StringIO()
-    csv.writer(out).writerows(
-        [["S. No.", "Product Name", "Input Image Urls"], ["1", "Shoe", origin.url("/img/a.jpg")]]
-    )
-    return out.getvalue().encode()
