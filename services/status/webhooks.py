@@ -286,7 +286,8 @@ class WebhookDispatcher:
         lease = self.settings.timeout + LEASE_MARGIN
         async with self.pool.acquire() as conn:
             due = await db.claim_due(conn, limit=limit, lease_seconds=lease)
-            states = await db.signing_generations(conn, list({d.request_id for d in due}))
+            ids = list({d.request_id for d in due})
+            states = await db.signing_generations(conn, ids) if ids else {}
             signed = [(d, self._secret_of(states.get(d.request_id))) for d in due]
             if len(due) == limit:
                 return signed, None
