@@ -28,10 +28,10 @@ from gateway.app import create_app
 from gateway.serving import start
 from services.common.auth import ApiKeyInterceptor, key_hash, new_key, parse_api_keys
 from services.common.auth import Limits as KeyLimits
-from services.common.config import GatewaySettings
+from services.common.config import GatewaySettings, WebhookSettings
 from services.common.csv_format import CsvLimits
 from services.common.errors import Conflict, RateLimited, error_from_rpc
-from services.common.fetch import FetchAllow
+from services.common.fetch import FetchAllow, FetchLimits
 from services.common.limits import Limiter
 from services.common.pb.imgpipe.v1 import status_service_pb2 as status_pb
 from services.common.pb.imgpipe.v1 import status_service_pb2_grpc as status_grpc
@@ -43,13 +43,13 @@ from services.status.servicer import StatusServicer
 from services.status.servicer import registrar as status_registrar
 from services.status.webhooks import WebhookDispatcher
 from tests.integration.test_webhooks import (
+    FAST,
     SECRET,
     S,
     finished_event,
     finished_request,
     publish,
     running,
-    settings_for,
 )
 from tests.listeners import Received, Receiver, serve_receiver
 from tests.support import free_tcp_port, own_database, wait_until_async
@@ -125,9 +125,14 @@ async def hooks_for(
         f"{acme}:{key_hash(ACME)} rate=0, {globex}:{key_hash(GLOBEX)} rate=0", KeyLimits()
     )
     assert problems == []
-    async with serve_receiver(SECRET) as unused:
-        settings = settings_for(unused, fetch_allow=FetchAllow.parse("127.0.0.1/32"), **changes)
-    async with running(pool, client, names, settings) as run:
+    settings = WebhookSettings(
+        secret=SECRET,
+        timeout=5.0,
+        schedule=FAST,
+        fetch_allow=FetchAllow.parse("127.0.0.1/32"),
+        fetch_limits=FetchLimits(total_timeout=5.0, max_redirects=0),
+    )
+    async with running(pool, client, names, replace(settings, **changes)) as run:
         storage = Storage.from_url((tmp_path / "store").as_uri(), "http://127.0.0.1/files/")
         servicer = StatusServicer(pool, storage, client, names, run.dispatcher)
         server = grpc.aio.server(
