@@ -14,22 +14,9 @@ from pathlib import Path
 import PIL
 
 from tests.stack import Stack
+from tests.support import descendants
 
 Groups = dict[str, list[int]]
-
-
-def descendants(pid: int) -> list[int]:
-    found: list[int] = []
-    frontier = [pid]
-    while frontier:
-        current = frontier.pop()
-        try:
-            children = Path(f"/proc/{current}/task/{current}/children").read_text().split()
-        except OSError:
-            continue
-        found.extend(map(int, children))
-        frontier.extend(map(int, children))
-    return found
 
 
 def stack_processes(stack: Stack) -> Groups:
