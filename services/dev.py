@@ -30,6 +30,7 @@ import errno
 import fcntl
 import functools
 import http.client
+import logging
 import os
 import secrets
 import signal
@@ -342,6 +343,8 @@ def _run_locked(plan: StackPlan) -> int:
 
 
 def main() -> int:
+    # Warnings of the embedded servers' module (a stale pid file removed) read like ours.
+    logging.basicConfig(format="imgpipe dev: %(message)s", level=logging.WARNING, stream=sys.stderr)
     try:
         plan = plan_stack(os.environ)
     except PlanError as exc:

@@ -393,7 +393,9 @@ def _clear_stale_locks(server: str, binary: str, data_dir: Path, locks: list[Pat
             pid = 0  # empty or garbled: written when the machine went down
         if pid > 0 and not _poll_gone(pid, binary, data_dir):
             raise DataDirInUse(server, pid, data_dir)
-        log.warning("removing %s, left by a %s (pid %d) that is gone", lock, server, pid)
+        log.warning(
+            "removing %s: the %s that wrote it (pid %d) is no longer running", lock, server, pid
+        )
         lock.unlink(missing_ok=True)
 
 
