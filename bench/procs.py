@@ -1,8 +1,8 @@
 """What the benchmarks read from /proc about the stack's processes: who they are, their memory.
 
 The stack is `python -m services.dev` (the launcher) with its children: gateway, ingest,
-status, worker-1..N and the embedded Redis. The embedded Postgres daemonises (its parent is
-init), so it is found through `postmaster.pid` in the stack's data folder instead.
+status, worker-1..N and the embedded Redis and Postgres. The postmaster and its backends are
+grouped through `postmaster.pid` in the stack's data folder.
 """
 
 from __future__ import annotations
@@ -14,22 +14,9 @@ from pathlib import Path
 import PIL
 
 from tests.stack import Stack
+from tests.support import descendants
 
 Groups = dict[str, list[int]]
-
-
-def descendants(pid: int) -> list[int]:
-    found: list[int] = []
-    frontier = [pid]
-    while frontier:
-        current = frontier.pop()
-        try:
-            children = Path(f"/proc/{current}/task/{current}/children").read_text().split()
-        except OSError:
-            continue
-        found.extend(map(int, children))
-        frontier.extend(map(int, children))
-    return found
 
 
 def stack_processes(stack: Stack) -> Groups:

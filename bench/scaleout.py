@@ -36,7 +36,7 @@ import grpc
 
 from bench.cpu import CpuMeter
 from bench.pipeline import log
-from bench.procs import Groups, descendants
+from bench.procs import Groups
 from bench.report import Section, Target, median, table
 from bench.settings import BenchSettings
 from services.common.embedded import EmbeddedPostgres, EmbeddedRedis, start_postgres, start_redis
@@ -45,7 +45,7 @@ from tests.imagegen import photo_like
 from tests.origin import ImageOrigin, serve_images
 from tests.seaweed import BUCKET, SeaweedS3, start_seaweed
 from tests.stack import start_service
-from tests.support import free_tcp_port, wait_until_async
+from tests.support import descendants, free_tcp_port, wait_until_async
 
 PHOTO = (400, 300)
 DISTINCT_PHOTOS = 40  # URLs are all distinct; their bytes repeat

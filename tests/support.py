@@ -93,6 +93,26 @@ def process_exited(pid: int) -> bool:
     return stat.rpartition(")")[2].split()[0] == "Z"
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (children, their children...), from /proc."""
+    found: list[int] = []
+    frontier = [pid]
+    while frontier:
+        current = frontier.pop()
+        try:
+            tasks = list(Path(f"/proc/{current}/task").iterdir())
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                children = [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                continue
+            found.extend(children)
+            frontier.extend(children)
+    return found
+
+
 def with_database(dsn: str, database: str) -> str:
     """`dsn` with its database name replaced by `database`.
 
