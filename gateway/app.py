@@ -13,7 +13,7 @@ from gateway import auth, handlers, observability, openapi
 from gateway import web as web_page
 from gateway.backends import SETTINGS, open_backends
 from gateway.errors import error_middleware
-from gateway.page_cache import PAGES, PageCache
+from gateway.page_cache import PAGES, PageCache, purge_while_running
 from gateway.serving import IN_FLIGHT, InFlight
 from services.common.config import GatewaySettings
 
@@ -35,8 +35,9 @@ def create_app(settings: GatewaySettings) -> web.Application:
     app[SETTINGS] = settings
     app[auth.API_KEYS] = settings.api_keys
     app[IN_FLIGHT] = in_flight
-    app[PAGES] = PageCache()
+    app[PAGES] = PageCache(max_bytes=settings.page_cache_bytes)
     app.cleanup_ctx.append(open_backends)
+    app.cleanup_ctx.append(purge_while_running)
     app.router.add_post("/upload", handlers.upload)
     app.router.add_get("/status", handlers.status)
     app.router.add_get("/status/{request_id}", handlers.status)

@@ -26,6 +26,7 @@ from gateway.serving import IN_FLIGHT
 from gateway.upload import upload_csv
 from services.common import tracing
 from services.common.errors import Conflict, Detail, InvalidArgument, NotFound, Unavailable
+from services.common.page_token import decode_page_token
 from services.common.pb.imgpipe.v1 import ingest_service_pb2 as ingest_pb
 from services.common.pb.imgpipe.v1 import status_service_pb2 as status_pb
 
@@ -72,7 +73,9 @@ async def status(request: web.Request) -> web.Response:
     page_size = _page_size(request.query.get("page_size", ""))
     page_token = request.query.get("page_token", "")
     backends, timeout = request.app[BACKENDS], request.app[SETTINGS].rpc_timeout
-    pages, key = request.app[PAGES], PageKey(request_id, page_size, page_token)
+    # Decoded here, strictly: the cache is keyed on the position, and a token that is not
+    # the one canonical spelling of a position is refused before anything is read.
+    pages, key = request.app[PAGES], PageKey(request_id, page_size, decode_page_token(page_token))
     get_request = backends.status.GetRequest(
         status_pb.GetRequestRequest(request_id=request_id), timeout=timeout
     )

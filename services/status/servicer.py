@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
 import contextlib
 import uuid
 from collections.abc import AsyncIterator
@@ -19,6 +17,7 @@ from services.common.auth import caller_owner
 from services.common.db import queries
 from services.common.errors import Detail, InvalidArgument, NotFound, Unavailable, rpc_method
 from services.common.grpc_server import Register
+from services.common.page_token import decode_page_token, encode_page_token
 from services.common.pb.imgpipe.v1 import request_pb2
 from services.common.pb.imgpipe.v1 import status_service_pb2 as status_pb
 from services.common.pb.imgpipe.v1 import status_service_pb2_grpc as status_grpc
@@ -37,8 +36,10 @@ from services.status.webhooks import WebhookDispatcher
 Context = grpc.aio.ServicerContext[Any, Any]
 
 DEFAULT_PAGE_SIZE = 100
-MAX_ROW = 2**31 - 1  # row numbers are Postgres integers
 MAX_PAGE_SIZE = 1000
+# A page also ends once its products pass this size: products with many long URLs would
+# otherwise make pages of tens of MiB, held several times over while the gateway renders them.
+MAX_PAGE_BYTES = 1024 * 1024
 
 
 class StatusServicer(status_grpc.StatusServiceServicer):
@@ -76,21 +77,27 @@ class StatusServicer(status_grpc.StatusServiceServicer):
                 f"page_size must be at most {MAX_PAGE_SIZE}",
                 [Detail(f"at most {MAX_PAGE_SIZE}", "page_size")],
             )
-        after_row = _decode_token(request.page_token)
+        after_row = decode_page_token(request.page_token)
         async with self.pool.acquire() as conn:
             if not _visible(await queries.get_request(conn, request_id)):
                 raise NotFound(f"no request {request.request_id}")
             page = await queries.list_products(
                 conn, request_id, after_row=after_row, limit=page_size + 1
             )
-        more = len(page) > page_size
-        page = page[:page_size]
         # Output URLs are made now, one batch per page: presigned ones expire.
-        keys = [i.output_key for p in page for i in p.images if i.output_key]
+        keys = [i.output_key for p in page[:page_size] for i in p.images if i.output_key]
         urls = dict(zip(keys, await self.storage.public_urls(keys), strict=True))
+        products: list[request_pb2.Product] = []
+        size = 0
+        for product in page[:page_size]:
+            if products and size >= MAX_PAGE_BYTES:
+                break
+            products.append(self._product(product, urls))
+            size += products[-1].ByteSize()
+        more = len(page) > len(products)
         return status_pb.ListProductsResponse(
-            products=[self._product(p, urls) for p in page],
-            next_page_token=_encode_token(page[-1].row_number) if more else "",
+            products=products,
+            next_page_token=encode_page_token(page[len(products) - 1].row_number) if more else "",
         )
 
     @rpc_method
@@ -305,25 +312,6 @@ def _timestamp(value: datetime) -> Timestamp:
     stamp = Timestamp()
     stamp.FromDatetime(value)
     return stamp
-
-
-def _encode_token(after_row: int) -> str:
-    return base64.urlsafe_b64encode(f"v1:{after_row}".encode()).decode().rstrip("=")
-
-
-def _decode_token(token: str) -> int:
-    if not token:
-        return 0
-    try:
-        text = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
-        version, _, after = text.partition(":")
-        if version != "v1" or not after.isdigit() or int(after) > MAX_ROW:
-            raise ValueError(text)
-        return int(after)
-    except (ValueError, binascii.Error, UnicodeDecodeError):
-        raise InvalidArgument(
-            "page_token is not valid", [Detail("not a token from this API", "page_token")]
-        ) from None
 
 
 def registrar(servicer: StatusServicer) -> Register:

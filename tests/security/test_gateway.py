@@ -1,0 +1,220 @@
+"""Findings 2, 4 and 6 of issue 14, against the gateway in front of real ingest and status
+services (their API-key interceptor, Postgres, Redis), all in this process on 127.0.0.1.
+
+- Finding 2: the GET /status page cache grew the gateway's memory without bound.
+- Finding 4: cookie-authenticated writes were accepted from other sites, and the cookie held
+  the raw API key.
+- Finding 6: one key could hold any number of live progress streams open.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import secrets
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncpg
+import grpc
+import pytest
+import redis.asyncio
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+from grpc_health.v1 import health, health_pb2_grpc
+
+from gateway.app import create_app
+from gateway.page_cache import PAGES, PageCache
+from services.common.auth import (
+    ApiKeyInterceptor,
+    KeyRing,
+    Limits,
+    key_hash,
+    new_key,
+    parse_api_keys,
+)
+from services.common.config import GatewaySettings
+from services.common.csv_format import CsvLimits
+from services.common.db.pool import migrate
+from services.common.limits import Limiter
+from services.common.page_token import encode_page_token
+from services.common.pb.imgpipe.v1 import status_service_pb2 as status_pb
+from services.common.pb.imgpipe.v1 import status_service_pb2_grpc as status_grpc
+from services.common.storage import Storage, StorageConfig
+from services.common.streams import StreamNames
+from services.ingest.servicer import IngestServicer
+from services.ingest.servicer import registrar as ingest_registrar
+from services.status.progress import ProgressHub
+from services.status.servicer import StatusServicer
+from services.status.servicer import registrar as status_registrar
+from tests.integration.flows import csv_of
+
+Client = TestClient[web.Request, web.Application]
+
+ACME, GLOBEX = new_key(), new_key()
+PAGE_CACHE_BYTES = 256 * 1024
+URL = "http://127.0.0.1:9/"
+
+
+@dataclass
+class Gateway:
+    http: Client
+    app: web.Application
+    status: status_grpc.StatusServiceAsyncStub  # direct, past the gateway
+    pool: asyncpg.Pool
+    tag: str  # the suffix of this test's owner names
+
+    @property
+    def pages(self) -> PageCache:
+        return self.app[PAGES]
+
+    async def upload(self, key: str, body: bytes) -> str:
+        response = await self.http.post(
+            "/upload", data=body, headers={**bearer(key), "Content-Type": "text/csv"}
+        )
+        assert response.status == 202, await response.text()
+        request_id: str = (await response.json())["request_id"]
+        return request_id
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def key_ring(tag: str, extra: str = "") -> KeyRing:
+    keys, problems = parse_api_keys(
+        f"acme{tag}:{key_hash(ACME)} rate=0 {extra}, globex{tag}:{key_hash(GLOBEX)} rate=0",
+        Limits(),
+    )
+    assert problems == []
+    return keys
+
+
+@pytest.fixture
+async def gateway(
+    db_pool: asyncpg.Pool, redis_client: redis.asyncio.Redis, redis_prefix: str, tmp_path: Path
+) -> AsyncIterator[Gateway]:
+    await migrate(db_pool)
+    names = StreamNames(f"{redis_prefix}:{secrets.token_hex(4)}")
+    tag = f"-{secrets.token_hex(3)}"
+    keys = key_ring(tag)
+    limiter = Limiter(redis_client, names, db_pool)
+    storage = StorageConfig((tmp_path / "store").as_uri())
+    ingest = IngestServicer(db_pool, redis_client, names, CsvLimits(), limiter)
+    hub = ProgressHub(redis_client, names)
+    status = StatusServicer(db_pool, Storage.from_config(storage), redis_client, names, hub=hub)
+    server = grpc.aio.server(interceptors=[ApiKeyInterceptor(keys, limiter.check_rate)])
+    ingest_registrar(ingest)(server)
+    status_registrar(status)(server)
+    health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)  # type: ignore[attr-defined]
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    stop = asyncio.Event()
+    loops = [asyncio.create_task(hub.run(stop)), asyncio.create_task(ingest.drain(stop))]
+    settings = GatewaySettings(
+        ingest_addr=f"127.0.0.1:{port}",
+        status_addr=f"127.0.0.1:{port}",
+        storage=storage,
+        rpc_timeout=10,
+        api_keys=keys,
+        page_cache_bytes=PAGE_CACHE_BYTES,
+    )
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        app = create_app(settings)
+        async with TestClient(TestServer(app, host="127.0.0.1")) as http:
+            await asyncio.wait_for(hub.connected.wait(), timeout=10)
+            yield Gateway(http, app, status_grpc.StatusServiceStub(channel), db_pool, tag)
+    finally:
+        stop.set()
+        await asyncio.wait_for(asyncio.gather(*loops), timeout=20)
+        await channel.close(None)
+        await server.stop(None)
+
+
+def long_urls_csv(products: int, url_length: int = 2000) -> bytes:
+    """Products with ten long image URLs each (about 20 KiB a product)."""
+    return csv_of(
+        [
+            (
+                str(i + 1),
+                f"Product {i}",
+                [f"{URL}{i}/{j}/" + "a" * (url_length - 40) + ".jpg" for j in range(10)],
+            )
+            for i in range(products)
+        ]
+    )
+
+
+def spellings(row: int) -> list[str]:
+    """Tokens a lenient decoder reads as the page after `row`, other than the canonical one."""
+    texts = [f"v1:{'0' * zeros}{row}" for zeros in range(4)]
+    padded = [base64.urlsafe_b64encode(text.encode()).decode() for text in texts]
+    others = [token.rstrip("=") + "=" * pad for token in padded for pad in range(4)]
+    return [token for token in others if token != encode_page_token(row)]
+
+
+# ---------------------------------------------------------------- finding 2: the page cache
+
+
+async def test_finding_2_the_page_cache_stays_within_its_byte_cap(gateway: Gateway) -> None:
+    request_id = await gateway.upload(ACME, long_urls_csv(40))
+    # 16 distinct pages (page sizes), each legitimately kept, and each far from small.
+    for size in range(25, 41):
+        response = await gateway.http.get(
+            f"/status/{request_id}", params={"page_size": str(size)}, headers=bearer(ACME)
+        )
+        assert response.status == 200
+        assert len(await response.read()) > PAGE_CACHE_BYTES // 8
+        kept = sum(len(body) for body in _bodies(gateway.pages))
+        assert kept <= PAGE_CACHE_BYTES
+    # Small pages are kept, up to the cap, and their bytes are what is counted.
+    for size in range(1, 17):
+        response = await gateway.http.get(
+            f"/status/{request_id}", params={"page_size": str(size)}, headers=bearer(ACME)
+        )
+        assert response.status == 200
+    assert 0 < sum(len(body) for body in _bodies(gateway.pages)) <= PAGE_CACHE_BYTES
+
+
+def _bodies(pages: PageCache) -> list[bytes]:
+    # Read past the cache's own accounting: this is what it actually holds.
+    return [entry.body for entry in pages._entries.values()]
+
+
+async def test_finding_2_other_spellings_of_a_page_token_are_400(gateway: Gateway) -> None:
+    request_id = await gateway.upload(ACME, long_urls_csv(3, url_length=100))
+    first = await gateway.http.get(
+        f"/status/{request_id}", params={"page_size": "1"}, headers=bearer(ACME)
+    )
+    token = (await first.json())["next_page_token"]
+    row = 2  # the first product's spreadsheet row
+    assert token == encode_page_token(row)
+    assert (
+        await gateway.http.get(
+            f"/status/{request_id}",
+            params={"page_size": "1", "page_token": token},
+            headers=bearer(ACME),
+        )
+    ).status == 200
+    kept = len(gateway.pages)
+    for other in spellings(row):
+        response = await gateway.http.get(
+            f"/status/{request_id}",
+            params={"page_size": "1", "page_token": other},
+            headers=bearer(ACME),
+        )
+        assert response.status == 400, other
+        error = (await response.json())["error"]
+        assert [d["column"] for d in error["details"]] == ["page_token"]
+        # The status service refuses them too, for gRPC callers and the HTML page.
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await gateway.status.ListProducts(
+                status_pb.ListProductsRequest(request_id=request_id, page_token=other),
+                metadata=(("authorization", f"Bearer {ACME}"),),
+                timeout=10,
+            )
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "page_token" in (refused.value.details() or "")
+    assert len(gateway.pages) == kept
