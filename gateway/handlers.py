@@ -124,7 +124,11 @@ async def _both(first: Awaitable[A], second: Awaitable[B]) -> tuple[A, B]:
 
 async def events(request: web.Request) -> web.StreamResponse:
     """Server-Sent Events: `progress` whenever an image becomes final, then `final`, then the
-    stream ends. A comment line every KEEPALIVE seconds keeps proxies from closing it."""
+    stream ends. A comment line every KEEPALIVE seconds keeps proxies from closing it.
+
+    A stream lasts at most IMGPIPE_WATCH_TIMEOUT (10 min): then a `reconnect` event ends it and
+    the client opens a new one (EventSource does so by itself). Each open stream counts against
+    the key's `streams` limit in the status service; over it, the answer is a JSON 429."""
     request_id = _request_id(request)
     settings = request.app[SETTINGS]
     call = request.app[BACKENDS].status.WatchRequest(
@@ -132,7 +136,8 @@ async def events(request: web.Request) -> web.StreamResponse:
     )
     updates = aiter(call)
     try:
-        # The first answer decides the status code: a 404 is still a JSON error, not a stream.
+        # The first answer decides the status code: a 404 or 429 is still a JSON error, not a
+        # stream.
         first = await anext(updates)
         response = web.StreamResponse(
             headers={
@@ -143,6 +148,7 @@ async def events(request: web.Request) -> web.StreamResponse:
         )
         await response.prepare(request)
         update: status_pb.WatchRequestResponse | None = first
+        final = False
         try:
             while update is not None:
                 found = update.request
@@ -151,10 +157,16 @@ async def events(request: web.Request) -> web.StreamResponse:
                 event = views.request_json(found, csv_url)
                 await response.write(views.sse("final" if final else "progress", event))
                 update = await _next_or_keepalive(updates, response)
+            if not final:  # the status service's own time limit
+                await response.write(views.sse("reconnect", {"reason": "time_limit"}))
         except grpc.aio.AioRpcError as exc:
-            # Headers are sent: say why the stream ends, in the stream; the client reconnects.
-            log.warning("live progress interrupted", extra={"error": exc.code().name})
-            await response.write(views.sse("error", {"code": "unavailable"}))
+            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                await response.write(views.sse("reconnect", {"reason": "time_limit"}))
+            else:
+                # Headers are sent: say why the stream ends, in the stream; the client
+                # reconnects.
+                log.warning("live progress interrupted", extra={"error": exc.code().name})
+                await response.write(views.sse("error", {"code": "unavailable"}))
         await response.write_eof()
         return response
     finally:

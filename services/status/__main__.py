@@ -43,7 +43,7 @@ async def main(settings: StatusSettings) -> None:
             )
             hub = ProgressHub(backends.redis, backends.names)
             servicer = StatusServicer(
-                backends.pool, storage, backends.redis, backends.names, webhooks, hub
+                backends.pool, storage, backends.redis, backends.names, webhooks, hub, limiter
             )
             health = Health([SERVICE])
             names = backends.names

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import uuid
 from collections.abc import AsyncIterator
@@ -13,10 +14,12 @@ import grpc
 import redis.asyncio as aioredis
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from services.common.auth import caller_owner
+from services.common.auth import caller, caller_owner
+from services.common.config import MAX_WATCH_SECONDS
 from services.common.db import queries
 from services.common.errors import Detail, InvalidArgument, NotFound, Unavailable, rpc_method
-from services.common.grpc_server import Register
+from services.common.grpc_server import Register, wait_any
+from services.common.limits import Limiter
 from services.common.page_token import decode_page_token, encode_page_token
 from services.common.pb.imgpipe.v1 import request_pb2
 from services.common.pb.imgpipe.v1 import status_service_pb2 as status_pb
@@ -51,6 +54,7 @@ class StatusServicer(status_grpc.StatusServiceServicer):
         names: StreamNames | None = None,
         webhooks: WebhookDispatcher | None = None,
         hub: ProgressHub | None = None,
+        limiter: Limiter | None = None,
     ) -> None:
         self.pool = pool
         self.storage = storage
@@ -58,6 +62,8 @@ class StatusServicer(status_grpc.StatusServiceServicer):
         self.names = names or StreamNames()
         self.webhooks = webhooks
         self.hub = hub
+        # Per-key limits (open streams); they apply to callers with an API key.
+        self.limiter = limiter
 
     @rpc_method
     async def GetRequest(
@@ -105,14 +111,21 @@ class StatusServicer(status_grpc.StatusServiceServicer):
         self, request: status_pb.WatchRequestRequest, context: Context
     ) -> AsyncIterator[status_pb.WatchRequestResponse]:
         """The request now, then again whenever one of its images becomes final, then its
-        final state; updates come from the progress hub, not from polling Postgres."""
+        final state; updates come from the progress hub, not from polling Postgres.
+
+        A stream counts against the caller's `streams` limit while it is open, and ends after
+        MAX_WATCH_SECONDS even if the request is not final: the client reconnects."""
         hub = self._hub()
-        async with hub.watch(str(parse_request_id(request.request_id))) as watch:
+        request_id = str(parse_request_id(request.request_id))
+        ends_at = asyncio.get_running_loop().time() + MAX_WATCH_SECONDS
+        async with self._hold_stream(), hub.watch(request_id) as watch:
             row = await self._load(request.request_id)  # after subscribing: nothing is missed
             current = request_message(row)
             yield status_pb.WatchRequestResponse(request=current)
             while row.status not in FINAL_STATUSES:
-                await watch.changed.wait()
+                left = ends_at - asyncio.get_running_loop().time()
+                if left <= 0 or not await wait_any(watch.changed, timeout=left):
+                    return
                 event, stale = watch.take()
                 final = event is not None and event.status in FINAL_STATUS_VALUES
                 if stale or final or event is None:
@@ -127,6 +140,11 @@ class StatusServicer(status_grpc.StatusServiceServicer):
                 if _changed(current, updated):
                     current = updated
                     yield status_pb.WatchRequestResponse(request=current)
+
+    def _hold_stream(self) -> contextlib.AbstractAsyncContextManager[None]:
+        if self.limiter is None:
+            return contextlib.nullcontext()
+        return self.limiter.hold_stream(caller())
 
     @rpc_method
     async def GetQueueStats(

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import secrets
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,11 +51,13 @@ from services.status.progress import ProgressHub
 from services.status.servicer import StatusServicer
 from services.status.servicer import registrar as status_registrar
 from tests.integration.flows import csv_of
+from tests.support import wait_until_async
 
 Client = TestClient[web.Request, web.Application]
 
 ACME, GLOBEX = new_key(), new_key()
 PAGE_CACHE_BYTES = 256 * 1024
+STREAMS = 2  # acme's streams= limit
 URL = "http://127.0.0.1:9/"
 
 
@@ -63,6 +67,8 @@ class Gateway:
     app: web.Application
     status: status_grpc.StatusServiceAsyncStub  # direct, past the gateway
     pool: asyncpg.Pool
+    redis: redis.asyncio.Redis
+    names: StreamNames
     tag: str  # the suffix of this test's owner names
 
     @property
@@ -93,17 +99,24 @@ def key_ring(tag: str, extra: str = "") -> KeyRing:
 
 @pytest.fixture
 async def gateway(
-    db_pool: asyncpg.Pool, redis_client: redis.asyncio.Redis, redis_prefix: str, tmp_path: Path
+    request: pytest.FixtureRequest,
+    db_pool: asyncpg.Pool,
+    redis_client: redis.asyncio.Redis,
+    redis_prefix: str,
+    tmp_path: Path,
 ) -> AsyncIterator[Gateway]:
+    """`request.param`: GatewaySettings fields to change."""
     await migrate(db_pool)
     names = StreamNames(f"{redis_prefix}:{secrets.token_hex(4)}")
     tag = f"-{secrets.token_hex(3)}"
-    keys = key_ring(tag)
+    keys = key_ring(tag, f"streams={STREAMS}")
     limiter = Limiter(redis_client, names, db_pool)
     storage = StorageConfig((tmp_path / "store").as_uri())
     ingest = IngestServicer(db_pool, redis_client, names, CsvLimits(), limiter)
     hub = ProgressHub(redis_client, names)
-    status = StatusServicer(db_pool, Storage.from_config(storage), redis_client, names, hub=hub)
+    status = StatusServicer(
+        db_pool, Storage.from_config(storage), redis_client, names, hub=hub, limiter=limiter
+    )
     server = grpc.aio.server(interceptors=[ApiKeyInterceptor(keys, limiter.check_rate)])
     ingest_registrar(ingest)(server)
     status_registrar(status)(server)
@@ -119,13 +132,16 @@ async def gateway(
         rpc_timeout=10,
         api_keys=keys,
         page_cache_bytes=PAGE_CACHE_BYTES,
+        **getattr(request, "param", {}),
     )
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
     try:
         app = create_app(settings)
         async with TestClient(TestServer(app, host="127.0.0.1")) as http:
             await asyncio.wait_for(hub.connected.wait(), timeout=10)
-            yield Gateway(http, app, status_grpc.StatusServiceStub(channel), db_pool, tag)
+            yield Gateway(
+                http, app, status_grpc.StatusServiceStub(channel), db_pool, redis_client, names, tag
+            )
     finally:
         stop.set()
         await asyncio.wait_for(asyncio.gather(*loops), timeout=20)
@@ -218,3 +234,73 @@ async def test_finding_2_other_spellings_of_a_page_token_are_400(gateway: Gatewa
         assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "page_token" in (refused.value.details() or "")
     assert len(gateway.pages) == kept
+
+
+# ---------------------------------------------------------------- finding 6: live streams
+
+
+async def test_finding_6_streams_over_the_keys_limit_are_429(gateway: Gateway) -> None:
+    request_id = await gateway.upload(ACME, long_urls_csv(1, url_length=100))
+    path = f"/requests/{request_id}/events"
+    async with contextlib.AsyncExitStack() as open_streams:
+        for _ in range(STREAMS):
+            stream = await open_streams.enter_async_context(
+                gateway.http.get(path, headers=bearer(ACME))
+            )
+            assert stream.status == 200
+            assert (await stream.content.readuntil(b"\n\n")).startswith(b"event: progress")
+        over = await gateway.http.get(path, headers=bearer(ACME))
+        assert over.status == 429
+        assert int(over.headers["Retry-After"]) >= 1
+        error = (await over.json())["error"]
+        assert [d["column"] for d in error["details"]] == ["streams"]
+        assert "streams=2" in error["message"]
+        # The limit is per key: another owner's streams are not counted with acme's.
+        other_id = await gateway.upload(GLOBEX, long_urls_csv(1, url_length=100))
+        other = await gateway.http.get(f"/requests/{other_id}/events", headers=bearer(GLOBEX))
+        assert other.status == 200
+        other.close()
+        # Direct gRPC callers count against the same limit.
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await anext(
+                aiter(
+                    gateway.status.WatchRequest(
+                        status_pb.WatchRequestRequest(request_id=request_id),
+                        metadata=(("authorization", f"Bearer {ACME}"),),
+                        timeout=10,
+                    )
+                )
+            )
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    # A closed stream gives its slot back.
+    async def reopened() -> bool:
+        response = await gateway.http.get(path, headers=bearer(ACME))
+        response.close()
+        return response.status == 200
+
+    await wait_until_async(reopened, timeout=10, message="a slot given back")
+
+
+async def test_finding_6_the_leases_of_a_dead_process_run_out(gateway: Gateway) -> None:
+    request_id = await gateway.upload(ACME, long_urls_csv(1, url_length=100))
+    owner = f"acme{gateway.tag}"
+    key = f"{gateway.names.prefix}:limits:streams:{owner}"
+    # A lease held elsewhere, and one a crashed status service took and never renewed.
+    held_elsewhere = (time.time() + 3600) * 1000
+    await gateway.redis.zadd(key, {"elsewhere": held_elsewhere, "dead": 1000})
+    path = f"/requests/{request_id}/events"
+    async with gateway.http.get(path, headers=bearer(ACME)) as response:
+        assert response.status == 200  # the dead lease no longer counts
+        async with gateway.http.get(path, headers=bearer(ACME)) as over:
+            assert over.status == 429  # the live one does, across processes
+
+
+@pytest.mark.parametrize("gateway", [{"watch_timeout": 0.5}], indirect=True)
+async def test_finding_6_a_stream_ends_at_its_time_limit_with_reconnect(gateway: Gateway) -> None:
+    request_id = await gateway.upload(ACME, long_urls_csv(1, url_length=100))
+    async with gateway.http.get(f"/requests/{request_id}/events", headers=bearer(ACME)) as stream:
+        assert stream.status == 200
+        text = (await asyncio.wait_for(stream.read(), timeout=20)).decode()
+    events = [block.splitlines()[0] for block in text.strip().split("\n\n")]
+    assert events == ["event: progress", "event: reconnect"]
