@@ -34,6 +34,8 @@ def create_app(settings: GatewaySettings) -> web.Application:
     observability.setup(app)
     app[SETTINGS] = settings
     app[auth.API_KEYS] = settings.api_keys
+    app[auth.SESSIONS] = auth.Sessions(settings.rpc_timeout)
+    app[auth.PAGE_REFUSAL] = web_page.error_response
     app[IN_FLIGHT] = in_flight
     app[PAGES] = PageCache(max_bytes=settings.page_cache_bytes)
     app.cleanup_ctx.append(open_backends)
@@ -52,7 +54,7 @@ def create_app(settings: GatewaySettings) -> web.Application:
     app.router.add_get("/readyz", handlers.readyz)
     app.router.add_get("/openapi.json", openapi.openapi)
     app.router.add_get("/docs", openapi.docs)
-    # Browser sign-in: the API key in an HttpOnly cookie (gateway/auth.py).
+    # Browser sign-in: a session id (never the key) in an HttpOnly cookie (gateway/auth.py).
     app.router.add_post("/session", auth.sign_in)
     app.router.add_post("/session/logout", auth.sign_out)
     # The web page, and its HTML routes for browsers without JavaScript (gateway/web.py).

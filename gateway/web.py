@@ -161,7 +161,7 @@ def error_response(request: web.Request, exc: ImgpipeError | grpc.aio.AioRpcErro
         raise exc
     if error.http_status >= 500:
         log.warning("page failed: %s", error, extra={"path": request.path, "code": error.code})
-    if error.http_status in (401, 403):
+    if error.http_status == 401:
         return key_response(request, error.http_status)
     return html_response(web_pages.error_page(error), error.http_status)
 

@@ -430,6 +430,7 @@ class StatusSettings:
     common: CommonSettings
     webhooks: WebhookSettings = field(default_factory=WebhookSettings)
     api_keys: KeyRing = field(default_factory=KeyRing)
+    session_ttl: float = 12 * 3600.0  # how long a browser's sign-in lasts (sessions.py)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Self:
@@ -471,6 +472,7 @@ class StatusSettings:
                 ),
             ),
             api_keys=read_api_keys(env),
+            session_ttl=env.number("IMGPIPE_SESSION_TTL", 12 * 3600.0, minimum=59.0),
         )
         env.done()
         return settings

@@ -29,6 +29,7 @@ from services.common.proto_convert import (
     STATUS_TO_PROTO,
     from_json,
     parse_request_id,
+    timestamp,
     to_proto,
 )
 from services.common.storage import Storage
@@ -272,9 +273,9 @@ def request_message(row: queries.RequestRow) -> request_pb2.Request:
     return request_pb2.Request(
         request_id=str(row.id),
         status=STATUS_TO_PROTO[row.status],
-        created_at=_timestamp(row.created_at),
-        updated_at=_timestamp(row.updated_at),
-        completed_at=_timestamp(row.completed_at) if row.completed_at else None,
+        created_at=timestamp(row.created_at),
+        updated_at=timestamp(row.updated_at),
+        completed_at=timestamp(row.completed_at) if row.completed_at else None,
         # A final request's rate is over its whole run, not diluted by the time since.
         progress=progress_message(
             counts, row.created_at, row.status in FINAL_STATUSES, now=row.completed_at
@@ -324,12 +325,6 @@ def _dead_letter(dead: DeadLetter) -> status_pb.DeadLetter:
         deliveries=dead.deliveries,
         dead_at=Timestamp(seconds=dead.dead_at),
     )
-
-
-def _timestamp(value: datetime) -> Timestamp:
-    stamp = Timestamp()
-    stamp.FromDatetime(value)
-    return stamp
 
 
 def registrar(servicer: StatusServicer) -> Register:

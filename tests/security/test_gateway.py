@@ -17,7 +17,9 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import aiohttp
 import asyncpg
 import grpc
 import pytest
@@ -41,8 +43,11 @@ from services.common.csv_format import CsvLimits
 from services.common.db.pool import migrate
 from services.common.limits import Limiter
 from services.common.page_token import encode_page_token
+from services.common.pb.imgpipe.v1 import session_service_pb2 as session_pb
+from services.common.pb.imgpipe.v1 import session_service_pb2_grpc as session_grpc
 from services.common.pb.imgpipe.v1 import status_service_pb2 as status_pb
 from services.common.pb.imgpipe.v1 import status_service_pb2_grpc as status_grpc
+from services.common.sessions import SessionStore, session_hash
 from services.common.storage import Storage, StorageConfig
 from services.common.streams import StreamNames
 from services.ingest.servicer import IngestServicer
@@ -50,6 +55,8 @@ from services.ingest.servicer import registrar as ingest_registrar
 from services.status.progress import ProgressHub
 from services.status.servicer import StatusServicer
 from services.status.servicer import registrar as status_registrar
+from services.status.sessions import SessionServicer
+from services.status.sessions import registrar as session_registrar
 from tests.integration.flows import csv_of
 from tests.support import wait_until_async
 
@@ -66,6 +73,7 @@ class Gateway:
     http: Client
     app: web.Application
     status: status_grpc.StatusServiceAsyncStub  # direct, past the gateway
+    channel: grpc.aio.Channel
     pool: asyncpg.Pool
     redis: redis.asyncio.Redis
     names: StreamNames
@@ -117,9 +125,13 @@ async def gateway(
     status = StatusServicer(
         db_pool, Storage.from_config(storage), redis_client, names, hub=hub, limiter=limiter
     )
-    server = grpc.aio.server(interceptors=[ApiKeyInterceptor(keys, limiter.check_rate)])
+    sessions = SessionStore(db_pool, keys)
+    server = grpc.aio.server(
+        interceptors=[ApiKeyInterceptor(keys, limiter.check_rate, sessions.resolve)]
+    )
     ingest_registrar(ingest)(server)
     status_registrar(status)(server)
+    session_registrar(SessionServicer(sessions))(server)
     health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)  # type: ignore[attr-defined]
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
@@ -140,7 +152,14 @@ async def gateway(
         async with TestClient(TestServer(app, host="127.0.0.1")) as http:
             await asyncio.wait_for(hub.connected.wait(), timeout=10)
             yield Gateway(
-                http, app, status_grpc.StatusServiceStub(channel), db_pool, redis_client, names, tag
+                http,
+                app,
+                status_grpc.StatusServiceStub(channel),
+                channel,
+                db_pool,
+                redis_client,
+                names,
+                tag,
             )
     finally:
         stop.set()
@@ -234,6 +253,148 @@ async def test_finding_2_other_spellings_of_a_page_token_are_400(gateway: Gatewa
         assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "page_token" in (refused.value.details() or "")
     assert len(gateway.pages) == kept
+
+
+# ---------------------------------------------------------------- finding 4: CSRF, the cookie
+
+
+async def sign_in(gateway: Gateway, key: str = ACME) -> str:
+    """Sign in as the web page does; the cookie's value."""
+    response = await gateway.http.post(
+        "/session",
+        data={"key": key},
+        headers={"Origin": origin(gateway)},
+        allow_redirects=False,
+    )
+    assert response.status == 303, await response.text()
+    cookie = response.cookies["imgpipe_session"]
+    attributes = response.headers["Set-Cookie"]
+    assert "HttpOnly" in attributes and "SameSite=Strict" in attributes
+    return cookie.value
+
+
+def origin(gateway: Gateway) -> str:
+    return str(gateway.http.make_url("/")).rstrip("/")
+
+
+def cookie(session: str) -> dict[str, str]:
+    return {"Cookie": f"imgpipe_session={session}"}
+
+
+def form_upload() -> Any:
+    form = aiohttp.FormData()
+    form.add_field("file", long_urls_csv(1, url_length=100), filename="p.csv")
+    return form
+
+
+async def test_finding_4_cookie_writes_from_another_site_are_403(gateway: Gateway) -> None:
+    session = await sign_in(gateway)
+    request_id = await gateway.upload(ACME, long_urls_csv(1, url_length=100))
+    elsewhere = [
+        {"Origin": "http://evil.test"},
+        {"Origin": origin(gateway).replace("127.0.0.1", "localhost")},  # another host
+        {"Origin": origin(gateway).rsplit(":", 1)[0] + ":1"},  # another port: same site
+        {"Origin": "null"},
+        {"Sec-Fetch-Site": "same-site"},
+        {"Sec-Fetch-Site": "cross-site", "Origin": origin(gateway)},
+        {},  # no evidence of where it comes from
+    ]
+    for headers in elsewhere:
+        for path, body in (
+            ("/upload", lambda: long_urls_csv(1, url_length=100)),
+            (f"/requests/{request_id}/retry", lambda: b""),
+        ):
+            response = await gateway.http.post(
+                path,
+                data=body(),
+                headers={**cookie(session), **headers, "Content-Type": "text/csv"},
+            )
+            assert response.status == 403, (path, headers)
+            assert (await response.json())["error"]["code"] == "permission_denied"
+        page = await gateway.http.post(
+            "/ui/upload", data=form_upload(), headers={**cookie(session), **headers}
+        )
+        assert page.status == 403, headers
+        assert page.content_type == "text/html"
+    # From this site the same writes go through, and a bearer key is not affected at all.
+    for headers in ({"Origin": origin(gateway)}, {"Sec-Fetch-Site": "same-origin"}):
+        response = await gateway.http.post(
+            "/upload",
+            data=long_urls_csv(1, url_length=100),
+            headers={**cookie(session), **headers, "Content-Type": "text/csv"},
+        )
+        assert response.status == 202, await response.text()
+    page = await gateway.http.post(
+        "/ui/upload",
+        data=form_upload(),
+        headers={**cookie(session), "Origin": origin(gateway)},
+        allow_redirects=False,
+    )
+    assert page.status == 303
+    response = await gateway.http.post(
+        "/upload",
+        data=long_urls_csv(1, url_length=100),
+        headers={**bearer(ACME), "Origin": "http://evil.test", "Content-Type": "text/csv"},
+    )
+    assert response.status == 202
+
+
+async def test_finding_4_the_cookie_is_a_revocable_session_not_the_key(gateway: Gateway) -> None:
+    session = await sign_in(gateway)
+    assert ACME not in session and session.startswith("ses_")
+    request_id = await gateway.upload(ACME, long_urls_csv(1, url_length=100))
+    assert (await gateway.http.get(f"/status/{request_id}", headers=cookie(session))).status == 200
+    # The session acts for its owner only.
+    other_id = await gateway.upload(GLOBEX, long_urls_csv(1, url_length=100))
+    assert (await gateway.http.get(f"/status/{other_id}", headers=cookie(session))).status == 404
+    # The services accept it too, and it cannot make itself a successor.
+    as_session = (("authorization", f"Session {session}"),)
+    got = await gateway.status.GetRequest(
+        status_pb.GetRequestRequest(request_id=request_id), metadata=as_session, timeout=10
+    )
+    assert got.request.request_id == request_id
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await session_grpc.SessionServiceStub(gateway.channel).CreateSession(
+            session_pb.CreateSessionRequest(), metadata=as_session, timeout=10
+        )
+    assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+    out = await gateway.http.post(
+        "/session/logout",
+        headers={**cookie(session), "Origin": origin(gateway)},
+        allow_redirects=False,
+    )
+    assert out.status == 303
+    assert out.cookies["imgpipe_session"]["max-age"] == "0"
+
+    # Revoked on the server, not only forgotten by this browser: replaying it is refused.
+    async def refused_everywhere() -> bool:
+        response = await gateway.http.get(f"/status/{request_id}", headers=cookie(session))
+        return response.status == 401
+
+    await wait_until_async(refused_everywhere, timeout=10, message="the session refused")
+    with pytest.raises(grpc.aio.AioRpcError) as ended:
+        await gateway.status.GetRequest(
+            status_pb.GetRequestRequest(request_id=request_id), metadata=as_session, timeout=10
+        )
+    assert ended.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    forged = await gateway.http.get(f"/status/{request_id}", headers=cookie(ACME))
+    assert forged.status == 401  # the key itself is no cookie
+
+
+async def test_finding_4_sessions_expire(gateway: Gateway) -> None:
+    session = await sign_in(gateway)
+    request_id = await gateway.upload(ACME, long_urls_csv(1, url_length=100))
+    await gateway.pool.execute(
+        "UPDATE sessions SET expires_at = now() - interval '1 second' WHERE id_hash = $1",
+        session_hash(session),
+    )
+
+    async def refused() -> bool:
+        response = await gateway.http.get(f"/status/{request_id}", headers=cookie(session))
+        return response.status == 401
+
+    await wait_until_async(refused, timeout=10, message="the expired session refused")
 
 
 # ---------------------------------------------------------------- finding 6: live streams
