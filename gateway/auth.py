@@ -38,7 +38,13 @@ from aiohttp.http_exceptions import HttpProcessingError
 from multidict import MultiDictProxy
 
 from services.common.auth import MAX_KEY_LENGTH, KeyRing, bearer_token
-from services.common.errors import ImgpipeError, InvalidArgument, PermissionDenied, Unauthenticated
+from services.common.errors import (
+    ImgpipeError,
+    InvalidArgument,
+    PermissionDenied,
+    Unauthenticated,
+    error_from_rpc,
+)
 from services.common.grpc_client import rewriting_interceptors
 from services.common.pb.imgpipe.v1 import session_service_pb2 as session_pb
 from services.common.pb.imgpipe.v1 import session_service_pb2_grpc as session_grpc
@@ -132,7 +138,7 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
         if not is_public(request):
             try:
                 await _admit(request, credential)
-            except (Unauthenticated, PermissionDenied) as refusal:
+            except ImgpipeError as refusal:
                 if not request.path.startswith("/ui/"):
                     raise
                 # The pages for browsers without JavaScript get a page, not JSON.
@@ -231,7 +237,7 @@ class Sessions:
             if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
                 self._live.pop(digest, None)
                 return False
-            raise
+            raise error_from_rpc(exc) from None  # a page for /ui/ routes, JSON elsewhere
         self._live[digest] = self._clock() + CACHE_SECONDS
         self._live.move_to_end(digest)
         while len(self._live) > _SESSIONS_REMEMBERED:
