@@ -253,6 +253,11 @@ async def test_finding_2_other_spellings_of_a_page_token_are_400(gateway: Gatewa
         assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "page_token" in (refused.value.details() or "")
     assert len(gateway.pages) == kept
+    page = await gateway.http.get(
+        f"/ui/requests/{request_id}", params={"page_token": spellings(row)[0]}, headers=bearer(ACME)
+    )
+    assert (page.status, page.content_type) == (400, "text/html")
+    assert "page_token" in await page.text()
 
 
 # ---------------------------------------------------------------- finding 4: CSRF, the cookie
