@@ -13,7 +13,7 @@ from gateway import auth, handlers, observability, openapi
 from gateway import web as web_page
 from gateway.backends import SETTINGS, open_backends
 from gateway.errors import error_middleware
-from gateway.page_cache import PAGES, PageCache
+from gateway.page_cache import PAGES, PageCache, purge_while_running
 from gateway.serving import IN_FLIGHT, InFlight
 from services.common.config import GatewaySettings
 
@@ -34,9 +34,12 @@ def create_app(settings: GatewaySettings) -> web.Application:
     observability.setup(app)
     app[SETTINGS] = settings
     app[auth.API_KEYS] = settings.api_keys
+    app[auth.SESSIONS] = auth.Sessions(settings.rpc_timeout)
+    app[auth.PAGE_REFUSAL] = web_page.error_response
     app[IN_FLIGHT] = in_flight
-    app[PAGES] = PageCache()
+    app[PAGES] = PageCache(max_bytes=settings.page_cache_bytes)
     app.cleanup_ctx.append(open_backends)
+    app.cleanup_ctx.append(purge_while_running)
     app.router.add_post("/upload", handlers.upload)
     app.router.add_get("/status", handlers.status)
     app.router.add_get("/status/{request_id}", handlers.status)
@@ -53,7 +56,7 @@ def create_app(settings: GatewaySettings) -> web.Application:
     app.router.add_get("/readyz", handlers.readyz)
     app.router.add_get("/openapi.json", openapi.openapi)
     app.router.add_get("/docs", openapi.docs)
-    # Browser sign-in: the API key in an HttpOnly cookie (gateway/auth.py).
+    # Browser sign-in: a session id (never the key) in an HttpOnly cookie (gateway/auth.py).
     app.router.add_post("/session", auth.sign_in)
     app.router.add_post("/session/logout", auth.sign_out)
     # The web page, and its HTML routes for browsers without JavaScript (gateway/web.py).

@@ -16,11 +16,14 @@ import grpc
 from aiohttp import web
 from grpc_health.v1 import health_pb2_grpc
 
-from gateway.auth import forwarding_interceptors
+from gateway.auth import SESSIONS, forwarding_interceptors
 from services.common import tracing
 from services.common.config import GatewaySettings
 from services.common.pb.imgpipe.v1 import (
     ingest_service_pb2_grpc as ingest_grpc,
+)
+from services.common.pb.imgpipe.v1 import (
+    session_service_pb2_grpc as session_grpc,
 )
 from services.common.pb.imgpipe.v1 import (
     status_service_pb2_grpc as status_grpc,
@@ -74,6 +77,7 @@ async def open_backends(app: web.Application) -> AsyncIterator[None]:
             status_health=health_pb2_grpc.HealthStub(status_channel),
             storage=Storage.from_config(settings.storage),
         )
+        app[SESSIONS].connect(session_grpc.SessionServiceStub(status_channel))
         log.info(
             "backends configured",
             extra={"ingest": settings.ingest_addr, "status": settings.status_addr},

@@ -27,6 +27,7 @@ from gateway.serving import IN_FLIGHT
 from gateway.upload import upload_csv
 from services.common import tracing
 from services.common.errors import Conflict, Detail, InvalidArgument, NotFound, Unavailable
+from services.common.page_token import decode_page_token
 from services.common.pb.imgpipe.v1 import ingest_service_pb2 as ingest_pb
 from services.common.pb.imgpipe.v1 import status_service_pb2 as status_pb
 
@@ -68,7 +69,9 @@ async def status(request: web.Request) -> web.Response:
     page_size = _page_size(request.query.get("page_size", ""))
     page_token = request.query.get("page_token", "")
     backends, timeout = request.app[BACKENDS], request.app[SETTINGS].rpc_timeout
-    pages, key = request.app[PAGES], PageKey(request_id, page_size, page_token)
+    # Decoded here, strictly: the cache is keyed on the position, and a token that is not
+    # the one canonical spelling of a position is refused before anything is read.
+    pages, key = request.app[PAGES], PageKey(request_id, page_size, decode_page_token(page_token))
     get_request = backends.status.GetRequest(
         status_pb.GetRequestRequest(request_id=request_id), timeout=timeout
     )
@@ -117,7 +120,11 @@ async def _both(first: Awaitable[A], second: Awaitable[B]) -> tuple[A, B]:
 
 async def events(request: web.Request) -> web.StreamResponse:
     """Server-Sent Events: `progress` whenever an image becomes final, then `final`, then the
-    stream ends. A comment line every KEEPALIVE seconds keeps proxies from closing it."""
+    stream ends. A comment line every KEEPALIVE seconds keeps proxies from closing it.
+
+    A stream lasts at most IMGPIPE_WATCH_TIMEOUT (10 min): then a `reconnect` event ends it and
+    the client opens a new one (EventSource does so by itself). Each open stream counts against
+    the key's `streams` limit in the status service; over it, the answer is a JSON 429."""
     request_id = _request_id(request)
     settings = request.app[SETTINGS]
     call = request.app[BACKENDS].status.WatchRequest(
@@ -125,7 +132,8 @@ async def events(request: web.Request) -> web.StreamResponse:
     )
     updates = aiter(call)
     try:
-        # The first answer decides the status code: a 404 is still a JSON error, not a stream.
+        # The first answer decides the status code: a 404 or 429 is still a JSON error, not a
+        # stream.
         first = await anext(updates)
         response = web.StreamResponse(
             headers={
@@ -136,6 +144,7 @@ async def events(request: web.Request) -> web.StreamResponse:
         )
         await response.prepare(request)
         update: status_pb.WatchRequestResponse | None = first
+        final = False
         try:
             while update is not None:
                 found = update.request
@@ -144,10 +153,16 @@ async def events(request: web.Request) -> web.StreamResponse:
                 event = views.request_json(found, csv_url)
                 await response.write(views.sse("final" if final else "progress", event))
                 update = await _next_or_keepalive(updates, response)
+            if not final:  # the status service's own time limit
+                await response.write(views.sse("reconnect", {"reason": "time_limit"}))
         except grpc.aio.AioRpcError as exc:
-            # Headers are sent: say why the stream ends, in the stream; the client reconnects.
-            log.warning("live progress interrupted", extra={"error": exc.code().name})
-            await response.write(views.sse("error", {"code": "unavailable"}))
+            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                await response.write(views.sse("reconnect", {"reason": "time_limit"}))
+            else:
+                # Headers are sent: say why the stream ends, in the stream; the client
+                # reconnects.
+                log.warning("live progress interrupted", extra={"error": exc.code().name})
+                await response.write(views.sse("error", {"code": "unavailable"}))
         await response.write_eof()
         return response
     finally:

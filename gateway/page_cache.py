@@ -9,25 +9,39 @@ poll, and the page is rendered again only when that version moved.
 The head is read first, on every poll and with the caller's credentials, so a cached page is
 never shown to someone who could not read the request. Entries also expire after `max_age`,
 so output URLs that are signed with an expiry are refreshed well before they lapse.
+
+Memory is bounded by bytes, not only by entries (IMGPIPE_PAGE_CACHE_BYTES): a page of 1000
+products with long URLs can be tens of MiB. A body larger than `1/LARGE_FRACTION` of the cap is
+never kept (one caller's big pages would evict everyone's), pages are keyed on the decoded
+position rather than the token's text (services/common/page_token.py refuses other spellings
+too), and expired entries are removed, not merely skipped, so an idle gateway gives the memory
+back.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import math
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from aiohttp import web
 
 from services.common.pb.imgpipe.v1 import request_pb2
 
+DEFAULT_MAX_BYTES = 32 * 1024 * 1024
+# A body over max_bytes / LARGE_FRACTION is rendered for its caller and not kept.
+LARGE_FRACTION = 8
+
 
 @dataclass(frozen=True, slots=True)
 class PageKey:
     request_id: str
     page_size: int
-    page_token: str
+    after_row: int  # the decoded page token: one key per position, whatever the spelling
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,41 +70,97 @@ class _Entry:
 
 
 class PageCache:
-    """A bounded LRU of rendered product pages."""
+    """A bounded LRU of rendered product pages: at most `max_entries` pages and `max_bytes` of
+    bodies, none kept longer than `max_age` seconds."""
 
     def __init__(
         self,
         max_entries: int = 512,
         max_age: float = 60.0,
         clock: Callable[[], float] = time.monotonic,
+        max_bytes: int = DEFAULT_MAX_BYTES,
     ) -> None:
         self.max_entries = max_entries
         self.max_age = max_age
+        self.max_bytes = max_bytes
         self._clock = clock
         self._entries: OrderedDict[PageKey, _Entry] = OrderedDict()
+        self._size = 0
+        self._purged_at = clock()
 
     def __len__(self) -> int:
         return len(self._entries)
 
+    @property
+    def size(self) -> int:
+        """The bytes of the bodies kept."""
+        return self._size
+
     def known(self, key: PageKey) -> bool:
         """Whether a page is kept for `key` at all (its version is checked by `get`)."""
+        self._purge_expired()
         return key in self._entries
 
     def get(self, key: PageKey, version: Version) -> bytes | None:
+        self._purge_expired()
         entry = self._entries.get(key)
         if entry is None:
             return None
-        if entry.version != version or self._clock() - entry.stored_at > self.max_age:
-            del self._entries[key]
+        if entry.version != version or self._expired(entry):
+            self._drop(key)
             return None
         self._entries.move_to_end(key)
         return entry.body
 
     def put(self, key: PageKey, version: Version, body: bytes) -> None:
+        """Keep `body` for `key`, unless it is too large to keep; least recently read first out."""
+        self._purge_expired()
+        if key in self._entries:
+            self._drop(key)
+        if len(body) > self.max_bytes // LARGE_FRACTION:
+            return
         self._entries[key] = _Entry(version, body, self._clock())
-        self._entries.move_to_end(key)
-        while len(self._entries) > self.max_entries:
-            self._entries.popitem(last=False)
+        self._size += len(body)
+        while len(self._entries) > self.max_entries or self._size > self.max_bytes:
+            self._drop(next(iter(self._entries)))
+
+    def _expired(self, entry: _Entry) -> bool:
+        return self._clock() - entry.stored_at > self.max_age
+
+    def _drop(self, key: PageKey) -> None:
+        self._size -= len(self._entries.pop(key).body)
+
+    def purge_expired(self) -> None:
+        """Remove every expired entry."""
+        self._purged_at = -math.inf
+        self._purge_expired()
+
+    def _purge_expired(self) -> None:
+        # Entries are in order of reading, not of storing, so finding the expired ones is a
+        # scan; done at most a few times per max_age, it costs nothing per call.
+        now = self._clock()
+        if now - self._purged_at < self.max_age / 4:
+            return
+        self._purged_at = now
+        for key in [key for key, entry in self._entries.items() if self._expired(entry)]:
+            self._drop(key)
 
 
 PAGES = web.AppKey("pages", PageCache)
+
+
+async def purge_while_running(app: web.Application) -> AsyncIterator[None]:
+    """A cleanup context: expired pages are removed even when nobody polls, so the memory of
+    a burst of polls is given back within `max_age`."""
+    pages = app[PAGES]
+
+    async def purge() -> None:
+        while True:
+            await asyncio.sleep(pages.max_age / 4)
+            pages.purge_expired()
+
+    task = asyncio.create_task(purge())
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task

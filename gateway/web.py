@@ -28,6 +28,7 @@ from gateway.backends import BACKENDS, SETTINGS
 from gateway.handlers import output_csv_url
 from gateway.upload import upload_csv
 from services.common.errors import ImgpipeError, NotFound, error_from_rpc
+from services.common.page_token import decode_page_token
 from services.common.pb.imgpipe.v1 import status_service_pb2 as status_pb
 
 log = logging.getLogger(__name__)
@@ -125,6 +126,7 @@ async def request_page(request: web.Request) -> web.Response:
     try:
         if not request_id:
             raise NotFound("no request has this id")
+        decode_page_token(page_token)  # refused at once, also while no products are shown
         got = await backends.status.GetRequest(
             status_pb.GetRequestRequest(request_id=request_id), timeout=timeout
         )
@@ -161,7 +163,7 @@ def error_response(request: web.Request, exc: ImgpipeError | grpc.aio.AioRpcErro
         raise exc
     if error.http_status >= 500:
         log.warning("page failed: %s", error, extra={"path": request.path, "code": error.code})
-    if error.http_status in (401, 403):
+    if error.http_status == 401:
         return key_response(request, error.http_status)
     return html_response(web_pages.error_page(error), error.http_status)
 

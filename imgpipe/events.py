@@ -87,8 +87,10 @@ async def follow(
 
     `on_event` gets the data of every progress event and of the final one. When the stream
     drops before `final` (no answer, a timeout, a 502/503/504, an `error` event, or the stream
-    just ending), it reconnects after a growing pause. It gives up, raising the last ApiError,
-    after `max_attempts` connections in a row that brought no new image to a final state.
+    just ending), it reconnects after a growing pause; after a `reconnect` event (the end of a
+    stream's time limit) after the shortest pause, and that counts as no failure. It gives up,
+    raising the last ApiError, after `max_attempts` connections in a row that brought no new
+    image to a final state.
     Other error answers (404, 401...) are raised at once.
     """
     failures = 0
@@ -99,6 +101,9 @@ async def follow(
         try:
             async with contextlib.aclosing(source.events(request_id)) as stream:
                 async for name, data in stream:
+                    if name == "reconnect":
+                        progressed = True  # a stream's time is up: no failure
+                        break
                     if name == "error":
                         break  # the server lost its backend: reconnect
                     if name not in ("progress", "final"):

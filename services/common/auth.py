@@ -18,6 +18,8 @@ limits. An empty IMGPIPE_API_KEYS turns authentication off.
 
 gRPC services authenticate every call but health and reflection in `ApiKeyInterceptor`, which
 also applies the call-rate limit and makes the caller available to servicers (`caller_owner`).
+A call authenticates with `authorization: Bearer <key>`, or with `authorization: Session <id>`
+for a browser's session (services/common/sessions.py).
 """
 
 from __future__ import annotations
@@ -128,9 +130,18 @@ def is_valid_name(name: str) -> bool:
 
 def bearer_token(value: str | None) -> str | None:
     """The token of an `Authorization: Bearer <token>` value, or None."""
-    scheme, _, token = (value or "").strip().partition(" ")
+    return _token_of(value, "bearer")
+
+
+def session_token(value: str | None) -> str | None:
+    """The id of an `authorization: Session <id>` value (a browser's session), or None."""
+    return _token_of(value, "session")
+
+
+def _token_of(value: str | None, scheme: str) -> str | None:
+    given, _, token = (value or "").strip().partition(" ")
     token = token.strip()
-    if scheme.lower() != "bearer" or not token:
+    if given.lower() != scheme or not token:
         return None
     return token
 
@@ -245,7 +256,25 @@ def caller_owner() -> str:
     return principal.name if principal is not None else ""
 
 
+@dataclass(frozen=True, slots=True)
+class Credential:
+    """What the current call authenticated with: an API key (its SHA-256) or a session."""
+
+    key_digest: bytes | None = None
+    session_id: str | None = None
+
+
+# Set by ApiKeyInterceptor with the caller; None when authentication is off.
+_credential: ContextVar[Credential | None] = ContextVar("imgpipe_credential", default=None)
+
+
+def caller_credential() -> Credential | None:
+    return _credential.get()
+
+
 RateCheck = Callable[[Principal], Awaitable[None]]
+# A session id → the principal it acts for, or None (services/common/sessions.py).
+SessionResolver = Callable[[str], Awaitable[Principal | None]]
 # Health checks and reflection answer without a key: probes and tools call them.
 _PUBLIC_METHODS = ("/grpc.health.", "/grpc.reflection.")
 
@@ -258,9 +287,15 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
     goes out through the call's own context with its `google.rpc` details (RetryInfo).
     """
 
-    def __init__(self, keys: KeyRing, check_rate: RateCheck | None = None) -> None:
+    def __init__(
+        self,
+        keys: KeyRing,
+        check_rate: RateCheck | None = None,
+        sessions: SessionResolver | None = None,
+    ) -> None:
         self.keys = keys
         self.check_rate = check_rate
+        self.sessions = sessions
 
     async def intercept_service(
         self,
@@ -279,13 +314,25 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
         metadata = context.invocation_metadata() or ()
         values = [str(value) for key, value in metadata if key == "authorization"]
         token = bearer_token(values[0]) if values else None
-        if token is None:
+        session_id = session_token(values[0]) if values else None
+        if session_id is not None and self.sessions is not None:
+            principal = await self.sessions(session_id)
+            if principal is None:
+                raise Unauthenticated(
+                    "the session has ended (expired, signed out, or its key was removed):"
+                    " sign in again",
+                    key_given=True,
+                )
+            _credential.set(Credential(session_id=session_id))
+        elif token is None:
             raise Unauthenticated(
                 "an API key is required: send the metadata `authorization: Bearer <key>`"
             )
-        principal = self.keys.authenticate(token)
-        if principal is None:
-            raise Unauthenticated("the API key is not valid", key_given=True)
+        else:
+            principal = self.keys.authenticate(token)
+            if principal is None:
+                raise Unauthenticated("the API key is not valid", key_given=True)
+            _credential.set(Credential(key_digest=hashlib.sha256(token.encode()).digest()))
         if self.check_rate is not None:
             await self.check_rate(principal)
         return principal

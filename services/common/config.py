@@ -458,6 +458,7 @@ class StatusSettings:
     common: CommonSettings
     webhooks: WebhookSettings = field(default_factory=WebhookSettings)
     api_keys: KeyRing = field(default_factory=KeyRing)
+    session_ttl: float = 12 * 3600.0  # how long a browser's sign-in lasts (sessions.py)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Self:
@@ -501,6 +502,7 @@ class StatusSettings:
                 ),
             ),
             api_keys=read_api_keys(env),
+            session_ttl=env.number("IMGPIPE_SESSION_TTL", 12 * 3600.0, minimum=59.0),
         )
         env.done()
         return settings
@@ -521,6 +523,10 @@ def _seconds_list(raw: str) -> tuple[float, ...]:
     return values
 
 
+# The longest one live-progress stream (SSE, WatchRequest) stays open; clients reconnect.
+MAX_WATCH_SECONDS = 600.0
+
+
 @dataclass(frozen=True, slots=True)
 class GatewaySettings:
     http_listen: str = "127.0.0.1:8080"
@@ -530,7 +536,8 @@ class GatewaySettings:
     max_upload_bytes: int = CsvLimits().max_bytes
     rpc_timeout: float = 10.0
     upload_timeout: float = 300.0
-    watch_timeout: float = 3600.0  # the longest one live-progress stream stays open
+    watch_timeout: float = MAX_WATCH_SECONDS  # the longest one live-progress stream stays open
+    page_cache_bytes: int = 32 * 1024 * 1024  # rendered GET /status pages kept (page_cache.py)
     log_level: str = "INFO"
     api_keys: KeyRing = field(default_factory=KeyRing)
     metrics_listen: str = ""  # where /metrics is served (never the API port); '' serves nothing
@@ -552,7 +559,8 @@ class GatewaySettings:
             ),
             rpc_timeout=env.number("IMGPIPE_RPC_TIMEOUT", 10.0),
             upload_timeout=env.number("IMGPIPE_UPLOAD_TIMEOUT", 300.0),
-            watch_timeout=env.number("IMGPIPE_WATCH_TIMEOUT", 3600.0),
+            watch_timeout=env.number("IMGPIPE_WATCH_TIMEOUT", MAX_WATCH_SECONDS),
+            page_cache_bytes=env.integer("IMGPIPE_PAGE_CACHE_BYTES", 32 * 1024 * 1024),
             log_level=env.text("IMGPIPE_LOG_LEVEL", "INFO").upper(),
             api_keys=read_api_keys(env),
             metrics_listen=read_metrics_listen(env),
@@ -562,5 +570,10 @@ class GatewaySettings:
         check_metrics_port(
             env, settings.metrics_listen, "IMGPIPE_HTTP_LISTEN", settings.http_listen
         )
+        if settings.watch_timeout > MAX_WATCH_SECONDS:
+            env.problems.append(
+                f"IMGPIPE_WATCH_TIMEOUT={settings.watch_timeout:g}: at most {MAX_WATCH_SECONDS:g}"
+                " seconds (clients reconnect; a stream holds a slot of the streams= limit)"
+            )
         env.done()
         return settings

@@ -125,6 +125,15 @@ class Unauthenticated(ImgpipeError):
         return {"WWW-Authenticate": challenge}
 
 
+class PermissionDenied(ImgpipeError):
+    """The caller is known but may not do this (a write from another site, a session asking
+    for a session)."""
+
+    code = "permission_denied"
+    grpc_code = grpc.StatusCode.PERMISSION_DENIED
+    http_status = 403
+
+
 @dataclass
 class RateLimited(ImgpipeError):
     """A per-key limit (call rate, unfinished requests, images per day) is reached. Details
@@ -149,6 +158,7 @@ _BY_CODE: dict[str, type[ImgpipeError]] = {
         TooLarge,
         Unavailable,
         Unauthenticated,
+        PermissionDenied,
         RateLimited,
     )
 }
@@ -160,6 +170,7 @@ _GRPC_CODE_VALUES = {
     grpc.StatusCode.UNAVAILABLE: code_pb2.UNAVAILABLE,
     grpc.StatusCode.INTERNAL: code_pb2.INTERNAL,
     grpc.StatusCode.UNAUTHENTICATED: code_pb2.UNAUTHENTICATED,
+    grpc.StatusCode.PERMISSION_DENIED: code_pb2.PERMISSION_DENIED,
 }
 # gRPC status codes with no imgpipe reason attached (a dead backend, a deadline) → HTTP.
 _HTTP_FOR_GRPC = {
@@ -173,6 +184,7 @@ _HTTP_FOR_GRPC = {
     grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_argument", "invalid argument"),
     grpc.StatusCode.RESOURCE_EXHAUSTED: (413, "too_large", "a limit was exceeded"),
     grpc.StatusCode.UNAUTHENTICATED: (401, "unauthenticated", "an API key is required"),
+    grpc.StatusCode.PERMISSION_DENIED: (403, "permission_denied", "not allowed"),
 }
 
 

@@ -13,6 +13,10 @@
 - **images_per_day**: a counter per owner and UTC day, which expires two days later. Ingest
   reserves a request's images once its CSV is validated, before the commit, and gives them back
   if the commit fails.
+- **streams**: a sorted set per owner of its open live-progress streams (WatchRequest, which
+  the gateway's SSE route opens once per stream), scored by when each lease runs out. A stream
+  renews its lease every `STREAM_LEASE / 3` seconds and removes it when it ends; a process that
+  dies stops renewing, and its leases are dropped by the next check once `STREAM_LEASE` passed.
 
 Every check-and-take is one Lua script, so two uploads arriving at once cannot both take the
 last slot. Times come from the Redis server's clock, so hosts with skewed clocks still agree.
@@ -20,9 +24,12 @@ last slot. Times come from the Redis server's clock, so hosts with skewed clocks
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import math
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,7 +38,7 @@ import redis.asyncio as aioredis
 
 from services.common.auth import Principal
 from services.common.db import queries
-from services.common.errors import Detail, RateLimited
+from services.common.errors import BACKEND_ERRORS, Detail, RateLimited
 from services.common.streams import StreamNames
 
 log = logging.getLogger(__name__)
@@ -89,6 +96,40 @@ return {1, used + count}
 """
 
 
+# KEYS[1]: the owner's open streams. ARGV: the limit, a stream id, the lease (ms).
+# Returns 1 when the stream holds a lease now, 0 when the owner is at its limit.
+_TAKE_STREAM = (
+    _EFFECTS
+    + """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[2])
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[3]))
+return 1
+"""
+)
+
+# KEYS[1]: the owner's open streams. ARGV: a stream id, the lease (ms). Extends a held lease.
+_RENEW_STREAM = (
+    _EFFECTS
+    + """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZADD', KEYS[1], 'XX', now + tonumber(ARGV[2]), ARGV[1])
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]))
+return 1
+"""
+)
+
+# How long a stream's lease lasts without renewal: how long the slots of a process that died
+# stay taken.
+STREAM_LEASE = 60.0
+# When a stream may free up is unknown; callers are told to try again after this long.
+STREAM_RETRY_AFTER = 5
+
+
 @dataclass(frozen=True, slots=True)
 class ImageReservation:
     key: str
@@ -105,6 +146,8 @@ class Limiter:
         self._gcra = redis.register_script(_GCRA)
         self._take_slot = redis.register_script(_TAKE_SLOT)
         self._take_images = redis.register_script(_TAKE_IMAGES)
+        self._take_stream = redis.register_script(_TAKE_STREAM)
+        self._renew_stream = redis.register_script(_RENEW_STREAM)
 
     # ------------------------------------------------------------ rate
 
@@ -221,6 +264,45 @@ class Limiter:
         seconds, _ = await self.redis.time()
         day, elapsed = divmod(int(seconds), DAY)
         return f"{self.prefix}:images:{owner}:{day}", DAY - elapsed
+
+    # ------------------------------------------------------------ streams
+
+    @contextlib.asynccontextmanager
+    async def hold_stream(self, principal: Principal | None) -> AsyncIterator[None]:
+        """Count one open stream of the caller for as long as the block runs; RateLimited when
+        the caller already has `streams` of them. No limit when authentication is off."""
+        limit = principal.limits.streams if principal is not None else 0
+        if principal is None or limit <= 0:
+            yield
+            return
+        key, stream_id = f"{self.prefix}:streams:{principal.name}", str(uuid.uuid4())
+        lease_ms = int(STREAM_LEASE * 1000)
+        if not await self._take_stream(keys=[key], args=[limit, stream_id, lease_ms]):
+            raise RateLimited(
+                f"over the limit of this API key (streams={limit} live progress streams open);"
+                " close one, or poll GET /status",
+                [Detail(f"at most {limit} streams open at a time", "streams")],
+                retry_after=STREAM_RETRY_AFTER,
+            )
+        renewing = asyncio.create_task(self._keep_stream(key, stream_id, lease_ms))
+        try:
+            yield
+        finally:
+            renewing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await renewing
+            try:
+                await self.redis.zrem(key, stream_id)
+            except BACKEND_ERRORS as exc:  # the lease runs out by itself
+                log.warning("stream lease not released", extra={"error": repr(exc)})
+
+    async def _keep_stream(self, key: str, stream_id: str, lease_ms: int) -> None:
+        while True:
+            await asyncio.sleep(STREAM_LEASE / 3)
+            try:
+                await self._renew_stream(keys=[key], args=[stream_id, lease_ms])
+            except BACKEND_ERRORS as exc:  # tried again at the next turn, within the lease
+                log.warning("stream lease not renewed", extra={"error": repr(exc)})
 
 
 def _images_exhausted(limit: int, used: int, count: int, retry_after: int) -> RateLimited:

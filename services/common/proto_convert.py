@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from datetime import datetime
 from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -70,6 +71,12 @@ STATUS_TO_PROTO = {
     "Failed": request_pb2.REQUEST_STATUS_FAILED,
 }
 FINAL_STATUSES = frozenset({"Completed", "Failed"})
+
+
+def timestamp(value: datetime) -> Timestamp:
+    stamp = Timestamp()
+    stamp.FromDatetime(value)
+    return stamp
 
 
 def parse_request_id(raw: str) -> uuid.UUID:

@@ -13,6 +13,7 @@ from services.common.pb.imgpipe.v1 import ingest_service_pb2 as ingest_pb
 from services.common.process import run_main
 from services.common.publish import republish_loop
 from services.common.resources import load_settings, open_backends
+from services.common.sessions import SessionStore
 from services.ingest.servicer import IngestServicer, registrar
 
 SERVICE = ingest_pb.DESCRIPTOR.services_by_name["IngestService"].full_name
@@ -44,7 +45,14 @@ async def main(settings: IngestSettings) -> None:
             loops=[monitor.run, republish, servicer.drain],
             grace=settings.common.grace_seconds,
             health=health,
-            interceptors=[ApiKeyInterceptor(settings.api_keys, limiter.check_rate)],
+            interceptors=[
+                ApiKeyInterceptor(
+                    settings.api_keys,
+                    limiter.check_rate,
+                    # Browsers' sessions: made by the status service, resolved here too.
+                    SessionStore(backends.pool, settings.api_keys).resolve,
+                )
+            ],
         )
 
 

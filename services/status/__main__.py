@@ -5,23 +5,30 @@ from __future__ import annotations
 import asyncio
 import os
 
+import grpc
+
 from services.common.auth import ApiKeyInterceptor, log_auth_state
 from services.common.config import StatusSettings
 from services.common.fetch import make_session
 from services.common.grpc_server import Health, run_service
 from services.common.limits import Limiter
 from services.common.metrics import StreamStats
+from services.common.pb.imgpipe.v1 import session_service_pb2 as session_pb
 from services.common.pb.imgpipe.v1 import status_service_pb2 as status_pb
 from services.common.process import run_main
 from services.common.resources import load_settings, open_backends
+from services.common.sessions import SessionStore
 from services.common.storage import Storage
 from services.common.streams import WORKER_GROUP
 from services.status.progress import ProgressHub
 from services.status.servicer import StatusServicer, registrar
+from services.status.sessions import SessionServicer
+from services.status.sessions import registrar as session_registrar
 from services.status.webhooks import GROUP as WEBHOOK_GROUP
 from services.status.webhooks import WebhookDispatcher
 
 SERVICE = status_pb.DESCRIPTOR.services_by_name["StatusService"].full_name
+SESSION_SERVICE = session_pb.DESCRIPTOR.services_by_name["SessionService"].full_name
 
 
 async def main(settings: StatusSettings) -> None:
@@ -43,9 +50,16 @@ async def main(settings: StatusSettings) -> None:
             )
             hub = ProgressHub(backends.redis, backends.names)
             servicer = StatusServicer(
-                backends.pool, storage, backends.redis, backends.names, webhooks, hub
+                backends.pool, storage, backends.redis, backends.names, webhooks, hub, limiter
             )
-            health = Health([SERVICE])
+            sessions = SessionStore(backends.pool, settings.api_keys, settings.session_ttl)
+            session_servicer = SessionServicer(sessions)
+
+            def register(server: grpc.aio.Server) -> None:
+                registrar(servicer)(server)
+                session_registrar(session_servicer)(server)
+
+            health = Health([SERVICE, SESSION_SERVICE])
             names = backends.names
             # The queue gauges of /metrics (imgpipe_stream_lag, _pending, _dead_letter_entries).
             stream_stats = StreamStats(
@@ -59,8 +73,8 @@ async def main(settings: StatusSettings) -> None:
 
             await run_service(
                 listen=common.grpc_listen,
-                service_names=[SERVICE],
-                register=registrar(servicer),
+                service_names=[SERVICE, SESSION_SERVICE],
+                register=register,
                 loops=[
                     backends.monitor(health).run,
                     hub.run,
@@ -71,7 +85,9 @@ async def main(settings: StatusSettings) -> None:
                 ],
                 grace=common.grace_seconds,
                 health=health,
-                interceptors=[ApiKeyInterceptor(settings.api_keys, limiter.check_rate)],
+                interceptors=[
+                    ApiKeyInterceptor(settings.api_keys, limiter.check_rate, sessions.resolve)
+                ],
             )
         finally:
             await session.close()

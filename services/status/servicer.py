@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
+import asyncio
 import contextlib
 import uuid
 from collections.abc import AsyncIterator
@@ -15,10 +14,13 @@ import grpc
 import redis.asyncio as aioredis
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from services.common.auth import caller_owner
+from services.common.auth import caller, caller_owner
+from services.common.config import MAX_WATCH_SECONDS
 from services.common.db import queries
 from services.common.errors import Detail, InvalidArgument, NotFound, Unavailable, rpc_method
-from services.common.grpc_server import Register
+from services.common.grpc_server import Register, wait_any
+from services.common.limits import Limiter
+from services.common.page_token import decode_page_token, encode_page_token
 from services.common.pb.imgpipe.v1 import request_pb2
 from services.common.pb.imgpipe.v1 import status_service_pb2 as status_pb
 from services.common.pb.imgpipe.v1 import status_service_pb2_grpc as status_grpc
@@ -27,6 +29,7 @@ from services.common.proto_convert import (
     STATUS_TO_PROTO,
     from_json,
     parse_request_id,
+    timestamp,
     to_proto,
 )
 from services.common.storage import Storage
@@ -38,8 +41,10 @@ from services.status.webhooks import WebhookDispatcher
 Context = grpc.aio.ServicerContext[Any, Any]
 
 DEFAULT_PAGE_SIZE = 100
-MAX_ROW = 2**31 - 1  # row numbers are Postgres integers
 MAX_PAGE_SIZE = 1000
+# A page also ends once its products pass this size: products with many long URLs would
+# otherwise make pages of tens of MiB, held several times over while the gateway renders them.
+MAX_PAGE_BYTES = 1024 * 1024
 
 
 class StatusServicer(status_grpc.StatusServiceServicer):
@@ -51,6 +56,7 @@ class StatusServicer(status_grpc.StatusServiceServicer):
         names: StreamNames | None = None,
         webhooks: WebhookDispatcher | None = None,
         hub: ProgressHub | None = None,
+        limiter: Limiter | None = None,
     ) -> None:
         self.pool = pool
         self.storage = storage
@@ -58,6 +64,8 @@ class StatusServicer(status_grpc.StatusServiceServicer):
         self.names = names or StreamNames()
         self.webhooks = webhooks
         self.hub = hub
+        # Per-key limits (open streams); they apply to callers with an API key.
+        self.limiter = limiter
 
     @rpc_method
     async def GetRequest(
@@ -77,21 +85,27 @@ class StatusServicer(status_grpc.StatusServiceServicer):
                 f"page_size must be at most {MAX_PAGE_SIZE}",
                 [Detail(f"at most {MAX_PAGE_SIZE}", "page_size")],
             )
-        after_row = _decode_token(request.page_token)
+        after_row = decode_page_token(request.page_token)
         async with self.pool.acquire() as conn:
             if not _visible(await queries.get_request(conn, request_id)):
                 raise NotFound(f"no request {request.request_id}")
             page = await queries.list_products(
                 conn, request_id, after_row=after_row, limit=page_size + 1
             )
-        more = len(page) > page_size
-        page = page[:page_size]
         # Output URLs are made now, one batch per page: presigned ones expire.
-        keys = [i.output_key for p in page for i in p.images if i.output_key]
+        keys = [i.output_key for p in page[:page_size] for i in p.images if i.output_key]
         urls = dict(zip(keys, await self.storage.public_urls(keys), strict=True))
+        products: list[request_pb2.Product] = []
+        size = 0
+        for product in page[:page_size]:
+            if products and size >= MAX_PAGE_BYTES:
+                break
+            products.append(self._product(product, urls))
+            size += products[-1].ByteSize()
+        more = len(page) > len(products)
         return status_pb.ListProductsResponse(
-            products=[self._product(p, urls) for p in page],
-            next_page_token=_encode_token(page[-1].row_number) if more else "",
+            products=products,
+            next_page_token=encode_page_token(page[len(products) - 1].row_number) if more else "",
         )
 
     @rpc_method
@@ -99,14 +113,21 @@ class StatusServicer(status_grpc.StatusServiceServicer):
         self, request: status_pb.WatchRequestRequest, context: Context
     ) -> AsyncIterator[status_pb.WatchRequestResponse]:
         """The request now, then again whenever one of its images becomes final, then its
-        final state; updates come from the progress hub, not from polling Postgres."""
+        final state; updates come from the progress hub, not from polling Postgres.
+
+        A stream counts against the caller's `streams` limit while it is open, and ends after
+        MAX_WATCH_SECONDS even if the request is not final: the client reconnects."""
         hub = self._hub()
-        async with hub.watch(str(parse_request_id(request.request_id))) as watch:
+        request_id = str(parse_request_id(request.request_id))
+        ends_at = asyncio.get_running_loop().time() + MAX_WATCH_SECONDS
+        async with self._hold_stream(), hub.watch(request_id) as watch:
             row = await self._load(request.request_id)  # after subscribing: nothing is missed
             current = request_message(row)
             yield status_pb.WatchRequestResponse(request=current)
             while row.status not in FINAL_STATUSES:
-                await watch.changed.wait()
+                left = ends_at - asyncio.get_running_loop().time()
+                if left <= 0 or not await wait_any(watch.changed, timeout=left):
+                    return
                 event, stale = watch.take()
                 final = event is not None and event.status in FINAL_STATUS_VALUES
                 if stale or final or event is None:
@@ -121,6 +142,11 @@ class StatusServicer(status_grpc.StatusServiceServicer):
                 if _changed(current, updated):
                     current = updated
                     yield status_pb.WatchRequestResponse(request=current)
+
+    def _hold_stream(self) -> contextlib.AbstractAsyncContextManager[None]:
+        if self.limiter is None:
+            return contextlib.nullcontext()
+        return self.limiter.hold_stream(caller())
 
     @rpc_method
     async def GetQueueStats(
@@ -262,9 +288,9 @@ def request_message(row: queries.RequestRow) -> request_pb2.Request:
     return request_pb2.Request(
         request_id=str(row.id),
         status=STATUS_TO_PROTO[row.status],
-        created_at=_timestamp(row.created_at),
-        updated_at=_timestamp(row.updated_at),
-        completed_at=_timestamp(row.completed_at) if row.completed_at else None,
+        created_at=timestamp(row.created_at),
+        updated_at=timestamp(row.updated_at),
+        completed_at=timestamp(row.completed_at) if row.completed_at else None,
         # A final request's rate is over its whole run, not diluted by the time since.
         progress=progress_message(
             counts, row.created_at, row.status in FINAL_STATUSES, now=row.completed_at
@@ -323,35 +349,10 @@ def _secret_message(secret: OwnerSecret) -> status_pb.WebhookSecret:
     if secret.previous is not None and secret.previous_until is not None:
         message.previous_secret = secret.previous
         message.previous_generation = secret.generation - 1
-        message.previous_expires_at.CopyFrom(_timestamp(secret.previous_until))
+        message.previous_expires_at.CopyFrom(timestamp(secret.previous_until))
     if secret.rotated_at is not None:
-        message.rotated_at.CopyFrom(_timestamp(secret.rotated_at))
+        message.rotated_at.CopyFrom(timestamp(secret.rotated_at))
     return message
-
-
-def _timestamp(value: datetime) -> Timestamp:
-    stamp = Timestamp()
-    stamp.FromDatetime(value)
-    return stamp
-
-
-def _encode_token(after_row: int) -> str:
-    return base64.urlsafe_b64encode(f"v1:{after_row}".encode()).decode().rstrip("=")
-
-
-def _decode_token(token: str) -> int:
-    if not token:
-        return 0
-    try:
-        text = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
-        version, _, after = text.partition(":")
-        if version != "v1" or not after.isdigit() or int(after) > MAX_ROW:
-            raise ValueError(text)
-        return int(after)
-    except (ValueError, binascii.Error, UnicodeDecodeError):
-        raise InvalidArgument(
-            "page_token is not valid", [Detail("not a token from this API", "page_token")]
-        ) from None
 
 
 def registrar(servicer: StatusServicer) -> Register:

@@ -331,15 +331,18 @@ async def test_a_browser_signs_in_with_a_cookie(live: Live, http: aiohttp.Client
         assert response.headers["Location"] == status_path
         cookie = response.headers["Set-Cookie"]
     attributes = [part.strip() for part in cookie.split(";")]
-    assert attributes[0] == f"imgpipe_key={ACME}"
+    name, _, session = attributes[0].partition("=")
+    # The cookie holds a session id made with the key, never the key itself.
+    assert name == "imgpipe_session" and session.startswith("ses_") and ACME not in cookie
     assert {"HttpOnly", "Path=/", "SameSite=Strict"} <= set(attributes)
+    assert any(a.startswith("Max-Age=") and int(a.split("=")[1]) > 3600 for a in attributes)
     assert "Secure" not in attributes  # plain http here; https and X-Forwarded-Proto add it
 
-    with_cookie = {"Cookie": f"imgpipe_key={ACME}"}
+    with_cookie = {"Cookie": f"imgpipe_session={session}"}
     async with http.get(f"{live.base}{status_path}", headers=with_cookie) as response:
         assert response.status == 200
         assert (await response.json())["request_id"] == request_id
-    # The cookie is a key like any other: another key's request is 404 to it.
+    # The session acts for its key's owner: another key's request is 404 to it.
     other = await upload(http, live, GLOBEX)
     async with http.get(f"{live.base}/status/{other}", headers=with_cookie) as response:
         assert response.status == 404
@@ -366,7 +369,14 @@ async def test_a_browser_signs_in_with_a_cookie(live: Live, http: aiohttp.Client
     ) as response:
         assert (response.status, response.headers["Location"]) == (303, "/")
         cleared = response.headers["Set-Cookie"]
-    assert cleared.startswith('imgpipe_key="";') and "Max-Age=0" in cleared
+    assert cleared.startswith('imgpipe_session="";') and "Max-Age=0" in cleared
+
+    # Signing out ended the session on the server: the old cookie is refused.
+    async def signed_out() -> bool:
+        async with http.get(f"{live.base}{status_path}", headers=with_cookie) as response:
+            return response.status == 401
+
+    await wait_until_async(signed_out, timeout=10, message="the session ended")
 
 
 async def imgpipe(live: Live, *argv: str, key: str | None) -> tuple[int, str]:

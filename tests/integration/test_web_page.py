@@ -6,6 +6,7 @@ The whole flow in a real browser against the real stack is tests/browser/test_we
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -16,6 +17,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from gateway.app import create_app
+from services.common.auth import Limits, key_hash, new_key, parse_api_keys
+from services.common.sessions import new_session_id
 from tests.integration.test_openapi import settings_for
 
 pytestmark = pytest.mark.integration
@@ -120,3 +123,16 @@ async def test_a_status_page_with_the_backend_down_is_a_503_page(client: Client)
     assert response.content_type == "text/html"
     assert_secured(response)
     assert "imgpipe is unavailable" in await response.text()
+
+
+async def test_a_session_that_cannot_be_checked_is_a_503_page(tmp_path: Path) -> None:
+    key = new_key()
+    keys, _ = parse_api_keys(f"acme:{key_hash(key)}", Limits())
+    app = create_app(dataclasses.replace(settings_for(tmp_path), api_keys=keys))
+    async with TestClient(TestServer(app, host="127.0.0.1")) as client:
+        response = await client.get(
+            "/ui/requests/0b6f0000-0000-4000-8000-000000000000",
+            headers={"Cookie": f"imgpipe_session={new_session_id()}"},
+        )
+        assert response.status == 503
+        assert response.content_type == "text/html"

@@ -420,6 +420,18 @@ async def test_follow_gives_up_after_bounded_fruitless_attempts() -> None:
     assert raised.value is refused and streams.opened == 3
 
 
+async def test_follow_reconnects_after_each_time_limit_without_giving_up() -> None:
+    # A slow request outlives many streams (each at most 10 minutes) without new results.
+    limit = ("reconnect", {"reason": "time_limit"})
+    streams = FakeStreams(*[[event("progress", 1), limit]] * 6, [event("final", 2)])
+
+    async def pause(seconds: float) -> None:
+        assert seconds == backoff(1)
+
+    done = await follow(streams, ID, lambda data: None, max_attempts=3, sleep=pause)
+    assert done["progress"]["images_done"] == 2 and streams.opened == 7
+
+
 async def test_follow_raises_not_found_at_once() -> None:
     streams = FakeStreams(ApiError(404, "not_found", "no request"), [event("final", 1)])
     with pytest.raises(ApiError) as raised:

@@ -33,6 +33,20 @@ def test_defaults_follow_the_design() -> None:
     assert StatusSettings.from_env(BASE).common.grpc_listen == "127.0.0.1:50052"
     gateway = GatewaySettings.from_env({})
     assert (gateway.http_listen, gateway.ingest_addr) == ("127.0.0.1:8080", "127.0.0.1:50051")
+    assert (gateway.watch_timeout, gateway.page_cache_bytes) == (600, 32 * 1024 * 1024)
+
+
+def test_a_browser_session_lasts_twelve_hours_unless_configured() -> None:
+    assert StatusSettings.from_env(BASE).session_ttl == 12 * 3600
+    assert StatusSettings.from_env({**BASE, "IMGPIPE_SESSION_TTL": "600"}).session_ttl == 600
+    with pytest.raises(ConfigError, match="IMGPIPE_SESSION_TTL"):
+        StatusSettings.from_env({**BASE, "IMGPIPE_SESSION_TTL": "0"})
+
+
+def test_a_live_stream_lasts_at_most_ten_minutes() -> None:
+    assert GatewaySettings.from_env({"IMGPIPE_WATCH_TIMEOUT": "60"}).watch_timeout == 60
+    with pytest.raises(ConfigError, match="IMGPIPE_WATCH_TIMEOUT=3600: at most 600 seconds"):
+        GatewaySettings.from_env({"IMGPIPE_WATCH_TIMEOUT": "3600"})
 
 
 def test_every_problem_is_listed_at_once() -> None:

@@ -681,3 +681,45 @@ async def iter_products(
         if len(page) < batch:
             return
         after = page[-1].row_number
+
+
+# ---------------------------------------------------------------- browser sessions
+
+
+@dataclass(frozen=True, slots=True)
+class SessionRow:
+    owner: str
+    key_hash: bytes
+    expires_at: datetime
+
+
+async def create_session(
+    conn: Connection, id_hash: bytes, owner: str, key_hash: bytes, lifetime_seconds: float
+) -> datetime:
+    """Store a session (by the hash of its id); returns when it expires. Sessions that have
+    expired are deleted on the way, so the table holds live sessions only."""
+    await conn.execute("DELETE FROM sessions WHERE expires_at < now()")
+    expires_at: datetime = await conn.fetchval(
+        """INSERT INTO sessions (id_hash, owner, key_hash, expires_at)
+           VALUES ($1, $2, $3, now() + make_interval(secs => $4))
+           RETURNING expires_at""",
+        id_hash,
+        owner,
+        key_hash,
+        lifetime_seconds,
+    )
+    return expires_at
+
+
+async def find_session(conn: Connection, id_hash: bytes) -> SessionRow | None:
+    """The session with this id hash, unless it has expired."""
+    row = await conn.fetchrow(
+        """SELECT owner, key_hash, expires_at FROM sessions
+            WHERE id_hash = $1 AND expires_at > now()""",
+        id_hash,
+    )
+    return SessionRow(row["owner"], bytes(row["key_hash"]), row["expires_at"]) if row else None
+
+
+async def delete_session(conn: Connection, id_hash: bytes) -> None:
+    await conn.execute("DELETE FROM sessions WHERE id_hash = $1", id_hash)
