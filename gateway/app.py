@@ -15,6 +15,7 @@ from gateway.backends import SETTINGS, open_backends
 from gateway.errors import error_middleware
 from gateway.page_cache import PAGES, PageCache
 from gateway.serving import IN_FLIGHT, InFlight
+from gateway.upload import ANONYMOUS_UPLOADS, AnonymousUploads
 from services.common.config import GatewaySettings
 
 
@@ -36,6 +37,7 @@ def create_app(settings: GatewaySettings) -> web.Application:
     app[auth.API_KEYS] = settings.api_keys
     app[IN_FLIGHT] = in_flight
     app[PAGES] = PageCache()
+    app[ANONYMOUS_UPLOADS] = AnonymousUploads(settings.anonymous_uploads)
     app.cleanup_ctx.append(open_backends)
     app.router.add_post("/upload", handlers.upload)
     app.router.add_get("/status", handlers.status)
