@@ -200,6 +200,23 @@ def form_part(name: str, value: bytes, filename: str = "") -> bytes:
     return head.encode() + value + b"\r\n"
 
 
+# A body of a declared length, and a chunked one (its first chunk is 9 bytes).
+FRAMINGS = ["Content-Length: 1000\r\n\r\n", "Transfer-Encoding: chunked\r\n\r\n9\r\n"]
+
+
+async def stalled_upload(
+    client: Client, framing: str
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A raw POST /upload that sent its headers (ending with `framing`) and the start of a
+    body, then nothing more."""
+    assert client.port is not None
+    reader, writer = await asyncio.open_connection("127.0.0.1", client.port)
+    head = f"POST /upload HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: text/csv\r\n{framing}"
+    writer.write(head.encode() + b"S. No.,x\n")
+    await writer.drain()
+    return reader, writer
+
+
 # -- backends down --------------------------------------------------------------------------
 
 
@@ -273,18 +290,13 @@ async def test_upload_streamed_over_the_limit_is_413_and_cancelled(
     assert servicer.completed == []
 
 
-@pytest.mark.parametrize(
-    "framing", ["Content-Length: 1000\r\n\r\n", "Transfer-Encoding: chunked\r\n\r\n9\r\n"]
-)
+@pytest.mark.parametrize("framing", FRAMINGS)
 async def test_caller_leaving_mid_upload_cancels_the_ingest_call(
     client_with_ingest: Client, fake_ingest: tuple[FakeIngest, str], framing: str
 ) -> None:
     servicer = fake_ingest[0]
     servicer.commit.clear()
-    _, writer = await asyncio.open_connection("127.0.0.1", client_with_ingest.port)
-    head = f"POST /upload HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: text/csv\r\n{framing}"
-    writer.write(head.encode() + b"S. No.,x\n")
-    await writer.drain()
+    _, writer = await stalled_upload(client_with_ingest, framing)
     await servicer.received_header.wait()
     writer.close()
     await writer.wait_closed()
@@ -293,9 +305,7 @@ async def test_caller_leaving_mid_upload_cancels_the_ingest_call(
     assert servicer.completed == []
 
 
-@pytest.mark.parametrize(
-    "framing", ["Content-Length: 1000\r\n\r\n", "Transfer-Encoding: chunked\r\n\r\n9\r\n"]
-)
+@pytest.mark.parametrize("framing", FRAMINGS)
 async def test_an_upload_body_that_stops_arriving_is_408(
     store: Path, fake_ingest: tuple[FakeIngest, str], framing: str
 ) -> None:
@@ -303,10 +313,7 @@ async def test_an_upload_body_that_stops_arriving_is_408(
     servicer.commit.clear()
     settings = replace(settings_for(store, fake_ingest[1]), upload_idle_timeout=0.5)
     async for client in serve(settings):
-        reader, writer = await asyncio.open_connection("127.0.0.1", client.port)
-        head = f"POST /upload HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: text/csv\r\n{framing}"
-        writer.write(head.encode() + b"S. No.,x\n")
-        await writer.drain()
+        reader, writer = await stalled_upload(client, framing)
         try:
             async with asyncio.timeout(30):  # a deadline, not a measurement
                 head_and_body = await reader.readuntil(b"}}")
@@ -325,10 +332,7 @@ async def test_without_keys_each_address_has_its_own_uploads_cap(
     servicer = fake_ingest[0]
     settings = replace(settings_for(store, fake_ingest[1]), anonymous_uploads=1)
     async for client in serve(settings):
-        _, writer = await asyncio.open_connection("127.0.0.1", client.port)
-        head = "POST /upload HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: text/csv\r\n"
-        writer.write(head.encode() + b"Content-Length: 1000\r\n\r\nS. No.,x\n")
-        await writer.drain()
+        _, writer = await stalled_upload(client, FRAMINGS[0])
         async with asyncio.timeout(30):
             await servicer.received_header.wait()
         response = await client.post("/upload", data=CSV, headers={"Content-Type": "text/csv"})

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import gzip
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from yarl import URL
 
 from services.common.auth import key_hash, new_key
 from tests.stack import Stack, start_stack
-from tests.support import process_exited, wait_until, wait_until_async
+from tests.support import wait_until_async
 
 pytestmark = pytest.mark.e2e
 
@@ -84,12 +83,7 @@ def live(
     try:
         yield Live(stack, redis_server_url, prefix)
     finally:
-        stack.stop()
-        wait_until(
-            functools.partial(process_exited, stack.process.pid),
-            timeout=10,
-            message="launcher gone",
-        )
+        stack.stop_and_reap()
 
 
 @pytest.fixture
