@@ -397,8 +397,8 @@ async def _content(
 ) -> AsyncIterator[Any]:
     """The `field` payloads of an upload, which must end with an UploadEnd that counts them.
 
-    Raising at the end of the stream rolls back the transaction that is consuming it: when a
-    client cancels mid-upload, grpc ends the request iterator quietly, as if it were complete.
+    Raising at the end of the stream refuses the upload before anything is stored: when a client
+    cancels mid-upload, grpc ends the request iterator quietly, as if it were complete.
     """
     count = 0
     async for message in messages:
