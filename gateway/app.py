@@ -15,6 +15,7 @@ from gateway.backends import SETTINGS, open_backends
 from gateway.errors import error_middleware
 from gateway.page_cache import PAGES, PageCache, purge_while_running
 from gateway.serving import IN_FLIGHT, InFlight
+from gateway.upload import ANONYMOUS_UPLOADS, AnonymousUploads
 from services.common.config import GatewaySettings
 
 
@@ -38,6 +39,7 @@ def create_app(settings: GatewaySettings) -> web.Application:
     app[auth.PAGE_REFUSAL] = web_page.error_response
     app[IN_FLIGHT] = in_flight
     app[PAGES] = PageCache(max_bytes=settings.page_cache_bytes)
+    app[ANONYMOUS_UPLOADS] = AnonymousUploads(settings.anonymous_uploads)
     app.cleanup_ctx.append(open_backends)
     app.cleanup_ctx.append(purge_while_running)
     app.router.add_post("/upload", handlers.upload)

@@ -27,6 +27,17 @@ class UnsupportedMediaType(ImgpipeError):
     http_status = 415
 
 
+class BodyTimeout(ImgpipeError):
+    """The request body stopped arriving. The connection is closed: the rest of the body, if
+    it ever comes, is not worth waiting for."""
+
+    code = "request_timeout"
+    http_status = 408
+
+    def http_headers(self) -> dict[str, str]:
+        return {"Connection": "close"}
+
+
 # Error codes for the HTTP statuses aiohttp raises itself (unknown route, wrong method, ...).
 _CODE_FOR_STATUS = {
     400: "invalid_argument",
@@ -34,6 +45,7 @@ _CODE_FOR_STATUS = {
     403: "permission_denied",
     404: "not_found",
     405: "method_not_allowed",
+    408: "request_timeout",
     409: "conflict",
     413: "too_large",
     415: "unsupported_media_type",

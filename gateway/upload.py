@@ -1,25 +1,35 @@
 """POST /upload: read the CSV from the HTTP body as it arrives and stream it to ingest.
 
 The body is never held whole in memory: it is read in 64 KiB chunks and each chunk is written
-to the `IngestService.UploadCsv` client stream as soon as it arrives, counting bytes against
-`max_upload_bytes`. Any failure while reading (too large, a truncated body, a bad trailing form
-field) cancels the call, so ingest never commits a partial upload.
+to the `IngestService.UploadCsv` client stream as soon as it arrives. Any failure while reading
+(too large, a truncated body, a bad trailing form field) cancels the call, so ingest never
+commits a partial upload. What the body may be (docs/uploads.md):
+
+- every byte of it counts toward IMGPIPE_MAX_UPLOAD_BYTES, whatever its framing (chunked, form
+  parts and boundaries): 413. A multipart form may add `_MULTIPART_OVERHEAD` for its framing;
+- a form has the `file` field and option fields, nothing else: 400 names an unknown field;
+- it is not encoded (`Content-Encoding`): 415, so nothing small inflates into something large;
+- it keeps arriving: IMGPIPE_UPLOAD_IDLE_TIMEOUT seconds without a byte answers 408.
+
+With authentication off there is no key to count uploads against, so the gateway itself allows
+each client address `IMGPIPE_LIMIT_UPLOADS` uploads at a time (`AnonymousUploads`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
-from collections.abc import Awaitable, Callable, Mapping
-from functools import partial
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from typing import TypeVar
 
 import grpc
-from aiohttp import BodyPartReader, MultipartReader, web
+from aiohttp import BodyPartReader, MultipartReader, hdrs, web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from gateway.errors import UnsupportedMediaType
+from gateway.errors import BodyTimeout, UnsupportedMediaType
 from services.common.config import GatewaySettings
-from services.common.errors import Detail, InvalidArgument, TooLarge
+from services.common.errors import Detail, InvalidArgument, RateLimited, TooLarge
 from services.common.pb.imgpipe.v1 import ingest_service_pb2 as ingest_pb
 from services.common.pb.imgpipe.v1 import ingest_service_pb2_grpc as ingest_grpc
 from services.common.pb.imgpipe.v1 import task_pb2
@@ -35,6 +45,9 @@ _MAX_FIELD_BYTES = 8 * 1024
 _UINT32_MAX = 2**32 - 1
 # Returns up to CHUNK_SIZE bytes of the CSV, b"" at the end.
 ReadChunk = Callable[[], Awaitable[bytes]]
+T = TypeVar("T")
+# When an address's upload may end is unknown; it is told to try again after this long.
+_UPLOADS_RETRY_AFTER = 5
 _FORMATS = {
     "jpeg": task_pb2.OUTPUT_FORMAT_JPEG,
     "webp": task_pb2.OUTPUT_FORMAT_WEBP,
@@ -42,10 +55,50 @@ _FORMATS = {
 }
 
 
+class AnonymousUploads:
+    """Uploads in progress per client address, for when authentication is off (one gateway
+    process; an entry exists only while its address has an upload in progress)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._held: dict[str, int] = {}
+
+    @contextlib.contextmanager
+    def hold(self, address: str) -> Iterator[None]:
+        held = self._held.get(address, 0)
+        if 0 < self.limit <= held:
+            raise RateLimited(
+                f"this address already has {held} uploads in progress (IMGPIPE_LIMIT_UPLOADS="
+                f"{self.limit}); retry when one of them has been answered",
+                [Detail(f"at most {self.limit} uploads at a time", "uploads")],
+                retry_after=_UPLOADS_RETRY_AFTER,
+            )
+        self._held[address] = held + 1
+        try:
+            yield
+        finally:
+            if self._held[address] <= 1:
+                del self._held[address]
+            else:
+                self._held[address] -= 1
+
+
+ANONYMOUS_UPLOADS = web.AppKey("anonymous_uploads", AnonymousUploads)
+
+
 async def upload_csv(
     request: web.Request, ingest: ingest_grpc.IngestServiceAsyncStub, settings: GatewaySettings
 ) -> ingest_pb.Accepted:
     """Stream the uploaded CSV to ingest and return what it accepted."""
+    if settings.api_keys.enabled:
+        return await _upload_csv(request, ingest, settings)  # ingest counts uploads per key
+    with request.app[ANONYMOUS_UPLOADS].hold(request.remote or ""):
+        return await _upload_csv(request, ingest, settings)
+
+
+async def _upload_csv(
+    request: web.Request, ingest: ingest_grpc.IngestServiceAsyncStub, settings: GatewaySettings
+) -> ingest_pb.Accepted:
     limit = settings.max_upload_bytes
     idempotency_key = request.headers.get("Idempotency-Key", "").strip()
     if not (idempotency_key.isascii() and idempotency_key.isprintable()):
@@ -53,19 +106,50 @@ async def upload_csv(
             "Idempotency-Key must be printable ASCII",
             [Detail(message="printable ASCII, at most 255 characters", column="Idempotency-Key")],
         )
+    if hdrs.CONTENT_ENCODING in request.headers:
+        raise UnsupportedMediaType(
+            f"Content-Encoding {request.headers[hdrs.CONTENT_ENCODING][:40]!r} is not accepted "
+            "on an upload: send the CSV as it is"
+        )
     if request.content_type == "multipart/form-data":
-        _check_declared_length(request, limit, limit + _MULTIPART_OVERHEAD)
-        header, read, after = await _open_multipart(request, idempotency_key)
+        body = _Body(request, limit, limit + _MULTIPART_OVERHEAD, settings.upload_idle_timeout)
+        header, read, after = await _open_multipart(request, body, idempotency_key)
     elif request.content_type in CSV_MEDIA_TYPES:
-        _check_declared_length(request, limit, limit)
+        body = _Body(request, limit, limit, settings.upload_idle_timeout)
         header = build_header(request.query, idempotency_key)
-        read, after = partial(request.content.read, CHUNK_SIZE), None
+        read, after = lambda: body.read(request.content.read(CHUNK_SIZE)), None
     else:
         raise UnsupportedMediaType(
             f"unsupported content type {request.content_type!r}: send multipart/form-data "
             f"with a {FILE_FIELD!r} field, or a text/csv body"
         )
     return await _send(ingest, header, read, limit, after, settings.upload_timeout)
+
+
+class _Body:
+    """Every read of a request body: counted against the limit, whatever the framing, and
+    given up when nothing arrives for `idle` seconds."""
+
+    def __init__(self, request: web.Request, limit: int, allowed: int, idle: float) -> None:
+        self._content = request.content
+        self._limit, self._allowed, self._idle = limit, allowed, idle
+        # Refuse before reading a byte when the caller already told us the body is too big.
+        if request.content_length is not None and request.content_length > allowed:
+            raise _too_large(limit)
+
+    async def read(self, step: Awaitable[T]) -> T:
+        try:
+            result = await asyncio.wait_for(step, self._idle)
+        except TimeoutError:
+            raise BodyTimeout(
+                f"no part of the upload arrived for {self._idle:g} s "
+                f"(IMGPIPE_UPLOAD_IDLE_TIMEOUT={self._idle:g})"
+            ) from None
+        # Bytes received so far, after de-chunking: boundaries, part headers and every part
+        # count, the ones read for us by the multipart parser included.
+        if self._content.total_bytes > self._allowed:
+            raise _too_large(self._limit)
+        return result
 
 
 def build_header(values: Mapping[str, str], idempotency_key: str = "") -> ingest_pb.UploadHeader:
@@ -121,12 +205,6 @@ def build_header(values: Mapping[str, str], idempotency_key: str = "") -> ingest
     )
 
 
-def _check_declared_length(request: web.Request, limit: int, allowed: int) -> None:
-    # Refuse before reading a byte when the caller already told us the body is too big.
-    if request.content_length is not None and request.content_length > allowed:
-        raise _too_large(limit)
-
-
 def _too_large(limit: int) -> TooLarge:
     return TooLarge(f"the upload exceeds IMGPIPE_MAX_UPLOAD_BYTES={limit} bytes")
 
@@ -168,7 +246,7 @@ async def _send(
 
 
 async def _open_multipart(
-    request: web.Request, idempotency_key: str
+    request: web.Request, body: _Body, idempotency_key: str
 ) -> tuple[ingest_pb.UploadHeader, ReadChunk, Callable[[], Awaitable[None]]]:
     """Read option fields up to the file part; return the header, the file's chunks, a check."""
     try:
@@ -177,7 +255,7 @@ async def _open_multipart(
         raise InvalidArgument(f"malformed multipart body: {exc}") from None
     values = {name: request.query[name] for name in OPTION_FIELDS if name in request.query}
     while True:
-        part = await _next_part(reader)
+        part = await _next_part(reader, body)
         if part is None:
             raise InvalidArgument(
                 f"the form has no {FILE_FIELD!r} field",
@@ -185,33 +263,43 @@ async def _open_multipart(
             )
         if part.name == FILE_FIELD:
             break
-        if part.name in OPTION_FIELDS:
-            values[part.name] = await _read_field(part)
-        else:
-            await part.release()
+        values[_option_name(part)] = await _read_field(part, body)
     header = build_header(values, idempotency_key)
     file_part = part
 
     async def check_rest() -> None:
         # Options must be known before the first chunk is sent, so one that follows the file
         # cannot be honoured: refuse rather than silently ignore it.
-        while (part := await _next_part(reader)) is not None:
-            if part.name in OPTION_FIELDS:
-                raise InvalidArgument(
-                    f"the form field {part.name!r} comes after the file: put option fields "
-                    f"before the {FILE_FIELD!r} field, or in the query string",
-                    [Detail(message="option fields must precede the file", column=part.name)],
-                )
-            if part.name == FILE_FIELD:
-                raise InvalidArgument(f"send one {FILE_FIELD!r} field, not several")
-            await part.release()
+        if (part := await _next_part(reader, body)) is not None:
+            name = _option_name(part)
+            raise InvalidArgument(
+                f"the form field {name!r} comes after the file: put option fields "
+                f"before the {FILE_FIELD!r} field, or in the query string",
+                [Detail(message="option fields must precede the file", column=name)],
+            )
 
-    return header, partial(file_part.read_chunk, CHUNK_SIZE), check_rest
+    return header, lambda: body.read(file_part.read_chunk(CHUNK_SIZE)), check_rest
 
 
-async def _next_part(reader: MultipartReader) -> BodyPartReader | None:
+def _option_name(part: BodyPartReader) -> str:
+    """The part's name if it is an option field; 400 for anything else (a second file too):
+    a part nobody reads would be bytes taken in for nothing."""
+    name = part.name or ""
+    if name in OPTION_FIELDS:
+        return name
+    if name == FILE_FIELD:
+        raise InvalidArgument(f"send one {FILE_FIELD!r} field, not several")
+    shown = repr(name[:40]) if name else "without a name"
+    raise InvalidArgument(
+        f"unknown form field {shown}: expected {FILE_FIELD!r} and the options "
+        + ", ".join(OPTION_FIELDS),
+        [Detail(message="not a field of this form", column=name[:40])],
+    )
+
+
+async def _next_part(reader: MultipartReader, body: _Body) -> BodyPartReader | None:
     try:
-        part = await reader.next()
+        part = await body.read(reader.next())
     except (ValueError, AssertionError, HttpProcessingError) as exc:
         raise InvalidArgument(f"malformed multipart body: {exc}") from None
     if isinstance(part, MultipartReader):
@@ -219,10 +307,10 @@ async def _next_part(reader: MultipartReader) -> BodyPartReader | None:
     return part
 
 
-async def _read_field(part: BodyPartReader) -> str:
+async def _read_field(part: BodyPartReader, body: _Body) -> str:
     name = part.name or ""
     data = bytearray()
-    while chunk := await part.read_chunk(CHUNK_SIZE):
+    while chunk := await body.read(part.read_chunk(CHUNK_SIZE)):
         data += chunk
         if len(data) > _MAX_FIELD_BYTES:
             raise InvalidArgument(

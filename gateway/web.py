@@ -64,7 +64,7 @@ SECURITY_HEADERS = {
     "Cross-Origin-Opener-Policy": "same-origin",
 }
 # Answers an HTML route renders itself; anything else goes to the JSON error middleware.
-_HTML_ERROR_STATUSES = frozenset({400, 401, 403, 404, 409, 413, 415, 503})
+_HTML_ERROR_STATUSES = frozenset({400, 401, 403, 404, 408, 409, 413, 415, 503})
 
 
 @functools.cache

@@ -6,6 +6,7 @@ Used by the end-to-end tests and by the benchmarks.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import random
 import secrets
@@ -17,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.support import free_tcp_port, wait_until
+from tests.support import free_tcp_port, process_exited, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,6 +51,15 @@ class Stack:
 
     def log_tail(self, lines: int = 60) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+
+    def stop_and_reap(self) -> None:
+        """stop(), then wait until the launcher's pid is gone (for module-scoped stacks)."""
+        self.stop()
+        wait_until(
+            functools.partial(process_exited, self.process.pid),
+            timeout=10,
+            message="launcher gone",
+        )
 
     def stop(self) -> int:
         """SIGTERM the launcher, which drains and stops every service; returns its exit code."""

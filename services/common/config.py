@@ -131,6 +131,8 @@ class CommonSettings:
     )
     grpc_listen: str = "127.0.0.1:50051"
     grace_seconds: float = 20.0
+    # How long a call waits for a free Postgres connection before answering UNAVAILABLE.
+    db_acquire_timeout: float = 5.0
     log_level: str = "INFO"
     # Crash points for fault tests (services/common/failpoints.py); empty in production.
     failpoints: frozenset[str] = frozenset()
@@ -149,6 +151,7 @@ class CommonSettings:
             storage=read_storage(env),
             grpc_listen=env.address("IMGPIPE_GRPC_LISTEN", default_listen),
             grace_seconds=env.number("IMGPIPE_GRACE_SECONDS", 20.0),
+            db_acquire_timeout=env.number("IMGPIPE_DB_ACQUIRE_TIMEOUT", 5.0),
             log_level=env.text("IMGPIPE_LOG_LEVEL", "INFO").upper(),
             failpoints=frozenset(
                 name.strip() for name in env.text("IMGPIPE_FAILPOINTS").split(",") if name.strip()
@@ -538,6 +541,10 @@ class GatewaySettings:
     upload_timeout: float = 300.0
     watch_timeout: float = MAX_WATCH_SECONDS  # the longest one live-progress stream stays open
     page_cache_bytes: int = 32 * 1024 * 1024  # rendered GET /status pages kept (page_cache.py)
+    # An upload body that sends nothing for this long is answered 408.
+    upload_idle_timeout: float = 30.0
+    # Uploads at a time per client address when authentication is off (with keys: `uploads=`).
+    anonymous_uploads: int = Limits().uploads
     log_level: str = "INFO"
     api_keys: KeyRing = field(default_factory=KeyRing)
     metrics_listen: str = ""  # where /metrics is served (never the API port); '' serves nothing
@@ -561,6 +568,9 @@ class GatewaySettings:
             upload_timeout=env.number("IMGPIPE_UPLOAD_TIMEOUT", 300.0),
             watch_timeout=env.number("IMGPIPE_WATCH_TIMEOUT", MAX_WATCH_SECONDS),
             page_cache_bytes=env.integer("IMGPIPE_PAGE_CACHE_BYTES", 32 * 1024 * 1024),
+            upload_idle_timeout=env.number("IMGPIPE_UPLOAD_IDLE_TIMEOUT", 30.0),
+            # read_api_keys has reported a bad value already: read it again quietly.
+            anonymous_uploads=_Reader(environ).integer("IMGPIPE_LIMIT_UPLOADS", Limits().uploads),
             log_level=env.text("IMGPIPE_LOG_LEVEL", "INFO").upper(),
             api_keys=read_api_keys(env),
             metrics_listen=read_metrics_listen(env),

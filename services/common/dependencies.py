@@ -21,11 +21,29 @@ Probe = Callable[[], Awaitable[object]]
 PROBE_TIMEOUT = 2.0
 
 
-def postgres_probe(pool: asyncpg.Pool) -> Probe:
-    async def probe() -> object:
-        return await pool.fetchval("SELECT 1", timeout=PROBE_TIMEOUT)
+class PostgresConnection:
+    """One connection of its own for the health probe, opened on first use and again after
+    it breaks. Probing through the service's pool would report a busy pool as a database that
+    is down, and take the service out of its load balancer for being busy."""
 
-    return probe
+    def __init__(self, dsn: str) -> None:
+        self.dsn = dsn
+        self._connection: asyncpg.Connection | None = None
+
+    async def probe(self) -> object:
+        try:
+            if self._connection is None or self._connection.is_closed():
+                self._connection = await asyncpg.connect(self.dsn, timeout=PROBE_TIMEOUT)
+            return await self._connection.fetchval("SELECT 1", timeout=PROBE_TIMEOUT)
+        except BaseException:
+            # A probe cut short leaves the connection in an unknown state: start afresh.
+            await self.close()
+            raise
+
+    async def close(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            connection.terminate()
 
 
 def redis_probe(redis: aioredis.Redis) -> Probe:

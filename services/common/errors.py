@@ -103,10 +103,27 @@ class TooLarge(ImgpipeError):
     http_status = 413
 
 
+@dataclass
 class Unavailable(ImgpipeError):
+    """A backend cannot serve the call now; `retry_after` (whole seconds) when it is known to be
+    worth trying again soon (a busy pool, as opposed to a backend that is down)."""
+
+    retry_after: int | None = None
     code = "unavailable"
     grpc_code = grpc.StatusCode.UNAVAILABLE
     http_status = 503
+
+    def http_headers(self) -> dict[str, str]:
+        return {} if self.retry_after is None else {"Retry-After": str(max(1, self.retry_after))}
+
+
+class BackendBusy(TimeoutError):
+    """Every connection to a backend stayed in use for the whole wait (a pool's acquire
+    timeout). A TimeoutError, hence a BACKEND_ERROR, for code that does not tell them apart."""
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 @dataclass
@@ -189,31 +206,36 @@ _HTTP_FOR_GRPC = {
 
 
 def to_rpc_status(error: ImgpipeError) -> status_pb2.Status:
-    info = any_pb2.Any()
-    info.Pack(error_details_pb2.ErrorInfo(reason=error.code.upper(), domain=DOMAIN))
-    packed = [info]
+    packed = [_packed(error_details_pb2.ErrorInfo(reason=error.code.upper(), domain=DOMAIN))]
     if isinstance(error, RateLimited):
         # The standard details of a quota: which limit (QuotaFailure), and when to come back.
         quota = error_details_pb2.QuotaFailure()
         for d in error.details:
             quota.violations.add(subject=d.column, description=d.message)
-        retry = error_details_pb2.RetryInfo()
-        retry.retry_delay.FromSeconds(max(1, error.retry_after))
-        for message in (quota, retry):
-            extra = any_pb2.Any()
-            extra.Pack(message)
-            packed.append(extra)
+        packed += [_packed(quota), _packed(_retry_info(error.retry_after))]
     elif error.details:
         bad = error_details_pb2.BadRequest()
         for d in error.details:
             where = f"{d.row}:{d.column}" if d.row is not None else d.column
             bad.field_violations.add(field=where, description=d.message)
-        extra = any_pb2.Any()
-        extra.Pack(bad)
-        packed.append(extra)
+        packed.append(_packed(bad))
+    if isinstance(error, Unavailable) and error.retry_after is not None:
+        packed.append(_packed(_retry_info(error.retry_after)))
     return status_pb2.Status(
         code=_GRPC_CODE_VALUES[error.grpc_code], message=error.message, details=packed
     )
+
+
+def _retry_info(seconds: int) -> error_details_pb2.RetryInfo:
+    retry = error_details_pb2.RetryInfo()
+    retry.retry_delay.FromSeconds(max(1, seconds))
+    return retry
+
+
+def _packed(message: Any) -> any_pb2.Any:
+    extra = any_pb2.Any()
+    extra.Pack(message)
+    return extra
 
 
 async def grpc_abort(context: grpc.aio.ServicerContext[Any, Any], error: ImgpipeError) -> NoReturn:
@@ -246,6 +268,8 @@ def error_from_rpc(exc: grpc.aio.AioRpcError) -> ImgpipeError:
                 retry_after = math.ceil(retry.retry_delay.ToNanoseconds() / 1e9)
         if retry_after is not None and reason in ("", RateLimited.code):
             return RateLimited(status.message, details, retry_after=max(1, retry_after))
+        if reason == Unavailable.code:
+            return Unavailable(status.message, details, retry_after=retry_after)
         if reason in _BY_CODE:
             return _BY_CODE[reason](status.message, details)
     http, code, message = _HTTP_FOR_GRPC.get(exc.code(), (500, "internal", "internal error"))
@@ -280,6 +304,9 @@ def rpc_method(method: F) -> F:
     async def fail(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException) -> NoReturn:
         if isinstance(exc, ImgpipeError):
             await grpc_abort(context, exc)
+        if isinstance(exc, BackendBusy):
+            log.warning("backend busy", extra={"error": str(exc), "method": method.__name__})
+            await grpc_abort(context, Unavailable(str(exc), retry_after=exc.retry_after))
         if isinstance(exc, BACKEND_ERRORS):
             log.warning(
                 "backend unavailable", extra={"error": repr(exc), "method": method.__name__}

@@ -10,6 +10,11 @@
   limit, the set is checked against Postgres and finished requests leave it, as do reservations
   that never became a request (an ingest that crashed mid-upload) once they are
   `STALE_RESERVATION` old. So a crash can never hold a slot forever.
+- **uploads**: a sorted set per owner of the uploads it is sending now, each scored by when its
+  lease expires. Ingest takes a lease when an upload starts (before reading its body), renews it
+  while the upload is received and stored, and removes it at the end. A lease that is not
+  renewed (its process died) expires after `UPLOAD_LEASE` seconds and is dropped by the next
+  take, so a crash never holds an upload slot for long.
 - **images_per_day**: a counter per owner and UTC day, which expires two days later. Ingest
   reserves a request's images once its CSV is validated, before the commit, and gives them back
   if the commit fails.
@@ -49,6 +54,10 @@ DAY = 86_400
 STALE_RESERVATION = 900.0
 # When a slot may free up is unknown; callers are told to try again after this long.
 CONCURRENT_RETRY_AFTER = 5
+# An upload's lease on one of its key's `uploads` slots lasts this long unless renewed; it is
+# renewed every third of that while the upload is received, so only a dead process lets it lapse.
+UPLOAD_LEASE = 30
+UPLOADS_RETRY_AFTER = 5
 
 # Scripts that call TIME before writing need effects replication on Redis < 7 (a no-op after).
 _EFFECTS = "if redis.replicate_commands then redis.replicate_commands() end\n"
@@ -81,6 +90,31 @@ if redis.call('ZSCORE', KEYS[1], ARGV[2]) then return 1 end
 if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
 redis.call('ZADD', KEYS[1], redis.call('TIME')[1], ARGV[2])
 return 1
+"""
+)
+
+# KEYS[1]: the owner's uploads in progress, scored by lease expiry (s). ARGV: the limit, an
+# upload id, the lease (s). Expired leases are dropped first. Returns 1 when taken, else 0.
+_TAKE_UPLOAD = (
+    _EFFECTS
+    + """
+local now = tonumber(redis.call('TIME')[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[2])
+redis.call('EXPIRE', KEYS[1], 2 * tonumber(ARGV[3]))
+return 1
+"""
+)
+
+# Same keys and arguments: push an existing lease's expiry forward (never re-creates one).
+_RENEW_UPLOAD = (
+    _EFFECTS
+    + """
+local now = tonumber(redis.call('TIME')[1])
+local renewed = redis.call('ZADD', KEYS[1], 'XX', 'CH', now + tonumber(ARGV[3]), ARGV[2])
+redis.call('EXPIRE', KEYS[1], 2 * tonumber(ARGV[3]))
+return renewed
 """
 )
 
@@ -148,6 +182,8 @@ class Limiter:
         self._take_images = redis.register_script(_TAKE_IMAGES)
         self._take_stream = redis.register_script(_TAKE_STREAM)
         self._renew_stream = redis.register_script(_RENEW_STREAM)
+        self._take_upload = redis.register_script(_TAKE_UPLOAD)
+        self._renew_upload = redis.register_script(_RENEW_UPLOAD)
 
     # ------------------------------------------------------------ rate
 
@@ -231,6 +267,44 @@ class Limiter:
 
     def _slots(self, owner: str) -> str:
         return f"{self.prefix}:unfinished:{owner}"
+
+    # ------------------------------------------------------------ uploads
+
+    @contextlib.asynccontextmanager
+    async def upload_lease(self, principal: Principal) -> AsyncIterator[None]:
+        """Hold one of the caller's `uploads` slots for the block; RateLimited when they are all
+        held by other uploads of the same key."""
+        limit = principal.limits.uploads
+        if limit <= 0:
+            yield
+            return
+        key, upload = f"{self.prefix}:uploads:{principal.name}", uuid.uuid4().hex
+        args: list[Any] = [limit, upload, UPLOAD_LEASE]
+        if not await self._take_upload(keys=[key], args=args):
+            raise RateLimited(
+                f"over the limit of this API key (uploads={limit} uploads being received at a"
+                " time); retry when one of them has been answered",
+                [Detail(f"at most {limit} uploads at a time", "uploads")],
+                retry_after=UPLOADS_RETRY_AFTER,
+            )
+        renewing = asyncio.create_task(self._keep_upload(key, args))
+        try:
+            yield
+        finally:
+            renewing.cancel()
+            try:
+                await self.redis.zrem(key, upload)
+            except BACKEND_ERRORS as exc:
+                # Its lease lapses by itself within UPLOAD_LEASE seconds.
+                log.warning("upload lease not given back", extra={"error": repr(exc)})
+
+    async def _keep_upload(self, key: str, args: list[Any]) -> None:
+        while True:
+            await asyncio.sleep(UPLOAD_LEASE / 3)
+            try:
+                await self._renew_upload(keys=[key], args=args)
+            except BACKEND_ERRORS as exc:
+                log.warning("upload lease not renewed", extra={"error": repr(exc)})
 
     # ------------------------------------------------------------ images per day
 

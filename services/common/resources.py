@@ -17,8 +17,8 @@ from services.common.config import CommonSettings, ConfigError
 from services.common.db.pool import create_pool, migrate
 from services.common.dependencies import (
     DependencyMonitor,
+    PostgresConnection,
     Probe,
-    postgres_probe,
     redis_probe,
 )
 from services.common.grpc_server import Health
@@ -46,10 +46,17 @@ class Backends:
     pool: asyncpg.Pool
     redis: aioredis.Redis
     names: StreamNames
+    # The health probe's own connection: a pool that callers keep busy is not a database that
+    # is down, and must not turn the service NOT_SERVING.
+    probe_connection: PostgresConnection
 
     def monitor(self, health: Health, **extra: Probe) -> DependencyMonitor:
         """Watches Postgres and Redis (and `extra`) and drives `health` accordingly."""
-        probes = {"postgres": postgres_probe(self.pool), "redis": redis_probe(self.redis), **extra}
+        probes = {
+            "postgres": self.probe_connection.probe,
+            "redis": redis_probe(self.redis),
+            **extra,
+        }
         return DependencyMonitor(probes, health)
 
 
@@ -62,13 +69,17 @@ async def open_backends(
     configure_logging(service, common.log_level)
     failpoints.arm(common.failpoints)
     with metrics.serving(common.metrics_listen):
-        pool = await create_pool(common.database_url, max_size=pool_size)
+        pool = await create_pool(
+            common.database_url, max_size=pool_size, acquire_timeout=common.db_acquire_timeout
+        )
+        probe_connection = PostgresConnection(common.database_url)
         try:
             await migrate(pool)
             redis = aioredis.Redis.from_url(common.redis_url)
             try:
-                yield Backends(pool, redis, StreamNames(common.redis_prefix))
+                yield Backends(pool, redis, StreamNames(common.redis_prefix), probe_connection)
             finally:
                 await redis.aclose()
         finally:
+            await probe_connection.close()
             await pool.close()

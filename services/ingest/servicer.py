@@ -1,19 +1,22 @@
 """IngestService: validate a CSV (or structured products) as it streams in, store it, publish.
 
-A request is accepted whole or rejected whole. Rows are written inside one open transaction as
-they are parsed, so memory stays flat however large the file; any validation problem rolls the
-transaction back and the caller gets every problem found (up to the limit) with row and column.
+A request is accepted whole or rejected whole. Rows are validated as they arrive and kept on
+disk (`spool.py`), so memory stays flat however large the file and no Postgres connection waits
+on a slow client; once the upload is whole they are written in one transaction, which any
+validation problem rolls back: the caller gets every problem found (up to the limit) with row
+and column. Each key has at most `uploads=` uploads being received at a time (limits.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import csv
-import hashlib
 import io
 import logging
 import uuid
 from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -29,7 +32,6 @@ from services.common.csv_format import (
     REQUIRED_COLUMNS,
     CsvLimits,
     CsvReader,
-    ProductRow,
     duplicate_serial,
 )
 from services.common.db import queries
@@ -64,6 +66,7 @@ from services.common.proto_convert import (
     to_json,
 )
 from services.common.publish import publish_images, publish_request
+from services.ingest.spool import Spool
 
 log = logging.getLogger(__name__)
 
@@ -147,10 +150,13 @@ class IngestServicer(ingest_grpc.IngestServiceServicer):
         # A retry reopens the request: it takes a slot again (its own, if it still has one).
         await self._take_slot(principal, request_id)
         async with self.pool.acquire() as conn:
-            batch = await queries.retry_failed_images(conn, request_id, owner=caller_owner())
-            if batch is None:
+            try:
+                batch = await self._reopen(conn, principal, request_id)
+                if batch is None:
+                    raise NotFound(f"no request {request.request_id}")
+            except BaseException:
                 await self._give_back_slot(principal, request_id)
-                raise NotFound(f"no request {request.request_id}")
+                raise
             options = from_json(batch.request.options)
             for start in range(0, len(batch.images), INSERT_BATCH):
                 await publish_images(
@@ -170,6 +176,25 @@ class IngestServicer(ingest_grpc.IngestServiceServicer):
             status=STATUS_TO_PROTO[batch.request.status],
             images_retried=len(batch.images),
         )
+
+    async def _reopen(
+        self, conn: queries.Connection, principal: Principal | None, request_id: uuid.UUID
+    ) -> queries.RetryBatch | None:
+        """Put the failed images back to Pending, charged to today's `images_per_day` like an
+        upload's: every retried image is fetched again from its origin."""
+        if principal is None or self.limiter is None:
+            return await queries.retry_failed_images(conn, request_id, owner=caller_owner())
+        reservation = None
+        try:
+            # Charged before the commit, so a retry over the limit changes nothing.
+            async with conn.transaction():
+                batch = await queries.retry_failed_images(conn, request_id, owner=caller_owner())
+                if batch is not None:
+                    reservation = await self.limiter.take_images(principal, len(batch.images))
+        except BaseException:
+            await self.limiter.give_back_images(reservation)
+            raise
+        return batch
 
     async def _header(self, messages: AsyncIterator[Any]) -> Header:
         first = await anext(aiter(messages), None)
@@ -205,25 +230,20 @@ class IngestServicer(ingest_grpc.IngestServiceServicer):
 
     async def _ingest(self, header: Header, chunks: AsyncIterator[bytes]) -> ingest_pb.Accepted:
         owner = caller_owner()  # '' when authentication is off
+        principal = caller()
         request_id = uuid.uuid4()
         tracing.set_request_id(str(request_id))  # for this call's log lines
-        key = header.idempotency_key
-        if not key:
-            async with self.pool.acquire() as conn:
-                products, images = await self._store(conn, request_id, owner, header, chunks)
-        else:
-            # Uploads with the same key take turns on one connection, so two identical ones sent
-            # at once make one request: the second waits, then finds the first and replays it.
-            async with queries.idempotency_lock(self.pool, owner, key) as conn:
-                existing = await queries.find_idempotent(conn, owner, key)
-                if existing is None:
-                    products, images = await self._store(conn, request_id, owner, header, chunks)
-            if existing is not None:
-                tracing.set_request_id(str(existing.id))
-                digest = hashlib.sha256()
-                async for chunk in chunks:
-                    digest.update(chunk)
-                return _replay(existing, digest.digest())
+        async with self._receiving(principal):
+            with Spool(self.limits) as spool:
+                # The whole upload first, with no connection held: a client that stalls holds a
+                # temporary file and one of its own `uploads=` leases, nothing others need.
+                await spool.receive(chunks)
+                if spool.reader.exceeded is not None:
+                    raise self._too_large(spool.reader)
+                stored = await self._store_once(request_id, owner, header, spool)
+        if isinstance(stored, ingest_pb.Accepted):
+            return stored  # an idempotent replay: nothing new was stored
+        products, images = stored
         failpoints.crash_here("ingest.after_commit")
         if products >= ANALYZE_AFTER_PRODUCTS:
             # A large request arrives all at once, before autovacuum's statistics notice it;
@@ -249,6 +269,30 @@ class IngestServicer(ingest_grpc.IngestServiceServicer):
             created=True,
         )
 
+    async def _store_once(
+        self, request_id: uuid.UUID, owner: str, header: Header, spool: Spool
+    ) -> tuple[int, int] | ingest_pb.Accepted:
+        """Store a received upload: (products, images), or the earlier request with the same
+        Idempotency-Key, replayed."""
+        key = header.idempotency_key
+        if not key:
+            async with self.pool.acquire() as conn:
+                return await self._store(conn, request_id, owner, header, spool)
+        # Uploads with the same key take turns on one connection, so two identical ones sent
+        # at once make one request: the second waits, then finds the first and replays it.
+        async with queries.idempotency_lock(self.pool, owner, key) as conn:
+            existing = await queries.find_idempotent(conn, owner, key)
+            if existing is None:
+                return await self._store(conn, request_id, owner, header, spool)
+        tracing.set_request_id(str(existing.id))
+        return _replay(existing, spool.digest.digest())
+
+    def _receiving(self, principal: Principal | None) -> AbstractAsyncContextManager[None]:
+        """One of the caller's `uploads=` leases while its upload is received and stored."""
+        if principal is None or self.limiter is None:
+            return contextlib.nullcontext()
+        return self.limiter.upload_lease(principal)
+
     async def _publish(self, request_id: uuid.UUID, options: ImageOptions) -> None:
         try:
             await publish_request(self.pool, self.redis, self.names, request_id, options)
@@ -265,13 +309,12 @@ class IngestServicer(ingest_grpc.IngestServiceServicer):
         request_id: uuid.UUID,
         owner: str,
         header: Header,
-        chunks: AsyncIterator[bytes],
+        spool: Spool,
     ) -> tuple[int, int]:
-        """Validate while streaming and write everything in one transaction on `conn`.
-
-        The caller's limits are taken first (a slot) and last (today's images, once the count is
-        known, before the commit); both are given back if the upload is refused or fails.
-        """
+        """Write a received upload in one transaction on `conn`; nothing in it waits on the
+        client. The caller's limits are taken first (a slot) and last (today's images, once
+        the count is known, before the commit); both are given back if the upload is refused
+        or fails."""
         principal = caller()
         if principal is not None and self.limiter is not None:
             await self.limiter.check_images_left(principal)
@@ -279,7 +322,7 @@ class IngestServicer(ingest_grpc.IngestServiceServicer):
         # Filled just before the commit, so a failed commit gives the images back too.
         reserved: list[ImageReservation] = []
         try:
-            return await self._write(conn, request_id, owner, header, chunks, reserved)
+            return await self._write(conn, request_id, owner, header, spool, reserved)
         except BaseException:
             await self._give_back_slot(principal, request_id)
             if self.limiter is not None:
@@ -309,13 +352,11 @@ class IngestServicer(ingest_grpc.IngestServiceServicer):
         request_id: uuid.UUID,
         owner: str,
         header: Header,
-        chunks: AsyncIterator[bytes],
+        spool: Spool,
         reserved: list[ImageReservation],
     ) -> tuple[int, int]:
         principal = caller()
-        reader = CsvReader(self.limits)
-        digest = hashlib.sha256()
-        batch: list[ProductRow] = []
+        reader = spool.reader
         products = images = 0
         async with conn.transaction():
             await queries.insert_request(
@@ -326,27 +367,11 @@ class IngestServicer(ingest_grpc.IngestServiceServicer):
                 owner=owner,
                 idempotency_key=header.idempotency_key,
             )
-
-            async def flush() -> None:
-                nonlocal products, images
-                # Valid rows are stored even after a problem (the transaction is rolled back
-                # then): the duplicate check below sees them all.
-                if batch and reader.exceeded is None:
-                    images += await queries.insert_products(conn, request_id, batch)
-                    products += len(batch)
-                batch.clear()
-
-            async for chunk in chunks:
-                digest.update(chunk)
-                batch.extend(reader.feed(chunk))
-                if len(batch) >= INSERT_BATCH:
-                    await flush()
-                if reader.truncated:
-                    break  # enough problems to report; stop reading a file we will reject
-            batch.extend(reader.finish())
-            await flush()
-            if reader.exceeded is not None:
-                raise self._too_large(reader)
+            # Valid rows are stored even after a problem (the transaction is rolled back
+            # then): the duplicate check below sees them all.
+            for batch in spool.batches():
+                images += await queries.insert_products(conn, request_id, batch)
+                products += len(batch)
             most = self.limits.max_problems
             duplicates = [
                 duplicate_serial(*found)
@@ -368,7 +393,7 @@ class IngestServicer(ingest_grpc.IngestServiceServicer):
                 request_id,
                 products_total=products,
                 images_total=images,
-                content_hash=digest.digest(),
+                content_hash=spool.digest.digest(),
             )
         return products, images
 
@@ -387,8 +412,8 @@ async def _content(
 ) -> AsyncIterator[Any]:
     """The `field` payloads of an upload, which must end with an UploadEnd that counts them.
 
-    Raising at the end of the stream rolls back the transaction that is consuming it: when a
-    client cancels mid-upload, grpc ends the request iterator quietly, as if it were complete.
+    Raising at the end of the stream refuses the upload before anything is stored: when a client
+    cancels mid-upload, grpc ends the request iterator quietly, as if it were complete.
     """
     count = 0
     async for message in messages:

@@ -201,7 +201,13 @@ async def test_bad_csv_and_unknown_id_get_contract_errors(
     stack_factory: list[Stack],
 ) -> None:
     stack = start_stack(
-        tmp_path, {"IMGPIPE_DATABASE_URL": database_url, "IMGPIPE_REDIS_URL": redis_server_url}
+        tmp_path,
+        {
+            "IMGPIPE_DATABASE_URL": database_url,
+            "IMGPIPE_REDIS_URL": redis_server_url,
+            # Three identical uploads at once from one address below (2 by default, no keys).
+            "IMGPIPE_LIMIT_UPLOADS": "3",
+        },
     )
     stack_factory.append(stack)
     bad = (

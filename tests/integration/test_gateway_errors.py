@@ -8,9 +8,11 @@ other end. The end-to-end behaviour with the real services is tested in tests/e2
 from __future__ import annotations
 
 import asyncio
+import functools
+import gzip
 import socket
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,7 @@ from services.common.pb.imgpipe.v1 import ingest_service_pb2 as ingest_pb
 from services.common.pb.imgpipe.v1 import ingest_service_pb2_grpc as ingest_grpc
 from services.common.pb.imgpipe.v1 import request_pb2, task_pb2
 from services.common.storage import StorageConfig
+from tests.support import wait_until_async
 
 pytestmark = pytest.mark.integration
 
@@ -197,6 +200,23 @@ def form_part(name: str, value: bytes, filename: str = "") -> bytes:
     return head.encode() + value + b"\r\n"
 
 
+# A body of a declared length, and a chunked one (its first chunk is 9 bytes).
+FRAMINGS = ["Content-Length: 1000\r\n\r\n", "Transfer-Encoding: chunked\r\n\r\n9\r\n"]
+
+
+async def stalled_upload(
+    client: Client, framing: str
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A raw POST /upload that sent its headers (ending with `framing`) and the start of a
+    body, then nothing more."""
+    assert client.port is not None
+    reader, writer = await asyncio.open_connection("127.0.0.1", client.port)
+    head = f"POST /upload HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: text/csv\r\n{framing}"
+    writer.write(head.encode() + b"S. No.,x\n")
+    await writer.drain()
+    return reader, writer
+
+
 # -- backends down --------------------------------------------------------------------------
 
 
@@ -270,24 +290,86 @@ async def test_upload_streamed_over_the_limit_is_413_and_cancelled(
     assert servicer.completed == []
 
 
-@pytest.mark.parametrize(
-    "framing", ["Content-Length: 1000\r\n\r\n", "Transfer-Encoding: chunked\r\n\r\n9\r\n"]
-)
+@pytest.mark.parametrize("framing", FRAMINGS)
 async def test_caller_leaving_mid_upload_cancels_the_ingest_call(
     client_with_ingest: Client, fake_ingest: tuple[FakeIngest, str], framing: str
 ) -> None:
     servicer = fake_ingest[0]
     servicer.commit.clear()
-    _, writer = await asyncio.open_connection("127.0.0.1", client_with_ingest.port)
-    head = f"POST /upload HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: text/csv\r\n{framing}"
-    writer.write(head.encode() + b"S. No.,x\n")
-    await writer.drain()
+    _, writer = await stalled_upload(client_with_ingest, framing)
     await servicer.received_header.wait()
     writer.close()
     await writer.wait_closed()
     # A truncated body must never reach ingest as a complete (shorter) file.
     await servicer.wait_cancelled()
     assert servicer.completed == []
+
+
+@pytest.mark.parametrize("framing", FRAMINGS)
+async def test_an_upload_body_that_stops_arriving_is_408(
+    store: Path, fake_ingest: tuple[FakeIngest, str], framing: str
+) -> None:
+    servicer = fake_ingest[0]
+    servicer.commit.clear()
+    settings = replace(settings_for(store, fake_ingest[1]), upload_idle_timeout=0.5)
+    async for client in serve(settings):
+        reader, writer = await stalled_upload(client, framing)
+        try:
+            async with asyncio.timeout(30):  # a deadline, not a measurement
+                head_and_body = await reader.readuntil(b"}}")
+        finally:
+            writer.close()
+        assert head_and_body.startswith(b"HTTP/1.1 408 "), head_and_body
+        assert b"Connection: close\r\n" in head_and_body
+        assert b"IMGPIPE_UPLOAD_IDLE_TIMEOUT=0.5" in head_and_body
+        await servicer.wait_cancelled()
+        assert servicer.completed == []
+
+
+async def test_without_keys_each_address_has_its_own_uploads_cap(
+    store: Path, fake_ingest: tuple[FakeIngest, str]
+) -> None:
+    servicer = fake_ingest[0]
+    settings = replace(settings_for(store, fake_ingest[1]), anonymous_uploads=1)
+    async for client in serve(settings):
+        _, writer = await stalled_upload(client, FRAMINGS[0])
+        async with asyncio.timeout(30):
+            await servicer.received_header.wait()
+        response = await client.post("/upload", data=CSV, headers={"Content-Type": "text/csv"})
+        error = await error_of(response, 429, "rate_limited")
+        assert error["details"][0]["column"] == "uploads"
+        assert "IMGPIPE_LIMIT_UPLOADS=1" in error["message"]
+        assert int(response.headers["Retry-After"]) >= 1
+        writer.close()
+        await writer.wait_closed()
+
+        await wait_until_async(
+            functools.partial(accepted, client), timeout=30, message="the slot given back"
+        )
+
+
+async def accepted(client: Client) -> bool:
+    response = await client.post("/upload", data=CSV, headers={"Content-Type": "text/csv"})
+    return response.status == 202
+
+
+@pytest.mark.parametrize("route", ["/upload", "/ui/upload"])
+@pytest.mark.parametrize("encoding", ["gzip", "identity"])
+async def test_an_encoded_upload_is_415(client: Client, route: str, encoding: str) -> None:
+    response = await client.post(
+        route,
+        data=gzip.compress(CSV) if encoding == "gzip" else CSV,
+        headers={"Content-Type": "text/csv", "Content-Encoding": encoding},
+    )
+    assert response.status == 415
+    assert "Content-Encoding" in await response.text()
+
+
+async def test_an_unknown_form_field_is_400_naming_it(client: Client) -> None:
+    form = csv_form(("quality", "80"), ("colour", "red"))
+    error = await error_of(await client.post("/upload", data=form), 400, "invalid_argument")
+    assert error["details"][0]["column"] == "colour"
+    assert "unknown form field 'colour'" in error["message"]
 
 
 @pytest.mark.parametrize(
@@ -319,9 +401,9 @@ async def test_upload_lists_every_bad_option_at_once(client: Client) -> None:
 
 
 async def test_multipart_without_a_file_is_400(client: Client) -> None:
-    form = aiohttp.FormData()
+    form = aiohttp.FormData(default_to_multipart=True)
     form.add_field("quality", "80")
-    form.add_field("notes", "no file here", filename="notes.txt")
+    form.add_field("format", "webp")
     error = await error_of(await client.post("/upload", data=form), 400, "invalid_argument")
     assert error["details"][0]["column"] == "file"
 

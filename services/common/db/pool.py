@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
+from types import TracebackType
+from typing import Any
 
 import asyncpg
+from asyncpg.pool import PoolAcquireContext
+
+from services.common.errors import BackendBusy
 
 log = logging.getLogger(__name__)
 
@@ -14,11 +20,83 @@ MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 MIGRATION_LOCK_KEY = int.from_bytes(b"imgpipe", "big")
 
 Pool = asyncpg.Pool
+DEFAULT_ACQUIRE_TIMEOUT = 5.0
 
 
-async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:
-    pool = await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size)
-    assert pool is not None
+class BoundedWaitPool(asyncpg.Pool):
+    """A pool whose `acquire()` waits at most `acquire_timeout` seconds by default, then raises
+    BackendBusy: a call that finds every connection in use is answered UNAVAILABLE with
+    Retry-After instead of queueing behind them for as long as they last."""
+
+    def __init__(self, *args: Any, acquire_timeout: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.acquire_timeout = acquire_timeout
+
+    def acquire(self, *, timeout: float | None = None) -> Any:
+        return _BusyIsUnavailable(
+            super().acquire(timeout=self.acquire_timeout if timeout is None else timeout),
+            self.acquire_timeout if timeout is None else timeout,
+        )
+
+
+class _BusyIsUnavailable:
+    """`PoolAcquireContext`, awaited or entered, with its timeout raised as BackendBusy."""
+
+    def __init__(self, inner: PoolAcquireContext, timeout: float) -> None:
+        self._inner = inner
+        self._timeout = timeout
+
+    async def __aenter__(self) -> Any:
+        try:
+            return await self._inner.__aenter__()
+        except TimeoutError:
+            raise self._busy() from None
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self._inner.__aexit__(kind, exc, tb)
+
+    def __await__(self) -> Any:
+        return self._acquired().__await__()
+
+    async def _acquired(self) -> Any:
+        try:
+            return await self._inner
+        except TimeoutError:
+            raise self._busy() from None
+
+    def _busy(self) -> BackendBusy:
+        return BackendBusy(
+            "every database connection stayed in use for "
+            f"IMGPIPE_DB_ACQUIRE_TIMEOUT={self._timeout:g}s; retry later",
+            retry_after=max(1, math.ceil(self._timeout)),
+        )
+
+
+async def create_pool(
+    dsn: str,
+    *,
+    min_size: int = 1,
+    max_size: int = 10,
+    acquire_timeout: float = DEFAULT_ACQUIRE_TIMEOUT,
+) -> asyncpg.Pool:
+    pool = BoundedWaitPool(
+        dsn,
+        min_size=min_size,
+        max_size=max_size,
+        max_queries=50_000,
+        max_inactive_connection_lifetime=300.0,
+        connect=None,
+        setup=None,
+        init=None,
+        reset=None,
+        loop=None,
+        connection_class=asyncpg.Connection,
+        record_class=asyncpg.Record,
+        acquire_timeout=acquire_timeout,
+    )
+    await pool
     return pool
 
 

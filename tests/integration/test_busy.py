@@ -1,0 +1,206 @@
+"""Issue 14, finding 1 piece by piece: a busy pool, a stalled upload and a crashed one.
+
+- a stalled upload holds no Postgres connection: another upload completes on a pool of one;
+- acquiring a pooled connection waits at most its timeout, then UNAVAILABLE with Retry-After;
+- the health probe has a connection of its own, so a busy pool is not "Postgres down";
+- an upload lease left by a dead process expires; `uploads=` counts per key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+import grpc
+import pytest
+import redis.asyncio
+
+from services.common import limits
+from services.common.auth import Limits, Principal
+from services.common.csv_format import CsvLimits
+from services.common.db.pool import create_pool
+from services.common.dependencies import DependencyMonitor, PostgresConnection
+from services.common.errors import BackendBusy, RateLimited, Unavailable, error_from_rpc
+from services.common.limits import UPLOAD_LEASE, Limiter
+from services.common.pb.imgpipe.v1 import ingest_service_pb2 as ingest_pb
+from services.common.pb.imgpipe.v1 import ingest_service_pb2_grpc as ingest_grpc
+from services.common.streams import StreamNames
+from services.ingest.servicer import Header, IngestServicer, registrar
+from tests.integration.conftest import serving
+from tests.integration.flows import csv_of, upload
+from tests.support import wait_until_async
+
+pytestmark = pytest.mark.integration
+
+URLS = ["http://img.example/a.jpg"]
+
+
+@pytest.fixture
+async def pool_of_one(database_url: str, pool: asyncpg.Pool) -> AsyncIterator[asyncpg.Pool]:
+    """A pool of one connection on the migrated database (`pool` migrates it)."""
+    del pool
+    pool = await create_pool(database_url, min_size=1, max_size=1, acquire_timeout=0.5)
+    try:
+        yield pool
+    finally:
+        await pool.close()
+
+
+class WatchedIngest(IngestServicer):
+    """Ingest that says when an upload's header has been read (the upload has begun)."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.began = asyncio.Event()
+
+    async def _header(self, messages: AsyncIterator[Any]) -> Header:
+        header = await super()._header(messages)
+        self.began.set()
+        return header
+
+
+@pytest.fixture
+async def watched(
+    pool_of_one: asyncpg.Pool, redis_client: redis.asyncio.Redis, names: StreamNames
+) -> AsyncIterator[tuple[WatchedIngest, ingest_grpc.IngestServiceAsyncStub]]:
+    servicer = WatchedIngest(pool_of_one, redis_client, names, CsvLimits())
+    async with serving(registrar(servicer)) as channel:
+        yield servicer, ingest_grpc.IngestServiceStub(channel)
+
+
+@pytest.fixture
+def ingest_on_one_connection(
+    watched: tuple[WatchedIngest, ingest_grpc.IngestServiceAsyncStub],
+) -> ingest_grpc.IngestServiceAsyncStub:
+    return watched[1]
+
+
+@contextlib.asynccontextmanager
+async def stalled_upload(ingest: ingest_grpc.IngestServiceAsyncStub) -> AsyncIterator[Any]:
+    """An upload that sent its header and a first chunk, then nothing."""
+    call: Any = ingest.UploadCsv(None, timeout=60)
+    await call.write(ingest_pb.UploadCsvRequest(header=ingest_pb.UploadHeader()))
+    await call.write(ingest_pb.UploadCsvRequest(chunk=csv_of([("1", "Shoe", URLS)])))
+    try:
+        yield call
+    finally:
+        call.cancel()
+
+
+async def test_a_stalled_upload_holds_no_connection(
+    watched: tuple[WatchedIngest, ingest_grpc.IngestServiceAsyncStub], pool_of_one: asyncpg.Pool
+) -> None:
+    servicer, ingest = watched
+    async with stalled_upload(ingest):
+        async with asyncio.timeout(30):
+            await servicer.began.wait()
+        # Had the stalled upload taken the pool's only connection, this one would wait for it
+        # (UNAVAILABLE after the pool's acquire timeout).
+        accepted = await upload(ingest, csv_of([("1", "Hat", URLS)]))
+        assert accepted.created
+
+
+async def test_a_busy_pool_answers_unavailable_with_retry_after(
+    ingest_on_one_connection: ingest_grpc.IngestServiceAsyncStub, pool_of_one: asyncpg.Pool
+) -> None:
+    async with pool_of_one.acquire():
+        with pytest.raises(BackendBusy, match=r"IMGPIPE_DB_ACQUIRE_TIMEOUT=0\.5s"):
+            await pool_of_one.fetchval("SELECT 1")
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await upload(ingest_on_one_connection, csv_of([("1", "Hat", URLS)]))
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    error = error_from_rpc(caught.value)
+    assert isinstance(error, Unavailable)
+    assert error.http_status == 503
+    assert error.http_headers() == {"Retry-After": "1"}
+    # Free again: the next call is served.
+    assert (await upload(ingest_on_one_connection, csv_of([("1", "Hat", URLS)]))).created
+
+
+async def test_the_health_probe_does_not_wait_for_the_pool(
+    pool_of_one: asyncpg.Pool, database_url: str
+) -> None:
+    connection = PostgresConnection(database_url)
+    monitor = DependencyMonitor({"postgres": connection.probe})
+    try:
+        async with pool_of_one.acquire():
+            assert await monitor.check() == []
+        # A broken connection is replaced at the next probe.
+        await connection.close()
+        assert await monitor.check() == []
+    finally:
+        await connection.close()
+    # Nothing listens on port 1 of the loopback: that database is down.
+    down = PostgresConnection("postgresql://imgpipe@127.0.0.1:1/imgpipe")
+    assert await DependencyMonitor({"postgres": down.probe}).check() == ["postgres"]
+
+
+def principal(uploads: int) -> Principal:
+    return Principal(f"uploader-{secrets.token_hex(3)}", Limits(uploads=uploads))
+
+
+async def test_uploads_in_progress_are_counted_per_key(
+    redis_client: redis.asyncio.Redis, names: StreamNames, pool: asyncpg.Pool
+) -> None:
+    limiter = Limiter(redis_client, names, pool)
+    one, other = principal(2), principal(2)
+    async with limiter.upload_lease(one), limiter.upload_lease(one):
+        with pytest.raises(RateLimited) as caught:
+            async with limiter.upload_lease(one):
+                pass
+        assert caught.value.details[0].column == "uploads"
+        assert caught.value.retry_after >= 1
+        async with limiter.upload_lease(other):
+            pass  # another key has slots of its own
+    async with limiter.upload_lease(one):
+        pass  # given back at the end of each upload
+    async with limiter.upload_lease(principal(0)), limiter.upload_lease(principal(0)):
+        pass  # uploads=0: no limit
+
+
+async def test_a_lease_left_by_a_dead_process_expires(
+    redis_client: redis.asyncio.Redis, names: StreamNames, pool: asyncpg.Pool
+) -> None:
+    limiter = Limiter(redis_client, names, pool)
+    one = principal(1)
+    key = f"{names.prefix}:limits:uploads:{one.name}"
+    now, _ = await redis_client.time()
+    # What a process that died mid-upload leaves behind: a lease nobody renews.
+    await redis_client.zadd(key, {"dead-upload": int(now) + UPLOAD_LEASE})
+    with pytest.raises(RateLimited):
+        async with limiter.upload_lease(one):
+            pass
+    await redis_client.zadd(key, {"dead-upload": int(now) - 1})  # ... once its lease is over
+    async with limiter.upload_lease(one):
+        assert await redis_client.zcard(key) == 1
+
+
+async def lease_expiry(client: redis.asyncio.Redis, key: str) -> float:
+    """The expiry of the one lease under `key`."""
+    held: list[Any] = await client.zrange(key, 0, -1, withscores=True)
+    [(_, expiry)] = held
+    return float(expiry)
+
+
+async def test_an_upload_renews_its_lease_while_it_lasts(
+    redis_client: redis.asyncio.Redis,
+    names: StreamNames,
+    pool: asyncpg.Pool,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(limits, "UPLOAD_LEASE", 3)  # renewed every second
+    limiter = Limiter(redis_client, names, pool)
+    one = principal(1)
+    key = f"{names.prefix}:limits:uploads:{one.name}"
+    async with limiter.upload_lease(one):
+        first = await lease_expiry(redis_client, key)
+
+        async def renewed() -> bool:
+            return await lease_expiry(redis_client, key) > first
+
+        await wait_until_async(renewed, timeout=15, interval=0.2, message="the lease renewed")
+    assert await redis_client.zcard(key) == 0
