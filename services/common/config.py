@@ -293,6 +293,10 @@ class IngestSettings:
     common: CommonSettings
     csv_limits: CsvLimits = field(default_factory=CsvLimits)
     api_keys: KeyRing = field(default_factory=KeyRing)
+    # Tasks on the stream and not yet final, at most (docs/scheduling.md): at least the
+    # workers' tasks in flight (workers × IMGPIPE_WORKER_CONCURRENCY), plus a little headroom.
+    scheduler_window: int = 128
+    scheduler_poll: float = 0.1  # seconds between the feeder's looks at the window
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Self:
@@ -311,6 +315,8 @@ class IngestSettings:
                 ),
             ),
             api_keys=read_api_keys(env),
+            scheduler_window=env.integer("IMGPIPE_SCHEDULER_WINDOW", 128, minimum=1),
+            scheduler_poll=env.number("IMGPIPE_SCHEDULER_POLL", 0.1, minimum=0.01),
         )
         env.done()
         return settings

@@ -1,4 +1,5 @@
-"""IngestService: validate a CSV (or structured products) as it streams in, store it, publish.
+"""IngestService: validate a CSV (or structured products) as it streams in, store it, and wake
+the feeder, which puts the tasks on the stream in fair turns (services/ingest/feeder.py).
 
 A request is accepted whole or rejected whole. Rows are written inside one open transaction as
 they are parsed, so memory stays flat however large the file; any validation problem rolls the
@@ -7,7 +8,6 @@ transaction back and the caller gets every problem found (up to the limit) with 
 
 from __future__ import annotations
 
-import asyncio
 import csv
 import hashlib
 import io
@@ -57,20 +57,15 @@ from services.common.pb.imgpipe.v1 import (
 )
 from services.common.proto_convert import (
     STATUS_TO_PROTO,
-    from_json,
     from_proto,
     parse_request_id,
     to_json,
 )
-from services.common.publish import publish_images, publish_request
 
 log = logging.getLogger(__name__)
 
 INSERT_BATCH = 500
 ANALYZE_AFTER_PRODUCTS = 5_000
-# Requests with more images are answered right after their commit and published in the
-# background; smaller ones have every task on the stream when the caller gets the answer.
-PUBLISH_INLINE_IMAGES = 10_000
 Context = grpc.aio.ServicerContext[Any, Any]
 
 
@@ -89,6 +84,8 @@ class IngestServicer(ingest_grpc.IngestServiceServicer):
         names: Any,
         limits: CsvLimits,
         limiter: Limiter | None = None,
+        *,
+        wake_feeder: Callable[[], None] = lambda: None,
     ) -> None:
         self.pool = pool
         self.redis = redis
@@ -97,15 +94,8 @@ class IngestServicer(ingest_grpc.IngestServiceServicer):
         # Per-key limits (concurrent requests, images per day); they apply to callers that
         # authenticated with an API key, so not when authentication is off.
         self.limiter = limiter
-        self._publishing: set[asyncio.Task[None]] = set()
-
-    async def drain(self, stop: asyncio.Event) -> None:
-        """A service loop: at shutdown, let background publishing finish (within the grace
-        period; what is cut short stays unpublished and is published again at start-up)."""
-        await stop.wait()
-        if self._publishing:
-            log.info("finishing background publishing", extra={"requests": len(self._publishing)})
-            await asyncio.gather(*self._publishing, return_exceptions=True)
+        # Committed images wait in Postgres; the feeder releases them to the stream in turns.
+        self.wake_feeder = wake_feeder
 
     @rpc_method
     async def UploadCsv(
@@ -144,16 +134,7 @@ class IngestServicer(ingest_grpc.IngestServiceServicer):
             if batch is None:
                 await self._give_back_slot(principal, request_id)
                 raise NotFound(f"no request {request.request_id}")
-            options = from_json(batch.request.options)
-            for start in range(0, len(batch.images), INSERT_BATCH):
-                await publish_images(
-                    conn,
-                    self.redis,
-                    self.names,
-                    request_id,
-                    options,
-                    batch.images[start : start + INSERT_BATCH],
-                )
+        self.wake_feeder()  # the images are waiting again, in their request's turn
         log.info(
             "retrying failed images",
             extra={"request_id": str(request_id), "images": len(batch.images)},
@@ -219,13 +200,7 @@ class IngestServicer(ingest_grpc.IngestServiceServicer):
             "accepted",
             extra={"request_id": str(request_id), "products": products, "images": images},
         )
-        if images <= PUBLISH_INLINE_IMAGES:
-            await self._publish(request_id, header.options)
-        else:
-            # The request is durable: answer now rather than after 300,000 XADDs.
-            task = asyncio.create_task(self._publish(request_id, header.options))
-            self._publishing.add(task)
-            task.add_done_callback(self._publishing.discard)
+        self.wake_feeder()
         return ingest_pb.Accepted(
             request_id=str(request_id),
             status=request_pb2.REQUEST_STATUS_PENDING,
@@ -233,16 +208,6 @@ class IngestServicer(ingest_grpc.IngestServiceServicer):
             images=images,
             created=True,
         )
-
-    async def _publish(self, request_id: uuid.UUID, options: ImageOptions) -> None:
-        try:
-            await publish_request(self.pool, self.redis, self.names, request_id, options)
-        except BACKEND_ERRORS as exc:
-            # The request is durable; the republish loop publishes it when Redis is back.
-            log.warning(
-                "publish failed after commit; will republish",
-                extra={"request_id": str(request_id), "error": repr(exc)},
-            )
 
     async def _store(
         self,

@@ -13,6 +13,8 @@ from google.protobuf.message import Message
 from services.common.pb.imgpipe.v1 import ingest_service_pb2 as ingest_pb
 from services.common.pb.imgpipe.v1 import ingest_service_pb2_grpc as ingest_grpc
 from services.common.pb.imgpipe.v1 import task_pb2
+from services.common.streams import TASK_FIELD, StreamNames
+from tests.support import wait_until_async
 
 
 def csv_of(rows: Sequence[tuple[str, str, Sequence[str]]]) -> bytes:
@@ -72,3 +74,28 @@ async def stream_messages(
         message.ParseFromString(fields[field])
         messages.append(message)
     return messages
+
+
+async def released_tasks(
+    client: redis.asyncio.Redis, names: StreamNames, count: int
+) -> list[task_pb2.ImageTask]:
+    """The tasks on the stream once there are at least `count` (the feeder releases them after
+    the upload's answer)."""
+
+    async def enough() -> list[task_pb2.ImageTask] | None:
+        tasks = await stream_messages(client, names.tasks, TASK_FIELD, task_pb2.ImageTask)
+        return tasks if len(tasks) >= count else None
+
+    return await wait_until_async(enough, timeout=10, message=f"{count} tasks on the stream")
+
+
+async def released_rows(pool: asyncpg.Pool, request_id: str) -> list[asyncpg.Record]:
+    """image_rows() once the feeder has released every image of the request to the stream."""
+
+    async def all_released() -> list[asyncpg.Record] | None:
+        rows = await image_rows(pool, request_id)
+        return rows if rows and all(r["stream_entry_id"] for r in rows) else None
+
+    return await wait_until_async(
+        all_released, timeout=10, message=f"every image of {request_id} released"
+    )

@@ -38,6 +38,7 @@ from services.common.pb.imgpipe.v1 import status_service_pb2_grpc as status_grpc
 from services.common.pb.imgpipe.v1 import task_pb2
 from services.common.storage import Storage
 from services.common.streams import TASK_FIELD, StreamNames, TaskConsumer
+from services.ingest.feeder import Feeder
 from services.ingest.servicer import IngestServicer
 from services.ingest.servicer import registrar as ingest_registrar
 from services.status.progress import ProgressHub
@@ -121,6 +122,7 @@ async def services(
     names: StreamNames,
     storage: Storage,
     hub: ProgressHub,
+    feeder: Feeder,
 ) -> AsyncIterator[Services]:
     limiter = Limiter(redis_client, names, pool)
     session = make_session(FetchAllow(), FetchLimits())
@@ -131,7 +133,7 @@ async def services(
         session=session,
         settings=WebhookSettings(),
     )
-    ingest = IngestServicer(pool, redis_client, names, CSV_LIMITS, limiter)
+    ingest = IngestServicer(pool, redis_client, names, CSV_LIMITS, limiter, wake_feeder=feeder.wake)
     status = StatusServicer(pool, storage, redis_client, names, webhooks, hub)
     tag = f"-{secrets.token_hex(3)}"
     try:
