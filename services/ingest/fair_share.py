@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import uuid
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -67,13 +67,17 @@ class FairShare:
                     del owners[owner]
         return planned
 
+    def remembered(self) -> tuple[int, int]:
+        """(owners, requests) whose place in the turns is kept: only those still waiting."""
+        return len(self._owner_time), len(self._request_time)
+
     def _forget_all_but(self, owners: dict[str, list[uuid.UUID]]) -> None:
         current = {r for requests in owners.values() for r in requests}
         self._owner_time = {o: t for o, t in self._owner_time.items() if o in owners}
         self._request_time = {r: t for r, t in self._request_time.items() if r in current}
 
 
-def _joined(times: dict[K, float], members: Sequence[K] | dict[K, object]) -> dict[K, float]:
+def _joined(times: dict[K, float], members: Iterable[K]) -> dict[K, float]:
     """`times` of `members`, where a member without one starts at the smallest time of the
     members that have one (0 when none has)."""
     known = [times[m] for m in members if m in times]

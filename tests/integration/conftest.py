@@ -117,7 +117,7 @@ async def serving(register: Callable[[grpc.aio.Server], None]) -> AsyncIterator[
 
 # The session's database is shared by its tests, so images they left released and unfinished
 # are still in the window: the tests' feeder has room to spare.
-TEST_WINDOW = 10_000
+TEST_WINDOW = 1_000_000
 
 
 @pytest.fixture

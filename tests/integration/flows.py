@@ -32,6 +32,7 @@ async def upload(
     webhook_url: str = "",
     chunk_size: int = 7,
     complete: bool = True,
+    api_key: str = "",
 ) -> ingest_pb.Accepted:
     """UploadCsv with the body cut into small chunks, as a real stream would arrive."""
 
@@ -48,7 +49,8 @@ async def upload(
         if complete:
             yield ingest_pb.UploadCsvRequest(end=ingest_pb.UploadEnd(count=len(body)))
 
-    response = await stub.UploadCsv(messages(), timeout=20)
+    metadata = (("authorization", f"Bearer {api_key}"),) if api_key else None
+    response = await stub.UploadCsv(messages(), timeout=20, metadata=metadata)
     return response.accepted
 
 
@@ -90,12 +92,16 @@ async def released_tasks(
 
 
 async def released_rows(pool: asyncpg.Pool, request_id: str) -> list[asyncpg.Record]:
-    """image_rows() once the feeder has released every image of the request to the stream."""
+    """image_rows() once the feeder has released every image of the request to the stream (it
+    marks the request published then)."""
 
-    async def all_released() -> list[asyncpg.Record] | None:
-        rows = await image_rows(pool, request_id)
-        return rows if rows and all(r["stream_entry_id"] for r in rows) else None
+    async def all_released() -> bool:
+        published = await pool.fetchval(
+            "SELECT published_at FROM requests WHERE id = $1", uuid.UUID(request_id)
+        )
+        return published is not None
 
-    return await wait_until_async(
+    await wait_until_async(
         all_released, timeout=10, message=f"every image of {request_id} released"
     )
+    return await image_rows(pool, request_id)

@@ -169,12 +169,14 @@ async def test_duplicate_deliveries_count_once_and_finish_once(
 
 async def test_consumer_rereads_its_own_pending_entries_first(
     ingest_stub: ingest_grpc.IngestServiceAsyncStub,
+    pool: asyncpg.Pool,
     redis_client: redis.asyncio.Redis,
     names: StreamNames,
 ) -> None:
-    await upload(
+    accepted = await upload(
         ingest_stub, csv_of([("1", "Shoe", ["http://a.example/1.jpg", "http://a.example/2.jpg"])])
     )
+    await released_rows(pool, accepted.request_id)
     first = TaskConsumer(redis_client, names, "restarting")
     await first.ensure_group()
     taken = await first.read(count=1, block_ms=100)  # delivered, then the process "dies"

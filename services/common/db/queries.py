@@ -273,8 +273,8 @@ async def backlog_by_owner(conn: Connection) -> list[OwnerBacklog]:
     (small) window, so it costs the same behind a 100,000-image request as behind none."""
     rows = await conn.fetch(
         """SELECT r.owner, count(*) AS requests,
-                  sum(r.images_total - r.images_done - r.images_failed) AS pending,
-                  COALESCE(sum(w.n), 0) AS released
+                  sum(r.images_total - r.images_done - r.images_failed)::bigint AS pending,
+                  COALESCE(sum(w.n), 0)::bigint AS released
              FROM requests r
              LEFT JOIN (SELECT request_id, count(*) AS n FROM images
                          WHERE status = 'Pending' AND enqueued_at IS NOT NULL
