@@ -329,6 +329,30 @@ async def test_idempotency_keys_belong_to_their_owner(services: Services) -> Non
     assert await services.owners() == {"acme": 1, "globex": 1}
 
 
+async def test_the_queue_names_only_the_callers_own_backlog(services: Services) -> None:
+    await upload(services, ACME, one_image())
+    await upload(services, GLOBEX, one_image())
+
+    async def owners(key: str) -> list[status_pb.OwnerBacklog]:
+        stats = await services.status.GetQueueStats(
+            status_pb.GetQueueStatsRequest(), metadata=bearer(key), timeout=10
+        )
+        return list(stats.owners)
+
+    for key, name in ((ACME, f"acme{services.tag}"), (GLOBEX, f"globex{services.tag}")):
+        seen = await owners(key)
+        [mine] = [o for o in seen if o.yours]
+        assert (mine.owner, mine.requests, mine.waiting_images + mine.released_images) == (
+            name,
+            1,
+            1,
+        )
+        # The other owner is there as counts, without its name (the tests share a database,
+        # so earlier tests' owners may be there too, just as anonymous).
+        others = [o for o in seen if not o.yours]
+        assert others and all(o.owner == "" for o in others)
+
+
 async def test_dead_letters_are_shown_to_their_owner_only(services: Services) -> None:
     accepted = await upload(services, ACME, one_image())
     task = task_pb2.ImageTask(request_id=accepted.request_id, image_id=1, input_url=IMAGE)
