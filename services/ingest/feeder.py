@@ -94,13 +94,8 @@ class Feeder:
 
     async def feed_once(self) -> FeedPass:
         """One pass if no other feeder is in one; FeedPass(leader=False) otherwise."""
-        async with self.pool.acquire() as conn:
-            if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", LEADER_LOCK_KEY):
-                return FeedPass(leader=False)
-            try:
-                return await self._feed(conn)
-            finally:
-                await conn.execute("SELECT pg_advisory_unlock($1)", LEADER_LOCK_KEY)
+        async with queries.leader_lock(self.pool, LEADER_LOCK_KEY) as conn:
+            return FeedPass(leader=False) if conn is None else await self._feed(conn)
 
     async def _feed(self, conn: queries.Connection) -> FeedPass:
         in_window = await queries.released_count(conn)

@@ -72,18 +72,15 @@ class Reconciler:
 
     async def reconcile_once(self) -> Pass:
         """One pass, if no other reconciler is running; Pass(leader=False) otherwise."""
-        async with self.pool.acquire() as conn:
-            if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", LEADER_LOCK_KEY):
+        async with queries.leader_lock(self.pool, LEADER_LOCK_KEY) as conn:
+            if conn is None:
                 return Pass(leader=False)
-            try:
-                return Pass(
-                    republished=await self._republish_lost(conn),
-                    finished=await self._finish_complete(conn),
-                    events=await self._publish_missing_events(conn),
-                    trimmed=await self._trim(),
-                )
-            finally:
-                await conn.execute("SELECT pg_advisory_unlock($1)", LEADER_LOCK_KEY)
+            return Pass(
+                republished=await self._republish_lost(conn),
+                finished=await self._finish_complete(conn),
+                events=await self._publish_missing_events(conn),
+                trimmed=await self._trim(),
+            )
 
     async def _republish_lost(self, conn: queries.Connection) -> int:
         """Republish released tasks whose stream entry is gone. Only released images count:

@@ -62,6 +62,21 @@ async def idempotency_lock(pool: asyncpg.Pool, owner: str, key: str) -> AsyncIte
             await conn.execute("SELECT pg_advisory_unlock($1)", lock)
 
 
+@contextlib.asynccontextmanager
+async def leader_lock(pool: asyncpg.Pool, key: int) -> AsyncIterator[Connection | None]:
+    """A connection holding the session advisory lock `key` for the block, or None when another
+    process holds it: loops that run in every replica but one at a time (the reconciler, the
+    feeder) do a pass only when they get it."""
+    async with pool.acquire() as conn:
+        if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", key):
+            yield None
+            return
+        try:
+            yield conn
+        finally:
+            await conn.execute("SELECT pg_advisory_unlock($1)", key)
+
+
 async def insert_request(
     conn: Connection,
     request_id: uuid.UUID,
