@@ -36,7 +36,9 @@ async def publish_images(
     images: Sequence[tuple[int, str]],
 ) -> None:
     """XADD the tasks of `images` (image_id, url) and record their stream entries."""
-    release = queries.Release(request_id, to_json(options), list(images))
+    release = queries.Release(
+        request_id, to_json(options), list(images), tracing.current_traceparent()
+    )
     await publish_releases(conn, redis, names, [release])
 
 
@@ -53,10 +55,8 @@ async def publish_releases(
     queued behind another request's whole share of the same release."""
     now = Timestamp()
     now.GetCurrentTime()
-    # The trace of the upload (or retry) being published, for the workers' log lines.
-    traceparent = tracing.current_traceparent()
     tasks = []
-    for turn in itertools.zip_longest(*(_tasks(r, now, traceparent) for r in releases)):
+    for turn in itertools.zip_longest(*(_tasks(r, now) for r in releases)):
         tasks += [task for task in turn if task is not None]
     if not tasks:
         return 0
@@ -65,7 +65,7 @@ async def publish_releases(
     return len(tasks)
 
 
-def _tasks(release: queries.Release, now: Timestamp, traceparent: str) -> list[task_pb2.ImageTask]:
+def _tasks(release: queries.Release, now: Timestamp) -> list[task_pb2.ImageTask]:
     options_pb = to_proto(from_json(release.options))
     return [
         task_pb2.ImageTask(
@@ -74,7 +74,8 @@ def _tasks(release: queries.Release, now: Timestamp, traceparent: str) -> list[t
             input_url=url,
             options=options_pb,
             enqueued_at=now,
-            traceparent=traceparent,
+            # The trace of the upload (or retry), for the workers' log lines.
+            traceparent=release.traceparent,
         )
         for image_id, url in release.images
     ]

@@ -130,7 +130,9 @@ class IngestServicer(ingest_grpc.IngestServiceServicer):
         # A retry reopens the request: it takes a slot again (its own, if it still has one).
         await self._take_slot(principal, request_id)
         async with self.pool.acquire() as conn:
-            batch = await queries.retry_failed_images(conn, request_id, owner=caller_owner())
+            batch = await queries.retry_failed_images(
+                conn, request_id, owner=caller_owner(), traceparent=tracing.current_traceparent()
+            )
             if batch is None:
                 await self._give_back_slot(principal, request_id)
                 raise NotFound(f"no request {request.request_id}")
@@ -275,6 +277,7 @@ class IngestServicer(ingest_grpc.IngestServiceServicer):
                 webhook_url=header.webhook_url,
                 owner=owner,
                 idempotency_key=header.idempotency_key,
+                traceparent=tracing.current_traceparent(),
             )
 
             async def flush() -> None:

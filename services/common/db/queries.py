@@ -85,17 +85,20 @@ async def insert_request(
     webhook_url: str | None,
     owner: str,
     idempotency_key: str | None,
+    traceparent: str = "",
 ) -> None:
+    """`traceparent`: the upload's trace, which the tasks the feeder releases later continue."""
     await conn.execute(
         """INSERT INTO requests (id, options, webhook_url, owner, idempotency_key,
-                                 publish_lease_until)
-           VALUES ($1, $2::jsonb, $3, $4, $5, now() + make_interval(secs => $6))""",
+                                 publish_lease_until, traceparent)
+           VALUES ($1, $2::jsonb, $3, $4, $5, now() + make_interval(secs => $6), $7)""",
         request_id,
         json.dumps(options),
         webhook_url,
         owner,
         idempotency_key,
         PUBLISH_LEASE_SECONDS,
+        traceparent or None,
     )
 
 
@@ -228,12 +231,13 @@ class Release:
     request_id: uuid.UUID
     options: dict[str, Any]
     images: list[tuple[int, str]]  # (image_id, input_url)
+    traceparent: str = ""  # the trace of the upload (or retry) that made these images wait
 
 
 async def next_waiting_images(conn: Connection, counts: dict[uuid.UUID, int]) -> list[Release]:
     """For each request, its next `counts[request]` images not yet released, in id order."""
     rows = await conn.fetch(
-        """SELECT c.request_id, r.options, i.id, i.input_url
+        """SELECT c.request_id, r.options, r.traceparent, i.id, i.input_url
              FROM unnest($1::uuid[], $2::int[]) AS c(request_id, n)
              JOIN requests r ON r.id = c.request_id
             CROSS JOIN LATERAL (
@@ -249,7 +253,7 @@ async def next_waiting_images(conn: Connection, counts: dict[uuid.UUID, int]) ->
     for r in rows:
         release = releases.get(r["request_id"])
         if release is None:
-            release = Release(r["request_id"], json.loads(r["options"]), [])
+            release = Release(r["request_id"], json.loads(r["options"]), [], r["traceparent"] or "")
             releases[r["request_id"]] = release
         release.images.append((r["id"], r["input_url"]))
     return list(releases.values())
@@ -505,10 +509,11 @@ class RetryBatch:
 
 
 async def retry_failed_images(
-    conn: Connection, request_id: uuid.UUID, *, owner: str
+    conn: Connection, request_id: uuid.UUID, *, owner: str, traceparent: str = ""
 ) -> RetryBatch | None:
-    """Put a request's failed images back to Pending and reopen it; None if `owner` has no
-    such request."""
+    """Put a request's failed images back to Pending and waiting for the feeder, and reopen
+    it (its next tasks continue `traceparent`, the retry's trace); None if `owner` has no such
+    request."""
     async with conn.transaction():
         found = await conn.fetchval(
             "SELECT 1 FROM requests WHERE id = $1 AND owner = $2 FOR UPDATE", request_id, owner
@@ -532,11 +537,13 @@ async def retry_failed_images(
                        output_csv_key = CASE WHEN $2 = 0 THEN output_csv_key END,
                        finish_generation = finish_generation + CASE WHEN $2 = 0 THEN 0 ELSE 1 END,
                        finished_event_at = CASE WHEN $2 = 0 THEN finished_event_at END,
+                       traceparent = COALESCE($3, traceparent),
                        updated_at = now()
                  WHERE id = $1
              RETURNING {_REQUEST_COLUMNS}""",
             request_id,
             len(rows),
+            traceparent or None,
         )
         assert row is not None, "locked above"
         return RetryBatch(_request(row), [(r["id"], r["input_url"]) for r in rows])

@@ -13,3 +13,6 @@ CREATE INDEX images_released ON images (id)
 -- When the request's first task was released: its own images/s and ETA are measured from
 -- then, not from its acceptance (time spent waiting for its turn is not its rate).
 ALTER TABLE requests ADD COLUMN started_at timestamptz;
+-- The trace of the upload (or the latest retry), for the tasks the feeder releases later, so
+-- the workers' log lines still carry the caller's trace id.
+ALTER TABLE requests ADD COLUMN traceparent text;
