@@ -1,7 +1,7 @@
 """B8 head of line and B9 two owners: fair scheduling (docs/scheduling.md) on the real stack.
 
-Both serve one small generated photo under many paths from 127.0.0.1, with a little origin
-latency, so the workers' throughput is what it is on this machine and every URL is distinct.
+Both serve one small generated photo under many paths from 127.0.0.1, with origin latency
+(IMGPIPE_BENCH_HOL_DELAY, IMGPIPE_BENCH_FAIR_DELAY), and every URL is distinct.
 
 B8: a small request alone (its solo time, median of the runs), then a big request alone (its
 images/s), then the big request again with a small one sent into it once per run: each small
@@ -73,7 +73,7 @@ async def _finished(
 
 async def run_b8(settings: BenchSettings) -> Section:
     big_n, small_n = settings.hol_big, settings.hol_small
-    async with serve_images(SIZE, delay=settings.fair_delay) as origin:
+    async with serve_images(SIZE, delay=settings.hol_delay) as origin:
         with running_stack(_stack_env(settings, origin)) as stack:
             timeout = aiohttp.ClientTimeout(total=1800)
             async with aiohttp.ClientSession(timeout=timeout) as http:
@@ -109,7 +109,7 @@ async def run_b8(settings: BenchSettings) -> Section:
     ]
     lines = [
         f"{settings.workers} workers, the default window (IMGPIPE_SCHEDULER_WINDOW), photos of"
-        f" {SIZE[0]}×{SIZE[1]} with {settings.fair_delay:g} s of origin latency. Times are from"
+        f" {SIZE[0]}×{SIZE[1]} with {settings.hol_delay:g} s of origin latency. Times are from"
         " the POST to the server's completed_at; images/s are the server's (images over"
         " completed_at - created_at).",
         "",

@@ -32,7 +32,10 @@ class BenchSettings:
     hol_small: int = 10  # IMGPIPE_BENCH_HOL_SMALL: images of B8's small requests
     fair_images: int = 2_000  # IMGPIPE_BENCH_FAIR_IMAGES: images of each B9 request
     fair_head_start: float = 10.0  # IMGPIPE_BENCH_FAIR_HEAD_START: seconds between B9's uploads
-    fair_delay: float = 0.05  # IMGPIPE_BENCH_FAIR_DELAY: origin latency per image in B8 and B9
+    hol_delay: float = 0.05  # IMGPIPE_BENCH_HOL_DELAY: origin latency per image in B8
+    # IMGPIPE_BENCH_FAIR_DELAY: origin latency per image in B9, so that the workers' tasks in
+    # flight (2 × 32) cap the rate below what the first request would finish in its head start.
+    fair_delay: float = 0.5
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> BenchSettings:
@@ -87,6 +90,7 @@ class BenchSettings:
             hol_small=int(number("HOL_SMALL", defaults.hol_small, int)),
             fair_images=int(number("FAIR_IMAGES", defaults.fair_images, int)),
             fair_head_start=number("FAIR_HEAD_START", defaults.fair_head_start, float),
+            hol_delay=number("HOL_DELAY", defaults.hol_delay, float),
             fair_delay=number("FAIR_DELAY", defaults.fair_delay, float),
         )
         if problems:
