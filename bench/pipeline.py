@@ -69,9 +69,12 @@ class Accepted:
     started_at: float  # wall clock (time.time()) at the start of the POST
 
 
-async def upload(http: aiohttp.ClientSession, stack: Stack, body: Body) -> Accepted:
+async def upload(
+    http: aiohttp.ClientSession, stack: Stack, body: Body, *, api_key: str = ""
+) -> Accepted:
     started_at, started = time.time(), time.perf_counter()
-    async with http.post(f"{stack.base_url}/upload", data=body, headers=CSV_HEADERS) as response:
+    headers = CSV_HEADERS | ({"Authorization": f"Bearer {api_key}"} if api_key else {})
+    async with http.post(f"{stack.base_url}/upload", data=body, headers=headers) as response:
         answer = await response.json()
         if response.status != 202:
             raise RuntimeError(f"upload answered {response.status}: {answer}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
-BENCHMARKS = ("B1", "B2", "B3", "B4", "B5", "B6", "B7")
+BENCHMARKS = ("B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B9")
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,6 +28,14 @@ class BenchSettings:
     scaleout_images: int = 400  # IMGPIPE_BENCH_SCALEOUT_IMAGES: 400×300 photos per run of B7
     scaleout_delay: float = 0.2  # IMGPIPE_BENCH_SCALEOUT_DELAY: seconds per image in B7
     scaleout_concurrency: int = 4  # IMGPIPE_BENCH_SCALEOUT_CONCURRENCY: tasks per B7 worker
+    hol_big: int = 20_000  # IMGPIPE_BENCH_HOL_BIG: images of B8's big request
+    hol_small: int = 10  # IMGPIPE_BENCH_HOL_SMALL: images of B8's small requests
+    fair_images: int = 2_000  # IMGPIPE_BENCH_FAIR_IMAGES: images of each B9 request
+    fair_head_start: float = 10.0  # IMGPIPE_BENCH_FAIR_HEAD_START: seconds between B9's uploads
+    hol_delay: float = 0.05  # IMGPIPE_BENCH_HOL_DELAY: origin latency per image in B8
+    # IMGPIPE_BENCH_FAIR_DELAY: origin latency per image in B9, so that the workers' tasks in
+    # flight (2 × 32) cap the rate below what the first request would finish in its head start.
+    fair_delay: float = 0.5
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> BenchSettings:
@@ -78,6 +86,12 @@ class BenchSettings:
             scaleout_concurrency=int(
                 number("SCALEOUT_CONCURRENCY", defaults.scaleout_concurrency, int)
             ),
+            hol_big=int(number("HOL_BIG", defaults.hol_big, int)),
+            hol_small=int(number("HOL_SMALL", defaults.hol_small, int)),
+            fair_images=int(number("FAIR_IMAGES", defaults.fair_images, int)),
+            fair_head_start=number("FAIR_HEAD_START", defaults.fair_head_start, float),
+            hol_delay=number("HOL_DELAY", defaults.hol_delay, float),
+            fair_delay=number("FAIR_DELAY", defaults.fair_delay, float),
         )
         if problems:
             raise ValueError("; ".join(problems))
@@ -94,5 +108,5 @@ def select(argv: list[str]) -> tuple[str, ...]:
     wanted = {arg.upper() for arg in argv}
     unknown = sorted(wanted - set(BENCHMARKS))
     if unknown:
-        raise ValueError(f"unknown benchmark(s) {', '.join(unknown)}; choose from B1 … B7")
+        raise ValueError(f"unknown benchmark(s) {', '.join(unknown)}; choose from B1 … B9")
     return tuple(name for name in BENCHMARKS if not wanted or name in wanted)

@@ -136,6 +136,17 @@ def queue_json(stats: status_pb.GetQueueStatsResponse) -> dict[str, Any]:
         "in_flight": stats.in_flight,
         "consumers": stats.consumers,
         "dead_letter_length": stats.dead_letter_length,
+        "released_images": stats.released_images,
+        "owners": [
+            {
+                "owner": o.owner if o.yours else None,
+                "yours": o.yours,
+                "requests": o.requests,
+                "waiting_images": o.waiting_images,
+                "released_images": o.released_images,
+            }
+            for o in stats.owners
+        ],
         "dead_letters": [
             {
                 "entry_id": d.entry_id,

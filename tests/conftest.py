@@ -103,6 +103,11 @@ def storage_env(request: pytest.FixtureRequest) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def database_url(postgres_server_url: str) -> Iterator[str]:
     """A DSN for a new, empty database `imgpipe_test_<hex>`, dropped when the session ends."""
+    yield from new_database(postgres_server_url)
+
+
+def new_database(postgres_server_url: str) -> Iterator[str]:
+    """The body of a fixture that yields a new, empty database and drops it afterwards."""
     name = f"imgpipe_test_{secrets.token_hex(6)}"
     url = _run(create_database(postgres_server_url, name))
     try:

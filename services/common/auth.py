@@ -101,6 +101,11 @@ class KeyRing:
     def owners(self) -> list[str]:
         return sorted({p.name for p in self.by_digest.values()})
 
+    @property
+    def weights(self) -> dict[str, int]:
+        """Each owner's `weight=` (its share of the workers, docs/scheduling.md)."""
+        return {p.name: p.limits.weight for p in self.by_digest.values()}
+
     def authenticate(self, key: str) -> Principal | None:
         """The principal a presented key belongs to, or None.
 

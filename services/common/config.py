@@ -308,6 +308,10 @@ class IngestSettings:
     # says is refused at upload instead.
     fetch_allow: FetchAllow = field(default_factory=FetchAllow)
     fetch_ports: frozenset[int] = FetchLimits().allowed_ports
+    # Tasks on the stream and not yet final, at most (docs/scheduling.md): at least the
+    # workers' tasks in flight (workers × IMGPIPE_WORKER_CONCURRENCY), plus a little headroom.
+    scheduler_window: int = 128
+    scheduler_poll: float = 0.1  # seconds between the feeder's looks at the window
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Self:
@@ -328,6 +332,8 @@ class IngestSettings:
             api_keys=read_api_keys(env),
             fetch_allow=read_fetch_allow(env),
             fetch_ports=env.ports("IMGPIPE_FETCH_PORTS", FetchLimits().allowed_ports),
+            scheduler_window=env.integer("IMGPIPE_SCHEDULER_WINDOW", 128, minimum=1),
+            scheduler_poll=env.number("IMGPIPE_SCHEDULER_POLL", 0.1, minimum=0.01),
         )
         env.done()
         return settings

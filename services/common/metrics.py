@@ -12,6 +12,7 @@ and the dashboard in deploy/monitoring/ are written against them.
 | imgpipe_stream_lag | gauge | stream, group: entries not yet delivered to the group | status |
 | imgpipe_stream_pending | gauge | stream, group: delivered, not yet acknowledged | status |
 | imgpipe_dead_letter_entries | gauge | — | status |
+| imgpipe_backlog_images | gauge | — (images not final, from Postgres: what autoscales) | status |
 | imgpipe_webhook_attempts_total | counter | result (WEBHOOK_RESULTS) | status |
 | grpc_server_handled_total | counter | grpc_service, grpc_method, grpc_code | ingest, status |
 | grpc_server_handling_seconds | histogram | grpc_service, grpc_method | ingest, status |
@@ -38,6 +39,7 @@ from prometheus_client.registry import Collector
 from redis.exceptions import RedisError, ResponseError
 
 from services.common import tracing
+from services.common.errors import BACKEND_ERRORS
 from services.common.grpc_handlers import behavior_of, with_behavior
 
 log = logging.getLogger(__name__)
@@ -253,14 +255,18 @@ class StreamStats(Collector):
         dead_letters: str,
         *,
         interval: float = 15.0,
+        backlog: Callable[[], Awaitable[int]] | None = None,
     ) -> None:
         self.redis = redis
         self.groups = list(groups)
         self.dead_letters = dead_letters
         self.interval = interval
+        # The backlog lives in Postgres (docs/scheduling.md): the stream holds only a window.
+        self.backlog = backlog
         # Replaced whole by each reading, so a scrape (another thread) sees one reading.
         self._groups: list[tuple[str, str, int, int]] = []
         self._dead: int | None = None
+        self._backlog: int | None = None
 
     async def run(self, stop: asyncio.Event) -> None:
         """A service loop: registered while it runs, refreshed until `stop` is set."""
@@ -273,6 +279,7 @@ class StreamStats(Collector):
                     # No values rather than stale ones: absent() alerts notice.
                     self._groups, self._dead = [], None
                     log.warning("stream metrics not refreshed", extra={"error": repr(exc)})
+                await self._refresh_backlog()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), self.interval)
         finally:
@@ -286,8 +293,23 @@ class StreamStats(Collector):
         dead = int(await self.redis.xlen(self.dead_letters))
         self._groups, self._dead = readings, dead
 
+    async def _refresh_backlog(self) -> None:
+        if self.backlog is None:
+            return
+        try:
+            self._backlog = await self.backlog()
+        except BACKEND_ERRORS as exc:
+            self._backlog = None
+            log.warning("backlog metric not refreshed", extra={"error": repr(exc)})
+
     def collect(self) -> Iterable[Metric]:
-        readings, dead = self._groups, self._dead
+        readings, dead, backlog = self._groups, self._dead, self._backlog
+        if backlog is not None:
+            yield GaugeMetricFamily(
+                "imgpipe_backlog_images",
+                "Images accepted and not yet final, counted in Postgres",
+                value=backlog,
+            )
         lag = GaugeMetricFamily(
             "imgpipe_stream_lag",
             "Stream entries not yet delivered to the consumer group",

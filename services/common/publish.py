@@ -1,54 +1,30 @@
-"""Publishing a committed request's ImageTasks to the task stream.
+"""Putting ImageTasks on the task stream and recording where each one went.
 
-Publishing happens after the ingest commit, so a crash in between leaves a request with
-`published_at IS NULL`; `republish_loop` finds those at start-up and periodically afterwards
-and publishes them again (the reconciler does too). While an ingest publishes, it holds a
-lease on the request so no one else does it twice. Duplicates would be harmless anyway:
-outcomes are recorded conditionally.
+The feeder (services/ingest/feeder.py) releases the backlog here a window at a time; the
+reconciler republishes a released task whose stream entry was lost. Setting the image's stream
+entry marks it released. A crash between the XADD and that update leaves the image waiting, so
+it is released again: a duplicate on the stream is harmless, as outcomes are recorded
+conditionally.
 """
 
 from __future__ import annotations
 
-import asyncio
+import itertools
 import logging
 import uuid
 from collections.abc import Sequence
 
-import asyncpg
 import redis.asyncio as aioredis
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from services.common import tracing
 from services.common.db import queries
-from services.common.errors import BACKEND_ERRORS
-from services.common.grpc_server import wait_or_stop
 from services.common.imaging import ImageOptions
 from services.common.pb.imgpipe.v1 import task_pb2
-from services.common.proto_convert import from_json, to_proto
+from services.common.proto_convert import from_json, to_json, to_proto
 from services.common.streams import StreamNames, publish_tasks
 
 log = logging.getLogger(__name__)
-
-BATCH = 1000
-
-
-async def publish_request(
-    pool: asyncpg.Pool,
-    redis: aioredis.Redis,
-    names: StreamNames,
-    request_id: uuid.UUID,
-    options: ImageOptions,
-) -> int:
-    """Publish one ImageTask per Pending image, in pipelined batches; then mark it published."""
-    published = 0
-    async with pool.acquire() as conn:
-        async for batch in queries.pending_images(conn, request_id, batch=BATCH):
-            await queries.renew_publish_lease(conn, request_id)
-            await publish_images(conn, redis, names, request_id, options, batch)
-            published += len(batch)
-        await queries.mark_published(conn, request_id)
-    log.info("published", extra={"request_id": str(request_id), "tasks": published})
-    return published
 
 
 async def publish_images(
@@ -60,57 +36,46 @@ async def publish_images(
     images: Sequence[tuple[int, str]],
 ) -> None:
     """XADD the tasks of `images` (image_id, url) and record their stream entries."""
+    release = queries.Release(
+        request_id, to_json(options), list(images), tracing.current_traceparent()
+    )
+    await publish_releases(conn, redis, names, [release])
+
+
+async def publish_releases(
+    conn: queries.Connection,
+    redis: aioredis.Redis,
+    names: StreamNames,
+    releases: Sequence[queries.Release],
+) -> int:
+    """XADD the tasks of several requests, taking turns between them, in one pipelined round
+    trip; record their stream entries. Returns how many were published.
+
+    The workers read the stream in order, so turns here mean a request's first tasks are not
+    queued behind another request's whole share of the same release."""
     now = Timestamp()
     now.GetCurrentTime()
-    options_pb = to_proto(options)
-    # The trace of the upload (or retry) being published, for the workers' log lines.
-    traceparent = tracing.current_traceparent()
-    tasks = [
+    tasks = []
+    for turn in itertools.zip_longest(*(_tasks(r, now) for r in releases)):
+        tasks += [task for task in turn if task is not None]
+    if not tasks:
+        return 0
+    entry_ids = await publish_tasks(redis, names, tasks)
+    await queries.set_stream_entries(conn, [task.image_id for task in tasks], entry_ids)
+    return len(tasks)
+
+
+def _tasks(release: queries.Release, now: Timestamp) -> list[task_pb2.ImageTask]:
+    options_pb = to_proto(from_json(release.options))
+    return [
         task_pb2.ImageTask(
-            request_id=str(request_id),
+            request_id=str(release.request_id),
             image_id=image_id,
             input_url=url,
             options=options_pb,
             enqueued_at=now,
-            traceparent=traceparent,
+            # The trace of the upload (or retry), for the workers' log lines.
+            traceparent=release.traceparent,
         )
-        for image_id, url in images
+        for image_id, url in release.images
     ]
-    entry_ids = await publish_tasks(redis, names, tasks)
-    await queries.set_stream_entries(conn, [image_id for image_id, _ in images], entry_ids)
-
-
-async def republish_pending(
-    pool: asyncpg.Pool, redis: aioredis.Redis, names: StreamNames, *, at_start_up: bool = False
-) -> int:
-    """Publish every accepted request not yet marked published; returns how many.
-
-    Requests an ingest is publishing right now hold a lease and are left alone, except at
-    start-up, when this process publishes nothing yet and a lease may be a dead process's.
-    """
-    async with pool.acquire() as conn:
-        items = await queries.unpublished_requests(conn, respect_lease=not at_start_up)
-    for item in items:
-        await publish_request(pool, redis, names, item.request_id, from_json(item.options))
-    return len(items)
-
-
-async def republish_loop(
-    pool: asyncpg.Pool,
-    redis: aioredis.Redis,
-    names: StreamNames,
-    stop: asyncio.Event,
-    *,
-    interval: float = 30.0,
-) -> None:
-    """At start-up, then every `interval` seconds until `stop` is set."""
-    at_start_up = True
-    while not stop.is_set():
-        try:
-            count = await republish_pending(pool, redis, names, at_start_up=at_start_up)
-            at_start_up = False
-            if count:
-                log.warning("republished requests left unpublished", extra={"requests": count})
-        except BACKEND_ERRORS as exc:
-            log.warning("republish failed; will retry", extra={"error": repr(exc)})
-        await wait_or_stop(stop, interval)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 
 from services.common.auth import ApiKeyInterceptor, log_auth_state
@@ -11,9 +10,9 @@ from services.common.grpc_server import Health, run_service
 from services.common.limits import Limiter
 from services.common.pb.imgpipe.v1 import ingest_service_pb2 as ingest_pb
 from services.common.process import run_main
-from services.common.publish import republish_loop
 from services.common.resources import load_settings, open_backends
 from services.common.sessions import SessionStore
+from services.ingest.feeder import Feeder
 from services.ingest.servicer import IngestServicer, registrar
 
 SERVICE = ingest_pb.DESCRIPTOR.services_by_name["IngestService"].full_name
@@ -23,6 +22,14 @@ async def main(settings: IngestSettings) -> None:
     async with open_backends("ingest", settings.common) as backends:
         log_auth_state(settings.api_keys, settings.common.grpc_listen)
         limiter = Limiter(backends.redis, backends.names, backends.pool)
+        feeder = Feeder(
+            pool=backends.pool,
+            redis=backends.redis,
+            names=backends.names,
+            window=settings.scheduler_window,
+            weights=settings.api_keys.weights,
+            poll=settings.scheduler_poll,
+        )
         servicer = IngestServicer(
             backends.pool,
             backends.redis,
@@ -31,18 +38,16 @@ async def main(settings: IngestSettings) -> None:
             limiter,
             fetch_allow=settings.fetch_allow,
             fetch_ports=settings.fetch_ports,
+            wake_feeder=feeder.wake,
         )
         health = Health([SERVICE])
         monitor = backends.monitor(health)
-
-        async def republish(stop: asyncio.Event) -> None:
-            await republish_loop(backends.pool, backends.redis, backends.names, stop)
 
         await run_service(
             listen=settings.common.grpc_listen,
             service_names=[SERVICE],
             register=registrar(servicer),
-            loops=[monitor.run, republish, servicer.drain],
+            loops=[monitor.run, feeder.run],
             grace=settings.common.grace_seconds,
             health=health,
             interceptors=[

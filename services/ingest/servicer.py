@@ -1,4 +1,5 @@
-"""IngestService: validate a CSV (or structured products) as it streams in, store it, publish.
+"""IngestService: validate a CSV (or structured products) as it streams in, store it, and wake
+the feeder, which puts the tasks on the stream in fair turns (services/ingest/feeder.py).
 
 A request is accepted whole or rejected whole. Rows are validated as they arrive and kept on
 disk (`spool.py`), so memory stays flat however large the file and no Postgres connection waits
@@ -9,7 +10,6 @@ and column. Each key has at most `uploads=` uploads being received at a time (li
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import csv
 import io
@@ -60,21 +60,16 @@ from services.common.pb.imgpipe.v1 import (
 )
 from services.common.proto_convert import (
     STATUS_TO_PROTO,
-    from_json,
     from_proto,
     parse_request_id,
     to_json,
 )
-from services.common.publish import publish_images, publish_request
 from services.ingest.spool import Spool
 
 log = logging.getLogger(__name__)
 
 INSERT_BATCH = 500
 ANALYZE_AFTER_PRODUCTS = 5_000
-# Requests with more images are answered right after their commit and published in the
-# background; smaller ones have every task on the stream when the caller gets the answer.
-PUBLISH_INLINE_IMAGES = 10_000
 Context = grpc.aio.ServicerContext[Any, Any]
 
 
@@ -96,6 +91,7 @@ class IngestServicer(ingest_grpc.IngestServiceServicer):
         *,
         fetch_allow: FetchAllow | None = None,
         fetch_ports: frozenset[int] = FetchLimits().allowed_ports,
+        wake_feeder: Callable[[], None] = lambda: None,
     ) -> None:
         self.pool = pool
         self.redis = redis
@@ -107,15 +103,8 @@ class IngestServicer(ingest_grpc.IngestServiceServicer):
         # The status service's fetch guard, to refuse a webhook_url it would never contact.
         self.fetch_allow = fetch_allow or FetchAllow()
         self.fetch_ports = fetch_ports
-        self._publishing: set[asyncio.Task[None]] = set()
-
-    async def drain(self, stop: asyncio.Event) -> None:
-        """A service loop: at shutdown, let background publishing finish (within the grace
-        period; what is cut short stays unpublished and is published again at start-up)."""
-        await stop.wait()
-        if self._publishing:
-            log.info("finishing background publishing", extra={"requests": len(self._publishing)})
-            await asyncio.gather(*self._publishing, return_exceptions=True)
+        # Committed images wait in Postgres; the feeder releases them to the stream in turns.
+        self.wake_feeder = wake_feeder
 
     @rpc_method
     async def UploadCsv(
@@ -157,16 +146,7 @@ class IngestServicer(ingest_grpc.IngestServiceServicer):
             except BaseException:
                 await self._give_back_slot(principal, request_id)
                 raise
-            options = from_json(batch.request.options)
-            for start in range(0, len(batch.images), INSERT_BATCH):
-                await publish_images(
-                    conn,
-                    self.redis,
-                    self.names,
-                    request_id,
-                    options,
-                    batch.images[start : start + INSERT_BATCH],
-                )
+        self.wake_feeder()  # the images are waiting again, in their request's turn
         log.info(
             "retrying failed images",
             extra={"request_id": str(request_id), "images": len(batch.images)},
@@ -183,12 +163,19 @@ class IngestServicer(ingest_grpc.IngestServiceServicer):
         """Put the failed images back to Pending, charged to today's `images_per_day` like an
         upload's: every retried image is fetched again from its origin."""
         if principal is None or self.limiter is None:
-            return await queries.retry_failed_images(conn, request_id, owner=caller_owner())
+            return await queries.retry_failed_images(
+                conn, request_id, owner=caller_owner(), traceparent=tracing.current_traceparent()
+            )
         reservation = None
         try:
             # Charged before the commit, so a retry over the limit changes nothing.
             async with conn.transaction():
-                batch = await queries.retry_failed_images(conn, request_id, owner=caller_owner())
+                batch = await queries.retry_failed_images(
+                    conn,
+                    request_id,
+                    owner=caller_owner(),
+                    traceparent=tracing.current_traceparent(),
+                )
                 if batch is not None:
                     reservation = await self.limiter.take_images(principal, len(batch.images))
         except BaseException:
@@ -254,13 +241,7 @@ class IngestServicer(ingest_grpc.IngestServiceServicer):
             "accepted",
             extra={"request_id": str(request_id), "products": products, "images": images},
         )
-        if images <= PUBLISH_INLINE_IMAGES:
-            await self._publish(request_id, header.options)
-        else:
-            # The request is durable: answer now rather than after 300,000 XADDs.
-            task = asyncio.create_task(self._publish(request_id, header.options))
-            self._publishing.add(task)
-            task.add_done_callback(self._publishing.discard)
+        self.wake_feeder()
         return ingest_pb.Accepted(
             request_id=str(request_id),
             status=request_pb2.REQUEST_STATUS_PENDING,
@@ -292,16 +273,6 @@ class IngestServicer(ingest_grpc.IngestServiceServicer):
         if principal is None or self.limiter is None:
             return contextlib.nullcontext()
         return self.limiter.upload_lease(principal)
-
-    async def _publish(self, request_id: uuid.UUID, options: ImageOptions) -> None:
-        try:
-            await publish_request(self.pool, self.redis, self.names, request_id, options)
-        except BACKEND_ERRORS as exc:
-            # The request is durable; the republish loop publishes it when Redis is back.
-            log.warning(
-                "publish failed after commit; will republish",
-                extra={"request_id": str(request_id), "error": repr(exc)},
-            )
 
     async def _store(
         self,
@@ -366,6 +337,7 @@ class IngestServicer(ingest_grpc.IngestServiceServicer):
                 webhook_url=header.webhook_url,
                 owner=owner,
                 idempotency_key=header.idempotency_key,
+                traceparent=tracing.current_traceparent(),
             )
             # Valid rows are stored even after a problem (the transaction is rolled back
             # then): the duplicate check below sees them all.

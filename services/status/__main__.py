@@ -9,6 +9,7 @@ import grpc
 
 from services.common.auth import ApiKeyInterceptor, log_auth_state
 from services.common.config import StatusSettings
+from services.common.db import queries
 from services.common.fetch import make_session
 from services.common.grpc_server import Health, run_service
 from services.common.limits import Limiter
@@ -61,11 +62,18 @@ async def main(settings: StatusSettings) -> None:
 
             health = Health([SERVICE, SESSION_SERVICE])
             names = backends.names
-            # The queue gauges of /metrics (imgpipe_stream_lag, _pending, _dead_letter_entries).
+
+            async def backlog() -> int:
+                async with backends.pool.acquire() as conn:
+                    return await queries.backlog(conn)
+
+            # The queue gauges of /metrics (imgpipe_stream_lag, _pending, _dead_letter_entries) and
+            # imgpipe_backlog_images, which the autoscalers follow (deploy/k8s).
             stream_stats = StreamStats(
                 backends.redis,
                 [(names.tasks, WORKER_GROUP), (names.events, WEBHOOK_GROUP)],
                 names.dead,
+                backlog=backlog,
             )
 
             async def refresh(stop: asyncio.Event) -> None:

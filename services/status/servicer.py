@@ -138,7 +138,7 @@ class StatusServicer(status_grpc.StatusServiceServicer):
                 elif _final_count(event.progress) < _final_count(current.progress):
                     continue  # workers publish after their commits, so messages can cross
                 else:
-                    updated = _apply(current, event, row.created_at)
+                    updated = _apply(current, event, _rate_origin(row))
                 if _changed(current, updated):
                     current = updated
                     yield status_pb.WatchRequestResponse(request=current)
@@ -155,17 +155,21 @@ class StatusServicer(status_grpc.StatusServiceServicer):
         limit = min(request.dead_letter_limit or 20, 100)
         async with self.pool.acquire() as conn:
             backlog = await queries.backlog(conn)
-        if self.redis is None:
-            return status_pb.GetQueueStatsResponse(backlog_images=backlog)
-        stats = await queue_stats(self.redis, self.names, dead_letter_limit=limit)
-        return status_pb.GetQueueStatsResponse(
+            owners = await queries.backlog_by_owner(conn)
+        response = status_pb.GetQueueStatsResponse(
             backlog_images=backlog,
-            stream_length=stats.stream_length,
-            in_flight=stats.in_flight,
-            consumers=stats.consumers,
-            dead_letter_length=stats.dead_letter_length,
-            dead_letters=[_dead_letter(d) for d in await self._own(stats.dead_letters)],
+            owners=[_owner_backlog(o) for o in owners],
+            released_images=sum(o.released for o in owners),
         )
+        if self.redis is None:
+            return response
+        stats = await queue_stats(self.redis, self.names, dead_letter_limit=limit)
+        response.stream_length = stats.stream_length
+        response.in_flight = stats.in_flight
+        response.consumers = stats.consumers
+        response.dead_letter_length = stats.dead_letter_length
+        response.dead_letters.extend(_dead_letter(d) for d in await self._own(stats.dead_letters))
+        return response
 
     @rpc_method
     async def ListWebhookDeliveries(
@@ -249,19 +253,39 @@ class StatusServicer(status_grpc.StatusServiceServicer):
         )
 
 
+def _owner_backlog(backlog: queries.OwnerBacklog) -> status_pb.OwnerBacklog:
+    """One owner's backlog as the caller may see it: counts for everyone, the name only for
+    the caller's own (other owners' names are not the caller's business)."""
+    yours = backlog.owner == caller_owner()
+    return status_pb.OwnerBacklog(
+        owner=backlog.owner if yours else "",
+        yours=yours,
+        requests=backlog.requests,
+        waiting_images=backlog.waiting,
+        released_images=backlog.released,
+    )
+
+
 def _visible(row: queries.RequestRow | None) -> bool:
     """A request exists for the caller only if the caller owns it: another owner's request
     is NOT_FOUND exactly like a missing one, so ids cannot be probed."""
     return row is not None and row.owner == caller_owner()
 
 
+def _rate_origin(row: queries.RequestRow) -> datetime:
+    """Where a request's rate is measured from: its first task's release (docs/scheduling.md),
+    so its images/s is its own share of the workers, not diluted by a wait for its turn."""
+    return row.started_at or row.created_at
+
+
 def progress_message(
-    counts: request_pb2.Progress, created_at: datetime, final: bool, now: datetime | None = None
+    counts: request_pb2.Progress, started_at: datetime, final: bool, now: datetime | None = None
 ) -> request_pb2.Progress:
-    """Progress with percent, the observed rate since acceptance, and the ETA at that rate."""
+    """Progress with percent, the request's own observed rate since its first task was released,
+    and the ETA at that rate."""
     done = counts.images_done + counts.images_failed
     total = counts.images_total
-    elapsed = ((now or datetime.now(UTC)) - created_at).total_seconds()
+    elapsed = ((now or datetime.now(UTC)) - started_at).total_seconds()
     rate = done / elapsed if done and elapsed > 0 else 0.0
     progress = request_pb2.Progress(
         images_total=total,
@@ -293,7 +317,7 @@ def request_message(row: queries.RequestRow) -> request_pb2.Request:
         completed_at=timestamp(row.completed_at) if row.completed_at else None,
         # A final request's rate is over its whole run, not diluted by the time since.
         progress=progress_message(
-            counts, row.created_at, row.status in FINAL_STATUSES, now=row.completed_at
+            counts, _rate_origin(row), row.status in FINAL_STATUSES, now=row.completed_at
         ),
         products_total=row.products_total,
         options=to_proto(from_json(row.options)),
@@ -306,14 +330,14 @@ FINAL_STATUS_VALUES = frozenset(STATUS_TO_PROTO[status] for status in FINAL_STAT
 
 
 def _apply(
-    current: request_pb2.Request, event: request_pb2.RequestEvent, created_at: datetime
+    current: request_pb2.Request, event: request_pb2.RequestEvent, started_at: datetime
 ) -> request_pb2.Request:
     """`current` updated with a progress event's status and counters."""
     updated = request_pb2.Request()
     updated.CopyFrom(current)
     updated.status = event.status
     updated.updated_at.CopyFrom(event.occurred_at)
-    updated.progress.CopyFrom(progress_message(event.progress, created_at, final=False))
+    updated.progress.CopyFrom(progress_message(event.progress, started_at, final=False))
     return updated
 
 

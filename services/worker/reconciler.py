@@ -2,8 +2,8 @@
 
 It runs in every worker, but one at a time across the deployment (a Postgres advisory lock).
 Each pass:
-- republishes Pending images whose task is no longer on the stream (an ingest crash between
-  commit and publish, Redis losing its data, anything else that drops a task);
+- republishes released Pending images whose task is no longer on the stream (Redis losing its
+  data, anything else that drops a task); images not yet released wait for the feeder;
 - finishes requests whose images are all final but which were never marked final;
 - publishes request.finished for final requests whose event is not known to be published;
 - trims the streams of entries every group has acknowledged.
@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections import defaultdict
 from dataclasses import dataclass
 
 import asyncpg
@@ -24,8 +23,7 @@ from redis.exceptions import RedisError
 from services.common.db import queries
 from services.common.errors import BACKEND_ERRORS
 from services.common.grpc_server import wait_or_stop
-from services.common.proto_convert import from_json
-from services.common.publish import publish_images
+from services.common.publish import publish_releases
 from services.common.streams import StreamNames, live_entries, trim_acknowledged
 from services.worker.processor import Processor
 
@@ -74,40 +72,32 @@ class Reconciler:
 
     async def reconcile_once(self) -> Pass:
         """One pass, if no other reconciler is running; Pass(leader=False) otherwise."""
-        async with self.pool.acquire() as conn:
-            if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", LEADER_LOCK_KEY):
+        async with queries.leader_lock(self.pool, LEADER_LOCK_KEY) as conn:
+            if conn is None:
                 return Pass(leader=False)
-            try:
-                return Pass(
-                    republished=await self._republish_lost(conn),
-                    finished=await self._finish_complete(conn),
-                    events=await self._publish_missing_events(conn),
-                    trimmed=await self._trim(),
-                )
-            finally:
-                await conn.execute("SELECT pg_advisory_unlock($1)", LEADER_LOCK_KEY)
+            return Pass(
+                republished=await self._republish_lost(conn),
+                finished=await self._finish_complete(conn),
+                events=await self._publish_missing_events(conn),
+                trimmed=await self._trim(),
+            )
 
     async def _republish_lost(self, conn: queries.Connection) -> int:
+        """Republish released tasks whose stream entry is gone. Only released images count:
+        those still waiting for their turn are the feeder's (services/ingest/feeder.py)."""
         stale = await queries.stale_pending_images(conn, min_age_seconds=self.min_age, limit=BATCH)
         if not stale:
             return 0
         recorded = [s.stream_entry_id for s in stale if s.stream_entry_id]
         live = await live_entries(self.redis, self.names, recorded)
         lost = [s for s in stale if s.stream_entry_id not in live]
-        by_request: dict[uuid.UUID, list[queries.StaleImage]] = defaultdict(list)
+        by_request: dict[uuid.UUID, queries.Release] = {}
         for image in lost:
-            by_request[image.request_id].append(image)
-        for request_id, images in by_request.items():
-            await publish_images(
-                conn,
-                self.redis,
-                self.names,
-                request_id,
-                from_json(images[0].options),
-                [(i.image_id, i.input_url) for i in images],
+            release = by_request.setdefault(
+                image.request_id, queries.Release(image.request_id, image.options, [])
             )
-            await queries.mark_published(conn, request_id)
-        return len(lost)
+            release.images.append((image.image_id, image.input_url))
+        return await publish_releases(conn, self.redis, self.names, list(by_request.values()))
 
     async def _finish_complete(self, conn: queries.Connection) -> int:
         request_ids = await queries.unfinished_complete_requests(

@@ -20,7 +20,6 @@ from services.common.config import (
     StatusSettings,
     WorkerSettings,
 )
-from services.common.streams import WORKER_GROUP, StreamNames
 from tests.deploy.manifests import (
     APP_COMPONENTS,
     BACKENDS,
@@ -40,6 +39,8 @@ from tests.deploy.manifests import (
 pytestmark = pytest.mark.deploy
 
 SECRET_NAME = "imgpipe-secrets"
+# What the autoscalers follow (services/common/metrics.py, docs/scheduling.md).
+BACKLOG_METRIC = "imgpipe_backlog_images"
 SECRET_TEMPLATE = ROOT / "deploy" / "k8s" / "overlays" / "prod" / "secret.example.yaml"
 # What the internet-egress rules must never open: where pods, services, nodes and cloud
 # metadata live.
@@ -421,8 +422,8 @@ def test_only_the_gateway_accepts_traffic_from_outside(overlay: Rendered) -> Non
                 namespace = peer.get("namespaceSelector")
                 if namespace is not None:
                     name = namespace["matchLabels"]["kubernetes.io/metadata.name"]
-                    # Prometheus scraping metrics; KEDA polling the in-cluster Redis.
-                    assert (name, ports) in (("monitoring", ["metrics"]), ("keda", [6379])), where
+                    # Prometheus scraping metrics (KEDA asks Prometheus, not the pods).
+                    assert (name, ports) == ("monitoring", ["metrics"]), where
                 else:
                     sources = overlay.selected(peer["podSelector"])
                     assert sources, f"{where}: selects no pod"
@@ -579,13 +580,18 @@ def test_one_autoscaler_per_worker_deployment(overlay: Rendered) -> None:
     assert targets == [worker.name], "KEDA makes its own HPA: never both on one Deployment"
 
 
-def test_dev_scales_workers_on_cpu(dev: Rendered) -> None:
+def test_dev_scales_workers_on_the_backlog_then_cpu(dev: Rendered) -> None:
     (hpa,) = dev.of_kind("HorizontalPodAutoscaler")
     assert hpa["spec"]["minReplicas"] >= 1
-    assert hpa["spec"]["metrics"][0]["resource"]["name"] == "cpu"
+    backlog, cpu = hpa["spec"]["metrics"]
+    # The stream carries only the scheduler's window: the backlog is a Postgres count.
+    assert backlog["type"] == "External"
+    assert backlog["external"]["metric"]["name"] == BACKLOG_METRIC
+    assert int(backlog["external"]["target"]["averageValue"]) > 0
+    assert cpu["resource"]["name"] == "cpu"
 
 
-def test_prod_scales_workers_on_the_consumer_group_lag(prod: Rendered) -> None:
+def test_prod_scales_workers_on_the_backlog(prod: Rendered) -> None:
     (scaled,) = prod.of_kind("ScaledObject")
     spec = scaled["spec"]
     assert spec["scaleTargetRef"] == {
@@ -597,18 +603,29 @@ def test_prod_scales_workers_on_the_consumer_group_lag(prod: Rendered) -> None:
     assert 1 <= spec["minReplicaCount"] < spec["maxReplicaCount"]
     assert spec["fallback"]["replicas"] >= spec["minReplicaCount"]
     (trigger,) = spec["triggers"]
-    assert trigger["type"] == "redis-streams"
+    assert trigger["type"] == "prometheus"
     metadata = trigger["metadata"]
-    prefix = prod.config_data(config_map_name(prod))["IMGPIPE_REDIS_PREFIX"]
-    assert metadata["stream"] == StreamNames(prefix).tasks
-    assert metadata["consumerGroup"] == WORKER_GROUP
-    assert int(metadata["lagCount"]) > 0
-    assert int(metadata["activationLagCount"]) >= 0
-    host, _, port = metadata["address"].rpartition(":")
-    assert host and port.isdigit()
-    assert metadata["enableTLS"] in ("true", "false")
-    auth = prod.named("TriggerAuthentication", trigger["authenticationRef"]["name"])
-    assert auth is not None
+    # Every status replica reports the same backlog: summing would multiply it.
+    assert metadata["query"].startswith(f"max({BACKLOG_METRIC}")
+    assert int(metadata["threshold"]) > 0
+    assert int(metadata["activationThreshold"]) >= 0
+    assert metadata["serverAddress"].startswith(("http://", "https://"))
+    assert "REPLACE" not in metadata["query"]
+
+
+def test_the_window_covers_the_most_workers_the_autoscaler_starts(overlay: Rendered) -> None:
+    """Fewer tasks released than the workers can hold in flight would leave workers idle."""
+    config = overlay.config_data(config_map_name(overlay))
+    scalers = overlay.of_kind("ScaledObject") + overlay.of_kind("HorizontalPodAutoscaler")
+    most = max(s["spec"].get("maxReplicaCount") or s["spec"]["maxReplicas"] for s in scalers)
+    in_flight = most * int(config["IMGPIPE_WORKER_CONCURRENCY"])
+    assert int(config["IMGPIPE_SCHEDULER_WINDOW"]) >= in_flight
+
+
+def test_the_backlog_metric_is_reported_by_the_status_service() -> None:
+    source = (ROOT / "services" / "common" / "metrics.py").read_text()
+    assert f"| {BACKLOG_METRIC} | gauge |" in source and "status |" in source
+    assert f'"{BACKLOG_METRIC}"' in source
 
 
 def test_pod_monitor_scrapes_every_service(prod: Rendered) -> None:

@@ -298,6 +298,8 @@ async def test_operator_sees_the_queue_and_retries_failed_images(
             "consumers",
             "dead_letter_length",
             "dead_letters",
+            "released_images",
+            "owners",
         }
         assert queue["consumers"] >= 2 and queue["dead_letter_length"] == 0
 

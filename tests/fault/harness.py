@@ -189,9 +189,12 @@ class Services:
         self.started.append(service)
         return service
 
-    def start_ingest(self, name: str = "ingest", *, failpoints: str = "") -> Service:
+    def start_ingest(
+        self, name: str = "ingest", *, failpoints: str = "", **settings: str
+    ) -> Service:
+        """An ingest; `settings` are more IMGPIPE_* variables (IMGPIPE_SCHEDULER_WINDOW=...)."""
         extra = {"IMGPIPE_FAILPOINTS": failpoints} if failpoints else {}
-        return self.start("services.ingest", name, extra)
+        return self.start("services.ingest", name, extra | settings)
 
     def start_worker(self, name: str) -> Service:
         """A worker whose consumer name is `name`: a new name is a new pod."""
@@ -260,10 +263,11 @@ def csv_for(urls: Sequence[str], per_product: int = 4) -> bytes:
     return csv_of(rows)
 
 
-async def submit(ingest: Service, urls: Sequence[str]) -> str:
-    """Upload a CSV of `urls` to `ingest`; the request id."""
+async def submit(ingest: Service, urls: Sequence[str], *, api_key: str = "") -> str:
+    """Upload a CSV of `urls` to `ingest` (as the owner of `api_key`, if given); the request
+    id."""
     stub = ingest_grpc.IngestServiceStub(ingest.channel)
-    accepted = await upload(stub, csv_for(urls), chunk_size=16384)
+    accepted = await upload(stub, csv_for(urls), chunk_size=16384, api_key=api_key)
     assert accepted.images == len(urls)
     return accepted.request_id
 

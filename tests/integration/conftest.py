@@ -24,6 +24,7 @@ from services.common.pb.imgpipe.v1 import ingest_service_pb2_grpc as ingest_grpc
 from services.common.pb.imgpipe.v1 import status_service_pb2_grpc as status_grpc
 from services.common.storage import Storage
 from services.common.streams import StreamNames, TaskConsumer
+from services.ingest.feeder import Feeder
 from services.ingest.servicer import IngestServicer, registrar
 from services.status.progress import ProgressHub
 from services.status.servicer import StatusServicer
@@ -114,11 +115,38 @@ async def serving(register: Callable[[grpc.aio.Server], None]) -> AsyncIterator[
         await server.stop(None)
 
 
+# The session's database is shared by its tests, so images they left released and unfinished
+# are still in the window: the tests' feeder has room to spare.
+TEST_WINDOW = 1_000_000
+
+
+@pytest.fixture
+async def feeder(
+    pool: asyncpg.Pool, redis_client: redis.asyncio.Redis, names: StreamNames
+) -> AsyncIterator[Feeder]:
+    """The scheduler's feeder, running for the test and releasing onto the test's own stream.
+    Images earlier tests left waiting are set aside first (marked released), so only this
+    test's images are fed."""
+    await pool.execute(
+        "UPDATE images SET enqueued_at = now() WHERE status = 'Pending' AND enqueued_at IS NULL"
+    )
+    feeder = Feeder(pool=pool, redis=redis_client, names=names, window=TEST_WINDOW, poll=0.05)
+    stop = asyncio.Event()
+    running = asyncio.create_task(feeder.run(stop))
+    try:
+        yield feeder
+    finally:
+        stop.set()
+        await asyncio.wait_for(running, timeout=10)
+
+
 @pytest.fixture
 async def ingest_stub(
-    pool: asyncpg.Pool, redis_client: redis.asyncio.Redis, names: StreamNames
+    pool: asyncpg.Pool, redis_client: redis.asyncio.Redis, names: StreamNames, feeder: Feeder
 ) -> AsyncIterator[ingest_grpc.IngestServiceAsyncStub]:
-    servicer = IngestServicer(pool, redis_client, names, CsvLimits(max_rows=50))
+    servicer = IngestServicer(
+        pool, redis_client, names, CsvLimits(max_rows=50), wake_feeder=feeder.wake
+    )
     async with serving(registrar(servicer)) as channel:
         yield ingest_grpc.IngestServiceStub(channel)
 

@@ -13,6 +13,8 @@ from google.protobuf.message import Message
 from services.common.pb.imgpipe.v1 import ingest_service_pb2 as ingest_pb
 from services.common.pb.imgpipe.v1 import ingest_service_pb2_grpc as ingest_grpc
 from services.common.pb.imgpipe.v1 import task_pb2
+from services.common.streams import TASK_FIELD, StreamNames
+from tests.support import wait_until_async
 
 
 def csv_of(rows: Sequence[tuple[str, str, Sequence[str]]]) -> bytes:
@@ -30,6 +32,7 @@ async def upload(
     webhook_url: str = "",
     chunk_size: int = 7,
     complete: bool = True,
+    api_key: str = "",
 ) -> ingest_pb.Accepted:
     """UploadCsv with the body cut into small chunks, as a real stream would arrive."""
 
@@ -46,7 +49,8 @@ async def upload(
         if complete:
             yield ingest_pb.UploadCsvRequest(end=ingest_pb.UploadEnd(count=len(body)))
 
-    response = await stub.UploadCsv(messages(), timeout=20)
+    metadata = (("authorization", f"Bearer {api_key}"),) if api_key else None
+    response = await stub.UploadCsv(messages(), timeout=20, metadata=metadata)
     return response.accepted
 
 
@@ -72,3 +76,32 @@ async def stream_messages(
         message.ParseFromString(fields[field])
         messages.append(message)
     return messages
+
+
+async def released_tasks(
+    client: redis.asyncio.Redis, names: StreamNames, count: int
+) -> list[task_pb2.ImageTask]:
+    """The tasks on the stream once there are at least `count` (the feeder releases them after
+    the upload's answer)."""
+
+    async def enough() -> list[task_pb2.ImageTask] | None:
+        tasks = await stream_messages(client, names.tasks, TASK_FIELD, task_pb2.ImageTask)
+        return tasks if len(tasks) >= count else None
+
+    return await wait_until_async(enough, timeout=10, message=f"{count} tasks on the stream")
+
+
+async def released_rows(pool: asyncpg.Pool, request_id: str) -> list[asyncpg.Record]:
+    """image_rows() once the feeder has released every image of the request to the stream (it
+    marks the request published then)."""
+
+    async def all_released() -> bool:
+        published = await pool.fetchval(
+            "SELECT published_at FROM requests WHERE id = $1", uuid.UUID(request_id)
+        )
+        return published is not None
+
+    await wait_until_async(
+        all_released, timeout=10, message=f"every image of {request_id} released"
+    )
+    return await image_rows(pool, request_id)

@@ -15,17 +15,12 @@ from services.common.errors import Conflict, InvalidArgument, InvalidCsv, error_
 from services.common.pb.imgpipe.v1 import ingest_service_pb2 as ingest_pb
 from services.common.pb.imgpipe.v1 import ingest_service_pb2_grpc as ingest_grpc
 from services.common.pb.imgpipe.v1 import request_pb2, task_pb2
-from services.common.publish import republish_pending
-from services.common.streams import TASK_FIELD, StreamNames
-from tests.integration.flows import csv_of, image_rows, stream_messages, upload
+from services.common.streams import StreamNames
+from tests.integration.flows import csv_of, image_rows, released_tasks, upload
 
 pytestmark = pytest.mark.integration
 
 URLS = ["http://img.example/a.jpg", "http://img.example/b.jpg"]
-
-
-async def stream_tasks(client: redis.asyncio.Redis, names: StreamNames) -> list[task_pb2.ImageTask]:
-    return await stream_messages(client, names.tasks, TASK_FIELD, task_pb2.ImageTask)
 
 
 async def test_upload_stores_products_and_publishes_one_task_per_image(
@@ -46,7 +41,6 @@ async def test_upload_stores_products_and_publishes_one_task_per_image(
     )
     assert request is not None
     assert request["images_total"] == 5 and request["products_total"] == 3
-    assert request["published_at"] is not None
     rows = await image_rows(pool, accepted.request_id)
     assert [(r["row_number"], r["position"], r["input_url"]) for r in rows] == [
         (2, 0, URLS[0]),
@@ -55,7 +49,7 @@ async def test_upload_stores_products_and_publishes_one_task_per_image(
         (4, 0, URLS[0]),
         (4, 1, URLS[1]),
     ]
-    tasks = await stream_tasks(redis_client, names)
+    tasks = await released_tasks(redis_client, names, 5)
     assert sorted(t.image_id for t in tasks) == sorted(r["id"] for r in rows)
     assert {t.request_id for t in tasks} == {accepted.request_id}
     assert all(
@@ -216,30 +210,6 @@ async def test_first_message_must_be_the_header(
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await ingest_stub.UploadCsv(messages(), timeout=10)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-
-
-async def test_unpublished_request_is_published_again(
-    ingest_stub: ingest_grpc.IngestServiceAsyncStub,
-    pool: asyncpg.Pool,
-    redis_client: redis.asyncio.Redis,
-    names: StreamNames,
-) -> None:
-    accepted = await upload(ingest_stub, csv_of([("1", "Shoe", URLS)]))
-    # What a crash between the commit and the XADDs leaves behind: no entries, not published.
-    await redis_client.delete(names.tasks)
-    await pool.execute(
-        "UPDATE requests SET published_at = NULL WHERE id = $1", uuid.UUID(accepted.request_id)
-    )
-
-    republished = await republish_pending(pool, redis_client, names)
-
-    assert republished >= 1
-    tasks = await stream_tasks(redis_client, names)
-    assert sorted(t.input_url for t in tasks if t.request_id == accepted.request_id) == sorted(URLS)
-    published_at = await pool.fetchval(
-        "SELECT published_at FROM requests WHERE id = $1", uuid.UUID(accepted.request_id)
-    )
-    assert published_at is not None
 
 
 async def test_a_stream_cut_short_is_never_stored(

@@ -38,6 +38,7 @@ from services.common.pb.imgpipe.v1 import status_service_pb2_grpc as status_grpc
 from services.common.pb.imgpipe.v1 import task_pb2
 from services.common.storage import Storage
 from services.common.streams import TASK_FIELD, StreamNames, TaskConsumer
+from services.ingest.feeder import Feeder
 from services.ingest.servicer import IngestServicer
 from services.ingest.servicer import registrar as ingest_registrar
 from services.status.progress import ProgressHub
@@ -121,6 +122,7 @@ async def services(
     names: StreamNames,
     storage: Storage,
     hub: ProgressHub,
+    feeder: Feeder,
 ) -> AsyncIterator[Services]:
     limiter = Limiter(redis_client, names, pool)
     session = make_session(FetchAllow(), FetchLimits())
@@ -131,7 +133,7 @@ async def services(
         session=session,
         settings=WebhookSettings(),
     )
-    ingest = IngestServicer(pool, redis_client, names, CSV_LIMITS, limiter)
+    ingest = IngestServicer(pool, redis_client, names, CSV_LIMITS, limiter, wake_feeder=feeder.wake)
     status = StatusServicer(pool, storage, redis_client, names, webhooks, hub)
     tag = f"-{secrets.token_hex(3)}"
     try:
@@ -325,6 +327,30 @@ async def test_idempotency_keys_belong_to_their_owner(services: Services) -> Non
     assert mine.request_id != theirs.request_id
     assert again.request_id == mine.request_id
     assert await services.owners() == {"acme": 1, "globex": 1}
+
+
+async def test_the_queue_names_only_the_callers_own_backlog(services: Services) -> None:
+    await upload(services, ACME, one_image())
+    await upload(services, GLOBEX, one_image())
+
+    async def owners(key: str) -> list[status_pb.OwnerBacklog]:
+        stats = await services.status.GetQueueStats(
+            status_pb.GetQueueStatsRequest(), metadata=bearer(key), timeout=10
+        )
+        return list(stats.owners)
+
+    for key, name in ((ACME, f"acme{services.tag}"), (GLOBEX, f"globex{services.tag}")):
+        seen = await owners(key)
+        [mine] = [o for o in seen if o.yours]
+        assert (mine.owner, mine.requests, mine.waiting_images + mine.released_images) == (
+            name,
+            1,
+            1,
+        )
+        # The other owner is there as counts, without its name (the tests share a database,
+        # so earlier tests' owners may be there too, just as anonymous).
+        others = [o for o in seen if not o.yours]
+        assert others and all(o.owner == "" for o in others)
 
 
 async def test_dead_letters_are_shown_to_their_owner_only(services: Services) -> None:

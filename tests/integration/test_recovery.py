@@ -17,7 +17,6 @@ from services.common.pb.imgpipe.v1 import ingest_service_pb2 as ingest_pb
 from services.common.pb.imgpipe.v1 import ingest_service_pb2_grpc as ingest_grpc
 from services.common.pb.imgpipe.v1 import request_pb2
 from services.common.proto_convert import finished_event
-from services.common.publish import republish_pending
 from services.common.streams import (
     EVENT_FIELD,
     WORKER_GROUP,
@@ -26,10 +25,11 @@ from services.common.streams import (
     publish_event_once,
     trim_acknowledged,
 )
+from services.ingest.feeder import LEADER_LOCK_KEY as FEEDER_LOCK_KEY
 from services.worker.processor import Processor
 from services.worker.reconciler import Reconciler
 from services.worker.runner import ConsumePolicy, consume
-from tests.integration.flows import csv_of, image_rows, stream_messages, upload
+from tests.integration.flows import csv_of, image_rows, released_rows, stream_messages, upload
 from tests.origin import ImageOrigin
 from tests.support import own_database, wait_until_async
 
@@ -84,12 +84,14 @@ async def finished_events(
 
 async def test_entries_of_a_dead_consumer_are_claimed_with_their_delivery_count(
     ingest_stub: ingest_grpc.IngestServiceAsyncStub,
+    pool: asyncpg.Pool,
     redis_client: redis.asyncio.Redis,
     names: StreamNames,
 ) -> None:
-    await upload(
+    accepted = await upload(
         ingest_stub, csv_of([("1", "Shoe", ["http://a.example/1.jpg", "http://a.example/2.jpg"])])
     )
+    await released_rows(pool, accepted.request_id)
     dead = TaskConsumer(redis_client, names, "dead-worker")
     await dead.ensure_group()
     taken = await dead.read(10, 100)  # delivered; then the worker is killed
@@ -161,7 +163,7 @@ async def test_reconciler_republishes_only_lost_tasks(
 ) -> None:
     urls = [f"http://a.example/{i}.jpg" for i in range(4)]
     accepted = await upload(ingest_stub, csv_of([("1", "Shoe", urls)]))
-    rows = await image_rows(pool, accepted.request_id)
+    rows = await released_rows(pool, accepted.request_id)
     consumer = TaskConsumer(redis_client, names, "busy")
     await consumer.ensure_group()
     in_flight = await consumer.read(1, 100)  # one delivered and pending: live
@@ -194,6 +196,7 @@ async def test_reconciler_recovers_everything_after_the_stream_is_gone(
     # Published, then Redis lost everything (group included) before any worker read it.
     urls = [origin.url(f"/img/gone{i}.jpg") for i in range(3)]
     accepted = await upload(ingest_stub, csv_of([("1", "Shoe", urls)]))
+    await released_rows(pool, accepted.request_id)
     await redis_client.delete(names.tasks)
 
     assert (await reconciler.reconcile_once()).republished == 3
@@ -217,7 +220,7 @@ async def test_reconciler_finishes_and_publishes_what_a_crash_left_undone(
 ) -> None:
     accepted = await upload(ingest_stub, csv_of([("1", "Shoe", ["http://a.example/1.jpg"])]))
     request_id = uuid.UUID(accepted.request_id)
-    [row] = await image_rows(pool, accepted.request_id)
+    [row] = await released_rows(pool, accepted.request_id)
     # A worker recorded the last image, then died before finishing the request.
     async with pool.acquire() as conn:
         await queries.record_image_failed(conn, row["id"], code="HTTP_STATUS", message="404")
@@ -322,27 +325,27 @@ async def test_trimming_never_drops_an_unacknowledged_entry(
     assert remaining == ids[2:]  # ids[2] is pending in the workers group; 4 and 5 undelivered
 
 
-async def test_a_request_being_published_is_left_to_its_publisher(
+async def test_images_waiting_for_their_turn_are_left_to_the_feeder(
     ingest_stub: ingest_grpc.IngestServiceAsyncStub,
     pool: asyncpg.Pool,
     redis_client: redis.asyncio.Redis,
     names: StreamNames,
     reconciler: Reconciler,
 ) -> None:
-    accepted = await upload(ingest_stub, csv_of([("1", "Shoe", ["http://a.example/1.jpg"])]))
-    # What a large request looks like while ingest is still publishing it in the background.
-    await redis_client.delete(names.tasks)
-    await pool.execute(
-        """UPDATE images SET stream_entry_id = NULL, enqueued_at = NULL WHERE request_id = $1""",
-        uuid.UUID(accepted.request_id),
-    )
-    await pool.execute(
-        """UPDATE requests SET published_at = NULL, publish_lease_until = now() + interval '1 min'
-            WHERE id = $1""",
-        uuid.UUID(accepted.request_id),
-    )
-    assert (await reconciler.reconcile_once()).republished == 0
-    assert await republish_pending(pool, redis_client, names) == 0
-    # A starting ingest publishes nothing itself yet: a lease it finds belongs to the dead.
-    assert await republish_pending(pool, redis_client, names, at_start_up=True) == 1
+    """What an ingest crash between the commit and the release leaves: images in Postgres and
+    nothing on the stream. The reconciler does not publish them (that would bypass the
+    window and the turns); the feeder does, once it leads."""
+    async with pool.acquire() as leader:
+        # Another feeder leads (and is stuck): the test's own feeder releases nothing. (Taken
+        # between two of its passes: it holds the lock only during one.)
+        await leader.execute("SELECT pg_advisory_lock($1)", FEEDER_LOCK_KEY)
+        try:
+            accepted = await upload(
+                ingest_stub, csv_of([("1", "Shoe", ["http://a.example/1.jpg"])])
+            )
+            assert (await reconciler.reconcile_once()).republished == 0
+            assert await redis_client.xlen(names.tasks) == 0
+        finally:
+            await leader.execute("SELECT pg_advisory_unlock($1)", FEEDER_LOCK_KEY)
+    assert len(await released_rows(pool, accepted.request_id)) == 1
     assert await redis_client.xlen(names.tasks) == 1

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 
 import pytest
 import redis.asyncio
 from prometheus_client import REGISTRY
 
+from services.common.csv_format import ProductRow
+from services.common.db import queries
 from services.common.metrics import StreamStats, entries_after, group_state
 from services.common.streams import StreamNames
-from tests.support import wait_until_async
+from tests.support import own_database, wait_until_async
 
 pytestmark = pytest.mark.integration
 
@@ -58,6 +61,41 @@ async def test_lag_pending_and_dead_letters_follow_the_streams(
     # Unregistered with its loop: a stopped service reports nothing stale.
     assert REGISTRY.get_sample_value("imgpipe_dead_letter_entries") is None
     await redis_client.delete(names.tasks, names.events, names.dead)
+
+
+async def test_the_backlog_gauge_counts_images_not_final_in_postgres(
+    redis_client: redis.asyncio.Redis, redis_prefix: str, postgres_server_url: str
+) -> None:
+    names = StreamNames(f"{redis_prefix}:backlog")
+    async with own_database(postgres_server_url, "imgpipe_backlog") as pool:
+        request_id = uuid.uuid4()
+        urls = tuple(f"http://a.example/{i}.jpg" for i in range(3))
+        async with pool.acquire() as conn:
+            await queries.insert_request(
+                conn, request_id, options={}, webhook_url=None, owner="", idempotency_key=None
+            )
+            await queries.insert_products(conn, request_id, [ProductRow(2, "1", "Shoe", urls)])
+            await queries.complete_request_insert(
+                conn, request_id, products_total=1, images_total=3, content_hash=b""
+            )
+
+        async def backlog() -> int:
+            async with pool.acquire() as conn:
+                return await queries.backlog(conn)
+
+        stats = StreamStats(redis_client, [], names.dead, backlog=backlog)
+        stop = asyncio.Event()
+        loop = asyncio.create_task(stats.run(stop))
+        try:
+
+            async def reported() -> float | None:
+                return REGISTRY.get_sample_value("imgpipe_backlog_images")
+
+            # Nothing was released to any stream: the backlog is Postgres's count, not Redis's.
+            assert await wait_until_async(reported, timeout=10, message="the backlog") == 3
+        finally:
+            stop.set()
+            await asyncio.wait_for(loop, timeout=10)
 
 
 def _text(value: bytes | str) -> str:

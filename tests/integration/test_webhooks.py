@@ -188,8 +188,8 @@ async def finished_request(
         await queries.complete_request_insert(
             conn, request_id, products_total=1, images_total=images, content_hash=b"hash"
         )
-        batches = [batch async for batch in queries.pending_images(conn, request_id)]
-        (first, _), (second, _) = batches[0]
+        [release] = await queries.next_waiting_images(conn, {request_id: 2})
+        (first, _), (second, _) = release.images
         if failed:
             await queries.record_image_failed(conn, first, code="TIMEOUT", message="slow")
         else:

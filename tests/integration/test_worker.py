@@ -15,14 +15,15 @@ import redis.asyncio
 from PIL import Image
 
 from services.common.budget import ByteBudget, PixelBudget
+from services.common.imaging import ImageOptions
 from services.common.pb.imgpipe.v1 import ingest_service_pb2_grpc as ingest_grpc
 from services.common.pb.imgpipe.v1 import request_pb2
-from services.common.publish import republish_pending
+from services.common.publish import publish_images
 from services.common.storage import Storage
 from services.common.streams import EVENT_FIELD, StreamNames, TaskConsumer
 from services.worker.processor import Processor
 from services.worker.runner import ConsumePolicy, consume
-from tests.integration.flows import csv_of, image_rows, stream_messages, upload
+from tests.integration.flows import csv_of, image_rows, released_rows, stream_messages, upload
 from tests.origin import ImageOrigin
 from tests.support import wait_until_async
 
@@ -127,11 +128,17 @@ async def test_duplicate_deliveries_count_once_and_finish_once(
 ) -> None:
     urls = [origin.url(f"/img/dup{i}.jpg") for i in range(3)]
     accepted = await upload(ingest_stub, csv_of([("1", "Shoe", urls)]))
-    # Every task published a second time, as after a crash between XADD and marking published.
-    await pool.execute(
-        "UPDATE requests SET published_at = NULL WHERE id = $1", uuid.UUID(accepted.request_id)
-    )
-    await republish_pending(pool, redis_client, names)
+    rows = await released_rows(pool, accepted.request_id)
+    # Every task published a second time, as after a crash between the XADDs and recording them.
+    async with pool.acquire() as conn:
+        await publish_images(
+            conn,
+            redis_client,
+            names,
+            uuid.UUID(accepted.request_id),
+            ImageOptions(),
+            [(r["id"], r["input_url"]) for r in rows],
+        )
     assert await redis_client.xlen(names.tasks) == 6
 
     stop = asyncio.Event()
@@ -162,12 +169,14 @@ async def test_duplicate_deliveries_count_once_and_finish_once(
 
 async def test_consumer_rereads_its_own_pending_entries_first(
     ingest_stub: ingest_grpc.IngestServiceAsyncStub,
+    pool: asyncpg.Pool,
     redis_client: redis.asyncio.Redis,
     names: StreamNames,
 ) -> None:
-    await upload(
+    accepted = await upload(
         ingest_stub, csv_of([("1", "Shoe", ["http://a.example/1.jpg", "http://a.example/2.jpg"])])
     )
+    await released_rows(pool, accepted.request_id)
     first = TaskConsumer(redis_client, names, "restarting")
     await first.ensure_group()
     taken = await first.read(count=1, block_ms=100)  # delivered, then the process "dies"

@@ -136,7 +136,7 @@ async def gateway(
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     stop = asyncio.Event()
-    loops = [asyncio.create_task(hub.run(stop)), asyncio.create_task(ingest.drain(stop))]
+    loops = [asyncio.create_task(hub.run(stop))]
     settings = GatewaySettings(
         ingest_addr=f"127.0.0.1:{port}",
         status_addr=f"127.0.0.1:{port}",

@@ -175,3 +175,21 @@ def test_webhook_secrets_links_and_proxies_come_from_the_environment() -> None:
         "IMGPIPE_TRUSTED_PROXIES",
         "IMGPIPE_PUBLIC_API_URL",
     }
+
+
+def test_the_scheduler_window_and_the_owners_weights_reach_ingest() -> None:
+    env = {
+        **BASE,
+        "IMGPIPE_SCHEDULER_WINDOW": "256",
+        "IMGPIPE_API_KEYS": f"acme:{'a' * 64} weight=3, globex:{'b' * 64}",
+    }
+    settings = IngestSettings.from_env(env)
+    assert (settings.scheduler_window, settings.scheduler_poll) == (256, 0.1)
+    assert settings.api_keys.weights == {"acme": 3, "globex": 1}
+    assert IngestSettings.from_env(BASE).scheduler_window == 128
+    with pytest.raises(ConfigError) as caught:
+        IngestSettings.from_env(
+            {**BASE, "IMGPIPE_SCHEDULER_WINDOW": "0", "IMGPIPE_SCHEDULER_POLL": "soon"}
+        )
+    named = {problem.split("=")[0] for problem in caught.value.problems}
+    assert named == {"IMGPIPE_SCHEDULER_WINDOW", "IMGPIPE_SCHEDULER_POLL"}

@@ -43,18 +43,9 @@ async def find_idempotent(conn: Connection, owner: str, key: str) -> ExistingReq
     return ExistingRequest(**dict(row)) if row else None
 
 
-# How long ingest may publish a request's tasks before recovery takes it over (renewed with
-# every batch of 1,000 tasks).
+# How long a request accepted by ingest counts as being published (kept from before the
+# feeder; nothing waits on it any more: mark_released clears it).
 PUBLISH_LEASE_SECONDS = 60.0
-
-
-async def renew_publish_lease(conn: Connection, request_id: uuid.UUID) -> None:
-    await conn.execute(
-        """UPDATE requests SET publish_lease_until = now() + make_interval(secs => $2)
-            WHERE id = $1""",
-        request_id,
-        PUBLISH_LEASE_SECONDS,
-    )
 
 
 @contextlib.asynccontextmanager
@@ -71,6 +62,21 @@ async def idempotency_lock(pool: asyncpg.Pool, owner: str, key: str) -> AsyncIte
             await conn.execute("SELECT pg_advisory_unlock($1)", lock)
 
 
+@contextlib.asynccontextmanager
+async def leader_lock(pool: asyncpg.Pool, key: int) -> AsyncIterator[Connection | None]:
+    """A connection holding the session advisory lock `key` for the block, or None when another
+    process holds it: loops that run in every replica but one at a time (the reconciler, the
+    feeder) do a pass only when they get it."""
+    async with pool.acquire() as conn:
+        if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", key):
+            yield None
+            return
+        try:
+            yield conn
+        finally:
+            await conn.execute("SELECT pg_advisory_unlock($1)", key)
+
+
 async def insert_request(
     conn: Connection,
     request_id: uuid.UUID,
@@ -79,17 +85,20 @@ async def insert_request(
     webhook_url: str | None,
     owner: str,
     idempotency_key: str | None,
+    traceparent: str = "",
 ) -> None:
+    """`traceparent`: the upload's trace, which the tasks the feeder releases later continue."""
     await conn.execute(
         """INSERT INTO requests (id, options, webhook_url, owner, idempotency_key,
-                                 publish_lease_until)
-           VALUES ($1, $2::jsonb, $3, $4, $5, now() + make_interval(secs => $6))""",
+                                 publish_lease_until, traceparent)
+           VALUES ($1, $2::jsonb, $3, $4, $5, now() + make_interval(secs => $6), $7)""",
         request_id,
         json.dumps(options),
         webhook_url,
         owner,
         idempotency_key,
         PUBLISH_LEASE_SECONDS,
+        traceparent or None,
     )
 
 
@@ -175,57 +184,128 @@ async def set_stream_entries(
     )
 
 
-async def mark_published(conn: Connection, request_id: uuid.UUID) -> None:
-    await conn.execute(
-        """UPDATE requests SET published_at = COALESCE(published_at, now()),
-                               publish_lease_until = NULL
-            WHERE id = $1""",
-        request_id,
+# ---------------------------------------------------------------- scheduler (the feeder)
+# An image is released when its task goes on the stream (enqueued_at set); Pending images not
+# yet released are the backlog that Postgres holds (docs/scheduling.md).
+
+
+async def released_count(conn: Connection) -> int:
+    """Images released to the task stream and not yet final: the part of the window in use."""
+    return int(
+        await conn.fetchval(
+            "SELECT count(*) FROM images WHERE status = 'Pending' AND enqueued_at IS NOT NULL"
+        )
     )
 
 
 @dataclass(frozen=True, slots=True)
-class PublishItem:
+class WaitingRequest:
+    request_id: uuid.UUID
+    owner: str
+    waiting: int  # images not yet released, counted up to the `up_to` asked for
+
+
+async def waiting_requests(conn: Connection, *, up_to: int, limit: int) -> list[WaitingRequest]:
+    """Open requests with images not yet released, oldest first, at most `limit`."""
+    rows = await conn.fetch(
+        """SELECT r.id, r.owner, w.n
+             FROM requests r
+            CROSS JOIN LATERAL (
+                  SELECT count(*) AS n FROM (
+                         SELECT 1 FROM images
+                          WHERE request_id = r.id AND status = 'Pending' AND enqueued_at IS NULL
+                          LIMIT $1) s) w
+            WHERE r.status IN ('Pending', 'Processing') AND w.n > 0
+            ORDER BY r.created_at
+            LIMIT $2""",
+        up_to,
+        limit,
+    )
+    return [WaitingRequest(r["id"], r["owner"], r["n"]) for r in rows]
+
+
+@dataclass(frozen=True, slots=True)
+class Release:
+    """The next images of one request to release, with the request's options."""
+
     request_id: uuid.UUID
     options: dict[str, Any]
+    images: list[tuple[int, str]]  # (image_id, input_url)
+    traceparent: str = ""  # the trace of the upload (or retry) that made these images wait
 
 
-async def unpublished_requests(
-    conn: Connection, *, min_age_seconds: float = 0.0, respect_lease: bool = True, limit: int = 1000
-) -> list[PublishItem]:
-    """Accepted requests whose tasks were never all published (oldest first); with
-    `respect_lease`, not those an ingest is publishing right now."""
+async def next_waiting_images(conn: Connection, counts: dict[uuid.UUID, int]) -> list[Release]:
+    """For each request, its next `counts[request]` images not yet released, in id order."""
     rows = await conn.fetch(
-        """SELECT id, options FROM requests
-            WHERE published_at IS NULL AND status IN ('Pending', 'Processing')
-              AND created_at < now() - make_interval(secs => $1)
-              AND (NOT $3 OR publish_lease_until IS NULL OR publish_lease_until < now())
-            ORDER BY created_at LIMIT $2""",
-        min_age_seconds,
-        limit,
-        respect_lease,
+        """SELECT c.request_id, r.options, r.traceparent, i.id, i.input_url
+             FROM unnest($1::uuid[], $2::int[]) AS c(request_id, n)
+             JOIN requests r ON r.id = c.request_id
+            CROSS JOIN LATERAL (
+                  SELECT id, input_url FROM images
+                   WHERE request_id = c.request_id AND status = 'Pending'
+                     AND enqueued_at IS NULL
+                   ORDER BY id LIMIT c.n) i
+            ORDER BY c.request_id, i.id""",
+        list(counts),
+        list(counts.values()),
     )
-    return [PublishItem(r["id"], json.loads(r["options"])) for r in rows]
+    releases: dict[uuid.UUID, Release] = {}
+    for r in rows:
+        release = releases.get(r["request_id"])
+        if release is None:
+            release = Release(r["request_id"], json.loads(r["options"]), [], r["traceparent"] or "")
+            releases[r["request_id"]] = release
+        release.images.append((r["id"], r["input_url"]))
+    return list(releases.values())
 
 
-async def pending_images(
-    conn: Connection, request_id: uuid.UUID, *, batch: int = 1000
-) -> AsyncIterator[list[tuple[int, str]]]:
-    """Yield (image_id, input_url) of the request's Pending images in batches, by keyset."""
-    after = 0
-    while True:
-        rows = await conn.fetch(
-            """SELECT id, input_url FROM images
-                WHERE request_id = $1 AND id > $2 AND status = 'Pending'
-                ORDER BY id LIMIT $3""",
-            request_id,
-            after,
-            batch,
-        )
-        if not rows:
-            return
-        yield [(r["id"], r["input_url"]) for r in rows]
-        after = rows[-1]["id"]
+async def mark_started(conn: Connection, request_ids: Sequence[uuid.UUID]) -> None:
+    """Remember when each request's first task was released (its rate counts from then)."""
+    await conn.execute(
+        "UPDATE requests SET started_at = now() WHERE id = ANY($1::uuid[]) AND started_at IS NULL",
+        list(request_ids),
+    )
+
+
+async def mark_released(conn: Connection) -> int:
+    """Mark open requests that have nothing left to release as published; returns how many."""
+    result = await conn.execute(
+        """UPDATE requests r SET published_at = now(), publish_lease_until = NULL
+            WHERE published_at IS NULL AND status IN ('Pending', 'Processing')
+              AND NOT EXISTS (SELECT 1 FROM images i
+                               WHERE i.request_id = r.id AND i.status = 'Pending'
+                                 AND i.enqueued_at IS NULL)"""
+    )
+    return int(result.split()[-1])
+
+
+@dataclass(frozen=True, slots=True)
+class OwnerBacklog:
+    owner: str
+    requests: int  # open requests
+    waiting: int  # images not yet released
+    released: int  # images on the task stream, not yet final
+
+
+async def backlog_by_owner(conn: Connection) -> list[OwnerBacklog]:
+    """The backlog of every owner with open requests, from the requests' counters and the
+    (small) window, so it costs the same behind a 100,000-image request as behind none."""
+    rows = await conn.fetch(
+        """SELECT r.owner, count(*) AS requests,
+                  sum(r.images_total - r.images_done - r.images_failed)::bigint AS pending,
+                  COALESCE(sum(w.n), 0)::bigint AS released
+             FROM requests r
+             LEFT JOIN (SELECT request_id, count(*) AS n FROM images
+                         WHERE status = 'Pending' AND enqueued_at IS NOT NULL
+                         GROUP BY request_id) w ON w.request_id = r.id
+            WHERE r.status IN ('Pending', 'Processing')
+            GROUP BY r.owner
+            ORDER BY r.owner"""
+    )
+    return [
+        OwnerBacklog(r["owner"], r["requests"], max(0, r["pending"] - r["released"]), r["released"])
+        for r in rows
+    ]
 
 
 # ---------------------------------------------------------------- worker
@@ -429,10 +509,11 @@ class RetryBatch:
 
 
 async def retry_failed_images(
-    conn: Connection, request_id: uuid.UUID, *, owner: str
+    conn: Connection, request_id: uuid.UUID, *, owner: str, traceparent: str = ""
 ) -> RetryBatch | None:
-    """Put a request's failed images back to Pending and reopen it; None if `owner` has no
-    such request."""
+    """Put a request's failed images back to Pending and waiting for the feeder, and reopen
+    it (its next tasks continue `traceparent`, the retry's trace); None if `owner` has no such
+    request."""
     async with conn.transaction():
         found = await conn.fetchval(
             "SELECT 1 FROM requests WHERE id = $1 AND owner = $2 FOR UPDATE", request_id, owner
@@ -456,11 +537,13 @@ async def retry_failed_images(
                        output_csv_key = CASE WHEN $2 = 0 THEN output_csv_key END,
                        finish_generation = finish_generation + CASE WHEN $2 = 0 THEN 0 ELSE 1 END,
                        finished_event_at = CASE WHEN $2 = 0 THEN finished_event_at END,
+                       traceparent = COALESCE($3, traceparent),
                        updated_at = now()
                  WHERE id = $1
              RETURNING {_REQUEST_COLUMNS}""",
             request_id,
             len(rows),
+            traceparent or None,
         )
         assert row is not None, "locked above"
         return RetryBatch(_request(row), [(r["id"], r["input_url"]) for r in rows])
@@ -481,14 +564,14 @@ class StaleImage:
 async def stale_pending_images(
     conn: Connection, *, min_age_seconds: float, limit: int
 ) -> list[StaleImage]:
-    """Pending images published (or accepted) more than `min_age_seconds` ago."""
+    """Pending images released to the stream more than `min_age_seconds` ago (the window;
+    images still waiting for their turn are the feeder's, not lost)."""
     rows = await conn.fetch(
         """SELECT i.id, i.request_id, i.input_url, i.stream_entry_id, r.options
              FROM images i JOIN requests r ON r.id = i.request_id
-            WHERE i.status = 'Pending'
-              AND COALESCE(i.enqueued_at, r.created_at) < now() - make_interval(secs => $1)
-              AND (r.publish_lease_until IS NULL OR r.publish_lease_until < now())
-            ORDER BY i.enqueued_at NULLS FIRST, i.id
+            WHERE i.status = 'Pending' AND i.enqueued_at IS NOT NULL
+              AND i.enqueued_at < now() - make_interval(secs => $1)
+            ORDER BY i.enqueued_at, i.id
             LIMIT $2""",
         min_age_seconds,
         limit,
@@ -533,8 +616,14 @@ async def unpublished_finished_requests(
 
 
 async def backlog(conn: Connection) -> int:
-    """Images accepted and not yet final, across all requests: the true queue length."""
-    return int(await conn.fetchval("SELECT count(*) FROM images WHERE status = 'Pending'"))
+    """Images accepted and not yet final, across all requests: the true queue length. From the
+    open requests' counters (moved with every image), not by counting image rows."""
+    return int(
+        await conn.fetchval(
+            """SELECT COALESCE(sum(images_total - images_done - images_failed), 0)
+                 FROM requests WHERE status IN ('Pending', 'Processing')"""
+        )
+    )
 
 
 # ---------------------------------------------------------------- status
@@ -558,6 +647,7 @@ class RequestRow:
     updated_at: datetime
     completed_at: datetime | None
     finish_generation: int
+    started_at: datetime | None = None  # when its first task was released (the feeder)
 
     @property
     def finished_event_id(self) -> str:
@@ -567,7 +657,7 @@ class RequestRow:
 
 _REQUEST_COLUMNS = """id, status, options, webhook_url, owner, products_total, images_total,
     images_done, images_failed, bytes_in, bytes_out, output_csv_key, created_at, updated_at,
-    completed_at, finish_generation"""
+    completed_at, finish_generation, started_at"""
 
 
 def _request(row: asyncpg.Record) -> RequestRow:

@@ -26,15 +26,15 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from services.common.pb.imgpipe.v1 import request_pb2 as imgpipe_dot_v1_dot_request__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fimgpipe/v1/status_service.proto\x12\nimgpipe.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18imgpipe/v1/request.proto\"\'\n\x11GetRequestRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\":\n\x12GetRequestResponse\x12$\n\x07request\x18\x01 \x01(\x0b\x32\x13.imgpipe.v1.Request\"P\n\x13ListProductsRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\r\x12\x12\n\npage_token\x18\x03 \x01(\t\"V\n\x14ListProductsResponse\x12%\n\x08products\x18\x01 \x03(\x0b\x32\x13.imgpipe.v1.Product\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\")\n\x13WatchRequestRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"<\n\x14WatchRequestResponse\x12$\n\x07request\x18\x01 \x01(\x0b\x32\x13.imgpipe.v1.Request\"1\n\x14GetQueueStatsRequest\x12\x19\n\x11\x64\x65\x61\x64_letter_limit\x18\x01 \x01(\r\"\xc3\x01\n\nDeadLetter\x12\x10\n\x08\x65ntry_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x10\n\x08image_id\x18\x03 \x01(\x03\x12\x11\n\tinput_url\x18\x04 \x01(\t\x12\x12\n\nerror_code\x18\x05 \x01(\t\x12\x15\n\rerror_message\x18\x06 \x01(\t\x12\x12\n\ndeliveries\x18\x07 \x01(\r\x12+\n\x07\x64\x65\x61\x64_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xb6\x01\n\x15GetQueueStatsResponse\x12\x16\n\x0e\x62\x61\x63klog_images\x18\x01 \x01(\x04\x12\x15\n\rstream_length\x18\x02 \x01(\x04\x12\x11\n\tin_flight\x18\x03 \x01(\x04\x12\x11\n\tconsumers\x18\x04 \x01(\r\x12\x1a\n\x12\x64\x65\x61\x64_letter_length\x18\x05 \x01(\x04\x12,\n\x0c\x64\x65\x61\x64_letters\x18\x06 \x03(\x0b\x32\x16.imgpipe.v1.DeadLetter\"\xc1\x02\n\x0fWebhookDelivery\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x12\n\nevent_type\x18\x02 \x01(\t\x12\x0b\n\x03url\x18\x03 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x04 \x01(\r\x12/\n\x05state\x18\x05 \x01(\x0e\x32 .imgpipe.v1.WebhookDeliveryState\x12\x13\n\x0bstatus_code\x18\x06 \x01(\r\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12.\n\ncreated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0c\x61ttempted_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x33\n\x0fnext_attempt_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"2\n\x1cListWebhookDeliveriesRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"P\n\x1dListWebhookDeliveriesResponse\x12/\n\ndeliveries\x18\x01 \x03(\x0b\x32\x1b.imgpipe.v1.WebhookDelivery\"-\n\x17RedeliverWebhookRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"I\n\x18RedeliverWebhookResponse\x12-\n\x08\x64\x65livery\x18\x01 \x01(\x0b\x32\x1b.imgpipe.v1.WebhookDelivery\"\xe1\x01\n\rWebhookSecret\x12\r\n\x05owner\x18\x01 \x01(\t\x12\x0e\n\x06secret\x18\x02 \x01(\t\x12\x12\n\ngeneration\x18\x03 \x01(\r\x12\x17\n\x0fprevious_secret\x18\x04 \x01(\t\x12\x1b\n\x13previous_generation\x18\x05 \x01(\r\x12\x37\n\x13previous_expires_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nrotated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x19\n\x17GetWebhookSecretRequest\"E\n\x18GetWebhookSecretResponse\x12)\n\x06secret\x18\x01 \x01(\x0b\x32\x19.imgpipe.v1.WebhookSecret\"\x1c\n\x1aRotateWebhookSecretRequest\"H\n\x1bRotateWebhookSecretResponse\x12)\n\x06secret\x18\x01 \x01(\x0b\x32\x19.imgpipe.v1.WebhookSecret*\xd3\x01\n\x14WebhookDeliveryState\x12&\n\"WEBHOOK_DELIVERY_STATE_UNSPECIFIED\x10\x00\x12$\n WEBHOOK_DELIVERY_STATE_SCHEDULED\x10\x01\x12$\n WEBHOOK_DELIVERY_STATE_SUCCEEDED\x10\x02\x12!\n\x1dWEBHOOK_DELIVERY_STATE_FAILED\x10\x03\x12$\n WEBHOOK_DELIVERY_STATE_ABANDONED\x10\x04\x32\xee\x05\n\rStatusService\x12K\n\nGetRequest\x12\x1d.imgpipe.v1.GetRequestRequest\x1a\x1e.imgpipe.v1.GetRequestResponse\x12Q\n\x0cListProducts\x12\x1f.imgpipe.v1.ListProductsRequest\x1a .imgpipe.v1.ListProductsResponse\x12S\n\x0cWatchRequest\x12\x1f.imgpipe.v1.WatchRequestRequest\x1a .imgpipe.v1.WatchRequestResponse0\x01\x12T\n\rGetQueueStats\x12 .imgpipe.v1.GetQueueStatsRequest\x1a!.imgpipe.v1.GetQueueStatsResponse\x12l\n\x15ListWebhookDeliveries\x12(.imgpipe.v1.ListWebhookDeliveriesRequest\x1a).imgpipe.v1.ListWebhookDeliveriesResponse\x12]\n\x10RedeliverWebhook\x12#.imgpipe.v1.RedeliverWebhookRequest\x1a$.imgpipe.v1.RedeliverWebhookResponse\x12]\n\x10GetWebhookSecret\x12#.imgpipe.v1.GetWebhookSecretRequest\x1a$.imgpipe.v1.GetWebhookSecretResponse\x12\x66\n\x13RotateWebhookSecret\x12&.imgpipe.v1.RotateWebhookSecretRequest\x1a\'.imgpipe.v1.RotateWebhookSecretResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fimgpipe/v1/status_service.proto\x12\nimgpipe.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18imgpipe/v1/request.proto\"\'\n\x11GetRequestRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\":\n\x12GetRequestResponse\x12$\n\x07request\x18\x01 \x01(\x0b\x32\x13.imgpipe.v1.Request\"P\n\x13ListProductsRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\r\x12\x12\n\npage_token\x18\x03 \x01(\t\"V\n\x14ListProductsResponse\x12%\n\x08products\x18\x01 \x03(\x0b\x32\x13.imgpipe.v1.Product\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\")\n\x13WatchRequestRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"<\n\x14WatchRequestResponse\x12$\n\x07request\x18\x01 \x01(\x0b\x32\x13.imgpipe.v1.Request\"1\n\x14GetQueueStatsRequest\x12\x19\n\x11\x64\x65\x61\x64_letter_limit\x18\x01 \x01(\r\"\xc3\x01\n\nDeadLetter\x12\x10\n\x08\x65ntry_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x10\n\x08image_id\x18\x03 \x01(\x03\x12\x11\n\tinput_url\x18\x04 \x01(\t\x12\x12\n\nerror_code\x18\x05 \x01(\t\x12\x15\n\rerror_message\x18\x06 \x01(\t\x12\x12\n\ndeliveries\x18\x07 \x01(\r\x12+\n\x07\x64\x65\x61\x64_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xf9\x01\n\x15GetQueueStatsResponse\x12\x16\n\x0e\x62\x61\x63klog_images\x18\x01 \x01(\x04\x12\x15\n\rstream_length\x18\x02 \x01(\x04\x12\x11\n\tin_flight\x18\x03 \x01(\x04\x12\x11\n\tconsumers\x18\x04 \x01(\r\x12\x1a\n\x12\x64\x65\x61\x64_letter_length\x18\x05 \x01(\x04\x12,\n\x0c\x64\x65\x61\x64_letters\x18\x06 \x03(\x0b\x32\x16.imgpipe.v1.DeadLetter\x12(\n\x06owners\x18\x07 \x03(\x0b\x32\x18.imgpipe.v1.OwnerBacklog\x12\x17\n\x0freleased_images\x18\x08 \x01(\x04\"o\n\x0cOwnerBacklog\x12\r\n\x05owner\x18\x01 \x01(\t\x12\r\n\x05yours\x18\x02 \x01(\x08\x12\x10\n\x08requests\x18\x03 \x01(\r\x12\x16\n\x0ewaiting_images\x18\x04 \x01(\x04\x12\x17\n\x0freleased_images\x18\x05 \x01(\x04\"\xc1\x02\n\x0fWebhookDelivery\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x12\n\nevent_type\x18\x02 \x01(\t\x12\x0b\n\x03url\x18\x03 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x04 \x01(\r\x12/\n\x05state\x18\x05 \x01(\x0e\x32 .imgpipe.v1.WebhookDeliveryState\x12\x13\n\x0bstatus_code\x18\x06 \x01(\r\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12.\n\ncreated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0c\x61ttempted_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x33\n\x0fnext_attempt_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"2\n\x1cListWebhookDeliveriesRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"P\n\x1dListWebhookDeliveriesResponse\x12/\n\ndeliveries\x18\x01 \x03(\x0b\x32\x1b.imgpipe.v1.WebhookDelivery\"-\n\x17RedeliverWebhookRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"I\n\x18RedeliverWebhookResponse\x12-\n\x08\x64\x65livery\x18\x01 \x01(\x0b\x32\x1b.imgpipe.v1.WebhookDelivery\"\xe1\x01\n\rWebhookSecret\x12\r\n\x05owner\x18\x01 \x01(\t\x12\x0e\n\x06secret\x18\x02 \x01(\t\x12\x12\n\ngeneration\x18\x03 \x01(\r\x12\x17\n\x0fprevious_secret\x18\x04 \x01(\t\x12\x1b\n\x13previous_generation\x18\x05 \x01(\r\x12\x37\n\x13previous_expires_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nrotated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x19\n\x17GetWebhookSecretRequest\"E\n\x18GetWebhookSecretResponse\x12)\n\x06secret\x18\x01 \x01(\x0b\x32\x19.imgpipe.v1.WebhookSecret\"\x1c\n\x1aRotateWebhookSecretRequest\"H\n\x1bRotateWebhookSecretResponse\x12)\n\x06secret\x18\x01 \x01(\x0b\x32\x19.imgpipe.v1.WebhookSecret*\xd3\x01\n\x14WebhookDeliveryState\x12&\n\"WEBHOOK_DELIVERY_STATE_UNSPECIFIED\x10\x00\x12$\n WEBHOOK_DELIVERY_STATE_SCHEDULED\x10\x01\x12$\n WEBHOOK_DELIVERY_STATE_SUCCEEDED\x10\x02\x12!\n\x1dWEBHOOK_DELIVERY_STATE_FAILED\x10\x03\x12$\n WEBHOOK_DELIVERY_STATE_ABANDONED\x10\x04\x32\xee\x05\n\rStatusService\x12K\n\nGetRequest\x12\x1d.imgpipe.v1.GetRequestRequest\x1a\x1e.imgpipe.v1.GetRequestResponse\x12Q\n\x0cListProducts\x12\x1f.imgpipe.v1.ListProductsRequest\x1a .imgpipe.v1.ListProductsResponse\x12S\n\x0cWatchRequest\x12\x1f.imgpipe.v1.WatchRequestRequest\x1a .imgpipe.v1.WatchRequestResponse0\x01\x12T\n\rGetQueueStats\x12 .imgpipe.v1.GetQueueStatsRequest\x1a!.imgpipe.v1.GetQueueStatsResponse\x12l\n\x15ListWebhookDeliveries\x12(.imgpipe.v1.ListWebhookDeliveriesRequest\x1a).imgpipe.v1.ListWebhookDeliveriesResponse\x12]\n\x10RedeliverWebhook\x12#.imgpipe.v1.RedeliverWebhookRequest\x1a$.imgpipe.v1.RedeliverWebhookResponse\x12]\n\x10GetWebhookSecret\x12#.imgpipe.v1.GetWebhookSecretRequest\x1a$.imgpipe.v1.GetWebhookSecretResponse\x12\x66\n\x13RotateWebhookSecret\x12&.imgpipe.v1.RotateWebhookSecretRequest\x1a\'.imgpipe.v1.RotateWebhookSecretResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'imgpipe.v1.status_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_WEBHOOKDELIVERYSTATE']._serialized_start=1927
-  _globals['_WEBHOOKDELIVERYSTATE']._serialized_end=2138
+  _globals['_WEBHOOKDELIVERYSTATE']._serialized_start=2107
+  _globals['_WEBHOOKDELIVERYSTATE']._serialized_end=2318
   _globals['_GETREQUESTREQUEST']._serialized_start=106
   _globals['_GETREQUESTREQUEST']._serialized_end=145
   _globals['_GETREQUESTRESPONSE']._serialized_start=147
@@ -52,27 +52,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DEADLETTER']._serialized_start=534
   _globals['_DEADLETTER']._serialized_end=729
   _globals['_GETQUEUESTATSRESPONSE']._serialized_start=732
-  _globals['_GETQUEUESTATSRESPONSE']._serialized_end=914
-  _globals['_WEBHOOKDELIVERY']._serialized_start=917
-  _globals['_WEBHOOKDELIVERY']._serialized_end=1238
-  _globals['_LISTWEBHOOKDELIVERIESREQUEST']._serialized_start=1240
-  _globals['_LISTWEBHOOKDELIVERIESREQUEST']._serialized_end=1290
-  _globals['_LISTWEBHOOKDELIVERIESRESPONSE']._serialized_start=1292
-  _globals['_LISTWEBHOOKDELIVERIESRESPONSE']._serialized_end=1372
-  _globals['_REDELIVERWEBHOOKREQUEST']._serialized_start=1374
-  _globals['_REDELIVERWEBHOOKREQUEST']._serialized_end=1419
-  _globals['_REDELIVERWEBHOOKRESPONSE']._serialized_start=1421
-  _globals['_REDELIVERWEBHOOKRESPONSE']._serialized_end=1494
-  _globals['_WEBHOOKSECRET']._serialized_start=1497
-  _globals['_WEBHOOKSECRET']._serialized_end=1722
-  _globals['_GETWEBHOOKSECRETREQUEST']._serialized_start=1724
-  _globals['_GETWEBHOOKSECRETREQUEST']._serialized_end=1749
-  _globals['_GETWEBHOOKSECRETRESPONSE']._serialized_start=1751
-  _globals['_GETWEBHOOKSECRETRESPONSE']._serialized_end=1820
-  _globals['_ROTATEWEBHOOKSECRETREQUEST']._serialized_start=1822
-  _globals['_ROTATEWEBHOOKSECRETREQUEST']._serialized_end=1850
-  _globals['_ROTATEWEBHOOKSECRETRESPONSE']._serialized_start=1852
-  _globals['_ROTATEWEBHOOKSECRETRESPONSE']._serialized_end=1924
-  _globals['_STATUSSERVICE']._serialized_start=2141
-  _globals['_STATUSSERVICE']._serialized_end=2891
+  _globals['_GETQUEUESTATSRESPONSE']._serialized_end=981
+  _globals['_OWNERBACKLOG']._serialized_start=983
+  _globals['_OWNERBACKLOG']._serialized_end=1094
+  _globals['_WEBHOOKDELIVERY']._serialized_start=1097
+  _globals['_WEBHOOKDELIVERY']._serialized_end=1418
+  _globals['_LISTWEBHOOKDELIVERIESREQUEST']._serialized_start=1420
+  _globals['_LISTWEBHOOKDELIVERIESREQUEST']._serialized_end=1470
+  _globals['_LISTWEBHOOKDELIVERIESRESPONSE']._serialized_start=1472
+  _globals['_LISTWEBHOOKDELIVERIESRESPONSE']._serialized_end=1552
+  _globals['_REDELIVERWEBHOOKREQUEST']._serialized_start=1554
+  _globals['_REDELIVERWEBHOOKREQUEST']._serialized_end=1599
+  _globals['_REDELIVERWEBHOOKRESPONSE']._serialized_start=1601
+  _globals['_REDELIVERWEBHOOKRESPONSE']._serialized_end=1674
+  _globals['_WEBHOOKSECRET']._serialized_start=1677
+  _globals['_WEBHOOKSECRET']._serialized_end=1902
+  _globals['_GETWEBHOOKSECRETREQUEST']._serialized_start=1904
+  _globals['_GETWEBHOOKSECRETREQUEST']._serialized_end=1929
+  _globals['_GETWEBHOOKSECRETRESPONSE']._serialized_start=1931
+  _globals['_GETWEBHOOKSECRETRESPONSE']._serialized_end=2000
+  _globals['_ROTATEWEBHOOKSECRETREQUEST']._serialized_start=2002
+  _globals['_ROTATEWEBHOOKSECRETREQUEST']._serialized_end=2030
+  _globals['_ROTATEWEBHOOKSECRETRESPONSE']._serialized_start=2032
+  _globals['_ROTATEWEBHOOKSECRETRESPONSE']._serialized_end=2104
+  _globals['_STATUSSERVICE']._serialized_start=2321
+  _globals['_STATUSSERVICE']._serialized_end=3071
 # @@protoc_insertion_point(module_scope)

@@ -273,6 +273,8 @@ class GetQueueStatsResponse(_message.Message):
     CONSUMERS_FIELD_NUMBER: _builtins.int
     DEAD_LETTER_LENGTH_FIELD_NUMBER: _builtins.int
     DEAD_LETTERS_FIELD_NUMBER: _builtins.int
+    OWNERS_FIELD_NUMBER: _builtins.int
+    RELEASED_IMAGES_FIELD_NUMBER: _builtins.int
     backlog_images: _builtins.int
     """Images accepted and not yet final, counted in Postgres: the real backlog."""
     stream_length: _builtins.int
@@ -281,8 +283,16 @@ class GetQueueStatsResponse(_message.Message):
     """Entries delivered to a worker and not yet acknowledged."""
     consumers: _builtins.int
     dead_letter_length: _builtins.int
+    released_images: _builtins.int
+    """Tasks on the stream and not yet final, at most (IMGPIPE_SCHEDULER_WINDOW), as used now."""
     @_builtins.property
     def dead_letters(self) -> _containers.RepeatedCompositeFieldContainer[Global___DeadLetter]: ...
+    @_builtins.property
+    def owners(self) -> _containers.RepeatedCompositeFieldContainer[Global___OwnerBacklog]:
+        """The backlog of each owner with open requests, in fair-scheduling terms. Only the caller's
+        own entry names its owner; the others are anonymous counts.
+        """
+
     def __init__(
         self,
         *,
@@ -292,14 +302,54 @@ class GetQueueStatsResponse(_message.Message):
         consumers: _builtins.int = ...,
         dead_letter_length: _builtins.int = ...,
         dead_letters: _abc.Iterable[Global___DeadLetter] | None = ...,
+        owners: _abc.Iterable[Global___OwnerBacklog] | None = ...,
+        released_images: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backlog_images", b"backlog_images", "consumers", b"consumers", "dead_letter_length", b"dead_letter_length", "dead_letters", b"dead_letters", "in_flight", b"in_flight", "stream_length", b"stream_length"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backlog_images", b"backlog_images", "consumers", b"consumers", "dead_letter_length", b"dead_letter_length", "dead_letters", b"dead_letters", "in_flight", b"in_flight", "owners", b"owners", "released_images", b"released_images", "stream_length", b"stream_length"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetQueueStatsResponse: _TypeAlias = GetQueueStatsResponse  # noqa: Y015
+
+@_typing.final
+class OwnerBacklog(_message.Message):
+    """OwnerBacklog is one owner's share of the backlog."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OWNER_FIELD_NUMBER: _builtins.int
+    YOURS_FIELD_NUMBER: _builtins.int
+    REQUESTS_FIELD_NUMBER: _builtins.int
+    WAITING_IMAGES_FIELD_NUMBER: _builtins.int
+    RELEASED_IMAGES_FIELD_NUMBER: _builtins.int
+    owner: _builtins.str
+    """The owner's name, set only on the caller's own entry ("" with authentication off)."""
+    yours: _builtins.bool
+    """True on the caller's own entry."""
+    requests: _builtins.int
+    """Open (Pending or Processing) requests."""
+    waiting_images: _builtins.int
+    """Images waiting in Postgres for their turn."""
+    released_images: _builtins.int
+    """Images released to the task stream and not yet final."""
+    def __init__(
+        self,
+        *,
+        owner: _builtins.str = ...,
+        yours: _builtins.bool = ...,
+        requests: _builtins.int = ...,
+        waiting_images: _builtins.int = ...,
+        released_images: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["owner", b"owner", "released_images", b"released_images", "requests", b"requests", "waiting_images", b"waiting_images", "yours", b"yours"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OwnerBacklog: _TypeAlias = OwnerBacklog  # noqa: Y015
 
 @_typing.final
 class WebhookDelivery(_message.Message):

@@ -1,0 +1,240 @@
+"""B8 head of line and B9 two owners: fair scheduling (docs/scheduling.md) on the real stack.
+
+Both serve one small generated photo under many paths from 127.0.0.1, with origin latency
+(IMGPIPE_BENCH_HOL_DELAY, IMGPIPE_BENCH_FAIR_DELAY), and every URL is distinct.
+
+B8: a small request alone (its solo time, median of the runs), then a big request alone (its
+images/s), then the big request again with a small one sent into it once per run: each small
+request's time from its POST to its completion, and the big request's images/s.
+
+B9: two owners (two API keys), each uploading one request, the second after a head start;
+every half second both requests' progress is read, and while both run each one's share of the
+images that became final is its share of the workers. Once with equal weights, once 3:1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from datetime import datetime
+from typing import Any
+
+import aiohttp
+
+from bench.pipeline import csv_bytes, log, running_stack, upload, wait_final
+from bench.report import Section, Target, median, table
+from bench.settings import BenchSettings
+from services.common.auth import key_hash, new_key
+from tests.origin import ImageOrigin, serve_images
+from tests.stack import Stack
+
+SIZE = (400, 300)
+SOLO_SLACK = 2.0  # B8: a small request's time with the big one running, at most solo + this
+BIG_DROP = 0.10  # B8: the big request's images/s drops by at most this share
+SHARE_SLACK = 0.10  # B9: each owner's share within this of its weight's
+SAMPLE_SECONDS = 0.5
+SETTLE_SECONDS = 2.0  # B9: the shares are counted from this long after the second upload
+
+
+def _urls(origin: ImageOrigin, count: int, tag: str) -> list[str]:
+    """`count` distinct URLs that all serve the same photo (made once)."""
+    photo = origin.image("/img/one.jpg")
+    paths = [f"/img/{tag}-{i}.jpg" for i in range(count)]
+    for path in paths:
+        origin.served[path] = photo
+    return [origin.url(path) for path in paths]
+
+
+def _stack_env(settings: BenchSettings, origin: ImageOrigin, **extra: str) -> dict[str, str]:
+    return {
+        "IMGPIPE_DEV_WORKERS": str(settings.workers),
+        "IMGPIPE_FETCH_ALLOW": f"127.0.0.1:{origin.port}",
+        **extra,
+    }
+
+
+def _server_seconds(status: dict[str, Any]) -> float:
+    created = datetime.fromisoformat(str(status["created_at"]))
+    completed = datetime.fromisoformat(str(status["completed_at"]))
+    return (completed - created).total_seconds()
+
+
+async def _finished(
+    http: aiohttp.ClientSession, stack: Stack, urls: list[str], tag: str, within: float
+) -> tuple[float, float]:
+    """Upload and wait: (seconds from the POST to completion, the server's images/s)."""
+    accepted = await upload(http, stack, csv_bytes(urls, 10, tag))
+    status = await wait_final(http, stack, accepted.request_id, within)
+    if status["status"] != "Completed":
+        raise RuntimeError(f"{tag} ended {status['status']}: {status['progress']}")
+    completed = datetime.fromisoformat(str(status["completed_at"])).timestamp()
+    return completed - accepted.started_at, len(urls) / _server_seconds(status)
+
+
+async def run_b8(settings: BenchSettings) -> Section:
+    big_n, small_n = settings.hol_big, settings.hol_small
+    async with serve_images(SIZE, delay=settings.hol_delay) as origin:
+        with running_stack(_stack_env(settings, origin)) as stack:
+            timeout = aiohttp.ClientTimeout(total=1800)
+            async with aiohttp.ClientSession(timeout=timeout) as http:
+                solo = []
+                for i in range(settings.runs):
+                    seconds, _ = await _finished(
+                        http, stack, _urls(origin, small_n, f"s{i}"), f"s{i}", 120
+                    )
+                    solo.append(seconds)
+                log(f"B8 small request alone: {[f'{s:.2f}' for s in solo]} s")
+                _, big_alone = await _finished(
+                    http, stack, _urls(origin, big_n, "big-alone"), "big-alone", 3600
+                )
+                log(f"B8 big request alone: {big_alone:.1f} images/s")
+                during, big_shared = await _big_with_small_ones(http, stack, origin, settings)
+    solo_med, during_med = median(solo), median(during)
+    drop = 1 - big_shared / big_alone
+    targets = [
+        Target(
+            "B8",
+            f"{small_n}-image request during a {big_n:,}-image one (median of {len(during)})",
+            f"{during_med:.2f} s (solo {solo_med:.2f} s)",
+            f"≤ solo + {SOLO_SLACK:g} s",
+            during_med <= solo_med + SOLO_SLACK,
+        ),
+        Target(
+            "B8",
+            "big request's images/s with the small ones",
+            f"{big_shared:.1f} vs {big_alone:.1f} alone ({-drop:+.1%})",
+            f"drop ≤ {BIG_DROP:.0%}",
+            drop <= BIG_DROP,
+        ),
+    ]
+    lines = [
+        f"{settings.workers} workers, the default window (IMGPIPE_SCHEDULER_WINDOW), photos of"
+        f" {SIZE[0]}×{SIZE[1]} with {settings.hol_delay:g} s of origin latency. Times are from"
+        " the POST to the server's completed_at; images/s are the server's (images over"
+        " completed_at - created_at).",
+        "",
+        *table(
+            ("run", f"{small_n} images alone, s", f"{small_n} images during the big one, s"),
+            [
+                (i + 1, f"{a:.2f}", f"{b:.2f}")
+                for i, (a, b) in enumerate(zip(solo, during, strict=False))
+            ],
+        ),
+        "",
+        f"Big request ({big_n:,} images): {big_alone:.1f} images/s alone,"
+        f" {big_shared:.1f} images/s with the small requests.",
+    ]
+    data = {
+        "solo_s": solo,
+        "during_s": during,
+        "big_alone_ips": big_alone,
+        "big_shared_ips": big_shared,
+        "big_images": big_n,
+        "small_images": small_n,
+    }
+    return Section("B8", "head of line", lines, data, targets)
+
+
+async def _big_with_small_ones(
+    http: aiohttp.ClientSession, stack: Stack, origin: ImageOrigin, settings: BenchSettings
+) -> tuple[list[float], float]:
+    big_urls = _urls(origin, settings.hol_big, "big-shared")
+    big = await upload(http, stack, csv_bytes(big_urls, 10, "big-shared"))
+    during = []
+    for i in range(settings.runs):
+        await asyncio.sleep(3.0)  # pacing: the small requests arrive into a running big one
+        seconds, _ = await _finished(
+            http, stack, _urls(origin, settings.hol_small, f"d{i}"), f"d{i}", 120
+        )
+        during.append(seconds)
+        log(f"B8 small request during the big one: {seconds:.2f} s")
+    status = await wait_final(http, stack, big.request_id, 3600)
+    return during, len(big_urls) / _server_seconds(status)
+
+
+async def run_b9(settings: BenchSettings) -> Section:
+    rows, targets = [], []
+    data: dict[str, object] = {}
+    for weights in ((1, 1), (3, 1)):
+        share, overlap, samples = await _two_owners(settings, weights)
+        expected = weights[0] / sum(weights)
+        rows.append(
+            (
+                f"{weights[0]}:{weights[1]}",
+                f"{share:.1%}",
+                f"{expected:.0%}",
+                f"{overlap:.1f}",
+                samples,
+            )
+        )
+        targets.append(
+            Target(
+                "B9",
+                f"first owner's share of images/s, weights {weights[0]}:{weights[1]}",
+                f"{share:.1%}",
+                f"{expected:.0%} ± {SHARE_SLACK:.0%}",
+                abs(share - expected) <= SHARE_SLACK,
+            )
+        )
+        data[f"{weights[0]}:{weights[1]}"] = {
+            "share": share,
+            "overlap_s": overlap,
+            "samples": samples,
+        }
+    lines = [
+        f"Two API keys, one {settings.fair_images:,}-image request each, the second"
+        f" {settings.fair_head_start:g} s after the first; {settings.workers} workers, photos of"
+        f" {SIZE[0]}×{SIZE[1]} with {settings.fair_delay:g} s of origin latency. Shares count"
+        f" the images that became final from {SETTLE_SECONDS:g} s after the second upload until"
+        " either request completed, read every half second.",
+        "",
+        *table(("weights", "first owner's share", "expected", "both running, s", "samples"), rows),
+    ]
+    return Section("B9", "two owners", lines, data, targets)
+
+
+async def _two_owners(
+    settings: BenchSettings, weights: tuple[int, int]
+) -> tuple[float, float, int]:
+    first, second = new_key(), new_key()
+    keys = (
+        f"acme:{key_hash(first)} weight={weights[0]}, globex:{key_hash(second)} weight={weights[1]}"
+    )
+    n = settings.fair_images
+    async with serve_images(SIZE, delay=settings.fair_delay) as origin:
+        with running_stack(_stack_env(settings, origin, IMGPIPE_API_KEYS=keys)) as stack:
+            timeout = aiohttp.ClientTimeout(total=1800)
+            async with aiohttp.ClientSession(timeout=timeout) as http:
+                a = await upload(
+                    http, stack, csv_bytes(_urls(origin, n, "a"), 10, "a"), api_key=first
+                )
+                await asyncio.sleep(settings.fair_head_start)  # the second owner's head start
+                b = await upload(
+                    http, stack, csv_bytes(_urls(origin, n, "b"), 10, "b"), api_key=second
+                )
+                settle = time.monotonic() + SETTLE_SECONDS
+                samples = []
+                while True:
+                    progress = [
+                        await _progress(http, stack, a.request_id, first),
+                        await _progress(http, stack, b.request_id, second),
+                    ]
+                    if any(done >= n for done in progress):
+                        break
+                    if time.monotonic() >= settle:
+                        samples.append((time.monotonic(), *progress))
+                    await asyncio.sleep(SAMPLE_SECONDS)  # the client's polling interval
+    if len(samples) < 2:
+        raise RuntimeError(f"the two requests ran together too briefly: {samples}")
+    (t0, a0, b0), (t1, a1, b1) = samples[0], samples[-1]
+    share = (a1 - a0) / max(1, (a1 - a0) + (b1 - b0))
+    log(f"B9 weights {weights}: share {share:.1%} over {t1 - t0:.1f} s")
+    return share, t1 - t0, len(samples)
+
+
+async def _progress(http: aiohttp.ClientSession, stack: Stack, request_id: str, key: str) -> int:
+    headers = {"Authorization": f"Bearer {key}"}
+    async with http.get(f"{stack.base_url}/status/{request_id}?page_size=1", headers=headers) as r:
+        status: dict[str, Any] = await r.json()
+    progress = status.get("progress") or {}
+    return int(progress.get("images_done", 0)) + int(progress.get("images_failed", 0))

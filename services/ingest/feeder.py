@@ -1,0 +1,120 @@
+"""The feeder: releases the backlog that Postgres holds onto the task stream, a window at a time,
+in fair turns (docs/scheduling.md).
+
+Ingest commits a request's images as Pending and not released; it does not XADD them. The
+feeder keeps at most `window` tasks released and not yet final (counted in Postgres, so a lost
+stream entry still counts until the reconciler republishes it). Whenever there is room it asks
+FairShare whose turn it is, XADDs those tasks and records their stream entries, which marks them
+released. It runs in every ingest, one at a time across the deployment (a Postgres advisory lock
+taken for each pass, as the reconciler does), and wakes when this ingest commits a request or
+retries images, and every `poll` seconds to see workers' progress.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import asyncpg
+import redis.asyncio as aioredis
+
+from services.common.db import queries
+from services.common.errors import BACKEND_ERRORS
+from services.common.grpc_server import wait_or_stop
+from services.common.publish import publish_releases
+from services.common.streams import StreamNames
+from services.ingest.fair_share import FairShare, Waiting
+
+log = logging.getLogger(__name__)
+
+# pg_advisory_lock key of the feeder: "feedtask" as an integer, recognisable in pg_locks.
+LEADER_LOCK_KEY = int.from_bytes(b"feedtask", "big")
+# Open requests considered in one pass; more wait for the next pass (oldest first).
+MAX_REQUESTS_PER_PASS = 1000
+# After a failed pass (Postgres or Redis down), wait this long before the next.
+RETRY_SECONDS = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class FeedPass:
+    released: int = 0
+    in_window: int = 0  # released and not final before this pass
+    leader: bool = True
+
+
+class Feeder:
+    def __init__(
+        self,
+        *,
+        pool: asyncpg.Pool,
+        redis: aioredis.Redis,
+        names: StreamNames,
+        window: int,
+        weights: Mapping[str, int] | None = None,
+        poll: float = 0.1,
+    ) -> None:
+        self.pool = pool
+        self.redis = redis
+        self.names = names
+        self.window = window
+        self.poll = poll
+        known = dict(weights or {})
+        # An owner without a configured weight (auth off, a key since removed) weighs 1.
+        self.share = FairShare(lambda owner: known.get(owner, 1))
+        self._wake = asyncio.Event()
+
+    def wake(self) -> None:
+        """Release soon: new work was committed (called by the servicer, never blocks)."""
+        self._wake.set()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """A service loop: a pass whenever woken and every `poll` seconds, until `stop`.
+        At shutdown it simply stops releasing: what is released stays on the stream for the
+        workers, what is not stays in Postgres for the next leader."""
+        while not stop.is_set():
+            self._wake.clear()  # before the pass: a wake during it means another pass
+            try:
+                result = await self.feed_once()
+            except BACKEND_ERRORS as exc:
+                log.warning("feeding failed; will retry", extra={"error": repr(exc)})
+                await wait_or_stop(stop, RETRY_SECONDS)
+                continue
+            if result.released and result.released + result.in_window >= self.window:
+                continue  # more may be waiting, and the workers may have freed room meanwhile
+            await self._sleep()
+
+    async def _sleep(self) -> None:
+        """Until woken or `poll` seconds have passed (`run` sees `stop` within one poll)."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), self.poll)
+
+    async def feed_once(self) -> FeedPass:
+        """One pass if no other feeder is in one; FeedPass(leader=False) otherwise."""
+        async with queries.leader_lock(self.pool, LEADER_LOCK_KEY) as conn:
+            return FeedPass(leader=False) if conn is None else await self._feed(conn)
+
+    async def _feed(self, conn: queries.Connection) -> FeedPass:
+        in_window = await queries.released_count(conn)
+        room = self.window - in_window
+        released = 0
+        if room > 0:
+            waiting = await queries.waiting_requests(conn, up_to=room, limit=MAX_REQUESTS_PER_PASS)
+            plan = self.share.plan(
+                [Waiting(w.request_id, w.owner, w.waiting) for w in waiting], room
+            )
+            if plan:
+                released = await self._release(conn, dict(plan))
+        # Requests with nothing left to release are marked published (the reconciler finishes
+        # only those), including ones with no images at all.
+        await queries.mark_released(conn)
+        return FeedPass(released=released, in_window=in_window)
+
+    async def _release(self, conn: queries.Connection, plan: dict[uuid.UUID, int]) -> int:
+        releases = await queries.next_waiting_images(conn, plan)
+        released = await publish_releases(conn, self.redis, self.names, releases)
+        await queries.mark_started(conn, [r.request_id for r in releases])
+        return released

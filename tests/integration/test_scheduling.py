@@ -1,0 +1,143 @@
+"""The feeder against real Postgres and Redis: a bounded window, fair turns, retries through
+the feeder (docs/scheduling.md). One pass at a time, called directly."""
+
+from __future__ import annotations
+
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator
+
+import asyncpg
+import pytest
+import redis.asyncio
+
+from services.common.csv_format import ProductRow
+from services.common.db import queries
+from services.common.pb.imgpipe.v1 import task_pb2
+from services.common.streams import TASK_FIELD, StreamNames
+from services.ingest.feeder import Feeder
+from tests.integration.flows import stream_messages
+from tests.support import own_database
+
+pytestmark = pytest.mark.integration
+
+WINDOW = 6
+
+
+@pytest.fixture
+async def pool(postgres_server_url: str) -> AsyncIterator[asyncpg.Pool]:
+    """A database of this test's own: the feeder counts its window over the whole database."""
+    async with own_database(postgres_server_url, "imgpipe_scheduling") as pool:
+        yield pool
+
+
+@pytest.fixture
+def feeder(pool: asyncpg.Pool, redis_client: redis.asyncio.Redis, names: StreamNames) -> Feeder:
+    return Feeder(pool=pool, redis=redis_client, names=names, window=WINDOW, weights={"acme": 2})
+
+
+async def stored(pool: asyncpg.Pool, images: int, owner: str = "") -> uuid.UUID:
+    """A committed request of `images` images, as ingest leaves it: nothing released."""
+    request_id = uuid.uuid4()
+    urls = tuple(f"http://a.example/{request_id}/{i}.jpg" for i in range(images))
+    async with pool.acquire() as conn, conn.transaction():
+        await queries.insert_request(
+            conn, request_id, options={}, webhook_url=None, owner=owner, idempotency_key=None
+        )
+        await queries.insert_products(conn, request_id, [ProductRow(2, "1", "Shoe", urls)])
+        await queries.complete_request_insert(
+            conn, request_id, products_total=1, images_total=images, content_hash=b""
+        )
+    return request_id
+
+
+async def on_stream(client: redis.asyncio.Redis, names: StreamNames) -> Counter[str]:
+    tasks = await stream_messages(client, names.tasks, TASK_FIELD, task_pb2.ImageTask)
+    return Counter(t.request_id for t in tasks)
+
+
+async def finish(pool: asyncpg.Pool, request_id: uuid.UUID, count: int) -> None:
+    """`count` of the request's released images recorded Done, as workers would."""
+    rows = await pool.fetch(
+        """SELECT id FROM images WHERE request_id = $1 AND status = 'Pending'
+              AND enqueued_at IS NOT NULL ORDER BY id LIMIT $2""",
+        request_id,
+        count,
+    )
+    async with pool.acquire() as conn:
+        for row in rows:
+            await queries.record_image_done(
+                conn,
+                row["id"],
+                output_key="k",
+                bytes_in=1,
+                bytes_out=1,
+                width=1,
+                height=1,
+                kept_source=False,
+            )
+
+
+async def test_the_window_bounds_what_is_on_the_stream(
+    pool: asyncpg.Pool, redis_client: redis.asyncio.Redis, names: StreamNames, feeder: Feeder
+) -> None:
+    big = await stored(pool, 50)
+
+    first = await feeder.feed_once()
+    assert (first.released, first.in_window) == (WINDOW, 0)
+    assert (await feeder.feed_once()).released == 0  # full: nothing more until images finish
+    assert await redis_client.xlen(names.tasks) == WINDOW
+
+    await finish(pool, big, 2)
+    assert (await feeder.feed_once()).released == 2
+    assert await redis_client.xlen(names.tasks) == WINDOW + 2
+
+
+async def test_a_new_request_takes_turns_with_a_running_one(
+    pool: asyncpg.Pool, redis_client: redis.asyncio.Redis, names: StreamNames, feeder: Feeder
+) -> None:
+    big = await stored(pool, 50)
+    await feeder.feed_once()
+    small = await stored(pool, 3)
+
+    await finish(pool, big, 4)
+    await feeder.feed_once()
+
+    # Of the four free places, the newcomer gets half, not the last of 50.
+    assert await on_stream(redis_client, names) == {str(big): WINDOW + 2, str(small): 2}
+
+
+async def test_owners_share_by_weight(
+    pool: asyncpg.Pool, redis_client: redis.asyncio.Redis, names: StreamNames, feeder: Feeder
+) -> None:
+    acme = await stored(pool, 50, owner="acme")  # weight 2
+    globex = await stored(pool, 50, owner="globex")  # weight 1 (no weight configured)
+
+    await feeder.feed_once()
+
+    assert await on_stream(redis_client, names) == {str(acme): 4, str(globex): 2}
+
+
+async def test_retried_images_wait_for_the_feeder(
+    pool: asyncpg.Pool, redis_client: redis.asyncio.Redis, names: StreamNames, feeder: Feeder
+) -> None:
+    request_id = await stored(pool, 2)
+    await feeder.feed_once()
+    async with pool.acquire() as conn:
+        for row in await pool.fetch("SELECT id FROM images WHERE request_id = $1", request_id):
+            await queries.record_image_failed(conn, row["id"], code="TIMEOUT", message="slow")
+        batch = await queries.retry_failed_images(conn, request_id, owner="")
+    assert batch is not None and len(batch.images) == 2
+    assert await redis_client.xlen(names.tasks) == 2  # the retry itself published nothing
+
+    assert (await feeder.feed_once()).released == 2
+    assert await on_stream(redis_client, names) == {str(request_id): 4}
+
+
+async def test_a_request_with_nothing_left_to_release_is_marked_published(
+    pool: asyncpg.Pool, feeder: Feeder
+) -> None:
+    request_id = await stored(pool, 3)
+    await feeder.feed_once()
+    published = await pool.fetchval("SELECT published_at FROM requests WHERE id = $1", request_id)
+    assert published is not None
