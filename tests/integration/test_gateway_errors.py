@@ -298,6 +298,7 @@ async def test_caller_leaving_mid_upload_cancels_the_ingest_call(
         ("quality=96", "quality"),
         ("quality=1.5", "quality"),
         ("format=gif", "format"),
+        ("effort=slow", "effort"),
         ("scale=0", "scale"),
         ("scale=1.5", "scale"),
         ("scale=nan", "scale"),
@@ -358,7 +359,7 @@ async def test_option_after_the_file_is_400_and_cancelled(
 async def test_options_before_the_file_and_in_the_query_reach_ingest(
     client_with_ingest: Client, fake_ingest: tuple[FakeIngest, str]
 ) -> None:
-    form = csv_form(("quality", "80"), ("format", "webp"))
+    form = csv_form(("quality", "80"), ("format", "webp"), ("effort", "max"))
     response = await client_with_ingest.post(
         "/upload?scale=0.5&max_width=640",
         data=form,
@@ -378,7 +379,11 @@ async def test_options_before_the_file_and_in_the_query_reach_ingest(
     [header] = servicer.headers
     assert header.idempotency_key == "key-1"
     assert header.options == task_pb2.ImageOptions(
-        quality=80, format=task_pb2.OUTPUT_FORMAT_WEBP, scale=0.5, max_width=640
+        quality=80,
+        format=task_pb2.OUTPUT_FORMAT_WEBP,
+        effort=task_pb2.EFFORT_MAX,
+        scale=0.5,
+        max_width=640,
     )
 
 
