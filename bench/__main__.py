@@ -1,14 +1,15 @@
 """make bench: the benchmark suite of issue 6 against the real stack, results in bench/results/.
 
-    python -m bench            # B1 … B9 → bench/results/latest.md, latest.json, scaling.png
+    python -m bench            # B1 … B10 → bench/results/latest.md, latest.json, scaling.png
     python -m bench B1 B4      # a subset → bench/results/subset.md and subset.json
 
 B1 codec efficiency, B2 latency hiding, B3 ingest, B4 status under load, B5 worker memory,
 B6 scaling, B7 scale-out (two worker groups sharing Postgres, Redis and SeaweedFS), B8 head of
-line and B9 two owners (fair scheduling):
-bench/settings.py lists the IMGPIPE_BENCH_* knobs and their defaults. Every
-benchmark serves generated photos from 127.0.0.1 and talks to 127.0.0.1 only. None of this is
-a test: nothing asserts a timing; the report compares the figures with the issue's targets.
+line and B9 two owners (fair scheduling), B10 encoder settings (CPU and bytes of every
+candidate; in-process, no stack): bench/settings.py lists the IMGPIPE_BENCH_* knobs and their
+defaults. Every benchmark serves real photographs (tests/photos.py) from 127.0.0.1 and talks to
+127.0.0.1 only. None of this is a test: nothing asserts a timing; the report compares the
+figures with the issue's targets.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import aiohttp
 
-from bench import codec, fairness, ingest, memory, scaleout, scaling, status_load
+from bench import codec, encoders, fairness, ingest, memory, scaleout, scaling, status_load
 from bench.corpus import Corpus
 from bench.pipeline import log
 from bench.procs import machine
@@ -67,6 +68,7 @@ async def main(argv: list[str]) -> int:
             (("B7",), lambda: _one(scaleout.run(settings))),
             (("B8",), lambda: _one(fairness.run_b8(settings))),
             (("B9",), lambda: _one(fairness.run_b9(settings))),
+            (("B10",), lambda: _one(asyncio.to_thread(encoders.run))),
         ]
         for covers, run in suite:
             chosen = [name for name in covers if name in names]

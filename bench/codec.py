@@ -10,35 +10,78 @@ from __future__ import annotations
 
 import asyncio
 import os
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from functools import partial
 
 import aiohttp
 
 from bench.corpus import Corpus, PillowRun, pillow_loop
 from bench.cpu import CpuMeter
-from bench.pipeline import log, process, running_stack
-from bench.procs import measured, peak_rss_mb
+from bench.pipeline import log, output_bytes, process, running_stack
+from bench.procs import Groups, measured, peak_rss_mb
 from bench.report import Section, Target, cpu_lines, median, table
 from bench.settings import BenchSettings
+from services.common.encoders import Effort, encoder_settings
 from tests.origin import serve_images
+from tests.stack import Stack
 
 TIMEOUT = 900.0  # the longest one pipeline run may take
 WARMUP_IMAGES = 40
 
 
+# The efforts B1 measures: every JPEG encoder setting of services/common/encoders.py once
+# (max is balanced for JPEG; it is reported as such, not run twice).
+EFFORTS = tuple(dict.fromkeys(Effort, None))
+HALF = "balanced, scale=0.5"
+
+
 @dataclass(frozen=True, slots=True)
+class Side:
+    images_per_s: float
+    cpu_ms: float  # per image, every process of this side
+    kib: float  # average output
+
+
+@dataclass
 class B1Run:
-    pillow: PillowRun
-    pillow_others: float  # share of the machine's CPU used outside bench and stack meanwhile
-    pipeline_s: float
-    pipeline_cpu_s: float  # every stack process: services, Postgres, Redis
-    pipeline_others: float
+    plain: Side  # Pillow loop with Pillow's defaults at quality 50
+    same: dict[str, Side] = field(default_factory=dict)  # Pillow loop with an effort's settings
+    pipeline: dict[str, Side] = field(default_factory=dict)  # by effort, and HALF
+    others: float = 0.0  # share of the machine's CPU used outside bench and stack
+
+
+def _effort_figures(runs: list[B1Run], effort: str) -> dict[str, float]:
+    """Medians over the runs of one effort's figures."""
+    pipeline = [r.pipeline[effort] for r in runs]
+    return {
+        "pipeline_images_per_s": median([p.images_per_s for p in pipeline]),
+        "pipeline_cpu_ms": median([p.cpu_ms for p in pipeline]),
+        "pipeline_kib": median([p.kib for p in pipeline]),
+        "same_loop_images_per_s": median([r.same[effort].images_per_s for r in runs]),
+        "plumbing": median(
+            [r.pipeline[effort].images_per_s / r.same[effort].images_per_s for r in runs]
+        ),
+        "vs_plain": median([r.pipeline[effort].images_per_s / r.plain.images_per_s for r in runs]),
+        "bytes_vs_plain": median([r.pipeline[effort].kib / r.plain.kib for r in runs]),
+    }
+
+
+def _distinct_efforts() -> list[Effort]:
+    seen: dict[tuple[tuple[str, object], ...], Effort] = {}
+    for effort in Effort:
+        seen.setdefault(tuple(sorted(encoder_settings("jpeg", effort).items())), effort)
+    return list(seen.values())
+
+
+def _loop_side(run: PillowRun, count: int) -> Side:
+    return Side(run.images_per_s, run.cpu_ms_per_image, run.output_bytes / count / 1024)
 
 
 async def run(settings: BenchSettings, corpus: Corpus, names: tuple[str, ...]) -> list[Section]:
     count, cores = settings.images, os.cpu_count() or 1
     paths = corpus.ensure(count)
+    efforts = _distinct_efforts()
     async with (
         serve_images(corpus.size) as prompt,
         serve_images(corpus.size, delay=settings.origin_delay) as slow,
@@ -58,36 +101,71 @@ async def run(settings: BenchSettings, corpus: Corpus, names: tuple[str, ...]) -
                 # Connections, pools, threads and imports warm up outside the measurement.
                 await process(http, stack, fast_urls[:WARMUP_IMAGES], "warm", within=TIMEOUT)
                 for i in range(settings.runs):
-                    pillow_meter, run_meter = CpuMeter(), CpuMeter()
-                    if "B1" in names:
-                        with pillow_meter.measure(groups):
-                            pillow = await asyncio.to_thread(pillow_loop, paths, cores)
-                    with meter.measure(groups), run_meter.measure(groups):
-                        _, seconds = await process(http, stack, fast_urls, f"f{i}", within=TIMEOUT)
-                    fast.append(seconds)
-                    if "B1" in names:
-                        # The pool's processes are not in `groups`: take them out of "others".
-                        others = pillow_meter.others_share - pillow.cpu_s / pillow_meter.machine
-                        b1.append(
-                            B1Run(
-                                pillow,
-                                others,
-                                seconds,
-                                run_meter.stack_seconds(),
-                                run_meter.others_share,
+                    machine_meter = CpuMeter()
+                    with machine_meter.measure(groups):
+                        if "B1" in names:
+                            plain = await asyncio.to_thread(pillow_loop, paths, cores)
+                            current = B1Run(_loop_side(plain, count))
+                            for effort in efforts:
+                                same = {"quality": 50, **encoder_settings("jpeg", effort)}
+                                loop = await asyncio.to_thread(pillow_loop, paths, cores, same)
+                                current.same[effort] = _loop_side(loop, count)
+                                current.pipeline[effort] = await _pipeline(
+                                    http,
+                                    stack,
+                                    groups,
+                                    meter,
+                                    fast_urls,
+                                    f"{effort}{i}",
+                                    {"effort": effort.value},
+                                )
+                            current.pipeline[HALF] = await _pipeline(
+                                http,
+                                stack,
+                                groups,
+                                meter,
+                                fast_urls,
+                                f"half{i}",
+                                {"scale": "0.5"},
                             )
-                        )
-                    if "B2" in names:
-                        _, seconds = await process(http, stack, slow_urls, f"s{i}", within=TIMEOUT)
-                        delayed.append(seconds)
+                            b1.append(current)
+                        if b1:  # B2's reference: the balanced run just measured
+                            fast.append(count / b1[-1].pipeline[Effort.BALANCED].images_per_s)
+                        else:
+                            fast.append(await _seconds(http, stack, fast_urls, f"f{i}"))
+                        if "B2" in names:
+                            delayed.append(await _seconds(http, stack, slow_urls, f"s{i}"))
+                    if b1:
+                        b1[-1].others = machine_meter.others_share
                     log(_progress(i, settings.runs, count, b1, fast, delayed))
             peaks = peak_rss_mb(stack)
     sections = []
     if "B1" in names:
-        sections.append(_b1(settings, cores, b1, meter, peaks))
+        sections.append(_b1(settings, cores, efforts, b1, meter, peaks))
     if "B2" in names:
         sections.append(_b2(settings, fast, delayed))
     return sections
+
+
+async def _pipeline(
+    http: aiohttp.ClientSession,
+    stack: Stack,
+    groups: Callable[[], Groups],
+    meter: CpuMeter,
+    urls: list[str],
+    tag: str,
+    options: dict[str, str],
+) -> Side:
+    run_meter = CpuMeter()
+    with meter.measure(groups), run_meter.measure(groups):
+        request_id, seconds = await process(http, stack, urls, tag, within=TIMEOUT, query=options)
+    total = await output_bytes(http, stack, request_id)
+    count = len(urls)
+    return Side(count / seconds, 1000 * run_meter.stack_seconds() / count, total / count / 1024)
+
+
+async def _seconds(http: aiohttp.ClientSession, stack: Stack, urls: list[str], tag: str) -> float:
+    return (await process(http, stack, urls, tag, within=TIMEOUT))[1]
 
 
 def _progress(
@@ -95,7 +173,9 @@ def _progress(
 ) -> str:
     parts = [f"B1/B2 run {i + 1}/{runs}:"]
     if b1:
-        parts.append(f"Pillow {b1[-1].pillow.images_per_s:.1f}/s,")
+        last = b1[-1]
+        parts.append(f"plain Pillow {last.plain.images_per_s:.1f}/s,")
+        parts += [f"{name} {side.images_per_s:.1f}/s," for name, side in last.pipeline.items()]
     parts.append(f"pipeline {count / fast[-1]:.1f}/s ({fast[-1]:.1f} s)")
     if delayed:
         parts.append(f", with origin delay {delayed[-1]:.1f} s")
@@ -103,69 +183,117 @@ def _progress(
 
 
 def _b1(
-    settings: BenchSettings, cores: int, runs: list[B1Run], meter: CpuMeter, peaks: dict[str, float]
+    settings: BenchSettings,
+    cores: int,
+    efforts: list[Effort],
+    runs: list[B1Run],
+    meter: CpuMeter,
+    peaks: dict[str, float],
 ) -> Section:
-    count = settings.images
-    pillow = [r.pillow.images_per_s for r in runs]
-    pipeline = [count / r.pipeline_s for r in runs]
-    ratios = [p / b for p, b in zip(pipeline, pillow, strict=True)]
-    pillow_ms = [r.pillow.cpu_ms_per_image for r in runs]
-    pipeline_ms = [1000 * r.pipeline_cpu_s / count for r in runs]
-    cpu_ratios = [b / p for b, p in zip(pillow_ms, pipeline_ms, strict=True)]
-    ratio, cpu_ratio = median(ratios), median(cpu_ratios)
+    def med(values: Callable[[B1Run], float]) -> float:
+        return median([values(r) for r in runs])
+
     rows: list[tuple[object, ...]] = [
         (
-            i + 1,
-            f"{r.pillow.images_per_s:.1f}",
-            f"{p:.1f}",
-            f"**{q:.2f}**",
-            f"{r.pillow.cpu_ms_per_image:.1f}",
-            f"{1000 * r.pipeline_cpu_s / count:.1f}",
-            f"{c:.2f}",
-            f"{r.pillow_others:.0%} / {r.pipeline_others:.0%}",
-        )
-        for i, (r, p, q, c) in enumerate(zip(runs, pipeline, ratios, cpu_ratios, strict=True))
+            "plain Pillow loop (quality=50)",
+            f"{med(lambda r: r.plain.images_per_s):.1f}",
+            f"{med(lambda r: r.plain.cpu_ms):.1f}",
+            f"{med(lambda r: r.plain.kib):.1f}",
+            "",
+            "1.00",
+            "1.00",
+        ),
     ]
+    figures: dict[str, dict[str, float]] = {}
+    targets: list[Target] = []
+    for effort in efforts:
+        f = figures[effort.value] = _effort_figures(runs, effort)
+        also = " (= max)" if effort is Effort.BALANCED and Effort.MAX not in efforts else ""
+        rows.append(
+            (
+                f"pipeline, effort={effort.value}{also}",
+                f"{f['pipeline_images_per_s']:.1f}",
+                f"{f['pipeline_cpu_ms']:.1f}",
+                f"{f['pipeline_kib']:.1f}",
+                f"**{f['plumbing']:.2f}** (loop {f['same_loop_images_per_s']:.1f}/s)",
+                f"**{f['vs_plain']:.2f}**",
+                f"**{f['bytes_vs_plain']:.2f}**",
+            )
+        )
+        targets.append(
+            Target(
+                "B1",
+                f"{effort.value}: plumbing (pipeline / same-settings loop)",
+                f"{f['plumbing']:.2f}",
+                "≥ 0.95",
+                f["plumbing"] >= 0.95,
+            )
+        )
+    half = med(lambda r: r.pipeline[HALF].images_per_s / r.pipeline[Effort.BALANCED].images_per_s)
     rows.append(
         (
-            "**median**",
-            f"{median(pillow):.1f}",
-            f"{median(pipeline):.1f}",
-            f"**{ratio:.2f}**",
-            f"{median(pillow_ms):.1f}",
-            f"{median(pipeline_ms):.1f}",
-            f"{cpu_ratio:.2f}",
+            f"pipeline, {HALF}",
+            f"{med(lambda r: r.pipeline[HALF].images_per_s):.1f}",
+            f"{med(lambda r: r.pipeline[HALF].cpu_ms):.1f}",
+            f"{med(lambda r: r.pipeline[HALF].kib):.1f}",
+            f"{half:.2f}× full size",
+            f"{med(lambda r: r.pipeline[HALF].images_per_s / r.plain.images_per_s):.2f}",
             "",
         )
     )
+    fast_ratio = figures[Effort.FAST.value]["vs_plain"]
+    balanced = figures[Effort.BALANCED.value]
+    targets += [
+        Target(
+            "B1", "fast / plain Pillow, images/s", f"{fast_ratio:.2f}", "≥ 0.90", fast_ratio >= 0.90
+        ),
+        Target(
+            "B1",
+            "balanced / plain Pillow, images/s",
+            f"{balanced['vs_plain']:.2f}",
+            "≥ 0.68 (1.3 × 0.52)",
+            balanced["vs_plain"] >= 0.68,
+        ),
+        Target(
+            "B1",
+            "balanced bytes / plain Pillow bytes",
+            f"{balanced['bytes_vs_plain']:.2f}",
+            "< 1",
+            balanced["bytes_vs_plain"] < 1,
+        ),
+        Target("B1", "scale=0.5 / full size, images/s", f"{half:.2f}", "≥ 2", half >= 2),
+    ]
     lines = [
-        f"{count} photos of 1200×1200 per run, {settings.workers} worker processes (default"
-        " concurrency and threads). Plain Pillow loop: decode, convert RGB, JPEG quality 50"
-        f" with optimize and progressive (the pipeline's defaults), in {cores} processes over"
-        " the same files. Pipeline: POST /upload until the request is Completed (the server's"
-        " completed_at), every image through gateway, ingest, Redis, a worker, storage and"
-        " Postgres. The two alternate within each run; ratio per run, then the median.",
+        f"{settings.images} real photographs (tests/photos.py) of 1200×1200 per run, q90"
+        f" sources; {settings.workers} worker processes (default concurrency and threads)."
+        f" Pillow loops run in {cores} processes over the same files: decode, convert RGB, JPEG"
+        " quality 50, either with Pillow's defaults (the plain loop) or with the effort's"
+        " settings (the same-settings loop). Pipeline: POST /upload until Completed, every"
+        " image through gateway, ingest, Redis, a worker, storage and Postgres. Everything"
+        " alternates within each run; ratios per run, then the median of"
+        f" {len(runs)} runs.",
         "",
-        "CPU per image counts every process of each side (the pipeline: all services, Postgres"
-        " and Redis; not the bench's origin); its ratio (Pillow ÷ pipeline) does not depend on"
-        ' what else the machine runs. "Others" is the share of the machine\'s CPU that'
-        " processes outside imgpipe and the bench used meanwhile (other people's work).",
+        "Plumbing = pipeline ÷ the loop with the same settings (what the services cost);"
+        " vs plain = pipeline ÷ the plain loop (what the settings cost too); bytes = average"
+        " output ÷ the plain loop's.",
         "",
         *table(
             (
-                "run",
-                "Pillow loop, images/s",
-                "pipeline, images/s",
-                "B1 ratio",
-                "Pillow CPU ms/image",
-                "pipeline CPU ms/image",
-                "CPU ratio",
-                "others during Pillow / pipeline",
+                "side",
+                "images/s",
+                "CPU ms/image",
+                "average KiB",
+                "plumbing",
+                "vs plain",
+                "bytes vs plain",
             ),
             rows,
         ),
         "",
-        *cpu_lines(meter.table(), meter.wall, f"the {settings.runs} measured pipeline runs"),
+        "Others (CPU of processes outside imgpipe and the bench) per run: "
+        + ", ".join(f"{r.others:.0%}" for r in runs),
+        "",
+        *cpu_lines(meter.table(), meter.wall, "the measured pipeline runs"),
         "Peak RSS (VmHWM) after the runs, MB: "
         + ", ".join(f"{name} {mb:.0f}" for name, mb in sorted(peaks.items())),
     ]
@@ -174,29 +302,19 @@ def _b1(
         "codec efficiency",
         lines,
         {
-            "images": count,
+            "images": settings.images,
             "workers": settings.workers,
             "pillow_processes": cores,
-            "pillow_images_per_s": pillow,
-            "pipeline_images_per_s": pipeline,
-            "ratios": ratios,
-            "median_ratio": ratio,
-            "pillow_cpu_ms_per_image": pillow_ms,
-            "pipeline_cpu_ms_per_image": pipeline_ms,
-            "median_cpu_ratio": cpu_ratio,
-            "others_share_pillow": [r.pillow_others for r in runs],
-            "others_share_pipeline": [r.pipeline_others for r in runs],
+            "efforts": figures,
+            "scale_half_vs_full": half,
+            "plain_images_per_s": [r.plain.images_per_s for r in runs],
+            "plain_kib": [r.plain.kib for r in runs],
+            "others_share": [r.others for r in runs],
             "cpu": meter.table(),
             "cpu_wall_s": meter.wall,
             "peak_rss_mb": peaks,
         },
-        [
-            Target(
-                "B1", "pipeline / Pillow loop, images/s", f"{ratio:.2f}", "≥ 0.85", ratio >= 0.85
-            ),
-            Target("B1", "pipeline images/s", f"{median(pipeline):.1f}", "—", None),
-            Target("B1", "CPU per image, Pillow / pipeline", f"{cpu_ratio:.2f}", "—", None),
-        ],
+        targets,
     )
 
 

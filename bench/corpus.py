@@ -1,7 +1,9 @@
-"""The generated photos every benchmark serves, and the plain Pillow loop they are measured by.
+"""The photos every benchmark serves, and the plain Pillow loops they are measured by.
 
-Photos are generated once per suite run, in one process per core, into a temporary folder;
-the origin serves their bytes and the Pillow loop reads the very same files.
+Photos are real photographs (tests/photos.py: scikit-image's bundled nine, cropped, turned and
+tiled so that every seed differs), written as q90 JPEGs once per suite run, in one process per
+core, into a temporary folder; the origin serves their bytes and the Pillow loops read the
+very same files.
 """
 
 from __future__ import annotations
@@ -10,16 +12,21 @@ import io
 import os
 import resource
 import time
+from collections.abc import Mapping
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 from PIL import Image
 
 from bench.pipeline import log
-from tests.imagegen import photo_like
+from tests import photos
 from tests.origin import ImageOrigin
+
+# A plain Pillow loop: what anyone would write first (decode, RGB, save at quality 50).
+PLAIN: dict[str, Any] = {"quality": 50}
 
 
 class Corpus:
@@ -57,17 +64,16 @@ class Corpus:
 
 def _generate(folder: str, size: tuple[int, int], seed: int) -> str:
     path = Path(folder) / f"{seed}.jpg"
-    path.write_bytes(photo_like(*size, seed=seed))
+    path.write_bytes(photos.jpeg(photos.sized(seed, *size)))
     return str(path)
 
 
-def encode_like_pipeline(path: str) -> int:
-    """What the pipeline does to a JPEG with default options: decode, RGB, JPEG q50 with
-    optimize and progressive (services/common/imaging.py `compress` and `_encode`)."""
+def encode(settings: Mapping[str, Any], path: str) -> int:
+    """Decode, RGB, JPEG with `settings` (Pillow save() arguments); the output's bytes."""
     data = Path(path).read_bytes()  # from the page cache: microseconds against milliseconds
     with Image.open(io.BytesIO(data)) as image:
         out = io.BytesIO()
-        image.convert("RGB").save(out, "JPEG", quality=50, optimize=True, progressive=True)
+        image.convert("RGB").save(out, "JPEG", **settings)
         return out.tell()
 
 
@@ -76,25 +82,30 @@ class PillowRun:
     images_per_s: float
     cpu_s: float  # CPU time of the pool processes, warm-up and start-up included
     images: int  # warm-up included
+    output_bytes: int  # of the measured images
 
     @property
     def cpu_ms_per_image(self) -> float:
         return 1000 * self.cpu_s / self.images
 
 
-def pillow_loop(paths: list[Path], processes: int) -> PillowRun:
-    """The plain Pillow loop over `paths` in `processes` processes: throughput and CPU cost.
+def pillow_loop(
+    paths: list[Path], processes: int, settings: Mapping[str, Any] = PLAIN
+) -> PillowRun:
+    """The Pillow loop over `paths` in `processes` processes, saving with `settings`:
+    throughput, CPU cost and bytes.
 
     Must not overlap with other child processes ending: their CPU time would count too.
     """
     names = [str(p) for p in paths]
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
     with ProcessPoolExecutor(processes) as pool:
-        list(pool.map(encode_like_pipeline, names[:processes]))  # start and warm the workers
+        one = partial(encode, dict(settings))
+        list(pool.map(one, names[:processes]))  # start and warm the workers
         started = time.perf_counter()
-        list(pool.map(encode_like_pipeline, names, chunksize=4))
+        output = sum(pool.map(one, names, chunksize=4))
         rate = len(names) / (time.perf_counter() - started)
     # The pool's processes have ended and been reaped: their CPU time is now the children's.
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = after.ru_utime + after.ru_stime - children.ru_utime - children.ru_stime
-    return PillowRun(rate, cpu, len(names) + processes)
+    return PillowRun(rate, cpu, len(names) + processes, output)

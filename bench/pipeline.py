@@ -70,11 +70,17 @@ class Accepted:
 
 
 async def upload(
-    http: aiohttp.ClientSession, stack: Stack, body: Body, *, api_key: str = ""
+    http: aiohttp.ClientSession,
+    stack: Stack,
+    body: Body,
+    query: dict[str, str] | None = None,
+    *,
+    api_key: str = "",
 ) -> Accepted:
     started_at, started = time.time(), time.perf_counter()
     headers = CSV_HEADERS | ({"Authorization": f"Bearer {api_key}"} if api_key else {})
-    async with http.post(f"{stack.base_url}/upload", data=body, headers=headers) as response:
+    url = f"{stack.base_url}/upload"
+    async with http.post(url, data=body, headers=headers, params=query) as response:
         answer = await response.json()
         if response.status != 202:
             raise RuntimeError(f"upload answered {response.status}: {answer}")
@@ -118,14 +124,29 @@ async def process(
     *,
     within: float,
     per_row: int = 10,
+    query: dict[str, str] | None = None,
 ) -> tuple[str, float]:
     """Seconds from the start of the POST until the request was Completed (the server's
     completed_at, so the polling interval adds nothing), with the request id; every image
     must succeed."""
-    accepted = await upload(http, stack, csv_bytes(urls, per_row, tag))
+    accepted = await upload(http, stack, csv_bytes(urls, per_row, tag), query)
     status = await wait_final(http, stack, accepted.request_id, within)
     progress = status["progress"]
     if status["status"] != "Completed" or progress["images_done"] != len(urls):
         raise RuntimeError(f"request {accepted.request_id} ended {status['status']}: {progress}")
     completed = datetime.fromisoformat(str(status["completed_at"])).timestamp()
     return accepted.request_id, completed - accepted.started_at
+
+
+async def output_bytes(http: aiohttp.ClientSession, stack: Stack, request_id: str) -> int:
+    """The total size of a request's outputs, from its status pages."""
+    total, token = 0, ""
+    for _ in range(10_000):  # pages of 1,000 products: 10 million products at most
+        url = f"{stack.base_url}/status/{request_id}?page_size=1000&page_token={token}"
+        async with http.get(url) as response:
+            status: dict[str, Any] = await response.json()
+        total += sum(sum(p.get("output_bytes") or []) for p in status["products"])
+        token = status.get("next_page_token") or ""
+        if not token:
+            return total
+    raise RuntimeError(f"request {request_id}: too many status pages")

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
-BENCHMARKS = ("B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B9")
+BENCHMARKS = ("B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B9", "B10")
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,5 +108,7 @@ def select(argv: list[str]) -> tuple[str, ...]:
     wanted = {arg.upper() for arg in argv}
     unknown = sorted(wanted - set(BENCHMARKS))
     if unknown:
-        raise ValueError(f"unknown benchmark(s) {', '.join(unknown)}; choose from B1 … B9")
+        raise ValueError(
+            f"unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)}"
+        )
     return tuple(name for name in BENCHMARKS if not wanted or name in wanted)

@@ -36,7 +36,15 @@ from services.common.pb.imgpipe.v1 import task_pb2
 
 CHUNK_SIZE = 64 * 1024
 CSV_MEDIA_TYPES = frozenset({"text/csv", "application/csv", "text/plain"})
-OPTION_FIELDS = ("webhook_url", "quality", "format", "scale", "max_width", "max_height")
+OPTION_FIELDS = (
+    "webhook_url",
+    "quality",
+    "format",
+    "effort",
+    "scale",
+    "max_width",
+    "max_height",
+)
 FILE_FIELD = "file"
 # Room for boundaries, part headers and option fields when the declared length of a
 # multipart body is compared with the limit on the file itself.
@@ -52,6 +60,11 @@ _FORMATS = {
     "jpeg": task_pb2.OUTPUT_FORMAT_JPEG,
     "webp": task_pb2.OUTPUT_FORMAT_WEBP,
     "png": task_pb2.OUTPUT_FORMAT_PNG,
+}
+_EFFORTS = {
+    "fast": task_pb2.EFFORT_FAST,
+    "balanced": task_pb2.EFFORT_BALANCED,
+    "max": task_pb2.EFFORT_MAX,
 }
 
 
@@ -173,16 +186,19 @@ def build_header(values: Mapping[str, str], idempotency_key: str = "") -> ingest
         max_width=integer("max_width", 0, _UINT32_MAX, "a whole number of pixels (0: no limit)"),
         max_height=integer("max_height", 0, _UINT32_MAX, "a whole number of pixels (0: no limit)"),
     )
-    if raw_format := value("format"):
-        if raw_format.lower() in _FORMATS:
-            options.format = _FORMATS[raw_format.lower()]
-        else:
-            problems.append(
-                Detail(
-                    message=f"format must be one of jpeg, webp, png, not {raw_format[:40]!r}",
-                    column="format",
-                )
-            )
+
+    def choice(name: str, choices: Mapping[str, int]) -> int:
+        raw = value(name)
+        if not raw or raw.lower() in choices:
+            return choices.get(raw.lower(), 0)
+        allowed = ", ".join(choices)
+        problems.append(
+            Detail(message=f"{name} must be one of {allowed}, not {raw[:40]!r}", column=name)
+        )
+        return 0
+
+    options.format = choice("format", _FORMATS)  # type: ignore[assignment]
+    options.effort = choice("effort", _EFFORTS)  # type: ignore[assignment]
     if raw_scale := value("scale"):
         try:
             scale = float(raw_scale)

@@ -27,6 +27,7 @@ SERVICES = {
     "worker": "services.worker",
 }
 FORMATS = ("jpeg", "webp", "png")
+EFFORTS = ("fast", "balanced", "max")
 INTERRUPTED = 130
 
 DESCRIPTION = """\
@@ -66,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("file", metavar="FILE.csv", type=Path, help="the CSV to upload")
     up.add_argument("--quality", type=int, metavar="N", help="JPEG/WebP quality, 1-95 (50)")
     up.add_argument("--format", choices=FORMATS, help="output format (jpeg)")
+    up.add_argument(
+        "--effort", choices=EFFORTS, help="CPU against bytes at the same quality (balanced)"
+    )
     up.add_argument("--scale", type=float, metavar="S", help="resize by S, 0 < S <= 1")
     up.add_argument("--max-width", type=_count, metavar="N", help="largest width in pixels")
     up.add_argument("--max-height", type=_count, metavar="N", help="largest height in pixels")
@@ -219,6 +223,7 @@ def _upload(args: argparse.Namespace, target: commands.Target) -> int:
     options = UploadOptions(
         quality=args.quality,
         format=args.format,
+        effort=args.effort,
         scale=args.scale,
         max_width=args.max_width,
         max_height=args.max_height,

@@ -36,6 +36,7 @@ class UploadOptions:
 
     quality: int | None = None
     format: str | None = None
+    effort: str | None = None
     scale: float | None = None
     max_width: int | None = None
     max_height: int | None = None
@@ -46,6 +47,7 @@ class UploadOptions:
         values = {
             "quality": self.quality,
             "format": self.format,
+            "effort": self.effort,
             "scale": self.scale,
             "max_width": self.max_width,
             "max_height": self.max_height,

@@ -8,7 +8,7 @@
 
   // The order of the form's multipart fields: options first, the file last (the server needs
   // the options before the CSV's first byte).
-  const OPTION_FIELDS = ["quality", "format", "scale", "max_width", "max_height", "webhook_url"];
+  const OPTION_FIELDS = ["quality", "format", "effort", "scale", "max_width", "max_height", "webhook_url"];
   const PAGE_SIZE = 100;
   const FINAL = new Set(["Completed", "Failed"]);
   const RETRY_MS = 2000;

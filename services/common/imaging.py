@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from PIL import ExifTags, Image, ImageCms, UnidentifiedImageError
 
 from services.common.budget import PixelBudget
+from services.common.encoders import Effort, encoder_settings
 from services.common.outcome import ImageFailure, OutcomeCode
 
 # Pillow plugins we let parse untrusted bytes. Everything else (EPS runs Ghostscript, PDF,
@@ -85,6 +86,7 @@ class ImageOptions:
     scale: float = 1.0  # 0 < scale <= 1
     max_width: int = 0  # 0 = no limit
     max_height: int = 0
+    effort: Effort = Effort.BALANCED  # CPU against bytes, same pixels (encoders.py)
 
     def validate(self) -> list[str]:
         """Human messages, one per bad field; [] when every field is fine."""
@@ -104,6 +106,9 @@ class ImageOptions:
             value = getattr(self, name)
             if not _is_int(value) or value < 0:
                 problems.append(f"{name} must be 0 (no limit) or a positive integer, not {value!r}")
+        if self.effort not in tuple(Effort):
+            choices = ", ".join(e.value for e in Effort)
+            problems.append(f"effort must be one of {choices}, not {self.effort!r}")
         return problems
 
 
@@ -527,12 +532,12 @@ def _for_output(img: Image.Image, output: OutputFormat) -> Image.Image:
 
 def _encode(img: Image.Image, options: ImageOptions) -> bytes:
     out = io.BytesIO()
-    if options.format == OutputFormat.JPEG:
-        img.save(out, "JPEG", quality=options.quality, optimize=True, progressive=True)
-    elif options.format == OutputFormat.WEBP:
-        img.save(out, "WEBP", quality=options.quality, method=4)
+    output = OutputFormat(options.format)
+    settings = encoder_settings(output.value, Effort(options.effort))
+    if output is OutputFormat.PNG:
+        img.save(out, "PNG", **settings)  # lossless: quality does not apply
     else:
-        img.save(out, "PNG", optimize=True)
+        img.save(out, output.value.upper(), quality=options.quality, **settings)
     return out.getvalue()
 
 

@@ -10,6 +10,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from services.common import tracing
 from services.common.db import queries
+from services.common.encoders import Effort
 from services.common.errors import NotFound
 from services.common.imaging import ImageOptions, OutputFormat
 from services.common.pb.imgpipe.v1 import request_pb2, task_pb2
@@ -20,10 +21,16 @@ _TO_PROTO = {
     OutputFormat.PNG: task_pb2.OUTPUT_FORMAT_PNG,
 }
 _FROM_PROTO = {value: key for key, value in _TO_PROTO.items()}
+_EFFORT_TO_PROTO = {
+    Effort.FAST: task_pb2.EFFORT_FAST,
+    Effort.BALANCED: task_pb2.EFFORT_BALANCED,
+    Effort.MAX: task_pb2.EFFORT_MAX,
+}
+_EFFORT_FROM_PROTO = {value: key for key, value in _EFFORT_TO_PROTO.items()}
 
 
 def from_proto(pb: task_pb2.ImageOptions) -> ImageOptions:
-    """Zero values mean the defaults (DESIGN.md): JPEG, quality 50, no resize."""
+    """Zero values mean the defaults: JPEG, quality 50, no resize, balanced effort."""
     defaults = ImageOptions()
     return ImageOptions(
         format=_FROM_PROTO.get(pb.format, defaults.format),
@@ -31,6 +38,7 @@ def from_proto(pb: task_pb2.ImageOptions) -> ImageOptions:
         scale=pb.scale or defaults.scale,
         max_width=pb.max_width,
         max_height=pb.max_height,
+        effort=_EFFORT_FROM_PROTO.get(pb.effort, defaults.effort),
     )
 
 
@@ -41,6 +49,7 @@ def to_proto(options: ImageOptions) -> task_pb2.ImageOptions:
         scale=options.scale,
         max_width=options.max_width,
         max_height=options.max_height,
+        effort=_EFFORT_TO_PROTO[options.effort],
     )
 
 
@@ -51,6 +60,7 @@ def to_json(options: ImageOptions) -> dict[str, Any]:
         "scale": options.scale,
         "max_width": options.max_width,
         "max_height": options.max_height,
+        "effort": options.effort.value,
     }
 
 
@@ -61,6 +71,9 @@ def from_json(data: dict[str, Any]) -> ImageOptions:
         scale=float(data.get("scale", 1.0)),
         max_width=int(data.get("max_width", 0)),
         max_height=int(data.get("max_height", 0)),
+        # Requests stored before effort existed were encoded with optimize + progressive;
+        # balanced is what they would get now.
+        effort=Effort(data.get("effort", Effort.BALANCED.value)),
     )
 
 

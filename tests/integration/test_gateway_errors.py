@@ -380,6 +380,7 @@ async def test_an_unknown_form_field_is_400_naming_it(client: Client) -> None:
         ("quality=96", "quality"),
         ("quality=1.5", "quality"),
         ("format=gif", "format"),
+        ("effort=slow", "effort"),
         ("scale=0", "scale"),
         ("scale=1.5", "scale"),
         ("scale=nan", "scale"),
@@ -440,7 +441,7 @@ async def test_option_after_the_file_is_400_and_cancelled(
 async def test_options_before_the_file_and_in_the_query_reach_ingest(
     client_with_ingest: Client, fake_ingest: tuple[FakeIngest, str]
 ) -> None:
-    form = csv_form(("quality", "80"), ("format", "webp"))
+    form = csv_form(("quality", "80"), ("format", "webp"), ("effort", "max"))
     response = await client_with_ingest.post(
         "/upload?scale=0.5&max_width=640",
         data=form,
@@ -462,7 +463,11 @@ async def test_options_before_the_file_and_in_the_query_reach_ingest(
     [header] = servicer.headers
     assert header.idempotency_key == "key-1"
     assert header.options == task_pb2.ImageOptions(
-        quality=80, format=task_pb2.OUTPUT_FORMAT_WEBP, scale=0.5, max_width=640
+        quality=80,
+        format=task_pb2.OUTPUT_FORMAT_WEBP,
+        effort=task_pb2.EFFORT_MAX,
+        scale=0.5,
+        max_width=640,
     )
 
 

@@ -72,6 +72,7 @@ async def test_the_page_is_self_contained_and_its_form_works_without_javascript(
     assert set(fields) == {
         "quality",
         "format",
+        "effort",
         "scale",
         "max_width",
         "max_height",

@@ -141,7 +141,7 @@ def failure_of(data: bytes, **kwargs: object) -> ImageFailure:
 # --- default JPEG output ------------------------------------------------------------------
 
 
-def test_jpeg_output_is_smaller_progressive_and_stripped() -> None:
+def test_jpeg_output_is_smaller_and_stripped() -> None:
     source = encode(
         photo(),
         "JPEG",
@@ -164,7 +164,9 @@ def test_jpeg_output_is_smaller_progressive_and_stripped() -> None:
     assert out.format == "JPEG"
     assert out.size == (result.width, result.height) == (320, 240)
     assert out.mode == "RGB"
-    assert out.info.get("progressive") or out.info.get("progression")
+    # Balanced JPEG is sequential with optimised Huffman tables: progressive costs 2.4x the
+    # CPU for no smaller files (services/common/encoders.py).
+    assert not (out.info.get("progressive") or out.info.get("progression"))
     assert "exif" not in out.info
     assert "icc_profile" not in out.info
     assert not out.getexif()

@@ -38,10 +38,40 @@ OUTPUT_FORMAT_WEBP: OutputFormat.ValueType  # 2
 OUTPUT_FORMAT_PNG: OutputFormat.ValueType  # 3
 Global___OutputFormat: _TypeAlias = OutputFormat  # noqa: Y015
 
+class _Effort:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _EffortEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Effort.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    EFFORT_UNSPECIFIED: _Effort.ValueType  # 0
+    """The default: balanced."""
+    EFFORT_FAST: _Effort.ValueType  # 1
+    """The least CPU per image."""
+    EFFORT_BALANCED: _Effort.ValueType  # 2
+    """On the Pareto front of CPU and bytes, with the most bytes saved per extra CPU second."""
+    EFFORT_MAX: _Effort.ValueType  # 3
+    """The smallest files."""
+
+class Effort(_Effort, metaclass=_EffortEnumTypeWrapper):
+    """Effort trades CPU for bytes at the same pixels (the encoder settings of
+    services/common/encoders.py, chosen by measurement).
+    """
+
+EFFORT_UNSPECIFIED: Effort.ValueType  # 0
+"""The default: balanced."""
+EFFORT_FAST: Effort.ValueType  # 1
+"""The least CPU per image."""
+EFFORT_BALANCED: Effort.ValueType  # 2
+"""On the Pareto front of CPU and bytes, with the most bytes saved per extra CPU second."""
+EFFORT_MAX: Effort.ValueType  # 3
+"""The smallest files."""
+Global___Effort: _TypeAlias = Effort  # noqa: Y015
+
 @_typing.final
 class ImageOptions(_message.Message):
     """ImageOptions says how every image of a request is compressed.
-    Zero values mean the defaults: JPEG, quality 50, no resize.
+    Zero values mean the defaults: JPEG, quality 50, no resize, balanced effort.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -51,6 +81,7 @@ class ImageOptions(_message.Message):
     SCALE_FIELD_NUMBER: _builtins.int
     MAX_WIDTH_FIELD_NUMBER: _builtins.int
     MAX_HEIGHT_FIELD_NUMBER: _builtins.int
+    EFFORT_FIELD_NUMBER: _builtins.int
     format: Global___OutputFormat.ValueType
     quality: _builtins.int
     """1 to 95; 0 means the default (50)."""
@@ -59,6 +90,7 @@ class ImageOptions(_message.Message):
     max_width: _builtins.int
     """Bounding box in pixels; 0 means no limit."""
     max_height: _builtins.int
+    effort: Global___Effort.ValueType
     def __init__(
         self,
         *,
@@ -67,10 +99,11 @@ class ImageOptions(_message.Message):
         scale: _builtins.float = ...,
         max_width: _builtins.int = ...,
         max_height: _builtins.int = ...,
+        effort: Global___Effort.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["format", b"format", "max_height", b"max_height", "max_width", b"max_width", "quality", b"quality", "scale", b"scale"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["effort", b"effort", "format", b"format", "max_height", b"max_height", "max_width", b"max_width", "quality", b"quality", "scale", b"scale"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

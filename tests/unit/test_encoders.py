@@ -1,0 +1,102 @@
+"""Effort levels: what each promises on real photographs, and the rules that choose them."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from PIL import Image
+
+from services.common.encoders import Effort, Measured, levels, pareto
+from services.common.imaging import ImageOptions, OutputFormat, compress
+from services.common.pb.imgpipe.v1 import task_pb2
+from services.common.proto_convert import from_json, from_proto, to_json, to_proto
+from tests import photos
+
+pytestmark = pytest.mark.unit
+
+EFFORTS = tuple(Effort)
+
+
+def _pixels(data: bytes) -> bytes:
+    with Image.open(io.BytesIO(data)) as img:
+        return img.convert("RGB").tobytes()
+
+
+@pytest.fixture(scope="module")
+def photo() -> bytes:
+    """A real photograph, 600 px on the long side, as a merchant's q90 JPEG."""
+    return photos.jpeg(photos.variant(2, long_side=600))
+
+
+@pytest.mark.parametrize("output", [OutputFormat.JPEG, OutputFormat.PNG])
+def test_efforts_decode_to_the_same_pixels(photo: bytes, output: OutputFormat) -> None:
+    # Effort must never trade quality: only how hard the encoder works on the same pixels.
+    decoded = {
+        effort: _pixels(compress(photo, ImageOptions(format=output, effort=effort)).data)
+        for effort in EFFORTS
+    }
+    assert decoded[Effort.FAST] == decoded[Effort.BALANCED] == decoded[Effort.MAX]
+
+
+@pytest.mark.parametrize("output", list(OutputFormat))
+def test_more_effort_never_gives_larger_files(photo: bytes, output: OutputFormat) -> None:
+    sizes = [
+        len(compress(photo, ImageOptions(format=output, effort=effort)).data) for effort in EFFORTS
+    ]
+    assert sizes == sorted(sizes, reverse=True)
+    assert sizes[0] > sizes[-1]  # and the levels do differ
+
+
+@pytest.mark.parametrize("effort", EFFORTS)
+def test_output_is_never_larger_than_a_jpeg_source(effort: Effort) -> None:
+    # A q30 source re-encoded at q50 would grow: its own bytes are kept, without the EXIF.
+    exif = Image.Exif()
+    exif[0x013B] = "photographer"  # Artist
+    out = io.BytesIO()
+    photos.variant(4, long_side=500).save(out, "JPEG", quality=30, exif=exif)
+    source = out.getvalue()
+
+    result = compress(source, ImageOptions(effort=effort))
+
+    assert result.kept_source
+    assert len(result.data) < len(source)
+    assert b"photographer" not in result.data
+    assert _pixels(result.data) == _pixels(source)
+
+
+def test_an_unknown_effort_is_named() -> None:
+    problems = ImageOptions(effort="slow").validate()  # type: ignore[arg-type]
+    assert problems == ["effort must be one of fast, balanced, max, not 'slow'"]
+
+
+def test_effort_survives_proto_and_json_and_old_rows_get_balanced() -> None:
+    options = ImageOptions(format=OutputFormat.WEBP, effort=Effort.MAX)
+    assert from_proto(to_proto(options)) == options
+    assert from_json(to_json(options)) == options
+    assert from_proto(task_pb2.ImageOptions()).effort is Effort.BALANCED
+    stored_before_effort = {"format": "jpeg", "quality": 50, "scale": 1.0}
+    assert from_json(stored_before_effort).effort is Effort.BALANCED
+
+
+def _m(name: str, cpu_ms: float, kib: float) -> Measured:
+    return Measured(name, {}, cpu_ms, kib)
+
+
+def test_pareto_front_drops_dominated_candidates() -> None:
+    a, b, c, d = _m("a", 1, 10), _m("b", 2, 8), _m("c", 3, 9), _m("d", 5, 7)
+    assert pareto([a, b, c, d]) == [a, b, d]
+
+
+def test_levels_follow_the_documented_rules() -> None:
+    fast = _m("fast", 1.0, 100.0)
+    cheap_saving = _m("cheap", 2.0, 90.0)  # 10 KiB for 1 ms
+    dear_saving = _m("dear", 11.0, 80.0)  # 20 KiB for 10 ms
+    dominated = _m("dominated", 12.0, 95.0)
+    chosen = levels([dominated, dear_saving, fast, cheap_saving])
+    assert chosen == {Effort.FAST: fast, Effort.BALANCED: cheap_saving, Effort.MAX: dear_saving}
+
+
+def test_with_one_candidate_every_level_is_it() -> None:
+    only = _m("only", 3.0, 50.0)
+    assert list(levels([only]).values()) == [only, only, only]
