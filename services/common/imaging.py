@@ -118,29 +118,30 @@ class ImageOptions:
         if self.effort not in tuple(Effort):
             choices = ", ".join(e.value for e in Effort)
             problems.append(f"effort must be one of {choices}, not {self.effort!r}")
-        return problems + self._goal_problems()
+        return problems + [message for _, message in self.goal_problems()]
 
-    def _goal_problems(self) -> list[str]:
+    def goal_problems(self) -> list[tuple[str, str]]:
+        """(field, message) for each problem of target_ratio and min_ssim."""
         problems = []
         if not _is_number(self.target_ratio) or not 0 <= self.target_ratio < 1:
-            problems.append(
-                f"target_ratio must be greater than 0 and less than 1 (0: off), "
-                f"not {self.target_ratio!r}"
-            )
+            problems.append(("target_ratio", f"target_ratio {_FRACTION_RULE}"))
         if not _is_number(self.min_ssim) or not 0 <= self.min_ssim <= 1:
-            problems.append(
-                f"min_ssim must be greater than 0 and at most 1 (0: off), not {self.min_ssim!r}"
-            )
+            problems.append(("min_ssim", f"min_ssim {_SSIM_RULE}"))
         if problems or not (self.target_ratio or self.min_ssim):
             return problems
         goal = "target_ratio" if self.target_ratio else "min_ssim"
         if self.target_ratio and self.min_ssim:
-            problems.append("target_ratio and min_ssim cannot be combined; choose one")
+            problems.append(("min_ssim", "target_ratio and min_ssim cannot be combined"))
         elif self.format not in _LOSSY:
-            problems.append(
-                f"{goal} needs a lossy format (jpeg, webp or avif), not {str(self.format)!r}"
-            )
+            message = f"{goal} needs a lossy format (jpeg, webp or avif), not {str(self.format)!r}"
+            problems.append((goal, message))
         return problems
+
+
+# The rules of the goal options, shared with the REST parser's messages.
+_FRACTION_RULE = "must be greater than 0 and less than 1 (0: off)"
+_SSIM_RULE = "must be greater than 0 and at most 1 (0: off)"
+GOAL_RULES = {"target_ratio": _FRACTION_RULE, "min_ssim": _SSIM_RULE}
 
 
 def _is_int(value: object) -> bool:
