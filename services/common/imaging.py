@@ -189,6 +189,9 @@ def compress(
     Normalising applies EXIF orientation, converts to sRGB (CMYK and embedded ICC profiles),
     brings 16-bit and palette images to 8-bit RGB or grey, flattens alpha on white for JPEG
     (kept for WebP and PNG), takes the first frame of animations and drops all metadata.
+    The encoding (quality, and format under auto) is chosen by services/common/tuning.py as
+    `target_ratio`, `min_ssim` or `format` ask, and its SSIM against the normalised, resized
+    image is measured (`ssim`, `quality`, `note` of the result).
     When the source is already in the output format, needs no pixel change and is smaller than
     the new encoding, its own bytes are returned with metadata removed (`kept_source=True`).
 

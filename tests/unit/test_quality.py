@@ -14,6 +14,8 @@ from skimage.metrics import structural_similarity
 
 from services.common import tuning
 from services.common.imaging import Compressed, ImageOptions, OutputFormat, compress
+from services.common.pb.imgpipe.v1 import task_pb2
+from services.common.proto_convert import from_json, from_proto, to_json, to_proto
 from services.common.quality import luminance, ssim
 from services.common.quality_search import search
 from tests import photos
@@ -309,3 +311,17 @@ def test_the_lowest_at_least_search_mirrors_it() -> None:
 )
 def test_bad_goals_are_named(options: ImageOptions, message: str) -> None:
     assert any(message in problem for problem in options.validate()), options.validate()
+
+
+def test_goals_and_new_formats_survive_proto_and_json_and_old_rows_have_none() -> None:
+    for options in (
+        ImageOptions(format=OutputFormat.AVIF, target_ratio=0.5),
+        ImageOptions(format=OutputFormat.WEBP, min_ssim=0.95),
+        ImageOptions(format=OutputFormat.AUTO_AVIF, quality=70),
+    ):
+        assert from_proto(to_proto(options)) == options
+        assert from_json(to_json(options)) == options
+    stored_before_goals = {"format": "jpeg", "quality": 50, "scale": 1.0, "effort": "max"}
+    old = from_json(stored_before_goals)
+    assert (old.target_ratio, old.min_ssim) == (0.0, 0.0)
+    assert from_proto(task_pb2.ImageOptions()).target_ratio == 0.0
