@@ -47,6 +47,7 @@ class ModeResult:
     ssim: float  # mean
     ssim_min: float
     encodes: float  # mean encodes per image
+    quality: float  # mean quality setting chosen
     not_met: int
     formats: dict[str, int]
     cpu_ms: float  # per image
@@ -82,6 +83,7 @@ def measure(name: str, options: ImageOptions, sources: Sequence[bytes]) -> ModeR
         statistics.fmean(r.ssim for r in results),
         min(r.ssim for r in results),
         statistics.fmean(r.encodes for r in results),
+        statistics.fmean(r.quality for r in results),
         sum(1 for r in results if r.note == TARGET_NOT_MET),
         formats,
         cpu_ms,
@@ -130,6 +132,7 @@ def run() -> Section:
                 "mean SSIM",
                 "min SSIM",
                 "encodes/image",
+                "mean quality",
                 "not met",
                 "formats chosen",
                 "CPU ms/image",
@@ -144,6 +147,7 @@ def run() -> Section:
                     f"{r.ssim:.4f}",
                     f"{r.ssim_min:.4f}",
                     f"{r.encodes:.2f}",
+                    f"{r.quality:.1f}",
                     str(r.not_met),
                     ", ".join(f"{k} {v}" for k, v in sorted(r.formats.items())),
                     f"{r.cpu_ms:.1f}",
@@ -172,6 +176,7 @@ def run() -> Section:
                 "mean_ssim": round(r.ssim, 4),
                 "min_ssim": round(r.ssim_min, 4),
                 "encodes": round(r.encodes, 2),
+                "quality": round(r.quality, 1),
                 "not_met": r.not_met,
                 "formats": r.formats,
                 "cpu_ms": round(r.cpu_ms, 1),

@@ -62,14 +62,18 @@ def ssim(reference: np.ndarray, other: np.ndarray) -> float:
     x, y = reference.astype(np.float32), other.astype(np.float32)
     if min(x.shape) < 2 * _RADIUS + 1:
         mx, my = x.mean(keepdims=True), y.mean(keepdims=True)
-        vx, vy = x.var(keepdims=True), y.var(keepdims=True)
-        vxy = ((x - mx) * (y - my)).mean(keepdims=True)
+        squares = (x * x + y * y).mean(keepdims=True)
+        products = (x * y).mean(keepdims=True)
     else:
         mx, my = _blur(x), _blur(y)
-        vx = _blur(x * x) - mx * mx
-        vy = _blur(y * y) - my * my
-        vxy = _blur(x * y) - mx * my
-    index = ((2 * mx * my + _C1) * (2 * vxy + _C2)) / ((mx * mx + my * my + _C1) * (vx + vy + _C2))
+        # The formula needs only the sum of the two variances: one blur instead of two.
+        squares = _blur(x * x + y * y)
+        products = _blur(x * y)
+    means = mx * mx + my * my
+    cross = mx * my
+    variances = squares - means  # var(x) + var(y)
+    covariance = products - cross
+    index = ((2 * cross + _C1) * (2 * covariance + _C2)) / ((means + _C1) * (variances + _C2))
     return float(np.mean(index, dtype=np.float64))
 
 
