@@ -26,7 +26,14 @@ from tests.stack import Stack, start_stack
 pytestmark = pytest.mark.browser
 
 Products = list[tuple[str, str, list[str]]]
-OUTPUT_HEADER = ["S. No.", "Product Name", "Input Image Urls", "Output Image Urls", "Errors"]
+OUTPUT_HEADER = [
+    "S. No.",
+    "Product Name",
+    "Input Image Urls",
+    "Output Image Urls",
+    "Errors",
+    "SSIM",
+]
 # Hostile product names: each would run script (an alert, caught as a dialog) if rendered as HTML.
 HOSTILE = [
     ("1", '<script>alert("script")</script>'),
