@@ -61,16 +61,24 @@ def test_ssim_agrees_with_scikit_image(index: int, quality: int) -> None:
     img = photos.variant(index, 700)
     reference = luminance(img)
     other = luminance(Image.open(io.BytesIO(photos.jpeg(img, quality))))
+    # scikit-image's defaults: a uniform 7x7 window, sample covariances.
     expected = structural_similarity(
-        reference,
-        other,
-        gaussian_weights=True,
-        sigma=1.5,
-        use_sample_covariance=False,
-        data_range=255,
+        reference.astype(np.float64), other.astype(np.float64), data_range=255
     )
     assert ssim(reference, other) == pytest.approx(expected, abs=1e-5)
     assert max(reference.shape) == 512
+
+
+def test_ssim_agrees_with_scikit_image_at_every_shape_after_larger_ones() -> None:
+    # The window sums wrap across rows of a flat array and reuse a per-thread scratch buffer:
+    # odd shapes, the smallest window-sized one, and a small one after a large one must not
+    # see each other's leftovers.
+    rng = np.random.default_rng(11)
+    for shape in [(300, 200), (7, 7), (9, 13), (40, 31), (8, 300), (512, 7)]:
+        a = rng.integers(0, 256, shape).astype(np.float64)
+        b = np.clip(a + rng.normal(0, 25, shape), 0, 255).round()
+        expected = structural_similarity(a, b, data_range=255)
+        assert ssim(a, b) == pytest.approx(expected, abs=1e-5), shape
 
 
 def test_ssim_of_identical_images_is_one_and_of_unrelated_ones_low() -> None:
