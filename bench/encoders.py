@@ -29,14 +29,19 @@ CANDIDATES: Mapping[str, Mapping[str, Mapping[str, Any]]] = {
         "progressive + optimize": {"progressive": True, "optimize": True},
     },
     "webp": {f"method {m}": {"method": m} for m in range(7)},
+    # AVIF (libavif 1.4 with libaom through Pillow): speed 0-3 cost more than speed 4's 3 s per
+    # photo; speed 10 writes the very bytes of speed 9 (libaom's fastest still-image setting),
+    # so it is no candidate of its own. One encoder thread, as in the worker, whose thread pool
+    # already spreads images over the cores (and whose CPU time per image this measures).
+    "avif": {f"speed {s}": {"speed": s, "max_threads": 1} for s in range(4, 10)},
     "png": {
         **{f"compress_level {level}": {"compress_level": level} for level in (1, 3, 6, 9)},
         "optimize": {"optimize": True},
     },
 }
 # PNG of a photograph is slow and big: fewer images keep B10 within a minute.
-IMAGES = {"jpeg": 18, "webp": 18, "png": 4}
-REPEATS = {"jpeg": 5, "webp": 2, "png": 1}
+IMAGES = {"jpeg": 18, "webp": 18, "avif": 9, "png": 4}
+REPEATS = {"jpeg": 5, "webp": 2, "avif": 1, "png": 1}
 
 
 def measure(output: str, images: Sequence[Image.Image]) -> list[Measured]:

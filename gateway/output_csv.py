@@ -15,6 +15,7 @@ import grpc
 from aiohttp import web
 
 from gateway.backends import BACKENDS, SETTINGS
+from gateway.views import product_ssims
 from services.common.csv_format import OutputCsvWriter
 from services.common.pb.imgpipe.v1 import status_service_pb2 as status_pb
 
@@ -58,6 +59,8 @@ async def stream_output_csv(
                     inputs,
                     outputs,
                     [(error.url, error.code) for error in product.errors],
+                    product_ssims(product),
+                    [(url, note) for url, note in zip(inputs, product.notes, strict=False) if note],
                 )
             await response.write(out.getvalue())
             out.seek(0)

@@ -30,9 +30,11 @@ from aiohttp.http_exceptions import HttpProcessingError
 from gateway.errors import BodyTimeout, UnsupportedMediaType
 from services.common.config import GatewaySettings
 from services.common.errors import Detail, InvalidArgument, RateLimited, TooLarge
+from services.common.imaging import GOAL_RULES
 from services.common.pb.imgpipe.v1 import ingest_service_pb2 as ingest_pb
 from services.common.pb.imgpipe.v1 import ingest_service_pb2_grpc as ingest_grpc
 from services.common.pb.imgpipe.v1 import task_pb2
+from services.common.proto_convert import from_proto
 
 CHUNK_SIZE = 64 * 1024
 CSV_MEDIA_TYPES = frozenset({"text/csv", "application/csv", "text/plain"})
@@ -41,6 +43,8 @@ OPTION_FIELDS = (
     "quality",
     "format",
     "effort",
+    "target_ratio",
+    "min_ssim",
     "scale",
     "max_width",
     "max_height",
@@ -60,6 +64,9 @@ _FORMATS = {
     "jpeg": task_pb2.OUTPUT_FORMAT_JPEG,
     "webp": task_pb2.OUTPUT_FORMAT_WEBP,
     "png": task_pb2.OUTPUT_FORMAT_PNG,
+    "avif": task_pb2.OUTPUT_FORMAT_AVIF,
+    "auto": task_pb2.OUTPUT_FORMAT_AUTO,
+    "auto_avif": task_pb2.OUTPUT_FORMAT_AUTO_AVIF,
 }
 _EFFORTS = {
     "fast": task_pb2.EFFORT_FAST,
@@ -199,20 +206,29 @@ def build_header(values: Mapping[str, str], idempotency_key: str = "") -> ingest
 
     options.format = choice("format", _FORMATS)  # type: ignore[assignment]
     options.effort = choice("effort", _EFFORTS)  # type: ignore[assignment]
-    if raw_scale := value("scale"):
+
+    def fraction(name: str, rule: str, accepts: Callable[[float], bool]) -> float:
+        raw = value(name)
+        if not raw:
+            return 0.0
         try:
-            scale = float(raw_scale)
+            number = float(raw)
         except ValueError:
-            scale = math.nan
-        if math.isfinite(scale) and 0 < scale <= 1:
-            options.scale = scale
-        else:
-            problems.append(
-                Detail(
-                    message=f"scale must be a number with 0 < scale <= 1, not {raw_scale[:40]!r}",
-                    column="scale",
-                )
-            )
+            number = math.nan
+        if math.isfinite(number) and accepts(number):
+            return number
+        problems.append(Detail(message=f"{name} {rule}, not {raw[:40]!r}", column=name))
+        return 0.0
+
+    options.scale = fraction("scale", "must be a number with 0 < scale <= 1", lambda v: 0 < v <= 1)
+    ratio, ssim = GOAL_RULES["target_ratio"], GOAL_RULES["min_ssim"]
+    options.target_ratio = fraction("target_ratio", ratio, lambda v: 0 <= v < 1)
+    options.min_ssim = fraction("min_ssim", ssim, lambda v: 0 <= v <= 1)
+    if not problems:  # the goals' rules across fields: combined, or with a lossless format
+        problems += [
+            Detail(message=message, column=name)
+            for name, message in from_proto(options).goal_problems()
+        ]
     if problems:
         names = ", ".join(d.column for d in problems)
         raise InvalidArgument(f"invalid upload options: {names}", problems)

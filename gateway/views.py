@@ -5,13 +5,15 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from datetime import UTC
-from typing import Any
+from typing import Any, TypeVar
 
 from google.protobuf import timestamp_pb2
 
 from services.common.pb.imgpipe.v1 import ingest_service_pb2 as ingest_pb
 from services.common.pb.imgpipe.v1 import request_pb2
 from services.common.pb.imgpipe.v1 import status_service_pb2 as status_pb
+
+_T = TypeVar("_T")
 
 STATUS_NAMES: dict[int, str] = {
     # The proto3 zero value: a fresh acceptance may leave the status unset.
@@ -89,6 +91,7 @@ def request_json(request: request_pb2.Request, output_csv_url: str | None) -> di
             "bytes_out": progress.bytes_out,
             "images_per_second": progress.images_per_second,
             "eta_seconds": progress.eta_seconds if progress.HasField("eta_seconds") else None,
+            "mean_ssim": _ssim(progress.mean_ssim) if progress.HasField("mean_ssim") else None,
         },
         "output_csv_url": output_csv_url,
     }
@@ -112,12 +115,33 @@ def product_json(product: request_pb2.Product) -> dict[str, Any]:
         # Per slot, like the URLs: bytes downloaded and stored, null until the image is done.
         "input_bytes": _sizes(product.input_bytes, outputs),
         "output_bytes": _sizes(product.output_bytes, outputs),
+        # What each done image kept (docs/quality.md): its SSIM, the quality setting used and
+        # an outcome note such as TARGET_NOT_MET ("" when none); null until it is done.
+        "ssim": product_ssims(product),
+        "quality": _slots(product.quality, outputs, 0),
+        "notes": _slots(product.notes, outputs, ""),
     }
 
 
+def product_ssims(product: request_pb2.Product) -> list[float | None]:
+    """Per input slot, the output's SSIM (4 decimals; None while not done, when failed, or
+    for an image done before SSIM was measured, which the status service reports as 0)."""
+    outputs: list[str | None] = [url or None for url in product.output_image_urls]
+    outputs += [None] * (len(product.input_image_urls) - len(outputs))
+    return [_ssim(value) if value else None for value in _slots(product.ssim, outputs, 0.0)]
+
+
+def _ssim(value: float) -> float:
+    return round(value, 4)
+
+
+def _slots(values: Sequence[_T], outputs: list[str | None], missing: _T) -> list[_T | None]:
+    padded = list(values) + [missing] * (len(outputs) - len(values))
+    return [value if url is not None else None for value, url in zip(padded, outputs, strict=False)]
+
+
 def _sizes(sizes: Sequence[int], outputs: list[str | None]) -> list[int | None]:
-    padded = list(sizes) + [0] * (len(outputs) - len(sizes))
-    return [size if url is not None else None for size, url in zip(padded, outputs, strict=False)]
+    return _slots(sizes, outputs, 0)
 
 
 def retry_json(answer: ingest_pb.RetryFailedImagesResponse, status_url: str) -> dict[str, Any]:

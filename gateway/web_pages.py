@@ -183,6 +183,7 @@ def _stats(total: int, done: int, failed: int, progress: Mapping[str, Any]) -> s
         ("stat-before", "Original size", format_bytes(before), before),
         ("stat-after", "Compressed size", format_bytes(after), after),
         ("stat-saved", "Saved", format_bytes(saved), saved),
+        ("stat-ssim", "Mean SSIM", format_ssim(progress.get("mean_ssim")), ""),
     )
     percent = f' <span class="pct" id="stat-saved-percent">{saved_percent}%</span>'
     items = "".join(
@@ -236,6 +237,12 @@ def _product_row(product: Mapping[str, Any]) -> str:
     saving = product_saving(product)
     if saving is not None:
         result += f'<br><span class="saved" title="{esc(saving[1])}">{esc(saving[0])}</span>'
+    kept = product_quality(product)
+    if kept is not None:
+        result += f'<br><span class="ssim" title="{esc(kept[1])}">{esc(kept[0])}</span>'
+    missed = sum(1 for note in product.get("notes") or [] if note)
+    if missed:
+        result += f'<br><span class="note">{missed} target not met</span>'
     if product["errors"]:
         result += f'<br><span class="bad">{len(product["errors"])} failed</span>'
     return (
@@ -258,6 +265,27 @@ def product_saving(product: Mapping[str, Any]) -> tuple[str, str] | None:
         f"saved {format_bytes(before - after)} ({percent}%)",
         f"{format_bytes(before)} → {format_bytes(after)}",
     )
+
+
+def format_ssim(value: object) -> str:
+    """ "0.981" (three decimals, as the page's script shows it), or "—" before any is known."""
+    return f"{value:.3f}" if isinstance(value, int | float) else "—"
+
+
+def product_quality(product: Mapping[str, Any]) -> tuple[str, str] | None:
+    """("SSIM 0.981", "image 1: quality 50, SSIM 0.9812; ...") over the product's done images
+    (docs/quality.md: 1.0 identical, about 0.95 hard to tell apart); None before any."""
+    ssims = product.get("ssim") or []
+    qualities = product.get("quality") or []
+    done = [(i, s) for i, s in enumerate(ssims, start=1) if isinstance(s, int | float)]
+    if not done:
+        return None
+    lowest = min(s for _, s in done)
+    detail = "; ".join(
+        f"image {i}: quality {qualities[i - 1] if i <= len(qualities) else '?'}, SSIM {s:.4f}"
+        for i, s in done
+    )
+    return f"SSIM {format_ssim(lowest)}", detail
 
 
 def _pair(label: str, source: str, output: str | None, error: Mapping[str, Any] | None) -> str:

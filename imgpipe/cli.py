@@ -26,7 +26,7 @@ SERVICES = {
     "status": "services.status",
     "worker": "services.worker",
 }
-FORMATS = ("jpeg", "webp", "png")
+FORMATS = ("jpeg", "webp", "png", "avif", "auto", "auto_avif")
 EFFORTS = ("fast", "balanced", "max")
 INTERRUPTED = 130
 
@@ -66,9 +66,25 @@ def build_parser() -> argparse.ArgumentParser:
     up = command("upload", "upload a CSV of products; print the request id and status URL")
     up.add_argument("file", metavar="FILE.csv", type=Path, help="the CSV to upload")
     up.add_argument("--quality", type=int, metavar="N", help="JPEG/WebP quality, 1-95 (50)")
-    up.add_argument("--format", choices=FORMATS, help="output format (jpeg)")
+    up.add_argument(
+        "--format",
+        choices=FORMATS,
+        help="output format (jpeg); auto: the smallest of JPEG and WebP at equal SSIM",
+    )
     up.add_argument(
         "--effort", choices=EFFORTS, help="CPU against bytes at the same quality (balanced)"
+    )
+    up.add_argument(
+        "--target-ratio",
+        type=float,
+        metavar="R",
+        help="each output at most R times its source's bytes, 0 < R < 1 (the highest quality)",
+    )
+    up.add_argument(
+        "--min-ssim",
+        type=float,
+        metavar="S",
+        help="the lowest quality whose SSIM is at least S, 0 < S <= 1 (docs/quality.md)",
     )
     up.add_argument("--scale", type=float, metavar="S", help="resize by S, 0 < S <= 1")
     up.add_argument("--max-width", type=_count, metavar="N", help="largest width in pixels")
@@ -224,6 +240,8 @@ def _upload(args: argparse.Namespace, target: commands.Target) -> int:
         quality=args.quality,
         format=args.format,
         effort=args.effort,
+        target_ratio=args.target_ratio,
+        min_ssim=args.min_ssim,
         scale=args.scale,
         max_width=args.max_width,
         max_height=args.max_height,

@@ -37,6 +37,8 @@ class UploadOptions:
     quality: int | None = None
     format: str | None = None
     effort: str | None = None
+    target_ratio: float | None = None
+    min_ssim: float | None = None
     scale: float | None = None
     max_width: int | None = None
     max_height: int | None = None
@@ -48,6 +50,8 @@ class UploadOptions:
             "quality": self.quality,
             "format": self.format,
             "effort": self.effort,
+            "target_ratio": self.target_ratio,
+            "min_ssim": self.min_ssim,
             "scale": self.scale,
             "max_width": self.max_width,
             "max_height": self.max_height,

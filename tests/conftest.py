@@ -116,6 +116,15 @@ def new_database(postgres_server_url: str) -> Iterator[str]:
         _run(drop_database(postgres_server_url, name))
 
 
+@pytest.fixture(scope="module")
+def module_database_url(postgres_server_url: str) -> Iterator[str]:
+    """A database per test module. Tiers that run whole stacks (e2e, fault, browser, security)
+    use it as their `database_url`: the feeder counts its window over the whole database
+    (docs/scheduling.md), so requests one module's stacks leave unfinished must not hold up
+    another module's."""
+    yield from new_database(postgres_server_url)
+
+
 @pytest.fixture(scope="session")
 def redis_prefix(redis_server_url: str) -> Iterator[str]:
     """A key prefix `imgpipe-test-<hex>`; its keys (`<prefix>:*`) are deleted at session end."""

@@ -8,7 +8,10 @@
 
   // The order of the form's multipart fields: options first, the file last (the server needs
   // the options before the CSV's first byte).
-  const OPTION_FIELDS = ["quality", "format", "effort", "scale", "max_width", "max_height", "webhook_url"];
+  const OPTION_FIELDS = [
+    "quality", "format", "effort", "target_ratio", "min_ssim", "scale", "max_width", "max_height",
+    "webhook_url",
+  ];
   const PAGE_SIZE = 100;
   const FINAL = new Set(["Completed", "Failed"]);
   const RETRY_MS = 2000;
@@ -331,6 +334,7 @@
     setStat("stat-after", formatBytes(after), after);
     setStat("stat-saved", formatBytes(saved), saved);
     $("stat-saved-percent").textContent = `${savedPercent}%`;
+    setStat("stat-ssim", formatSsim(progress.mean_ssim), "");
     current.failedTotal = progress.images_failed;
   }
 
@@ -397,6 +401,14 @@
     if (saving) {
       result.append(el("br"), el("span", { className: "saved", textContent: saving.text, title: saving.title }));
     }
+    const kept = productQuality(product);
+    if (kept) {
+      result.append(el("br"), el("span", { className: "ssim", textContent: kept.text, title: kept.title }));
+    }
+    const missed = (product.notes || []).filter((note) => note).length;
+    if (missed) {
+      result.append(el("br"), el("span", { className: "note", textContent: `${missed} target not met` }));
+    }
     if (product.errors.length) {
       result.append(el("br"), el("span", { className: "bad", textContent: `${product.errors.length} failed` }));
     }
@@ -406,6 +418,25 @@
       el("td", {}, [el("div", { className: "pairs" }, pairs)]),
       result,
     ]);
+  }
+
+  // The lowest SSIM of the product's done images (1.0 identical; about 0.95 hard to tell apart),
+  // with each image's quality and SSIM in the title; as gateway/web_pages.py renders it.
+  function productQuality(product) {
+    const qualities = product.quality || [];
+    const done = (product.ssim || [])
+      .map((ssim, i) => [i + 1, ssim])
+      .filter(([, ssim]) => typeof ssim === "number");
+    if (!done.length) return null;
+    const lowest = Math.min(...done.map(([, ssim]) => ssim));
+    const title = done
+      .map(([i, ssim]) => `image ${i}: quality ${qualities[i - 1] ?? "?"}, SSIM ${ssim.toFixed(4)}`)
+      .join("; ");
+    return { text: `SSIM ${formatSsim(lowest)}`, title };
+  }
+
+  function formatSsim(value) {
+    return typeof value === "number" ? value.toFixed(3) : "—";
   }
 
   // Bytes saved on the product's done images (sizes are null until an image is done).

@@ -22,7 +22,14 @@ from typing import BinaryIO
 from urllib.parse import urlsplit
 
 REQUIRED_COLUMNS = ("S. No.", "Product Name", "Input Image Urls")
-OUTPUT_COLUMNS = ("S. No.", "Product Name", "Input Image Urls", "Output Image Urls", "Errors")
+OUTPUT_COLUMNS = (
+    "S. No.",
+    "Product Name",
+    "Input Image Urls",
+    "Output Image Urls",
+    "Errors",
+    "SSIM",
+)
 
 _SERIAL, _NAME, _URLS = REQUIRED_COLUMNS
 
@@ -399,22 +406,31 @@ class OutputCsvWriter:
         input_urls: Sequence[str],
         output_urls: Sequence[str | None],
         errors: Sequence[tuple[str, str]],
+        ssims: Sequence[float | None] = (),
+        notes: Sequence[tuple[str, str]] = (),
     ) -> None:
         """Write one product row.
 
         `output_urls[i]` is the result of `input_urls[i]`, None for a failed image, which leaves
-        an empty slot ("a,,c"). `errors` are (url, code) pairs, written as "url: CODE; ...".
-        Raises ValueError when the two URL lists differ in length.
+        an empty slot ("a,,c"). `errors` are (url, code) pairs and `notes` the done images'
+        outcome notes (url, NOTE), written together as "url: CODE; url: NOTE". `ssims[i]` is
+        the SSIM of output i, written with four decimals in slots like the URLs' ("0.9812,,1");
+        missing ones (failed images, rows stored before SSIM existed) leave the slot empty.
+        Raises ValueError when a per-image list differs in length from the input URLs.
         """
         if len(output_urls) != len(input_urls):
             raise ValueError(f"{len(output_urls)} output URLs for {len(input_urls)} input URLs")
+        if ssims and len(ssims) != len(input_urls):
+            raise ValueError(f"{len(ssims)} SSIM values for {len(input_urls)} input URLs")
+        outcomes = [*errors, *notes]
         self._write_row(
             (
                 serial_number,
                 product_name,
                 ",".join(input_urls),
                 ",".join(url or "" for url in output_urls),
-                "; ".join(f"{url}: {code}" for url, code in errors),
+                "; ".join(f"{url}: {code}" for url, code in outcomes),
+                ",".join("" if s is None else f"{s:.4f}" for s in ssims),
             )
         )
 

@@ -11,7 +11,6 @@ it, in plain words, with the size or limit involved.
 from __future__ import annotations
 
 import contextlib
-import enum
 import io
 import math
 import re
@@ -22,8 +21,9 @@ from dataclasses import dataclass
 
 from PIL import ExifTags, Image, ImageCms, UnidentifiedImageError
 
+from services.common import tuning
 from services.common.budget import PixelBudget
-from services.common.encoders import Effort, encoder_settings
+from services.common.encoders import Effort, OutputFormat
 from services.common.outcome import ImageFailure, OutcomeCode
 
 # Pillow plugins we let parse untrusted bytes. Everything else (EPS runs Ghostscript, PDF,
@@ -54,29 +54,35 @@ _TRANSPOSE_FOR_ORIENTATION = {
 }
 
 
-class OutputFormat(enum.StrEnum):
-    JPEG = "jpeg"
-    WEBP = "webp"
-    PNG = "png"
-
-
 _CONTENT_TYPE = {
     OutputFormat.JPEG: "image/jpeg",
     OutputFormat.WEBP: "image/webp",
     OutputFormat.PNG: "image/png",
+    OutputFormat.AVIF: "image/avif",
 }
 _ENCODER_MAX_SIDE = {
     OutputFormat.JPEG: 65_500,
     OutputFormat.WEBP: 16_383,
     OutputFormat.PNG: 2**31 - 1,
+    # AV1 allows 65,536, but libavif's decoders refuse more than 32,768 by default, and an
+    # output few viewers can open is no output; WebP's limit keeps auto's candidates equal.
+    OutputFormat.AVIF: 16_383,
 }
-_EXTENSION = {OutputFormat.JPEG: "jpg", OutputFormat.WEBP: "webp", OutputFormat.PNG: "png"}
-# Pillow's name for the source format that counts as "already in the output format".
+_EXTENSION = {
+    OutputFormat.JPEG: "jpg",
+    OutputFormat.WEBP: "webp",
+    OutputFormat.PNG: "png",
+    OutputFormat.AVIF: "avif",
+}
+# Pillow's name for the source format that counts as "already in the output format" (AVIF is
+# not an accepted input, so an AVIF output is always a new encoding).
 _SAME_SOURCE_FORMATS = {
     OutputFormat.JPEG: ("JPEG", "MPO"),
     OutputFormat.WEBP: ("WEBP",),
     OutputFormat.PNG: ("PNG",),
+    OutputFormat.AVIF: (),
 }
+_LOSSY = (OutputFormat.JPEG, OutputFormat.WEBP, OutputFormat.AVIF)
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +93,9 @@ class ImageOptions:
     max_width: int = 0  # 0 = no limit
     max_height: int = 0
     effort: Effort = Effort.BALANCED  # CPU against bytes, same pixels (encoders.py)
+    # Goals that choose the quality per image (tuning.py); 0 = off, at most one of them.
+    target_ratio: float = 0.0  # 0 < r < 1: each output at most r times its source's bytes
+    min_ssim: float = 0.0  # 0 < s <= 1: the lowest quality whose SSIM is at least s
 
     def validate(self) -> list[str]:
         """Human messages, one per bad field; [] when every field is fine."""
@@ -109,11 +118,38 @@ class ImageOptions:
         if self.effort not in tuple(Effort):
             choices = ", ".join(e.value for e in Effort)
             problems.append(f"effort must be one of {choices}, not {self.effort!r}")
+        return problems + [message for _, message in self.goal_problems()]
+
+    def goal_problems(self) -> list[tuple[str, str]]:
+        """(field, message) for each problem of target_ratio and min_ssim."""
+        problems = []
+        if not _is_number(self.target_ratio) or not 0 <= self.target_ratio < 1:
+            problems.append(("target_ratio", f"target_ratio {_FRACTION_RULE}"))
+        if not _is_number(self.min_ssim) or not 0 <= self.min_ssim <= 1:
+            problems.append(("min_ssim", f"min_ssim {_SSIM_RULE}"))
+        if problems or not (self.target_ratio or self.min_ssim):
+            return problems
+        goal = "target_ratio" if self.target_ratio else "min_ssim"
+        if self.target_ratio and self.min_ssim:
+            problems.append(("min_ssim", "target_ratio and min_ssim cannot be combined"))
+        elif self.format not in _LOSSY:
+            message = f"{goal} needs a lossy format (jpeg, webp or avif), not {str(self.format)!r}"
+            problems.append((goal, message))
         return problems
+
+
+# The rules of the goal options, shared with the REST parser's messages.
+_FRACTION_RULE = "must be greater than 0 and less than 1 (0: off)"
+_SSIM_RULE = "must be greater than 0 and at most 1 (0: off)"
+GOAL_RULES = {"target_ratio": _FRACTION_RULE, "min_ssim": _SSIM_RULE}
 
 
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,10 +163,14 @@ class Compressed:
     data: bytes
     width: int
     height: int
-    format: OutputFormat
+    format: OutputFormat  # never AUTO: the format auto chose for this image
     content_type: str  # image/jpeg ...
-    extension: str  # "jpg", "webp", "png"
+    extension: str  # "jpg", "webp", "png", "avif"
     kept_source: bool  # True when the never-larger rule kept the source bytes
+    ssim: float = 1.0  # against the normalised, resized source (services/common/quality.py)
+    quality: int = 0  # the quality setting used; 0 for PNG and for the source's own bytes
+    note: str = ""  # "TARGET_NOT_MET" when target_ratio or min_ssim could not be reached
+    encodes: int = 0  # how many encodes choosing the output took
     # Seconds spent on the two halves, for the worker's stage metrics: opening, decoding,
     # normalising and resizing (not waiting for the pixel budget); then encoding and the
     # never-larger check.
@@ -149,6 +189,9 @@ def compress(
     Normalising applies EXIF orientation, converts to sRGB (CMYK and embedded ICC profiles),
     brings 16-bit and palette images to 8-bit RGB or grey, flattens alpha on white for JPEG
     (kept for WebP and PNG), takes the first frame of animations and drops all metadata.
+    The encoding (quality, and format under auto) is chosen by services/common/tuning.py as
+    `target_ratio`, `min_ssim` or `format` ask, and its SSIM against the normalised, resized
+    image is measured (`ssim`, `quality`, `note` of the result).
     When the source is already in the output format, needs no pixel change and is smaller than
     the new encoding, its own bytes are returned with metadata removed (`kept_source=True`).
 
@@ -210,31 +253,52 @@ def compress(
             normal = normal.resize(target, Image.Resampling.LANCZOS, reducing_gap=3.0)
             changed = True
         decoded = time.perf_counter()
-        encoded = _encode(normal, options)
+        chosen = tuning.choose(
+            normal,
+            output=output,
+            requested=options.quality,
+            effort=Effort(options.effort),
+            target_ratio=options.target_ratio,
+            min_ssim=options.min_ssim,
+            source_bytes=len(data),
+        )
     decode_seconds = decoded - started - waited
-    if not changed and source_format in _SAME_SOURCE_FORMATS[output]:
-        stripped = _strip_metadata(output, data)
-        if stripped is not None and len(stripped) < len(encoded):
-            return _result(stripped, normal.size, output, True, decode_seconds, decoded)
-    return _result(encoded, normal.size, output, False, decode_seconds, decoded)
+    if not changed and source_format in _SAME_SOURCE_FORMATS[chosen.format]:
+        stripped = _strip_metadata(chosen.format, data)
+        if stripped is not None and len(stripped) < len(chosen.data):
+            # The source's own pixels: nothing was lost. The goal is judged on what is kept.
+            kept = tuning.Choice(stripped, chosen.format, 0, 1.0, "", chosen.encodes)
+            note = _goal_note(kept, options, len(data))
+            return _result(kept, note, normal.size, True, decode_seconds, decoded)
+    return _result(chosen, chosen.note, normal.size, False, decode_seconds, decoded)
+
+
+def _goal_note(kept: tuning.Choice, options: ImageOptions, source_bytes: int) -> str:
+    if options.target_ratio and len(kept.data) > math.floor(options.target_ratio * source_bytes):
+        return tuning.TARGET_NOT_MET
+    return ""  # kept source bytes have SSIM 1.0, which meets any min_ssim
 
 
 def _result(
-    data: bytes,
+    chosen: tuning.Choice,
+    note: str,
     size: tuple[int, int],
-    output: OutputFormat,
     kept_source: bool,
     decode_seconds: float,
     encode_began: float,  # perf_counter() when encoding began
 ) -> Compressed:
     return Compressed(
-        data=data,
+        data=chosen.data,
         width=size[0],
         height=size[1],
-        format=output,
-        content_type=_CONTENT_TYPE[output],
-        extension=_EXTENSION[output],
+        format=chosen.format,
+        content_type=_CONTENT_TYPE[chosen.format],
+        extension=_EXTENSION[chosen.format],
         kept_source=kept_source,
+        ssim=chosen.ssim,
+        quality=chosen.quality,
+        note=note,
+        encodes=chosen.encodes,
         decode_seconds=decode_seconds,
         encode_seconds=time.perf_counter() - encode_began,
     )
@@ -429,7 +493,8 @@ def _target_size(size: tuple[int, int], options: ImageOptions) -> tuple[int, int
         factor = min(factor, options.max_width / width)
     if options.max_height:
         factor = min(factor, options.max_height / height)
-    encoder_limit = _ENCODER_MAX_SIDE[OutputFormat(options.format)]
+    output = OutputFormat(options.format)
+    encoder_limit = min(_ENCODER_MAX_SIDE[f] for f in tuning.AUTO_CANDIDATES.get(output, (output,)))
     factor = min(factor, encoder_limit / max(width, height))
     if factor >= 1.0:
         return size
@@ -460,7 +525,7 @@ def _normalise(
     if icc or img.mode not in ("L", "LA", "RGB", "RGBA"):
         img = _to_srgb(img, icc)
         changed = True
-    img = _for_output(img, output)
+    img = tuning.for_output(img, output)
     img.info = {}  # no EXIF, ICC, XMP, comments or DPI reach the encoder
     return img, changed
 
@@ -516,29 +581,6 @@ def _to_srgb(img: Image.Image, icc: bytes | None) -> Image.Image:
     rgba = converted.convert("RGBA")
     rgba.putalpha(alpha)
     return rgba
-
-
-def _for_output(img: Image.Image, output: OutputFormat) -> Image.Image:
-    if output is OutputFormat.JPEG and img.mode in ("LA", "RGBA"):
-        colour_mode = "L" if img.mode == "LA" else "RGB"
-        white = 255 if colour_mode == "L" else (255, 255, 255)
-        background = Image.new(colour_mode, img.size, white)
-        background.paste(img.convert(colour_mode), mask=img.getchannel("A"))
-        return background
-    if output is OutputFormat.WEBP and img.mode in ("L", "LA"):
-        return img.convert("RGB" if img.mode == "L" else "RGBA")
-    return img
-
-
-def _encode(img: Image.Image, options: ImageOptions) -> bytes:
-    out = io.BytesIO()
-    output = OutputFormat(options.format)
-    settings = encoder_settings(output.value, Effort(options.effort))
-    if output is OutputFormat.PNG:
-        img.save(out, "PNG", **settings)  # lossless: quality does not apply
-    else:
-        img.save(out, output.value.upper(), quality=options.quality, **settings)
-    return out.getvalue()
 
 
 # --- never-larger rule: the source's own bytes without metadata -----------------------------

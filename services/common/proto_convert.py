@@ -19,6 +19,9 @@ _TO_PROTO = {
     OutputFormat.JPEG: task_pb2.OUTPUT_FORMAT_JPEG,
     OutputFormat.WEBP: task_pb2.OUTPUT_FORMAT_WEBP,
     OutputFormat.PNG: task_pb2.OUTPUT_FORMAT_PNG,
+    OutputFormat.AVIF: task_pb2.OUTPUT_FORMAT_AVIF,
+    OutputFormat.AUTO: task_pb2.OUTPUT_FORMAT_AUTO,
+    OutputFormat.AUTO_AVIF: task_pb2.OUTPUT_FORMAT_AUTO_AVIF,
 }
 _FROM_PROTO = {value: key for key, value in _TO_PROTO.items()}
 _EFFORT_TO_PROTO = {
@@ -39,6 +42,8 @@ def from_proto(pb: task_pb2.ImageOptions) -> ImageOptions:
         max_width=pb.max_width,
         max_height=pb.max_height,
         effort=_EFFORT_FROM_PROTO.get(pb.effort, defaults.effort),
+        target_ratio=pb.target_ratio,
+        min_ssim=pb.min_ssim,
     )
 
 
@@ -50,6 +55,8 @@ def to_proto(options: ImageOptions) -> task_pb2.ImageOptions:
         max_width=options.max_width,
         max_height=options.max_height,
         effort=_EFFORT_TO_PROTO[options.effort],
+        target_ratio=options.target_ratio,
+        min_ssim=options.min_ssim,
     )
 
 
@@ -61,6 +68,8 @@ def to_json(options: ImageOptions) -> dict[str, Any]:
         "max_width": options.max_width,
         "max_height": options.max_height,
         "effort": options.effort.value,
+        "target_ratio": options.target_ratio,
+        "min_ssim": options.min_ssim,
     }
 
 
@@ -74,6 +83,9 @@ def from_json(data: dict[str, Any]) -> ImageOptions:
         # Requests stored before effort existed were encoded with optimize + progressive;
         # balanced is what they would get now.
         effort=Effort(data.get("effort", Effort.BALANCED.value)),
+        # Requests stored before the goals existed had none.
+        target_ratio=float(data.get("target_ratio", 0.0)),
+        min_ssim=float(data.get("min_ssim", 0.0)),
     )
 
 
@@ -107,14 +119,21 @@ def progress_event(counters: queries.Counters) -> request_pb2.RequestEvent:
         type=request_pb2.REQUEST_EVENT_TYPE_PROGRESS,
         request_id=str(counters.request_id),
         status=STATUS_TO_PROTO[counters.status],
-        progress=request_pb2.Progress(
-            images_total=counters.images_total,
-            images_done=counters.images_done,
-            images_failed=counters.images_failed,
-            bytes_in=counters.bytes_in,
-            bytes_out=counters.bytes_out,
-        ),
+        progress=counters_message(counters),
         occurred_at=occurred,
+    )
+
+
+def counters_message(counters: queries.Counters, percent: float = 0.0) -> request_pb2.Progress:
+    """The stored counters as a Progress message (the mean SSIM only once one is measured)."""
+    return request_pb2.Progress(
+        images_total=counters.images_total,
+        images_done=counters.images_done,
+        images_failed=counters.images_failed,
+        percent=percent,
+        bytes_in=counters.bytes_in,
+        bytes_out=counters.bytes_out,
+        mean_ssim=counters.mean_ssim,
     )
 
 
@@ -126,14 +145,7 @@ def finished_event(request: queries.RequestRow) -> request_pb2.RequestEvent:
         type=request_pb2.REQUEST_EVENT_TYPE_FINISHED,
         request_id=str(request.id),
         status=STATUS_TO_PROTO[request.status],
-        progress=request_pb2.Progress(
-            images_total=request.images_total,
-            images_done=request.images_done,
-            images_failed=request.images_failed,
-            percent=100.0,
-            bytes_in=request.bytes_in,
-            bytes_out=request.bytes_out,
-        ),
+        progress=counters_message(queries.Counters.of(request), percent=100.0),
         occurred_at=occurred,
         output_csv_key=request.output_csv_key or "",
         traceparent=tracing.current_traceparent(),

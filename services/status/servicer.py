@@ -27,6 +27,7 @@ from services.common.pb.imgpipe.v1 import status_service_pb2_grpc as status_grpc
 from services.common.proto_convert import (
     FINAL_STATUSES,
     STATUS_TO_PROTO,
+    counters_message,
     from_json,
     parse_request_id,
     timestamp,
@@ -250,6 +251,9 @@ class StatusServicer(status_grpc.StatusServiceServicer):
             ],
             input_bytes=[i.bytes_in or 0 if i.status == "Done" else 0 for i in product.images],
             output_bytes=[i.bytes_out or 0 if i.status == "Done" else 0 for i in product.images],
+            ssim=[i.ssim or 0.0 if i.status == "Done" else 0.0 for i in product.images],
+            quality=[i.quality or 0 if i.status == "Done" else 0 for i in product.images],
+            notes=[i.note or "" if i.status == "Done" else "" for i in product.images],
         )
 
 
@@ -296,19 +300,15 @@ def progress_message(
         bytes_out=counts.bytes_out,
         images_per_second=round(rate, 2),
     )
+    if counts.HasField("mean_ssim"):
+        progress.mean_ssim = counts.mean_ssim
     if rate > 0 and not final:
         progress.eta_seconds = round((total - done) / rate, 1)
     return progress
 
 
 def request_message(row: queries.RequestRow) -> request_pb2.Request:
-    counts = request_pb2.Progress(
-        images_total=row.images_total,
-        images_done=row.images_done,
-        images_failed=row.images_failed,
-        bytes_in=row.bytes_in,
-        bytes_out=row.bytes_out,
-    )
+    counts = counters_message(queries.Counters.of(row))
     return request_pb2.Request(
         request_id=str(row.id),
         status=STATUS_TO_PROTO[row.status],

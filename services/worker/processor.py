@@ -157,6 +157,9 @@ class Processor:
                 width=result.width,
                 height=result.height,
                 kept_source=result.kept_source,
+                ssim=result.ssim,
+                quality=result.quality,
+                note=result.note,
             )
         if counters is not None:  # None: another delivery recorded it first
             metrics.image_done(bytes_in, len(result.data))
@@ -265,5 +268,7 @@ class Processor:
                     for image in product.images
                     if image.status == "Failed"
                 ],
+                [image.ssim if image.status == "Done" else None for image in product.images],
+                [(image.input_url, image.note) for image in product.images if image.note],
             )
         return out.getvalue()

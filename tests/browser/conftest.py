@@ -131,3 +131,9 @@ async def browsing(browser: Browser) -> AsyncIterator[Browsing]:
     assert session.blocked == [], "the page tried to reach beyond 127.0.0.1"
     assert session.page_errors == [], "script errors on the page"
     assert session.csp_violations == [], "the page broke its own Content-Security-Policy"
+
+
+@pytest.fixture(scope="module")
+def database_url(module_database_url: str) -> str:
+    """One database per module (tests/conftest.py `module_database_url` says why)."""
+    return module_database_url

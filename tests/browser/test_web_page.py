@@ -18,7 +18,7 @@ import aiohttp
 import pytest
 from playwright.async_api import FilePayload, Page, expect
 
-from gateway.web_pages import product_saving
+from gateway.web_pages import format_ssim, product_quality, product_saving
 from tests.browser.conftest import TIMEOUT_MS, Browsing, screenshot
 from tests.origin import ImageOrigin
 from tests.stack import Stack, start_stack
@@ -26,7 +26,14 @@ from tests.stack import Stack, start_stack
 pytestmark = pytest.mark.browser
 
 Products = list[tuple[str, str, list[str]]]
-OUTPUT_HEADER = ["S. No.", "Product Name", "Input Image Urls", "Output Image Urls", "Errors"]
+OUTPUT_HEADER = [
+    "S. No.",
+    "Product Name",
+    "Input Image Urls",
+    "Output Image Urls",
+    "Errors",
+    "SSIM",
+]
 # Hostile product names: each would run script (an alert, caught as a dialog) if rendered as HTML.
 HOSTILE = [
     ("1", '<script>alert("script")</script>'),
@@ -192,6 +199,12 @@ async def test_drop_a_csv_follow_the_progress_and_get_the_results(
         text, _ = product_saving(product) or ("", "")
         assert text.startswith("saved ")
         await expect(row.locator(".saved")).to_have_text(text)
+        # The lowest SSIM of its images, as the server-rendered page shows it too.
+        ssim_text, ssim_title = product_quality(product) or ("", "")
+        assert ssim_text.startswith("SSIM ")
+        await expect(row.locator(".ssim")).to_have_text(ssim_text)
+        await expect(row.locator(".ssim")).to_have_attribute("title", ssim_title)
+    await expect(page.locator("#stat-ssim")).to_have_text(format_ssim(progress["mean_ssim"]))
 
     failure = page.locator("#failures tbody tr")
     await expect(failure).to_have_count(1)

@@ -8,18 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import new_database
 from tests.origin import ImageOrigin, serve_images
 from tests.stack import Stack, start_stack
 from tests.support import process_exited, wait_until
 
 
 @pytest.fixture(scope="module")
-def database_url(postgres_server_url: str) -> Iterator[str]:
-    """A database per module here, not per session: the feeder counts its window over the
-    whole database (docs/scheduling.md), so requests one module's stacks leave unfinished must
-    not hold up another module's."""
-    yield from new_database(postgres_server_url)
+def database_url(module_database_url: str) -> str:
+    """One database per module (tests/conftest.py `module_database_url` says why)."""
+    return module_database_url
 
 
 @pytest.fixture

@@ -6,6 +6,7 @@ import asyncio
 import csv
 import io
 import json
+import random
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ import pytest
 from PIL import Image
 
 from services.common.storage import S3Options, Storage, StorageConfig
+from tests import photos
 from tests.origin import ImageOrigin, serve_images
 from tests.stack import ROOT, Stack, start_stack
 from tests.support import wait_until_async
@@ -40,6 +42,9 @@ PRODUCT_KEYS = {
     "errors",
     "input_bytes",
     "output_bytes",
+    "ssim",
+    "quality",
+    "notes",
 }
 
 
@@ -95,6 +100,8 @@ async def test_csv_to_compressed_images_status_and_output_csv(
         assert status["progress"]["images_done"] == 10
         assert status["progress"]["images_failed"] == 0
         assert status["progress"]["percent"] == 100
+        ssims = [s for p in status["products"] for s in p["ssim"]]
+        assert status["progress"]["mean_ssim"] == pytest.approx(sum(ssims) / 10, abs=1e-3)
         assert status["completed_at"] is not None and status["next_page_token"] is None
         assert [p["serial_number"] for p in status["products"]] == ["10", "7", "3", "4"]
         for product, (serial, name, urls) in zip(status["products"], products, strict=True):
@@ -103,6 +110,9 @@ async def test_csv_to_compressed_images_status_and_output_csv(
             assert product["input_image_urls"] == urls
             assert len(product["output_image_urls"]) == len(urls)
             assert product["errors"] == []
+            assert all(0.5 < ssim < 1 for ssim in product["ssim"])
+            assert product["quality"] == [50] * len(urls)
+            assert product["notes"] == [""] * len(urls)
             slots = zip(
                 urls,
                 product["output_image_urls"],
@@ -134,6 +144,10 @@ async def test_csv_to_compressed_images_status_and_output_csv(
             "Input Image Urls",
             "Output Image Urls",
             "Errors",
+            "SSIM",
+        ]
+        assert [row[5] for row in table[1:]] == [
+            ",".join(f"{s:.4f}" for s in p["ssim"]) for p in status["products"]
         ]
         assert [row[:3] for row in table[1:]] == [[s, n, ",".join(u)] for s, n, u in products]
         csv_urls = [row[3].split(",") for row in table[1:]]
@@ -149,6 +163,39 @@ async def test_csv_to_compressed_images_status_and_output_csv(
         ) as response:
             assert response.status == 200
             assert (await response.json())["status"] == "Completed"
+
+
+async def test_a_size_target_is_met_or_noted_in_the_status_and_the_csv(
+    image_origin: ImageOrigin, origin_stack: Stack
+) -> None:
+    base = origin_stack.base_url
+    # Noise saved at quality 20: nothing from quality 30 up is half its size.
+    noise = Image.frombytes("RGB", (320, 240), random.Random(9).randbytes(320 * 240 * 3))
+    image_origin.served["/img/target-noise.jpg"] = photos.jpeg(noise, 20)
+    urls = [image_origin.url("/img/target-photo.jpg"), image_origin.url("/img/target-noise.jpg")]
+    body = f'S. No.,Product Name,Input Image Urls\r\n1,Shoe,"{",".join(urls)}"\r\n'.encode()
+
+    async with aiohttp.ClientSession() as http:
+        form = aiohttp.FormData()
+        form.add_field("target_ratio", "0.5")
+        form.add_field("file", body, filename="products.csv", content_type="text/csv")
+        async with http.post(f"{base}/upload", data=form) as response:
+            assert response.status == 202, await response.text()
+            accepted = await response.json()
+        status = await wait_completed(http, base, accepted["request_id"])
+        async with http.get(status["output_csv_url"]) as response:
+            table = list(csv.reader(io.StringIO(await response.text())))
+
+    assert status["status"] == "Completed"
+    assert status["progress"]["images_failed"] == 0
+    [product] = status["products"]
+    assert product["notes"] == ["", "TARGET_NOT_MET"]
+    assert product["output_bytes"][0] <= product["input_bytes"][0] / 2
+    assert product["output_bytes"][1] > product["input_bytes"][1] / 2
+    assert all(0 < ssim <= 1 for ssim in product["ssim"])
+    assert 30 <= product["quality"][0] <= 95
+    assert table[1][4] == f"{urls[1]}: TARGET_NOT_MET"
+    assert table[1][5] == ",".join(f"{s:.4f}" for s in product["ssim"])
 
 
 async def check_presigned_outputs(

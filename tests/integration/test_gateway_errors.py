@@ -381,6 +381,16 @@ async def test_an_unknown_form_field_is_400_naming_it(client: Client) -> None:
         ("quality=1.5", "quality"),
         ("format=gif", "format"),
         ("effort=slow", "effort"),
+        ("target_ratio=1", "target_ratio"),
+        ("target_ratio=-0.5", "target_ratio"),
+        ("target_ratio=half", "target_ratio"),
+        ("target_ratio=inf", "target_ratio"),
+        ("min_ssim=1.01", "min_ssim"),
+        ("min_ssim=nan", "min_ssim"),
+        ("target_ratio=0.5&min_ssim=0.9", "min_ssim"),
+        ("target_ratio=0.5&format=png", "target_ratio"),
+        ("min_ssim=0.9&format=auto", "min_ssim"),
+        ("format=auto%2Bavif", "format"),
         ("scale=0", "scale"),
         ("scale=1.5", "scale"),
         ("scale=nan", "scale"),
@@ -441,7 +451,9 @@ async def test_option_after_the_file_is_400_and_cancelled(
 async def test_options_before_the_file_and_in_the_query_reach_ingest(
     client_with_ingest: Client, fake_ingest: tuple[FakeIngest, str]
 ) -> None:
-    form = csv_form(("quality", "80"), ("format", "webp"), ("effort", "max"))
+    form = csv_form(
+        ("quality", "80"), ("format", "webp"), ("effort", "max"), ("target_ratio", "0.5")
+    )
     response = await client_with_ingest.post(
         "/upload?scale=0.5&max_width=640",
         data=form,
@@ -466,8 +478,22 @@ async def test_options_before_the_file_and_in_the_query_reach_ingest(
         quality=80,
         format=task_pb2.OUTPUT_FORMAT_WEBP,
         effort=task_pb2.EFFORT_MAX,
+        target_ratio=0.5,
         scale=0.5,
         max_width=640,
+    )
+
+
+async def test_min_ssim_and_avif_in_the_query_reach_ingest(
+    client_with_ingest: Client, fake_ingest: tuple[FakeIngest, str]
+) -> None:
+    response = await client_with_ingest.post(
+        "/upload?format=avif&min_ssim=0.95", data=CSV, headers={"Content-Type": "text/csv"}
+    )
+    assert response.status == 202
+    header = fake_ingest[0].headers[-1]
+    assert header.options == task_pb2.ImageOptions(
+        format=task_pb2.OUTPUT_FORMAT_AVIF, min_ssim=0.95
     )
 
 

@@ -43,6 +43,9 @@ def product(number: int) -> request_pb2.Product:
         input_image_urls=inputs,
         output_image_urls=[signed, "" if failed else signed],
         errors=[request_pb2.ImageError(url=inputs[1], code="HTTP_STATUS")] if failed else [],
+        ssim=[0.98765, 0.0 if failed else 0.5],
+        quality=[50, 0 if failed else 30],
+        notes=["", "" if failed else "TARGET_NOT_MET"],
     )
 
 
@@ -124,8 +127,8 @@ async def test_the_csv_is_rendered_from_every_page_of_products(
     assert [row[0] for row in rows[1:]] == ["1", "2", "3", "4", "5"]
     assert rows[1][1] == "'=Product 1"
     signed = f"http://s3.test/b/requests/{REQUEST_ID}/images/1.jpg?X-Amz-Signature=f00"
-    assert rows[1][3:] == [f"{signed},", "https://shop.example/1/b.jpg: HTTP_STATUS"]
-    assert rows[2][4] == ""
+    assert rows[1][3:] == [f"{signed},", "https://shop.example/1/b.jpg: HTTP_STATUS", "0.9877,"]
+    assert rows[2][4:] == ["https://shop.example/2/b.jpg: TARGET_NOT_MET", "0.9877,0.5000"]
     assert body.endswith(b"\r\n")
 
 

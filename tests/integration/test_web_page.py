@@ -73,6 +73,8 @@ async def test_the_page_is_self_contained_and_its_form_works_without_javascript(
         "quality",
         "format",
         "effort",
+        "target_ratio",
+        "min_ssim",
         "scale",
         "max_width",
         "max_height",

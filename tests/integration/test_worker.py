@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import csv
 import io
+import random
 import uuid
 from collections.abc import AsyncIterator, Iterator
 
@@ -17,12 +18,13 @@ from PIL import Image
 from services.common.budget import ByteBudget, PixelBudget
 from services.common.imaging import ImageOptions
 from services.common.pb.imgpipe.v1 import ingest_service_pb2_grpc as ingest_grpc
-from services.common.pb.imgpipe.v1 import request_pb2
+from services.common.pb.imgpipe.v1 import request_pb2, task_pb2
 from services.common.publish import publish_images
 from services.common.storage import Storage
 from services.common.streams import EVENT_FIELD, StreamNames, TaskConsumer
 from services.worker.processor import Processor
 from services.worker.runner import ConsumePolicy, consume
+from tests import photos
 from tests.integration.flows import csv_of, image_rows, released_rows, stream_messages, upload
 from tests.origin import ImageOrigin
 from tests.support import wait_until_async
@@ -89,11 +91,18 @@ async def test_request_runs_to_completed_with_outputs_csv_and_event(
     assert request["bytes_in"] == sum(r["bytes_in"] for r in rows if r["status"] == "Done")
 
     table = list(csv.reader(io.StringIO((await storage.get(request["output_csv_key"])).decode())))
-    assert table[0] == ["S. No.", "Product Name", "Input Image Urls", "Output Image Urls", "Errors"]
+    assert table[0][4:] == ["Errors", "SSIM"]
     assert table[1][3].split(",") == [await storage.public_url(r["output_key"]) for r in rows[:2]]
     assert table[2][1] == "'=cmd|' /C calc'!A0"  # formula injection neutralised
     assert table[2][3] == "," + await storage.public_url(rows[3]["output_key"])  # failed slot empty
     assert table[2][4] == f"{origin.url('/text')}: NOT_AN_IMAGE"
+    # Every done image's measured quality, stored and written in slots like the URLs.
+    done = [rows[0], rows[1], rows[3]]
+    assert all(0.5 < r["ssim"] < 1 and r["quality"] == 50 and r["note"] is None for r in done)
+    assert table[1][5] == ",".join(f"{r['ssim']:.4f}" for r in rows[:2])
+    assert table[2][5] == f",{rows[3]['ssim']:.4f}"
+    assert request["ssim_count"] == 3
+    assert request["ssim_sum"] == pytest.approx(sum(r["ssim"] for r in done), abs=1e-5)
 
     [event] = [
         e for e in await finished_events(redis_client, names) if e.request_id == accepted.request_id
@@ -101,7 +110,37 @@ async def test_request_runs_to_completed_with_outputs_csv_and_event(
     assert event.type == request_pb2.REQUEST_EVENT_TYPE_FINISHED
     assert event.status == request_pb2.REQUEST_STATUS_COMPLETED
     assert (event.progress.images_done, event.progress.images_failed) == (3, 1)
+    assert event.progress.mean_ssim == pytest.approx(request["ssim_sum"] / 3)
     assert event.output_csv_key == request["output_csv_key"]
+
+
+async def test_a_size_target_is_met_or_noted_and_the_note_reaches_the_csv(
+    ingest_stub: ingest_grpc.IngestServiceAsyncStub,
+    running_worker: asyncio.Event,
+    pool: asyncpg.Pool,
+    storage: Storage,
+    origin: ImageOrigin,
+) -> None:
+    # Noise saved at quality 20: nothing from quality 30 up is half its size.
+    noise = Image.frombytes("RGB", (320, 240), random.Random(5).randbytes(320 * 240 * 3))
+    origin.served["/img/noise.jpg"] = photos.jpeg(noise, 20)
+    urls = [origin.url("/img/photo.jpg"), origin.url("/img/noise.jpg")]
+    options = task_pb2.ImageOptions(target_ratio=0.5)
+
+    accepted = await upload(ingest_stub, csv_of([("1", "Shoe", urls)]), options=options)
+    request = await wait_final(pool, accepted.request_id)
+
+    assert request["status"] == "Completed"
+    assert (request["images_done"], request["images_failed"]) == (2, 0)  # a note, no failure
+    met, missed = await image_rows(pool, accepted.request_id)
+    assert met["bytes_out"] <= met["bytes_in"] / 2
+    assert met["note"] is None
+    assert 30 <= met["quality"] <= 95
+    assert missed["note"] == "TARGET_NOT_MET"
+    assert missed["bytes_out"] > missed["bytes_in"] / 2
+    table = list(csv.reader(io.StringIO((await storage.get(request["output_csv_key"])).decode())))
+    assert table[1][4] == f"{urls[1]}: TARGET_NOT_MET"
+    assert len(table[1][5].split(",")) == 2
 
 
 async def test_all_failed_is_failed(

@@ -7,6 +7,7 @@ import io
 import random
 import tracemalloc
 from collections.abc import Iterable, Iterator
+from typing import Any
 
 import pytest
 
@@ -630,7 +631,7 @@ def test_neutralise_leaves_safe_cells_alone(cell: str) -> None:
     assert neutralise(cell) == cell
 
 
-def write(*products: tuple[str, str, list[str], list[str | None], list[tuple[str, str]]]) -> bytes:
+def write(*products: tuple[Any, ...]) -> bytes:
     out = io.BytesIO()
     writer = OutputCsvWriter(out)
     for product in products:
@@ -639,7 +640,7 @@ def write(*products: tuple[str, str, list[str], list[str | None], list[tuple[str
 
 
 def test_writer_header_without_bom_and_crlf() -> None:
-    assert write() == b"S. No.,Product Name,Input Image Urls,Output Image Urls,Errors\r\n"
+    assert write() == b"S. No.,Product Name,Input Image Urls,Output Image Urls,Errors,SSIM\r\n"
     assert tuple(next(csv.reader(io.StringIO(write().decode())))) == OUTPUT_COLUMNS
 
 
@@ -664,16 +665,18 @@ def test_writer_rows_with_empty_slots_and_errors() -> None:
     lines = data.split(b"\r\n")
     assert lines[1] == (
         b'1,"Shirt, blue","https://a.example/1,https://a.example/2,https://a.example/3",'
-        b'"https://out.example/1.jpg,,https://out.example/3.jpg",https://a.example/2: FETCH_TIMEOUT'
+        b'"https://out.example/1.jpg,,https://out.example/3.jpg",'
+        b"https://a.example/2: FETCH_TIMEOUT,"
     )
     assert list(csv.reader(io.StringIO(data.decode(), newline="")))[2:] == [
-        ["2", "Hat", "https://a.example/4", "https://out.example/4.jpg", ""],
+        ["2", "Hat", "https://a.example/4", "https://out.example/4.jpg", "", ""],
         [
             "3",
             "Cap \u00e9",
             "https://a.example/5,https://a.example/6",
             ",",
             "https://a.example/5: HTTP_404; https://a.example/6: NOT_AN_IMAGE",
+            "",
         ],
     ]
     assert data.endswith(b"\r\n")
@@ -687,7 +690,35 @@ def test_writer_neutralises_every_cell() -> None:
         "'@a",
         "'+b",
         "'\tc: E",
+        "",
     ]
+
+
+def test_writer_adds_ssim_slots_and_notes_after_errors() -> None:
+    data = write(
+        (
+            "1",
+            "Shirt",
+            ["https://a.example/1", "https://a.example/2", "https://a.example/3"],
+            ["https://out.example/1.jpg", None, "https://out.example/3.jpg"],
+            [("https://a.example/2", "HTTP_STATUS")],
+            [0.981234, None, 1.0],
+            [("https://a.example/3", "TARGET_NOT_MET")],
+        ),
+        ("2", "Hat", ["-1"], ["o"], [], [-0.25], []),
+    )
+    rows = list(csv.reader(io.StringIO(data.decode(), newline="")))
+    assert rows[0][-2:] == ["Errors", "SSIM"]
+    assert rows[1][4:] == [
+        "https://a.example/2: HTTP_STATUS; https://a.example/3: TARGET_NOT_MET",
+        "0.9812,,1.0000",
+    ]
+    assert rows[2][5] == "'-0.2500"  # a cell starting with "-" is neutralised, numbers too
+
+
+def test_writer_rejects_mismatched_ssim_lists() -> None:
+    with pytest.raises(ValueError, match="1 SSIM values for 2 input URLs"):
+        write(("1", "Shirt", ["a", "b"], [None, None], [], [0.9], []))
 
 
 def test_writer_rejects_mismatched_url_lists() -> None:

@@ -12,6 +12,7 @@ from gateway.web_pages import (
     error_page,
     format_bytes,
     format_duration,
+    product_quality,
     product_saving,
     status_page,
 )
@@ -97,3 +98,22 @@ def test_product_saving_counts_done_images_only() -> None:
     product = {"input_bytes": [2_000_000, None], "output_bytes": [500_000, None]}
     assert product_saving(product) == ("saved 1.5 MB (75%)", "2.0 MB → 500.0 kB")
     assert product_saving({"input_bytes": [None], "output_bytes": [None]}) is None
+
+
+def test_the_page_shows_the_lowest_ssim_the_notes_and_the_mean() -> None:
+    shown = product() | {
+        "ssim": [0.9812, None],
+        "quality": [42, None],
+        "notes": ["TARGET_NOT_MET", None],
+    }
+    page = status_page(request("Completed", mean_ssim=0.9812), [shown], None)
+    assert '<dd id="stat-ssim" data-value="">0.981</dd>' in page
+    assert '<span class="ssim" title="image 1: quality 42, SSIM 0.9812">SSIM 0.981</span>' in page
+    assert '<span class="note">1 target not met</span>' in page
+
+
+def test_no_ssim_yet_shows_a_dash_and_no_product_line() -> None:
+    page = status_page(request("Processing", mean_ssim=None), [product()], None)
+    assert '<dd id="stat-ssim" data-value="">—</dd>' in page
+    assert 'class="ssim"' not in page
+    assert product_quality({"ssim": [None, None]}) is None

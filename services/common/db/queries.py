@@ -320,6 +320,8 @@ class Counters:
     status: str = "Processing"
     bytes_in: int = 0
     bytes_out: int = 0
+    ssim_sum: float = 0.0  # over the ssim_count done images whose SSIM was measured
+    ssim_count: int = 0
 
     @classmethod
     def of(cls, request: RequestRow) -> Counters:
@@ -331,7 +333,13 @@ class Counters:
             request.status,
             request.bytes_in,
             request.bytes_out,
+            request.ssim_sum,
+            request.ssim_count,
         )
+
+    @property
+    def mean_ssim(self) -> float | None:
+        return self.ssim_sum / self.ssim_count if self.ssim_count else None
 
     @property
     def all_final(self) -> bool:
@@ -371,22 +379,24 @@ _COUNTERS = """
            images_failed = images_failed + CASE WHEN img.done THEN 0 ELSE 1 END,
            bytes_in = requests.bytes_in + COALESCE(img.bytes_in, 0),
            bytes_out = requests.bytes_out + COALESCE(img.bytes_out, 0),
+           ssim_sum = requests.ssim_sum + COALESCE(img.ssim, 0),
+           ssim_count = requests.ssim_count + CASE WHEN img.ssim IS NULL THEN 0 ELSE 1 END,
            status = CASE WHEN status = 'Pending' THEN 'Processing' ELSE status END,
            updated_at = now()
       FROM img
      WHERE requests.id = img.request_id
  RETURNING requests.id, images_total, images_done, images_failed, status,
-           requests.bytes_in, requests.bytes_out"""
+           requests.bytes_in, requests.bytes_out, requests.ssim_sum, requests.ssim_count"""
 
 _IMAGE_DONE = (
     """
 WITH img AS (
     UPDATE images
        SET status = 'Done', output_key = $2, bytes_in = $3, bytes_out = $4, width = $5,
-           height = $6, kept_source = $7, attempts = attempts + 1,
-           error_code = NULL, error_message = NULL, updated_at = now()
+           height = $6, kept_source = $7, ssim = $8, quality = $9, note = $10,
+           attempts = attempts + 1, error_code = NULL, error_message = NULL, updated_at = now()
      WHERE id = $1 AND status = 'Pending'
- RETURNING request_id, bytes_in, bytes_out, true AS done)"""
+ RETURNING request_id, bytes_in, bytes_out, ssim::double precision, true AS done)"""
     + _COUNTERS
 )
 
@@ -396,7 +406,8 @@ WITH img AS (
     UPDATE images
        SET status = 'Failed', error_code = $2, error_message = $3, updated_at = now()
      WHERE id = $1 AND status = 'Pending'
- RETURNING request_id, NULL::integer AS bytes_in, NULL::integer AS bytes_out, false AS done)"""
+ RETURNING request_id, NULL::integer AS bytes_in, NULL::integer AS bytes_out,
+           NULL::double precision AS ssim, false AS done)"""
     + _COUNTERS
 )
 
@@ -411,11 +422,25 @@ async def record_image_done(
     width: int,
     height: int,
     kept_source: bool,
+    ssim: float | None = None,
+    quality: int | None = None,
+    note: str = "",
 ) -> Counters | None:
     """Mark a Pending image Done (counting its successful attempt) and move the counters;
-    None if it was already final."""
+    None if it was already final. `ssim`, `quality` and `note` are what the output kept
+    (services/common/tuning.py); an empty note is stored as NULL."""
     row = await conn.fetchrow(
-        _IMAGE_DONE, image_id, output_key, bytes_in, bytes_out, width, height, kept_source
+        _IMAGE_DONE,
+        image_id,
+        output_key,
+        bytes_in,
+        bytes_out,
+        width,
+        height,
+        kept_source,
+        ssim,
+        quality,
+        note or None,
     )
     return _counters(row) if row else None
 
@@ -438,12 +463,15 @@ def _counters(row: asyncpg.Record | None) -> Counters:
         row["status"],
         row["bytes_in"],
         row["bytes_out"],
+        row["ssim_sum"],
+        row["ssim_count"],
     )
 
 
 async def counters(conn: Connection, request_id: uuid.UUID) -> Counters | None:
     row = await conn.fetchrow(
-        """SELECT id, images_total, images_done, images_failed, status, bytes_in, bytes_out
+        """SELECT id, images_total, images_done, images_failed, status, bytes_in, bytes_out,
+                  ssim_sum, ssim_count
              FROM requests WHERE id = $1""",
         request_id,
     )
@@ -453,7 +481,8 @@ async def counters(conn: Connection, request_id: uuid.UUID) -> Counters | None:
 async def counters_of(conn: Connection, request_ids: Sequence[uuid.UUID]) -> list[Counters]:
     """The counters of several requests in one query (the progress hub's safety net)."""
     rows = await conn.fetch(
-        """SELECT id, images_total, images_done, images_failed, status, bytes_in, bytes_out
+        """SELECT id, images_total, images_done, images_failed, status, bytes_in, bytes_out,
+                  ssim_sum, ssim_count
              FROM requests WHERE id = ANY($1::uuid[])""",
         list(request_ids),
     )
@@ -648,6 +677,8 @@ class RequestRow:
     completed_at: datetime | None
     finish_generation: int
     started_at: datetime | None = None  # when its first task was released (the feeder)
+    ssim_sum: float = 0.0
+    ssim_count: int = 0
 
     @property
     def finished_event_id(self) -> str:
@@ -657,7 +688,7 @@ class RequestRow:
 
 _REQUEST_COLUMNS = """id, status, options, webhook_url, owner, products_total, images_total,
     images_done, images_failed, bytes_in, bytes_out, output_csv_key, created_at, updated_at,
-    completed_at, finish_generation, started_at"""
+    completed_at, finish_generation, started_at, ssim_sum, ssim_count"""
 
 
 def _request(row: asyncpg.Record) -> RequestRow:
@@ -700,8 +731,11 @@ class ImageRow:
     output_key: str | None
     error_code: str | None
     error_message: str | None
-    bytes_in: int | None  # both set once the image is Done
+    bytes_in: int | None  # all five set once the image is Done (ssim and quality: since 0009)
     bytes_out: int | None
+    ssim: float | None = None
+    quality: int | None = None
+    note: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -729,7 +763,10 @@ _PRODUCT_PAGE = """
                   array_agg(error_code ORDER BY position) AS error_codes,
                   array_agg(error_message ORDER BY position) AS error_messages,
                   array_agg(bytes_in ORDER BY position) AS bytes_in,
-                  array_agg(bytes_out ORDER BY position) AS bytes_out
+                  array_agg(bytes_out ORDER BY position) AS bytes_out,
+                  array_agg(ssim ORDER BY position) AS ssims,
+                  array_agg(quality ORDER BY position) AS qualities,
+                  array_agg(note ORDER BY position) AS notes
              FROM images WHERE product_id = p.id) i
      ORDER BY p.row_number"""
 
@@ -753,6 +790,9 @@ def _product(row: asyncpg.Record) -> ProductWithImages:
             row["error_messages"],
             row["bytes_in"],
             row["bytes_out"],
+            row["ssims"],
+            row["qualities"],
+            row["notes"],
             strict=True,
         )
     ]

@@ -26,25 +26,25 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from services.common.pb.imgpipe.v1 import task_pb2 as imgpipe_dot_v1_dot_task__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18imgpipe/v1/request.proto\x12\nimgpipe.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x15imgpipe/v1/task.proto\"\xc7\x01\n\x08Progress\x12\x14\n\x0cimages_total\x18\x01 \x01(\r\x12\x13\n\x0bimages_done\x18\x02 \x01(\r\x12\x15\n\rimages_failed\x18\x03 \x01(\r\x12\x0f\n\x07percent\x18\x04 \x01(\x01\x12\x10\n\x08\x62ytes_in\x18\x05 \x01(\x04\x12\x11\n\tbytes_out\x18\x06 \x01(\x04\x12\x19\n\x11images_per_second\x18\x07 \x01(\x01\x12\x18\n\x0b\x65ta_seconds\x18\x08 \x01(\x01H\x00\x88\x01\x01\x42\x0e\n\x0c_eta_seconds\"\xf2\x02\n\x07Request\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12)\n\x06status\x18\x02 \x01(\x0e\x32\x19.imgpipe.v1.RequestStatus\x12.\n\ncreated_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0c\x63ompleted_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12&\n\x08progress\x18\x06 \x01(\x0b\x32\x14.imgpipe.v1.Progress\x12\x16\n\x0eproducts_total\x18\x07 \x01(\r\x12)\n\x07options\x18\x08 \x01(\x0b\x32\x18.imgpipe.v1.ImageOptions\x12\x13\n\x0bwebhook_url\x18\t \x01(\t\x12\x16\n\x0eoutput_csv_key\x18\n \x01(\t\"8\n\nImageError\x12\x0b\n\x03url\x18\x01 \x01(\t\x12\x0c\n\x04\x63ode\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\"\xd2\x01\n\x07Product\x12\x15\n\rserial_number\x18\x01 \x01(\t\x12\x14\n\x0cproduct_name\x18\x02 \x01(\t\x12\x12\n\nrow_number\x18\x03 \x01(\r\x12\x18\n\x10input_image_urls\x18\x04 \x03(\t\x12\x19\n\x11output_image_urls\x18\x05 \x03(\t\x12&\n\x06\x65rrors\x18\x06 \x03(\x0b\x32\x16.imgpipe.v1.ImageError\x12\x13\n\x0binput_bytes\x18\x07 \x03(\x04\x12\x14\n\x0coutput_bytes\x18\x08 \x03(\x04\"\x91\x02\n\x0cRequestEvent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12*\n\x04type\x18\x02 \x01(\x0e\x32\x1c.imgpipe.v1.RequestEventType\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12)\n\x06status\x18\x04 \x01(\x0e\x32\x19.imgpipe.v1.RequestStatus\x12&\n\x08progress\x18\x05 \x01(\x0b\x32\x14.imgpipe.v1.Progress\x12/\n\x0boccurred_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0eoutput_csv_key\x18\x07 \x01(\t\x12\x13\n\x0btraceparent\x18\x08 \x01(\t*\xa3\x01\n\rRequestStatus\x12\x1e\n\x1aREQUEST_STATUS_UNSPECIFIED\x10\x00\x12\x1a\n\x16REQUEST_STATUS_PENDING\x10\x01\x12\x1d\n\x19REQUEST_STATUS_PROCESSING\x10\x02\x12\x1c\n\x18REQUEST_STATUS_COMPLETED\x10\x03\x12\x19\n\x15REQUEST_STATUS_FAILED\x10\x04*x\n\x10RequestEventType\x12\"\n\x1eREQUEST_EVENT_TYPE_UNSPECIFIED\x10\x00\x12\x1f\n\x1bREQUEST_EVENT_TYPE_FINISHED\x10\x01\x12\x1f\n\x1bREQUEST_EVENT_TYPE_PROGRESS\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18imgpipe/v1/request.proto\x12\nimgpipe.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x15imgpipe/v1/task.proto\"\xed\x01\n\x08Progress\x12\x14\n\x0cimages_total\x18\x01 \x01(\r\x12\x13\n\x0bimages_done\x18\x02 \x01(\r\x12\x15\n\rimages_failed\x18\x03 \x01(\r\x12\x0f\n\x07percent\x18\x04 \x01(\x01\x12\x10\n\x08\x62ytes_in\x18\x05 \x01(\x04\x12\x11\n\tbytes_out\x18\x06 \x01(\x04\x12\x19\n\x11images_per_second\x18\x07 \x01(\x01\x12\x18\n\x0b\x65ta_seconds\x18\x08 \x01(\x01H\x00\x88\x01\x01\x12\x16\n\tmean_ssim\x18\t \x01(\x01H\x01\x88\x01\x01\x42\x0e\n\x0c_eta_secondsB\x0c\n\n_mean_ssim\"\xf2\x02\n\x07Request\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12)\n\x06status\x18\x02 \x01(\x0e\x32\x19.imgpipe.v1.RequestStatus\x12.\n\ncreated_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0c\x63ompleted_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12&\n\x08progress\x18\x06 \x01(\x0b\x32\x14.imgpipe.v1.Progress\x12\x16\n\x0eproducts_total\x18\x07 \x01(\r\x12)\n\x07options\x18\x08 \x01(\x0b\x32\x18.imgpipe.v1.ImageOptions\x12\x13\n\x0bwebhook_url\x18\t \x01(\t\x12\x16\n\x0eoutput_csv_key\x18\n \x01(\t\"8\n\nImageError\x12\x0b\n\x03url\x18\x01 \x01(\t\x12\x0c\n\x04\x63ode\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\"\x80\x02\n\x07Product\x12\x15\n\rserial_number\x18\x01 \x01(\t\x12\x14\n\x0cproduct_name\x18\x02 \x01(\t\x12\x12\n\nrow_number\x18\x03 \x01(\r\x12\x18\n\x10input_image_urls\x18\x04 \x03(\t\x12\x19\n\x11output_image_urls\x18\x05 \x03(\t\x12&\n\x06\x65rrors\x18\x06 \x03(\x0b\x32\x16.imgpipe.v1.ImageError\x12\x13\n\x0binput_bytes\x18\x07 \x03(\x04\x12\x14\n\x0coutput_bytes\x18\x08 \x03(\x04\x12\x0c\n\x04ssim\x18\t \x03(\x01\x12\x0f\n\x07quality\x18\n \x03(\r\x12\r\n\x05notes\x18\x0b \x03(\t\"\x91\x02\n\x0cRequestEvent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12*\n\x04type\x18\x02 \x01(\x0e\x32\x1c.imgpipe.v1.RequestEventType\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12)\n\x06status\x18\x04 \x01(\x0e\x32\x19.imgpipe.v1.RequestStatus\x12&\n\x08progress\x18\x05 \x01(\x0b\x32\x14.imgpipe.v1.Progress\x12/\n\x0boccurred_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0eoutput_csv_key\x18\x07 \x01(\t\x12\x13\n\x0btraceparent\x18\x08 \x01(\t*\xa3\x01\n\rRequestStatus\x12\x1e\n\x1aREQUEST_STATUS_UNSPECIFIED\x10\x00\x12\x1a\n\x16REQUEST_STATUS_PENDING\x10\x01\x12\x1d\n\x19REQUEST_STATUS_PROCESSING\x10\x02\x12\x1c\n\x18REQUEST_STATUS_COMPLETED\x10\x03\x12\x19\n\x15REQUEST_STATUS_FAILED\x10\x04*x\n\x10RequestEventType\x12\"\n\x1eREQUEST_EVENT_TYPE_UNSPECIFIED\x10\x00\x12\x1f\n\x1bREQUEST_EVENT_TYPE_FINISHED\x10\x01\x12\x1f\n\x1bREQUEST_EVENT_TYPE_PROGRESS\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'imgpipe.v1.request_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_REQUESTSTATUS']._serialized_start=1219
-  _globals['_REQUESTSTATUS']._serialized_end=1382
-  _globals['_REQUESTEVENTTYPE']._serialized_start=1384
-  _globals['_REQUESTEVENTTYPE']._serialized_end=1504
+  _globals['_REQUESTSTATUS']._serialized_start=1303
+  _globals['_REQUESTSTATUS']._serialized_end=1466
+  _globals['_REQUESTEVENTTYPE']._serialized_start=1468
+  _globals['_REQUESTEVENTTYPE']._serialized_end=1588
   _globals['_PROGRESS']._serialized_start=97
-  _globals['_PROGRESS']._serialized_end=296
-  _globals['_REQUEST']._serialized_start=299
-  _globals['_REQUEST']._serialized_end=669
-  _globals['_IMAGEERROR']._serialized_start=671
-  _globals['_IMAGEERROR']._serialized_end=727
-  _globals['_PRODUCT']._serialized_start=730
-  _globals['_PRODUCT']._serialized_end=940
-  _globals['_REQUESTEVENT']._serialized_start=943
-  _globals['_REQUESTEVENT']._serialized_end=1216
+  _globals['_PROGRESS']._serialized_end=334
+  _globals['_REQUEST']._serialized_start=337
+  _globals['_REQUEST']._serialized_end=707
+  _globals['_IMAGEERROR']._serialized_start=709
+  _globals['_IMAGEERROR']._serialized_end=765
+  _globals['_PRODUCT']._serialized_start=768
+  _globals['_PRODUCT']._serialized_end=1024
+  _globals['_REQUESTEVENT']._serialized_start=1027
+  _globals['_REQUESTEVENT']._serialized_end=1300
 # @@protoc_insertion_point(module_scope)

@@ -87,6 +87,7 @@ class Progress(_message.Message):
     BYTES_OUT_FIELD_NUMBER: _builtins.int
     IMAGES_PER_SECOND_FIELD_NUMBER: _builtins.int
     ETA_SECONDS_FIELD_NUMBER: _builtins.int
+    MEAN_SSIM_FIELD_NUMBER: _builtins.int
     images_total: _builtins.int
     images_done: _builtins.int
     images_failed: _builtins.int
@@ -98,6 +99,10 @@ class Progress(_message.Message):
     """Final images per second since the request was accepted; 0 until one is final."""
     eta_seconds: _builtins.float
     """Seconds until every image is final at that rate; unset when unknown or final."""
+    mean_ssim: _builtins.float
+    """The mean SSIM of the done images (1.0 identical; see docs/quality.md); unset until one
+    image is done.
+    """
     def __init__(
         self,
         *,
@@ -109,14 +114,20 @@ class Progress(_message.Message):
         bytes_out: _builtins.int = ...,
         images_per_second: _builtins.float = ...,
         eta_seconds: _builtins.float | None = ...,
+        mean_ssim: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_eta_seconds", b"_eta_seconds", "eta_seconds", b"eta_seconds"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_eta_seconds", b"_eta_seconds", "_mean_ssim", b"_mean_ssim", "eta_seconds", b"eta_seconds", "mean_ssim", b"mean_ssim"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_eta_seconds", b"_eta_seconds", "bytes_in", b"bytes_in", "bytes_out", b"bytes_out", "eta_seconds", b"eta_seconds", "images_done", b"images_done", "images_failed", b"images_failed", "images_per_second", b"images_per_second", "images_total", b"images_total", "percent", b"percent"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_eta_seconds", b"_eta_seconds", "_mean_ssim", b"_mean_ssim", "bytes_in", b"bytes_in", "bytes_out", b"bytes_out", "eta_seconds", b"eta_seconds", "images_done", b"images_done", "images_failed", b"images_failed", "images_per_second", b"images_per_second", "images_total", b"images_total", "mean_ssim", b"mean_ssim", "percent", b"percent"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__eta_seconds: _TypeAlias = _typing.Literal["eta_seconds"]  # noqa: Y015
     _WhichOneofArgType__eta_seconds: _TypeAlias = _typing.Literal["_eta_seconds", b"_eta_seconds"]  # noqa: Y015
+    _WhichOneofReturnType__mean_ssim: _TypeAlias = _typing.Literal["mean_ssim"]  # noqa: Y015
+    _WhichOneofArgType__mean_ssim: _TypeAlias = _typing.Literal["_mean_ssim", b"_mean_ssim"]  # noqa: Y015
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__eta_seconds) -> _WhichOneofReturnType__eta_seconds | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__mean_ssim) -> _WhichOneofReturnType__mean_ssim | None: ...
 
 Global___Progress: _TypeAlias = Progress  # noqa: Y015
 
@@ -220,6 +231,9 @@ class Product(_message.Message):
     ERRORS_FIELD_NUMBER: _builtins.int
     INPUT_BYTES_FIELD_NUMBER: _builtins.int
     OUTPUT_BYTES_FIELD_NUMBER: _builtins.int
+    SSIM_FIELD_NUMBER: _builtins.int
+    QUALITY_FIELD_NUMBER: _builtins.int
+    NOTES_FIELD_NUMBER: _builtins.int
     serial_number: _builtins.str
     product_name: _builtins.str
     row_number: _builtins.int
@@ -240,6 +254,17 @@ class Product(_message.Message):
 
     @_builtins.property
     def output_bytes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    @_builtins.property
+    def ssim(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """Same order and count again, for done images (0 or empty otherwise): the output's SSIM
+        against its source (docs/quality.md), the quality setting used (0: lossless PNG or the
+        source's own bytes) and an outcome note such as TARGET_NOT_MET.
+        """
+
+    @_builtins.property
+    def quality(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    @_builtins.property
+    def notes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
         self,
         *,
@@ -251,10 +276,13 @@ class Product(_message.Message):
         errors: _abc.Iterable[Global___ImageError] | None = ...,
         input_bytes: _abc.Iterable[_builtins.int] | None = ...,
         output_bytes: _abc.Iterable[_builtins.int] | None = ...,
+        ssim: _abc.Iterable[_builtins.float] | None = ...,
+        quality: _abc.Iterable[_builtins.int] | None = ...,
+        notes: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["errors", b"errors", "input_bytes", b"input_bytes", "input_image_urls", b"input_image_urls", "output_bytes", b"output_bytes", "output_image_urls", b"output_image_urls", "product_name", b"product_name", "row_number", b"row_number", "serial_number", b"serial_number"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["errors", b"errors", "input_bytes", b"input_bytes", "input_image_urls", b"input_image_urls", "notes", b"notes", "output_bytes", b"output_bytes", "output_image_urls", b"output_image_urls", "product_name", b"product_name", "quality", b"quality", "row_number", b"row_number", "serial_number", b"serial_number", "ssim", b"ssim"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

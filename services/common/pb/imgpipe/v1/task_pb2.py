@@ -25,19 +25,19 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15imgpipe/v1/task.proto\x12\nimgpipe.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa3\x01\n\x0cImageOptions\x12(\n\x06\x66ormat\x18\x01 \x01(\x0e\x32\x18.imgpipe.v1.OutputFormat\x12\x0f\n\x07quality\x18\x02 \x01(\r\x12\r\n\x05scale\x18\x03 \x01(\x01\x12\x11\n\tmax_width\x18\x04 \x01(\r\x12\x12\n\nmax_height\x18\x05 \x01(\r\x12\"\n\x06\x65\x66\x66ort\x18\x06 \x01(\x0e\x32\x12.imgpipe.v1.Effort\"\xb5\x01\n\tImageTask\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08image_id\x18\x02 \x01(\x03\x12\x11\n\tinput_url\x18\x03 \x01(\t\x12)\n\x07options\x18\x04 \x01(\x0b\x32\x18.imgpipe.v1.ImageOptions\x12/\n\x0b\x65nqueued_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0btraceparent\x18\x06 \x01(\t*t\n\x0cOutputFormat\x12\x1d\n\x19OUTPUT_FORMAT_UNSPECIFIED\x10\x00\x12\x16\n\x12OUTPUT_FORMAT_JPEG\x10\x01\x12\x16\n\x12OUTPUT_FORMAT_WEBP\x10\x02\x12\x15\n\x11OUTPUT_FORMAT_PNG\x10\x03*V\n\x06\x45\x66\x66ort\x12\x16\n\x12\x45\x46\x46ORT_UNSPECIFIED\x10\x00\x12\x0f\n\x0b\x45\x46\x46ORT_FAST\x10\x01\x12\x13\n\x0f\x45\x46\x46ORT_BALANCED\x10\x02\x12\x0e\n\nEFFORT_MAX\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15imgpipe/v1/task.proto\x12\nimgpipe.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xcb\x01\n\x0cImageOptions\x12(\n\x06\x66ormat\x18\x01 \x01(\x0e\x32\x18.imgpipe.v1.OutputFormat\x12\x0f\n\x07quality\x18\x02 \x01(\r\x12\r\n\x05scale\x18\x03 \x01(\x01\x12\x11\n\tmax_width\x18\x04 \x01(\r\x12\x12\n\nmax_height\x18\x05 \x01(\r\x12\"\n\x06\x65\x66\x66ort\x18\x06 \x01(\x0e\x32\x12.imgpipe.v1.Effort\x12\x14\n\x0ctarget_ratio\x18\x07 \x01(\x01\x12\x10\n\x08min_ssim\x18\x08 \x01(\x01\"\xb5\x01\n\tImageTask\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08image_id\x18\x02 \x01(\x03\x12\x11\n\tinput_url\x18\x03 \x01(\t\x12)\n\x07options\x18\x04 \x01(\x0b\x32\x18.imgpipe.v1.ImageOptions\x12/\n\x0b\x65nqueued_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0btraceparent\x18\x06 \x01(\t*\xc1\x01\n\x0cOutputFormat\x12\x1d\n\x19OUTPUT_FORMAT_UNSPECIFIED\x10\x00\x12\x16\n\x12OUTPUT_FORMAT_JPEG\x10\x01\x12\x16\n\x12OUTPUT_FORMAT_WEBP\x10\x02\x12\x15\n\x11OUTPUT_FORMAT_PNG\x10\x03\x12\x16\n\x12OUTPUT_FORMAT_AVIF\x10\x04\x12\x16\n\x12OUTPUT_FORMAT_AUTO\x10\x05\x12\x1b\n\x17OUTPUT_FORMAT_AUTO_AVIF\x10\x06*V\n\x06\x45\x66\x66ort\x12\x16\n\x12\x45\x46\x46ORT_UNSPECIFIED\x10\x00\x12\x0f\n\x0b\x45\x46\x46ORT_FAST\x10\x01\x12\x13\n\x0f\x45\x46\x46ORT_BALANCED\x10\x02\x12\x0e\n\nEFFORT_MAX\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'imgpipe.v1.task_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_OUTPUTFORMAT']._serialized_start=420
-  _globals['_OUTPUTFORMAT']._serialized_end=536
-  _globals['_EFFORT']._serialized_start=538
-  _globals['_EFFORT']._serialized_end=624
+  _globals['_OUTPUTFORMAT']._serialized_start=461
+  _globals['_OUTPUTFORMAT']._serialized_end=654
+  _globals['_EFFORT']._serialized_start=656
+  _globals['_EFFORT']._serialized_end=742
   _globals['_IMAGEOPTIONS']._serialized_start=71
-  _globals['_IMAGEOPTIONS']._serialized_end=234
-  _globals['_IMAGETASK']._serialized_start=237
-  _globals['_IMAGETASK']._serialized_end=418
+  _globals['_IMAGEOPTIONS']._serialized_end=274
+  _globals['_IMAGETASK']._serialized_start=277
+  _globals['_IMAGETASK']._serialized_end=458
 # @@protoc_insertion_point(module_scope)

@@ -28,6 +28,13 @@ class _OutputFormatEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_OutputFo
     OUTPUT_FORMAT_JPEG: _OutputFormat.ValueType  # 1
     OUTPUT_FORMAT_WEBP: _OutputFormat.ValueType  # 2
     OUTPUT_FORMAT_PNG: _OutputFormat.ValueType  # 3
+    OUTPUT_FORMAT_AVIF: _OutputFormat.ValueType  # 4
+    OUTPUT_FORMAT_AUTO: _OutputFormat.ValueType  # 5
+    """Not a format but a choice per image: the smallest of JPEG and WebP at the SSIM of JPEG
+    at the requested quality (services/common/tuning.py).
+    """
+    OUTPUT_FORMAT_AUTO_AVIF: _OutputFormat.ValueType  # 6
+    """The same choice with AVIF among the candidates."""
 
 class OutputFormat(_OutputFormat, metaclass=_OutputFormatEnumTypeWrapper):
     """OutputFormat is the encoding of compressed images."""
@@ -36,6 +43,13 @@ OUTPUT_FORMAT_UNSPECIFIED: OutputFormat.ValueType  # 0
 OUTPUT_FORMAT_JPEG: OutputFormat.ValueType  # 1
 OUTPUT_FORMAT_WEBP: OutputFormat.ValueType  # 2
 OUTPUT_FORMAT_PNG: OutputFormat.ValueType  # 3
+OUTPUT_FORMAT_AVIF: OutputFormat.ValueType  # 4
+OUTPUT_FORMAT_AUTO: OutputFormat.ValueType  # 5
+"""Not a format but a choice per image: the smallest of JPEG and WebP at the SSIM of JPEG
+at the requested quality (services/common/tuning.py).
+"""
+OUTPUT_FORMAT_AUTO_AVIF: OutputFormat.ValueType  # 6
+"""The same choice with AVIF among the candidates."""
 Global___OutputFormat: _TypeAlias = OutputFormat  # noqa: Y015
 
 class _Effort:
@@ -82,6 +96,8 @@ class ImageOptions(_message.Message):
     MAX_WIDTH_FIELD_NUMBER: _builtins.int
     MAX_HEIGHT_FIELD_NUMBER: _builtins.int
     EFFORT_FIELD_NUMBER: _builtins.int
+    TARGET_RATIO_FIELD_NUMBER: _builtins.int
+    MIN_SSIM_FIELD_NUMBER: _builtins.int
     format: Global___OutputFormat.ValueType
     quality: _builtins.int
     """1 to 95; 0 means the default (50)."""
@@ -91,6 +107,14 @@ class ImageOptions(_message.Message):
     """Bounding box in pixels; 0 means no limit."""
     max_height: _builtins.int
     effort: Global___Effort.ValueType
+    target_ratio: _builtins.float
+    """0 < target_ratio < 1: each output at most this share of its source's bytes, at the
+    highest quality (30 to 95) that meets it; 0 means off. Lossy formats only.
+    """
+    min_ssim: _builtins.float
+    """0 < min_ssim <= 1: the lowest quality (30 to 95) whose SSIM is at least this; 0 means
+    off. Not with target_ratio; lossy formats only.
+    """
     def __init__(
         self,
         *,
@@ -100,10 +124,12 @@ class ImageOptions(_message.Message):
         max_width: _builtins.int = ...,
         max_height: _builtins.int = ...,
         effort: Global___Effort.ValueType = ...,
+        target_ratio: _builtins.float = ...,
+        min_ssim: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["effort", b"effort", "format", b"format", "max_height", b"max_height", "max_width", b"max_width", "quality", b"quality", "scale", b"scale"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["effort", b"effort", "format", b"format", "max_height", b"max_height", "max_width", b"max_width", "min_ssim", b"min_ssim", "quality", b"quality", "scale", b"scale", "target_ratio", b"target_ratio"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
