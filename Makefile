@@ -4,13 +4,21 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# Containers (podman, as root): scripts/podman.py writes this file and every podman call uses it.
+CONTAINERS_CONF := $(CURDIR)/build/containers/containers.conf
+export CONTAINERS_CONF
+PODMAN_SOCKET := $(CURDIR)/build/containers/podman.sock
 
-.PHONY: help install proto proto-check k8s-check lint run test test-unit test-integration test-e2e bench clean
+.PHONY: help install proto proto-check k8s-check lint run test test-unit test-integration test-e2e \
+	bench clean test-images test-containers podman-start podman-stop
 
 help:
 	@echo "make install      create $(VENV) and install imgpipe with its dev tools"
 	@echo "make run          the whole stack on 127.0.0.1:8080 (embedded Postgres/Redis unless URLs are set)"
 	@echo "make test         unit, integration and end-to-end tests"
+	@echo "make test-containers  integration, e2e and fault tests on Postgres and Redis in containers"
+	@echo "make test-images  build (or reuse) the postgres and redis images from Debian packages"
+	@echo "make podman-start / podman-stop  the podman API socket in build/containers"
 	@echo "make lint         ruff, mypy, buf lint and buf format"
 	@echo "make proto        regenerate services/common/pb from proto/"
 	@echo "make proto-check  fail if the generated code differs from proto/"
@@ -62,6 +70,23 @@ test-integration: $(STAMP)
 
 test-e2e: $(STAMP)
 	$(BIN)/pytest -q -m e2e
+
+# Containers without a registry (scripts/podman.py; docs/containers.md): Debian bases made with
+# mmdebstrap, the test servers' images built from Debian packages, the podman API socket.
+test-images: $(STAMP)
+	$(PY) scripts/podman.py test-images
+
+podman-start: $(STAMP)
+	$(PY) scripts/podman.py socket start
+
+podman-stop:
+	$(PYTHON) scripts/podman.py socket stop
+
+# The same tiers on the deployed majors (deploy/versions.env) in containers: DOCKER_HOST makes
+# tests/conftest.py take its testcontainers branch. TESTS= narrows it (CI runs a subset).
+TESTS ?= -m "integration or e2e"
+test-containers: test-images podman-start
+	DOCKER_HOST=unix://$(PODMAN_SOCKET) TESTCONTAINERS_RYUK_DISABLED=true $(BIN)/pytest -q $(TESTS)
 
 bench: $(STAMP)
 	$(PY) -m bench
