@@ -125,6 +125,13 @@ IMAGE_BASE ?=
 image: $(STAMP)
 	$(PY) scripts/podman.py image --tag $(IMAGE) $(if $(IMAGE_BASE),--base $(IMAGE_BASE))
 
+# The image's services (scripts/image_stack.py: podman, host network, read-only, non-root) under
+# the e2e pipeline tests, on Postgres and Redis from `make test-images` on 127.0.0.1; then the
+# local overlay through `podman kube play`, one request through it (scripts/kube_play.py).
+image-test: image test-images podman-start
+	DOCKER_HOST=unix://$(PODMAN_SOCKET) TESTCONTAINERS_RYUK_DISABLED=true \
+	  IMGPIPE_TEST_IMAGE=$(IMAGE) $(BIN)/pytest -q tests/e2e/test_pipeline.py
+
 bench: $(STAMP)
 	$(PY) -m bench
 

@@ -204,7 +204,7 @@ def build(image: str, containerfile: Path, build_args: dict[str, str]) -> str:
         print(f"podman.py: {image} is current", flush=True)
         return image
     print(f"podman.py: building {image}", flush=True)
-    replaced = podman("image", "inspect", "--format", "{{.Id}}", image, capture=True, check=False)
+    replaced = image_id(image)
     podman(
         "build",
         "--isolation", "chroot",
@@ -216,10 +216,19 @@ def build(image: str, containerfile: Path, build_args: dict[str, str]) -> str:
         "--tag", image,
         str(containerfile.parent),
     )  # fmt: skip
-    if replaced.strip():
-        # The image the tag named before, unless something else still uses it.
-        podman("rmi", replaced.strip(), capture=True, check=False)
+    remove_replaced(replaced, image)
     return image
+
+
+def image_id(image: str) -> str:
+    """The id of a local image; empty when there is none."""
+    return podman("image", "inspect", "--format", "{{.Id}}", image, capture=True, check=False)
+
+
+def remove_replaced(replaced: str, image: str) -> None:
+    """Remove the image a tag named before a rebuild, unless it is still that image or in use."""
+    if replaced.strip() and replaced != image_id(image):
+        podman("rmi", replaced.strip(), capture=True, check=False)
 
 
 def test_images() -> list[str]:
@@ -284,6 +293,7 @@ def app_image(base_image: str | None, tag: str) -> str:
     """The Dockerfile built with podman, offline (no network in the build), and its size."""
     wheelhouse()
     base_image = base_image or python_base()
+    replaced = image_id(tag)
     podman(
         "build",
         "--isolation", "chroot",
@@ -296,6 +306,7 @@ def app_image(base_image: str | None, tag: str) -> str:
         "--tag", tag,
         str(ROOT),
     )  # fmt: skip
+    remove_replaced(replaced, tag)
     size = int(podman("image", "inspect", "--format", "{{.Size}}", tag, capture=True))
     print(f"podman.py: {tag} on {base_image}: {size / 1e6:.0f} MB", flush=True)
     return tag

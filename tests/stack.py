@@ -16,6 +16,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
+
 from tests.support import free_tcp_port, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,7 +64,19 @@ class Stack:
             raise AssertionError(f"the stack did not stop in time:\n{self.log_tail()}") from None
 
 
+def stack_command(extra_env: dict[str, str]) -> list[str]:
+    """`python -m services.dev`, or with IMGPIPE_TEST_IMAGE=IMAGE (`make image-test`) the same
+    stack from that container image (scripts/image_stack.py), which needs servers by URL."""
+    image = os.environ.get("IMGPIPE_TEST_IMAGE")
+    if not image:
+        return [sys.executable, "-m", "services.dev"]
+    if not (extra_env.get("IMGPIPE_DATABASE_URL") and extra_env.get("IMGPIPE_REDIS_URL")):
+        pytest.skip("the stack from the image needs Postgres and Redis by URL, not embedded")
+    return [sys.executable, str(ROOT / "scripts" / "image_stack.py"), image]
+
+
 def start_stack(tmp_path: Path, extra_env: dict[str, str]) -> Stack:
+    command = stack_command(extra_env)
     port = free_tcp_port()
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("IMGPIPE_")},
@@ -78,7 +92,7 @@ def start_stack(tmp_path: Path, extra_env: dict[str, str]) -> Stack:
     log = tmp_path / "stack.log"
     with log.open("wb") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "services.dev"],
+            command,
             cwd=ROOT,
             env=env,
             stdout=out,
