@@ -130,7 +130,7 @@ image: $(STAMP)
 # local overlay through `podman kube play`, one request through it (scripts/kube_play.py).
 image-test: image test-images podman-start
 	DOCKER_HOST=unix://$(PODMAN_SOCKET) TESTCONTAINERS_RYUK_DISABLED=true \
-	  IMGPIPE_TEST_IMAGE=$(IMAGE) $(BIN)/pytest -q tests/e2e/test_pipeline.py
+	  IMGPIPE_TEST_IMAGE=$(IMAGE) $(BIN)/pytest -q tests/e2e/test_pipeline.py tests/e2e/test_kube_play.py
 
 bench: $(STAMP)
 	$(PY) -m bench
