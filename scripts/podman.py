@@ -26,6 +26,7 @@ import http.client
 import os
 import re
 import resource
+import shutil
 import signal
 import socket
 import subprocess
@@ -132,7 +133,7 @@ def image_label(image: str, label: str) -> str | None:
 
 
 def require(tool: str, package: str) -> None:
-    if subprocess.run(["sh", "-c", f"command -v {tool}"], capture_output=True).returncode:
+    if shutil.which(tool) is None:
         raise SystemExit(f"{tool} is missing: apt-get install {package}")
 
 

@@ -22,7 +22,7 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -118,17 +118,21 @@ def remove_own() -> list[str]:
 
 @dataclass
 class Server:
-    """A server container: its URL, and stop/start for tests that take the server away."""
+    """A server container: its URL, and stop/start for tests that take the server away. The
+    URL stays the same: the port is the container's own on the host's network."""
 
     url: str
     container: Any
+    ready: Callable[[], None]
 
     def stop(self) -> None:
+        """The image's stop signal (Postgres: SIGINT, a fast shutdown), SIGKILL after 30 s."""
         self.container.get_wrapped_container().stop(timeout=30)
 
-    def start(self, ready: Any) -> None:
+    def start(self) -> None:
+        """Start the stopped container again; return once the server accepts connections."""
         self.container.get_wrapped_container().start()
-        _wait_ready(self.container, ready)
+        _wait_ready(self.container, self.ready)
 
 
 def _container(image: str, command: list[str]) -> Any:
@@ -142,7 +146,7 @@ def _container(image: str, command: list[str]) -> Any:
     )
 
 
-def _wait_ready(container: Any, ready: Any) -> None:
+def _wait_ready(container: Any, ready: Callable[[], None]) -> None:
     """Poll `ready()` (a real connection) until it succeeds; fail with the container's log."""
     deadline = time.monotonic() + START_TIMEOUT
     while True:
@@ -177,7 +181,7 @@ def postgres_server() -> Iterator[Server]:
         asyncio.run(connect())
 
     with _started(container, ready):
-        yield Server(url, container)
+        yield Server(url, container, ready)
 
 
 @contextlib.contextmanager
@@ -196,11 +200,11 @@ def redis_server() -> Iterator[Server]:
             client.ping()
 
     with _started(container, ready):
-        yield Server(url, container)
+        yield Server(url, container, ready)
 
 
 @contextlib.contextmanager
-def _started(container: Any, ready: Any) -> Iterator[None]:
+def _started(container: Any, ready: Callable[[], None]) -> Iterator[None]:
     try:
         container.start()
         _wait_ready(container, ready)
