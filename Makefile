@@ -1,4 +1,5 @@
 # imgpipe — every command a developer or CI needs. `make help` lists them.
+SHELL  := /bin/bash
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -9,7 +10,7 @@ CONTAINERS_CONF := $(CURDIR)/build/containers/containers.conf
 export CONTAINERS_CONF
 PODMAN_SOCKET := $(CURDIR)/build/containers/podman.sock
 
-.PHONY: help install lock test-lowest proto proto-check k8s-check lint run test test-unit test-integration test-e2e \
+.PHONY: help install lock lock-check test-lowest proto proto-check k8s-check lint run test test-unit test-integration test-e2e \
 	bench clean test-images test-containers podman-start podman-stop image image-test
 
 help:
@@ -22,6 +23,7 @@ help:
 	@echo "make image        build the imgpipe image with podman (IMAGE_BASE=python:3.11-slim-bookworm with a registry)"
 	@echo "make image-test   run the services from the image, the e2e pipeline tests against them, then kube play"
 	@echo "make lock         re-resolve requirements/*.txt (uv) after a dependency change"
+	@echo "make lock-check   fail if requirements/*.txt do not match pyproject.toml"
 	@echo "make test-lowest  unit tests on the lowest versions pyproject.toml allows"
 	@echo "make lint         ruff, mypy, buf lint and buf format"
 	@echo "make proto        regenerate services/common/pb from proto/"
@@ -53,6 +55,18 @@ lock:
 	$(UV_COMPILE) $(UPGRADE) --generate-hashes pyproject.toml -o requirements/runtime.txt
 	$(UV_COMPILE) $(UPGRADE) --extra dev -c requirements/runtime.txt pyproject.toml \
 	  -o requirements/dev.txt
+
+# Fails when requirements/*.txt no longer match pyproject.toml: re-resolves into copies (the
+# locked versions are kept as preferences, so only a change to pyproject.toml moves them).
+LOCK_CHECK := build/lock-check
+lock-check: $(STAMP)
+	rm -rf $(LOCK_CHECK) && mkdir -p $(LOCK_CHECK) && cp requirements/*.txt $(LOCK_CHECK)/
+	$(UV_COMPILE) --generate-hashes pyproject.toml -o $(LOCK_CHECK)/runtime.txt
+	$(UV_COMPILE) --extra dev -c requirements/runtime.txt pyproject.toml -o $(LOCK_CHECK)/dev.txt
+	@for lock in runtime dev; do \
+	  diff <(grep -v '^#' requirements/$$lock.txt) <(grep -v '^#' $(LOCK_CHECK)/$$lock.txt) >/dev/null \
+	    || { echo "requirements/$$lock.txt does not match pyproject.toml: run 'make lock'"; exit 1; }; \
+	done
 
 # The floors of pyproject.toml, tested: the lowest allowed version of every direct dependency
 # in a virtualenv of its own, and the unit tests on it.
@@ -136,4 +150,4 @@ bench: $(STAMP)
 	$(PY) -m bench
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info $(LOWEST) build/wheelhouse
