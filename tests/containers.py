@@ -90,27 +90,24 @@ def _client() -> Any:
 
 def sweep_dead_owners() -> list[str]:
     """Remove the containers of test processes that no longer run; return their names."""
-    client = _client()
-    removed = []
-    try:
-        for container in client.containers.list(all=True, filters={"label": OWNER_LABEL}):
-            if not _owner_alive(container.labels.get(OWNER_LABEL, "")):
-                container.remove(force=True, v=True)
-                removed.append(container.name)
-    finally:
-        client.close()
-    return removed
+    return _remove(OWNER_LABEL, lambda labels: not _owner_alive(labels.get(OWNER_LABEL, "")))
 
 
 def remove_own() -> list[str]:
     """Remove every container this process started and still has; return their names."""
+    return _remove(f"{OWNER_LABEL}={owner()}", lambda labels: True)
+
+
+def _remove(label_filter: str, doomed: Callable[[dict[str, str]], bool]) -> list[str]:
+    """Remove the containers, running or not, that carry `label_filter` and whose labels
+    `doomed` picks; return their names."""
     client = _client()
     removed = []
     try:
-        mine = {"label": f"{OWNER_LABEL}={owner()}"}
-        for container in client.containers.list(all=True, filters=mine):
-            container.remove(force=True, v=True)
-            removed.append(container.name)
+        for container in client.containers.list(all=True, filters={"label": label_filter}):
+            if doomed(container.labels):
+                container.remove(force=True, v=True)
+                removed.append(container.name)
     finally:
         client.close()
     return removed
