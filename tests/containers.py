@@ -30,7 +30,7 @@ from typing import Any
 import asyncpg
 import redis
 
-from tests.support import free_tcp_port
+from tests.support import free_port_block
 
 # Read by testcontainers when it is imported: set before the first import below.
 os.environ.setdefault("TESTCONTAINERS_RYUK_DISABLED", "true")
@@ -162,7 +162,7 @@ def _wait_ready(container: Any, ready: Callable[[], None]) -> None:
 @contextlib.contextmanager
 def postgres_server() -> Iterator[Server]:
     """postgres:<major> on 127.0.0.1:<free port>; removed when the block ends."""
-    port = free_tcp_port()
+    port = free_port_block((0,))
     password = secrets.token_hex(12)
     url = f"postgresql://postgres:{password}@127.0.0.1:{port}/postgres"
     container = _container(
@@ -184,7 +184,7 @@ def postgres_server() -> Iterator[Server]:
 @contextlib.contextmanager
 def redis_server() -> Iterator[Server]:
     """redis:<major> on 127.0.0.1:<free port>, nothing persisted; removed when the block ends."""
-    port = free_tcp_port()
+    port = free_port_block((0,))
     url = f"redis://127.0.0.1:{port}/0"
     container = _container(
         f"redis:{versions()['REDIS_MAJOR']}",

@@ -6,10 +6,8 @@ Used by the end-to-end tests and by the benchmarks.
 from __future__ import annotations
 
 import os
-import random
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -18,28 +16,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import free_tcp_port, wait_until
+from tests.support import free_port_block, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _free_grpc_base(workers: int) -> int:
     """A base port whose ingest, status and worker ports (base, +1, +10, +11...) are free."""
-    offsets = (0, 1, *range(10, 10 + workers))
-    for _ in range(50):
-        base = random.randrange(20000, 60000)
-        if all(free_tcp_port_is(base + offset) for offset in offsets):
-            return base
-    raise AssertionError("no free block of gRPC ports")
-
-
-def free_tcp_port_is(port: int) -> bool:
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-        return True
+    return free_port_block((0, 1, *range(10, 10 + workers)))
 
 
 @dataclass
@@ -77,7 +61,7 @@ def stack_command(extra_env: dict[str, str]) -> list[str]:
 
 def start_stack(tmp_path: Path, extra_env: dict[str, str]) -> Stack:
     command = stack_command(extra_env)
-    port = free_tcp_port()
+    port = free_port_block((0,))
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("IMGPIPE_")},
         "IMGPIPE_DATA_DIR": str(tmp_path / "data"),
