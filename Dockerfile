@@ -1,37 +1,37 @@
 # syntax=docker/dockerfile:1
 # One image for every imgpipe service; the command picks the service:
 #   docker run IMAGE gateway | ingest | status | worker      (ENTRYPOINT is `imgpipe serve`)
-# Build:  docker build -t imgpipe:dev .
+# Build:  make image      (docs/containers.md). It first builds build/wheelhouse on the host
+# from requirements/runtime.txt, so nothing in this build asks a package index.
 # Kubernetes manifests (deploy/k8s) set `args: [<service>]` on each Deployment.
 
-ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+# Any image with Python 3.11 and `python -m venv`. The public one by default; where no
+# container registry is reachable, `make image` passes Debian's Python on a base made with
+# mmdebstrap (scripts/podman.py python-base).
+ARG BASE=python:3.11-slim-bookworm
 
-# --- builder: resolves and installs every dependency into a virtualenv -----------------------
-FROM ${PYTHON_IMAGE} AS builder
+# --- builder: installs the locked dependencies and imgpipe into a virtualenv -----------------
+FROM ${BASE} AS builder
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1 \
     PYTHONDONTWRITEBYTECODE=1
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
-WORKDIR /src
 
-# Dependencies first, from pyproject.toml alone, so a code change reuses this layer. Every
-# dependency ships manylinux wheels for x86_64 and arm64, so this stage needs no compiler; if
-# one ever needs building, install build-essential here, never in the final stage.
-COPY pyproject.toml ./
-RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" > /tmp/requirements.txt \
- && pip install --prefer-binary -r /tmp/requirements.txt
+# Dependencies first, in a layer of their own that a code change reuses: the wheels of the
+# lock, checked against its hashes, and no index. Every one is a wheel, so no compiler.
+COPY build/wheelhouse/deps /wheels/deps
+RUN pip install --no-index --find-links /wheels/deps --require-hashes \
+      -r /wheels/deps/runtime.txt
 
-# Then imgpipe itself, as a regular (not editable) install: the final stage needs no source tree.
-COPY README.md ./
-COPY services ./services
-COPY gateway ./gateway
-COPY imgpipe ./imgpipe
-RUN pip install --no-deps . \
+# Then imgpipe itself, the wheel built on the host: the final stage needs no source tree.
+COPY build/wheelhouse/app /wheels/app
+RUN pip install --no-index --no-deps /wheels/app/*.whl \
+ && pip uninstall --yes pip setuptools \
  && python -m compileall -q /opt/venv/lib
 
 # --- final: the interpreter, the virtualenv, and nothing else --------------------------------
-FROM ${PYTHON_IMAGE} AS runtime
+FROM ${BASE} AS runtime
 # The root filesystem is read-only in Kubernetes: bytecode is compiled at build time above and
 # never written at run time; logs are unbuffered JSON lines on stdout.
 ENV PATH=/opt/venv/bin:$PATH \

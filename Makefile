@@ -1,29 +1,81 @@
 # imgpipe — every command a developer or CI needs. `make help` lists them.
+SHELL  := /bin/bash
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# Containers (podman, as root): scripts/podman.py writes this file and every podman call uses it.
+CONTAINERS_CONF := $(CURDIR)/build/containers/containers.conf
+export CONTAINERS_CONF
+PODMAN_SOCKET := $(CURDIR)/build/containers/podman.sock
 
-.PHONY: help install proto proto-check k8s-check lint run test test-unit test-integration test-e2e bench clean
+.PHONY: help install lock lock-check test-lowest proto proto-check k8s-check lint run test test-unit test-integration test-e2e \
+	bench clean test-images test-containers podman-start podman-stop image image-test
 
 help:
 	@echo "make install      create $(VENV) and install imgpipe with its dev tools"
 	@echo "make run          the whole stack on 127.0.0.1:8080 (embedded Postgres/Redis unless URLs are set)"
 	@echo "make test         unit, integration and end-to-end tests"
+	@echo "make test-containers  integration, e2e and fault tests on Postgres and Redis in containers"
+	@echo "make test-images  build (or reuse) the postgres and redis images from Debian packages"
+	@echo "make podman-start / podman-stop  the podman API socket in build/containers"
+	@echo "make image        build the imgpipe image with podman (IMAGE_BASE=python:3.11-slim-bookworm with a registry)"
+	@echo "make image-test   run the services from the image, the e2e pipeline tests against them, then kube play"
+	@echo "make lock         re-resolve requirements/*.txt (uv) after a dependency change"
+	@echo "make lock-check   fail if requirements/*.txt do not match pyproject.toml"
+	@echo "make test-lowest  unit tests on the lowest versions pyproject.toml allows"
 	@echo "make lint         ruff, mypy, buf lint and buf format"
 	@echo "make proto        regenerate services/common/pb from proto/"
 	@echo "make proto-check  fail if the generated code differs from proto/"
 	@echo "make k8s-check    render deploy/k8s overlays, validate them, test their invariants"
 	@echo "make bench        benchmarks; results in bench/results/"
 
-$(STAMP): pyproject.toml
+# The lock files (requirements/*.txt, made by `make lock` with uv from PyPI) decide every
+# version: runtime.txt the image's, dev.txt (runtime + local + dev tools) the virtualenv's.
+# uv itself comes from pip, so a fresh machine needs nothing but Python.
+UV_VERSION := 0.13.9
+UV := $(BIN)/uv
+UV_COMPILE := UV_NO_CONFIG=1 $(UV) pip compile --quiet --universal --python-version 3.11 \
+	--annotation-style line
+
+$(STAMP): pyproject.toml requirements/dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet --upgrade pip uv==$(UV_VERSION)
+	UV_NO_CONFIG=1 $(UV) pip install --quiet --python $(PY) -r requirements/dev.txt
+	UV_NO_CONFIG=1 $(UV) pip install --quiet --python $(PY) --no-deps -e .
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# Re-resolve after a change to pyproject.toml's dependencies; versions already locked stay
+# unless `make lock UPGRADE=--upgrade`.
+lock:
+	test -x $(UV) || { test -x $(PY) || $(PYTHON) -m venv $(VENV); $(PY) -m pip install --quiet uv==$(UV_VERSION); }
+	$(UV_COMPILE) $(UPGRADE) --generate-hashes pyproject.toml -o requirements/runtime.txt
+	$(UV_COMPILE) $(UPGRADE) --extra dev -c requirements/runtime.txt pyproject.toml \
+	  -o requirements/dev.txt
+
+# Fails when requirements/*.txt no longer match pyproject.toml: re-resolves into copies (the
+# locked versions are kept as preferences, so only a change to pyproject.toml moves them).
+LOCK_CHECK := build/lock-check
+lock-check: $(STAMP)
+	rm -rf $(LOCK_CHECK) && mkdir -p $(LOCK_CHECK) && cp requirements/*.txt $(LOCK_CHECK)/
+	$(UV_COMPILE) --generate-hashes pyproject.toml -o $(LOCK_CHECK)/runtime.txt
+	$(UV_COMPILE) --extra dev -c requirements/runtime.txt pyproject.toml -o $(LOCK_CHECK)/dev.txt
+	@for lock in runtime dev; do \
+	  diff <(grep -v '^#' requirements/$$lock.txt) <(grep -v '^#' $(LOCK_CHECK)/$$lock.txt) >/dev/null \
+	    || { echo "requirements/$$lock.txt does not match pyproject.toml: run 'make lock'"; exit 1; }; \
+	done
+
+# The floors of pyproject.toml, tested: the lowest allowed version of every direct dependency
+# in a virtualenv of its own, and the unit tests on it.
+LOWEST := build/venv-lowest
+test-lowest: $(STAMP)
+	rm -rf $(LOWEST) && $(PYTHON) -m venv $(LOWEST)
+	UV_NO_CONFIG=1 $(UV) pip install --quiet --python $(LOWEST)/bin/python \
+	  --resolution lowest-direct -e '.[dev]'
+	$(LOWEST)/bin/pytest -q -m unit -p no:cacheprovider
 
 proto: $(STAMP)
 	cd proto && ../$(BIN)/buf format -w && ../$(BIN)/buf lint
@@ -63,8 +115,39 @@ test-integration: $(STAMP)
 test-e2e: $(STAMP)
 	$(BIN)/pytest -q -m e2e
 
+# Containers without a registry (scripts/podman.py; docs/containers.md): Debian bases made with
+# mmdebstrap, the test servers' images built from Debian packages, the podman API socket.
+test-images: $(STAMP)
+	$(PY) scripts/podman.py test-images
+
+podman-start: $(STAMP)
+	$(PY) scripts/podman.py socket start
+
+podman-stop:
+	$(PYTHON) scripts/podman.py socket stop
+
+# The same tiers on the deployed majors (deploy/versions.env) in containers: DOCKER_HOST makes
+# tests/conftest.py take its testcontainers branch. TESTS= narrows it (CI runs a subset).
+TESTS ?= -m "integration or e2e"
+test-containers: test-images podman-start
+	DOCKER_HOST=unix://$(PODMAN_SOCKET) TESTCONTAINERS_RYUK_DISABLED=true $(BIN)/pytest -q $(TESTS)
+
+# The Dockerfile, built with podman from a wheelhouse of requirements/runtime.txt made here.
+# IMAGE_BASE empty: Debian's Python on the mmdebstrap base (no registry needed).
+IMAGE ?= localhost/imgpipe:dev
+IMAGE_BASE ?=
+image: $(STAMP)
+	$(PY) scripts/podman.py image --tag $(IMAGE) $(if $(IMAGE_BASE),--base $(IMAGE_BASE))
+
+# The image's services (scripts/image_stack.py: podman, host network, read-only, non-root) under
+# the e2e pipeline tests, on Postgres and Redis from `make test-images` on 127.0.0.1; then the
+# local overlay through `podman kube play`, one request through it (scripts/kube_play.py).
+image-test: image test-images podman-start
+	DOCKER_HOST=unix://$(PODMAN_SOCKET) TESTCONTAINERS_RYUK_DISABLED=true \
+	  IMGPIPE_TEST_IMAGE=$(IMAGE) $(BIN)/pytest -q tests/e2e/test_pipeline.py tests/e2e/test_kube_play.py
+
 bench: $(STAMP)
 	$(PY) -m bench
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info $(LOWEST) build/wheelhouse

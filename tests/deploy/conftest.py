@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from tests.deploy.manifests import OVERLAYS, Rendered, run_check
+from tests.deploy.manifests import CLUSTER_OVERLAYS, LOCAL, OVERLAYS, Rendered, run_check
 
 
 @pytest.fixture(scope="session")
@@ -31,7 +31,12 @@ def prod(rendered: dict[str, Rendered]) -> Rendered:
     return rendered["prod"]
 
 
-@pytest.fixture(params=OVERLAYS)
+@pytest.fixture(scope="session")
+def local(rendered: dict[str, Rendered]) -> Rendered:
+    return rendered[LOCAL]
+
+
+@pytest.fixture(params=CLUSTER_OVERLAYS)
 def overlay(request: pytest.FixtureRequest, rendered: dict[str, Rendered]) -> Rendered:
     found: Rendered = rendered[request.param]
     return found

@@ -14,6 +14,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "k8s_check.py"
 OVERLAYS = sorted(path.name for path in (ROOT / "deploy" / "k8s" / "overlays").iterdir())
+# Played by podman on one machine (test_local_overlay.py), not applied to a cluster: the
+# cluster invariants (policies, namespaces, autoscalers, Services) are not its to keep.
+LOCAL = "local"
+CLUSTER_OVERLAYS = [name for name in OVERLAYS if name != LOCAL]
 
 Manifest = dict[str, Any]
 

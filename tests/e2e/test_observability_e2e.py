@@ -24,8 +24,8 @@ from tests.e2e.test_pipeline import wait_completed
 from tests.e2e.test_webhooks_e2e import received
 from tests.listeners import serve_receiver
 from tests.origin import ImageOrigin
-from tests.stack import Stack, free_tcp_port_is, start_stack
-from tests.support import free_tcp_port, wait_until, wait_until_async
+from tests.stack import Stack, start_stack
+from tests.support import free_tcp_port, free_tcp_port_is, wait_until, wait_until_async
 
 pytestmark = pytest.mark.e2e
 

@@ -10,15 +10,19 @@ from pathlib import Path
 
 import pytest
 
+from tests import containers
 from tests.fault.harness import Backends, Services
 from tests.origin import ImageOrigin, serve_images
 
 
 @pytest.fixture
-def backends() -> Iterator[Backends]:
+def backends(request: pytest.FixtureRequest) -> Iterator[Backends]:
     # Not tmp_path: as root, Postgres runs as the "pgserver" user, and a pytest session that
     # starts meanwhile makes /tmp/pytest-of-root private again. A short folder also keeps the
     # socket paths, and so the URLs, the same across restarts.
+    if containers.in_use():
+        # Containers of the test's own: the session's sweep and finalizer cover them too.
+        request.getfixturevalue("container_reaper")
     root = Path(tempfile.mkdtemp(prefix="imgpipe-fault-"))
     servers = Backends(root, prefix=f"imgpipe-fault-{secrets.token_hex(4)}")
     try:

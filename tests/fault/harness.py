@@ -8,6 +8,7 @@ origin lives on the test's event loop, and a blocked loop would turn into fetch 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import signal
@@ -17,6 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import asyncpg
 import grpc
@@ -28,6 +30,7 @@ from services.common.embedded import EmbeddedPostgres, EmbeddedRedis, start_post
 from services.common.pb.imgpipe.v1 import ingest_service_pb2_grpc as ingest_grpc
 from services.common.pb.imgpipe.v1 import request_pb2
 from services.common.streams import EVENT_FIELD, WORKER_GROUP, StreamNames
+from tests import containers
 from tests.integration.flows import csv_of, stream_messages, upload
 from tests.origin import ImageOrigin
 from tests.stack import start_service
@@ -59,36 +62,59 @@ TUNING = {
 
 
 class Backends:
-    """A Postgres and a Redis of one test's own, in `root`; stopped and started on the same
-    folders, so their URLs stay the same. Redis keeps nothing across a restart."""
+    """A Postgres and a Redis of one test's own, stopped and started with the same URLs.
+    Redis keeps nothing across a restart.
+
+    Embedded servers in `root` (stopped and started on the same folders), or, when the
+    session's servers are containers (`make test-containers`), containers of the test's own
+    (stopped and started again, on the same port)."""
 
     def __init__(self, root: Path, prefix: str) -> None:
         self.root = root
         self.names = StreamNames(prefix)
-        self._postgres: EmbeddedPostgres | None = start_postgres(root / "pg")
+        self._postgres: EmbeddedPostgres | None = None
         self._redis: EmbeddedRedis | None = None
+        self._containers = contextlib.ExitStack()
+        self._in_containers: tuple[containers.Server, containers.Server] | None = None
         try:
+            if containers.in_use():
+                self._in_containers = (
+                    self._containers.enter_context(containers.postgres_server()),
+                    self._containers.enter_context(containers.redis_server()),
+                )
+                self.database_url, self.redis_url = (s.url for s in self._in_containers)
+                return
+            self._postgres = start_postgres(root / "pg")
             self._redis = start_redis(root / "redis", appendonly=False)
         except BaseException:
             self.close()
             raise
-        assert self._postgres is not None
         self.database_url = self._postgres.url
         self.redis_url = self._redis.url
 
     def stop_postgres(self) -> None:
+        if self._in_containers is not None:
+            self._in_containers[0].stop()
+            return
         assert self._postgres is not None, "postgres is not running"
         stopped, self._postgres = self._postgres, None
         stopped.stop()
         wait_until(lambda: process_exited(stopped.pid), timeout=30, message="postgres to exit")
 
     def start_postgres(self) -> None:
+        if self._in_containers is not None:
+            self._in_containers[0].start()
+            return
         assert self._postgres is None, "postgres is running already"
         self._postgres = start_postgres(self.root / "pg")
         assert self._postgres.url == self.database_url, "postgres came back on another socket"
 
     def restart_redis(self) -> None:
-        """Stop Redis and start it again on the same folder: without persistence, empty."""
+        """Stop Redis and start it again: without persistence, empty."""
+        if self._in_containers is not None:
+            self._in_containers[1].stop()
+            self._in_containers[1].start()
+            return
         assert self._redis is not None
         stopped, self._redis = self._redis, None
         stopped.stop()
@@ -97,8 +123,9 @@ class Backends:
         assert self._redis.url == self.redis_url, "redis came back on another socket"
 
     def close(self) -> None:
-        """Stop both servers (each by its pid) and remove their folders."""
+        """Stop both servers (each by its pid, or remove their containers); remove the folder."""
         try:
+            self._containers.close()
             if self._redis is not None:
                 self._redis.stop()
         finally:
@@ -107,6 +134,11 @@ class Backends:
                     self._postgres.stop()
             finally:
                 shutil.rmtree(self.root, ignore_errors=True)
+
+    def tcp_ports(self) -> list[int]:
+        """The 127.0.0.1 ports of the two servers: none for the embedded ones (unix sockets)."""
+        ports = (urlsplit(url).port for url in (self.database_url, self.redis_url))
+        return [port for port in ports if port is not None]
 
     def redis_client(self) -> redis.asyncio.Redis:
         return redis.asyncio.Redis.from_url(self.redis_url)

@@ -24,8 +24,8 @@ import pytest
 from tests.e2e.test_pipeline import upload_csv, wait_completed
 from tests.fault.harness import TUNING, csv_for, image_urls
 from tests.origin import ImageOrigin, serve_images
-from tests.stack import ROOT, Stack, free_tcp_port_is, launch_stack, start_stack
-from tests.support import descendants, free_tcp_port, process_exited, wait_until, wait_until_async
+from tests.stack import ROOT, Stack, launch_stack, start_stack
+from tests.support import descendants, free_port_block, process_exited, wait_until, wait_until_async
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
 
@@ -51,15 +51,11 @@ async def slow_origin() -> AsyncIterator[ImageOrigin]:
 
 def stack_env(origin: ImageOrigin) -> dict[str, str]:
     """Fixed ports and Redis prefix, so that a stack started again is the same stack."""
-    grpc_base = next(
-        base
-        for base in range(free_tcp_port() % 20000 + 20000, 65000, 97)
-        if all(free_tcp_port_is(base + offset) for offset in (0, 1, 10, 11))
-    )
+    grpc_base = free_port_block((0, 1, 10, 11))
     return {
         **TUNING,
         "IMGPIPE_FETCH_ALLOW": f"127.0.0.1:{origin.port}",
-        "IMGPIPE_HTTP_LISTEN": f"127.0.0.1:{free_tcp_port()}",
+        "IMGPIPE_HTTP_LISTEN": f"127.0.0.1:{free_port_block((0,))}",
         "IMGPIPE_DEV_GRPC_BASE_PORT": str(grpc_base),
         "IMGPIPE_REDIS_PREFIX": f"imgpipe-launcher-{os.getpid()}-{grpc_base}",
     }

@@ -5,8 +5,9 @@ A group is an ingest and two workers in one process group, so a single os.killpg
 three at once. Where the test may create network namespaces (root, or CAP_SYS_ADMIN), each
 group also lives in one of its own with nothing but a loopback: its processes cannot reach the
 other group's ports at all, and reach SeaweedFS and the image origin through relays this test
-runs on 127.0.0.1 (Postgres and Redis listen on unix sockets, which need none). Elsewhere the
-groups share the host's network and are separated by process group only.
+runs on 127.0.0.1 (Postgres and Redis too when they are containers on 127.0.0.1 ports; the
+embedded ones listen on unix sockets, which need none). Elsewhere the groups share the host's
+network and are separated by process group only.
 
 How throughput adds up is measured in bench/ (B7), never asserted here.
 """
@@ -98,8 +99,9 @@ async def test_two_groups_share_the_work_and_one_dies_whole(
     groups = []
     for name in ("A", "B"):
         network = await networks()
-        # What a group dials on 127.0.0.1 besides Postgres and Redis: storage and the origin.
-        await network.reach_out(endpoint_port, origin.port)
+        # What a group dials on 127.0.0.1: storage, the origin, and Postgres and Redis when they
+        # listen on ports (containers) rather than on unix sockets (embedded).
+        await network.reach_out(endpoint_port, origin.port, *backends.tcp_ports())
         groups.append(await start_group(services, network, name, storage_env))
     a, b = groups
     await services.wait_serving(*a.members, *b.members)

