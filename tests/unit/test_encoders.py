@@ -39,7 +39,12 @@ def test_efforts_decode_to_the_same_pixels(photo: bytes, output: OutputFormat) -
     assert decoded[Effort.FAST] == decoded[Effort.BALANCED] == decoded[Effort.MAX]
 
 
-@pytest.mark.parametrize("output", list(OutputFormat))
+# The encodings themselves: auto and auto_avif choose among them per image, at equal SSIM, so
+# their bytes need not fall with effort (the choice may change).
+ENCODINGS = [OutputFormat.JPEG, OutputFormat.WEBP, OutputFormat.PNG, OutputFormat.AVIF]
+
+
+@pytest.mark.parametrize("output", ENCODINGS)
 def test_more_effort_never_gives_larger_files(photo: bytes, output: OutputFormat) -> None:
     sizes = [
         len(compress(photo, ImageOptions(format=output, effort=effort)).data) for effort in EFFORTS
