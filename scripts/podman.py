@@ -24,7 +24,6 @@ import argparse
 import hashlib
 import http.client
 import os
-import re
 import resource
 import shutil
 import signal
@@ -34,6 +33,8 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+
+from packaging.markers import Marker
 
 ROOT = Path(__file__).resolve().parent.parent
 HERE = ROOT / "scripts" / "containers"
@@ -273,11 +274,13 @@ def wheelhouse() -> Path:
                 old.unlink()
         folder.mkdir(parents=True, exist_ok=True)
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "wheel", "--quiet"]
-    # Every locked package, whatever its marker says about this Python: the image's may be
-    # another patch release (Debian's 3.11.2 needs async-timeout, 3.11.3 and later do not).
-    # Its own pip applies the markers when it installs from the lock.
+    # Every locked package that some Python 3.11.x may need, whatever this one's patch release
+    # says: the image's may be another (Debian's 3.11.2 needs async-timeout, 3.11.3 and later
+    # do not). Its own pip applies the markers when it installs from the lock. Packages only
+    # other minors need (numpy 2.5 is for 3.12 and later) are left out: two versions of one
+    # package cannot be fetched together.
     unmarked = deps / "all-packages.txt"
-    unmarked.write_text(re.sub(r" ;[^\\\n]*", " ", RUNTIME_LOCK.read_text()))
+    unmarked.write_text(_for_python_311(RUNTIME_LOCK.read_text()))
     # --only-binary: a wheel built here from a source archive would not match the lock's hash.
     subprocess.run(
         [*pip, "--only-binary=:all:", "--require-hashes", "--no-deps", "-r", str(unmarked),
@@ -288,6 +291,26 @@ def wheelhouse() -> Path:
     (deps / RUNTIME_LOCK.name).write_bytes(RUNTIME_LOCK.read_bytes())
     subprocess.run([*pip, "--no-deps", str(ROOT), "-w", str(app)], check=True)
     return WHEELHOUSE
+
+
+def _for_python_311(lock: str) -> str:
+    """The lock's requirement blocks (a line and its hash lines) that any Python 3.11.x may
+    install, with their markers removed."""
+    kept: list[str] = []
+    keep = True
+    for line in lock.splitlines(keepends=True):
+        if line[:1].isalnum():  # a requirement; its hash lines are indented
+            name, _, marker = line.partition(" ;")
+            marker = marker.rstrip().rstrip("\\").strip()
+            keep = not marker or any(
+                Marker(marker).evaluate({"python_full_version": f"3.11.{patch}",
+                                         "python_version": "3.11"})
+                for patch in range(20)
+            )  # fmt: skip
+            line = name + (" \\\n" if line.rstrip().endswith("\\") else "\n")
+        if keep:
+            kept.append(line)
+    return "".join(kept)
 
 
 def app_image(base_image: str | None, tag: str) -> str:
