@@ -10,13 +10,14 @@ CONTAINERS_CONF := $(CURDIR)/build/containers/containers.conf
 export CONTAINERS_CONF
 PODMAN_SOCKET := $(CURDIR)/build/containers/podman.sock
 
-.PHONY: help install lock lock-check test-lowest proto proto-check k8s-check lint run test test-unit test-integration test-e2e \
+.PHONY: help install lock lock-check test-lowest proto proto-check k8s-check lint format run test test-unit test-integration test-e2e \
 	bench clean test-images test-containers podman-start podman-stop image image-test
 
 help:
 	@echo "make install      create $(VENV) and install imgpipe with its dev tools"
 	@echo "make run          the whole stack on 127.0.0.1:8080 (embedded Postgres/Redis unless URLs are set)"
-	@echo "make test         unit, integration and end-to-end tests"
+	@echo "make test         every tier: unit, integration, e2e, fault, browser, deploy, security"
+	@echo "make test-unit / test-integration / test-e2e  one tier (test-e2e includes fault)"
 	@echo "make test-containers  integration, e2e and fault tests on Postgres and Redis in containers"
 	@echo "make test-images  build (or reuse) the postgres and redis images from Debian packages"
 	@echo "make podman-start / podman-stop  the podman API socket in build/containers"
@@ -25,7 +26,8 @@ help:
 	@echo "make lock         re-resolve requirements/*.txt (uv) after a dependency change"
 	@echo "make lock-check   fail if requirements/*.txt do not match pyproject.toml"
 	@echo "make test-lowest  unit tests on the lowest versions pyproject.toml allows"
-	@echo "make lint         ruff, mypy, buf lint and buf format"
+	@echo "make lint         ruff (lint, complexity, format check), mypy, buf lint and buf format"
+	@echo "make format       ruff format, ruff's import sort, buf format -w: rewrite files in place"
 	@echo "make proto        regenerate services/common/pb from proto/"
 	@echo "make proto-check  fail if the generated code differs from proto/"
 	@echo "make k8s-check    render deploy/k8s overlays, validate them, test their invariants"
@@ -100,6 +102,12 @@ lint: $(STAMP)
 	$(BIN)/mypy
 	cd proto && ../$(BIN)/buf lint && ../$(BIN)/buf format -d --exit-code
 
+# What lint checks for layout, fixed in place: imports sorted (ruff's I rules), then formatted.
+format: $(STAMP)
+	$(BIN)/ruff check --select I --fix .
+	$(BIN)/ruff format .
+	cd proto && ../$(BIN)/buf format -w
+
 run: $(STAMP)
 	$(PY) -m services.dev
 
@@ -112,8 +120,9 @@ test-unit: $(STAMP)
 test-integration: $(STAMP)
 	$(BIN)/pytest -q -m integration
 
+# The fault tests (tests/fault, marker fault) start and kill whole stacks: they belong here.
 test-e2e: $(STAMP)
-	$(BIN)/pytest -q -m e2e
+	$(BIN)/pytest -q -m "e2e or fault"
 
 # Containers without a registry (scripts/podman.py; docs/containers.md): Debian bases made with
 # mmdebstrap, the test servers' images built from Debian packages, the podman API socket.
@@ -128,7 +137,7 @@ podman-stop:
 
 # The same tiers on the deployed majors (deploy/versions.env) in containers: DOCKER_HOST makes
 # tests/conftest.py take its testcontainers branch. TESTS= narrows it (CI runs a subset).
-TESTS ?= -m "integration or e2e"
+TESTS ?= -m "integration or e2e or fault"
 test-containers: test-images podman-start
 	DOCKER_HOST=unix://$(PODMAN_SOCKET) TESTCONTAINERS_RYUK_DISABLED=true $(BIN)/pytest -q $(TESTS)
 

@@ -172,7 +172,7 @@ class _Body:
         return result
 
 
-def build_header(values: Mapping[str, str], idempotency_key: str = "") -> ingest_pb.UploadHeader:
+def build_header(values: Mapping[str, str], idempotency_key: str = "") -> ingest_pb.UploadHeader:  # noqa: C901
     """The first message of an upload, from form or query values; every bad value is listed."""
     problems: list[Detail] = []
 

@@ -148,7 +148,7 @@ class StackPlan:
         return [[c for c in self.children if c.role in roles] for roles in STOP_ORDER]
 
 
-def plan_stack(
+def plan_stack(  # noqa: C901
     environ: Mapping[str, str], *, cwd: Path | None = None, python: str | None = None
 ) -> StackPlan:
     """Decide what `make run` starts from `environ` alone; PlanError lists every problem."""
@@ -268,7 +268,7 @@ def run_stack(plan: StackPlan) -> int:
         os.close(lock)
 
 
-def _run_locked(plan: StackPlan) -> int:
+def _run_locked(plan: StackPlan) -> int:  # noqa: C901
     signals = Signals()
     supervisor = Supervisor()
     postgres: EmbeddedPostgres | None = None

@@ -28,6 +28,22 @@ from tests.support import create_database, delete_keys, drop_database
 
 T = TypeVar("T")
 
+# A test's tier is its folder: everything under tests/<folder>/ gets the marker <folder>
+# (pyproject.toml declares them; the Makefile's tiers select by them). A test may add another
+# marker by hand (tests/security/test_uploads.py is also e2e), never its own folder's.
+FOLDER_MARKERS = frozenset({"unit", "integration", "e2e", "fault", "browser", "deploy", "security"})
+TESTS = Path(__file__).parent
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if not item.path.is_relative_to(TESTS):
+            continue
+        folder = item.path.relative_to(TESTS).parts[0]
+        if folder in FOLDER_MARKERS:
+            item.add_marker(folder)
+
+
 _docker_available = functools.cache(docker_available)
 
 

@@ -270,7 +270,7 @@ class CsvReader:
         if not duplicated and len(positions) == len(REQUIRED_COLUMNS):
             self._columns = (positions[_SERIAL], positions[_NAME], positions[_URLS])
 
-    def _read_product(self, row: int, cells: list[str], out: list[ProductRow]) -> None:
+    def _read_product(self, row: int, cells: list[str], out: list[ProductRow]) -> None:  # noqa: C901
         assert self._columns is not None
         limits = self._limits
         self._rows_seen += 1

@@ -297,7 +297,7 @@ def error_body(error: ImgpipeError) -> dict[str, Any]:
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def rpc_method(method: F) -> F:
+def rpc_method(method: F) -> F:  # noqa: C901
     """Decorate a servicer method: an ImgpipeError becomes its gRPC status, a backend failure
     becomes UNAVAILABLE, and nothing else leaks. Works for unary and server-streaming methods."""
 

@@ -599,7 +599,7 @@ def _strip_metadata(output: OutputFormat, data: bytes) -> bytes | None:
 _JPEG_KEEP_APP = (0xE0, 0xEE)  # APP0 JFIF, APP14 Adobe (its transform flag decides the colours)
 
 
-def _strip_jpeg(data: bytes) -> bytes | None:
+def _strip_jpeg(data: bytes) -> bytes | None:  # noqa: C901
     """Drop APP1..APP15 (EXIF, XMP, ICC, MPF, ...) except APP14, and COM segments; keep every
     other segment and the entropy-coded data byte for byte; stop at the first EOI, which also
     drops the extra images an MPO file appends."""

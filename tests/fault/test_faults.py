@@ -34,7 +34,7 @@ from tests.fault.harness import (
 from tests.origin import ImageOrigin
 from tests.support import wait_until_async
 
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
+pytestmark = pytest.mark.timeout(180)
 
 # The kill moments of the first test come from this seed, so a failure can be replayed.
 KILL_SEED = 20240604

@@ -27,7 +27,7 @@ from tests.origin import ImageOrigin, serve_images
 from tests.stack import ROOT, Stack, launch_stack, start_stack
 from tests.support import descendants, free_port_block, process_exited, wait_until, wait_until_async
 
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
+pytestmark = pytest.mark.timeout(240)
 
 IMAGES = 200
 

@@ -52,7 +52,7 @@ from tests.origin import ImageOrigin, serve_images
 from tests.seaweed import BUCKET, SeaweedS3
 from tests.support import free_tcp_port, wait_until_async
 
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
+pytestmark = pytest.mark.timeout(180)
 
 IMAGES = 300  # per request; one request through each group's ingest
 WORKERS_PER_GROUP = 2

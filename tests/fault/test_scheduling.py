@@ -20,7 +20,7 @@ from tests.fault.harness import (
 from tests.origin import ImageOrigin
 from tests.support import wait_until_async
 
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
+pytestmark = pytest.mark.timeout(180)
 
 # Small against the requests below, so that who gets the free places is what decides.
 WINDOW = "16"

@@ -87,7 +87,7 @@ class HostileOrigin:
 
 
 @pytest.fixture
-async def hostile_origin(tripwires: dict[str, Tripwire]) -> AsyncIterator[HostileOrigin]:
+async def hostile_origin(tripwires: dict[str, Tripwire]) -> AsyncIterator[HostileOrigin]:  # noqa: C901
     good = photo_like(320, 240, seed=1)
     calls: dict[str, int] = {}
     never = asyncio.Event()  # set at teardown, so hanging handlers end

@@ -12,9 +12,3 @@ import pytest
 def database_url(module_database_url: str) -> str:
     """One database per module (tests/conftest.py `module_database_url` says why)."""
     return module_database_url
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    for item in items:
-        if "tests/security/" in str(item.path).replace("\\", "/"):
-            item.add_marker(pytest.mark.security)
