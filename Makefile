@@ -10,7 +10,7 @@ CONTAINERS_CONF := $(CURDIR)/build/containers/containers.conf
 export CONTAINERS_CONF
 PODMAN_SOCKET := $(CURDIR)/build/containers/podman.sock
 
-.PHONY: help install lock lock-check test-lowest proto proto-check k8s-check lint format run test test-unit test-integration test-e2e \
+.PHONY: help install lock lock-check test-lowest proto proto-check k8s-check lint format docs docs-check run test test-unit test-integration test-e2e \
 	bench clean test-images test-containers podman-start podman-stop image image-test
 
 help:
@@ -26,12 +26,15 @@ help:
 	@echo "make lock         re-resolve requirements/*.txt (uv) after a dependency change"
 	@echo "make lock-check   fail if requirements/*.txt do not match pyproject.toml"
 	@echo "make test-lowest  unit tests on the lowest versions pyproject.toml allows"
-	@echo "make lint         ruff (lint, complexity, format check), mypy, buf lint and buf format"
+	@echo "make lint         ruff (lint, complexity, format check), mypy, buf lint and format, docs-check"
 	@echo "make format       ruff format, ruff's import sort, buf format -w: rewrite files in place"
+	@echo "make docs         regenerate docs/configuration.md from services/common/config.py"
+	@echo "make docs-check   fail if docs/configuration.md is stale (part of make lint)"
 	@echo "make proto        regenerate services/common/pb from proto/"
 	@echo "make proto-check  fail if the generated code differs from proto/"
 	@echo "make k8s-check    render deploy/k8s overlays, validate them, test their invariants"
 	@echo "make bench        benchmarks; results in bench/results/"
+	@echo "make clean        remove $(VENV), the tools' caches and build/wheelhouse"
 
 # The lock files (requirements/*.txt, made by `make lock` with uv from PyPI) decide every
 # version: runtime.txt the image's, dev.txt (runtime + local + dev tools) the virtualenv's.
@@ -101,6 +104,14 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	cd proto && ../$(BIN)/buf lint && ../$(BIN)/buf format -d --exit-code
+	$(PY) scripts/gen_config_docs.py --check
+
+# The configuration reference is generated from the code that reads the settings.
+docs: $(STAMP)
+	$(PY) scripts/gen_config_docs.py
+
+docs-check: $(STAMP)
+	$(PY) scripts/gen_config_docs.py --check
 
 # What lint checks for layout, fixed in place: imports sorted (ruff's I rules), then formatted.
 format: $(STAMP)
