@@ -1,6 +1,6 @@
 """The REST gateway application: `create_app(settings)` wires routes, middleware and backends.
 
-HTTP in, gRPC out, JSON back (DESIGN.md "REST contract"). The handlers live in
+HTTP in, gRPC out, JSON back (docs/architecture.md, "Contracts"). The handlers live in
 `gateway.handlers`, the JSON rendering in `gateway.views`, the upload streaming in
 `gateway.upload`, the error mapping in `gateway.errors` and the shutdown in `gateway.serving`.
 """

@@ -1,4 +1,4 @@
-"""HTTP error handling of the gateway: every failure becomes the JSON error of DESIGN.md.
+"""HTTP error handling of the gateway: every failure becomes the JSON error of docs/architecture.md.
 
 The mapping from gRPC status to imgpipe errors lives in `services.common.errors`; this module
 only adds the errors that exist at the HTTP layer alone (routing, methods, media types) and the

@@ -1,4 +1,4 @@
-"""Protobuf messages rendered as the JSON of DESIGN.md "REST contract". Pure functions."""
+"""Protobuf messages rendered as the JSON of docs/architecture.md "Contracts". Pure functions."""
 
 from __future__ import annotations
 

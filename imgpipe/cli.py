@@ -126,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
         "serve",
         help="run one service in the foreground",
         description="Run one service in the foreground; its configuration is the IMGPIPE_* "
-        "environment (see the README). Its signals and exit code are its own.",
+        "environment (docs/configuration.md). Its signals and exit code are its own.",
     )
     serve.add_argument("service", choices=sorted(SERVICES))
 

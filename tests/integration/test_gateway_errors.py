@@ -1,4 +1,4 @@
-"""The gateway's error answers: every failure is the JSON error of DESIGN.md, never a trace.
+"""The gateway's error answers: every failure is the documented JSON error, never a trace.
 
 Ingest and status are "down" (their addresses are closed ports) unless a test starts the small
 in-process ingest below, which only stands in for ingest where streaming needs a reader on the

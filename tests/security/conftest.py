@@ -1,6 +1,6 @@
 """The security suite: one regression test per finding of the hostile-tenant review.
 
-Each test names its finding (SECURITY.md lists them); every one failed before its fix.
+Each test names its finding (docs/security.md lists them); every one failed before its fix.
 """
 
 from __future__ import annotations
