@@ -206,6 +206,44 @@ MEANINGS: dict[str, Meaning] = {
     "IMGPIPE_PAGE_CACHE_BYTES": Meaning("bytes of rendered `GET /status` pages kept"),
 }
 
+# Settings that branches being merged now add to config.py, explained in advance so that the
+# merge needs only `make docs`. Until then they may be missing; once merged, move each into
+# MEANINGS at its place and empty this.
+FORTHCOMING: dict[str, Meaning] = {
+    "IMGPIPE_GRPC_TLS_CERT": Meaning(
+        "PEM file: the service's certificate; with the key, the service serves TLS"
+        " ([grpc.md](grpc.md))"
+    ),
+    "IMGPIPE_GRPC_TLS_KEY": Meaning("PEM file: the key of that certificate"),
+    "IMGPIPE_GRPC_TLS_CA": Meaning(
+        "PEM file: on a service, require client certificates signed by it; on the gateway,"
+        " trust it for the services' certificates"
+    ),
+    "IMGPIPE_GRPC_TLS_SERVER_NAME": Meaning(
+        "the name the gateway expects in the services' certificates"
+    ),
+    "IMGPIPE_GRPC_HEALTH_LISTEN": Meaning(
+        "`host:port` of a plaintext port serving only gRPC health (for probes when the API"
+        " port speaks TLS); unset: none"
+    ),
+    "IMGPIPE_GRPC_MAX_CONNECTION_AGE": Meaning(
+        "seconds a gRPC connection may live before the server asks the client to reconnect, so"
+        " new replicas get calls ([grpc.md](grpc.md))"
+    ),
+    "IMGPIPE_GRPC_MAX_CONNECTION_AGE_GRACE": Meaning(
+        "seconds calls in flight get to finish on a connection past its age"
+    ),
+    "IMGPIPE_REUSE_OUTPUTS": Meaning(
+        "`on`: copy the owner's earlier output of the same source bytes and options instead"
+        " of compressing again ([quality.md](quality.md))"
+    ),
+    "IMGPIPE_RETENTION_DAYS": Meaning(
+        "final requests older than this many days are deleted by the janitor; 0 keeps"
+        " everything ([lifecycle.md](lifecycle.md))"
+    ),
+    "IMGPIPE_JANITOR_INTERVAL": Meaning("seconds between the janitor's passes"),
+}
+
 HEADER = """\
 # Configuration
 
@@ -323,6 +361,8 @@ def show_rate(per_second: float) -> str:
 def show_default(value: object, rule: str = "") -> str:
     if rule == "a rate" and isinstance(value, float):
         return show_rate(value)
+    if isinstance(value, bool):
+        return "`on`" if value else "`off`"
     if isinstance(value, bool) or not isinstance(value, str | int | float | tuple | frozenset):
         return "—"
     if isinstance(value, str):
@@ -353,7 +393,11 @@ def render_default(variable: Variable, meaning: Meaning) -> str:
 
 
 def render(variables: Mapping[str, Variable]) -> str:
-    unexplained = sorted(set(variables) - set(MEANINGS))
+    meanings = {
+        **MEANINGS,
+        **{name: FORTHCOMING[name] for name in variables if name in FORTHCOMING},
+    }
+    unexplained = sorted(set(variables) - set(meanings))
     unread = sorted(set(MEANINGS) - set(variables))
     if unexplained or unread:
         raise SystemExit(
@@ -362,7 +406,7 @@ def render(variables: Mapping[str, Variable]) -> str:
             + (f"\n  explained but not read: {', '.join(unread)}" if unread else "")
         )
     rows = ["| variable | default | read by | value | meaning |", "|---|---|---|---|---|"]
-    for name, meaning in MEANINGS.items():
+    for name, meaning in meanings.items():
         variable = variables[name]
         services = variable.services
         read_by = "all four" if len(services) == len(SERVICES) else ", ".join(services)

@@ -18,7 +18,7 @@ PAGES = [
 ]
 # Pages being written on other branches at the same time; linked already, so they may be
 # missing until those branches are merged.
-FORTHCOMING = {"docs/client.md", "docs/lifecycle.md", "docs/observability.md"}
+FORTHCOMING = {"docs/client.md", "docs/grpc.md", "docs/lifecycle.md", "docs/observability.md"}
 LINK = re.compile(r"\]\(([^)\s]+)\)")
 FENCE = re.compile(r"^```.*?^```", re.M | re.S)
 
