@@ -75,6 +75,8 @@ async def test_cancel_mid_request_stops_fetching_and_keeps_what_is_done(
                 return (await status_of(http, base, request_id))["progress"]["images_done"] >= 3
 
             await wait_until_async(some_done, timeout=60, interval=0.1, message="3 images done")
+            async with http.delete(f"{base}/requests/{request_id}") as response:
+                assert response.status == 409, await response.text()  # running: not deleted
             async with http.post(f"{base}/requests/{request_id}/cancel") as response:
                 answered = time.monotonic()
                 assert response.status == 200, await response.text()
