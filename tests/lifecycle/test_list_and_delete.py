@@ -4,6 +4,7 @@ on file:// and on SeaweedFS, after which every URL of the request answers 404.""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ from tests.e2e.test_pipeline import upload_csv, wait_completed
 from tests.lifecycle.test_cancel import csv_of
 from tests.origin import ImageOrigin
 from tests.seaweed import BUCKET, SeaweedS3
-from tests.stack import Stack, start_stack
+from tests.stack import Stack, run_cli, start_stack
 from tests.support import wait_until_async
 
 pytestmark = pytest.mark.timeout(240)
@@ -107,6 +108,21 @@ async def test_list_pages_newest_first_filters_and_hides_other_owners(
             assert response.status == 400
         async with http.get(f"{base}/requests?page_token=bogus", headers=as_acme) as response:
             assert response.status == 400
+
+        # The same through the CLI: a page of two, cancel of a finished request (409: exit 5),
+        # delete (exit 0), then every page without the deleted one.
+        code, out = await run_cli(base, "--json", "list", "--page-size", "2", key=acme)
+        assert code == 0, out
+        assert [r["request_id"] for r in json.loads(out)["requests"]] == ids[:-3:-1]
+        code, out = await run_cli(base, "cancel", ids[0], key=acme)
+        assert code == 5, out
+        code, out = await run_cli(base, "delete", ids[0], key=acme)
+        assert code == 0, out
+        code, out = await run_cli(base, "--json", "list", "--all", key=acme)
+        assert code == 0, out
+        assert [r["request_id"] for r in json.loads(out)["requests"]] == ids[:0:-1]
+        code, out = await run_cli(base, "delete", ids[0], key=acme)
+        assert code == 4, out
 
         # Another owner's request is a 404 for each operation, exactly like a missing one.
         [[only]] = await _pages(http, f"{base}/requests?page_size=10", as_globex)
