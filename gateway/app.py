@@ -68,5 +68,7 @@ def create_app(settings: GatewaySettings) -> web.Application:
     app.router.add_get("/", web_page.index)
     app.router.add_get("/static/{name}", web_page.asset)
     app.router.add_post("/ui/upload", web_page.upload_form)
+    app.router.add_get("/ui/requests", web_page.requests_page)
     app.router.add_get("/ui/requests/{request_id}", web_page.request_page)
+    app.router.add_post("/ui/requests/{request_id}/cancel", web_page.cancel_form)
     return app

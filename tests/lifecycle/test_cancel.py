@@ -108,7 +108,15 @@ async def test_cancel_mid_request_stops_fetching_and_keeps_what_is_done(
             assert len(rows) == 1 + IMAGES // 4
             assert "CANCELLED" in "".join(",".join(row) for row in rows)
 
-            # Cancelling again is the same state; cancelling a request done otherwise is 409.
+            # Cancelling again is the same state (also from the page's button, which answers
+            # 303 to the status page); cancelling a request done otherwise is 409.
+            form_url = f"{base}/ui/requests/{request_id}/cancel"
+            async with http.post(form_url, allow_redirects=False) as response:
+                assert response.status == 303, await response.text()
+                assert response.headers["Location"] == f"/ui/requests/{request_id}"
+            async with http.get(f"{base}/ui/requests/{request_id}") as response:
+                page = await response.text()
+            assert "Cancelled" in page and 'id="cancel"' not in page
             async with http.post(f"{base}/requests/{request_id}/cancel") as response:
                 assert response.status == 200
                 again = await response.json()

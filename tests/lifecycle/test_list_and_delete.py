@@ -109,6 +109,15 @@ async def test_list_pages_newest_first_filters_and_hides_other_owners(
         async with http.get(f"{base}/requests?page_token=bogus", headers=as_acme) as response:
             assert response.status == 400
 
+        # The page's list: the same requests, each linking to its status page.
+        async with http.get(f"{base}/ui/requests", headers=as_acme) as response:
+            assert response.status == 200
+            page = await response.text()
+        assert [page.index(f"/ui/requests/{i}") for i in ids[::-1]] == sorted(
+            page.index(f"/ui/requests/{i}") for i in ids
+        )
+        assert theirs not in page
+
         # The same through the CLI: a page of two, cancel of a finished request (409: exit 5),
         # delete (exit 0), then every page without the deleted one.
         code, out = await run_cli(base, "--json", "list", "--page-size", "2", key=acme)

@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from gateway import views
+from gateway import views, web_pages
 from services.common.config import ConfigError, WorkerSettings
 from services.common.errors import InvalidArgument
 from services.common.page_token import decode_request_token, encode_request_token
@@ -59,3 +59,42 @@ def test_cancelled_is_a_final_status_everywhere() -> None:
     cancelled = request_pb2.Request(status=request_pb2.REQUEST_STATUS_CANCELLED)
     assert views.is_final(cancelled)
     assert views.status_name(cancelled.status) == "Cancelled"
+
+
+def _item(status: str) -> dict[str, object]:
+    return {
+        "request_id": "r-<1>",
+        "status": status,
+        "created_at": "2026-12-06T02:00:00.000Z",
+        "completed_at": None,
+        "progress": {
+            "images_total": 4,
+            "images_done": 1,
+            "images_failed": 0,
+            "percent": 25.0,
+            "bytes_in": 10,
+            "bytes_out": 5,
+            "images_per_second": 0.0,
+            "eta_seconds": None,
+            "mean_ssim": None,
+        },
+        "output_csv_url": None,
+    }
+
+
+def test_the_status_page_has_a_cancel_button_while_the_request_runs() -> None:
+    running = web_pages.status_page(_item("Processing"), [], None)
+    assert 'action="/ui/requests/r-%3C1%3E/cancel"' in running
+    assert 'id="cancel"' in running
+    cancelled = web_pages.status_page(_item("Cancelled"), [], None)
+    assert 'id="cancel"' not in cancelled
+    assert "status-cancelled" in cancelled
+
+
+def test_your_requests_lists_each_with_its_link_and_escapes_it() -> None:
+    page = web_pages.requests_page([_item("Cancelled")], "tok")
+    assert 'href="/ui/requests/r-%3C1%3E"' in page
+    assert "<code>r-&lt;1&gt;</code>" in page
+    assert "1 of 4" in page
+    assert 'href="/ui/requests?page_token=tok"' in page
+    assert "No requests yet." in web_pages.requests_page([], None)
