@@ -126,6 +126,17 @@ class Storage:
         result = await obstore.get_async(self.store, key)
         return bytes(await result.bytes_async())
 
+    async def missing(self, key: str) -> bool:
+        """True when the store says `key` does not exist. Without s3:ListBucket, S3 answers a
+        missing object with 403: that is not known to be missing (False)."""
+        try:
+            await obstore.head_async(self.store, key)
+        except FileNotFoundError:
+            return True
+        except PermissionDeniedError:
+            return False
+        return False
+
     async def delete(self, keys: Sequence[str]) -> None:
         """Delete `keys`; one already gone is not an error."""
         if keys:

@@ -63,7 +63,8 @@ async def cancel(
 ) -> queries.RequestRow:
     """Cancel the caller's request and return it. The first cancel writes the output CSV of
     what is done, tells live watchers, and publishes request.cancelled through the outbox
-    (the reconciler publishes it if this process dies first)."""
+    (the reconciler publishes it if this process dies first). A cancel again writes the CSV
+    if the first one did not get to it (a store that failed, a crash)."""
     request_id = parse_request_id(raw_id)
     async with pool.acquire() as conn:
         outcome = await lifecycle.cancel_request(
@@ -74,11 +75,13 @@ async def cancel(
     if isinstance(outcome, queries.RequestRow):
         raise Conflict(f"request {raw_id} is {outcome.status}: only a running request is cancelled")
     row = outcome.request
-    if outcome.changed:
-        log.info("request cancelled", extra={"request_id": str(row.id)})
+    csv_key = keys.output_csv_key(row.id)
+    if outcome.changed or await storage.missing(csv_key):
         async with pool.acquire() as conn:
             csv = await render_output_csv(conn, storage, row.id)
-        await storage.put(keys.output_csv_key(row.id), csv, "text/csv")
+        await storage.put(csv_key, csv, "text/csv")
+    if outcome.changed:
+        log.info("request cancelled", extra={"request_id": str(row.id)})
         if redis is not None:
             await _announce(redis, names, pool, row)
     return row
