@@ -45,6 +45,9 @@ def create_app(settings: GatewaySettings) -> web.Application:
     app.router.add_post("/upload", handlers.upload)
     app.router.add_get("/status", handlers.status)
     app.router.add_get("/status/{request_id}", handlers.status)
+    app.router.add_get("/requests", handlers.list_requests)
+    app.router.add_delete("/requests/{request_id}", handlers.delete)
+    app.router.add_post("/requests/{request_id}/cancel", handlers.cancel)
     app.router.add_get("/requests/{request_id}/output.csv", handlers.output_csv)
     app.router.add_get("/requests/{request_id}/events", handlers.events)
     app.router.add_post("/requests/{request_id}/retry", handlers.retry)
@@ -65,5 +68,7 @@ def create_app(settings: GatewaySettings) -> web.Application:
     app.router.add_get("/", web_page.index)
     app.router.add_get("/static/{name}", web_page.asset)
     app.router.add_post("/ui/upload", web_page.upload_form)
+    app.router.add_get("/ui/requests", web_page.requests_page)
     app.router.add_get("/ui/requests/{request_id}", web_page.request_page)
+    app.router.add_post("/ui/requests/{request_id}/cancel", web_page.cancel_form)
     return app

@@ -29,6 +29,7 @@ from services.common import tracing
 from services.common.errors import Conflict, Detail, InvalidArgument, NotFound, Unavailable
 from services.common.page_token import decode_page_token
 from services.common.pb.imgpipe.v1 import ingest_service_pb2 as ingest_pb
+from services.common.pb.imgpipe.v1 import request_pb2
 from services.common.pb.imgpipe.v1 import status_service_pb2 as status_pb
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,7 @@ MAX_PAGE_SIZE = 1000
 # /readyz must answer quickly even when a backend hangs.
 READY_TIMEOUT = 2.0
 KEEPALIVE = 15.0
+DELETE_TIMEOUT_FACTOR = 10
 _UNSAFE_FILENAME = re.compile(r"[^A-Za-z0-9._-]")
 
 
@@ -98,13 +100,8 @@ async def status(request: web.Request) -> web.Response:
         body = views.products_members(page)
         pages.put(key, Version.of(found), body)
     assert body is not None
-    csv_url = (
-        output_csv_url(request, found.request_id)
-        if views.is_final(found) and found.output_csv_key
-        else None
-    )
     return web.Response(
-        body=views.join_members(views.request_json(found, csv_url), body),
+        body=views.join_members(views.request_json(found, _csv_url(request, found)), body),
         content_type="application/json",
     )
 
@@ -216,6 +213,63 @@ async def retry(request: web.Request) -> web.Response:
     )
     return web.json_response(
         views.retry_json(answer, status_url(request, answer.request_id)), status=202
+    )
+
+
+async def list_requests(request: web.Request) -> web.Response:
+    """The caller's requests, newest first, a page at a time; `status=` keeps one status."""
+    answer = await request.app[BACKENDS].status.ListRequests(
+        status_pb.ListRequestsRequest(
+            page_size=_page_size(request.query.get("page_size", "")),
+            page_token=request.query.get("page_token", ""),
+            status=_status_filter(request.query.get("status", "")),
+        ),
+        timeout=request.app[SETTINGS].rpc_timeout,
+    )
+    items = [
+        views.request_item_json(
+            found, status_url(request, found.request_id), _csv_url(request, found)
+        )
+        for found in answer.requests
+    ]
+    return web.json_response({"requests": items, "next_page_token": answer.next_page_token or None})
+
+
+async def cancel(request: web.Request) -> web.Response:
+    """Stop a running request; cancelling a Cancelled request again answers the same state."""
+    answer = await request.app[BACKENDS].status.CancelRequest(
+        status_pb.CancelRequestRequest(request_id=_request_id(request)),
+        timeout=request.app[SETTINGS].rpc_timeout,
+    )
+    found = answer.request
+    return web.json_response(views.request_json(found, _csv_url(request, found)))
+
+
+async def delete(request: web.Request) -> web.Response:
+    """Delete a final request with its stored objects: 204, then every URL of it is 404."""
+    request_id = _request_id(request)
+    await request.app[BACKENDS].status.DeleteRequest(
+        status_pb.DeleteRequestRequest(request_id=request_id),
+        # Listing and deleting the objects of a large request takes longer than a read.
+        timeout=request.app[SETTINGS].rpc_timeout * DELETE_TIMEOUT_FACTOR,
+    )
+    return web.Response(status=204)
+
+
+def _csv_url(request: web.Request, found: request_pb2.Request) -> str | None:
+    if views.is_final(found) and found.output_csv_key:
+        return output_csv_url(request, found.request_id)
+    return None
+
+
+def _status_filter(raw: str) -> request_pb2.RequestStatus.ValueType:
+    if not raw:
+        return request_pb2.REQUEST_STATUS_UNSPECIFIED
+    if raw in views.LISTED_STATUSES:
+        return request_pb2.RequestStatus.Value(f"REQUEST_STATUS_{raw.upper()}")
+    raise InvalidArgument(
+        f"status must be one of {', '.join(views.LISTED_STATUSES)}",
+        [Detail(message=f"not {raw[:40]!r}", column="status")],
     )
 
 

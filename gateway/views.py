@@ -22,10 +22,18 @@ STATUS_NAMES: dict[int, str] = {
     request_pb2.REQUEST_STATUS_PROCESSING: "Processing",
     request_pb2.REQUEST_STATUS_COMPLETED: "Completed",
     request_pb2.REQUEST_STATUS_FAILED: "Failed",
+    request_pb2.REQUEST_STATUS_CANCELLED: "Cancelled",
 }
 FINAL_STATUSES = frozenset(
-    {request_pb2.REQUEST_STATUS_COMPLETED, request_pb2.REQUEST_STATUS_FAILED}
+    {
+        request_pb2.REQUEST_STATUS_COMPLETED,
+        request_pb2.REQUEST_STATUS_FAILED,
+        request_pb2.REQUEST_STATUS_CANCELLED,
+    }
 )
+
+
+LISTED_STATUSES = ("Pending", "Processing", "Completed", "Failed", "Cancelled")
 
 
 def status_name(status: int) -> str:
@@ -95,6 +103,18 @@ def request_json(request: request_pb2.Request, output_csv_url: str | None) -> di
         },
         "output_csv_url": output_csv_url,
     }
+
+
+def request_item_json(
+    request: request_pb2.Request, status_url: str, output_csv_url: str | None
+) -> dict[str, Any]:
+    """One request of GET /requests: its head as on GET /status, with its product and image
+    counts and where its status and output CSV are."""
+    item = request_json(request, output_csv_url)
+    item["products"] = request.products_total
+    item["images"] = request.progress.images_total
+    item["status_url"] = status_url
+    return item
 
 
 def product_json(product: request_pb2.Product) -> dict[str, Any]:

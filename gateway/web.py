@@ -6,7 +6,9 @@
   it streams to ingest the same way) and answers 303 See Other to the status page; a rejected
   CSV is an HTML page listing its problems by row and column. `POST /upload` stays the JSON API.
 - `GET /ui/requests/{request_id}` is the status rendered on the server, reloading itself
-  until the request is final, then its products, failed images and the output CSV link.
+  until the request is final, then its products, failed images and the output CSV link; while
+  it runs, a Cancel button posts to `POST /ui/requests/{request_id}/cancel` (303 back).
+- `GET /ui/requests` lists your requests, newest first (docs/lifecycle.md).
 
 Every answer carries the security headers below. Thumbnails are the one thing loaded from
 elsewhere: the "before" images are the merchant's own URLs from the CSV, and output images may
@@ -152,6 +154,39 @@ async def request_page(request: web.Request) -> web.Response:
         return error_response(request, exc)
     return html_response(
         web_pages.status_page(summary, products, next_token, page_token=page_token)
+    )
+
+
+async def requests_page(request: web.Request) -> web.Response:
+    """Your requests, newest first, as HTML; a page at a time."""
+    page_token = request.query.get("page_token", "")
+    backends, timeout = request.app[BACKENDS], request.app[SETTINGS].rpc_timeout
+    try:
+        answer = await backends.status.ListRequests(
+            status_pb.ListRequestsRequest(page_size=PAGE_SIZE, page_token=page_token),
+            timeout=timeout,
+        )
+    except (ImgpipeError, grpc.aio.AioRpcError) as exc:
+        return error_response(request, exc)
+    items = [
+        views.request_item_json(found, web_pages.request_path(found.request_id), None)
+        for found in answer.requests
+    ]
+    return html_response(web_pages.requests_page(items, answer.next_page_token or None))
+
+
+async def cancel_form(request: web.Request) -> web.Response:
+    """The status page's Cancel button: cancel, then 303 back to the status page."""
+    request_id = request.match_info["request_id"].strip()
+    try:
+        await request.app[BACKENDS].status.CancelRequest(
+            status_pb.CancelRequestRequest(request_id=request_id),
+            timeout=request.app[SETTINGS].rpc_timeout,
+        )
+    except (ImgpipeError, grpc.aio.AioRpcError) as exc:
+        return error_response(request, exc)
+    return web.Response(
+        status=303, headers={**SECURITY_HEADERS, "Location": web_pages.request_path(request_id)}
     )
 
 

@@ -20,7 +20,7 @@ from services.common.errors import Detail, ImgpipeError
 
 # Seconds between reloads of an unfinished status page (a <meta http-equiv="refresh">).
 REFRESH_SECONDS = 2
-FINAL = frozenset({"Completed", "Failed"})
+FINAL = frozenset({"Completed", "Failed", "Cancelled"})
 _TITLES = {
     "invalid_csv": "The CSV was not accepted",
     "invalid_argument": "The upload was not accepted",
@@ -81,6 +81,49 @@ def request_path(request_id: str) -> str:
     return f"/ui/requests/{quote(request_id, safe='')}"
 
 
+def cancel_path(request_id: object) -> str:
+    """Where the status page's Cancel button posts."""
+    return f"/ui/requests/{quote(str(request_id), safe='')}/cancel"
+
+
+def requests_page(items: Sequence[Mapping[str, Any]], next_page_token: str | None) -> str:
+    """Your requests, newest first (the items of GET /requests), each linking to its page."""
+    if items:
+        rows = "\n".join(_request_row(item) for item in items)
+        table = (
+            '<div class="table-scroll"><table class="requests" id="requests">\n'
+            "<thead><tr><th>Request</th><th>Status</th><th>Created</th>"
+            '<th class="num">Images</th></tr></thead>\n'
+            f"<tbody>\n{rows}\n</tbody></table></div>"
+        )
+    else:
+        table = '<p class="muted">No requests yet.</p>'
+    more = ""
+    if next_page_token:
+        query = urlencode({"page_token": next_page_token})
+        more = (
+            f'<a class="button" id="next-page" href="/ui/requests?{esc(query)}">Older requests</a>'
+        )
+    body = f"""<section class="card" id="requests-card">
+<h1>Your requests</h1>
+{table}
+<div class="actions">{more}<a class="button" href="/">New upload</a></div>
+</section>"""
+    return layout("Your requests", body)
+
+
+def _request_row(item: Mapping[str, Any]) -> str:
+    request_id, status = str(item["request_id"]), str(item["status"])
+    progress: Mapping[str, Any] = item["progress"]
+    done, total = int(progress["images_done"]), int(progress["images_total"])
+    return (
+        f'<tr><td><a href="{esc(request_path(request_id))}"><code>{esc(request_id)}</code></a></td>'
+        f'<td><span class="badge status-{esc(status.lower())}">{esc(status)}</span></td>'
+        f"<td>{esc(item.get('created_at') or '')}</td>"
+        f'<td class="num">{done} of {total}</td></tr>'
+    )
+
+
 def layout(title: str, body: str, *, refresh: int | None = None) -> str:
     """A whole page: the site's header and footer around `body` (already HTML)."""
     meta_refresh = (
@@ -98,7 +141,8 @@ def layout(title: str, body: str, *, refresh: int | None = None) -> str:
 <body>
 <header class="topbar"><div class="wrap">
 <a class="brand" href="/"><span class="logo" aria-hidden="true"></span>imgpipe</a>
-<nav><a href="/">New upload</a><a href="/docs">API docs</a></nav>
+<nav><a href="/">New upload</a><a href="/ui/requests">Your requests</a>\
+<a href="/docs">API docs</a></nav>
 </div></header>
 <main class="wrap">
 {body}
@@ -155,6 +199,13 @@ def _progress_card(request: Mapping[str, Any], final: bool) -> str:
         if final
         else f'<p class="muted small">This page refreshes every {REFRESH_SECONDS} seconds.</p>\n'
     )
+    action = esc(cancel_path(request["request_id"]))
+    cancel = (
+        ""
+        if final
+        else f'<form class="inline" method="post" action="{action}">'
+        '<button class="button danger" type="submit" id="cancel">Cancel request</button></form>'
+    )
     return f"""<section class="card" id="progress-card">
 <div class="card-head">
 <h1>Request <code id="request-id">{esc(request["request_id"])}</code></h1>
@@ -167,7 +218,8 @@ def _progress_card(request: Mapping[str, Any], final: bool) -> str:
 <span id="eta">{esc(timing)}</span>
 </div>
 {_stats(total, done, failed, progress)}
-{note}<div class="actions">{download}<a class="button" href="/">New upload</a></div>
+{note}<div class="actions">{download}{cancel}<a class="button" href="/">New upload</a>
+<a class="button" href="/ui/requests">Your requests</a></div>
 </section>"""
 
 

@@ -109,6 +109,23 @@ def build_parser() -> argparse.ArgumentParser:
         "-o", "--output", default="-", metavar="PATH", help="where to write it (- is stdout)"
     )
 
+    listing = command("list", "list your requests, newest first")
+    listing.add_argument(
+        "--status",
+        choices=("Pending", "Processing", "Completed", "Failed", "Cancelled"),
+        help="only requests in this status",
+    )
+    listing.add_argument("--all", action="store_true", help="every page, not the first")
+    listing.add_argument(
+        "--page-size", type=_page_size, default=None, metavar="N", help="requests per page"
+    )
+
+    stop = command("cancel", "cancel a running request: no new image starts")
+    stop.add_argument("request_id", metavar="ID")
+
+    remove = command("delete", "delete a final request with its outputs and output CSV")
+    remove.add_argument("request_id", metavar="ID")
+
     again = command("retry", "queue a request's failed images again")
     again.add_argument("request_id", metavar="ID")
     again.add_argument("--wait", action="store_true", help="follow it to the end")
@@ -250,6 +267,19 @@ def _run_client(args: argparse.Namespace, target: commands.Target) -> int:
         )
     if args.command == "download":
         return _download(target, args.request_id, args.output)
+    if args.command == "list":
+        return _run(
+            commands.list_requests(
+                target,
+                status=args.status or "",
+                every_page=args.all,
+                page_size=args.page_size or (1000 if args.all else 100),
+            )
+        )
+    if args.command == "cancel":
+        return _run(commands.cancel(target, args.request_id))
+    if args.command == "delete":
+        return _run(commands.delete(target, args.request_id))
     if args.command == "retry":
         return _run(commands.retry(target, args.request_id, wait=args.wait))
     if args.command == "webhook-secret":

@@ -118,11 +118,7 @@ class ApiClient:
         self, request_id: str, *, page_size: int | None = None, page_token: str | None = None
     ) -> dict[str, Any]:
         """One page of GET /status/{id}: the request, its progress and a page of products."""
-        params = {}
-        if page_size is not None:
-            params["page_size"] = str(page_size)
-        if page_token:
-            params["page_token"] = page_token
+        params = _paging(page_size, page_token)
         path = f"/status/{quote(request_id, safe='')}"
         async with self._call("GET", path, params=params) as response:
             return await _json(response)
@@ -175,6 +171,26 @@ class ApiClient:
         async with self._call("POST", self.request_path(request_id, "/retry")) as response:
             return await _json(response)
 
+    async def list_requests(
+        self, *, page_size: int | None = None, page_token: str | None = None, status: str = ""
+    ) -> dict[str, Any]:
+        """One page of GET /requests: the caller's requests, newest first."""
+        params = _paging(page_size, page_token)
+        if status:
+            params["status"] = status
+        async with self._call("GET", "/requests", params=params) as response:
+            return await _json(response)
+
+    async def cancel(self, request_id: str) -> dict[str, Any]:
+        """POST /requests/{id}/cancel: the request, now Cancelled."""
+        async with self._call("POST", self.request_path(request_id, "/cancel")) as response:
+            return await _json(response)
+
+    async def delete(self, request_id: str) -> None:
+        """DELETE /requests/{id}: the final request and everything stored for it."""
+        async with self._call("DELETE", self.request_path(request_id)):
+            pass
+
     async def webhook_secret(self, *, rotate: bool = False) -> dict[str, Any]:
         """GET /webhook-secret, or POST /webhook-secret/rotate: the caller's signing secret."""
         method, path = ("POST", "/webhook-secret/rotate") if rotate else ("GET", "/webhook-secret")
@@ -214,6 +230,16 @@ class ApiClient:
                 yield response
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise unreachable(self.base_url, exc) from exc
+
+
+def _paging(page_size: int | None, page_token: str | None) -> dict[str, str]:
+    """The query parameters of one page of a paged list."""
+    params = {}
+    if page_size is not None:
+        params["page_size"] = str(page_size)
+    if page_token:
+        params["page_token"] = page_token
+    return params
 
 
 async def _json(response: aiohttp.ClientResponse) -> dict[str, Any]:

@@ -103,6 +103,43 @@ async def retry(target: Target, request_id: str, *, wait: bool) -> int:
         return await _wait(api, target, answer["request_id"])
 
 
+async def list_requests(target: Target, *, status: str, every_page: bool, page_size: int) -> int:
+    """Print the caller's requests, newest first: one page, or all of them."""
+    requests: list[dict[str, Any]] = []
+    token: str | None = None
+    async with target.client() as api:
+        while True:
+            page = await api.list_requests(page_size=page_size, page_token=token, status=status)
+            requests.extend(page.get("requests") or [])
+            token = page.get("next_page_token")
+            if not token or not every_page:
+                break
+    if target.json:
+        say([render.to_json({"requests": requests, "next_page_token": token})])
+    else:
+        say(render.request_list_lines(requests, more=bool(token)))
+    return Exit.OK
+
+
+async def cancel(target: Target, request_id: str) -> int:
+    """Cancel a running request; print its state."""
+    async with target.client() as api:
+        found = await api.cancel(request_id)
+    say([render.to_json(found)] if target.json else render.request_lines(found))
+    return Exit.OK
+
+
+async def delete(target: Target, request_id: str) -> int:
+    """Delete a final request and its stored outputs."""
+    async with target.client() as api:
+        await api.delete(request_id)
+    if target.json:
+        say([render.to_json({"request_id": request_id, "deleted": True})])
+    else:
+        say([f"Request {request_id} deleted, with its outputs and output CSV"])
+    return Exit.OK
+
+
 async def webhook_secret(target: Target, *, rotate: bool) -> int:
     """Print the key's webhook signing secret; with `rotate`, make a new one first."""
     async with target.client() as api:

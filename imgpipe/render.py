@@ -124,6 +124,23 @@ def request_lines(request: dict[str, Any]) -> list[str]:
     return lines
 
 
+def request_list_lines(requests: list[dict[str, Any]], *, more: bool) -> list[str]:
+    """GET /requests for people: one line per request, newest first."""
+    if not requests:
+        return ["No requests"]
+    lines = []
+    for request in requests:
+        progress = request.get("progress") or {}
+        lines.append(
+            f"{request.get('request_id')}  {request.get('status', ''):<10}  "
+            f"{request.get('created_at', '')}  {progress.get('images_done', 0)}/"
+            f"{progress.get('images_total', 0)} done, {progress.get('images_failed', 0)} failed"
+        )
+    if more:
+        lines.append("(more pages: use --all)")
+    return lines
+
+
 def product_lines(product: dict[str, Any]) -> list[str]:
     """One product: its serial number, name and image counts, then each failed image."""
     outputs = product.get("output_image_urls") or []

@@ -31,7 +31,9 @@ T = TypeVar("T")
 # A test's tier is its folder: everything under tests/<folder>/ gets the marker <folder>
 # (pyproject.toml declares them; the Makefile's tiers select by them). A test may add another
 # marker by hand (tests/security/test_uploads.py is also e2e), never its own folder's.
-FOLDER_MARKERS = frozenset({"unit", "integration", "e2e", "fault", "browser", "deploy", "security"})
+FOLDER_MARKERS = frozenset(
+    {"unit", "integration", "e2e", "fault", "browser", "deploy", "security", "lifecycle"}
+)
 TESTS = Path(__file__).parent
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -22,6 +23,8 @@ class ImageOrigin:
     size: tuple[int, int]
     served: dict[str, bytes] = field(default_factory=dict)
     missing: set[str] = field(default_factory=set)  # paths answered 404 for now
+    # (path, time.monotonic()) of every image request, when it arrived
+    hits: list[tuple[str, float]] = field(default_factory=list)
 
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.port}{path}"
@@ -43,6 +46,7 @@ async def serve_images(
     origin = ImageOrigin(port=0, size=size)
 
     async def image(request: web.Request) -> web.Response:
+        origin.hits.append((request.path, time.monotonic()))
         if delay:
             await asyncio.sleep(delay)  # simulated origin latency, not synchronisation
         if request.path in origin.missing:

@@ -13,7 +13,7 @@
     "webhook_url",
   ];
   const PAGE_SIZE = 100;
-  const FINAL = new Set(["Completed", "Failed"]);
+  const FINAL = new Set(["Completed", "Failed", "Cancelled"]);
   const RETRY_MS = 2000;
 
   const $ = (id) => document.getElementById(id);
@@ -157,6 +157,7 @@
       showError(answer, response.status);
     } else {
       start(answer.request_id);
+      loadRequests(null);
     }
   }
 
@@ -232,6 +233,7 @@
     $("counts").textContent = "";
     $("eta").textContent = "Waiting for the first image…";
     show("download", false);
+    show("cancel", true);
     show("progress-card", true);
     $("progress-card").scrollIntoView({ block: "nearest" });
     watch(requestId);
@@ -339,12 +341,95 @@
   }
 
   function finish(state) {
+    show("cancel", false);
+    loadRequests(null);
     const csvUrl = webUrl(state.output_csv_url);
     if (csvUrl) {
       $("download").href = csvUrl;
       show("download", true);
     }
     loadProducts(state.request_id, null);
+  }
+
+  // ---- cancel -----------------------------------------------------------------------------
+
+  $("cancel").addEventListener("click", () => {
+    if (current) cancel(current.id);
+  });
+
+  async function cancel(requestId) {
+    $("cancel").disabled = true;
+    let response;
+    try {
+      response = await fetch(`/requests/${encodeURIComponent(requestId)}/cancel`, {
+        method: "POST",
+        headers: { Accept: "application/json" },
+      });
+    } catch (error) {
+      $("cancel").disabled = false;
+      note("imgpipe cannot be reached; the request was not cancelled.");
+      return;
+    }
+    const answer = await readJson(response);
+    $("cancel").disabled = false;
+    if (response.status === 401 || response.status === 403) {
+      askForKey(() => cancel(requestId));
+    } else if (response.ok && answer) {
+      if (current && current.id === requestId && current.source) current.source.close();
+      render(answer);
+      finish(answer);
+    } else {
+      note((answer && answer.error && answer.error.message) || "The request was not cancelled.");
+    }
+  }
+
+  // ---- your requests ----------------------------------------------------------------------
+
+  let requestsToken = null;
+
+  $("more-requests").addEventListener("click", () => {
+    if (requestsToken) loadRequests(requestsToken);
+  });
+
+  // The caller's requests, newest first. Quietly hidden when the server wants a key: the
+  // page asks for one only when the merchant does something.
+  async function loadRequests(token) {
+    let url = "/requests?page_size=20";
+    if (token) url += `&page_token=${encodeURIComponent(token)}`;
+    let response;
+    try {
+      response = await fetch(url, { headers: { Accept: "application/json" } });
+    } catch (error) {
+      return;
+    }
+    const page = await readJson(response);
+    if (!response.ok || !page) {
+      if (!token) show("requests-card", false);
+      return;
+    }
+    const rows = $("requests").tBodies[0];
+    if (!token) rows.replaceChildren();
+    for (const item of page.requests) rows.append(requestRow(item));
+    requestsToken = page.next_page_token;
+    show("more-requests", Boolean(requestsToken));
+    show("requests-card", rows.children.length > 0);
+  }
+
+  function requestRow(item) {
+    const link = el("a", { href: `#request=${encodeURIComponent(item.request_id)}` }, [
+      el("code", { textContent: item.request_id }),
+    ]);
+    link.addEventListener("click", (event) => {
+      event.preventDefault();
+      start(item.request_id);
+    });
+    const status = String(item.status);
+    return el("tr", {}, [
+      el("td", {}, [link]),
+      el("td", {}, [el("span", { className: `badge status-${status.toLowerCase()}`, textContent: status })]),
+      el("td", { textContent: item.created_at || "" }),
+      el("td", { className: "num", textContent: `${item.progress.images_done} of ${item.progress.images_total}` }),
+    ]);
   }
 
   // ---- results ----------------------------------------------------------------------------
@@ -552,4 +637,5 @@
 
   const resumed = /^#request=([^&]+)$/.exec(location.hash);
   if (resumed) start(decodeURIComponent(resumed[1]));
+  loadRequests(null);
 })();

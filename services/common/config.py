@@ -369,6 +369,9 @@ class WorkerSettings:
     claim_interval: float = 10.0
     reconcile_interval: float = 30.0
     reconcile_min_age: float = 10.0
+    # Final requests older than this many days are deleted by the janitor; 0 keeps everything.
+    retention_days: int = 30
+    janitor_interval: float = 300.0
 
     @property
     def slowest_image(self) -> float:
@@ -425,6 +428,8 @@ class WorkerSettings:
             claim_interval=env.number("IMGPIPE_CLAIM_INTERVAL", 10.0),
             reconcile_interval=env.number("IMGPIPE_RECONCILE_INTERVAL", 30.0),
             reconcile_min_age=env.number("IMGPIPE_RECONCILE_MIN_AGE", 10.0),
+            retention_days=env.integer("IMGPIPE_RETENTION_DAYS", 30, minimum=0),
+            janitor_interval=env.number("IMGPIPE_JANITOR_INTERVAL", 300.0),
         )
         if settings.visibility_override and settings.visibility_override < settings.slowest_image:
             env.problems.append(

@@ -43,6 +43,7 @@ import redis.asyncio as aioredis
 
 from services.common.auth import Principal
 from services.common.db import queries
+from services.common.db.lifecycle import FINAL
 from services.common.errors import BACKEND_ERRORS, Detail, RateLimited
 from services.common.streams import StreamNames
 
@@ -257,7 +258,7 @@ class Limiter:
         gone = []
         for text, request_id, taken_at in slots:
             status = statuses.get(request_id) if request_id is not None else None
-            if status in ("Completed", "Failed"):
+            if status in FINAL:
                 gone.append(text)
             elif status is None and int(seconds) - taken_at > STALE_RESERVATION:
                 gone.append(text)  # an upload that never committed and never gave it back

@@ -14,6 +14,8 @@ and the dashboard in deploy/monitoring/ are written against them.
 | imgpipe_dead_letter_entries | gauge | — | status |
 | imgpipe_backlog_images | gauge | — (images not final, from Postgres: what autoscales) | status |
 | imgpipe_webhook_attempts_total | counter | result (WEBHOOK_RESULTS) | status |
+| imgpipe_retention_requests_deleted_total | counter | — (by the retention janitor) | worker |
+| imgpipe_retention_bytes_deleted_total | counter | — (stored bytes the janitor deleted) | worker |
 | grpc_server_handled_total | counter | grpc_service, grpc_method, grpc_code | ingest, status |
 | grpc_server_handling_seconds | histogram | grpc_service, grpc_method | ingest, status |
 | http_requests_total | counter | method, route (the route template), status | gateway |
@@ -77,6 +79,14 @@ def prime_worker() -> None:
         STAGE_SECONDS.labels(stage)
     for direction in ("in", "out"):
         IMAGE_BYTES.labels(direction)
+
+
+RETENTION_REQUESTS = Counter(
+    "imgpipe_retention_requests_deleted", "Expired requests deleted by the retention janitor"
+)
+RETENTION_BYTES = Counter(
+    "imgpipe_retention_bytes_deleted", "Stored bytes of the requests the retention janitor deleted"
+)
 
 
 def image_done(bytes_in: int, bytes_out: int) -> None:

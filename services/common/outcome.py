@@ -23,6 +23,8 @@ class OutcomeCode(enum.StrEnum):
     DECOMPRESSION_BOMB = "DECOMPRESSION_BOMB"
     CORRUPT_IMAGE = "CORRUPT_IMAGE"
     INTERNAL = "INTERNAL"
+    # The request was cancelled before the image was processed (docs/lifecycle.md).
+    CANCELLED = "CANCELLED"
 
 
 class ImageFailure(Exception):

@@ -94,8 +94,10 @@ STATUS_TO_PROTO = {
     "Processing": request_pb2.REQUEST_STATUS_PROCESSING,
     "Completed": request_pb2.REQUEST_STATUS_COMPLETED,
     "Failed": request_pb2.REQUEST_STATUS_FAILED,
+    "Cancelled": request_pb2.REQUEST_STATUS_CANCELLED,
 }
-FINAL_STATUSES = frozenset({"Completed", "Failed"})
+STATUS_FROM_PROTO = {value: name for name, value in STATUS_TO_PROTO.items()}
+FINAL_STATUSES = frozenset({"Completed", "Failed", "Cancelled"})
 
 
 def timestamp(value: datetime) -> Timestamp:

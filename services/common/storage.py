@@ -14,6 +14,7 @@ the store names each image by its permanent URL, `s3://bucket/key`.
 from __future__ import annotations
 
 import contextlib
+import os
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -36,6 +37,15 @@ def image_key(request_id: uuid.UUID | str, image_id: int, extension: str) -> str
 
 def output_csv_key(request_id: uuid.UUID | str) -> str:
     return f"requests/{request_id}/output.csv"
+
+
+def request_prefix(request_id: uuid.UUID | str) -> str:
+    """The folder of every object stored for a request: deleting it deletes them all."""
+    return f"requests/{request_id}/"
+
+
+# Objects listed and deleted per round of delete_prefix.
+DELETE_BATCH = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +126,42 @@ class Storage:
         result = await obstore.get_async(self.store, key)
         return bytes(await result.bytes_async())
 
+    async def missing(self, key: str) -> bool:
+        """True when the store says `key` does not exist. Without s3:ListBucket, S3 answers a
+        missing object with 403: that is not known to be missing (False)."""
+        try:
+            await obstore.head_async(self.store, key)
+        except FileNotFoundError:
+            return True
+        except PermissionDeniedError:
+            return False
+        return False
+
+    async def delete(self, keys: Sequence[str]) -> None:
+        """Delete `keys`; one already gone is not an error."""
+        if keys:
+            with contextlib.suppress(FileNotFoundError):
+                await obstore.delete_async(self.store, list(keys))
+
+    async def delete_prefix(self, prefix: str) -> tuple[int, int]:
+        """Delete every object whose key starts with the folder `prefix` (ending in "/"),
+        whoever wrote it; returns (objects, bytes) deleted. Lists again after each batch, so
+        memory is one batch and a delete that is interrupted is finished by the next call."""
+        objects = size = 0
+        while True:
+            stream = obstore.list(self.store, prefix, chunk_size=DELETE_BATCH)
+            page = await anext(aiter(stream), None)
+            if not page:
+                break
+            await self.delete([meta["path"] for meta in page])
+            objects += len(page)
+            size += sum(meta["size"] for meta in page)
+        root = self.local_root
+        if root is not None:
+            # A file store keeps the emptied folders: remove them too, deepest first.
+            _remove_empty_folders(root / prefix)
+        return objects, size
+
     async def probe(self) -> None:
         """Raise if the store cannot be reached (a missing probe object is fine).
 
@@ -147,6 +193,12 @@ class Storage:
 
     def _base_url(self, key: str) -> str:
         return self.public_base_url.rstrip("/") + "/" + quote(key)
+
+
+def _remove_empty_folders(folder: Path) -> None:
+    for path, _, _ in sorted(os.walk(folder), key=lambda entry: -len(entry[0])):
+        with contextlib.suppress(OSError):  # not empty (a write raced the delete): kept
+            os.rmdir(path)
 
 
 def _s3_store(url: str, options: S3Options) -> S3Store:

@@ -28,6 +28,8 @@ EVENT_FIELD = b"event"
 WORKER_GROUP = "workers"
 # How long "this event was published" is remembered, so republishing it is a no-op.
 EVENT_DEDUP_SECONDS = 7 * 24 * 3600
+# Entries per XDEL when a request is deleted.
+DELETE_BATCH = 1000
 
 # XADD only if the event id was never published: SET NX and XADD in one atomic step.
 _PUBLISH_ONCE = """
@@ -100,6 +102,15 @@ async def publish_progress(
 ) -> None:
     """Live progress over pub/sub: at most once, for watchers; Postgres stays the truth."""
     await redis.publish(names.progress(event.request_id), event.SerializeToString())
+
+
+async def delete_entries(redis: aioredis.Redis, stream: str, entry_ids: Sequence[str]) -> int:
+    """XDEL `entry_ids` from `stream` in batches; returns how many were still there. A consumer
+    group that has one of them pending gets it back as deleted from XAUTOCLAIM and drops it."""
+    deleted = 0
+    for start in range(0, len(entry_ids), DELETE_BATCH):
+        deleted += int(await redis.xdel(stream, *entry_ids[start : start + DELETE_BATCH]))
+    return deleted
 
 
 @dataclass(frozen=True, slots=True)

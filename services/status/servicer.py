@@ -16,6 +16,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from services.common.auth import caller, caller_owner
 from services.common.config import MAX_WATCH_SECONDS
+from services.common.db import lifecycle as lifecycle_db
 from services.common.db import queries
 from services.common.errors import Detail, InvalidArgument, NotFound, Unavailable, rpc_method
 from services.common.grpc_server import Register, wait_any
@@ -35,6 +36,7 @@ from services.common.proto_convert import (
 )
 from services.common.storage import Storage
 from services.common.streams import DeadLetter, StreamNames, queue_stats
+from services.status import lifecycle
 from services.status.progress import ProgressHub
 from services.status.webhook_secrets import OwnerSecret
 from services.status.webhooks import WebhookDispatcher
@@ -80,15 +82,10 @@ class StatusServicer(status_grpc.StatusServiceServicer):
         self, request: status_pb.ListProductsRequest, context: Context
     ) -> status_pb.ListProductsResponse:
         request_id = parse_request_id(request.request_id)
-        page_size = request.page_size or DEFAULT_PAGE_SIZE
-        if page_size > MAX_PAGE_SIZE:
-            raise InvalidArgument(
-                f"page_size must be at most {MAX_PAGE_SIZE}",
-                [Detail(f"at most {MAX_PAGE_SIZE}", "page_size")],
-            )
+        page_size = _checked_page_size(request.page_size)
         after_row = decode_page_token(request.page_token)
         async with self.pool.acquire() as conn:
-            if not _visible(await queries.get_request(conn, request_id)):
+            if await lifecycle_db.visible_request(conn, request_id, caller_owner()) is None:
                 raise NotFound(f"no request {request.request_id}")
             page = await queries.list_products(
                 conn, request_id, after_row=after_row, limit=page_size + 1
@@ -201,6 +198,40 @@ class StatusServicer(status_grpc.StatusServiceServicer):
         secret = await self._dispatcher().secrets.rotate(self.pool, caller_owner())
         return status_pb.RotateWebhookSecretResponse(secret=_secret_message(secret))
 
+    @rpc_method
+    async def ListRequests(
+        self, request: status_pb.ListRequestsRequest, context: Context
+    ) -> status_pb.ListRequestsResponse:
+        page_size = _checked_page_size(request.page_size)
+        rows, token = await lifecycle.list_page(
+            self.pool, page_size=page_size, page_token=request.page_token, status=request.status
+        )
+        return status_pb.ListRequestsResponse(
+            requests=[request_message(row) for row in rows], next_page_token=token
+        )
+
+    @rpc_method
+    async def CancelRequest(
+        self, request: status_pb.CancelRequestRequest, context: Context
+    ) -> status_pb.CancelRequestResponse:
+        row = await lifecycle.cancel(
+            self.pool, self.redis, self.names, self.storage, request.request_id
+        )
+        return status_pb.CancelRequestResponse(request=request_message(row))
+
+    @rpc_method
+    async def DeleteRequest(
+        self, request: status_pb.DeleteRequestRequest, context: Context
+    ) -> status_pb.DeleteRequestResponse:
+        if self.redis is None:
+            raise Unavailable("deleting needs Redis, which this status service has not")
+        deleted = await lifecycle.delete(
+            self.pool, self.redis, self.names, self.storage, request.request_id
+        )
+        return status_pb.DeleteRequestResponse(
+            objects_deleted=deleted.objects, bytes_deleted=deleted.bytes
+        )
+
     def _hub(self) -> ProgressHub:
         if self.hub is None:
             raise Unavailable("live progress is not running in this status service")
@@ -214,8 +245,10 @@ class StatusServicer(status_grpc.StatusServiceServicer):
     async def _load(self, raw_id: str) -> queries.RequestRow:
         request_id = parse_request_id(raw_id)
         async with self.pool.acquire() as conn:
-            row = await queries.get_request(conn, request_id)
-        if row is None or not _visible(row):
+            # Another owner's request, or one being deleted, is NOT_FOUND exactly like a
+            # missing one, so ids cannot be probed.
+            row = await lifecycle_db.visible_request(conn, request_id, caller_owner())
+        if row is None:
             raise NotFound(f"no request {raw_id}")
         return row
 
@@ -270,10 +303,14 @@ def _owner_backlog(backlog: queries.OwnerBacklog) -> status_pb.OwnerBacklog:
     )
 
 
-def _visible(row: queries.RequestRow | None) -> bool:
-    """A request exists for the caller only if the caller owns it: another owner's request
-    is NOT_FOUND exactly like a missing one, so ids cannot be probed."""
-    return row is not None and row.owner == caller_owner()
+def _checked_page_size(page_size: int) -> int:
+    """`page_size` of a list call, 0 meaning the default; more than MAX_PAGE_SIZE is refused."""
+    if page_size > MAX_PAGE_SIZE:
+        raise InvalidArgument(
+            f"page_size must be at most {MAX_PAGE_SIZE}",
+            [Detail(f"at most {MAX_PAGE_SIZE}", "page_size")],
+        )
+    return page_size or DEFAULT_PAGE_SIZE
 
 
 def _rate_origin(row: queries.RequestRow) -> datetime:

@@ -57,6 +57,7 @@ from services.common.limits import Limiter, rate_text
 from services.common.outcome import ImageFailure, OutcomeCode
 from services.common.pb.imgpipe.v1 import request_pb2
 from services.common.pb.imgpipe.v1 import status_service_pb2 as status_pb
+from services.common.proto_convert import FINAL_STATUSES, STATUS_TO_PROTO
 from services.common.streams import EVENT_FIELD, Entry, GroupReader, StreamNames
 from services.status.webhook_secrets import (
     NOT_CONFIGURED,
@@ -85,6 +86,7 @@ RETRY_AFTER_FLOOR = 60.0
 _EVENT_TYPES = {
     request_pb2.REQUEST_STATUS_COMPLETED: ("request.completed", "Completed"),
     request_pb2.REQUEST_STATUS_FAILED: ("request.failed", "Failed"),
+    request_pb2.REQUEST_STATUS_CANCELLED: ("request.cancelled", "Cancelled"),
 }
 _STATES = {
     db.SCHEDULED: status_pb.WEBHOOK_DELIVERY_STATE_SCHEDULED,
@@ -387,15 +389,15 @@ class WebhookDispatcher:
         forward, or a new attempt is scheduled. Conflict when the request is not final or has
         no webhook_url; RateLimited when its owner redelivers faster than the settings allow
         (each redelivery is a signed POST to a URL of the caller's choosing)."""
-        if request.status not in ("Completed", "Failed"):
+        if request.status not in FINAL_STATUSES:
             raise Conflict(
                 f"request {request.id} is {request.status}: its webhook is sent once it is"
-                " Completed or Failed"
+                " Completed, Failed or Cancelled"
             )
         if not request.webhook_url:
             raise Conflict(f"request {request.id} has no webhook_url")
         await self._throttle_redelivery(request.owner)
-        event_type = "request.completed" if request.status == "Completed" else "request.failed"
+        event_type = _EVENT_TYPES[STATUS_TO_PROTO[request.status]][0]
         payload = self._payload(
             event_type,
             request,

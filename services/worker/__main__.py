@@ -16,6 +16,7 @@ from services.common.process import run_main
 from services.common.resources import load_settings, open_backends
 from services.common.storage import Storage
 from services.common.streams import TaskConsumer
+from services.worker.janitor import Janitor
 from services.worker.processor import Processor
 from services.worker.reconciler import Reconciler
 from services.worker.runner import ConsumePolicy, consume
@@ -59,6 +60,13 @@ async def main(settings: WorkerSettings) -> None:
                 processor=processor,
                 min_age=settings.reconcile_min_age,
             )
+            janitor = Janitor(
+                pool=backends.pool,
+                redis=backends.redis,
+                names=backends.names,
+                storage=storage,
+                retention_days=settings.retention_days,
+            )
             health = Health([])
             monitor = backends.monitor(health, storage=storage.probe)
 
@@ -68,9 +76,12 @@ async def main(settings: WorkerSettings) -> None:
             async def reconciling(stop: asyncio.Event) -> None:
                 await reconciler.run(stop, settings.reconcile_interval)
 
+            async def sweeping(stop: asyncio.Event) -> None:
+                await janitor.run(stop, settings.janitor_interval)
+
             await run_service(
                 listen=common.grpc_listen,
-                loops=[monitor.run, consuming, reconciling],
+                loops=[monitor.run, consuming, reconciling, sweeping],
                 grace=common.grace_seconds,
                 health=health,
             )

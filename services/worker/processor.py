@@ -8,7 +8,6 @@ commit. A task delivered twice finds its image already final and only checks the
 from __future__ import annotations
 
 import asyncio
-import io
 import logging
 import time
 import uuid
@@ -29,7 +28,6 @@ from services.common.budget import (
     Lease,
     PixelBudget,
 )
-from services.common.csv_format import OutputCsvWriter
 from services.common.db import queries
 from services.common.fetch import Reserve
 from services.common.imaging import ImageLimits, compress
@@ -37,6 +35,7 @@ from services.common.outcome import ImageFailure, OutcomeCode, RetryPolicy
 from services.common.pb.imgpipe.v1 import task_pb2
 from services.common.proto_convert import finished_event, from_proto, progress_event
 from services.common.storage import Storage
+from services.common.stored_csv import render_output_csv
 from services.common.streams import StreamNames, publish_event_once, publish_progress
 
 log = logging.getLogger(__name__)
@@ -79,20 +78,23 @@ class Processor:
         """Bring the task's image to a final state. Raises only for infrastructure failures
         (Postgres, Redis, storage), in which case the entry must not be acknowledged.
 
-        A first delivery goes straight to work: the outcome is recorded conditionally, so a
-        duplicate costs a download, never a wrong count. A redelivery (a crash happened)
-        checks the image first, and finishes its request if the image was already final.
+        Every delivery checks the image first: one already final (a duplicate, or an image of a
+        cancelled request) is not downloaded, and a redelivery (a crash happened) then finishes
+        its request. The outcome is recorded conditionally, so a race costs a download, never a
+        wrong count.
         """
         request_id = uuid.UUID(task.request_id)
-        if deliveries > 1:
-            async with self.pool.acquire() as conn:
-                state = await queries.image_status(conn, task.image_id)
-            if state is None:
-                log.warning("task for unknown image dropped", extra={"image_id": task.image_id})
-                return
-            if state[0] != "Pending":
+        # Checked on every delivery, not only redeliveries: a cancelled request's images are
+        # final already, and none of them may start downloading (docs/lifecycle.md).
+        async with self.pool.acquire() as conn:
+            state = await queries.image_status(conn, task.image_id)
+        if state is None:
+            log.info("task for unknown image dropped", extra={"image_id": task.image_id})
+            return
+        if state[0] != "Pending":
+            if deliveries > 1:
                 await self.finish_if_complete(request_id)
-                return
+            return
         try:
             counters = await self._compress_and_store(task, request_id)
         except ImageFailure as failure:
@@ -161,8 +163,13 @@ class Processor:
                 quality=result.quality,
                 note=result.note,
             )
+            state = None if counters else await queries.image_status(conn, task.image_id)
         if counters is not None:  # None: another delivery recorded it first
             metrics.image_done(bytes_in, len(result.data))
+        elif state is None:
+            # The request was deleted while this image was in flight: the delete listed the
+            # store before this output was written, so it is this task's to remove.
+            await self.storage.delete([key])
         return counters
 
     async def _fetch_with_retries(self, task: task_pb2.ImageTask, lease: Lease) -> bytes:
@@ -182,12 +189,14 @@ class Processor:
                 if not failure.sent and waits < self.retry.max_cooldown_waits:
                     waits += 1
                     await asyncio.sleep(min(failure.retry_after or 1.0, self.retry.max_wait))
+                    await self._check_pending(task.image_id)
                     continue
                 async with self.pool.acquire() as conn:
                     attempt = await queries.record_attempt(
                         conn, task.image_id, code=str(failure.code), message=failure.message
                     )
-                if not failure.transient or attempt >= self.retry.max_attempts:
+                # 0: the image is final already (its request was cancelled): no retry.
+                if not failure.transient or not attempt or attempt >= self.retry.max_attempts:
                     raise
                 delay = self.retry.delay(attempt, failure.retry_after)
                 log.info(
@@ -195,11 +204,20 @@ class Processor:
                     extra={"image_id": task.image_id, "attempt": attempt, "delay": delay},
                 )
                 await asyncio.sleep(delay)
+                await self._check_pending(task.image_id)
             else:
                 # The download itself: time spent waiting for the byte budget is not fetching.
                 fetching = time.perf_counter() - started - (lease.waited - waited)
                 metrics.STAGE_SECONDS.labels("fetch").observe(fetching)
                 return data  # record_image_done counts this successful attempt
+
+    async def _check_pending(self, image_id: int) -> None:
+        """Raise CANCELLED when the image became final while its task waited to try again
+        (its request was cancelled): no new download may start then."""
+        async with self.pool.acquire() as conn:
+            state = await queries.image_status(conn, image_id)
+        if state is None or state[0] != "Pending":
+            raise ImageFailure(OutcomeCode.CANCELLED, "the image is final already")
 
     async def finish_if_complete(self, request_id: uuid.UUID) -> None:
         """Finish a request whose images are all final: render the output CSV, mark it
@@ -211,7 +229,8 @@ class Processor:
             if await queries.is_final(conn, request_id):
                 return
             csv_key = keys.output_csv_key(request_id)
-            await self.storage.put(csv_key, await self._render_csv(conn, request_id), "text/csv")
+            csv = await render_output_csv(conn, self.storage, request_id)
+            await self.storage.put(csv_key, csv, "text/csv")
             finished = await queries.finish_request(conn, request_id, output_csv_key=csv_key)
         if finished is None:
             return  # another worker finished it first
@@ -248,27 +267,3 @@ class Processor:
             if counters.all_final:
                 await self.finish_if_complete(counters.request_id)
         return code, message
-
-    async def _render_csv(self, conn: queries.Connection, request_id: uuid.UUID) -> bytes:
-        out = io.BytesIO()
-        writer = OutputCsvWriter(out)
-        async for product in queries.iter_products(conn, request_id):
-            writer.write_product(
-                product.serial_number,
-                product.product_name,
-                [image.input_url for image in product.images],
-                # Never signed URLs, which would expire in the stored file: in presigned mode
-                # the gateway renders the CSV again when it is downloaded.
-                [
-                    self.storage.permanent_url(image.output_key) if image.output_key else None
-                    for image in product.images
-                ],
-                [
-                    (image.input_url, image.error_code or "")
-                    for image in product.images
-                    if image.status == "Failed"
-                ],
-                [image.ssim if image.status == "Done" else None for image in product.images],
-                [(image.input_url, image.note) for image in product.images if image.note],
-            )
-        return out.getvalue()

@@ -129,6 +129,8 @@ def request_routes(request_id: str) -> list[tuple[str, str]]:
         ("POST", f"/requests/{request_id}/retry"),
         ("GET", f"/requests/{request_id}/webhooks"),
         ("POST", f"/requests/{request_id}/webhooks/redeliver"),
+        ("POST", f"/requests/{request_id}/cancel"),
+        ("DELETE", f"/requests/{request_id}"),  # last: for its owner, it ends the request
     ]
 
 
@@ -136,7 +138,8 @@ async def test_calls_without_a_valid_key_are_401_with_a_challenge(
     live: Live, http: aiohttp.ClientSession
 ) -> None:
     some_id = str(uuid.uuid4())
-    for method, path in [("POST", "/upload"), ("GET", "/queue"), *request_routes(some_id)]:
+    calls = [("POST", "/upload"), ("GET", "/queue"), ("GET", "/requests"), *request_routes(some_id)]
+    for method, path in calls:
         csv = {"data": CSV, "headers": {"Content-Type": "text/csv"}} if path == "/upload" else {}
         status, body, headers = await answer(http, method, f"{live.base}{path}", **csv)
         assert (status, body["error"]["code"]) == (401, "unauthenticated"), path
@@ -191,11 +194,15 @@ async def test_a_request_is_404_to_every_other_key(live: Live, http: aiohttp.Cli
         )
         assert body["error"]["message"].replace(request_id, missing) == absent["error"]["message"]
 
-    # The owner reads, downloads, follows and retries it.
+    # The owner reads, downloads, follows and retries it, cancels the retry (or learns with a
+    # 409 that it has failed again already), then deletes it. Redeliver is a 409 only the
+    # owner learns: this request has no webhook.
+    owner_answers = {"redeliver": (409,), "cancel": (200, 409), "DELETE": (204,)}
     for method, path in request_routes(request_id):
         async with http.request(method, f"{live.base}{path}", headers=bearer(ACME)) as response:
-            # redeliver: this request has no webhook (409), which only its owner learns.
-            assert response.status in ((409,) if path.endswith("redeliver") else (200, 202)), path
+            last = "DELETE" if method == "DELETE" else path.rsplit("/", 1)[-1]
+            expected = owner_answers.get(last, (200, 202))
+            assert response.status in expected, path
             await response.read()
 
 

@@ -204,6 +204,35 @@ def test_final_requests_map_to_exit_codes() -> None:
     assert exit_for_final(final("Completed", done=10)) == 0
     assert exit_for_final(final("Completed", done=9, failed=1)) == 7
     assert exit_for_final(final("Failed", done=0, failed=10)) == 1
+    assert exit_for_final(final("Cancelled", done=3, failed=7)) == 10
+
+
+def test_list_cancel_and_delete_parse() -> None:
+    listed = parse("list", "--status", "Cancelled", "--all", "--page-size", "5")
+    assert (listed.command, listed.status, listed.all, listed.page_size) == (
+        "list",
+        "Cancelled",
+        True,
+        5,
+    )
+    assert (parse("cancel", ID).command, parse("cancel", ID).request_id) == ("cancel", ID)
+    assert (parse("delete", ID).command, parse("delete", ID).request_id) == ("delete", ID)
+    with pytest.raises(SystemExit):
+        parse("list", "--status", "Done")
+
+
+def test_request_list_lines_one_per_request_and_a_more_line() -> None:
+    item = {
+        "request_id": ID,
+        "status": "Cancelled",
+        "created_at": "2026-12-06T02:00:00.000Z",
+        "progress": progress(3, 7),
+    }
+    assert render.request_list_lines([], more=False) == ["No requests"]
+    lines = render.request_list_lines([item], more=True)
+    assert lines[0].startswith(f"{ID}  Cancelled ")
+    assert "3/10 done, 7 failed" in lines[0]
+    assert lines[-1] == "(more pages: use --all)"
 
 
 def test_exit_codes_are_the_documented_numbers() -> None:
@@ -218,6 +247,7 @@ def test_exit_codes_are_the_documented_numbers() -> None:
         "SOME_FAILED": 7,
         "UNAUTHORIZED": 8,
         "ERROR": 9,
+        "CANCELLED": 10,
     }
 
 

@@ -491,7 +491,7 @@ async def counters_of(conn: Connection, request_ids: Sequence[uuid.UUID]) -> lis
 
 async def is_final(conn: Connection, request_id: uuid.UUID) -> bool:
     status = await conn.fetchval("SELECT status FROM requests WHERE id = $1", request_id)
-    return status in ("Completed", "Failed")
+    return status in ("Completed", "Failed", "Cancelled")
 
 
 async def last_error(conn: Connection, image_id: int) -> tuple[str | None, str | None]:
@@ -525,7 +525,8 @@ async def finish_request(
 async def mark_event_published(conn: Connection, request_id: uuid.UUID, generation: int) -> None:
     await conn.execute(
         """UPDATE requests SET finished_event_at = now()
-            WHERE id = $1 AND finish_generation = $2 AND status IN ('Completed', 'Failed')""",
+            WHERE id = $1 AND finish_generation = $2
+              AND status IN ('Completed', 'Failed', 'Cancelled')""",
         request_id,
         generation,
     )
@@ -635,7 +636,7 @@ async def unpublished_finished_requests(
     """Final requests whose request.finished is not known to be on the events stream."""
     rows = await conn.fetch(
         f"""SELECT {_REQUEST_COLUMNS} FROM requests
-             WHERE status IN ('Completed', 'Failed') AND finished_event_at IS NULL
+             WHERE status IN ('Completed', 'Failed', 'Cancelled') AND finished_event_at IS NULL
                AND completed_at < now() - make_interval(secs => $1)
              ORDER BY completed_at LIMIT $2""",
         min_age_seconds,

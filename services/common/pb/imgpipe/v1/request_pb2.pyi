@@ -36,6 +36,10 @@ class _RequestStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Request
     """Every image is final and at least one succeeded."""
     REQUEST_STATUS_FAILED: _RequestStatus.ValueType  # 4
     """Every image failed, or the request could not be processed."""
+    REQUEST_STATUS_CANCELLED: _RequestStatus.ValueType  # 5
+    """Cancelled by its owner: images not final then ended with the code CANCELLED; done images
+    keep their outputs and the output CSV is available (docs/lifecycle.md).
+    """
 
 class RequestStatus(_RequestStatus, metaclass=_RequestStatusEnumTypeWrapper):
     """RequestStatus is the lifecycle of a request."""
@@ -49,6 +53,10 @@ REQUEST_STATUS_COMPLETED: RequestStatus.ValueType  # 3
 """Every image is final and at least one succeeded."""
 REQUEST_STATUS_FAILED: RequestStatus.ValueType  # 4
 """Every image failed, or the request could not be processed."""
+REQUEST_STATUS_CANCELLED: RequestStatus.ValueType  # 5
+"""Cancelled by its owner: images not final then ended with the code CANCELLED; done images
+keep their outputs and the output CSV is available (docs/lifecycle.md).
+"""
 Global___RequestStatus: _TypeAlias = RequestStatus  # noqa: Y015
 
 class _RequestEventType:
@@ -59,7 +67,7 @@ class _RequestEventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Requ
     DESCRIPTOR: _descriptor.EnumDescriptor
     REQUEST_EVENT_TYPE_UNSPECIFIED: _RequestEventType.ValueType  # 0
     REQUEST_EVENT_TYPE_FINISHED: _RequestEventType.ValueType  # 1
-    """The request reached Completed or Failed."""
+    """The request reached Completed, Failed or Cancelled."""
     REQUEST_EVENT_TYPE_PROGRESS: _RequestEventType.ValueType  # 2
     """An image of the request became final (live progress; published, not streamed)."""
 
@@ -68,7 +76,7 @@ class RequestEventType(_RequestEventType, metaclass=_RequestEventTypeEnumTypeWra
 
 REQUEST_EVENT_TYPE_UNSPECIFIED: RequestEventType.ValueType  # 0
 REQUEST_EVENT_TYPE_FINISHED: RequestEventType.ValueType  # 1
-"""The request reached Completed or Failed."""
+"""The request reached Completed, Failed or Cancelled."""
 REQUEST_EVENT_TYPE_PROGRESS: RequestEventType.ValueType  # 2
 """An image of the request became final (live progress; published, not streamed)."""
 Global___RequestEventType: _TypeAlias = RequestEventType  # noqa: Y015
@@ -199,7 +207,7 @@ class ImageError(_message.Message):
     url: _builtins.str
     code: _builtins.str
     """One of HTTP_STATUS, TIMEOUT, CONNECTION, TOO_MANY_REDIRECTS, BLOCKED_ADDRESS, TOO_LARGE,
-    NOT_AN_IMAGE, UNSUPPORTED_FORMAT, DECOMPRESSION_BOMB, CORRUPT_IMAGE, INTERNAL.
+    NOT_AN_IMAGE, UNSUPPORTED_FORMAT, DECOMPRESSION_BOMB, CORRUPT_IMAGE, INTERNAL, CANCELLED.
     """
     message: _builtins.str
     def __init__(

@@ -26,7 +26,8 @@ if _version_not_supported:
 
 
 class StatusServiceStub:
-    """StatusService answers questions about requests. An unknown id is NOT_FOUND.
+    """StatusService answers questions about requests and manages their lifecycle (list, cancel,
+    delete). An unknown id, or another owner's, is NOT_FOUND.
     """
 
     def __init__(self, channel):
@@ -75,10 +76,26 @@ class StatusServiceStub:
                 request_serializer=imgpipe_dot_v1_dot_status__service__pb2.RotateWebhookSecretRequest.SerializeToString,
                 response_deserializer=imgpipe_dot_v1_dot_status__service__pb2.RotateWebhookSecretResponse.FromString,
                 _registered_method=True)
+        self.ListRequests = channel.unary_unary(
+                '/imgpipe.v1.StatusService/ListRequests',
+                request_serializer=imgpipe_dot_v1_dot_status__service__pb2.ListRequestsRequest.SerializeToString,
+                response_deserializer=imgpipe_dot_v1_dot_status__service__pb2.ListRequestsResponse.FromString,
+                _registered_method=True)
+        self.CancelRequest = channel.unary_unary(
+                '/imgpipe.v1.StatusService/CancelRequest',
+                request_serializer=imgpipe_dot_v1_dot_status__service__pb2.CancelRequestRequest.SerializeToString,
+                response_deserializer=imgpipe_dot_v1_dot_status__service__pb2.CancelRequestResponse.FromString,
+                _registered_method=True)
+        self.DeleteRequest = channel.unary_unary(
+                '/imgpipe.v1.StatusService/DeleteRequest',
+                request_serializer=imgpipe_dot_v1_dot_status__service__pb2.DeleteRequestRequest.SerializeToString,
+                response_deserializer=imgpipe_dot_v1_dot_status__service__pb2.DeleteRequestResponse.FromString,
+                _registered_method=True)
 
 
 class StatusServiceServicer:
-    """StatusService answers questions about requests. An unknown id is NOT_FOUND.
+    """StatusService answers questions about requests and manages their lifecycle (list, cancel,
+    delete). An unknown id, or another owner's, is NOT_FOUND.
     """
 
     def GetRequest(self, request, context):
@@ -138,6 +155,31 @@ class StatusServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListRequests(self, request, context):
+        """ListRequests pages through the caller's requests, newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelRequest(self, request, context):
+        """CancelRequest stops a running request: no new image starts, the images not final end with
+        the code CANCELLED, and the request is Cancelled. Cancelling a Cancelled request returns it
+        unchanged; any other final request is FAILED_PRECONDITION.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteRequest(self, request, context):
+        """DeleteRequest removes a final request: its rows, stream entries, webhook deliveries and
+        every stored object. Not final is FAILED_PRECONDITION. Idempotent: an interrupted delete
+        is finished by the next call (or by the retention janitor).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_StatusServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -181,6 +223,21 @@ def add_StatusServiceServicer_to_server(servicer, server):
                     request_deserializer=imgpipe_dot_v1_dot_status__service__pb2.RotateWebhookSecretRequest.FromString,
                     response_serializer=imgpipe_dot_v1_dot_status__service__pb2.RotateWebhookSecretResponse.SerializeToString,
             ),
+            'ListRequests': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListRequests,
+                    request_deserializer=imgpipe_dot_v1_dot_status__service__pb2.ListRequestsRequest.FromString,
+                    response_serializer=imgpipe_dot_v1_dot_status__service__pb2.ListRequestsResponse.SerializeToString,
+            ),
+            'CancelRequest': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelRequest,
+                    request_deserializer=imgpipe_dot_v1_dot_status__service__pb2.CancelRequestRequest.FromString,
+                    response_serializer=imgpipe_dot_v1_dot_status__service__pb2.CancelRequestResponse.SerializeToString,
+            ),
+            'DeleteRequest': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteRequest,
+                    request_deserializer=imgpipe_dot_v1_dot_status__service__pb2.DeleteRequestRequest.FromString,
+                    response_serializer=imgpipe_dot_v1_dot_status__service__pb2.DeleteRequestResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'imgpipe.v1.StatusService', rpc_method_handlers)
@@ -190,7 +247,8 @@ def add_StatusServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class StatusService:
-    """StatusService answers questions about requests. An unknown id is NOT_FOUND.
+    """StatusService answers questions about requests and manages their lifecycle (list, cancel,
+    delete). An unknown id, or another owner's, is NOT_FOUND.
     """
 
     @staticmethod
@@ -399,6 +457,87 @@ class StatusService:
             '/imgpipe.v1.StatusService/RotateWebhookSecret',
             imgpipe_dot_v1_dot_status__service__pb2.RotateWebhookSecretRequest.SerializeToString,
             imgpipe_dot_v1_dot_status__service__pb2.RotateWebhookSecretResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListRequests(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/imgpipe.v1.StatusService/ListRequests',
+            imgpipe_dot_v1_dot_status__service__pb2.ListRequestsRequest.SerializeToString,
+            imgpipe_dot_v1_dot_status__service__pb2.ListRequestsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelRequest(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/imgpipe.v1.StatusService/CancelRequest',
+            imgpipe_dot_v1_dot_status__service__pb2.CancelRequestRequest.SerializeToString,
+            imgpipe_dot_v1_dot_status__service__pb2.CancelRequestResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteRequest(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/imgpipe.v1.StatusService/DeleteRequest',
+            imgpipe_dot_v1_dot_status__service__pb2.DeleteRequestRequest.SerializeToString,
+            imgpipe_dot_v1_dot_status__service__pb2.DeleteRequestResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -27,7 +27,9 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class StatusServiceStub:
-    """StatusService answers questions about requests. An unknown id is NOT_FOUND."""
+    """StatusService answers questions about requests and manages their lifecycle (list, cancel,
+    delete). An unknown id, or another owner's, is NOT_FOUND.
+    """
 
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
@@ -51,10 +53,24 @@ class StatusServiceStub:
     """RotateWebhookSecret gives the caller a new signing secret; the old one keeps signing too
     for a grace period.
     """
+    ListRequests: _grpc.UnaryUnaryMultiCallable[_status_service_pb2.ListRequestsRequest, _status_service_pb2.ListRequestsResponse]
+    """ListRequests pages through the caller's requests, newest first."""
+    CancelRequest: _grpc.UnaryUnaryMultiCallable[_status_service_pb2.CancelRequestRequest, _status_service_pb2.CancelRequestResponse]
+    """CancelRequest stops a running request: no new image starts, the images not final end with
+    the code CANCELLED, and the request is Cancelled. Cancelling a Cancelled request returns it
+    unchanged; any other final request is FAILED_PRECONDITION.
+    """
+    DeleteRequest: _grpc.UnaryUnaryMultiCallable[_status_service_pb2.DeleteRequestRequest, _status_service_pb2.DeleteRequestResponse]
+    """DeleteRequest removes a final request: its rows, stream entries, webhook deliveries and
+    every stored object. Not final is FAILED_PRECONDITION. Idempotent: an interrupted delete
+    is finished by the next call (or by the retention janitor).
+    """
 
 @_typing.type_check_only
 class StatusServiceAsyncStub(StatusServiceStub):
-    """StatusService answers questions about requests. An unknown id is NOT_FOUND."""
+    """StatusService answers questions about requests and manages their lifecycle (list, cancel,
+    delete). An unknown id, or another owner's, is NOT_FOUND.
+    """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     GetRequest: _aio.UnaryUnaryMultiCallable[_status_service_pb2.GetRequestRequest, _status_service_pb2.GetRequestResponse]  # type: ignore[assignment]
@@ -75,9 +91,23 @@ class StatusServiceAsyncStub(StatusServiceStub):
     """RotateWebhookSecret gives the caller a new signing secret; the old one keeps signing too
     for a grace period.
     """
+    ListRequests: _aio.UnaryUnaryMultiCallable[_status_service_pb2.ListRequestsRequest, _status_service_pb2.ListRequestsResponse]  # type: ignore[assignment]
+    """ListRequests pages through the caller's requests, newest first."""
+    CancelRequest: _aio.UnaryUnaryMultiCallable[_status_service_pb2.CancelRequestRequest, _status_service_pb2.CancelRequestResponse]  # type: ignore[assignment]
+    """CancelRequest stops a running request: no new image starts, the images not final end with
+    the code CANCELLED, and the request is Cancelled. Cancelling a Cancelled request returns it
+    unchanged; any other final request is FAILED_PRECONDITION.
+    """
+    DeleteRequest: _aio.UnaryUnaryMultiCallable[_status_service_pb2.DeleteRequestRequest, _status_service_pb2.DeleteRequestResponse]  # type: ignore[assignment]
+    """DeleteRequest removes a final request: its rows, stream entries, webhook deliveries and
+    every stored object. Not final is FAILED_PRECONDITION. Idempotent: an interrupted delete
+    is finished by the next call (or by the retention janitor).
+    """
 
 class StatusServiceServicer(metaclass=_abc_1.ABCMeta):
-    """StatusService answers questions about requests. An unknown id is NOT_FOUND."""
+    """StatusService answers questions about requests and manages their lifecycle (list, cancel,
+    delete). An unknown id, or another owner's, is NOT_FOUND.
+    """
 
     @_abc_1.abstractmethod
     def GetRequest(
@@ -143,6 +173,36 @@ class StatusServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_status_service_pb2.RotateWebhookSecretResponse, _abc.Awaitable[_status_service_pb2.RotateWebhookSecretResponse]]:
         """RotateWebhookSecret gives the caller a new signing secret; the old one keeps signing too
         for a grace period.
+        """
+
+    @_abc_1.abstractmethod
+    def ListRequests(
+        self,
+        request: _status_service_pb2.ListRequestsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_status_service_pb2.ListRequestsResponse, _abc.Awaitable[_status_service_pb2.ListRequestsResponse]]:
+        """ListRequests pages through the caller's requests, newest first."""
+
+    @_abc_1.abstractmethod
+    def CancelRequest(
+        self,
+        request: _status_service_pb2.CancelRequestRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_status_service_pb2.CancelRequestResponse, _abc.Awaitable[_status_service_pb2.CancelRequestResponse]]:
+        """CancelRequest stops a running request: no new image starts, the images not final end with
+        the code CANCELLED, and the request is Cancelled. Cancelling a Cancelled request returns it
+        unchanged; any other final request is FAILED_PRECONDITION.
+        """
+
+    @_abc_1.abstractmethod
+    def DeleteRequest(
+        self,
+        request: _status_service_pb2.DeleteRequestRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_status_service_pb2.DeleteRequestResponse, _abc.Awaitable[_status_service_pb2.DeleteRequestResponse]]:
+        """DeleteRequest removes a final request: its rows, stream entries, webhook deliveries and
+        every stored object. Not final is FAILED_PRECONDITION. Idempotent: an interrupted delete
+        is finished by the next call (or by the retention janitor).
         """
 
 def add_StatusServiceServicer_to_server(servicer: StatusServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,175 @@
+"""The SQL of a request's lifecycle after acceptance: listing, cancelling, deleting, retention
+(docs/lifecycle.md).
+
+A delete marks the request `deleting_at` first and removes its rows last, so a delete that is
+interrupted (a crash between the stored objects and the rows) is found and finished again; the
+request is gone for its owner from the first step on.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+
+from services.common.db.queries import (
+    _REQUEST_COLUMNS,
+    Connection,
+    RequestRow,
+    _request,
+)
+
+FINAL = ("Completed", "Failed", "Cancelled")
+OPEN = ("Pending", "Processing")
+# What a cancelled image's row says (its code is services.common.outcome CANCELLED).
+CANCELLED_CODE = "CANCELLED"
+CANCELLED_MESSAGE = "the request was cancelled before this image was processed"
+
+
+async def visible_request(conn: Connection, request_id: uuid.UUID, owner: str) -> RequestRow | None:
+    """The request if `owner` owns it and no delete has started on it."""
+    row = await conn.fetchrow(
+        f"""SELECT {_REQUEST_COLUMNS} FROM requests
+             WHERE id = $1 AND owner = $2 AND deleting_at IS NULL""",
+        request_id,
+        owner,
+    )
+    return _request(row) if row else None
+
+
+async def list_requests(
+    conn: Connection,
+    owner: str,
+    *,
+    after: tuple[datetime, uuid.UUID] | None,
+    status: str | None,
+    limit: int,
+) -> list[RequestRow]:
+    """`owner`'s requests newest first, after the keyset position `after` (created_at, id),
+    only those in `status` when given; requests being deleted are left out."""
+    rows = await conn.fetch(
+        f"""SELECT {_REQUEST_COLUMNS} FROM requests
+             WHERE owner = $1 AND deleting_at IS NULL
+               AND ($2::text IS NULL OR status = $2)
+               AND ($3::timestamptz IS NULL OR (created_at, id) < ($3, $4::uuid))
+             ORDER BY created_at DESC, id DESC
+             LIMIT $5""",
+        owner,
+        status,
+        after[0] if after else None,
+        after[1] if after else None,
+        limit,
+    )
+    return [_request(r) for r in rows]
+
+
+@dataclass(frozen=True, slots=True)
+class Cancelled:
+    request: RequestRow
+    changed: bool  # False: it was Cancelled already (the same state is returned)
+
+
+# One statement: the request's non-final images end as CANCELLED, whatever their kind (waiting
+# for the feeder, on the stream, being processed, a dedup follower), and the request's counters
+# and status move with them. Images are locked before the request row, in the order a worker's
+# record_image_done takes them, so the two cannot deadlock. The images update only while the
+# request is open: a request finished meanwhile is left as it is.
+_CANCEL = f"""
+WITH img AS (
+    UPDATE images
+       SET status = 'Failed', error_code = $2, error_message = $3, updated_at = now()
+     WHERE request_id = $1 AND status = 'Pending'
+       AND EXISTS (SELECT 1 FROM requests
+                    WHERE id = $1 AND status IN ('Pending', 'Processing'))
+ RETURNING 1)
+UPDATE requests
+   SET status = 'Cancelled', images_failed = images_failed + (SELECT count(*) FROM img),
+       output_csv_key = $4, completed_at = now(), updated_at = now(), finished_event_at = NULL,
+       published_at = COALESCE(published_at, now()), publish_lease_until = NULL
+ WHERE id = $1 AND status IN ('Pending', 'Processing')
+RETURNING {_REQUEST_COLUMNS}"""
+
+
+async def cancel_request(
+    conn: Connection, request_id: uuid.UUID, owner: str, *, output_csv_key: str
+) -> Cancelled | RequestRow | None:
+    """Cancel an open request of `owner`. Returns Cancelled (changed or not), the request
+    itself when it is final in another status (the caller's conflict), None when `owner` has
+    no such request."""
+    found = await visible_request(conn, request_id, owner)
+    if found is None:
+        return None
+    if found.status == "Cancelled":
+        return Cancelled(found, changed=False)
+    if found.status in FINAL:
+        return found
+    row = await conn.fetchrow(
+        _CANCEL, request_id, CANCELLED_CODE, CANCELLED_MESSAGE, output_csv_key
+    )
+    if row is None:  # it became final between the two statements
+        return await cancel_request(conn, request_id, owner, output_csv_key=output_csv_key)
+    return Cancelled(_request(row), changed=True)
+
+
+# ---------------------------------------------------------------- delete
+
+
+@dataclass(frozen=True, slots=True)
+class Deletable:
+    id: uuid.UUID
+    owner: str
+    status: str
+    deleting: bool
+
+
+async def deletable(conn: Connection, request_id: uuid.UUID) -> Deletable | None:
+    """The request whatever its state, a delete under way included (a retry finishes it)."""
+    row = await conn.fetchrow(
+        "SELECT id, owner, status, deleting_at IS NOT NULL AS deleting FROM requests WHERE id = $1",
+        request_id,
+    )
+    return Deletable(**dict(row)) if row else None
+
+
+async def mark_deleting(conn: Connection, request_id: uuid.UUID) -> bool:
+    """The first step of a delete; False when the request is gone or not final."""
+    result = await conn.execute(
+        """UPDATE requests SET deleting_at = COALESCE(deleting_at, now())
+            WHERE id = $1 AND status IN ('Completed', 'Failed', 'Cancelled')""",
+        request_id,
+    )
+    return result.split()[-1] != "0"
+
+
+async def stream_entries(conn: Connection, request_id: uuid.UUID) -> list[str]:
+    """The task-stream entries recorded for the request's images."""
+    rows = await conn.fetch(
+        "SELECT stream_entry_id FROM images WHERE request_id = $1 AND stream_entry_id IS NOT NULL",
+        request_id,
+    )
+    return [r["stream_entry_id"] for r in rows]
+
+
+async def delete_rows(conn: Connection, request_id: uuid.UUID) -> None:
+    """The last step: the request row; its products, images, webhook deliveries and any other
+    table referencing it go with it (ON DELETE CASCADE)."""
+    await conn.execute("DELETE FROM requests WHERE id = $1 AND deleting_at IS NOT NULL", request_id)
+
+
+async def expired_requests(
+    conn: Connection, *, completed_before: datetime, limit: int
+) -> list[uuid.UUID]:
+    """Deletes left half done first, then final requests completed before `completed_before`,
+    oldest first; at most `limit`."""
+    rows = await conn.fetch(
+        """(SELECT id FROM requests WHERE deleting_at IS NOT NULL ORDER BY deleting_at LIMIT $2)
+           UNION ALL
+           (SELECT id FROM requests
+             WHERE status IN ('Completed', 'Failed', 'Cancelled') AND deleting_at IS NULL
+               AND completed_at < $1
+             ORDER BY completed_at LIMIT $2)
+           LIMIT $2""",
+        completed_before,
+        limit,
+    )
+    return [r["id"] for r in rows]
