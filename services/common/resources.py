@@ -80,7 +80,8 @@ async def open_backends(
             await migrate(pool)
             redis = aioredis.Redis.from_url(common.redis_url)
             try:
-                yield Backends(pool, redis, StreamNames(common.redis_prefix), probe_connection)
+                with metrics.reporting(metrics.PoolStats(pool)):
+                    yield Backends(pool, redis, StreamNames(common.redis_prefix), probe_connection)
             finally:
                 await redis.aclose()
         finally:

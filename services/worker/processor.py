@@ -228,6 +228,9 @@ class Processor:
             finished = await queries.finish_request(conn, request_id, output_csv_key=csv_key)
         if finished is None:
             return  # another worker finished it first
+        if finished.completed_at is not None:
+            seconds = (finished.completed_at - finished.created_at).total_seconds()
+            metrics.request_finished(finished.status, seconds)
         log.info(
             "request finished", extra={"request_id": str(request_id), "status": finished.status}
         )
