@@ -14,6 +14,7 @@ the store names each image by its permanent URL, `s3://bucket/key`.
 from __future__ import annotations
 
 import contextlib
+import re
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -36,6 +37,15 @@ def image_key(request_id: uuid.UUID | str, image_id: int, extension: str) -> str
 
 def output_csv_key(request_id: uuid.UUID | str) -> str:
     return f"requests/{request_id}/output.csv"
+
+
+_IMAGE_KEY = re.compile(r"requests/[0-9a-f-]{36}/images/\d+\.[a-z]+")
+
+
+def is_image_key(key: str) -> bool:
+    """Whether `key` names a stored output image: written once, never changed, unlike the
+    output CSV, which a retry renders again under the same key."""
+    return _IMAGE_KEY.fullmatch(key) is not None
 
 
 @dataclass(frozen=True, slots=True)
