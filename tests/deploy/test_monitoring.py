@@ -24,12 +24,18 @@ COUNTERS_AND_GAUGES = {
     "imgpipe_stream_pending": {"stream", "group"},
     "imgpipe_dead_letter_entries": set(),
     "imgpipe_backlog_images": set(),
+    "imgpipe_stream_oldest_age_seconds": {"stream", "group"},
+    "imgpipe_db_pool_connections": {"state"},
+    "imgpipe_db_pool_max_connections": set(),
+    "imgpipe_db_pool_waiting": set(),
     "imgpipe_webhook_attempts_total": {"result"},
     "grpc_server_handled_total": {"grpc_service", "grpc_method", "grpc_code"},
     "http_requests_total": {"method", "route", "status"},
 }
 HISTOGRAMS = {
     "imgpipe_stage_duration_seconds": {"stage"},
+    "imgpipe_request_duration_seconds": {"status"},
+    "imgpipe_budget_wait_seconds": {"budget"},
     "grpc_server_handling_seconds": {"grpc_service", "grpc_method"},
     "http_request_duration_seconds": {"method", "route"},
 }
