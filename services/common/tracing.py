@@ -120,12 +120,13 @@ def use_span_source(source: Callable[[], TraceContext | None] | None) -> None:
     _span_source = source
 
 
+def source_span() -> TraceContext | None:
+    """The span current in the span source (OpenTelemetry's), if one is registered and has one."""
+    return _span_source() if _span_source is not None else None
+
+
 def current_trace() -> TraceContext | None:
-    if _span_source is not None:
-        span = _span_source()
-        if span is not None:
-            return span
-    return _trace.get()
+    return source_span() or _trace.get()
 
 
 def current_traceparent() -> str:

@@ -160,7 +160,7 @@ async def test_one_upload_is_one_trace_from_the_gateway_to_the_webhook(
         )
         webhooks = make_session(hooks.fetch_allow, hooks.fetch_limits)
         try:
-            request_id = await upload_and_wait(
+            request_id, answered = await upload_and_wait(
                 caller,
                 pool,
                 redis_client,
@@ -184,6 +184,7 @@ async def test_one_upload_is_one_trace_from_the_gateway_to_the_webhook(
     assert not [s.name for s in spans if s.parent is None], "every span continues the caller's"
 
     gateway = only(spans, "POST /upload", SpanKind.SERVER)
+    assert format(gateway.context.span_id, "016x") == answered  # the traceparent answered
     assert format(gateway.parent.span_id, "016x") == CALLER.split("-")[2]  # type: ignore[union-attr]
     # A client-streaming call has no client span (services/common/telemetry.py says why): the
     # gateway's request span is the parent of ingest's.
@@ -223,9 +224,9 @@ async def upload_and_wait(
     receiver: Receiver,
     origin: ImageOrigin,
     store: Path,
-) -> str:
-    """Upload one image through the gateway with every service running; its request id once
-    the webhook has arrived."""
+) -> tuple[str, str]:
+    """Upload one image through the gateway with every service running; once the webhook has
+    arrived, its request id and the span id the gateway answered with."""
 
     async def fetch(url: str, *, reserve: Reserve | None = None) -> bytes:
         return await fetch_image(images, url, FetchLimits(), reserve=reserve)
@@ -284,7 +285,7 @@ async def upload_and_wait(
                 return bool(receiver.received)
 
             await wait_until_async(arrived, timeout=30, message="the webhook")
-    return request_id
+    return request_id, answered.span_id
 
 
 async def finished(exporter: InMemorySpanExporter, name: str) -> list[ReadableSpan] | None:
@@ -304,3 +305,15 @@ def test_without_otel_variables_nothing_is_traced() -> None:
     with telemetry.configure("test", {}), telemetry.span("nothing", parent=CALLER):
         assert tracing.current_trace() is None  # no span was made current
     assert tracing.current_trace() is None
+
+
+def test_otel_variables_turn_tracing_on_for_the_block() -> None:
+    environ = {"OTEL_TRACES_EXPORTER": "console", "OTEL_SERVICE_NAME": "imgpipe-test"}
+    with telemetry.configure("test", environ):
+        with telemetry.span("a task", parent=CALLER):
+            current = tracing.current_trace()
+            assert current is not None and current.trace_id == TRACE_ID
+            assert tracing.current_traceparent().startswith(f"00-{TRACE_ID}-")
+        assert tracing.current_trace() is None
+    with telemetry.span("after", parent=CALLER):
+        assert tracing.current_trace() is None  # off again, instrumentations removed
