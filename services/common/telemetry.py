@@ -128,10 +128,16 @@ def enabled(provider: Any) -> Iterator[None]:
         GrpcAioInstrumentorClient,
         GrpcAioInstrumentorServer,
     )
+    from opentelemetry.instrumentation.grpc.filters import any_of, negate, service_prefix
     from opentelemetry.instrumentation.redis import RedisInstrumentor
 
     instrumentors: list[Any] = [
-        GrpcAioInstrumentorServer(),
+        # Probes and tools call health and reflection every few seconds: not traces.
+        GrpcAioInstrumentorServer(
+            filter_=negate(
+                any_of(service_prefix("grpc.health."), service_prefix("grpc.reflection."))
+            )
+        ),
         GrpcAioInstrumentorClient(filter_=_not_client_streaming),
         # Its server span is the outermost middleware of every web.Application made from now on.
         AioHttpServerInstrumentor(),
