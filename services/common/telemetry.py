@@ -121,6 +121,7 @@ def enabled(provider: Any) -> Iterator[None]:
     asyncpg connections are traced whenever they were made."""
     global _tracer, _CLIENT_STREAMING
     _CLIENT_STREAMING = _client_streaming_methods()
+    # Imported here, not at the top: only a process that traces loads the instrumentations.
     from opentelemetry.instrumentation.aiohttp_client import AioHttpClientInstrumentor
     from opentelemetry.instrumentation.aiohttp_server import AioHttpServerInstrumentor
     from opentelemetry.instrumentation.asyncpg import AsyncPGInstrumentor
