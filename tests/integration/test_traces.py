@@ -317,3 +317,14 @@ def test_otel_variables_turn_tracing_on_for_the_block() -> None:
         assert tracing.current_trace() is None
     with telemetry.span("after", parent=CALLER):
         assert tracing.current_trace() is None  # off again, instrumentations removed
+
+
+def test_without_the_extra_otel_variables_only_warn(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(telemetry, "trace", None)  # as when imgpipe[otel] is not installed
+    assert not telemetry.available()
+    environ = {"OTEL_TRACES_EXPORTER": "console"}
+    with telemetry.configure("test", environ), telemetry.span("a task", parent=CALLER):
+        assert tracing.current_trace() is None
+    assert "imgpipe[otel] is not installed" in caplog.text
