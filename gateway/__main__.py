@@ -9,7 +9,7 @@ import sys
 
 from gateway.app import create_app
 from gateway.serving import drain, start
-from services.common import metrics
+from services.common import metrics, telemetry
 from services.common.auth import log_auth_state
 from services.common.config import ConfigError, GatewaySettings
 from services.common.logging import configure_logging
@@ -39,7 +39,8 @@ def main() -> int:
     configure_logging("gateway", settings.log_level)
     log_auth_state(settings.api_keys, settings.http_listen)
     # On a port of its own (IMGPIPE_METRICS_LISTEN), never the public API's.
-    with metrics.serving(settings.metrics_listen):
+    # Traces when imgpipe[otel] is installed and the OTEL_* variables (the SDK's own) ask.
+    with metrics.serving(settings.metrics_listen), telemetry.configure("gateway", os.environ):
         asyncio.run(serve(settings))
     return 0
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from gateway import auth, handlers, observability, openapi
+from gateway import auth, handlers, observability, openapi, rate_headers
 from gateway import web as web_page
 from gateway.backends import SETTINGS, open_backends
 from gateway.errors import error_middleware
@@ -27,12 +27,14 @@ def create_app(settings: GatewaySettings) -> web.Application:
     app = web.Application(
         middlewares=[
             observability.observe_middleware,
+            rate_headers.quota_middleware,
             in_flight.middleware,
             error_middleware,
             auth.auth_middleware,
         ]
     )
     observability.setup(app)
+    rate_headers.setup(app)
     app[SETTINGS] = settings
     app[auth.API_KEYS] = settings.api_keys
     app[auth.SESSIONS] = auth.Sessions(settings.rpc_timeout)

@@ -16,6 +16,7 @@ import grpc
 from aiohttp import web
 from grpc_health.v1 import health_pb2_grpc
 
+from gateway import rate_headers
 from gateway.auth import SESSIONS, forwarding_interceptors
 from services.common import tracing
 from services.common.config import GatewaySettings
@@ -61,7 +62,8 @@ async def open_backends(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     async with AsyncExitStack() as stack:
         # Every call carries the key (gateway/auth.py) and the trace context
-        # (services/common/tracing.py) of the HTTP request it is made for.
+        # (services/common/tracing.py) of the HTTP request it is made for, and reports the key's
+        # quota back to it (gateway/rate_headers.py).
         ingest_channel = grpc.aio.insecure_channel(
             settings.ingest_addr, options=CHANNEL_OPTIONS, interceptors=_interceptors()
         )
@@ -86,4 +88,8 @@ async def open_backends(app: web.Application) -> AsyncIterator[None]:
 
 
 def _interceptors() -> list[grpc.aio.ClientInterceptor]:
-    return [*forwarding_interceptors(), *tracing.client_interceptors()]
+    return [
+        *forwarding_interceptors(),
+        *tracing.client_interceptors(),
+        *rate_headers.client_interceptors(),
+    ]

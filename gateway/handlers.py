@@ -31,6 +31,7 @@ from services.common.page_token import decode_page_token
 from services.common.pb.imgpipe.v1 import ingest_service_pb2 as ingest_pb
 from services.common.pb.imgpipe.v1 import request_pb2
 from services.common.pb.imgpipe.v1 import status_service_pb2 as status_pb
+from services.common.storage import is_image_key
 
 log = logging.getLogger(__name__)
 
@@ -331,11 +332,23 @@ async def queue(request: web.Request) -> web.Response:
 
 async def files(request: web.Request) -> web.FileResponse:
     root = request.app[BACKENDS].storage.local_root
-    path = resolve_under(root, request.match_info["key"]) if root is not None else None
+    key = request.match_info["key"]
+    path = resolve_under(root, key) if root is not None else None
     if path is None:
         raise NotFound("no such file")
     # The store holds caller-influenced bytes: never let a browser guess another type.
-    return web.FileResponse(path, headers={"X-Content-Type-Options": "nosniff"})
+    headers = {"X-Content-Type-Options": "nosniff", "Cache-Control": _cache_control(key)}
+    return web.FileResponse(path, headers=headers)
+
+
+IMMUTABLE = "public, max-age=31536000, immutable"
+
+
+def _cache_control(key: str) -> str:
+    # An output image's key names one encoding of one image forever: caches may keep it a year
+    # without asking again (RFC 8246). Anything else (the output CSV, which a retry rewrites)
+    # is revalidated against its ETag and Last-Modified on every use.
+    return IMMUTABLE if is_image_key(key) else "no-cache"
 
 
 def resolve_under(root: Path, key: str) -> Path | None:

@@ -32,7 +32,10 @@ def route_label(request: web.Request) -> str:
 async def observe_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     # aiohttp answers each request in a task of its own (aiohttp#3406): these values are seen
     # by this request alone, its answer's headers and access log line included: no reset.
-    tracing.set_trace(tracing.continue_trace(request.headers.get(tracing.TRACEPARENT)))
+    # With OpenTelemetry, its server span (outside this middleware) is the request's span: kept
+    # here, it is still the one answered and logged after the span's block has ended.
+    header = request.headers.get(tracing.TRACEPARENT)
+    tracing.set_trace(tracing.source_span() or tracing.continue_trace(header))
     request_id = request.match_info.get("request_id") or request.query.get("request_id", "")
     if 0 < len(request_id) <= _MAX_REQUEST_ID:
         tracing.set_request_id(request_id)

@@ -79,6 +79,33 @@ class Limits:
     weight: int = 1  # share of the workers against other owners (weighted round robin)
 
 
+# The gRPC metadata key that carries a call's rate quota to the gateway (RateLimit-* headers).
+QUOTA_METADATA = "imgpipe-ratelimit"
+
+
+@dataclass(frozen=True, slots=True)
+class Quota:
+    """A key's call-rate bucket right after a call was charged (or refused): `limit` calls at
+    once (the burst), `remaining` of them left, full again in `reset` seconds; it refills one
+    call every `1 / rate` seconds, so `window` (burst / rate) is the time a full burst takes."""
+
+    limit: int
+    remaining: int
+    reset: int
+    window: int
+
+    def metadata(self) -> str:
+        return f"{self.limit},{self.remaining},{self.reset},{self.window}"
+
+    @classmethod
+    def parse(cls, value: str) -> Quota | None:
+        try:
+            limit, remaining, reset, window = (int(part) for part in value.split(","))
+        except ValueError:
+            return None
+        return cls(limit, remaining, reset, window)
+
+
 @dataclass(frozen=True, slots=True)
 class Principal:
     """An authenticated caller: `name` is the owner recorded on its requests."""
@@ -277,7 +304,8 @@ def caller_credential() -> Credential | None:
     return _credential.get()
 
 
-RateCheck = Callable[[Principal], Awaitable[None]]
+# Limiter.check_rate: charges the call, tells `report` the quota, raises RateLimited over it.
+RateCheck = Callable[[Principal, Callable[[Quota], Awaitable[None]]], Awaitable[None]]
 # A session id → the principal it acts for, or None (services/common/sessions.py).
 SessionResolver = Callable[[str], Awaitable[Principal | None]]
 # Health checks and reflection answer without a key: probes and tools call them.
@@ -339,7 +367,12 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
                 raise Unauthenticated("the API key is not valid", key_given=True)
             _credential.set(Credential(key_digest=hashlib.sha256(token.encode()).digest()))
         if self.check_rate is not None:
-            await self.check_rate(principal)
+
+            async def report(quota: Quota) -> None:
+                # Before the answer or the refusal: the gateway turns it into RateLimit-* headers.
+                await context.send_initial_metadata(((QUOTA_METADATA, quota.metadata()),))
+
+            await self.check_rate(principal, report)
         return principal
 
 

@@ -24,20 +24,27 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 
 DEFAULT_BUFFER_BYTES = 64 * 1024 * 1024  # about ten 24-megapixel JPEGs
 DEFAULT_PIXEL_BUDGET = 32_000_000  # one 24 MP photo, or two 16 MP ones: about 225 MB at work
+
+Waited = Callable[[float], None]  # told the seconds each acquisition waited (metrics)
+
+
+def _ignore(_: float) -> None:
+    pass
 
 
 class ByteBudget:
     """Bytes held by downloads, granted first come, first served."""
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, waited: Waited = _ignore) -> None:
         if capacity < 1:
             raise ValueError("a byte budget needs a capacity of at least 1")
         self.capacity = capacity
         self.used = 0
+        self.waited = waited
         self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
 
     @property
@@ -48,12 +55,15 @@ class ByteBudget:
     async def acquire(self, amount: int) -> None:
         if not self._waiters and self._fits(amount):
             self.used += amount
+            self.waited(0.0)
             return
+        started = time.perf_counter()
         future = asyncio.get_running_loop().create_future()
         entry = (amount, future)
         self._waiters.append(entry)
         try:
             await future
+            self.waited(time.perf_counter() - started)
         except BaseException:
             if future.done() and not future.cancelled():
                 self.release(amount)  # granted just as we were cancelled
@@ -111,22 +121,25 @@ class Lease:
 class PixelBudget:
     """Pixels being decoded and encoded at once, across the compress threads."""
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, waited: Waited = _ignore) -> None:
         if capacity < 1:
             raise ValueError("a pixel budget needs a capacity of at least 1")
         self.capacity = capacity
         self.used = 0
         self.waiting = 0  # threads waiting for pixels
+        self.waited = waited
         self._changed = threading.Condition()
 
     @contextlib.contextmanager
     def reserve(self, pixels: int) -> Iterator[None]:
         amount = min(pixels, self.capacity)
+        started = time.perf_counter()
         with self._changed:
             self.waiting += 1
             self._changed.wait_for(lambda: self.used + amount <= self.capacity)
             self.waiting -= 1
             self.used += amount
+        self.waited(time.perf_counter() - started)
         try:
             yield
         finally:

@@ -34,14 +34,14 @@ import contextlib
 import logging
 import math
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
 import redis.asyncio as aioredis
 
-from services.common.auth import Principal
+from services.common.auth import Principal, Quota
 from services.common.db import queries
 from services.common.db.lifecycle import FINAL
 from services.common.errors import BACKEND_ERRORS, Detail, RateLimited
@@ -64,7 +64,8 @@ UPLOADS_RETRY_AFTER = 5
 _EFFECTS = "if redis.replicate_commands then redis.replicate_commands() end\n"
 
 # KEYS[1]: the theoretical arrival time (ms) of the owner's next call.
-# ARGV: the emission interval (ms), the burst. Returns 0 (allowed) or the wait in ms.
+# ARGV: the emission interval (ms), the burst. Returns {0 (allowed) or the wait in ms, calls
+# left in the burst, ms until the bucket is full again}.
 _GCRA = (
     _EFFECTS
     + """
@@ -75,10 +76,11 @@ local burst = tonumber(ARGV[2])
 local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
 if tat < now then tat = now end
 local wait = tat - now - (burst - 1) * interval
-if wait > 0 then return math.ceil(wait) end
+if wait > 0 then return {math.ceil(wait), 0, math.ceil(tat - now)} end
 local next_tat = tat + interval
 redis.call('SET', KEYS[1], string.format('%.3f', next_tat), 'PX', math.ceil(next_tat - now) + 1000)
-return 0
+local left = math.floor((now + burst * interval - next_tat) / interval)
+return {0, left, math.ceil(next_tat - now)}
 """
 )
 
@@ -165,6 +167,13 @@ STREAM_LEASE = 60.0
 STREAM_RETRY_AFTER = 5
 
 
+Report = Callable[[Quota], Awaitable[None]]
+
+
+async def _ignore(_: Quota) -> None:
+    pass
+
+
 @dataclass(frozen=True, slots=True)
 class ImageReservation:
     key: str
@@ -189,8 +198,9 @@ class Limiter:
 
     # ------------------------------------------------------------ rate
 
-    async def check_rate(self, principal: Principal) -> None:
-        """Charge one call to the caller; RateLimited when it is over its rate."""
+    async def check_rate(self, principal: Principal, report: Report = _ignore) -> None:
+        """Charge one call to the caller; RateLimited when it is over its rate. `report` is
+        told the caller's quota first, refused or not (no limit: not called)."""
         limits = principal.limits
         rate = f"rate={rate_text(limits.rate)} burst={limits.burst}"
         await self.take_token(
@@ -199,19 +209,31 @@ class Limiter:
             limits.burst,
             refusal=f"over the rate limit of this API key ({rate}); slow down",
             limit=Detail(f"{rate_text(limits.rate)} calls, {limits.burst} at once", "rate"),
+            report=report,
         )
 
     async def take_token(
-        self, bucket: str, rate: float, burst: int, *, refusal: str, limit: Detail
+        self,
+        bucket: str,
+        rate: float,
+        burst: int,
+        *,
+        refusal: str,
+        limit: Detail,
+        report: Report = _ignore,
     ) -> None:
         """Take one token from the bucket `bucket` (a name of this limiter's own, with the
         owner in it), refilled at `rate` per second (0: no limit), holding `burst`; when it is
-        empty, raise RateLimited with `refusal` and `limit`, and take nothing."""
+        empty, raise RateLimited with `refusal` and `limit`, and take nothing. `report` is told
+        the bucket's state either way."""
         if rate <= 0:
             return
-        wait_ms = int(
-            await self._gcra(keys=[f"{self.prefix}:{bucket}"], args=[repr(1000.0 / rate), burst])
+        answer: Any = await self._gcra(
+            keys=[f"{self.prefix}:{bucket}"], args=[repr(1000.0 / rate), burst]
         )
+        wait_ms, remaining, reset_ms = (int(part) for part in answer)
+        window = max(1, math.ceil(burst / rate))
+        await report(Quota(burst, remaining, max(0, math.ceil(reset_ms / 1000)), window))
         if wait_ms > 0:
             raise RateLimited(refusal, [limit], retry_after=max(1, math.ceil(wait_ms / 1000)))
 

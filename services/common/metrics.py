@@ -9,8 +9,14 @@ and the dashboard in deploy/monitoring/ are written against them.
 | imgpipe_images_total | counter | outcome (done, failed), code (OutcomeCode; "" if done) | worker |
 | imgpipe_stage_duration_seconds | histogram | stage (fetch, decode, encode, store) | worker |
 | imgpipe_image_bytes_total | counter | direction (in: downloaded, out: stored) | worker |
+| imgpipe_request_duration_seconds | histogram | status (Completed, Failed) | worker |
+| imgpipe_budget_wait_seconds | histogram | budget (bytes, pixels): wait per acquisition | worker |
+| imgpipe_db_pool_connections | gauge | state (in_use, idle) | ingest, worker, status |
+| imgpipe_db_pool_max_connections | gauge | — | ingest, worker, status |
+| imgpipe_db_pool_waiting | gauge | — (callers waiting for a connection) | ingest, worker, status |
 | imgpipe_stream_lag | gauge | stream, group: entries not yet delivered to the group | status |
 | imgpipe_stream_pending | gauge | stream, group: delivered, not yet acknowledged | status |
+| imgpipe_stream_oldest_age_seconds | gauge | stream, group: oldest unacknowledged entry | status |
 | imgpipe_dead_letter_entries | gauge | — | status |
 | imgpipe_backlog_images | gauge | — (images not final, from Postgres: what autoscales) | status |
 | imgpipe_webhook_attempts_total | counter | result (WEBHOOK_RESULTS) | status |
@@ -72,6 +78,22 @@ IMAGE_BYTES = Counter(
 STAGES = ("fetch", "decode", "encode", "store")
 
 
+# Seconds to hours: from accepted (POST /upload) to Completed or Failed, queueing included.
+REQUEST_SECONDS = Histogram(
+    "imgpipe_request_duration_seconds",
+    "End-to-end time of a request, from accepted to final, observed when it finishes",
+    ["status"],
+    buckets=(1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 21600, 86400),
+)
+BUDGET_WAIT_SECONDS = Histogram(
+    "imgpipe_budget_wait_seconds",
+    "Time one acquisition waited for a worker memory budget (services/common/budget.py)",
+    ["budget"],
+    buckets=(0.0005, *_BUCKETS),
+)
+BUDGETS = ("bytes", "pixels")
+
+
 def prime_worker() -> None:
     """Create the worker's series at zero, so rates start from the first image."""
     IMAGES.labels("done", "")
@@ -79,6 +101,19 @@ def prime_worker() -> None:
         STAGE_SECONDS.labels(stage)
     for direction in ("in", "out"):
         IMAGE_BYTES.labels(direction)
+    for status in ("Completed", "Failed"):
+        REQUEST_SECONDS.labels(status)
+    for budget in BUDGETS:
+        BUDGET_WAIT_SECONDS.labels(budget)
+
+
+def budget_waited(budget: str) -> Callable[[float], None]:
+    """What a budget calls with the seconds each acquisition waited."""
+    return BUDGET_WAIT_SECONDS.labels(budget).observe
+
+
+def request_finished(status: str, seconds: float) -> None:
+    REQUEST_SECONDS.labels(status).observe(max(seconds, 0.0))
 
 
 RETENTION_REQUESTS = Counter(
@@ -274,7 +309,7 @@ class StreamStats(Collector):
         # The backlog lives in Postgres (docs/scheduling.md): the stream holds only a window.
         self.backlog = backlog
         # Replaced whole by each reading, so a scrape (another thread) sees one reading.
-        self._groups: list[tuple[str, str, int, int]] = []
+        self._groups: list[tuple[str, str, int, int, float | None]] = []
         self._dead: int | None = None
         self._backlog: int | None = None
 
@@ -297,9 +332,12 @@ class StreamStats(Collector):
 
     async def refresh(self) -> None:
         readings = []
+        now_ms = await _redis_time_ms(self.redis)
         for stream, group in self.groups:
             lag, pending = await group_state(self.redis, stream, group)
-            readings.append((stream, group, lag, pending))
+            oldest = await oldest_unacknowledged(self.redis, stream, group)
+            age = None if oldest is None else max(now_ms - oldest, 0) / 1000
+            readings.append((stream, group, lag, pending, age))
         dead = int(await self.redis.xlen(self.dead_letters))
         self._groups, self._dead = readings, dead
 
@@ -330,11 +368,18 @@ class StreamStats(Collector):
             "Stream entries delivered to the consumer group and not yet acknowledged",
             labels=["stream", "group"],
         )
-        for stream, group, lag_value, pending_value in readings:
+        oldest = GaugeMetricFamily(
+            "imgpipe_stream_oldest_age_seconds",
+            "Age of the oldest entry the consumer group has not acknowledged (0: none)",
+            labels=["stream", "group"],
+        )
+        for stream, group, lag_value, pending_value, age in readings:
             lag.add_metric([stream, group], lag_value)
             pending.add_metric([stream, group], pending_value)
+            oldest.add_metric([stream, group], age or 0.0)
         yield lag
         yield pending
+        yield oldest
         if dead is not None:
             yield GaugeMetricFamily(
                 "imgpipe_dead_letter_entries", "Tasks in the dead-letter stream", value=dead
@@ -359,6 +404,30 @@ async def group_state(redis: aioredis.Redis, stream: str, group: str) -> tuple[i
     return int(await redis.xlen(stream)), 0
 
 
+async def oldest_unacknowledged(redis: aioredis.Redis, stream: str, group: str) -> int | None:
+    """When (ms since the epoch, from its entry id) the oldest entry of `stream` that `group`
+    has not acknowledged was added: the oldest pending one or the first not yet delivered.
+    None when there is none (or no such stream or group)."""
+    try:
+        groups: Any = await redis.xinfo_groups(stream)
+        summary: Any = await redis.xpending(stream, group)
+    except ResponseError:  # no such stream or group
+        return None
+    delivered = next((g["last-delivered-id"] for g in groups if _text(g["name"]) == group), None)
+    if delivered is None:
+        return None
+    ids = [_text(summary["min"])] if summary["pending"] else []
+    waiting: Any = await redis.xrange(stream, min=f"({_text(delivered)}", max="+", count=1)
+    ids += [_text(entry_id) for entry_id, _ in waiting]
+    return min((int(entry_id.split("-")[0]) for entry_id in ids), default=None)
+
+
+async def _redis_time_ms(redis: aioredis.Redis) -> int:
+    # Redis's clock, which stamped the entry ids: a skewed local clock cannot make ages up.
+    seconds, micros = await redis.time()
+    return int(seconds) * 1000 + int(micros) // 1000
+
+
 async def entries_after(redis: aioredis.Redis, stream: str, entry_id: str) -> int:
     """How many entries of `stream` come after `entry_id`, counted up to LAG_SCAN_LIMIT."""
     entries: Any = await redis.xrange(stream, min=f"({entry_id}", max="+", count=LAG_SCAN_LIMIT)
@@ -367,6 +436,46 @@ async def entries_after(redis: aioredis.Redis, stream: str, entry_id: str) -> in
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
+
+
+# ---------------------------------------------------------------- Postgres pool
+
+
+class PoolStats(Collector):
+    """The asyncpg pool's connections in use and idle, its maximum, and the callers waiting
+    for a connection, read at scrape time. `pool` needs `waiting` (BoundedWaitPool has it)."""
+
+    def __init__(self, pool: Any) -> None:
+        self.pool = pool
+
+    def collect(self) -> Iterable[Metric]:
+        size, idle = self.pool.get_size(), self.pool.get_idle_size()
+        connections = GaugeMetricFamily(
+            "imgpipe_db_pool_connections", "Postgres pool connections", labels=["state"]
+        )
+        connections.add_metric(["in_use"], size - idle)
+        connections.add_metric(["idle"], idle)
+        yield connections
+        yield GaugeMetricFamily(
+            "imgpipe_db_pool_max_connections",
+            "Connections the Postgres pool may open",
+            value=self.pool.get_max_size(),
+        )
+        yield GaugeMetricFamily(
+            "imgpipe_db_pool_waiting",
+            "Callers waiting for a Postgres pool connection",
+            value=self.pool.waiting,
+        )
+
+
+@contextlib.contextmanager
+def reporting(collector: Collector) -> Iterator[None]:
+    """`collector` is scraped while the block runs."""
+    REGISTRY.register(collector)
+    try:
+        yield
+    finally:
+        REGISTRY.unregister(collector)
 
 
 # ---------------------------------------------------------------- serving

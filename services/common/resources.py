@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
@@ -12,7 +13,7 @@ from typing import TypeVar
 import asyncpg
 import redis.asyncio as aioredis
 
-from services.common import failpoints, metrics
+from services.common import failpoints, metrics, telemetry
 from services.common.config import CommonSettings, ConfigError
 from services.common.db.pool import create_pool, migrate
 from services.common.dependencies import (
@@ -64,11 +65,13 @@ class Backends:
 async def open_backends(
     service: str, common: CommonSettings, *, pool_size: int = 10
 ) -> AsyncIterator[Backends]:
-    """Logging, /metrics (when IMGPIPE_METRICS_LISTEN is set), the Postgres pool (migrated)
-    and the Redis client, for the service's lifetime."""
+    """Logging, /metrics (when IMGPIPE_METRICS_LISTEN is set), traces (when imgpipe[otel] is
+    installed and OTEL_* asks), the Postgres pool (migrated) and the Redis client, for the
+    service's lifetime."""
     configure_logging(service, common.log_level)
     failpoints.arm(common.failpoints)
-    with metrics.serving(common.metrics_listen):
+    # The OTEL_* variables are the SDK's own (its exporters read them too), not imgpipe settings.
+    with metrics.serving(common.metrics_listen), telemetry.configure(service, os.environ):
         pool = await create_pool(
             common.database_url, max_size=pool_size, acquire_timeout=common.db_acquire_timeout
         )
@@ -77,7 +80,8 @@ async def open_backends(
             await migrate(pool)
             redis = aioredis.Redis.from_url(common.redis_url)
             try:
-                yield Backends(pool, redis, StreamNames(common.redis_prefix), probe_connection)
+                with metrics.reporting(metrics.PoolStats(pool)):
+                    yield Backends(pool, redis, StreamNames(common.redis_prefix), probe_connection)
             finally:
                 await redis.aclose()
         finally:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -46,6 +47,15 @@ def request_prefix(request_id: uuid.UUID | str) -> str:
 
 # Objects listed and deleted per round of delete_prefix.
 DELETE_BATCH = 1000
+
+
+_IMAGE_KEY = re.compile(r"requests/[0-9a-f-]{36}/images/\d+\.[a-z]+")
+
+
+def is_image_key(key: str) -> bool:
+    """Whether `key` names a stored output image: written once, never changed, unlike the
+    output CSV, which a retry renders again under the same key."""
+    return _IMAGE_KEY.fullmatch(key) is not None
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,6 +14,10 @@ processes. Each process's unit of work is one span:
 Because the header format and the metadata key are the standard ones, an OpenTelemetry-
 instrumented caller or proxy joins the same trace. `tracestate` is not forwarded.
 
+With OpenTelemetry on (services/common/telemetry.py registers a span source), the current span
+is OpenTelemetry's wherever one is current: what is logged, sent and written into messages is
+then the exported span, and the hand-written context only fills in outside any span.
+
 The current trace and request id live in context variables, so every log record made while
 handling a call, a task or an event carries `trace_id`, `span_id` and `request_id`
 (services/common/logging.py).
@@ -24,7 +28,7 @@ from __future__ import annotations
 import contextlib
 import re
 import secrets
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
@@ -107,15 +111,27 @@ def _new_span_id() -> str:
 
 _trace: ContextVar[TraceContext | None] = ContextVar("imgpipe_trace", default=None)
 _request_id: ContextVar[str | None] = ContextVar("imgpipe_request_id", default=None)
+_span_source: Callable[[], TraceContext | None] | None = None
+
+
+def use_span_source(source: Callable[[], TraceContext | None] | None) -> None:
+    """Take the current span from `source` (OpenTelemetry's) when it has one; None: stop."""
+    global _span_source
+    _span_source = source
+
+
+def source_span() -> TraceContext | None:
+    """The span current in the span source (OpenTelemetry's), if one is registered and has one."""
+    return _span_source() if _span_source is not None else None
 
 
 def current_trace() -> TraceContext | None:
-    return _trace.get()
+    return source_span() or _trace.get()
 
 
 def current_traceparent() -> str:
     """The current span as a `traceparent` value; '' outside any trace."""
-    trace = _trace.get()
+    trace = current_trace()
     return trace.traceparent if trace is not None else ""
 
 
@@ -159,7 +175,7 @@ def server_span(metadata: Sequence[tuple[str, Any]] | None) -> TraceContext:
 
 
 def _with_traceparent(details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
-    trace = _trace.get()
+    trace = current_trace()
     if trace is None:
         return details
     metadata = grpc.aio.Metadata(*(details.metadata or ()))

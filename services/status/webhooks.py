@@ -29,6 +29,7 @@ import os
 import random
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -41,7 +42,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from standardwebhooks.webhooks import EmptyWebhookSecretError, Webhook
 from yarl import URL
 
-from services.common import metrics, tracing
+from services.common import metrics, telemetry, tracing
 from services.common.config import ConfigError, WebhookSettings
 from services.common.db import queries
 from services.common.db import webhooks as db
@@ -80,6 +81,9 @@ POLL_INTERVAL = 1.0  # the longest the delivery loop sleeps without being woken
 LEASE_MARGIN = 30.0  # seconds a lease outlives the HTTP timeout
 JITTER = (0.8, 1.2)
 BACKOFF_MAX = 10.0
+# Events whose trace an attempt continues, remembered by the replica that scheduled them: the
+# delivery rows keep no trace context, so an attempt after a restart starts a trace of its own.
+TRACES_KEPT = 10_000
 # A Retry-After is honoured up to the largest schedule step, and never capped below this.
 RETRY_AFTER_FLOOR = 60.0
 
@@ -127,6 +131,7 @@ class WebhookDispatcher:
         self._limiter = Limiter(redis, names, pool)
         # Set when an attempt is scheduled or finishes, so the delivery loop looks at once.
         self._wake = asyncio.Event()
+        self._traces: OrderedDict[str, str] = OrderedDict()  # event id -> traceparent
 
     # ------------------------------------------------------------------ events
 
@@ -163,9 +168,20 @@ class WebhookDispatcher:
         event = _event(entry)
         if event is None or event.type != request_pb2.REQUEST_EVENT_TYPE_FINISHED:
             return True
-        # Its log lines join the trace of the work that finished the request.
-        with tracing.bound(tracing.continue_trace(event.traceparent), event.request_id):
+        # Its log lines (and its span, with OpenTelemetry) join the trace of the work that
+        # finished the request; the attempts continue this span.
+        with (
+            tracing.bound(tracing.continue_trace(event.traceparent), event.request_id),
+            telemetry.span("schedule webhook", parent=event.traceparent, kind="consumer"),
+        ):
+            self._remember_trace(event.event_id, tracing.current_traceparent())
             return await self._schedule_finished(event)
+
+    def _remember_trace(self, event_id: str, traceparent: str) -> None:
+        self._traces[event_id] = traceparent
+        self._traces.move_to_end(event_id)
+        while len(self._traces) > TRACES_KEPT:
+            self._traces.popitem(last=False)
 
     async def _schedule_finished(self, event: request_pb2.RequestEvent) -> bool:
         try:
@@ -300,7 +316,18 @@ class WebhookDispatcher:
         return self.secrets.of(state or db.SecretGeneration("", 1, None, False, None))
 
     async def _deliver(self, delivery: db.DeliveryRow, secret: OwnerSecret) -> None:
-        tracing.set_request_id(str(delivery.request_id))  # a task of its own: see run_deliveries
+        # A task of its own (see run_deliveries): these values are seen by this attempt alone.
+        traceparent = self._traces.get(delivery.event_id, "")
+        tracing.set_trace(tracing.continue_trace(traceparent))
+        tracing.set_request_id(str(delivery.request_id))
+        attributes: dict[str, str | int] = {
+            "imgpipe.event_id": delivery.event_id,
+            "imgpipe.attempt": delivery.attempt,
+        }
+        with telemetry.span("deliver webhook", parent=traceparent, attributes=attributes):
+            await self._attempt(delivery, secret)
+
+    async def _attempt(self, delivery: db.DeliveryRow, secret: OwnerSecret) -> None:
         try:
             outcome = await self._send(delivery, secret)
             metrics.WEBHOOK_ATTEMPTS.labels(outcome.result).inc()

@@ -43,8 +43,8 @@ async def main(settings: WorkerSettings) -> None:
                 executor=executor,
                 image_limits=settings.image_limits,
                 retry=settings.retry,
-                buffers=ByteBudget(settings.buffer_bytes),
-                pixels=PixelBudget(settings.pixel_budget),
+                buffers=ByteBudget(settings.buffer_bytes, metrics.budget_waited("bytes")),
+                pixels=PixelBudget(settings.pixel_budget, metrics.budget_waited("pixels")),
             )
             consumer = TaskConsumer(backends.redis, backends.names, settings.consumer_name)
             policy = ConsumePolicy(

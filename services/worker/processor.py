@@ -19,7 +19,7 @@ import asyncpg
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from services.common import metrics
+from services.common import metrics, telemetry
 from services.common import storage as keys
 from services.common.budget import (
     DEFAULT_BUFFER_BYTES,
@@ -30,7 +30,7 @@ from services.common.budget import (
 )
 from services.common.db import queries
 from services.common.fetch import Reserve
-from services.common.imaging import ImageLimits, compress
+from services.common.imaging import Compressed, ImageLimits, compress
 from services.common.outcome import ImageFailure, OutcomeCode, RetryPolicy
 from services.common.pb.imgpipe.v1 import task_pb2
 from services.common.proto_convert import finished_event, from_proto, progress_event
@@ -143,12 +143,23 @@ class Processor:
                 raise ImageFailure(OutcomeCode.INTERNAL, f"{type(exc).__name__}: {exc}") from exc
             bytes_in = len(data)
             del data  # the lease ends here, and so does the input
+        _record_compress_spans(result, time.time_ns())
         metrics.STAGE_SECONDS.labels("decode").observe(result.decode_seconds)
         metrics.STAGE_SECONDS.labels("encode").observe(result.encode_seconds)
         key = keys.image_key(request_id, task.image_id, result.extension)
         started = time.perf_counter()
-        await self.storage.put(key, result.data, result.content_type)
+        with telemetry.span("store", attributes={"imgpipe.bytes": len(result.data)}):
+            await self.storage.put(key, result.data, result.content_type)
         metrics.STAGE_SECONDS.labels("store").observe(time.perf_counter() - started)
+        with telemetry.span("record"):
+            counters = await self._record_done(task, key, bytes_in, result)
+        if counters is not None:  # None: another delivery recorded it first
+            metrics.image_done(bytes_in, len(result.data))
+        return counters
+
+    async def _record_done(
+        self, task: task_pb2.ImageTask, key: str, bytes_in: int, result: Compressed
+    ) -> queries.Counters | None:
         async with self.pool.acquire() as conn:
             counters = await queries.record_image_done(
                 conn,
@@ -163,10 +174,8 @@ class Processor:
                 quality=result.quality,
                 note=result.note,
             )
-            state = None if counters else await queries.image_status(conn, task.image_id)
-        if counters is not None:  # None: another delivery recorded it first
-            metrics.image_done(bytes_in, len(result.data))
-        elif state is None:
+            gone = counters is None and await queries.image_status(conn, task.image_id) is None
+        if gone:
             # The request was deleted while this image was in flight: the delete listed the
             # store before this output was written, so it is this task's to remove.
             await self.storage.delete([key])
@@ -183,7 +192,8 @@ class Processor:
         while True:
             started, waited = time.perf_counter(), lease.waited
             try:
-                data = await self.fetch(task.input_url, reserve=lease.reserve)
+                with telemetry.span("fetch", attributes={"url.full": task.input_url}):
+                    data = await self.fetch(task.input_url, reserve=lease.reserve)
             except ImageFailure as failure:
                 lease.release()  # nothing is held while waiting to try again
                 if not failure.sent and waits < self.retry.max_cooldown_waits:
@@ -222,6 +232,10 @@ class Processor:
     async def finish_if_complete(self, request_id: uuid.UUID) -> None:
         """Finish a request whose images are all final: render the output CSV, mark it
         Completed or Failed, publish request.finished. Safe to call any number of times."""
+        with telemetry.span("finish request"):
+            await self._finish_if_complete(request_id)
+
+    async def _finish_if_complete(self, request_id: uuid.UUID) -> None:
         async with self.pool.acquire() as conn:
             counters = await queries.counters(conn, request_id)
             if counters is None or not counters.all_final:
@@ -234,6 +248,9 @@ class Processor:
             finished = await queries.finish_request(conn, request_id, output_csv_key=csv_key)
         if finished is None:
             return  # another worker finished it first
+        if finished.completed_at is not None:
+            seconds = (finished.completed_at - finished.created_at).total_seconds()
+            metrics.request_finished(finished.status, seconds)
         log.info(
             "request finished", extra={"request_id": str(request_id), "status": finished.status}
         )
@@ -267,3 +284,13 @@ class Processor:
             if counters.all_final:
                 await self.finish_if_complete(counters.request_id)
         return code, message
+
+
+def _record_compress_spans(result: Compressed, ended_ns: int) -> None:
+    """The decode and encode spans of a compress that ended at `ended_ns`, from its timings (the
+    thread that ran it has no span of its own); time waiting for the pixel budget is left out."""
+    encode_began = ended_ns - int(result.encode_seconds * 1e9)
+    telemetry.record_span("decode", encode_began - int(result.decode_seconds * 1e9), encode_began)
+    telemetry.record_span(
+        "encode", encode_began, ended_ns, {"imgpipe.format": str(result.format.value)}
+    )

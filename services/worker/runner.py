@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from redis.exceptions import RedisError
 
-from services.common import tracing
+from services.common import telemetry, tracing
 from services.common.dependencies import DependencyMonitor
 from services.common.errors import BACKEND_ERRORS
 from services.common.grpc_server import wait_or_stop
@@ -115,35 +115,43 @@ async def _handle(
     # upload started, continued by this span.
     tracing.set_trace(tracing.continue_trace(task.traceparent))
     tracing.set_request_id(task.request_id)
-    for outage in range(OUTAGE_RETRIES):
-        try:
-            if delivery.deliveries > policy.max_deliveries:
-                code, message = await processor.give_up(task, delivery.deliveries)
-                await consumer.dead_letter(delivery, code, message)
-                log.error(
-                    "task dead-lettered",
-                    extra={"image_id": task.image_id, "deliveries": delivery.deliveries},
+    # With OpenTelemetry, the span of this task: a child of the upload's span, across the stream.
+    attributes: dict[str, str | int] = {
+        "imgpipe.request_id": task.request_id,
+        "imgpipe.image_id": task.image_id,
+    }
+    with telemetry.span(
+        "process image", parent=task.traceparent, kind="consumer", attributes=attributes
+    ):
+        for outage in range(OUTAGE_RETRIES):
+            try:
+                if delivery.deliveries > policy.max_deliveries:
+                    code, message = await processor.give_up(task, delivery.deliveries)
+                    await consumer.dead_letter(delivery, code, message)
+                    log.error(
+                        "task dead-lettered",
+                        extra={"image_id": task.image_id, "deliveries": delivery.deliveries},
+                    )
+                else:
+                    await processor.process(task, delivery.deliveries)
+                    await consumer.ack([delivery.entry_id])
+                return
+            except asyncio.CancelledError:
+                raise
+            except BACKEND_ERRORS as exc:
+                # Postgres, Redis or storage failed: nothing is acknowledged. Pause the worker,
+                # wait for the dependencies, then try this task again.
+                log.warning(
+                    "backend failed; task kept and retried",
+                    extra={"image_id": task.image_id, "error": repr(exc), "outage_retry": outage},
                 )
-            else:
-                await processor.process(task, delivery.deliveries)
-                await consumer.ack([delivery.entry_id])
-            return
-        except asyncio.CancelledError:
-            raise
-        except BACKEND_ERRORS as exc:
-            # Postgres, Redis or storage failed: nothing is acknowledged. Pause the worker,
-            # wait for the dependencies, then try this task again.
-            log.warning(
-                "backend failed; task kept and retried",
-                extra={"image_id": task.image_id, "error": repr(exc), "outage_retry": outage},
-            )
-            monitor.report_failure()
-            await wait_or_stop(stop, min(BACKOFF_MAX, 0.2 * 2**outage))
-            if stop.is_set() or not await monitor.wait_healthy(stop):
-                return  # released: the entry stays pending and is delivered again
-        except Exception:
-            log.exception(
-                "task failed unexpectedly; left pending",
-                extra={"image_id": task.image_id, "entry_id": delivery.entry_id},
-            )
-            return
+                monitor.report_failure()
+                await wait_or_stop(stop, min(BACKOFF_MAX, 0.2 * 2**outage))
+                if stop.is_set() or not await monitor.wait_healthy(stop):
+                    return  # released: the entry stays pending and is delivered again
+            except Exception:
+                log.exception(
+                    "task failed unexpectedly; left pending",
+                    extra={"image_id": task.image_id, "entry_id": delivery.entry_id},
+                )
+                return

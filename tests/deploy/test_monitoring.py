@@ -24,6 +24,10 @@ COUNTERS_AND_GAUGES = {
     "imgpipe_stream_pending": {"stream", "group"},
     "imgpipe_dead_letter_entries": set(),
     "imgpipe_backlog_images": set(),
+    "imgpipe_stream_oldest_age_seconds": {"stream", "group"},
+    "imgpipe_db_pool_connections": {"state"},
+    "imgpipe_db_pool_max_connections": set(),
+    "imgpipe_db_pool_waiting": set(),
     "imgpipe_webhook_attempts_total": {"result"},
     "imgpipe_retention_requests_deleted_total": set(),
     "imgpipe_retention_bytes_deleted_total": set(),
@@ -32,6 +36,8 @@ COUNTERS_AND_GAUGES = {
 }
 HISTOGRAMS = {
     "imgpipe_stage_duration_seconds": {"stage"},
+    "imgpipe_request_duration_seconds": {"status"},
+    "imgpipe_budget_wait_seconds": {"budget"},
     "grpc_server_handling_seconds": {"grpc_service", "grpc_method"},
     "http_request_duration_seconds": {"method", "route"},
 }

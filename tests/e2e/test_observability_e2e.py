@@ -126,6 +126,13 @@ async def test_metrics_of_every_process_and_one_trace_across_the_stack(
             bytes_out = value(worker, "imgpipe_image_bytes_total", direction="out")
             assert bytes_in == status["progress"]["bytes_in"] > 0
             assert bytes_out == status["progress"]["bytes_out"] > 0
+            # Accepted to final, once per request; every download and decode took a budget.
+            assert value(worker, "imgpipe_request_duration_seconds_count", status="Completed") == 1
+            assert value(worker, "imgpipe_request_duration_seconds_sum", status="Completed") > 0
+            assert value(worker, "imgpipe_budget_wait_seconds_count", budget="bytes") >= 2
+            assert value(worker, "imgpipe_budget_wait_seconds_count", budget="pixels") == 2
+            assert value(worker, "imgpipe_db_pool_max_connections") > 0
+            assert value(worker, "imgpipe_db_pool_waiting") == 0
 
             gateway = await scrape(http, ports["gateway"])
             upload = {"method": "POST", "route": "/upload", "status": "202"}
@@ -161,6 +168,10 @@ async def test_metrics_of_every_process_and_one_trace_across_the_stack(
                 ("imgpipe_stream_lag", "webhooks"),
                 ("imgpipe_stream_pending", "webhooks"),
                 ("imgpipe_dead_letter_entries", None),
+                ("imgpipe_stream_oldest_age_seconds", "workers"),
+                ("imgpipe_stream_oldest_age_seconds", "webhooks"),
+                ("imgpipe_db_pool_connections", None),
+                ("imgpipe_db_pool_waiting", None),
             } <= gauges
 
     # --- one trace id, with the request id, in the logs of every service that handled it

@@ -31,26 +31,33 @@ class BoundedWaitPool(asyncpg.Pool):
     def __init__(self, *args: Any, acquire_timeout: float, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.acquire_timeout = acquire_timeout
+        self.waiting = 0  # callers in acquire() right now (imgpipe_db_pool_waiting)
 
     def acquire(self, *, timeout: float | None = None) -> Any:
         return _BusyIsUnavailable(
             super().acquire(timeout=self.acquire_timeout if timeout is None else timeout),
             self.acquire_timeout if timeout is None else timeout,
+            self,
         )
 
 
 class _BusyIsUnavailable:
-    """`PoolAcquireContext`, awaited or entered, with its timeout raised as BackendBusy."""
+    """`PoolAcquireContext`, awaited or entered, with its timeout raised as BackendBusy, and
+    counted in the pool's `waiting` while it waits."""
 
-    def __init__(self, inner: PoolAcquireContext, timeout: float) -> None:
+    def __init__(self, inner: PoolAcquireContext, timeout: float, pool: BoundedWaitPool) -> None:
         self._inner = inner
         self._timeout = timeout
+        self._pool = pool
 
     async def __aenter__(self) -> Any:
+        self._pool.waiting += 1
         try:
             return await self._inner.__aenter__()
         except TimeoutError:
             raise self._busy() from None
+        finally:
+            self._pool.waiting -= 1
 
     async def __aexit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
@@ -61,10 +68,13 @@ class _BusyIsUnavailable:
         return self._acquired().__await__()
 
     async def _acquired(self) -> Any:
+        self._pool.waiting += 1
         try:
             return await self._inner
         except TimeoutError:
             raise self._busy() from None
+        finally:
+            self._pool.waiting -= 1
 
     def _busy(self) -> BackendBusy:
         return BackendBusy(
