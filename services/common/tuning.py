@@ -71,8 +71,7 @@ def choose(
 ) -> Choice:
     """The encoding of `img` (normalised for `output`, or for WebP under auto) that the goal
     asks for, with its measured SSIM. `source_bytes` is the size `target_ratio` applies to."""
-    reference = quality.luminance(img)
-    trial = _Trial(img, reference, effort)
+    trial = _Trial(img, effort)
     if output in AUTO_CANDIDATES:
         return trial.smallest_at_equal_ssim(AUTO_CANDIDATES[output], requested)
     if output is OutputFormat.PNG:
@@ -147,16 +146,17 @@ def measure_ssim(reference: np.ndarray, data: bytes) -> float:
         # 1/4 scaled IDCTs are not box means, and against a box-reduced reference they cost
         # up to 0.025 SSIM on a sharp photo (docs/quality.md). Other formats ignore draft().
         decoded.draft("L", None)
-        return quality.ssim(reference, quality.luminance(decoded, (width, height)))
+        measured = quality.luminance(decoded, (width, height))
+        return quality.ssim(reference, measured, sampled=True)
 
 
 class _Trial:
     """Encodes of one image, each measured once and remembered by (format, quality)."""
 
-    def __init__(self, img: Image.Image, reference: np.ndarray, effort: Effort) -> None:
+    def __init__(self, img: Image.Image, effort: Effort) -> None:
         self.img = img
-        self.reference = reference
         self.effort = effort
+        self._reference: np.ndarray | None = None  # the source's luma, once a lossy output needs it
         self.tried: dict[tuple[OutputFormat, int], Choice] = {}
         self._pixels: dict[OutputFormat, Image.Image] = {}
 
@@ -167,9 +167,14 @@ class _Trial:
                 self._pixels[output] = for_output(self.img, output)
             data = encode(self._pixels[output], output, q, self.effort)
             lossless = output is OutputFormat.PNG
-            measured = 1.0 if lossless else measure_ssim(self.reference, data)
+            measured = 1.0 if lossless else measure_ssim(self.reference(), data)
             self.tried[key] = Choice(data, output, q, measured)
         return self.tried[key]
+
+    def reference(self) -> np.ndarray:
+        if self._reference is None:
+            self._reference = quality.luminance(self.img)
+        return self._reference
 
     def choice(self, picked: Choice, note: str = "") -> Choice:
         encodes = len(self.tried)

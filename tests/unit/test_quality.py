@@ -16,7 +16,7 @@ from services.common import tuning
 from services.common.imaging import Compressed, ImageOptions, OutputFormat, compress
 from services.common.pb.imgpipe.v1 import task_pb2
 from services.common.proto_convert import from_json, from_proto, to_json, to_proto
-from services.common.quality import luminance, ssim
+from services.common.quality import SAMPLED_AGREEMENT, luminance, ssim
 from services.common.quality_search import search
 from tests import photos
 
@@ -79,6 +79,25 @@ def test_ssim_agrees_with_scikit_image_at_every_shape_after_larger_ones() -> Non
         b = np.clip(a + rng.normal(0, 25, shape), 0, 255).round()
         expected = structural_similarity(a, b, data_range=255)
         assert ssim(a, b) == pytest.approx(expected, abs=1e-5), shape
+
+
+@pytest.mark.parametrize("long_side", [600, 1200])
+def test_sampled_ssim_agrees_with_the_full_mean_on_every_photo(long_side: int) -> None:
+    # The hot path measures a seventh of the windows (every 7th row): on each photograph and
+    # at low, middle and high quality it must stay within SAMPLED_AGREEMENT of all of them.
+    worst = 0.0
+    for index in range(len(photos.PHOTOS)):
+        img = photos.variant(index, long_side)
+        reference = luminance(img)
+        for output, quality in (("JPEG", 30), ("JPEG", 75), ("WEBP", 50)):
+            out = io.BytesIO()
+            img.save(out, output, quality=quality)
+            other = luminance(Image.open(out), reference.shape[::-1])
+            full = ssim(reference, other)
+            worst = max(worst, abs(ssim(reference, other, sampled=True) - full))
+            assert full < 0.999  # a real difference to estimate
+    assert worst <= SAMPLED_AGREEMENT
+    assert worst > 0  # it is an estimate: a zero would mean both paths are the same
 
 
 def test_ssim_of_identical_images_is_one_and_of_unrelated_ones_low() -> None:
