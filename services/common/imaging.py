@@ -167,7 +167,9 @@ class Compressed:
     content_type: str  # image/jpeg ...
     extension: str  # "jpg", "webp", "png", "avif"
     kept_source: bool  # True when the never-larger rule kept the source bytes
-    ssim: float = 1.0  # against the normalised, resized source (services/common/quality.py)
+    # Against the normalised, resized source (services/common/quality.py); None when not
+    # measured (effort=fast without a goal that needs it).
+    ssim: float | None = 1.0
     quality: int = 0  # the quality setting used; 0 for PNG and for the source's own bytes
     note: str = ""  # "TARGET_NOT_MET" when target_ratio or min_ssim could not be reached
     encodes: int = 0  # how many encodes choosing the output took
@@ -191,7 +193,8 @@ def compress(
     (kept for WebP and PNG), takes the first frame of animations and drops all metadata.
     The encoding (quality, and format under auto) is chosen by services/common/tuning.py as
     `target_ratio`, `min_ssim` or `format` ask, and its SSIM against the normalised, resized
-    image is measured (`ssim`, `quality`, `note` of the result).
+    image is measured (`ssim`, `quality`, `note` of the result; `ssim` is None under
+    `effort=fast` unless `min_ssim` or auto needed it).
     When the source is already in the output format, needs no pixel change and is smaller than
     the new encoding, its own bytes are returned with metadata removed (`kept_source=True`).
 

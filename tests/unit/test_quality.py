@@ -13,6 +13,7 @@ from PIL import Image
 from skimage.metrics import structural_similarity
 
 from services.common import tuning
+from services.common.encoders import Effort
 from services.common.imaging import Compressed, ImageOptions, OutputFormat, compress
 from services.common.pb.imgpipe.v1 import task_pb2
 from services.common.proto_convert import from_json, from_proto, to_json, to_proto
@@ -44,6 +45,17 @@ def encodes(monkeypatch: pytest.MonkeyPatch) -> list[tuple[OutputFormat, int]]:
 
     monkeypatch.setattr(tuning, "encode", counting)
     return calls
+
+
+def ssim_of(result: Compressed) -> float:
+    assert result.ssim is not None  # every output is measured at the default effort
+    return result.ssim
+
+
+def decoded_source(data: bytes) -> Image.Image:
+    img = Image.open(io.BytesIO(data))
+    img.load()
+    return img
 
 
 def decoded(result: Compressed) -> Image.Image:
@@ -134,12 +146,41 @@ def test_ssim_is_in_range_and_rises_with_quality_on_every_photo(
 ) -> None:
     for index, source in enumerate(corpus):
         measured = [
-            compress(source, ImageOptions(format=output, quality=q)).ssim for q in (20, 50, 80, 95)
+            ssim_of(compress(source, ImageOptions(format=output, quality=q)))
+            for q in (20, 50, 80, 95)
         ]
         assert all(0.5 < s <= 1.0 for s in measured), (index, measured)
         # Strictly rising over steps of 15-30 quality points (a re-compressed JPEG's SSIM may
         # dip by a little between neighbouring qualities; see quality_search.py).
         assert measured == sorted(measured) and len(set(measured)) == 4, (index, measured)
+
+
+def test_effort_fast_measures_ssim_only_where_the_choice_needs_it(corpus: list[bytes]) -> None:
+    fast = Effort.FAST
+    assert compress(corpus[0], ImageOptions(effort=fast)).ssim is None
+    assert compress(corpus[0], ImageOptions(effort=fast, target_ratio=0.5)).ssim is None
+    assert compress(corpus[0], ImageOptions(format=OutputFormat.PNG, effort=fast)).ssim == 1.0
+    # min_ssim and auto choose by SSIM, so they measure it at every effort.
+    assert ssim_of(compress(corpus[0], ImageOptions(effort=fast, min_ssim=0.95))) >= 0.95
+    auto = ImageOptions(format=OutputFormat.AUTO, effort=fast)
+    assert 0.9 < ssim_of(compress(corpus[0], auto)) < 1
+    assert 0.9 < ssim_of(compress(corpus[0], ImageOptions(effort=Effort.BALANCED))) < 1
+
+
+def test_a_size_target_measures_the_ssim_of_the_output_it_keeps_only(
+    corpus: list[bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    measured: list[bytes] = []
+    real = tuning.measure_ssim
+
+    def counting(reference: np.ndarray, data: bytes) -> float:
+        measured.append(data)
+        return real(reference, data)
+
+    monkeypatch.setattr(tuning, "measure_ssim", counting)
+    result = compress(corpus[1], ImageOptions(target_ratio=0.5))
+    assert result.encodes > 1 and measured == [result.data]
+    assert result.ssim == real(luminance(decoded_source(corpus[1])), result.data)
 
 
 def test_png_is_lossless_and_says_so(corpus: list[bytes]) -> None:
@@ -221,10 +262,10 @@ def test_min_ssim_is_met_with_the_lowest_quality_tried(
         result = compress(source, ImageOptions(min_ssim=0.95))
         assert len(encodes) <= tuning.MAX_ENCODES
         assert result.note == ""
-        assert result.ssim >= 0.95
+        assert ssim_of(result) >= 0.95
         below = [q for _, q in encodes if q < result.quality]
         for q in below:  # every lower quality tried missed it
-            assert compress(source, ImageOptions(quality=q)).ssim < 0.95
+            assert ssim_of(compress(source, ImageOptions(quality=q))) < 0.95
 
 
 def test_min_ssim_that_even_quality_95_misses_is_flagged(
@@ -249,7 +290,7 @@ def test_avif_output_decodes_to_the_right_size(corpus: list[bytes]) -> None:
     img = decoded(result)
     assert img.format == "AVIF"
     assert img.size == (result.width, result.height)
-    assert 0.8 < result.ssim < 1.0  # photo 3 is the Hubble deep field: dark noise
+    assert 0.8 < ssim_of(result) < 1.0  # photo 3 is the Hubble deep field: dark noise
     assert len(result.data) < len(corpus[3]) / 3
 
 
@@ -278,7 +319,7 @@ def test_auto_picks_the_smallest_at_the_ssim_of_jpeg(
         candidates = len(tuning.AUTO_CANDIDATES[output])
         assert len(encodes) <= 1 + (candidates - 1) * (tuning.MAX_ENCODES - 1)
         assert encodes[0] == (OutputFormat.JPEG, 50)
-        assert result.ssim >= jpeg.ssim
+        assert ssim_of(result) >= ssim_of(jpeg)
         assert len(result.data) <= len(jpeg.data)
         assert decoded(result).format == result.format.value.upper()
         assert result.extension == {"jpeg": "jpg"}.get(result.format, result.format.value)
