@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
 import io
 import struct
 import zlib
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from PIL import ExifTags, Image, ImageChops, ImageCms, ImageStat
 from PIL.PngImagePlugin import PngInfo
 
-from services.common.budget import PixelBudget
 from services.common.imaging import (
     Compressed,
     ImageLimits,
@@ -570,39 +567,6 @@ def test_large_jpeg_downscale_uses_shrink_on_load_and_keeps_the_picture() -> Non
     assert out.size == (160, 120)
     assert close_to(out.getpixel((20, 60)), RED)
     assert close_to(out.getpixel((140, 60)), BLUE)
-
-
-class _RecordingBudget(PixelBudget):
-    """A real pixel budget that also remembers what each image reserved: the pixels it was
-    decoded at."""
-
-    def __init__(self) -> None:
-        super().__init__(10**9)
-        self.reserved: list[int] = []
-
-    @contextlib.contextmanager
-    def reserve(self, pixels: int) -> Iterator[None]:
-        self.reserved.append(pixels)
-        with super().reserve(pixels):
-            yield
-
-
-@pytest.mark.parametrize(
-    ("options", "decoded_at", "output"),
-    [
-        (ImageOptions(scale=0.5), (800, 600), (800, 600)),
-        (ImageOptions(max_width=400), (400, 300), (400, 300)),
-        (ImageOptions(max_height=250), (400, 300), (333, 250)),
-        (ImageOptions(scale=0.9), (1600, 1200), (1440, 1080)),  # no DCT scale fits: full size
-    ],
-)
-def test_jpeg_downscales_decode_at_the_dct_scale_that_still_covers_the_target(
-    options: ImageOptions, decoded_at: tuple[int, int], output: tuple[int, int]
-) -> None:
-    budget = _RecordingBudget()
-    result = compress(encode(photo((1600, 1200)), "JPEG", quality=90), options, budget=budget)
-    assert budget.reserved == [decoded_at[0] * decoded_at[1]]
-    assert (result.width, result.height) == output
 
 
 def test_webp_output_is_fitted_into_the_encoder_limit() -> None:
