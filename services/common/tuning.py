@@ -14,7 +14,7 @@ Four ways to pick the encoding, each with a bounded number of encodes:
 
 The SSIM of every output against the image it encodes is measured
 (services/common/quality.py), except under `effort=fast` where the choice does not need it:
-there the encode is the whole cost, and measuring would add more than half of it again.
+one measurement costs about two JPEG encodes (docs/quality.md), and fast is for throughput.
 """
 
 from __future__ import annotations
