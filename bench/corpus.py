@@ -22,6 +22,8 @@ from typing import Any
 from PIL import Image
 
 from bench.pipeline import log
+from services.common import quality
+from services.common.tuning import measure_ssim
 from tests import photos
 from tests.origin import ImageOrigin
 
@@ -68,12 +70,16 @@ def _generate(folder: str, size: tuple[int, int], seed: int) -> str:
     return str(path)
 
 
-def encode(settings: Mapping[str, Any], path: str) -> int:
-    """Decode, RGB, JPEG with `settings` (Pillow save() arguments); the output's bytes."""
+def encode(settings: Mapping[str, Any], measure: bool, path: str) -> int:
+    """Decode, RGB, JPEG with `settings` (Pillow save() arguments); the output's bytes. With
+    `measure`, also the output's SSIM against the source, as the worker measures it."""
     data = Path(path).read_bytes()  # from the page cache: microseconds against milliseconds
     with Image.open(io.BytesIO(data)) as image:
         out = io.BytesIO()
-        image.convert("RGB").save(out, "JPEG", **settings)
+        rgb = image.convert("RGB")
+        rgb.save(out, "JPEG", **settings)
+        if measure:
+            measure_ssim(quality.luminance(rgb), out.getvalue())
         return out.tell()
 
 
@@ -90,17 +96,21 @@ class PillowRun:
 
 
 def pillow_loop(
-    paths: list[Path], processes: int, settings: Mapping[str, Any] = PLAIN
+    paths: list[Path],
+    processes: int,
+    settings: Mapping[str, Any] = PLAIN,
+    *,
+    measure_ssim: bool = False,
 ) -> PillowRun:
-    """The Pillow loop over `paths` in `processes` processes, saving with `settings`:
-    throughput, CPU cost and bytes.
+    """The Pillow loop over `paths` in `processes` processes, saving with `settings` (and
+    measuring each output's SSIM with `measure_ssim`): throughput, CPU cost and bytes.
 
     Must not overlap with other child processes ending: their CPU time would count too.
     """
     names = [str(p) for p in paths]
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
     with ProcessPoolExecutor(processes) as pool:
-        one = partial(encode, dict(settings))
+        one = partial(encode, dict(settings), measure_ssim)
         list(pool.map(one, names[:processes]))  # start and warm the workers
         started = time.perf_counter()
         output = sum(pool.map(one, names, chunksize=4))

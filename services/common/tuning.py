@@ -12,11 +12,14 @@ Four ways to pick the encoding, each with a bounded number of encodes:
   search for the lowest quality that reaches it, at most MAX_ENCODES - 1 encodes each; the
   smallest file that reaches it wins (JPEG itself when none beats it).
 
-Every output's SSIM against the image it encodes is measured (services/common/quality.py).
+The SSIM of every output against the image it encodes is measured
+(services/common/quality.py), except under `effort=fast` where the choice does not need it:
+one measurement costs about two JPEG encodes (docs/quality.md), and fast is for throughput.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 from collections.abc import Callable
@@ -54,7 +57,7 @@ class Choice:
     data: bytes
     format: OutputFormat  # a concrete format, never AUTO
     quality: int  # the quality setting used; 0 for lossless PNG
-    ssim: float  # against the normalised, resized source (1.0 for PNG)
+    ssim: float | None  # against the normalised, resized source (1.0 for PNG); None: not measured
     note: str = ""  # TARGET_NOT_MET when the size or SSIM goal could not be reached
     encodes: int = 1
 
@@ -70,9 +73,11 @@ def choose(
     source_bytes: int = 0,
 ) -> Choice:
     """The encoding of `img` (normalised for `output`, or for WebP under auto) that the goal
-    asks for, with its measured SSIM. `source_bytes` is the size `target_ratio` applies to."""
-    reference = quality.luminance(img)
-    trial = _Trial(img, reference, effort)
+    asks for, with its measured SSIM. `source_bytes` is the size `target_ratio` applies to.
+
+    `effort=fast` measures SSIM only where the choice depends on it (`min_ssim`, auto); its
+    other outputs have `ssim` None: not measured. PNG is lossless, SSIM 1.0 unmeasured."""
+    trial = _Trial(img, effort, measure=effort is not Effort.FAST)
     if output in AUTO_CANDIDATES:
         return trial.smallest_at_equal_ssim(AUTO_CANDIDATES[output], requested)
     if output is OutputFormat.PNG:
@@ -80,15 +85,29 @@ def choose(
     if not (target_ratio or min_ssim):
         return trial.choice(trial.attempt(output, requested))
     # The size goal keeps the highest quality small enough, else the smallest file; the SSIM
-    # goal the lowest quality good enough, else the best SSIM.
+    # goal the lowest quality good enough, else the best SSIM. Only the SSIM goal measures
+    # every probe; the size goal measures the one it keeps.
     if target_ratio:
-        measure, goal = _size, log_bytes(math.floor(target_ratio * source_bytes))
-        highest, slope, best_miss = True, SIZE_SLOPE, lambda c: -len(c.data)
+        goal = log_bytes(math.floor(target_ratio * source_bytes))
+        highest, slope = True, SIZE_SLOPE
+
+        def measure(q: int) -> float:
+            return log_bytes(len(trial.attempt(output, q).data))
+
+        def best_miss(c: Choice) -> float:
+            return -len(c.data)
     else:
-        measure, goal = _scaled_ssim, ssim_scale(min_ssim)
-        highest, slope, best_miss = False, SSIM_SLOPE, lambda c: c.ssim
+        goal = ssim_scale(min_ssim)
+        highest, slope = False, SSIM_SLOPE
+
+        def measure(q: int) -> float:
+            return trial.scaled_ssim(output, q)
+
+        def best_miss(c: Choice) -> float:
+            return trial.ssim(c.format, c.quality)
+
     found = search(
-        lambda q: measure(trial.attempt(output, q)),
+        measure,
         goal,
         highest=highest,
         low=QUALITY_FLOOR,
@@ -98,14 +117,6 @@ def choose(
         budget=MAX_ENCODES,
     )
     return trial.pick(output, found, best_miss=best_miss)
-
-
-def _size(choice: Choice) -> float:
-    return log_bytes(len(choice.data))
-
-
-def _scaled_ssim(choice: Choice) -> float:
-    return ssim_scale(choice.ssim)
 
 
 def encode(img: Image.Image, output: OutputFormat, quality: int, effort: Effort) -> bytes:
@@ -147,33 +158,52 @@ def measure_ssim(reference: np.ndarray, data: bytes) -> float:
         # 1/4 scaled IDCTs are not box means, and against a box-reduced reference they cost
         # up to 0.025 SSIM on a sharp photo (docs/quality.md). Other formats ignore draft().
         decoded.draft("L", None)
-        return quality.ssim(reference, quality.luminance(decoded, (width, height)))
+        measured = quality.luminance(decoded, (width, height))
+        return quality.ssim(reference, measured, sampled=True)
 
 
 class _Trial:
-    """Encodes of one image, each measured once and remembered by (format, quality)."""
+    """Encodes of one image, each encoded once and measured at most once, remembered by
+    (format, quality)."""
 
-    def __init__(self, img: Image.Image, reference: np.ndarray, effort: Effort) -> None:
+    def __init__(self, img: Image.Image, effort: Effort, *, measure: bool) -> None:
         self.img = img
-        self.reference = reference
         self.effort = effort
+        self.measure = measure  # measure the SSIM of the chosen output
         self.tried: dict[tuple[OutputFormat, int], Choice] = {}
         self._pixels: dict[OutputFormat, Image.Image] = {}
+        self._reference: np.ndarray | None = None  # the source's luma, once an SSIM needs it
 
     def attempt(self, output: OutputFormat, q: int) -> Choice:
+        """The encoding at `q`; its `ssim` is None until `ssim` measures it (1.0 for PNG)."""
         key = (output, q)
         if key not in self.tried:
             if output not in self._pixels:
                 self._pixels[output] = for_output(self.img, output)
             data = encode(self._pixels[output], output, q, self.effort)
-            lossless = output is OutputFormat.PNG
-            measured = 1.0 if lossless else measure_ssim(self.reference, data)
-            self.tried[key] = Choice(data, output, q, measured)
+            lossless = 1.0 if output is OutputFormat.PNG else None
+            self.tried[key] = Choice(data, output, q, lossless)
         return self.tried[key]
 
+    def ssim(self, output: OutputFormat, q: int) -> float:
+        """The SSIM of the encoding at `q`, measured once."""
+        tried = self.attempt(output, q)
+        if tried.ssim is not None:
+            return tried.ssim
+        if self._reference is None:
+            self._reference = quality.luminance(self.img)
+        measured = measure_ssim(self._reference, tried.data)
+        self.tried[(output, q)] = dataclasses.replace(tried, ssim=measured)
+        return measured
+
+    def scaled_ssim(self, output: OutputFormat, q: int) -> float:
+        return ssim_scale(self.ssim(output, q))
+
     def choice(self, picked: Choice, note: str = "") -> Choice:
+        key = (picked.format, picked.quality)
+        ssim = self.ssim(*key) if self.measure else self.tried[key].ssim  # as measured so far
         encodes = len(self.tried)
-        return Choice(picked.data, picked.format, picked.quality, picked.ssim, note, encodes)
+        return Choice(picked.data, picked.format, picked.quality, ssim, note, encodes)
 
     def pick(
         self, output: OutputFormat, found: Searched, *, best_miss: Callable[[Choice], Any]
@@ -186,12 +216,12 @@ class _Trial:
 
     def smallest_at_equal_ssim(self, formats: tuple[OutputFormat, ...], requested: int) -> Choice:
         first, *others = formats
-        baseline = self.attempt(first, requested)
-        reaching = [baseline]
+        target = self.scaled_ssim(first, requested)
+        reaching = [self.attempt(first, requested)]
         for output in others:
             found = search(
-                lambda q, output=output: _scaled_ssim(self.attempt(output, q)),  # type: ignore[misc]
-                _scaled_ssim(baseline),
+                lambda q, output=output: self.scaled_ssim(output, q),  # type: ignore[misc]
+                target,
                 highest=False,
                 low=1,
                 high=MAX_QUALITY,
@@ -200,5 +230,5 @@ class _Trial:
                 budget=MAX_ENCODES - 1,
             )
             if found.best is not None:
-                reaching.append(self.tried[(output, found.best)])
+                reaching.append(self.attempt(output, found.best))
         return self.choice(min(reaching, key=lambda c: len(c.data)))

@@ -114,6 +114,34 @@ async def test_request_runs_to_completed_with_outputs_csv_and_event(
     assert event.output_csv_key == request["output_csv_key"]
 
 
+async def test_effort_fast_records_no_ssim_and_the_request_has_no_mean(
+    ingest_stub: ingest_grpc.IngestServiceAsyncStub,
+    running_worker: asyncio.Event,
+    pool: asyncpg.Pool,
+    redis_client: redis.asyncio.Redis,
+    names: StreamNames,
+    storage: Storage,
+    origin: ImageOrigin,
+) -> None:
+    # effort=fast skips the SSIM measurement (docs/performance.md): not a 0, not a mean of 0.
+    urls = [origin.url("/img/a.jpg"), origin.url("/img/b.jpg")]
+    options = task_pb2.ImageOptions(effort=task_pb2.EFFORT_FAST)
+
+    accepted = await upload(ingest_stub, csv_of([("1", "Shoe", urls)]), options=options)
+    request = await wait_final(pool, accepted.request_id)
+
+    assert (request["status"], request["images_done"]) == ("Completed", 2)
+    rows = await image_rows(pool, accepted.request_id)
+    assert [(r["ssim"], r["quality"]) for r in rows] == [(None, 50), (None, 50)]
+    assert (request["ssim_count"], request["ssim_sum"]) == (0, 0)
+    table = list(csv.reader(io.StringIO((await storage.get(request["output_csv_key"])).decode())))
+    assert table[1][3].count(",") == 1 and table[1][5] == ","  # two outputs, two empty SSIMs
+    [event] = [
+        e for e in await finished_events(redis_client, names) if e.request_id == accepted.request_id
+    ]
+    assert not event.progress.HasField("mean_ssim")
+
+
 async def test_a_size_target_is_met_or_noted_and_the_note_reaches_the_csv(
     ingest_stub: ingest_grpc.IngestServiceAsyncStub,
     running_worker: asyncio.Event,

@@ -173,6 +173,24 @@ class Waiting(PixelBudget):
             yield
 
 
+@pytest.mark.parametrize(
+    ("options", "decoded_at", "output"),
+    [
+        (ImageOptions(scale=0.5), (800, 600), (800, 600)),
+        (ImageOptions(max_width=400), (400, 300), (400, 300)),
+        (ImageOptions(max_height=250), (400, 300), (333, 250)),
+        (ImageOptions(scale=0.9), (1600, 1200), (1440, 1080)),  # no DCT scale fits: full size
+    ],
+)
+def test_every_downscale_option_decodes_at_the_dct_scale_that_still_covers_it(
+    options: ImageOptions, decoded_at: tuple[int, int], output: tuple[int, int]
+) -> None:
+    budget = Recording()
+    result = compress(photo_like(1600, 1200), options, budget=budget)
+    assert budget.asked == [decoded_at[0] * decoded_at[1]]
+    assert (result.width, result.height) == output
+
+
 def test_compress_reports_decode_and_encode_time_without_the_budget_wait(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -17,6 +17,7 @@ from services.common.imaging import (
     ImageOptions,
     OutputFormat,
     _gif_frames,
+    _is_srgb,
     _tiff_pages,
     compress,
 )
@@ -352,6 +353,28 @@ def test_embedded_icc_profile_is_converted_and_removed() -> None:
     out = decode(compress(source, ImageOptions(quality=90)).data)
     assert "icc_profile" not in out.info
     assert close_to(out.getpixel((16, 16)), (200, 60, 20), tolerance=12)
+
+
+def test_an_srgb_profile_is_recognised_by_its_colours_and_costs_no_conversion() -> None:
+    pixels = photo((64, 48))
+    untagged = compress(encode(pixels, "PNG"), ImageOptions(quality=90))
+    tagged = compress(encode(pixels, "PNG", icc_profile=srgb_icc()), ImageOptions(quality=90))
+    # The same pixels reach the encoder: byte-identical outputs.
+    assert tagged.data == untagged.data
+    assert _is_srgb(srgb_icc())
+    assert not _is_srgb(display_p3_icc())
+    assert not _is_srgb(b"garbage" * 20)
+    grey = ImageCms.ImageCmsProfile(ImageCms.createProfile("LAB")).tobytes()
+    assert not _is_srgb(grey)
+
+
+def test_an_unchanged_srgb_tagged_jpeg_can_keep_its_own_bytes() -> None:
+    # No conversion means no pixel change: the never-larger rule applies as if untagged.
+    source = encode(photo(), "JPEG", quality=40, icc_profile=srgb_icc())
+    result = compress(source, ImageOptions(quality=95))
+    assert result.kept_source
+    assert "icc_profile" not in decode(result.data).info
+    assert len(result.data) < len(source)
 
 
 def test_broken_icc_profile_falls_back_to_plain_conversion() -> None:

@@ -13,10 +13,11 @@ from PIL import Image
 from skimage.metrics import structural_similarity
 
 from services.common import tuning
+from services.common.encoders import Effort
 from services.common.imaging import Compressed, ImageOptions, OutputFormat, compress
 from services.common.pb.imgpipe.v1 import task_pb2
 from services.common.proto_convert import from_json, from_proto, to_json, to_proto
-from services.common.quality import luminance, ssim
+from services.common.quality import SAMPLED_AGREEMENT, luminance, ssim
 from services.common.quality_search import search
 from tests import photos
 
@@ -44,6 +45,17 @@ def encodes(monkeypatch: pytest.MonkeyPatch) -> list[tuple[OutputFormat, int]]:
 
     monkeypatch.setattr(tuning, "encode", counting)
     return calls
+
+
+def ssim_of(result: Compressed) -> float:
+    assert result.ssim is not None  # every output is measured at the default effort
+    return result.ssim
+
+
+def decoded_source(data: bytes) -> Image.Image:
+    img = Image.open(io.BytesIO(data))
+    img.load()
+    return img
 
 
 def decoded(result: Compressed) -> Image.Image:
@@ -81,6 +93,25 @@ def test_ssim_agrees_with_scikit_image_at_every_shape_after_larger_ones() -> Non
         assert ssim(a, b) == pytest.approx(expected, abs=1e-5), shape
 
 
+@pytest.mark.parametrize("long_side", [600, 1200])
+def test_sampled_ssim_agrees_with_the_full_mean_on_every_photo(long_side: int) -> None:
+    # The hot path measures a seventh of the windows (every 7th row): on each photograph and
+    # at low, middle and high quality it must stay within SAMPLED_AGREEMENT of all of them.
+    worst = 0.0
+    for index in range(len(photos.PHOTOS)):
+        img = photos.variant(index, long_side)
+        reference = luminance(img)
+        for output, quality in (("JPEG", 30), ("JPEG", 75), ("WEBP", 50)):
+            out = io.BytesIO()
+            img.save(out, output, quality=quality)
+            other = luminance(Image.open(out), reference.shape[::-1])
+            full = ssim(reference, other)
+            worst = max(worst, abs(ssim(reference, other, sampled=True) - full))
+            assert full < 0.999  # a real difference to estimate
+    assert worst <= SAMPLED_AGREEMENT
+    assert worst > 0  # it is an estimate: a zero would mean both paths are the same
+
+
 def test_ssim_of_identical_images_is_one_and_of_unrelated_ones_low() -> None:
     a = luminance(photos.variant(1, 300))
     noise = np.random.default_rng(7).integers(0, 256, a.shape).astype(np.float64)
@@ -115,12 +146,41 @@ def test_ssim_is_in_range_and_rises_with_quality_on_every_photo(
 ) -> None:
     for index, source in enumerate(corpus):
         measured = [
-            compress(source, ImageOptions(format=output, quality=q)).ssim for q in (20, 50, 80, 95)
+            ssim_of(compress(source, ImageOptions(format=output, quality=q)))
+            for q in (20, 50, 80, 95)
         ]
         assert all(0.5 < s <= 1.0 for s in measured), (index, measured)
         # Strictly rising over steps of 15-30 quality points (a re-compressed JPEG's SSIM may
         # dip by a little between neighbouring qualities; see quality_search.py).
         assert measured == sorted(measured) and len(set(measured)) == 4, (index, measured)
+
+
+def test_effort_fast_measures_ssim_only_where_the_choice_needs_it(corpus: list[bytes]) -> None:
+    fast = Effort.FAST
+    assert compress(corpus[0], ImageOptions(effort=fast)).ssim is None
+    assert compress(corpus[0], ImageOptions(effort=fast, target_ratio=0.5)).ssim is None
+    assert compress(corpus[0], ImageOptions(format=OutputFormat.PNG, effort=fast)).ssim == 1.0
+    # min_ssim and auto choose by SSIM, so they measure it at every effort.
+    assert ssim_of(compress(corpus[0], ImageOptions(effort=fast, min_ssim=0.95))) >= 0.95
+    auto = ImageOptions(format=OutputFormat.AUTO, effort=fast)
+    assert 0.9 < ssim_of(compress(corpus[0], auto)) < 1
+    assert 0.9 < ssim_of(compress(corpus[0], ImageOptions(effort=Effort.BALANCED))) < 1
+
+
+def test_a_size_target_measures_the_ssim_of_the_output_it_keeps_only(
+    corpus: list[bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    measured: list[bytes] = []
+    real = tuning.measure_ssim
+
+    def counting(reference: np.ndarray, data: bytes) -> float:
+        measured.append(data)
+        return real(reference, data)
+
+    monkeypatch.setattr(tuning, "measure_ssim", counting)
+    result = compress(corpus[1], ImageOptions(target_ratio=0.5))
+    assert result.encodes > 1 and measured == [result.data]
+    assert result.ssim == real(luminance(decoded_source(corpus[1])), result.data)
 
 
 def test_png_is_lossless_and_says_so(corpus: list[bytes]) -> None:
@@ -202,10 +262,10 @@ def test_min_ssim_is_met_with_the_lowest_quality_tried(
         result = compress(source, ImageOptions(min_ssim=0.95))
         assert len(encodes) <= tuning.MAX_ENCODES
         assert result.note == ""
-        assert result.ssim >= 0.95
+        assert ssim_of(result) >= 0.95
         below = [q for _, q in encodes if q < result.quality]
         for q in below:  # every lower quality tried missed it
-            assert compress(source, ImageOptions(quality=q)).ssim < 0.95
+            assert ssim_of(compress(source, ImageOptions(quality=q))) < 0.95
 
 
 def test_min_ssim_that_even_quality_95_misses_is_flagged(
@@ -230,7 +290,7 @@ def test_avif_output_decodes_to_the_right_size(corpus: list[bytes]) -> None:
     img = decoded(result)
     assert img.format == "AVIF"
     assert img.size == (result.width, result.height)
-    assert 0.8 < result.ssim < 1.0  # photo 3 is the Hubble deep field: dark noise
+    assert 0.8 < ssim_of(result) < 1.0  # photo 3 is the Hubble deep field: dark noise
     assert len(result.data) < len(corpus[3]) / 3
 
 
@@ -259,7 +319,7 @@ def test_auto_picks_the_smallest_at_the_ssim_of_jpeg(
         candidates = len(tuning.AUTO_CANDIDATES[output])
         assert len(encodes) <= 1 + (candidates - 1) * (tuning.MAX_ENCODES - 1)
         assert encodes[0] == (OutputFormat.JPEG, 50)
-        assert result.ssim >= jpeg.ssim
+        assert ssim_of(result) >= ssim_of(jpeg)
         assert len(result.data) <= len(jpeg.data)
         assert decoded(result).format == result.format.value.upper()
         assert result.extension == {"jpeg": "jpg"}.get(result.format, result.format.value)
