@@ -49,7 +49,7 @@ class Health:
     """The health servicer plus the names it reports on."""
 
     def __init__(self, service_names: Sequence[str]) -> None:
-        self.servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
+        self.servicer = health.aio.HealthServicer()
         self.names = ["", *service_names]
 
     async def set(self, serving: bool) -> None:
