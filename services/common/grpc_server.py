@@ -18,6 +18,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from services.common.grpc_transport import GrpcTransport
 from services.common.metrics import GrpcServerInterceptor
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,7 @@ async def run_service(
     stop: asyncio.Event | None = None,
     health: Health | None = None,
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    transport: GrpcTransport | None = None,
 ) -> None:
     """Serve until SIGTERM/SIGINT (or `stop` is set), then drain within `grace` seconds.
 
@@ -79,14 +81,16 @@ async def run_service(
     set, having finished or released their in-flight work. A loop that crashes stops the service.
     `health` lets a loop (the dependency monitor) report NOT_SERVING while the service runs.
     `interceptors` see every call (API keys and rate limits: services/common/auth.py).
+    `transport` sets TLS and the connection age (services/common/grpc_transport.py).
     """
+    transport = transport or GrpcTransport()
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
     # Metrics and trace context outermost: they see calls the other interceptors refuse.
-    server = grpc.aio.server(interceptors=[GrpcServerInterceptor(), *interceptors])
+    server = transport.server(interceptors=[GrpcServerInterceptor(), *interceptors])
     if register is not None:
         register(server)
     health_state = health or Health(service_names)
@@ -99,11 +103,13 @@ async def run_service(
         ],
         server,
     )
-    if server.add_insecure_port(listen) == 0:
-        raise OSError(f"cannot listen on {listen}")
+    transport.listen(server, listen)
     await server.start()
     await health_state.set(True)
-    log.info("serving", extra={"listen": listen, "services": list(service_names)})
+    log.info(
+        "serving",
+        extra={"listen": listen, "services": list(service_names), "tls": transport.tls.enabled},
+    )
 
     tasks = [
         asyncio.create_task(body(stop), name=getattr(body, "__name__", "loop")) for body in loops
