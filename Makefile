@@ -27,7 +27,7 @@ help:
 	@echo "make test-lowest  unit tests on the lowest versions pyproject.toml allows"
 	@echo "make lint         ruff, mypy, buf lint and buf format"
 	@echo "make proto        regenerate services/common/pb from proto/"
-	@echo "make proto-check  fail if the generated code differs from proto/"
+	@echo "make proto-check  fail if the generated code differs from proto/ or proto/ breaks compatibility"
 	@echo "make k8s-check    render deploy/k8s overlays, validate them, test their invariants"
 	@echo "make bench        benchmarks; results in bench/results/"
 
@@ -81,8 +81,11 @@ proto: $(STAMP)
 	cd proto && ../$(BIN)/buf format -w && ../$(BIN)/buf lint
 	$(PY) scripts/gen_proto.py
 
+# buf breaking against the previous commit on main (scripts/proto_breaking.py says which and
+# why); PROTO_AGAINST=<revision> chooses another, PROTO_BREAKING_REQUIRED=1 fails without one.
 proto-check: $(STAMP)
 	cd proto && ../$(BIN)/buf lint && ../$(BIN)/buf format -d --exit-code
+	$(PY) scripts/proto_breaking.py
 	$(PY) scripts/gen_proto.py
 	@git diff --exit-code -- services/common/pb \
 	  && test -z "$$(git status --porcelain -- services/common/pb)" \
