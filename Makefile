@@ -32,7 +32,8 @@ help:
 	@echo "make bench        benchmarks; results in bench/results/"
 
 # The lock files (requirements/*.txt, made by `make lock` with uv from PyPI) decide every
-# version: runtime.txt the image's, dev.txt (runtime + local + dev tools) the virtualenv's.
+# version: runtime.txt the image's, dev.txt (runtime + local + dev tools) the virtualenv's,
+# client.txt the client SDK's alone (clients/python: aiohttp, rich), at runtime.txt's versions.
 # uv itself comes from pip, so a fresh machine needs nothing but Python.
 UV_VERSION := 0.13.9
 UV := $(BIN)/uv
@@ -55,6 +56,8 @@ lock:
 	$(UV_COMPILE) $(UPGRADE) --generate-hashes pyproject.toml -o requirements/runtime.txt
 	$(UV_COMPILE) $(UPGRADE) --extra dev -c requirements/runtime.txt pyproject.toml \
 	  -o requirements/dev.txt
+	$(UV_COMPILE) --generate-hashes -c requirements/runtime.txt clients/python/pyproject.toml \
+	  -o requirements/client.txt
 
 # Fails when requirements/*.txt no longer match pyproject.toml: re-resolves into copies (the
 # locked versions are kept as preferences, so only a change to pyproject.toml moves them).
@@ -63,7 +66,9 @@ lock-check: $(STAMP)
 	rm -rf $(LOCK_CHECK) && mkdir -p $(LOCK_CHECK) && cp requirements/*.txt $(LOCK_CHECK)/
 	$(UV_COMPILE) --generate-hashes pyproject.toml -o $(LOCK_CHECK)/runtime.txt
 	$(UV_COMPILE) --extra dev -c requirements/runtime.txt pyproject.toml -o $(LOCK_CHECK)/dev.txt
-	@for lock in runtime dev; do \
+	$(UV_COMPILE) --generate-hashes -c requirements/runtime.txt clients/python/pyproject.toml \
+	  -o $(LOCK_CHECK)/client.txt
+	@for lock in runtime dev client; do \
 	  diff <(grep -v '^#' requirements/$$lock.txt) <(grep -v '^#' $(LOCK_CHECK)/$$lock.txt) >/dev/null \
 	    || { echo "requirements/$$lock.txt does not match pyproject.toml: run 'make lock'"; exit 1; }; \
 	done
