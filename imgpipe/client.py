@@ -104,7 +104,10 @@ class ApiClient:
         return f"/requests/{quote(request_id, safe='')}{suffix}"
 
     async def upload(
-        self, csv_file: IO[bytes], options: UploadOptions, idempotency_key: str | None = None
+        self,
+        csv_file: IO[bytes],
+        options: UploadOptions | None = None,
+        idempotency_key: str | None = None,
     ) -> tuple[dict[str, Any], bool]:
         """POST /upload with `csv_file` streamed as a text/csv body (never read whole).
 
@@ -118,7 +121,7 @@ class ApiClient:
         async with self._call(
             "POST",
             "/upload",
-            params=options.query(),
+            params=(options or UploadOptions()).query(),
             data=csv_file,
             headers=headers,
             timeout=timeout,
@@ -308,7 +311,6 @@ class Client:
         idempotency_key: str | None = None,
     ) -> tuple[dict[str, Any], bool]:
         """POST /upload of a CSV file (a path or a binary file object); see AsyncClient.upload."""
-        options = options or UploadOptions()
         if isinstance(csv, str | os.PathLike):
             with open(csv, "rb") as csv_file:
                 return self._run(self._api.upload(csv_file, options, idempotency_key))

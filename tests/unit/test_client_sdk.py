@@ -160,7 +160,7 @@ def test_the_blocking_client_closes_and_says_when_nothing_answers() -> None:
 
 async def test_the_async_client_has_the_same_calls(gateway: str, seen: Seen) -> None:
     async with AsyncClient(gateway, api_key="imgpipe_k") as api:
-        accepted, created = await api.upload(io.BytesIO(b"csv"), UploadOptions())
+        accepted, created = await api.upload(io.BytesIO(b"csv"))
         assert created and accepted["request_id"] == ID
         final = await api.wait(ID)
         assert final["output_csv_url"] == "/o.csv"
