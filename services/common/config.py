@@ -169,14 +169,16 @@ class CommonSettings:
         check_metrics_port(
             env, settings.metrics_listen, "IMGPIPE_GRPC_LISTEN", settings.grpc_listen
         )
+        check_own_port(env, "IMGPIPE_GRPC_HEALTH_LISTEN", settings.grpc.health_listen, settings)
         return settings
 
 
 def read_grpc_transport(env: _Reader, *, server: bool) -> GrpcTransport:
     """IMGPIPE_GRPC_TLS_CERT, _KEY, _CA and _SERVER_NAME (PEM file paths, a name), and
-    IMGPIPE_GRPC_MAX_CONNECTION_AGE and _GRACE (seconds): see docs/grpc.md. A `server`
-    serves TLS with CERT and KEY and requires client certificates signed by CA when CA is
-    set; a client (the gateway) dials TLS when any file is set."""
+    IMGPIPE_GRPC_MAX_CONNECTION_AGE and _GRACE (seconds), IMGPIPE_GRPC_HEALTH_LISTEN
+    (host:port): see docs/grpc.md. A `server` serves TLS with CERT and KEY and requires
+    client certificates signed by CA when CA is set; a client (the gateway) dials TLS when
+    any file is set."""
     names = ("IMGPIPE_GRPC_TLS_CERT", "IMGPIPE_GRPC_TLS_KEY", "IMGPIPE_GRPC_TLS_CA")
     cert, key, ca = (env.text(name) for name in names)
     for name, path in zip(names, (cert, key, ca), strict=True):
@@ -191,8 +193,10 @@ def read_grpc_transport(env: _Reader, *, server: bool) -> GrpcTransport:
             "IMGPIPE_GRPC_TLS_CA makes a server require client certificates, over TLS: set"
             " IMGPIPE_GRPC_TLS_CERT and IMGPIPE_GRPC_TLS_KEY too"
         )
+    health_listen = env.address("IMGPIPE_GRPC_HEALTH_LISTEN", "") if server else ""
     return GrpcTransport(
         tls=TlsFiles(cert, key, ca, server_name=env.text("IMGPIPE_GRPC_TLS_SERVER_NAME")),
+        health_listen=health_listen,
         max_connection_age=env.number(
             "IMGPIPE_GRPC_MAX_CONNECTION_AGE", DEFAULT_MAX_CONNECTION_AGE
         ),
@@ -219,6 +223,18 @@ def check_metrics_port(env: _Reader, metrics: str, name: str, listen: str) -> No
             f"IMGPIPE_METRICS_LISTEN={metrics!r} uses the port of {name}={listen!r}: give metrics"
             " a port of their own"
         )
+
+
+def check_own_port(env: _Reader, name: str, listen: str, settings: CommonSettings) -> None:
+    """`listen` (the variable `name`) takes a port neither the API nor metrics use."""
+    port = listen.rpartition(":")[2]
+    others = {
+        "IMGPIPE_GRPC_LISTEN": settings.grpc_listen,
+        "IMGPIPE_METRICS_LISTEN": settings.metrics_listen,
+    }
+    for other, address in others.items():
+        if listen and address and address.rpartition(":")[2] == port:
+            env.problems.append(f"{name}={listen!r} uses the port of {other}={address!r}")
 
 
 def default_storage_url() -> str:

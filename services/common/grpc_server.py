@@ -104,11 +104,20 @@ async def run_service(
         server,
     )
     transport.listen(server, listen)
-    await server.start()
+    servers = [server]
+    if probes := transport.health_server(health_state.servicer):
+        servers.append(probes)
+    for each in servers:
+        await each.start()
     await health_state.set(True)
     log.info(
         "serving",
-        extra={"listen": listen, "services": list(service_names), "tls": transport.tls.enabled},
+        extra={
+            "listen": listen,
+            "services": list(service_names),
+            "tls": transport.tls.enabled,
+            "health_listen": transport.health_listen,
+        },
     )
 
     tasks = [
@@ -136,7 +145,7 @@ async def run_service(
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         stopper.cancel()
-        await server.stop(grace)
+        await asyncio.gather(*(each.stop(grace) for each in servers))
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
         log.info("stopped")

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from grpc_health.v1 import health_pb2_grpc
 
 # Longer than the longest live-progress stream (WatchRequest ends itself after 10 min,
 # config.MAX_WATCH_SECONDS): a stream that is open when its connection reaches its age ends
@@ -52,6 +53,9 @@ class GrpcTransport:
     max_connection_age: float = DEFAULT_MAX_CONNECTION_AGE
     # Seconds calls in flight on such a connection still have before it is closed.
     max_connection_age_grace: float = DEFAULT_MAX_CONNECTION_AGE_GRACE
+    # host:port of a plaintext listener serving grpc.health.v1 alone (servers only; '' none):
+    # kubelet's native gRPC probes cannot speak TLS.
+    health_listen: str = ""
 
     def server_options(self) -> list[ChannelOption]:
         return [
@@ -72,6 +76,16 @@ class GrpcTransport:
         if port == 0:
             raise OSError(f"cannot listen on {address}")
         return port
+
+    def health_server(self, servicer: Any) -> grpc.aio.Server | None:
+        """A plaintext server of the health `servicer` alone on `health_listen`, if set."""
+        if not self.health_listen:
+            return None
+        server = grpc.aio.server(options=self.server_options())
+        health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+        if server.add_insecure_port(self.health_listen) == 0:
+            raise OSError(f"cannot listen on {self.health_listen}")
+        return server
 
     def server_credentials(self) -> grpc.ServerCredentials:
         ca = _read(self.tls.ca) if self.tls.ca else None

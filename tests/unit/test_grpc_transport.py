@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -187,28 +187,45 @@ async def test_mtls_requires_a_client_certificate_from_its_ca(pki: Pki) -> None:
         assert probe.client_names == [b"client"]
 
 
-async def test_run_service_serves_health_over_mtls(pki: Pki) -> None:
+async def check(channel: grpc.aio.Channel) -> int:
+    health: Any = health_pb2_grpc.HealthStub(channel)  # typeshed lists no methods
+    answer = await health.Check(health_pb2.HealthCheckRequest(), timeout=2)
+    return int(answer.status)
+
+
+async def test_run_service_serves_over_mtls_and_health_alone_in_plaintext(pki: Pki) -> None:
+    """With TLS, kubelet's gRPC probes (plaintext only) get a port with health alone."""
     stop = asyncio.Event()
-    port = free_tcp_port()
-    listen = f"127.0.0.1:{port}"
+    port, probe_port = free_tcp_port(), free_tcp_port()
+    transport = replace(tls(pki.server, pki.ca.cert), health_listen=f"127.0.0.1:{probe_port}")
     service = asyncio.create_task(
-        run_service(listen=listen, stop=stop, grace=1, transport=tls(pki.server, pki.ca.cert))
+        run_service(
+            listen=f"127.0.0.1:{port}",
+            register=Probe().register,
+            stop=stop,
+            grace=1,
+            transport=transport,
+        )
     )
+    serving = health_pb2.HealthCheckResponse.SERVING
     try:
         target = f"localhost:{port}"
         async with tls(pki.client, pki.ca.cert).channel(target) as channel:
-            health: Any = health_pb2_grpc.HealthStub(channel)  # typeshed lists no methods
 
-            async def serving() -> bool:
-                answer = await health.Check(health_pb2.HealthCheckRequest(), timeout=2)
-                return bool(answer.status == health_pb2.HealthCheckResponse.SERVING)
+            async def up() -> bool:
+                return await check(channel) == serving
 
-            await wait_until_async(serving, message="SERVING", ignore=(grpc.aio.AioRpcError,))
+            await wait_until_async(up, message="SERVING", ignore=(grpc.aio.AioRpcError,))
+            assert (await peer_of(channel)).startswith(b"ipv4:127.0.0.1:")
         async with grpc.aio.insecure_channel(target) as plaintext:
             with pytest.raises(grpc.aio.AioRpcError):
-                await health_pb2_grpc.HealthStub(plaintext).Check(  # type: ignore[attr-defined]
-                    health_pb2.HealthCheckRequest(), timeout=2
-                )
+                await check(plaintext)
+
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{probe_port}") as probes:
+            assert await check(probes) == serving
+            with pytest.raises(grpc.aio.AioRpcError) as error:
+                await peer_of(probes)  # the API is not served there
+            assert error.value.code() == grpc.StatusCode.UNIMPLEMENTED
     finally:
         stop.set()
         await asyncio.wait_for(service, timeout=10)
@@ -249,6 +266,10 @@ def test_settings_list_every_tls_mistake(tmp_path: Path, pki: Pki) -> None:
     assert "IMGPIPE_GRPC_TLS_CERT=" in problems and "no such file" in problems
     assert "IMGPIPE_GRPC_TLS_CERT and IMGPIPE_GRPC_TLS_KEY go together" in problems
     assert "IMGPIPE_GRPC_MAX_CONNECTION_AGE=" in problems
+    # The probes' port is a port of its own.
+    own_port = "uses the port of IMGPIPE_GRPC_LISTEN"
+    with pytest.raises(ConfigError, match=own_port):
+        StatusSettings.from_env({**BACKEND_ENV, "IMGPIPE_GRPC_HEALTH_LISTEN": "127.0.0.1:50052"})
     # A server with a CA but no certificate of its own cannot require client certificates.
     with pytest.raises(ConfigError, match="IMGPIPE_GRPC_TLS_CA makes a server"):
         StatusSettings.from_env({**BACKEND_ENV, "IMGPIPE_GRPC_TLS_CA": str(pki.ca.cert)})
