@@ -10,21 +10,18 @@ import contextlib
 import io
 import json
 import re
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
-from aiohttp import web
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from imgpipe.client import AsyncClient, Client
 from services.common.grpc_transport import GrpcTransport, TlsFiles
 from tests.certs import Authority
-from tests.imagegen import photo_like
-from tests.origin import ImageOrigin
-from tests.stack import Stack, start_stack
+from tests.origin import ImageOrigin, held_origin
+from tests.stack import Stack, live_stack
 
 pytestmark = pytest.mark.e2e
 
@@ -73,16 +70,10 @@ async def test_the_stack_runs_over_mtls(
     # One certificate for every process: the services serve with it, the gateway presents it.
     leaf = ca.issue("imgpipe")
     files = {"CERT": leaf.cert, "KEY": leaf.key, "CA": ca.cert}
-    stack = start_stack(
-        tmp_path,
-        {
-            "IMGPIPE_DATABASE_URL": database_url,
-            "IMGPIPE_REDIS_URL": redis_server_url,
-            "IMGPIPE_FETCH_ALLOW": f"127.0.0.1:{image_origin.port}",
-            **{f"IMGPIPE_GRPC_TLS_{name}": str(path) for name, path in files.items()},
-        },
+    tls_env = {f"IMGPIPE_GRPC_TLS_{name}": str(path) for name, path in files.items()}
+    stack = live_stack(
+        tmp_path, database_url, redis_server_url, stack_factory, image_origin.port, **tls_env
     )
-    stack_factory.append(stack)
 
     urls = [image_origin.url(f"/img/{i}.jpg") for i in range(3)]
     final = await asyncio.to_thread(upload_and_wait, stack.base_url, products_csv(urls))
@@ -100,44 +91,21 @@ async def test_the_stack_runs_over_mtls(
         assert error.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
-@contextlib.asynccontextmanager
-async def held_origin() -> AsyncIterator[tuple[int, asyncio.Event]]:
-    """An image origin whose answers wait until the event is set."""
-    release = asyncio.Event()
-
-    async def image(request: web.Request) -> web.Response:
-        await release.wait()
-        return web.Response(body=photo_like(64, 48), content_type="image/jpeg")
-
-    app = web.Application()
-    app.router.add_get("/img/{name}", image)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    try:
-        yield runner.addresses[0][1], release
-    finally:
-        release.set()
-        await runner.cleanup()
-
-
 async def test_live_progress_reconnects_when_its_connection_is_recycled(
     tmp_path: Path, database_url: str, redis_server_url: str, stack_factory: list[Stack]
 ) -> None:
     async with held_origin() as (port, release):
         # A grace far shorter than a watch stream (the default outlasts one): the status
         # service closes the stream's connection under it.
-        stack = start_stack(
+        stack = live_stack(
             tmp_path,
-            {
-                "IMGPIPE_DATABASE_URL": database_url,
-                "IMGPIPE_REDIS_URL": redis_server_url,
-                "IMGPIPE_FETCH_ALLOW": f"127.0.0.1:{port}",
-                "IMGPIPE_GRPC_MAX_CONNECTION_AGE": "1",
-                "IMGPIPE_GRPC_MAX_CONNECTION_AGE_GRACE": "1",
-            },
+            database_url,
+            redis_server_url,
+            stack_factory,
+            port,
+            IMGPIPE_GRPC_MAX_CONNECTION_AGE="1",
+            IMGPIPE_GRPC_MAX_CONNECTION_AGE_GRACE="1",
         )
-        stack_factory.append(stack)
         url = f"http://127.0.0.1:{port}/img/held.jpg"
         async with AsyncClient(stack.base_url) as api:
             accepted, _ = await api.upload(io.BytesIO(products_csv([url])))
