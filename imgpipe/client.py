@@ -359,7 +359,9 @@ class Client:
                     return
                 yield event
         finally:
-            self._run(stream.aclose())
+            # Closed already: the runner finalised the stream with its event loop.
+            if not self._closed:
+                self._run(stream.aclose())
 
     def wait(self, request_id: str, on_event: OnEvent | None = None) -> dict[str, Any]:
         """Block until the request is final; return the final event's data (see

@@ -138,6 +138,8 @@ def test_the_blocking_client_uploads_follows_and_downloads(
 
         names = [name for name, _ in api.events(ID)]
         assert names == ["progress", "final"]
+        first = next(api.events(ID))  # a stream left open is closed with the client
+        assert first[0] == "progress"
 
         out = io.BytesIO()
         assert api.download(ID, out) == len(OUTPUT) and out.getvalue() == OUTPUT
