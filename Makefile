@@ -31,13 +31,14 @@ help:
 	@echo "make docs         regenerate docs/configuration.md from services/common/config.py"
 	@echo "make docs-check   fail if docs/configuration.md is stale (part of make lint)"
 	@echo "make proto        regenerate services/common/pb from proto/"
-	@echo "make proto-check  fail if the generated code differs from proto/"
+	@echo "make proto-check  fail if the generated code differs from proto/ or proto/ breaks compatibility"
 	@echo "make k8s-check    render deploy/k8s overlays, validate them, test their invariants"
 	@echo "make bench        benchmarks; results in bench/results/"
 	@echo "make clean        remove $(VENV), the tools' caches and build/wheelhouse"
 
 # The lock files (requirements/*.txt, made by `make lock` with uv from PyPI) decide every
-# version: runtime.txt the image's, dev.txt (runtime + local + dev tools) the virtualenv's.
+# version: runtime.txt the image's, dev.txt (runtime + local + dev tools) the virtualenv's,
+# client.txt the client SDK's alone (clients/python: aiohttp, rich), at runtime.txt's versions.
 # uv itself comes from pip, so a fresh machine needs nothing but Python.
 UV_VERSION := 0.13.9
 UV := $(BIN)/uv
@@ -60,6 +61,8 @@ lock:
 	$(UV_COMPILE) $(UPGRADE) --generate-hashes pyproject.toml -o requirements/runtime.txt
 	$(UV_COMPILE) $(UPGRADE) --extra dev -c requirements/runtime.txt pyproject.toml \
 	  -o requirements/dev.txt
+	$(UV_COMPILE) --generate-hashes -c requirements/runtime.txt clients/python/pyproject.toml \
+	  -o requirements/client.txt
 
 # Fails when requirements/*.txt no longer match pyproject.toml: re-resolves into copies (the
 # locked versions are kept as preferences, so only a change to pyproject.toml moves them).
@@ -68,7 +71,9 @@ lock-check: $(STAMP)
 	rm -rf $(LOCK_CHECK) && mkdir -p $(LOCK_CHECK) && cp requirements/*.txt $(LOCK_CHECK)/
 	$(UV_COMPILE) --generate-hashes pyproject.toml -o $(LOCK_CHECK)/runtime.txt
 	$(UV_COMPILE) --extra dev -c requirements/runtime.txt pyproject.toml -o $(LOCK_CHECK)/dev.txt
-	@for lock in runtime dev; do \
+	$(UV_COMPILE) --generate-hashes -c requirements/runtime.txt clients/python/pyproject.toml \
+	  -o $(LOCK_CHECK)/client.txt
+	@for lock in runtime dev client; do \
 	  diff <(grep -v '^#' requirements/$$lock.txt) <(grep -v '^#' $(LOCK_CHECK)/$$lock.txt) >/dev/null \
 	    || { echo "requirements/$$lock.txt does not match pyproject.toml: run 'make lock'"; exit 1; }; \
 	done
@@ -86,8 +91,11 @@ proto: $(STAMP)
 	cd proto && ../$(BIN)/buf format -w && ../$(BIN)/buf lint
 	$(PY) scripts/gen_proto.py
 
+# buf breaking against the previous commit on main (scripts/proto_breaking.py says which and
+# why); PROTO_AGAINST=<revision> chooses another, PROTO_BREAKING_REQUIRED=1 fails without one.
 proto-check: $(STAMP)
 	cd proto && ../$(BIN)/buf lint && ../$(BIN)/buf format -d --exit-code
+	$(PY) scripts/proto_breaking.py
 	$(PY) scripts/gen_proto.py
 	@git diff --exit-code -- services/common/pb \
 	  && test -z "$$(git status --porcelain -- services/common/pb)" \

@@ -64,11 +64,11 @@ async def open_backends(app: web.Application) -> AsyncIterator[None]:
         # Every call carries the key (gateway/auth.py) and the trace context
         # (services/common/tracing.py) of the HTTP request it is made for, and reports the key's
         # quota back to it (gateway/rate_headers.py).
-        ingest_channel = grpc.aio.insecure_channel(
+        ingest_channel = settings.grpc.channel(
             settings.ingest_addr, options=CHANNEL_OPTIONS, interceptors=_interceptors()
         )
         stack.push_async_callback(ingest_channel.close, _CHANNEL_CLOSE_GRACE)
-        status_channel = grpc.aio.insecure_channel(
+        status_channel = settings.grpc.channel(
             settings.status_addr, options=CHANNEL_OPTIONS, interceptors=_interceptors()
         )
         stack.push_async_callback(status_channel.close, _CHANNEL_CLOSE_GRACE)

@@ -30,6 +30,10 @@ SERVICES = {
 FORMATS = ("jpeg", "webp", "png", "avif", "auto", "auto_avif")
 EFFORTS = ("fast", "balanced", "max")
 INTERRUPTED = 130
+# Commands that run or configure the services: the server distribution only.
+SERVER_COMMANDS = ("serve", "dev", "keygen")
+# The server distribution, or the client alone (clients/python).
+DISTRIBUTIONS = ("imgpipe", "imgpipe-client")
 
 DESCRIPTION = """\
 Batch image compression for product catalogs: upload a CSV of products and image URLs, follow
@@ -210,6 +214,11 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     return the exit code. `serve` does not return: the service replaces this process."""
     args = build_parser().parse_args(argv)
     environ = os.environ if environ is None else environ
+    if args.command in SERVER_COMMANDS and not importlib.util.find_spec("services"):
+        return _usage_error(
+            f"`imgpipe {args.command}` needs the server, which imgpipe-client (the client"
+            " alone) does not include: pip install imgpipe"
+        )
     if args.command == "serve":
         _exec(service_argv(args.service, sys.executable))
     if args.command == "dev":
@@ -392,7 +401,9 @@ def _number(raw: str, kind: Callable[[str], Any], ok: Callable[[Any], bool], rul
 
 
 def _version() -> str:
-    try:
-        return version("imgpipe")
-    except PackageNotFoundError:
-        return "unknown"
+    for distribution in DISTRIBUTIONS:
+        try:
+            return version(distribution)
+        except PackageNotFoundError:
+            continue
+    return "unknown"

@@ -1,23 +1,34 @@
-"""The REST API of the gateway, as an aiohttp client. Every call has a timeout.
+"""The imgpipe SDK: the gateway's REST API as `AsyncClient` (asyncio, aiohttp) and `Client`
+(the same methods, blocking). Every call has a timeout. Documented in docs/client.md.
 
 Any failure becomes an `ApiError`: an error answer carries the server's JSON error body, and
 no answer at all (connection refused, reset, a timeout) is an `unavailable` error with no
 HTTP status.
+
+This package needs only aiohttp and rich: `pip install ./clients/python` (imgpipe-client)
+installs it without the server.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
-from collections.abc import AsyncGenerator, AsyncIterator
+import os
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Iterator
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 from urllib.parse import quote
 
 import aiohttp
 
 from imgpipe.errors import ApiError, unreachable
-from imgpipe.events import Event, SseParser
+from imgpipe.events import Event, SseParser, follow
+
+__all__ = ["ApiError", "AsyncClient", "Client", "Event", "UploadOptions"]
+
+T = TypeVar("T")
+OnEvent = Callable[[dict[str, Any]], None]
 
 USER_AGENT = "imgpipe-cli/0.1"
 DEFAULT_TIMEOUT = 30.0
@@ -93,7 +104,10 @@ class ApiClient:
         return f"/requests/{quote(request_id, safe='')}{suffix}"
 
     async def upload(
-        self, csv_file: IO[bytes], options: UploadOptions, idempotency_key: str | None = None
+        self,
+        csv_file: IO[bytes],
+        options: UploadOptions | None = None,
+        idempotency_key: str | None = None,
     ) -> tuple[dict[str, Any], bool]:
         """POST /upload with `csv_file` streamed as a text/csv body (never read whole).
 
@@ -107,7 +121,7 @@ class ApiClient:
         async with self._call(
             "POST",
             "/upload",
-            params=options.query(),
+            params=(options or UploadOptions()).query(),
             data=csv_file,
             headers=headers,
             timeout=timeout,
@@ -215,6 +229,13 @@ class ApiClient:
                 if event is not None:
                     yield event
 
+    async def wait(self, request_id: str, on_event: OnEvent | None = None) -> dict[str, Any]:
+        """Follow the request's live progress to its end and return the final event's data
+        (the request, its progress and `output_csv_url`). `on_event` gets every progress
+        event's data. A dropped stream is reopened (imgpipe.events.follow); after 5 fruitless
+        attempts in a row the last error is raised."""
+        return await follow(self, request_id, on_event or _ignore)
+
     @contextlib.asynccontextmanager
     async def _call(
         self, method: str, path: str, **kwargs: Any
@@ -266,3 +287,115 @@ async def _error_from(response: aiohttp.ClientResponse) -> ApiError:
     except (ValueError, KeyError, TypeError, AttributeError):
         message = text.strip()[:200] or response.reason or f"HTTP {response.status}"
         return ApiError(response.status, f"http_{response.status}", message)
+
+
+def _ignore(data: dict[str, Any]) -> None:
+    """An `on_event` that does nothing."""
+
+
+# The documented name of the asyncio client; ApiClient is what the CLI has always called it.
+AsyncClient = ApiClient
+
+
+class Client:
+    """The API without asyncio: `AsyncClient`'s methods, each blocking until its answer.
+
+    Use it as `with Client(url, api_key=...) as api:` (or call `close()`). It runs its own
+    event loop, so call it from one thread at a time and not from inside a running event loop
+    (there, use AsyncClient).
+    """
+
+    def __init__(
+        self, base_url: str, *, api_key: str | None = None, timeout: float = DEFAULT_TIMEOUT
+    ) -> None:
+        self._runner = asyncio.Runner()
+        self._closed = False
+        self._api = AsyncClient(base_url, api_key=api_key, timeout=timeout)
+        # The aiohttp session is made inside the loop that will use it.
+        self._run(self._api.__aenter__())
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the connections and the event loop; the client cannot be used after."""
+        if self._closed:
+            return
+        try:
+            self._run(self._api.__aexit__())
+        finally:
+            self._closed = True
+            self._runner.close()
+
+    def upload(
+        self,
+        csv: str | os.PathLike[str] | IO[bytes],
+        options: UploadOptions | None = None,
+        idempotency_key: str | None = None,
+    ) -> tuple[dict[str, Any], bool]:
+        """POST /upload of a CSV file (a path or a binary file object); see AsyncClient.upload."""
+        if isinstance(csv, str | os.PathLike):
+            with open(csv, "rb") as csv_file:
+                return self._run(self._api.upload(csv_file, options, idempotency_key))
+        return self._run(self._api.upload(csv, options, idempotency_key))
+
+    def status(
+        self, request_id: str, *, page_size: int | None = None, page_token: str | None = None
+    ) -> dict[str, Any]:
+        """One page of GET /status/{id}."""
+        return self._run(self._api.status(request_id, page_size=page_size, page_token=page_token))
+
+    def status_all(self, request_id: str, page_size: int = 1000) -> dict[str, Any]:
+        """GET /status/{id} with every page of products."""
+        return self._run(self._api.status_all(request_id, page_size))
+
+    def failed_images(
+        self, request_id: str, limit: int, page_size: int = 1000
+    ) -> list[dict[str, Any]]:
+        """Up to `limit` failed images, in CSV order."""
+        return self._run(self._api.failed_images(request_id, limit, page_size))
+
+    def download(self, request_id: str, out: IO[bytes]) -> int:
+        """Write the output CSV to `out`; return the bytes written."""
+        return self._run(self._api.download(request_id, out))
+
+    def retry(self, request_id: str) -> dict[str, Any]:
+        """Queue the request's failed images again."""
+        return self._run(self._api.retry(request_id))
+
+    def webhook_secret(self, *, rotate: bool = False) -> dict[str, Any]:
+        """The caller's webhook signing secret (rotated first with `rotate`)."""
+        return self._run(self._api.webhook_secret(rotate=rotate))
+
+    def events(self, request_id: str) -> Iterator[Event]:
+        """One connection to the live progress stream: each (event name, data) as it comes."""
+        stream = self._api.events(request_id)
+
+        async def step() -> Event:
+            return await anext(stream)
+
+        try:
+            while True:
+                try:
+                    event = self._run(step())
+                except StopAsyncIteration:
+                    return
+                yield event
+        finally:
+            # Closed already: the runner finalised the stream with its event loop.
+            if not self._closed:
+                self._run(stream.aclose())
+
+    def wait(self, request_id: str, on_event: OnEvent | None = None) -> dict[str, Any]:
+        """Block until the request is final; return the final event's data (see
+        AsyncClient.wait)."""
+        return self._run(self._api.wait(request_id, on_event))
+
+    def _run(self, call: Coroutine[Any, Any, T]) -> T:
+        if self._closed:
+            call.close()  # never started: nothing to clean up, no "never awaited" warning
+            raise RuntimeError("the Client is closed")
+        return self._runner.run(call)

@@ -68,3 +68,24 @@ async def serve_images(
         yield origin
     finally:
         await runner.cleanup()
+
+
+@contextlib.asynccontextmanager
+async def held_origin() -> AsyncIterator[tuple[int, asyncio.Event]]:
+    """An image origin whose answers wait until the event is set."""
+    release = asyncio.Event()
+
+    async def image(request: web.Request) -> web.Response:
+        await release.wait()
+        return web.Response(body=photo_like(64, 48), content_type="image/jpeg")
+
+    app = web.Application()
+    app.router.add_get("/img/{name}", image)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        yield runner.addresses[0][1], release
+    finally:
+        release.set()
+        await runner.cleanup()

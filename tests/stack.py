@@ -164,3 +164,21 @@ def start_service(
             stderr=subprocess.STDOUT,
             process_group=process_group,
         )
+
+
+def live_stack(
+    tmp_path: Path,
+    database_url: str,
+    redis_url: str,
+    stacks: list[Stack],
+    *origins: int,
+    **extra: str,
+) -> Stack:
+    """start_stack() on the given Postgres and Redis, allowed to fetch from `origins` (ports on
+    127.0.0.1), with `extra` variables; added to `stacks` (stack_factory) to be stopped."""
+    env = {"IMGPIPE_DATABASE_URL": database_url, "IMGPIPE_REDIS_URL": redis_url, **extra}
+    if origins:
+        env["IMGPIPE_FETCH_ALLOW"] = ",".join(f"127.0.0.1:{port}" for port in origins)
+    stack = start_stack(tmp_path, env)
+    stacks.append(stack)
+    return stack

@@ -21,6 +21,12 @@ from services.common.auth import KeyRing, Limits, parse_api_keys, parse_rate
 from services.common.budget import DEFAULT_BUFFER_BYTES, DEFAULT_PIXEL_BUDGET
 from services.common.csv_format import CsvLimits
 from services.common.fetch import FetchAllow, FetchLimits, IPNetwork
+from services.common.grpc_transport import (
+    DEFAULT_MAX_CONNECTION_AGE,
+    DEFAULT_MAX_CONNECTION_AGE_GRACE,
+    GrpcTransport,
+    TlsFiles,
+)
 from services.common.imaging import ImageLimits
 from services.common.outcome import RetryPolicy
 from services.common.storage import S3Options, StorageConfig
@@ -130,6 +136,7 @@ class CommonSettings:
         default_factory=lambda: StorageConfig(default_storage_url(), DEFAULT_PUBLIC_BASE_URL)
     )
     grpc_listen: str = "127.0.0.1:50051"
+    grpc: GrpcTransport = field(default_factory=GrpcTransport)  # TLS, connection age
     grace_seconds: float = 20.0
     # How long a call waits for a free Postgres connection before answering UNAVAILABLE.
     db_acquire_timeout: float = 5.0
@@ -150,6 +157,7 @@ class CommonSettings:
             redis_prefix=env.text("IMGPIPE_REDIS_PREFIX", "imgpipe"),
             storage=read_storage(env),
             grpc_listen=env.address("IMGPIPE_GRPC_LISTEN", default_listen),
+            grpc=read_grpc_transport(env, server=True),
             grace_seconds=env.number("IMGPIPE_GRACE_SECONDS", 20.0),
             db_acquire_timeout=env.number("IMGPIPE_DB_ACQUIRE_TIMEOUT", 5.0),
             log_level=env.text("IMGPIPE_LOG_LEVEL", "INFO").upper(),
@@ -161,7 +169,41 @@ class CommonSettings:
         check_metrics_port(
             env, settings.metrics_listen, "IMGPIPE_GRPC_LISTEN", settings.grpc_listen
         )
+        check_own_port(env, "IMGPIPE_GRPC_HEALTH_LISTEN", settings.grpc.health_listen, settings)
         return settings
+
+
+def read_grpc_transport(env: _Reader, *, server: bool) -> GrpcTransport:
+    """IMGPIPE_GRPC_TLS_CERT, _KEY, _CA and _SERVER_NAME (PEM file paths, a name), and
+    IMGPIPE_GRPC_MAX_CONNECTION_AGE and _GRACE (seconds), IMGPIPE_GRPC_HEALTH_LISTEN
+    (host:port): see docs/grpc.md. A `server` serves TLS with CERT and KEY and requires
+    client certificates signed by CA when CA is set; a client (the gateway) dials TLS when
+    any file is set."""
+    names = ("IMGPIPE_GRPC_TLS_CERT", "IMGPIPE_GRPC_TLS_KEY", "IMGPIPE_GRPC_TLS_CA")
+    cert, key, ca = (env.text(name) for name in names)
+    for name, path in zip(names, (cert, key, ca), strict=True):
+        if path and not Path(path).is_file():
+            env.problems.append(f"{name}={path!r}: no such file")
+    if bool(cert) != bool(key):
+        env.problems.append(
+            "IMGPIPE_GRPC_TLS_CERT and IMGPIPE_GRPC_TLS_KEY go together: set both or neither"
+        )
+    elif server and ca and not cert:
+        env.problems.append(
+            "IMGPIPE_GRPC_TLS_CA makes a server require client certificates, over TLS: set"
+            " IMGPIPE_GRPC_TLS_CERT and IMGPIPE_GRPC_TLS_KEY too"
+        )
+    health_listen = env.address("IMGPIPE_GRPC_HEALTH_LISTEN", "") if server else ""
+    return GrpcTransport(
+        tls=TlsFiles(cert, key, ca, server_name=env.text("IMGPIPE_GRPC_TLS_SERVER_NAME")),
+        health_listen=health_listen,
+        max_connection_age=env.number(
+            "IMGPIPE_GRPC_MAX_CONNECTION_AGE", DEFAULT_MAX_CONNECTION_AGE
+        ),
+        max_connection_age_grace=env.number(
+            "IMGPIPE_GRPC_MAX_CONNECTION_AGE_GRACE", DEFAULT_MAX_CONNECTION_AGE_GRACE
+        ),
+    )
 
 
 def read_metrics_listen(env: _Reader) -> str:
@@ -181,6 +223,18 @@ def check_metrics_port(env: _Reader, metrics: str, name: str, listen: str) -> No
             f"IMGPIPE_METRICS_LISTEN={metrics!r} uses the port of {name}={listen!r}: give metrics"
             " a port of their own"
         )
+
+
+def check_own_port(env: _Reader, name: str, listen: str, settings: CommonSettings) -> None:
+    """`listen` (the variable `name`) takes a port neither the API nor metrics use."""
+    port = listen.rpartition(":")[2]
+    others = {
+        "IMGPIPE_GRPC_LISTEN": settings.grpc_listen,
+        "IMGPIPE_METRICS_LISTEN": settings.metrics_listen,
+    }
+    for other, address in others.items():
+        if listen and address and address.rpartition(":")[2] == port:
+            env.problems.append(f"{name}={listen!r} uses the port of {other}={address!r}")
 
 
 def default_storage_url() -> str:
@@ -546,6 +600,7 @@ class GatewaySettings:
     http_listen: str = "127.0.0.1:8080"
     ingest_addr: str = "127.0.0.1:50051"
     status_addr: str = "127.0.0.1:50052"
+    grpc: GrpcTransport = field(default_factory=GrpcTransport)  # how channels to them dial
     storage: StorageConfig = field(default_factory=lambda: StorageConfig(default_storage_url()))
     max_upload_bytes: int = CsvLimits().max_bytes
     rpc_timeout: float = 10.0
@@ -571,6 +626,7 @@ class GatewaySettings:
             http_listen=env.address("IMGPIPE_HTTP_LISTEN", "127.0.0.1:8080"),
             ingest_addr=env.address("IMGPIPE_INGEST_ADDR", "127.0.0.1:50051"),
             status_addr=env.address("IMGPIPE_STATUS_ADDR", "127.0.0.1:50052"),
+            grpc=read_grpc_transport(env, server=False),
             storage=read_storage(env),
             max_upload_bytes=env.integer(
                 "IMGPIPE_MAX_UPLOAD_BYTES", CsvLimits().max_bytes, minimum=1

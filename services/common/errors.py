@@ -241,7 +241,7 @@ def _packed(message: Any) -> any_pb2.Any:
 
 async def grpc_abort(context: grpc.aio.ServicerContext[Any, Any], error: ImgpipeError) -> NoReturn:
     status = rpc_status.to_status(to_rpc_status(error))
-    await context.abort_with_status(status)  # type: ignore[attr-defined]  # missing from grpc-stubs
+    await context.abort_with_status(status)
     raise AssertionError("abort_with_status returned")  # pragma: no cover
 
 

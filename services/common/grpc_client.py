@@ -7,7 +7,7 @@ The gateway adds the caller's API key (gateway.auth) and the trace context
 from __future__ import annotations
 
 from collections.abc import AsyncIterable, Callable, Iterable
-from typing import Any, cast
+from typing import Any
 
 import grpc
 
@@ -49,6 +49,4 @@ def rewriting_interceptors(rewrite: Rewrite) -> list[grpc.aio.ClientInterceptor]
         ) -> Any:
             return await continuation(rewrite(details), requests)
 
-    # The stubs leave ClientInterceptor a placeholder that must be cast.
-    interceptors = [UnaryUnary(), UnaryStream(), StreamUnary(), StreamStream()]
-    return cast(list[grpc.aio.ClientInterceptor], interceptors)
+    return [UnaryUnary(), UnaryStream(), StreamUnary(), StreamStream()]

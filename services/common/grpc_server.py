@@ -18,6 +18,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from services.common.grpc_transport import GrpcTransport
 from services.common.metrics import GrpcServerInterceptor
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,7 @@ class Health:
     """The health servicer plus the names it reports on."""
 
     def __init__(self, service_names: Sequence[str]) -> None:
-        self.servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
+        self.servicer = health.aio.HealthServicer()
         self.names = ["", *service_names]
 
     async def set(self, serving: bool) -> None:
@@ -72,6 +73,7 @@ async def run_service(
     stop: asyncio.Event | None = None,
     health: Health | None = None,
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    transport: GrpcTransport | None = None,
 ) -> None:
     """Serve until SIGTERM/SIGINT (or `stop` is set), then drain within `grace` seconds.
 
@@ -79,31 +81,32 @@ async def run_service(
     set, having finished or released their in-flight work. A loop that crashes stops the service.
     `health` lets a loop (the dependency monitor) report NOT_SERVING while the service runs.
     `interceptors` see every call (API keys and rate limits: services/common/auth.py).
+    `transport` sets TLS and the connection age (services/common/grpc_transport.py).
     """
+    transport = transport or GrpcTransport()
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
-    # Metrics and trace context outermost: they see calls the other interceptors refuse.
-    server = grpc.aio.server(interceptors=[GrpcServerInterceptor(), *interceptors])
-    if register is not None:
-        register(server)
     health_state = health or Health(service_names)
-    health_pb2_grpc.add_HealthServicer_to_server(health_state.servicer, server)
-    reflection.enable_server_reflection(
-        [
-            *service_names,
-            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-            reflection.SERVICE_NAME,
-        ],
-        server,
-    )
-    if server.add_insecure_port(listen) == 0:
-        raise OSError(f"cannot listen on {listen}")
-    await server.start()
+    server = _server(transport, interceptors, register, health_state, service_names)
+    transport.listen(server, listen)
+    servers = [server]
+    if probes := transport.health_server(health_state.servicer):
+        servers.append(probes)
+    for each in servers:
+        await each.start()
     await health_state.set(True)
-    log.info("serving", extra={"listen": listen, "services": list(service_names)})
+    log.info(
+        "serving",
+        extra={
+            "listen": listen,
+            "services": list(service_names),
+            "tls": transport.tls.enabled,
+            "health_listen": transport.health_listen,
+        },
+    )
 
     tasks = [
         asyncio.create_task(body(stop), name=getattr(body, "__name__", "loop")) for body in loops
@@ -130,9 +133,33 @@ async def run_service(
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         stopper.cancel()
-        await server.stop(grace)
+        await asyncio.gather(*(each.stop(grace) for each in servers))
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
         log.info("stopped")
     if crashed is not None:
         raise crashed
+
+
+def _server(
+    transport: GrpcTransport,
+    interceptors: Sequence[grpc.aio.ServerInterceptor],
+    register: Register | None,
+    health: Health,
+    service_names: Sequence[str],
+) -> grpc.aio.Server:
+    """The server with our services, health and reflection registered, not yet listening."""
+    # Metrics and trace context outermost: they see calls the other interceptors refuse.
+    server = transport.server(interceptors=[GrpcServerInterceptor(), *interceptors])
+    if register is not None:
+        register(server)
+    health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
+    reflection.enable_server_reflection(
+        [
+            *service_names,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ],
+        server,
+    )
+    return server

@@ -49,6 +49,7 @@ async def main(settings: IngestSettings) -> None:
             register=registrar(servicer),
             loops=[monitor.run, feeder.run],
             grace=settings.common.grace_seconds,
+            transport=settings.common.grpc,
             health=health,
             interceptors=[
                 ApiKeyInterceptor(

@@ -92,6 +92,7 @@ async def main(settings: StatusSettings) -> None:
                     stream_stats.run,
                 ],
                 grace=common.grace_seconds,
+                transport=common.grpc,
                 health=health,
                 interceptors=[
                     ApiKeyInterceptor(settings.api_keys, limiter.check_rate, sessions.resolve)

@@ -83,6 +83,7 @@ async def main(settings: WorkerSettings) -> None:
                 listen=common.grpc_listen,
                 loops=[monitor.run, consuming, reconciling, sweeping],
                 grace=common.grace_seconds,
+                transport=common.grpc,
                 health=health,
             )
         finally:

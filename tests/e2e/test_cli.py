@@ -3,22 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import sys
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
 
-from tests.imagegen import photo_like
-from tests.origin import ImageOrigin
-from tests.stack import ROOT, Stack, start_stack
+from tests.origin import ImageOrigin, held_origin
+from tests.stack import ROOT, Stack, live_stack
 from tests.support import free_tcp_port
 
 pytestmark = pytest.mark.e2e
@@ -68,22 +64,6 @@ def write_csv(path: Path, rows: list[tuple[str, str, list[str]]]) -> Path:
     lines += [f'{serial},{name},"{",".join(urls)}"' for serial, name, urls in rows]
     path.write_text("\n".join(lines) + "\n")
     return path
-
-
-def live_stack(
-    tmp_path: Path,
-    database_url: str,
-    redis_url: str,
-    stacks: list[Stack],
-    *origins: int,
-    **extra: str,
-) -> Stack:
-    env = {"IMGPIPE_DATABASE_URL": database_url, "IMGPIPE_REDIS_URL": redis_url, **extra}
-    if origins:
-        env["IMGPIPE_FETCH_ALLOW"] = ",".join(f"127.0.0.1:{port}" for port in origins)
-    stack = start_stack(tmp_path, env)
-    stacks.append(stack)
-    return stack
 
 
 def without_rate(status: dict[str, Any]) -> dict[str, Any]:
@@ -193,27 +173,6 @@ async def test_failed_image_exits_7_and_retry_brings_it_to_all_done(
     assert (final["progress"]["images_done"], final["progress"]["images_failed"]) == (2, 0)
     assert final["products"][0]["errors"] == []
     assert all(final["products"][0]["output_image_urls"])
-
-
-@contextlib.asynccontextmanager
-async def held_origin() -> AsyncIterator[tuple[int, asyncio.Event]]:
-    """An image origin whose answers wait until the event is set."""
-    release = asyncio.Event()
-
-    async def image(request: web.Request) -> web.Response:
-        await release.wait()
-        return web.Response(body=photo_like(64, 48), content_type="image/jpeg")
-
-    app = web.Application()
-    app.router.add_get("/img/{name}", image)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    try:
-        yield runner.addresses[0][1], release
-    finally:
-        release.set()
-        await runner.cleanup()
 
 
 async def test_errors_exit_with_their_codes(

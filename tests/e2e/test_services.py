@@ -9,6 +9,7 @@ import subprocess
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import grpc
@@ -61,7 +62,7 @@ async def channels() -> AsyncIterator[list[grpc.aio.Channel]]:
 async def wait_serving(
     channel: grpc.aio.Channel, process: subprocess.Popen[bytes], log: Path
 ) -> None:
-    stub = health_pb2_grpc.HealthStub(channel)
+    stub: Any = health_pb2_grpc.HealthStub(channel)  # typeshed lists no methods
 
     async def serving() -> bool:
         if process.poll() is not None:
@@ -96,13 +97,14 @@ async def test_health_reflection_and_drain(
     channel = grpc.aio.insecure_channel(listen)
     channels.append(channel)
     await wait_serving(channel, process, log)
-    health = health_pb2_grpc.HealthStub(channel)
+    health: Any = health_pb2_grpc.HealthStub(channel)
 
     if service_name is not None:
         named = await health.Check(health_pb2.HealthCheckRequest(service=service_name), timeout=2)
         assert named.status == SERVING
 
-    reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+    # typeshed types the stub for grpc.Channel only; grpc.aio channels work the same.
+    reflection: Any = reflection_pb2_grpc.ServerReflectionStub(channel)  # type: ignore[arg-type]
     answers = reflection.ServerReflectionInfo(
         iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5
     )

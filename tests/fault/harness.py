@@ -167,7 +167,7 @@ class Service:
 
     async def health(self) -> int:
         """The overall health status; raises grpc.aio.AioRpcError when it does not answer."""
-        stub = health_pb2_grpc.HealthStub(self.channel)
+        stub: Any = health_pb2_grpc.HealthStub(self.channel)  # typeshed lists no methods
         response = await stub.Check(health_pb2.HealthCheckRequest(), timeout=2)
         return int(response.status)
 

@@ -81,7 +81,7 @@ def bearer(key: str) -> tuple[tuple[str, str], ...]:
 class Services:
     ingest: ingest_grpc.IngestServiceAsyncStub
     status: status_grpc.StatusServiceAsyncStub
-    health: health_pb2_grpc.HealthStub
+    health: Any  # a HealthStub: typeshed lists none of its methods
     pool: asyncpg.Pool
     redis: redis.asyncio.Redis
     names: StreamNames
@@ -104,7 +104,7 @@ async def serving_with_keys(
     server = grpc.aio.server(interceptors=[ApiKeyInterceptor(keys, limiter.check_rate)])
     for each in register:
         each(server)
-    health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)  # type: ignore[attr-defined]
+    health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")

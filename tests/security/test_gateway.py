@@ -132,7 +132,7 @@ async def gateway(
     ingest_registrar(ingest)(server)
     status_registrar(status)(server)
     session_registrar(SessionServicer(sessions))(server)
-    health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)  # type: ignore[attr-defined]
+    health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     stop = asyncio.Event()

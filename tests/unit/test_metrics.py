@@ -70,7 +70,7 @@ class Probe:
 @contextlib.asynccontextmanager
 async def probe_server(probe: Probe) -> AsyncIterator[int]:
     server = grpc.aio.server(interceptors=[metrics.GrpcServerInterceptor()])
-    handlers = {
+    handlers: dict[str, grpc.RpcMethodHandler] = {
         "Get": grpc.unary_unary_rpc_method_handler(
             probe.get,
             request_deserializer=status_pb.GetRequestRequest.FromString,
@@ -88,7 +88,7 @@ async def probe_server(probe: Probe) -> AsyncIterator[int]:
         ),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
-    health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)  # type: ignore[attr-defined]
+    health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     try:
@@ -131,7 +131,7 @@ async def test_grpc_calls_are_counted_by_code_and_carry_the_trace_and_request_id
             caller = tracing.TraceContext.new()
             with tracing.bound(caller):
                 await get(status_pb.GetRequestRequest(), timeout=10)
-            health_stub = health_pb2_grpc.HealthStub(channel)
+            health_stub: Any = health_pb2_grpc.HealthStub(channel)  # typeshed lists no methods
             await health_stub.Check(health_pb2.HealthCheckRequest(), timeout=10)
 
     assert {code: handled("Get", code) - before[code] for code in codes} == {
