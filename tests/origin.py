@@ -1,19 +1,24 @@
 """A local image origin on 127.0.0.1 for tests and benchmarks.
 
 `/img/<name>` serves a generated photo (made on first request, then the same bytes), `/text`
-serves text that is not an image, anything else is 404. `delay` adds origin latency.
+serves text that is not an image, anything else is 404. `delay` adds origin latency; `hits`
+counts the requests for each image path.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
+from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from aiohttp import web
 
 from tests.imagegen import photo_like
+
+_SEEDS = itertools.count()
 
 
 @dataclass
@@ -22,6 +27,11 @@ class ImageOrigin:
     size: tuple[int, int]
     served: dict[str, bytes] = field(default_factory=dict)
     missing: set[str] = field(default_factory=set)  # paths answered 404 for now
+    hits: Counter[str] = field(default_factory=Counter)  # requests received, by path
+
+    def hits_of(self, url: str) -> int:
+        """How many times `url` of this origin was requested."""
+        return self.hits[url.removeprefix(f"http://127.0.0.1:{self.port}")]
 
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.port}{path}"
@@ -32,7 +42,9 @@ class ImageOrigin:
 
     def image(self, path: str) -> bytes:
         if path not in self.served:
-            self.served[path] = photo_like(*self.size, seed=len(self.served))
+            # A seed of its own for every image any origin of the process makes: tests share a
+            # database, and equal bytes would be reused from another test's output.
+            self.served[path] = photo_like(*self.size, seed=next(_SEEDS))
         return self.served[path]
 
 
@@ -43,6 +55,7 @@ async def serve_images(
     origin = ImageOrigin(port=0, size=size)
 
     async def image(request: web.Request) -> web.Response:
+        origin.hits[request.path] += 1
         if delay:
             await asyncio.sleep(delay)  # simulated origin latency, not synchronisation
         if request.path in origin.missing:

@@ -72,6 +72,14 @@ class _Reader:
 
         return self.parsed(name, default, parse, "an integer")
 
+    def switch(self, name: str, default: bool) -> bool:
+        def parse(raw: str) -> bool:
+            if raw.lower() not in ("on", "off"):
+                raise ValueError
+            return raw.lower() == "on"
+
+        return self.parsed(name, default, parse, "on or off")
+
     def number(self, name: str, default: float, *, minimum: float = 0.0) -> float:
         def parse(raw: str) -> float:
             value = float(raw)
@@ -369,6 +377,9 @@ class WorkerSettings:
     claim_interval: float = 10.0
     reconcile_interval: float = 30.0
     reconcile_min_age: float = 10.0
+    # Copy the owner's earlier output of the same source bytes and options instead of
+    # compressing again (docs/quality.md, "No repeated work").
+    reuse_outputs: bool = True
 
     @property
     def slowest_image(self) -> float:
@@ -425,6 +436,7 @@ class WorkerSettings:
             claim_interval=env.number("IMGPIPE_CLAIM_INTERVAL", 10.0),
             reconcile_interval=env.number("IMGPIPE_RECONCILE_INTERVAL", 30.0),
             reconcile_min_age=env.number("IMGPIPE_RECONCILE_MIN_AGE", 10.0),
+            reuse_outputs=env.switch("IMGPIPE_REUSE_OUTPUTS", True),
         )
         if settings.visibility_override and settings.visibility_override < settings.slowest_image:
             env.problems.append(

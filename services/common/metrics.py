@@ -67,12 +67,17 @@ IMAGE_BYTES = Counter(
     "Bytes of done images: downloaded (in) and stored (out)",
     ["direction"],
 )
+IMAGES_REUSED = Counter(
+    "imgpipe_images_reused",
+    "Done images whose output was copied from the owner's earlier request (also in images)",
+)
 STAGES = ("fetch", "decode", "encode", "store")
 
 
 def prime_worker() -> None:
     """Create the worker's series at zero, so rates start from the first image."""
     IMAGES.labels("done", "")
+    IMAGES_REUSED.inc(0)
     for stage in STAGES:
         STAGE_SECONDS.labels(stage)
     for direction in ("in", "out"):
@@ -83,6 +88,12 @@ def image_done(bytes_in: int, bytes_out: int) -> None:
     IMAGES.labels("done", "").inc()
     IMAGE_BYTES.labels("in").inc(bytes_in)
     IMAGE_BYTES.labels("out").inc(bytes_out)
+
+
+def image_reused(bytes_in: int, bytes_out: int) -> None:
+    """A done image whose output was copied from the owner's earlier request."""
+    image_done(bytes_in, bytes_out)
+    IMAGES_REUSED.inc()
 
 
 def image_failed(code: str) -> None:

@@ -44,6 +44,7 @@ async def main(settings: WorkerSettings) -> None:
                 retry=settings.retry,
                 buffers=ByteBudget(settings.buffer_bytes),
                 pixels=PixelBudget(settings.pixel_budget),
+                reuse_outputs=settings.reuse_outputs,
             )
             consumer = TaskConsumer(backends.redis, backends.names, settings.consumer_name)
             policy = ConsumePolicy(

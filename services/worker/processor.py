@@ -38,6 +38,7 @@ from services.common.pb.imgpipe.v1 import task_pb2
 from services.common.proto_convert import finished_event, from_proto, progress_event
 from services.common.storage import Storage
 from services.common.streams import StreamNames, publish_event_once, publish_progress
+from services.worker import dedup
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,7 @@ class Processor:
         retry: RetryPolicy,
         buffers: ByteBudget | None = None,
         pixels: PixelBudget | None = None,
+        reuse_outputs: bool = True,
     ) -> None:
         self.pool = pool
         self.redis = redis
@@ -74,6 +76,8 @@ class Processor:
         # Many tasks wait on origins at once; these bound what they hold once the bytes come.
         self.buffers = buffers or ByteBudget(DEFAULT_BUFFER_BYTES)
         self.pixels = pixels or PixelBudget(DEFAULT_PIXEL_BUDGET)
+        # Off: every image is compressed, and nothing is remembered (services/worker/dedup.py).
+        self.reuse_outputs = reuse_outputs
 
     async def process(self, task: task_pb2.ImageTask, deliveries: int = 1) -> None:
         """Bring the task's image to a final state. Raises only for infrastructure failures
@@ -130,6 +134,14 @@ class Processor:
             await lease.reserve(len(data))  # a body without Content-Length is counted now
             options = from_proto(task.options)
             loop = asyncio.get_running_loop()
+            digests = None
+            if self.reuse_outputs:
+                digests = await loop.run_in_executor(self.executor, dedup.digests_of, data, options)
+                reused = await dedup.reuse_stored(
+                    self.pool, self.storage, request_id, task.image_id, digests
+                )
+                if reused is not None:
+                    return await self._record_reused(task, len(data), reused, digests)
             try:
                 result = await loop.run_in_executor(
                     self.executor, compress, data, options, self.image_limits, self.pixels
@@ -160,9 +172,39 @@ class Processor:
                 ssim=result.ssim,
                 quality=result.quality,
                 note=result.note,
+                digests=digests,
             )
         if counters is not None:  # None: another delivery recorded it first
             metrics.image_done(bytes_in, len(result.data))
+        return counters
+
+    async def _record_reused(
+        self,
+        task: task_pb2.ImageTask,
+        bytes_in: int,
+        reused: dedup.Reused,
+        digests: queries.SourceDigests,
+    ) -> queries.Counters | None:
+        """Record an output copied from the owner's earlier request (services/worker/dedup.py)."""
+        output = reused.output
+        async with self.pool.acquire() as conn:
+            counters = await queries.record_image_done(
+                conn,
+                task.image_id,
+                output_key=reused.key,
+                bytes_in=bytes_in,
+                bytes_out=output.bytes_out,
+                width=output.width,
+                height=output.height,
+                kept_source=output.kept_source,
+                ssim=output.ssim,
+                quality=output.quality,
+                note=output.note or "",
+                digests=digests,
+                reused_from=output.image_id,
+            )
+        if counters is not None:
+            metrics.image_reused(bytes_in, output.bytes_out)
         return counters
 
     async def _fetch_with_retries(self, task: task_pb2.ImageTask, lease: Lease) -> bytes:
