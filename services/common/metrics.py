@@ -84,16 +84,13 @@ def prime_worker() -> None:
         IMAGE_BYTES.labels(direction)
 
 
-def image_done(bytes_in: int, bytes_out: int) -> None:
+def image_done(bytes_in: int, bytes_out: int, *, reused: bool = False) -> None:
+    """`reused`: its output was copied from the owner's earlier request."""
     IMAGES.labels("done", "").inc()
     IMAGE_BYTES.labels("in").inc(bytes_in)
     IMAGE_BYTES.labels("out").inc(bytes_out)
-
-
-def image_reused(bytes_in: int, bytes_out: int) -> None:
-    """A done image whose output was copied from the owner's earlier request."""
-    image_done(bytes_in, bytes_out)
-    IMAGES_REUSED.inc()
+    if reused:
+        IMAGES_REUSED.inc()
 
 
 def image_failed(code: str) -> None:

@@ -13,6 +13,7 @@ of the URL, and the outcome recorded for that image is theirs too (services/comm
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -59,8 +60,8 @@ def digests_of(data: bytes, options: ImageOptions) -> queries.SourceDigests:
 class Reused:
     """An earlier output, copied under this image's own key."""
 
-    key: str
-    output: queries.ReusableOutput
+    output: queries.StoredOutput  # with this image's key
+    from_image: int  # the image it was copied from
 
 
 async def reuse_stored(
@@ -87,4 +88,4 @@ async def reuse_stored(
                 extra={"image_id": image_id, "key": found.output_key},
             )
             return None
-    return Reused(key, found)
+    return Reused(dataclasses.replace(found, output_key=key), found.image_id)

@@ -141,7 +141,9 @@ class Processor:
                     self.pool, self.storage, request_id, task.image_id, digests
                 )
                 if reused is not None:
-                    return await self._record_reused(task, len(data), reused, digests)
+                    return await self._record_done(
+                        task, len(data), reused.output, digests, reused_from=reused.from_image
+                    )
             try:
                 result = await loop.run_in_executor(
                     self.executor, compress, data, options, self.image_limits, self.pixels
@@ -159,39 +161,34 @@ class Processor:
         started = time.perf_counter()
         await self.storage.put(key, result.data, result.content_type)
         metrics.STAGE_SECONDS.labels("store").observe(time.perf_counter() - started)
-        async with self.pool.acquire() as conn:
-            counters = await queries.record_image_done(
-                conn,
-                task.image_id,
-                output_key=key,
-                bytes_in=bytes_in,
-                bytes_out=len(result.data),
-                width=result.width,
-                height=result.height,
-                kept_source=result.kept_source,
-                ssim=result.ssim,
-                quality=result.quality,
-                note=result.note,
-                digests=digests,
-            )
-        if counters is not None:  # None: another delivery recorded it first
-            metrics.image_done(bytes_in, len(result.data))
-        return counters
+        output = queries.StoredOutput(
+            task.image_id,
+            key,
+            len(result.data),
+            result.width,
+            result.height,
+            result.kept_source,
+            result.ssim,
+            result.quality,
+            result.note,
+        )
+        return await self._record_done(task, bytes_in, output, digests)
 
-    async def _record_reused(
+    async def _record_done(
         self,
         task: task_pb2.ImageTask,
         bytes_in: int,
-        reused: dedup.Reused,
-        digests: queries.SourceDigests,
+        output: queries.StoredOutput,
+        digests: queries.SourceDigests | None,
+        reused_from: int | None = None,
     ) -> queries.Counters | None:
-        """Record an output copied from the owner's earlier request (services/worker/dedup.py)."""
-        output = reused.output
+        """Record the image Done with `output`, stored under its key (`reused_from`: the image
+        whose output was copied there, services/worker/dedup.py)."""
         async with self.pool.acquire() as conn:
             counters = await queries.record_image_done(
                 conn,
                 task.image_id,
-                output_key=reused.key,
+                output_key=output.output_key,
                 bytes_in=bytes_in,
                 bytes_out=output.bytes_out,
                 width=output.width,
@@ -201,10 +198,10 @@ class Processor:
                 quality=output.quality,
                 note=output.note or "",
                 digests=digests,
-                reused_from=output.image_id,
+                reused_from=reused_from,
             )
-        if counters is not None:
-            metrics.image_reused(bytes_in, output.bytes_out)
+        if counters is not None:  # None: another delivery recorded it first
+            metrics.image_done(bytes_in, output.bytes_out, reused=reused_from is not None)
         return counters
 
     async def _fetch_with_retries(self, task: task_pb2.ImageTask, lease: Lease) -> bytes:

@@ -531,8 +531,8 @@ async def record_image_failed(
 
 
 @dataclass(frozen=True, slots=True)
-class ReusableOutput:
-    """An output stored for an earlier image of the same owner, source and options."""
+class StoredOutput:
+    """An image's output as stored under `output_key`, and what it kept."""
 
     image_id: int
     output_key: str
@@ -547,7 +547,7 @@ class ReusableOutput:
 
 async def find_reusable_output(
     conn: Connection, request_id: uuid.UUID, digests: SourceDigests
-) -> ReusableOutput | None:
+) -> StoredOutput | None:
     """The output the owner of `request_id` stored for the same source and options, if any."""
     row = await conn.fetchrow(
         """SELECT o.image_id, o.output_key, o.bytes_out, o.width, o.height, o.kept_source,
@@ -559,7 +559,7 @@ async def find_reusable_output(
         digests.source,
         digests.options,
     )
-    return ReusableOutput(**dict(row)) if row else None
+    return StoredOutput(**dict(row)) if row else None
 
 
 def _counters(row: asyncpg.Record | None) -> Counters:
