@@ -37,7 +37,10 @@ def log(message: str) -> None:
 def running_stack(env: dict[str, str]) -> Iterator[Stack]:
     """The whole stack in a fresh data folder; stopped (SIGTERM to the launcher) on exit."""
     with tempfile.TemporaryDirectory(prefix="imgpipe-bench-") as tmp:
-        stack = start_stack(Path(tmp), {"IMGPIPE_LOG_LEVEL": "WARNING", **env})
+        # Benchmarks send the same photos again and again to one stack: reusing earlier outputs
+        # would measure copies, not compression. B12 switches it on where it is the subject.
+        defaults = {"IMGPIPE_LOG_LEVEL": "WARNING", "IMGPIPE_REUSE_OUTPUTS": "off"}
+        stack = start_stack(Path(tmp), defaults | env)
         try:
             yield stack
         finally:

@@ -125,6 +125,7 @@ async def measure(
         "IMGPIPE_WORKER_CONCURRENCY": str(settings.scaleout_concurrency),
         "IMGPIPE_GRACE_SECONDS": str(GRACE_SECONDS),
         "IMGPIPE_LOG_LEVEL": "WARNING",
+        "IMGPIPE_REUSE_OUTPUTS": "off",  # the same photos under many URLs: compress each
     }
     started = [start_group(shared.folder, f"{groups}{chr(65 + g)}", env) for g in range(groups)]
     meter, rates = CpuMeter(), []

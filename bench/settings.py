@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
-BENCHMARKS = ("B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B9", "B10", "B11")
+BENCHMARKS = ("B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B9", "B10", "B11", "B12")
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +36,7 @@ class BenchSettings:
     # IMGPIPE_BENCH_FAIR_DELAY: origin latency per image in B9, so that the workers' tasks in
     # flight (2 × 32) cap the rate below what the first request would finish in its head start.
     fair_delay: float = 0.5
+    dedup_rows: int = 300  # IMGPIPE_BENCH_DEDUP_ROWS: rows of B12's catalog (30 % repeats)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> BenchSettings:
@@ -92,6 +93,7 @@ class BenchSettings:
             fair_head_start=number("FAIR_HEAD_START", defaults.fair_head_start, float),
             hol_delay=number("HOL_DELAY", defaults.hol_delay, float),
             fair_delay=number("FAIR_DELAY", defaults.fair_delay, float),
+            dedup_rows=int(number("DEDUP_ROWS", defaults.dedup_rows, int)),
         )
         if problems:
             raise ValueError("; ".join(problems))

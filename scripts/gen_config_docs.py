@@ -204,12 +204,7 @@ MEANINGS: dict[str, Meaning] = {
         "seconds; longest live-progress stream (at most 600); clients reconnect"
     ),
     "IMGPIPE_PAGE_CACHE_BYTES": Meaning("bytes of rendered `GET /status` pages kept"),
-}
-
-# Settings that branches being merged now add to config.py, explained in advance so that the
-# merge needs only `make docs`. Until then they may be missing; once merged, move each into
-# MEANINGS at its place and empty this.
-FORTHCOMING: dict[str, Meaning] = {
+    # --- gRPC transport (docs/grpc.md), reuse, retention ---------------------------------
     "IMGPIPE_GRPC_TLS_CERT": Meaning(
         "PEM file: the service's certificate; with the key, the service serves TLS"
         " ([grpc.md](grpc.md))"
@@ -393,10 +388,7 @@ def render_default(variable: Variable, meaning: Meaning) -> str:
 
 
 def render(variables: Mapping[str, Variable]) -> str:
-    meanings = {
-        **MEANINGS,
-        **{name: FORTHCOMING[name] for name in variables if name in FORTHCOMING},
-    }
+    meanings = MEANINGS
     unexplained = sorted(set(variables) - set(meanings))
     unread = sorted(set(MEANINGS) - set(variables))
     if unexplained or unread:

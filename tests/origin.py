@@ -1,13 +1,15 @@
 """A local image origin on 127.0.0.1 for tests and benchmarks.
 
 `/img/<name>` serves a generated photo (made on first request, then the same bytes), `/text`
-serves text that is not an image, anything else is 404. `delay` adds origin latency.
+serves text that is not an image, anything else is 404. `delay` adds origin latency; `hits`
+counts the requests for each image path.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -15,6 +17,8 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 from tests.imagegen import photo_like
+
+_SEEDS = itertools.count()
 
 
 @dataclass
@@ -26,6 +30,11 @@ class ImageOrigin:
     # (path, time.monotonic()) of every image request, when it arrived
     hits: list[tuple[str, float]] = field(default_factory=list)
 
+    def hits_of(self, url: str) -> int:
+        """How many times `url` of this origin was requested."""
+        path = url.removeprefix(f"http://127.0.0.1:{self.port}")
+        return sum(1 for hit, _ in self.hits if hit == path)
+
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.port}{path}"
 
@@ -35,7 +44,9 @@ class ImageOrigin:
 
     def image(self, path: str) -> bytes:
         if path not in self.served:
-            self.served[path] = photo_like(*self.size, seed=len(self.served))
+            # A seed of its own for every image any origin of the process makes: tests share a
+            # database, and equal bytes would be reused from another test's output.
+            self.served[path] = photo_like(*self.size, seed=next(_SEEDS))
         return self.served[path]
 
 

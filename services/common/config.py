@@ -78,6 +78,14 @@ class _Reader:
 
         return self.parsed(name, default, parse, "an integer")
 
+    def switch(self, name: str, default: bool) -> bool:
+        def parse(raw: str) -> bool:
+            if raw.lower() not in ("on", "off"):
+                raise ValueError
+            return raw.lower() == "on"
+
+        return self.parsed(name, default, parse, "on or off")
+
     def number(self, name: str, default: float, *, minimum: float = 0.0) -> float:
         def parse(raw: str) -> float:
             value = float(raw)
@@ -426,6 +434,9 @@ class WorkerSettings:
     # Final requests older than this many days are deleted by the janitor; 0 keeps everything.
     retention_days: int = 30
     janitor_interval: float = 300.0
+    # Copy the owner's earlier output of the same source bytes and options instead of
+    # compressing again (docs/quality.md, "No repeated work").
+    reuse_outputs: bool = True
 
     @property
     def slowest_image(self) -> float:
@@ -484,6 +495,7 @@ class WorkerSettings:
             reconcile_min_age=env.number("IMGPIPE_RECONCILE_MIN_AGE", 10.0),
             retention_days=env.integer("IMGPIPE_RETENTION_DAYS", 30, minimum=0),
             janitor_interval=env.number("IMGPIPE_JANITOR_INTERVAL", 300.0),
+            reuse_outputs=env.switch("IMGPIPE_REUSE_OUTPUTS", True),
         )
         if settings.visibility_override and settings.visibility_override < settings.slowest_image:
             env.problems.append(

@@ -75,6 +75,10 @@ IMAGE_BYTES = Counter(
     "Bytes of done images: downloaded (in) and stored (out)",
     ["direction"],
 )
+IMAGES_REUSED = Counter(
+    "imgpipe_images_reused",
+    "Done images whose output was copied from the owner's earlier request (also in images)",
+)
 STAGES = ("fetch", "decode", "encode", "store")
 
 
@@ -97,6 +101,7 @@ BUDGETS = ("bytes", "pixels")
 def prime_worker() -> None:
     """Create the worker's series at zero, so rates start from the first image."""
     IMAGES.labels("done", "")
+    IMAGES_REUSED.inc(0)
     for stage in STAGES:
         STAGE_SECONDS.labels(stage)
     for direction in ("in", "out"):
@@ -124,10 +129,13 @@ RETENTION_BYTES = Counter(
 )
 
 
-def image_done(bytes_in: int, bytes_out: int) -> None:
+def image_done(bytes_in: int, bytes_out: int, *, reused: bool = False) -> None:
+    """`reused`: its output was copied from the owner's earlier request."""
     IMAGES.labels("done", "").inc()
     IMAGE_BYTES.labels("in").inc(bytes_in)
     IMAGE_BYTES.labels("out").inc(bytes_out)
+    if reused:
+        IMAGES_REUSED.inc()
 
 
 def image_failed(code: str) -> None:

@@ -131,6 +131,11 @@ class Storage:
                 self.store, key, data, attributes={"Content-Type": content_type}
             )
 
+    async def copy(self, source: str, destination: str) -> None:
+        """Copy an object inside the store (server-side on S3: the bytes do not travel), with
+        its attributes; FileNotFoundError when `source` does not exist."""
+        await obstore.copy_async(self.store, source, destination)
+
     async def get(self, key: str) -> bytes:
         """The object's bytes; FileNotFoundError when it does not exist."""
         result = await obstore.get_async(self.store, key)

@@ -360,6 +360,8 @@ class IngestServicer(ingest_grpc.IngestServiceServicer):
                 reservation = await self.limiter.take_images(principal, images)
                 if reservation is not None:
                     reserved.append(reservation)
+            # A URL repeated in the request is fetched and compressed once (its first image).
+            await queries.link_repeated_urls(conn, request_id)
             await queries.complete_request_insert(
                 conn,
                 request_id,

@@ -45,6 +45,7 @@ async def main(settings: WorkerSettings) -> None:
                 retry=settings.retry,
                 buffers=ByteBudget(settings.buffer_bytes, metrics.budget_waited("bytes")),
                 pixels=PixelBudget(settings.pixel_budget, metrics.budget_waited("pixels")),
+                reuse_outputs=settings.reuse_outputs,
             )
             consumer = TaskConsumer(backends.redis, backends.names, settings.consumer_name)
             policy = ConsumePolicy(

@@ -37,6 +37,7 @@ from services.common.proto_convert import finished_event, from_proto, progress_e
 from services.common.storage import Storage
 from services.common.stored_csv import render_output_csv
 from services.common.streams import StreamNames, publish_event_once, publish_progress
+from services.worker import dedup
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,7 @@ class Processor:
         retry: RetryPolicy,
         buffers: ByteBudget | None = None,
         pixels: PixelBudget | None = None,
+        reuse_outputs: bool = True,
     ) -> None:
         self.pool = pool
         self.redis = redis
@@ -73,6 +75,8 @@ class Processor:
         # Many tasks wait on origins at once; these bound what they hold once the bytes come.
         self.buffers = buffers or ByteBudget(DEFAULT_BUFFER_BYTES)
         self.pixels = pixels or PixelBudget(DEFAULT_PIXEL_BUDGET)
+        # Off: every image is compressed, and nothing is remembered (services/worker/dedup.py).
+        self.reuse_outputs = reuse_outputs
 
     async def process(self, task: task_pb2.ImageTask, deliveries: int = 1) -> None:
         """Bring the task's image to a final state. Raises only for infrastructure failures
@@ -132,6 +136,16 @@ class Processor:
             await lease.reserve(len(data))  # a body without Content-Length is counted now
             options = from_proto(task.options)
             loop = asyncio.get_running_loop()
+            digests = None
+            if self.reuse_outputs:
+                digests = await loop.run_in_executor(self.executor, dedup.digests_of, data, options)
+                reused = await dedup.reuse_stored(
+                    self.pool, self.storage, request_id, task.image_id, digests
+                )
+                if reused is not None:
+                    return await self._record_done(
+                        task, len(data), reused.output, digests, reused_from=reused.from_image
+                    )
             try:
                 result = await loop.run_in_executor(
                     self.executor, compress, data, options, self.image_limits, self.pixels
@@ -151,34 +165,53 @@ class Processor:
         with telemetry.span("store", attributes={"imgpipe.bytes": len(result.data)}):
             await self.storage.put(key, result.data, result.content_type)
         metrics.STAGE_SECONDS.labels("store").observe(time.perf_counter() - started)
+        output = queries.StoredOutput(
+            task.image_id,
+            key,
+            len(result.data),
+            result.width,
+            result.height,
+            result.kept_source,
+            result.ssim,
+            result.quality,
+            result.note,
+        )
         with telemetry.span("record"):
-            counters = await self._record_done(task, key, bytes_in, result)
-        if counters is not None:  # None: another delivery recorded it first
-            metrics.image_done(bytes_in, len(result.data))
-        return counters
+            return await self._record_done(task, bytes_in, output, digests)
 
     async def _record_done(
-        self, task: task_pb2.ImageTask, key: str, bytes_in: int, result: Compressed
+        self,
+        task: task_pb2.ImageTask,
+        bytes_in: int,
+        output: queries.StoredOutput,
+        digests: queries.SourceDigests | None,
+        reused_from: int | None = None,
     ) -> queries.Counters | None:
+        """Record the image Done with `output`, stored under its key (`reused_from`: the image
+        whose output was copied there, services/worker/dedup.py)."""
         async with self.pool.acquire() as conn:
             counters = await queries.record_image_done(
                 conn,
                 task.image_id,
-                output_key=key,
+                output_key=output.output_key,
                 bytes_in=bytes_in,
-                bytes_out=len(result.data),
-                width=result.width,
-                height=result.height,
-                kept_source=result.kept_source,
-                ssim=result.ssim,
-                quality=result.quality,
-                note=result.note,
+                bytes_out=output.bytes_out,
+                width=output.width,
+                height=output.height,
+                kept_source=output.kept_source,
+                ssim=output.ssim,
+                quality=output.quality,
+                note=output.note or "",
+                digests=digests,
+                reused_from=reused_from,
             )
             gone = counters is None and await queries.image_status(conn, task.image_id) is None
-        if gone:
+        if counters is not None:  # None: another delivery recorded it first
+            metrics.image_done(bytes_in, output.bytes_out, reused=reused_from is not None)
+        elif gone:
             # The request was deleted while this image was in flight: the delete listed the
             # store before this output was written, so it is this task's to remove.
-            await self.storage.delete([key])
+            await self.storage.delete([output.output_key])
         return counters
 
     async def _fetch_with_retries(self, task: task_pb2.ImageTask, lease: Lease) -> bytes:

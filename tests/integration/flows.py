@@ -105,3 +105,13 @@ async def released_rows(pool: asyncpg.Pool, request_id: str) -> list[asyncpg.Rec
         all_released, timeout=10, message=f"every image of {request_id} released"
     )
     return await image_rows(pool, request_id)
+
+
+async def wait_final(pool: asyncpg.Pool, request_id: str) -> asyncpg.Record:
+    """The request's row once it is Completed or Failed."""
+
+    async def final() -> asyncpg.Record | None:
+        row = await pool.fetchrow("SELECT * FROM requests WHERE id = $1", uuid.UUID(request_id))
+        return row if row and row["status"] in ("Completed", "Failed") else None
+
+    return await wait_until_async(final, timeout=30, message=f"request {request_id} final")

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.integration
 URLS = ["http://img.example/a.jpg", "http://img.example/b.jpg"]
 
 
-async def test_upload_stores_products_and_publishes_one_task_per_image(
+async def test_upload_stores_products_and_publishes_one_task_per_distinct_url(
     ingest_stub: ingest_grpc.IngestServiceAsyncStub,
     pool: asyncpg.Pool,
     redis_client: redis.asyncio.Redis,
@@ -49,8 +49,17 @@ async def test_upload_stores_products_and_publishes_one_task_per_image(
         (4, 0, URLS[0]),
         (4, 1, URLS[1]),
     ]
-    tasks = await released_tasks(redis_client, names, 5)
-    assert sorted(t.image_id for t in tasks) == sorted(r["id"] for r in rows)
+    # A URL repeated in the request is one task: its later images follow the first one's.
+    leaders = {r["input_url"]: r["id"] for r in reversed(rows)}
+    assert [r["leader_id"] for r in rows] == [
+        None,
+        None,
+        rows[0]["id"],
+        rows[0]["id"],
+        rows[1]["id"],
+    ]
+    tasks = await released_tasks(redis_client, names, 2)
+    assert sorted(t.image_id for t in tasks) == sorted(leaders.values())
     assert {t.request_id for t in tasks} == {accepted.request_id}
     assert all(
         t.options.quality == 70 and t.options.format == task_pb2.OUTPUT_FORMAT_WEBP for t in tasks

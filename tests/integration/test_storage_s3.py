@@ -67,6 +67,24 @@ async def test_objects_round_trip_with_their_content_type(
         await presigned(seaweed).get(key)
 
 
+async def test_a_copy_is_made_in_the_store_with_its_content_type(
+    seaweed: SeaweedS3, http: aiohttp.ClientSession
+) -> None:
+    storage = presigned(seaweed)
+    await storage.put("requests/r1/images/1.jpg", JPEG, "image/jpeg")
+
+    # Reuse across requests (services/worker/dedup.py): the copy is under the new request's key.
+    await storage.copy("requests/r1/images/1.jpg", "requests/r2/images/7.jpg")
+
+    assert await storage.get("requests/r2/images/7.jpg") == JPEG
+    status, content_type, _ = await fetch(
+        http, await storage.public_url("requests/r2/images/7.jpg")
+    )
+    assert (status, content_type) == (200, "image/jpeg")
+    with pytest.raises(FileNotFoundError):
+        await storage.copy("requests/r1/images/gone.jpg", "requests/r2/images/8.jpg")
+
+
 async def test_probe_answers_while_the_server_does_and_fails_without_it(
     seaweed: SeaweedS3,
 ) -> None:

@@ -25,7 +25,14 @@ from services.common.streams import EVENT_FIELD, StreamNames, TaskConsumer
 from services.worker.processor import Processor
 from services.worker.runner import ConsumePolicy, consume
 from tests import photos
-from tests.integration.flows import csv_of, image_rows, released_rows, stream_messages, upload
+from tests.integration.flows import (
+    csv_of,
+    image_rows,
+    released_rows,
+    stream_messages,
+    upload,
+    wait_final,
+)
 from tests.origin import ImageOrigin
 from tests.support import wait_until_async
 
@@ -43,14 +50,6 @@ async def running_worker(
     finally:
         stop.set()
         await asyncio.wait_for(task, timeout=10)
-
-
-async def wait_final(pool: asyncpg.Pool, request_id: str) -> asyncpg.Record:
-    async def final() -> asyncpg.Record | None:
-        row = await pool.fetchrow("SELECT * FROM requests WHERE id = $1", uuid.UUID(request_id))
-        return row if row and row["status"] in ("Completed", "Failed") else None
-
-    return await wait_until_async(final, timeout=30, message=f"request {request_id} final")
 
 
 async def finished_events(

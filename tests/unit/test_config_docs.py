@@ -67,15 +67,3 @@ def test_defaults_are_shown_as_operators_write_them() -> None:
     assert generator.show_default(frozenset({443, 80})) == "`80,443`"
     assert generator.show_default("") == "—"
     assert generator.show_default(True) == "`on`"
-
-
-def test_a_forthcoming_variable_is_explained_once_it_is_read(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    generator = _generator()
-    meanings = dict(generator.MEANINGS)
-    meaning = meanings.pop("IMGPIPE_MAX_ROWS")
-    monkeypatch.setattr(generator, "MEANINGS", meanings)
-    monkeypatch.setattr(generator, "FORTHCOMING", {"IMGPIPE_MAX_ROWS": meaning})
-    page = generator.render(generator.read_variables())
-    assert f"| `IMGPIPE_MAX_ROWS` | `100000` | ingest | an integer ≥ 1 | {meaning.text} |" in page

@@ -149,6 +149,20 @@ async def insert_products(
     return len(images)
 
 
+async def link_repeated_urls(conn: Connection, request_id: uuid.UUID) -> int:
+    """Make every later image of a source URL that appears more than once in the request a
+    follower of its first (lowest id): only that leader is fetched and compressed, and its
+    outcome is recorded for its followers too. Returns how many followers there are."""
+    result = await conn.execute(
+        """UPDATE images i SET leader_id = d.leader
+             FROM (SELECT id, min(id) OVER (PARTITION BY input_url) AS leader
+                     FROM images WHERE request_id = $1) d
+            WHERE i.id = d.id AND d.id <> d.leader""",
+        request_id,
+    )
+    return int(result.split()[-1])
+
+
 async def refresh_statistics(conn: Connection) -> None:
     await conn.execute("ANALYZE products; ANALYZE images")
 
@@ -186,7 +200,8 @@ async def set_stream_entries(
 
 # ---------------------------------------------------------------- scheduler (the feeder)
 # An image is released when its task goes on the stream (enqueued_at set); Pending images not
-# yet released are the backlog that Postgres holds (docs/scheduling.md).
+# yet released are the backlog that Postgres holds (docs/scheduling.md). Followers of a
+# repeated URL (leader_id set) are never released: their leader's outcome becomes theirs.
 
 
 async def released_count(conn: Connection) -> int:
@@ -214,6 +229,7 @@ async def waiting_requests(conn: Connection, *, up_to: int, limit: int) -> list[
                   SELECT count(*) AS n FROM (
                          SELECT 1 FROM images
                           WHERE request_id = r.id AND status = 'Pending' AND enqueued_at IS NULL
+                            AND leader_id IS NULL
                           LIMIT $1) s) w
             WHERE r.status IN ('Pending', 'Processing') AND w.n > 0
             ORDER BY r.created_at
@@ -243,7 +259,7 @@ async def next_waiting_images(conn: Connection, counts: dict[uuid.UUID, int]) ->
             CROSS JOIN LATERAL (
                   SELECT id, input_url FROM images
                    WHERE request_id = c.request_id AND status = 'Pending'
-                     AND enqueued_at IS NULL
+                     AND enqueued_at IS NULL AND leader_id IS NULL
                    ORDER BY id LIMIT c.n) i
             ORDER BY c.request_id, i.id""",
         list(counts),
@@ -274,7 +290,7 @@ async def mark_released(conn: Connection) -> int:
             WHERE published_at IS NULL AND status IN ('Pending', 'Processing')
               AND NOT EXISTS (SELECT 1 FROM images i
                                WHERE i.request_id = r.id AND i.status = 'Pending'
-                                 AND i.enqueued_at IS NULL)"""
+                                 AND i.enqueued_at IS NULL AND i.leader_id IS NULL)"""
     )
     return int(result.split()[-1])
 
@@ -370,46 +386,100 @@ async def record_attempt(
     return int(attempts or 0)
 
 
-# One statement per outcome: the image's conditional state change and the request's counters
-# move atomically in a single round trip (the hot path of every worker). When the image was
-# already final, the CTE updates nothing and neither does the request.
-_COUNTERS = """
-    UPDATE requests
-       SET images_done = images_done + CASE WHEN img.done THEN 1 ELSE 0 END,
-           images_failed = images_failed + CASE WHEN img.done THEN 0 ELSE 1 END,
-           bytes_in = requests.bytes_in + COALESCE(img.bytes_in, 0),
-           bytes_out = requests.bytes_out + COALESCE(img.bytes_out, 0),
-           ssim_sum = requests.ssim_sum + COALESCE(img.ssim, 0),
-           ssim_count = requests.ssim_count + CASE WHEN img.ssim IS NULL THEN 0 ELSE 1 END,
-           status = CASE WHEN status = 'Pending' THEN 'Processing' ELSE status END,
-           updated_at = now()
-      FROM img
-     WHERE requests.id = img.request_id
- RETURNING requests.id, images_total, images_done, images_failed, status,
-           requests.bytes_in, requests.bytes_out, requests.ssim_sum, requests.ssim_count"""
+# One statement per outcome: the image's conditional state change, the same outcome for its
+# followers (images of the same URL later in the request) and the request's counters move
+# atomically in a single round trip (the hot path of every worker). When the image was already
+# final, the CTEs update nothing and neither does the request.
+_FOLLOWERS_AND_COUNTERS = """,
+img AS (
+    SELECT request_id, count(*) FILTER (WHERE done) AS done,
+           count(*) FILTER (WHERE NOT done) AS failed,
+           COALESCE(sum(bytes_in), 0) AS bytes_in, COALESCE(sum(bytes_out), 0) AS bytes_out,
+           COALESCE(sum(ssim::double precision), 0) AS ssim_sum, count(ssim) AS ssim_count
+      FROM (SELECT request_id, bytes_in, bytes_out, ssim, done FROM leader
+            UNION ALL
+            SELECT request_id, bytes_in, bytes_out, ssim, done FROM followers) outcomes
+     GROUP BY request_id)
+UPDATE requests
+   SET images_done = images_done + img.done,
+       images_failed = images_failed + img.failed,
+       bytes_in = requests.bytes_in + img.bytes_in,
+       bytes_out = requests.bytes_out + img.bytes_out,
+       ssim_sum = requests.ssim_sum + img.ssim_sum,
+       ssim_count = requests.ssim_count + img.ssim_count,
+       status = CASE WHEN status = 'Pending' THEN 'Processing' ELSE status END,
+       updated_at = now()
+  FROM img
+ WHERE requests.id = img.request_id
+RETURNING requests.id, images_total, images_done, images_failed, status,
+          requests.bytes_in, requests.bytes_out, requests.ssim_sum, requests.ssim_count"""
 
+# $11: the image whose stored output was copied (another request's), else NULL. $12, $13: the
+# source's and the options' digests (services/worker/dedup.py); when given, the output is
+# remembered for the owner's later requests (the newest copy wins, so deleting an older request
+# keeps the output reusable).
 _IMAGE_DONE = (
     """
-WITH img AS (
+WITH leader AS (
     UPDATE images
        SET status = 'Done', output_key = $2, bytes_in = $3, bytes_out = $4, width = $5,
-           height = $6, kept_source = $7, ssim = $8, quality = $9, note = $10,
+           height = $6, kept_source = $7, ssim = $8, quality = $9, note = $10, reused_from = $11,
            attempts = attempts + 1, error_code = NULL, error_message = NULL, updated_at = now()
      WHERE id = $1 AND status = 'Pending'
- RETURNING request_id, bytes_in, bytes_out, ssim::double precision, true AS done)"""
-    + _COUNTERS
+ RETURNING id, request_id, output_key, bytes_in, bytes_out, width, height, kept_source, ssim,
+           quality, note, true AS done),
+followers AS (
+    UPDATE images f
+       SET status = 'Done', output_key = l.output_key, bytes_in = l.bytes_in,
+           bytes_out = l.bytes_out, width = l.width, height = l.height,
+           kept_source = l.kept_source, ssim = l.ssim, quality = l.quality, note = l.note,
+           error_code = NULL, error_message = NULL, updated_at = now()
+      FROM leader l
+     WHERE f.leader_id = l.id AND f.status = 'Pending'
+ RETURNING f.request_id, f.bytes_in, f.bytes_out, f.ssim, true AS done),
+remembered AS (
+    INSERT INTO reusable_outputs (owner, source_sha256, options_sha256, request_id, image_id,
+                                  output_key, bytes_out, width, height, kept_source, ssim,
+                                  quality, note)
+    SELECT r.owner, $12, $13, l.request_id, l.id, l.output_key, l.bytes_out, l.width, l.height,
+           l.kept_source, l.ssim, l.quality, l.note
+      FROM leader l JOIN requests r ON r.id = l.request_id
+     WHERE $12::bytea IS NOT NULL AND $13::bytea IS NOT NULL
+        ON CONFLICT (owner, source_sha256, options_sha256) DO UPDATE
+       SET request_id = excluded.request_id, image_id = excluded.image_id,
+           output_key = excluded.output_key, bytes_out = excluded.bytes_out,
+           width = excluded.width, height = excluded.height,
+           kept_source = excluded.kept_source, ssim = excluded.ssim,
+           quality = excluded.quality, note = excluded.note, created_at = now())"""
+    + _FOLLOWERS_AND_COUNTERS
 )
 
 _IMAGE_FAILED = (
     """
-WITH img AS (
+WITH leader AS (
     UPDATE images
        SET status = 'Failed', error_code = $2, error_message = $3, updated_at = now()
      WHERE id = $1 AND status = 'Pending'
- RETURNING request_id, NULL::integer AS bytes_in, NULL::integer AS bytes_out,
-           NULL::double precision AS ssim, false AS done)"""
-    + _COUNTERS
+ RETURNING id, request_id, NULL::integer AS bytes_in, NULL::integer AS bytes_out,
+           NULL::real AS ssim, false AS done),
+followers AS (
+    UPDATE images f
+       SET status = 'Failed', error_code = $2, error_message = $3, updated_at = now()
+      FROM leader l
+     WHERE f.leader_id = l.id AND f.status = 'Pending'
+ RETURNING f.request_id, NULL::integer AS bytes_in, NULL::integer AS bytes_out,
+           NULL::real AS ssim, false AS done)"""
+    + _FOLLOWERS_AND_COUNTERS
 )
+
+
+@dataclass(frozen=True, slots=True)
+class SourceDigests:
+    """What identifies an output across an owner's requests: the sha256 of the source's bytes
+    and the digest of the options that change the output (services/worker/dedup.py)."""
+
+    source: bytes
+    options: bytes
 
 
 async def record_image_done(
@@ -425,10 +495,14 @@ async def record_image_done(
     ssim: float | None = None,
     quality: int | None = None,
     note: str = "",
+    digests: SourceDigests | None = None,
+    reused_from: int | None = None,
 ) -> Counters | None:
-    """Mark a Pending image Done (counting its successful attempt) and move the counters;
-    None if it was already final. `ssim`, `quality` and `note` are what the output kept
-    (services/common/tuning.py); an empty note is stored as NULL."""
+    """Mark a Pending image Done (counting its successful attempt), give its followers the
+    same outcome and move the counters; None if it was already final. `ssim`, `quality` and
+    `note` are what the output kept (services/common/tuning.py); an empty note is stored as
+    NULL. With `digests`, the output is remembered for the owner's later requests;
+    `reused_from` is the image whose stored output was copied for this one."""
     row = await conn.fetchrow(
         _IMAGE_DONE,
         image_id,
@@ -441,6 +515,9 @@ async def record_image_done(
         ssim,
         quality,
         note or None,
+        reused_from,
+        digests.source if digests else None,
+        digests.options if digests else None,
     )
     return _counters(row) if row else None
 
@@ -448,9 +525,41 @@ async def record_image_done(
 async def record_image_failed(
     conn: Connection, image_id: int, *, code: str, message: str
 ) -> Counters | None:
-    """Mark a Pending image Failed with its reason and move the counters."""
+    """Mark a Pending image and its followers Failed with its reason and move the counters."""
     row = await conn.fetchrow(_IMAGE_FAILED, image_id, code, message[:1000])
     return _counters(row) if row else None
+
+
+@dataclass(frozen=True, slots=True)
+class StoredOutput:
+    """An image's output as stored under `output_key`, and what it kept."""
+
+    image_id: int
+    output_key: str
+    bytes_out: int
+    width: int
+    height: int
+    kept_source: bool
+    ssim: float | None
+    quality: int | None
+    note: str | None
+
+
+async def find_reusable_output(
+    conn: Connection, request_id: uuid.UUID, digests: SourceDigests
+) -> StoredOutput | None:
+    """The output the owner of `request_id` stored for the same source and options, if any."""
+    row = await conn.fetchrow(
+        """SELECT o.image_id, o.output_key, o.bytes_out, o.width, o.height, o.kept_source,
+                  o.ssim, o.quality, o.note
+             FROM requests r
+             JOIN reusable_outputs o ON o.owner = r.owner
+            WHERE r.id = $1 AND o.source_sha256 = $2 AND o.options_sha256 = $3""",
+        request_id,
+        digests.source,
+        digests.options,
+    )
+    return StoredOutput(**dict(row)) if row else None
 
 
 def _counters(row: asyncpg.Record | None) -> Counters:
