@@ -9,6 +9,11 @@
 # container registry is reachable, `make image` passes Debian's Python on a base made with
 # mmdebstrap (scripts/podman.py python-base).
 ARG BASE=python:3.11-slim-bookworm
+# The final stage's base: BASE unless given. It needs the same Python 3.11 (the virtualenv
+# links to it) and nothing to build with: `make image` passes Debian's Python on Debian's
+# Essential packages alone, without apt, ensurepip or binutils (scripts/podman.py
+# python-runtime; docs/containers.md has the sizes).
+ARG RUNTIME_BASE=${BASE}
 
 # --- builder: installs the locked dependencies and imgpipe into a virtualenv -----------------
 FROM ${BASE} AS builder
@@ -27,11 +32,31 @@ RUN pip install --no-index --find-links /wheels/deps --require-hashes \
 # Then imgpipe itself, the wheel built on the host: the final stage needs no source tree.
 COPY build/wheelhouse/app /wheels/app
 RUN pip install --no-index --no-deps /wheels/app/*.whl \
- && pip uninstall --yes pip setuptools \
+ && pip uninstall --yes pip setuptools
+
+# What only building or testing a package uses never runs in a service: the packages' tests,
+# C headers and sources, Cython sources, type stubs, and numpy's build tools (f2py, distutils).
+# Then the debug symbols of the extension modules (about 20 MB), when the builder has binutils
+# (`make image`'s does): only of those auditwheel left alone (no RPATH, not in a *.libs
+# folder), since stripping a library patchelf rewrote can break it ("ELF load command
+# address/offset not page-aligned" from numpy's OpenBLAS). `make image` then loads every
+# extension module and bundled library in the final image (scripts/containers/check_image.py).
+# Bytecode of what is left: pip compiled it, compileall makes sure.
+RUN site=/opt/venv/lib/python3.11/site-packages \
+ && find "$site" -depth -type d -name tests -exec rm -rf {} + \
+ && rm -rf "$site/numpy/f2py" "$site/numpy/distutils" "$site/numpy/_core/include" \
+      /opt/venv/bin/f2py \
+ && find "$site" -type f \( -name '*.h' -o -name '*.c' -o -name '*.cpp' -o -name '*.pyx' \
+      -o -name '*.pxd' -o -name '*.pxi' -o -name '*.pyi' \) -delete \
+ && if command -v strip >/dev/null && command -v readelf >/dev/null; then \
+      find "$site" -name '*.so' -not -path '*.libs/*' -exec sh -c \
+        'readelf --dynamic "$1" | grep -q -E "RPATH|RUNPATH" || strip --strip-unneeded "$1"' \
+        strip-unpatched {} \; ; \
+    fi \
  && python -m compileall -q /opt/venv/lib
 
 # --- final: the interpreter, the virtualenv, and nothing else --------------------------------
-FROM ${BASE} AS runtime
+FROM ${RUNTIME_BASE} AS runtime
 # The root filesystem is read-only in Kubernetes: bytecode is compiled at build time above and
 # never written at run time; logs are unbuffered JSON lines on stdout.
 ENV PATH=/opt/venv/bin:$PATH \

@@ -4,6 +4,7 @@
     python scripts/podman.py base SUITE                 the Debian SUITE base image (mmdebstrap)
     python scripts/podman.py test-images                postgres:<major> and redis:<major>
     python scripts/podman.py python-base                Debian's Python on the bookworm base
+    python scripts/podman.py python-runtime             the same on the Essential packages alone
     python scripts/podman.py image [--base IMAGE] [--tag TAG]   the imgpipe image (Dockerfile)
     python scripts/podman.py socket start|stop|status   the Docker-compatible API socket
 
@@ -49,7 +50,18 @@ SECURITY_MIRROR = "http://deb.debian.org/debian-security"
 # trixie on (deploy/versions.env says why the major is 17).
 SERVER_SUITES = {"postgres": "trixie", "redis": "bookworm"}
 PYTHON_SUITE = "bookworm"
+# The Dockerfile's builder (BASE): Debian's Python with venv and binutils, on the minbase.
 PYTHON_IMAGE = "localhost/imgpipe-python:3.11-bookworm"
+# Its final stage (RUNTIME_BASE): the same Python on Debian's Essential packages alone, with
+# what the image's wheels and Dockerfile need besides (libstdc++ for grpcio and a few others,
+# passwd for useradd, the CA certificates), and no apt: nothing is installed into it later.
+PYTHON_RUNTIME_IMAGE = "localhost/imgpipe-python-runtime:3.11-bookworm"
+PYTHON_RUNTIME_PACKAGES = (
+    "python3", "python-is-python3", "libstdc++6", "passwd", "ca-certificates",
+)  # fmt: skip
+# glibc's iconv modules (9 MB): Python's codecs are its own, and nothing in the image calls
+# iconv_open (scripts/containers/check_image.py loads every library the image has).
+PYTHON_RUNTIME_DPKG_OPTIONS = ("path-exclude=/usr/lib/*/gconv/*",)
 APP_IMAGE = "localhost/imgpipe:dev"
 WHEELHOUSE = ROOT / "build" / "wheelhouse"
 RUNTIME_LOCK = ROOT / "requirements" / "runtime.txt"
@@ -139,9 +151,23 @@ def require(tool: str, package: str) -> None:
 
 
 def base(suite: str) -> str:
-    """The `localhost/imgpipe-base:SUITE` image, built from a cached mmdebstrap tarball."""
+    """The `localhost/imgpipe-base:SUITE` image: Debian's minbase, from a cached tarball."""
+    return rootfs_image(f"localhost/imgpipe-base:{suite}", f"base-{suite}", suite, "minbase")
+
+
+def rootfs_image(
+    image: str,
+    name: str,
+    suite: str,
+    variant: str,
+    packages: Sequence[str] = ("ca-certificates",),
+    dpkg_options: Sequence[str] = (),
+    command: str = "/bin/bash",
+) -> str:
+    """`image`, imported from build/containers/NAME.tar, which mmdebstrap makes (VARIANT of
+    SUITE, plus PACKAGES) when it is absent."""
     require("podman", "podman runc")
-    tarball = BUILD / f"base-{suite}.tar"
+    tarball = BUILD / f"{name}.tar"
     if not tarball.exists():
         require("mmdebstrap", "mmdebstrap")
         BUILD.mkdir(parents=True, exist_ok=True)
@@ -151,19 +177,19 @@ def base(suite: str) -> str:
             f"deb {MIRROR} {suite}-updates main",
             f"deb {SECURITY_MIRROR} {suite}-security main",
         ]
-        print(f"podman.py: building the {suite} root filesystem with mmdebstrap", flush=True)
+        print(f"podman.py: building the {suite} {variant} root filesystem (mmdebstrap)", flush=True)
         subprocess.run(
             [
                 "mmdebstrap",
                 "--quiet",
-                "--variant=minbase",
-                "--include=ca-certificates",
+                f"--variant={variant}",
+                f"--include={','.join(packages)}",
                 # /usr merged by mmdebstrap itself: the usrmerge package would pull in Perl.
                 "--hook-dir=/usr/share/mmdebstrap/hooks/merged-usr",
                 # The runtime makes /dev; device nodes in the tarball only get in its way.
                 "--skip=output/dev",
                 *(f"--aptopt={option}" for option in APT_OPTIONS),
-                *(f"--dpkgopt={option}" for option in DPKG_OPTIONS),
+                *(f"--dpkgopt={option}" for option in (*DPKG_OPTIONS, *dpkg_options)),
                 '--customize-hook=rm -rf "$1"/var/lib/apt/lists/* "$1"/var/cache/apt/*',
                 suite,
                 str(partial),
@@ -172,13 +198,12 @@ def base(suite: str) -> str:
             check=True,
         )
         partial.rename(tarball)
-    image = f"localhost/imgpipe-base:{suite}"
     digest = file_digest(tarball)
     if image_label(image, INPUTS_LABEL) != digest:
         podman(
             "import",
             "--change", f"LABEL {INPUTS_LABEL}={digest}",
-            "--change", 'CMD ["/bin/bash"]',
+            "--change", f'CMD ["{command}"]',
             str(tarball), image,
         )  # fmt: skip
     return image
@@ -262,6 +287,18 @@ def python_base() -> str:
     return build(PYTHON_IMAGE, HERE / "python.Containerfile", {"BASE": base(PYTHON_SUITE)})
 
 
+def python_runtime() -> str:
+    return rootfs_image(
+        PYTHON_RUNTIME_IMAGE,
+        f"python-runtime-{PYTHON_SUITE}",
+        PYTHON_SUITE,
+        "essential",
+        PYTHON_RUNTIME_PACKAGES,
+        PYTHON_RUNTIME_DPKG_OPTIONS,
+        command="python3",
+    )
+
+
 def wheelhouse() -> Path:
     """build/wheelhouse: deps/ the wheels of requirements/runtime.txt (and the lock itself),
     app/ imgpipe's own wheel. Built by this Python, which must be the image's minor version."""
@@ -314,9 +351,15 @@ def _for_python_311(lock: str) -> str:
 
 
 def app_image(base_image: str | None, tag: str) -> str:
-    """The Dockerfile built with podman, offline (no network in the build), and its size."""
+    """The Dockerfile built with podman, offline (no network in the build), checked, and its
+    size. Without `base_image`, Debian's Python made here: the builder on python_base(), the
+    final stage on python_runtime()."""
     wheelhouse()
-    base_image = base_image or python_base()
+    if base_image:
+        bases = {"BASE": base_image}
+    else:
+        bases = {"BASE": python_base(), "RUNTIME_BASE": python_runtime()}
+    local = all(image.startswith("localhost/") for image in bases.values())
     replaced = image_id(tag)
     podman(
         "build",
@@ -324,16 +367,36 @@ def app_image(base_image: str | None, tag: str) -> str:
         # chroot isolation allows no other network; the Dockerfile's `pip --no-index` is what
         # keeps the build off every index.
         "--network", "host",
-        "--pull=never" if base_image.startswith("localhost/") else "--pull=missing",
-        f"--build-arg=BASE={base_image}",
+        "--pull=never" if local else "--pull=missing",
+        *(f"--build-arg={key}={value}" for key, value in bases.items()),
         "--file", str(ROOT / "Dockerfile"),
         "--tag", tag,
         str(ROOT),
     )  # fmt: skip
     remove_replaced(replaced, tag)
+    check_image(tag)
     size = int(podman("image", "inspect", "--format", "{{.Size}}", tag, capture=True))
-    print(f"podman.py: {tag} on {base_image}: {size / 1e6:.0f} MB", flush=True)
+    print(f"podman.py: {tag} on {' and '.join(bases.values())}: {size / 1e6:.0f} MB", flush=True)
     return tag
+
+
+def check_image(tag: str) -> None:
+    """Load every extension module and bundled library of the image's virtualenv in the image,
+    as its user with a read-only root: what the build removed or stripped must still load."""
+    result = subprocess.run(
+        [
+            "podman", "run", "--rm", "--interactive", "--network=none", "--read-only",
+            "--entrypoint", "python", tag, "-",
+        ],
+        env={**os.environ, "CONTAINERS_CONF": str(write_conf())},
+        stdin=(HERE / "check_image.py").open("rb"),
+        capture_output=True,
+        text=True,
+        check=False,
+    )  # fmt: skip
+    print(result.stdout.strip(), flush=True)
+    if result.returncode != 0:
+        raise SystemExit(f"{tag} failed its check:\n{result.stderr.strip()}")
 
 
 def socket_answers(path: Path = SOCKET, timeout: float = 2.0) -> bool:
@@ -418,6 +481,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands.add_parser("base").add_argument("suite")
     commands.add_parser("test-images")
     commands.add_parser("python-base")
+    commands.add_parser("python-runtime")
     image = commands.add_parser("image")
     image.add_argument("--base", help="the Dockerfile's BASE (default: Debian's, made here)")
     image.add_argument("--tag", default=APP_IMAGE)
@@ -431,6 +495,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         test_images()
     elif args.command == "python-base":
         print(python_base())
+    elif args.command == "python-runtime":
+        print(python_runtime())
     elif args.command == "image":
         app_image(args.base, args.tag)
     elif args.action == "start":
