@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
-import sys
 import threading
 import time
 from collections import deque
@@ -146,23 +144,3 @@ class PixelBudget:
             with self._changed:
                 self.used -= amount
                 self._changed.notify_all()
-
-
-M_MMAP_THRESHOLD = -3  # mallopt's parameter number, from glibc's malloc.h
-
-
-def return_freed_images_to_the_os(threshold: int = 1 << 20) -> bool:
-    """Make glibc give big freed blocks back to the OS at once; True when it took effect.
-
-    glibc serves large allocations with mmap, but after freeing one it raises that threshold
-    (up to 32 MiB), so Pillow's image blocks (16 MiB) soon come from the heap and stay with
-    the process once freed. A fixed threshold keeps them on mmap: B5 measured the worker's peak
-    at 390 MB without it and 359 MB with it, at the same speed.
-    """
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc (musl, say): nothing to tune
-        return False
-    return bool(libc.mallopt(M_MMAP_THRESHOLD, threshold))

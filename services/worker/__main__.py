@@ -8,7 +8,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 
 from services.common import metrics
-from services.common.budget import ByteBudget, PixelBudget, return_freed_images_to_the_os
+from services.common.budget import ByteBudget, PixelBudget
 from services.common.config import WorkerSettings
 from services.common.fetch import fetch_image, make_session
 from services.common.grpc_server import Health, run_service
@@ -24,7 +24,6 @@ from services.worker.runner import ConsumePolicy, consume
 
 async def main(settings: WorkerSettings) -> None:
     common = settings.common
-    return_freed_images_to_the_os()
     metrics.prime_worker()
     async with open_backends("worker", common, pool_size=settings.concurrency + 2) as backends:
         session = make_session(

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from services.common import imaging
-from services.common.budget import ByteBudget, PixelBudget, return_freed_images_to_the_os
+from services.common.budget import ByteBudget, PixelBudget
 from services.common.imaging import ImageOptions, compress
 from tests.imagegen import photo_like
 from tests.support import wait_until, wait_until_async
@@ -203,8 +203,3 @@ def test_compress_reports_decode_and_encode_time_without_the_budget_wait(
     waited = compress(source, ImageOptions(max_width=200), budget=Waiting(clock))
     assert (waited.decode_seconds, waited.encode_seconds) == (0.0, 0.0)
     assert waited.data == real.data  # timing changes nothing else
-
-
-def test_glibc_accepts_a_fixed_mmap_threshold() -> None:
-    # This machine (and the container image) use glibc: the tuning must take effect there.
-    assert return_freed_images_to_the_os() is True
