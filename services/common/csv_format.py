@@ -270,7 +270,7 @@ class CsvReader:
         if not duplicated and len(positions) == len(REQUIRED_COLUMNS):
             self._columns = (positions[_SERIAL], positions[_NAME], positions[_URLS])
 
-    def _read_product(self, row: int, cells: list[str], out: list[ProductRow]) -> None:  # noqa: C901
+    def _read_product(self, row: int, cells: list[str], out: list[ProductRow]) -> None:
         assert self._columns is not None
         limits = self._limits
         self._rows_seen += 1
@@ -280,6 +280,16 @@ class CsvReader:
             return
         problems_before = self._problem_count
         serial, name, url_cell = (_cell(cells, index) for index in self._columns)
+        self._check_text(row, serial, name)
+        urls = tuple(url for url in (piece.strip() for piece in url_cell.split(",")) if url)
+        self._check_urls(row, urls)
+        if self._stopped:
+            return
+        self._count_urls(row, len(urls))
+        if self._problem_count == problems_before:
+            out.append(ProductRow(row, serial, name, urls))
+
+    def _check_text(self, row: int, serial: str, name: str) -> None:
         if not serial:
             self._add(row, _SERIAL, "empty serial number")
         if not name:
@@ -288,33 +298,30 @@ class CsvReader:
         for column, value in ((_SERIAL, serial), (_NAME, name)):
             if "\x00" in value:
                 self._add(row, column, "contains a NUL character")
-        urls = tuple(url for url in (piece.strip() for piece in url_cell.split(",")) if url)
+
+    def _check_urls(self, row: int, urls: tuple[str, ...]) -> None:
+        """One row's URL cell: present, not too many, each one well-formed (until a stop)."""
+        limit = self._limits.max_urls_per_row
         if not urls:
             self._add(row, _URLS, "no image URLs")
-        elif len(urls) > limits.max_urls_per_row:
-            self._add(
-                row,
-                _URLS,
-                f"too many image URLs: {len(urls)}, the limit is {limits.max_urls_per_row}",
-                limit="max_urls_per_row",
-            )
+        elif len(urls) > limit:
+            message = f"too many image URLs: {len(urls)}, the limit is {limit}"
+            self._add(row, _URLS, message, limit="max_urls_per_row")
         for url in urls:
             if self._stopped:
                 return
-            problem = _url_problem(url, limits.max_url_length)
+            problem = _url_problem(url, self._limits.max_url_length)
             if problem is not None:
                 self._add(row, _URLS, problem)
-        self._urls_seen += len(urls)
-        if self._urls_seen > limits.max_urls_total and not self._stopped:
-            self._add(
-                row,
-                "",
-                f"too many image URLs in the file: the limit is {limits.max_urls_total}",
-                limit="max_urls_total",
-            )
+
+    def _count_urls(self, row: int, count: int) -> None:
+        """The file's running URL count; past the limit the whole read stops."""
+        self._urls_seen += count
+        limit = self._limits.max_urls_total
+        if self._urls_seen > limit and not self._stopped:
+            message = f"too many image URLs in the file: the limit is {limit}"
+            self._add(row, "", message, limit="max_urls_total")
             self._stop()
-        if self._problem_count == problems_before:
-            out.append(ProductRow(row, serial, name, urls))
 
     def _add(self, row: int, column: str, message: str, limit: str = "") -> None:
         if limit and self._exceeded is None:

@@ -14,7 +14,7 @@ import csv
 import io
 import struct
 import zlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -86,56 +86,90 @@ class HostileOrigin:
         return f"http://127.0.0.1:{self.port}{path}"
 
 
-@pytest.fixture
-async def hostile_origin(tripwires: dict[str, Tripwire]) -> AsyncIterator[HostileOrigin]:  # noqa: C901
-    good = photo_like(320, 240, seed=1)
-    calls: dict[str, int] = {}
-    never = asyncio.Event()  # set at teardown, so hanging handlers end
+_STATIC_BODIES = {
+    "/html": (b"<!doctype html><html><body>Not found</body></html>", "image/jpeg"),
+    "/logo.svg": (
+        b'<?xml version="1.0"?><svg xmlns="http://www.w3.org/2000/svg"/>',
+        "image/svg+xml",
+    ),
+}
+
+
+class _HostileRoutes:
+    """The origin's misbehaviours, one handler each; `never` is set at teardown, so hanging
+    handlers end."""
+
+    def __init__(self, redis_like_port: int) -> None:
+        self.good = photo_like(320, 240, seed=1)
+        self.calls: dict[str, int] = {}
+        self.concurrency = {"now": 0, "peak": 0}
+        self.never = asyncio.Event()
+        self.redis_like_port = redis_like_port
+        self.static = _STATIC_BODIES | {
+            "/truncated": (self.good[: len(self.good) // 2], "image/jpeg"),
+            "/bomb.png": (png_bomb(), "image/png"),
+            "/frames.gif": (many_frames_gif(30), "image/gif"),
+        }
+
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[self.count])
+        routes = {
+            "/img/{name}": self.image,
+            "/flaky": self.flaky,
+            "/to-redis": self.to_redis,
+            "/loop": self.loop,
+            "/drip": self.drip,
+            "/silent": self.silent,
+            "/big-declared": self.big_declared,
+            "/big-chunked": self.big_chunked,
+        } | {path: self.fixed for path in self.static}
+        for path, handler in routes.items():
+            app.router.add_get(path, handler)
+        return app
 
     @web.middleware
-    async def count(request: web.Request, handler: object) -> web.StreamResponse:
-        calls[request.path] = calls.get(request.path, 0) + 1
-        return await handler(request)  # type: ignore[operator]
+    async def count(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        self.calls[request.path] = self.calls.get(request.path, 0) + 1
+        return await handler(request)
 
-    concurrency = {"now": 0, "peak": 0}
-
-    async def image(request: web.Request) -> web.Response:
-        concurrency["now"] += 1
-        concurrency["peak"] = max(concurrency["peak"], concurrency["now"])
+    async def image(self, request: web.Request) -> web.Response:
+        self.concurrency["now"] += 1
+        self.concurrency["peak"] = max(self.concurrency["peak"], self.concurrency["now"])
         try:
             await asyncio.sleep(0.05)  # origin latency, so that downloads overlap
-            return web.Response(body=good, content_type="image/jpeg")
+            return web.Response(body=self.good, content_type="image/jpeg")
         finally:
-            concurrency["now"] -= 1
+            self.concurrency["now"] -= 1
 
-    async def flaky(request: web.Request) -> web.Response:
-        if calls[request.path] == 1:
+    async def flaky(self, request: web.Request) -> web.Response:
+        if self.calls[request.path] == 1:
             return web.Response(status=503, headers={"Retry-After": "1"})
-        return web.Response(body=good, content_type="image/jpeg")
+        return web.Response(body=self.good, content_type="image/jpeg")
 
-    async def to_redis(request: web.Request) -> web.Response:
-        redis_like = tripwires["127.0.0.1"].port
-        raise web.HTTPFound(f"http://127.0.0.1:{redis_like}/")
+    async def to_redis(self, request: web.Request) -> web.Response:
+        raise web.HTTPFound(f"http://127.0.0.1:{self.redis_like_port}/")
 
-    async def loop(request: web.Request) -> web.Response:
+    async def loop(self, request: web.Request) -> web.Response:
         raise web.HTTPFound("/loop")
 
-    async def drip(request: web.Request) -> web.StreamResponse:
+    async def drip(self, request: web.Request) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "image/jpeg"})
         await response.prepare(request)
-        while not never.is_set():
+        while not self.never.is_set():
             await response.write(b"\xff")
             await asyncio.sleep(0.1)  # the origin's drip rate, not synchronisation
         return response
 
-    async def silent(request: web.Request) -> web.StreamResponse:
-        await never.wait()
+    async def silent(self, request: web.Request) -> web.StreamResponse:
+        await self.never.wait()
         return web.Response()
 
-    async def big_declared(request: web.Request) -> web.Response:
+    async def big_declared(self, request: web.Request) -> web.Response:
         return web.Response(body=b"\0" * 3_000_000, content_type="image/jpeg")
 
-    async def big_chunked(request: web.Request) -> web.StreamResponse:
+    async def big_chunked(self, request: web.Request) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "image/jpeg"})
         response.enable_chunked_encoding()
         await response.prepare(request)
@@ -143,40 +177,22 @@ async def hostile_origin(tripwires: dict[str, Tripwire]) -> AsyncIterator[Hostil
             await response.write(b"\0" * 100_000)
         return response
 
-    static = {
-        "/html": (b"<!doctype html><html><body>Not found</body></html>", "image/jpeg"),
-        "/truncated": (good[: len(good) // 2], "image/jpeg"),
-        "/bomb.png": (png_bomb(), "image/png"),
-        "/frames.gif": (many_frames_gif(30), "image/gif"),
-        "/logo.svg": (
-            b'<?xml version="1.0"?><svg xmlns="http://www.w3.org/2000/svg"/>',
-            "image/svg+xml",
-        ),
-    }
-
-    async def fixed(request: web.Request) -> web.Response:
-        body, content_type = static[request.path]
+    async def fixed(self, request: web.Request) -> web.Response:
+        body, content_type = self.static[request.path]
         return web.Response(body=body, content_type=content_type)
 
-    app = web.Application(middlewares=[count])
-    app.router.add_get("/img/{name}", image)
-    app.router.add_get("/flaky", flaky)
-    app.router.add_get("/to-redis", to_redis)
-    app.router.add_get("/loop", loop)
-    app.router.add_get("/drip", drip)
-    app.router.add_get("/silent", silent)
-    app.router.add_get("/big-declared", big_declared)
-    app.router.add_get("/big-chunked", big_chunked)
-    for path in static:
-        app.router.add_get(path, fixed)
-    runner = web.AppRunner(app, shutdown_timeout=1)
+
+@pytest.fixture
+async def hostile_origin(tripwires: dict[str, Tripwire]) -> AsyncIterator[HostileOrigin]:
+    routes = _HostileRoutes(redis_like_port=tripwires["127.0.0.1"].port)
+    runner = web.AppRunner(routes.app(), shutdown_timeout=1)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     try:
-        yield HostileOrigin(runner.addresses[0][1], calls, concurrency)
+        yield HostileOrigin(runner.addresses[0][1], routes.calls, routes.concurrency)
     finally:
-        never.set()
+        routes.never.set()
         await runner.cleanup()
 
 
