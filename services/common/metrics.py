@@ -20,6 +20,7 @@ and the dashboard in deploy/monitoring/ are written against them.
 | imgpipe_dead_letter_entries | gauge | — | status |
 | imgpipe_backlog_images | gauge | — (images not final, from Postgres: what autoscales) | status |
 | imgpipe_webhook_attempts_total | counter | result (WEBHOOK_RESULTS) | status |
+| imgpipe_tasks_reclaimed_total | counter | — (taken over from a silent consumer) | worker |
 | imgpipe_retention_requests_deleted_total | counter | — (by the retention janitor) | worker |
 | imgpipe_retention_bytes_deleted_total | counter | — (stored bytes the janitor deleted) | worker |
 | grpc_server_handled_total | counter | grpc_service, grpc_method, grpc_code | ingest, status |
@@ -102,6 +103,7 @@ def prime_worker() -> None:
     """Create the worker's series at zero, so rates start from the first image."""
     IMAGES.labels("done", "")
     IMAGES_REUSED.inc(0)
+    TASKS_RECLAIMED.inc(0)
     for stage in STAGES:
         STAGE_SECONDS.labels(stage)
     for direction in ("in", "out"):
@@ -121,6 +123,10 @@ def request_finished(status: str, seconds: float) -> None:
     REQUEST_SECONDS.labels(status).observe(max(seconds, 0.0))
 
 
+TASKS_RECLAIMED = Counter(
+    "imgpipe_tasks_reclaimed",
+    "Tasks taken over (XAUTOCLAIM) after their consumer held them past the visibility timeout",
+)
 RETENTION_REQUESTS = Counter(
     "imgpipe_retention_requests_deleted", "Expired requests deleted by the retention janitor"
 )

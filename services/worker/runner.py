@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from redis.exceptions import RedisError
 
-from services.common import telemetry, tracing
+from services.common import metrics, telemetry, tracing
 from services.common.dependencies import DependencyMonitor
 from services.common.errors import BACKEND_ERRORS
 from services.common.grpc_server import wait_or_stop
@@ -74,6 +74,7 @@ async def consume(
                     deliveries = await consumer.claim_stale(
                         int(policy.visibility_timeout * 1000), free
                     )
+                    metrics.TASKS_RECLAIMED.inc(len(deliveries))
                 if not deliveries:
                     deliveries = await consumer.read(free, READ_BLOCK_MS)
                 failures = 0

@@ -11,6 +11,7 @@ from typing import Any
 import asyncpg
 import pytest
 import redis.asyncio
+from prometheus_client import REGISTRY
 
 from services.common.db import queries
 from services.common.pb.imgpipe.v1 import ingest_service_pb2 as ingest_pb
@@ -136,6 +137,7 @@ async def test_a_task_delivered_too_often_is_dead_lettered_with_its_last_error(
     )
     stop = asyncio.Event()
     last = TaskConsumer(redis_client, names, "last")
+    reclaimed_before = _reclaimed()
     task = asyncio.create_task(consume(last, processor, policy, stop))
     try:
         request = await wait_status(pool, accepted.request_id, "Completed", "Failed")
@@ -144,6 +146,7 @@ async def test_a_task_delivered_too_often_is_dead_lettered_with_its_last_error(
         await asyncio.wait_for(task, timeout=10)
 
     assert request["status"] == "Completed"
+    assert _reclaimed() - reclaimed_before >= 1  # the poisoned task, taken over from dying-4
     rows = await image_rows(pool, accepted.request_id)
     assert [r["status"] for r in rows] == ["Failed", "Done"]
     assert rows[0]["error_code"] == "TIMEOUT"
@@ -152,6 +155,10 @@ async def test_a_task_delivered_too_often_is_dead_lettered_with_its_last_error(
     assert len(dead) == 1
     assert dead[0][1][b"error_code"] == b"TIMEOUT"
     assert (await redis_client.xpending(names.tasks, WORKER_GROUP))["pending"] == 0
+
+
+def _reclaimed() -> float:
+    return REGISTRY.get_sample_value("imgpipe_tasks_reclaimed_total") or 0.0
 
 
 async def test_reconciler_republishes_only_lost_tasks(

@@ -110,6 +110,12 @@ async def test_bad_page_arguments(
         assert isinstance(error_from_rpc(caught.value), InvalidArgument)
 
 
+async def _subscriptions(redis_client: redis.asyncio.Redis, prefix: str) -> tuple[int, int]:
+    """Patterns on the whole server, and channels under this run's prefix."""
+    patterns = int(await redis_client.execute_command("PUBSUB", "NUMPAT"))
+    return patterns, len(await redis_client.pubsub_channels(f"{prefix}*"))
+
+
 async def test_many_watchers_see_progress_to_the_end_through_one_subscription(
     ingest_stub: ingest_grpc.IngestServiceAsyncStub,
     status_stub: status_grpc.StatusServiceAsyncStub,
@@ -121,6 +127,10 @@ async def test_many_watchers_see_progress_to_the_end_through_one_subscription(
 ) -> None:
     urls = [origin.url(f"/img/watch{i}.jpg") for i in range(6)]
     accepted = await upload(ingest_stub, csv_of([("1", "Shoe", urls)]))
+    # The hub holds one pattern subscription from its start; 20 watchers must add none.
+    # (NUMPAT counts every client's patterns on a server other runs may share: compare.)
+    assert hub.connected.is_set()
+    before = await _subscriptions(redis_client, hub.names.prefix)
     calls = [
         status_stub.WatchRequest(
             status_pb.WatchRequestRequest(request_id=accepted.request_id), timeout=30
@@ -130,7 +140,7 @@ async def test_many_watchers_see_progress_to_the_end_through_one_subscription(
     firsts = [await anext(aiter(call)) for call in calls]  # every watcher is subscribed now
     assert {f.request.status for f in firsts} == {request_pb2.REQUEST_STATUS_PENDING}
     assert hub.watchers == 20
-    assert await redis_client.execute_command("PUBSUB", "NUMPAT") == 1
+    assert await _subscriptions(redis_client, hub.names.prefix) == before
 
     stop = asyncio.Event()
     worker = asyncio.create_task(consume(consumer, processor, ConsumePolicy(concurrency=2), stop))
