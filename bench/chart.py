@@ -72,7 +72,7 @@ def _nice(value: float) -> float:
     above `value`, so the five grid steps fall on readable values."""
     if value <= 0:
         return 1.0
-    power = 10 ** math.floor(math.log10(value))
+    power = 10.0 ** math.floor(math.log10(value))
     return next(
         step * power for step in (1, 1.5, 2, 2.5, 3, 4, 5, 6, 8, 10) if step * power >= value
     )

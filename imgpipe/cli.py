@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 from imgpipe import commands, render
 from imgpipe.client import DEFAULT_TIMEOUT, UploadOptions
@@ -378,6 +378,9 @@ def _usage_error(message: str) -> int:
     return Exit.USAGE
 
 
+N = TypeVar("N", int, float)
+
+
 def _count(raw: str) -> int:
     return _number(raw, int, lambda n: n >= 0, "a whole number, 0 or more")
 
@@ -390,12 +393,12 @@ def _seconds(raw: str) -> float:
     return _number(raw, float, lambda n: 0 < n < float("inf"), "a number of seconds above 0")
 
 
-def _number(raw: str, kind: Callable[[str], Any], ok: Callable[[Any], bool], rule: str) -> Any:
+def _number(raw: str, kind: Callable[[str], N], ok: Callable[[N], bool], rule: str) -> N:
     try:
         value = kind(raw)
     except ValueError:
-        value = None
-    if value is None or not ok(value):
+        raise argparse.ArgumentTypeError(f"expected {rule}, not {raw!r}") from None
+    if not ok(value):
         raise argparse.ArgumentTypeError(f"expected {rule}, not {raw!r}")
     return value
 

@@ -20,7 +20,7 @@ _MAKERS = {
 }
 
 
-def behavior_of(handler: grpc.RpcMethodHandler) -> Callable[..., Any]:
+def behavior_of(handler: grpc.RpcMethodHandler[Any, Any]) -> Callable[..., Any]:
     """The servicer method behind `handler`, whichever of the four kinds it is."""
     h: Any = handler
     behavior: Callable[..., Any] = (
@@ -30,8 +30,8 @@ def behavior_of(handler: grpc.RpcMethodHandler) -> Callable[..., Any]:
 
 
 def with_behavior(
-    handler: grpc.RpcMethodHandler, behavior: Callable[..., Any]
-) -> grpc.RpcMethodHandler:
+    handler: grpc.RpcMethodHandler[Any, Any], behavior: Callable[..., Any]
+) -> grpc.RpcMethodHandler[Any, Any]:
     """A handler of `handler`'s kind and (de)serialisers that runs `behavior` instead."""
     h: Any = handler
     make = _MAKERS[(h.request_streaming, h.response_streaming)]

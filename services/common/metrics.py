@@ -196,9 +196,11 @@ class GrpcServerInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]],
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
+        ],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = await continuation(handler_call_details)
         method: str = handler_call_details.method
         if handler is None or method.startswith(_UNOBSERVED):
@@ -206,7 +208,9 @@ class GrpcServerInterceptor(grpc.aio.ServerInterceptor):
         return _observed(handler, method)
 
 
-def _observed(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+def _observed(
+    handler: grpc.RpcMethodHandler[Any, Any], method: str
+) -> grpc.RpcMethodHandler[Any, Any]:
     h: Any = handler
     behavior = behavior_of(handler)
     service, _, name = method.lstrip("/").rpartition("/")

@@ -87,7 +87,7 @@ class RetryPolicy:
     def longest_wait(self) -> float:
         """The most a task can spend waiting between attempts and for origin cooldowns."""
         between = sum(
-            max(min(self.max_delay, self.base_delay * 2 ** (attempt - 1)), self.max_wait)
+            max(min(self.max_delay, self.base_delay * 2.0 ** (attempt - 1)), self.max_wait)
             for attempt in range(1, self.max_attempts)
         )
         return between + self.max_cooldown_waits * self.max_wait

@@ -117,7 +117,7 @@ def _window_sums(planes: np.ndarray, bands: int) -> np.ndarray:
     ones = planes.reshape(5, bands, WINDOW, width).sum(axis=2, dtype=np.int32)
     twos = ones[:, :, :-1] + ones[:, :, 1:]
     fours = twos[:, :, :-2] + twos[:, :, 2:]
-    sevens = fours[:, :, :-3] + fours[:, :, 3:]
+    sevens: np.ndarray = fours[:, :, :-3] + fours[:, :, 3:]
     sevens -= ones[:, :, 3:-3]
     return sevens
 

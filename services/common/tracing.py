@@ -180,7 +180,8 @@ def _with_traceparent(details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCal
         return details
     metadata = grpc.aio.Metadata(*(details.metadata or ()))
     metadata[TRACEPARENT] = trace.traceparent
-    return details._replace(metadata=metadata)  # type: ignore[attr-defined]
+    replaced: grpc.aio.ClientCallDetails = details._replace(metadata=metadata)  # type: ignore[attr-defined]
+    return replaced
 
 
 def client_interceptors() -> list[grpc.aio.ClientInterceptor]:
