@@ -81,8 +81,9 @@ POLL_INTERVAL = 1.0  # the longest the delivery loop sleeps without being woken
 LEASE_MARGIN = 30.0  # seconds a lease outlives the HTTP timeout
 JITTER = (0.8, 1.2)
 BACKOFF_MAX = 10.0
-# Events whose trace an attempt continues, remembered by the replica that scheduled them: the
-# delivery rows keep no trace context, so an attempt after a restart starts a trace of its own.
+# Events whose trace an attempt continues, remembered by the replica that scheduled them (the
+# "schedule webhook" span). An attempt after a restart continues the request's own trace (its
+# upload's or retry's) instead: the same trace, one level up.
 TRACES_KEPT = 10_000
 # A Retry-After is honoured up to the largest schedule step, and never capped below this.
 RETRY_AFTER_FLOOR = 60.0
@@ -317,7 +318,7 @@ class WebhookDispatcher:
 
     async def _deliver(self, delivery: db.DeliveryRow, secret: OwnerSecret) -> None:
         # A task of its own (see run_deliveries): these values are seen by this attempt alone.
-        traceparent = self._traces.get(delivery.event_id, "")
+        traceparent = self._traces.get(delivery.event_id) or delivery.traceparent
         tracing.set_trace(tracing.continue_trace(traceparent))
         tracing.set_request_id(str(delivery.request_id))
         attributes: dict[str, str | int] = {

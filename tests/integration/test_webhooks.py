@@ -22,6 +22,7 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from google.protobuf.timestamp_pb2 import Timestamp
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
+from services.common import tracing
 from services.common.config import WebhookSettings
 from services.common.csv_format import ProductRow
 from services.common.db import queries
@@ -170,7 +171,12 @@ class Complaints(logging.Handler):
 
 
 async def finished_request(
-    pool: asyncpg.Pool, webhook_url: str | None, *, failed: bool = False, owner: str = ""
+    pool: asyncpg.Pool,
+    webhook_url: str | None,
+    *,
+    failed: bool = False,
+    owner: str = "",
+    traceparent: str = "",
 ) -> queries.RequestRow:
     """A request of two images, finished: one done and one failed (both failed: Failed)."""
     request_id = uuid.uuid4()
@@ -182,6 +188,7 @@ async def finished_request(
             webhook_url=webhook_url,
             owner=owner,
             idempotency_key=None,
+            traceparent=traceparent,
         )
         product = ProductRow(2, "1", "Shoe", ("http://a.example/1.jpg", "http://a.example/2.jpg"))
         images = await queries.insert_products(conn, request_id, [product])
@@ -602,6 +609,57 @@ async def test_a_retry_scheduled_before_a_restart_is_sent_after_it(
             [S.WEBHOOK_DELIVERY_STATE_FAILED, S.WEBHOOK_DELIVERY_STATE_SUCCEEDED],
         )
     assert [r.headers["webhook-id"] for r in receiver.received] == [row.finished_event_id] * 2
+
+
+class _TraceOfAttempts(logging.Handler):
+    """The trace current where each "webhook attempt" line is logged (in the attempt's task)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.traces: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage() == "webhook attempt":
+            trace = tracing.current_trace()
+            self.traces.append(trace.trace_id if trace else "")
+
+
+async def test_an_attempt_after_a_restart_continues_the_requests_trace(
+    pool: asyncpg.Pool,
+    redis_client: redis.asyncio.Redis,
+    names: StreamNames,
+    receiver: Receiver,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    upload_trace = tracing.TraceContext(uuid.uuid4().hex, uuid.uuid4().hex[:16], 1)
+    receiver.answers = [(500, {})]
+    row = await finished_request(pool, receiver.url(), traceparent=upload_trace.traceparent)
+    settings = settings_for(receiver)
+    attempts = _TraceOfAttempts()
+    caplog.set_level(logging.INFO, logger="services.status.webhooks")
+    logger = logging.getLogger("services.status.webhooks")
+    logger.addHandler(attempts)
+    try:
+        async with running(pool, redis_client, names, settings, consumer="status-a") as first:
+            receiver.on_request = lambda _: first.stop.set()
+            # Published from another trace: the worker's work that finished the request.
+            with tracing.bound(tracing.continue_trace(None)):
+                await publish(redis_client, names, finished_event(row))
+            await asyncio.wait_for(first.stop.wait(), timeout=15)
+        receiver.on_request = None
+        async with running(pool, redis_client, names, settings, consumer="status-b") as second:
+            await deliveries_where(
+                second.dispatcher,
+                row.id,
+                [S.WEBHOOK_DELIVERY_STATE_FAILED, S.WEBHOOK_DELIVERY_STATE_SUCCEEDED],
+            )
+    finally:
+        logger.removeHandler(attempts)
+    # The first replica continued the event's trace; the second never saw it, and continues
+    # the request's.
+    first_attempt, second_attempt = attempts.traces
+    assert first_attempt and first_attempt != upload_trace.trace_id
+    assert second_attempt == upload_trace.trace_id
 
 
 async def test_without_a_secret_deliveries_are_abandoned(

@@ -34,6 +34,9 @@ class DeliveryRow:
     attempted_at: datetime | None
     next_attempt_at: datetime | None
     leased_until: datetime | None
+    # The trace of the request's latest upload or retry (claim_due only): what an attempt
+    # continues when the replica that scheduled it, and its memory of the event, is gone.
+    traceparent: str = ""
 
 
 _COLUMNS = """id, request_id, event_id, event_type, url, payload, attempt, state, status_code,
@@ -81,7 +84,9 @@ async def claim_due(conn: Connection, *, limit: int, lease_seconds: float) -> li
                            ORDER BY next_attempt_at, id
                            LIMIT $1
                              FOR UPDATE SKIP LOCKED)
-         RETURNING {_COLUMNS}""",
+         RETURNING {_COLUMNS},
+                   COALESCE((SELECT r.traceparent FROM requests r
+                              WHERE r.id = webhook_deliveries.request_id), '') AS traceparent""",
         limit,
         lease_seconds,
     )
