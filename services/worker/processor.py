@@ -35,7 +35,7 @@ from services.common.outcome import ImageFailure, OutcomeCode, RetryPolicy
 from services.common.pb.imgpipe.v1 import task_pb2
 from services.common.proto_convert import finished_event, from_proto, progress_event
 from services.common.storage import Storage
-from services.common.stored_csv import render_output_csv
+from services.common.stored_csv import render_output_csv, store_output_csv
 from services.common.streams import StreamNames, publish_event_once, publish_progress
 from services.worker import dedup
 
@@ -208,6 +208,10 @@ class Processor:
             gone = counters is None and await queries.image_status(conn, task.image_id) is None
         if counters is not None:  # None: another delivery recorded it first
             metrics.image_done(bytes_in, output.bytes_out, reused=reused_from is not None)
+            if counters.status == "Cancelled":
+                # In flight when its request was cancelled, and recorded all the same: the
+                # output CSV, written at the cancel, now lists this output too.
+                await store_output_csv(self.pool, self.storage, counters.request_id)
         elif gone:
             # The request was deleted while this image was in flight: the delete listed the
             # store before this output was written, so it is this task's to remove.

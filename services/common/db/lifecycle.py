@@ -14,6 +14,7 @@ from datetime import datetime
 
 from services.common.db.queries import (
     _REQUEST_COLUMNS,
+    CANCELLED_CODE,
     Connection,
     RequestRow,
     _request,
@@ -21,8 +22,7 @@ from services.common.db.queries import (
 
 FINAL = ("Completed", "Failed", "Cancelled")
 OPEN = ("Pending", "Processing")
-# What a cancelled image's row says (its code is services.common.outcome CANCELLED).
-CANCELLED_CODE = "CANCELLED"
+# What a cancelled image's row says, with its code CANCELLED_CODE.
 CANCELLED_MESSAGE = "the request was cancelled before this image was processed"
 
 
@@ -131,13 +131,33 @@ async def deletable(conn: Connection, request_id: uuid.UUID) -> Deletable | None
     return Deletable(**dict(row)) if row else None
 
 
+async def lock_output_csv(conn: Connection, request_id: uuid.UUID) -> bool:
+    """Take the request's output-CSV lock until the end of the caller's transaction; True when
+    the request is still there and not being deleted, so its CSV may be written.
+
+    Everyone who writes a final request's CSV (a cancel, a result that arrives after it) renders
+    and stores it holding this lock, so the last one stored was rendered last, after every
+    outcome committed before; a delete marks the request holding it, so no CSV is stored under
+    the request's prefix once the delete has started listing it."""
+    await conn.execute(
+        "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", f"output.csv:{request_id}"
+    )
+    return bool(
+        await conn.fetchval(
+            "SELECT 1 FROM requests WHERE id = $1 AND deleting_at IS NULL", request_id
+        )
+    )
+
+
 async def mark_deleting(conn: Connection, request_id: uuid.UUID) -> bool:
     """The first step of a delete; False when the request is gone or not final."""
-    result = await conn.execute(
-        """UPDATE requests SET deleting_at = COALESCE(deleting_at, now())
-            WHERE id = $1 AND status IN ('Completed', 'Failed', 'Cancelled')""",
-        request_id,
-    )
+    async with conn.transaction():
+        await lock_output_csv(conn, request_id)
+        result = await conn.execute(
+            """UPDATE requests SET deleting_at = COALESCE(deleting_at, now())
+                WHERE id = $1 AND status IN ('Completed', 'Failed', 'Cancelled')""",
+            request_id,
+        )
     return result.split()[-1] != "0"
 
 
