@@ -170,6 +170,26 @@ async def stream_entries(conn: Connection, request_id: uuid.UUID) -> list[str]:
     return [r["stream_entry_id"] for r in rows]
 
 
+@dataclass(frozen=True, slots=True)
+class EventWindow:
+    """When the request's events can have been published: from its creation to its last
+    finish's event, or to no end while that event is not known to be published."""
+
+    since: datetime
+    until: datetime | None
+
+
+async def event_window(conn: Connection, request_id: uuid.UUID) -> EventWindow | None:
+    row = await conn.fetchrow(
+        """SELECT created_at,
+                  CASE WHEN finished_event_at IS NOT NULL
+                       THEN GREATEST(completed_at, finished_event_at) END AS until
+             FROM requests WHERE id = $1""",
+        request_id,
+    )
+    return EventWindow(row["created_at"], row["until"]) if row else None
+
+
 async def delete_rows(conn: Connection, request_id: uuid.UUID) -> None:
     """The last step: the request row; its products, images, webhook deliveries and any other
     table referencing it go with it (ON DELETE CASCADE)."""

@@ -782,6 +782,7 @@ async def unpublished_finished_requests(
     rows = await conn.fetch(
         f"""SELECT {_REQUEST_COLUMNS} FROM requests
              WHERE status IN ('Completed', 'Failed', 'Cancelled') AND finished_event_at IS NULL
+               AND deleting_at IS NULL
                AND completed_at < now() - make_interval(secs => $1)
              ORDER BY completed_at LIMIT $2""",
         min_age_seconds,
