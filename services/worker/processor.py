@@ -208,10 +208,6 @@ class Processor:
             gone = counters is None and await queries.image_status(conn, task.image_id) is None
         if counters is not None:  # None: another delivery recorded it first
             metrics.image_done(bytes_in, output.bytes_out, reused=reused_from is not None)
-            if counters.status == "Cancelled":
-                # In flight when its request was cancelled, and recorded all the same: the
-                # output CSV, written at the cancel, now lists this output too.
-                await store_output_csv(self.pool, self.storage, counters.request_id)
         elif gone:
             # The request was deleted while this image was in flight: the delete listed the
             # store before this output was written, so it is this task's to remove.
@@ -268,15 +264,22 @@ class Processor:
 
     async def finish_if_complete(self, request_id: uuid.UUID) -> None:
         """Finish a request whose images are all final: render the output CSV, mark it
-        Completed or Failed, publish request.finished. Safe to call any number of times."""
+        Completed or Failed, publish request.finished. Safe to call any number of times. For
+        a Cancelled request, only store its output CSV again (a late result, docs/lifecycle.md)."""
         with telemetry.span("finish request"):
             await self._finish_if_complete(request_id)
 
     async def _finish_if_complete(self, request_id: uuid.UUID) -> None:
         async with self.pool.acquire() as conn:
             counters = await queries.counters(conn, request_id)
-            if counters is None or not counters.all_final:
-                return
+        if counters is None or not counters.all_final:
+            return
+        if counters.status == "Cancelled":
+            # A result in flight at the cancel was recorded since (or this is a delivery again
+            # of one whose CSV was not stored): the CSV written at the cancel lists it now.
+            await store_output_csv(self.pool, self.storage, request_id)
+            return
+        async with self.pool.acquire() as conn:
             if await queries.is_final(conn, request_id):
                 return
             csv_key = keys.output_csv_key(request_id)
