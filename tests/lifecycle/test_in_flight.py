@@ -9,6 +9,7 @@ import asyncio
 import csv
 import io
 import secrets
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,29 +27,40 @@ from tests.support import wait_until_async
 pytestmark = pytest.mark.timeout(240)
 
 
-def _stack(
+@dataclass(frozen=True)
+class OneAtATime:
+    """Starts a stack with one worker taking one task at a time (while the held image is in
+    flight, no other of the request starts), on a Redis prefix the test knows."""
+
+    tmp_path: Path
+    env: dict[str, str]
+    names: StreamNames
+    stacks: list[Stack]
+
+    def start(self, origin: ImageOrigin) -> str:
+        allowed = {"IMGPIPE_FETCH_ALLOW": f"127.0.0.1:{origin.port}"}
+        stack = start_stack(self.tmp_path, self.env | allowed)
+        self.stacks.append(stack)
+        return stack.base_url
+
+
+@pytest.fixture
+def one_at_a_time(
     tmp_path: Path,
     database_url: str,
     redis_server_url: str,
-    origin: ImageOrigin,
-    names: StreamNames,
-    stacks: list[Stack],
-) -> str:
-    """One worker taking one task at a time: while the held image is in flight, no other of
-    the request starts."""
-    stack = start_stack(
-        tmp_path,
-        {
-            "IMGPIPE_DATABASE_URL": database_url,
-            "IMGPIPE_REDIS_URL": redis_server_url,
-            "IMGPIPE_REDIS_PREFIX": names.prefix,
-            "IMGPIPE_FETCH_ALLOW": f"127.0.0.1:{origin.port}",
-            "IMGPIPE_DEV_WORKERS": "1",
-            "IMGPIPE_WORKER_CONCURRENCY": "1",
-        },
-    )
-    stacks.append(stack)
-    return stack.base_url
+    redis_prefix: str,
+    stack_factory: list[Stack],
+) -> OneAtATime:
+    names = StreamNames(f"{redis_prefix}:{secrets.token_hex(4)}")
+    env = {
+        "IMGPIPE_DATABASE_URL": database_url,
+        "IMGPIPE_REDIS_URL": redis_server_url,
+        "IMGPIPE_REDIS_PREFIX": names.prefix,
+        "IMGPIPE_DEV_WORKERS": "1",
+        "IMGPIPE_WORKER_CONCURRENCY": "1",
+    }
+    return OneAtATime(tmp_path, env, names, stack_factory)
 
 
 async def _upload_and_cancel_in_flight(
@@ -89,17 +101,12 @@ async def _output_csv(http: aiohttp.ClientSession, url: str) -> list[list[str]]:
 
 
 async def test_a_result_in_flight_at_the_cancel_is_recorded_done(
-    tmp_path: Path,
-    database_url: str,
-    redis_server_url: str,
-    redis_prefix: str,
-    stack_factory: list[Stack],
+    one_at_a_time: OneAtATime,
 ) -> None:
-    names = StreamNames(f"{redis_prefix}:{secrets.token_hex(4)}")
     async with serve_images((320, 240)) as origin, aiohttp.ClientSession() as http:
         held, other, third = (origin.url(f"/img/f{i}.jpg") for i in range(3))
         origin.gates["/img/f0.jpg"] = release = asyncio.Event()
-        base = _stack(tmp_path, database_url, redis_server_url, origin, names, stack_factory)
+        base = one_at_a_time.start(origin)
         # The held URL twice: its second image is a follower that takes its outcome.
         urls = [held, other, held, third]
         request_id, _ = await _upload_and_cancel_in_flight(http, base, origin, urls, held)
@@ -143,13 +150,9 @@ async def test_a_result_in_flight_at_the_cancel_is_recorded_done(
 
 
 async def test_a_failure_in_flight_at_the_cancel_leaves_the_image_cancelled(
-    tmp_path: Path,
-    database_url: str,
-    redis_server_url: str,
-    redis_prefix: str,
-    stack_factory: list[Stack],
+    one_at_a_time: OneAtATime, redis_server_url: str
 ) -> None:
-    names = StreamNames(f"{redis_prefix}:{secrets.token_hex(4)}")
+    names = one_at_a_time.names
     async with (
         serve_images((320, 240)) as origin,
         aiohttp.ClientSession() as http,
@@ -158,7 +161,7 @@ async def test_a_failure_in_flight_at_the_cancel_leaves_the_image_cancelled(
         held, other = origin.url("/img/x0.jpg"), origin.url("/img/x1.jpg")
         origin.gates["/img/x0.jpg"] = release = asyncio.Event()
         origin.missing.add("/img/x0.jpg")  # answered 404 once released
-        base = _stack(tmp_path, database_url, redis_server_url, origin, names, stack_factory)
+        base = one_at_a_time.start(origin)
         request_id, cancelled = await _upload_and_cancel_in_flight(
             http, base, origin, [held, other], held
         )
