@@ -2,7 +2,7 @@
 
 `/img/<name>` serves a generated photo (made on first request, then the same bytes), `/text`
 serves text that is not an image, anything else is 404. `delay` adds origin latency; `hits`
-counts the requests for each image path.
+counts the requests for each image path; a path in `gates` is answered once its event is set.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ class ImageOrigin:
     missing: set[str] = field(default_factory=set)  # paths answered 404 for now
     # (path, time.monotonic()) of every image request, when it arrived
     hits: list[tuple[str, float]] = field(default_factory=list)
+    gates: dict[str, asyncio.Event] = field(default_factory=dict)  # path: answered once set
 
     def hits_of(self, url: str) -> int:
         """How many times `url` of this origin was requested."""
@@ -58,6 +59,8 @@ async def serve_images(
 
     async def image(request: web.Request) -> web.Response:
         origin.hits.append((request.path, time.monotonic()))
+        if request.path in origin.gates:
+            await origin.gates[request.path].wait()
         if delay:
             await asyncio.sleep(delay)  # simulated origin latency, not synchronisation
         if request.path in origin.missing:

@@ -25,7 +25,7 @@ from services.common.proto_convert import (
     progress_event,
 )
 from services.common.storage import Storage
-from services.common.stored_csv import render_output_csv
+from services.common.stored_csv import store_output_csv
 from services.common.streams import StreamNames, publish_event_once, publish_progress
 
 log = logging.getLogger(__name__)
@@ -77,9 +77,9 @@ async def cancel(
     row = outcome.request
     csv_key = keys.output_csv_key(row.id)
     if outcome.changed or await storage.missing(csv_key):
-        async with pool.acquire() as conn:
-            csv = await render_output_csv(conn, storage, row.id)
-        await storage.put(csv_key, csv, "text/csv")
+        # Under the request's lock: a worker storing the CSV again for an image that was in
+        # flight (services/worker/processor.py) never has its newer CSV overwritten by this one.
+        await store_output_csv(pool, storage, row.id)
     if outcome.changed:
         log.info("request cancelled", extra={"request_id": str(row.id)})
         if redis is not None:

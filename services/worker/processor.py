@@ -35,7 +35,7 @@ from services.common.outcome import ImageFailure, OutcomeCode, RetryPolicy
 from services.common.pb.imgpipe.v1 import task_pb2
 from services.common.proto_convert import finished_event, from_proto, progress_event
 from services.common.storage import Storage
-from services.common.stored_csv import render_output_csv
+from services.common.stored_csv import render_output_csv, store_output_csv
 from services.common.streams import StreamNames, publish_event_once, publish_progress
 from services.worker import dedup
 
@@ -264,15 +264,22 @@ class Processor:
 
     async def finish_if_complete(self, request_id: uuid.UUID) -> None:
         """Finish a request whose images are all final: render the output CSV, mark it
-        Completed or Failed, publish request.finished. Safe to call any number of times."""
+        Completed or Failed, publish request.finished. Safe to call any number of times. For
+        a Cancelled request, only store its output CSV again (a late result, docs/lifecycle.md)."""
         with telemetry.span("finish request"):
             await self._finish_if_complete(request_id)
 
     async def _finish_if_complete(self, request_id: uuid.UUID) -> None:
         async with self.pool.acquire() as conn:
             counters = await queries.counters(conn, request_id)
-            if counters is None or not counters.all_final:
-                return
+        if counters is None or not counters.all_final:
+            return
+        if counters.status == "Cancelled":
+            # A result in flight at the cancel was recorded since (or this is a delivery again
+            # of one whose CSV was not stored): the CSV written at the cancel lists it now.
+            await store_output_csv(self.pool, self.storage, request_id)
+            return
+        async with self.pool.acquire() as conn:
             if await queries.is_final(conn, request_id):
                 return
             csv_key = keys.output_csv_key(request_id)

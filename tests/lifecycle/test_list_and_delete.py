@@ -5,15 +5,23 @@ on file:// and on SeaweedFS, after which every URL of the request answers 404.""
 from __future__ import annotations
 
 import json
+import secrets
+import uuid
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import obstore
 import pytest
+import redis.asyncio
 
 from services.common.auth import key_hash, new_key
+from services.common.db.lifecycle import EventWindow
+from services.common.deletion import delete_events
+from services.common.pb.imgpipe.v1 import request_pb2
 from services.common.storage import Storage, StorageConfig
+from services.common.streams import EVENT_FIELD, StreamNames
 from tests.e2e.test_pipeline import upload_csv, wait_completed
 from tests.lifecycle.test_cancel import csv_of
 from tests.origin import ImageOrigin
@@ -181,6 +189,65 @@ async def test_delete_removes_rows_and_every_stored_object(
                 assert got.status == 404, url
         async with http.delete(f"{base}/requests/{request_id}") as answer:
             assert answer.status == 404
+
+
+async def test_delete_removes_the_request_events_and_keeps_the_others(
+    tmp_path: Path,
+    database_url: str,
+    redis_server_url: str,
+    redis_prefix: str,
+    image_origin: ImageOrigin,
+    stack_factory: list[Stack],
+) -> None:
+    names = StreamNames(f"{redis_prefix}:{secrets.token_hex(4)}")
+    stack = start_stack(
+        tmp_path,
+        {
+            "IMGPIPE_DATABASE_URL": database_url,
+            "IMGPIPE_REDIS_URL": redis_server_url,
+            "IMGPIPE_REDIS_PREFIX": names.prefix,
+            "IMGPIPE_FETCH_ALLOW": f"127.0.0.1:{image_origin.port}",
+            "IMGPIPE_DEV_WORKERS": "1",
+            # No reconciler pass: it trims acknowledged events, which would leave nothing to
+            # tell the deleted request's entries from the kept ones.
+            "IMGPIPE_RECONCILE_INTERVAL": "3600",
+        },
+    )
+    stack_factory.append(stack)
+    base = stack.base_url
+    async with (
+        aiohttp.ClientSession() as http,
+        redis.asyncio.Redis.from_url(redis_server_url) as client,
+    ):
+        urls = [image_origin.url(f"/img/e{i}.jpg") for i in range(3)]
+        ids = [await _upload(http, base, [url], {}) for url in urls]
+        for request_id in ids:
+            await wait_completed(http, base, request_id)
+
+        async def events_of() -> dict[str, int]:
+            """request id: its entries on the events stream."""
+            counts: dict[str, int] = {}
+            entries: Any = await client.xrange(names.events)
+            for _, fields in entries:
+                event = request_pb2.RequestEvent.FromString(fields[EVENT_FIELD])
+                counts[event.request_id] = counts.get(event.request_id, 0) + 1
+            return counts
+
+        async def all_published() -> dict[str, int] | None:
+            counts = await events_of()
+            return counts if set(ids) <= set(counts) else None
+
+        # request.finished goes on the stream after the status is final: waited for.
+        before = await wait_until_async(all_published, timeout=30, interval=0.1, message="events")
+        async with http.delete(f"{base}/requests/{ids[1]}") as answer:
+            assert answer.status == 204, await answer.text()
+        after = await events_of()
+        assert ids[1] not in after
+        assert after == {k: v for k, v in before.items() if k != ids[1]}
+        # Repeating the step (a delete resumed after a crash) finds nothing more.
+        window = EventWindow(datetime.now(UTC) - timedelta(hours=1), None)
+        assert await delete_events(client, names, uuid.UUID(ids[1]), window) == 0
+        assert await events_of() == after
 
 
 def _store(storage_env: dict[str, str], stack: Stack, request: pytest.FixtureRequest) -> Storage:

@@ -14,6 +14,7 @@ from datetime import datetime
 
 from services.common.db.queries import (
     _REQUEST_COLUMNS,
+    CANCELLED_CODE,
     Connection,
     RequestRow,
     _request,
@@ -21,8 +22,7 @@ from services.common.db.queries import (
 
 FINAL = ("Completed", "Failed", "Cancelled")
 OPEN = ("Pending", "Processing")
-# What a cancelled image's row says (its code is services.common.outcome CANCELLED).
-CANCELLED_CODE = "CANCELLED"
+# What a cancelled image's row says, with its code CANCELLED_CODE.
 CANCELLED_MESSAGE = "the request was cancelled before this image was processed"
 
 
@@ -131,13 +131,33 @@ async def deletable(conn: Connection, request_id: uuid.UUID) -> Deletable | None
     return Deletable(**dict(row)) if row else None
 
 
+async def lock_output_csv(conn: Connection, request_id: uuid.UUID) -> bool:
+    """Take the request's output-CSV lock until the end of the caller's transaction; True when
+    the request is still there and not being deleted, so its CSV may be written.
+
+    Everyone who writes a final request's CSV (a cancel, a result that arrives after it) renders
+    and stores it holding this lock, so the last one stored was rendered last, after every
+    outcome committed before; a delete marks the request holding it, so no CSV is stored under
+    the request's prefix once the delete has started listing it."""
+    await conn.execute(
+        "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", f"output.csv:{request_id}"
+    )
+    return bool(
+        await conn.fetchval(
+            "SELECT 1 FROM requests WHERE id = $1 AND deleting_at IS NULL", request_id
+        )
+    )
+
+
 async def mark_deleting(conn: Connection, request_id: uuid.UUID) -> bool:
     """The first step of a delete; False when the request is gone or not final."""
-    result = await conn.execute(
-        """UPDATE requests SET deleting_at = COALESCE(deleting_at, now())
-            WHERE id = $1 AND status IN ('Completed', 'Failed', 'Cancelled')""",
-        request_id,
-    )
+    async with conn.transaction():
+        await lock_output_csv(conn, request_id)
+        result = await conn.execute(
+            """UPDATE requests SET deleting_at = COALESCE(deleting_at, now())
+                WHERE id = $1 AND status IN ('Completed', 'Failed', 'Cancelled')""",
+            request_id,
+        )
     return result.split()[-1] != "0"
 
 
@@ -148,6 +168,26 @@ async def stream_entries(conn: Connection, request_id: uuid.UUID) -> list[str]:
         request_id,
     )
     return [r["stream_entry_id"] for r in rows]
+
+
+@dataclass(frozen=True, slots=True)
+class EventWindow:
+    """When the request's events can have been published: from its creation to its last
+    finish's event, or to no end while that event is not known to be published."""
+
+    since: datetime
+    until: datetime | None
+
+
+async def event_window(conn: Connection, request_id: uuid.UUID) -> EventWindow | None:
+    row = await conn.fetchrow(
+        """SELECT created_at,
+                  CASE WHEN finished_event_at IS NOT NULL
+                       THEN GREATEST(completed_at, finished_event_at) END AS until
+             FROM requests WHERE id = $1""",
+        request_id,
+    )
+    return EventWindow(row["created_at"], row["until"]) if row else None
 
 
 async def delete_rows(conn: Connection, request_id: uuid.UUID) -> None:

@@ -389,20 +389,22 @@ async def record_attempt(
 # One statement per outcome: the image's conditional state change, the same outcome for its
 # followers (images of the same URL later in the request) and the request's counters move
 # atomically in a single round trip (the hot path of every worker). When the image was already
-# final, the CTEs update nothing and neither does the request.
+# final, the CTEs update nothing and neither does the request. `revived` marks an image that was
+# counted failed (CANCELLED) before this outcome: it leaves images_failed as it joins images_done.
 _FOLLOWERS_AND_COUNTERS = """,
 img AS (
     SELECT request_id, count(*) FILTER (WHERE done) AS done,
            count(*) FILTER (WHERE NOT done) AS failed,
+           count(*) FILTER (WHERE revived) AS revived,
            COALESCE(sum(bytes_in), 0) AS bytes_in, COALESCE(sum(bytes_out), 0) AS bytes_out,
            COALESCE(sum(ssim::double precision), 0) AS ssim_sum, count(ssim) AS ssim_count
-      FROM (SELECT request_id, bytes_in, bytes_out, ssim, done FROM leader
+      FROM (SELECT request_id, bytes_in, bytes_out, ssim, done, revived FROM leader
             UNION ALL
-            SELECT request_id, bytes_in, bytes_out, ssim, done FROM followers) outcomes
+            SELECT request_id, bytes_in, bytes_out, ssim, done, revived FROM followers) outcomes
      GROUP BY request_id)
 UPDATE requests
    SET images_done = images_done + img.done,
-       images_failed = images_failed + img.failed,
+       images_failed = images_failed + img.failed - img.revived,
        bytes_in = requests.bytes_in + img.bytes_in,
        bytes_out = requests.bytes_out + img.bytes_out,
        ssim_sum = requests.ssim_sum + img.ssim_sum,
@@ -414,20 +416,23 @@ UPDATE requests
 RETURNING requests.id, images_total, images_done, images_failed, status,
           requests.bytes_in, requests.bytes_out, requests.ssim_sum, requests.ssim_count"""
 
+# What a cancelled image's row says (its code is services.common.outcome CANCELLED).
+CANCELLED_CODE = "CANCELLED"
+
 # $11: the image whose stored output was copied (another request's), else NULL. $12, $13: the
 # source's and the options' digests (services/worker/dedup.py); when given, the output is
 # remembered for the owner's later requests (the newest copy wins, so deleting an older request
-# keeps the output reusable).
-_IMAGE_DONE = (
-    """
+# keeps the output reusable). {leader} and {follower}: the state an image must be in to take
+# this outcome; {revived}: whether it was counted failed until now.
+_DONE_TEMPLATE = """
 WITH leader AS (
     UPDATE images
        SET status = 'Done', output_key = $2, bytes_in = $3, bytes_out = $4, width = $5,
            height = $6, kept_source = $7, ssim = $8, quality = $9, note = $10, reused_from = $11,
            attempts = attempts + 1, error_code = NULL, error_message = NULL, updated_at = now()
-     WHERE id = $1 AND status = 'Pending'
+     WHERE id = $1 AND {leader}
  RETURNING id, request_id, output_key, bytes_in, bytes_out, width, height, kept_source, ssim,
-           quality, note, true AS done),
+           quality, note, true AS done, {revived} AS revived),
 followers AS (
     UPDATE images f
        SET status = 'Done', output_key = l.output_key, bytes_in = l.bytes_in,
@@ -435,8 +440,8 @@ followers AS (
            kept_source = l.kept_source, ssim = l.ssim, quality = l.quality, note = l.note,
            error_code = NULL, error_message = NULL, updated_at = now()
       FROM leader l
-     WHERE f.leader_id = l.id AND f.status = 'Pending'
- RETURNING f.request_id, f.bytes_in, f.bytes_out, f.ssim, true AS done),
+     WHERE f.leader_id = l.id AND {follower}
+ RETURNING f.request_id, f.bytes_in, f.bytes_out, f.ssim, true AS done, {revived} AS revived),
 remembered AS (
     INSERT INTO reusable_outputs (owner, source_sha256, options_sha256, request_id, image_id,
                                   output_key, bytes_out, width, height, kept_source, ssim,
@@ -451,6 +456,29 @@ remembered AS (
            width = excluded.width, height = excluded.height,
            kept_source = excluded.kept_source, ssim = excluded.ssim,
            quality = excluded.quality, note = excluded.note, created_at = now())"""
+
+_IMAGE_DONE = (
+    _DONE_TEMPLATE.format(
+        leader="status = 'Pending'", follower="f.status = 'Pending'", revived="false"
+    )
+    + _FOLLOWERS_AND_COUNTERS
+)
+
+# The same outcome arriving after the image's request was cancelled while it was in flight
+# (docs/lifecycle.md): the image and its followers, failed CANCELLED by the cancel, turn Done,
+# and the request stays Cancelled. The request row is locked first (FOR UPDATE), the order a
+# retry takes, and re-read at its newest version: a request retried or being deleted meanwhile
+# is left alone.
+_LATE_IMAGE_DONE = (
+    _DONE_TEMPLATE.format(
+        leader=f"""status = 'Failed' AND error_code = '{CANCELLED_CODE}'
+           AND EXISTS (SELECT 1 FROM requests r
+                        WHERE r.id = images.request_id AND r.status = 'Cancelled'
+                          AND r.deleting_at IS NULL
+                          FOR UPDATE)""",
+        follower=f"f.status = 'Failed' AND f.error_code = '{CANCELLED_CODE}'",
+        revived="true",
+    )
     + _FOLLOWERS_AND_COUNTERS
 )
 
@@ -461,14 +489,14 @@ WITH leader AS (
        SET status = 'Failed', error_code = $2, error_message = $3, updated_at = now()
      WHERE id = $1 AND status = 'Pending'
  RETURNING id, request_id, NULL::integer AS bytes_in, NULL::integer AS bytes_out,
-           NULL::real AS ssim, false AS done),
+           NULL::real AS ssim, false AS done, false AS revived),
 followers AS (
     UPDATE images f
        SET status = 'Failed', error_code = $2, error_message = $3, updated_at = now()
       FROM leader l
      WHERE f.leader_id = l.id AND f.status = 'Pending'
  RETURNING f.request_id, NULL::integer AS bytes_in, NULL::integer AS bytes_out,
-           NULL::real AS ssim, false AS done)"""
+           NULL::real AS ssim, false AS done, false AS revived)"""
     + _FOLLOWERS_AND_COUNTERS
 )
 
@@ -502,9 +530,12 @@ async def record_image_done(
     same outcome and move the counters; None if it was already final. `ssim`, `quality` and
     `note` are what the output kept (services/common/tuning.py); an empty note is stored as
     NULL. With `digests`, the output is remembered for the owner's later requests;
-    `reused_from` is the image whose stored output was copied for this one."""
-    row = await conn.fetchrow(
-        _IMAGE_DONE,
+    `reused_from` is the image whose stored output was copied for this one.
+
+    An image that was in flight when its request was cancelled (failed CANCELLED, the request
+    Cancelled) is recorded Done too, it and its followers leaving images_failed for
+    images_done; the Counters returned then have the status Cancelled."""
+    args = (
         image_id,
         output_key,
         bytes_in,
@@ -519,6 +550,11 @@ async def record_image_done(
         digests.source if digests else None,
         digests.options if digests else None,
     )
+    row = await conn.fetchrow(_IMAGE_DONE, *args)
+    if row is None:
+        # A second statement, so it reads the cancel as committed even when the cancel
+        # committed while the first one waited for the image row (rare: not the hot path).
+        row = await conn.fetchrow(_LATE_IMAGE_DONE, *args)
     return _counters(row) if row else None
 
 
@@ -746,6 +782,7 @@ async def unpublished_finished_requests(
     rows = await conn.fetch(
         f"""SELECT {_REQUEST_COLUMNS} FROM requests
              WHERE status IN ('Completed', 'Failed', 'Cancelled') AND finished_event_at IS NULL
+               AND deleting_at IS NULL
                AND completed_at < now() - make_interval(secs => $1)
              ORDER BY completed_at LIMIT $2""",
         min_age_seconds,

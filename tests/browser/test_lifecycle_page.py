@@ -1,0 +1,75 @@
+"""Cancel from the web page in real headless Chromium against the real stack: a merchant uploads
+a CSV whose images come from a slow origin, sees the request under "Your requests", presses
+Cancel while it runs, and sees it Cancelled on the page and in the list (docs/lifecycle.md).
+
+The screenshot goes to build/test-artifacts/browser/lifecycle-cancel.png.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from playwright.async_api import expect
+
+from tests.browser.conftest import Browsing, screenshot
+from tests.browser.test_web_page import csv_text, drop_csv, request_id_on, status_of
+from tests.origin import serve_images
+from tests.stack import Stack, start_stack
+
+pytestmark = [pytest.mark.browser, pytest.mark.timeout(240)]
+
+# 40 images at one second each, two at a time: the request runs for 20 s at least, far longer
+# than the page needs to show it and the test to press Cancel.
+IMAGES = 40
+
+
+async def test_cancel_a_running_request_from_the_page(
+    tmp_path: Path,
+    database_url: str,
+    redis_server_url: str,
+    stack_factory: list[Stack],
+    browsing: Browsing,
+) -> None:
+    async with serve_images((320, 240), delay=1.0) as origin:
+        stack = start_stack(
+            tmp_path,
+            {
+                "IMGPIPE_DATABASE_URL": database_url,
+                "IMGPIPE_REDIS_URL": redis_server_url,
+                "IMGPIPE_FETCH_ALLOW": f"127.0.0.1:{origin.port}",
+                "IMGPIPE_DEV_WORKERS": "1",
+                "IMGPIPE_WORKER_CONCURRENCY": "2",
+            },
+        )
+        stack_factory.append(stack)
+        urls = [origin.url(f"/img/slow{i}.jpg") for i in range(IMAGES)]
+        products = [(str(n), f"Slow {n}", urls[n * 4 : n * 4 + 4]) for n in range(IMAGES // 4)]
+        page = await browsing.page()
+        await page.goto(f"{stack.base_url}/")
+        await drop_csv(page, csv_text(products))
+        await page.click("#submit")
+
+        # Running, and listed under "Your requests" as such.
+        await expect(page.locator("#progress-card")).to_be_visible()
+        request_id = await request_id_on(page)
+        row = page.locator("#requests tbody tr", has_text=request_id)
+        await expect(page.locator("#requests-card")).to_be_visible()
+        await expect(row).to_have_count(1)
+        await expect(row.locator(".badge")).to_have_text(re.compile("^(Pending|Processing)$"))
+        await expect(page.locator("#cancel")).to_be_visible()
+        assert (await status_of(stack, request_id))["status"] in ("Pending", "Processing")
+
+        await page.click("#cancel")
+
+        await expect(page.locator("#status")).to_have_text("Cancelled")
+        await expect(page.locator("#cancel")).to_be_hidden()
+        await expect(row.locator(".badge")).to_have_text("Cancelled")
+        await expect(row.locator(".badge")).to_have_class("badge status-cancelled")
+        await expect(page.locator("#download")).to_be_visible()  # what was done stays
+        status = await status_of(stack, request_id)
+        assert status["status"] == "Cancelled"
+        assert status["progress"]["images_done"] < IMAGES
+        await expect(page.locator("#stat-failed")).not_to_have_text("0")
+        await screenshot(page, "lifecycle-cancel")
