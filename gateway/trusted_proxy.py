@@ -6,8 +6,8 @@ Proxies append to these headers, so the last value is the one the nearest proxy 
 caller sent ahead of it is never read. From any other peer the headers are ignored: a client
 that connects directly cannot claim https, nor another host.
 
-Two things rest on it: the links the gateway hands out (gateway/urls.py) and whether the
-caller came over https, for the session cookie (gateway/same_site.py).
+It decides the links the gateway hands out (gateway/urls.py), and through them whether the
+caller came over https, for the session cookie and our origin (gateway/same_site.py).
 """
 
 from __future__ import annotations

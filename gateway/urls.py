@@ -16,7 +16,7 @@ The HTML routes' links (`request_path`, `cancel_path`) are always paths.
 from __future__ import annotations
 
 import re
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 from aiohttp import hdrs, web
 
@@ -48,6 +48,11 @@ def public_base(request: web.Request) -> str:
     if proto not in _SCHEMES or not _HOST.fullmatch(host):
         return ""
     return f"{proto}://{host}"
+
+
+def public_scheme(request: web.Request) -> str:
+    """'https' or 'http' as callers reach the gateway, by the rules above; '' when not known."""
+    return urlsplit(public_base(request)).scheme
 
 
 def status_url(request: web.Request, request_id: str) -> str:
