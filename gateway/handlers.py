@@ -1,6 +1,6 @@
 """The REST handlers: validate the HTTP input, call ingest or status, render JSON.
 
-Errors are raised, never rendered here: `gateway.errors.error_middleware` turns ImgpipeError,
+Errors are raised, never rendered here: `gateway.http_errors.error_middleware` turns ImgpipeError,
 gRPC errors and aiohttp's HTTP exceptions into the JSON error body.
 """
 
@@ -12,19 +12,17 @@ import re
 from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import quote
 
 import grpc
 from aiohttp import web
 from grpc_health.v1 import health_pb2
 
-from gateway import views
-from gateway.backends import BACKENDS, SETTINGS
+from gateway import json_views
+from gateway.keys import CHANNELS, IN_FLIGHT, PRODUCT_PAGES, SETTINGS, STORAGE
 from gateway.output_csv import stream_output_csv
-from gateway.page_cache import PAGES, PageKey, Version
-from gateway.public_url import public_url
-from gateway.serving import IN_FLIGHT
+from gateway.product_page_cache import ProductPageKey, Version
 from gateway.upload import upload_csv
+from gateway.urls import output_csv_link, output_csv_url, status_url
 from services.common import tracing
 from services.common.errors import Conflict, Detail, InvalidArgument, NotFound, Unavailable
 from services.common.page_token import decode_page_token
@@ -47,20 +45,12 @@ DELETE_TIMEOUT_FACTOR = 10
 _UNSAFE_FILENAME = re.compile(r"[^A-Za-z0-9._-]")
 
 
-def status_url(request: web.Request, request_id: str) -> str:
-    return public_url(request, f"/status/{quote(request_id, safe='')}")
-
-
-def output_csv_url(request: web.Request, request_id: str) -> str:
-    return public_url(request, f"/requests/{quote(request_id, safe='')}/output.csv")
-
-
 async def upload(request: web.Request) -> web.Response:
-    accepted = await upload_csv(request, request.app[BACKENDS].ingest, request.app[SETTINGS])
+    accepted = await upload_csv(request, request.app[CHANNELS].ingest, request.app[SETTINGS])
     tracing.set_request_id(accepted.request_id)  # on this request's access log line
     url = status_url(request, accepted.request_id)
     return web.json_response(
-        views.accepted_json(accepted, url),
+        json_views.accepted_json(accepted, url),
         # An idempotent replay finds the earlier request: nothing new was accepted.
         status=202 if accepted.created else 200,
         headers={"Location": url},
@@ -71,16 +61,19 @@ async def status(request: web.Request) -> web.Response:
     request_id = _request_id(request)
     page_size = _page_size(request.query.get("page_size", ""))
     page_token = request.query.get("page_token", "")
-    backends, timeout = request.app[BACKENDS], request.app[SETTINGS].rpc_timeout
+    channels, timeout = request.app[CHANNELS], request.app[SETTINGS].rpc_timeout
     # Decoded here, strictly: the cache is keyed on the position, and a token that is not
     # the one canonical spelling of a position is refused before anything is read.
-    pages, key = request.app[PAGES], PageKey(request_id, page_size, decode_page_token(page_token))
-    get_request = backends.status.GetRequest(
+    pages, key = (
+        request.app[PRODUCT_PAGES],
+        ProductPageKey(request_id, page_size, decode_page_token(page_token)),
+    )
+    get_request = channels.status.GetRequest(
         status_pb.GetRequestRequest(request_id=request_id), timeout=timeout
     )
 
     def list_products() -> Awaitable[status_pb.ListProductsResponse]:
-        return backends.status.ListProducts(
+        return channels.status.ListProducts(
             status_pb.ListProductsRequest(
                 request_id=request_id, page_size=page_size, page_token=page_token
             ),
@@ -98,11 +91,13 @@ async def status(request: web.Request) -> web.Response:
         got, page = await _both(get_request, list_products())
         found = got.request
     if page is not None:
-        body = views.products_members(page)
+        body = json_views.products_members(page)
         pages.put(key, Version.of(found), body)
     assert body is not None
     return web.Response(
-        body=views.join_members(views.request_json(found, _csv_url(request, found)), body),
+        body=json_views.join_members(
+            json_views.request_json(found, output_csv_link(request, found)), body
+        ),
         content_type="application/json",
     )
 
@@ -125,7 +120,7 @@ async def events(request: web.Request) -> web.StreamResponse:
     the key's `streams` limit in the status service; over it, the answer is a JSON 429."""
     request_id = _request_id(request)
     settings = request.app[SETTINGS]
-    call = request.app[BACKENDS].status.WatchRequest(
+    call = request.app[CHANNELS].status.WatchRequest(
         status_pb.WatchRequestRequest(request_id=request_id), timeout=settings.watch_timeout
     )
     updates = aiter(call)
@@ -146,21 +141,21 @@ async def events(request: web.Request) -> web.StreamResponse:
         try:
             while update is not None:
                 found = update.request
-                final = views.is_final(found)
+                final = json_views.is_final(found)
                 csv_url = output_csv_url(request, found.request_id) if final else None
-                event = views.request_json(found, csv_url)
-                await response.write(views.sse("final" if final else "progress", event))
+                event = json_views.request_json(found, csv_url)
+                await response.write(json_views.sse("final" if final else "progress", event))
                 update = await _next_or_keepalive(updates, response)
             if not final:  # the status service's own time limit
-                await response.write(views.sse("reconnect", {"reason": "time_limit"}))
+                await response.write(json_views.sse("reconnect", {"reason": "time_limit"}))
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
-                await response.write(views.sse("reconnect", {"reason": "time_limit"}))
+                await response.write(json_views.sse("reconnect", {"reason": "time_limit"}))
             else:
                 # Headers are sent: say why the stream ends, in the stream; the client
                 # reconnects.
                 log.warning("live progress interrupted", extra={"error": exc.code().name})
-                await response.write(views.sse("error", {"code": "unavailable"}))
+                await response.write(json_views.sse("error", {"code": "unavailable"}))
         await response.write_eof()
         return response
     finally:
@@ -183,23 +178,23 @@ async def _next_or_keepalive(
 
 async def output_csv(request: web.Request) -> web.StreamResponse:
     request_id = _request_id(request)
-    backends = request.app[BACKENDS]
-    got = await backends.status.GetRequest(
+    channels, storage = request.app[CHANNELS], request.app[STORAGE]
+    got = await channels.status.GetRequest(
         status_pb.GetRequestRequest(request_id=request_id),
         timeout=request.app[SETTINGS].rpc_timeout,
     )
     found = got.request
-    if not views.is_final(found):
+    if not json_views.is_final(found):
         raise Conflict("the request is not finished yet")
     if not found.output_csv_key:
         raise NotFound("this request has no output CSV")
     filename = f"imgpipe-{_UNSAFE_FILENAME.sub('_', found.request_id or request_id)}.csv"
     headers = {"Content-Disposition": f'attachment; filename="{filename}"'}
-    if backends.storage.presigned:
+    if storage.presigned:
         # Signed URLs expire: render the CSV now instead of serving the stored copy.
         return await stream_output_csv(request, found.request_id, headers)
     try:
-        data = await backends.storage.get(found.output_csv_key)
+        data = await storage.get(found.output_csv_key)
     except FileNotFoundError:
         raise NotFound("the output CSV of this request was not found") from None
     return web.Response(body=data, content_type="text/csv", charset="utf-8", headers=headers)
@@ -208,18 +203,18 @@ async def output_csv(request: web.Request) -> web.StreamResponse:
 async def retry(request: web.Request) -> web.Response:
     """Put a request's failed images back in the queue (an operator's action)."""
     request_id = _request_id(request)
-    answer = await request.app[BACKENDS].ingest.RetryFailedImages(
+    answer = await request.app[CHANNELS].ingest.RetryFailedImages(
         ingest_pb.RetryFailedImagesRequest(request_id=request_id),
         timeout=request.app[SETTINGS].rpc_timeout,
     )
     return web.json_response(
-        views.retry_json(answer, status_url(request, answer.request_id)), status=202
+        json_views.retry_json(answer, status_url(request, answer.request_id)), status=202
     )
 
 
 async def list_requests(request: web.Request) -> web.Response:
     """The caller's requests, newest first, a page at a time; `status=` keeps one status."""
-    answer = await request.app[BACKENDS].status.ListRequests(
+    answer = await request.app[CHANNELS].status.ListRequests(
         status_pb.ListRequestsRequest(
             page_size=_page_size(request.query.get("page_size", "")),
             page_token=request.query.get("page_token", ""),
@@ -228,8 +223,8 @@ async def list_requests(request: web.Request) -> web.Response:
         timeout=request.app[SETTINGS].rpc_timeout,
     )
     items = [
-        views.request_item_json(
-            found, status_url(request, found.request_id), _csv_url(request, found)
+        json_views.request_item_json(
+            found, status_url(request, found.request_id), output_csv_link(request, found)
         )
         for found in answer.requests
     ]
@@ -238,18 +233,18 @@ async def list_requests(request: web.Request) -> web.Response:
 
 async def cancel(request: web.Request) -> web.Response:
     """Stop a running request; cancelling a Cancelled request again answers the same state."""
-    answer = await request.app[BACKENDS].status.CancelRequest(
+    answer = await request.app[CHANNELS].status.CancelRequest(
         status_pb.CancelRequestRequest(request_id=_request_id(request)),
         timeout=request.app[SETTINGS].rpc_timeout,
     )
     found = answer.request
-    return web.json_response(views.request_json(found, _csv_url(request, found)))
+    return web.json_response(json_views.request_json(found, output_csv_link(request, found)))
 
 
 async def delete(request: web.Request) -> web.Response:
     """Delete a final request with its stored objects: 204, then every URL of it is 404."""
     request_id = _request_id(request)
-    await request.app[BACKENDS].status.DeleteRequest(
+    await request.app[CHANNELS].status.DeleteRequest(
         status_pb.DeleteRequestRequest(request_id=request_id),
         # Listing and deleting the objects of a large request takes longer than a read.
         timeout=request.app[SETTINGS].rpc_timeout * DELETE_TIMEOUT_FACTOR,
@@ -257,44 +252,40 @@ async def delete(request: web.Request) -> web.Response:
     return web.Response(status=204)
 
 
-def _csv_url(request: web.Request, found: request_pb2.Request) -> str | None:
-    if views.is_final(found) and found.output_csv_key:
-        return output_csv_url(request, found.request_id)
-    return None
-
-
 def _status_filter(raw: str) -> request_pb2.RequestStatus.ValueType:
     if not raw:
         return request_pb2.REQUEST_STATUS_UNSPECIFIED
-    if raw in views.LISTED_STATUSES:
+    if raw in json_views.LISTED_STATUSES:
         return request_pb2.RequestStatus.Value(f"REQUEST_STATUS_{raw.upper()}")
     raise InvalidArgument(
-        f"status must be one of {', '.join(views.LISTED_STATUSES)}",
+        f"status must be one of {', '.join(json_views.LISTED_STATUSES)}",
         [Detail(message=f"not {raw[:40]!r}", column="status")],
     )
 
 
 async def webhooks(request: web.Request) -> web.Response:
     """Every webhook attempt of a request, oldest first."""
-    answer = await request.app[BACKENDS].status.ListWebhookDeliveries(
+    answer = await request.app[CHANNELS].status.ListWebhookDeliveries(
         status_pb.ListWebhookDeliveriesRequest(request_id=_request_id(request)),
         timeout=request.app[SETTINGS].rpc_timeout,
     )
-    return web.json_response({"deliveries": [views.delivery_json(d) for d in answer.deliveries]})
+    return web.json_response(
+        {"deliveries": [json_views.delivery_json(d) for d in answer.deliveries]}
+    )
 
 
 async def redeliver_webhook(request: web.Request) -> web.Response:
     """Send the request's latest event to its webhook again."""
-    answer = await request.app[BACKENDS].status.RedeliverWebhook(
+    answer = await request.app[CHANNELS].status.RedeliverWebhook(
         status_pb.RedeliverWebhookRequest(request_id=_request_id(request)),
         timeout=request.app[SETTINGS].rpc_timeout,
     )
-    return web.json_response({"delivery": views.delivery_json(answer.delivery)}, status=202)
+    return web.json_response({"delivery": json_views.delivery_json(answer.delivery)}, status=202)
 
 
 async def webhook_secret(request: web.Request) -> web.Response:
     """The caller's webhook signing secret (and the previous one, in its grace period)."""
-    answer = await request.app[BACKENDS].status.GetWebhookSecret(
+    answer = await request.app[CHANNELS].status.GetWebhookSecret(
         status_pb.GetWebhookSecretRequest(), timeout=request.app[SETTINGS].rpc_timeout
     )
     return _secret_response(answer.secret)
@@ -302,7 +293,7 @@ async def webhook_secret(request: web.Request) -> web.Response:
 
 async def rotate_webhook_secret(request: web.Request) -> web.Response:
     """A new signing secret for the caller; the old one signs too for the grace period."""
-    answer = await request.app[BACKENDS].status.RotateWebhookSecret(
+    answer = await request.app[CHANNELS].status.RotateWebhookSecret(
         status_pb.RotateWebhookSecretRequest(), timeout=request.app[SETTINGS].rpc_timeout
     )
     return _secret_response(answer.secret)
@@ -311,7 +302,7 @@ async def rotate_webhook_secret(request: web.Request) -> web.Response:
 def _secret_response(secret: status_pb.WebhookSecret) -> web.Response:
     # A secret must not stay in a shared cache or the browser's.
     return web.json_response(
-        views.webhook_secret_json(secret), headers={"Cache-Control": "no-store"}
+        json_views.webhook_secret_json(secret), headers={"Cache-Control": "no-store"}
     )
 
 
@@ -323,15 +314,15 @@ async def queue(request: web.Request) -> web.Response:
             "dead_letters must be an integer from 0 to 100",
             [Detail(message=f"not {limit[:40]!r}", column="dead_letters")],
         )
-    stats = await request.app[BACKENDS].status.GetQueueStats(
+    stats = await request.app[CHANNELS].status.GetQueueStats(
         status_pb.GetQueueStatsRequest(dead_letter_limit=int(limit)),
         timeout=request.app[SETTINGS].rpc_timeout,
     )
-    return web.json_response(views.queue_json(stats))
+    return web.json_response(json_views.queue_json(stats))
 
 
 async def files(request: web.Request) -> web.FileResponse:
-    root = request.app[BACKENDS].storage.local_root
+    root = request.app[STORAGE].local_root
     key = request.match_info["key"]
     path = resolve_under(root, key) if root is not None else None
     if path is None:
@@ -375,13 +366,13 @@ async def healthz(request: web.Request) -> web.Response:
 async def readyz(request: web.Request) -> web.Response:
     if request.app[IN_FLIGHT].draining.is_set():
         raise Unavailable("shutting down")
-    backends = request.app[BACKENDS]
+    channels = request.app[CHANNELS]
     deadline = min(READY_TIMEOUT, request.app[SETTINGS].rpc_timeout)
     problems = [
         problem
         for problem in await asyncio.gather(
-            _not_ready("ingest", backends.ingest_health, deadline),
-            _not_ready("status", backends.status_health, deadline),
+            _not_ready("ingest", channels.ingest_health, deadline),
+            _not_ready("status", channels.status_health, deadline),
         )
         if problem is not None
     ]

@@ -14,7 +14,7 @@ import time
 
 from aiohttp import web
 
-from gateway.errors import Handler
+from gateway.http_errors import Handler
 from services.common import metrics, tracing
 
 _MAX_REQUEST_ID = 64

@@ -14,8 +14,8 @@ import logging
 import grpc
 from aiohttp import web
 
-from gateway.backends import BACKENDS, SETTINGS
-from gateway.views import product_ssims
+from gateway.json_views import product_ssims
+from gateway.keys import CHANNELS, SETTINGS
 from services.common.csv_format import OutputCsvWriter
 from services.common.pb.imgpipe.v1 import status_service_pb2 as status_pb
 
@@ -29,7 +29,7 @@ async def stream_output_csv(
     request: web.Request, request_id: str, headers: dict[str, str]
 ) -> web.StreamResponse:
     """Answer with the output CSV of the final request `request_id`, rendered now."""
-    status, timeout = request.app[BACKENDS].status, request.app[SETTINGS].rpc_timeout
+    status, timeout = request.app[CHANNELS].status, request.app[SETTINGS].rpc_timeout
 
     async def page(token: str) -> status_pb.ListProductsResponse:
         return await status.ListProducts(

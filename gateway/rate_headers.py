@@ -27,7 +27,7 @@ from typing import Any, cast
 import grpc
 from aiohttp import web
 
-from gateway.errors import Handler
+from gateway.http_errors import Handler
 from services.common.auth import QUOTA_METADATA, Quota
 
 # How long an answer waits for a call's quota it has not read yet (a call that is over sends

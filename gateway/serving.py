@@ -14,42 +14,12 @@ import logging
 from aiohttp import web
 
 from gateway.access_log import AccessLogger
-from gateway.errors import Handler
+from gateway.keys import IN_FLIGHT
 
 log = logging.getLogger(__name__)
 
 # After the grace period, what is still running is cancelled and given this long to unwind.
 _CANCEL_TIMEOUT = 2.0
-
-
-class InFlight:
-    """Counts the requests being handled, so a shutdown can wait for them."""
-
-    def __init__(self) -> None:
-        self.count = 0
-        self.draining = asyncio.Event()
-        self._idle = asyncio.Event()
-        self._idle.set()
-
-    @web.middleware
-    async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        self.count += 1
-        self._idle.clear()
-        try:
-            response = await handler(request)
-        finally:
-            self.count -= 1
-            if self.count == 0:
-                self._idle.set()
-        if self.draining.is_set():
-            response.force_close()  # no keep-alive: this connection ends with this answer
-        return response
-
-    async def wait_idle(self) -> None:
-        await self._idle.wait()
-
-
-IN_FLIGHT = web.AppKey("in_flight", InFlight)
 
 
 async def start(app: web.Application, host: str, port: int) -> web.AppRunner:

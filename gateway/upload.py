@@ -12,24 +12,24 @@ commits a partial upload. What the body may be (docs/uploads.md):
 - it keeps arriving: IMGPIPE_UPLOAD_IDLE_TIMEOUT seconds without a byte answers 408.
 
 With authentication off there is no key to count uploads against, so the gateway itself allows
-each client address `IMGPIPE_LIMIT_UPLOADS` uploads at a time (`AnonymousUploads`).
+each client address `IMGPIPE_LIMIT_UPLOADS` uploads at a time (gateway/anonymous_uploads.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TypeVar
 
 import grpc
 from aiohttp import BodyPartReader, MultipartReader, hdrs, web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from gateway.errors import BodyTimeout, UnsupportedMediaType
+from gateway.http_errors import BodyTimeout, UnsupportedMediaType
+from gateway.keys import ANONYMOUS_UPLOADS
 from services.common.config import GatewaySettings
-from services.common.errors import Detail, InvalidArgument, RateLimited, TooLarge
+from services.common.errors import Detail, InvalidArgument, TooLarge
 from services.common.imaging import GOAL_RULES
 from services.common.pb.imgpipe.v1 import ingest_service_pb2 as ingest_pb
 from services.common.pb.imgpipe.v1 import ingest_service_pb2_grpc as ingest_grpc
@@ -58,8 +58,6 @@ _UINT32_MAX = 2**32 - 1
 # Returns up to CHUNK_SIZE bytes of the CSV, b"" at the end.
 ReadChunk = Callable[[], Awaitable[bytes]]
 T = TypeVar("T")
-# When an address's upload may end is unknown; it is told to try again after this long.
-_UPLOADS_RETRY_AFTER = 5
 _FORMATS = {
     "jpeg": task_pb2.OUTPUT_FORMAT_JPEG,
     "webp": task_pb2.OUTPUT_FORMAT_WEBP,
@@ -73,37 +71,6 @@ _EFFORTS = {
     "balanced": task_pb2.EFFORT_BALANCED,
     "max": task_pb2.EFFORT_MAX,
 }
-
-
-class AnonymousUploads:
-    """Uploads in progress per client address, for when authentication is off (one gateway
-    process; an entry exists only while its address has an upload in progress)."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self._held: dict[str, int] = {}
-
-    @contextlib.contextmanager
-    def hold(self, address: str) -> Iterator[None]:
-        held = self._held.get(address, 0)
-        if 0 < self.limit <= held:
-            raise RateLimited(
-                f"this address already has {held} uploads in progress (IMGPIPE_LIMIT_UPLOADS="
-                f"{self.limit}); retry when one of them has been answered",
-                [Detail(f"at most {self.limit} uploads at a time", "uploads")],
-                retry_after=_UPLOADS_RETRY_AFTER,
-            )
-        self._held[address] = held + 1
-        try:
-            yield
-        finally:
-            if self._held[address] <= 1:
-                del self._held[address]
-            else:
-                self._held[address] -= 1
-
-
-ANONYMOUS_UPLOADS = web.AppKey("anonymous_uploads", AnonymousUploads)
 
 
 async def upload_csv(

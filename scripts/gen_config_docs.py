@@ -104,8 +104,8 @@ MEANINGS: dict[str, Meaning] = {
         " paths)"
     ),
     "IMGPIPE_TRUSTED_PROXIES": Meaning(
-        "IPs or CIDRs whose `X-Forwarded-Proto`/`Forwarded` are believed, for links when"
-        " `IMGPIPE_PUBLIC_API_URL` is unset"
+        "IPs or CIDRs whose `X-Forwarded-Proto`/`Forwarded` are believed: for links when"
+        " `IMGPIPE_PUBLIC_API_URL` is unset, and for the https session cookie and origin"
     ),
     "IMGPIPE_LOG_LEVEL": Meaning("logs are JSON lines on stdout"),
     "IMGPIPE_GRACE_SECONDS": Meaning("seconds; drain period on SIGTERM"),

@@ -506,7 +506,7 @@
   }
 
   // The lowest SSIM of the product's done images (1.0 identical; about 0.95 hard to tell apart),
-  // with each image's quality and SSIM in the title; as gateway/web_pages.py renders it.
+  // with each image's quality and SSIM in the title; as gateway/html_pages.py renders it.
   function productQuality(product) {
     const qualities = product.quality || [];
     const done = (product.ssim || [])

@@ -18,7 +18,7 @@ import aiohttp
 import pytest
 from playwright.async_api import FilePayload, Page, expect
 
-from gateway.web_pages import format_ssim, product_quality, product_saving
+from gateway.html_pages import format_ssim, product_quality, product_saving
 from tests.browser.conftest import TIMEOUT_MS, Browsing, screenshot
 from tests.origin import ImageOrigin
 from tests.stack import Stack, start_stack

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from gateway.__main__ import GRACE_SECONDS as GATEWAY_GRACE_SECONDS
-from gateway.backends import CHANNEL_OPTIONS as gateway_channel_options
+from gateway.grpc_backends import CHANNEL_OPTIONS as gateway_channel_options
 from imgpipe.cli import SERVICES
 from services.common.config import (
     CommonSettings,

@@ -29,7 +29,8 @@ from aiohttp.test_utils import TestClient, TestServer
 from grpc_health.v1 import health, health_pb2_grpc
 
 from gateway.app import create_app
-from gateway.page_cache import PAGES, PageCache
+from gateway.keys import PRODUCT_PAGES
+from gateway.product_page_cache import ProductPageCache
 from services.common.auth import (
     ApiKeyInterceptor,
     KeyRing,
@@ -80,8 +81,8 @@ class Gateway:
     tag: str  # the suffix of this test's owner names
 
     @property
-    def pages(self) -> PageCache:
-        return self.app[PAGES]
+    def pages(self) -> ProductPageCache:
+        return self.app[PRODUCT_PAGES]
 
     async def upload(self, key: str, body: bytes) -> str:
         response = await self.http.post(
@@ -213,7 +214,7 @@ async def test_finding_2_the_page_cache_stays_within_its_byte_cap(gateway: Gatew
     assert 0 < sum(len(body) for body in _bodies(gateway.pages)) <= PAGE_CACHE_BYTES
 
 
-def _bodies(pages: PageCache) -> list[bytes]:
+def _bodies(pages: ProductPageCache) -> list[bytes]:
     # Read past the cache's own accounting: this is what it actually holds.
     return [entry.body for entry in pages._entries.values()]
 

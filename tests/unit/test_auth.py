@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from gateway.auth import safe_next
+from gateway.sign_in import safe_next
 from imgpipe.cli import main as cli_main
 from services.common.auth import (
     KEY_PREFIX,

@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from gateway import views, web_pages
+from gateway import html_pages, json_views
 from services.common.config import ConfigError, WorkerSettings
 from services.common.errors import InvalidArgument
 from services.common.page_token import decode_request_token, encode_request_token
@@ -57,8 +57,8 @@ def test_cancelled_is_a_final_status_everywhere() -> None:
     assert "Cancelled" in FINAL_STATUSES
     assert STATUS_FROM_PROTO[STATUS_TO_PROTO["Cancelled"]] == "Cancelled"
     cancelled = request_pb2.Request(status=request_pb2.REQUEST_STATUS_CANCELLED)
-    assert views.is_final(cancelled)
-    assert views.status_name(cancelled.status) == "Cancelled"
+    assert json_views.is_final(cancelled)
+    assert json_views.status_name(cancelled.status) == "Cancelled"
 
 
 def _item(status: str) -> dict[str, object]:
@@ -83,18 +83,18 @@ def _item(status: str) -> dict[str, object]:
 
 
 def test_the_status_page_has_a_cancel_button_while_the_request_runs() -> None:
-    running = web_pages.status_page(_item("Processing"), [], None)
+    running = html_pages.status_page(_item("Processing"), [], None)
     assert 'action="/ui/requests/r-%3C1%3E/cancel"' in running
     assert 'id="cancel"' in running
-    cancelled = web_pages.status_page(_item("Cancelled"), [], None)
+    cancelled = html_pages.status_page(_item("Cancelled"), [], None)
     assert 'id="cancel"' not in cancelled
     assert "status-cancelled" in cancelled
 
 
 def test_your_requests_lists_each_with_its_link_and_escapes_it() -> None:
-    page = web_pages.requests_page([_item("Cancelled")], "tok")
+    page = html_pages.requests_page([_item("Cancelled")], "tok")
     assert 'href="/ui/requests/r-%3C1%3E"' in page
     assert "<code>r-&lt;1&gt;</code>" in page
     assert "1 of 4" in page
     assert 'href="/ui/requests?page_token=tok"' in page
-    assert "No requests yet." in web_pages.requests_page([], None)
+    assert "No requests yet." in html_pages.requests_page([], None)

@@ -1,4 +1,7 @@
-"""Rendered product pages of GET /status, kept while the request they show has not changed.
+"""Rendered pages of products of GET /status, kept while the request they show has not changed.
+
+"Page" here is a page of the product list (`page_size` products after a position), not an HTML
+page (gateway/html_pages.py).
 
 A status poll reads the request head (one row) and a page of products (up to 1000 products
 with their images). The page is the expensive part, in Postgres, in the status service and in
@@ -28,8 +31,6 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
-from aiohttp import web
-
 from services.common.pb.imgpipe.v1 import request_pb2
 
 DEFAULT_MAX_BYTES = 32 * 1024 * 1024
@@ -38,7 +39,7 @@ LARGE_FRACTION = 8
 
 
 @dataclass(frozen=True, slots=True)
-class PageKey:
+class ProductPageKey:
     request_id: str
     page_size: int
     after_row: int  # the decoded page token: one key per position, whatever the spelling
@@ -69,7 +70,7 @@ class _Entry:
     stored_at: float
 
 
-class PageCache:
+class ProductPageCache:
     """A bounded LRU of rendered product pages: at most `max_entries` pages and `max_bytes` of
     bodies, none kept longer than `max_age` seconds."""
 
@@ -84,7 +85,7 @@ class PageCache:
         self.max_age = max_age
         self.max_bytes = max_bytes
         self._clock = clock
-        self._entries: OrderedDict[PageKey, _Entry] = OrderedDict()
+        self._entries: OrderedDict[ProductPageKey, _Entry] = OrderedDict()
         self._size = 0
         self._purged_at = clock()
 
@@ -96,12 +97,12 @@ class PageCache:
         """The bytes of the bodies kept."""
         return self._size
 
-    def known(self, key: PageKey) -> bool:
+    def known(self, key: ProductPageKey) -> bool:
         """Whether a page is kept for `key` at all (its version is checked by `get`)."""
         self._purge_expired()
         return key in self._entries
 
-    def get(self, key: PageKey, version: Version) -> bytes | None:
+    def get(self, key: ProductPageKey, version: Version) -> bytes | None:
         self._purge_expired()
         entry = self._entries.get(key)
         if entry is None:
@@ -112,7 +113,7 @@ class PageCache:
         self._entries.move_to_end(key)
         return entry.body
 
-    def put(self, key: PageKey, version: Version, body: bytes) -> None:
+    def put(self, key: ProductPageKey, version: Version, body: bytes) -> None:
         """Keep `body` for `key`, unless it is too large to keep; least recently read first out."""
         self._purge_expired()
         if key in self._entries:
@@ -127,7 +128,7 @@ class PageCache:
     def _expired(self, entry: _Entry) -> bool:
         return self._clock() - entry.stored_at > self.max_age
 
-    def _drop(self, key: PageKey) -> None:
+    def _drop(self, key: ProductPageKey) -> None:
         self._size -= len(self._entries.pop(key).body)
 
     def purge_expired(self) -> None:
@@ -146,13 +147,10 @@ class PageCache:
             self._drop(key)
 
 
-PAGES = web.AppKey("pages", PageCache)
-
-
-async def purge_while_running(app: web.Application) -> AsyncIterator[None]:
-    """A cleanup context: expired pages are removed even when nobody polls, so the memory of
-    a burst of polls is given back within `max_age`."""
-    pages = app[PAGES]
+@contextlib.asynccontextmanager
+async def purging_expired(pages: ProductPageCache) -> AsyncIterator[None]:
+    """While inside, expired pages are removed even when nobody polls, so the memory of a
+    burst of polls is given back within `max_age`."""
 
     async def purge() -> None:
         while True:
@@ -160,7 +158,9 @@ async def purge_while_running(app: web.Application) -> AsyncIterator[None]:
             pages.purge_expired()
 
     task = asyncio.create_task(purge())
-    yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

@@ -1,6 +1,6 @@
-"""Server-rendered HTML of the web page's no-JavaScript path (`gateway.web`). Pure functions.
+"""The HTML of the web page's no-JavaScript routes (`gateway.html_handlers`): pure functions.
 
-Pages are built from the same JSON dicts the REST API returns (`gateway.views`), so the HTML
+Pages are built from the same JSON dicts the REST API returns (`gateway.json_views`), so the HTML
 and the API cannot disagree about a request. Every value that comes from a caller (the CSV's
 serial numbers, product names and URLs, error messages) goes through `esc`, and a URL is put in
 `href` or `src` only when it is absolute http(s): the CSV is hostile input. The markup uses the
@@ -14,8 +14,9 @@ import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
-from urllib.parse import quote, urlencode
+from urllib.parse import urlencode
 
+from gateway.urls import cancel_path, request_path
 from services.common.errors import Detail, ImgpipeError
 
 # Seconds between reloads of an unfinished status page (a <meta http-equiv="refresh">).
@@ -74,16 +75,6 @@ def format_duration(seconds: float) -> str:
     if total < 3600:
         return f"{total // 60} min {total % 60} s"
     return f"{total // 3600} h {total % 3600 // 60} min"
-
-
-def request_path(request_id: str) -> str:
-    """The status page of a request."""
-    return f"/ui/requests/{quote(request_id, safe='')}"
-
-
-def cancel_path(request_id: object) -> str:
-    """Where the status page's Cancel button posts."""
-    return f"/ui/requests/{quote(str(request_id), safe='')}/cancel"
 
 
 def requests_page(items: Sequence[Mapping[str, Any]], next_page_token: str | None) -> str:

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from gateway.web_pages import (
+from gateway.html_pages import (
     error_page,
     format_bytes,
     format_duration,

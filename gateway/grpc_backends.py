@@ -1,23 +1,22 @@
-"""The gateway's resources: gRPC channels and stubs to ingest and status, and the object store.
+"""The gateway's gRPC channels to ingest and status, and the stubs the handlers call.
 
-They are opened when the application starts and closed in reverse order when it stops
-(`open_backends` is an aiohttp cleanup context); nothing is opened at import time.
+`open_channels(settings)` opens them and closes them in reverse order when it exits; the
+application enters it while it runs (gateway/app.py), and nothing is opened at import time.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
-from aiohttp import web
 from grpc_health.v1 import health_pb2_grpc
 
 from gateway import rate_headers
-from gateway.auth import SESSIONS, forwarding_interceptors
+from gateway.grpc_credentials import forwarding_interceptors
 from services.common import tracing
 from services.common.config import GatewaySettings
 from services.common.pb.imgpipe.v1 import (
@@ -29,7 +28,6 @@ from services.common.pb.imgpipe.v1 import (
 from services.common.pb.imgpipe.v1 import (
     status_service_pb2_grpc as status_grpc,
 )
-from services.common.storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -45,23 +43,22 @@ _CHANNEL_CLOSE_GRACE = 5.0
 
 
 @dataclass(frozen=True, slots=True)
-class Backends:
+class Channels:
+    """The stubs the handlers call, over one channel to ingest and one to status."""
+
     ingest: ingest_grpc.IngestServiceAsyncStub
     status: status_grpc.StatusServiceAsyncStub
+    sessions: session_grpc.SessionServiceAsyncStub  # served by status
     # grpc_health ships no type information.
     ingest_health: Any
     status_health: Any
-    storage: Storage
 
 
-SETTINGS = web.AppKey("settings", GatewaySettings)
-BACKENDS = web.AppKey("backends", Backends)
-
-
-async def open_backends(app: web.Application) -> AsyncIterator[None]:
-    settings = app[SETTINGS]
+@asynccontextmanager
+async def open_channels(settings: GatewaySettings) -> AsyncIterator[Channels]:
+    """The channels to ingest and status, closed on exit."""
     async with AsyncExitStack() as stack:
-        # Every call carries the key (gateway/auth.py) and the trace context
+        # Every call carries the key (gateway/grpc_credentials.py) and the trace context
         # (services/common/tracing.py) of the HTTP request it is made for, and reports the key's
         # quota back to it (gateway/rate_headers.py).
         ingest_channel = settings.grpc.channel(
@@ -72,19 +69,18 @@ async def open_backends(app: web.Application) -> AsyncIterator[None]:
             settings.status_addr, options=CHANNEL_OPTIONS, interceptors=_interceptors()
         )
         stack.push_async_callback(status_channel.close, _CHANNEL_CLOSE_GRACE)
-        app[BACKENDS] = Backends(
+        channels = Channels(
             ingest=ingest_grpc.IngestServiceStub(ingest_channel),
             status=status_grpc.StatusServiceStub(status_channel),
+            sessions=session_grpc.SessionServiceStub(status_channel),
             ingest_health=health_pb2_grpc.HealthStub(ingest_channel),
             status_health=health_pb2_grpc.HealthStub(status_channel),
-            storage=Storage.from_config(settings.storage),
         )
-        app[SESSIONS].connect(session_grpc.SessionServiceStub(status_channel))
         log.info(
             "backends configured",
             extra={"ingest": settings.ingest_addr, "status": settings.status_addr},
         )
-        yield
+        yield channels
 
 
 def _interceptors() -> list[grpc.aio.ClientInterceptor]:

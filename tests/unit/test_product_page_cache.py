@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from gateway import views
-from gateway.page_cache import LARGE_FRACTION, PageCache, PageKey, Version
+from gateway import json_views
+from gateway.product_page_cache import LARGE_FRACTION, ProductPageCache, ProductPageKey, Version
 from services.common.errors import InvalidArgument
 from services.common.page_token import decode_page_token, encode_page_token
 from services.common.pb.imgpipe.v1 import request_pb2
@@ -16,7 +16,7 @@ from services.common.pb.imgpipe.v1 import status_service_pb2 as status_pb
 
 pytestmark = pytest.mark.unit
 
-KEY = PageKey("0f8fad5b-d9cb-469f-a165-70867728950e", 100, 0)
+KEY = ProductPageKey("0f8fad5b-d9cb-469f-a165-70867728950e", 100, 0)
 V1 = Version(request_pb2.REQUEST_STATUS_PROCESSING, 3, 1, (1_700_000_000, 5))
 
 
@@ -29,7 +29,7 @@ class Clock:
 
 
 def test_a_page_is_reused_only_while_the_request_version_is_the_same() -> None:
-    pages = PageCache()
+    pages = ProductPageCache()
     pages.put(KEY, V1, b"page")
     assert pages.get(KEY, V1) == b"page"
 
@@ -47,14 +47,14 @@ def test_a_page_is_reused_only_while_the_request_version_is_the_same() -> None:
     ],
 )
 def test_any_change_of_the_head_invalidates(changed: Version) -> None:
-    pages = PageCache()
+    pages = ProductPageCache()
     pages.put(KEY, V1, b"page")
     assert pages.get(KEY, changed) is None
 
 
 def test_pages_expire_so_signed_urls_are_refreshed() -> None:
     clock = Clock()
-    pages = PageCache(max_age=60, clock=clock)
+    pages = ProductPageCache(max_age=60, clock=clock)
     pages.put(KEY, V1, b"page")
     clock.now += 60
     assert pages.get(KEY, V1) == b"page"
@@ -63,8 +63,8 @@ def test_pages_expire_so_signed_urls_are_refreshed() -> None:
 
 
 def test_the_least_recently_read_page_goes_first() -> None:
-    pages = PageCache(max_entries=2)
-    keys = [PageKey(KEY.request_id, 100, row) for row in (0, 10, 20)]
+    pages = ProductPageCache(max_entries=2)
+    keys = [ProductPageKey(KEY.request_id, 100, row) for row in (0, 10, 20)]
     pages.put(keys[0], V1, b"a")
     pages.put(keys[1], V1, b"b")
     assert pages.get(keys[0], V1) == b"a"  # now the most recent
@@ -74,17 +74,17 @@ def test_the_least_recently_read_page_goes_first() -> None:
 
 
 def test_the_bytes_kept_never_pass_the_cap() -> None:
-    pages = PageCache(max_bytes=8000)
+    pages = ProductPageCache(max_bytes=8000)
     body = b"x" * (8000 // LARGE_FRACTION)  # the largest body that is kept
     for row in range(100):
-        pages.put(PageKey(KEY.request_id, 100, row), V1, body)
+        pages.put(ProductPageKey(KEY.request_id, 100, row), V1, body)
         assert pages.size == len(pages) * len(body) <= 8000
     assert len(pages) == LARGE_FRACTION
-    assert pages.known(PageKey(KEY.request_id, 100, 99))  # the newest stay
+    assert pages.known(ProductPageKey(KEY.request_id, 100, 99))  # the newest stay
 
 
 def test_a_page_replaced_or_dropped_gives_its_bytes_back() -> None:
-    pages = PageCache(max_bytes=8000)
+    pages = ProductPageCache(max_bytes=8000)
     pages.put(KEY, V1, b"x" * 900)
     pages.put(KEY, V1, b"y" * 100)
     assert (len(pages), pages.size) == (1, 100)
@@ -93,9 +93,9 @@ def test_a_page_replaced_or_dropped_gives_its_bytes_back() -> None:
 
 
 def test_a_large_page_is_not_kept_and_evicts_nothing() -> None:
-    pages = PageCache(max_bytes=8000)
+    pages = ProductPageCache(max_bytes=8000)
     pages.put(KEY, V1, b"small")
-    big = PageKey(KEY.request_id, 1000, 0)
+    big = ProductPageKey(KEY.request_id, 1000, 0)
     pages.put(big, V1, b"x" * (8000 // LARGE_FRACTION + 1))
     assert not pages.known(big)
     assert pages.get(KEY, V1) == b"small"
@@ -104,11 +104,11 @@ def test_a_large_page_is_not_kept_and_evicts_nothing() -> None:
 
 def test_expired_pages_are_removed_not_only_skipped() -> None:
     clock = Clock()
-    pages = PageCache(max_age=60, clock=clock)
+    pages = ProductPageCache(max_age=60, clock=clock)
     for row in range(10):
-        pages.put(PageKey(KEY.request_id, 100, row), V1, b"page")
+        pages.put(ProductPageKey(KEY.request_id, 100, row), V1, b"page")
     clock.now += 61
-    pages.put(PageKey("another", 100, 0), V1, b"new")  # any use purges what expired
+    pages.put(ProductPageKey("another", 100, 0), V1, b"new")  # any use purges what expired
     assert (len(pages), pages.size) == (1, 3)
     clock.now += 61
     pages.purge_expired()  # and the gateway purges on a timer when nobody polls
@@ -173,12 +173,12 @@ def test_joined_members_are_the_whole_status_document() -> None:
         ],
         next_page_token="tok",
     )
-    head = views.request_json(request, None)
+    head = json_views.request_json(request, None)
 
-    document = json.loads(views.join_members(head, views.products_members(page)))
+    document = json.loads(json_views.join_members(head, json_views.products_members(page)))
 
     assert document == head | {
-        "products": [views.product_json(page.products[0])],
+        "products": [json_views.product_json(page.products[0])],
         "next_page_token": "tok",
     }
     assert list(document)[-2:] == ["products", "next_page_token"]
@@ -191,6 +191,6 @@ def test_product_sizes_line_up_with_the_urls_and_are_null_until_done() -> None:
         input_bytes=[5000, 0, 0],
         output_bytes=[1200, 0, 0],
     )
-    rendered = views.product_json(product)
+    rendered = json_views.product_json(product)
     assert rendered["input_bytes"] == [5000, None, None]
     assert rendered["output_bytes"] == [1200, None, None]

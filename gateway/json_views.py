@@ -65,7 +65,7 @@ def accepted_json(accepted: ingest_pb.Accepted, status_url: str) -> dict[str, An
 
 def products_members(page: status_pb.ListProductsResponse) -> bytes:
     """The `products` and `next_page_token` members of the status document, as JSON text
-    without braces, for `join_members` (a rendered page is kept by gateway.page_cache)."""
+    without braces, for `join_members` (kept by gateway/product_page_cache.py)."""
     members = json.dumps(
         {
             "products": [product_json(product) for product in page.products],

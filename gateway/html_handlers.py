@@ -25,10 +25,10 @@ from pathlib import Path
 import grpc
 from aiohttp import web
 
-from gateway import views, web_pages
-from gateway.backends import BACKENDS, SETTINGS
-from gateway.handlers import output_csv_url
+from gateway import html_pages, json_views
+from gateway.keys import CHANNELS, SETTINGS
 from gateway.upload import upload_csv
+from gateway.urls import output_csv_link, request_path
 from services.common.errors import ImgpipeError, NotFound, error_from_rpc
 from services.common.page_token import decode_page_token
 from services.common.pb.imgpipe.v1 import status_service_pb2 as status_pb
@@ -111,12 +111,12 @@ async def asset(request: web.Request) -> web.Response:
 async def upload_form(request: web.Request) -> web.Response:
     """The page's form without JavaScript: 303 to the status page, or the problems as HTML."""
     try:
-        accepted = await upload_csv(request, request.app[BACKENDS].ingest, request.app[SETTINGS])
+        accepted = await upload_csv(request, request.app[CHANNELS].ingest, request.app[SETTINGS])
     except (ImgpipeError, grpc.aio.AioRpcError) as exc:
-        return error_response(request, exc)
+        return html_error_response(request, exc)
     return web.Response(
         status=303,
-        headers={**SECURITY_HEADERS, "Location": web_pages.request_path(accepted.request_id)},
+        headers={**SECURITY_HEADERS, "Location": request_path(accepted.request_id)},
     )
 
 
@@ -124,73 +124,72 @@ async def request_page(request: web.Request) -> web.Response:
     """The status of a request as HTML; the products once it is final, a page at a time."""
     request_id = request.match_info["request_id"].strip()
     page_token = request.query.get("page_token", "")
-    backends, timeout = request.app[BACKENDS], request.app[SETTINGS].rpc_timeout
+    channels, timeout = request.app[CHANNELS], request.app[SETTINGS].rpc_timeout
     try:
         if not request_id:
             raise NotFound("no request has this id")
         decode_page_token(page_token)  # refused at once, also while no products are shown
-        got = await backends.status.GetRequest(
+        got = await channels.status.GetRequest(
             status_pb.GetRequestRequest(request_id=request_id), timeout=timeout
         )
         found = got.request
-        final = views.is_final(found)
-        csv_url = (
-            output_csv_url(request, found.request_id) if final and found.output_csv_key else None
-        )
-        summary = views.request_json(found, csv_url)
+        final = json_views.is_final(found)
+        summary = json_views.request_json(found, output_csv_link(request, found))
         products: list[dict[str, object]] = []
         next_token = None
         if final:
             # Products are shown once final: an unfinished page reloads every few seconds.
-            page = await backends.status.ListProducts(
+            page = await channels.status.ListProducts(
                 status_pb.ListProductsRequest(
                     request_id=found.request_id, page_size=PAGE_SIZE, page_token=page_token
                 ),
                 timeout=timeout,
             )
-            products = [views.product_json(product) for product in page.products]
+            products = [json_views.product_json(product) for product in page.products]
             next_token = page.next_page_token or None
     except (ImgpipeError, grpc.aio.AioRpcError) as exc:
-        return error_response(request, exc)
+        return html_error_response(request, exc)
     return html_response(
-        web_pages.status_page(summary, products, next_token, page_token=page_token)
+        html_pages.status_page(summary, products, next_token, page_token=page_token)
     )
 
 
 async def requests_page(request: web.Request) -> web.Response:
     """Your requests, newest first, as HTML; a page at a time."""
     page_token = request.query.get("page_token", "")
-    backends, timeout = request.app[BACKENDS], request.app[SETTINGS].rpc_timeout
+    channels, timeout = request.app[CHANNELS], request.app[SETTINGS].rpc_timeout
     try:
-        answer = await backends.status.ListRequests(
+        answer = await channels.status.ListRequests(
             status_pb.ListRequestsRequest(page_size=PAGE_SIZE, page_token=page_token),
             timeout=timeout,
         )
     except (ImgpipeError, grpc.aio.AioRpcError) as exc:
-        return error_response(request, exc)
+        return html_error_response(request, exc)
     items = [
-        views.request_item_json(found, web_pages.request_path(found.request_id), None)
+        json_views.request_item_json(found, request_path(found.request_id), None)
         for found in answer.requests
     ]
-    return html_response(web_pages.requests_page(items, answer.next_page_token or None))
+    return html_response(html_pages.requests_page(items, answer.next_page_token or None))
 
 
 async def cancel_form(request: web.Request) -> web.Response:
     """The status page's Cancel button: cancel, then 303 back to the status page."""
     request_id = request.match_info["request_id"].strip()
     try:
-        await request.app[BACKENDS].status.CancelRequest(
+        await request.app[CHANNELS].status.CancelRequest(
             status_pb.CancelRequestRequest(request_id=request_id),
             timeout=request.app[SETTINGS].rpc_timeout,
         )
     except (ImgpipeError, grpc.aio.AioRpcError) as exc:
-        return error_response(request, exc)
+        return html_error_response(request, exc)
     return web.Response(
-        status=303, headers={**SECURITY_HEADERS, "Location": web_pages.request_path(request_id)}
+        status=303, headers={**SECURITY_HEADERS, "Location": request_path(request_id)}
     )
 
 
-def error_response(request: web.Request, exc: ImgpipeError | grpc.aio.AioRpcError) -> web.Response:
+def html_error_response(
+    request: web.Request, exc: ImgpipeError | grpc.aio.AioRpcError
+) -> web.Response:
     """An HTML page for what a merchant can act on; anything else is re-raised, so the error
     middleware logs it and answers its JSON 500."""
     error = error_from_rpc(exc) if isinstance(exc, grpc.aio.AioRpcError) else exc
@@ -200,7 +199,7 @@ def error_response(request: web.Request, exc: ImgpipeError | grpc.aio.AioRpcErro
         log.warning("page failed: %s", error, extra={"path": request.path, "code": error.code})
     if error.http_status == 401:
         return key_response(request, error.http_status)
-    return html_response(web_pages.error_page(error), error.http_status)
+    return html_response(html_pages.error_page(error), error.http_status)
 
 
 def key_response(request: web.Request, status: int = 401) -> web.Response:
@@ -209,4 +208,4 @@ def key_response(request: web.Request, status: int = 401) -> web.Response:
     For the auth middleware too: a browser asking for text/html gets this rather than JSON.
     """
     back = request.path_qs if request.method == "GET" else "/"
-    return html_response(web_pages.key_page(back), status)
+    return html_response(html_pages.key_page(back), status)
