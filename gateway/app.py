@@ -12,11 +12,11 @@ from aiohttp import web
 from gateway import auth, handlers, observability, openapi, rate_headers
 from gateway import web as web_page
 from gateway.backends import SETTINGS, open_backends
+from gateway.config import GatewaySettings
 from gateway.errors import error_middleware
 from gateway.page_cache import PAGES, PageCache, purge_while_running
 from gateway.serving import IN_FLIGHT, InFlight
 from gateway.upload import ANONYMOUS_UPLOADS, AnonymousUploads
-from services.common.config import GatewaySettings
 
 
 def create_app(settings: GatewaySettings) -> web.Application:

@@ -48,7 +48,7 @@ from services.common.errors import (
 from services.common.grpc_client import rewriting_interceptors
 from services.common.pb.imgpipe.v1 import session_service_pb2 as session_pb
 from services.common.pb.imgpipe.v1 import session_service_pb2_grpc as session_grpc
-from services.common.sessions import CACHE_SECONDS, is_session_id, session_hash
+from services.common.session_ids import CACHE_SECONDS, is_session_id, session_hash
 
 log = logging.getLogger(__name__)
 

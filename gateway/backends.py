@@ -18,8 +18,8 @@ from grpc_health.v1 import health_pb2_grpc
 
 from gateway import rate_headers
 from gateway.auth import SESSIONS, forwarding_interceptors
+from gateway.config import GatewaySettings
 from services.common import tracing
-from services.common.config import GatewaySettings
 from services.common.pb.imgpipe.v1 import (
     ingest_service_pb2_grpc as ingest_grpc,
 )

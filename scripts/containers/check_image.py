@@ -67,8 +67,8 @@ def import_own(failures: list[str]) -> int:
 def compress_each_format(failures: list[str]) -> int:
     from PIL import Image
 
-    from services.common.encoders import OutputFormat
-    from services.common.imaging import ImageOptions, compress
+    from services.common.image_options import ImageOptions, OutputFormat
+    from services.worker.imaging import compress
 
     source = io.BytesIO()
     Image.radial_gradient("L").convert("RGB").resize((96, 64)).save(source, "PNG")

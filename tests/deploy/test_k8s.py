@@ -12,14 +12,12 @@ import yaml
 
 from gateway.__main__ import GRACE_SECONDS as GATEWAY_GRACE_SECONDS
 from gateway.backends import CHANNEL_OPTIONS as gateway_channel_options
+from gateway.config import GatewaySettings
 from imgpipe.cli import SERVICES
-from services.common.config import (
-    CommonSettings,
-    GatewaySettings,
-    IngestSettings,
-    StatusSettings,
-    WorkerSettings,
-)
+from services.common.config import CommonSettings
+from services.ingest.config import IngestSettings
+from services.status.config import StatusSettings
+from services.worker.config import WorkerSettings
 from tests.deploy.manifests import (
     APP_COMPONENTS,
     BACKENDS,
