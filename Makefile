@@ -128,7 +128,7 @@ format: $(STAMP)
 	cd proto && ../$(BIN)/buf format -w
 
 run: $(STAMP)
-	$(PY) -m services.dev
+	$(PY) -m services.local
 
 test: $(STAMP)
 	$(BIN)/pytest -q

@@ -263,12 +263,12 @@ so one environment (a ConfigMap, `make run`'s) can serve all four.
 """
 
 FOOTER = """
-`make run` (`services/dev.py`) passes its environment to every process it starts, and reads
-four variables of its own: `IMGPIPE_DATA_DIR` (default `./.imgpipe`), `IMGPIPE_DEV_WORKERS`
-(default 2), `IMGPIPE_DEV_GRPC_BASE_PORT` (default 50051) and `IMGPIPE_DEV_METRICS_BASE_PORT`
-(unset: no metrics); see [local-stack.md](local-stack.md). The command-line client reads
-`IMGPIPE_URL` and `IMGPIPE_API_KEY` ([usage.md](usage.md#using-the-cli)). Tests read
-`IMGPIPE_TEST_DATABASE_URL` and `IMGPIPE_TEST_REDIS_URL` ([testing.md](testing.md)).
+`make run` (`services/local/launcher.py`) passes its environment to every process it starts,
+and reads four variables of its own: `IMGPIPE_DATA_DIR` (default `./.imgpipe`),
+`IMGPIPE_DEV_WORKERS` (default 2), `IMGPIPE_DEV_GRPC_BASE_PORT` (default 50051) and
+`IMGPIPE_DEV_METRICS_BASE_PORT` (unset: no metrics); see [local-stack.md](local-stack.md). The
+command-line client reads `IMGPIPE_URL` and `IMGPIPE_API_KEY` ([usage.md](usage.md#using-the-cli)).
+Tests read `IMGPIPE_TEST_DATABASE_URL` and `IMGPIPE_TEST_REDIS_URL` ([testing.md](testing.md)).
 """
 
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from services.common import embedded
-from services.common.embedded import DataDirInUse
+from services.local import embedded
+from services.local.embedded import DataDirInUse
 
 pytestmark = pytest.mark.unit
 

@@ -9,7 +9,7 @@ import pytest
 from gateway.config import GatewaySettings
 from services.common.config import ConfigError
 from services.common.storage import S3Options, Storage, StorageConfig
-from services.dev import plan_stack
+from services.local.launcher import plan_stack
 from services.worker.config import WorkerSettings
 
 pytestmark = pytest.mark.unit

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from services.supervise import CrashLoop, Restarts, Supervisor
+from services.local.supervise import CrashLoop, Restarts, Supervisor
 from tests.support import wait_until
 
 pytestmark = pytest.mark.unit
