@@ -3,7 +3,9 @@
 Servicers raise `ImgpipeError` subclasses; `grpc_abort` turns them into a gRPC status with
 `google.rpc` details, and the gateway turns that status back into the JSON error
 (docs/architecture.md) with `http_error_from_rpc`. The field-violation encoding
-("ROW:COLUMN") lives only here.
+("ROW:COLUMN") lives only here. What the services alone need, the backend failures and the
+servicer decorator `rpc_method`, is in services/common/servicer_errors.py, so that the gateway
+loads no database driver.
 """
 
 from __future__ import annotations

@@ -27,7 +27,8 @@ and the dashboard in deploy/monitoring/ are written against them.
 | http_requests_total | counter | method, route (the route template), status | gateway |
 | http_request_duration_seconds | histogram | method, route | gateway |
 
-Besides these, prometheus_client's own process_* and python_* metrics.
+Besides these, prometheus_client's own process_* and python_* metrics. The stream gauges and
+the backlog are collected by the status service (services/status/stream_metrics.py).
 """
 
 from __future__ import annotations

@@ -37,7 +37,7 @@ from tests.deploy.manifests import (
 pytestmark = pytest.mark.deploy
 
 SECRET_NAME = "imgpipe-secrets"
-# What the autoscalers follow (services/common/metrics.py, docs/scheduling.md).
+# What the autoscalers follow (services/status/stream_metrics.py, docs/scheduling.md).
 BACKLOG_METRIC = "imgpipe_backlog_images"
 SECRET_TEMPLATE = ROOT / "deploy" / "k8s" / "overlays" / "prod" / "secret.example.yaml"
 # What the internet-egress rules must never open: where pods, services, nodes and cloud
@@ -621,8 +621,9 @@ def test_the_window_covers_the_most_workers_the_autoscaler_starts(overlay: Rende
 
 
 def test_the_backlog_metric_is_reported_by_the_status_service() -> None:
-    source = (ROOT / "services" / "common" / "metrics.py").read_text()
-    assert f"| {BACKLOG_METRIC} | gauge |" in source and "status |" in source
+    table = (ROOT / "services" / "common" / "metrics.py").read_text()
+    assert f"| {BACKLOG_METRIC} | gauge |" in table and "status |" in table
+    source = (ROOT / "services" / "status" / "stream_metrics.py").read_text()
     assert f'"{BACKLOG_METRIC}"' in source
 
 
