@@ -28,7 +28,7 @@ help:
 	@echo "make test-lowest  unit tests on the lowest versions pyproject.toml allows"
 	@echo "make lint         ruff (lint, complexity, format check), mypy, buf lint and format, docs-check"
 	@echo "make format       ruff format, ruff's import sort, buf format -w: rewrite files in place"
-	@echo "make docs         regenerate docs/configuration.md from services/common/config.py"
+	@echo "make docs         regenerate docs/configuration.md from the settings classes"
 	@echo "make docs-check   fail if docs/configuration.md is stale (part of make lint)"
 	@echo "make proto        regenerate services/common/pb from proto/"
 	@echo "make proto-check  fail if the generated code differs from proto/ or proto/ breaks compatibility"
@@ -128,7 +128,7 @@ format: $(STAMP)
 	cd proto && ../$(BIN)/buf format -w
 
 run: $(STAMP)
-	$(PY) -m services.dev
+	$(PY) -m services.local
 
 test: $(STAMP)
 	$(BIN)/pytest -q

@@ -22,7 +22,8 @@ from bench.pipeline import log, output_bytes, process, running_stack
 from bench.procs import Groups, measured, peak_rss_mb
 from bench.report import Section, Target, cpu_lines, median, table
 from bench.settings import BenchSettings
-from services.common.encoders import Effort, encoder_settings
+from services.common.image_options import Effort
+from services.worker.encoders import encoder_settings
 from tests.origin import serve_images
 from tests.stack import Stack
 
@@ -30,7 +31,7 @@ TIMEOUT = 900.0  # the longest one pipeline run may take
 WARMUP_IMAGES = 40
 
 
-# The efforts B1 measures: every JPEG encoder setting of services/common/encoders.py once
+# The efforts B1 measures: every JPEG encoder setting of services/worker/encoders.py once
 # (max is balanced for JPEG; it is reported as such, not run twice).
 EFFORTS = tuple(dict.fromkeys(Effort, None))
 HALF = "balanced, scale=0.5"

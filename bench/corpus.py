@@ -22,8 +22,8 @@ from typing import Any
 from PIL import Image
 
 from bench.pipeline import log
-from services.common import quality
-from services.common.tuning import measure_ssim
+from services.worker import quality
+from services.worker.tuning import measure_ssim
 from tests import photos
 from tests.origin import ImageOrigin
 

@@ -2,7 +2,7 @@
 
 Each candidate encodes the same decoded real photographs (tests/photos.py, 1200 px on the
 long side) at quality 50 in this one thread; CPU is this thread's CPU time, so other work on
-the machine changes it little. The rules of services/common/encoders.py then pick `fast`,
+the machine changes it little. The rules of services/worker/encoders.py then pick `fast`,
 `balanced` and `max` from the measurement, and the report says whether the committed table
 agrees.
 """
@@ -17,7 +17,7 @@ from typing import Any
 from PIL import Image
 
 from bench.report import Section, Target, table
-from services.common.encoders import ENCODER_SETTINGS, Measured, levels, pareto
+from services.worker.encoders import ENCODER_SETTINGS, Measured, levels, pareto
 from tests import photos
 
 QUALITY = 50
@@ -121,6 +121,6 @@ def _intro() -> list[str]:
         " on the long side, flipped and turned for variety) at quality 50 in one thread; CPU is"
         " the thread's CPU time per image. All candidates of one format decode to the same"
         " pixels. fast = least CPU; max = smallest; balanced = on the Pareto front, most bytes"
-        " saved per extra CPU second over fast (services/common/encoders.py).",
+        " saved per extra CPU second over fast (services/worker/encoders.py).",
         "",
     ]

@@ -25,7 +25,7 @@ from bench.pipeline import log, running_stack, upload
 from bench.procs import measured, memory_mb, stack_processes
 from bench.report import Section, Target, cpu_lines, median, table
 from bench.settings import BenchSettings
-from services.common.embedded import EmbeddedRedis, start_redis
+from services.local.embedded import EmbeddedRedis, start_redis
 from tests.stack import Stack
 from tests.support import free_tcp_port
 

@@ -13,7 +13,7 @@ from bench.pipeline import log, process, running_stack
 from bench.procs import memory_mb, stack_processes
 from bench.report import Section, Target, median, table
 from bench.settings import BenchSettings
-from services.common.budget import DEFAULT_BUFFER_BYTES, DEFAULT_PIXEL_BUDGET
+from services.worker.budget import DEFAULT_BUFFER_BYTES, DEFAULT_PIXEL_BUDGET
 from tests.origin import serve_images
 from tests.stack import Stack
 

@@ -21,10 +21,11 @@ from dataclasses import dataclass
 from PIL import Image
 
 from bench.report import Section, Target, table
-from services.common import quality
-from services.common.encoders import Effort, OutputFormat, encoder_settings
-from services.common.imaging import Compressed, ImageOptions, compress
-from services.common.tuning import MAX_ENCODES, TARGET_NOT_MET, measure_ssim
+from services.common.image_options import Effort, ImageOptions, OutputFormat
+from services.worker import quality
+from services.worker.encoders import encoder_settings
+from services.worker.imaging import Compressed, compress
+from services.worker.tuning import MAX_ENCODES, TARGET_NOT_MET, measure_ssim
 from tests import photos
 
 IMAGES = 18  # the nine photographs, each also flipped
@@ -103,7 +104,7 @@ def single_encode_ms(images: Sequence[Image.Image]) -> float:
 
 def ssim_ms(images: Sequence[Image.Image]) -> float:
     """What measuring one output costs: the source's luma, decoding the output, its luma and
-    the SSIM of the pair (services/common/tuning.py does exactly this per encode)."""
+    the SSIM of the pair (services/worker/tuning.py does exactly this per encode)."""
     outputs = [photos.jpeg(img, 50) for img in images]
     started = time.thread_time()
     for img, data in zip(images, outputs, strict=True):

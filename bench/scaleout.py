@@ -39,7 +39,7 @@ from bench.pipeline import log
 from bench.procs import Groups
 from bench.report import Section, Target, median, table
 from bench.settings import BenchSettings
-from services.common.embedded import EmbeddedPostgres, EmbeddedRedis, start_postgres, start_redis
+from services.local.embedded import EmbeddedPostgres, EmbeddedRedis, start_postgres, start_redis
 from tests.fault.harness import SERVING, Service, submit
 from tests.imagegen import photo_like
 from tests.origin import ImageOrigin, serve_images

@@ -8,10 +8,11 @@ import signal
 import sys
 
 from gateway.app import create_app
+from gateway.config import GatewaySettings
 from gateway.serving import drain, start
 from services.common import metrics, telemetry
 from services.common.auth import log_auth_state
-from services.common.config import ConfigError, GatewaySettings
+from services.common.config import ConfigError
 from services.common.logging import configure_logging
 from services.common.process import exit_now
 

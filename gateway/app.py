@@ -17,6 +17,7 @@ from aiohttp import web
 from gateway import handlers, html_handlers, observability, openapi, rate_headers, sign_in
 from gateway.anonymous_uploads import AnonymousUploads
 from gateway.auth_middleware import auth_middleware
+from gateway.config import GatewaySettings
 from gateway.grpc_backends import open_channels
 from gateway.http_errors import error_middleware
 from gateway.in_flight import InFlight
@@ -33,7 +34,6 @@ from gateway.keys import (
 )
 from gateway.product_page_cache import ProductPageCache, purging_expired
 from gateway.session_client import SessionClient
-from services.common.config import GatewaySettings
 from services.common.storage import Storage
 
 

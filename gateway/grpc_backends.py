@@ -16,9 +16,9 @@ import grpc
 from grpc_health.v1 import health_pb2_grpc
 
 from gateway import rate_headers
+from gateway.config import GatewaySettings
 from gateway.grpc_credentials import forwarding_interceptors
 from services.common import tracing
-from services.common.config import GatewaySettings
 from services.common.pb.imgpipe.v1 import (
     ingest_service_pb2_grpc as ingest_grpc,
 )

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from aiohttp import hdrs, web
 
 from services.common.auth import MAX_KEY_LENGTH, bearer_token
-from services.common.sessions import is_session_id
+from services.common.session_ids import is_session_id
 
 COOKIE = "imgpipe_session"
 SECURE_COOKIE = "__Host-" + COOKIE  # over https: Secure, Path=/, no Domain, by the browser's rule

@@ -12,12 +12,12 @@ from collections.abc import Callable
 from aiohttp import web
 
 from gateway.anonymous_uploads import AnonymousUploads
+from gateway.config import GatewaySettings
 from gateway.grpc_backends import Channels
 from gateway.in_flight import InFlight
 from gateway.product_page_cache import ProductPageCache
 from gateway.session_client import SessionClient
 from services.common.auth import KeyRing
-from services.common.config import GatewaySettings
 from services.common.errors import ImgpipeError
 from services.common.storage import Storage
 

@@ -17,7 +17,7 @@ from gateway.http_credentials import Credential
 from services.common.errors import error_from_rpc
 from services.common.pb.imgpipe.v1 import session_service_pb2 as session_pb
 from services.common.pb.imgpipe.v1 import session_service_pb2_grpc as session_grpc
-from services.common.sessions import CACHE_SECONDS, session_hash
+from services.common.session_ids import CACHE_SECONDS, session_hash
 
 _SESSIONS_REMEMBERED = 4096
 

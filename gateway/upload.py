@@ -26,15 +26,14 @@ import grpc
 from aiohttp import BodyPartReader, MultipartReader, hdrs, web
 from aiohttp.http_exceptions import HttpProcessingError
 
+from gateway.config import GatewaySettings
 from gateway.http_errors import BodyTimeout, UnsupportedMediaType
 from gateway.keys import ANONYMOUS_UPLOADS
-from services.common.config import GatewaySettings
 from services.common.errors import Detail, InvalidArgument, TooLarge
-from services.common.imaging import GOAL_RULES
+from services.common.image_options import GOAL_RULES, from_proto
 from services.common.pb.imgpipe.v1 import ingest_service_pb2 as ingest_pb
 from services.common.pb.imgpipe.v1 import ingest_service_pb2_grpc as ingest_grpc
 from services.common.pb.imgpipe.v1 import task_pb2
-from services.common.proto_convert import from_proto
 
 CHUNK_SIZE = 64 * 1024
 CSV_MEDIA_TYPES = frozenset({"text/csv", "application/csv", "text/plain"})

@@ -224,7 +224,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     if args.command == "dev":
         if missing := missing_local_extra(environ):
             return _usage_error(missing)
-        from services.dev import main as run_dev
+        from services.local.launcher import main as run_dev
 
         return run_dev()
     if args.command == "keygen":

@@ -3,10 +3,10 @@
     python scripts/image_stack.py IMAGE        (`make image-test`; tests/stack.py with
                                                  IMGPIPE_TEST_IMAGE=IMAGE)
 
-It reads the environment as `python -m services.dev` does (services.dev.plan_stack: ports,
-workers, data folder, storage) and behaves like it towards its caller: the services' log lines
-on stdout, "imgpipe is ready" once the gateway's /readyz answers, and on SIGTERM or Ctrl-C the
-services stopped in services.dev's order, each draining within its grace period, exit 0.
+It reads the environment as `python -m services.local` does (services.local.launcher.plan_stack:
+ports, workers, data folder, storage) and behaves like it towards its caller: the services' log
+lines on stdout, "imgpipe is ready" once the gateway's /readyz answers, and on SIGTERM or Ctrl-C
+the services stopped in the launcher's order, each draining within its grace period, exit 0.
 
 Each service runs as the manifests run it: `podman run IMAGE <service>` as the image's non-root
 user, with a read-only root filesystem, no capabilities, on the host's network (every address
@@ -30,12 +30,12 @@ from pathlib import Path
 from types import FrameType
 from urllib.parse import unquote, urlsplit
 
-# Run as a script: the project (services.dev) and this folder (podman.py) are importable.
+# Run as a script: the project (services.local) and this folder (podman.py) are importable.
 sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).resolve().parent)]
 
 from podman import podman, write_conf  # noqa: E402
 
-from services.dev import StackPlan, plan_stack  # noqa: E402
+from services.local.launcher import StackPlan, plan_stack  # noqa: E402
 
 READY_TIMEOUT = 90.0
 STOP_GRACE = 25
@@ -143,7 +143,7 @@ def answers(url: str) -> bool:
 
 
 def stop(plan: StackPlan, prefix: str, running: dict[str, subprocess.Popen[bytes]]) -> None:
-    """Stage by stage, as services.dev stops its children: SIGTERM, the grace period, then
+    """Stage by stage, as the launcher stops its children: SIGTERM, the grace period, then
     SIGKILL (podman stop); every container is removed (--rm, and rm -f for any left)."""
     for stage in plan.stop_stages():
         names = [f"{prefix}-{child.name}" for child in stage if child.name in running]

@@ -21,7 +21,7 @@ import asyncpg
 import pytest
 import redis.asyncio
 
-from services.common.embedded import docker_available, start_postgres, start_redis
+from services.local.embedded import docker_available, start_postgres, start_redis
 from tests import containers
 from tests.seaweed import BUCKET, SeaweedS3, start_seaweed
 from tests.support import create_database, delete_keys, drop_database

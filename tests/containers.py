@@ -52,7 +52,7 @@ def versions() -> dict[str, str]:
 
 def in_use() -> bool:
     """True when the session's servers come from containers (tests/conftest.py's order)."""
-    from services.common.embedded import docker_available
+    from services.local.embedded import docker_available
 
     given = ("IMGPIPE_TEST_DATABASE_URL", "IMGPIPE_TEST_REDIS_URL")
     return not any(os.environ.get(name) for name in given) and docker_available()

@@ -23,7 +23,7 @@ from pathlib import Path
 
 OWN_PACKAGES = ("services", "gateway", "imgpipe")
 # Modules of the `local` extra (the embedded servers of `make run`), not in the image.
-LOCAL_ONLY = ("services.common.embedded", "services.dev")
+LOCAL_ONLY = ("services.local", "services.dev")
 # Extension modules for what a server has no use for: Pillow's Tk display needs tkinter, which
 # Debian ships apart (python3-tk) and no image of imgpipe has had.
 NOT_LOADED = ("PIL._imagingtk",)
@@ -67,8 +67,8 @@ def import_own(failures: list[str]) -> int:
 def compress_each_format(failures: list[str]) -> int:
     from PIL import Image
 
-    from services.common.encoders import OutputFormat
-    from services.common.imaging import ImageOptions, compress
+    from services.common.image_options import ImageOptions, OutputFormat
+    from services.worker.imaging import compress
 
     source = io.BytesIO()
     Image.radial_gradient("L").convert("RGB").resize((96, 64)).save(source, "PNG")

@@ -1,16 +1,17 @@
-"""Settings for every imgpipe process, read from `IMGPIPE_*` environment variables in one place.
+"""What every imgpipe process shares in reading its settings from `IMGPIPE_*` variables.
 
-Each service's `__main__` calls `<Service>Settings.from_env(os.environ)`. A missing or malformed
-value raises `ConfigError` listing every problem at once, so an operator fixes them in one go.
+Each service has its own settings class beside its code (gateway/config.py,
+services/{ingest,worker,status}/config.py), read by its `__main__` with
+`<Service>Settings.from_env(os.environ)`. Here are the pieces they share: `EnvReader`, which
+collects every problem instead of stopping at the first, `ConfigError`, which lists them all at
+once so an operator fixes them in one go, the backends' `CommonSettings`, and the readers of
+settings more than one service reads (storage, gRPC transport, API keys, the fetch guard).
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import functools
 import ipaddress
-import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,17 +19,13 @@ from typing import Self, TypeVar
 from urllib.parse import urlsplit
 
 from services.common.auth import KeyRing, Limits, parse_api_keys, parse_rate
-from services.common.budget import DEFAULT_BUFFER_BYTES, DEFAULT_PIXEL_BUDGET
-from services.common.csv_format import CsvLimits
-from services.common.fetch import FetchAllow, FetchLimits, IPNetwork
+from services.common.fetch import FetchAllow, IPNetwork
 from services.common.grpc_transport import (
     DEFAULT_MAX_CONNECTION_AGE,
     DEFAULT_MAX_CONNECTION_AGE_GRACE,
     GrpcTransport,
     TlsFiles,
 )
-from services.common.imaging import ImageLimits
-from services.common.outcome import RetryPolicy
 from services.common.storage import S3Options, StorageConfig
 
 T = TypeVar("T")
@@ -42,7 +39,7 @@ class ConfigError(Exception):
         self.problems = problems
 
 
-class _Reader:
+class EnvReader:
     """Reads typed values from a mapping, collecting every problem instead of stopping."""
 
     def __init__(self, environ: Mapping[str, str]) -> None:
@@ -154,7 +151,7 @@ class CommonSettings:
     metrics_listen: str = ""  # where /metrics is served; '' serves nothing
 
     @classmethod
-    def read(cls, env: _Reader, default_listen: str) -> Self:
+    def read(cls, env: EnvReader, default_listen: str) -> Self:
         settings = cls(
             database_url=env.required(
                 "IMGPIPE_DATABASE_URL", "a postgresql:// URL (make run starts one for you)"
@@ -181,7 +178,7 @@ class CommonSettings:
         return settings
 
 
-def read_grpc_transport(env: _Reader, *, server: bool) -> GrpcTransport:
+def read_grpc_transport(env: EnvReader, *, server: bool) -> GrpcTransport:
     """IMGPIPE_GRPC_TLS_CERT, _KEY, _CA and _SERVER_NAME (PEM file paths, a name), and
     IMGPIPE_GRPC_MAX_CONNECTION_AGE and _GRACE (seconds), IMGPIPE_GRPC_HEALTH_LISTEN
     (host:port): see docs/grpc.md. A `server` serves TLS with CERT and KEY and requires
@@ -214,7 +211,7 @@ def read_grpc_transport(env: _Reader, *, server: bool) -> GrpcTransport:
     )
 
 
-def read_metrics_listen(env: _Reader) -> str:
+def read_metrics_listen(env: EnvReader) -> str:
     """IMGPIPE_METRICS_LISTEN, host:port: where this process serves /metrics. Unset serves
     nothing (`make run` starts several processes on one machine: IMGPIPE_DEV_METRICS_BASE_PORT)."""
     listen = env.address("IMGPIPE_METRICS_LISTEN", "")
@@ -224,7 +221,7 @@ def read_metrics_listen(env: _Reader) -> str:
     return listen
 
 
-def check_metrics_port(env: _Reader, metrics: str, name: str, listen: str) -> None:
+def check_metrics_port(env: EnvReader, metrics: str, name: str, listen: str) -> None:
     """Metrics have a port of their own, never the API's: scrapers stay off the API port."""
     if metrics and metrics.rpartition(":")[2] == listen.rpartition(":")[2]:
         env.problems.append(
@@ -233,7 +230,7 @@ def check_metrics_port(env: _Reader, metrics: str, name: str, listen: str) -> No
         )
 
 
-def check_own_port(env: _Reader, name: str, listen: str, settings: CommonSettings) -> None:
+def check_own_port(env: EnvReader, name: str, listen: str, settings: CommonSettings) -> None:
     """`listen` (the variable `name`) takes a port neither the API nor metrics use."""
     port = listen.rpartition(":")[2]
     others = {
@@ -256,7 +253,7 @@ URL_MODES = ("base", "presigned")
 PRESIGN_EXPIRY_BOUNDS = (300, 7 * 24 * 3600)
 
 
-def read_storage(env: _Reader) -> StorageConfig:
+def read_storage(env: EnvReader) -> StorageConfig:
     """IMGPIPE_STORAGE_URL, how output URLs are made, and for s3:// where S3 is and who we are.
 
     Output URLs are IMGPIPE_PUBLIC_BASE_URL + key (mode `base`: the default for file:// and
@@ -303,7 +300,7 @@ def read_storage(env: _Reader) -> StorageConfig:
     )
 
 
-def _read_s3(env: _Reader) -> S3Options:
+def _read_s3(env: EnvReader) -> S3Options:
     key_id, secret = env.text("AWS_ACCESS_KEY_ID"), env.text("AWS_SECRET_ACCESS_KEY")
     if bool(key_id) != bool(secret):
         env.problems.append(
@@ -334,7 +331,7 @@ def _bounded_int(raw: str, *, low: int, high: int) -> int:
     return value
 
 
-def read_api_keys(env: _Reader) -> KeyRing:
+def read_api_keys(env: EnvReader) -> KeyRing:
     """IMGPIPE_API_KEYS with the IMGPIPE_LIMIT_* defaults (format in services/common/auth.py).
     Its problems name the entry, never its text: an entry may be a key pasted by mistake."""
     defaults = Limits()
@@ -352,317 +349,12 @@ def read_api_keys(env: _Reader) -> KeyRing:
     return keys
 
 
-# The setting behind each CsvLimits field, to name it when a CSV goes over it (413).
-CSV_LIMIT_SETTINGS = {
-    "max_bytes": ("IMGPIPE_MAX_UPLOAD_BYTES", "bytes"),
-    "max_rows": ("IMGPIPE_MAX_ROWS", "rows"),
-    "max_urls_per_row": ("IMGPIPE_MAX_URLS_PER_ROW", "image URLs in one row"),
-    "max_urls_total": ("IMGPIPE_MAX_URLS_TOTAL", "image URLs"),
-}
-
-
-@dataclass(frozen=True, slots=True)
-class IngestSettings:
-    common: CommonSettings
-    csv_limits: CsvLimits = field(default_factory=CsvLimits)
-    api_keys: KeyRing = field(default_factory=KeyRing)
-    # The status service's fetch guard settings: a webhook_url it would refuse whatever DNS
-    # says is refused at upload instead.
-    fetch_allow: FetchAllow = field(default_factory=FetchAllow)
-    fetch_ports: frozenset[int] = FetchLimits().allowed_ports
-    # Tasks on the stream and not yet final, at most (docs/scheduling.md): at least the
-    # workers' tasks in flight (workers × IMGPIPE_WORKER_CONCURRENCY), plus a little headroom.
-    scheduler_window: int = 128
-    scheduler_poll: float = 0.1  # seconds between the feeder's looks at the window
-
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str]) -> Self:
-        env = _Reader(environ)
-        defaults = CsvLimits()
-        settings = cls(
-            common=CommonSettings.read(env, "127.0.0.1:50051"),
-            csv_limits=CsvLimits(
-                max_bytes=env.integer("IMGPIPE_MAX_UPLOAD_BYTES", defaults.max_bytes, minimum=1),
-                max_rows=env.integer("IMGPIPE_MAX_ROWS", defaults.max_rows, minimum=1),
-                max_urls_per_row=env.integer(
-                    "IMGPIPE_MAX_URLS_PER_ROW", defaults.max_urls_per_row, minimum=1
-                ),
-                max_urls_total=env.integer(
-                    "IMGPIPE_MAX_URLS_TOTAL", defaults.max_urls_total, minimum=1
-                ),
-            ),
-            api_keys=read_api_keys(env),
-            fetch_allow=read_fetch_allow(env),
-            fetch_ports=env.ports("IMGPIPE_FETCH_PORTS", FetchLimits().allowed_ports),
-            scheduler_window=env.integer("IMGPIPE_SCHEDULER_WINDOW", 128, minimum=1),
-            scheduler_poll=env.number("IMGPIPE_SCHEDULER_POLL", 0.1, minimum=0.01),
-        )
-        env.done()
-        return settings
-
-
-def read_fetch_allow(env: _Reader) -> FetchAllow:
+def read_fetch_allow(env: EnvReader) -> FetchAllow:
     """IMGPIPE_FETCH_ALLOW: what the fetch guard lets through (tests and demos only)."""
     return env.parsed(
         "IMGPIPE_FETCH_ALLOW", FetchAllow(), FetchAllow.parse, "host:port or CIDR entries"
     )
 
 
-@dataclass(frozen=True, slots=True)
-class WorkerSettings:
-    common: CommonSettings
-    consumer_name: str
-    # Tasks in flight: enough to hide origin latency (32 × 16 per origin); the budgets below,
-    # not this number, bound memory.
-    concurrency: int = 32
-    threads: int = 2
-    fetch_per_host: int = 16
-    buffer_bytes: int = DEFAULT_BUFFER_BYTES  # downloaded bodies waiting for a compress thread
-    pixel_budget: int = DEFAULT_PIXEL_BUDGET  # pixels decoded and encoded at once, all threads
-    fetch_limits: FetchLimits = field(default_factory=FetchLimits)
-    fetch_allow: FetchAllow = field(default_factory=FetchAllow)
-    image_limits: ImageLimits = field(default_factory=ImageLimits)
-    retry: RetryPolicy = field(default_factory=RetryPolicy)
-    # Time allowed to decode, encode and store one image and record it, after the download.
-    process_budget: float = 60.0
-    # An entry idle this long belongs to a dead worker and is claimed; None: derived.
-    visibility_override: float | None = None
-    max_deliveries: int = 5
-    claim_interval: float = 10.0
-    reconcile_interval: float = 30.0
-    reconcile_min_age: float = 10.0
-    # Final requests older than this many days are deleted by the janitor; 0 keeps everything.
-    retention_days: int = 30
-    janitor_interval: float = 300.0
-    # Copy the owner's earlier output of the same source bytes and options instead of
-    # compressing again (docs/quality.md, "No repeated work").
-    reuse_outputs: bool = True
-
-    @property
-    def slowest_image(self) -> float:
-        """The longest one image may legitimately take: every attempt at the total timeout,
-        every wait between attempts and for cooldowns, and the processing budget."""
-        fetching = self.retry.max_attempts * self.fetch_limits.total_timeout
-        return fetching + self.retry.longest_wait + self.process_budget
-
-    @property
-    def visibility_timeout(self) -> float:
-        """Entries idle longer than this are taken over; it exceeds the slowest legitimate
-        image, so live work is never stolen."""
-        return self.visibility_override or self.slowest_image
-
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str]) -> Self:
-        env = _Reader(environ)
-        fetch = FetchLimits()
-        images = ImageLimits()
-        allow = read_fetch_allow(env)
-        settings = cls(
-            common=CommonSettings.read(env, "127.0.0.1:50061"),
-            # The pod name in Kubernetes; hostname-pid elsewhere, so restarts get a new name
-            # and the old name's pending entries are claimed by XAUTOCLAIM.
-            consumer_name=env.text("IMGPIPE_CONSUMER_NAME", f"{os.uname().nodename}-{os.getpid()}"),
-            concurrency=env.integer("IMGPIPE_WORKER_CONCURRENCY", 32, minimum=1),
-            threads=env.integer("IMGPIPE_WORKER_THREADS", os.cpu_count() or 2, minimum=1),
-            fetch_limits=FetchLimits(
-                connect_timeout=env.number("IMGPIPE_FETCH_CONNECT_TIMEOUT", fetch.connect_timeout),
-                total_timeout=env.number("IMGPIPE_FETCH_TOTAL_TIMEOUT", fetch.total_timeout),
-                stall_timeout=env.number("IMGPIPE_FETCH_STALL_TIMEOUT", fetch.stall_timeout),
-                max_bytes=env.integer("IMGPIPE_FETCH_MAX_BYTES", fetch.max_bytes, minimum=1),
-                max_redirects=env.integer("IMGPIPE_FETCH_MAX_REDIRECTS", fetch.max_redirects),
-                allowed_ports=env.ports("IMGPIPE_FETCH_PORTS", fetch.allowed_ports),
-                max_retry_after=env.number("IMGPIPE_FETCH_MAX_RETRY_AFTER", fetch.max_retry_after),
-            ),
-            fetch_per_host=env.integer("IMGPIPE_FETCH_PER_HOST", 16, minimum=1),
-            buffer_bytes=env.integer(
-                "IMGPIPE_WORKER_BUFFER_BYTES", DEFAULT_BUFFER_BYTES, minimum=1
-            ),
-            pixel_budget=env.integer("IMGPIPE_PIXEL_BUDGET", DEFAULT_PIXEL_BUDGET, minimum=1),
-            fetch_allow=allow,
-            image_limits=ImageLimits(
-                max_pixels=env.integer("IMGPIPE_MAX_PIXELS", images.max_pixels, minimum=1),
-                max_frames=env.integer("IMGPIPE_MAX_FRAMES", images.max_frames, minimum=1),
-            ),
-            retry=RetryPolicy(
-                max_attempts=env.integer("IMGPIPE_MAX_ATTEMPTS", 3, minimum=1),
-                max_wait=env.number("IMGPIPE_FETCH_MAX_RETRY_AFTER", fetch.max_retry_after),
-            ),
-            process_budget=env.number("IMGPIPE_PROCESS_BUDGET", 60.0),
-            visibility_override=env.number("IMGPIPE_VISIBILITY_TIMEOUT", 0.0) or None,
-            max_deliveries=env.integer("IMGPIPE_MAX_DELIVERIES", 5, minimum=1),
-            claim_interval=env.number("IMGPIPE_CLAIM_INTERVAL", 10.0),
-            reconcile_interval=env.number("IMGPIPE_RECONCILE_INTERVAL", 30.0),
-            reconcile_min_age=env.number("IMGPIPE_RECONCILE_MIN_AGE", 10.0),
-            retention_days=env.integer("IMGPIPE_RETENTION_DAYS", 30, minimum=0),
-            janitor_interval=env.number("IMGPIPE_JANITOR_INTERVAL", 300.0),
-            reuse_outputs=env.switch("IMGPIPE_REUSE_OUTPUTS", True),
-        )
-        if settings.visibility_override and settings.visibility_override < settings.slowest_image:
-            env.problems.append(
-                f"IMGPIPE_VISIBILITY_TIMEOUT={settings.visibility_override:g} is shorter than the"
-                f" slowest legitimate image ({settings.slowest_image:g} s, from the fetch and"
-                " processing limits): live work would be taken over"
-            )
-        env.done()
-        return settings
-
-
-# The Standard Webhooks retry schedule: seconds after the previous attempt.
-WEBHOOK_SCHEDULE = (5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0)
-# After a rotation, the secret before still signs this long: a day to update receivers.
-WEBHOOK_SECRET_GRACE = 86_400.0
-# Redeliveries per owner: each one is a signed POST to a URL the owner chose.
-WEBHOOK_REDELIVER_RATE = 10 / 60
-WEBHOOK_REDELIVER_BURST = 5
-
-
-@dataclass(frozen=True, slots=True)
-class WebhookSettings:
-    """Webhook delivery (status service). Receivers verify with `secret` (whsec_...)."""
-
-    secret: str = ""
-    # Where callers reach the REST gateway: the base of status_url and output_csv_url.
-    public_api_url: str = "http://127.0.0.1:8080"
-    timeout: float = 10.0  # at most 15 s
-    schedule: tuple[float, ...] = WEBHOOK_SCHEDULE
-    fetch_allow: FetchAllow = field(default_factory=FetchAllow)
-    fetch_limits: FetchLimits = field(default_factory=FetchLimits)
-    # With API keys, each owner's secret is derived from `secret` (webhook_secrets.py).
-    secret_grace: float = WEBHOOK_SECRET_GRACE
-    redeliver_rate: float = WEBHOOK_REDELIVER_RATE  # per second and owner; 0: unthrottled
-    redeliver_burst: int = WEBHOOK_REDELIVER_BURST
-
-
-@dataclass(frozen=True, slots=True)
-class StatusSettings:
-    common: CommonSettings
-    webhooks: WebhookSettings = field(default_factory=WebhookSettings)
-    api_keys: KeyRing = field(default_factory=KeyRing)
-    session_ttl: float = 12 * 3600.0  # how long a browser's sign-in lasts (sessions.py)
-
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str]) -> Self:
-        env = _Reader(environ)
-        secret = env.text("IMGPIPE_WEBHOOK_SECRET")
-        if secret and not _is_webhook_secret(secret):
-            env.problems.append(
-                "IMGPIPE_WEBHOOK_SECRET: expected a Standard Webhooks secret, whsec_<base64>"
-            )
-        timeout = env.number("IMGPIPE_WEBHOOK_TIMEOUT", 10.0)
-        if timeout > 15:
-            env.problems.append(f"IMGPIPE_WEBHOOK_TIMEOUT={timeout:g}: at most 15 seconds")
-        settings = cls(
-            common=CommonSettings.read(env, "127.0.0.1:50052"),
-            webhooks=WebhookSettings(
-                secret=secret,
-                public_api_url=env.url(
-                    "IMGPIPE_PUBLIC_API_URL", "http://127.0.0.1:8080", ("http", "https")
-                ).rstrip("/"),
-                timeout=timeout,
-                schedule=env.parsed(
-                    "IMGPIPE_WEBHOOK_SCHEDULE",
-                    WEBHOOK_SCHEDULE,
-                    _seconds_list,
-                    "seconds, comma-separated",
-                ),
-                fetch_allow=read_fetch_allow(env),
-                fetch_limits=FetchLimits(
-                    connect_timeout=min(timeout, FetchLimits().connect_timeout),
-                    total_timeout=timeout,
-                    stall_timeout=timeout,
-                    max_redirects=0,  # a webhook receiver answers; it does not redirect
-                    allowed_ports=env.ports("IMGPIPE_FETCH_PORTS", FetchLimits().allowed_ports),
-                ),
-                secret_grace=env.number("IMGPIPE_WEBHOOK_SECRET_GRACE", WEBHOOK_SECRET_GRACE),
-                redeliver_rate=env.parsed(
-                    "IMGPIPE_WEBHOOK_REDELIVER_RATE", WEBHOOK_REDELIVER_RATE, parse_rate, "a rate"
-                ),
-                redeliver_burst=env.integer(
-                    "IMGPIPE_WEBHOOK_REDELIVER_BURST", WEBHOOK_REDELIVER_BURST, minimum=1
-                ),
-            ),
-            api_keys=read_api_keys(env),
-            session_ttl=env.number("IMGPIPE_SESSION_TTL", 12 * 3600.0, minimum=59.0),
-        )
-        env.done()
-        return settings
-
-
-def _is_webhook_secret(secret: str) -> bool:
-    try:
-        key = base64.b64decode(secret.removeprefix("whsec_"), validate=True)
-    except (binascii.Error, ValueError):
-        return False
-    return secret.startswith("whsec_") and len(key) >= 16
-
-
-def _seconds_list(raw: str) -> tuple[float, ...]:
-    values = tuple(float(part) for part in raw.replace(" ", "").split(",") if part)
-    if not values or any(value < 0 for value in values):
-        raise ValueError("")
-    return values
-
-
 # The longest one live-progress stream (SSE, WatchRequest) stays open; clients reconnect.
 MAX_WATCH_SECONDS = 600.0
-
-
-@dataclass(frozen=True, slots=True)
-class GatewaySettings:
-    http_listen: str = "127.0.0.1:8080"
-    ingest_addr: str = "127.0.0.1:50051"
-    status_addr: str = "127.0.0.1:50052"
-    grpc: GrpcTransport = field(default_factory=GrpcTransport)  # how channels to them dial
-    storage: StorageConfig = field(default_factory=lambda: StorageConfig(default_storage_url()))
-    max_upload_bytes: int = CsvLimits().max_bytes
-    rpc_timeout: float = 10.0
-    upload_timeout: float = 300.0
-    watch_timeout: float = MAX_WATCH_SECONDS  # the longest one live-progress stream stays open
-    page_cache_bytes: int = 32 * 1024 * 1024  # rendered GET /status pages kept (page_cache.py)
-    # An upload body that sends nothing for this long is answered 408.
-    upload_idle_timeout: float = 30.0
-    # Uploads at a time per client address when authentication is off (with keys: `uploads=`).
-    anonymous_uploads: int = Limits().uploads
-    log_level: str = "INFO"
-    api_keys: KeyRing = field(default_factory=KeyRing)
-    metrics_listen: str = ""  # where /metrics is served (never the API port); '' serves nothing
-    # How callers reach the gateway, for the links it hands out (gateway/public_url.py); ''
-    # trusts X-Forwarded-Proto from `trusted_proxies` only, else links are paths.
-    public_api_url: str = ""
-    trusted_proxies: tuple[IPNetwork, ...] = ()
-
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str]) -> Self:
-        env = _Reader(environ)
-        settings = cls(
-            http_listen=env.address("IMGPIPE_HTTP_LISTEN", "127.0.0.1:8080"),
-            ingest_addr=env.address("IMGPIPE_INGEST_ADDR", "127.0.0.1:50051"),
-            status_addr=env.address("IMGPIPE_STATUS_ADDR", "127.0.0.1:50052"),
-            grpc=read_grpc_transport(env, server=False),
-            storage=read_storage(env),
-            max_upload_bytes=env.integer(
-                "IMGPIPE_MAX_UPLOAD_BYTES", CsvLimits().max_bytes, minimum=1
-            ),
-            rpc_timeout=env.number("IMGPIPE_RPC_TIMEOUT", 10.0),
-            upload_timeout=env.number("IMGPIPE_UPLOAD_TIMEOUT", 300.0),
-            watch_timeout=env.number("IMGPIPE_WATCH_TIMEOUT", MAX_WATCH_SECONDS),
-            page_cache_bytes=env.integer("IMGPIPE_PAGE_CACHE_BYTES", 32 * 1024 * 1024),
-            upload_idle_timeout=env.number("IMGPIPE_UPLOAD_IDLE_TIMEOUT", 30.0),
-            # read_api_keys has reported a bad value already: read it again quietly.
-            anonymous_uploads=_Reader(environ).integer("IMGPIPE_LIMIT_UPLOADS", Limits().uploads),
-            log_level=env.text("IMGPIPE_LOG_LEVEL", "INFO").upper(),
-            api_keys=read_api_keys(env),
-            metrics_listen=read_metrics_listen(env),
-            public_api_url=env.url("IMGPIPE_PUBLIC_API_URL", "", ("http", "https")).rstrip("/"),
-            trusted_proxies=env.networks("IMGPIPE_TRUSTED_PROXIES"),
-        )
-        check_metrics_port(
-            env, settings.metrics_listen, "IMGPIPE_HTTP_LISTEN", settings.http_listen
-        )
-        if settings.watch_timeout > MAX_WATCH_SECONDS:
-            env.problems.append(
-                f"IMGPIPE_WATCH_TIMEOUT={settings.watch_timeout:g}: at most {MAX_WATCH_SECONDS:g}"
-                " seconds (clients reconnect; a stream holds a slot of the streams= limit)"
-            )
-        env.done()
-        return settings

@@ -3,42 +3,23 @@
 Servicers raise `ImgpipeError` subclasses; `grpc_abort` turns them into a gRPC status with
 `google.rpc` details, and the gateway turns that status back into the JSON error
 (docs/architecture.md) with `http_error_from_rpc`. The field-violation encoding
-("ROW:COLUMN") lives only here.
+("ROW:COLUMN") lives only here. What the services alone need, the backend failures and the
+servicer decorator `rpc_method`, is in services/common/servicer_errors.py, so that the gateway
+loads no database driver.
 """
 
 from __future__ import annotations
 
-import functools
-import inspect
-import logging
 import math
-from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any, NoReturn, TypeVar
+from typing import Any, NoReturn
 
-import asyncpg
 import grpc
 from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
-from redis.exceptions import RedisError
-
-log = logging.getLogger(__name__)
 
 DOMAIN = "imgpipe"
-
-# Failures of a backend (Postgres, Redis, the network to them), as opposed to a bad request:
-# callers get UNAVAILABLE (503) and may retry.
-BACKEND_ERRORS: tuple[type[BaseException], ...] = (
-    OSError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.InterfaceError,
-    asyncpg.exceptions.OperatorInterventionError,
-    # What asyncpg raises when the server goes away in the middle of an operation
-    # ("cannot switch to state 12; another operation is in progress"), MagicStack/asyncpg#784.
-    asyncpg.exceptions.InternalClientError,
-    RedisError,
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -293,51 +274,3 @@ def error_body(error: ImgpipeError) -> dict[str, Any]:
             "details": [d.as_json() for d in error.details],
         }
     }
-
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def rpc_method(method: F) -> F:  # noqa: C901
-    """Decorate a servicer method: an ImgpipeError becomes its gRPC status, a backend failure
-    becomes UNAVAILABLE, and nothing else leaks. Works for unary and server-streaming methods."""
-
-    async def fail(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException) -> NoReturn:
-        if isinstance(exc, ImgpipeError):
-            await grpc_abort(context, exc)
-        if isinstance(exc, BackendBusy):
-            log.warning("backend busy", extra={"error": str(exc), "method": method.__name__})
-            await grpc_abort(context, Unavailable(str(exc), retry_after=exc.retry_after))
-        if isinstance(exc, BACKEND_ERRORS):
-            log.warning(
-                "backend unavailable", extra={"error": repr(exc), "method": method.__name__}
-            )
-            await grpc_abort(context, Unavailable("a backend is unavailable; retry later"))
-        # A bug: logged with its traceback here, never sent to the caller.
-        log.error("unexpected error", exc_info=exc, extra={"method": method.__name__})
-        await grpc_abort(context, ImgpipeError("internal error"))
-
-    if inspect.isasyncgenfunction(method):
-
-        @functools.wraps(method)
-        async def stream(self: Any, request: Any, context: Any) -> AsyncIterator[Any]:
-            try:
-                async for item in method(self, request, context):
-                    yield item
-            except grpc.aio.AbortError:
-                raise  # the method ended the call itself
-            except Exception as exc:
-                await fail(context, exc)
-
-        return stream  # type: ignore[return-value]
-
-    @functools.wraps(method)
-    async def unary(self: Any, request: Any, context: Any) -> Any:
-        try:
-            return await method(self, request, context)
-        except grpc.aio.AbortError:
-            raise  # the method ended the call itself
-        except Exception as exc:
-            await fail(context, exc)
-
-    return unary  # type: ignore[return-value]

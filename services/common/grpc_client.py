@@ -1,6 +1,6 @@
 """Client interceptors that rewrite every outgoing call's details (its metadata, mostly).
 
-The gateway adds the caller's API key (gateway.auth) and the trace context
+The gateway adds the caller's credential (gateway.grpc_credentials) and the trace context
 (services.common.tracing) to each call this way, so no handler has to remember to.
 """
 

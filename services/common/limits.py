@@ -44,7 +44,8 @@ import redis.asyncio as aioredis
 from services.common.auth import Principal, Quota
 from services.common.db import queries
 from services.common.db.lifecycle import FINAL
-from services.common.errors import BACKEND_ERRORS, Detail, RateLimited
+from services.common.errors import Detail, RateLimited
+from services.common.servicer_errors import BACKEND_ERRORS
 from services.common.streams import StreamNames
 
 log = logging.getLogger(__name__)

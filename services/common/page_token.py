@@ -4,8 +4,8 @@ GET /requests (a request's created_at and id): the position after which the next
 A token is `v1:<row>` in urlsafe base64 without padding, and each position has exactly one
 spelling: decoding re-encodes and compares, so `v1:007`, a padded token or one with stray
 characters is refused instead of naming the same page a second way. The gateway keeps rendered
-pages keyed on the decoded position (gateway/page_cache.py), and one spelling per position is
-what keeps a caller from filling that cache with copies of one page.
+pages keyed on the decoded position (gateway/product_page_cache.py), and one spelling per
+position is what keeps a caller from filling that cache with copies of one page.
 """
 
 from __future__ import annotations

@@ -19,9 +19,8 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from services.common import tracing
 from services.common.db import queries
-from services.common.imaging import ImageOptions
+from services.common.image_options import ImageOptions, from_json, to_json, to_proto
 from services.common.pb.imgpipe.v1 import task_pb2
-from services.common.proto_convert import from_json, to_json, to_proto
 from services.common.streams import StreamNames, publish_tasks
 
 log = logging.getLogger(__name__)

@@ -13,10 +13,6 @@ revocation takes effect everywhere within that time, at once in the process that
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import re
-import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -27,31 +23,16 @@ import asyncpg
 
 from services.common.auth import KeyRing, Principal
 from services.common.db import queries
+from services.common.session_ids import CACHE_SECONDS, is_session_id, new_session_id, session_hash
 
-PREFIX = "ses_"
 DEFAULT_LIFETIME = 12 * 3600.0
-CACHE_SECONDS = 2.0
 CACHE_ENTRIES = 4096
-_SESSION_ID = re.compile(r"ses_[A-Za-z0-9_-]{43}")
 
 
 @dataclass(frozen=True, slots=True)
 class Session:
     principal: Principal
     expires_at: datetime
-
-
-def new_session_id() -> str:
-    """`ses_` + 32 random bytes, urlsafe base64 without padding."""
-    return PREFIX + base64.urlsafe_b64encode(secrets.token_bytes(32)).decode().rstrip("=")
-
-
-def is_session_id(text: str) -> bool:
-    return _SESSION_ID.fullmatch(text) is not None
-
-
-def session_hash(session_id: str) -> bytes:
-    return hashlib.sha256(session_id.encode()).digest()
 
 
 class SessionStore:

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import os
 
-from services.common.auth import ApiKeyInterceptor, log_auth_state
-from services.common.config import IngestSettings
+from services.common.auth import log_auth_state
+from services.common.grpc_auth import ApiKeyInterceptor
 from services.common.grpc_server import Health, run_service
 from services.common.limits import Limiter
 from services.common.pb.imgpipe.v1 import ingest_service_pb2 as ingest_pb
 from services.common.process import run_main
 from services.common.resources import load_settings, open_backends
 from services.common.sessions import SessionStore
+from services.ingest.config import IngestSettings
 from services.ingest.feeder import Feeder
 from services.ingest.servicer import IngestServicer, registrar
 

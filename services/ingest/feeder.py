@@ -23,9 +23,9 @@ import asyncpg
 import redis.asyncio as aioredis
 
 from services.common.db import queries
-from services.common.errors import BACKEND_ERRORS
 from services.common.grpc_server import wait_or_stop
 from services.common.publish import publish_releases
+from services.common.servicer_errors import BACKEND_ERRORS
 from services.common.streams import StreamNames
 from services.ingest.fair_share import FairShare, Waiting
 

@@ -26,8 +26,7 @@ import grpc
 import redis.asyncio as aioredis
 
 from services.common import failpoints, tracing
-from services.common.auth import Principal, caller, caller_owner
-from services.common.config import CSV_LIMIT_SETTINGS
+from services.common.auth import Principal
 from services.common.csv_format import (
     REQUIRED_COLUMNS,
     CsvLimits,
@@ -35,19 +34,11 @@ from services.common.csv_format import (
     duplicate_serial,
 )
 from services.common.db import queries
-from services.common.errors import (
-    BACKEND_ERRORS,
-    Conflict,
-    Detail,
-    InvalidArgument,
-    InvalidCsv,
-    NotFound,
-    TooLarge,
-    rpc_method,
-)
+from services.common.errors import Conflict, Detail, InvalidArgument, InvalidCsv, NotFound, TooLarge
 from services.common.fetch import FetchAllow, FetchLimits, refused_before_dns
+from services.common.grpc_auth import caller, caller_owner
 from services.common.grpc_server import Register
-from services.common.imaging import ImageOptions
+from services.common.image_options import ImageOptions, from_proto, to_json
 from services.common.limits import ImageReservation, Limiter
 from services.common.pb.imgpipe.v1 import (
     ingest_service_pb2 as ingest_pb,
@@ -58,12 +49,9 @@ from services.common.pb.imgpipe.v1 import (
 from services.common.pb.imgpipe.v1 import (
     request_pb2,
 )
-from services.common.proto_convert import (
-    STATUS_TO_PROTO,
-    from_proto,
-    parse_request_id,
-    to_json,
-)
+from services.common.proto_convert import STATUS_TO_PROTO, parse_request_id
+from services.common.servicer_errors import BACKEND_ERRORS, rpc_method
+from services.ingest.config import CSV_LIMIT_SETTINGS
 from services.ingest.spool import Spool
 
 log = logging.getLogger(__name__)

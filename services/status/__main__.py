@@ -7,13 +7,12 @@ import os
 
 import grpc
 
-from services.common.auth import ApiKeyInterceptor, log_auth_state
-from services.common.config import StatusSettings
+from services.common.auth import log_auth_state
 from services.common.db import queries
 from services.common.fetch import make_session
+from services.common.grpc_auth import ApiKeyInterceptor
 from services.common.grpc_server import Health, run_service
 from services.common.limits import Limiter
-from services.common.metrics import StreamStats
 from services.common.pb.imgpipe.v1 import session_service_pb2 as session_pb
 from services.common.pb.imgpipe.v1 import status_service_pb2 as status_pb
 from services.common.process import run_main
@@ -21,10 +20,12 @@ from services.common.resources import load_settings, open_backends
 from services.common.sessions import SessionStore
 from services.common.storage import Storage
 from services.common.streams import WORKER_GROUP
+from services.status.config import StatusSettings
 from services.status.progress import ProgressHub
 from services.status.servicer import StatusServicer, registrar
 from services.status.sessions import SessionServicer
 from services.status.sessions import registrar as session_registrar
+from services.status.stream_metrics import StreamStats
 from services.status.webhooks import GROUP as WEBHOOK_GROUP
 from services.status.webhooks import WebhookDispatcher
 

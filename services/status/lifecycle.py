@@ -11,10 +11,10 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from services.common import storage as keys
-from services.common.auth import caller_owner
 from services.common.db import lifecycle, queries
 from services.common.deletion import Deleted, delete_request
 from services.common.errors import Conflict, NotFound
+from services.common.grpc_auth import caller_owner
 from services.common.page_token import decode_request_token, encode_request_token
 from services.common.pb.imgpipe.v1 import request_pb2
 from services.common.proto_convert import (

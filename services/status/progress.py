@@ -24,10 +24,10 @@ from google.protobuf.message import DecodeError
 from redis.exceptions import RedisError
 
 from services.common.db import queries
-from services.common.errors import BACKEND_ERRORS
 from services.common.grpc_server import wait_or_stop
 from services.common.pb.imgpipe.v1 import request_pb2
 from services.common.proto_convert import progress_event
+from services.common.servicer_errors import BACKEND_ERRORS
 from services.common.streams import StreamNames
 
 log = logging.getLogger(__name__)

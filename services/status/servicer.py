@@ -14,12 +14,13 @@ import grpc
 import redis.asyncio as aioredis
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from services.common.auth import caller, caller_owner
 from services.common.config import MAX_WATCH_SECONDS
 from services.common.db import lifecycle as lifecycle_db
 from services.common.db import queries
-from services.common.errors import Detail, InvalidArgument, NotFound, Unavailable, rpc_method
+from services.common.errors import Detail, InvalidArgument, NotFound, Unavailable
+from services.common.grpc_auth import caller, caller_owner
 from services.common.grpc_server import Register, wait_any
+from services.common.image_options import from_json, to_proto
 from services.common.limits import Limiter
 from services.common.page_token import decode_page_token, encode_page_token
 from services.common.pb.imgpipe.v1 import request_pb2
@@ -29,11 +30,10 @@ from services.common.proto_convert import (
     FINAL_STATUSES,
     STATUS_TO_PROTO,
     counters_message,
-    from_json,
     parse_request_id,
     timestamp,
-    to_proto,
 )
+from services.common.servicer_errors import rpc_method
 from services.common.storage import Storage
 from services.common.streams import DeadLetter, StreamNames, queue_stats
 from services.status import lifecycle

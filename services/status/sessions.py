@@ -9,12 +9,13 @@ from typing import Any
 
 import grpc
 
-from services.common.auth import caller, caller_credential
-from services.common.errors import InvalidArgument, PermissionDenied, Unauthenticated, rpc_method
+from services.common.errors import InvalidArgument, PermissionDenied, Unauthenticated
+from services.common.grpc_auth import caller, caller_credential
 from services.common.grpc_server import Register
 from services.common.pb.imgpipe.v1 import session_service_pb2 as session_pb
 from services.common.pb.imgpipe.v1 import session_service_pb2_grpc as session_grpc
 from services.common.proto_convert import timestamp
+from services.common.servicer_errors import rpc_method
 from services.common.sessions import SessionStore
 
 Context = grpc.aio.ServicerContext[Any, Any]

@@ -43,10 +43,10 @@ from standardwebhooks.webhooks import EmptyWebhookSecretError, Webhook
 from yarl import URL
 
 from services.common import metrics, telemetry, tracing
-from services.common.config import ConfigError, WebhookSettings
+from services.common.config import ConfigError
 from services.common.db import queries
 from services.common.db import webhooks as db
-from services.common.errors import BACKEND_ERRORS, Conflict, Detail
+from services.common.errors import Conflict, Detail
 from services.common.fetch import (
     USER_AGENT,
     check_url,
@@ -59,7 +59,9 @@ from services.common.outcome import ImageFailure, OutcomeCode
 from services.common.pb.imgpipe.v1 import request_pb2
 from services.common.pb.imgpipe.v1 import status_service_pb2 as status_pb
 from services.common.proto_convert import FINAL_STATUSES, STATUS_TO_PROTO
+from services.common.servicer_errors import BACKEND_ERRORS
 from services.common.streams import EVENT_FIELD, Entry, GroupReader, StreamNames
+from services.status.config import WebhookSettings
 from services.status.webhook_secrets import (
     NOT_CONFIGURED,
     OwnerSecret,

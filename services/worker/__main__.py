@@ -8,14 +8,14 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 
 from services.common import metrics
-from services.common.budget import ByteBudget, PixelBudget
-from services.common.config import WorkerSettings
 from services.common.fetch import fetch_image, make_session
 from services.common.grpc_server import Health, run_service
 from services.common.process import run_main
 from services.common.resources import load_settings, open_backends
 from services.common.storage import Storage
 from services.common.streams import TaskConsumer
+from services.worker.budget import ByteBudget, PixelBudget
+from services.worker.config import WorkerSettings
 from services.worker.janitor import Janitor
 from services.worker.processor import Processor
 from services.worker.reconciler import Reconciler

@@ -25,8 +25,7 @@ import PIL
 
 from services.common import storage as keys
 from services.common.db import queries
-from services.common.imaging import ImageOptions, OutputFormat
-from services.common.proto_convert import to_json
+from services.common.image_options import ImageOptions, OutputFormat, to_json
 from services.common.storage import Storage
 
 log = logging.getLogger(__name__)

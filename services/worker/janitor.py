@@ -21,8 +21,8 @@ import redis.asyncio as aioredis
 from services.common import metrics
 from services.common.db import lifecycle, queries
 from services.common.deletion import delete_request
-from services.common.errors import BACKEND_ERRORS
 from services.common.grpc_server import wait_or_stop
+from services.common.servicer_errors import BACKEND_ERRORS
 from services.common.storage import Storage
 from services.common.streams import StreamNames
 

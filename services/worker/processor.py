@@ -21,23 +21,24 @@ from redis.exceptions import RedisError
 
 from services.common import metrics, telemetry
 from services.common import storage as keys
-from services.common.budget import (
+from services.common.db import queries
+from services.common.fetch import Reserve
+from services.common.image_options import ImageLimits, from_proto
+from services.common.outcome import ImageFailure, OutcomeCode, RetryPolicy
+from services.common.pb.imgpipe.v1 import task_pb2
+from services.common.proto_convert import finished_event, progress_event
+from services.common.storage import Storage
+from services.common.stored_csv import render_output_csv, store_output_csv
+from services.common.streams import StreamNames, publish_event_once, publish_progress
+from services.worker import dedup
+from services.worker.budget import (
     DEFAULT_BUFFER_BYTES,
     DEFAULT_PIXEL_BUDGET,
     ByteBudget,
     Lease,
     PixelBudget,
 )
-from services.common.db import queries
-from services.common.fetch import Reserve
-from services.common.imaging import Compressed, ImageLimits, compress
-from services.common.outcome import ImageFailure, OutcomeCode, RetryPolicy
-from services.common.pb.imgpipe.v1 import task_pb2
-from services.common.proto_convert import finished_event, from_proto, progress_event
-from services.common.storage import Storage
-from services.common.stored_csv import render_output_csv, store_output_csv
-from services.common.streams import StreamNames, publish_event_once, publish_progress
-from services.worker import dedup
+from services.worker.imaging import Compressed, compress
 
 log = logging.getLogger(__name__)
 

@@ -21,9 +21,9 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from services.common.db import queries
-from services.common.errors import BACKEND_ERRORS
 from services.common.grpc_server import wait_or_stop
 from services.common.publish import publish_releases
+from services.common.servicer_errors import BACKEND_ERRORS
 from services.common.streams import StreamNames, live_entries, trim_acknowledged
 from services.worker.processor import Processor
 

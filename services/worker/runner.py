@@ -18,8 +18,8 @@ from redis.exceptions import RedisError
 
 from services.common import metrics, telemetry, tracing
 from services.common.dependencies import DependencyMonitor
-from services.common.errors import BACKEND_ERRORS
 from services.common.grpc_server import wait_or_stop
+from services.common.servicer_errors import BACKEND_ERRORS
 from services.common.streams import Delivery, TaskConsumer
 from services.worker.processor import Processor
 

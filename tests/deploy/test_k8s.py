@@ -11,15 +11,13 @@ import pytest
 import yaml
 
 from gateway.__main__ import GRACE_SECONDS as GATEWAY_GRACE_SECONDS
+from gateway.config import GatewaySettings
 from gateway.grpc_backends import CHANNEL_OPTIONS as gateway_channel_options
 from imgpipe.cli import SERVICES
-from services.common.config import (
-    CommonSettings,
-    GatewaySettings,
-    IngestSettings,
-    StatusSettings,
-    WorkerSettings,
-)
+from services.common.config import CommonSettings
+from services.ingest.config import IngestSettings
+from services.status.config import StatusSettings
+from services.worker.config import WorkerSettings
 from tests.deploy.manifests import (
     APP_COMPONENTS,
     BACKENDS,
@@ -39,7 +37,7 @@ from tests.deploy.manifests import (
 pytestmark = pytest.mark.deploy
 
 SECRET_NAME = "imgpipe-secrets"
-# What the autoscalers follow (services/common/metrics.py, docs/scheduling.md).
+# What the autoscalers follow (services/status/stream_metrics.py, docs/scheduling.md).
 BACKLOG_METRIC = "imgpipe_backlog_images"
 SECRET_TEMPLATE = ROOT / "deploy" / "k8s" / "overlays" / "prod" / "secret.example.yaml"
 # What the internet-egress rules must never open: where pods, services, nodes and cloud
@@ -623,8 +621,9 @@ def test_the_window_covers_the_most_workers_the_autoscaler_starts(overlay: Rende
 
 
 def test_the_backlog_metric_is_reported_by_the_status_service() -> None:
-    source = (ROOT / "services" / "common" / "metrics.py").read_text()
-    assert f"| {BACKLOG_METRIC} | gauge |" in source and "status |" in source
+    table = (ROOT / "services" / "common" / "metrics.py").read_text()
+    assert f"| {BACKLOG_METRIC} | gauge |" in table and "status |" in table
+    source = (ROOT / "services" / "status" / "stream_metrics.py").read_text()
     assert f'"{BACKLOG_METRIC}"' in source
 
 

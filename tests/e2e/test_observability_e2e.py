@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 from services.common.tracing import parse_traceparent
-from services.dev import metrics_ports
+from services.local.launcher import metrics_ports
 from tests.e2e.test_pipeline import wait_completed
 from tests.e2e.test_webhooks_e2e import received
 from tests.listeners import serve_receiver

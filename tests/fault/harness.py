@@ -26,10 +26,10 @@ import redis.asyncio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from redis.exceptions import RedisError
 
-from services.common.embedded import EmbeddedPostgres, EmbeddedRedis, start_postgres, start_redis
 from services.common.pb.imgpipe.v1 import ingest_service_pb2_grpc as ingest_grpc
 from services.common.pb.imgpipe.v1 import request_pb2
 from services.common.streams import EVENT_FIELD, WORKER_GROUP, StreamNames
+from services.local.embedded import EmbeddedPostgres, EmbeddedRedis, start_postgres, start_redis
 from tests import containers
 from tests.integration.flows import csv_of, stream_messages, upload
 from tests.origin import ImageOrigin

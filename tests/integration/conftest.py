@@ -19,7 +19,7 @@ import redis.asyncio
 from services.common.csv_format import CsvLimits
 from services.common.db.pool import migrate
 from services.common.fetch import FetchAllow, FetchLimits, Reserve, fetch_image, make_session
-from services.common.imaging import ImageLimits
+from services.common.image_options import ImageLimits
 from services.common.pb.imgpipe.v1 import ingest_service_pb2_grpc as ingest_grpc
 from services.common.pb.imgpipe.v1 import status_service_pb2_grpc as status_grpc
 from services.common.storage import Storage

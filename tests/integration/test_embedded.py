@@ -13,7 +13,7 @@ import pytest
 import redis
 import redis.asyncio
 
-from services.common.embedded import docker_available, start_postgres, start_redis
+from services.local.embedded import docker_available, start_postgres, start_redis
 from tests.support import (
     create_database,
     delete_keys,

@@ -24,8 +24,8 @@ from aiohttp.test_utils import TestClient, TestServer
 from yarl import URL
 
 from gateway.app import create_app
+from gateway.config import GatewaySettings
 from gateway.serving import IN_FLIGHT, drain, start
-from services.common.config import GatewaySettings
 from services.common.pb.imgpipe.v1 import ingest_service_pb2 as ingest_pb
 from services.common.pb.imgpipe.v1 import ingest_service_pb2_grpc as ingest_grpc
 from services.common.pb.imgpipe.v1 import request_pb2, task_pb2

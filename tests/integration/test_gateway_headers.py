@@ -17,10 +17,11 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from gateway.app import create_app
-from services.common.auth import ApiKeyInterceptor, Limits, key_hash, new_key, parse_api_keys
-from services.common.config import GatewaySettings
+from gateway.config import GatewaySettings
+from services.common.auth import Limits, key_hash, new_key, parse_api_keys
 from services.common.csv_format import CsvLimits
 from services.common.db.pool import migrate
+from services.common.grpc_auth import ApiKeyInterceptor
 from services.common.limits import Limiter
 from services.common.storage import Storage, StorageConfig
 from services.common.streams import StreamNames

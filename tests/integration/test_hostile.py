@@ -25,7 +25,7 @@ from aiohttp import web
 from PIL import Image
 
 from services.common.fetch import FetchAllow, FetchLimits, Reserve, fetch_image, make_session
-from services.common.imaging import ImageLimits
+from services.common.image_options import ImageLimits
 from services.common.pb.imgpipe.v1 import ingest_service_pb2_grpc as ingest_grpc
 from services.common.pb.imgpipe.v1 import status_service_pb2 as status_pb
 from services.common.pb.imgpipe.v1 import status_service_pb2_grpc as status_grpc

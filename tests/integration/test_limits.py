@@ -24,12 +24,12 @@ from google.rpc import error_details_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
-from services.common.auth import ApiKeyInterceptor, KeyRing, key_hash, new_key, parse_api_keys
+from services.common.auth import KeyRing, key_hash, new_key, parse_api_keys
 from services.common.auth import Limits as KeyLimits
-from services.common.config import WebhookSettings
 from services.common.csv_format import CsvLimits
 from services.common.errors import RateLimited, TooLarge, error_from_rpc
 from services.common.fetch import FetchAllow, FetchLimits, make_session
+from services.common.grpc_auth import ApiKeyInterceptor
 from services.common.limits import STALE_RESERVATION, Limiter
 from services.common.pb.imgpipe.v1 import ingest_service_pb2 as ingest_pb
 from services.common.pb.imgpipe.v1 import ingest_service_pb2_grpc as ingest_grpc
@@ -41,6 +41,7 @@ from services.common.streams import TASK_FIELD, StreamNames, TaskConsumer
 from services.ingest.feeder import Feeder
 from services.ingest.servicer import IngestServicer
 from services.ingest.servicer import registrar as ingest_registrar
+from services.status.config import WebhookSettings
 from services.status.progress import ProgressHub
 from services.status.servicer import StatusServicer
 from services.status.servicer import registrar as status_registrar

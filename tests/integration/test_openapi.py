@@ -20,8 +20,8 @@ from aiohttp.test_utils import TestClient, TestServer
 from openapi_spec_validator import OpenAPIV31SpecValidator
 
 from gateway.app import create_app
+from gateway.config import GatewaySettings
 from gateway.openapi import DOCUMENT
-from services.common.config import GatewaySettings
 from services.common.storage import StorageConfig
 from tests.support import free_tcp_port
 

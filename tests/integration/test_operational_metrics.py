@@ -14,10 +14,11 @@ import redis.asyncio
 from prometheus_client.parser import text_string_to_metric_families
 
 from services.common import metrics
-from services.common.budget import ByteBudget, PixelBudget
 from services.common.db.pool import create_pool
-from services.common.metrics import PoolStats, StreamStats
+from services.common.metrics import PoolStats
 from services.common.streams import StreamNames
+from services.status.stream_metrics import StreamStats
+from services.worker.budget import ByteBudget, PixelBudget
 from tests.support import free_tcp_port, wait_until, wait_until_async
 
 pytestmark = pytest.mark.integration

@@ -19,7 +19,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from gateway import output_csv
 from gateway.app import create_app
-from services.common.config import GatewaySettings
+from gateway.config import GatewaySettings
 from services.common.csv_format import OUTPUT_COLUMNS
 from services.common.pb.imgpipe.v1 import request_pb2
 from services.common.pb.imgpipe.v1 import status_service_pb2 as status_pb

@@ -11,8 +11,8 @@ from prometheus_client import REGISTRY
 
 from services.common.csv_format import ProductRow
 from services.common.db import queries
-from services.common.metrics import StreamStats, entries_after, group_state
 from services.common.streams import StreamNames
+from services.status.stream_metrics import StreamStats, entries_after, group_state
 from tests.support import own_database, wait_until_async
 
 pytestmark = pytest.mark.integration

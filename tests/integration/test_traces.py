@@ -29,16 +29,17 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind
 
 from gateway.app import create_app
+from gateway.config import GatewaySettings
 from services.common import telemetry, tracing
-from services.common.config import GatewaySettings, StorageConfig, WebhookSettings
 from services.common.csv_format import CsvLimits
 from services.common.fetch import FetchAllow, FetchLimits, Reserve, fetch_image, make_session
-from services.common.imaging import ImageLimits
+from services.common.image_options import ImageLimits
 from services.common.metrics import GrpcServerInterceptor
-from services.common.storage import Storage
+from services.common.storage import Storage, StorageConfig
 from services.common.streams import StreamNames, TaskConsumer
 from services.ingest.feeder import Feeder
 from services.ingest.servicer import IngestServicer, registrar
+from services.status.config import WebhookSettings
 from services.status.webhooks import WebhookDispatcher
 from services.worker.processor import Processor, RetryPolicy
 from services.worker.runner import ConsumePolicy, consume

@@ -18,7 +18,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from gateway.app import create_app
 from services.common.auth import Limits, key_hash, new_key, parse_api_keys
-from services.common.sessions import new_session_id
+from services.common.session_ids import new_session_id
 from tests.integration.test_openapi import settings_for
 
 pytestmark = pytest.mark.integration

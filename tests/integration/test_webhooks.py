@@ -23,7 +23,6 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from services.common import tracing
-from services.common.config import WebhookSettings
 from services.common.csv_format import ProductRow
 from services.common.db import queries
 from services.common.errors import Conflict
@@ -31,6 +30,7 @@ from services.common.fetch import FetchAllow, FetchLimits, make_session
 from services.common.pb.imgpipe.v1 import request_pb2
 from services.common.pb.imgpipe.v1 import status_service_pb2 as status_pb
 from services.common.streams import EVENT_FIELD, StreamNames
+from services.status.config import WebhookSettings
 from services.status.webhooks import GROUP, NOT_CONFIGURED, WebhookDispatcher, retry_delay
 from tests.listeners import Receiver, Tripwire, serve_receiver
 from tests.support import own_database, wait_until_async

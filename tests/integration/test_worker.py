@@ -15,13 +15,13 @@ import pytest
 import redis.asyncio
 from PIL import Image
 
-from services.common.budget import ByteBudget, PixelBudget
-from services.common.imaging import ImageOptions
+from services.common.image_options import ImageOptions
 from services.common.pb.imgpipe.v1 import ingest_service_pb2_grpc as ingest_grpc
 from services.common.pb.imgpipe.v1 import request_pb2, task_pb2
 from services.common.publish import publish_images
 from services.common.storage import Storage
 from services.common.streams import EVENT_FIELD, StreamNames, TaskConsumer
+from services.worker.budget import ByteBudget, PixelBudget
 from services.worker.processor import Processor
 from services.worker.runner import ConsumePolicy, consume
 from tests import photos

@@ -29,26 +29,21 @@ from aiohttp.test_utils import TestClient, TestServer
 from grpc_health.v1 import health, health_pb2_grpc
 
 from gateway.app import create_app
+from gateway.config import GatewaySettings
 from gateway.keys import PRODUCT_PAGES
 from gateway.product_page_cache import ProductPageCache
-from services.common.auth import (
-    ApiKeyInterceptor,
-    KeyRing,
-    Limits,
-    key_hash,
-    new_key,
-    parse_api_keys,
-)
-from services.common.config import GatewaySettings
+from services.common.auth import KeyRing, Limits, key_hash, new_key, parse_api_keys
 from services.common.csv_format import CsvLimits
 from services.common.db.pool import migrate
+from services.common.grpc_auth import ApiKeyInterceptor
 from services.common.limits import Limiter
 from services.common.page_token import encode_page_token
 from services.common.pb.imgpipe.v1 import session_service_pb2 as session_pb
 from services.common.pb.imgpipe.v1 import session_service_pb2_grpc as session_grpc
 from services.common.pb.imgpipe.v1 import status_service_pb2 as status_pb
 from services.common.pb.imgpipe.v1 import status_service_pb2_grpc as status_grpc
-from services.common.sessions import SessionStore, session_hash
+from services.common.session_ids import session_hash
+from services.common.sessions import SessionStore
 from services.common.storage import Storage, StorageConfig
 from services.common.streams import StreamNames
 from services.ingest.servicer import IngestServicer

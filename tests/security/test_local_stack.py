@@ -9,13 +9,13 @@ import sys
 import textwrap
 from pathlib import Path
 
-from services import dev
+from services.local import launcher as dev
 from tests.stack import ROOT
 
 WATCH_SECRET = """
 import os, stat, sys
 from pathlib import Path
-from services.dev import _dev_webhook_secret
+from services.local.launcher import _dev_webhook_secret
 
 folder = Path(sys.argv[1])
 modes = set()

@@ -25,13 +25,14 @@ from aiohttp.test_utils import TestClient, TestServer
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from gateway.app import create_app
+from gateway.config import GatewaySettings
 from gateway.serving import start
-from services.common.auth import ApiKeyInterceptor, key_hash, new_key, parse_api_keys
 from services.common.auth import Limits as KeyLimits
-from services.common.config import GatewaySettings, WebhookSettings
+from services.common.auth import key_hash, new_key, parse_api_keys
 from services.common.csv_format import CsvLimits
 from services.common.errors import Conflict, RateLimited, error_from_rpc
 from services.common.fetch import FetchAllow, FetchLimits
+from services.common.grpc_auth import ApiKeyInterceptor
 from services.common.limits import Limiter
 from services.common.pb.imgpipe.v1 import status_service_pb2 as status_pb
 from services.common.pb.imgpipe.v1 import status_service_pb2_grpc as status_grpc
@@ -39,6 +40,7 @@ from services.common.storage import Storage, StorageConfig
 from services.common.streams import StreamNames
 from services.ingest.servicer import IngestServicer
 from services.ingest.servicer import registrar as ingest_registrar
+from services.status.config import WebhookSettings
 from services.status.servicer import StatusServicer
 from services.status.servicer import registrar as status_registrar
 from services.status.webhooks import WebhookDispatcher

@@ -8,6 +8,7 @@ import re
 
 import pytest
 
+from gateway.config import GatewaySettings
 from gateway.sign_in import safe_next
 from imgpipe.cli import main as cli_main
 from services.common.auth import (
@@ -20,8 +21,10 @@ from services.common.auth import (
     parse_api_keys,
     parse_rate,
 )
-from services.common.config import ConfigError, GatewaySettings, IngestSettings, StatusSettings
+from services.common.config import ConfigError
 from services.common.errors import RateLimited, Unauthenticated
+from services.ingest.config import IngestSettings
+from services.status.config import StatusSettings
 
 pytestmark = pytest.mark.unit
 

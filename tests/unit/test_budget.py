@@ -11,9 +11,10 @@ from collections.abc import Iterator
 import pytest
 from PIL import Image
 
-from services.common import imaging
-from services.common.budget import ByteBudget, PixelBudget
-from services.common.imaging import ImageOptions, compress
+from services.common.image_options import ImageOptions
+from services.worker import imaging
+from services.worker.budget import ByteBudget, PixelBudget
+from services.worker.imaging import compress
 from tests.imagegen import photo_like
 from tests.support import wait_until, wait_until_async
 

@@ -7,13 +7,11 @@ import ipaddress
 
 import pytest
 
-from services.common.config import (
-    ConfigError,
-    GatewaySettings,
-    IngestSettings,
-    StatusSettings,
-    WorkerSettings,
-)
+from gateway.config import GatewaySettings
+from services.common.config import ConfigError
+from services.ingest.config import IngestSettings
+from services.status.config import StatusSettings
+from services.worker.config import WorkerSettings
 
 pytestmark = pytest.mark.unit
 

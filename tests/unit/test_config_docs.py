@@ -1,4 +1,4 @@
-"""docs/configuration.md is generated from services/common/config.py and cannot drift from it."""
+"""docs/configuration.md is generated from the services' settings classes; it cannot drift."""
 
 from __future__ import annotations
 

@@ -6,9 +6,9 @@ import dataclasses
 
 import pytest
 
-from services.common.config import ConfigError, WorkerSettings
-from services.common.encoders import Effort
-from services.common.imaging import ImageOptions, OutputFormat
+from services.common.config import ConfigError
+from services.common.image_options import Effort, ImageOptions, OutputFormat
+from services.worker.config import WorkerSettings
 from services.worker.dedup import digests_of, options_digest
 
 pytestmark = pytest.mark.unit

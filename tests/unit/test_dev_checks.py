@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from services import dev
-from services.dev import plan_stack
+from services.local import launcher as dev
+from services.local.launcher import plan_stack
 from tests.stack import ROOT
 from tests.support import free_tcp_port
 
@@ -84,7 +84,7 @@ def test_every_listen_address_of_the_plan_is_checked(tmp_path: Path) -> None:
 
 
 def run_dev(tmp_path: Path, prelude: str) -> subprocess.CompletedProcess[str]:
-    script = f"{prelude}\nfrom services.dev import main\nraise SystemExit(main())\n"
+    script = f"{prelude}\nfrom services.local.launcher import main\nraise SystemExit(main())\n"
     env = {k: v for k, v in os.environ.items() if not k.startswith("IMGPIPE_")}
     env["IMGPIPE_DATA_DIR"] = str(tmp_path / "data")
     env["IMGPIPE_HTTP_LISTEN"] = f"127.0.0.1:{free_tcp_port()}"

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from services.dev import PlanError, StackPlan, plan_stack
+from services.local.launcher import PlanError, StackPlan, plan_stack
 
 pytestmark = pytest.mark.unit
 

@@ -1,4 +1,4 @@
-"""Pid and lock files left by a crash (services.common.embedded): which are stale, which not.
+"""Pid and lock files left by a crash (services.local.embedded): which are stale, which not.
 
 A real "server" here is a sleep whose program is named postgres (a symlink) and whose working
 directory is the data folder, as a real postmaster's is.
@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from services.common import embedded
-from services.common.embedded import DataDirInUse
+from services.local import embedded
+from services.local.embedded import DataDirInUse
 
 pytestmark = pytest.mark.unit
 

@@ -7,10 +7,18 @@ import io
 import pytest
 from PIL import Image
 
-from services.common.encoders import Effort, Measured, levels, pareto
-from services.common.imaging import ImageOptions, OutputFormat, compress
+from services.common.image_options import (
+    Effort,
+    ImageOptions,
+    OutputFormat,
+    from_json,
+    from_proto,
+    to_json,
+    to_proto,
+)
 from services.common.pb.imgpipe.v1 import task_pb2
-from services.common.proto_convert import from_json, from_proto, to_json, to_proto
+from services.worker.encoders import Measured, levels, pareto
+from services.worker.imaging import compress
 from tests import photos
 
 pytestmark = pytest.mark.unit

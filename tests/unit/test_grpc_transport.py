@@ -16,14 +16,11 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.common.config import (
-    MAX_WATCH_SECONDS,
-    ConfigError,
-    GatewaySettings,
-    StatusSettings,
-)
+from gateway.config import GatewaySettings
+from services.common.config import MAX_WATCH_SECONDS, ConfigError
 from services.common.grpc_server import run_service
 from services.common.grpc_transport import GrpcTransport, TlsFiles
+from services.status.config import StatusSettings
 from tests.certs import Authority, Leaf
 from tests.support import free_tcp_port, wait_until_async
 

@@ -11,17 +11,9 @@ import pytest
 from PIL import ExifTags, Image, ImageChops, ImageCms, ImageStat
 from PIL.PngImagePlugin import PngInfo
 
-from services.common.imaging import (
-    Compressed,
-    ImageLimits,
-    ImageOptions,
-    OutputFormat,
-    _gif_frames,
-    _is_srgb,
-    _tiff_pages,
-    compress,
-)
+from services.common.image_options import ImageLimits, ImageOptions, OutputFormat
 from services.common.outcome import ImageFailure, OutcomeCode
+from services.worker.imaging import Compressed, _gif_frames, _is_srgb, _tiff_pages, compress
 
 pytestmark = pytest.mark.unit
 
@@ -166,7 +158,7 @@ def test_jpeg_output_is_smaller_and_stripped() -> None:
     assert out.size == (result.width, result.height) == (320, 240)
     assert out.mode == "RGB"
     # Balanced JPEG is sequential with optimised Huffman tables: progressive costs 2.4x the
-    # CPU for no smaller files (services/common/encoders.py).
+    # CPU for no smaller files (services/worker/encoders.py).
     assert not (out.info.get("progressive") or out.info.get("progression"))
     assert "exif" not in out.info
     assert "icc_profile" not in out.info

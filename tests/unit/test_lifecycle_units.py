@@ -10,11 +10,12 @@ from datetime import UTC, datetime
 import pytest
 
 from gateway import html_pages, json_views
-from services.common.config import ConfigError, WorkerSettings
+from services.common.config import ConfigError
 from services.common.errors import InvalidArgument
 from services.common.page_token import decode_request_token, encode_request_token
 from services.common.pb.imgpipe.v1 import request_pb2
 from services.common.proto_convert import FINAL_STATUSES, STATUS_FROM_PROTO, STATUS_TO_PROTO
+from services.worker.config import WorkerSettings
 
 pytestmark = pytest.mark.unit
 

@@ -18,11 +18,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import REGISTRY
 
 from gateway import observability
+from gateway.config import GatewaySettings
 from services.common import metrics, tracing
-from services.common.config import ConfigError, GatewaySettings, IngestSettings
+from services.common.config import ConfigError
 from services.common.outcome import ImageFailure, OutcomeCode
 from services.common.pb.imgpipe.v1 import status_service_pb2 as status_pb
-from services.dev import metrics_ports, plan_stack
+from services.ingest.config import IngestSettings
+from services.local.launcher import metrics_ports, plan_stack
 from services.status.webhooks import _failure_outcome
 from tests.support import wait_until_async
 

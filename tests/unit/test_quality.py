@@ -12,13 +12,20 @@ import pytest
 from PIL import Image
 from skimage.metrics import structural_similarity
 
-from services.common import tuning
-from services.common.encoders import Effort
-from services.common.imaging import Compressed, ImageOptions, OutputFormat, compress
+from services.common.image_options import (
+    Effort,
+    ImageOptions,
+    OutputFormat,
+    from_json,
+    from_proto,
+    to_json,
+    to_proto,
+)
 from services.common.pb.imgpipe.v1 import task_pb2
-from services.common.proto_convert import from_json, from_proto, to_json, to_proto
-from services.common.quality import SAMPLED_AGREEMENT, luminance, ssim
-from services.common.quality_search import search
+from services.worker import tuning
+from services.worker.imaging import Compressed, compress
+from services.worker.quality import SAMPLED_AGREEMENT, luminance, ssim
+from services.worker.quality_search import search
 from tests import photos
 
 pytestmark = pytest.mark.unit

@@ -6,9 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from services.common.config import ConfigError, GatewaySettings, WorkerSettings
+from gateway.config import GatewaySettings
+from services.common.config import ConfigError
 from services.common.storage import S3Options, Storage, StorageConfig
-from services.dev import plan_stack
+from services.local.launcher import plan_stack
+from services.worker.config import WorkerSettings
 
 pytestmark = pytest.mark.unit
 

@@ -1,4 +1,4 @@
-"""The launcher's restart policy (services.supervise): backoff, its reset, the crash loop."""
+"""The launcher's restart policy (services.local.supervise): backoff, its reset, the crash loop."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from services.supervise import CrashLoop, Restarts, Supervisor
+from services.local.supervise import CrashLoop, Restarts, Supervisor
 from tests.support import wait_until
 
 pytestmark = pytest.mark.unit

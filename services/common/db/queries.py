@@ -528,7 +528,7 @@ async def record_image_done(
 ) -> Counters | None:
     """Mark a Pending image Done (counting its successful attempt), give its followers the
     same outcome and move the counters; None if it was already final. `ssim`, `quality` and
-    `note` are what the output kept (services/common/tuning.py); an empty note is stored as
+    `note` are what the output kept (services/worker/tuning.py); an empty note is stored as
     NULL. With `digests`, the output is remembered for the owner's later requests;
     `reused_from` is the image whose stored output was copied for this one.
 

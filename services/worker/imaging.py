@@ -22,10 +22,10 @@ from dataclasses import dataclass
 
 from PIL import ExifTags, Image, ImageChops, ImageCms, UnidentifiedImageError
 
-from services.common import tuning
-from services.common.budget import PixelBudget
-from services.common.encoders import Effort, OutputFormat
+from services.common.image_options import Effort, ImageLimits, ImageOptions, OutputFormat
 from services.common.outcome import ImageFailure, OutcomeCode
+from services.worker import tuning
+from services.worker.budget import PixelBudget
 
 # Pillow plugins we let parse untrusted bytes. Everything else (EPS runs Ghostscript, PDF,
 # ICO, PSD, ...) is refused before its parser ever sees the data.
@@ -83,80 +83,11 @@ _SAME_SOURCE_FORMATS = {
     OutputFormat.PNG: ("PNG",),
     OutputFormat.AVIF: (),
 }
-_LOSSY = (OutputFormat.JPEG, OutputFormat.WEBP, OutputFormat.AVIF)
 
 
-@dataclass(frozen=True, slots=True)
-class ImageOptions:
-    format: OutputFormat = OutputFormat.JPEG
-    quality: int = 50  # 1..95
-    scale: float = 1.0  # 0 < scale <= 1
-    max_width: int = 0  # 0 = no limit
-    max_height: int = 0
-    effort: Effort = Effort.BALANCED  # CPU against bytes, same pixels (encoders.py)
-    # Goals that choose the quality per image (tuning.py); 0 = off, at most one of them.
-    target_ratio: float = 0.0  # 0 < r < 1: each output at most r times its source's bytes
-    min_ssim: float = 0.0  # 0 < s <= 1: the lowest quality whose SSIM is at least s
-
-    def validate(self) -> list[str]:
-        """Human messages, one per bad field; [] when every field is fine."""
-        problems = []
-        if self.format not in tuple(OutputFormat):
-            choices = ", ".join(f.value for f in OutputFormat)
-            problems.append(f"format must be one of {choices}, not {self.format!r}")
-        if not _is_int(self.quality) or not 1 <= self.quality <= 95:
-            problems.append(f"quality must be an integer from 1 to 95, not {self.quality!r}")
-        if (
-            isinstance(self.scale, bool)
-            or not isinstance(self.scale, int | float)
-            or not 0 < self.scale <= 1
-        ):
-            problems.append(f"scale must be greater than 0 and at most 1, not {self.scale!r}")
-        for name in ("max_width", "max_height"):
-            value = getattr(self, name)
-            if not _is_int(value) or value < 0:
-                problems.append(f"{name} must be 0 (no limit) or a positive integer, not {value!r}")
-        if self.effort not in tuple(Effort):
-            choices = ", ".join(e.value for e in Effort)
-            problems.append(f"effort must be one of {choices}, not {self.effort!r}")
-        return problems + [message for _, message in self.goal_problems()]
-
-    def goal_problems(self) -> list[tuple[str, str]]:
-        """(field, message) for each problem of target_ratio and min_ssim."""
-        problems = []
-        if not _is_number(self.target_ratio) or not 0 <= self.target_ratio < 1:
-            problems.append(("target_ratio", f"target_ratio {_FRACTION_RULE}"))
-        if not _is_number(self.min_ssim) or not 0 <= self.min_ssim <= 1:
-            problems.append(("min_ssim", f"min_ssim {_SSIM_RULE}"))
-        if problems or not (self.target_ratio or self.min_ssim):
-            return problems
-        goal = "target_ratio" if self.target_ratio else "min_ssim"
-        if self.target_ratio and self.min_ssim:
-            problems.append(("min_ssim", "target_ratio and min_ssim cannot be combined"))
-        elif self.format not in _LOSSY:
-            message = f"{goal} needs a lossy format (jpeg, webp or avif), not {str(self.format)!r}"
-            problems.append((goal, message))
-        return problems
-
-
-# The rules of the goal options, shared with the REST parser's messages.
-_FRACTION_RULE = "must be greater than 0 and less than 1 (0: off)"
-_SSIM_RULE = "must be greater than 0 and at most 1 (0: off)"
-GOAL_RULES = {"target_ratio": _FRACTION_RULE, "min_ssim": _SSIM_RULE}
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: object) -> bool:
-    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)  # type: ignore[arg-type]
-
-
-@dataclass(frozen=True, slots=True)
-class ImageLimits:
-    max_pixels: int = 50_000_000  # checked from the header before decoding
-    max_frames: int = 1000  # animation frames (or TIFF pages), counted without decoding them
+# Frozen, so one instance serves every call that passes none.
+_DEFAULT_OPTIONS = ImageOptions()
+_DEFAULT_LIMITS = ImageLimits()
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,7 +99,7 @@ class Compressed:
     content_type: str  # image/jpeg ...
     extension: str  # "jpg", "webp", "png", "avif"
     kept_source: bool  # True when the never-larger rule kept the source bytes
-    # Against the normalised, resized source (services/common/quality.py); None when not
+    # Against the normalised, resized source (services/worker/quality.py); None when not
     # measured (effort=fast without a goal that needs it).
     ssim: float | None = 1.0
     quality: int = 0  # the quality setting used; 0 for PNG and for the source's own bytes
@@ -183,8 +114,8 @@ class Compressed:
 
 def compress(
     data: bytes,
-    options: ImageOptions = ImageOptions(),
-    limits: ImageLimits = ImageLimits(),
+    options: ImageOptions = _DEFAULT_OPTIONS,
+    limits: ImageLimits = _DEFAULT_LIMITS,
     budget: PixelBudget | None = None,
 ) -> Compressed:
     """Decode, normalise, resize, encode.
@@ -192,7 +123,7 @@ def compress(
     Normalising applies EXIF orientation, converts to sRGB (CMYK and embedded ICC profiles),
     brings 16-bit and palette images to 8-bit RGB or grey, flattens alpha on white for JPEG
     (kept for WebP and PNG), takes the first frame of animations and drops all metadata.
-    The encoding (quality, and format under auto) is chosen by services/common/tuning.py as
+    The encoding (quality, and format under auto) is chosen by services/worker/tuning.py as
     `target_ratio`, `min_ssim` or `format` ask, and its SSIM against the normalised, resized
     image is measured (`ssim`, `quality`, `note` of the result; `ssim` is None under
     `effort=fast` unless `min_ssim` or auto needed it).

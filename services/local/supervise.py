@@ -6,7 +6,7 @@ seconds of its start CRASH_LOOP times in a row is in a crash loop: restarting it
 only hide the error, so the launcher stops everything and says which child and why.
 
 `Restarts` is that policy alone, with no clock and no processes. `Supervisor` applies it to
-real processes; the launcher (services/dev.py) calls `check()` from its main loop.
+real processes; the launcher (services/local/launcher.py) calls `check()` from its main loop.
 """
 
 from __future__ import annotations

@@ -20,30 +20,12 @@ B10 applies the same rules to its own measurement and reports any level that wou
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
-
-class OutputFormat(enum.StrEnum):
-    """What a request asks for. AUTO and AUTO_AVIF are not formats but a choice among them,
-    made per image (services/common/tuning.py); every output is JPEG, WebP, PNG or AVIF."""
-
-    JPEG = "jpeg"
-    WEBP = "webp"
-    PNG = "png"
-    AVIF = "avif"
-    AUTO = "auto"  # the smallest of JPEG and WebP at the SSIM of JPEG at the requested quality
-    AUTO_AVIF = "auto_avif"  # the same, with AVIF among the candidates
-
-
-class Effort(enum.StrEnum):
-    FAST = "fast"
-    BALANCED = "balanced"
-    MAX = "max"
-
+from services.common.image_options import Effort
 
 # Pillow save() arguments per (format, effort); formats are OutputFormat values.
 ENCODER_SETTINGS: MappingProxyType[tuple[str, Effort], MappingProxyType[str, Any]] = (

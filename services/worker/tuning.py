@@ -13,7 +13,7 @@ Four ways to pick the encoding, each with a bounded number of encodes:
   smallest file that reaches it wins (JPEG itself when none beats it).
 
 The SSIM of every output against the image it encodes is measured
-(services/common/quality.py), except under `effort=fast` where the choice does not need it:
+(services/worker/quality.py), except under `effort=fast` where the choice does not need it:
 one measurement costs about two JPEG encodes (docs/quality.md), and fast is for throughput.
 """
 
@@ -29,9 +29,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from services.common import quality
-from services.common.encoders import Effort, OutputFormat, encoder_settings
-from services.common.quality_search import (
+from services.common.image_options import Effort, OutputFormat
+from services.worker import quality
+from services.worker.encoders import encoder_settings
+from services.worker.quality_search import (
     SIZE_SLOPE,
     SSIM_SLOPE,
     Searched,
@@ -120,7 +121,7 @@ def choose(
 
 
 def encode(img: Image.Image, output: OutputFormat, quality: int, effort: Effort) -> bytes:
-    """One encode with the effort level's settings (services/common/encoders.py)."""
+    """One encode with the effort level's settings (services/worker/encoders.py)."""
     out = io.BytesIO()
     settings = encoder_settings(output.value, effort)
     if output is OutputFormat.PNG:
