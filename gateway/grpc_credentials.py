@@ -39,7 +39,8 @@ def _with_credential(details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCall
         return details
     metadata = grpc.aio.Metadata(*(details.metadata or ()))
     metadata.add("authorization", value)
-    return details._replace(metadata=metadata)  # type: ignore[attr-defined]
+    replaced: grpc.aio.ClientCallDetails = details._replace(metadata=metadata)  # type: ignore[attr-defined]
+    return replaced
 
 
 def forwarding_interceptors() -> list[grpc.aio.ClientInterceptor]:

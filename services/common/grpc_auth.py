@@ -92,9 +92,11 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]],
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
+        ],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = await continuation(handler_call_details)
         method: str = handler_call_details.method
         if handler is None or method.startswith(_PUBLIC_METHODS):
@@ -149,8 +151,8 @@ async def _enter(admit: Callable[[Any], Awaitable[Principal | None]], context: A
 
 
 def _guarded(
-    handler: grpc.RpcMethodHandler, admit: Callable[[Any], Awaitable[Principal | None]]
-) -> grpc.RpcMethodHandler:
+    handler: grpc.RpcMethodHandler[Any, Any], admit: Callable[[Any], Awaitable[Principal | None]]
+) -> grpc.RpcMethodHandler[Any, Any]:
     """`handler` with `admit` run first, for any of the four kinds of method."""
     h: Any = handler
     behavior = behavior_of(handler)
