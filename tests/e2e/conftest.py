@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.origin import ImageOrigin, serve_images
-from tests.stack import Stack, start_stack
-from tests.support import process_exited, wait_until
+from testing.origin import ImageOrigin, serve_images
+from testing.polling import wait_until
+from testing.processes import process_exited
+from testing.stack import Stack, start_stack
 
 
 @pytest.fixture(scope="module")

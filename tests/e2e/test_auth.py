@@ -24,8 +24,11 @@ import pytest
 from services.common.auth import AUTH_OFF_WARNING, key_hash, new_key
 from services.common.pb.imgpipe.v1 import status_service_pb2 as status_pb
 from services.common.pb.imgpipe.v1 import status_service_pb2_grpc as status_grpc
-from tests.stack import Stack, _free_grpc_base, run_cli, start_service, start_stack
-from tests.support import free_tcp_port, process_exited, wait_until, wait_until_async
+from testing.polling import wait_until, wait_until_async
+from testing.ports import free_tcp_port
+from testing.processes import process_exited
+from testing.services import start_service
+from testing.stack import Stack, free_grpc_base, run_cli, start_stack
 
 pytestmark = pytest.mark.e2e
 
@@ -55,7 +58,7 @@ class Live:
 def live(
     tmp_path_factory: pytest.TempPathFactory, database_url: str, redis_server_url: str
 ) -> Iterator[Live]:
-    grpc_base = _free_grpc_base(1)
+    grpc_base = free_grpc_base(1)
     stack = start_stack(
         tmp_path_factory.mktemp("auth"),
         {

@@ -13,9 +13,9 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.origin import ImageOrigin, held_origin
-from tests.stack import ROOT, Stack, live_stack
-from tests.support import free_tcp_port
+from testing.origin import ImageOrigin, held_origin
+from testing.ports import free_tcp_port
+from testing.stack import ROOT, Stack, live_stack
 
 pytestmark = pytest.mark.e2e
 

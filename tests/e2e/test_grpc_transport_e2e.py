@@ -19,9 +19,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from imgpipe.client import AsyncClient, Client
 from services.common.grpc_transport import GrpcTransport, TlsFiles
-from tests.certs import Authority
-from tests.origin import ImageOrigin, held_origin
-from tests.stack import Stack, live_stack
+from testing.certs import Authority
+from testing.origin import ImageOrigin, held_origin
+from testing.stack import Stack, live_stack
 
 pytestmark = pytest.mark.e2e
 

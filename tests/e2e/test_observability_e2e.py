@@ -20,12 +20,13 @@ from prometheus_client.samples import Sample
 
 from services.common.tracing import parse_traceparent
 from services.dev import metrics_ports
+from testing.listeners import serve_receiver
+from testing.origin import ImageOrigin
+from testing.polling import wait_until, wait_until_async
+from testing.ports import free_tcp_port, free_tcp_port_is
+from testing.stack import Stack, start_stack
 from tests.e2e.test_pipeline import wait_completed
 from tests.e2e.test_webhooks_e2e import received
-from tests.listeners import serve_receiver
-from tests.origin import ImageOrigin
-from tests.stack import Stack, start_stack
-from tests.support import free_tcp_port, free_tcp_port_is, wait_until, wait_until_async
 
 pytestmark = pytest.mark.e2e
 

@@ -15,10 +15,10 @@ import pytest
 from PIL import Image
 
 from services.common.storage import S3Options, Storage, StorageConfig
-from tests import photos
-from tests.origin import ImageOrigin, serve_images
-from tests.stack import ROOT, Stack, start_stack
-from tests.support import wait_until_async
+from testing import photos
+from testing.origin import ImageOrigin, serve_images
+from testing.polling import wait_until_async
+from testing.stack import ROOT, Stack, start_stack
 
 pytestmark = pytest.mark.e2e
 

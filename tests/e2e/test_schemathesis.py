@@ -28,8 +28,9 @@ from openapi_schema_validator import OAS31Validator, validate
 from schemathesis import APIOperation, BaseSchema, Case, GenerationMode, Response
 
 from gateway.openapi import DOCUMENT
-from tests.stack import Stack, start_stack
-from tests.support import process_exited, wait_until
+from testing.polling import wait_until
+from testing.processes import process_exited
+from testing.stack import Stack, start_stack
 
 pytestmark = pytest.mark.e2e
 

@@ -18,11 +18,12 @@ import pytest
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from services.common.auth import key_hash, new_key
+from testing.listeners import Received, Receiver, serve_receiver
+from testing.origin import ImageOrigin
+from testing.polling import wait_until_async
+from testing.ports import free_tcp_port
+from testing.stack import Stack, run_cli, start_stack
 from tests.e2e.test_pipeline import wait_completed
-from tests.listeners import Received, Receiver, serve_receiver
-from tests.origin import ImageOrigin
-from tests.stack import Stack, run_cli, start_stack
-from tests.support import free_tcp_port, wait_until_async
 
 pytestmark = pytest.mark.e2e
 

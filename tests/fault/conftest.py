@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from tests import containers
+from testing import containers
+from testing.origin import ImageOrigin, serve_images
 from tests.fault.harness import Backends, Services
-from tests.origin import ImageOrigin, serve_images
 
 
 @pytest.fixture

@@ -12,7 +12,6 @@ import contextlib
 import os
 import shutil
 import signal
-import subprocess
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -23,21 +22,18 @@ from urllib.parse import urlsplit
 import asyncpg
 import grpc
 import redis.asyncio
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from redis.exceptions import RedisError
 
 from services.common.embedded import EmbeddedPostgres, EmbeddedRedis, start_postgres, start_redis
-from services.common.pb.imgpipe.v1 import ingest_service_pb2_grpc as ingest_grpc
 from services.common.pb.imgpipe.v1 import request_pb2
 from services.common.streams import EVENT_FIELD, WORKER_GROUP, StreamNames
-from tests import containers
-from tests.integration.flows import csv_of, stream_messages, upload
-from tests.origin import ImageOrigin
-from tests.stack import start_service
-from tests.support import free_tcp_port, process_exited, wait_until, wait_until_async
-
-SERVING = health_pb2.HealthCheckResponse.SERVING
-NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+from testing import containers
+from testing.origin import ImageOrigin
+from testing.polling import wait_until, wait_until_async
+from testing.ports import free_tcp_port
+from testing.processes import process_exited
+from testing.services import SERVING, Service, start_service
+from tests.integration.flows import stream_messages
 
 GRACE_SECONDS = 10.0
 # Generous: two cores, up to seven processes, and a visibility timeout of a few seconds.
@@ -144,43 +140,6 @@ class Backends:
         return redis.asyncio.Redis.from_url(self.redis_url)
 
 
-@dataclass
-class Service:
-    """One service process, its log, and a gRPC channel to its health service."""
-
-    name: str
-    process: subprocess.Popen[bytes]
-    log: Path
-    listen: str
-    channel: grpc.aio.Channel = field(repr=False)
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def tail(self, lines: int = 25) -> str:
-        try:
-            text = self.log.read_text(errors="replace")
-        except OSError as exc:
-            return f"(no log: {exc})"
-        return "\n".join(line[:400] for line in text.splitlines()[-lines:])
-
-    async def health(self) -> int:
-        """The overall health status; raises grpc.aio.AioRpcError when it does not answer."""
-        stub: Any = health_pb2_grpc.HealthStub(self.channel)  # typeshed lists no methods
-        response = await stub.Check(health_pb2.HealthCheckRequest(), timeout=2)
-        return int(response.status)
-
-    async def wait_exit(self, within: float) -> int:
-        """The exit code (negative: the signal), once the process has exited."""
-        try:
-            return await asyncio.to_thread(self.process.wait, within)
-        except subprocess.TimeoutExpired:
-            raise AssertionError(
-                f"{self.name} (pid {self.pid}) still running after {within:g} s\n{self.tail()}"
-            ) from None
-
-
 class Services:
     """Starts ingest and workers as processes against one test's backends, and stops every
     one of them (by pid) at the end."""
@@ -207,7 +166,7 @@ class Services:
         process_group: int | None = None,
         launcher: Sequence[str] = (),
     ) -> Service:
-        """`process_group` and `launcher` as in tests.stack.start_service."""
+        """`process_group` and `launcher` as in testing.services.start_service."""
         listen = f"127.0.0.1:{free_tcp_port()}"
         log = self.folder / f"{name}.log"
         process = start_service(
@@ -276,32 +235,6 @@ class Services:
 
 
 # --- requests ---------------------------------------------------------------------------------
-
-
-def image_urls(origin: ImageOrigin, count: int, tag: str) -> list[str]:
-    """`count` distinct image URLs on the origin, their images generated now rather than while
-    the workers fetch them."""
-    paths = [f"/img/{tag}-{i}.jpg" for i in range(count)]
-    for path in paths:
-        origin.image(path)
-    return [origin.url(path) for path in paths]
-
-
-def csv_for(urls: Sequence[str], per_product: int = 4) -> bytes:
-    rows = [
-        (str(n + 1), f"Product {n + 1}", urls[start : start + per_product])
-        for n, start in enumerate(range(0, len(urls), per_product))
-    ]
-    return csv_of(rows)
-
-
-async def submit(ingest: Service, urls: Sequence[str], *, api_key: str = "") -> str:
-    """Upload a CSV of `urls` to `ingest` (as the owner of `api_key`, if given); the request
-    id."""
-    stub = ingest_grpc.IngestServiceStub(ingest.channel)
-    accepted = await upload(stub, csv_for(urls), chunk_size=16384, api_key=api_key)
-    assert accepted.images == len(urls)
-    return accepted.request_id
 
 
 async def final_images(backends: Backends, request_id: str) -> int:

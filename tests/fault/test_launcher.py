@@ -21,11 +21,14 @@ from typing import Any
 import aiohttp
 import pytest
 
+from testing.origin import ImageOrigin, image_urls, serve_images
+from testing.polling import wait_until, wait_until_async
+from testing.ports import free_port_block
+from testing.processes import descendants, process_exited
+from testing.stack import ROOT, Stack, launch_stack, start_stack
+from testing.uploads import csv_for
 from tests.e2e.test_pipeline import upload_csv, wait_completed
-from tests.fault.harness import TUNING, csv_for, image_urls
-from tests.origin import ImageOrigin, serve_images
-from tests.stack import ROOT, Stack, launch_stack, start_stack
-from tests.support import descendants, free_port_block, process_exited, wait_until, wait_until_async
+from tests.fault.harness import TUNING
 
 pytestmark = pytest.mark.timeout(240)
 

@@ -6,19 +6,18 @@ from __future__ import annotations
 import pytest
 
 from services.common.auth import key_hash, new_key
+from testing.origin import ImageOrigin, image_urls
+from testing.polling import wait_until_async
+from testing.services import submit
 from tests.fault.harness import (
     COMPLETION_TIMEOUT,
     Backends,
     Services,
     assert_clean,
     final_images,
-    image_urls,
-    submit,
     take_snapshot,
     wait_some_final,
 )
-from tests.origin import ImageOrigin
-from tests.support import wait_until_async
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -18,9 +18,10 @@ from services.common.storage import Storage
 from services.common.streams import StreamNames, TaskConsumer
 from services.worker.processor import Processor
 from services.worker.runner import ConsumePolicy, consume
-from tests.integration.flows import csv_of, image_rows, upload, wait_final
-from tests.origin import ImageOrigin
-from tests.support import wait_until_async
+from testing.origin import ImageOrigin
+from testing.polling import wait_until_async
+from testing.uploads import csv_of, upload
+from tests.integration.flows import image_rows, wait_final
 
 pytestmark = pytest.mark.integration
 

@@ -18,7 +18,8 @@ from services.common.budget import ByteBudget, PixelBudget
 from services.common.db.pool import create_pool
 from services.common.metrics import PoolStats, StreamStats
 from services.common.streams import StreamNames
-from tests.support import free_tcp_port, wait_until, wait_until_async
+from testing.polling import wait_until, wait_until_async
+from testing.ports import free_tcp_port
 
 pytestmark = pytest.mark.integration
 

@@ -14,12 +14,12 @@ import pytest
 
 from services.common.auth import key_hash, new_key
 from services.common.storage import Storage, StorageConfig
+from testing.origin import ImageOrigin
+from testing.polling import wait_until_async
+from testing.seaweed import BUCKET, SeaweedS3
+from testing.stack import Stack, run_cli, start_stack
 from tests.e2e.test_pipeline import upload_csv, wait_completed
 from tests.lifecycle.test_cancel import csv_of
-from tests.origin import ImageOrigin
-from tests.seaweed import BUCKET, SeaweedS3
-from tests.stack import Stack, run_cli, start_stack
-from tests.support import wait_until_async
 
 pytestmark = pytest.mark.timeout(240)
 

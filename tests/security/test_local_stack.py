@@ -10,7 +10,7 @@ import textwrap
 from pathlib import Path
 
 from services import dev
-from tests.stack import ROOT
+from testing.stack import ROOT
 
 WATCH_SECRET = """
 import os, stat, sys

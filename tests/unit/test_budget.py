@@ -14,8 +14,8 @@ from PIL import Image
 from services.common import imaging
 from services.common.budget import ByteBudget, PixelBudget
 from services.common.imaging import ImageOptions, compress
-from tests.imagegen import photo_like
-from tests.support import wait_until, wait_until_async
+from testing.imagegen import photo_like
+from testing.polling import wait_until, wait_until_async
 
 pytestmark = pytest.mark.unit
 

@@ -14,8 +14,8 @@ import pytest
 
 from services import dev
 from services.dev import plan_stack
-from tests.stack import ROOT
-from tests.support import free_tcp_port
+from testing.ports import free_tcp_port
+from testing.stack import ROOT
 
 pytestmark = pytest.mark.unit
 

@@ -11,7 +11,7 @@ from services.common.encoders import Effort, Measured, levels, pareto
 from services.common.imaging import ImageOptions, OutputFormat, compress
 from services.common.pb.imgpipe.v1 import task_pb2
 from services.common.proto_convert import from_json, from_proto, to_json, to_proto
-from tests import photos
+from testing import photos
 
 pytestmark = pytest.mark.unit
 

@@ -1,5 +1,5 @@
 """Measured quality and the goals that choose it: SSIM, target_ratio, min_ssim, AVIF and auto,
-on real photographs (tests/photos.py)."""
+on real photographs (testing/photos.py)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from services.common.pb.imgpipe.v1 import task_pb2
 from services.common.proto_convert import from_json, from_proto, to_json, to_proto
 from services.common.quality import SAMPLED_AGREEMENT, luminance, ssim
 from services.common.quality_search import search
-from tests import photos
+from testing import photos
 
 pytestmark = pytest.mark.unit
 

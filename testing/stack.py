@@ -12,18 +12,19 @@ import secrets
 import signal
 import subprocess
 import sys
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from tests.support import free_port_block, process_exited, wait_until
+from testing.polling import wait_until
+from testing.ports import free_port_block
+from testing.processes import process_exited
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _free_grpc_base(workers: int) -> int:
+def free_grpc_base(workers: int) -> int:
     """A base port whose ingest, status and worker ports (base, +1, +10, +11...) are free."""
     return free_port_block((0, 1, *range(10, 10 + workers)))
 
@@ -99,7 +100,7 @@ def launch_stack(tmp_path: Path, extra_env: dict[str, str], log_name: str = "sta
         "IMGPIPE_DATA_DIR": str(tmp_path / "data"),
         "IMGPIPE_HTTP_LISTEN": f"127.0.0.1:{port}",
         "IMGPIPE_DEV_GRPC_BASE_PORT": str(
-            _free_grpc_base(int(extra_env.get("IMGPIPE_DEV_WORKERS", "2")))
+            free_grpc_base(int(extra_env.get("IMGPIPE_DEV_WORKERS", "2")))
         ),
         "IMGPIPE_REDIS_PREFIX": f"imgpipe-e2e-{secrets.token_hex(4)}",
         "IMGPIPE_GRACE_SECONDS": "10",
@@ -139,31 +140,6 @@ async def run_cli(base_url: str, *argv: str, key: str | None) -> tuple[int, str]
     out, _ = await asyncio.wait_for(process.communicate(), 90)
     assert process.returncode is not None
     return process.returncode, out.decode()
-
-
-def start_service(
-    module: str,
-    env: dict[str, str],
-    log: Path,
-    *,
-    process_group: int | None = None,
-    launcher: Sequence[str] = (),
-) -> subprocess.Popen[bytes]:
-    """One service as a process (`python -m module`), its output in `log`.
-
-    `process_group`: 0 makes the process the leader of a new group, a pid joins that leader's
-    group (so one os.killpg reaches them all). `launcher`: a command that runs the service
-    (e.g. `nsenter --net=...`); it must exec it, so the pid stays the service's.
-    """
-    with log.open("wb") as out:
-        return subprocess.Popen(
-            [*launcher, sys.executable, "-m", module],
-            cwd=ROOT,
-            env={**{k: v for k, v in os.environ.items() if not k.startswith("IMGPIPE_")}, **env},
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            process_group=process_group,
-        )
 
 
 def live_stack(

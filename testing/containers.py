@@ -30,7 +30,7 @@ from typing import Any
 import asyncpg
 import redis
 
-from tests.support import free_port_block
+from testing.ports import free_port_block
 
 # Read by testcontainers when it is imported: set before the first import below.
 os.environ.setdefault("TESTCONTAINERS_RYUK_DISABLED", "true")

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from tests.imagegen import photo_like
+from testing.imagegen import photo_like
 
 _SEEDS = itertools.count()
 
@@ -100,3 +100,12 @@ async def held_origin() -> AsyncIterator[tuple[int, asyncio.Event]]:
     finally:
         release.set()
         await runner.cleanup()
+
+
+def image_urls(origin: ImageOrigin, count: int, tag: str) -> list[str]:
+    """`count` distinct image URLs on the origin, their images generated now rather than while
+    the workers fetch them."""
+    paths = [f"/img/{tag}-{i}.jpg" for i in range(count)]
+    for path in paths:
+        origin.image(path)
+    return [origin.url(path) for path in paths]
