@@ -14,6 +14,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import pytest
 
@@ -142,19 +143,33 @@ async def run_cli(base_url: str, *argv: str, key: str | None) -> tuple[int, str]
     return process.returncode, out.decode()
 
 
+def public_address() -> dict[str, str]:
+    """A free gateway address, as IMGPIPE_HTTP_LISTEN and as IMGPIPE_PUBLIC_API_URL: for a
+    stack whose outgoing URLs (webhook payloads, links) must name where it listens."""
+    listen = f"127.0.0.1:{free_port_block((0,))}"
+    return {"IMGPIPE_HTTP_LISTEN": listen, "IMGPIPE_PUBLIC_API_URL": f"http://{listen}"}
+
+
+class StartStack(Protocol):
+    """live_stack() with the database, Redis and list of stacks already given (the e2e
+    fixture start_live_stack)."""
+
+    def __call__(self, *origins: int, **extra: str) -> Stack: ...
+
+
 def live_stack(
     tmp_path: Path,
     database_url: str,
-    redis_url: str,
+    redis_server_url: str,
     stacks: list[Stack],
     *origins: int,
     **extra: str,
 ) -> Stack:
     """start_stack() on the given Postgres and Redis, allowed to fetch from `origins` (ports on
     127.0.0.1), with `extra` variables; added to `stacks` (stack_factory) to be stopped."""
-    env = {"IMGPIPE_DATABASE_URL": database_url, "IMGPIPE_REDIS_URL": redis_url, **extra}
+    env = {"IMGPIPE_DATABASE_URL": database_url, "IMGPIPE_REDIS_URL": redis_server_url}
     if origins:
         env["IMGPIPE_FETCH_ALLOW"] = ",".join(f"127.0.0.1:{port}" for port in origins)
-    stack = start_stack(tmp_path, env)
+    stack = start_stack(tmp_path, env | extra)
     stacks.append(stack)
     return stack

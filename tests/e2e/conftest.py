@@ -11,7 +11,7 @@ import pytest
 from testing.origin import ImageOrigin, serve_images
 from testing.polling import wait_until
 from testing.processes import process_exited
-from testing.stack import Stack, start_stack
+from testing.stack import Stack, StartStack, live_stack
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +40,27 @@ def stack_factory() -> Iterator[list[Stack]]:
 
 
 @pytest.fixture
+def start_live_stack(
+    tmp_path: Path, database_url: str, redis_server_url: str, stack_factory: list[Stack]
+) -> StartStack:
+    """Starts a stack (testing.stack.live_stack) on the module's database and the session's
+    Redis, allowed to fetch from `origins` (ports on 127.0.0.1), with `extra` IMGPIPE_*
+    variables; every stack it starts is stopped after the test."""
+
+    def start(*origins: int, **extra: str) -> Stack:
+        return live_stack(
+            tmp_path,
+            database_url,
+            redis_server_url,
+            stack_factory,
+            *origins,
+            **extra,
+        )
+
+    return start
+
+
+@pytest.fixture
 def origin_stack(
     tmp_path: Path,
     database_url: str,
@@ -50,14 +71,8 @@ def origin_stack(
 ) -> Stack:
     """The stack on the session's database and Redis, allowed to fetch from image_origin, with
     the object store storage_env chooses (file:// unless a test parametrizes it)."""
-    stack = start_stack(
-        tmp_path,
-        {
-            "IMGPIPE_DATABASE_URL": database_url,
-            "IMGPIPE_REDIS_URL": redis_server_url,
-            "IMGPIPE_FETCH_ALLOW": f"127.0.0.1:{image_origin.port}",
-            **storage_env,
-        },
+    # live_stack() itself, not start_live_stack: tests/lifecycle and tests/browser take this
+    # fixture and its three dependencies from here, and nothing more.
+    return live_stack(
+        tmp_path, database_url, redis_server_url, stack_factory, image_origin.port, **storage_env
     )
-    stack_factory.append(stack)
-    return stack
