@@ -10,8 +10,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 
 from aiohttp import web
@@ -79,6 +80,29 @@ async def serve_images(
         yield origin
     finally:
         await runner.cleanup()
+
+
+@contextlib.contextmanager
+def serve_images_in_thread(
+    size: tuple[int, int] = (800, 600), *, delay: float = 0.0
+) -> Iterator[ImageOrigin]:
+    """serve_images() on an event loop of its own, in a thread: for a fixture that outlives
+    one test (each test runs on a loop of its own, which stops between tests)."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="image-origin", daemon=True)
+    thread.start()
+    serving = serve_images(size, delay=delay)
+    try:
+        origin = asyncio.run_coroutine_threadsafe(serving.__aenter__(), loop).result(timeout=30)
+        try:
+            yield origin
+        finally:
+            stop = serving.__aexit__(None, None, None)
+            asyncio.run_coroutine_threadsafe(stop, loop).result(timeout=30)
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=10)
+        loop.close()
 
 
 @contextlib.asynccontextmanager

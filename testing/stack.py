@@ -6,12 +6,14 @@ Used by the end-to-end tests and by the benchmarks.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import os
 import secrets
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -40,14 +42,16 @@ class Stack:
     def log_tail(self, lines: int = 60) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
 
-    def stop_and_reap(self) -> None:
-        """stop(), then wait until the launcher's pid is gone (for module-scoped stacks)."""
-        self.stop()
+    def stop_and_reap(self) -> int:
+        """stop(), then wait until the launcher's pid is gone (for module-scoped stacks);
+        returns the launcher's exit code."""
+        code = self.stop()
         wait_until(
             functools.partial(process_exited, self.process.pid),
             timeout=10,
             message="launcher gone",
         )
+        return code
 
     def stop(self) -> int:
         """SIGTERM the launcher, which drains and stops every service; returns its exit code."""
@@ -173,3 +177,17 @@ def live_stack(
     stack = start_stack(tmp_path, env | extra)
     stacks.append(stack)
     return stack
+
+
+@contextlib.contextmanager
+def stack_running(
+    tmp_path: Path, database_url: str, redis_server_url: str, *origins: int, **extra: str
+) -> Iterator[Stack]:
+    """live_stack() for a with-block, such as a fixture that outlives one test: stopped and
+    reaped when the block ends, and then it must have exited with 0."""
+    stack = live_stack(tmp_path, database_url, redis_server_url, [], *origins, **extra)
+    try:
+        yield stack
+    finally:
+        code = stack.stop_and_reap()
+    assert code == 0, f"the stack exited with {code}:\n{stack.log_tail()}"

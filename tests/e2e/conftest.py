@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import functools
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
-from testing.origin import ImageOrigin, serve_images
-from testing.polling import wait_until
-from testing.processes import process_exited
-from testing.stack import Stack, StartStack, live_stack
+from testing.origin import ImageOrigin, serve_images, serve_images_in_thread
+from testing.stack import Stack, StartStack, live_stack, stack_running
 
 
 @pytest.fixture(scope="module")
@@ -26,17 +23,34 @@ async def image_origin() -> AsyncIterator[ImageOrigin]:
         yield origin
 
 
+@pytest.fixture(scope="module")
+def module_origin() -> Iterator[ImageOrigin]:
+    """An image origin for the whole module, in a thread (it outlives each test's loop)."""
+    with serve_images_in_thread((800, 600)) as origin:
+        yield origin
+
+
+@pytest.fixture(scope="module")
+def module_stack(
+    tmp_path_factory: pytest.TempPathFactory,
+    database_url: str,
+    redis_server_url: str,
+    module_origin: ImageOrigin,
+) -> Iterator[Stack]:
+    """One stack for the tests of a module that need no settings of their own, allowed to
+    fetch from module_origin (each test uses image paths of its own). Starting a stack costs
+    seconds of both cores; tests that only need a running one share it."""
+    folder = tmp_path_factory.mktemp("module-stack")
+    with stack_running(folder, database_url, redis_server_url, module_origin.port) as stack:
+        yield stack
+
+
 @pytest.fixture
 def stack_factory() -> Iterator[list[Stack]]:
     started: list[Stack] = []
     yield started
     for stack in started:
-        stack.stop()
-        wait_until(
-            functools.partial(process_exited, stack.process.pid),
-            timeout=10,
-            message="launcher gone",
-        )
+        stack.stop_and_reap()
 
 
 @pytest.fixture

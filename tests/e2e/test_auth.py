@@ -9,7 +9,6 @@ requests become final (Failed) at once and nothing leaves the machine.
 from __future__ import annotations
 
 import asyncio
-import functools
 import uuid
 from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass
@@ -26,7 +25,6 @@ from services.common.pb.imgpipe.v1 import status_service_pb2 as status_pb
 from services.common.pb.imgpipe.v1 import status_service_pb2_grpc as status_grpc
 from testing.polling import wait_until, wait_until_async
 from testing.ports import free_tcp_port
-from testing.processes import process_exited
 from testing.services import start_service
 from testing.stack import Stack, free_grpc_base, run_cli, start_stack
 
@@ -77,12 +75,7 @@ def live(
     try:
         yield Live(stack, f"127.0.0.1:{grpc_base + 1}", database_url)
     finally:
-        stack.stop()
-        wait_until(
-            functools.partial(process_exited, stack.process.pid),
-            timeout=10,
-            message="launcher gone",
-        )
+        stack.stop_and_reap()
 
 
 def bearer(key: str) -> dict[str, str]:

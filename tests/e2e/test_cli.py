@@ -15,7 +15,7 @@ import pytest
 
 from testing.origin import ImageOrigin, held_origin
 from testing.ports import free_tcp_port
-from testing.stack import ROOT, StartStack
+from testing.stack import ROOT, Stack, StartStack
 
 pytestmark = pytest.mark.e2e
 
@@ -79,9 +79,9 @@ def request_id_of(run: Run) -> str:
 
 
 async def test_upload_wait_json_then_status_and_download(
-    tmp_path: Path, image_origin: ImageOrigin, start_live_stack: StartStack
+    tmp_path: Path, module_origin: ImageOrigin, module_stack: Stack
 ) -> None:
-    stack = start_live_stack(image_origin.port)
+    image_origin, stack = module_origin, module_stack
     rows = [
         ("10", "Trail Shoe", [image_origin.url(f"/img/shoe{i}.jpg") for i in range(2)]),
         ("7", "Tote", [image_origin.url("/img/bag.jpg")]),
@@ -133,9 +133,9 @@ async def test_upload_wait_json_then_status_and_download(
 
 
 async def test_failed_image_exits_7_and_retry_brings_it_to_all_done(
-    tmp_path: Path, image_origin: ImageOrigin, start_live_stack: StartStack
+    tmp_path: Path, module_origin: ImageOrigin, module_stack: Stack
 ) -> None:
-    stack = start_live_stack(image_origin.port)
+    image_origin, stack = module_origin, module_stack
     image_origin.missing.add("/img/later.jpg")
     later = image_origin.url("/img/later.jpg")
     csv_path = write_csv(

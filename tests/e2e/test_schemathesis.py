@@ -12,7 +12,6 @@ connecting (loopback, and a port outside IMGPIPE_FETCH_PORTS). The SSE stream is
 from __future__ import annotations
 
 import base64
-import functools
 import json
 import re
 import uuid
@@ -29,7 +28,6 @@ from schemathesis import APIOperation, BaseSchema, Case, GenerationMode, Respons
 
 from gateway.openapi import DOCUMENT
 from testing.polling import wait_until
-from testing.processes import process_exited
 from testing.stack import Stack, start_stack
 
 pytestmark = pytest.mark.e2e
@@ -146,12 +144,7 @@ def live(
             file_key=key.relative_to(store).as_posix(),
         )
     finally:
-        stack.stop()
-        wait_until(
-            functools.partial(process_exited, stack.process.pid),
-            timeout=10,
-            message="launcher gone",
-        )
+        stack.stop_and_reap()
 
 
 def documented_operations() -> list[str]:
