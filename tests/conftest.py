@@ -156,6 +156,12 @@ def module_database_url(postgres_server_url: str) -> Iterator[str]:
     yield from new_database(postgres_server_url)
 
 
+@pytest.fixture
+def own_database_url(postgres_server_url: str) -> Iterator[str]:
+    """A database of one test's own, for tests that count every row of it (the fault tests)."""
+    yield from new_database(postgres_server_url)
+
+
 @pytest.fixture(scope="session")
 def redis_prefix(redis_server_url: str) -> Iterator[str]:
     """A key prefix `imgpipe-test-<hex>`; its keys (`<prefix>:*`) are deleted at session end."""

@@ -63,15 +63,24 @@ class Backends:
 
     Embedded servers in `root` (stopped and started on the same folders), or, when the
     session's servers are containers (`make test-containers`), containers of the test's own
-    (stopped and started again, on the same port)."""
+    (stopped and started again, on the same port).
 
-    def __init__(self, root: Path, prefix: str) -> None:
+    With `shared` (a database URL and a Redis URL), no server of its own: the test kills
+    services, never the servers, and gets those URLs (its own database and key prefix on
+    the session's servers); stopping them is refused."""
+
+    def __init__(self, root: Path | None, prefix: str, shared: tuple[str, str] | None = None):
         self.root = root
         self.names = StreamNames(prefix)
         self._postgres: EmbeddedPostgres | None = None
         self._redis: EmbeddedRedis | None = None
         self._containers = contextlib.ExitStack()
         self._in_containers: tuple[containers.Server, containers.Server] | None = None
+        self.shared = shared is not None
+        if shared is not None:
+            self.database_url, self.redis_url = shared
+            return
+        assert root is not None, "servers of the test's own need a folder"
         try:
             if containers.in_use():
                 self._in_containers = (
@@ -88,7 +97,14 @@ class Backends:
         self.database_url = self._postgres.url
         self.redis_url = self._redis.url
 
+    def _own_folder(self) -> Path:
+        """The folder of the test's own servers; refused when the servers are the session's."""
+        assert not self.shared, "the servers are the session's: mark the test own_servers"
+        assert self.root is not None
+        return self.root
+
     def stop_postgres(self) -> None:
+        self._own_folder()
         if self._in_containers is not None:
             self._in_containers[0].stop()
             return
@@ -98,15 +114,17 @@ class Backends:
         wait_until(lambda: process_exited(stopped.pid), timeout=30, message="postgres to exit")
 
     def start_postgres(self) -> None:
+        root = self._own_folder()
         if self._in_containers is not None:
             self._in_containers[0].start()
             return
         assert self._postgres is None, "postgres is running already"
-        self._postgres = start_postgres(self.root / "pg")
+        self._postgres = start_postgres(root / "pg")
         assert self._postgres.url == self.database_url, "postgres came back on another socket"
 
     def restart_redis(self) -> None:
         """Stop Redis and start it again: without persistence, empty."""
+        root = self._own_folder()
         if self._in_containers is not None:
             self._in_containers[1].stop()
             self._in_containers[1].start()
@@ -115,7 +133,7 @@ class Backends:
         stopped, self._redis = self._redis, None
         stopped.stop()
         wait_until(lambda: process_exited(stopped.pid), timeout=30, message="redis to exit")
-        self._redis = start_redis(self.root / "redis", appendonly=False)
+        self._redis = start_redis(root / "redis", appendonly=False)
         assert self._redis.url == self.redis_url, "redis came back on another socket"
 
     def close(self) -> None:
@@ -129,7 +147,8 @@ class Backends:
                 if self._postgres is not None:
                     self._postgres.stop()
             finally:
-                shutil.rmtree(self.root, ignore_errors=True)
+                if self.root is not None:
+                    shutil.rmtree(self.root, ignore_errors=True)
 
     def tcp_ports(self) -> list[int]:
         """The 127.0.0.1 ports of the two servers: none for the embedded ones (unix sockets)."""

@@ -88,6 +88,7 @@ async def test_kill_9_ingest_between_commit_and_release(
     await assert_clean(backends, services, request_id, images=total)
 
 
+@pytest.mark.own_servers
 async def test_redis_restarts_and_loses_its_data(
     backends: Backends, services: Services, origin: ImageOrigin
 ) -> None:
@@ -110,6 +111,7 @@ async def test_redis_restarts_and_loses_its_data(
     await assert_clean(backends, services, request_id, images=total)
 
 
+@pytest.mark.own_servers
 async def test_postgres_stops_for_a_few_seconds(
     backends: Backends, services: Services, origin: ImageOrigin
 ) -> None:
