@@ -11,7 +11,7 @@ target_ratio, min_ssim, AVIF, auto; and the search's CPU cost; in-process), B12 
 work (a catalog where 30 % of the rows repeat a URL, with and without dedup; a catalog sent
 again by its owner):
 bench/settings.py lists the IMGPIPE_BENCH_* knobs and their defaults. Every benchmark serves
-real photographs (tests/photos.py) from 127.0.0.1 and talks to 127.0.0.1 only. None of this
+real photographs (testing/photos.py) from 127.0.0.1 and talks to 127.0.0.1 only. None of this
 is a test: nothing asserts a timing; the report compares the figures with the issue's targets.
 """
 
@@ -46,7 +46,7 @@ from bench.pipeline import log
 from bench.procs import machine
 from bench.report import Section, Target, write
 from bench.settings import BENCHMARKS, BenchSettings, select
-from tests.stack import ROOT
+from testing.stack import ROOT
 
 RESULTS = ROOT / "bench" / "results"
 PHOTO = (1200, 1200)

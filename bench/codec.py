@@ -24,8 +24,8 @@ from bench.report import Section, Target, cpu_lines, median, table
 from bench.settings import BenchSettings
 from services.common.image_options import Effort
 from services.worker.encoders import encoder_settings
-from tests.origin import serve_images
-from tests.stack import Stack
+from testing.origin import serve_images
+from testing.stack import Stack
 
 TIMEOUT = 900.0  # the longest one pipeline run may take
 WARMUP_IMAGES = 40
@@ -274,7 +274,7 @@ def _b1(
         Target("B1", "scale=0.5 / full size, images/s", f"{half:.2f}", "≥ 2", half >= 2),
     ]
     lines = [
-        f"{settings.images} real photographs (tests/photos.py) of 1200×1200 per run, q90"
+        f"{settings.images} real photographs (testing/photos.py) of 1200×1200 per run, q90"
         f" sources; {settings.workers} worker processes (default concurrency and threads)."
         f" Pillow loops run in {cores} processes over the same files: decode, convert RGB, JPEG"
         " quality 50, either with Pillow's defaults (the plain loop) or with the effort's"

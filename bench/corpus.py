@@ -1,6 +1,6 @@
 """The photos every benchmark serves, and the plain Pillow loops they are measured by.
 
-Photos are real photographs (tests/photos.py: scikit-image's bundled nine, cropped, turned and
+Photos are real photographs (testing/photos.py: scikit-image's bundled nine, cropped, turned and
 tiled so that every seed differs), written as q90 JPEGs once per suite run, in one process per
 core, into a temporary folder; the origin serves their bytes and the Pillow loops read the
 very same files.
@@ -24,8 +24,8 @@ from PIL import Image
 from bench.pipeline import log
 from services.worker import quality
 from services.worker.tuning import measure_ssim
-from tests import photos
-from tests.origin import ImageOrigin
+from testing import photos
+from testing.origin import ImageOrigin
 
 # A plain Pillow loop: what anyone would write first (decode, RGB, save at quality 50).
 PLAIN: dict[str, Any] = {"quality": 50}

@@ -24,7 +24,7 @@ from bench.pipeline import log, process, running_stack
 from bench.procs import measured
 from bench.report import Section, Target, median, table
 from bench.settings import BenchSettings
-from tests.origin import ImageOrigin, serve_images
+from testing.origin import ImageOrigin, serve_images
 
 REPEATED_SHARE = 0.3
 POPULAR = 10  # the URLs that the repeated rows name, like a brand's images in a catalog

@@ -1,6 +1,6 @@
 """B10 encoder settings: CPU and bytes of every candidate, and the effort levels they imply.
 
-Each candidate encodes the same decoded real photographs (tests/photos.py, 1200 px on the
+Each candidate encodes the same decoded real photographs (testing/photos.py, 1200 px on the
 long side) at quality 50 in this one thread; CPU is this thread's CPU time, so other work on
 the machine changes it little. The rules of services/worker/encoders.py then pick `fast`,
 `balanced` and `max` from the measurement, and the report says whether the committed table
@@ -18,7 +18,7 @@ from PIL import Image
 
 from bench.report import Section, Target, table
 from services.worker.encoders import ENCODER_SETTINGS, Measured, levels, pareto
-from tests import photos
+from testing import photos
 
 QUALITY = 50
 CANDIDATES: Mapping[str, Mapping[str, Mapping[str, Any]]] = {

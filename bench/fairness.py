@@ -25,8 +25,8 @@ from bench.pipeline import csv_bytes, log, running_stack, upload, wait_final
 from bench.report import Section, Target, median, table
 from bench.settings import BenchSettings
 from services.common.auth import key_hash, new_key
-from tests.origin import ImageOrigin, serve_images
-from tests.stack import Stack
+from testing.origin import ImageOrigin, serve_images
+from testing.stack import Stack
 
 SIZE = (400, 300)
 SOLO_SLACK = 2.0  # B8: a small request's time with the big one running, at most solo + this

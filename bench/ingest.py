@@ -26,8 +26,8 @@ from bench.procs import measured, memory_mb, stack_processes
 from bench.report import Section, Target, cpu_lines, median, table
 from bench.settings import BenchSettings
 from services.local.embedded import EmbeddedRedis, start_redis
-from tests.stack import Stack
-from tests.support import free_tcp_port
+from testing.ports import free_tcp_port
+from testing.stack import Stack
 
 CHUNK = 64 * 1024
 ROLES = ("gateway", "ingest")

@@ -14,8 +14,8 @@ from bench.procs import memory_mb, stack_processes
 from bench.report import Section, Target, median, table
 from bench.settings import BenchSettings
 from services.worker.budget import DEFAULT_BUFFER_BYTES, DEFAULT_PIXEL_BUDGET
-from tests.origin import serve_images
-from tests.stack import Stack
+from testing.origin import serve_images
+from testing.stack import Stack
 
 TARGET_MB = 400.0
 

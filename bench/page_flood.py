@@ -21,7 +21,7 @@ from pathlib import Path
 import aiohttp
 
 from bench.procs import memory_mb, stack_processes
-from tests.stack import start_stack
+from testing.stack import start_stack
 
 PRODUCTS = 1000
 URLS_PER_PRODUCT = 10

@@ -1,7 +1,7 @@
 """Driving the real stack: start it, upload a CSV, wait until the request is final.
 
 Every stack is `python -m services.dev` in a fresh temporary folder (embedded Postgres and
-Redis), started by tests/stack.py and stopped by its launcher's pid.
+Redis), started by testing/stack.py and stopped by its launcher's pid.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any
 
 import aiohttp
 
-from tests.stack import Stack, start_stack
+from testing.stack import Stack, start_stack
 
 CSV_HEADERS = {"Content-Type": "text/csv"}
 POLL_SECONDS = 0.2  # how often the client asks for the status; the end time is the server's

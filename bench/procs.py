@@ -13,8 +13,8 @@ from pathlib import Path
 
 import PIL
 
-from tests.stack import Stack
-from tests.support import descendants
+from testing.processes import descendants
+from testing.stack import Stack
 
 Groups = dict[str, list[int]]
 

@@ -1,7 +1,7 @@
 """B11 measured quality: bytes and SSIM per mode, and what the search costs.
 
 Every mode runs `compress` (decode, normalise, choose, encode, measure SSIM) on the same real
-photographs (tests/photos.py, 1200 px on the long side, served as the q90 JPEGs a merchant
+photographs (testing/photos.py, 1200 px on the long side, served as the q90 JPEGs a merchant
 links to) in this one thread; CPU is this thread's CPU time per image, so other work on the
 machine changes it little (AVIF runs its encoder on this thread: max_threads=1). The modes are
 the issue's: quality 50, target_ratio=0.5, min_ssim=0.95, AVIF and auto, plus WebP and
@@ -26,7 +26,7 @@ from services.worker import quality
 from services.worker.encoders import encoder_settings
 from services.worker.imaging import Compressed, compress
 from services.worker.tuning import MAX_ENCODES, TARGET_NOT_MET, measure_ssim
-from tests import photos
+from testing import photos
 
 IMAGES = 18  # the nine photographs, each also flipped
 MODES = {
@@ -121,7 +121,7 @@ def run() -> Section:
     measure_ms = ssim_ms(images)
     plain = results[0]
     lines = [
-        f"{IMAGES} real photographs (tests/photos.py), 1200 px on the long side, q90 JPEG"
+        f"{IMAGES} real photographs (testing/photos.py), 1200 px on the long side, q90 JPEG"
         f" sources of {source_kib:.1f} KiB on average; `compress` in one thread, CPU time per"
         " image (decode, choose, encode, SSIM). SSIM: luminance, <= 512 px (docs/quality.md)."
         f" At most {MAX_ENCODES} encodes per image for target_ratio and min_ssim; auto spends"

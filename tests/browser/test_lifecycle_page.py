@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 from playwright.async_api import expect
 
+from testing.origin import serve_images
+from testing.stack import Stack, start_stack
 from tests.browser.conftest import Browsing, screenshot
 from tests.browser.test_web_page import csv_text, drop_csv, request_id_on, status_of
-from tests.origin import serve_images
-from tests.stack import Stack, start_stack
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(240)]
 

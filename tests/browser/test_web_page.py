@@ -19,9 +19,9 @@ import pytest
 from playwright.async_api import FilePayload, Page, expect
 
 from gateway.html_pages import format_ssim, product_quality, product_saving
+from testing.origin import ImageOrigin
+from testing.stack import Stack, start_stack
 from tests.browser.conftest import TIMEOUT_MS, Browsing, screenshot
-from tests.origin import ImageOrigin
-from tests.stack import Stack, start_stack
 
 pytestmark = pytest.mark.browser
 

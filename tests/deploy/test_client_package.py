@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from testing.ports import free_tcp_port
 from tests.deploy.manifests import ROOT
-from tests.support import free_tcp_port
 
 pytestmark = pytest.mark.deploy
 

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from tests.containers import versions
+from testing.containers import versions
 from tests.deploy.manifests import Rendered
 
 pytestmark = pytest.mark.deploy

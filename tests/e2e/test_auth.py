@@ -9,7 +9,6 @@ requests become final (Failed) at once and nothing leaves the machine.
 from __future__ import annotations
 
 import asyncio
-import functools
 import uuid
 from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass
@@ -24,8 +23,10 @@ import pytest
 from services.common.auth import AUTH_OFF_WARNING, key_hash, new_key
 from services.common.pb.imgpipe.v1 import status_service_pb2 as status_pb
 from services.common.pb.imgpipe.v1 import status_service_pb2_grpc as status_grpc
-from tests.stack import Stack, _free_grpc_base, run_cli, start_service, start_stack
-from tests.support import free_tcp_port, process_exited, wait_until, wait_until_async
+from testing.polling import wait_until, wait_until_async
+from testing.ports import free_tcp_port
+from testing.services import start_service
+from testing.stack import Stack, free_grpc_base, run_cli, start_stack
 
 pytestmark = pytest.mark.e2e
 
@@ -55,7 +56,7 @@ class Live:
 def live(
     tmp_path_factory: pytest.TempPathFactory, database_url: str, redis_server_url: str
 ) -> Iterator[Live]:
-    grpc_base = _free_grpc_base(1)
+    grpc_base = free_grpc_base(1)
     stack = start_stack(
         tmp_path_factory.mktemp("auth"),
         {
@@ -74,12 +75,7 @@ def live(
     try:
         yield Live(stack, f"127.0.0.1:{grpc_base + 1}", database_url)
     finally:
-        stack.stop()
-        wait_until(
-            functools.partial(process_exited, stack.process.pid),
-            timeout=10,
-            message="launcher gone",
-        )
+        stack.stop_and_reap()
 
 
 def bearer(key: str) -> dict[str, str]:

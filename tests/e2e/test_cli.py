@@ -13,9 +13,9 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.origin import ImageOrigin, held_origin
-from tests.stack import ROOT, Stack, live_stack
-from tests.support import free_tcp_port
+from testing.origin import ImageOrigin, held_origin
+from testing.ports import free_tcp_port
+from testing.stack import ROOT, Stack, StartStack
 
 pytestmark = pytest.mark.e2e
 
@@ -79,13 +79,9 @@ def request_id_of(run: Run) -> str:
 
 
 async def test_upload_wait_json_then_status_and_download(
-    tmp_path: Path,
-    database_url: str,
-    redis_server_url: str,
-    image_origin: ImageOrigin,
-    stack_factory: list[Stack],
+    tmp_path: Path, module_origin: ImageOrigin, module_stack: Stack
 ) -> None:
-    stack = live_stack(tmp_path, database_url, redis_server_url, stack_factory, image_origin.port)
+    image_origin, stack = module_origin, module_stack
     rows = [
         ("10", "Trail Shoe", [image_origin.url(f"/img/shoe{i}.jpg") for i in range(2)]),
         ("7", "Tote", [image_origin.url("/img/bag.jpg")]),
@@ -137,13 +133,9 @@ async def test_upload_wait_json_then_status_and_download(
 
 
 async def test_failed_image_exits_7_and_retry_brings_it_to_all_done(
-    tmp_path: Path,
-    database_url: str,
-    redis_server_url: str,
-    image_origin: ImageOrigin,
-    stack_factory: list[Stack],
+    tmp_path: Path, module_origin: ImageOrigin, module_stack: Stack
 ) -> None:
-    stack = live_stack(tmp_path, database_url, redis_server_url, stack_factory, image_origin.port)
+    image_origin, stack = module_origin, module_stack
     image_origin.missing.add("/img/later.jpg")
     later = image_origin.url("/img/later.jpg")
     csv_path = write_csv(
@@ -175,15 +167,9 @@ async def test_failed_image_exits_7_and_retry_brings_it_to_all_done(
     assert all(final["products"][0]["output_image_urls"])
 
 
-async def test_errors_exit_with_their_codes(
-    tmp_path: Path, database_url: str, redis_server_url: str, stack_factory: list[Stack]
-) -> None:
+async def test_errors_exit_with_their_codes(tmp_path: Path, start_live_stack: StartStack) -> None:
     async with held_origin() as (port, release):
-        stack = live_stack(
-            tmp_path,
-            database_url,
-            redis_server_url,
-            stack_factory,
+        stack = start_live_stack(
             port,
             # The held image must not time out while the test looks at its request.
             IMGPIPE_FETCH_STALL_TIMEOUT="60",

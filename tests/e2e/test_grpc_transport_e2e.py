@@ -19,9 +19,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from imgpipe.client import AsyncClient, Client
 from services.common.grpc_transport import GrpcTransport, TlsFiles
-from tests.certs import Authority
-from tests.origin import ImageOrigin, held_origin
-from tests.stack import Stack, live_stack
+from testing.certs import Authority
+from testing.origin import ImageOrigin, held_origin
+from testing.stack import Stack, StartStack
 
 pytestmark = pytest.mark.e2e
 
@@ -59,11 +59,7 @@ async def health_check(transport: GrpcTransport, address: str) -> int:
 
 
 async def test_the_stack_runs_over_mtls(
-    tmp_path: Path,
-    database_url: str,
-    redis_server_url: str,
-    image_origin: ImageOrigin,
-    stack_factory: list[Stack],
+    tmp_path: Path, image_origin: ImageOrigin, start_live_stack: StartStack
 ) -> None:
     (tmp_path / "pki").mkdir()
     ca = Authority.create(tmp_path / "pki")
@@ -71,9 +67,7 @@ async def test_the_stack_runs_over_mtls(
     leaf = ca.issue("imgpipe")
     files = {"CERT": leaf.cert, "KEY": leaf.key, "CA": ca.cert}
     tls_env = {f"IMGPIPE_GRPC_TLS_{name}": str(path) for name, path in files.items()}
-    stack = live_stack(
-        tmp_path, database_url, redis_server_url, stack_factory, image_origin.port, **tls_env
-    )
+    stack = start_live_stack(image_origin.port, **tls_env)
 
     urls = [image_origin.url(f"/img/{i}.jpg") for i in range(3)]
     final = await asyncio.to_thread(upload_and_wait, stack.base_url, products_csv(urls))
@@ -92,16 +86,12 @@ async def test_the_stack_runs_over_mtls(
 
 
 async def test_live_progress_reconnects_when_its_connection_is_recycled(
-    tmp_path: Path, database_url: str, redis_server_url: str, stack_factory: list[Stack]
+    start_live_stack: StartStack,
 ) -> None:
     async with held_origin() as (port, release):
         # A grace far shorter than a watch stream (the default outlasts one): the status
         # service closes the stream's connection under it.
-        stack = live_stack(
-            tmp_path,
-            database_url,
-            redis_server_url,
-            stack_factory,
+        stack = start_live_stack(
             port,
             IMGPIPE_GRPC_MAX_CONNECTION_AGE="1",
             IMGPIPE_GRPC_MAX_CONNECTION_AGE_GRACE="1",

@@ -24,11 +24,12 @@ import aiohttp
 import pytest
 import yaml
 
+from testing.origin import ImageOrigin
+from testing.polling import wait_until_async
+from testing.ports import free_tcp_port
+from testing.seaweed import BUCKET, SeaweedS3
 from tests.deploy.manifests import run_check
 from tests.e2e.test_pipeline import upload_csv, wait_completed
-from tests.origin import ImageOrigin
-from tests.seaweed import BUCKET, SeaweedS3
-from tests.support import free_tcp_port, wait_until_async
 
 IMAGE = os.environ.get("IMGPIPE_TEST_IMAGE", "")
 PODMAN_CONF = Path(__file__).resolve().parents[2] / "build" / "containers" / "containers.conf"

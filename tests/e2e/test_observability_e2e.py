@@ -10,7 +10,6 @@ import io
 import json
 import random
 import secrets
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -20,12 +19,13 @@ from prometheus_client.samples import Sample
 
 from services.common.tracing import parse_traceparent
 from services.local.launcher import metrics_ports
+from testing.listeners import serve_receiver
+from testing.origin import ImageOrigin
+from testing.polling import wait_until, wait_until_async
+from testing.ports import free_tcp_port_is
+from testing.stack import StartStack, public_address
 from tests.e2e.test_pipeline import wait_completed
 from tests.e2e.test_webhooks_e2e import received
-from tests.listeners import serve_receiver
-from tests.origin import ImageOrigin
-from tests.stack import Stack, start_stack
-from tests.support import free_tcp_port, free_tcp_port_is, wait_until, wait_until_async
 
 pytestmark = pytest.mark.e2e
 
@@ -58,32 +58,21 @@ def value(samples: list[Sample], name: str, **labels: str) -> float:
 
 
 async def test_metrics_of_every_process_and_one_trace_across_the_stack(
-    tmp_path: Path,
-    database_url: str,
-    redis_server_url: str,
-    image_origin: ImageOrigin,
-    stack_factory: list[Stack],
+    image_origin: ImageOrigin, start_live_stack: StartStack
 ) -> None:
     secret = "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
     image_origin.missing.add("/img/gone.jpg")  # a 404 at the origin: HTTP_STATUS, not retried
     async with serve_receiver(secret) as receiver:
-        port = free_tcp_port()
-        base = f"http://127.0.0.1:{port}"
         metrics_base = _free_metrics_base(workers=1)
-        stack = start_stack(
-            tmp_path,
-            {
-                "IMGPIPE_DATABASE_URL": database_url,
-                "IMGPIPE_REDIS_URL": redis_server_url,
-                "IMGPIPE_HTTP_LISTEN": f"127.0.0.1:{port}",
-                "IMGPIPE_PUBLIC_API_URL": base,
-                "IMGPIPE_FETCH_ALLOW": f"127.0.0.1:{image_origin.port},127.0.0.1:{receiver.port}",
-                "IMGPIPE_WEBHOOK_SECRET": secret,
-                "IMGPIPE_DEV_WORKERS": "1",
-                "IMGPIPE_DEV_METRICS_BASE_PORT": str(metrics_base),
-            },
+        stack = start_live_stack(
+            image_origin.port,
+            receiver.port,
+            **public_address(),
+            IMGPIPE_WEBHOOK_SECRET=secret,
+            IMGPIPE_DEV_WORKERS="1",
+            IMGPIPE_DEV_METRICS_BASE_PORT=str(metrics_base),
         )
-        stack_factory.append(stack)
+        base = stack.base_url
         ports = metrics_ports(metrics_base, 1)
         urls = [image_origin.url(path) for path in ("/img/a.jpg", "/img/b.jpg", "/img/gone.jpg")]
         out = io.StringIO()

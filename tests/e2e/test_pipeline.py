@@ -7,6 +7,8 @@ import csv
 import io
 import json
 import random
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +17,10 @@ import pytest
 from PIL import Image
 
 from services.common.storage import S3Options, Storage, StorageConfig
-from tests import photos
-from tests.origin import ImageOrigin, serve_images
-from tests.stack import ROOT, Stack, start_stack
-from tests.support import wait_until_async
+from testing import photos
+from testing.origin import ImageOrigin, serve_images_in_thread
+from testing.polling import wait_until_async
+from testing.stack import ROOT, Stack, StartStack, stack_running, start_stack
 
 pytestmark = pytest.mark.e2e
 
@@ -58,6 +60,38 @@ async def wait_completed(http: aiohttp.ClientSession, base: str, request_id: str
     return await wait_until_async(final, timeout=90, interval=0.25, message="request final")
 
 
+@dataclass(frozen=True)
+class Shared:
+    """The module's stack, for its tests that need no settings of their own (each uses image
+    paths of its own): its image origin, and a slow one for the streaming test."""
+
+    stack: Stack
+    origin: ImageOrigin
+    slow_origin: ImageOrigin
+
+
+@pytest.fixture(scope="module")
+def shared(
+    tmp_path_factory: pytest.TempPathFactory,
+    database_url: str,
+    redis_server_url: str,
+    module_origin: ImageOrigin,
+) -> Iterator[Shared]:
+    with (
+        serve_images_in_thread((800, 600), delay=0.15) as slow_origin,
+        stack_running(
+            tmp_path_factory.mktemp("pipeline"),
+            database_url,
+            redis_server_url,
+            module_origin.port,
+            slow_origin.port,
+            # Three identical uploads at once from one address (2 by default, no keys).
+            IMGPIPE_LIMIT_UPLOADS="3",
+        ) as stack,
+    ):
+        yield Shared(stack, module_origin, slow_origin)
+
+
 async def upload_csv(http: aiohttp.ClientSession, base: str, body: bytes) -> aiohttp.ClientResponse:
     form = aiohttp.FormData()
     form.add_field("file", body, filename="products.csv", content_type="text/csv")
@@ -66,17 +100,19 @@ async def upload_csv(http: aiohttp.ClientSession, base: str, body: bytes) -> aio
 
 @pytest.mark.parametrize("storage_env", ["file", "s3"], indirect=True)
 async def test_csv_to_compressed_images_status_and_output_csv(
-    image_origin: ImageOrigin,
-    origin_stack: Stack,
-    storage_env: dict[str, str],
+    shared: Shared, start_live_stack: StartStack, storage_env: dict[str, str]
 ) -> None:
-    """Once with the file:// store the gateway serves, once with S3 and presigned URLs."""
-    base = origin_stack.base_url
+    """Once with the file:// store the gateway serves (the module's stack), once with S3 and
+    presigned URLs (a stack of its own)."""
+    image_origin = shared.origin
+    stack = start_live_stack(image_origin.port, **storage_env) if storage_env else shared.stack
+    base = stack.base_url
+    store = "s3" if storage_env else "file"
     products = [
-        ("10", "Trail Shoe", [image_origin.url(f"/img/shoe{i}.jpg") for i in range(3)]),
-        ("7", "Tote, leather", [image_origin.url(f"/img/bag{i}.jpg") for i in range(2)]),
-        ("3", "Trail Shoe", [image_origin.url("/img/hat.jpg")]),  # duplicate names stay apart
-        ("4", "Watch", [image_origin.url(f"/img/watch{i}.jpg") for i in range(4)]),
+        ("10", "Trail Shoe", [image_origin.url(f"/img/{store}-shoe{i}.jpg") for i in range(3)]),
+        ("7", "Tote, leather", [image_origin.url(f"/img/{store}-bag{i}.jpg") for i in range(2)]),
+        ("3", "Trail Shoe", [image_origin.url(f"/img/{store}-hat.jpg")]),  # names stay apart
+        ("4", "Watch", [image_origin.url(f"/img/{store}-watch{i}.jpg") for i in range(4)]),
     ]
     out = io.StringIO()
     writer = csv.writer(out)
@@ -165,10 +201,8 @@ async def test_csv_to_compressed_images_status_and_output_csv(
             assert (await response.json())["status"] == "Completed"
 
 
-async def test_a_size_target_is_met_or_noted_in_the_status_and_the_csv(
-    image_origin: ImageOrigin, origin_stack: Stack
-) -> None:
-    base = origin_stack.base_url
+async def test_a_size_target_is_met_or_noted_in_the_status_and_the_csv(shared: Shared) -> None:
+    image_origin, base = shared.origin, shared.stack.base_url
     # Noise saved at quality 20: nothing from quality 30 up is half its size.
     noise = Image.frombytes("RGB", (320, 240), random.Random(9).randbytes(320 * 240 * 3))
     image_origin.served["/img/target-noise.jpg"] = photos.jpeg(noise, 20)
@@ -241,22 +275,8 @@ async def check_presigned_outputs(
     ]
 
 
-async def test_bad_csv_and_unknown_id_get_contract_errors(
-    tmp_path: Path,
-    database_url: str,
-    redis_server_url: str,
-    stack_factory: list[Stack],
-) -> None:
-    stack = start_stack(
-        tmp_path,
-        {
-            "IMGPIPE_DATABASE_URL": database_url,
-            "IMGPIPE_REDIS_URL": redis_server_url,
-            # Three identical uploads at once from one address below (2 by default, no keys).
-            "IMGPIPE_LIMIT_UPLOADS": "3",
-        },
-    )
-    stack_factory.append(stack)
+async def test_bad_csv_and_unknown_id_get_contract_errors(shared: Shared) -> None:
+    stack = shared.stack
     bad = (
         b"S. No.,Product Name,Input Image Urls\n"
         b"1,Shoe,http://127.0.0.1:9/a.jpg\n"
@@ -297,8 +317,6 @@ async def test_bad_csv_and_unknown_id_get_contract_errors(
         status, body = await send(good.replace(b"Shoe", b"Boot"))
         assert status == 409 and body["error"]["code"] == "conflict"
 
-    assert stack.stop() == 0
-
 
 async def test_make_run_with_nothing_given_serves_the_readme_sample(
     tmp_path: Path, image_origin: ImageOrigin, stack_factory: list[Stack]
@@ -319,11 +337,8 @@ async def test_make_run_with_nothing_given_serves_the_readme_sample(
     assert stack.stop() == 0
 
 
-async def test_operator_sees_the_queue_and_retries_failed_images(
-    image_origin: ImageOrigin,
-    origin_stack: Stack,
-) -> None:
-    base = origin_stack.base_url
+async def test_operator_sees_the_queue_and_retries_failed_images(shared: Shared) -> None:
+    image_origin, base = shared.origin, shared.stack.base_url
     image_origin.missing.add("/img/later.jpg")
     urls = [image_origin.url("/img/now.jpg"), image_origin.url("/img/later.jpg")]
     body = f'S. No.,Product Name,Input Image Urls\n1,Shoe,"{",".join(urls)}"\n'.encode()
@@ -387,37 +402,22 @@ async def read_sse(response: aiohttp.ClientResponse) -> list[tuple[str, dict[str
     return events
 
 
-async def test_server_sent_events_stream_progress_then_the_final_state(
-    tmp_path: Path,
-    database_url: str,
-    redis_server_url: str,
-    stack_factory: list[Stack],
-) -> None:
-    async with serve_images((800, 600), delay=0.15) as origin:
-        stack = start_stack(
-            tmp_path,
-            {
-                "IMGPIPE_DATABASE_URL": database_url,
-                "IMGPIPE_REDIS_URL": redis_server_url,
-                "IMGPIPE_FETCH_ALLOW": f"127.0.0.1:{origin.port}",
-            },
-        )
-        stack_factory.append(stack)
-        base = stack.base_url
-        urls = [origin.url(f"/img/sse{i}.jpg") for i in range(8)]
-        body = f'S. No.,Product Name,Input Image Urls\n1,Shoe,"{",".join(urls)}"\n'.encode()
-        async with aiohttp.ClientSession() as http:
-            async with await upload_csv(http, base, body) as response:
-                request_id = (await response.json())["request_id"]
-            async with http.get(f"{base}/requests/{request_id}/events") as response:
-                assert response.status == 200
-                assert response.headers["Content-Type"].startswith("text/event-stream")
-                events = await asyncio.wait_for(read_sse(response), timeout=60)
-            async with http.get(
-                f"{base}/requests/3f1c2a4e-0000-4000-8000-000000000000/events"
-            ) as missing:
-                assert missing.status == 404
-                assert (await missing.json())["error"]["code"] == "not_found"
+async def test_server_sent_events_stream_progress_then_the_final_state(shared: Shared) -> None:
+    origin, base = shared.slow_origin, shared.stack.base_url
+    urls = [origin.url(f"/img/sse{i}.jpg") for i in range(8)]
+    body = f'S. No.,Product Name,Input Image Urls\n1,Shoe,"{",".join(urls)}"\n'.encode()
+    async with aiohttp.ClientSession() as http:
+        async with await upload_csv(http, base, body) as response:
+            request_id = (await response.json())["request_id"]
+        async with http.get(f"{base}/requests/{request_id}/events") as response:
+            assert response.status == 200
+            assert response.headers["Content-Type"].startswith("text/event-stream")
+            events = await asyncio.wait_for(read_sse(response), timeout=60)
+        async with http.get(
+            f"{base}/requests/3f1c2a4e-0000-4000-8000-000000000000/events"
+        ) as missing:
+            assert missing.status == 404
+            assert (await missing.json())["error"]["code"] == "not_found"
 
     names = [name for name, _ in events]
     assert names[-1] == "final" and set(names[:-1]) <= {"progress"}

@@ -12,7 +12,6 @@ connecting (loopback, and a port outside IMGPIPE_FETCH_PORTS). The SSE stream is
 from __future__ import annotations
 
 import base64
-import functools
 import json
 import re
 import uuid
@@ -28,8 +27,8 @@ from openapi_schema_validator import OAS31Validator, validate
 from schemathesis import APIOperation, BaseSchema, Case, GenerationMode, Response
 
 from gateway.openapi import DOCUMENT
-from tests.stack import Stack, start_stack
-from tests.support import process_exited, wait_until
+from testing.polling import wait_until
+from testing.stack import Stack, start_stack
 
 pytestmark = pytest.mark.e2e
 
@@ -145,12 +144,7 @@ def live(
             file_key=key.relative_to(store).as_posix(),
         )
     finally:
-        stack.stop()
-        wait_until(
-            functools.partial(process_exited, stack.process.pid),
-            timeout=10,
-            message="launcher gone",
-        )
+        stack.stop_and_reap()
 
 
 def documented_operations() -> list[str]:

@@ -19,10 +19,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from services.common.pb.imgpipe.v1 import ingest_service_pb2_grpc as ingest_grpc
-from tests.integration.flows import csv_of, upload
-from tests.origin import serve_images
-from tests.stack import start_service
-from tests.support import free_tcp_port, wait_until_async
+from testing.origin import serve_images
+from testing.polling import wait_until_async
+from testing.ports import free_tcp_port
+from testing.services import start_service
+from testing.uploads import csv_of, upload
 
 pytestmark = pytest.mark.e2e
 

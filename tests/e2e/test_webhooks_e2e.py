@@ -18,11 +18,11 @@ import pytest
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from services.common.auth import key_hash, new_key
+from testing.listeners import Received, Receiver, serve_receiver
+from testing.origin import ImageOrigin
+from testing.polling import wait_until_async
+from testing.stack import Stack, live_stack, public_address, run_cli
 from tests.e2e.test_pipeline import wait_completed
-from tests.listeners import Received, Receiver, serve_receiver
-from tests.origin import ImageOrigin
-from tests.stack import Stack, run_cli, start_stack
-from tests.support import free_tcp_port, wait_until_async
 
 pytestmark = pytest.mark.e2e
 
@@ -51,22 +51,17 @@ class HookedStack:
 
 def hooked_stack(where: HookedStack, receiver: Receiver, env: dict[str, str]) -> str:
     """Start a stack allowed to reach the image origin and `receiver`; its base URL."""
-    port = free_tcp_port()
-    base = f"http://127.0.0.1:{port}"
-    stack = start_stack(
+    stack = live_stack(
         where.tmp_path,
-        {
-            "IMGPIPE_DATABASE_URL": where.database_url,
-            "IMGPIPE_REDIS_URL": where.redis_server_url,
-            "IMGPIPE_HTTP_LISTEN": f"127.0.0.1:{port}",
-            "IMGPIPE_PUBLIC_API_URL": base,
-            "IMGPIPE_FETCH_ALLOW": f"127.0.0.1:{where.origin.port},127.0.0.1:{receiver.port}",
-            "IMGPIPE_WEBHOOK_SCHEDULE": "0.2,0.2,0.2",
-            **env,
-        },
+        where.database_url,
+        where.redis_server_url,
+        where.stacks,
+        where.origin.port,
+        receiver.port,
+        **public_address(),
+        **({"IMGPIPE_WEBHOOK_SCHEDULE": "0.2,0.2,0.2"} | env),
     )
-    where.stacks.append(stack)
-    return base
+    return stack.base_url
 
 
 def hooked_form(hook: str, origin: ImageOrigin, *paths: str) -> aiohttp.FormData:

@@ -1,5 +1,6 @@
-"""Fixtures of the fault tests: each test gets its own Postgres, Redis, image origin and
-services, because the test stops and restarts them."""
+"""Fixtures of the fault tests: each test gets its own image origin and services, because
+the test kills them, and its own database and key prefix. A test marked own_servers, because it
+stops or restarts Postgres or Redis, gets a Postgres and a Redis of its own too."""
 
 from __future__ import annotations
 
@@ -10,13 +11,25 @@ from pathlib import Path
 
 import pytest
 
-from tests import containers
+from testing import containers
+from testing.databases import delete_keys
+from testing.origin import ImageOrigin, serve_images
 from tests.fault.harness import Backends, Services
-from tests.origin import ImageOrigin, serve_images
 
 
 @pytest.fixture
 def backends(request: pytest.FixtureRequest) -> Iterator[Backends]:
+    prefix = f"imgpipe-fault-{secrets.token_hex(4)}"
+    if request.node.get_closest_marker("own_servers") is None:
+        # The test kills services, never the servers: the session's servers, with a database
+        # and a key prefix of the test's own, spare it starting two servers (and an initdb).
+        database_url: str = request.getfixturevalue("own_database_url")
+        redis_url: str = request.getfixturevalue("redis_server_url")
+        try:
+            yield Backends(None, prefix, shared=(database_url, redis_url))
+        finally:
+            delete_keys(redis_url, f"{prefix}:*")
+        return
     # Not tmp_path: as root, Postgres runs as the "pgserver" user, and a pytest session that
     # starts meanwhile makes /tmp/pytest-of-root private again. A short folder also keeps the
     # socket paths, and so the URLs, the same across restarts.
@@ -24,7 +37,7 @@ def backends(request: pytest.FixtureRequest) -> Iterator[Backends]:
         # Containers of the test's own: the session's sweep and finalizer cover them too.
         request.getfixturevalue("container_reaper")
     root = Path(tempfile.mkdtemp(prefix="imgpipe-fault-"))
-    servers = Backends(root, prefix=f"imgpipe-fault-{secrets.token_hex(4)}")
+    servers = Backends(root, prefix)
     try:
         yield servers
     finally:

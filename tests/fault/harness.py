@@ -12,7 +12,6 @@ import contextlib
 import os
 import shutil
 import signal
-import subprocess
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -23,21 +22,18 @@ from urllib.parse import urlsplit
 import asyncpg
 import grpc
 import redis.asyncio
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from redis.exceptions import RedisError
 
-from services.common.pb.imgpipe.v1 import ingest_service_pb2_grpc as ingest_grpc
 from services.common.pb.imgpipe.v1 import request_pb2
 from services.common.streams import EVENT_FIELD, WORKER_GROUP, StreamNames
 from services.local.embedded import EmbeddedPostgres, EmbeddedRedis, start_postgres, start_redis
-from tests import containers
-from tests.integration.flows import csv_of, stream_messages, upload
-from tests.origin import ImageOrigin
-from tests.stack import start_service
-from tests.support import free_tcp_port, process_exited, wait_until, wait_until_async
-
-SERVING = health_pb2.HealthCheckResponse.SERVING
-NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+from testing import containers
+from testing.origin import ImageOrigin
+from testing.polling import wait_until, wait_until_async
+from testing.ports import free_tcp_port
+from testing.processes import process_exited
+from testing.services import SERVING, Service, start_service
+from tests.integration.flows import stream_messages
 
 GRACE_SECONDS = 10.0
 # Generous: two cores, up to seven processes, and a visibility timeout of a few seconds.
@@ -67,15 +63,24 @@ class Backends:
 
     Embedded servers in `root` (stopped and started on the same folders), or, when the
     session's servers are containers (`make test-containers`), containers of the test's own
-    (stopped and started again, on the same port)."""
+    (stopped and started again, on the same port).
 
-    def __init__(self, root: Path, prefix: str) -> None:
+    With `shared` (a database URL and a Redis URL), no server of its own: the test kills
+    services, never the servers, and gets those URLs (its own database and key prefix on
+    the session's servers); stopping them is refused."""
+
+    def __init__(self, root: Path | None, prefix: str, shared: tuple[str, str] | None = None):
         self.root = root
         self.names = StreamNames(prefix)
         self._postgres: EmbeddedPostgres | None = None
         self._redis: EmbeddedRedis | None = None
         self._containers = contextlib.ExitStack()
         self._in_containers: tuple[containers.Server, containers.Server] | None = None
+        self.shared = shared is not None
+        if shared is not None:
+            self.database_url, self.redis_url = shared
+            return
+        assert root is not None, "servers of the test's own need a folder"
         try:
             if containers.in_use():
                 self._in_containers = (
@@ -92,7 +97,14 @@ class Backends:
         self.database_url = self._postgres.url
         self.redis_url = self._redis.url
 
+    def _own_folder(self) -> Path:
+        """The folder of the test's own servers; refused when the servers are the session's."""
+        assert not self.shared, "the servers are the session's: mark the test own_servers"
+        assert self.root is not None
+        return self.root
+
     def stop_postgres(self) -> None:
+        self._own_folder()
         if self._in_containers is not None:
             self._in_containers[0].stop()
             return
@@ -102,15 +114,17 @@ class Backends:
         wait_until(lambda: process_exited(stopped.pid), timeout=30, message="postgres to exit")
 
     def start_postgres(self) -> None:
+        root = self._own_folder()
         if self._in_containers is not None:
             self._in_containers[0].start()
             return
         assert self._postgres is None, "postgres is running already"
-        self._postgres = start_postgres(self.root / "pg")
+        self._postgres = start_postgres(root / "pg")
         assert self._postgres.url == self.database_url, "postgres came back on another socket"
 
     def restart_redis(self) -> None:
         """Stop Redis and start it again: without persistence, empty."""
+        root = self._own_folder()
         if self._in_containers is not None:
             self._in_containers[1].stop()
             self._in_containers[1].start()
@@ -119,7 +133,7 @@ class Backends:
         stopped, self._redis = self._redis, None
         stopped.stop()
         wait_until(lambda: process_exited(stopped.pid), timeout=30, message="redis to exit")
-        self._redis = start_redis(self.root / "redis", appendonly=False)
+        self._redis = start_redis(root / "redis", appendonly=False)
         assert self._redis.url == self.redis_url, "redis came back on another socket"
 
     def close(self) -> None:
@@ -133,7 +147,8 @@ class Backends:
                 if self._postgres is not None:
                     self._postgres.stop()
             finally:
-                shutil.rmtree(self.root, ignore_errors=True)
+                if self.root is not None:
+                    shutil.rmtree(self.root, ignore_errors=True)
 
     def tcp_ports(self) -> list[int]:
         """The 127.0.0.1 ports of the two servers: none for the embedded ones (unix sockets)."""
@@ -142,43 +157,6 @@ class Backends:
 
     def redis_client(self) -> redis.asyncio.Redis:
         return redis.asyncio.Redis.from_url(self.redis_url)
-
-
-@dataclass
-class Service:
-    """One service process, its log, and a gRPC channel to its health service."""
-
-    name: str
-    process: subprocess.Popen[bytes]
-    log: Path
-    listen: str
-    channel: grpc.aio.Channel = field(repr=False)
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def tail(self, lines: int = 25) -> str:
-        try:
-            text = self.log.read_text(errors="replace")
-        except OSError as exc:
-            return f"(no log: {exc})"
-        return "\n".join(line[:400] for line in text.splitlines()[-lines:])
-
-    async def health(self) -> int:
-        """The overall health status; raises grpc.aio.AioRpcError when it does not answer."""
-        stub: Any = health_pb2_grpc.HealthStub(self.channel)  # typeshed lists no methods
-        response = await stub.Check(health_pb2.HealthCheckRequest(), timeout=2)
-        return int(response.status)
-
-    async def wait_exit(self, within: float) -> int:
-        """The exit code (negative: the signal), once the process has exited."""
-        try:
-            return await asyncio.to_thread(self.process.wait, within)
-        except subprocess.TimeoutExpired:
-            raise AssertionError(
-                f"{self.name} (pid {self.pid}) still running after {within:g} s\n{self.tail()}"
-            ) from None
 
 
 class Services:
@@ -207,7 +185,7 @@ class Services:
         process_group: int | None = None,
         launcher: Sequence[str] = (),
     ) -> Service:
-        """`process_group` and `launcher` as in tests.stack.start_service."""
+        """`process_group` and `launcher` as in testing.services.start_service."""
         listen = f"127.0.0.1:{free_tcp_port()}"
         log = self.folder / f"{name}.log"
         process = start_service(
@@ -276,32 +254,6 @@ class Services:
 
 
 # --- requests ---------------------------------------------------------------------------------
-
-
-def image_urls(origin: ImageOrigin, count: int, tag: str) -> list[str]:
-    """`count` distinct image URLs on the origin, their images generated now rather than while
-    the workers fetch them."""
-    paths = [f"/img/{tag}-{i}.jpg" for i in range(count)]
-    for path in paths:
-        origin.image(path)
-    return [origin.url(path) for path in paths]
-
-
-def csv_for(urls: Sequence[str], per_product: int = 4) -> bytes:
-    rows = [
-        (str(n + 1), f"Product {n + 1}", urls[start : start + per_product])
-        for n, start in enumerate(range(0, len(urls), per_product))
-    ]
-    return csv_of(rows)
-
-
-async def submit(ingest: Service, urls: Sequence[str], *, api_key: str = "") -> str:
-    """Upload a CSV of `urls` to `ingest` (as the owner of `api_key`, if given); the request
-    id."""
-    stub = ingest_grpc.IngestServiceStub(ingest.channel)
-    accepted = await upload(stub, csv_for(urls), chunk_size=16384, api_key=api_key)
-    assert accepted.images == len(urls)
-    return accepted.request_id
 
 
 async def final_images(backends: Backends, request_id: str) -> int:

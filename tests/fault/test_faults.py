@@ -18,21 +18,17 @@ import pytest
 from redis.exceptions import RedisError
 
 from services.common.streams import WORKER_GROUP
+from testing.origin import ImageOrigin, image_urls
+from testing.polling import wait_until_async
+from testing.services import NOT_SERVING, SERVING, Service, submit
 from tests.fault.harness import (
     GRACE_SECONDS,
-    NOT_SERVING,
-    SERVING,
     Backends,
-    Service,
     Services,
     assert_clean,
     final_images,
-    image_urls,
-    submit,
     wait_some_final,
 )
-from tests.origin import ImageOrigin
-from tests.support import wait_until_async
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -92,6 +88,7 @@ async def test_kill_9_ingest_between_commit_and_release(
     await assert_clean(backends, services, request_id, images=total)
 
 
+@pytest.mark.own_servers
 async def test_redis_restarts_and_loses_its_data(
     backends: Backends, services: Services, origin: ImageOrigin
 ) -> None:
@@ -114,6 +111,7 @@ async def test_redis_restarts_and_loses_its_data(
     await assert_clean(backends, services, request_id, images=total)
 
 
+@pytest.mark.own_servers
 async def test_postgres_stops_for_a_few_seconds(
     backends: Backends, services: Services, origin: ImageOrigin
 ) -> None:

@@ -21,11 +21,14 @@ from typing import Any
 import aiohttp
 import pytest
 
+from testing.origin import ImageOrigin, image_urls, serve_images
+from testing.polling import wait_until, wait_until_async
+from testing.ports import free_port_block
+from testing.processes import descendants, process_exited
+from testing.stack import ROOT, Stack, launch_stack, start_stack
+from testing.uploads import csv_for
 from tests.e2e.test_pipeline import upload_csv, wait_completed
-from tests.fault.harness import TUNING, csv_for, image_urls
-from tests.origin import ImageOrigin, serve_images
-from tests.stack import ROOT, Stack, launch_stack, start_stack
-from tests.support import descendants, free_port_block, process_exited, wait_until, wait_until_async
+from tests.fault.harness import TUNING
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -132,24 +135,6 @@ async def test_a_killed_worker_is_restarted_and_its_request_completes(
         assert await asyncio.to_thread(stack.stop) == 0
 
 
-def test_no_process_outlives_a_killed_launcher(folder: Path) -> None:
-    stack = start_stack(folder, {})
-    children = descendants(stack.process.pid)
-    # A postmaster that daemonised would not be among them: found through its pid file too.
-    postmaster = int((stack.data_dir / "pg/postmaster.pid").read_text().split()[0])
-    children += [pid for pid in (postmaster, *descendants(postmaster)) if pid not in children]
-    titles = [_cmdline(pid) for pid in children]
-    # Five services, Redis, the postmaster and its backends (which are not our children).
-    assert sum("redis-server" in title for title in titles) == 1, titles
-    assert sum(title.startswith("postgres: ") for title in titles) >= 3, titles
-    assert len(children) >= 10, titles
-
-    stack.process.kill()
-    stack.process.wait()
-
-    wait_all_exited(children, within=2.0)
-
-
 async def test_after_a_power_loss_the_stack_starts_first_try_and_the_request_completes(
     folder: Path, slow_origin: ImageOrigin
 ) -> None:
@@ -184,7 +169,12 @@ async def test_after_a_power_loss_the_stack_starts_first_try_and_the_request_com
     assert "removing" in again.log.read_text(errors="replace")  # the stale files were seen
 
 
-def test_a_second_launcher_on_a_folder_in_use_says_so_in_one_line(folder: Path) -> None:
+def test_a_second_launcher_is_refused_and_a_killed_launcher_leaves_no_process(
+    folder: Path,
+) -> None:
+    """Two scenarios on one stack (starting one, with its embedded servers, takes seconds): a
+    second launcher on its folder is refused while it runs; then it is killed, and every
+    process it started goes with it."""
     stack = start_stack(folder, {})
     try:
         env = {k: v for k, v in os.environ.items() if not k.startswith("IMGPIPE_")}
@@ -204,8 +194,23 @@ def test_a_second_launcher_on_a_folder_in_use_says_so_in_one_line(folder: Path) 
             f" (pid {stack.process.pid}): stop it, or set IMGPIPE_DATA_DIR to another folder"
         ]
         assert stack.process.poll() is None
+
+        children = descendants(stack.process.pid)
+        # A postmaster that daemonised would not be among them: found through its pid file too.
+        postmaster = int((stack.data_dir / "pg/postmaster.pid").read_text().split()[0])
+        children += [pid for pid in (postmaster, *descendants(postmaster)) if pid not in children]
+        titles = [_cmdline(pid) for pid in children]
+        # Five services, Redis, the postmaster and its backends (which are not our children).
+        assert sum("redis-server" in title for title in titles) == 1, titles
+        assert sum(title.startswith("postgres: ") for title in titles) >= 3, titles
+        assert len(children) >= 10, titles
+
+        stack.process.kill()
+        stack.process.wait()
     finally:
-        assert stack.stop() == 0
+        stack.stop()  # a no-op once the launcher is gone; SIGTERM if an assertion came first
+
+    wait_all_exited(children, within=2.0)
 
 
 def test_a_crash_loop_stops_everything_with_one_message(folder: Path) -> None:

@@ -39,18 +39,12 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from services.common.storage import Storage, StorageConfig
 from services.common.streams import WORKER_GROUP
-from tests.fault.harness import (
-    Backends,
-    Service,
-    Services,
-    assert_clean,
-    final_images,
-    image_urls,
-    submit,
-)
-from tests.origin import ImageOrigin, serve_images
-from tests.seaweed import BUCKET, SeaweedS3
-from tests.support import free_tcp_port, wait_until_async
+from testing.origin import ImageOrigin, image_urls, serve_images
+from testing.polling import wait_until_async
+from testing.ports import free_tcp_port
+from testing.seaweed import BUCKET, SeaweedS3
+from testing.services import Service, submit
+from tests.fault.harness import Backends, Services, assert_clean, final_images
 
 pytestmark = pytest.mark.timeout(180)
 

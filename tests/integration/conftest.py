@@ -30,7 +30,7 @@ from services.status.progress import ProgressHub
 from services.status.servicer import StatusServicer
 from services.status.servicer import registrar as status_registrar
 from services.worker.processor import Processor, RetryPolicy
-from tests.origin import ImageOrigin, serve_images
+from testing.origin import ImageOrigin, serve_images
 
 
 @pytest.fixture

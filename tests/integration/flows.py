@@ -3,55 +3,15 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Sequence
 from typing import Any, TypeVar
 
 import asyncpg
 import redis.asyncio
 from google.protobuf.message import Message
 
-from services.common.pb.imgpipe.v1 import ingest_service_pb2 as ingest_pb
-from services.common.pb.imgpipe.v1 import ingest_service_pb2_grpc as ingest_grpc
 from services.common.pb.imgpipe.v1 import task_pb2
 from services.common.streams import TASK_FIELD, StreamNames
-from tests.support import wait_until_async
-
-
-def csv_of(rows: Sequence[tuple[str, str, Sequence[str]]]) -> bytes:
-    lines = ["S. No.,Product Name,Input Image Urls"]
-    lines += [f'{serial},{name},"{",".join(urls)}"' for serial, name, urls in rows]
-    return ("\r\n".join(lines) + "\r\n").encode()
-
-
-async def upload(
-    stub: ingest_grpc.IngestServiceAsyncStub,
-    body: bytes,
-    *,
-    idempotency_key: str = "",
-    options: task_pb2.ImageOptions | None = None,
-    webhook_url: str = "",
-    chunk_size: int = 7,
-    complete: bool = True,
-    api_key: str = "",
-) -> ingest_pb.Accepted:
-    """UploadCsv with the body cut into small chunks, as a real stream would arrive."""
-
-    async def messages() -> AsyncIterator[ingest_pb.UploadCsvRequest]:
-        yield ingest_pb.UploadCsvRequest(
-            header=ingest_pb.UploadHeader(
-                options=options or task_pb2.ImageOptions(),
-                webhook_url=webhook_url,
-                idempotency_key=idempotency_key,
-            )
-        )
-        for start in range(0, len(body), chunk_size):
-            yield ingest_pb.UploadCsvRequest(chunk=body[start : start + chunk_size])
-        if complete:
-            yield ingest_pb.UploadCsvRequest(end=ingest_pb.UploadEnd(count=len(body)))
-
-    metadata = (("authorization", f"Bearer {api_key}"),) if api_key else None
-    response = await stub.UploadCsv(messages(), timeout=20, metadata=metadata)
-    return response.accepted
+from testing.polling import wait_until_async
 
 
 async def image_rows(pool: asyncpg.Pool, request_id: str) -> list[asyncpg.Record]:

@@ -30,9 +30,9 @@ from services.common.pb.imgpipe.v1 import ingest_service_pb2 as ingest_pb
 from services.common.pb.imgpipe.v1 import ingest_service_pb2_grpc as ingest_grpc
 from services.common.streams import StreamNames
 from services.ingest.servicer import Header, IngestServicer, registrar
+from testing.polling import wait_until_async
+from testing.uploads import csv_of, upload
 from tests.integration.conftest import serving
-from tests.integration.flows import csv_of, upload
-from tests.support import wait_until_async
 
 pytestmark = pytest.mark.integration
 

@@ -17,7 +17,7 @@ import docker
 import pytest
 import redis.asyncio
 
-from tests import containers
+from testing import containers
 
 pytestmark = [
     pytest.mark.integration,

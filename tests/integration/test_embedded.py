@@ -14,15 +14,10 @@ import redis
 import redis.asyncio
 
 from services.local.embedded import docker_available, start_postgres, start_redis
-from tests.support import (
-    create_database,
-    delete_keys,
-    drop_database,
-    free_tcp_port,
-    process_exited,
-    wait_until,
-    with_database,
-)
+from testing.databases import create_database, delete_keys, drop_database, with_database
+from testing.polling import wait_until
+from testing.ports import free_tcp_port
+from testing.processes import process_exited
 
 pytestmark = pytest.mark.integration
 

@@ -30,7 +30,7 @@ from services.common.pb.imgpipe.v1 import ingest_service_pb2 as ingest_pb
 from services.common.pb.imgpipe.v1 import ingest_service_pb2_grpc as ingest_grpc
 from services.common.pb.imgpipe.v1 import request_pb2, task_pb2
 from services.common.storage import StorageConfig
-from tests.support import wait_until_async
+from testing.polling import wait_until_async
 
 pytestmark = pytest.mark.integration
 

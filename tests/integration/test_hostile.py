@@ -33,10 +33,10 @@ from services.common.storage import Storage
 from services.common.streams import StreamNames, TaskConsumer
 from services.worker.processor import Processor, RetryPolicy
 from services.worker.runner import ConsumePolicy, consume
-from tests.imagegen import photo_like
-from tests.integration.flows import csv_of, upload
-from tests.listeners import Tripwire
-from tests.support import wait_until_async
+from testing.imagegen import photo_like
+from testing.listeners import Tripwire
+from testing.polling import wait_until_async
+from testing.uploads import csv_of, upload
 
 pytestmark = pytest.mark.integration
 

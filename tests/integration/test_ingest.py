@@ -16,7 +16,8 @@ from services.common.pb.imgpipe.v1 import ingest_service_pb2 as ingest_pb
 from services.common.pb.imgpipe.v1 import ingest_service_pb2_grpc as ingest_grpc
 from services.common.pb.imgpipe.v1 import request_pb2, task_pb2
 from services.common.streams import StreamNames
-from tests.integration.flows import csv_of, image_rows, released_tasks, upload
+from testing.uploads import csv_of, upload
+from tests.integration.flows import image_rows, released_tasks
 
 pytestmark = pytest.mark.integration
 

@@ -48,9 +48,9 @@ from services.status.servicer import registrar as status_registrar
 from services.status.webhooks import WebhookDispatcher
 from services.worker.processor import Processor
 from services.worker.runner import ConsumePolicy, consume
-from tests.integration.flows import csv_of
-from tests.origin import ImageOrigin
-from tests.support import wait_until_async
+from testing.origin import ImageOrigin
+from testing.polling import wait_until_async
+from testing.uploads import csv_of
 
 pytestmark = pytest.mark.integration
 

@@ -10,7 +10,7 @@ import asyncpg
 import pytest
 
 from services.common.db.pool import MIGRATIONS_DIR, create_pool, migrate
-from tests.support import create_database, drop_database
+from testing.databases import create_database, drop_database
 
 pytestmark = pytest.mark.integration
 

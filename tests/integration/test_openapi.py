@@ -23,7 +23,7 @@ from gateway.app import create_app
 from gateway.config import GatewaySettings
 from gateway.openapi import DOCUMENT
 from services.common.storage import StorageConfig
-from tests.support import free_tcp_port
+from testing.ports import free_tcp_port
 
 pytestmark = pytest.mark.integration
 

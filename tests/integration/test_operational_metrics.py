@@ -19,7 +19,8 @@ from services.common.metrics import PoolStats
 from services.common.streams import StreamNames
 from services.status.stream_metrics import StreamStats
 from services.worker.budget import ByteBudget, PixelBudget
-from tests.support import free_tcp_port, wait_until, wait_until_async
+from testing.polling import wait_until, wait_until_async
+from testing.ports import free_tcp_port
 
 pytestmark = pytest.mark.integration
 

@@ -25,7 +25,7 @@ from services.common.pb.imgpipe.v1 import request_pb2
 from services.common.pb.imgpipe.v1 import status_service_pb2 as status_pb
 from services.common.pb.imgpipe.v1 import status_service_pb2_grpc as status_grpc
 from services.common.storage import S3Options, StorageConfig
-from tests.support import free_tcp_port
+from testing.ports import free_tcp_port
 
 pytestmark = pytest.mark.integration
 

@@ -15,8 +15,8 @@ from services.common.pb.imgpipe.v1 import ingest_service_pb2_grpc as ingest_grpc
 from services.common.pb.imgpipe.v1 import status_service_pb2 as status_pb
 from services.common.pb.imgpipe.v1 import status_service_pb2_grpc as status_grpc
 from services.ingest.servicer import IngestServicer, registrar
+from testing.uploads import upload
 from tests.integration.conftest import serving
-from tests.integration.flows import upload
 
 pytestmark = pytest.mark.integration
 

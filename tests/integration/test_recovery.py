@@ -30,9 +30,11 @@ from services.ingest.feeder import LEADER_LOCK_KEY as FEEDER_LOCK_KEY
 from services.worker.processor import Processor
 from services.worker.reconciler import Reconciler
 from services.worker.runner import ConsumePolicy, consume
-from tests.integration.flows import csv_of, image_rows, released_rows, stream_messages, upload
-from tests.origin import ImageOrigin
-from tests.support import own_database, wait_until_async
+from testing.databases import own_database
+from testing.origin import ImageOrigin
+from testing.polling import wait_until_async
+from testing.uploads import csv_of, upload
+from tests.integration.flows import image_rows, released_rows, stream_messages
 
 pytestmark = pytest.mark.integration
 

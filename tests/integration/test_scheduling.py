@@ -16,8 +16,8 @@ from services.common.db import queries
 from services.common.pb.imgpipe.v1 import task_pb2
 from services.common.streams import TASK_FIELD, StreamNames
 from services.ingest.feeder import Feeder
+from testing.databases import own_database
 from tests.integration.flows import stream_messages
-from tests.support import own_database
 
 pytestmark = pytest.mark.integration
 

@@ -20,8 +20,8 @@ from services.common.streams import TaskConsumer
 from services.status.progress import ProgressHub
 from services.worker.processor import Processor
 from services.worker.runner import ConsumePolicy, consume
-from tests.integration.flows import csv_of, upload
-from tests.origin import ImageOrigin
+from testing.origin import ImageOrigin
+from testing.uploads import csv_of, upload
 
 pytestmark = pytest.mark.integration
 

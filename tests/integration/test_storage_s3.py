@@ -17,8 +17,9 @@ import pytest
 
 from services.common.dependencies import PROBE_TIMEOUT
 from services.common.storage import Storage, StorageConfig
-from tests.seaweed import BUCKET, PUBLIC_BUCKET, SeaweedS3
-from tests.support import free_tcp_port, wait_until_async
+from testing.polling import wait_until_async
+from testing.ports import free_tcp_port
+from testing.seaweed import BUCKET, PUBLIC_BUCKET, SeaweedS3
 
 pytestmark = pytest.mark.integration
 

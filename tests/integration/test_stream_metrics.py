@@ -13,7 +13,8 @@ from services.common.csv_format import ProductRow
 from services.common.db import queries
 from services.common.streams import StreamNames
 from services.status.stream_metrics import StreamStats, entries_after, group_state
-from tests.support import own_database, wait_until_async
+from testing.databases import own_database
+from testing.polling import wait_until_async
 
 pytestmark = pytest.mark.integration
 

@@ -43,9 +43,10 @@ from services.status.config import WebhookSettings
 from services.status.webhooks import WebhookDispatcher
 from services.worker.processor import Processor, RetryPolicy
 from services.worker.runner import ConsumePolicy, consume
-from tests.listeners import Receiver, serve_receiver
-from tests.origin import ImageOrigin
-from tests.support import own_database, wait_until_async
+from testing.databases import own_database
+from testing.listeners import Receiver, serve_receiver
+from testing.origin import ImageOrigin
+from testing.polling import wait_until_async
 
 pytestmark = pytest.mark.integration
 

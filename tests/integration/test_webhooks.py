@@ -32,8 +32,9 @@ from services.common.pb.imgpipe.v1 import status_service_pb2 as status_pb
 from services.common.streams import EVENT_FIELD, StreamNames
 from services.status.config import WebhookSettings
 from services.status.webhooks import GROUP, NOT_CONFIGURED, WebhookDispatcher, retry_delay
-from tests.listeners import Receiver, Tripwire, serve_receiver
-from tests.support import own_database, wait_until_async
+from testing.databases import own_database
+from testing.listeners import Receiver, Tripwire, serve_receiver
+from testing.polling import wait_until_async
 
 pytestmark = pytest.mark.integration
 

@@ -24,17 +24,11 @@ from services.common.streams import EVENT_FIELD, StreamNames, TaskConsumer
 from services.worker.budget import ByteBudget, PixelBudget
 from services.worker.processor import Processor
 from services.worker.runner import ConsumePolicy, consume
-from tests import photos
-from tests.integration.flows import (
-    csv_of,
-    image_rows,
-    released_rows,
-    stream_messages,
-    upload,
-    wait_final,
-)
-from tests.origin import ImageOrigin
-from tests.support import wait_until_async
+from testing import photos
+from testing.origin import ImageOrigin
+from testing.polling import wait_until_async
+from testing.uploads import csv_of, upload
+from tests.integration.flows import image_rows, released_rows, stream_messages, wait_final
 
 pytestmark = pytest.mark.integration
 

@@ -14,12 +14,12 @@ from typing import Any
 import aiohttp
 import pytest
 
+from testing.listeners import serve_receiver
+from testing.origin import serve_images
+from testing.polling import wait_until_async
+from testing.stack import Stack
 from tests.e2e.test_pipeline import upload_csv, wait_completed
 from tests.e2e.test_webhooks_e2e import HookedStack, hooked_stack, new_secret, received
-from tests.listeners import serve_receiver
-from tests.origin import serve_images
-from tests.stack import Stack
-from tests.support import wait_until_async
 
 IMAGES = 400
 # No fetch of the request may start this long after the cancel's answer (issue 13).

@@ -23,11 +23,12 @@ from services.common.pb.imgpipe.v1 import status_service_pb2_grpc as status_grpc
 from services.common.storage import Storage
 from services.common.streams import StreamNames
 from services.worker.janitor import Janitor
+from testing.origin import ImageOrigin
+from testing.ports import free_tcp_port
+from testing.services import start_service
+from testing.stack import Stack, start_stack
 from tests.e2e.test_pipeline import upload_csv, wait_completed
 from tests.lifecycle.test_cancel import csv_of
-from tests.origin import ImageOrigin
-from tests.stack import Stack, start_service, start_stack
-from tests.support import free_tcp_port
 
 pytestmark = pytest.mark.timeout(240)
 

@@ -19,10 +19,10 @@ import redis.asyncio
 
 from services.common.db.lifecycle import CANCELLED_MESSAGE
 from services.common.streams import WORKER_GROUP, StreamNames
+from testing.origin import ImageOrigin, serve_images
+from testing.polling import wait_until_async
+from testing.stack import Stack, start_stack
 from tests.lifecycle.test_cancel import csv_of, status_of
-from tests.origin import ImageOrigin, serve_images
-from tests.stack import Stack, start_stack
-from tests.support import wait_until_async
 
 pytestmark = pytest.mark.timeout(240)
 

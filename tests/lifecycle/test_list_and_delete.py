@@ -22,12 +22,12 @@ from services.common.deletion import delete_events
 from services.common.pb.imgpipe.v1 import request_pb2
 from services.common.storage import Storage, StorageConfig
 from services.common.streams import EVENT_FIELD, StreamNames
+from testing.origin import ImageOrigin
+from testing.polling import wait_until_async
+from testing.seaweed import BUCKET, SeaweedS3
+from testing.stack import Stack, run_cli, start_stack
 from tests.e2e.test_pipeline import upload_csv, wait_completed
 from tests.lifecycle.test_cancel import csv_of
-from tests.origin import ImageOrigin
-from tests.seaweed import BUCKET, SeaweedS3
-from tests.stack import Stack, run_cli, start_stack
-from tests.support import wait_until_async
 
 pytestmark = pytest.mark.timeout(240)
 

@@ -53,8 +53,8 @@ from services.status.servicer import StatusServicer
 from services.status.servicer import registrar as status_registrar
 from services.status.sessions import SessionServicer
 from services.status.sessions import registrar as session_registrar
-from tests.integration.flows import csv_of
-from tests.support import wait_until_async
+from testing.polling import wait_until_async
+from testing.uploads import csv_of
 
 Client = TestClient[web.Request, web.Application]
 

@@ -10,7 +10,7 @@ import textwrap
 from pathlib import Path
 
 from services.local import launcher as dev
-from tests.stack import ROOT
+from testing.stack import ROOT
 
 WATCH_SECRET = """
 import os, stat, sys

@@ -21,8 +21,8 @@ import redis.asyncio
 from yarl import URL
 
 from services.common.auth import key_hash, new_key
-from tests.stack import Stack, start_stack
-from tests.support import wait_until_async
+from testing.polling import wait_until_async
+from testing.stack import Stack, start_stack
 
 pytestmark = pytest.mark.e2e
 

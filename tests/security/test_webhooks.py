@@ -44,6 +44,10 @@ from services.status.config import WebhookSettings
 from services.status.servicer import StatusServicer
 from services.status.servicer import registrar as status_registrar
 from services.status.webhooks import WebhookDispatcher
+from testing.databases import own_database
+from testing.listeners import Received, Receiver, serve_receiver
+from testing.polling import wait_until_async
+from testing.ports import free_tcp_port
 from tests.integration.test_webhooks import (
     FAST,
     SECRET,
@@ -53,8 +57,6 @@ from tests.integration.test_webhooks import (
     publish,
     running,
 )
-from tests.listeners import Received, Receiver, serve_receiver
-from tests.support import free_tcp_port, own_database, wait_until_async
 
 ACME, GLOBEX = new_key(), new_key()
 CSV = b"S. No.,Product Name,Input Image Urls\n1,Shoe,https://images.example/a.jpg\n"

@@ -15,8 +15,8 @@ from services.common.image_options import ImageOptions
 from services.worker import imaging
 from services.worker.budget import ByteBudget, PixelBudget
 from services.worker.imaging import compress
-from tests.imagegen import photo_like
-from tests.support import wait_until, wait_until_async
+from testing.imagegen import photo_like
+from testing.polling import wait_until, wait_until_async
 
 pytestmark = pytest.mark.unit
 

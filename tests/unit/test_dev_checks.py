@@ -14,8 +14,8 @@ import pytest
 
 from services.local import launcher as dev
 from services.local.launcher import plan_stack
-from tests.stack import ROOT
-from tests.support import free_tcp_port
+from testing.ports import free_tcp_port
+from testing.stack import ROOT
 
 pytestmark = pytest.mark.unit
 

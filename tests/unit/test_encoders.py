@@ -19,7 +19,7 @@ from services.common.image_options import (
 from services.common.pb.imgpipe.v1 import task_pb2
 from services.worker.encoders import Measured, levels, pareto
 from services.worker.imaging import compress
-from tests import photos
+from testing import photos
 
 pytestmark = pytest.mark.unit
 

@@ -21,8 +21,9 @@ from services.common.config import MAX_WATCH_SECONDS, ConfigError
 from services.common.grpc_server import run_service
 from services.common.grpc_transport import GrpcTransport, TlsFiles
 from services.status.config import StatusSettings
-from tests.certs import Authority, Leaf
-from tests.support import free_tcp_port, wait_until_async
+from testing.certs import Authority, Leaf
+from testing.polling import wait_until_async
+from testing.ports import free_tcp_port
 
 pytestmark = pytest.mark.unit
 

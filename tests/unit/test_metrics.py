@@ -26,7 +26,7 @@ from services.common.pb.imgpipe.v1 import status_service_pb2 as status_pb
 from services.ingest.config import IngestSettings
 from services.local.launcher import metrics_ports, plan_stack
 from services.status.webhooks import _failure_outcome
-from tests.support import wait_until_async
+from testing.polling import wait_until_async
 
 pytestmark = pytest.mark.unit
 

@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 
-from tests.stack import ROOT
+from testing.stack import ROOT
 
 pytestmark = pytest.mark.unit
 

@@ -1,5 +1,5 @@
 """Measured quality and the goals that choose it: SSIM, target_ratio, min_ssim, AVIF and auto,
-on real photographs (tests/photos.py)."""
+on real photographs (testing/photos.py)."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from services.worker import tuning
 from services.worker.imaging import Compressed, compress
 from services.worker.quality import SAMPLED_AGREEMENT, luminance, ssim
 from services.worker.quality_search import search
-from tests import photos
+from testing import photos
 
 pytestmark = pytest.mark.unit
 

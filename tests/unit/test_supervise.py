@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from services.local.supervise import CrashLoop, Restarts, Supervisor
-from tests.support import wait_until
+from testing.polling import wait_until
 
 pytestmark = pytest.mark.unit
 

@@ -21,7 +21,6 @@ import contextlib
 import os
 import secrets
 import socket
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +29,8 @@ from typing import Any
 import asyncpg
 import redis
 
-from tests.support import free_port_block
+from testing.polling import wait_until
+from testing.ports import free_port_block
 
 # Read by testcontainers when it is imported: set before the first import below.
 os.environ.setdefault("TESTCONTAINERS_RYUK_DISABLED", "true")
@@ -143,20 +143,44 @@ def _container(image: str, command: list[str]) -> Any:
     )
 
 
+_NOT_UP = (OSError, asyncpg.PostgresError, redis.RedisError)
+
+
+class _Exited(AssertionError):
+    """The container stopped before its server accepted a connection."""
+
+
 def _wait_ready(container: Any, ready: Callable[[], None]) -> None:
     """Poll `ready()` (a real connection) until it succeeds; fail with the container's log."""
-    deadline = time.monotonic() + START_TIMEOUT
-    while True:
+
+    def up() -> bool:
         try:
             ready()
-            return
-        except (OSError, asyncpg.PostgresError, redis.RedisError) as exc:
+        except _NOT_UP as exc:
             wrapped = container.get_wrapped_container()
             wrapped.reload()
-            if wrapped.status == "exited" or time.monotonic() > deadline:
-                logs = wrapped.logs().decode(errors="replace")[-2000:]
-                raise AssertionError(f"{container.image} not ready ({exc!r}):\n{logs}") from exc
-        time.sleep(0.2)
+            if wrapped.status == "exited":
+                raise _Exited(_not_ready(container, exc)) from exc
+            raise
+        return True
+
+    try:
+        wait_until(
+            up,
+            timeout=START_TIMEOUT,
+            interval=0.2,
+            message=f"{container.image} to accept connections",
+            ignore=_NOT_UP,
+        )
+    except _Exited:
+        raise
+    except AssertionError as exc:
+        raise AssertionError(_not_ready(container, exc)) from None
+
+
+def _not_ready(container: Any, reason: BaseException) -> str:
+    logs = container.get_wrapped_container().logs().decode(errors="replace")[-2000:]
+    return f"{container.image} not ready ({reason}):\n{logs}"
 
 
 @contextlib.contextmanager

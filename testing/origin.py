@@ -10,13 +10,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from tests.imagegen import photo_like
+from testing.imagegen import photo_like
 
 _SEEDS = itertools.count()
 
@@ -84,6 +85,29 @@ async def serve_images(
         await runner.cleanup()
 
 
+@contextlib.contextmanager
+def serve_images_in_thread(
+    size: tuple[int, int] = (800, 600), *, delay: float = 0.0
+) -> Iterator[ImageOrigin]:
+    """serve_images() on an event loop of its own, in a thread: for a fixture that outlives
+    one test (each test runs on a loop of its own, which stops between tests)."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="image-origin", daemon=True)
+    thread.start()
+    serving = serve_images(size, delay=delay)
+    try:
+        origin = asyncio.run_coroutine_threadsafe(serving.__aenter__(), loop).result(timeout=30)
+        try:
+            yield origin
+        finally:
+            stop = serving.__aexit__(None, None, None)
+            asyncio.run_coroutine_threadsafe(stop, loop).result(timeout=30)
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=10)
+        loop.close()
+
+
 @contextlib.asynccontextmanager
 async def held_origin() -> AsyncIterator[tuple[int, asyncio.Event]]:
     """An image origin whose answers wait until the event is set."""
@@ -103,3 +127,12 @@ async def held_origin() -> AsyncIterator[tuple[int, asyncio.Event]]:
     finally:
         release.set()
         await runner.cleanup()
+
+
+def image_urls(origin: ImageOrigin, count: int, tag: str) -> list[str]:
+    """`count` distinct image URLs on the origin, their images generated now rather than while
+    the workers fetch them."""
+    paths = [f"/img/{tag}-{i}.jpg" for i in range(count)]
+    for path in paths:
+        origin.image(path)
+    return [origin.url(path) for path in paths]

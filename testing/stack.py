@@ -6,24 +6,28 @@ Used by the end-to-end tests and by the benchmarks.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import os
 import secrets
 import signal
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import pytest
 
-from tests.support import free_port_block, process_exited, wait_until
+from testing.polling import wait_until
+from testing.ports import free_port_block
+from testing.processes import process_exited
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _free_grpc_base(workers: int) -> int:
+def free_grpc_base(workers: int) -> int:
     """A base port whose ingest, status and worker ports (base, +1, +10, +11...) are free."""
     return free_port_block((0, 1, *range(10, 10 + workers)))
 
@@ -38,14 +42,16 @@ class Stack:
     def log_tail(self, lines: int = 60) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
 
-    def stop_and_reap(self) -> None:
-        """stop(), then wait until the launcher's pid is gone (for module-scoped stacks)."""
-        self.stop()
+    def stop_and_reap(self) -> int:
+        """stop(), then wait until the launcher's pid is gone (for module-scoped stacks);
+        returns the launcher's exit code."""
+        code = self.stop()
         wait_until(
             functools.partial(process_exited, self.process.pid),
             timeout=10,
             message="launcher gone",
         )
+        return code
 
     def stop(self) -> int:
         """SIGTERM the launcher, which drains and stops every service; returns its exit code."""
@@ -99,7 +105,7 @@ def launch_stack(tmp_path: Path, extra_env: dict[str, str], log_name: str = "sta
         "IMGPIPE_DATA_DIR": str(tmp_path / "data"),
         "IMGPIPE_HTTP_LISTEN": f"127.0.0.1:{port}",
         "IMGPIPE_DEV_GRPC_BASE_PORT": str(
-            _free_grpc_base(int(extra_env.get("IMGPIPE_DEV_WORKERS", "2")))
+            free_grpc_base(int(extra_env.get("IMGPIPE_DEV_WORKERS", "2")))
         ),
         "IMGPIPE_REDIS_PREFIX": f"imgpipe-e2e-{secrets.token_hex(4)}",
         "IMGPIPE_GRACE_SECONDS": "10",
@@ -141,44 +147,47 @@ async def run_cli(base_url: str, *argv: str, key: str | None) -> tuple[int, str]
     return process.returncode, out.decode()
 
 
-def start_service(
-    module: str,
-    env: dict[str, str],
-    log: Path,
-    *,
-    process_group: int | None = None,
-    launcher: Sequence[str] = (),
-) -> subprocess.Popen[bytes]:
-    """One service as a process (`python -m module`), its output in `log`.
+def public_address() -> dict[str, str]:
+    """A free gateway address, as IMGPIPE_HTTP_LISTEN and as IMGPIPE_PUBLIC_API_URL: for a
+    stack whose outgoing URLs (webhook payloads, links) must name where it listens."""
+    listen = f"127.0.0.1:{free_port_block((0,))}"
+    return {"IMGPIPE_HTTP_LISTEN": listen, "IMGPIPE_PUBLIC_API_URL": f"http://{listen}"}
 
-    `process_group`: 0 makes the process the leader of a new group, a pid joins that leader's
-    group (so one os.killpg reaches them all). `launcher`: a command that runs the service
-    (e.g. `nsenter --net=...`); it must exec it, so the pid stays the service's.
-    """
-    with log.open("wb") as out:
-        return subprocess.Popen(
-            [*launcher, sys.executable, "-m", module],
-            cwd=ROOT,
-            env={**{k: v for k, v in os.environ.items() if not k.startswith("IMGPIPE_")}, **env},
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            process_group=process_group,
-        )
+
+class StartStack(Protocol):
+    """live_stack() with the database, Redis and list of stacks already given (the e2e
+    fixture start_live_stack)."""
+
+    def __call__(self, *origins: int, **extra: str) -> Stack: ...
 
 
 def live_stack(
     tmp_path: Path,
     database_url: str,
-    redis_url: str,
+    redis_server_url: str,
     stacks: list[Stack],
     *origins: int,
     **extra: str,
 ) -> Stack:
     """start_stack() on the given Postgres and Redis, allowed to fetch from `origins` (ports on
     127.0.0.1), with `extra` variables; added to `stacks` (stack_factory) to be stopped."""
-    env = {"IMGPIPE_DATABASE_URL": database_url, "IMGPIPE_REDIS_URL": redis_url, **extra}
+    env = {"IMGPIPE_DATABASE_URL": database_url, "IMGPIPE_REDIS_URL": redis_server_url}
     if origins:
         env["IMGPIPE_FETCH_ALLOW"] = ",".join(f"127.0.0.1:{port}" for port in origins)
-    stack = start_stack(tmp_path, env)
+    stack = start_stack(tmp_path, env | extra)
     stacks.append(stack)
     return stack
+
+
+@contextlib.contextmanager
+def stack_running(
+    tmp_path: Path, database_url: str, redis_server_url: str, *origins: int, **extra: str
+) -> Iterator[Stack]:
+    """live_stack() for a with-block, such as a fixture that outlives one test: stopped and
+    reaped when the block ends, and then it must have exited with 0."""
+    stack = live_stack(tmp_path, database_url, redis_server_url, [], *origins, **extra)
+    try:
+        yield stack
+    finally:
+        code = stack.stop_and_reap()
+    assert code == 0, f"the stack exited with {code}:\n{stack.log_tail()}"

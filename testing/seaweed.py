@@ -27,7 +27,8 @@ import obstore
 from obstore.store import S3Store
 
 from services.common.storage import S3Options
-from tests.support import free_tcp_port, wait_until
+from testing.polling import wait_until
+from testing.ports import free_tcp_port
 
 BUCKET = "imgpipe"
 PUBLIC_BUCKET = "imgpipe-public"  # anonymous GETs allowed: base-mode URLs on a public bucket

@@ -3,7 +3,7 @@
 scikit-image (a dev dependency) ships nine colour photographs inside its wheel: an astronaut,
 a cat, a coffee cup, a rocket, two motorcycles, a retina, a stained tissue sample and the
 Hubble deep field. Their files are read directly (skimage.data's loaders are not imported, and
-nothing is downloaded). Synthetic images (tests/imagegen.py) cover the awkward types; these
+nothing is downloaded). Synthetic images (testing/imagegen.py) cover the awkward types; these
 cover what a JPEG encoder meets in a catalog: edges, skin, textures, smooth gradients.
 """
 
