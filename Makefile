@@ -26,7 +26,7 @@ help:
 	@echo "make lock         re-resolve requirements/*.txt (uv) after a dependency change"
 	@echo "make lock-check   fail if requirements/*.txt do not match pyproject.toml"
 	@echo "make test-lowest  unit tests on the lowest versions pyproject.toml allows"
-	@echo "make lint         ruff (lint, complexity, format check), mypy, buf lint and format, docs-check"
+	@echo "make lint         ruff (lint, complexity, format check), mypy (strict), buf lint and format, docs-check"
 	@echo "make format       ruff format, ruff's import sort, buf format -w: rewrite files in place"
 	@echo "make docs         regenerate docs/configuration.md from the settings classes"
 	@echo "make docs-check   fail if docs/configuration.md is stale (part of make lint)"

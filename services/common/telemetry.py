@@ -134,16 +134,16 @@ def enabled(provider: Any) -> Iterator[None]:
 
     instrumentors: list[Any] = [
         # Probes and tools call health and reflection every few seconds: not traces.
-        GrpcAioInstrumentorServer(
+        GrpcAioInstrumentorServer(  # type: ignore[no-untyped-call]
             filter_=negate(
                 any_of(service_prefix("grpc.health."), service_prefix("grpc.reflection."))
             )
         ),
-        GrpcAioInstrumentorClient(filter_=_not_client_streaming),
+        GrpcAioInstrumentorClient(filter_=_not_client_streaming),  # type: ignore[no-untyped-call]
         # Its server span is the outermost middleware of every web.Application made from now on.
         AioHttpServerInstrumentor(),
         AioHttpClientInstrumentor(),
-        AsyncPGInstrumentor(),
+        AsyncPGInstrumentor(),  # type: ignore[no-untyped-call]
         RedisInstrumentor(),
     ]
     with warnings.catch_warnings():

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 # d(log bytes)/d(quality) and d(-log(1 - SSIM))/d(quality) around quality 30-90, on the nine
-# photographs of tests/photos.py (JPEG 0.020 / 0.034, WebP 0.022 / 0.025, AVIF 0.032 / 0.038).
+# photographs of testing/photos.py (JPEG 0.020 / 0.034, WebP 0.022 / 0.025, AVIF 0.032 / 0.038).
 SIZE_SLOPE = 0.025
 SSIM_SLOPE = 0.03
 

@@ -294,7 +294,7 @@ def test_workers_drain_longer_than_the_default(overlay: Rendered) -> None:
 
 def config_map_name(overlay: Rendered) -> str:
     names = [cm["metadata"]["name"] for cm in overlay.of_kind("ConfigMap")]
-    (found,) = [name for name in names if name.startswith("imgpipe-config")]
+    (found,) = [str(name) for name in names if name.startswith("imgpipe-config")]
     return found
 
 

@@ -81,7 +81,7 @@ def load_schema(base_url: str) -> BaseSchema:
     return schemathesis.openapi.from_url(f"{base_url}/openapi.json", config=CONFIG)
 
 
-def operation(schema: BaseSchema, method: str, path: str) -> APIOperation:
+def operation(schema: BaseSchema, method: str, path: str) -> APIOperation[Any, Any, Any, Any]:
     return schema[path][method]
 
 
@@ -192,7 +192,7 @@ def test_generated_requests_keep_the_contract(live: Live, label: str) -> None:
         phases=[Phase.generate],
     )
     @given(case=st.one_of(strategies))
-    def keeps_the_contract(case: Case) -> None:
+    def keeps_the_contract(case: Case[Any]) -> None:
         case.call_and_validate(base_url=live.base_url)
 
     keeps_the_contract()

@@ -20,6 +20,7 @@ from services.common.csv_format import CsvLimits
 from services.common.db.pool import migrate
 from services.common.fetch import FetchAllow, FetchLimits, Reserve, fetch_image, make_session
 from services.common.image_options import ImageLimits
+from services.common.outcome import RetryPolicy
 from services.common.pb.imgpipe.v1 import ingest_service_pb2_grpc as ingest_grpc
 from services.common.pb.imgpipe.v1 import status_service_pb2_grpc as status_grpc
 from services.common.storage import Storage
@@ -29,7 +30,7 @@ from services.ingest.servicer import IngestServicer, registrar
 from services.status.progress import ProgressHub
 from services.status.servicer import StatusServicer
 from services.status.servicer import registrar as status_registrar
-from services.worker.processor import Processor, RetryPolicy
+from services.worker.processor import Processor
 from testing.origin import ImageOrigin, serve_images
 
 

@@ -25,7 +25,8 @@ from yarl import URL
 
 from gateway.app import create_app
 from gateway.config import GatewaySettings
-from gateway.serving import IN_FLIGHT, drain, start
+from gateway.keys import IN_FLIGHT
+from gateway.serving import drain, start
 from services.common.pb.imgpipe.v1 import ingest_service_pb2 as ingest_pb
 from services.common.pb.imgpipe.v1 import ingest_service_pb2_grpc as ingest_grpc
 from services.common.pb.imgpipe.v1 import request_pb2, task_pb2

@@ -26,12 +26,13 @@ from PIL import Image
 
 from services.common.fetch import FetchAllow, FetchLimits, Reserve, fetch_image, make_session
 from services.common.image_options import ImageLimits
+from services.common.outcome import RetryPolicy
 from services.common.pb.imgpipe.v1 import ingest_service_pb2_grpc as ingest_grpc
 from services.common.pb.imgpipe.v1 import status_service_pb2 as status_pb
 from services.common.pb.imgpipe.v1 import status_service_pb2_grpc as status_grpc
 from services.common.storage import Storage
 from services.common.streams import StreamNames, TaskConsumer
-from services.worker.processor import Processor, RetryPolicy
+from services.worker.processor import Processor
 from services.worker.runner import ConsumePolicy, consume
 from testing.imagegen import photo_like
 from testing.listeners import Tripwire

@@ -112,7 +112,7 @@ async def test_bad_page_arguments(
 
 async def _subscriptions(redis_client: redis.asyncio.Redis, prefix: str) -> tuple[int, int]:
     """Patterns on the whole server, and channels under this run's prefix."""
-    patterns = int(await redis_client.execute_command("PUBSUB", "NUMPAT"))
+    patterns = int(await redis_client.execute_command("PUBSUB", "NUMPAT"))  # type: ignore[no-untyped-call]
     return patterns, len(await redis_client.pubsub_channels(f"{prefix}*"))
 
 

@@ -35,13 +35,14 @@ from services.common.csv_format import CsvLimits
 from services.common.fetch import FetchAllow, FetchLimits, Reserve, fetch_image, make_session
 from services.common.image_options import ImageLimits
 from services.common.metrics import GrpcServerInterceptor
+from services.common.outcome import RetryPolicy
 from services.common.storage import Storage, StorageConfig
 from services.common.streams import StreamNames, TaskConsumer
 from services.ingest.feeder import Feeder
 from services.ingest.servicer import IngestServicer, registrar
 from services.status.config import WebhookSettings
 from services.status.webhooks import WebhookDispatcher
-from services.worker.processor import Processor, RetryPolicy
+from services.worker.processor import Processor
 from services.worker.runner import ConsumePolicy, consume
 from testing.databases import own_database
 from testing.listeners import Receiver, serve_receiver

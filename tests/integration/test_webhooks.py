@@ -31,7 +31,8 @@ from services.common.pb.imgpipe.v1 import request_pb2
 from services.common.pb.imgpipe.v1 import status_service_pb2 as status_pb
 from services.common.streams import EVENT_FIELD, StreamNames
 from services.status.config import WebhookSettings
-from services.status.webhooks import GROUP, NOT_CONFIGURED, WebhookDispatcher, retry_delay
+from services.status.webhook_secrets import NOT_CONFIGURED
+from services.status.webhooks import GROUP, WebhookDispatcher, retry_delay
 from testing.databases import own_database
 from testing.listeners import Receiver, Tripwire, serve_receiver
 from testing.polling import wait_until_async

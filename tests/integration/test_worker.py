@@ -213,7 +213,7 @@ async def test_duplicate_deliveries_count_once_and_finish_once(
 
         async def all_acked() -> bool:
             summary = await redis_client.xpending(names.tasks, "workers")
-            return summary["pending"] == 0
+            return bool(summary["pending"] == 0)
 
         await wait_until_async(all_acked, timeout=10, message="every entry acknowledged")
     finally:

@@ -72,7 +72,8 @@ async def test_cancel_mid_request_stops_fetching_and_keeps_what_is_done(
 
             # Running for real: a few images done, most still waiting or on the stream.
             async def some_done() -> bool:
-                return (await status_of(http, base, request_id))["progress"]["images_done"] >= 3
+                done: int = (await status_of(http, base, request_id))["progress"]["images_done"]
+                return done >= 3
 
             await wait_until_async(some_done, timeout=60, interval=0.1, message="3 images done")
             async with http.delete(f"{base}/requests/{request_id}") as response:

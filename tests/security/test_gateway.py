@@ -14,7 +14,7 @@ import base64
 import contextlib
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -300,11 +300,12 @@ async def test_finding_4_cookie_writes_from_another_site_are_403(gateway: Gatewa
         {"Sec-Fetch-Site": "cross-site", "Origin": origin(gateway)},
         {},  # no evidence of where it comes from
     ]
+    writes: list[tuple[str, Callable[[], bytes]]] = [
+        ("/upload", lambda: long_urls_csv(1, url_length=100)),
+        (f"/requests/{request_id}/retry", lambda: b""),
+    ]
     for headers in elsewhere:
-        for path, body in (
-            ("/upload", lambda: long_urls_csv(1, url_length=100)),
-            (f"/requests/{request_id}/retry", lambda: b""),
-        ):
+        for path, body in writes:
             response = await gateway.http.post(
                 path,
                 data=body(),

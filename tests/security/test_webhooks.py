@@ -340,7 +340,8 @@ async def location(http: TestClient[Any, Any], headers: dict[str, str] | None = 
     body = await response.json()
     assert response.headers["Location"] == body["status_url"]
     assert body["status_url"].endswith(f"/status/{body['request_id']}")
-    return body["status_url"].removesuffix(f"/status/{body['request_id']}")
+    status_url: str = body["status_url"]
+    return status_url.removesuffix(f"/status/{body['request_id']}")
 
 
 LOOPBACK = (ipaddress.ip_network("127.0.0.1/32"),)

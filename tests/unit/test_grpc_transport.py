@@ -51,7 +51,7 @@ class Probe:
             yield await self.items.get()
 
     def register(self, server: grpc.aio.Server) -> None:
-        handlers: dict[str, grpc.RpcMethodHandler] = {
+        handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
             "Peer": grpc.unary_unary_rpc_method_handler(self.peer),
             "Stream": grpc.unary_stream_rpc_method_handler(self.stream),
         }

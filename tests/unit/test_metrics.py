@@ -72,7 +72,7 @@ class Probe:
 @contextlib.asynccontextmanager
 async def probe_server(probe: Probe) -> AsyncIterator[int]:
     server = grpc.aio.server(interceptors=[metrics.GrpcServerInterceptor()])
-    handlers: dict[str, grpc.RpcMethodHandler] = {
+    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
         "Get": grpc.unary_unary_rpc_method_handler(
             probe.get,
             request_deserializer=status_pb.GetRequestRequest.FromString,

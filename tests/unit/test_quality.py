@@ -81,7 +81,7 @@ def test_ssim_agrees_with_scikit_image(index: int, quality: int) -> None:
     reference = luminance(img)
     other = luminance(Image.open(io.BytesIO(photos.jpeg(img, quality))))
     # scikit-image's defaults: a uniform 7x7 window, sample covariances.
-    expected = structural_similarity(
+    expected = structural_similarity(  # type: ignore[no-untyped-call]
         reference.astype(np.float64), other.astype(np.float64), data_range=255
     )
     assert ssim(reference, other) == pytest.approx(expected, abs=1e-5)
@@ -96,7 +96,7 @@ def test_ssim_agrees_with_scikit_image_at_every_shape_after_larger_ones() -> Non
     for shape in [(300, 200), (7, 7), (9, 13), (40, 31), (8, 300), (512, 7)]:
         a = rng.integers(0, 256, shape).astype(np.float64)
         b = np.clip(a + rng.normal(0, 25, shape), 0, 255).round()
-        expected = structural_similarity(a, b, data_range=255)
+        expected = structural_similarity(a, b, data_range=255)  # type: ignore[no-untyped-call]
         assert ssim(a, b) == pytest.approx(expected, abs=1e-5), shape
 
 
