@@ -138,58 +138,27 @@ class _Body:
         return result
 
 
-def build_header(values: Mapping[str, str], idempotency_key: str = "") -> ingest_pb.UploadHeader:  # noqa: C901
+def build_header(values: Mapping[str, str], idempotency_key: str = "") -> ingest_pb.UploadHeader:
     """The first message of an upload, from form or query values; every bad value is listed."""
-    problems: list[Detail] = []
-
-    def value(name: str) -> str:
-        return values.get(name, "").strip()
-
-    def integer(name: str, low: int, high: int, rule: str) -> int:
-        raw = value(name)
-        if not raw:
-            return 0
-        if raw.isascii() and raw.isdigit() and low <= int(raw) <= high:
-            return int(raw)
-        problems.append(Detail(message=f"{name} must be {rule}, not {raw[:40]!r}", column=name))
-        return 0
-
+    read = _OptionReader(values)
     options = task_pb2.ImageOptions(
-        quality=integer("quality", 1, 95, "an integer from 1 to 95"),
-        max_width=integer("max_width", 0, _UINT32_MAX, "a whole number of pixels (0: no limit)"),
-        max_height=integer("max_height", 0, _UINT32_MAX, "a whole number of pixels (0: no limit)"),
+        quality=read.integer("quality", 1, 95, "an integer from 1 to 95"),
+        max_width=read.integer(
+            "max_width", 0, _UINT32_MAX, "a whole number of pixels (0: no limit)"
+        ),
+        max_height=read.integer(
+            "max_height", 0, _UINT32_MAX, "a whole number of pixels (0: no limit)"
+        ),
     )
-
-    def choice(name: str, choices: Mapping[str, int]) -> int:
-        raw = value(name)
-        if not raw or raw.lower() in choices:
-            return choices.get(raw.lower(), 0)
-        allowed = ", ".join(choices)
-        problems.append(
-            Detail(message=f"{name} must be one of {allowed}, not {raw[:40]!r}", column=name)
-        )
-        return 0
-
-    options.format = choice("format", _FORMATS)  # type: ignore[assignment]
-    options.effort = choice("effort", _EFFORTS)  # type: ignore[assignment]
-
-    def fraction(name: str, rule: str, accepts: Callable[[float], bool]) -> float:
-        raw = value(name)
-        if not raw:
-            return 0.0
-        try:
-            number = float(raw)
-        except ValueError:
-            number = math.nan
-        if math.isfinite(number) and accepts(number):
-            return number
-        problems.append(Detail(message=f"{name} {rule}, not {raw[:40]!r}", column=name))
-        return 0.0
-
-    options.scale = fraction("scale", "must be a number with 0 < scale <= 1", lambda v: 0 < v <= 1)
+    options.format = read.choice("format", _FORMATS)  # type: ignore[assignment]
+    options.effort = read.choice("effort", _EFFORTS)  # type: ignore[assignment]
+    options.scale = read.fraction(
+        "scale", "must be a number with 0 < scale <= 1", lambda v: 0 < v <= 1
+    )
     ratio, ssim = GOAL_RULES["target_ratio"], GOAL_RULES["min_ssim"]
-    options.target_ratio = fraction("target_ratio", ratio, lambda v: 0 <= v < 1)
-    options.min_ssim = fraction("min_ssim", ssim, lambda v: 0 <= v <= 1)
+    options.target_ratio = read.fraction("target_ratio", ratio, lambda v: 0 <= v < 1)
+    options.min_ssim = read.fraction("min_ssim", ssim, lambda v: 0 <= v <= 1)
+    problems = read.problems
     if not problems:  # the goals' rules across fields: combined, or with a lossless format
         problems += [
             Detail(message=message, column=name)
@@ -199,8 +168,53 @@ def build_header(values: Mapping[str, str], idempotency_key: str = "") -> ingest
         names = ", ".join(d.column for d in problems)
         raise InvalidArgument(f"invalid upload options: {names}", problems)
     return ingest_pb.UploadHeader(
-        options=options, webhook_url=value("webhook_url"), idempotency_key=idempotency_key
+        options=options, webhook_url=read.value("webhook_url"), idempotency_key=idempotency_key
     )
+
+
+class _OptionReader:
+    """Form or query values read as upload options; each bad one is kept as a problem (and
+    read as 0, so that every field is checked before the upload is refused)."""
+
+    def __init__(self, values: Mapping[str, str]) -> None:
+        self.values = values
+        self.problems: list[Detail] = []
+
+    def value(self, name: str) -> str:
+        return self.values.get(name, "").strip()
+
+    def integer(self, name: str, low: int, high: int, rule: str) -> int:
+        raw = self.value(name)
+        if not raw:
+            return 0
+        if raw.isascii() and raw.isdigit() and low <= int(raw) <= high:
+            return int(raw)
+        self._refuse(name, f"{name} must be {rule}, not {raw[:40]!r}")
+        return 0
+
+    def choice(self, name: str, choices: Mapping[str, int]) -> int:
+        raw = self.value(name)
+        if not raw or raw.lower() in choices:
+            return choices.get(raw.lower(), 0)
+        allowed = ", ".join(choices)
+        self._refuse(name, f"{name} must be one of {allowed}, not {raw[:40]!r}")
+        return 0
+
+    def fraction(self, name: str, rule: str, accepts: Callable[[float], bool]) -> float:
+        raw = self.value(name)
+        if not raw:
+            return 0.0
+        try:
+            number = float(raw)
+        except ValueError:
+            number = math.nan
+        if math.isfinite(number) and accepts(number):
+            return number
+        self._refuse(name, f"{name} {rule}, not {raw[:40]!r}")
+        return 0.0
+
+    def _refuse(self, name: str, message: str) -> None:
+        self.problems.append(Detail(message=message, column=name))
 
 
 def _too_large(limit: int) -> TooLarge:

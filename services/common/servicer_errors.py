@@ -39,25 +39,10 @@ BACKEND_ERRORS: tuple[type[BaseException], ...] = (
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def rpc_method(method: F) -> F:  # noqa: C901
+def rpc_method(method: F) -> F:
     """Decorate a servicer method: an ImgpipeError becomes its gRPC status, a backend failure
     becomes UNAVAILABLE, and nothing else leaks. Works for unary and server-streaming methods."""
-
-    async def fail(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException) -> NoReturn:
-        if isinstance(exc, ImgpipeError):
-            await grpc_abort(context, exc)
-        if isinstance(exc, BackendBusy):
-            log.warning("backend busy", extra={"error": str(exc), "method": method.__name__})
-            await grpc_abort(context, Unavailable(str(exc), retry_after=exc.retry_after))
-        if isinstance(exc, BACKEND_ERRORS):
-            log.warning(
-                "backend unavailable", extra={"error": repr(exc), "method": method.__name__}
-            )
-            await grpc_abort(context, Unavailable("a backend is unavailable; retry later"))
-        # A bug: logged with its traceback here, never sent to the caller.
-        log.error("unexpected error", exc_info=exc, extra={"method": method.__name__})
-        await grpc_abort(context, ImgpipeError("internal error"))
-
+    name = method.__name__
     if inspect.isasyncgenfunction(method):
 
         @functools.wraps(method)
@@ -68,7 +53,7 @@ def rpc_method(method: F) -> F:  # noqa: C901
             except grpc.aio.AbortError:
                 raise  # the method ended the call itself
             except Exception as exc:
-                await fail(context, exc)
+                await _fail(context, exc, name)
 
         return stream  # type: ignore[return-value]
 
@@ -79,6 +64,23 @@ def rpc_method(method: F) -> F:  # noqa: C901
         except grpc.aio.AbortError:
             raise  # the method ended the call itself
         except Exception as exc:
-            await fail(context, exc)
+            await _fail(context, exc, name)
 
     return unary  # type: ignore[return-value]
+
+
+async def _fail(
+    context: grpc.aio.ServicerContext[Any, Any], exc: BaseException, method: str
+) -> NoReturn:
+    """End the call with the status `exc` maps to (see rpc_method)."""
+    if isinstance(exc, ImgpipeError):
+        await grpc_abort(context, exc)
+    if isinstance(exc, BackendBusy):
+        log.warning("backend busy", extra={"error": str(exc), "method": method})
+        await grpc_abort(context, Unavailable(str(exc), retry_after=exc.retry_after))
+    if isinstance(exc, BACKEND_ERRORS):
+        log.warning("backend unavailable", extra={"error": repr(exc), "method": method})
+        await grpc_abort(context, Unavailable("a backend is unavailable; retry later"))
+    # A bug: logged with its traceback here, never sent to the caller.
+    log.error("unexpected error", exc_info=exc, extra={"method": method})
+    await grpc_abort(context, ImgpipeError("internal error"))

@@ -148,18 +148,76 @@ class StackPlan:
         return [[c for c in self.children if c.role in roles] for roles in STOP_ORDER]
 
 
-def plan_stack(  # noqa: C901
+def plan_stack(
     environ: Mapping[str, str], *, cwd: Path | None = None, python: str | None = None
 ) -> StackPlan:
     """Decide what `make run` starts from `environ` alone; PlanError lists every problem."""
-    problems: list[str] = []
+    read = _PlanReader(environ)
+    base = cwd if cwd is not None else Path.cwd()
+    data_dir = (base / Path(read.get("IMGPIPE_DATA_DIR") or ".imgpipe").expanduser()).resolve()
+    workers = read.integer("IMGPIPE_DEV_WORKERS", DEFAULT_WORKERS, 1, 64)
+    grpc_base = read.integer("IMGPIPE_DEV_GRPC_BASE_PORT", DEFAULT_GRPC_BASE_PORT, 1, 65535)
+    if grpc_base + 9 + workers > 65535:
+        read.problems.append(
+            f"IMGPIPE_DEV_GRPC_BASE_PORT={grpc_base}: workers would listen beyond port 65535"
+        )
+    metrics_base = read.integer("IMGPIPE_DEV_METRICS_BASE_PORT", 0, 1, 65535)
+    if metrics_base + 9 + workers > 65535:
+        read.problems.append(
+            f"IMGPIPE_DEV_METRICS_BASE_PORT={metrics_base}: workers would serve metrics beyond"
+            " port 65535"
+        )
+    http_listen = read.get("IMGPIPE_HTTP_LISTEN") or DEFAULT_HTTP_LISTEN
+    http_host, http_port = _split_address(http_listen)
+    if http_port is None:
+        read.problems.append(
+            f"IMGPIPE_HTTP_LISTEN={http_listen!r}: expected host:port, port 1-65535"
+        )
+    if read.problems:
+        raise PlanError(read.problems)
 
-    def get(name: str) -> str | None:
-        value = environ.get(name, "").strip()
+    url_host = "127.0.0.1" if http_host in _WILDCARD_HOSTS else http_host
+    if ":" in url_host:
+        url_host = f"[{url_host}]"
+    gateway_url = f"http://{url_host}:{http_port}"
+    ingest_addr = f"127.0.0.1:{grpc_base}"
+    status_addr = f"127.0.0.1:{grpc_base + 1}"
+    children = _plan_children(
+        python or sys.executable, ingest_addr, status_addr, grpc_base, workers, metrics_base
+    )
+    storage_url = read.get("IMGPIPE_STORAGE_URL") or (data_dir / "store").as_uri()
+    # The gateway serves a file:// store; S3 URLs are a CDN's or presigned (empty: unset).
+    files_url = f"{gateway_url}/files/" if storage_url.startswith("file:") else ""
+    return StackPlan(
+        data_dir=data_dir,
+        database_url=read.get("IMGPIPE_DATABASE_URL"),
+        redis_url=read.get("IMGPIPE_REDIS_URL"),
+        postgres_dir=data_dir / "pg",
+        redis_dir=data_dir / "redis",
+        storage_url=storage_url,
+        public_base_url=read.get("IMGPIPE_PUBLIC_BASE_URL") or files_url,
+        http_listen=http_listen,
+        gateway_url=gateway_url,
+        ingest_addr=ingest_addr,
+        status_addr=status_addr,
+        children=children,
+        base_env=dict(environ),
+    )
+
+
+class _PlanReader:
+    """The launcher's variables read from an environment; every bad one is a problem."""
+
+    def __init__(self, environ: Mapping[str, str]) -> None:
+        self.environ = environ
+        self.problems: list[str] = []
+
+    def get(self, name: str) -> str | None:
+        value = self.environ.get(name, "").strip()
         return value or None
 
-    def integer(name: str, default: int, low: int, high: int) -> int:
-        raw = get(name)
+    def integer(self, name: str, default: int, low: int, high: int) -> int:
+        raw = self.get(name)
         if raw is None:
             return default
         try:
@@ -167,39 +225,20 @@ def plan_stack(  # noqa: C901
         except ValueError:
             value = low - 1
         if not low <= value <= high:
-            problems.append(f"{name}={raw!r}: expected a whole number from {low} to {high}")
+            self.problems.append(f"{name}={raw!r}: expected a whole number from {low} to {high}")
             return default
         return value
 
-    base = cwd if cwd is not None else Path.cwd()
-    data_dir = (base / Path(get("IMGPIPE_DATA_DIR") or ".imgpipe").expanduser()).resolve()
-    workers = integer("IMGPIPE_DEV_WORKERS", DEFAULT_WORKERS, 1, 64)
-    grpc_base = integer("IMGPIPE_DEV_GRPC_BASE_PORT", DEFAULT_GRPC_BASE_PORT, 1, 65535)
-    if grpc_base + 9 + workers > 65535:
-        problems.append(
-            f"IMGPIPE_DEV_GRPC_BASE_PORT={grpc_base}: workers would listen beyond port 65535"
-        )
-    metrics_base = integer("IMGPIPE_DEV_METRICS_BASE_PORT", 0, 1, 65535)
-    if metrics_base + 9 + workers > 65535:
-        problems.append(
-            f"IMGPIPE_DEV_METRICS_BASE_PORT={metrics_base}: workers would serve metrics beyond"
-            " port 65535"
-        )
-    http_listen = get("IMGPIPE_HTTP_LISTEN") or DEFAULT_HTTP_LISTEN
-    http_host, http_port = _split_address(http_listen)
-    if http_port is None:
-        problems.append(f"IMGPIPE_HTTP_LISTEN={http_listen!r}: expected host:port, port 1-65535")
-    if problems:
-        raise PlanError(problems)
 
-    url_host = "127.0.0.1" if http_host in _WILDCARD_HOSTS else http_host
-    if ":" in url_host:
-        url_host = f"[{url_host}]"
-    gateway_url = f"http://{url_host}:{http_port}"
-
-    python = python or sys.executable
-    ingest_addr = f"127.0.0.1:{grpc_base}"
-    status_addr = f"127.0.0.1:{grpc_base + 1}"
+def _plan_children(
+    python: str,
+    ingest_addr: str,
+    status_addr: str,
+    grpc_base: int,
+    workers: int,
+    metrics_base: int,
+) -> tuple[ChildSpec, ...]:
+    """Ingest, status, the workers and the gateway, with their listen addresses."""
     children = [
         _child(python, INGEST, INGEST, "services.ingest", IMGPIPE_GRPC_LISTEN=ingest_addr),
         _child(python, STATUS, STATUS, "services.status", IMGPIPE_GRPC_LISTEN=status_addr),
@@ -223,25 +262,7 @@ def plan_stack(  # noqa: C901
             replace(c, env={**c.env, "IMGPIPE_METRICS_LISTEN": f"127.0.0.1:{ports[c.name]}"})
             for c in children
         ]
-
-    storage_url = get("IMGPIPE_STORAGE_URL") or (data_dir / "store").as_uri()
-    # The gateway serves a file:// store; S3 URLs are a CDN's or presigned (empty: unset).
-    files_url = f"{gateway_url}/files/" if storage_url.startswith("file:") else ""
-    return StackPlan(
-        data_dir=data_dir,
-        database_url=get("IMGPIPE_DATABASE_URL"),
-        redis_url=get("IMGPIPE_REDIS_URL"),
-        postgres_dir=data_dir / "pg",
-        redis_dir=data_dir / "redis",
-        storage_url=storage_url,
-        public_base_url=get("IMGPIPE_PUBLIC_BASE_URL") or files_url,
-        http_listen=http_listen,
-        gateway_url=gateway_url,
-        ingest_addr=ingest_addr,
-        status_addr=status_addr,
-        children=tuple(children),
-        base_env=dict(environ),
-    )
+    return tuple(children)
 
 
 def run_stack(plan: StackPlan) -> int:
@@ -268,59 +289,35 @@ def run_stack(plan: StackPlan) -> int:
         os.close(lock)
 
 
-def _run_locked(plan: StackPlan) -> int:  # noqa: C901
-    signals = Signals()
-    supervisor = Supervisor()
+@dataclass
+class _Embedded:
+    """The embedded servers this run started (None: given by URL, or not started yet)."""
+
     postgres: EmbeddedPostgres | None = None
     redis: EmbeddedRedis | None = None
+
+
+def _run_locked(plan: StackPlan) -> int:
+    signals = Signals()
+    supervisor = Supervisor()
+    embedded = _Embedded()
     try:
         if plan.storage_url.startswith("file:"):
             Path(unquote(urlsplit(plan.storage_url).path)).mkdir(parents=True, exist_ok=True)
-        database_url, redis_url = plan.database_url, plan.redis_url
-        try:
-            if database_url is None:
-                say(f"starting embedded Postgres in {plan.postgres_dir}")
-                postgres = start_postgres(plan.postgres_dir)
-                supervisor.adopt("postgres", postgres.process, postgres.respawn)
-                database_url = postgres.url
-            if signals.received:
-                return 0
-            if redis_url is None:
-                say(f"starting embedded Redis in {plan.redis_dir}")
-                redis = start_redis(plan.redis_dir)
-                supervisor.adopt("redis", redis.process, redis.respawn)
-                redis_url = redis.url
-        except DataDirInUse as exc:
-            say(
-                f"{exc.server} (pid {exc.pid}) still runs on {exc.data_dir}, left by an earlier"
-                f" run or started by another program: stop it (kill {exc.pid}), or set"
-                " IMGPIPE_DATA_DIR to another folder"
-            )
-            return 1
-        except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
-            say(f"could not start an embedded server: {exc}")
-            return 1
+        urls = _start_embedded(plan, supervisor, signals, embedded)
+        if isinstance(urls, int):
+            return urls
         if signals.received:
             return 0
-
-        # A local stack signs webhooks too: with a secret of its own, kept in the data folder.
-        secret = plan.base_env.get("IMGPIPE_WEBHOOK_SECRET") or _dev_webhook_secret(plan.data_dir)
-        for spec in plan.children:
-            env = plan.child_env(
-                spec, database_url=database_url, redis_url=redis_url, webhook_secret=secret
-            )
-            try:
-                child = supervisor.start(spec.name, functools.partial(_spawn_service, spec, env))
-            except OSError as exc:
-                say(f"could not start {spec.name}: {exc}")
-                return 1
-            assert child.process is not None
-            say(f"started {spec.name} (pid {child.process.pid})")
-
+        database_url, redis_url = urls
+        started = _start_children(plan, supervisor, database_url, redis_url)
+        if started is not None:
+            return started
         ready = _wait_until_ready(plan, supervisor, signals)
         if ready is not None:
             return ready
-        print(_banner(plan, database_url, redis_url, postgres, redis), file=sys.stderr, flush=True)
+        banner = _banner(plan, database_url, redis_url, embedded.postgres, embedded.redis)
+        print(banner, file=sys.stderr, flush=True)
         while not signals.received:
             supervisor.check()
             signals.wait(0.5)
@@ -333,13 +330,65 @@ def _run_locked(plan: StackPlan) -> int:  # noqa: C901
         by_name = {child.name: child for child in supervisor.children}
         for stage in plan.stop_stages():
             stop_stage([by_name[s.name] for s in stage if s.name in by_name], signals, STOP_GRACE)
-        if redis is not None:
+        if embedded.redis is not None:
             say("stopping embedded Redis")
-            redis.stop()
-        if postgres is not None:
+            embedded.redis.stop()
+        if embedded.postgres is not None:
             say("stopping embedded Postgres")
-            postgres.stop()
+            embedded.postgres.stop()
         signals.close()
+
+
+def _start_embedded(
+    plan: StackPlan, supervisor: Supervisor, signals: Signals, embedded: _Embedded
+) -> tuple[str, str] | int:
+    """The database and Redis URLs, starting the embedded server of each the plan was not
+    given a URL for (kept in `embedded`, so the caller stops them); or the exit code."""
+    database_url, redis_url = plan.database_url, plan.redis_url
+    try:
+        if database_url is None:
+            say(f"starting embedded Postgres in {plan.postgres_dir}")
+            embedded.postgres = start_postgres(plan.postgres_dir)
+            supervisor.adopt("postgres", embedded.postgres.process, embedded.postgres.respawn)
+            database_url = embedded.postgres.url
+        if signals.received:
+            return 0
+        if redis_url is None:
+            say(f"starting embedded Redis in {plan.redis_dir}")
+            embedded.redis = start_redis(plan.redis_dir)
+            supervisor.adopt("redis", embedded.redis.process, embedded.redis.respawn)
+            redis_url = embedded.redis.url
+    except DataDirInUse as exc:
+        say(
+            f"{exc.server} (pid {exc.pid}) still runs on {exc.data_dir}, left by an earlier"
+            f" run or started by another program: stop it (kill {exc.pid}), or set"
+            " IMGPIPE_DATA_DIR to another folder"
+        )
+        return 1
+    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+        say(f"could not start an embedded server: {exc}")
+        return 1
+    return database_url, redis_url
+
+
+def _start_children(
+    plan: StackPlan, supervisor: Supervisor, database_url: str, redis_url: str
+) -> int | None:
+    """Start every service of the plan under the supervisor; the exit code if one cannot."""
+    # A local stack signs webhooks too: with a secret of its own, kept in the data folder.
+    secret = plan.base_env.get("IMGPIPE_WEBHOOK_SECRET") or _dev_webhook_secret(plan.data_dir)
+    for spec in plan.children:
+        env = plan.child_env(
+            spec, database_url=database_url, redis_url=redis_url, webhook_secret=secret
+        )
+        try:
+            child = supervisor.start(spec.name, functools.partial(_spawn_service, spec, env))
+        except OSError as exc:
+            say(f"could not start {spec.name}: {exc}")
+            return 1
+        assert child.process is not None
+        say(f"started {spec.name} (pid {child.process.pid})")
+    return None
 
 
 def main() -> int:

@@ -568,44 +568,64 @@ _JPEG_KEEP_APP = (0xE0, 0xEE)  # APP0 JFIF, APP14 Adobe (its transform flag deci
 _NEXT_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
 
 
-def _strip_jpeg(data: bytes) -> bytes | None:  # noqa: C901
+def _strip_jpeg(data: bytes) -> bytes | None:
     """Drop APP1..APP15 (EXIF, XMP, ICC, MPF, ...) except APP14, and COM segments; keep every
     other segment and the entropy-coded data byte for byte; stop at the first EOI, which also
     drops the extra images an MPO file appends."""
     if not data.startswith(b"\xff\xd8"):
         return None
     out = [b"\xff\xd8"]
-    i, n = 2, len(data)
+    i = 2
     while True:
-        if i + 1 >= n or data[i] != 0xFF:
+        found = _jpeg_marker(data, i)
+        if found is None:
             return None
-        while i + 1 < n and data[i + 1] == 0xFF:  # fill bytes before a marker
-            i += 1
-        if i + 1 >= n:
-            return None
-        marker = data[i + 1]
+        i, marker = found
         if marker == 0xD9:
             out.append(b"\xff\xd9")
             return b"".join(out)
-        if 0xD0 <= marker <= 0xD7 or marker == 0x01:
+        if 0xD0 <= marker <= 0xD7 or marker == 0x01:  # restart markers, TEM: no length
             out.append(data[i : i + 2])
             i += 2
             continue
-        if i + 4 > n:
+        end = _jpeg_segment_end(data, i)
+        if end is None:
             return None
-        end = i + 2 + int.from_bytes(data[i + 2 : i + 4], "big")
-        if end > n or end < i + 4:
-            return None
-        is_app = 0xE0 <= marker <= 0xEF
-        if not ((is_app and marker not in _JPEG_KEEP_APP) or marker == 0xFE):
+        if not _jpeg_metadata(marker):
             out.append(data[i:end])
         i = end
         if marker == 0xDA:  # start of scan: copy entropy-coded data up to the next marker
-            found = _NEXT_MARKER.search(data, i)
-            if found is None:
+            scan_end = _NEXT_MARKER.search(data, i)
+            if scan_end is None:
                 return None
-            out.append(data[i : found.start()])
-            i = found.start()
+            out.append(data[i : scan_end.start()])
+            i = scan_end.start()
+
+
+def _jpeg_marker(data: bytes, i: int) -> tuple[int, int] | None:
+    """The marker at `i` (after any fill bytes): its position and code; None if none is."""
+    n = len(data)
+    if i + 1 >= n or data[i] != 0xFF:
+        return None
+    while i + 1 < n and data[i + 1] == 0xFF:  # fill bytes before a marker
+        i += 1
+    if i + 1 >= n:
+        return None
+    return i, data[i + 1]
+
+
+def _jpeg_segment_end(data: bytes, i: int) -> int | None:
+    """Where the segment whose marker is at `i` ends, by its length field; None if it
+    overruns the data or is shorter than its own length field."""
+    if i + 4 > len(data):
+        return None
+    end = i + 2 + int.from_bytes(data[i + 2 : i + 4], "big")
+    return end if i + 4 <= end <= len(data) else None
+
+
+def _jpeg_metadata(marker: int) -> bool:
+    """APPn segments but JFIF and Adobe, and comments: what stripping drops."""
+    return (0xE0 <= marker <= 0xEF and marker not in _JPEG_KEEP_APP) or marker == 0xFE
 
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
