@@ -2,7 +2,7 @@
 
     .venv/bin/python -m bench.page_flood
 
-The real stack (`python -m services.dev`, embedded Postgres and Redis) with one request of
+The real stack (`python -m services.local`, embedded Postgres and Redis) with one request of
 1000 products, each with ten image URLs of 2000 characters: a 20 MiB page when asked for
 1000 products at once. Then, as the hostile tenant did: 16 requests for that page with
 equivalent token spellings (one at a time, then at once), 16 at once for distinct page sizes,

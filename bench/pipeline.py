@@ -1,6 +1,6 @@
 """Driving the real stack: start it, upload a CSV, wait until the request is final.
 
-Every stack is `python -m services.dev` in a fresh temporary folder (embedded Postgres and
+Every stack is `python -m services.local` in a fresh temporary folder (embedded Postgres and
 Redis), started by testing/stack.py and stopped by its launcher's pid.
 """
 

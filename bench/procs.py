@@ -1,6 +1,6 @@
 """What the benchmarks read from /proc about the stack's processes: who they are, their memory.
 
-The stack is `python -m services.dev` (the launcher) with its children: gateway, ingest,
+The stack is `python -m services.local` (the launcher) with its children: gateway, ingest,
 status, worker-1..N and the embedded Redis and Postgres. The postmaster and its backends are
 grouped through `postmaster.pid` in the stack's data folder.
 """

@@ -5,7 +5,7 @@ the other. One module per thing it provides:
 - ports, processes: free TCP ports; a process's exit and its descendants, from /proc;
 - databases: throwaway Postgres databases and Redis key prefixes;
 - containers, seaweed: Postgres and Redis in containers; a SeaweedFS S3 server;
-- stack: the whole stack as real processes (`python -m services.dev`), and the CLI against it;
+- stack: the whole stack as real processes (`python -m services.local`), and the CLI against it;
 - services: one service as a process, with its health channel;
 - uploads: the CSV of a request and its gRPC upload;
 - origin, imagegen, photos: an image origin on 127.0.0.1; generated and real photographs;

@@ -1,4 +1,4 @@
-"""The whole stack as real processes, started through `python -m services.dev` (`make run`).
+"""The whole stack as real processes, started through `python -m services.local` (`make run`).
 
 Used by the end-to-end tests and by the benchmarks.
 """
@@ -66,11 +66,11 @@ class Stack:
 
 
 def stack_command(extra_env: dict[str, str]) -> list[str]:
-    """`python -m services.dev`, or with IMGPIPE_TEST_IMAGE=IMAGE (`make image-test`) the same
+    """`python -m services.local`, or with IMGPIPE_TEST_IMAGE=IMAGE (`make image-test`) the same
     stack from that container image (scripts/image_stack.py), which needs servers by URL."""
     image = os.environ.get("IMGPIPE_TEST_IMAGE")
     if not image:
-        return [sys.executable, "-m", "services.dev"]
+        return [sys.executable, "-m", "services.local"]
     if not (extra_env.get("IMGPIPE_DATABASE_URL") and extra_env.get("IMGPIPE_REDIS_URL")):
         pytest.skip("the stack from the image needs Postgres and Redis by URL, not embedded")
     return [sys.executable, str(ROOT / "scripts" / "image_stack.py"), image]
@@ -96,7 +96,7 @@ def start_stack(tmp_path: Path, extra_env: dict[str, str], log_name: str = "stac
 
 
 def launch_stack(tmp_path: Path, extra_env: dict[str, str], log_name: str = "stack.log") -> Stack:
-    """`python -m services.dev` on the data folder tmp_path/data, its output in
+    """`python -m services.local` on the data folder tmp_path/data, its output in
     tmp_path/log_name; free ports and a Redis prefix of its own unless extra_env sets them."""
     command = stack_command(extra_env)
     port = free_port_block((0,))

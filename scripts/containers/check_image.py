@@ -23,7 +23,7 @@ from pathlib import Path
 
 OWN_PACKAGES = ("services", "gateway", "imgpipe")
 # Modules of the `local` extra (the embedded servers of `make run`), not in the image.
-LOCAL_ONLY = ("services.local", "services.dev")
+LOCAL_ONLY = ("services.local",)
 # Extension modules for what a server has no use for: Pillow's Tk display needs tkinter, which
 # Debian ships apart (python3-tk) and no image of imgpipe has had.
 NOT_LOADED = ("PIL._imagingtk",)

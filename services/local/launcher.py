@@ -1,6 +1,6 @@
 """`make run`: the whole stack on one machine, as child processes of this launcher.
 
-    python -m services.local      (or python -m services.dev, its old name)
+    python -m services.local      (`make run`, `imgpipe dev`)
 
 With no IMGPIPE_DATABASE_URL or IMGPIPE_REDIS_URL it starts an embedded Postgres and Redis under
 the data folder (IMGPIPE_DATA_DIR, default ./.imgpipe), which keeps their data across runs. Then

@@ -1,4 +1,4 @@
-"""End to end: API keys and limits on the real stack (`python -m services.dev` with
+"""End to end: API keys and limits on the real stack (`python -m services.local` with
 IMGPIPE_API_KEYS), over REST, over direct gRPC, from the CLI and from a browser's cookie; and
 the loud warning every service logs when no key is configured.
 

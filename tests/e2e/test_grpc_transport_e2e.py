@@ -1,6 +1,6 @@
 """End to end: the stack's gRPC under mTLS, and live progress across recycled connections.
 
-The whole stack (`python -m services.dev`) with the SDK (imgpipe.client) through the gateway,
+The whole stack (`python -m services.local`) with the SDK (imgpipe.client) through the gateway,
 which dials ingest and status with services/common/grpc_transport.py."""
 
 from __future__ import annotations

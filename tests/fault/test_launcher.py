@@ -1,4 +1,4 @@
-"""The launcher behind `make run` (services.dev) under hard faults (issue 15), with real processes:
+"""The launcher of `make run` (services.local) under hard faults (issue 15), with real processes:
 a killed worker is restarted and its request completes; a killed launcher leaves no process
 behind; after a power loss (every process SIGKILLed) the stack starts on the first try and the
 request completes; a second launcher on a folder in use is refused; a crash loop stops it all.
@@ -179,7 +179,7 @@ def test_a_second_launcher_is_refused_and_a_killed_launcher_leaves_no_process(
     try:
         env = {k: v for k, v in os.environ.items() if not k.startswith("IMGPIPE_")}
         second = subprocess.run(
-            [sys.executable, "-m", "services.dev"],
+            [sys.executable, "-m", "services.local"],
             cwd=ROOT,
             env={**env, "IMGPIPE_DATA_DIR": str(stack.data_dir)},
             capture_output=True,

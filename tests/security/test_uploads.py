@@ -1,5 +1,5 @@
 """Issue 14, findings 1, 3 and the retry of finding 7: what one tenant's uploads can do to the
-others, on the real stack (`python -m services.dev`) with several API keys.
+others, on the real stack (`python -m services.local`) with several API keys.
 
 Images point at `http://127.0.0.1:9/...`, which the fetch guard refuses without connecting, so
 requests become final (Failed) at once and nothing leaves the machine. A "stalled" upload is a

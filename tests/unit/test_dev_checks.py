@@ -1,4 +1,4 @@
-"""What the launcher checks before it starts anything (services.dev): one launcher per data
+"""What the launcher checks before it starts anything (services.local): one launcher per data
 folder, free ports, the embedded servers installed. (The dev webhook secret's file mode is in
 tests/security/test_local_stack.py.)"""
 

@@ -21,7 +21,6 @@ ABOVE = (
     "services.worker",
     "services.status",
     "services.local",
-    "services.dev",
 )
 # What the gateway has no use for: image work is the worker's, Postgres and Redis the services'.
 NOT_IN_GATEWAY = ("PIL", "asyncpg", "redis", "numpy")
