@@ -13,7 +13,7 @@ from gateway.serving import drain, start
 from services.common import metrics, telemetry
 from services.common.auth import log_auth_state
 from services.common.config import ConfigError
-from services.common.logging import configure_logging
+from services.common.json_logs import configure_logging
 from services.common.process import exit_now
 
 # On SIGTERM the listener closes at once; in-flight requests get this long to finish.

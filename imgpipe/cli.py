@@ -1,5 +1,5 @@
 """`imgpipe`: the command line. Parses arguments, reads the environment (here only), runs a
-command and turns its outcome into an exit code (see `imgpipe.outcome`)."""
+command and turns its outcome into an exit code (see `imgpipe.exit_codes`)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from typing import Any, NoReturn, TypeVar
 from imgpipe import commands, render
 from imgpipe.client import DEFAULT_TIMEOUT, UploadOptions
 from imgpipe.errors import ApiError
-from imgpipe.outcome import EXIT_CODES_HELP, Exit, exit_for_http_status
+from imgpipe.exit_codes import EXIT_CODES_HELP, Exit, exit_for_http_status
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 URL_ENV, API_KEY_ENV = "IMGPIPE_URL", "IMGPIPE_API_KEY"

@@ -13,8 +13,8 @@ from imgpipe import render
 from imgpipe.client import ApiClient, UploadOptions
 from imgpipe.errors import ApiError
 from imgpipe.events import follow
-from imgpipe.outcome import Exit, exit_for_final
-from imgpipe.progress import ProgressBar
+from imgpipe.exit_codes import Exit, exit_for_final
+from imgpipe.progress_bar import ProgressBar
 
 
 @dataclass(frozen=True)

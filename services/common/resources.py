@@ -23,7 +23,7 @@ from services.common.dependencies import (
     redis_probe,
 )
 from services.common.grpc_server import Health
-from services.common.logging import configure_logging
+from services.common.json_logs import configure_logging
 from services.common.streams import StreamNames
 
 log = logging.getLogger(__name__)

@@ -20,7 +20,7 @@ then the exported span, and the hand-written context only fills in outside any s
 
 The current trace and request id live in context variables, so every log record made while
 handling a call, a task or an event carries `trace_id`, `span_id` and `request_id`
-(services/common/logging.py).
+(services/common/json_logs.py).
 """
 
 from __future__ import annotations

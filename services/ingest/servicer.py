@@ -99,7 +99,7 @@ class IngestServicer(ingest_grpc.IngestServiceServicer):
         self, request_iterator: AsyncIterator[ingest_pb.UploadCsvRequest], context: Context
     ) -> ingest_pb.UploadCsvResponse:
         header = await self._header(request_iterator)
-        accepted = await self._ingest(header, _content(request_iterator, "chunk", len))
+        accepted = await self._accept_upload(header, _content(request_iterator, "chunk", len))
         return ingest_pb.UploadCsvResponse(accepted=accepted)
 
     @rpc_method
@@ -115,7 +115,7 @@ class IngestServicer(ingest_grpc.IngestServiceServicer):
             async for p in _content(request_iterator, "product", lambda _: 1):
                 yield _csv_line((p.serial_number, p.product_name, ",".join(p.input_image_urls)))
 
-        accepted = await self._ingest(header, as_csv())
+        accepted = await self._accept_upload(header, as_csv())
         return ingest_pb.SubmitProductsResponse(accepted=accepted)
 
     @rpc_method
@@ -203,7 +203,9 @@ class IngestServicer(ingest_grpc.IngestServiceServicer):
         refused = refused_before_dns(url, self.fetch_allow, self.fetch_ports)
         return f"webhook_url is refused: {refused}" if refused is not None else None
 
-    async def _ingest(self, header: Header, chunks: AsyncIterator[bytes]) -> ingest_pb.Accepted:
+    async def _accept_upload(
+        self, header: Header, chunks: AsyncIterator[bytes]
+    ) -> ingest_pb.Accepted:
         owner = caller_owner()  # '' when authentication is off
         principal = caller()
         request_id = uuid.uuid4()
@@ -215,7 +217,7 @@ class IngestServicer(ingest_grpc.IngestServiceServicer):
                 await spool.receive(chunks)
                 if spool.reader.exceeded is not None:
                     raise self._too_large(spool.reader)
-                stored = await self._store_once(request_id, owner, header, spool)
+                stored = await self._store_or_replay(request_id, owner, header, spool)
         if isinstance(stored, ingest_pb.Accepted):
             return stored  # an idempotent replay: nothing new was stored
         products, images = stored
@@ -238,7 +240,7 @@ class IngestServicer(ingest_grpc.IngestServiceServicer):
             created=True,
         )
 
-    async def _store_once(
+    async def _store_or_replay(
         self, request_id: uuid.UUID, owner: str, header: Header, spool: Spool
     ) -> tuple[int, int] | ingest_pb.Accepted:
         """Store a received upload: (products, images), or the earlier request with the same
@@ -246,13 +248,13 @@ class IngestServicer(ingest_grpc.IngestServiceServicer):
         key = header.idempotency_key
         if not key:
             async with self.pool.acquire() as conn:
-                return await self._store(conn, request_id, owner, header, spool)
+                return await self._store_within_limits(conn, request_id, owner, header, spool)
         # Uploads with the same key take turns on one connection, so two identical ones sent
         # at once make one request: the second waits, then finds the first and replays it.
         async with queries.idempotency_lock(self.pool, owner, key) as conn:
             existing = await queries.find_idempotent(conn, owner, key)
             if existing is None:
-                return await self._store(conn, request_id, owner, header, spool)
+                return await self._store_within_limits(conn, request_id, owner, header, spool)
         tracing.set_request_id(str(existing.id))
         return _replay(existing, spool.digest.digest())
 
@@ -262,7 +264,7 @@ class IngestServicer(ingest_grpc.IngestServiceServicer):
             return contextlib.nullcontext()
         return self.limiter.upload_lease(principal)
 
-    async def _store(
+    async def _store_within_limits(
         self,
         conn: queries.Connection,
         request_id: uuid.UUID,
@@ -281,7 +283,7 @@ class IngestServicer(ingest_grpc.IngestServiceServicer):
         # Filled just before the commit, so a failed commit gives the images back too.
         reserved: list[ImageReservation] = []
         try:
-            return await self._write(conn, request_id, owner, header, spool, reserved)
+            return await self._insert_rows(conn, request_id, owner, header, spool, reserved)
         except BaseException:
             await self._give_back_slot(principal, request_id)
             if self.limiter is not None:
@@ -305,7 +307,7 @@ class IngestServicer(ingest_grpc.IngestServiceServicer):
                 # Freed later: a slot with no request behind it goes stale (limits.py).
                 log.warning("slot not given back", extra={"error": repr(exc)})
 
-    async def _write(
+    async def _insert_rows(
         self,
         conn: queries.Connection,
         request_id: uuid.UUID,

@@ -23,8 +23,8 @@ from services.common.streams import WORKER_GROUP
 from services.status.config import StatusSettings
 from services.status.progress import ProgressHub
 from services.status.servicer import StatusServicer, registrar
-from services.status.sessions import SessionServicer
-from services.status.sessions import registrar as session_registrar
+from services.status.session_service import SessionServicer
+from services.status.session_service import registrar as session_registrar
 from services.status.stream_metrics import StreamStats
 from services.status.webhooks import GROUP as WEBHOOK_GROUP
 from services.status.webhooks import WebhookDispatcher

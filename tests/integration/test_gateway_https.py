@@ -31,8 +31,8 @@ from services.common.db.pool import migrate
 from services.common.grpc_auth import ApiKeyInterceptor
 from services.common.sessions import SessionStore
 from services.common.storage import StorageConfig
-from services.status.sessions import SessionServicer
-from services.status.sessions import registrar as session_registrar
+from services.status.session_service import SessionServicer
+from services.status.session_service import registrar as session_registrar
 
 Client = TestClient[web.Request, web.Application]
 Gateway = Callable[..., AbstractAsyncContextManager[Client]]

@@ -51,8 +51,8 @@ from services.ingest.servicer import registrar as ingest_registrar
 from services.status.progress import ProgressHub
 from services.status.servicer import StatusServicer
 from services.status.servicer import registrar as status_registrar
-from services.status.sessions import SessionServicer
-from services.status.sessions import registrar as session_registrar
+from services.status.session_service import SessionServicer
+from services.status.session_service import registrar as session_registrar
 from testing.polling import wait_until_async
 from testing.uploads import csv_of
 

@@ -13,7 +13,7 @@ from imgpipe import cli, render
 from imgpipe.client import ApiClient, UploadOptions
 from imgpipe.errors import ApiError
 from imgpipe.events import Event, SseParser, backoff, follow
-from imgpipe.outcome import EXIT_CODES_HELP, Exit, exit_for_final, exit_for_http_status
+from imgpipe.exit_codes import EXIT_CODES_HELP, Exit, exit_for_final, exit_for_http_status
 
 pytestmark = pytest.mark.unit
 

@@ -10,7 +10,7 @@ import re
 import pytest
 
 from services.common import tracing
-from services.common.logging import JsonFormatter
+from services.common.json_logs import JsonFormatter
 from services.common.tracing import TraceContext, continue_trace, parse_traceparent
 
 pytestmark = pytest.mark.unit
