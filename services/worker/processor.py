@@ -21,7 +21,7 @@ from redis.exceptions import RedisError
 
 from services.common import metrics, telemetry
 from services.common import storage as keys
-from services.common.db import queries
+from services.common.db import lifecycle, queries
 from services.common.fetch import Reserve
 from services.common.image_options import ImageLimits, from_proto
 from services.common.outcome import ImageFailure, OutcomeCode, RetryPolicy
@@ -206,12 +206,13 @@ class Processor:
                 digests=digests,
                 reused_from=reused_from,
             )
-            gone = counters is None and await queries.image_status(conn, task.image_id) is None
+            unwanted = counters is None and await lifecycle.output_unwanted(conn, task.image_id)
         if counters is not None:  # None: another delivery recorded it first
             metrics.image_done(bytes_in, output.bytes_out, reused=reused_from is not None)
-        elif gone:
-            # The request was deleted while this image was in flight: the delete listed the
-            # store before this output was written, so it is this task's to remove.
+        elif unwanted:
+            # The request is being deleted, or is gone, while this image was in flight: the
+            # delete may have listed the store before this output was written, so it is this
+            # task's to remove (removing it twice is harmless).
             await self.storage.delete([output.output_key])
         return counters
 

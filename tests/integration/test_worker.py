@@ -15,6 +15,8 @@ import pytest
 import redis.asyncio
 from PIL import Image
 
+from services.common import storage as keys
+from services.common.db import lifecycle
 from services.common.image_options import ImageOptions
 from services.common.pb.imgpipe.v1 import ingest_service_pb2_grpc as ingest_grpc
 from services.common.pb.imgpipe.v1 import request_pb2, task_pb2
@@ -290,3 +292,41 @@ async def test_budgets_smaller_than_one_image_still_finish_every_image_one_at_a_
     assert (request["status"], request["images_done"]) == ("Completed", 6)
     assert pixels.most_holders == 1 and pixels.reserved == [640 * 480] * 6
     assert (processor.buffers.used, pixels.used) == (0, 0)  # every lease given back
+
+
+async def test_an_output_that_lands_while_its_request_is_deleted_is_removed_by_its_writer(
+    ingest_stub: ingest_grpc.IngestServiceAsyncStub,
+    running_worker: asyncio.Event,
+    pool: asyncpg.Pool,
+    redis_client: redis.asyncio.Redis,
+    names: StreamNames,
+    storage: Storage,
+    origin: ImageOrigin,
+) -> None:
+    held = "/img/held.jpg"
+    origin.gates[held] = release = asyncio.Event()
+    accepted = await upload(ingest_stub, csv_of([("1", "Shoe", [origin.url(held)])]))
+    request_id = uuid.UUID(accepted.request_id)
+
+    async def fetching() -> bool:
+        return origin.hits_of(held) > 0
+
+    await wait_until_async(fetching, timeout=30, message="the held image requested")
+    # While the image is in flight, the request is cancelled and a delete starts; say its
+    # listing of the store has run (it found nothing yet) and its row delete has not.
+    async with pool.acquire() as conn:
+        cancelled = await lifecycle.cancel_request(
+            conn, request_id, "", output_csv_key=keys.output_csv_key(request_id)
+        )
+        assert isinstance(cancelled, lifecycle.Cancelled)
+        assert await lifecycle.mark_deleting(conn, request_id)
+    [image] = await image_rows(pool, accepted.request_id)
+    release.set()
+
+    async def acknowledged() -> bool:
+        return bool((await redis_client.xpending(names.tasks, "workers"))["pending"] == 0)
+
+    await wait_until_async(acknowledged, timeout=30, message="the held image's task finished")
+    # The worker wrote its output, could not record it, and removed it: the delete will not
+    # list the store again, so nothing else would.
+    assert await storage.missing(keys.image_key(request_id, image["id"], "jpg"))

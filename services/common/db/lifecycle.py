@@ -161,6 +161,16 @@ async def mark_deleting(conn: Connection, request_id: uuid.UUID) -> bool:
     return result.split()[-1] != "0"
 
 
+async def output_unwanted(conn: Connection, image_id: int) -> bool:
+    """True when the image is gone or its request is being deleted: an output stored for it
+    now may have been missed by the delete's listing of the store, so its writer removes it."""
+    return not await conn.fetchval(
+        """SELECT 1 FROM images i JOIN requests r ON r.id = i.request_id
+            WHERE i.id = $1 AND r.deleting_at IS NULL""",
+        image_id,
+    )
+
+
 async def stream_entries(conn: Connection, request_id: uuid.UUID) -> list[str]:
     """The task-stream entries recorded for the request's images."""
     rows = await conn.fetch(
