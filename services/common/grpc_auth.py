@@ -27,7 +27,7 @@ from services.common.auth import (
     session_token,
 )
 from services.common.errors import ImgpipeError, Unauthenticated, Unavailable, grpc_abort
-from services.common.grpc_handlers import behavior_of, with_behavior
+from services.common.grpc_handlers import WrappingInterceptor, behavior_of, with_behavior
 from services.common.servicer_errors import BACKEND_ERRORS
 
 log = logging.getLogger(__name__)
@@ -68,11 +68,9 @@ def caller_credential() -> Credential | None:
 RateCheck = Callable[[Principal, Callable[[Quota], Awaitable[None]]], Awaitable[None]]
 # A session id → the principal it acts for, or None (services/common/sessions.py).
 SessionResolver = Callable[[str], Awaitable[Principal | None]]
-# Health checks and reflection answer without a key: probes and tools call them.
-_PUBLIC_METHODS = ("/grpc.health.", "/grpc.reflection.")
 
 
-class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
+class ApiKeyInterceptor(WrappingInterceptor):
     """Authenticates every call (but health and reflection) from its `authorization: Bearer`
     metadata, applies the caller's rate limit, and sets the caller for the servicer.
 
@@ -90,17 +88,10 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
         self.check_rate = check_rate
         self.sessions = sessions
 
-    async def intercept_service(
-        self,
-        continuation: Callable[
-            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
-        ],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        handler = await continuation(handler_call_details)
-        method: str = handler_call_details.method
-        if handler is None or method.startswith(_PUBLIC_METHODS):
-            return handler
+    def wrap(
+        self, handler: grpc.RpcMethodHandler[Any, Any], method: str
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        """Health checks and reflection (PROBE_METHODS) answer without a key."""
         return _guarded(handler, self._admit)
 
     async def _admit(self, context: grpc.aio.ServicerContext[Any, Any]) -> Principal | None:

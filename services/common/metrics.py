@@ -38,7 +38,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from typing import Any
 
 import grpc
@@ -47,7 +47,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from services.common import tracing
-from services.common.grpc_handlers import behavior_of, with_behavior
+from services.common.grpc_handlers import WrappingInterceptor, behavior_of, with_behavior
 
 log = logging.getLogger(__name__)
 
@@ -177,8 +177,6 @@ GRPC_SECONDS = Histogram(
     ["grpc_service", "grpc_method"],
     buckets=_CALL_BUCKETS,
 )
-# Probes and tools, not API traffic.
-_UNOBSERVED = ("/grpc.health.", "/grpc.reflection.")
 # The names other gRPC implementations (and their dashboards) use for the codes.
 _CODE_NAMES = {
     code: "".join(part.title() for part in code.name.split("_")) for code in grpc.StatusCode
@@ -188,21 +186,14 @@ _CODE_NAMES[grpc.StatusCode.CANCELLED] = "Canceled"
 _MAX_REQUEST_ID = 64
 
 
-class GrpcServerInterceptor(grpc.aio.ServerInterceptor):
+class GrpcServerInterceptor(WrappingInterceptor):
     """Counts and times every call (but health and reflection), and makes its trace context
     and request id current while the servicer handles it, so its log lines carry them."""
 
-    async def intercept_service(
-        self,
-        continuation: Callable[
-            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
-        ],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        handler = await continuation(handler_call_details)
-        method: str = handler_call_details.method
-        if handler is None or method.startswith(_UNOBSERVED):
-            return handler
+    def wrap(
+        self, handler: grpc.RpcMethodHandler[Any, Any], method: str
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        """Probes and tools (PROBE_METHODS) are not API traffic: not counted."""
         return _observed(handler, method)
 
 
