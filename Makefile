@@ -16,7 +16,7 @@ PODMAN_SOCKET := $(CURDIR)/build/containers/podman.sock
 help:
 	@echo "make install      create $(VENV) and install imgpipe with its dev tools"
 	@echo "make run          the whole stack on 127.0.0.1:8080 (embedded Postgres/Redis unless URLs are set)"
-	@echo "make test         every tier: unit, integration, e2e, fault, browser, deploy, security"
+	@echo "make test         every tier: unit, integration, e2e, fault, lifecycle, browser, deploy, security"
 	@echo "make test-unit / test-integration / test-e2e  one tier (test-e2e includes fault)"
 	@echo "make test-containers  integration, e2e and fault tests on Postgres and Redis in containers"
 	@echo "make test-images  build (or reuse) the postgres and redis images from Debian packages"
