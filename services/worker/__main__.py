@@ -14,7 +14,7 @@ from services.common.process import run_main
 from services.common.resources import load_settings, open_backends
 from services.common.storage import Storage
 from services.common.streams import TaskConsumer
-from services.worker.budget import ByteBudget, PixelBudget
+from services.worker.budget import ByteBudget, PixelBudget, return_big_images_to_the_os
 from services.worker.config import WorkerSettings
 from services.worker.janitor import Janitor
 from services.worker.processor import Processor
@@ -24,6 +24,7 @@ from services.worker.runner import ConsumePolicy, consume
 
 async def main(settings: WorkerSettings) -> None:
     common = settings.common
+    return_big_images_to_the_os()
     metrics.prime_worker()
     async with open_backends("worker", common, pool_size=settings.concurrency + 2) as backends:
         session = make_session(

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from services.common.image_options import ImageOptions
-from services.worker.budget import ByteBudget, PixelBudget
+from services.worker.budget import ByteBudget, PixelBudget, return_big_images_to_the_os
 from services.worker.imaging import compress
 from testing.imagegen import photo_like
 from testing.polling import wait_until, wait_until_async
@@ -204,3 +204,8 @@ def test_compress_reports_decode_and_encode_time_without_the_budget_wait(
     waited = compress(source, ImageOptions(max_width=200), budget=Waiting(clock))
     assert (waited.decode_seconds, waited.encode_seconds) == (0.0, 0.0)
     assert waited.data == real.data  # timing changes nothing else
+
+
+def test_glibc_takes_the_workers_memory_thresholds() -> None:
+    # This machine and the container image use glibc: the tuning must take effect there.
+    assert return_big_images_to_the_os() is True
