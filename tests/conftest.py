@@ -21,6 +21,7 @@ import asyncpg
 import pytest
 import redis.asyncio
 
+from services.common.db.pool import create_pool
 from services.local.embedded import docker_available, start_postgres, start_redis
 from testing import containers
 from testing.databases import create_database, delete_keys, drop_database
@@ -174,8 +175,9 @@ def redis_prefix(redis_server_url: str) -> Iterator[str]:
 
 @pytest.fixture
 async def db_pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
-    """An asyncpg pool (1 to 4 connections) on the session's database, closed after the test."""
-    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=4)
+    """The services' pool (services/common/db/pool.py: no reset query on release), 1 to 4
+    connections on the session's database, closed after the test."""
+    pool = await create_pool(database_url, min_size=1, max_size=4)
     try:
         yield pool
     finally:

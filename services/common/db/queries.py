@@ -17,9 +17,8 @@ from typing import Any
 import asyncpg
 
 from services.common.csv_format import ProductRow
-
-Connection = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
-
+from services.common.db.pool import Connection as Connection
+from services.common.db.pool import advisory_lock
 
 # ---------------------------------------------------------------- ingest
 
@@ -55,11 +54,8 @@ async def idempotency_lock(pool: asyncpg.Pool, owner: str, key: str) -> AsyncIte
     async with pool.acquire() as conn:
         # The owner's length first makes the pair unambiguous without a separator.
         lock = await conn.fetchval("SELECT hashtextextended($1, 0)", f"{len(owner)}:{owner}{key}")
-        await conn.execute("SELECT pg_advisory_lock($1)", lock)
-        try:
+        async with advisory_lock(conn, lock):
             yield conn
-        finally:
-            await conn.execute("SELECT pg_advisory_unlock($1)", lock)
 
 
 @contextlib.asynccontextmanager
@@ -67,14 +63,8 @@ async def leader_lock(pool: asyncpg.Pool, key: int) -> AsyncIterator[Connection 
     """A connection holding the session advisory lock `key` for the block, or None when another
     process holds it: loops that run in every replica but one at a time (the reconciler, the
     feeder) do a pass only when they get it."""
-    async with pool.acquire() as conn:
-        if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", key):
-            yield None
-            return
-        try:
-            yield conn
-        finally:
-            await conn.execute("SELECT pg_advisory_unlock($1)", key)
+    async with pool.acquire() as conn, advisory_lock(conn, key, wait=False) as taken:
+        yield conn if taken else None
 
 
 async def insert_request(

@@ -1,0 +1,142 @@
+"""The services' pool releases connections without asyncpg's reset query (PooledConnection), so
+nothing a connection holds may go back to the pool with it: the session advisory locks of
+`advisory_lock` (the feeder's, the reconciler's, the janitor's, an upload's idempotency key,
+the migrations') are released by their helper, or end with the connection."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import asyncpg
+import pytest
+
+from services.common.db.pool import Connection, advisory_lock, create_pool
+from services.common.db.queries import idempotency_lock, leader_lock
+from testing.polling import wait_until_async
+
+pytestmark = pytest.mark.integration
+
+KEY = int.from_bytes(b"pooltest", "big")
+
+
+async def _advisory_locks_held(conn: Connection) -> int:
+    return int(
+        await conn.fetchval(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()"
+        )
+    )
+
+
+async def _free_elsewhere(database_url: str, key: int) -> bool:
+    """Whether another session can take `key` at once (it then lets it go)."""
+    other = await asyncpg.connect(database_url)
+    try:
+        taken = bool(await other.fetchval("SELECT pg_try_advisory_lock($1)", key))
+        if taken:
+            await other.execute("SELECT pg_advisory_unlock($1)", key)
+        return taken
+    finally:
+        await other.close()
+
+
+async def test_the_lock_helpers_return_their_connection_holding_nothing(database_url: str) -> None:
+    pool = await create_pool(database_url, min_size=1, max_size=1)  # always the same connection
+    try:
+        async with leader_lock(pool, KEY) as conn:
+            assert conn is not None
+            assert await _advisory_locks_held(conn) == 1
+
+        async def fail_while_holding_it() -> None:
+            async with idempotency_lock(pool, "owner", "key") as conn:
+                assert await _advisory_locks_held(conn) == 1
+                raise RuntimeError("the block failed")
+
+        with pytest.raises(RuntimeError):
+            await fail_while_holding_it()
+        async with pool.acquire() as conn:
+            assert await _advisory_locks_held(conn) == 0
+        assert await _free_elsewhere(database_url, KEY)
+    finally:
+        await pool.close()
+
+
+async def test_leader_lock_yields_none_while_another_session_holds_it(database_url: str) -> None:
+    pool = await create_pool(database_url, min_size=1, max_size=1)
+    holder = await asyncpg.connect(database_url)
+    try:
+        await holder.execute("SELECT pg_advisory_lock($1)", KEY)
+        async with leader_lock(pool, KEY) as conn:
+            assert conn is None
+        async with pool.acquire() as conn:
+            assert await _advisory_locks_held(conn) == 0
+    finally:
+        await holder.close()
+        await pool.close()
+
+
+async def test_a_failed_unlock_ends_the_connection_and_with_it_the_lock(database_url: str) -> None:
+    pool = await create_pool(database_url, min_size=1, max_size=1)
+    killer = await asyncpg.connect(database_url)
+    pid = 0
+
+    async def lose_the_connection_while_holding_it() -> None:
+        nonlocal pid
+        async with pool.acquire() as conn, advisory_lock(conn, KEY):
+            pid = await conn.fetchval("SELECT pg_backend_pid()")
+            # The unlock at the end of the block cannot be sent on this connection.
+            await killer.fetchval("SELECT pg_terminate_backend($1)", pid)
+            await wait_until_async(
+                lambda: _gone(killer, pid), timeout=10, message="backend terminated"
+            )
+
+    try:
+        with pytest.raises((asyncpg.PostgresError, asyncpg.InterfaceError, OSError)):
+            await lose_the_connection_while_holding_it()
+        assert await _free_elsewhere(database_url, KEY)
+        async with pool.acquire() as conn:  # the pool replaced the connection
+            assert await conn.fetchval("SELECT pg_backend_pid()") != pid
+            assert await _advisory_locks_held(conn) == 0
+    finally:
+        await killer.close()
+        await pool.close()
+
+
+async def _gone(conn: asyncpg.Connection, pid: int) -> bool:
+    return not await conn.fetchval("SELECT count(*) FROM pg_stat_activity WHERE pid = $1", pid)
+
+
+async def test_a_cancel_while_waiting_for_the_lock_leaves_the_pool_clean(
+    database_url: str,
+) -> None:
+    pool = await create_pool(database_url, min_size=1, max_size=1)
+    holder = await asyncpg.connect(database_url)
+    try:
+        await holder.execute("SELECT pg_advisory_lock($1)", KEY)
+
+        async def wait_for_it() -> None:
+            async with pool.acquire() as conn, advisory_lock(conn, KEY):
+                raise AssertionError("the lock is held elsewhere")
+
+        waiter = asyncio.create_task(wait_for_it())
+        await wait_until_async(
+            lambda: _waiting_for_advisory_lock(holder), timeout=10, message="waiter blocked"
+        )
+        waiter.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await waiter
+        await holder.execute("SELECT pg_advisory_unlock($1)", KEY)
+        async with pool.acquire() as conn:
+            assert await _advisory_locks_held(conn) == 0
+        assert await _free_elsewhere(database_url, KEY)
+    finally:
+        await holder.close()
+        await pool.close()
+
+
+async def _waiting_for_advisory_lock(conn: asyncpg.Connection) -> bool:
+    return bool(
+        await conn.fetchval(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+        )
+    )
