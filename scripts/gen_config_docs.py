@@ -154,6 +154,11 @@ MEANINGS: dict[str, Meaning] = {
         "images in flight per worker (hides origin latency; the two budgets below bound memory)"
     ),
     "IMGPIPE_WORKER_THREADS": Meaning("Pillow threads per worker", default="CPU count"),
+    "IMGPIPE_WORKER_RECORD_LINGER_MS": Meaning(
+        "milliseconds an image's Done record waits for other images' to share one statement"
+        " while other images of the worker are still in work (0: never waits;"
+        " [performance.md](performance.md))"
+    ),
     "IMGPIPE_WORKER_BUFFER_BYTES": Meaning(
         "downloaded bytes held while waiting for a Pillow thread; a body's Content-Length is"
         " reserved before it is read"

@@ -98,10 +98,14 @@ async def publish_event_once(
 
 
 async def publish_progress(
-    redis: aioredis.Redis, names: StreamNames, event: request_pb2.RequestEvent
+    redis: aioredis.Redis, names: StreamNames, events: Sequence[request_pb2.RequestEvent]
 ) -> None:
-    """Live progress over pub/sub: at most once, for watchers; Postgres stays the truth."""
-    await redis.publish(names.progress(event.request_id), event.SerializeToString())
+    """Live progress over pub/sub, in one round trip: at most once, for watchers; Postgres
+    stays the truth."""
+    async with redis.pipeline(transaction=False) as pipe:
+        for event in events:
+            pipe.publish(names.progress(event.request_id), event.SerializeToString())
+        await pipe.execute()
 
 
 async def delete_entries(redis: aioredis.Redis, stream: str, entry_ids: Sequence[str]) -> int:

@@ -91,7 +91,7 @@ async def _announce(
     redis: aioredis.Redis, names: StreamNames, pool: asyncpg.Pool, row: queries.RequestRow
 ) -> None:
     try:
-        await publish_progress(redis, names, progress_event(queries.Counters.of(row)))
+        await publish_progress(redis, names, [progress_event(queries.Counters.of(row))])
     except RedisError as exc:  # watchers re-read Postgres; losing this loses nothing
         log.warning("progress not published", extra={"error": repr(exc)})
     await publish_event_once(redis, names, finished_event(row))

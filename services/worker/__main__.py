@@ -46,6 +46,7 @@ async def main(settings: WorkerSettings) -> None:
                 buffers=ByteBudget(settings.buffer_bytes, metrics.budget_waited("bytes")),
                 pixels=PixelBudget(settings.pixel_budget, metrics.budget_waited("pixels")),
                 reuse_outputs=settings.reuse_outputs,
+                record_linger=settings.record_linger,
             )
             consumer = TaskConsumer(backends.redis, backends.names, settings.consumer_name)
             policy = ConsumePolicy(

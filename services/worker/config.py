@@ -12,6 +12,7 @@ from services.common.fetch import FetchAllow, FetchLimits
 from services.common.image_options import ImageLimits
 from services.common.outcome import RetryPolicy
 from services.worker.budget import DEFAULT_BUFFER_BYTES, DEFAULT_PIXEL_BUDGET
+from services.worker.processor import DEFAULT_RECORD_LINGER
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +44,8 @@ class WorkerSettings:
     # Copy the owner's earlier output of the same source bytes and options instead of
     # compressing again (docs/quality.md, "No repeated work").
     reuse_outputs: bool = True
+    # How long a Done record waits for other tasks' to share one statement (batching.py).
+    record_linger: float = DEFAULT_RECORD_LINGER
 
     @property
     def slowest_image(self) -> float:
@@ -102,6 +105,10 @@ class WorkerSettings:
             retention_days=env.integer("IMGPIPE_RETENTION_DAYS", 30, minimum=0),
             janitor_interval=env.number("IMGPIPE_JANITOR_INTERVAL", 300.0),
             reuse_outputs=env.switch("IMGPIPE_REUSE_OUTPUTS", True),
+            record_linger=env.integer(
+                "IMGPIPE_WORKER_RECORD_LINGER_MS", round(DEFAULT_RECORD_LINGER * 1000), minimum=0
+            )
+            / 1000,
         )
         if settings.visibility_override and settings.visibility_override < settings.slowest_image:
             env.problems.append(

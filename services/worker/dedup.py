@@ -59,7 +59,7 @@ def digests_of(data: bytes, options: ImageOptions) -> queries.SourceDigests:
 class Reused:
     """An earlier output, copied under this image's own key."""
 
-    output: queries.StoredOutput  # with this image's key
+    output: queries.StoredOutput  # this image's: its id, its key
     from_image: int  # the image it was copied from
 
 
@@ -87,4 +87,4 @@ async def reuse_stored(
                 extra={"image_id": image_id, "key": found.output_key},
             )
             return None
-    return Reused(dataclasses.replace(found, output_key=key), found.image_id)
+    return Reused(dataclasses.replace(found, image_id=image_id, output_key=key), found.image_id)

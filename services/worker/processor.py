@@ -11,7 +11,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor
 from typing import Protocol
 
@@ -31,6 +31,7 @@ from services.common.storage import Storage
 from services.common.stored_csv import render_output_csv, store_output_csv
 from services.common.streams import StreamNames, publish_event_once, publish_progress
 from services.worker import dedup
+from services.worker.batching import Batcher, Expected, Ticket
 from services.worker.budget import (
     DEFAULT_BUFFER_BYTES,
     DEFAULT_PIXEL_BUDGET,
@@ -41,6 +42,9 @@ from services.worker.budget import (
 from services.worker.imaging import Compressed, compress
 
 log = logging.getLogger(__name__)
+
+# How long a Done record waits for others to share its statement (IMGPIPE_WORKER_RECORD_LINGER_MS).
+DEFAULT_RECORD_LINGER = 0.2
 
 
 class Fetch(Protocol):
@@ -64,6 +68,7 @@ class Processor:
         buffers: ByteBudget | None = None,
         pixels: PixelBudget | None = None,
         reuse_outputs: bool = True,
+        record_linger: float = DEFAULT_RECORD_LINGER,
     ) -> None:
         self.pool = pool
         self.redis = redis
@@ -78,8 +83,23 @@ class Processor:
         self.pixels = pixels or PixelBudget(DEFAULT_PIXEL_BUDGET)
         # Off: every image is compressed, and nothing is remembered (services/worker/dedup.py).
         self.reuse_outputs = reuse_outputs
+        # One round trip for many images (services/worker/batching.py): the checks that start
+        # tasks read together, the Done records wait up to `record_linger` for company, and
+        # the progress they cause is published together, the newest per request.
+        self._statuses = Batcher(self._read_statuses)
+        self._working = Expected()  # tasks that have not reached their record yet
+        self._record = Batcher(self._record_batch, linger=record_linger, expected=self._working)
+        self._progress = Batcher(self._publish_progress)
+        # Requests whose finish runs in this process now: another task that completes the
+        # same request asks the running finish to look again instead of rendering it twice.
+        self._finishing: dict[uuid.UUID, bool] = {}
 
-    async def process(self, task: task_pb2.ImageTask, deliveries: int = 1) -> None:
+    async def process(
+        self,
+        task: task_pb2.ImageTask,
+        deliveries: int = 1,
+        on_recording: Callable[[], None] | None = None,
+    ) -> None:
         """Bring the task's image to a final state. Raises only for infrastructure failures
         (Postgres, Redis, storage), in which case the entry must not be acknowledged.
 
@@ -87,22 +107,32 @@ class Processor:
         cancelled request) is not downloaded, and a redelivery (a crash happened) then finishes
         its request. The outcome is recorded conditionally, so a race costs a download, never a
         wrong count.
+
+        `on_recording` is called once the image's work is over: it only waits for its record
+        (which lingers for other tasks' records, services/worker/batching.py) or has failed.
         """
+        ticket = self._working.ticket(on_recording)
+        try:
+            await self._process(task, deliveries, ticket)
+        finally:
+            ticket.done()
+
+    async def _process(self, task: task_pb2.ImageTask, deliveries: int, ticket: Ticket) -> None:
         request_id = uuid.UUID(task.request_id)
         # Checked on every delivery, not only redeliveries: a cancelled request's images are
         # final already, and none of them may start downloading (docs/lifecycle.md).
-        async with self.pool.acquire() as conn:
-            state = await queries.image_status(conn, task.image_id)
+        state = await self._statuses(task.image_id)
         if state is None:
             log.info("task for unknown image dropped", extra={"image_id": task.image_id})
             return
         if state[0] != "Pending":
             if deliveries > 1:
-                await self.finish_if_complete(request_id)
+                await self._finish_once(request_id)
             return
         try:
-            counters = await self._compress_and_store(task, request_id)
+            counters = await self._compress_and_store(task, request_id, ticket)
         except ImageFailure as failure:
+            ticket.done()
             log.info(
                 "image failed",
                 extra={
@@ -120,17 +150,29 @@ class Processor:
         if counters is not None:
             await self._announce(counters)
             if counters.all_final:
-                await self.finish_if_complete(request_id)
+                await self._finish_once(request_id)
+
+    async def _read_statuses(self, image_ids: Sequence[int]) -> list[tuple[str, uuid.UUID] | None]:
+        async with self.pool.acquire() as conn:
+            found = await queries.image_statuses(conn, image_ids)
+        return [found.get(image_id) for image_id in image_ids]
 
     async def _announce(self, counters: queries.Counters) -> None:
         """Tell live watchers; losing this message loses nothing (they re-read Postgres)."""
         try:
-            await publish_progress(self.redis, self.names, progress_event(counters))
+            await self._progress(counters)
         except RedisError as exc:
             log.warning("progress not published", extra={"error": repr(exc)})
 
+    async def _publish_progress(self, batch: Sequence[queries.Counters]) -> list[None]:
+        """One message per request of the batch: its newest counters (a batch's counters are
+        in the order their statements committed, so the last one of a request is the newest)."""
+        newest = {counters.request_id: counters for counters in batch}
+        await publish_progress(self.redis, self.names, [progress_event(c) for c in newest.values()])
+        return [None] * len(batch)
+
     async def _compress_and_store(
-        self, task: task_pb2.ImageTask, request_id: uuid.UUID
+        self, task: task_pb2.ImageTask, request_id: uuid.UUID, ticket: Ticket
     ) -> queries.Counters | None:
         async with self.buffers.lease() as lease:
             data = await self._fetch_with_retries(task, lease)
@@ -145,7 +187,9 @@ class Processor:
                 )
                 if reused is not None:
                     return await self._record_done(
-                        task, len(data), reused.output, digests, reused_from=reused.from_image
+                        task,
+                        ticket,
+                        queries.DoneImage(reused.output, len(data), digests, reused.from_image),
                     )
             try:
                 result = await loop.run_in_executor(
@@ -177,44 +221,47 @@ class Processor:
             result.quality,
             result.note,
         )
+        del result  # a record may linger for others' (batching.py): it holds no image bytes
         with telemetry.span("record"):
-            return await self._record_done(task, bytes_in, output, digests)
+            return await self._record_done(
+                task, ticket, queries.DoneImage(output, bytes_in, digests)
+            )
 
     async def _record_done(
-        self,
-        task: task_pb2.ImageTask,
-        bytes_in: int,
-        output: queries.StoredOutput,
-        digests: queries.SourceDigests | None,
-        reused_from: int | None = None,
+        self, task: task_pb2.ImageTask, ticket: Ticket, done: queries.DoneImage
     ) -> queries.Counters | None:
-        """Record the image Done with `output`, stored under its key (`reused_from`: the image
-        whose output was copied there, services/worker/dedup.py)."""
-        async with self.pool.acquire() as conn:
-            counters = await queries.record_image_done(
-                conn,
-                task.image_id,
-                output_key=output.output_key,
-                bytes_in=bytes_in,
-                bytes_out=output.bytes_out,
-                width=output.width,
-                height=output.height,
-                kept_source=output.kept_source,
-                ssim=output.ssim,
-                quality=output.quality,
-                note=output.note or "",
-                digests=digests,
-                reused_from=reused_from,
+        """Record the image Done, its output stored under its key, in a batch with other
+        tasks' (`_record_batch`); the task's work ends as it joins the batch."""
+        ticket.done()
+        counters = await self._record((uuid.UUID(task.request_id), done))
+        if counters is not None:
+            metrics.image_done(
+                done.bytes_in, done.output.bytes_out, reused=done.reused_from is not None
             )
-            unwanted = counters is None and await lifecycle.output_unwanted(conn, task.image_id)
-        if counters is not None:  # None: another delivery recorded it first
-            metrics.image_done(bytes_in, output.bytes_out, reused=reused_from is not None)
-        elif unwanted:
-            # The request is being deleted, or is gone, while this image was in flight: the
-            # delete may have listed the store before this output was written, so it is this
-            # task's to remove (removing it twice is harmless).
-            await self.storage.delete([output.output_key])
-        return counters
+            return counters
+        # Not recorded (rare): another delivery recorded it first, or the request is being
+        # deleted, or is gone, while this image was in flight. Then the delete may have listed
+        # the store before this output was written, so it is this task's to remove (removing
+        # it twice is harmless).
+        async with self.pool.acquire() as conn:
+            unwanted = await lifecycle.output_unwanted(conn, task.image_id)
+        if unwanted:
+            await self.storage.delete([done.output.output_key])
+        return None
+
+    async def _record_batch(
+        self, batch: Sequence[tuple[uuid.UUID, queries.DoneImage]]
+    ) -> list[queries.Counters | None]:
+        """Record a batch of Done images on one connection, a statement per request (the
+        order record_images_done needs); each image's counters, or None if it was final."""
+        by_request: dict[uuid.UUID, list[queries.DoneImage]] = {}
+        for request_id, done in batch:
+            by_request.setdefault(request_id, []).append(done)
+        recorded: dict[int, queries.Counters] = {}
+        async with self.pool.acquire() as conn:
+            for images in by_request.values():
+                recorded |= await queries.record_images_done(conn, images)
+        return [recorded.get(done.output.image_id) for _, done in batch]
 
     async def _fetch_with_retries(self, task: task_pb2.ImageTask, lease: Lease) -> bytes:
         """Fetch, retrying transient failures with backoff up to max_attempts real attempts.
@@ -259,10 +306,27 @@ class Processor:
     async def _check_pending(self, image_id: int) -> None:
         """Raise CANCELLED when the image became final while its task waited to try again
         (its request was cancelled): no new download may start then."""
-        async with self.pool.acquire() as conn:
-            state = await queries.image_status(conn, image_id)
+        state = await self._statuses(image_id)
         if state is None or state[0] != "Pending":
             raise ImageFailure(OutcomeCode.CANCELLED, "the image is final already")
+
+    async def _finish_once(self, request_id: uuid.UUID) -> None:
+        """finish_if_complete, or, while this process already runs it for the request, ask
+        that run to look once more when it ends (it may have read the counters before the
+        image that calls this was recorded). A task that asks returns at once: the task whose
+        run is in progress stays unacknowledged until it ends, so a crash meanwhile still
+        leaves a delivery to finish the request."""
+        if request_id in self._finishing:
+            self._finishing[request_id] = True
+            return
+        self._finishing[request_id] = False
+        try:
+            await self.finish_if_complete(request_id)
+            while self._finishing[request_id]:
+                self._finishing[request_id] = False
+                await self.finish_if_complete(request_id)
+        finally:
+            del self._finishing[request_id]
 
     async def finish_if_complete(self, request_id: uuid.UUID) -> None:
         """Finish a request whose images are all final: render the output CSV, mark it
@@ -324,7 +388,7 @@ class Processor:
             metrics.image_failed(code)
             await self._announce(counters)
             if counters.all_final:
-                await self.finish_if_complete(counters.request_id)
+                await self._finish_once(counters.request_id)
         return code, message
 
 

@@ -12,6 +12,7 @@ import asyncio
 import functools
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from redis.exceptions import RedisError
@@ -21,6 +22,7 @@ from services.common.dependencies import DependencyMonitor
 from services.common.grpc_server import wait_or_stop
 from services.common.servicer_errors import BACKEND_ERRORS
 from services.common.streams import Delivery, TaskConsumer
+from services.worker.batching import Batcher
 from services.worker.processor import Processor
 
 log = logging.getLogger(__name__)
@@ -56,6 +58,9 @@ async def consume(
     # By entry id: XAUTOCLAIM may hand back an entry this worker is still processing (when it
     # is slower than the visibility timeout); it must not be processed twice at once.
     in_flight: dict[str, asyncio.Task[None]] = {}
+    slots = _Slots(policy.concurrency)
+    # The tasks one batch of records wakes acknowledge their entries in one XACK.
+    acks: Batcher[str, None] = Batcher(functools.partial(_ack, consumer))
     failures = 0
     next_claim = 0.0
     await consumer.ensure_group()
@@ -63,9 +68,11 @@ async def consume(
         while not stop.is_set():
             if not await monitor.wait_healthy(stop):
                 break
-            free = policy.concurrency - len(in_flight)
-            if free <= 0:
-                await asyncio.wait(in_flight.values(), return_when=asyncio.FIRST_COMPLETED)
+            # Read when a quarter of the slots are free, not one by one: each read is a round
+            # trip to Redis and another to Postgres (the tasks' first check), whatever its size.
+            free = slots.free
+            if free < slots.refill:
+                await slots.wait_free(slots.refill)
                 continue
             try:
                 deliveries: list[Delivery] = []
@@ -88,24 +95,65 @@ async def consume(
             for delivery in deliveries:
                 if delivery.entry_id in in_flight:
                     continue
+                slots.take(delivery.entry_id)
                 task = asyncio.create_task(
-                    _handle(consumer, processor, delivery, policy, monitor, stop)
+                    _handle(consumer, processor, acks, slots, delivery, policy, monitor, stop)
                 )
                 in_flight[delivery.entry_id] = task
-                task.add_done_callback(functools.partial(_forget, in_flight, delivery.entry_id))
+                task.add_done_callback(
+                    functools.partial(_forget, in_flight, slots, delivery.entry_id)
+                )
     finally:
         if in_flight:
             log.info("draining in-flight tasks", extra={"tasks": len(in_flight)})
             await asyncio.gather(*in_flight.values(), return_exceptions=True)
 
 
-def _forget(in_flight: dict[str, asyncio.Task[None]], entry_id: str, _: object) -> None:
+async def _ack(consumer: TaskConsumer, entry_ids: Sequence[str]) -> list[None]:
+    await consumer.ack(entry_ids)
+    return [None] * len(entry_ids)
+
+
+class _Slots:
+    """The tasks whose image work is not over, at most `size`. A task whose image only waits
+    for its record (which lingers for other tasks', batching.py) gives its slot back."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.refill = max(1, size // 4)
+        self._holders: set[str] = set()
+        self._freed = asyncio.Event()
+
+    @property
+    def free(self) -> int:
+        return self.size - len(self._holders)
+
+    def take(self, entry_id: str) -> None:
+        self._holders.add(entry_id)
+
+    def give_back(self, entry_id: str) -> None:
+        if entry_id in self._holders:
+            self._holders.discard(entry_id)
+            self._freed.set()
+
+    async def wait_free(self, count: int) -> None:
+        while self.free < count:
+            self._freed.clear()
+            await self._freed.wait()
+
+
+def _forget(
+    in_flight: dict[str, asyncio.Task[None]], slots: _Slots, entry_id: str, _: object
+) -> None:
     in_flight.pop(entry_id, None)
+    slots.give_back(entry_id)
 
 
 async def _handle(
     consumer: TaskConsumer,
     processor: Processor,
+    acks: Batcher[str, None],
+    slots: _Slots,
     delivery: Delivery,
     policy: ConsumePolicy,
     monitor: DependencyMonitor,
@@ -134,8 +182,13 @@ async def _handle(
                         extra={"image_id": task.image_id, "deliveries": delivery.deliveries},
                     )
                 else:
-                    await processor.process(task, delivery.deliveries)
-                    await consumer.ack([delivery.entry_id])
+                    slots.take(delivery.entry_id)  # again, after an outage
+                    await processor.process(
+                        task,
+                        delivery.deliveries,
+                        functools.partial(slots.give_back, delivery.entry_id),
+                    )
+                    await acks(delivery.entry_id)
                 return
             except asyncio.CancelledError:
                 raise

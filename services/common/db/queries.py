@@ -352,9 +352,14 @@ class Counters:
         return self.images_done + self.images_failed >= self.images_total
 
 
-async def image_status(conn: Connection, image_id: int) -> tuple[str, uuid.UUID] | None:
-    row = await conn.fetchrow("SELECT status, request_id FROM images WHERE id = $1", image_id)
-    return (row["status"], row["request_id"]) if row else None
+async def image_statuses(
+    conn: Connection, image_ids: Sequence[int]
+) -> dict[int, tuple[str, uuid.UUID]]:
+    """The status and request of each image, in one query; an image that is gone is absent."""
+    rows = await conn.fetch(
+        "SELECT id, status, request_id FROM images WHERE id = ANY($1::bigint[])", list(image_ids)
+    )
+    return {row["id"]: (row["status"], row["request_id"]) for row in rows}
 
 
 async def record_attempt(
@@ -391,7 +396,8 @@ img AS (
       FROM (SELECT request_id, bytes_in, bytes_out, ssim, done, revived FROM leader
             UNION ALL
             SELECT request_id, bytes_in, bytes_out, ssim, done, revived FROM followers) outcomes
-     GROUP BY request_id)
+     GROUP BY request_id),
+counted AS (
 UPDATE requests
    SET images_done = images_done + img.done,
        images_failed = images_failed + img.failed - img.revived,
@@ -404,25 +410,39 @@ UPDATE requests
   FROM img
  WHERE requests.id = img.request_id
 RETURNING requests.id, images_total, images_done, images_failed, status,
-          requests.bytes_in, requests.bytes_out, requests.ssim_sum, requests.ssim_count"""
+          requests.bytes_in, requests.bytes_out, requests.ssim_sum, requests.ssim_count)"""
 
 # What a cancelled image's row says (its code is services.common.outcome CANCELLED).
 CANCELLED_CODE = "CANCELLED"
 
-# $11: the image whose stored output was copied (another request's), else NULL. $12, $13: the
-# source's and the options' digests (services/worker/dedup.py); when given, the output is
-# remembered for the owner's later requests (the newest copy wins, so deleting an older request
-# keeps the output reusable). {leader} and {follower}: the state an image must be in to take
-# this outcome; {revived}: whether it was counted failed until now.
+# The outcomes of one or more images, one row each, from arrays ($1 to $13, in DoneImage's
+# order): the image, its output key, bytes in and out, width, height, kept_source, SSIM, quality,
+# note, the image whose stored output was copied (another request's, else NULL) and the
+# source's and the options' digests (services/worker/dedup.py). When both digests are given, the
+# output is remembered for the owner's later requests (the newest copy wins, so deleting an older
+# request keeps the output reusable; of two in one statement, the later image). {leader} and
+# {follower}: the state an image must be in to take this outcome; {revived}: whether it was
+# counted failed until now. The statement returns one row per image it recorded, with its
+# request's counters after the whole statement.
 _DONE_TEMPLATE = """
-WITH leader AS (
+WITH v AS (
+    SELECT * FROM unnest($1::bigint[], $2::text[], $3::integer[], $4::integer[], $5::integer[],
+                         $6::integer[], $7::boolean[], $8::real[], $9::smallint[], $10::text[],
+                         $11::bigint[], $12::bytea[], $13::bytea[])
+        AS v(id, output_key, bytes_in, bytes_out, width, height, kept_source, ssim, quality,
+             note, reused_from, source_sha256, options_sha256)),
+leader AS (
     UPDATE images
-       SET status = 'Done', output_key = $2, bytes_in = $3, bytes_out = $4, width = $5,
-           height = $6, kept_source = $7, ssim = $8, quality = $9, note = $10, reused_from = $11,
-           attempts = attempts + 1, error_code = NULL, error_message = NULL, updated_at = now()
-     WHERE id = $1 AND {leader}
- RETURNING id, request_id, output_key, bytes_in, bytes_out, width, height, kept_source, ssim,
-           quality, note, true AS done, {revived} AS revived),
+       SET status = 'Done', output_key = v.output_key, bytes_in = v.bytes_in,
+           bytes_out = v.bytes_out, width = v.width, height = v.height,
+           kept_source = v.kept_source, ssim = v.ssim, quality = v.quality, note = v.note,
+           reused_from = v.reused_from, attempts = images.attempts + 1, error_code = NULL,
+           error_message = NULL, updated_at = now()
+      FROM v
+     WHERE images.id = v.id AND {leader}
+ RETURNING images.id, images.request_id, images.output_key, images.bytes_in, images.bytes_out,
+           images.width, images.height, images.kept_source, images.ssim, images.quality,
+           images.note, v.source_sha256, v.options_sha256, true AS done, {revived} AS revived),
 followers AS (
     UPDATE images f
        SET status = 'Done', output_key = l.output_key, bytes_in = l.bytes_in,
@@ -436,10 +456,12 @@ remembered AS (
     INSERT INTO reusable_outputs (owner, source_sha256, options_sha256, request_id, image_id,
                                   output_key, bytes_out, width, height, kept_source, ssim,
                                   quality, note)
-    SELECT r.owner, $12, $13, l.request_id, l.id, l.output_key, l.bytes_out, l.width, l.height,
-           l.kept_source, l.ssim, l.quality, l.note
+    SELECT DISTINCT ON (r.owner, l.source_sha256, l.options_sha256)
+           r.owner, l.source_sha256, l.options_sha256, l.request_id, l.id, l.output_key,
+           l.bytes_out, l.width, l.height, l.kept_source, l.ssim, l.quality, l.note
       FROM leader l JOIN requests r ON r.id = l.request_id
-     WHERE $12::bytea IS NOT NULL AND $13::bytea IS NOT NULL
+     WHERE l.source_sha256 IS NOT NULL AND l.options_sha256 IS NOT NULL
+     ORDER BY r.owner, l.source_sha256, l.options_sha256, l.id DESC
         ON CONFLICT (owner, source_sha256, options_sha256) DO UPDATE
        SET request_id = excluded.request_id, image_id = excluded.image_id,
            output_key = excluded.output_key, bytes_out = excluded.bytes_out,
@@ -447,11 +469,16 @@ remembered AS (
            kept_source = excluded.kept_source, ssim = excluded.ssim,
            quality = excluded.quality, note = excluded.note, created_at = now())"""
 
-_IMAGE_DONE = (
+_RECORDED = """
+SELECT l.id AS image_id, c.*
+  FROM leader l JOIN counted c ON c.id = l.request_id"""
+
+_IMAGES_DONE = (
     _DONE_TEMPLATE.format(
-        leader="status = 'Pending'", follower="f.status = 'Pending'", revived="false"
+        leader="images.status = 'Pending'", follower="f.status = 'Pending'", revived="false"
     )
     + _FOLLOWERS_AND_COUNTERS
+    + _RECORDED
 )
 
 # The same outcome arriving after the image's request was cancelled while it was in flight
@@ -459,9 +486,9 @@ _IMAGE_DONE = (
 # and the request stays Cancelled. The request row is locked first (FOR UPDATE), the order a
 # retry takes, and re-read at its newest version: a request retried or being deleted meanwhile
 # is left alone.
-_LATE_IMAGE_DONE = (
+_LATE_IMAGES_DONE = (
     _DONE_TEMPLATE.format(
-        leader=f"""status = 'Failed' AND error_code = '{CANCELLED_CODE}'
+        leader=f"""images.status = 'Failed' AND images.error_code = '{CANCELLED_CODE}'
            AND EXISTS (SELECT 1 FROM requests r
                         WHERE r.id = images.request_id AND r.status = 'Cancelled'
                           AND r.deleting_at IS NULL
@@ -470,6 +497,7 @@ _LATE_IMAGE_DONE = (
         revived="true",
     )
     + _FOLLOWERS_AND_COUNTERS
+    + _RECORDED
 )
 
 _IMAGE_FAILED = (
@@ -488,6 +516,7 @@ followers AS (
  RETURNING f.request_id, NULL::integer AS bytes_in, NULL::integer AS bytes_out,
            NULL::real AS ssim, false AS done, false AS revived)"""
     + _FOLLOWERS_AND_COUNTERS
+    + "\nSELECT * FROM counted"
 )
 
 
@@ -498,6 +527,81 @@ class SourceDigests:
 
     source: bytes
     options: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class StoredOutput:
+    """An image's output as stored under `output_key`, and what it kept."""
+
+    image_id: int
+    output_key: str
+    bytes_out: int
+    width: int
+    height: int
+    kept_source: bool
+    ssim: float | None
+    quality: int | None
+    note: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class DoneImage:
+    """An image's outcome Done: its output, stored under its key, and what identifies it."""
+
+    output: StoredOutput  # output.image_id is the image
+    bytes_in: int
+    digests: SourceDigests | None = None  # given: remembered for the owner's later requests
+    reused_from: int | None = None  # the image whose stored output was copied for this one
+
+
+async def record_images_done(conn: Connection, images: Sequence[DoneImage]) -> dict[int, Counters]:
+    """Mark Pending images Done (counting each one's successful attempt), give their followers
+    the same outcome and move the counters, in one statement; returns each recorded image's
+    request counters after it, by image id. An image that was final already is absent.
+
+    Give it the images of one request at a time: each statement then locks one request row,
+    after its images, the order a cancel takes them too, so statements of several workers can
+    never wait for each other in a cycle.
+
+    An image that was in flight when its request was cancelled (failed CANCELLED, the request
+    Cancelled) is recorded Done too, it and its followers leaving images_failed for
+    images_done; its Counters then have the status Cancelled."""
+    if not images:
+        return {}
+    recorded = _recorded(await conn.fetch(_IMAGES_DONE, *_done_arrays(images)))
+    late = [image for image in images if image.output.image_id not in recorded]
+    if late:
+        # A second statement, so it reads the cancel as committed even when the cancel
+        # committed while the first one waited for the image rows (rare: not the hot path).
+        recorded |= _recorded(await conn.fetch(_LATE_IMAGES_DONE, *_done_arrays(late)))
+    return recorded
+
+
+def _done_arrays(images: Sequence[DoneImage]) -> list[list[Any]]:
+    """The thirteen arrays of _DONE_TEMPLATE, an element per image."""
+    rows = [
+        (
+            image.output.image_id,
+            image.output.output_key,
+            image.bytes_in,
+            image.output.bytes_out,
+            image.output.width,
+            image.output.height,
+            image.output.kept_source,
+            image.output.ssim,
+            image.output.quality,
+            image.output.note or None,  # an empty note is stored as NULL
+            image.reused_from,
+            image.digests.source if image.digests else None,
+            image.digests.options if image.digests else None,
+        )
+        for image in images
+    ]
+    return [list(column) for column in zip(*rows, strict=True)]
+
+
+def _recorded(rows: list[asyncpg.Record]) -> dict[int, Counters]:
+    return {row["image_id"]: _counters(row) for row in rows}
 
 
 async def record_image_done(
@@ -516,36 +620,13 @@ async def record_image_done(
     digests: SourceDigests | None = None,
     reused_from: int | None = None,
 ) -> Counters | None:
-    """Mark a Pending image Done (counting its successful attempt), give its followers the
-    same outcome and move the counters; None if it was already final. `ssim`, `quality` and
-    `note` are what the output kept (services/worker/tuning.py); an empty note is stored as
-    NULL. With `digests`, the output is remembered for the owner's later requests;
-    `reused_from` is the image whose stored output was copied for this one.
-
-    An image that was in flight when its request was cancelled (failed CANCELLED, the request
-    Cancelled) is recorded Done too, it and its followers leaving images_failed for
-    images_done; the Counters returned then have the status Cancelled."""
-    args = (
-        image_id,
-        output_key,
-        bytes_in,
-        bytes_out,
-        width,
-        height,
-        kept_source,
-        ssim,
-        quality,
-        note or None,
-        reused_from,
-        digests.source if digests else None,
-        digests.options if digests else None,
+    """record_images_done for one image: its request's counters, or None if it was final
+    already. `ssim`, `quality` and `note` are what the output kept (services/worker/tuning.py)."""
+    output = StoredOutput(
+        image_id, output_key, bytes_out, width, height, kept_source, ssim, quality, note
     )
-    row = await conn.fetchrow(_IMAGE_DONE, *args)
-    if row is None:
-        # A second statement, so it reads the cancel as committed even when the cancel
-        # committed while the first one waited for the image row (rare: not the hot path).
-        row = await conn.fetchrow(_LATE_IMAGE_DONE, *args)
-    return _counters(row) if row else None
+    recorded = await record_images_done(conn, [DoneImage(output, bytes_in, digests, reused_from)])
+    return recorded.get(image_id)
 
 
 async def record_image_failed(
@@ -554,21 +635,6 @@ async def record_image_failed(
     """Mark a Pending image and its followers Failed with its reason and move the counters."""
     row = await conn.fetchrow(_IMAGE_FAILED, image_id, code, message[:1000])
     return _counters(row) if row else None
-
-
-@dataclass(frozen=True, slots=True)
-class StoredOutput:
-    """An image's output as stored under `output_key`, and what it kept."""
-
-    image_id: int
-    output_key: str
-    bytes_out: int
-    width: int
-    height: int
-    kept_source: bool
-    ssim: float | None
-    quality: int | None
-    note: str | None
 
 
 async def find_reusable_output(

@@ -1,0 +1,144 @@
+"""The worker's Batcher: calls gathered into one run, each caller answered with its own result."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Sequence
+
+import pytest
+
+from services.worker.batching import Batcher, Expected
+
+
+class Recorder:
+    """A `run` that records its batches, answers item * 10, and can be held or made to fail."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.started = asyncio.Event()
+        self.error: Exception | None = None
+
+    async def __call__(self, items: Sequence[int]) -> list[int]:
+        self.batches.append(list(items))
+        self.started.set()
+        await self.gate.wait()
+        if self.error is not None:
+            raise self.error
+        return [item * 10 for item in items]
+
+
+async def test_calls_of_one_turn_of_the_loop_share_a_run_and_get_their_own_results() -> None:
+    run = Recorder()
+    batcher = Batcher(run)
+    results = await asyncio.gather(*(batcher(n) for n in range(5)))
+    assert results == [0, 10, 20, 30, 40]
+    assert run.batches == [[0, 1, 2, 3, 4]]
+
+
+async def test_calls_that_arrive_while_a_batch_runs_form_the_next_batch() -> None:
+    run = Recorder()
+    run.gate.clear()
+    batcher = Batcher(run)
+    first = asyncio.create_task(batcher(1))
+    await run.started.wait()
+    later = [asyncio.create_task(batcher(n)) for n in (2, 3)]
+    await asyncio.sleep(0)  # they are queued behind the running batch
+    assert run.batches == [[1]]
+    run.gate.set()
+    assert await first == 10
+    assert await asyncio.gather(*later) == [20, 30]
+    assert run.batches == [[1], [2, 3]]
+
+
+async def test_linger_waits_for_company_and_max_size_cuts_it_short() -> None:
+    run = Recorder()
+    batcher = Batcher(run, linger=30.0, max_size=3)  # only a full batch can start it
+    results = await asyncio.wait_for(asyncio.gather(*(batcher(n) for n in range(3))), 10)
+    assert results == [0, 10, 20]
+    assert run.batches == [[0, 1, 2]]
+
+
+async def test_a_lingering_call_runs_once_its_linger_is_over() -> None:
+    run = Recorder()
+    batcher = Batcher(run, linger=0.05, max_size=100)
+    first = asyncio.create_task(batcher(1))
+    await asyncio.sleep(0)
+    second = asyncio.create_task(batcher(2))
+    assert list(await asyncio.wait_for(asyncio.gather(first, second), 10)) == [10, 20]
+    assert run.batches == [[1, 2]]
+
+
+async def test_with_nobody_else_expected_a_lingering_batch_runs_at_once() -> None:
+    run = Recorder()
+    expected = Expected()
+    batcher = Batcher(run, linger=30.0, expected=expected)
+    ticket = expected.ticket()
+    ticket.done()  # the caller's own ticket ends as it calls
+    assert await asyncio.wait_for(batcher(1), 10) == 10
+
+
+async def test_a_batch_lingers_for_an_expected_caller_and_runs_when_it_is_done() -> None:
+    run = Recorder()
+    expected = Expected()
+    released: list[str] = []
+    batcher = Batcher(run, linger=30.0, expected=expected)
+    other = expected.ticket(on_done=lambda: released.append("slot"))
+    first = asyncio.create_task(batcher(1))
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert not first.done() and run.batches == []  # waiting for the other caller
+    other.done()
+    other.done()  # a second done() changes nothing
+    assert await asyncio.wait_for(first, 10) == 10
+    assert released == ["slot"] and expected.count == 0
+
+
+async def test_a_failed_run_raises_to_every_caller_of_its_batch_only() -> None:
+    run = Recorder()
+    run.error = ConnectionError("postgres went away")
+    batcher = Batcher(run)
+    results = await asyncio.gather(batcher(1), batcher(2), return_exceptions=True)
+    assert all(isinstance(r, ConnectionError) for r in results)
+    run.error = None
+    assert await batcher(3) == 30  # the batcher carries on
+
+
+async def test_a_cancelled_caller_leaves_its_batch_and_the_others_are_answered() -> None:
+    run = Recorder()
+    run.gate.clear()
+    batcher = Batcher(run)
+    busy = asyncio.create_task(batcher(0))
+    await run.started.wait()
+    leaving = asyncio.create_task(batcher(1))
+    staying = asyncio.create_task(batcher(2))
+    await asyncio.sleep(0)
+    leaving.cancel()
+    run.gate.set()
+    assert await busy == 0
+    assert await staying == 20
+    with pytest.raises(asyncio.CancelledError):
+        await leaving
+    assert run.batches == [[0], [2]]
+
+
+async def test_cancelling_the_run_cancels_its_callers_instead_of_leaving_them_waiting() -> None:
+    run = Recorder()
+    run.gate.clear()
+    batcher = Batcher(run)
+    caller = asyncio.create_task(batcher(1))
+    await run.started.wait()
+    drainer = batcher._drainer
+    assert drainer is not None
+    drainer.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await drainer
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(caller, 10)
+
+
+def test_a_batch_holds_at_least_one_call() -> None:
+    with pytest.raises(ValueError, match="max_size"):
+        Batcher(Recorder(), max_size=0)
