@@ -95,6 +95,15 @@ BUDGET_WAIT_SECONDS = Histogram(
     buckets=(0.0005, *_BUCKETS),
 )
 BUDGETS = ("bytes", "pixels")
+BATCH_SIZE = Histogram(
+    "imgpipe_worker_batch_size",
+    "Calls one round trip to Postgres or Redis served (services/worker/batching.py)",
+    ["batch"],
+    buckets=(1, 2, 4, 8, 16, 32, 64),
+)
+# record: Done records (one statement per request); status: checks before a download;
+# ack: XACK; progress: PUBLISH of the newest counters per request.
+BATCHES = ("record", "status", "ack", "progress")
 
 
 def prime_worker() -> None:
@@ -110,11 +119,18 @@ def prime_worker() -> None:
         REQUEST_SECONDS.labels(status)
     for budget in BUDGETS:
         BUDGET_WAIT_SECONDS.labels(budget)
+    for batch in BATCHES:
+        BATCH_SIZE.labels(batch)
 
 
 def budget_waited(budget: str) -> Callable[[float], None]:
     """What a budget calls with the seconds each acquisition waited."""
     return BUDGET_WAIT_SECONDS.labels(budget).observe
+
+
+def batch_sized(batch: str) -> Callable[[int], None]:
+    """What a Batcher calls with the size of each batch it runs."""
+    return BATCH_SIZE.labels(batch).observe
 
 
 def request_finished(status: str, seconds: float) -> None:

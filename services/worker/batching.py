@@ -35,10 +35,12 @@ class Batcher(Generic[T, R]):
         linger: float = 0.0,
         max_size: int = 64,
         expected: Expected | None = None,
+        observe: Callable[[int], None] | None = None,
     ) -> None:
         """`run` takes a batch and returns one result per item, in order; what it raises is
         raised to every caller of that batch. `expected`: the calls that may still come (a
-        batch stops lingering when there are none)."""
+        batch stops lingering when there are none). `observe` is called with each batch's
+        size."""
         if max_size < 1:
             raise ValueError(f"max_size must be at least 1, not {max_size}")
         self._run = run
@@ -49,6 +51,7 @@ class Batcher(Generic[T, R]):
         self._check = asyncio.Event()  # set: see whether the batch should stop lingering
         self._drainer: asyncio.Task[None] | None = None
         self._expected = expected
+        self._observe = observe
         if expected is not None:
             expected.batchers.append(self)
 
@@ -105,6 +108,8 @@ class Batcher(Generic[T, R]):
                     await self._check.wait()
 
     async def _run_batch(self, batch: list[tuple[T, asyncio.Future[R]]]) -> None:
+        if self._observe is not None:
+            self._observe(len(batch))
         try:
             results = await self._run([item for item, _ in batch])
         except asyncio.CancelledError:

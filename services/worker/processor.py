@@ -86,10 +86,15 @@ class Processor:
         # One round trip for many images (services/worker/batching.py): the checks that start
         # tasks read together, the Done records wait up to `record_linger` for company, and
         # the progress they cause is published together, the newest per request.
-        self._statuses = Batcher(self._read_statuses)
+        self._statuses = Batcher(self._read_statuses, observe=metrics.batch_sized("status"))
         self._working = Expected()  # tasks that have not reached their record yet
-        self._record = Batcher(self._record_batch, linger=record_linger, expected=self._working)
-        self._progress = Batcher(self._publish_progress)
+        self._record = Batcher(
+            self._record_batch,
+            linger=record_linger,
+            expected=self._working,
+            observe=metrics.batch_sized("record"),
+        )
+        self._progress = Batcher(self._publish_progress, observe=metrics.batch_sized("progress"))
         # Requests whose finish runs in this process now: another task that completes the
         # same request asks the running finish to look again instead of rendering it twice.
         self._finishing: dict[uuid.UUID, bool] = {}

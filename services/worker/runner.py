@@ -60,7 +60,9 @@ async def consume(
     in_flight: dict[str, asyncio.Task[None]] = {}
     slots = _Slots(policy.concurrency)
     # The tasks one batch of records wakes acknowledge their entries in one XACK.
-    acks: Batcher[str, None] = Batcher(functools.partial(_ack, consumer))
+    acks: Batcher[str, None] = Batcher(
+        functools.partial(_ack, consumer), observe=metrics.batch_sized("ack")
+    )
     failures = 0
     next_claim = 0.0
     await consumer.ensure_group()

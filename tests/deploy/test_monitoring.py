@@ -40,6 +40,7 @@ HISTOGRAMS = {
     "imgpipe_stage_duration_seconds": {"stage"},
     "imgpipe_request_duration_seconds": {"status"},
     "imgpipe_budget_wait_seconds": {"budget"},
+    "imgpipe_worker_batch_size": {"batch"},
     "grpc_server_handling_seconds": {"grpc_service", "grpc_method"},
     "http_request_duration_seconds": {"method", "route"},
 }

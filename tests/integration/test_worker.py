@@ -14,6 +14,7 @@ import asyncpg
 import pytest
 import redis.asyncio
 from PIL import Image
+from prometheus_client import REGISTRY
 
 from services.common import storage as keys
 from services.common.db import lifecycle
@@ -330,3 +331,46 @@ async def test_an_output_that_lands_while_its_request_is_deleted_is_removed_by_i
     # The worker wrote its output, could not record it, and removed it: the delete will not
     # list the store again, so nothing else would.
     assert await storage.missing(keys.image_key(request_id, image["id"], "jpg"))
+
+
+def _record_batches() -> tuple[float, float]:
+    """How many batches of Done records this process ran, and how many records they held."""
+    labels = {"batch": "record"}
+    count = REGISTRY.get_sample_value("imgpipe_worker_batch_size_count", labels) or 0.0
+    total = REGISTRY.get_sample_value("imgpipe_worker_batch_size_sum", labels) or 0.0
+    return count, total
+
+
+async def test_a_busy_worker_records_its_images_in_shared_statements(
+    ingest_stub: ingest_grpc.IngestServiceAsyncStub,
+    processor: Processor,
+    consumer: TaskConsumer,
+    pool: asyncpg.Pool,
+    origin: ImageOrigin,
+) -> None:
+    # A linger no test waits out: a batch runs when no other image of the worker is in work.
+    lingering = Processor(
+        pool=processor.pool,
+        redis=processor.redis,
+        names=processor.names,
+        storage=processor.storage,
+        fetch=processor.fetch,
+        executor=processor.executor,
+        image_limits=processor.image_limits,
+        retry=processor.retry,
+        record_linger=30.0,
+    )
+    count_before, total_before = _record_batches()
+    stop = asyncio.Event()
+    worker = asyncio.create_task(consume(consumer, lingering, ConsumePolicy(concurrency=8), stop))
+    try:
+        urls = [origin.url(f"/img/batch-{n}.jpg") for n in range(6)]
+        accepted = await upload(ingest_stub, csv_of([("1", "Shoe", urls)]))
+        request = await wait_final(pool, accepted.request_id)
+    finally:
+        stop.set()
+        await asyncio.wait_for(worker, timeout=10)
+    count, total = _record_batches()
+    assert (request["status"], request["images_done"]) == ("Completed", 6)
+    assert total - total_before == 6  # every record went through a batch
+    assert count - count_before < 6  # and some shared one statement
