@@ -67,6 +67,11 @@ class Batcher(Generic[T, R]):
         # (or, when the batch already runs, its result is dropped).
         return await future
 
+    @property
+    def waiting(self) -> int:
+        """Calls waiting for a batch to start (not those of a batch running now)."""
+        return len(self._waiting)
+
     def poke(self) -> None:
         """End the linger now if the batch is full or no call is expected any more."""
         if self._ready():

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import pytest
 
 from services.worker.batching import Batcher, Expected
+from testing.polling import wait_until_async
 
 
 class Recorder:
@@ -30,6 +31,10 @@ class Recorder:
         return [item * 10 for item in items]
 
 
+async def _waiting(batcher: Batcher[int, int], count: int) -> bool:
+    return batcher.waiting == count
+
+
 async def test_calls_of_one_turn_of_the_loop_share_a_run_and_get_their_own_results() -> None:
     run = Recorder()
     batcher = Batcher(run)
@@ -45,8 +50,8 @@ async def test_calls_that_arrive_while_a_batch_runs_form_the_next_batch() -> Non
     first = asyncio.create_task(batcher(1))
     await run.started.wait()
     later = [asyncio.create_task(batcher(n)) for n in (2, 3)]
-    await asyncio.sleep(0)  # they are queued behind the running batch
-    assert run.batches == [[1]]
+    await wait_until_async(lambda: _waiting(batcher, 2), timeout=10, message="two queued")
+    assert run.batches == [[1]]  # they wait behind the running batch
     run.gate.set()
     assert await first == 10
     assert await asyncio.gather(*later) == [20, 30]
@@ -63,11 +68,8 @@ async def test_linger_waits_for_company_and_max_size_cuts_it_short() -> None:
 
 async def test_a_lingering_call_runs_once_its_linger_is_over() -> None:
     run = Recorder()
-    batcher = Batcher(run, linger=0.05, max_size=100)
-    first = asyncio.create_task(batcher(1))
-    await asyncio.sleep(0)
-    second = asyncio.create_task(batcher(2))
-    assert list(await asyncio.wait_for(asyncio.gather(first, second), 10)) == [10, 20]
+    batcher = Batcher(run, linger=0.05, max_size=100)  # neither full nor told who may come
+    assert list(await asyncio.wait_for(asyncio.gather(batcher(1), batcher(2)), 10)) == [10, 20]
     assert run.batches == [[1, 2]]
 
 
@@ -87,9 +89,8 @@ async def test_a_batch_lingers_for_an_expected_caller_and_runs_when_it_is_done()
     batcher = Batcher(run, linger=30.0, expected=expected)
     other = expected.ticket(on_done=lambda: released.append("slot"))
     first = asyncio.create_task(batcher(1))
-    for _ in range(5):
-        await asyncio.sleep(0)
-    assert not first.done() and run.batches == []  # waiting for the other caller
+    done, _ = await asyncio.wait({first}, timeout=0.2)
+    assert not done and run.batches == []  # waiting for the other caller
     other.done()
     other.done()  # a second done() changes nothing
     assert await asyncio.wait_for(first, 10) == 10
@@ -114,7 +115,7 @@ async def test_a_cancelled_caller_leaves_its_batch_and_the_others_are_answered()
     await run.started.wait()
     leaving = asyncio.create_task(batcher(1))
     staying = asyncio.create_task(batcher(2))
-    await asyncio.sleep(0)
+    await wait_until_async(lambda: _waiting(batcher, 2), timeout=10, message="two queued")
     leaving.cancel()
     run.gate.set()
     assert await busy == 0
