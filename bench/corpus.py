@@ -9,8 +9,8 @@ very same files.
 from __future__ import annotations
 
 import io
-import multiprocessing
 import os
+import resource
 import time
 from collections.abc import Mapping
 from concurrent.futures import ProcessPoolExecutor
@@ -70,11 +70,9 @@ def _generate(folder: str, size: tuple[int, int], seed: int) -> str:
     return str(path)
 
 
-def encode(settings: Mapping[str, Any], measure: bool, path: str) -> tuple[int, float]:
-    """Decode, RGB, JPEG with `settings` (Pillow save() arguments); the output's bytes and the
-    CPU seconds it took. With `measure`, also the output's SSIM against the source, as the
-    worker measures it."""
-    started = time.process_time()
+def encode(settings: Mapping[str, Any], measure: bool, path: str) -> int:
+    """Decode, RGB, JPEG with `settings` (Pillow save() arguments); the output's bytes. With
+    `measure`, also the output's SSIM against the source, as the worker measures it."""
     data = Path(path).read_bytes()  # from the page cache: microseconds against milliseconds
     with Image.open(io.BytesIO(data)) as image:
         out = io.BytesIO()
@@ -82,14 +80,14 @@ def encode(settings: Mapping[str, Any], measure: bool, path: str) -> tuple[int, 
         rgb.save(out, "JPEG", **settings)
         if measure:
             measure_ssim(quality.luminance(rgb), out.getvalue())
-        return out.tell(), time.process_time() - started
+        return out.tell()
 
 
 @dataclass(frozen=True, slots=True)
 class PillowRun:
     images_per_s: float
-    cpu_s: float  # CPU time of the measured images in the pool's processes
-    images: int
+    cpu_s: float  # CPU time of the pool processes, warm-up and start-up included
+    images: int  # warm-up included
     output_bytes: int  # of the measured images
 
     @property
@@ -106,18 +104,18 @@ def pillow_loop(
 ) -> PillowRun:
     """The Pillow loop over `paths` in `processes` processes, saving with `settings` (and
     measuring each output's SSIM with `measure_ssim`): throughput, CPU cost and bytes.
+
+    Must not overlap with other child processes ending: their CPU time would count too.
     """
     names = [str(p) for p in paths]
-    # Fresh interpreters (spawn), as a script run on its own would be: processes forked from
-    # the bench inherit its heap (the corpus, the origin, the event loop), and there the
-    # SSIM's NumPy work ran 30 % slower than in a process of its own.
-    spawn = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(processes, mp_context=spawn) as pool:
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    with ProcessPoolExecutor(processes) as pool:
         one = partial(encode, dict(settings), measure_ssim)
         list(pool.map(one, names[:processes]))  # start and warm the workers
         started = time.perf_counter()
-        results = list(pool.map(one, names, chunksize=4))
+        output = sum(pool.map(one, names, chunksize=4))
         rate = len(names) / (time.perf_counter() - started)
-    output = sum(size for size, _ in results)
-    cpu = sum(seconds for _, seconds in results)
-    return PillowRun(rate, cpu, len(names), output)
+    # The pool's processes have ended and been reaped: their CPU time is now the children's.
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime + after.ru_stime - children.ru_utime - children.ru_stime
+    return PillowRun(rate, cpu, len(names) + processes, output)
