@@ -179,6 +179,14 @@ class Processor:
     async def _compress_and_store(
         self, task: task_pb2.ImageTask, request_id: uuid.UUID, ticket: Ticket
     ) -> queries.Counters | None:
+        done = await self._produce(task, request_id)
+        with telemetry.span("record"):
+            return await self._record_done(task, ticket, done)
+
+    async def _produce(self, task: task_pb2.ImageTask, request_id: uuid.UUID) -> queries.DoneImage:
+        """The image's output, stored under its key: a copy of the owner's earlier output of
+        the same source and options, or compressed here. What the record needs, and no image
+        bytes: a record may linger for other tasks' (batching.py)."""
         async with self.buffers.lease() as lease:
             data = await self._fetch_with_retries(task, lease)
             await lease.reserve(len(data))  # a body without Content-Length is counted now
@@ -191,11 +199,7 @@ class Processor:
                     self.pool, self.storage, request_id, task.image_id, digests
                 )
                 if reused is not None:
-                    return await self._record_done(
-                        task,
-                        ticket,
-                        queries.DoneImage(reused.output, len(data), digests, reused.from_image),
-                    )
+                    return queries.DoneImage(reused.output, len(data), digests, reused.from_image)
             try:
                 result = await loop.run_in_executor(
                     self.executor, compress, data, options, self.image_limits, self.pixels
@@ -226,11 +230,7 @@ class Processor:
             result.quality,
             result.note,
         )
-        del result  # a record may linger for others' (batching.py): it holds no image bytes
-        with telemetry.span("record"):
-            return await self._record_done(
-                task, ticket, queries.DoneImage(output, bytes_in, digests)
-            )
+        return queries.DoneImage(output, bytes_in, digests)
 
     async def _record_done(
         self, task: task_pb2.ImageTask, ticket: Ticket, done: queries.DoneImage
