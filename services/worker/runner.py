@@ -58,7 +58,7 @@ async def consume(
     # By entry id: XAUTOCLAIM may hand back an entry this worker is still processing (when it
     # is slower than the visibility timeout); it must not be processed twice at once.
     in_flight: dict[str, asyncio.Task[None]] = {}
-    slots = _Slots(policy.concurrency)
+    slots = Slots(policy.concurrency)
     # The tasks one batch of records wakes acknowledge their entries in one XACK.
     acks: Batcher[str, None] = Batcher(
         functools.partial(_ack, consumer), observe=metrics.batch_sized("ack")
@@ -116,46 +116,55 @@ async def _ack(consumer: TaskConsumer, entry_ids: Sequence[str]) -> list[None]:
     return [None] * len(entry_ids)
 
 
-class _Slots:
-    """The tasks whose image work is not over, at most `size`. A task whose image only waits
-    for its record (which lingers for other tasks', batching.py) gives its slot back."""
+class Slots:
+    """`size` slots for tasks whose image work is not over. A task whose image only waits
+    for its record (which lingers for other tasks', batching.py) gives its slot back; those
+    tasks are bounded too, to another `size`, so a slow Postgres slows the reading down
+    instead of letting unrecorded images pile up."""
 
     def __init__(self, size: int) -> None:
         self.size = size
         self.refill = max(1, size // 4)
-        self._holders: set[str] = set()
-        self._freed = asyncio.Event()
+        self._working: set[str] = set()
+        self._tasks: set[str] = set()
+        self._changed = asyncio.Event()
 
     @property
     def free(self) -> int:
-        return self.size - len(self._holders)
+        return min(self.size - len(self._working), 2 * self.size - len(self._tasks))
 
     def take(self, entry_id: str) -> None:
-        self._holders.add(entry_id)
+        self._working.add(entry_id)
+        self._tasks.add(entry_id)
 
-    def give_back(self, entry_id: str) -> None:
-        if entry_id in self._holders:
-            self._holders.discard(entry_id)
-            self._freed.set()
+    def work_over(self, entry_id: str) -> None:
+        if entry_id in self._working:
+            self._working.discard(entry_id)
+            self._changed.set()
+
+    def finished(self, entry_id: str) -> None:
+        self.work_over(entry_id)
+        self._tasks.discard(entry_id)
+        self._changed.set()
 
     async def wait_free(self, count: int) -> None:
         while self.free < count:
-            self._freed.clear()
-            await self._freed.wait()
+            self._changed.clear()
+            await self._changed.wait()
 
 
 def _forget(
-    in_flight: dict[str, asyncio.Task[None]], slots: _Slots, entry_id: str, _: object
+    in_flight: dict[str, asyncio.Task[None]], slots: Slots, entry_id: str, _: object
 ) -> None:
     in_flight.pop(entry_id, None)
-    slots.give_back(entry_id)
+    slots.finished(entry_id)
 
 
 async def _handle(
     consumer: TaskConsumer,
     processor: Processor,
     acks: Batcher[str, None],
-    slots: _Slots,
+    slots: Slots,
     delivery: Delivery,
     policy: ConsumePolicy,
     monitor: DependencyMonitor,
@@ -188,7 +197,7 @@ async def _handle(
                     await processor.process(
                         task,
                         delivery.deliveries,
-                        functools.partial(slots.give_back, delivery.entry_id),
+                        functools.partial(slots.work_over, delivery.entry_id),
                     )
                     await acks(delivery.entry_id)
                 return
