@@ -151,7 +151,8 @@ MEANINGS: dict[str, Meaning] = {
         "consumer name in the stream group (the pod name in Kubernetes)", default="hostname-pid"
     ),
     "IMGPIPE_WORKER_CONCURRENCY": Meaning(
-        "images in flight per worker (hides origin latency; the two budgets below bound memory)"
+        "images at their work per worker (hides origin latency; the two budgets below bound"
+        " memory); as many again may wait for their Done records"
     ),
     "IMGPIPE_WORKER_THREADS": Meaning("Pillow threads per worker", default="CPU count"),
     "IMGPIPE_WORKER_RECORD_LINGER_MS": Meaning(
