@@ -31,6 +31,7 @@ from gateway.http_errors import BodyTimeout, UnsupportedMediaType
 from gateway.keys import ANONYMOUS_UPLOADS
 from services.common.errors import Detail, InvalidArgument, TooLarge
 from services.common.image_options import GOAL_RULES, from_proto
+from services.common.initial_metadata import is_ready
 from services.common.pb.imgpipe.v1 import ingest_service_pb2 as ingest_pb
 from services.common.pb.imgpipe.v1 import ingest_service_pb2_grpc as ingest_grpc
 from services.common.pb.imgpipe.v1 import task_pb2
@@ -235,20 +236,25 @@ async def _send(
     call = ingest.UploadCsv(None, timeout=deadline)  # None: we write the messages
     try:
         await call.write(ingest_pb.UploadCsvRequest(header=header))
-        total = 0
-        while chunk := await read():
-            total += len(chunk)
-            if total > limit:
-                raise _too_large(limit)
-            await call.write(ingest_pb.UploadCsvRequest(chunk=chunk))
-        if after is not None:
-            await after()
-        # UploadEnd tells ingest the file is whole; without it ingest stores nothing.
-        await call.write(ingest_pb.UploadCsvRequest(end=ingest_pb.UploadEnd(count=total)))
-        await call.done_writing()
+        # Nothing more until ingest says it will read the file: until then it may refuse (key,
+        # rate, options, uploads=), and an answer that arrives while we write is lost to
+        # grpc/grpc#36066 (services/common/initial_metadata.py). Not ready: awaiting the call
+        # below gives the refusal.
+        if is_ready(await call.initial_metadata()):
+            total = 0
+            while chunk := await read():
+                total += len(chunk)
+                if total > limit:
+                    raise _too_large(limit)
+                await call.write(ingest_pb.UploadCsvRequest(chunk=chunk))
+            if after is not None:
+                await after()
+            # UploadEnd tells ingest the file is whole; without it ingest stores nothing.
+            await call.write(ingest_pb.UploadCsvRequest(end=ingest_pb.UploadEnd(count=total)))
+            await call.done_writing()
     except (asyncio.InvalidStateError, grpc.aio.AioRpcError):
-        # Ingest already answered (an early rejection) while we were still writing; a write
-        # then fails with a transport error. Awaiting the call gives ingest's own answer.
+        # Ingest answered while a write was due (it stopped at a deadline, say): awaiting the
+        # call gives its answer.
         pass
     except BaseException:
         call.cancel()

@@ -3,8 +3,9 @@ body cut into chunks."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 
+from services.common.initial_metadata import is_ready
 from services.common.pb.imgpipe.v1 import ingest_service_pb2 as ingest_pb
 from services.common.pb.imgpipe.v1 import ingest_service_pb2_grpc as ingest_grpc
 from services.common.pb.imgpipe.v1 import task_pb2
@@ -36,21 +37,24 @@ async def upload(
     complete: bool = True,
     api_key: str = "",
 ) -> ingest_pb.Accepted:
-    """UploadCsv with the body cut into small chunks, as a real stream would arrive."""
+    """UploadCsv with the body cut into small chunks, as a real stream would arrive.
 
-    async def messages() -> AsyncIterator[ingest_pb.UploadCsvRequest]:
-        yield ingest_pb.UploadCsvRequest(
-            header=ingest_pb.UploadHeader(
-                options=options or task_pb2.ImageOptions(),
-                webhook_url=webhook_url,
-                idempotency_key=idempotency_key,
-            )
-        )
-        for start in range(0, len(body), chunk_size):
-            yield ingest_pb.UploadCsvRequest(chunk=body[start : start + chunk_size])
-        if complete:
-            yield ingest_pb.UploadCsvRequest(end=ingest_pb.UploadEnd(count=len(body)))
-
+    Written as the gateway writes it: the header, then the file once ingest says it is ready
+    (services/common/initial_metadata.py), so a refusal is never lost to a write in flight.
+    """
     metadata = (("authorization", f"Bearer {api_key}"),) if api_key else None
-    response = await stub.UploadCsv(messages(), timeout=20, metadata=metadata)
+    call = stub.UploadCsv(None, timeout=20, metadata=metadata)
+    header = ingest_pb.UploadHeader(
+        options=options or task_pb2.ImageOptions(),
+        webhook_url=webhook_url,
+        idempotency_key=idempotency_key,
+    )
+    await call.write(ingest_pb.UploadCsvRequest(header=header))
+    if is_ready(await call.initial_metadata()):
+        for start in range(0, len(body), chunk_size):
+            await call.write(ingest_pb.UploadCsvRequest(chunk=body[start : start + chunk_size]))
+        if complete:
+            await call.write(ingest_pb.UploadCsvRequest(end=ingest_pb.UploadEnd(count=len(body))))
+        await call.done_writing()
+    response = await call
     return response.accepted

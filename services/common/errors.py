@@ -19,6 +19,8 @@ from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from services.common import initial_metadata
+
 DOMAIN = "imgpipe"
 
 
@@ -221,6 +223,7 @@ def _packed(message: Any) -> any_pb2.Any:
 
 
 async def grpc_abort(context: grpc.aio.ServicerContext[Any, Any], error: ImgpipeError) -> NoReturn:
+    await initial_metadata.settle(context)  # a refused upload still reports the caller's quota
     status = rpc_status.to_status(to_rpc_status(error))
     await context.abort_with_status(status)
     raise AssertionError("abort_with_status returned")  # pragma: no cover

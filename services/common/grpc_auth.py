@@ -18,6 +18,7 @@ from typing import Any
 
 import grpc
 
+from services.common import initial_metadata
 from services.common.auth import (
     QUOTA_METADATA,
     KeyRing,
@@ -94,7 +95,9 @@ class ApiKeyInterceptor(WrappingInterceptor):
         """Health checks and reflection (PROBE_METHODS) answer without a key."""
         return _guarded(handler, self._admit)
 
-    async def _admit(self, context: grpc.aio.ServicerContext[Any, Any]) -> Principal | None:
+    async def _admit(
+        self, context: grpc.aio.ServicerContext[Any, Any], uploading: bool
+    ) -> Principal | None:
         if not self.keys.enabled:
             return None
         metadata = context.invocation_metadata() or ()
@@ -123,15 +126,22 @@ class ApiKeyInterceptor(WrappingInterceptor):
 
             async def report(quota: Quota) -> None:
                 # Before the answer or the refusal: the gateway turns it into RateLimit-* headers.
-                await context.send_initial_metadata(((QUOTA_METADATA, quota.metadata()),))
+                # An upload sends it when ingest is ready for the file (initial_metadata.py).
+                initial_metadata.owe((QUOTA_METADATA, quota.metadata()))
 
             await self.check_rate(principal, report)
+            if not uploading:
+                await initial_metadata.settle(context)
         return principal
 
 
-async def _enter(admit: Callable[[Any], Awaitable[Principal | None]], context: Any) -> None:
+# Authenticates and charges a call: (context, whether the client streams its requests).
+Admit = Callable[[Any, bool], Awaitable[Principal | None]]
+
+
+async def _enter(admit: Admit, context: Any, uploading: bool) -> None:
     try:
-        principal = await admit(context)
+        principal = await admit(context, uploading)
     except ImgpipeError as exc:
         await grpc_abort(context, exc)
     except BACKEND_ERRORS as exc:
@@ -142,7 +152,7 @@ async def _enter(admit: Callable[[Any], Awaitable[Principal | None]], context: A
 
 
 def _guarded(
-    handler: grpc.RpcMethodHandler[Any, Any], admit: Callable[[Any], Awaitable[Principal | None]]
+    handler: grpc.RpcMethodHandler[Any, Any], admit: Admit
 ) -> grpc.RpcMethodHandler[Any, Any]:
     """`handler` with `admit` run first, for any of the four kinds of method."""
     h: Any = handler
@@ -151,7 +161,7 @@ def _guarded(
     if h.response_streaming:
 
         async def streaming(request: Any, context: Any) -> AsyncIterator[Any]:
-            await _enter(admit, context)
+            await _enter(admit, context, h.request_streaming)
             async for item in behavior(request, context):
                 yield item
 
@@ -159,7 +169,7 @@ def _guarded(
     else:
 
         async def unary(request: Any, context: Any) -> Any:
-            await _enter(admit, context)
+            await _enter(admit, context, h.request_streaming)
             return await behavior(request, context)
 
         wrapped = unary

@@ -25,7 +25,7 @@ import asyncpg
 import grpc
 import redis.asyncio as aioredis
 
-from services.common import failpoints, tracing
+from services.common import failpoints, initial_metadata, tracing
 from services.common.auth import Principal
 from services.common.csv_format import (
     REQUIRED_COLUMNS,
@@ -99,7 +99,9 @@ class IngestServicer(ingest_grpc.IngestServiceServicer):
         self, request_iterator: AsyncIterator[ingest_pb.UploadCsvRequest], context: Context
     ) -> ingest_pb.UploadCsvResponse:
         header = await self._header(request_iterator)
-        accepted = await self._accept_upload(header, _content(request_iterator, "chunk", len))
+        accepted = await self._accept_upload(
+            header, _content(request_iterator, "chunk", len), context
+        )
         return ingest_pb.UploadCsvResponse(accepted=accepted)
 
     @rpc_method
@@ -115,7 +117,7 @@ class IngestServicer(ingest_grpc.IngestServiceServicer):
             async for p in _content(request_iterator, "product", lambda _: 1):
                 yield _csv_line((p.serial_number, p.product_name, ",".join(p.input_image_urls)))
 
-        accepted = await self._accept_upload(header, as_csv())
+        accepted = await self._accept_upload(header, as_csv(), context)
         return ingest_pb.SubmitProductsResponse(accepted=accepted)
 
     @rpc_method
@@ -204,13 +206,15 @@ class IngestServicer(ingest_grpc.IngestServiceServicer):
         return f"webhook_url is refused: {refused}" if refused is not None else None
 
     async def _accept_upload(
-        self, header: Header, chunks: AsyncIterator[bytes]
+        self, header: Header, chunks: AsyncIterator[bytes], context: Context
     ) -> ingest_pb.Accepted:
         owner = caller_owner()  # '' when authentication is off
         principal = caller()
         request_id = uuid.uuid4()
         tracing.set_request_id(str(request_id))  # for this call's log lines
         async with self._receiving(principal):
+            # Every refusal that needs no file is behind us: ask for the file.
+            await initial_metadata.ready(context)
             with Spool(self.limits) as spool:
                 # The whole upload first, with no connection held: a client that stalls holds a
                 # temporary file and one of its own `uploads=` leases, nothing others need.

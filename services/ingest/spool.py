@@ -30,6 +30,7 @@ class Spool:
 
     def __init__(self, limits: CsvLimits) -> None:
         self.reader = CsvReader(limits)
+        self._max_bytes = limits.max_bytes
         self.digest = hashlib.sha256()
         self.batches_written = 0
         # An anonymous file: nothing else can open it, and it vanishes with the process.
@@ -43,13 +44,20 @@ class Spool:
         self._file.close()
 
     async def receive(self, chunks: AsyncIterator[bytes]) -> None:
-        """Read the upload to its end (or until there are enough problems to report)."""
+        """Read the upload to its end, or until it is larger than `max_bytes`.
+
+        A file already refused (too many problems, too many rows) is still read to its end, only
+        counted, so that the answer never overtakes the client's writes: an asyncio gRPC client
+        reports INTERNAL instead of an answer that arrives while it writes (grpc/grpc#36066).
+        Past `max_bytes` reading stops: the gateway never sends that much (the same limit), and
+        reading on would have no end.
+        """
         reader = self.reader
         async for chunk in chunks:
             self.digest.update(chunk)
             self._add(reader.feed(chunk))
-            if reader.truncated:
-                break  # enough problems to report; stop reading a file we will reject
+            if reader.bytes_seen > self._max_bytes:
+                break
         self._add(reader.finish())
         self._flush()
 

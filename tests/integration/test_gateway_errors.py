@@ -27,6 +27,7 @@ from gateway.app import create_app
 from gateway.config import GatewaySettings
 from gateway.keys import IN_FLIGHT
 from gateway.serving import drain, start
+from services.common import initial_metadata
 from services.common.pb.imgpipe.v1 import ingest_service_pb2 as ingest_pb
 from services.common.pb.imgpipe.v1 import ingest_service_pb2_grpc as ingest_grpc
 from services.common.pb.imgpipe.v1 import request_pb2, task_pb2
@@ -73,6 +74,7 @@ class FakeIngest(ingest_grpc.IngestServiceServicer):
                 if message.HasField("header"):
                     self.headers.append(message.header)
                     self.received_header.set()
+                    await initial_metadata.ready(context)  # as ingest does: send the file
                 else:
                     body += message.chunk
             # A client's cancel can end the request stream like a half-close would; only the

@@ -32,6 +32,11 @@ class IngestServiceStub:
     A request is accepted whole or rejected whole: validation
     errors are INVALID_ARGUMENT with google.rpc.BadRequest field violations whose `field` is
     "ROW:COLUMN" (ROW is the spreadsheet row; the header is row 1).
+    Once the header, the key, its rate and its `uploads=` lease are accepted, the service sends
+    its initial metadata with `imgpipe-upload-ready: 1` (and the key's quota). A client should
+    write nothing after the header until then: before it the call may still be refused, and an
+    asyncio gRPC client writing while a refusal arrives reports INTERNAL instead (grpc#36066).
+    After it, the service reads the content to UploadEnd (up to the size limit) before answering.
     """
 
     def __init__(self, channel):
@@ -64,6 +69,11 @@ class IngestServiceServicer:
     A request is accepted whole or rejected whole: validation
     errors are INVALID_ARGUMENT with google.rpc.BadRequest field violations whose `field` is
     "ROW:COLUMN" (ROW is the spreadsheet row; the header is row 1).
+    Once the header, the key, its rate and its `uploads=` lease are accepted, the service sends
+    its initial metadata with `imgpipe-upload-ready: 1` (and the key's quota). A client should
+    write nothing after the header until then: before it the call may still be refused, and an
+    asyncio gRPC client writing while a refusal arrives reports INTERNAL instead (grpc#36066).
+    After it, the service reads the content to UploadEnd (up to the size limit) before answering.
     """
 
     def UploadCsv(self, request_iterator, context):
@@ -121,6 +131,11 @@ class IngestService:
     A request is accepted whole or rejected whole: validation
     errors are INVALID_ARGUMENT with google.rpc.BadRequest field violations whose `field` is
     "ROW:COLUMN" (ROW is the spreadsheet row; the header is row 1).
+    Once the header, the key, its rate and its `uploads=` lease are accepted, the service sends
+    its initial metadata with `imgpipe-upload-ready: 1` (and the key's quota). A client should
+    write nothing after the header until then: before it the call may still be refused, and an
+    asyncio gRPC client writing while a refusal arrives reports INTERNAL instead (grpc#36066).
+    After it, the service reads the content to UploadEnd (up to the size limit) before answering.
     """
 
     @staticmethod
