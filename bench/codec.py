@@ -42,6 +42,8 @@ class Side:
     images_per_s: float
     cpu_ms: float  # per image, every process of this side
     kib: float  # average output
+    # per image, the worker processes alone (codec and their plumbing); a loop's is its cpu_ms
+    worker_cpu_ms: float = 0.0
 
 
 @dataclass
@@ -66,6 +68,15 @@ def _effort_figures(runs: list[B1Run], effort: str) -> dict[str, float]:
         ),
         "vs_plain": median([r.pipeline[effort].images_per_s / r.plain.images_per_s for r in runs]),
         "bytes_vs_plain": median([r.pipeline[effort].kib / r.plain.kib for r in runs]),
+        # What a core running only a worker does, against one running the loops: the
+        # services, Postgres and the origin live on other nodes in a deployment.
+        "worker_cpu_ms": median([p.worker_cpu_ms for p in pipeline]),
+        "worker_only_plumbing": median(
+            [r.same[effort].cpu_ms / r.pipeline[effort].worker_cpu_ms for r in runs]
+        ),
+        "worker_only_vs_plain": median(
+            [r.plain.cpu_ms / r.pipeline[effort].worker_cpu_ms for r in runs]
+        ),
     }
 
 
@@ -77,7 +88,8 @@ def _distinct_efforts() -> list[Effort]:
 
 
 def _loop_side(run: PillowRun, count: int) -> Side:
-    return Side(run.images_per_s, run.cpu_ms_per_image, run.output_bytes / count / 1024)
+    cpu_ms = run.cpu_ms_per_image
+    return Side(run.images_per_s, cpu_ms, run.output_bytes / count / 1024, cpu_ms)
 
 
 async def run(settings: BenchSettings, corpus: Corpus, names: tuple[str, ...]) -> list[Section]:
@@ -171,7 +183,13 @@ async def _pipeline(
         request_id, seconds = await process(http, stack, urls, tag, within=TIMEOUT, query=options)
     total = await output_bytes(http, stack, request_id)
     count = len(urls)
-    return Side(count / seconds, 1000 * run_meter.stack_seconds() / count, total / count / 1024)
+    workers = sum(used for name, used in run_meter.seconds.items() if name.startswith("worker"))
+    return Side(
+        count / seconds,
+        1000 * run_meter.stack_seconds() / count,
+        total / count / 1024,
+        1000 * workers / count,
+    )
 
 
 async def _seconds(http: aiohttp.ClientSession, stack: Stack, urls: list[str], tag: str) -> float:
@@ -288,6 +306,11 @@ def _b1(
         " vs plain = pipeline ÷ the plain loop (what the settings cost too); bytes = average"
         " output ÷ the plain loop's.",
         "",
+        "Worker only = the loop's CPU per image ÷ the worker processes' CPU per image (codec and"
+        " their own plumbing, without gateway, ingest, status, Postgres, Redis and the origin):"
+        " what a core that runs only a worker delivers, as on a worker node of a deployment."
+        " Informational; the targets are on the whole stack.",
+        "",
         *table(
             (
                 "side",
@@ -299,6 +322,19 @@ def _b1(
                 "bytes vs plain",
             ),
             rows,
+        ),
+        "",
+        *table(
+            ("effort", "worker CPU ms/image", "worker only ÷ same-work loop", "÷ plain loop"),
+            [
+                (
+                    name,
+                    f"{f['worker_cpu_ms']:.1f}",
+                    f"{f['worker_only_plumbing']:.2f}",
+                    f"{f['worker_only_vs_plain']:.2f}",
+                )
+                for name, f in figures.items()
+            ],
         ),
         "",
         "Others (CPU of processes outside imgpipe and the bench) per run: "
