@@ -15,6 +15,10 @@
   const PAGE_SIZE = 100;
   const FINAL = new Set(["Completed", "Failed", "Cancelled"]);
   const RETRY_MS = 2000;
+  // An image in flight at a cancel may still finish, and its result counts with no event
+  // (docs/lifecycle.md): the page looks again this often, for this long, after a cancel.
+  const LATE_POLL_MS = 2000;
+  const LATE_WINDOW_MS = 60000;
 
   const $ = (id) => document.getElementById(id);
   const form = $("upload-form");
@@ -22,7 +26,7 @@
   const dropzone = $("dropzone");
   const progressBar = $("progress");
 
-  let current = null; // {id, source, nextToken, failuresShown, failedTotal}
+  let current = null; // {id, source, nextToken, failuresShown, failedTotal, late}
   let afterKey = null; // what to do again once an API key is saved
 
   // ---- small helpers ----------------------------------------------------------------------
@@ -221,7 +225,9 @@
 
   function start(requestId) {
     reset();
-    current = { id: requestId, source: null, nextToken: null, failuresShown: 0, failedTotal: 0 };
+    current = {
+      id: requestId, source: null, nextToken: null, failuresShown: 0, failedTotal: 0, late: false,
+    };
     history.replaceState(null, "", `#request=${encodeURIComponent(requestId)}`);
     $("request-id").textContent = requestId;
     $("status-link").href = `/ui/requests/${encodeURIComponent(requestId)}`;
@@ -349,6 +355,45 @@
       show("download", true);
     }
     loadProducts(state.request_id, null);
+    if (state.status === "Cancelled" && current && current.id === state.request_id && !current.late) {
+      current.late = true;
+      watchLate(state.request_id, state.progress.images_done);
+    }
+  }
+
+  // After a cancel: show the results of images that were in flight as they land, without a
+  // reload; back to the live stream if the request runs again (a retry from elsewhere).
+  function watchLate(requestId, done) {
+    const until = Date.now() + LATE_WINDOW_MS;
+    const look = async () => {
+      if (!current || current.id !== requestId || Date.now() > until) return;
+      let answer = null;
+      try {
+        const response = await fetch(`/status/${encodeURIComponent(requestId)}?page_size=1`, {
+          headers: { Accept: "application/json" },
+        });
+        if (response.ok) answer = await readJson(response);
+      } catch (error) {
+        // Unreachable for now: the next look tries again.
+      }
+      if (!current || current.id !== requestId) return;
+      if (answer && !FINAL.has(answer.status)) {
+        current.late = false;
+        render(answer);
+        show("cancel", true);
+        show("download", false);
+        watch(requestId);
+        return;
+      }
+      if (answer && answer.progress.images_done !== done) {
+        done = answer.progress.images_done;
+        render(answer);
+        loadRequests(null);
+        loadProducts(requestId, null);
+      }
+      setTimeout(look, LATE_POLL_MS);
+    };
+    setTimeout(look, LATE_POLL_MS);
   }
 
   // ---- cancel -----------------------------------------------------------------------------
@@ -463,6 +508,12 @@
     if (!current || current.id !== requestId) return;
     const rows = $("products").tBodies[0];
     const failures = $("failures").querySelector("tbody");
+    if (!token) {
+      // The first page again (a late result after a cancel): the listing starts over.
+      rows.replaceChildren();
+      failures.replaceChildren();
+      current.failuresShown = 0;
+    }
     for (const product of page.products) {
       rows.append(productRow(product));
       for (const error of product.errors) failures.append(failureRow(product, error));
