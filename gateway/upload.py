@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import math
 from collections.abc import Awaitable, Callable, Mapping
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 from aiohttp import BodyPartReader, MultipartReader, hdrs, web
@@ -53,6 +53,9 @@ FILE_FIELD = "file"
 # Room for boundaries, part headers and option fields when the declared length of a
 # multipart body is compared with the limit on the file itself.
 _MULTIPART_OVERHEAD = 64 * 1024
+# How long an ingest may leave the upload's go-ahead unsaid, open, before it is taken for an
+# ingest from before the handshake (a rolling update): the file is then written anyway.
+LEGACY_INGEST_WAIT = 5.0
 _MAX_FIELD_BYTES = 8 * 1024
 _UINT32_MAX = 2**32 - 1
 # Returns up to CHUNK_SIZE bytes of the CSV, b"" at the end.
@@ -240,7 +243,7 @@ async def _send(
         # rate, options, uploads=), and an answer that arrives while we write is lost to
         # grpc/grpc#36066 (services/common/initial_metadata.py). Not ready: awaiting the call
         # below gives the refusal.
-        if is_ready(await call.initial_metadata()):
+        if await _file_wanted(call):
             total = 0
             while chunk := await read():
                 total += len(chunk)
@@ -261,6 +264,22 @@ async def _send(
         raise
     response = await call
     return response.accepted
+
+
+async def _file_wanted(call: grpc.aio.StreamUnaryCall[Any, Any]) -> bool:
+    """Whether ingest will read the file: it said so, or it is an ingest from before the
+    handshake, which says nothing, or only the key's quota, and keeps the call open."""
+    try:
+        metadata = await asyncio.wait_for(call.initial_metadata(), LEGACY_INGEST_WAIT)
+    except TimeoutError:
+        return True  # no word at all: an older ingest, waiting for the file
+    if is_ready(metadata):
+        return True
+    try:
+        await asyncio.wait_for(call.code(), LEGACY_INGEST_WAIT)  # a refusal ends the call
+    except TimeoutError:
+        return True  # the quota but no go-ahead, still open: an older ingest
+    return False
 
 
 async def _open_multipart(

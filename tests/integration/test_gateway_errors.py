@@ -23,6 +23,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from yarl import URL
 
+from gateway import upload
 from gateway.app import create_app
 from gateway.config import GatewaySettings
 from gateway.keys import IN_FLIGHT
@@ -61,6 +62,7 @@ class FakeIngest(ingest_grpc.IngestServiceServicer):
     cancelled: asyncio.Event = field(default_factory=asyncio.Event)
     # Cleared by a test to hold uploads after their last chunk until the client goes away.
     commit: asyncio.Event = field(default_factory=asyncio.Event)
+    legacy: bool = False  # set by a test: an ingest from before the go-ahead (a rolling update)
 
     def __post_init__(self) -> None:
         self.commit.set()
@@ -74,7 +76,8 @@ class FakeIngest(ingest_grpc.IngestServiceServicer):
                 if message.HasField("header"):
                     self.headers.append(message.header)
                     self.received_header.set()
-                    await initial_metadata.ready(context)  # as ingest does: send the file
+                    if not self.legacy:
+                        await initial_metadata.ready(context)  # as ingest does: send the file
                 else:
                     body += message.chunk
             # A client's cancel can end the request stream like a half-close would; only the
@@ -449,6 +452,20 @@ async def test_option_after_the_file_is_400_and_cancelled(
     assert error["details"][0]["column"] == "quality"
     await servicer.wait_cancelled()
     assert servicer.completed == []
+
+
+async def test_an_ingest_from_before_the_go_ahead_still_gets_the_file(
+    client_with_ingest: Client, fake_ingest: tuple[FakeIngest, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # During a rolling update a new gateway may call an ingest that never says it is ready.
+    monkeypatch.setattr(upload, "LEGACY_INGEST_WAIT", 0.2)
+    servicer = fake_ingest[0]
+    servicer.legacy = True
+    response = await client_with_ingest.post(
+        "/upload", data=CSV, headers={"Content-Type": "text/csv"}
+    )
+    assert response.status == 202, await response.text()
+    assert servicer.completed == [CSV]
 
 
 async def test_options_before_the_file_and_in_the_query_reach_ingest(
