@@ -124,6 +124,16 @@ def test_alerts_are_complete_and_unique() -> None:
         assert re.fullmatch(r"\d+[smh]", rule.get("for", "0s")), rule["alert"]
 
 
+def test_the_reclaim_alert_fires_past_one_busy_workers_death() -> None:
+    # One worker holds at most 2 x its concurrency tasks (services/worker/runner.py Slots).
+    kustomization = (ROOT / "deploy" / "k8s" / "base" / "kustomization.yaml").read_text()
+    concurrency = re.search(r"IMGPIPE_WORKER_CONCURRENCY=(\d+)", kustomization)
+    [rule] = [rule for rule in rules() if rule["alert"] == "ImgpipeTasksReclaimed"]
+    threshold = re.search(r"> (\d+)$", rule["expr"].strip())
+    assert concurrency is not None and threshold is not None
+    assert int(threshold.group(1)) == 2 * int(concurrency.group(1))
+
+
 def test_alerts_cover_the_backlog_dead_letters_and_error_rates() -> None:
     used = set()
     for rule in rules():
