@@ -4,6 +4,7 @@ the batches)."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 
 import asyncpg
@@ -11,6 +12,7 @@ import pytest
 
 from services.common.csv_format import ProductRow
 from services.common.db import queries
+from testing.polling import wait_until_async
 
 pytestmark = pytest.mark.integration
 
@@ -100,3 +102,43 @@ async def test_outputs_of_the_same_source_in_one_batch_are_remembered_once(
     assert set(recorded) == {first, second}
     remembered = await pool.fetch("SELECT image_id FROM reusable_outputs WHERE owner = $1", owner)
     assert [r["image_id"] for r in remembered] == [max(first, second)]
+
+
+async def test_two_batches_with_the_same_images_in_opposite_orders_do_not_deadlock(
+    pool: asyncpg.Pool,
+) -> None:
+    # Redelivered tasks can put one image in two workers' batches. A third connection holds
+    # the first image, so the batch [first, second] queues for it holding nothing, and the
+    # batch [second, first] takes second and queues behind it. Locking in batch order, the
+    # first batch then waits for second while the other waits for first: a deadlock.
+    first, second = await stored(pool, ("http://a.example/1.jpg", "http://a.example/2.jpg"))
+    # The plan of a real images table: a loop over the batch, an index lookup each, so rows
+    # are locked in batch order. On a nearly empty table Postgres scans it in physical order.
+    await stored(pool, tuple(f"http://a.example/filler/{i}.jpg" for i in range(3000)))
+    await pool.execute("ANALYZE images")
+    async with pool.acquire() as holder, pool.acquire() as a, pool.acquire() as b:
+        pids = {await conn.fetchval("SELECT pg_backend_pid()") for conn in (a, b)}
+
+        async def waiting(count: int) -> bool:
+            blocked = await holder.fetchval(
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE pid = ANY($1::int[]) AND wait_event_type = 'Lock'",
+                list(pids),
+            )
+            return bool(blocked >= count)
+
+        hold = holder.transaction()
+        await hold.start()
+        await holder.execute("SELECT 1 FROM images WHERE id = $1 FOR UPDATE", first)
+        forward = asyncio.create_task(queries.record_images_done(a, [done(first), done(second)]))
+        await wait_until_async(lambda: waiting(1), message="the first batch queued")
+        backward = asyncio.create_task(queries.record_images_done(b, [done(second), done(first)]))
+        await wait_until_async(lambda: waiting(2), message="the second batch queued")
+        await hold.rollback()
+        results = await asyncio.wait_for(
+            asyncio.gather(forward, backward, return_exceptions=True), timeout=30
+        )
+    assert not [r for r in results if isinstance(r, BaseException)], results
+    recorded = [set(r) for r in results if not isinstance(r, BaseException)]
+    assert set().union(*recorded) == {first, second}  # each image recorded once, by either
+    assert sum(len(r) for r in recorded) == 2

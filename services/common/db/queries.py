@@ -578,7 +578,11 @@ async def record_images_done(conn: Connection, images: Sequence[DoneImage]) -> d
 
 
 def _done_arrays(images: Sequence[DoneImage]) -> list[list[Any]]:
-    """The thirteen arrays of _DONE_TEMPLATE, an element per image."""
+    """The thirteen arrays of _DONE_TEMPLATE, an element per image, in image id order: the
+    statement locks the image rows in the order of the arrays (a loop over them, an index
+    lookup each), so two batches holding the same images (a redelivered task) lock them in one
+    order and never wait for each other in a cycle."""
+    images = sorted(images, key=lambda image: image.output.image_id)
     rows = [
         (
             image.output.image_id,
