@@ -7,13 +7,14 @@ stream entry still counts until the reconciler republishes it). Whenever there i
 FairShare whose turn it is, XADDs those tasks and records their stream entries, which marks them
 released. It runs in every ingest, one at a time across the deployment (a Postgres advisory lock
 taken for each pass, as the reconciler does), and wakes when this ingest commits a request or
-retries images, and every `poll` seconds to see workers' progress.
+retries images, and every `poll` seconds to see workers' progress; every `idle_poll` seconds
+instead while nothing is released or waiting, since then only a commit or a retry, which wake
+it, can give it work.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import uuid
 from collections.abc import Mapping
@@ -23,7 +24,7 @@ import asyncpg
 import redis.asyncio as aioredis
 
 from services.common.db import queries
-from services.common.grpc_server import wait_or_stop
+from services.common.grpc_server import wait_any, wait_or_stop
 from services.common.publish import publish_releases
 from services.common.servicer_errors import BACKEND_ERRORS
 from services.common.streams import StreamNames
@@ -37,6 +38,9 @@ LEADER_LOCK_KEY = int.from_bytes(b"feedtask", "big")
 MAX_REQUESTS_PER_PASS = 1000
 # After a failed pass (Postgres or Redis down), wait this long before the next.
 RETRY_SECONDS = 1.0
+# Between passes while the window is empty and nothing waits (another replica's commits
+# reach this one's feeder only through the poll, so not much longer).
+IDLE_POLL_SECONDS = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +48,11 @@ class FeedPass:
     released: int = 0
     in_window: int = 0  # released and not final before this pass
     leader: bool = True
+
+    @property
+    def idle(self) -> bool:
+        """The leader found nothing in flight and nothing to release."""
+        return self.leader and self.released == 0 and self.in_window == 0
 
 
 class Feeder:
@@ -56,12 +65,14 @@ class Feeder:
         window: int,
         weights: Mapping[str, int] | None = None,
         poll: float = 0.1,
+        idle_poll: float = IDLE_POLL_SECONDS,
     ) -> None:
         self.pool = pool
         self.redis = redis
         self.names = names
         self.window = window
         self.poll = poll
+        self.idle_poll = max(poll, idle_poll)
         known = dict(weights or {})
         # An owner without a configured weight (auth off, a key since removed) weighs 1.
         self.share = FairShare(lambda owner: known.get(owner, 1))
@@ -85,12 +96,7 @@ class Feeder:
                 continue
             if result.released and result.released + result.in_window >= self.window:
                 continue  # more may be waiting, and the workers may have freed room meanwhile
-            await self._sleep()
-
-    async def _sleep(self) -> None:
-        """Until woken or `poll` seconds have passed (`run` sees `stop` within one poll)."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), self.poll)
+            await wait_any(self._wake, stop, timeout=self.idle_poll if result.idle else self.poll)
 
     async def feed_once(self) -> FeedPass:
         """One pass if no other feeder is in one; FeedPass(leader=False) otherwise."""

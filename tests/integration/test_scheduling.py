@@ -3,6 +3,7 @@ the feeder (docs/scheduling.md). One pass at a time, called directly."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -15,8 +16,9 @@ from services.common.csv_format import ProductRow
 from services.common.db import queries
 from services.common.pb.imgpipe.v1 import task_pb2
 from services.common.streams import TASK_FIELD, StreamNames
-from services.ingest.feeder import Feeder
+from services.ingest.feeder import Feeder, FeedPass
 from testing.databases import own_database
+from testing.polling import wait_until_async
 from tests.integration.flows import stream_messages
 
 pytestmark = pytest.mark.integration
@@ -141,3 +143,48 @@ async def test_a_request_with_nothing_left_to_release_is_marked_published(
     await feeder.feed_once()
     published = await pool.fetchval("SELECT published_at FROM requests WHERE id = $1", request_id)
     assert published is not None
+
+
+def test_a_pass_is_idle_only_for_a_leader_with_nothing_in_flight_or_released() -> None:
+    assert FeedPass().idle
+    assert not FeedPass(in_window=1).idle
+    assert not FeedPass(released=1).idle
+    assert not FeedPass(leader=False).idle  # another replica's pass: look again soon
+
+
+async def test_an_idle_feeder_still_answers_a_wake_and_a_stop_at_once(
+    pool: asyncpg.Pool, redis_client: redis.asyncio.Redis, names: StreamNames
+) -> None:
+    # An idle pause of a minute: only a wake (a commit) or the stop can end it within the test.
+    feeder = Feeder(
+        pool=pool, redis=redis_client, names=names, window=WINDOW, poll=0.01, idle_poll=60
+    )
+    passes: list[FeedPass] = []
+    feed_once = feeder.feed_once
+
+    async def counted() -> FeedPass:
+        passes.append(await feed_once())
+        return passes[-1]
+
+    feeder.feed_once = counted  # type: ignore[method-assign]
+    stop = asyncio.Event()
+    running = asyncio.create_task(feeder.run(stop))
+    try:
+
+        async def idle() -> bool:
+            return bool(passes) and passes[-1].idle
+
+        await wait_until_async(idle, message="an idle pass")
+        request_id = await stored(pool, 2)
+        feeder.wake()  # what ingest does after the commit
+
+        async def released() -> bool:
+            return (await on_stream(redis_client, names))[str(request_id)] == 2
+
+        await wait_until_async(released, timeout=10, message="the request released")
+        await finish(pool, request_id, 2)
+        passes.clear()
+        await wait_until_async(idle, message="idle again once the images are done")
+    finally:
+        stop.set()
+        await asyncio.wait_for(running, timeout=10)  # within the idle pause, not after it
