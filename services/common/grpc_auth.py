@@ -9,6 +9,8 @@ gateway shares of them, are in services/common/auth.py.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -137,18 +139,32 @@ class ApiKeyInterceptor(WrappingInterceptor):
 
 # Authenticates and charges a call: (context, whether the client streams its requests).
 Admit = Callable[[Any, bool], Awaitable[Principal | None]]
+# A refused client-streaming call (an upload) reads its first message (the header) before it
+# answers, waiting this long at most: the client's write of it is then over, so the refusal
+# cannot arrive while that write is in flight (grpc/grpc#36066, initial_metadata.py).
+FIRST_MESSAGE_WAIT = 1.0
 
 
-async def _enter(admit: Admit, context: Any, uploading: bool) -> None:
+async def _enter(admit: Admit, context: Any, requests: AsyncIterator[Any] | None) -> None:
+    """Admit the call or end it; `requests` is the request stream of a client-streaming call."""
     try:
-        principal = await admit(context, uploading)
+        principal = await admit(context, requests is not None)
     except ImgpipeError as exc:
+        await _first_message(requests)
         await grpc_abort(context, exc)
     except BACKEND_ERRORS as exc:
         log.warning("backend unavailable while authenticating", extra={"error": repr(exc)})
+        await _first_message(requests)
         await grpc_abort(context, Unavailable("a backend is unavailable; retry later"))
     # Each call runs in a task of its own, so this value is seen by this call alone.
     _caller.set(principal)
+
+
+async def _first_message(requests: AsyncIterator[Any] | None) -> None:
+    if requests is not None:
+        # Whatever it is, or none within the wait: the call is refused either way.
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(anext(aiter(requests), None), FIRST_MESSAGE_WAIT)
 
 
 def _guarded(
@@ -161,7 +177,7 @@ def _guarded(
     if h.response_streaming:
 
         async def streaming(request: Any, context: Any) -> AsyncIterator[Any]:
-            await _enter(admit, context, h.request_streaming)
+            await _enter(admit, context, request if h.request_streaming else None)
             async for item in behavior(request, context):
                 yield item
 
@@ -169,7 +185,7 @@ def _guarded(
     else:
 
         async def unary(request: Any, context: Any) -> Any:
-            await _enter(admit, context, h.request_streaming)
+            await _enter(admit, context, request if h.request_streaming else None)
             return await behavior(request, context)
 
         wrapped = unary
