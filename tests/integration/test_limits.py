@@ -30,7 +30,6 @@ from services.common.csv_format import CsvLimits
 from services.common.errors import RateLimited, TooLarge, error_from_rpc
 from services.common.fetch import FetchAllow, FetchLimits, make_session
 from services.common.grpc_auth import ApiKeyInterceptor
-from services.common.initial_metadata import is_ready
 from services.common.limits import STALE_RESERVATION, Limiter
 from services.common.pb.imgpipe.v1 import ingest_service_pb2 as ingest_pb
 from services.common.pb.imgpipe.v1 import ingest_service_pb2_grpc as ingest_grpc
@@ -52,6 +51,7 @@ from services.worker.runner import ConsumePolicy, consume
 from testing.origin import ImageOrigin
 from testing.polling import wait_until_async
 from testing.uploads import csv_of
+from testing.uploads import upload as upload_csv
 
 pytestmark = pytest.mark.integration
 
@@ -158,20 +158,14 @@ async def services(
 async def upload(
     services: Services, key: str | None, body: bytes, idempotency_key: str = ""
 ) -> ingest_pb.Accepted:
-    # As the gateway writes it: the header, then the file once ingest says it is ready
-    # (services/common/initial_metadata.py), so a refusal is never lost to a write in flight.
-    metadata = bearer(key) if key is not None else None
-    call = services.ingest.UploadCsv(None, metadata=metadata, timeout=20)
-    header = ingest_pb.UploadHeader(
-        options=task_pb2.ImageOptions(), idempotency_key=idempotency_key
+    """UploadCsv of `body` in one chunk, with the API key `key` (None: no key)."""
+    return await upload_csv(
+        services.ingest,
+        body,
+        idempotency_key=idempotency_key,
+        chunk_size=max(1, len(body)),
+        api_key=key or "",
     )
-    await call.write(ingest_pb.UploadCsvRequest(header=header))
-    if is_ready(await call.initial_metadata()):
-        await call.write(ingest_pb.UploadCsvRequest(chunk=body))
-        await call.write(ingest_pb.UploadCsvRequest(end=ingest_pb.UploadEnd(count=len(body))))
-        await call.done_writing()
-    response = await call
-    return response.accepted
 
 
 async def refused(call: Callable[[], Awaitable[Any]]) -> grpc.aio.AioRpcError:
