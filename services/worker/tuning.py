@@ -19,12 +19,14 @@ one measurement costs about two JPEG encodes (docs/quality.md), and fast is for 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import math
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 from PIL import Image
@@ -122,13 +124,30 @@ def choose(
 
 def encode(img: Image.Image, output: OutputFormat, quality: int, effort: Effort) -> bytes:
     """One encode with the effort level's settings (services/worker/encoders.py)."""
-    out = io.BytesIO()
-    settings = encoder_settings(output.value, effort)
-    if output is OutputFormat.PNG:
-        img.save(out, "PNG", **settings)  # lossless: quality does not apply
-    else:
-        img.save(out, output.value.upper(), quality=quality, **settings)
-    return out.getvalue()
+    settings = dict(encoder_settings(output.value, effort))
+    if output is not OutputFormat.PNG:  # PNG is lossless: quality does not apply
+        settings["quality"] = quality
+    with _scratch_file() as out:
+        img.save(out, output.value.upper(), **settings)
+        out.seek(0)
+        return out.read()
+
+
+@contextlib.contextmanager
+def _scratch_file() -> Iterator[BinaryIO]:
+    """A file in memory to encode into, with a real file descriptor where the system has them.
+
+    Pillow encodes into a file descriptor with the GIL released, but holds the GIL for the
+    whole encode when the target is a Python object such as BytesIO (its encode.c:
+    `_encode_to_file` against `_encode`). Into a BytesIO, a worker's codec threads would
+    encode one at a time and its event loop would wait behind every encode. The bytes are
+    the same either way (tests/unit/test_encoders.py).
+    """
+    if not hasattr(os, "memfd_create"):  # Linux only: elsewhere, encode under the GIL
+        yield io.BytesIO()
+        return
+    with open(os.memfd_create("imgpipe-encode", os.MFD_CLOEXEC), "w+b", buffering=0) as out:
+        yield out
 
 
 def for_output(img: Image.Image, output: OutputFormat) -> Image.Image:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import os
+import sys
 
 import pytest
 from PIL import Image
@@ -17,7 +19,8 @@ from services.common.image_options import (
     to_proto,
 )
 from services.common.pb.imgpipe.v1 import task_pb2
-from services.worker.encoders import Measured, levels, pareto
+from services.worker import tuning
+from services.worker.encoders import Measured, encoder_settings, levels, pareto
 from services.worker.imaging import compress
 from testing import photos
 
@@ -76,6 +79,32 @@ def test_output_is_never_larger_than_a_jpeg_source(effort: Effort) -> None:
     assert len(result.data) < len(source)
     assert b"photographer" not in result.data
     assert _pixels(result.data) == _pixels(source)
+
+
+@pytest.mark.parametrize("effort", EFFORTS)
+@pytest.mark.parametrize("output", ENCODINGS)
+def test_encode_gives_the_bytes_pillow_writes_to_memory(
+    photo: bytes, output: OutputFormat, effort: Effort
+) -> None:
+    # The worker encodes into a memory file rather than a BytesIO (for the GIL): same bytes.
+    with Image.open(io.BytesIO(photo)) as img:
+        rgb = img.convert("RGB")
+    settings = dict(encoder_settings(output.value, effort))
+    if output is not OutputFormat.PNG:  # lossless: no quality
+        settings["quality"] = 50
+    expected = io.BytesIO()
+    rgb.save(expected, output.value.upper(), **settings)
+    assert tuning.encode(rgb, output, 50, effort) == expected.getvalue()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="memory files (memfd) are Linux's")
+def test_encodes_go_to_a_real_file_descriptor_where_pillow_releases_the_gil() -> None:
+    # Pillow encodes into a file descriptor without the GIL, into a BytesIO with it: one
+    # worker process's codec threads then encode one at a time (docs/performance.md).
+    with tuning._scratch_file() as out:
+        out.write(b"written")
+        out.seek(0)
+        assert os.read(out.fileno(), 16) == b"written"
 
 
 def test_an_unknown_effort_is_named() -> None:
