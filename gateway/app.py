@@ -14,7 +14,15 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from gateway import handlers, html_handlers, observability, openapi, rate_headers, sign_in
+from gateway import (
+    expect_continue,
+    handlers,
+    html_handlers,
+    observability,
+    openapi,
+    rate_headers,
+    sign_in,
+)
 from gateway.anonymous_uploads import AnonymousUploads
 from gateway.auth_middleware import auth_middleware
 from gateway.config import GatewaySettings
@@ -47,6 +55,7 @@ def create_app(settings: GatewaySettings) -> web.Application:
             observability.observe_middleware,
             rate_headers.quota_middleware,
             in_flight.middleware,
+            expect_continue.middleware,
             error_middleware,
             auth_middleware,
         ]
@@ -81,7 +90,7 @@ async def _product_pages_purged_while_running(app: web.Application) -> AsyncIter
 
 
 def _add_routes(router: web.UrlDispatcher) -> None:
-    router.add_post("/upload", handlers.upload)
+    router.add_post("/upload", handlers.upload, expect_handler=expect_continue.defer)
     router.add_get("/status", handlers.status)
     router.add_get("/status/{request_id}", handlers.status)
     router.add_get("/requests", handlers.list_requests)

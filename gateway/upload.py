@@ -26,6 +26,7 @@ import grpc
 from aiohttp import BodyPartReader, MultipartReader, hdrs, web
 from aiohttp.http_exceptions import HttpProcessingError
 
+from gateway import expect_continue
 from gateway.config import GatewaySettings
 from gateway.http_errors import BodyTimeout, UnsupportedMediaType
 from gateway.keys import ANONYMOUS_UPLOADS
@@ -121,6 +122,7 @@ class _Body:
     given up when nothing arrives for `idle` seconds."""
 
     def __init__(self, request: web.Request, limit: int, allowed: int, idle: float) -> None:
+        self._request = request
         self._content = request.content
         self._limit, self._allowed, self._idle = limit, allowed, idle
         # Refuse before reading a byte when the caller already told us the body is too big.
@@ -128,6 +130,8 @@ class _Body:
             raise _too_large(limit)
 
     async def read(self, step: Awaitable[T]) -> T:
+        # A client waiting for the 100 sends nothing before it (gateway/expect_continue.py).
+        await expect_continue.send_if_owed(self._request)
         try:
             result = await asyncio.wait_for(step, self._idle)
         except TimeoutError:

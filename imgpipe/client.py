@@ -109,7 +109,8 @@ class ApiClient:
         options: UploadOptions | None = None,
         idempotency_key: str | None = None,
     ) -> tuple[dict[str, Any], bool]:
-        """POST /upload with `csv_file` streamed as a text/csv body (never read whole).
+        """POST /upload with `csv_file` streamed as a text/csv body (never read whole), sent
+        once the gateway has answered `Expect: 100-continue`.
 
         Returns the accepted request and whether it is new (202); an idempotent replay of an
         earlier upload (200) gives False.
@@ -125,6 +126,9 @@ class ApiClient:
             data=csv_file,
             headers=headers,
             timeout=timeout,
+            # The file goes out only after the gateway's 100 Continue: a refused key, rate or
+            # option is answered before any of it is sent (docs/uploads.md).
+            expect100=True,
         ) as response:
             return await _json(response), response.status == 202
 

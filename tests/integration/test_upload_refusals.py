@@ -27,6 +27,8 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from gateway.app import create_app
 from gateway.config import GatewaySettings
+from imgpipe.client import ApiClient
+from imgpipe.errors import ApiError
 from services.common.auth import Limits, key_hash, new_key, parse_api_keys
 from services.common.csv_format import CsvLimits
 from services.common.db.pool import migrate
@@ -167,3 +169,147 @@ async def test_an_upload_over_the_uploads_limit_is_a_429(stack: Stack) -> None:
         return status == 202
 
     await wait_until_async(accepted, message="an upload after the held one was cancelled")
+
+
+# Expect: 100-continue (gateway/expect_continue.py): a refusal that needs no file comes before
+# the client sends any of it, on a connection the gateway then closes.
+
+
+@dataclass
+class Waiting:
+    """A connection that sent POST /upload's head with `Expect: 100-continue` and no body."""
+
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+
+    async def answer(self) -> tuple[int, dict[str, str]]:
+        """The next status line's code and its header fields (lower-case names)."""
+        status = await asyncio.wait_for(self.reader.readline(), 10)
+        fields = {}
+        while (line := await asyncio.wait_for(self.reader.readline(), 10)) not in (b"\r\n", b""):
+            name, _, value = line.decode().partition(":")
+            fields[name.strip().lower()] = value.strip()
+        return int(status.split()[1]), fields
+
+    async def rest(self) -> bytes:
+        """Everything the server sends until it closes the connection (within 10 s)."""
+        received = b""
+        while data := await asyncio.wait_for(self.reader.read(65536), 10):
+            received += data
+        return received
+
+
+async def expecting(
+    stack: Stack, key: str, size: int, query: str = "", content_type: str = "text/csv"
+) -> Waiting:
+    port = stack.http.server.port
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(
+        f"POST /upload{query} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+        f"Authorization: Bearer {key}\r\nContent-Type: {content_type}\r\n"
+        f"Content-Length: {size}\r\nExpect: 100-continue\r\n\r\n".encode()
+    )
+    await writer.drain()
+    return Waiting(reader, writer)
+
+
+@pytest.mark.parametrize(
+    ("key", "query", "size", "status"),
+    [
+        (new_key(), "", 1000, 401),  # a key the gateway does not know
+        (OPEN, "?quality=500", 1000, 400),  # an option out of range
+        (OPEN, "", 100 * 1024 * 1024, 413),  # a declared size over IMGPIPE_MAX_UPLOAD_BYTES
+        (SINGLE, "", 1000, 429),  # over uploads=1 (the held upload below): ingest's refusal
+    ],
+    ids=["unknown key", "bad option", "too large", "uploads limit"],
+)
+async def test_a_refusal_comes_before_the_100_and_closes_the_connection(
+    stack: Stack, key: str, query: str, size: int, status: int
+) -> None:
+    held = stack.ingest.UploadCsv(
+        None, timeout=30, metadata=(("authorization", f"Bearer {SINGLE}"),)
+    )
+    await held.write(ingest_pb.UploadCsvRequest(header=ingest_pb.UploadHeader()))
+    assert is_ready(await asyncio.wait_for(held.initial_metadata(), timeout=10))
+    waiting = await expecting(stack, key, size, query)
+    try:
+        answer, fields = await waiting.answer()
+        assert answer == status  # not 100: the client has not sent a byte, and need not
+        assert fields["connection"] == "close"
+    finally:
+        waiting.writer.close()
+        held.cancel()
+
+
+async def test_a_body_sent_after_the_refusal_anyway_is_skipped_and_the_connection_ends(
+    stack: Stack,
+) -> None:
+    # A client may send the body without waiting (RFC 9110, 10.1.1). What follows it is not
+    # taken for a next request: the connection ends after the body.
+    body = csv_of([("1", "Lamp", [f"{URL}a.jpg"])])
+    waiting = await expecting(stack, new_key(), len(body))
+    try:
+        assert (await waiting.answer())[0] == 401
+        waiting.writer.write(body + b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        assert b"HTTP/1.1" not in await waiting.rest()  # the error's JSON body only
+    finally:
+        waiting.writer.close()
+
+
+BOUNDARY = "imgpipe-test-boundary"
+
+
+def form_of(csv: bytes) -> bytes:
+    """A multipart form: `quality`, then the CSV as its `file` field."""
+    return (
+        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="quality"\r\n\r\n70\r\n'
+        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; filename="a.csv"\r\n'
+        "Content-Type: text/csv\r\n\r\n".encode()
+        + csv
+        + f"\r\n--{BOUNDARY}--\r\n".encode()
+    )
+
+
+@pytest.mark.parametrize("form", [False, True], ids=["text/csv", "multipart form"])
+async def test_an_accepted_upload_gets_its_100_then_sends_the_file(
+    stack: Stack, form: bool
+) -> None:
+    # A form's options are in its body, so its 100 comes before they are read.
+    csv = csv_of([("1", "Lamp", [f"{URL}a.jpg"])])
+    body = form_of(csv) if form else csv
+    content_type = f"multipart/form-data; boundary={BOUNDARY}" if form else "text/csv"
+    waiting = await expecting(stack, OPEN, len(body), content_type=content_type)
+    try:
+        assert await waiting.answer() == (100, {})
+        waiting.writer.write(body)
+        status, _ = await waiting.answer()
+        assert status == 202
+    finally:
+        waiting.writer.close()
+    assert await requests_of(stack, "open") == 1
+
+
+class Tripwire(io.BytesIO):
+    """A CSV file that notes whether anything read it."""
+
+    touched = False
+
+    def read(self, size: int | None = -1) -> bytes:
+        self.touched = True
+        return super().read(size)
+
+
+async def test_the_client_sends_no_file_that_is_refused(stack: Stack) -> None:
+    base_url = str(stack.http.make_url("/"))
+    refused = Tripwire(csv_of([("1", "Lamp", [f"{URL}a.jpg"])]))
+    async with ApiClient(base_url, api_key=new_key()) as api:
+        with pytest.raises(ApiError) as caught:
+            await api.upload(refused)
+    assert caught.value.status == 401
+    assert not refused.touched
+
+    accepted = Tripwire(csv_of([("1", "Lamp", [f"{URL}a.jpg"])]))
+    async with ApiClient(base_url, api_key=OPEN) as api:
+        answer, created = await api.upload(accepted)
+    assert created and answer["images"] == 1
+    assert accepted.touched
