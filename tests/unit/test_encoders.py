@@ -97,6 +97,20 @@ def test_encode_gives_the_bytes_pillow_writes_to_memory(
     assert tuning.encode(rgb, output, 50, effort) == expected.getvalue()
 
 
+def test_encode_falls_back_to_memory_when_no_memory_file_can_be_made(
+    photo: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with Image.open(io.BytesIO(photo)) as img:
+        rgb = img.convert("RGB")
+    expected = tuning.encode(rgb, OutputFormat.JPEG, 50, Effort.FAST)
+
+    def refused(name: str, flags: int = 0) -> int:
+        raise OSError(24, "Too many open files")
+
+    monkeypatch.setattr(os, "memfd_create", refused, raising=False)
+    assert tuning.encode(rgb, OutputFormat.JPEG, 50, Effort.FAST) == expected
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="memory files (memfd) are Linux's")
 def test_encodes_go_to_a_real_file_descriptor_where_pillow_releases_the_gil() -> None:
     # Pillow encodes into a file descriptor without the GIL, into a BytesIO with it: one
