@@ -154,7 +154,9 @@ MEANINGS: dict[str, Meaning] = {
         "images at their work per worker (hides origin latency; the two budgets below bound"
         " memory); as many again may wait for their Done records"
     ),
-    "IMGPIPE_WORKER_THREADS": Meaning("Pillow threads per worker", default="CPU count"),
+    "IMGPIPE_WORKER_THREADS": Meaning(
+        "Pillow threads per worker", default="the cores it may use (its cgroup CPU limit)"
+    ),
     "IMGPIPE_WORKER_RECORD_LINGER_MS": Meaning(
         "milliseconds an image's Done record waits for other images' to share one statement"
         " while other images of the worker are still in work (0: never waits;"

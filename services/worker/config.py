@@ -12,6 +12,7 @@ from services.common.fetch import FetchAllow, FetchLimits
 from services.common.image_options import ImageLimits
 from services.common.outcome import RetryPolicy
 from services.worker.budget import DEFAULT_BUFFER_BYTES, DEFAULT_PIXEL_BUDGET
+from services.worker.cpus import usable_cpus
 from services.worker.processor import DEFAULT_RECORD_LINGER
 
 
@@ -72,7 +73,7 @@ class WorkerSettings:
             # and the old name's pending entries are claimed by XAUTOCLAIM.
             consumer_name=env.text("IMGPIPE_CONSUMER_NAME", f"{os.uname().nodename}-{os.getpid()}"),
             concurrency=env.integer("IMGPIPE_WORKER_CONCURRENCY", 32, minimum=1),
-            threads=env.integer("IMGPIPE_WORKER_THREADS", os.cpu_count() or 2, minimum=1),
+            threads=env.integer("IMGPIPE_WORKER_THREADS", usable_cpus(), minimum=1),
             fetch_limits=FetchLimits(
                 connect_timeout=env.number("IMGPIPE_FETCH_CONNECT_TIMEOUT", fetch.connect_timeout),
                 total_timeout=env.number("IMGPIPE_FETCH_TOTAL_TIMEOUT", fetch.total_timeout),
