@@ -382,11 +382,12 @@ def app_image(base_image: str | None, tag: str) -> str:
 
 def check_image(tag: str) -> None:
     """Load every extension module and bundled library of the image's virtualenv in the image,
-    as its user with a read-only root: what the build removed or stripped must still load."""
+    as its user with a read-only root: what the build removed or stripped must still load.
+    Limited to one core, which the worker's thread count must see (services/worker/cpus.py)."""
     result = subprocess.run(
         [
             "podman", "run", "--rm", "--interactive", "--network=none", "--read-only",
-            "--entrypoint", "python", tag, "-",
+            "--cpus=1", "--entrypoint", "python", tag, "-",
         ],
         env={**os.environ, "CONTAINERS_CONF": str(write_conf())},
         stdin=(HERE / "check_image.py").open("rb"),

@@ -7,7 +7,7 @@ extension modules, and the final stage is another base than the builder's: this 
 what is left still works there. Every extension module is imported and every library bundled
 in a `*.libs` folder loaded; every module of imgpipe's own packages is imported; and one image
 is compressed to each output format, with a min_ssim goal where lossy (Pillow's codecs, numpy's
-SSIM).
+SSIM). It runs limited to one core, and the worker's default thread count must say 1.
 Prints one line of counts; exits 1 with the failures on stderr.
 """
 
@@ -84,11 +84,20 @@ def compress_each_format(failures: list[str]) -> int:
     return done
 
 
+def threads_follow_the_cpu_limit(failures: list[str]) -> None:
+    """Run with `--cpus=1`: the worker's default thread count must be 1, not the host's cores."""
+    from services.worker.cpus import usable_cpus
+
+    if (cores := usable_cpus()) != 1:
+        failures.append(f"under --cpus=1 the worker would run {cores} codec threads")
+
+
 def main() -> int:
     site = Path(sysconfig.get_paths()["purelib"])
     failures: list[str] = []
     loaded = load_binaries(site, failures)
     imported = import_own(failures)
+    threads_follow_the_cpu_limit(failures)
     try:
         compressed = compress_each_format(failures)
     except Exception as exc:  # a broken library shows here first: report it with the rest
