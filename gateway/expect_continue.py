@@ -14,13 +14,19 @@ A multipart form carries its options in the body, so the 100 comes before they a
 
 from __future__ import annotations
 
+import contextvars
+
 from aiohttp import hdrs, web
 from aiohttp.http import HttpVersion11
 
 from gateway.http_errors import Handler
 
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
-CONTINUE_OWED = web.RequestKey("imgpipe_continue_owed", bool)
+# The request whose client waits for the 100, in the task that handles it. (Not request
+# storage: web.RequestKey is newer than the aiohttp pyproject.toml allows, and a str key warns.)
+_owed: contextvars.ContextVar[web.BaseRequest | None] = contextvars.ContextVar(
+    "imgpipe_continue_owed", default=None
+)
 
 
 async def defer(request: web.Request) -> None:
@@ -30,13 +36,13 @@ async def defer(request: web.Request) -> None:
     expect = request.headers.get(hdrs.EXPECT, "")
     if expect.lower() != "100-continue":
         raise web.HTTPExpectationFailed(text=f"Unknown Expect: {expect[:40]}")
-    request[CONTINUE_OWED] = True
+    _owed.set(request)
 
 
 async def send_if_owed(request: web.Request) -> None:
     """Send the 100 Continue, if the client waits for one; call before reading the body."""
-    if request.get(CONTINUE_OWED):
-        request[CONTINUE_OWED] = False
+    if _owed.get() is request:
+        _owed.set(None)
         await request.writer.write(CONTINUE)
         request.writer.output_size = 0  # as aiohttp does: the response has not begun
 
@@ -45,6 +51,6 @@ async def send_if_owed(request: web.Request) -> None:
 async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Close the connection after an answer given while the client still waits for the 100."""
     response = await handler(request)
-    if request.get(CONTINUE_OWED):
+    if _owed.get() is request:
         response.force_close()
     return response
