@@ -16,13 +16,14 @@ from functools import partial
 
 import aiohttp
 
-from bench.corpus import Corpus, PillowRun, pillow_loop
+from bench.corpus import Corpus, PillowRun, pillow_loop, same_work
 from bench.cpu import CpuMeter
 from bench.pipeline import log, output_bytes, process, running_stack
 from bench.procs import Groups, measured, peak_rss_mb
 from bench.report import Section, Target, cpu_lines, median, table
 from bench.settings import BenchSettings
 from services.common.image_options import Effort
+from services.worker.budget import return_big_images_to_the_os
 from services.worker.encoders import encoder_settings
 from testing.origin import serve_images
 from testing.stack import Stack
@@ -44,6 +45,9 @@ class Side:
     kib: float  # average output
     # per image, the worker processes alone (codec and their plumbing); a loop's is its cpu_ms
     worker_cpu_ms: float = 0.0
+    # a loop's minor page faults and system CPU per image (not measured for the pipeline)
+    faults: float = 0.0
+    system_ms: float = 0.0
 
 
 @dataclass
@@ -89,7 +93,10 @@ def _distinct_efforts() -> list[Effort]:
 
 def _loop_side(run: PillowRun, count: int) -> Side:
     cpu_ms = run.cpu_ms_per_image
-    return Side(run.images_per_s, cpu_ms, run.output_bytes / count / 1024, cpu_ms)
+    kib = run.output_bytes / count / 1024
+    return Side(
+        run.images_per_s, cpu_ms, kib, cpu_ms, run.faults_per_image, run.system_ms_per_image
+    )
 
 
 async def run(settings: BenchSettings, corpus: Corpus, names: tuple[str, ...]) -> list[Section]:
@@ -121,14 +128,14 @@ async def run(settings: BenchSettings, corpus: Corpus, names: tuple[str, ...]) -
                             plain = await asyncio.to_thread(pillow_loop, paths, cores)
                             current = B1Run(_loop_side(plain, count))
                             for effort in efforts:
-                                same = {"quality": 50, **encoder_settings("jpeg", effort)}
+                                work = partial(same_work, effort, effort is not Effort.FAST)
                                 loop = await asyncio.to_thread(
                                     partial(
                                         pillow_loop,
                                         paths,
                                         cores,
-                                        same,
-                                        measure_ssim=effort is not Effort.FAST,
+                                        work,
+                                        setup=return_big_images_to_the_os,
                                     )
                                 )
                                 current.same[effort] = _loop_side(loop, count)
@@ -294,13 +301,15 @@ def _b1(
     lines = [
         f"{settings.images} real photographs (testing/photos.py) of 1200×1200 per run, q90"
         f" sources; {settings.workers} worker processes (default concurrency and threads)."
-        f" Pillow loops run in {cores} processes over the same files: decode, convert RGB, JPEG"
-        " quality 50, either with Pillow's defaults (the plain loop) or with the effort's"
-        " settings and, where the pipeline measures SSIM (every effort but fast), the same"
-        " SSIM measurement (the same-work loop). Pipeline: POST /upload until Completed, every"
-        " image through gateway, ingest, Redis, a worker, storage and Postgres. Everything"
-        " alternates within each run; ratios per run, then the median of"
-        f" {len(runs)} runs.",
+        f" Loops run in {cores} fresh interpreters over the same files. The plain loop is what"
+        " anyone would write first: decode, convert RGB, JPEG quality 50 with Pillow's"
+        " defaults. A same-work loop per effort does the worker's codec work without its"
+        " services: decode, the worker's `tuning.encode` at that effort (no RGB copy of an RGB"
+        " photo, as in the worker), and where the pipeline measures SSIM (every effort but"
+        " fast) the same measurement, in processes with the worker's malloc thresholds."
+        " Pipeline: POST /upload until Completed, every image through gateway, ingest, Redis,"
+        " a worker, storage and Postgres. Everything alternates within each run; ratios per"
+        f" run, then the median of {len(runs)} runs.",
         "",
         "Plumbing = pipeline ÷ the loop doing the same codec work (what the services cost);"
         " vs plain = pipeline ÷ the plain loop (what the settings cost too); bytes = average"
@@ -337,6 +346,17 @@ def _b1(
             ],
         ),
         "",
+        "Page faults per photo in the loops (fresh pages the kernel maps and zeroes), with the"
+        " system CPU they cost: "
+        + ", ".join(
+            [_faults("plain", [r.plain for r in runs])]
+            + [_faults(f"same-work {e.value}", [r.same[e] for r in runs]) for e in efforts]
+        )
+        + '. The plain loop\'s `convert("RGB")` copies the photo: with two 5.5 MiB images'
+        " alive, glibc's heap top passes its trim threshold and goes back to the kernel after"
+        ' every photo, to be faulted in again for the next (docs/performance.md, "The plain'
+        " loop's two speeds\").",
+        "",
         "Others (CPU of processes outside imgpipe and the bench) per run: "
         + ", ".join(f"{r.others:.0%}" for r in runs),
         "",
@@ -356,6 +376,11 @@ def _b1(
             "scale_half_vs_full": half,
             "plain_images_per_s": [r.plain.images_per_s for r in runs],
             "plain_kib": [r.plain.kib for r in runs],
+            "plain_faults_per_image": [r.plain.faults for r in runs],
+            "plain_system_ms_per_image": [r.plain.system_ms for r in runs],
+            "same_work_faults_per_image": {
+                e.value: [r.same[e].faults for r in runs] for e in efforts
+            },
             "others_share": [r.others for r in runs],
             "cpu": meter.table(),
             "cpu_wall_s": meter.wall,
@@ -363,6 +388,14 @@ def _b1(
         },
         targets,
     )
+
+
+def _faults(name: str, sides: list[Side]) -> str:
+    """ "fast 0 (0.1 ms)": a loop's median page faults and system CPU per photo, and what one
+    fault cost where there were enough to tell."""
+    faults, system_ms = median([s.faults for s in sides]), median([s.system_ms for s in sides])
+    each = f", {1000 * system_ms / faults:.1f} µs each" if faults >= 100 else ""
+    return f"{name} {faults:.0f} ({system_ms:.1f} ms{each})"
 
 
 def _b2(settings: BenchSettings, fast: list[float], delayed: list[float]) -> Section:

@@ -9,10 +9,11 @@ very same files.
 from __future__ import annotations
 
 import io
+import multiprocessing
 import os
 import resource
 import time
-from collections.abc import Mapping
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -22,8 +23,8 @@ from typing import Any
 from PIL import Image
 
 from bench.pipeline import log
-from services.worker import quality
-from services.worker.tuning import measure_ssim
+from services.common.image_options import Effort, OutputFormat
+from services.worker import quality, tuning
 from testing import photos
 from testing.origin import ImageOrigin
 
@@ -70,52 +71,110 @@ def _generate(folder: str, size: tuple[int, int], seed: int) -> str:
     return str(path)
 
 
-def encode(settings: Mapping[str, Any], measure: bool, path: str) -> int:
-    """Decode, RGB, JPEG with `settings` (Pillow save() arguments); the output's bytes. With
-    `measure`, also the output's SSIM against the source, as the worker measures it."""
+def plain(path: str) -> int:
+    """What anyone would write first: decode, RGB, JPEG at quality 50; the output's bytes."""
     data = Path(path).read_bytes()  # from the page cache: microseconds against milliseconds
     with Image.open(io.BytesIO(data)) as image:
         out = io.BytesIO()
-        rgb = image.convert("RGB")
-        rgb.save(out, "JPEG", **settings)
-        if measure:
-            measure_ssim(quality.luminance(rgb), out.getvalue())
+        image.convert("RGB").save(out, "JPEG", **PLAIN)
         return out.tell()
+
+
+def same_work(effort: Effort, measure: bool, path: str) -> int:
+    """The worker's codec work on a photo, without its services: decode; RGB only where the
+    photo is not (the worker never copies an RGB image); JPEG at quality 50 with `effort`'s
+    settings through the worker's own `tuning.encode`; with `measure`, the output's SSIM
+    against the source, as the worker measures it. The output's bytes."""
+    data = Path(path).read_bytes()
+    with Image.open(io.BytesIO(data)) as image:
+        # Loaded first, as the worker does: Pillow's save() of an image not yet loaded from a
+        # nameless file object takes the file for its own source and copies the image.
+        image.load()
+        rgb = image if image.mode == "RGB" else image.convert("RGB")
+        encoded = tuning.encode(rgb, OutputFormat.JPEG, PLAIN["quality"], effort)
+        if measure:
+            tuning.measure_ssim(quality.luminance(rgb), encoded)
+        return len(encoded)
+
+
+@dataclass(frozen=True, slots=True)
+class Task:
+    """One photo through a loop: the output's size and what the work cost its process."""
+
+    output_bytes: int
+    cpu_s: float
+    system_s: float  # the kernel's share of cpu_s
+    page_faults: int  # minor faults: fresh pages the kernel had to map (and zero)
+
+
+def _timed(work: Callable[[str], int], path: str) -> Task:
+    before, started = resource.getrusage(resource.RUSAGE_SELF), time.process_time()
+    size = work(path)
+    seconds = time.process_time() - started
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    return Task(size, seconds, after.ru_stime - before.ru_stime, after.ru_minflt - before.ru_minflt)
 
 
 @dataclass(frozen=True, slots=True)
 class PillowRun:
     images_per_s: float
-    cpu_s: float  # CPU time of the pool processes, warm-up and start-up included
-    images: int  # warm-up included
-    output_bytes: int  # of the measured images
+    cpu_s: float  # CPU time of the measured images in the loop's processes
+    images: int
+    output_bytes: int
+    system_s: float
+    page_faults: int
 
     @property
     def cpu_ms_per_image(self) -> float:
         return 1000 * self.cpu_s / self.images
 
+    @property
+    def system_ms_per_image(self) -> float:
+        return 1000 * self.system_s / self.images
+
+    @property
+    def faults_per_image(self) -> float:
+        return self.page_faults / self.images
+
+
+def _ready(barrier: Any, setup: Callable[[], object] | None) -> None:
+    if setup is not None:
+        setup()
+    barrier.wait(timeout=120)  # every process started before the first photo is timed
+
 
 def pillow_loop(
     paths: list[Path],
     processes: int,
-    settings: Mapping[str, Any] = PLAIN,
+    work: Callable[[str], int] = plain,
     *,
-    measure_ssim: bool = False,
+    setup: Callable[[], object] | None = None,
 ) -> PillowRun:
-    """The Pillow loop over `paths` in `processes` processes, saving with `settings` (and
-    measuring each output's SSIM with `measure_ssim`): throughput, CPU cost and bytes.
+    """`work` over `paths` in `processes` fresh interpreters, each prepared by `setup`:
+    throughput, CPU and page faults of the photos themselves (not the interpreters' start),
+    output bytes.
 
-    Must not overlap with other child processes ending: their CPU time would count too.
+    Fresh interpreters (spawn), as a script run on its own: a process forked from the bench
+    inherits glibc's malloc thresholds, which the bench's own history has raised, and with
+    them a heap that never shrinks. The plain loop's speed hangs on exactly that
+    (docs/performance.md, "The plain loop's two speeds").
     """
     names = [str(p) for p in paths]
-    children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    with ProcessPoolExecutor(processes) as pool:
-        one = partial(encode, dict(settings), measure_ssim)
-        list(pool.map(one, names[:processes]))  # start and warm the workers
+    fresh = multiprocessing.get_context("spawn")
+    barrier = fresh.Barrier(processes)
+    with ProcessPoolExecutor(
+        processes, mp_context=fresh, initializer=_ready, initargs=(barrier, setup)
+    ) as pool:
+        one = partial(_timed, work)
+        list(pool.map(one, names[:processes]))  # imports and the codec warmed in every process
         started = time.perf_counter()
-        output = sum(pool.map(one, names, chunksize=4))
+        tasks = list(pool.map(one, names, chunksize=4))
         rate = len(names) / (time.perf_counter() - started)
-    # The pool's processes have ended and been reaped: their CPU time is now the children's.
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = after.ru_utime + after.ru_stime - children.ru_utime - children.ru_stime
-    return PillowRun(rate, cpu, len(names) + processes, output)
+    return PillowRun(
+        rate,
+        sum(t.cpu_s for t in tasks),
+        len(names),
+        sum(t.output_bytes for t in tasks),
+        sum(t.system_s for t in tasks),
+        sum(t.page_faults for t in tasks),
+    )
