@@ -11,7 +11,7 @@ import pytest
 from PIL import ExifTags, Image, ImageChops, ImageCms, ImageStat
 from PIL.PngImagePlugin import PngInfo
 
-from services.common.image_options import ImageLimits, ImageOptions, OutputFormat
+from services.common.image_options import Effort, ImageLimits, ImageOptions, OutputFormat
 from services.common.outcome import ImageFailure, OutcomeCode
 from services.worker.imaging import Compressed, _gif_frames, _is_srgb, _tiff_pages, compress
 
@@ -857,3 +857,29 @@ def test_concurrent_calls_match_serial_results() -> None:
     with ThreadPoolExecutor(max_workers=8) as pool:
         parallel = list(pool.map(lambda job: compress(*job).data, jobs))
     assert parallel == serial
+
+
+@pytest.mark.parametrize(
+    "options",
+    [ImageOptions(effort=Effort.FAST), ImageOptions(), ImageOptions(format=OutputFormat.WEBP)],
+    ids=["fast", "balanced", "webp"],
+)
+def test_an_rgb_photo_is_never_copied(
+    options: ImageOptions, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A copy of a decoded photo is not only a memcpy: two photo-sized blocks alive at once push
+    # glibc's heap past its trim threshold, and every photo after it is faulted in afresh
+    # (docs/performance.md, "The plain loop's two speeds"). convert() to the same mode copies,
+    # and so does Pillow's save() of an image not loaded yet.
+    copies: list[tuple[int, int]] = []
+    real_copy = Image.Image.copy
+
+    def counting_copy(self: Image.Image) -> Image.Image:
+        copies.append(self.size)
+        return real_copy(self)
+
+    monkeypatch.setattr(Image.Image, "copy", counting_copy)
+    monkeypatch.setattr(Image.Image, "_copy", lambda self: copies.append(self.size))
+    result = compress(encode(photo((640, 480)), "JPEG", quality=90), options)
+    assert result.width == 640
+    assert (640, 480) not in copies
