@@ -91,8 +91,9 @@ class CpuMeter:
         for name, pids in groups.items():
             for pid in pids:
                 # Postgres forks a backend per connection and reaps it: the postmaster's
-                # cutime keeps the CPU of backends that ended.
-                reaped = name == "postgres" and pid == pids[0]
+                # cutime keeps the CPU of backends that ended. The bench's keeps its Pillow
+                # loops' (B1), whose processes end with each loop.
+                reaped = (name == "postgres" and pid == pids[0]) or name.startswith("bench")
                 ticks = _stat_ticks(f"/proc/{pid}/stat", reaped_children=reaped)
                 threads = {} if name in _NATIVE or name.startswith("bench") else _threads(pid)
                 snapshot[pid] = _Process(name, ticks, threads)

@@ -33,7 +33,8 @@ def stack_processes(stack: Stack) -> Groups:
 
 
 def measured(stack: Stack) -> Groups:
-    """The stack's processes and this bench process (the origin, the client, the CSV)."""
+    """The stack's processes and this bench process (the origin, the client, the CSV; and the
+    children it has reaped, such as B1's Pillow loops: bench/cpu.py counts them)."""
     return stack_processes(stack) | {"bench (origin, client)": [os.getpid()]}
 
 
