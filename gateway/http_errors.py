@@ -38,6 +38,15 @@ class BodyTimeout(ImgpipeError):
         return {"Connection": "close"}
 
 
+class ClientClosedRequest(ImgpipeError):
+    """The client closed its connection before its answer, which nobody will read. 499 is
+    nginx's convention: the access log and the metrics count it as the caller's doing, not as a
+    failure of the gateway."""
+
+    code = "client_closed_request"
+    http_status = 499
+
+
 # Error codes for the HTTP statuses aiohttp raises itself (unknown route, wrong method, ...).
 _CODE_FOR_STATUS = {
     400: "invalid_argument",
@@ -101,6 +110,11 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         if exc.status < 400:  # redirects and other non-errors pass through untouched
             raise
         return _from_http_exception(request, exc)
+    except ConnectionResetError:
+        # The caller went away: an upload it stopped sending, a download or a stream it
+        # stopped reading. Not a failure of ours, and worth no traceback.
+        log.info("the client closed the connection", extra={"path": request.path})
+        return error_response(ClientClosedRequest("the client closed the connection"))
     except Exception:
         log.exception("unhandled error", extra={"path": request.path, "method": request.method})
         return error_response(ImgpipeError("internal error"))

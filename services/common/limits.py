@@ -25,12 +25,17 @@
 
 Every check-and-take is one Lua script, so two uploads arriving at once cannot both take the
 last slot. Times come from the Redis server's clock, so hosts with skewed clocks still agree.
+
+Every give-back runs to its end even when its caller is cancelled meanwhile (`_give_back`):
+grpc.aio cancels a handler as soon as its client cancels the call, often while the handler's
+`finally` is giving a lease back.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import uuid
@@ -260,8 +265,11 @@ class Limiter:
         )
 
     async def give_back_slot(self, principal: Principal, request_id: uuid.UUID) -> None:
+        """Free the slot that `take_slot` took; Redis errors are the caller's to log (a slot with
+        no request behind it goes stale and is freed later)."""
         if principal.limits.concurrent > 0:
-            await self.redis.zrem(self._slots(principal.name), str(request_id))
+            key = self._slots(principal.name)
+            await _give_back("slot", self.redis.zrem(key, str(request_id)), raise_errors=True)
 
     async def _forget_finished(self, key: str) -> int:
         """Remove the slots of requests that are final or were never stored; how many."""
@@ -317,11 +325,8 @@ class Limiter:
             yield
         finally:
             renewing.cancel()
-            try:
-                await self.redis.zrem(key, upload)
-            except BACKEND_ERRORS as exc:
-                # Its lease lapses by itself within UPLOAD_LEASE seconds.
-                log.warning("upload lease not given back", extra={"error": repr(exc)})
+            # Not given back: its lease lapses by itself within UPLOAD_LEASE seconds.
+            await _give_back("upload lease", self.redis.zrem(key, upload))
 
     async def _keep_upload(self, key: str, args: list[Any]) -> None:
         while True:
@@ -355,8 +360,10 @@ class Limiter:
         return ImageReservation(key, count)
 
     async def give_back_images(self, reservation: ImageReservation | None) -> None:
+        """Return the images that `take_images` counted; Redis errors are the caller's to log."""
         if reservation is not None:
-            await self.redis.decrby(reservation.key, reservation.count)
+            decrement = self.redis.decrby(reservation.key, reservation.count)
+            await _give_back("images", decrement, raise_errors=True)
 
     async def _today(self, owner: str) -> tuple[str, int]:
         """The owner's counter for the current UTC day, and the seconds until the next one."""
@@ -388,12 +395,8 @@ class Limiter:
             yield
         finally:
             renewing.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await renewing
-            try:
-                await self.redis.zrem(key, stream_id)
-            except BACKEND_ERRORS as exc:  # the lease runs out by itself
-                log.warning("stream lease not released", extra={"error": repr(exc)})
+            # Not given back: the lease runs out by itself within STREAM_LEASE seconds.
+            await _give_back("stream lease", self.redis.zrem(key, stream_id))
 
     async def _keep_stream(self, key: str, stream_id: str, lease_ms: int) -> None:
         while True:
@@ -402,6 +405,41 @@ class Limiter:
                 await self._renew_stream(keys=[key], args=[stream_id, lease_ms])
             except BACKEND_ERRORS as exc:  # tried again at the next turn, within the lease
                 log.warning("stream lease not renewed", extra={"error": repr(exc)})
+
+
+# Give-backs that outlived their cancelled caller; held here so that they are not collected.
+_GIVING_BACK: set[asyncio.Task[Any]] = set()
+
+
+async def _give_back(what: str, action: Awaitable[Any], *, raise_errors: bool = False) -> None:
+    """Run `action`, a give-back, to its end even if the caller is cancelled meanwhile.
+
+    grpc.aio cancels a handler's task as soon as its client cancels the call, and the
+    cancellation lands in whatever the handler awaits at that moment: often the `finally` that
+    gives a lease back, after the upload ended because its client went away. Cut there, the
+    give-back never reached Redis, and the key's slot stayed taken until its lease expired.
+    So the give-back runs as a task of its own: a cancelled caller stops at once, and the
+    give-back ends by itself. Redis errors are logged as "`what` not given back", or raised to
+    a caller that is still there when `raise_errors`.
+    """
+    task = asyncio.ensure_future(action)
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        if not task.done():  # the caller was cancelled, not the give-back
+            _GIVING_BACK.add(task)
+            task.add_done_callback(functools.partial(_given_back, what))
+        raise
+    except BACKEND_ERRORS as exc:
+        if raise_errors:
+            raise
+        log.warning("%s not given back", what, extra={"error": repr(exc)})
+
+
+def _given_back(what: str, task: asyncio.Task[Any]) -> None:
+    _GIVING_BACK.discard(task)
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        log.warning("%s not given back", what, extra={"error": repr(exc)})
 
 
 def _images_exhausted(limit: int, used: int, count: int, retry_after: int) -> RateLimited:

@@ -3,7 +3,8 @@
 - a stalled upload holds no Postgres connection: another upload completes on a pool of one;
 - acquiring a pooled connection waits at most its timeout, then UNAVAILABLE with Retry-After;
 - the health probe has a connection of its own, so a busy pool is not "Postgres down";
-- an upload lease left by a dead process expires; `uploads=` counts per key.
+- an upload lease left by a dead process expires; `uploads=` counts per key;
+- a lease is given back even when its holder is cancelled while giving it back.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import asyncio
 import contextlib
 import secrets
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, cast
 
 import asyncpg
 import grpc
@@ -24,7 +25,13 @@ from services.common.auth import Limits, Principal
 from services.common.csv_format import CsvLimits
 from services.common.db.pool import create_pool
 from services.common.dependencies import DependencyMonitor, PostgresConnection
-from services.common.errors import BackendBusy, RateLimited, Unavailable, error_from_rpc
+from services.common.errors import (
+    BackendBusy,
+    InvalidArgument,
+    RateLimited,
+    Unavailable,
+    error_from_rpc,
+)
 from services.common.limits import UPLOAD_LEASE, Limiter
 from services.common.pb.imgpipe.v1 import ingest_service_pb2 as ingest_pb
 from services.common.pb.imgpipe.v1 import ingest_service_pb2_grpc as ingest_grpc
@@ -204,3 +211,53 @@ async def test_an_upload_renews_its_lease_while_it_lasts(
 
         await wait_until_async(renewed, timeout=15, interval=0.2, message="the lease renewed")
     assert await redis_client.zcard(key) == 0
+
+
+class GivingBackWaits(redis.asyncio.Redis):
+    """A real Redis client whose ZREM (a lease given back) waits until the test lets it go."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.giving_back = asyncio.Event()
+        self.go_on = asyncio.Event()
+
+    async def zrem(self, name: Any, *values: Any) -> Any:
+        self.giving_back.set()
+        await self.go_on.wait()
+        return await super().zrem(name, *values)
+
+
+@pytest.mark.parametrize("lease", ["uploads", "streams"])
+async def test_a_lease_is_given_back_when_its_holder_is_cancelled_while_giving_it_back(
+    redis_server_url: str, names: StreamNames, pool: asyncpg.Pool, lease: str
+) -> None:
+    """What a stalled upload whose client went away used to leave behind (one time in about
+    150 here): the upload ends, and while its `finally` gives the lease back, grpc.aio cancels
+    the handler because the gateway cancelled the call. The key's slot stayed taken until the
+    lease expired, and its next upload was refused for a minute."""
+    client = cast(GivingBackWaits, GivingBackWaits.from_url(redis_server_url))
+    try:
+        limiter = Limiter(client, names, pool)
+        one = Principal(f"uploader-{secrets.token_hex(3)}", Limits(uploads=1, streams=1))
+        key = f"{names.prefix}:limits:{lease}:{one.name}"
+        held = limiter.upload_lease(one) if lease == "uploads" else limiter.hold_stream(one)
+
+        async def upload_whose_client_went_away() -> None:
+            async with held:
+                raise InvalidArgument("the upload ended without UploadEnd; nothing was stored")
+
+        handler = asyncio.create_task(upload_whose_client_went_away())
+        async with asyncio.timeout(10):
+            await client.giving_back.wait()
+        assert await client.zcard(key) == 1
+        handler.cancel()  # grpc.aio: the client cancelled the call
+        with pytest.raises(asyncio.CancelledError):
+            await handler
+        client.go_on.set()
+
+        async def given_back() -> bool:
+            return await client.zcard(key) == 0
+
+        await wait_until_async(given_back, timeout=10, message="the lease given back")
+    finally:
+        await client.aclose()

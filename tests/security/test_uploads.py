@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gzip
+import json
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -182,11 +183,28 @@ async def test_finding_1_uploads_in_progress_are_capped_per_key(
         assert int(headers["Retry-After"]) >= 1
         # Another key is not affected, and the slot comes back once an upload ends.
         assert (await upload(http, live, TENANT))[0] == 202
+        gone_before = _uploads_gone(live)
         await stalled.close()
+        # At once, not when the leases expire (UPLOAD_LEASE, 30 s; the key itself after 60 s).
         await wait_until_async(
-            lambda: _held(live, "capped", 0), timeout=60, message="the leases given back"
+            lambda: _held(live, "capped", 0), timeout=10, message="the leases given back"
         )
         assert (await upload(http, live, CAPPED))[0] == 202
+
+    # A client that goes away is its own doing: a 499, and no traceback in the gateway's log.
+    async def both_logged() -> bool:
+        return _uploads_gone(live) >= gone_before + 2
+
+    await wait_until_async(both_logged, timeout=10, message="the two uploads logged as 499")
+    assert '"unhandled error"' not in live.stack.log.read_text(errors="replace")
+
+
+def _uploads_gone(live: Live) -> int:
+    """Uploads the gateway's access log shows as closed by their client (499)."""
+    lines = live.stack.log.read_text(errors="replace").splitlines()
+    # Whole JSON lines only: the last one may be half written.
+    logged = [json.loads(line) for line in lines if line.startswith("{") and line.endswith("}")]
+    return sum(1 for e in logged if e.get("target") == "/upload" and e.get("status") == 499)
 
 
 # ------------------------------------------------------------------------- finding 3
