@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import gzip
+import logging
 import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
@@ -26,6 +27,7 @@ from yarl import URL
 from gateway import upload
 from gateway.app import create_app
 from gateway.config import GatewaySettings
+from gateway.http_errors import error_middleware
 from gateway.keys import IN_FLIGHT
 from gateway.serving import drain, start
 from services.common import initial_metadata
@@ -309,6 +311,24 @@ async def test_caller_leaving_mid_upload_cancels_the_ingest_call(
     # A truncated body must never reach ingest as a complete (shorter) file.
     await servicer.wait_cancelled()
     assert servicer.completed == []
+
+
+async def test_a_client_gone_mid_answer_is_499_without_a_traceback(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """What aiohttp raises when the gateway reads an upload or writes a live-progress event or
+    a download to a client that went away: the caller's doing, not an "unhandled error"."""
+
+    async def gone(request: web.Request) -> web.Response:
+        raise aiohttp.ClientConnectionResetError("Cannot write to closing transport")
+
+    app = web.Application(middlewares=[error_middleware])
+    app.router.add_get("/gone", gone)
+    async with TestClient(TestServer(app)) as client:
+        response = await client.get("/gone")
+        assert response.status == 499
+        assert (await response.json())["error"]["code"] == "client_closed_request"
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
 
 
 @pytest.mark.parametrize("framing", FRAMINGS)
