@@ -265,11 +265,10 @@ class Limiter:
         )
 
     async def give_back_slot(self, principal: Principal, request_id: uuid.UUID) -> None:
-        """Free the slot that `take_slot` took; Redis errors are the caller's to log (a slot with
-        no request behind it goes stale and is freed later)."""
+        """Free the slot that `take_slot` took. Not given back (Redis failed), it is freed later:
+        a slot with no request behind it goes stale."""
         if principal.limits.concurrent > 0:
-            key = self._slots(principal.name)
-            await _give_back("slot", self.redis.zrem(key, str(request_id)), raise_errors=True)
+            await _give_back("slot", self.redis.zrem(self._slots(principal.name), str(request_id)))
 
     async def _forget_finished(self, key: str) -> int:
         """Remove the slots of requests that are final or were never stored; how many."""
@@ -360,10 +359,10 @@ class Limiter:
         return ImageReservation(key, count)
 
     async def give_back_images(self, reservation: ImageReservation | None) -> None:
-        """Return the images that `take_images` counted; Redis errors are the caller's to log."""
+        """Return the images that `take_images` counted. Not given back (Redis failed), they
+        count until the day ends: the caller's own error matters more."""
         if reservation is not None:
-            decrement = self.redis.decrby(reservation.key, reservation.count)
-            await _give_back("images", decrement, raise_errors=True)
+            await _give_back("images", self.redis.decrby(reservation.key, reservation.count))
 
     async def _today(self, owner: str) -> tuple[str, int]:
         """The owner's counter for the current UTC day, and the seconds until the next one."""
@@ -411,7 +410,7 @@ class Limiter:
 _GIVING_BACK: set[asyncio.Task[Any]] = set()
 
 
-async def _give_back(what: str, action: Awaitable[Any], *, raise_errors: bool = False) -> None:
+async def _give_back(what: str, action: Awaitable[Any]) -> None:
     """Run `action`, a give-back, to its end even if the caller is cancelled meanwhile.
 
     grpc.aio cancels a handler's task as soon as its client cancels the call, and the
@@ -419,8 +418,8 @@ async def _give_back(what: str, action: Awaitable[Any], *, raise_errors: bool = 
     gives a lease back, after the upload ended because its client went away. Cut there, the
     give-back never reached Redis, and the key's slot stayed taken until its lease expired.
     So the give-back runs as a task of its own: a cancelled caller stops at once, and the
-    give-back ends by itself. Redis errors are logged as "`what` not given back", or raised to
-    a caller that is still there when `raise_errors`.
+    give-back ends by itself. A Redis error is logged as "`what` not given back", never raised:
+    the caller is on its way out with an error or a result of its own.
     """
     task = asyncio.ensure_future(action)
     try:
@@ -431,8 +430,6 @@ async def _give_back(what: str, action: Awaitable[Any], *, raise_errors: bool = 
             task.add_done_callback(functools.partial(_given_back, what))
         raise
     except BACKEND_ERRORS as exc:
-        if raise_errors:
-            raise
         log.warning("%s not given back", what, extra={"error": repr(exc)})
 
 

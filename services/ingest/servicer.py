@@ -50,7 +50,7 @@ from services.common.pb.imgpipe.v1 import (
     request_pb2,
 )
 from services.common.proto_convert import STATUS_TO_PROTO, parse_request_id
-from services.common.servicer_errors import BACKEND_ERRORS, rpc_method
+from services.common.servicer_errors import rpc_method
 from services.ingest.config import CSV_LIMIT_SETTINGS
 from services.ingest.spool import Spool
 
@@ -292,11 +292,7 @@ class IngestServicer(ingest_grpc.IngestServiceServicer):
             await self._give_back_slot(principal, request_id)
             if self.limiter is not None:
                 for reservation in reserved:
-                    try:
-                        await self.limiter.give_back_images(reservation)
-                    except BACKEND_ERRORS as exc:
-                        # Counted until the day ends; the upload's own error matters more.
-                        log.warning("images not given back", extra={"error": repr(exc)})
+                    await self.limiter.give_back_images(reservation)
             raise
 
     async def _take_slot(self, principal: Principal | None, request_id: uuid.UUID) -> None:
@@ -305,11 +301,7 @@ class IngestServicer(ingest_grpc.IngestServiceServicer):
 
     async def _give_back_slot(self, principal: Principal | None, request_id: uuid.UUID) -> None:
         if principal is not None and self.limiter is not None:
-            try:
-                await self.limiter.give_back_slot(principal, request_id)
-            except BACKEND_ERRORS as exc:
-                # Freed later: a slot with no request behind it goes stale (limits.py).
-                log.warning("slot not given back", extra={"error": repr(exc)})
+            await self.limiter.give_back_slot(principal, request_id)
 
     async def _insert_rows(
         self,
