@@ -102,8 +102,9 @@ BATCH_SIZE = Histogram(
     buckets=(1, 2, 4, 8, 16, 32, 64),
 )
 # record: Done records (one statement per request); status: checks before a download;
-# ack: XACK; progress: PUBLISH of the newest counters per request.
-BATCHES = ("record", "status", "ack", "progress")
+# reuse: lookups of the owner's earlier outputs; ack: XACK; progress: PUBLISH of the newest
+# counters per request.
+BATCHES = ("record", "status", "reuse", "ack", "progress")
 
 
 def prime_worker() -> None:

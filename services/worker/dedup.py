@@ -18,9 +18,9 @@ import hashlib
 import json
 import logging
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-import asyncpg
 import PIL
 
 from services.common import storage as keys
@@ -63,17 +63,20 @@ class Reused:
     from_image: int  # the image it was copied from
 
 
+# queries.find_reusable_outputs for one lookup; the worker's gathers them in batches.
+Find = Callable[[tuple[uuid.UUID, queries.SourceDigests]], Awaitable[queries.StoredOutput | None]]
+
+
 async def reuse_stored(
-    pool: asyncpg.Pool,
+    find: Find,
     storage: Storage,
     request_id: uuid.UUID,
     image_id: int,
     digests: queries.SourceDigests,
 ) -> Reused | None:
-    """Copy the owner's stored output for `digests` under `image_id`'s key; None when there is
-    none or its object is gone (then the image is compressed as usual)."""
-    async with pool.acquire() as conn:
-        found = await queries.find_reusable_output(conn, request_id, digests)
+    """Copy the owner's stored output for `digests` (looked up with `find`) under `image_id`'s
+    key; None when there is none or its object is gone (then the image is compressed as usual)."""
+    found = await find((request_id, digests))
     if found is None:
         return None
     extension = found.output_key.rpartition(".")[2]

@@ -87,6 +87,7 @@ class Processor:
         # tasks read together, the Done records wait up to `record_linger` for company, and
         # the progress they cause is published together, the newest per request.
         self._statuses = Batcher(self._read_statuses, observe=metrics.batch_sized("status"))
+        self._reusable = Batcher(self._find_reusable, observe=metrics.batch_sized("reuse"))
         self._working = Expected()  # tasks that have not reached their record yet
         self._record = Batcher(
             self._record_batch,
@@ -162,6 +163,12 @@ class Processor:
             found = await queries.image_statuses(conn, image_ids)
         return [found.get(image_id) for image_id in image_ids]
 
+    async def _find_reusable(
+        self, lookups: Sequence[tuple[uuid.UUID, queries.SourceDigests]]
+    ) -> list[queries.StoredOutput | None]:
+        async with self.pool.acquire() as conn:
+            return await queries.find_reusable_outputs(conn, lookups)
+
     async def _announce(self, counters: queries.Counters) -> None:
         """Tell live watchers; losing this message loses nothing (they re-read Postgres)."""
         try:
@@ -196,7 +203,7 @@ class Processor:
             if self.reuse_outputs:
                 digests = await loop.run_in_executor(self.executor, dedup.digests_of, data, options)
                 reused = await dedup.reuse_stored(
-                    self.pool, self.storage, request_id, task.image_id, digests
+                    self._reusable, self.storage, request_id, task.image_id, digests
                 )
                 if reused is not None:
                     return queries.DoneImage(reused.output, len(data), digests, reused.from_image)

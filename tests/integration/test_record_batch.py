@@ -142,3 +142,41 @@ async def test_two_batches_with_the_same_images_in_opposite_orders_do_not_deadlo
     recorded = [set(r) for r in results if not isinstance(r, BaseException)]
     assert set().union(*recorded) == {first, second}  # each image recorded once, by either
     assert sum(len(r) for r in recorded) == 2
+
+
+async def test_one_query_finds_each_owners_earlier_outputs_in_the_order_asked(
+    pool: asyncpg.Pool,
+) -> None:
+    """The worker's batched lookup: each answer is the asking request's owner's output for
+    those digests, never another owner's, and a miss is None in its place."""
+    ours, theirs = (f"owner-{uuid.uuid4().hex[:8]}" for _ in range(2))
+    same, other = (queries.SourceDigests(bytes([n]) * 32, b"o" * 32) for n in (1, 2))
+    (our_image,) = await stored(pool, ("http://a.example/a.jpg",), owner=ours)
+    (their_image,) = await stored(pool, ("http://b.example/a.jpg",), owner=theirs)
+    async with pool.acquire() as conn:
+        await queries.record_images_done(conn, [done(our_image, 40, digests=same)])
+        await queries.record_images_done(conn, [done(their_image, 60, digests=same)])
+        our_request, their_request = [
+            await conn.fetchval("SELECT request_id FROM images WHERE id = $1", image)
+            for image in (our_image, their_image)
+        ]
+        found = await queries.find_reusable_outputs(
+            conn,
+            [
+                (our_request, same),
+                (their_request, same),
+                (our_request, other),
+                (their_request, same),
+            ],
+        )
+        assert await queries.find_reusable_outputs(conn, []) == []
+
+    assert [f and (f.image_id, f.bytes_out) for f in found] == [
+        (our_image, 40),
+        (their_image, 60),
+        None,
+        (their_image, 60),
+    ]
+    assert found[0] is not None
+    assert found[0].output_key == f"out/{our_image}.jpg"
+    assert found[0].ssim == pytest.approx(0.98)  # stored as a real

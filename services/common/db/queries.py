@@ -641,21 +641,31 @@ async def record_image_failed(
     return _counters(row) if row else None
 
 
-async def find_reusable_output(
-    conn: Connection, request_id: uuid.UUID, digests: SourceDigests
-) -> StoredOutput | None:
-    """The output the owner of `request_id` stored for the same source and options, if any."""
-    row = await conn.fetchrow(
-        """SELECT o.image_id, o.output_key, o.bytes_out, o.width, o.height, o.kept_source,
+async def find_reusable_outputs(
+    conn: Connection, lookups: Sequence[tuple[uuid.UUID, SourceDigests]]
+) -> list[StoredOutput | None]:
+    """For each (request, digests), the output the request's owner stored for the same source
+    and options, or None; one query for the whole batch, answers in the order asked."""
+    if not lookups:
+        return []
+    rows = await conn.fetch(
+        """SELECT l.i, o.image_id, o.output_key, o.bytes_out, o.width, o.height, o.kept_source,
                   o.ssim, o.quality, o.note
-             FROM requests r
+             FROM unnest($1::uuid[], $2::bytea[], $3::bytea[])
+                  WITH ORDINALITY AS l (request_id, source_sha256, options_sha256, i)
+             JOIN requests r ON r.id = l.request_id
              JOIN reusable_outputs o ON o.owner = r.owner
-            WHERE r.id = $1 AND o.source_sha256 = $2 AND o.options_sha256 = $3""",
-        request_id,
-        digests.source,
-        digests.options,
+                                    AND o.source_sha256 = l.source_sha256
+                                    AND o.options_sha256 = l.options_sha256""",
+        [request_id for request_id, _ in lookups],
+        [digests.source for _, digests in lookups],
+        [digests.options for _, digests in lookups],
     )
-    return StoredOutput(**dict(row)) if row else None
+    found = {
+        row["i"]: StoredOutput(**{name: value for name, value in row.items() if name != "i"})
+        for row in rows
+    }
+    return [found.get(i) for i in range(1, len(lookups) + 1)]
 
 
 def _counters(row: asyncpg.Record | None) -> Counters:
