@@ -55,7 +55,6 @@ ACCEPT = "image/jpeg,image/png,image/webp,image/gif,image/bmp,image/tiff;q=0.9,*
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _SLOW_DOWN = frozenset({429, 503})  # the statuses whose Retry-After holds back the origin
 _DEFAULT_COOLDOWN = 1.0  # seconds, for a 429 or 503 that does not say how long to wait
-_CHUNK = 64 * 1024
 _IMAGE_SERVER = "the image server"  # how fetch_image's messages name the other side
 
 
@@ -658,7 +657,10 @@ async def _read_body(
     received = 0
     try:
         # Counted after content decoding, so a small gzip body cannot inflate past the limit.
-        async for chunk in response.content.iter_chunked(_CHUNK):
+        # Whatever has arrived, as it arrived: iter_chunked(n) would copy it into n-byte
+        # pieces first, a quarter of a download's CPU (docs/performance.md). aiohttp's flow
+        # control bounds what a read can hand over at once.
+        async for chunk in response.content.iter_any():
             received += len(chunk)
             if received > max_bytes:
                 response.close()
