@@ -19,7 +19,9 @@ from pathlib import Path
 from typing import Protocol
 
 import pytest
+import redis
 
+from testing.databases import delete_keys
 from testing.polling import wait_until
 from testing.ports import free_port_block
 from testing.processes import process_exited
@@ -38,6 +40,10 @@ class Stack:
     process: subprocess.Popen[bytes]
     log: Path
     data_dir: Path
+    # (Redis URL, key pattern): the keys of a prefix launch_stack made up on a server given by
+    # URL, deleted once the stack has stopped. An embedded Redis goes with the stack; a prefix
+    # the caller chose is the caller's (a test may start a stack on it again).
+    own_keys: tuple[str, str] | None = None
 
     def log_tail(self, lines: int = 60) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
@@ -54,15 +60,23 @@ class Stack:
         return code
 
     def stop(self) -> int:
-        """SIGTERM the launcher, which drains and stops every service; returns its exit code."""
+        """SIGTERM the launcher, which drains and stops every service; returns its exit code.
+        Then the keys of its own Redis prefix go (`own_keys`)."""
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
         try:
-            return self.process.wait(timeout=60)
+            code = self.process.wait(timeout=60)
         except subprocess.TimeoutExpired:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait(timeout=10)
             raise AssertionError(f"the stack did not stop in time:\n{self.log_tail()}") from None
+        if self.own_keys is not None:
+            url, pattern = self.own_keys
+            self.own_keys = None  # once, however often stop() is called
+            # A test that stopped the server itself leaves nothing to delete.
+            with contextlib.suppress(redis.RedisError, OSError):
+                delete_keys(url, pattern)
+        return code
 
 
 def stack_command(extra_env: dict[str, str]) -> list[str]:
@@ -121,7 +135,10 @@ def launch_stack(tmp_path: Path, extra_env: dict[str, str], log_name: str = "sta
             stderr=subprocess.STDOUT,
             start_new_session=True,  # a stuck stack can be killed as one process group
         )
-    return Stack(f"http://{env['IMGPIPE_HTTP_LISTEN']}", process, log, tmp_path / "data")
+    own_keys = None
+    if "IMGPIPE_REDIS_PREFIX" not in extra_env and env.get("IMGPIPE_REDIS_URL"):
+        own_keys = (env["IMGPIPE_REDIS_URL"], f"{env['IMGPIPE_REDIS_PREFIX']}:*")
+    return Stack(f"http://{env['IMGPIPE_HTTP_LISTEN']}", process, log, tmp_path / "data", own_keys)
 
 
 async def run_cli(base_url: str, *argv: str, key: str | None) -> tuple[int, str]:

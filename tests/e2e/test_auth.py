@@ -401,9 +401,14 @@ async def test_the_cli_sends_imgpipe_api_key(live: Live, http: aiohttp.ClientSes
 
 
 def test_every_service_warns_when_auth_is_off(
-    tmp_path: Path, database_url: str, redis_server_url: str
+    tmp_path: Path, database_url: str, redis_server_url: str, redis_prefix: str
 ) -> None:
-    common = {"IMGPIPE_DATABASE_URL": database_url, "IMGPIPE_REDIS_URL": redis_server_url}
+    common = {
+        "IMGPIPE_DATABASE_URL": database_url,
+        "IMGPIPE_REDIS_URL": redis_server_url,
+        # Never the default prefix on a shared server: the session's, deleted at its end.
+        "IMGPIPE_REDIS_PREFIX": f"{redis_prefix}:auth-off",
+    }
     services = {
         "services.ingest": {**common, "IMGPIPE_GRPC_LISTEN": f"127.0.0.1:{free_tcp_port()}"},
         "services.status": {**common, "IMGPIPE_GRPC_LISTEN": f"127.0.0.1:{free_tcp_port()}"},

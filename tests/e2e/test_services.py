@@ -19,6 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from services.common.pb.imgpipe.v1 import ingest_service_pb2_grpc as ingest_grpc
+from testing.databases import delete_keys
 from testing.origin import serve_images
 from testing.polling import wait_until_async
 from testing.ports import free_tcp_port
@@ -32,14 +33,19 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 @pytest.fixture
-def service_env(database_url: str, redis_server_url: str, tmp_path: Path) -> dict[str, str]:
-    return {
+def service_env(
+    database_url: str, redis_server_url: str, tmp_path: Path
+) -> Iterator[dict[str, str]]:
+    """The services' settings, with a Redis prefix of this test's own, deleted after it."""
+    prefix = f"imgpipe-svc-{secrets.token_hex(4)}"
+    yield {
         "IMGPIPE_DATABASE_URL": database_url,
         "IMGPIPE_REDIS_URL": redis_server_url,
-        "IMGPIPE_REDIS_PREFIX": f"imgpipe-svc-{secrets.token_hex(4)}",
+        "IMGPIPE_REDIS_PREFIX": prefix,
         "IMGPIPE_STORAGE_URL": (tmp_path / "store").as_uri(),
         "IMGPIPE_GRACE_SECONDS": "15",
     }
+    delete_keys(redis_server_url, f"{prefix}:*")
 
 
 @pytest.fixture
