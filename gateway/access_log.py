@@ -9,10 +9,12 @@ fragment.
 
 from __future__ import annotations
 
+import logging
 import re
 
 from aiohttp import hdrs, web
 from aiohttp.abc import AbstractAccessLogger
+from aiohttp.log import access_logger
 from yarl import URL
 
 # An API parameter name; anything else in a name's place may be a value sent without '='.
@@ -45,25 +47,36 @@ class AccessLogger(AbstractAccessLogger):
     """aiohttp's `access_log_class` for the gateway (gateway/serving.py)."""
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
-        target = redacted_target(request)
-        version = f"{request.version.major}.{request.version.minor}"
-        size = response.body_length
-        self.logger.info(
-            '%s "%s %s HTTP/%s" %d %d',
-            request.remote or "-",
-            request.method,
-            target,
-            version,
-            response.status,
-            size,
-            extra={
-                "remote_address": request.remote or "-",
-                "method": request.method,
-                "target": target,
-                "status": response.status,
-                "bytes": size,
-                "seconds": round(time, 4),
-                "referer": redacted_referer(request.headers.get(hdrs.REFERER)),
-                "user_agent": request.headers.get(hdrs.USER_AGENT, "-")[:200],
-            },
-        )
+        write(self.logger, request, response.status, response.body_length, time)
+
+
+def log_client_gone(request: web.BaseRequest, seconds: float) -> None:
+    """The line of a request whose handler was cancelled because its client went away
+    (gateway/serving.py): aiohttp writes none for it. 499, as nginx logs it."""
+    write(access_logger, request, 499, 0, seconds)
+
+
+def write(
+    logger: logging.Logger, request: web.BaseRequest, status: int, size: int, seconds: float
+) -> None:
+    target = redacted_target(request)
+    version = f"{request.version.major}.{request.version.minor}"
+    logger.info(
+        '%s "%s %s HTTP/%s" %d %d',
+        request.remote or "-",
+        request.method,
+        target,
+        version,
+        status,
+        size,
+        extra={
+            "remote_address": request.remote or "-",
+            "method": request.method,
+            "target": target,
+            "status": status,
+            "bytes": size,
+            "seconds": round(seconds, 4),
+            "referer": redacted_referer(request.headers.get(hdrs.REFERER)),
+            "user_agent": request.headers.get(hdrs.USER_AGENT, "-")[:200],
+        },
+    )

@@ -14,6 +14,7 @@ import time
 
 from aiohttp import web
 
+from gateway import access_log
 from gateway.http_errors import Handler
 from services.common import metrics, tracing
 
@@ -51,6 +52,7 @@ async def observe_middleware(request: web.Request, handler: Handler) -> web.Stre
         raise
     except asyncio.CancelledError:
         status = 499  # the caller went away (the nginx convention)
+        access_log.log_client_gone(request, time.perf_counter() - started)
         raise
     finally:
         metrics.HTTP_SECONDS.labels(method, route).observe(time.perf_counter() - started)

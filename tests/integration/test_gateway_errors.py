@@ -29,6 +29,7 @@ from gateway.app import create_app
 from gateway.config import GatewaySettings
 from gateway.http_errors import error_middleware
 from gateway.keys import IN_FLIGHT
+from gateway.observability import observe_middleware
 from gateway.serving import drain, start
 from services.common import initial_metadata
 from services.common.pb.imgpipe.v1 import ingest_service_pb2 as ingest_pb
@@ -329,6 +330,43 @@ async def test_a_client_gone_mid_answer_is_499_without_a_traceback(
         assert response.status == 499
         assert (await response.json())["error"]["code"] == "client_closed_request"
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+async def test_the_served_gateway_cancels_a_handler_whose_client_left(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """gateway/serving.py's runner, not TestServer (which always cancels): a quiet live stream
+    must not hold its lease until its next keep-alive write. Its access line says 499."""
+    started, cancelled = asyncio.Event(), asyncio.Event()
+
+    async def quiet(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        await response.prepare(request)
+        await response.write(b": open\n\n")
+        started.set()
+        try:
+            await asyncio.Event().wait()  # as a stream with no news
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        return response
+
+    app = web.Application(middlewares=[observe_middleware])
+    app.router.add_get("/quiet", quiet)
+    caplog.set_level(logging.INFO, logger="aiohttp.access")
+    runner = await start(app, "127.0.0.1", 0)
+    try:
+        host, port = runner.addresses[0][:2]
+        reader, writer = await asyncio.open_connection(host, port)
+        writer.write(b"GET /quiet HTTP/1.1\r\nHost: gateway\r\n\r\n")
+        await reader.readuntil(b": open\n\n")
+        await asyncio.wait_for(started.wait(), timeout=10)
+        writer.close()
+        await asyncio.wait_for(cancelled.wait(), timeout=5)  # a deadline: KEEPALIVE is 15 s
+    finally:
+        await runner.cleanup()
+    logged = [r for r in caplog.records if r.name == "aiohttp.access"]
+    assert [(r.method, r.target, r.status) for r in logged] == [("GET", "/quiet", 499)]  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize("framing", FRAMINGS)

@@ -30,6 +30,7 @@ from grpc_health.v1 import health, health_pb2_grpc
 
 from gateway.app import create_app
 from gateway.config import GatewaySettings
+from gateway.handlers import KEEPALIVE
 from gateway.keys import PRODUCT_PAGES
 from gateway.product_page_cache import ProductPageCache
 from services.common.auth import KeyRing, Limits, key_hash, new_key, parse_api_keys
@@ -467,3 +468,33 @@ async def test_finding_6_a_stream_ends_at_its_time_limit_with_reconnect(gateway:
         text = (await asyncio.wait_for(stream.read(), timeout=20)).decode()
     events = [block.splitlines()[0] for block in text.strip().split("\n\n")]
     assert events == ["event: progress", "event: reconnect"]
+
+
+async def test_finding_6_a_stream_whose_client_left_gives_its_slot_back_within_seconds(
+    gateway: Gateway,
+) -> None:
+    """Not at the next keep-alive (gateway/handlers.py KEEPALIVE, 15 s): a client that drops
+    its streams may open new ones at once. The handler is cancelled (here by TestServer; in
+    production by gateway/serving.py, tests/integration/test_gateway_errors.py), and the
+    cancelled stream gives back its lease through the status service."""
+    request_id = await gateway.upload(ACME, long_urls_csv(1, url_length=100))
+    path = f"/requests/{request_id}/events"
+    for _ in range(STREAMS):
+        stream = await gateway.http.get(path, headers=bearer(ACME))
+        assert stream.status == 200
+        assert (await stream.content.readuntil(b"\n\n")).startswith(b"event: progress")
+        stream.close()  # the connection goes, mid-stream
+    dropped = time.monotonic()
+
+    async def all_slots_back() -> bool:
+        async with contextlib.AsyncExitStack() as open_streams:
+            for _ in range(STREAMS):
+                stream = await open_streams.enter_async_context(
+                    gateway.http.get(path, headers=bearer(ACME))
+                )
+                if stream.status != 200:
+                    return False
+            return True
+
+    await wait_until_async(all_slots_back, timeout=5, message="both slots given back")
+    assert time.monotonic() - dropped < KEEPALIVE / 2
