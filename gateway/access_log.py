@@ -51,8 +51,9 @@ class AccessLogger(AbstractAccessLogger):
 
 
 def log_client_gone(request: web.BaseRequest, seconds: float) -> None:
-    """The line of a request whose handler was cancelled because its client went away
-    (gateway/serving.py): aiohttp writes none for it. 499, as nginx logs it."""
+    """The line of a request whose handler was cancelled, which aiohttp does not write: its
+    client went away (gateway/serving.py), or a shutdown's grace period ran out. 499, as
+    nginx logs a client that left."""
     write(access_logger, request, 499, 0, seconds)
 
 

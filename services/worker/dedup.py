@@ -63,7 +63,7 @@ class Reused:
     from_image: int  # the image it was copied from
 
 
-# queries.find_reusable_outputs for one lookup; the worker's gathers them in batches.
+# queries.find_reusable_outputs for one lookup (the worker's Batcher gathers them).
 Find = Callable[[tuple[uuid.UUID, queries.SourceDigests]], Awaitable[queries.StoredOutput | None]]
 
 
