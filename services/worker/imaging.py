@@ -171,8 +171,8 @@ def compress(
             upright = (height, width) if swapped else (width, height)
             target = _target_size(upright, options)
             if source_format in ("JPEG", "MPO") and target != upright:
-                # Shrink-on-load: the JPEG decoder scales by 1/2, 1/4 or 1/8 for free.
-                img.draft(None, (target[1], target[0]) if swapped else target)
+                stored_target = (target[1], target[0]) if swapped else target
+                img.draft(None, _draft_request(img.size, stored_target))
             if budget is not None:
                 waiting = time.perf_counter()
                 held.enter_context(budget.reserve(img.width * img.height))
@@ -434,6 +434,25 @@ def _target_size(size: tuple[int, int], options: ImageOptions) -> tuple[int, int
     if factor >= 1.0:
         return size
     return max(1, math.floor(width * factor + 0.5)), max(1, math.floor(height * factor + 0.5))
+
+
+def _draft_request(stored: tuple[int, int], target: tuple[int, int]) -> tuple[int, int]:
+    """The size to ask JpegImageFile.draft for so that the decoder shrinks by the largest of
+    1/2, 1/4 or 1/8 that still decodes at least `target` (shrink-on-load: DCT scaling is nearly
+    free, while a resize after a full decode is not).
+
+    The decoder rounds a scaled side up, so 801 rows at 1/2 give 401, enough for a target of
+    401. Pillow picks its scale by floor division instead (801 // 401 = 1) and would decode all
+    801 rows, then resample them; asking for the floor of the scaled sides (400) makes it take
+    the 1/2 that we computed.
+    """
+    width, height = stored
+    for scale in (8, 4, 2):
+        if scale <= min(width, height) and all(
+            -(-side // scale) >= want for side, want in ((width, target[0]), (height, target[1]))
+        ):
+            return width // scale, height // scale
+    return stored
 
 
 def _normalise(

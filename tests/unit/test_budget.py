@@ -150,6 +150,33 @@ def test_compress_reserves_the_pixels_it_decodes_after_shrink_on_load() -> None:
         assert image.size == (300, 300)
 
 
+@pytest.mark.parametrize(
+    ("size", "options", "decoded", "output"),
+    [
+        # An odd side: 1/2 decodes 801 rows as 401, the target. Pillow's own rule
+        # (801 // 401 = 1) would decode all of them and resample.
+        ((1200, 801), ImageOptions(scale=0.5), (600, 401), (600, 401)),
+        ((801, 1200), ImageOptions(scale=0.5), (401, 600), (401, 600)),
+        ((1201, 803), ImageOptions(scale=0.25), (301, 201), (300, 201)),
+        ((1201, 803), ImageOptions(max_width=301), (301, 201), (301, 201)),
+        # Never below the target: 1/4 would give 201 rows for a target of 202.
+        ((1201, 803), ImageOptions(max_width=302), (601, 402), (302, 202)),
+    ],
+)
+def test_shrink_on_load_takes_the_largest_scale_that_still_decodes_the_target(
+    size: tuple[int, int],
+    options: ImageOptions,
+    decoded: tuple[int, int],
+    output: tuple[int, int],
+) -> None:
+    budget = Recording()
+
+    result = compress(photo_like(*size), options, budget=budget)
+
+    assert budget.asked == [decoded[0] * decoded[1]]
+    assert (result.width, result.height) == output
+
+
 class Clock:
     """perf_counter for compress: still, except while a budget makes the caller wait."""
 
