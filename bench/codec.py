@@ -54,7 +54,7 @@ class Side:
 class B1Run:
     plain: Side  # Pillow loop with Pillow's defaults at quality 50
     # Pillow loop with an effort's settings, measuring SSIM where the pipeline does (same work)
-    same: dict[str, Side] = field(default_factory=dict)
+    same: dict[str, Side] = field(default_factory=dict)  # by effort, and HALF
     pipeline: dict[str, Side] = field(default_factory=dict)  # by effort, and HALF
     others: float = 0.0  # share of the machine's CPU used outside bench and stack
 
@@ -148,6 +148,17 @@ async def run(settings: BenchSettings, corpus: Corpus, names: tuple[str, ...]) -
                                     f"{effort}{i}",
                                     {"effort": effort.value},
                                 )
+                            half_work = partial(same_work, Effort.BALANCED, True, scale=0.5)
+                            loop = await asyncio.to_thread(
+                                partial(
+                                    pillow_loop,
+                                    paths,
+                                    cores,
+                                    half_work,
+                                    setup=return_big_images_to_the_os,
+                                )
+                            )
+                            current.same[HALF] = _loop_side(loop, count)
                             current.pipeline[HALF] = await _pipeline(
                                 http,
                                 stack,
@@ -265,13 +276,16 @@ def _b1(
             )
         )
     half = med(lambda r: r.pipeline[HALF].images_per_s / r.pipeline[Effort.BALANCED].images_per_s)
+    # What the codec alone gains at half size: the ceiling of the pipeline's ratio.
+    half_loop = med(lambda r: r.same[HALF].images_per_s / r.same[Effort.BALANCED].images_per_s)
+    half_plumbing = med(lambda r: r.pipeline[HALF].images_per_s / r.same[HALF].images_per_s)
     rows.append(
         (
             f"pipeline, {HALF}",
             f"{med(lambda r: r.pipeline[HALF].images_per_s):.1f}",
             f"{med(lambda r: r.pipeline[HALF].cpu_ms):.1f}",
             f"{med(lambda r: r.pipeline[HALF].kib):.1f}",
-            f"{half:.2f}× full size",
+            f"{half_plumbing:.2f} (loop {med(lambda r: r.same[HALF].images_per_s):.1f}/s)",
             f"{med(lambda r: r.pipeline[HALF].images_per_s / r.plain.images_per_s):.2f}",
             "",
         )
@@ -297,6 +311,13 @@ def _b1(
             balanced["bytes_vs_plain"] < 1,
         ),
         Target("B1", "scale=0.5 / full size, images/s", f"{half:.2f}", "≥ 2", half >= 2),
+        Target(
+            "B1",
+            "scale=0.5 / full size, the same-work loops alone (the codec's own gain)",
+            f"{half_loop:.2f}",
+            "—",
+            None,
+        ),
     ]
     lines = [
         f"{settings.images} real photographs (testing/photos.py) of 1200×1200 per run, q90"
@@ -314,6 +335,11 @@ def _b1(
         "Plumbing = pipeline ÷ the loop doing the same codec work (what the services cost);"
         " vs plain = pipeline ÷ the plain loop (what the settings cost too); bytes = average"
         " output ÷ the plain loop's.",
+        "",
+        f"scale=0.5 ÷ full size, images/s: the pipeline {half:.2f}×, the same-work loops"
+        f" {half_loop:.2f}× (balanced, shrink-on-load at 1/2). The loops' ratio is what the"
+        " codec alone gains, the ceiling of the pipeline's: the source's entropy decoding is"
+        " paid in full at any scale, and the services' cost per image does not shrink.",
         "",
         "Worker only = the loop's CPU per image ÷ the worker processes' CPU per image (codec and"
         " their own plumbing, without gateway, ingest, status, Postgres, Redis and the origin):"
@@ -374,6 +400,8 @@ def _b1(
             "pillow_processes": cores,
             "efforts": figures,
             "scale_half_vs_full": half,
+            "scale_half_vs_full_loop": half_loop,
+            "scale_half_plumbing": half_plumbing,
             "plain_images_per_s": [r.plain.images_per_s for r in runs],
             "plain_kib": [r.plain.kib for r in runs],
             "plain_faults_per_image": [r.plain.faults for r in runs],

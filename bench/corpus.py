@@ -9,6 +9,7 @@ very same files.
 from __future__ import annotations
 
 import io
+import math
 import multiprocessing
 import os
 import resource
@@ -24,7 +25,7 @@ from PIL import Image
 
 from bench.pipeline import log
 from services.common.image_options import Effort, OutputFormat
-from services.worker import quality, tuning
+from services.worker import imaging, quality, tuning
 from testing import photos
 from testing.origin import ImageOrigin
 
@@ -80,17 +81,25 @@ def plain(path: str) -> int:
         return out.tell()
 
 
-def same_work(effort: Effort, measure: bool, path: str) -> int:
-    """The worker's codec work on a photo, without its services: decode; RGB only where the
-    photo is not (the worker never copies an RGB image); JPEG at quality 50 with `effort`'s
-    settings through the worker's own `tuning.encode`; with `measure`, the output's SSIM
-    against the source, as the worker measures it. The output's bytes."""
+def same_work(effort: Effort, measure: bool, path: str, scale: float = 1.0) -> int:
+    """The worker's codec work on a photo, without its services: decode (with `scale` < 1,
+    shrink-on-load as the worker asks it, and the worker's resize for what the decoder's
+    scales do not reach); RGB only where the photo is not (the worker never copies an RGB
+    image); JPEG at quality 50 with `effort`'s settings through the worker's own
+    `tuning.encode`; with `measure`, the output's SSIM against the source, as the worker
+    measures it. The output's bytes."""
     data = Path(path).read_bytes()
     with Image.open(io.BytesIO(data)) as image:
+        width, height = image.size
+        target = (max(1, math.floor(width * scale + 0.5)), max(1, math.floor(height * scale + 0.5)))
+        if scale < 1:
+            image.draft(None, imaging.draft_request(image.size, target))
         # Loaded first, as the worker does: Pillow's save() of an image not yet loaded from a
         # nameless file object takes the file for its own source and copies the image.
         image.load()
         rgb = image if image.mode == "RGB" else image.convert("RGB")
+        if rgb.size != target:
+            rgb = rgb.resize(target, Image.Resampling.LANCZOS, reducing_gap=3.0)
         encoded = tuning.encode(rgb, OutputFormat.JPEG, PLAIN["quality"], effort)
         if measure:
             tuning.measure_ssim(quality.luminance(rgb), encoded)

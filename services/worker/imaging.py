@@ -172,7 +172,7 @@ def compress(
             target = _target_size(upright, options)
             if source_format in ("JPEG", "MPO") and target != upright:
                 stored_target = (target[1], target[0]) if swapped else target
-                img.draft(None, _draft_request(img.size, stored_target))
+                img.draft(None, draft_request(img.size, stored_target))
             if budget is not None:
                 waiting = time.perf_counter()
                 held.enter_context(budget.reserve(img.width * img.height))
@@ -436,7 +436,7 @@ def _target_size(size: tuple[int, int], options: ImageOptions) -> tuple[int, int
     return max(1, math.floor(width * factor + 0.5)), max(1, math.floor(height * factor + 0.5))
 
 
-def _draft_request(stored: tuple[int, int], target: tuple[int, int]) -> tuple[int, int]:
+def draft_request(stored: tuple[int, int], target: tuple[int, int]) -> tuple[int, int]:
     """The size to ask JpegImageFile.draft for so that the decoder shrinks by the largest of
     1/2, 1/4 or 1/8 that still decodes at least `target` (shrink-on-load: DCT scaling is nearly
     free, while a resize after a full decode is not).

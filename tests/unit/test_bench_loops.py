@@ -26,14 +26,19 @@ def photo_files(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     return paths
 
 
-@pytest.mark.parametrize("effort", [Effort.FAST, Effort.BALANCED])
+@pytest.mark.parametrize(
+    ("effort", "scale"),
+    [(Effort.FAST, 1.0), (Effort.BALANCED, 1.0), (Effort.BALANCED, 0.5), (Effort.FAST, 0.3)],
+)
 def test_the_same_work_loop_writes_what_the_worker_writes(
-    photo_files: list[Path], effort: Effort
+    photo_files: list[Path], effort: Effort, scale: float
 ) -> None:
+    options = ImageOptions(quality=PLAIN["quality"], effort=effort, scale=scale)
     for path in photo_files:
-        worker = compress(path.read_bytes(), ImageOptions(quality=PLAIN["quality"], effort=effort))
+        worker = compress(path.read_bytes(), options)
         assert not worker.kept_source  # a q90 source is larger: the encode is what is stored
-        assert same_work(effort, effort is not Effort.FAST, str(path)) == len(worker.data)
+        measure = effort is not Effort.FAST
+        assert same_work(effort, measure, str(path), scale) == len(worker.data)
 
 
 def test_a_loop_counts_each_photo_once_in_fresh_processes(photo_files: list[Path]) -> None:
