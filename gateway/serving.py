@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Any
 
 from aiohttp import web
 
@@ -22,19 +23,21 @@ log = logging.getLogger(__name__)
 _CANCEL_TIMEOUT = 2.0
 
 
+# How the gateway is served; the tests serve it the same way (testing/gateway.py).
+RUNNER_OPTIONS: dict[str, Any] = {
+    "shutdown_timeout": _CANCEL_TIMEOUT,
+    # The access log never writes query string values (gateway/access_log.py).
+    "access_log_class": AccessLogger,
+    # A handler whose client went away is cancelled at once, so what it holds goes with the
+    # client (a live-progress stream's `streams=` lease and gRPC call, a page being rendered),
+    # not at its next write (KEEPALIVE, 15 s, for a quiet stream).
+    "handler_cancellation": True,
+}
+
+
 async def start(app: web.Application, host: str, port: int) -> web.AppRunner:
     """Start serving `app` on host:port (port 0 picks a free one: see `runner.addresses`)."""
-    # The access log never writes query string values (gateway/access_log.py).
-    # handler_cancellation: a handler whose client went away is cancelled at once, so what it
-    # holds goes with the client (a live-progress stream's `streams=` lease and gRPC call, a
-    # page being rendered), not at its next write (KEEPALIVE, 15 s, for a quiet stream). It is
-    # also how aiohttp's TestServer, under every gateway test, runs handlers.
-    runner = web.AppRunner(
-        app,
-        shutdown_timeout=_CANCEL_TIMEOUT,
-        access_log_class=AccessLogger,
-        handler_cancellation=True,
-    )
+    runner = web.AppRunner(app, **RUNNER_OPTIONS)
     await runner.setup()
     try:
         await web.TCPSite(runner, host, port).start()

@@ -36,6 +36,7 @@ from services.common.pb.imgpipe.v1 import ingest_service_pb2 as ingest_pb
 from services.common.pb.imgpipe.v1 import ingest_service_pb2_grpc as ingest_grpc
 from services.common.pb.imgpipe.v1 import request_pb2, task_pb2
 from services.common.storage import StorageConfig
+from testing.gateway import GatewayServer
 from testing.polling import wait_until_async
 
 pytestmark = pytest.mark.integration
@@ -139,7 +140,7 @@ def settings_for(store: Path, ingest_addr: str = "") -> GatewaySettings:
 
 
 async def serve(settings: GatewaySettings) -> AsyncIterator[Client]:
-    server = TestServer(create_app(settings), host="127.0.0.1")
+    server = GatewayServer(create_app(settings), host="127.0.0.1")
     async with TestClient(server) as client:
         yield client
 
@@ -250,6 +251,22 @@ async def test_status_reads_with_status_down_are_503(client: Client, path: str) 
 async def test_readyz_names_the_backends_that_are_down(client: Client) -> None:
     error = await error_of(await client.get("/readyz"), 503, "unavailable")
     assert {detail["column"] for detail in error["details"]} == {"ingest", "status"}
+
+
+async def test_the_tests_gateway_is_served_with_productions_runner_options(
+    client: Client, caplog: pytest.LogCaptureFixture
+) -> None:
+    """testing/gateway.py: aiohttp's TestServer would log this request with aiohttp's own
+    access logger, query values included."""
+    with caplog.at_level(logging.INFO, logger="aiohttp.access"):
+        response = await client.get("/healthz", params={"page_token": "SECRET"})
+        assert response.status == 200
+
+        async def logged() -> list[logging.LogRecord] | None:
+            return [r for r in caplog.records if r.name == "aiohttp.access"] or None
+
+        [record] = await wait_until_async(logged, message="the access line")
+    assert '"GET /healthz?page_token HTTP/1.1" 200' in record.getMessage()
 
 
 async def test_healthz_answers_while_backends_are_down(client: Client) -> None:

@@ -14,7 +14,7 @@ import grpc
 import pytest
 import redis.asyncio
 from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 
 from gateway.app import create_app
 from gateway.config import GatewaySettings
@@ -29,6 +29,7 @@ from services.ingest.servicer import IngestServicer
 from services.ingest.servicer import registrar as ingest_registrar
 from services.status.servicer import StatusServicer
 from services.status.servicer import registrar as status_registrar
+from testing.gateway import GatewayServer
 
 pytestmark = pytest.mark.integration
 
@@ -64,7 +65,7 @@ async def client(
         api_keys=keys,
     )
     try:
-        async with TestClient(TestServer(create_app(settings), host="127.0.0.1")) as http:
+        async with TestClient(GatewayServer(create_app(settings), host="127.0.0.1")) as http:
             yield http
     finally:
         await server.stop(None)

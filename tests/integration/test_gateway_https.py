@@ -22,7 +22,7 @@ import asyncpg
 import grpc
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 
 from gateway.app import create_app
 from gateway.config import GatewaySettings
@@ -33,6 +33,7 @@ from services.common.sessions import SessionStore
 from services.common.storage import StorageConfig
 from services.status.session_service import SessionServicer
 from services.status.session_service import registrar as session_registrar
+from testing.gateway import GatewayServer
 
 Client = TestClient[web.Request, web.Application]
 Gateway = Callable[..., AbstractAsyncContextManager[Client]]
@@ -66,7 +67,7 @@ async def gateway(db_pool: asyncpg.Pool, tmp_path: Path) -> AsyncIterator[Gatewa
     @asynccontextmanager
     async def open_gateway(**changes: Any) -> AsyncIterator[Client]:
         app = create_app(replace(settings, **changes))
-        async with TestClient(TestServer(app, host="127.0.0.1")) as http:
+        async with TestClient(GatewayServer(app, host="127.0.0.1")) as http:
             yield http
 
     try:

@@ -16,13 +16,14 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 from openapi_spec_validator import OpenAPIV31SpecValidator
 
 from gateway.app import create_app
 from gateway.config import GatewaySettings
 from gateway.openapi import DOCUMENT
 from services.common.storage import StorageConfig
+from testing.gateway import GatewayServer
 from testing.ports import free_tcp_port
 
 pytestmark = pytest.mark.integration
@@ -51,7 +52,7 @@ def document() -> dict[str, Any]:
 
 @pytest.fixture
 async def client(tmp_path: Path) -> AsyncIterator[Client]:
-    server = TestServer(create_app(settings_for(tmp_path)), host="127.0.0.1")
+    server = GatewayServer(create_app(settings_for(tmp_path)), host="127.0.0.1")
     async with TestClient(server) as each:
         yield each
 

@@ -15,7 +15,7 @@ from typing import Any
 import aiohttp
 import grpc
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 
 from gateway import output_csv
 from gateway.app import create_app
@@ -25,6 +25,7 @@ from services.common.pb.imgpipe.v1 import request_pb2
 from services.common.pb.imgpipe.v1 import status_service_pb2 as status_pb
 from services.common.pb.imgpipe.v1 import status_service_pb2_grpc as status_grpc
 from services.common.storage import S3Options, StorageConfig
+from testing.gateway import GatewayServer
 from testing.ports import free_tcp_port
 
 pytestmark = pytest.mark.integration
@@ -106,7 +107,7 @@ async def client(
         storage=StorageConfig("s3://bucket", presign_expiry=3600, s3=nowhere),
         rpc_timeout=5,
     )
-    async with TestClient(TestServer(create_app(settings), host="127.0.0.1")) as each:
+    async with TestClient(GatewayServer(create_app(settings), host="127.0.0.1")) as each:
         yield each
 
 

@@ -22,7 +22,6 @@ import asyncpg
 import grpc
 import pytest
 import redis.asyncio
-from aiohttp.test_utils import TestServer
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -45,6 +44,7 @@ from services.status.webhooks import WebhookDispatcher
 from services.worker.processor import Processor
 from services.worker.runner import ConsumePolicy, consume
 from testing.databases import own_database
+from testing.gateway import GatewayServer
 from testing.listeners import Receiver, serve_receiver
 from testing.origin import ImageOrigin
 from testing.polling import wait_until_async
@@ -263,7 +263,7 @@ async def upload_and_wait(
                 status_addr=ingest_addr,  # not called by an upload
                 storage=StorageConfig((store / "gateway").as_uri()),
             )
-            gateway = TestServer(create_app(settings), host="127.0.0.1")
+            gateway = GatewayServer(create_app(settings), host="127.0.0.1")
             await gateway.start_server()
             try:
                 form = aiohttp.FormData()

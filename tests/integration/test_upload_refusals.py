@@ -23,7 +23,7 @@ import grpc
 import pytest
 import redis.asyncio
 from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 
 from gateway.app import create_app
 from gateway.config import GatewaySettings
@@ -41,6 +41,7 @@ from services.common.storage import StorageConfig
 from services.common.streams import StreamNames
 from services.ingest.servicer import IngestServicer
 from services.ingest.servicer import registrar as ingest_registrar
+from testing.gateway import GatewayServer
 from testing.polling import wait_until_async
 from testing.uploads import csv_of
 
@@ -91,7 +92,7 @@ async def stack(
     )
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
     try:
-        async with TestClient(TestServer(create_app(settings), host="127.0.0.1")) as http:
+        async with TestClient(GatewayServer(create_app(settings), host="127.0.0.1")) as http:
             yield Stack(http, ingest_grpc.IngestServiceStub(channel), db_pool, tag)
     finally:
         await channel.close(None)

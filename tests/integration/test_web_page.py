@@ -14,11 +14,12 @@ from pathlib import Path
 import aiohttp
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 
 from gateway.app import create_app
 from services.common.auth import Limits, key_hash, new_key, parse_api_keys
 from services.common.session_ids import new_session_id
+from testing.gateway import GatewayServer
 from tests.integration.test_openapi import settings_for
 
 pytestmark = pytest.mark.integration
@@ -28,7 +29,7 @@ Client = TestClient[web.Request, web.Application]
 
 @pytest.fixture
 async def client(tmp_path: Path) -> AsyncIterator[Client]:
-    server = TestServer(create_app(settings_for(tmp_path)), host="127.0.0.1")
+    server = GatewayServer(create_app(settings_for(tmp_path)), host="127.0.0.1")
     async with TestClient(server) as each:
         yield each
 
@@ -132,7 +133,7 @@ async def test_a_session_that_cannot_be_checked_is_a_503_page(tmp_path: Path) ->
     key = new_key()
     keys, _ = parse_api_keys(f"acme:{key_hash(key)}", Limits())
     app = create_app(dataclasses.replace(settings_for(tmp_path), api_keys=keys))
-    async with TestClient(TestServer(app, host="127.0.0.1")) as client:
+    async with TestClient(GatewayServer(app, host="127.0.0.1")) as client:
         response = await client.get(
             "/ui/requests/0b6f0000-0000-4000-8000-000000000000",
             headers={"Cookie": f"imgpipe_session={new_session_id()}"},

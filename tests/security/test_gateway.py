@@ -25,7 +25,7 @@ import grpc
 import pytest
 import redis.asyncio
 from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 from grpc_health.v1 import health, health_pb2_grpc
 
 from gateway.app import create_app
@@ -54,6 +54,7 @@ from services.status.servicer import StatusServicer
 from services.status.servicer import registrar as status_registrar
 from services.status.session_service import SessionServicer
 from services.status.session_service import registrar as session_registrar
+from testing.gateway import GatewayServer
 from testing.polling import wait_until_async
 from testing.uploads import csv_of
 
@@ -146,7 +147,7 @@ async def gateway(
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
     try:
         app = create_app(settings)
-        async with TestClient(TestServer(app, host="127.0.0.1")) as http:
+        async with TestClient(GatewayServer(app, host="127.0.0.1")) as http:
             await asyncio.wait_for(hub.connected.wait(), timeout=10)
             yield Gateway(
                 http,
@@ -474,8 +475,8 @@ async def test_finding_6_a_stream_whose_client_left_gives_its_slot_back_within_s
     gateway: Gateway,
 ) -> None:
     """Not at the next keep-alive (gateway/handlers.py KEEPALIVE, 15 s): a client that drops
-    its streams may open new ones at once. The handler is cancelled (here by TestServer; in
-    production by gateway/serving.py, tests/integration/test_gateway_errors.py), and the
+    its streams may open new ones at once. The handler is cancelled (gateway/serving.py's runner
+    options, which testing/gateway.py serves the tests with too), and the
     cancelled stream gives back its lease through the status service."""
     request_id = await gateway.upload(ACME, long_urls_csv(1, url_length=100))
     path = f"/requests/{request_id}/events"

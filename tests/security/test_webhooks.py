@@ -21,7 +21,7 @@ import asyncpg
 import grpc
 import pytest
 import redis.asyncio
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from gateway.app import create_app
@@ -45,6 +45,7 @@ from services.status.servicer import StatusServicer
 from services.status.servicer import registrar as status_registrar
 from services.status.webhooks import WebhookDispatcher
 from testing.databases import own_database
+from testing.gateway import GatewayServer
 from testing.listeners import Received, Receiver, serve_receiver
 from testing.polling import wait_until_async
 from testing.ports import free_tcp_port
@@ -317,7 +318,7 @@ async def gateway(
         upload_timeout=10,
     )
     try:
-        async with TestClient(TestServer(create_app(replace(settings, **changes)))) as http:
+        async with TestClient(GatewayServer(create_app(replace(settings, **changes)))) as http:
             yield http
     finally:
         await server.stop(None)
