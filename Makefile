@@ -130,8 +130,13 @@ format: $(STAMP)
 run: $(STAMP)
 	$(PY) -m services.local
 
+# Two pytest processes (pytest-xdist): the slow tiers mostly wait on the processes and servers
+# they start, and one pytest process left a 2-core machine idle a good part of the run.
+# worksteal: an idle process takes tests queued for the other, so the long fault tests do not
+# leave one process waiting at the end. TEST_PROCS=0 runs everything in this process.
+TEST_PROCS ?= 2
 test: $(STAMP)
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n $(TEST_PROCS) --dist worksteal
 
 test-unit: $(STAMP)
 	$(BIN)/pytest -q -m unit

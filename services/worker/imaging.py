@@ -444,7 +444,8 @@ def draft_request(stored: tuple[int, int], target: tuple[int, int]) -> tuple[int
     The decoder rounds a scaled side up, so 801 rows at 1/2 give 401, enough for a target of
     401. Pillow picks its scale by floor division instead (801 // 401 = 1) and would decode all
     801 rows, then resample them; asking for the floor of the scaled sides (400) makes it take
-    the 1/2 that we computed.
+    the 1/2 that we computed. The last of those 401 rows stands for one source row, not two:
+    half a pixel at the edge, as for every side the scale does not divide (1202 at 1/4).
     """
     width, height = stored
     for scale in (8, 4, 2):

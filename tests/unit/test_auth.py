@@ -3,6 +3,7 @@ parsers of the gateway's sign-in (Bearer values, safe redirect targets)."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import re
 
@@ -29,7 +30,10 @@ from services.status.config import StatusSettings
 pytestmark = pytest.mark.unit
 
 BASE = {"IMGPIPE_DATABASE_URL": "postgresql://db/x", "IMGPIPE_REDIS_URL": "redis://r:6379/0"}
-KEY_A, KEY_B = new_key(), new_key()
+# Fixed keys in new_key's format: they name parametrized tests, and pytest-xdist's workers
+# must collect the same names.
+KEY_A = "imgpipe_" + base64.urlsafe_b64encode(bytes(range(32))).decode().rstrip("=")
+KEY_B = "imgpipe_" + base64.urlsafe_b64encode(bytes(range(32, 64))).decode().rstrip("=")
 HASH_A, HASH_B = key_hash(KEY_A), key_hash(KEY_B)
 
 
