@@ -80,12 +80,19 @@ lock-check: $(STAMP)
 
 # The floors of pyproject.toml, tested: the lowest allowed version of every direct dependency
 # in a virtualenv of its own, and the unit tests on it.
+# The test targets run in two pytest processes (pytest-xdist): the slow tiers mostly wait on
+# the processes and servers they start, and one pytest process left a 2-core machine idle a
+# good part of the run. worksteal: an idle process takes tests queued for the other, so the
+# long fault tests do not leave one process waiting at the end. TEST_PROCS=0: one process.
+TEST_PROCS ?= 2
+XDIST := -n $(TEST_PROCS) --dist worksteal
+
 LOWEST := build/venv-lowest
 test-lowest: $(STAMP)
 	rm -rf $(LOWEST) && $(PYTHON) -m venv $(LOWEST)
 	UV_NO_CONFIG=1 $(UV) pip install --quiet --python $(LOWEST)/bin/python \
 	  --resolution lowest-direct -e '.[dev]'
-	$(LOWEST)/bin/pytest -q -m unit -p no:cacheprovider
+	$(LOWEST)/bin/pytest -q $(XDIST) -m unit -p no:cacheprovider
 
 proto: $(STAMP)
 	cd proto && ../$(BIN)/buf format -w && ../$(BIN)/buf lint
@@ -130,23 +137,18 @@ format: $(STAMP)
 run: $(STAMP)
 	$(PY) -m services.local
 
-# Two pytest processes (pytest-xdist): the slow tiers mostly wait on the processes and servers
-# they start, and one pytest process left a 2-core machine idle a good part of the run.
-# worksteal: an idle process takes tests queued for the other, so the long fault tests do not
-# leave one process waiting at the end. TEST_PROCS=0 runs everything in this process.
-TEST_PROCS ?= 2
 test: $(STAMP)
-	$(BIN)/pytest -q -n $(TEST_PROCS) --dist worksteal
+	$(BIN)/pytest -q $(XDIST)
 
 test-unit: $(STAMP)
-	$(BIN)/pytest -q -m unit
+	$(BIN)/pytest -q $(XDIST) -m unit
 
 test-integration: $(STAMP)
-	$(BIN)/pytest -q -m integration
+	$(BIN)/pytest -q $(XDIST) -m integration
 
 # The fault tests (tests/fault, marker fault) start and kill whole stacks: they belong here.
 test-e2e: $(STAMP)
-	$(BIN)/pytest -q -m "e2e or fault"
+	$(BIN)/pytest -q $(XDIST) -m "e2e or fault"
 
 # Containers without a registry (scripts/podman.py; docs/containers.md): Debian bases made with
 # mmdebstrap, the test servers' images built from Debian packages, the podman API socket.
@@ -163,7 +165,7 @@ podman-stop:
 # tests/conftest.py take its testcontainers branch. TESTS= narrows it (CI runs a subset).
 TESTS ?= -m "integration or e2e or fault"
 test-containers: test-images podman-start
-	DOCKER_HOST=unix://$(PODMAN_SOCKET) TESTCONTAINERS_RYUK_DISABLED=true $(BIN)/pytest -q $(TESTS)
+	DOCKER_HOST=unix://$(PODMAN_SOCKET) TESTCONTAINERS_RYUK_DISABLED=true $(BIN)/pytest -q $(XDIST) $(TESTS)
 
 # The Dockerfile, built with podman from a wheelhouse of requirements/runtime.txt made here.
 # IMAGE_BASE empty: Debian's Python on the mmdebstrap base (no registry needed).
