@@ -10,7 +10,8 @@
 
 No public container registry is reachable where imgpipe is developed, so every image is made
 here: `mmdebstrap` builds a minimal root filesystem from Debian's packages (cached as a tarball
-under build/containers, reused while present), `podman import` turns it into an image, and the
+under build/containers, reused while present; without it, a base image podman holds that
+the same mmdebstrap command made is kept), `podman import` turns it into an image, and the
 Containerfiles in scripts/containers install Debian's packages on it. Each built image carries
 a label with the hash of what it was built from, so a rebuild happens only when that changes.
 
@@ -66,6 +67,8 @@ APP_IMAGE = "localhost/imgpipe:dev"
 WHEELHOUSE = ROOT / "build" / "wheelhouse"
 RUNTIME_LOCK = ROOT / "requirements" / "runtime.txt"
 INPUTS_LABEL = "org.imgpipe.inputs"
+# On a base image: the hash of the mmdebstrap command that made its root filesystem.
+RECIPE_LABEL = "org.imgpipe.recipe"
 
 # Written into the base's apt and dpkg configuration, as Debian's official images do, so that
 # every later `apt-get install` in a Containerfile stays small too: no recommends, no caches,
@@ -165,44 +168,46 @@ def rootfs_image(
     command: str = "/bin/bash",
 ) -> str:
     """`image`, imported from build/containers/NAME.tar, which mmdebstrap makes (VARIANT of
-    SUITE, plus PACKAGES) when it is absent."""
+    SUITE, plus PACKAGES) when it is absent. Without the tarball, an `image` that podman
+    already holds, made by the same recipe (another checkout's, or before a `make clean`), is
+    kept as it is: what a fresh clone's first `make test-containers` would otherwise spend
+    two minutes of mmdebstrap and rebuilt server images on."""
     require("podman", "podman runc")
     tarball = BUILD / f"{name}.tar"
+    sources = [
+        f"deb {MIRROR} {suite} main",
+        f"deb {MIRROR} {suite}-updates main",
+        f"deb {SECURITY_MIRROR} {suite}-security main",
+    ]
+    arguments = [
+        "--quiet",
+        f"--variant={variant}",
+        f"--include={','.join(packages)}",
+        # /usr merged by mmdebstrap itself: the usrmerge package would pull in Perl.
+        "--hook-dir=/usr/share/mmdebstrap/hooks/merged-usr",
+        # The runtime makes /dev; device nodes in the tarball only get in its way.
+        "--skip=output/dev",
+        *(f"--aptopt={option}" for option in APT_OPTIONS),
+        *(f"--dpkgopt={option}" for option in (*DPKG_OPTIONS, *dpkg_options)),
+        '--customize-hook=rm -rf "$1"/var/lib/apt/lists/* "$1"/var/cache/apt/*',
+    ]
+    recipe = hashlib.sha256(repr((arguments, suite, sources, command)).encode()).hexdigest()[:16]
+    if not tarball.exists() and image_label(image, RECIPE_LABEL) == recipe:
+        print(f"podman.py: {image} is current (made by the same recipe)", flush=True)
+        return image
     if not tarball.exists():
         require("mmdebstrap", "mmdebstrap")
         BUILD.mkdir(parents=True, exist_ok=True)
         partial = tarball.with_suffix(".partial.tar")
-        sources = [
-            f"deb {MIRROR} {suite} main",
-            f"deb {MIRROR} {suite}-updates main",
-            f"deb {SECURITY_MIRROR} {suite}-security main",
-        ]
         print(f"podman.py: building the {suite} {variant} root filesystem (mmdebstrap)", flush=True)
-        subprocess.run(
-            [
-                "mmdebstrap",
-                "--quiet",
-                f"--variant={variant}",
-                f"--include={','.join(packages)}",
-                # /usr merged by mmdebstrap itself: the usrmerge package would pull in Perl.
-                "--hook-dir=/usr/share/mmdebstrap/hooks/merged-usr",
-                # The runtime makes /dev; device nodes in the tarball only get in its way.
-                "--skip=output/dev",
-                *(f"--aptopt={option}" for option in APT_OPTIONS),
-                *(f"--dpkgopt={option}" for option in (*DPKG_OPTIONS, *dpkg_options)),
-                '--customize-hook=rm -rf "$1"/var/lib/apt/lists/* "$1"/var/cache/apt/*',
-                suite,
-                str(partial),
-                *sources,
-            ],
-            check=True,
-        )
+        subprocess.run(["mmdebstrap", *arguments, suite, str(partial), *sources], check=True)
         partial.rename(tarball)
     digest = file_digest(tarball)
-    if image_label(image, INPUTS_LABEL) != digest:
+    if image_label(image, INPUTS_LABEL) != digest or image_label(image, RECIPE_LABEL) != recipe:
         podman(
             "import",
             "--change", f"LABEL {INPUTS_LABEL}={digest}",
+            "--change", f"LABEL {RECIPE_LABEL}={recipe}",
             "--change", f'CMD ["{command}"]',
             str(tarball), image,
         )  # fmt: skip
