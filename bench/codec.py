@@ -103,6 +103,19 @@ async def run(settings: BenchSettings, corpus: Corpus, names: tuple[str, ...]) -
     count, cores = settings.images, os.cpu_count() or 1
     paths = corpus.ensure(count)
     efforts = _distinct_efforts()
+    # Each side of B1 beside the plain loop: its name, the work of its same-work loop, and its
+    # pipeline's query and serial-number tag.
+    sides: list[tuple[str, Callable[[str], int], dict[str, str], str]] = [
+        (
+            effort,
+            partial(same_work, effort, effort is not Effort.FAST),
+            {"effort": effort.value},
+            effort.value,
+        )
+        for effort in efforts
+    ]
+    half_work = partial(same_work, Effort.BALANCED, True, scale=0.5)
+    sides.append((HALF, half_work, {"scale": "0.5"}, "half"))
     async with (
         serve_images(corpus.size) as prompt,
         serve_images(corpus.size, delay=settings.origin_delay) as slow,
@@ -127,8 +140,7 @@ async def run(settings: BenchSettings, corpus: Corpus, names: tuple[str, ...]) -
                         if "B1" in names:
                             plain = await asyncio.to_thread(pillow_loop, paths, cores)
                             current = B1Run(_loop_side(plain, count))
-                            for effort in efforts:
-                                work = partial(same_work, effort, effort is not Effort.FAST)
+                            for key, work, query, tag in sides:
                                 loop = await asyncio.to_thread(
                                     partial(
                                         pillow_loop,
@@ -138,36 +150,10 @@ async def run(settings: BenchSettings, corpus: Corpus, names: tuple[str, ...]) -
                                         setup=return_big_images_to_the_os,
                                     )
                                 )
-                                current.same[effort] = _loop_side(loop, count)
-                                current.pipeline[effort] = await _pipeline(
-                                    http,
-                                    stack,
-                                    groups,
-                                    meter,
-                                    fast_urls,
-                                    f"{effort}{i}",
-                                    {"effort": effort.value},
+                                current.same[key] = _loop_side(loop, count)
+                                current.pipeline[key] = await _pipeline(
+                                    http, stack, groups, meter, fast_urls, f"{tag}{i}", query
                                 )
-                            half_work = partial(same_work, Effort.BALANCED, True, scale=0.5)
-                            loop = await asyncio.to_thread(
-                                partial(
-                                    pillow_loop,
-                                    paths,
-                                    cores,
-                                    half_work,
-                                    setup=return_big_images_to_the_os,
-                                )
-                            )
-                            current.same[HALF] = _loop_side(loop, count)
-                            current.pipeline[HALF] = await _pipeline(
-                                http,
-                                stack,
-                                groups,
-                                meter,
-                                fast_urls,
-                                f"half{i}",
-                                {"scale": "0.5"},
-                            )
                             b1.append(current)
                         if b1:  # B2's reference: the balanced run just measured
                             fast.append(count / b1[-1].pipeline[Effort.BALANCED].images_per_s)
