@@ -78,8 +78,6 @@ lock-check: $(STAMP)
 	    || { echo "requirements/$$lock.txt does not match pyproject.toml: run 'make lock'"; exit 1; }; \
 	done
 
-# The floors of pyproject.toml, tested: the lowest allowed version of every direct dependency
-# in a virtualenv of its own, and the unit tests on it.
 # The test targets run in two pytest processes (pytest-xdist): the slow tiers mostly wait on
 # the processes and servers they start, and one pytest process left a 2-core machine idle a
 # good part of the run. worksteal: an idle process takes tests queued for the other, so the
@@ -87,6 +85,8 @@ lock-check: $(STAMP)
 TEST_PROCS ?= 2
 XDIST := -n $(TEST_PROCS) --dist worksteal
 
+# The floors of pyproject.toml, tested: the lowest allowed version of every direct dependency
+# in a virtualenv of its own, and the unit tests on it.
 LOWEST := build/venv-lowest
 test-lowest: $(STAMP)
 	rm -rf $(LOWEST) && $(PYTHON) -m venv $(LOWEST)
