@@ -183,10 +183,10 @@ def compress(
         except _DECODE_ERRORS as exc:
             raise ImageFailure(OutcomeCode.CORRUPT_IMAGE, _describe(exc)) from exc
         normal, changed = _normalise(img, orientation, output)
-        changed = changed or animated
+        # A new size is new pixels, whether the decoder's scaling made it or the resize below.
+        changed = changed or animated or target != upright
         if normal.size != target:
             normal = normal.resize(target, Image.Resampling.LANCZOS, reducing_gap=3.0)
-            changed = True
         decoded = time.perf_counter()
         chosen = tuning.choose(
             normal,

@@ -633,10 +633,24 @@ def test_source_is_not_kept_when_pixels_had_to_change() -> None:
     assert (result.width, result.height) == (64, 96)
 
 
-def test_source_is_not_kept_when_resized() -> None:
-    source = encode(photo((96, 64)), "JPEG", quality=20)
-    result = compress(source, ImageOptions(quality=95, scale=0.9))
+@pytest.mark.parametrize(
+    "options",
+    [
+        ImageOptions(quality=95, scale=0.9),  # resampled after the decode
+        # Shrunk by the decoder alone (JPEG shrink-on-load gives exactly the target): the
+        # full-size source must not come back as the "smaller" output.
+        ImageOptions(quality=95, scale=0.5),
+        ImageOptions(quality=95, scale=0.25),
+        ImageOptions(quality=95, max_width=200),
+    ],
+    ids=["resampled", "half-by-the-decoder", "quarter-by-the-decoder", "max-width-by-the-decoder"],
+)
+def test_source_is_not_kept_when_resized(options: ImageOptions) -> None:
+    # A q10 source so small that even its half-size q95 encoding is larger.
+    source = encode(photo((400, 300)), "JPEG", quality=10)
+    result = compress(source, options)
     assert not result.kept_source
+    assert decode(result.data).size == (result.width, result.height) < (400, 300)
 
 
 def test_small_palette_png_is_kept_without_text_chunks() -> None:
