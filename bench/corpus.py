@@ -92,12 +92,12 @@ def same_work(effort: Effort, measure: bool, path: str, scale: float = 1.0) -> i
     with Image.open(io.BytesIO(data)) as image:
         width, height = image.size
         target = (max(1, math.floor(width * scale + 0.5)), max(1, math.floor(height * scale + 0.5)))
-        if scale < 1:
-            image.draft(None, imaging.draft_request(image.size, target))
+        shrunk = imaging.shrink_on_load(image, target) if scale < 1 else 1
         # Loaded first, as the worker does: Pillow's save() of an image not yet loaded from a
         # nameless file object takes the file for its own source and copies the image.
         image.load()
-        rgb = image if image.mode == "RGB" else image.convert("RGB")
+        decoded = imaging.without_padding(image, (width, height), shrunk, target)
+        rgb = decoded if decoded.mode == "RGB" else decoded.convert("RGB")
         if rgb.size != target:
             rgb = rgb.resize(target, Image.Resampling.LANCZOS, reducing_gap=3.0)
         encoded = tuning.encode(rgb, OutputFormat.JPEG, PLAIN["quality"], effort)

@@ -170,9 +170,10 @@ def compress(
             swapped = orientation in (5, 6, 7, 8)
             upright = (height, width) if swapped else (width, height)
             target = _target_size(upright, options)
+            stored, stored_target = img.size, (target[1], target[0]) if swapped else target
+            scale = 1
             if source_format in ("JPEG", "MPO") and target != upright:
-                stored_target = (target[1], target[0]) if swapped else target
-                img.draft(None, draft_request(img.size, stored_target))
+                scale = shrink_on_load(img, stored_target)
             if budget is not None:
                 waiting = time.perf_counter()
                 held.enter_context(budget.reserve(img.width * img.height))
@@ -182,7 +183,9 @@ def compress(
             raise _bomb(exc, limits) from exc
         except _DECODE_ERRORS as exc:
             raise ImageFailure(OutcomeCode.CORRUPT_IMAGE, _describe(exc)) from exc
-        normal, changed = _normalise(img, orientation, output)
+        normal, changed = _normalise(
+            without_padding(img, stored, scale, stored_target), orientation, output
+        )
         # A new size is new pixels, whether the decoder's scaling made it or the resize below.
         changed = changed or animated or target != upright
         if normal.size != target:
@@ -436,24 +439,59 @@ def _target_size(size: tuple[int, int], options: ImageOptions) -> tuple[int, int
     return max(1, math.floor(width * factor + 0.5)), max(1, math.floor(height * factor + 0.5))
 
 
-def draft_request(stored: tuple[int, int], target: tuple[int, int]) -> tuple[int, int]:
-    """The size to ask JpegImageFile.draft for so that the decoder shrinks by the largest of
-    1/2, 1/4 or 1/8 that still decodes at least `target` (shrink-on-load: DCT scaling is nearly
-    free, while a resize after a full decode is not).
+def draft_scale(stored: tuple[int, int], target: tuple[int, int]) -> int:
+    """The largest of 1/2, 1/4 or 1/8 (as 2, 4 or 8; 1 for none) by which the JPEG decoder can
+    shrink an image of `stored` pixels and still decode at least `target` (shrink-on-load:
+    DCT scaling is nearly free, while a resize after a full decode is not).
 
     The decoder rounds a scaled side up, so 801 rows at 1/2 give 401, enough for a target of
-    401. Pillow picks its scale by floor division instead (801 // 401 = 1) and would decode all
-    801 rows, then resample them; asking for the floor of the scaled sides (400) makes it take
-    the 1/2 that we computed. The last of those 401 rows stands for one source row, not two:
-    half a pixel at the edge, as for every side the scale does not divide (1202 at 1/4).
+    401. Pillow picks its scale by floor division instead (801 // 401 = 1) and would decode
+    all 801 rows, then resample them.
     """
     width, height = stored
     for scale in (8, 4, 2):
         if scale <= min(width, height) and all(
             -(-side // scale) >= want for side, want in ((width, target[0]), (height, target[1]))
         ):
-            return width // scale, height // scale
-    return stored
+            return scale
+    return 1
+
+
+def shrink_on_load(img: Image.Image, target: tuple[int, int]) -> int:
+    """Ask the JPEG decoder of `img` to shrink it by draft_scale on load; that scale."""
+    scale = draft_scale(img.size, target)
+    if scale > 1:
+        # The floor of the scaled sides, so that Pillow's floor division takes our scale.
+        img.draft(None, (img.width // scale, img.height // scale))
+    return scale
+
+
+def without_padding(
+    img: Image.Image, stored: tuple[int, int], scale: int, target: tuple[int, int]
+) -> Image.Image:
+    """`img`, decoded at 1/`scale` from `stored` pixels, without the edge pixels that mix in
+    the encoder's padding; `target` is the size wanted, in the same orientation.
+
+    A JPEG codes whole 8×8 blocks, so an encoder fills the blocks past the right and bottom
+    edges with something. libjpeg repeats the edge pixels; other encoders, and lossless crops
+    (`jpegtran -crop`), leave other pixels there. A full decode drops them, but at 1/2 to 1/8
+    the last row or column of a side that `scale` does not divide is an average that is mostly
+    padding: a line of another colour along the edge (Pillow #3419, libjpeg-turbo #297). That
+    row or column is cropped when the resize that follows still has at least the target's
+    pixels without it; otherwise the decoded side is the target, and the edge pixels take
+    their neighbours' values.
+    """
+    if scale == 1:
+        return img
+    width, height = img.size
+    whole = (stored[0] // scale, stored[1] // scale)  # the scaled pixels with no padding in them
+    if whole[0] < width and whole[0] < target[0]:
+        img.paste(img.crop((width - 2, 0, width - 1, height)), (width - 1, 0))
+        whole = (width, whole[1])
+    if whole[1] < height and whole[1] < target[1]:
+        img.paste(img.crop((0, height - 2, width, height - 1)), (0, height - 1))
+        whole = (whole[0], height)
+    return img if whole == img.size else img.crop((0, 0, *whole))
 
 
 def _normalise(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import struct
 import zlib
@@ -559,6 +560,55 @@ def test_large_jpeg_downscale_uses_shrink_on_load_and_keeps_the_picture() -> Non
     assert out.size == (160, 120)
     assert close_to(out.getpixel((20, 60)), RED)
     assert close_to(out.getpixel((140, 60)), BLUE)
+
+
+def padded_jpeg(size: tuple[int, int], subsampling: int, **params: object) -> bytes:
+    """A flat BLUE JPEG whose encoder filled the blocks past its edges with RED, as some
+    encoders and lossless crops do (libjpeg repeats the edge pixels there): the blocks are
+    coded from a larger canvas, then the frame header is given the true size."""
+    width, height = size
+    block = 16 if subsampling == 2 else 8  # the MCU: 4:2:0 codes 16×16 at a time
+    canvas = Image.new("RGB", (-(-width // block) * block, -(-height // block) * block), RED)
+    canvas.paste(BLUE, (0, 0, width, height))
+    data = bytearray(encode(canvas, "JPEG", quality=90, subsampling=subsampling, **params))
+    struct.pack_into(">HH", data, data.index(b"\xff\xc0") + 5, height, width)
+    return bytes(data)
+
+
+@pytest.mark.parametrize("subsampling", [2, 0], ids=["4:2:0", "4:4:4"])
+@pytest.mark.parametrize(
+    ("size", "options", "orientation", "expected"),
+    [
+        # The decoded sides are the target: the half-padding edge pixels take their neighbours'.
+        ((65, 41), ImageOptions(scale=0.5), 1, (33, 21)),
+        ((131, 83), ImageOptions(scale=0.25), 1, (33, 21)),
+        ((1201, 803), ImageOptions(max_width=301), 1, (301, 201)),
+        # Rotated by EXIF: the stored bottom edge is the output's left edge.
+        ((65, 41), ImageOptions(scale=0.5), 6, (21, 33)),
+        # A resize follows: the last decoded row and column are left out of it.
+        ((131, 83), ImageOptions(scale=0.3), 1, (39, 25)),
+        ((1201, 803), ImageOptions(max_width=302), 1, (302, 202)),
+    ],
+    ids=["half", "quarter", "max-width", "rotated", "resized-after", "max-width-resized-after"],
+)
+def test_shrink_on_load_leaves_out_the_encoders_padding(
+    subsampling: int,
+    size: tuple[int, int],
+    options: ImageOptions,
+    orientation: int,
+    expected: tuple[int, int],
+) -> None:
+    # At 1/2 to 1/8 the last row and column of a side the scale does not divide average mostly
+    # padding: a red line along the edges (Pillow #3419, libjpeg-turbo #297), up to 175 levels
+    # off before this was handled. PNG output, so that only the decode is judged.
+    source = padded_jpeg(size, subsampling, exif=exif_with(orientation))
+    options = dataclasses.replace(options, format=OutputFormat.PNG)
+
+    out = decode(compress(source, options).data).convert("RGB")
+
+    assert out.size == expected
+    worst = ImageChops.difference(out, Image.new("RGB", out.size, BLUE)).getextrema()
+    assert max(high for _, high in worst) <= 8  # type: ignore[misc]
 
 
 def test_webp_output_is_fitted_into_the_encoder_limit() -> None:
