@@ -474,12 +474,12 @@ def without_padding(
 
     A JPEG codes whole 8×8 blocks, so an encoder fills the blocks past the right and bottom
     edges with something. libjpeg repeats the edge pixels; other encoders, and lossless crops
-    (`jpegtran -crop`), leave other pixels there. A full decode drops them, but at 1/2 to 1/8
-    the last row or column of a side that `scale` does not divide is an average that is mostly
-    padding: a line of another colour along the edge (Pillow #3419, libjpeg-turbo #297). That
-    row or column is cropped when the resize that follows still has at least the target's
-    pixels without it; otherwise the decoded side is the target, and the edge pixels take
-    their neighbours' values.
+    (`jpegtran -crop`), leave other pixels there. A full decode crops them away, but at 1/2 to
+    1/8 the last row or column of a side that `scale` does not divide averages the last source
+    rows with that padding: a line of another colour along the edge (Pillow #3419,
+    libjpeg-turbo #297). That row or column is cropped when the resize that follows still has
+    at least the target's pixels without it; otherwise the decoded side is the target, and the
+    edge pixels take their neighbours' values.
     """
     if scale == 1:
         return img
