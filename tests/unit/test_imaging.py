@@ -598,9 +598,9 @@ def test_shrink_on_load_leaves_out_the_encoders_padding(
     orientation: int,
     expected: tuple[int, int],
 ) -> None:
-    # At 1/2 to 1/8 the last row and column of a side the scale does not divide average mostly
-    # padding: a red line along the edges (Pillow #3419, libjpeg-turbo #297), up to 175 levels
-    # off before this was handled. PNG output, so that only the decode is judged.
+    # At 1/2 to 1/8 the last row and column of a side the scale does not divide average the
+    # padding in: a red line along the edges (Pillow #3419, libjpeg-turbo #297), up to 175
+    # levels off before this was handled. PNG output, so that only the decode is judged.
     source = padded_jpeg(size, subsampling, exif=exif_with(orientation))
     options = dataclasses.replace(options, format=OutputFormat.PNG)
 
@@ -700,7 +700,8 @@ def test_source_is_not_kept_when_resized(options: ImageOptions) -> None:
     source = encode(photo((400, 300)), "JPEG", quality=10)
     result = compress(source, options)
     assert not result.kept_source
-    assert decode(result.data).size == (result.width, result.height) < (400, 300)
+    assert decode(result.data).size == (result.width, result.height)
+    assert result.width < 400 and result.height < 300
 
 
 def test_small_palette_png_is_kept_without_text_chunks() -> None:
