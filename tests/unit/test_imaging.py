@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import math
 import struct
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -550,6 +551,55 @@ def test_resize(options: ImageOptions, expected: tuple[int, int]) -> None:
     result = compress(encode(photo((400, 200)), "PNG"), options)
     assert (result.width, result.height) == expected
     assert decode(result.data).size == expected
+
+
+def _sources() -> dict[str, tuple[bytes, tuple[int, int]]]:
+    """Sources of every kind the options meet differently, with their upright sizes."""
+    return {
+        "jpeg-q10-odd-sides": (encode(photo((201, 133)), "JPEG", quality=10), (201, 133)),
+        "jpeg-444-rotated": (
+            encode(photo((120, 75)), "JPEG", quality=90, subsampling=0, exif=exif_with(6)),
+            (75, 120),
+        ),
+        "jpeg-grey": (encode(photo((97, 64)).convert("L"), "JPEG", quality=30), (97, 64)),
+        "png-rgba": (encode(photo((90, 60)).convert("RGBA"), "PNG"), (90, 60)),
+        "png-palette": (encode(photo((64, 64)).quantize(8), "PNG", optimize=True), (64, 64)),
+        "webp-q5": (encode(photo((150, 100)), "WEBP", quality=5), (150, 100)),
+    }
+
+
+@pytest.mark.parametrize("source", list(_sources()))
+@pytest.mark.parametrize(
+    "options",
+    [
+        ImageOptions(quality=95),
+        ImageOptions(quality=95, scale=0.5),
+        ImageOptions(quality=95, scale=0.3),
+        ImageOptions(max_width=50),
+        ImageOptions(format=OutputFormat.WEBP, max_height=33),
+        ImageOptions(format=OutputFormat.WEBP, quality=95),
+        ImageOptions(format=OutputFormat.PNG, scale=0.25),
+        ImageOptions(target_ratio=0.5, scale=0.5),
+    ],
+    ids=["q95", "half", "0.3", "max-width", "webp-max-height", "webp-q95", "png-quarter", "ratio"],
+)
+def test_every_output_keeps_the_promises_of_its_options(source: str, options: ImageOptions) -> None:
+    # Invariants across source kinds and options together, where the paths meet: shrink-on-load,
+    # EXIF rotation, the never-larger rule. The full-size source once came back for a half-size
+    # request (shrink-on-load alone made the size, and nothing counted it as a change).
+    data, (width, height) = _sources()[source]
+    limit_w, limit_h = options.max_width or width, options.max_height or height
+
+    result = compress(data, options)
+
+    out = decode(result.data)
+    assert out.size == (result.width, result.height)
+    assert result.width <= min(width, limit_w) and result.height <= min(height, limit_h)
+    if options.scale < 1:
+        assert result.width <= math.floor(width * options.scale + 0.5)
+    if result.kept_source:
+        assert out.size == (width, height)
+        assert len(result.data) <= len(data)
 
 
 def test_large_jpeg_downscale_uses_shrink_on_load_and_keeps_the_picture() -> None:
