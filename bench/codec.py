@@ -57,6 +57,7 @@ class B1Run:
     same: dict[str, Side] = field(default_factory=dict)  # by effort, and HALF
     pipeline: dict[str, Side] = field(default_factory=dict)  # by effort, and HALF
     others: float = 0.0  # share of the machine's CPU used outside bench and stack
+    idle: float = 0.0  # share of the cores' time no process used
 
 
 def _effort_figures(runs: list[B1Run], effort: str) -> dict[str, float]:
@@ -163,6 +164,7 @@ async def run(settings: BenchSettings, corpus: Corpus, names: tuple[str, ...]) -
                             delayed.append(await _seconds(http, stack, slow_urls, f"s{i}"))
                     if b1:
                         b1[-1].others = machine_meter.others_share
+                        b1[-1].idle = machine_meter.idle_share(cores)
                     log(_progress(i, settings.runs, count, b1, fast, delayed))
             peaks = peak_rss_mb(stack)
     sections = []
@@ -370,7 +372,12 @@ def _b1(
         " loop's two speeds\").",
         "",
         "Others (CPU of processes outside imgpipe and the bench) per run: "
-        + ", ".join(f"{r.others:.0%}" for r in runs),
+        + ", ".join(f"{r.others:.0%}" for r in runs)
+        + f". Idle (the {cores} cores' time that no process used) per run: "
+        + ", ".join(f"{r.idle:.0%}" for r in runs)
+        + ": the loops and pipelines keep every core busy, so a run with much idle time had"
+        " a machine that stalled (on I/O, or on its neighbours) and its figures do not"
+        " compare.",
         "",
         *cpu_lines(meter.table(), meter.wall, "the measured pipeline runs"),
         "Peak RSS (VmHWM) after the runs, MB: "
@@ -396,6 +403,7 @@ def _b1(
                 e.value: [r.same[e].faults for r in runs] for e in efforts
             },
             "others_share": [r.others for r in runs],
+            "idle_share": [r.idle for r in runs],
             "cpu": meter.table(),
             "cpu_wall_s": meter.wall,
             "peak_rss_mb": peaks,

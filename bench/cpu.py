@@ -122,6 +122,12 @@ class CpuMeter:
         """CPU time of the stack itself: every process measured except the bench's own."""
         return sum(used for name, used in self.seconds.items() if not name.startswith("bench"))
 
+    def idle_share(self, cores: int) -> float:
+        """The share of the `cores` cores' time over the measured intervals that no process
+        used: in a CPU-bound benchmark, a machine stalled on I/O or on its neighbours."""
+        capacity = self.wall * cores
+        return 1 - self.machine / capacity if capacity else 0.0
+
     @property
     def others_share(self) -> float:
         """The share of the machine's busy time spent by processes outside imgpipe and bench."""

@@ -275,7 +275,7 @@ def section(
             "stack": stack / capacity,
             "bench": bench / capacity,
             "others": (meter.machine - stack - bench) / capacity,
-            "idle": 1 - meter.machine / capacity,
+            "idle": meter.idle_share(cores),
             "stack_cpu_ms_per_image": 1000 * stack / (settings.scaleout_images * len(values)),
         }
         rows.append(
