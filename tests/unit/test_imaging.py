@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import math
 import struct
@@ -553,6 +554,7 @@ def test_resize(options: ImageOptions, expected: tuple[int, int]) -> None:
     assert decode(result.data).size == expected
 
 
+@functools.cache
 def _sources() -> dict[str, tuple[bytes, tuple[int, int]]]:
     """Sources of every kind the options meet differently, with their upright sizes."""
     return {
