@@ -170,7 +170,7 @@ def compress(
             swapped = orientation in (5, 6, 7, 8)
             upright = (height, width) if swapped else (width, height)
             target = _target_size(upright, options)
-            stored, stored_target = img.size, (target[1], target[0]) if swapped else target
+            stored_target = (target[1], target[0]) if swapped else target
             scale = 1
             if source_format in ("JPEG", "MPO") and target != upright:
                 scale = shrink_on_load(img, stored_target)
@@ -184,7 +184,7 @@ def compress(
         except _DECODE_ERRORS as exc:
             raise ImageFailure(OutcomeCode.CORRUPT_IMAGE, _describe(exc)) from exc
         normal, changed = _normalise(
-            without_padding(img, stored, scale, stored_target), orientation, output
+            without_padding(img, (width, height), scale, stored_target), orientation, output
         )
         # A new size is new pixels, whether the decoder's scaling made it or the resize below.
         changed = changed or animated or target != upright
