@@ -163,8 +163,8 @@ MEANINGS: dict[str, Meaning] = {
         " [performance.md](performance.md))"
     ),
     "IMGPIPE_WORKER_BUFFER_BYTES": Meaning(
-        "downloaded bytes held while waiting for a Pillow thread; a body's Content-Length is"
-        " reserved before it is read"
+        "downloaded bytes held until their images are compressed; a body's Content-Length is"
+        " reserved before it is read, and one body larger than this runs alone"
     ),
     "IMGPIPE_PIXEL_BUDGET": Meaning(
         "pixels decoded and encoded at once across the threads (after JPEG shrink-on-load); a"

@@ -26,7 +26,10 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
 
-DEFAULT_BUFFER_BYTES = 64 * 1024 * 1024  # about ten 24-megapixel JPEGs
+# About nine of B5's 24-megapixel JPEGs (3.5 MB at q95), and a hundred 1200 px photos: more
+# than the codec threads can use, behind an origin's latency too. At 64 MiB, B5's worker peaked
+# at 397-407 MB against 356-364 here, in the same time (docs/benchmarks.md).
+DEFAULT_BUFFER_BYTES = 32 * 1024 * 1024
 DEFAULT_PIXEL_BUDGET = 32_000_000  # one 24 MP photo, or two 16 MP ones: about 225 MB at work
 
 Waited = Callable[[float], None]  # told the seconds each acquisition waited (metrics)
