@@ -163,8 +163,9 @@ MEANINGS: dict[str, Meaning] = {
         " [performance.md](performance.md))"
     ),
     "IMGPIPE_WORKER_BUFFER_BYTES": Meaning(
-        "downloaded bytes held until their images are compressed; a body's Content-Length is"
-        " reserved before it is read, and one body larger than this runs alone"
+        "downloaded bytes held until their images are compressed, reserved before they are kept"
+        " (a body's Content-Length first, then in doubling steps); one body at a time may pass"
+        " it"
     ),
     "IMGPIPE_PIXEL_BUDGET": Meaning(
         "pixels decoded and encoded at once across the threads (after JPEG shrink-on-load); a"

@@ -1,7 +1,8 @@
 """A local image origin on 127.0.0.1 for tests and benchmarks.
 
-`/img/<name>` serves a generated photo (made on first request, then the same bytes), `/text`
-serves text that is not an image, anything else is 404. `delay` adds origin latency; `hits`
+`/img/<name>` serves a generated photo (made on first request, then the same bytes),
+`/chunked/<name>` the same in 16 KiB chunks without Content-Length, `/text` serves text that
+is not an image, anything else is 404. `delay` adds origin latency; `hits`
 counts the requests for each image path; a path in `gates` is answered once its event is set.
 """
 
@@ -68,11 +69,23 @@ async def serve_images(
             raise web.HTTPNotFound()
         return web.Response(body=origin.image(request.path), content_type="image/jpeg")
 
+    async def chunked(request: web.Request) -> web.StreamResponse:
+        origin.hits.append((request.path, time.monotonic()))
+        body = origin.image(request.path)
+        response = web.StreamResponse(headers={"Content-Type": "image/jpeg"})
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        for start in range(0, len(body), 16 * 1024):
+            await response.write(body[start : start + 16 * 1024])
+        await response.write_eof()
+        return response
+
     async def text(request: web.Request) -> web.Response:
         return web.Response(text="not an image")
 
     app = web.Application()
     app.router.add_get("/img/{name}", image)
+    app.router.add_get("/chunked/{name}", chunked)
     app.router.add_get("/text", text)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()

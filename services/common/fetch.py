@@ -47,7 +47,10 @@ log = logging.getLogger(__name__)
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-Reserve = Callable[[int], Awaitable[None]]  # awaited with a body's length before it is read
+# Awaited with how many bytes of body may be held: the Content-Length before the body is
+# read, and more before any byte beyond what was reserved is kept.
+Reserve = Callable[[int], Awaitable[None]]
+RESERVE_STEP = 256 * 1024  # the least a body without Content-Length reserves at a time
 
 USER_AGENT = "imgpipe/0.1"
 # Only what imaging decodes, so content negotiation (CDNs) never answers with AVIF or SVG.
@@ -419,8 +422,11 @@ async def fetch_image(
     at `limits.max_retry_after`; 1 s when it gave none): until then the fetch fails at once,
     transient, with `retry_after` set to the time left.
 
-    With `reserve`, a body of known length is reserved (awaited) before it is read, so a
-    worker can bound the input it holds; the wait does not count against the timeouts.
+    With `reserve`, a body of known length is reserved (awaited) before it is read, and any
+    body is reserved further, in doubling steps of at least RESERVE_STEP, before bytes beyond
+    what was reserved are kept (no Content-Length, or gzip that decodes larger): reading
+    pauses while the budget is busy, so a worker bounds the input it holds whatever the
+    origin sends. The waits do not count against the timeouts.
 
     The port rule uses the session's `allowed_ports` (make_session's limits). Raises
     ImageFailure: HTTP_STATUS, TIMEOUT, CONNECTION, TOO_MANY_REDIRECTS, BLOCKED_ADDRESS (also
@@ -651,8 +657,9 @@ async def _read_body(
             OutcomeCode.TOO_LARGE,
             f"the image is {_size(length)}; the limit is {_size(max_bytes)}",
         )
-    if length is not None:
-        await reserve(length)
+    held = length or 0
+    if held:
+        await reserve(held)
     chunks = []
     received = 0
     try:
@@ -668,6 +675,9 @@ async def _read_body(
                     OutcomeCode.TOO_LARGE,
                     f"the download is larger than the {_size(max_bytes)} limit",
                 )
+            if received > held:  # no byte is kept beyond what the budget granted
+                held = min(max_bytes, max(received, 2 * held, RESERVE_STEP))
+                await reserve(held)
             chunks.append(chunk)
     except aiohttp.SocketTimeoutError as exc:
         raise ImageFailure(

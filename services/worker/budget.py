@@ -3,16 +3,18 @@
 A worker keeps many tasks in flight to hide origin latency, but memory is spent in two places
 that must not scale with that number:
 
-- `ByteBudget` (asyncio): downloaded bodies waiting for a compress thread. A download reserves
-  its Content-Length before reading the body, so only a bounded amount of input sits in
-  memory however fast the origin is.
+- `ByteBudget` (asyncio): downloaded bodies until their images are compressed. A download
+  reserves its Content-Length before reading the body, and more, in doubling steps, before it
+  keeps bytes beyond that (a body without Content-Length, or gzip that decodes larger), so
+  only a bounded amount of input sits in memory however fast or hostile the origin is.
 - `PixelBudget` (threads): images being decoded and encoded. A decoded RGB pixel costs 4
   bytes, and a progressive JPEG encode keeps the whole image's coefficients (about 3 bytes
   per pixel more), so pixels in flight, not images, are what bound the peak.
 
 Both grant any single request when nothing else holds the budget, so an item larger than the
-whole budget still runs (alone) and neither can deadlock: a holder never waits on its own
-budget again, and the two are always taken in the same order (bytes, then pixels).
+whole budget still runs (alone), and neither can deadlock: the two are always taken in the
+same order (bytes, then pixels), a pixel holder never waits for pixels again, and when every
+byte holder waits for more bytes, ByteBudget lets one of them past the capacity.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
 
 # About nine of B5's 24-megapixel JPEGs (3.5 MB at q95), and a hundred 1200 px photos: more
 # than the codec threads can use, behind an origin's latency too. At 64 MiB, B5's worker peaked
@@ -40,7 +43,15 @@ def _ignore(_: float) -> None:
 
 
 class ByteBudget:
-    """Bytes held by downloads, granted first come, first served."""
+    """Bytes held by downloads, granted in order: leases growing a body they are reading first,
+    then new ones, each first come, first served.
+
+    A lease may wait for more while it holds bytes (a body longer than it said, or of no stated
+    length). Two such leases could each wait for the other's bytes; so when every byte held
+    belongs to a waiting lease, the one holding the most, the likeliest to be near its end, is
+    granted beyond the capacity. It keeps that priority until its body ends, so the bytes held
+    stay under the capacity plus one body (FetchLimits.max_bytes).
+    """
 
     def __init__(self, capacity: int, waited: Waited = _ignore) -> None:
         if capacity < 1:
@@ -48,30 +59,38 @@ class ByteBudget:
         self.capacity = capacity
         self.used = 0
         self.waited = waited
-        self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
+        self._waiters: deque[_Waiter] = deque()
+        self._held_by_waiters = 0
 
     @property
     def waiting(self) -> int:
         """How many acquisitions are queued for bytes."""
         return len(self._waiters)
 
-    async def acquire(self, amount: int) -> None:
-        if not self._waiters and self._fits(amount):
+    async def acquire(self, amount: int, holding: int = 0) -> None:
+        """Add `amount` to the `holding` bytes the caller already holds (and keeps meanwhile)."""
+        if not self._waiters and self._fits(amount, holding):
             self.used += amount
             self.waited(0.0)
             return
         started = time.perf_counter()
-        future = asyncio.get_running_loop().create_future()
-        entry = (amount, future)
-        self._waiters.append(entry)
+        waiter = _Waiter(amount, holding, asyncio.get_running_loop().create_future())
+        if holding:  # behind the other growing leases, ahead of the new ones
+            growing = sum(1 for w in self._waiters if w.holding)
+            self._waiters.insert(growing, waiter)
+        else:
+            self._waiters.append(waiter)
+        self._held_by_waiters += holding
+        self._wake()  # this wait may leave every holder waiting
         try:
-            await future
+            await waiter.future
             self.waited(time.perf_counter() - started)
         except BaseException:
-            if future.done() and not future.cancelled():
+            if waiter.future.done() and not waiter.future.cancelled():
                 self.release(amount)  # granted just as we were cancelled
-            else:
-                self._waiters.remove(entry)
+            elif waiter in self._waiters:
+                self._waiters.remove(waiter)
+                self._held_by_waiters -= holding
                 self._wake()  # a large waiter leaving may unblock smaller ones behind it
             raise
 
@@ -79,15 +98,26 @@ class ByteBudget:
         self.used -= amount
         self._wake()
 
-    def _fits(self, amount: int) -> bool:
-        return self.used == 0 or self.used + amount <= self.capacity
+    def _fits(self, amount: int, holding: int) -> bool:
+        return self.used == holding or self.used + amount <= self.capacity
 
     def _wake(self) -> None:
-        while self._waiters and self._fits(self._waiters[0][0]):
-            amount, future = self._waiters.popleft()
-            if not future.done():
-                self.used += amount
-                future.set_result(None)
+        while self._waiters:
+            head = self._waiters[0]
+            if self._fits(head.amount, head.holding):
+                self._grant(head)
+            elif self.used and self._held_by_waiters == self.used:
+                # Nobody will release: grow the lease holding the most, beyond the capacity.
+                self._grant(max(self._waiters, key=lambda w: w.holding))
+            else:
+                return
+
+    def _grant(self, waiter: _Waiter) -> None:
+        self._waiters.remove(waiter)
+        self._held_by_waiters -= waiter.holding
+        if not waiter.future.done():  # a cancelled one is on its way out
+            self.used += waiter.amount
+            waiter.future.set_result(None)
 
     @contextlib.asynccontextmanager
     async def lease(self) -> AsyncIterator[Lease]:
@@ -99,6 +129,13 @@ class ByteBudget:
             lease.release()
 
 
+@dataclass(eq=False, slots=True)
+class _Waiter:
+    amount: int  # wanted on top of what it holds
+    holding: int  # held already, counted in the budget's `used`
+    future: asyncio.Future[None]
+
+
 class Lease:
     def __init__(self, budget: ByteBudget) -> None:
         self._budget = budget
@@ -106,13 +143,21 @@ class Lease:
         self.waited = 0.0  # seconds spent waiting for the budget, so timings can leave it out
 
     async def reserve(self, amount: int) -> None:
-        """Hold at least `amount` bytes (a retry of the same download reuses what it holds)."""
+        """Hold at least `amount` bytes (a retry of the same download reuses what it holds);
+        what is held is kept while waiting for the rest."""
+        if amount <= self.held:
+            return
+        started = time.perf_counter()
+        await self._budget.acquire(amount - self.held, self.held)
+        self.waited += time.perf_counter() - started
+        self.held = amount
+
+    async def settle(self, amount: int) -> None:
+        """Hold exactly `amount` bytes: what a body turned out to be, once read."""
         if amount > self.held:
-            if self.held:
-                self.release()  # never wait while holding: that is how budgets deadlock
-            started = time.perf_counter()
-            await self._budget.acquire(amount)
-            self.waited += time.perf_counter() - started
+            await self.reserve(amount)
+        elif amount < self.held:
+            self._budget.release(self.held - amount)
             self.held = amount
 
     def release(self) -> None:

@@ -196,7 +196,7 @@ class Processor:
         bytes: a record may linger for other tasks' (batching.py)."""
         async with self.buffers.lease() as lease:
             data = await self._fetch_with_retries(task, lease)
-            await lease.reserve(len(data))  # a body without Content-Length is counted now
+            await lease.settle(len(data))  # the fetch reserved in steps: keep what it is
             options = from_proto(task.options)
             loop = asyncio.get_running_loop()
             digests = None

@@ -275,17 +275,20 @@ class CountingPixels(PixelBudget):
                     self.holders -= 1
 
 
+@pytest.mark.parametrize("framing", ["img", "chunked"])  # with Content-Length, and without
 async def test_budgets_smaller_than_one_image_still_finish_every_image_one_at_a_time(
     ingest_stub: ingest_grpc.IngestServiceAsyncStub,
     running_worker: asyncio.Event,
     processor: Processor,
     pool: asyncpg.Pool,
     origin: ImageOrigin,
+    framing: str,
 ) -> None:
-    # Each image is larger than both budgets, so each runs alone, and none waits forever.
+    # Each image is larger than both budgets, so each runs alone, and none waits forever: a
+    # chunked body reserves as it arrives, and waits to grow while it holds its first step.
     processor.buffers = ByteBudget(1)
     processor.pixels = pixels = CountingPixels(1)
-    urls = [origin.url(f"/img/{name}.jpg") for name in "abcdef"]
+    urls = [origin.url(f"/{framing}/{name}.jpg") for name in "abcdef"]
     accepted = await upload(ingest_stub, csv_of([("1", "Shoe", urls[:3]), ("2", "Hat", urls[3:])]))
 
     request = await wait_final(pool, accepted.request_id)

@@ -99,6 +99,58 @@ async def test_a_lease_reuses_what_it_holds_and_gives_everything_back() -> None:
     assert budget.used == 0
 
 
+async def test_a_growing_lease_keeps_what_it_holds_and_goes_before_new_leases() -> None:
+    budget = ByteBudget(100)
+    async with budget.lease() as reading:
+        await reading.reserve(40)
+        newcomer = asyncio.create_task(budget.acquire(70))  # 40 + 70 > 100: queued
+        await queued(budget, 1)
+
+        await reading.reserve(60)  # the body turned out longer: served before the newcomer
+        assert (reading.held, budget.used) == (60, 60) and not newcomer.done()
+
+        await reading.settle(25)  # what it was in the end: the rest goes to the newcomer
+        await newcomer
+        assert (reading.held, budget.used) == (25, 95)
+    assert budget.used == 70
+
+
+async def test_when_every_holder_waits_the_one_holding_most_grows_past_the_capacity() -> None:
+    budget = ByteBudget(100)
+    async with budget.lease() as first, budget.lease() as second:
+        await first.reserve(50)
+        await second.reserve(50)
+        first_grows = asyncio.create_task(first.reserve(80))  # waits for second's bytes
+        await queued(budget, 1)
+        assert not first_grows.done()
+
+        second_grows = asyncio.create_task(second.reserve(90))  # ... and second for first's
+        await first_grows  # a tie: the first to wait
+        assert (first.held, budget.used) == (80, 130) and not second_grows.done()
+
+        # It keeps the lead until its body ends, so only one lease is ever past the capacity.
+        await first.reserve(120)
+        assert (first.held, budget.used) == (120, 170) and not second_grows.done()
+
+        first.release()  # compressed: the second goes on
+        await second_grows
+        assert (second.held, budget.used) == (90, 90)
+    assert budget.used == 0
+
+
+async def test_a_growing_lease_cancelled_in_the_queue_still_holds_until_it_ends() -> None:
+    budget = ByteBudget(100)
+    await budget.acquire(60)  # held by someone compressing
+    async with budget.lease() as reading:
+        await reading.reserve(30)
+        growing = asyncio.create_task(reading.reserve(50))
+        await queued(budget, 1)
+        growing.cancel()
+        await asyncio.gather(growing, return_exceptions=True)
+        assert (budget.waiting, reading.held, budget.used) == (0, 30, 90)
+    assert budget.used == 60
+
+
 def test_pixel_budget_makes_the_second_image_wait_for_the_first() -> None:
     budget = PixelBudget(1000)
     entered = threading.Event()

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import gzip
 import ipaddress
+import itertools
 import pickle
 import socket
 import time
@@ -26,6 +27,7 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.test_utils import TestServer
 
 from services.common.fetch import (
+    RESERVE_STEP,
     BlockedConnectError,
     FetchAllow,
     FetchLimits,
@@ -37,6 +39,7 @@ from services.common.fetch import (
     parse_retry_after,
 )
 from services.common.outcome import ImageFailure, OutcomeCode
+from testing.polling import wait_until_async
 
 pytestmark = pytest.mark.unit
 
@@ -1034,16 +1037,80 @@ async def test_a_known_length_is_reserved_before_the_body_and_the_wait_is_not_ti
     assert data == IMAGE and asked == [len(IMAGE)] and granted.is_set()
 
 
-async def test_a_body_without_length_is_not_reserved_by_the_fetch(
-    server: TestServer, sessions: SessionFactory
-) -> None:
-    session = sessions(allow_for(server))
+def reserve_recorder() -> tuple[list[int], Callable[[int], Awaitable[None]]]:
+    """A budget that grants at once, and the amounts it was asked for."""
     asked: list[int] = []
 
     async def reserve(length: int) -> None:
         asked.append(length)
 
-    data = await fetch_image(
+    return asked, reserve
+
+
+async def test_a_body_without_length_is_reserved_in_doubling_steps_before_it_is_kept(
+    server: TestServer, sessions: SessionFactory
+) -> None:
+    session = sessions(allow_for(server))
+    asked, reserve = reserve_recorder()
+
+    small = await fetch_image(
         session, url(server, "/chunked?size=3000"), FetchLimits(), reserve=reserve
     )
-    assert len(data) == 3000 and asked == []  # the worker counts it once it has arrived
+    assert len(small) == 3000 and asked == [RESERVE_STEP]
+
+    asked.clear()
+    size = 4 * RESERVE_STEP + 1
+    data = await fetch_image(
+        session, url(server, f"/chunked?size={size}"), FetchLimits(), reserve=reserve
+    )
+    assert len(data) == size
+    # At least doubling (more when one read brings more), and each step taken only once the
+    # one before was not enough: 256 KiB, 512 KiB, 1 MiB, 2 MiB when reads are small.
+    assert asked[0] == RESERVE_STEP and all(b >= 2 * a for a, b in itertools.pairwise(asked))
+    assert asked[-2] < size <= asked[-1] and len(asked) <= 4
+
+
+async def test_a_gzip_body_is_reserved_as_it_decodes_not_by_its_length_on_the_wire(
+    server: TestServer, sessions: SessionFactory
+) -> None:
+    # Content-Length counts the compressed bytes: about 1 KiB for a megabyte of zeros.
+    session = sessions(allow_for(server))
+    asked, reserve = reserve_recorder()
+
+    data = await fetch_image(
+        session, url(server, "/gzip?size=1000000"), FetchLimits(), reserve=reserve
+    )
+    assert len(data) == 1_000_000
+    assert asked[0] < 10_000 and asked[-1] >= 1_000_000
+    assert asked == sorted(asked)
+
+
+async def test_reading_pauses_while_the_budget_is_busy_and_the_wait_is_not_timed(
+    server: TestServer, sessions: SessionFactory
+) -> None:
+    session = sessions(allow_for(server))
+    limits = FetchLimits(total_timeout=0.3, stall_timeout=0.3)
+    granted = asyncio.Event()
+    asked: list[int] = []
+
+    async def reserve(length: int) -> None:
+        asked.append(length)
+        if len(asked) > 1:  # the first step at once, then the budget is busy
+            await granted.wait()
+
+    size = 3 * RESERVE_STEP
+    fetching = asyncio.create_task(
+        fetch_image(session, url(server, f"/chunked?size={size}"), limits, reserve=reserve)
+    )
+
+    async def second_step() -> bool:
+        return len(asked) == 2
+
+    await wait_until_async(second_step, timeout=5, interval=0.005, message="a second step")
+    # Busy for longer than the whole download may take: the fetch waits, reading nothing.
+    asyncio.get_running_loop().call_later(0.6, granted.set)
+    await asyncio.wait({fetching}, timeout=0.3)
+    assert not fetching.done() and asked == [RESERVE_STEP, 2 * RESERVE_STEP]
+
+    data = await fetching
+    assert len(data) == size and asked[-1] >= size
