@@ -1,4 +1,5 @@
-"""B8 head of line and B9 two owners: fair scheduling (docs/scheduling.md) on the real stack.
+"""B8 head of line, B9 two owners and B13 a slow owner: fair scheduling (docs/scheduling.md) on
+the real stack.
 
 Both serve one small generated photo under many paths from 127.0.0.1, with origin latency
 (IMGPIPE_BENCH_HOL_DELAY, IMGPIPE_BENCH_FAIR_DELAY), and every URL is distinct.
@@ -10,6 +11,12 @@ request's time from its POST to its completion, and the big request's images/s.
 B9: two owners (two API keys), each uploading one request, the second after a head start;
 every half second both requests' progress is read, and while both run each one's share of the
 images that became final is its share of the workers. Once with equal weights, once 3:1.
+
+B13: one owner's request from an origin that takes IMGPIPE_BENCH_SLOW_DELAY per image, then,
+once its tasks hold the workers, another owner's prompt request: that one's time from its POST
+to its completion, against the same request alone. A task is not preempted, so the prompt one
+waits for the first slots to free: up to two of the slow images' times, since a worker's 16
+connections to one origin serve its 32 slots in two rounds.
 """
 
 from __future__ import annotations
@@ -238,3 +245,88 @@ async def _progress(http: aiohttp.ClientSession, stack: Stack, request_id: str, 
         status: dict[str, Any] = await r.json()
     progress = status.get("progress") or {}
     return int(progress.get("images_done", 0)) + int(progress.get("images_failed", 0))
+
+
+SLOW_HEAD_START = 2.0  # B13: seconds between the slow owner's upload and the prompt one's
+SLOW_SLACK = 1.0  # B13: the prompt request's time beyond alone and two slow images' times
+
+
+async def run_b13(settings: BenchSettings) -> Section:
+    alone, during = [], []
+    for i in range(settings.runs):
+        a, d = await _slow_owner(settings, f"r{i}")
+        alone.append(a)
+        during.append(d)
+        log(f"B13 run {i + 1}/{settings.runs}: prompt request {d:.2f} s (alone {a:.2f} s)")
+    bound = median(alone) + 2 * settings.slow_delay + SLOW_SLACK
+    target = Target(
+        "B13",
+        f"{settings.prompt_images} prompt images while another owner's"
+        f" {settings.slow_images} take {settings.slow_delay:g} s each (median of {len(during)})",
+        f"{median(during):.2f} s (alone {median(alone):.2f} s)",
+        f"≤ alone + 2 × {settings.slow_delay:g} s + {SLOW_SLACK:g} s",
+        median(during) <= bound,
+    )
+    lines = [
+        f"Two API keys on {settings.workers} workers. The first sends {settings.slow_images}"
+        f" images from an origin that answers each after {settings.slow_delay:g} s; the second,"
+        f" {SLOW_HEAD_START:g} s later, {settings.prompt_images} from a prompt origin. Times are"
+        " from the second POST until the client sees it Completed (polled every 50 ms); alone"
+        " is the same request on the same stack before the slow one.",
+        "",
+        *table(
+            ("run", "prompt request alone, s", "during the slow one, s"),
+            [
+                (i + 1, f"{a:.2f}", f"{d:.2f}")
+                for i, (a, d) in enumerate(zip(alone, during, strict=True))
+            ],
+        ),
+    ]
+    data = {"alone_s": alone, "during_s": during, "slow_delay_s": settings.slow_delay}
+    return Section("B13", "a slow owner", lines, data, [target])
+
+
+async def _slow_owner(settings: BenchSettings, tag: str) -> tuple[float, float]:
+    """(the prompt request's seconds alone, and during the slow owner's request), one stack."""
+    slow_key, prompt_key = new_key(), new_key()
+    keys = f"slowco:{key_hash(slow_key)}, quickco:{key_hash(prompt_key)}"
+    async with (
+        serve_images(SIZE, delay=settings.slow_delay) as slow,
+        serve_images(SIZE) as prompt,
+    ):
+        env = _stack_env(
+            settings,
+            slow,
+            IMGPIPE_API_KEYS=keys,
+            IMGPIPE_FETCH_ALLOW=f"127.0.0.1:{slow.port},127.0.0.1:{prompt.port}",
+        )
+        with running_stack(env) as stack:
+            timeout = aiohttp.ClientTimeout(total=600)
+            async with aiohttp.ClientSession(timeout=timeout) as http:
+                n = settings.prompt_images
+                alone = await _until_done(http, stack, _urls(prompt, n, f"{tag}a"), prompt_key)
+                slow_urls = _urls(slow, settings.slow_images, f"{tag}s")
+                await upload(http, stack, csv_bytes(slow_urls, 10, f"{tag}s"), api_key=slow_key)
+                await asyncio.sleep(SLOW_HEAD_START)  # the slow owner's tasks fill the workers
+                during = await _until_done(http, stack, _urls(prompt, n, f"{tag}d"), prompt_key)
+    return alone, during
+
+
+async def _until_done(
+    http: aiohttp.ClientSession, stack: Stack, urls: list[str], key: str
+) -> float:
+    """Seconds from the POST until the client sees the request Completed."""
+    started = time.perf_counter()
+    accepted = await upload(http, stack, csv_bytes(urls, 10, "p"), api_key=key)
+    headers = {"Authorization": f"Bearer {key}"}
+    url = f"{stack.base_url}/status/{accepted.request_id}?page_size=1"
+    deadline = started + 300
+    while time.perf_counter() < deadline:
+        async with http.get(url, headers=headers) as response:
+            status: dict[str, Any] = await response.json()
+        if status["status"] == "Completed":
+            return time.perf_counter() - started
+        if status["status"] == "Failed":
+            raise RuntimeError(f"B13 request ended Failed: {status['progress']}")
+        await asyncio.sleep(0.05)  # the client's polling interval
+    raise RuntimeError("B13 request not Completed within 300 s")

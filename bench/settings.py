@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
-BENCHMARKS = ("B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B9", "B10", "B11", "B12")
+BENCHMARKS = ("B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B9", "B10", "B11", "B12", "B13")
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +37,9 @@ class BenchSettings:
     # flight (2 × 32) cap the rate below what the first request would finish in its head start.
     fair_delay: float = 0.5
     dedup_rows: int = 300  # IMGPIPE_BENCH_DEDUP_ROWS: rows of B12's catalog (30 % repeats)
+    slow_images: int = 600  # IMGPIPE_BENCH_SLOW_IMAGES: B13's images from the slow origin
+    slow_delay: float = 5.0  # IMGPIPE_BENCH_SLOW_DELAY: seconds per image of B13's slow origin
+    prompt_images: int = 200  # IMGPIPE_BENCH_PROMPT_IMAGES: B13's other owner's images
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> BenchSettings:
@@ -94,6 +97,9 @@ class BenchSettings:
             hol_delay=number("HOL_DELAY", defaults.hol_delay, float),
             fair_delay=number("FAIR_DELAY", defaults.fair_delay, float),
             dedup_rows=int(number("DEDUP_ROWS", defaults.dedup_rows, int)),
+            slow_images=int(number("SLOW_IMAGES", defaults.slow_images, int)),
+            slow_delay=number("SLOW_DELAY", defaults.slow_delay, float),
+            prompt_images=int(number("PROMPT_IMAGES", defaults.prompt_images, int)),
         )
         if problems:
             raise ValueError("; ".join(problems))

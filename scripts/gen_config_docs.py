@@ -145,6 +145,10 @@ MEANINGS: dict[str, Meaning] = {
         "tasks on the stream and not final, at most: at least workers x concurrency"
         " ([scheduling.md](scheduling.md))"
     ),
+    "IMGPIPE_SCHEDULER_LOOKAHEAD": Meaning(
+        "of those, not yet delivered to a worker, at most: a new request waits behind no more"
+        " ([scheduling.md](scheduling.md))"
+    ),
     "IMGPIPE_SCHEDULER_POLL": Meaning("seconds between the feeder's looks at the window"),
     # --- the worker ------------------------------------------------------------------------
     "IMGPIPE_CONSUMER_NAME": Meaning(

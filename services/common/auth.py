@@ -62,7 +62,7 @@ class Limits:
     images_per_day: int = 1_000_000  # images accepted per UTC day
     uploads: int = 2  # uploads being received at a time
     streams: int = 20  # live progress streams (SSE, WatchRequest) open at a time
-    weight: int = 1  # share of the workers against other owners (weighted round robin)
+    weight: int = 1  # share of the workers' time against other owners (docs/scheduling.md)
 
 
 # The gRPC metadata key that carries a call's rate quota to the gateway (RateLimit-* headers).

@@ -28,6 +28,7 @@ async def main(settings: IngestSettings) -> None:
             redis=backends.redis,
             names=backends.names,
             window=settings.scheduler_window,
+            lookahead=settings.scheduler_lookahead,
             weights=settings.api_keys.weights,
             poll=settings.scheduler_poll,
         )

@@ -11,6 +11,9 @@ from services.common.config import CommonSettings, EnvReader, read_api_keys, rea
 from services.common.csv_format import CsvLimits
 from services.common.fetch import FetchAllow, FetchLimits
 
+# Tasks released and not yet delivered to a worker, at most (IMGPIPE_SCHEDULER_LOOKAHEAD).
+DEFAULT_LOOKAHEAD = 32
+
 # The setting behind each CsvLimits field, to name it when a CSV goes over it (413).
 CSV_LIMIT_SETTINGS = {
     "max_bytes": ("IMGPIPE_MAX_UPLOAD_BYTES", "bytes"),
@@ -32,6 +35,9 @@ class IngestSettings:
     # Tasks on the stream and not yet final, at most (docs/scheduling.md): at least the
     # workers' tasks in flight (workers × IMGPIPE_WORKER_CONCURRENCY), plus a little headroom.
     scheduler_window: int = 128
+    # Of those, not yet delivered to a worker, at most: what the workers take during a poll or
+    # two. A new request waits behind no more than this.
+    scheduler_lookahead: int = DEFAULT_LOOKAHEAD
     scheduler_poll: float = 0.1  # seconds between the feeder's looks at the window
 
     @classmethod
@@ -54,6 +60,9 @@ class IngestSettings:
             fetch_allow=read_fetch_allow(env),
             fetch_ports=env.ports("IMGPIPE_FETCH_PORTS", FetchLimits().allowed_ports),
             scheduler_window=env.integer("IMGPIPE_SCHEDULER_WINDOW", 128, minimum=1),
+            scheduler_lookahead=env.integer(
+                "IMGPIPE_SCHEDULER_LOOKAHEAD", DEFAULT_LOOKAHEAD, minimum=1
+            ),
             scheduler_poll=env.number("IMGPIPE_SCHEDULER_POLL", 0.1, minimum=0.01),
         )
         env.done()

@@ -1,23 +1,26 @@
 """The feeder: releases the backlog that Postgres holds onto the task stream, a window at a time,
-in fair turns (docs/scheduling.md).
+in fair shares (docs/scheduling.md).
 
 Ingest commits a request's images as Pending and not released; it does not XADD them. The
 feeder keeps at most `window` tasks released and not yet final (counted in Postgres, so a lost
-stream entry still counts until the reconciler republishes it). Whenever there is room it asks
-FairShare whose turn it is, XADDs those tasks and records their stream entries, which marks them
-released. It runs in every ingest, one at a time across the deployment (a Postgres advisory lock
-taken for each pass, as the reconciler does), and wakes when this ingest commits a request or
-retries images, and every `poll` seconds to see workers' progress; every `idle_poll` seconds
-instead while nothing is released or waiting, since then only a commit or a retry, which wake
-it, can give it work.
+stream entry still counts until the reconciler republishes it), and at most `lookahead` of them
+not yet delivered to a worker, so that a newcomer waits behind few tasks it did not choose.
+Whenever there is room it asks FairShare whose share of the workers' time is smallest, XADDs
+those tasks and records their stream entries, which marks them released. It runs in every
+ingest, one at a time across the deployment (a Postgres advisory lock taken for each pass, as
+the reconciler does), and wakes when this ingest commits a request or retries images, and every
+`poll` seconds to see workers' progress; every `idle_poll` seconds instead while nothing is
+released or waiting, since then only a commit or a retry, which wake it, can give it work.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
-from collections.abc import Mapping
+from collections import Counter
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import asyncpg
@@ -27,7 +30,8 @@ from services.common.db import queries
 from services.common.grpc_server import wait_any, wait_or_stop
 from services.common.publish import publish_releases
 from services.common.servicer_errors import BACKEND_ERRORS
-from services.common.streams import StreamNames
+from services.common.streams import StreamNames, TaskStreamState, task_stream_state
+from services.ingest.config import DEFAULT_LOOKAHEAD
 from services.ingest.fair_share import FairShare, Waiting
 
 log = logging.getLogger(__name__)
@@ -48,6 +52,7 @@ class FeedPass:
     released: int = 0
     in_window: int = 0  # released and not final before this pass
     leader: bool = True
+    room: int = 0  # what this pass could release (window and lookahead allowing)
 
     @property
     def idle(self) -> bool:
@@ -63,16 +68,20 @@ class Feeder:
         redis: aioredis.Redis,
         names: StreamNames,
         window: int,
+        lookahead: int = DEFAULT_LOOKAHEAD,
         weights: Mapping[str, int] | None = None,
         poll: float = 0.1,
         idle_poll: float = IDLE_POLL_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.pool = pool
         self.redis = redis
         self.names = names
         self.window = window
+        self.lookahead = lookahead
         self.poll = poll
         self.idle_poll = max(poll, idle_poll)
+        self.clock = clock  # charges the workers' slot time (FairShare)
         known = dict(weights or {})
         # An owner without a configured weight (auth off, a key since removed) weighs 1.
         self.share = FairShare(lambda owner: known.get(owner, 1))
@@ -94,7 +103,7 @@ class Feeder:
                 log.warning("feeding failed; will retry", extra={"error": repr(exc)})
                 await wait_or_stop(stop, RETRY_SECONDS)
                 continue
-            if result.released and result.released + result.in_window >= self.window:
+            if result.released and result.released >= result.room:
                 continue  # more may be waiting, and the workers may have freed room meanwhile
             await wait_any(self._wake, stop, timeout=self.idle_poll if result.idle else self.poll)
 
@@ -104,23 +113,50 @@ class Feeder:
             return FeedPass(leader=False) if conn is None else await self._feed(conn)
 
     async def _feed(self, conn: queries.Connection) -> FeedPass:
-        in_window = await queries.released_count(conn)
-        room = self.window - in_window
-        released = 0
-        if room > 0:
-            waiting = await queries.waiting_requests(conn, up_to=room, limit=MAX_REQUESTS_PER_PASS)
-            plan = self.share.plan(
-                [Waiting(w.request_id, w.owner, w.waiting) for w in waiting], room
-            )
-            if plan:
-                released = await self._release(conn, dict(plan))
+        released = await queries.released_images(conn)
+        in_window = len(released)
+        # What workers hold is what is scarce: tasks still on the stream hold no slot. The
+        # group delivers in stream order, so an entry past its last delivered id is waiting.
+        stream = await task_stream_state(self.redis, self.names)
+        held = _held(released, stream)
+        waiting_for_a_worker = sum(
+            1 for r in released if r.entry_id and stream.undelivered(r.entry_id)
+        )
+        room = min(self.window - in_window, self.lookahead - waiting_for_a_worker)
+        # Every pass keeps the accounts (who waits, the slot time used), room or not.
+        waiting = await queries.waiting_requests(
+            conn, up_to=max(1, room), limit=MAX_REQUESTS_PER_PASS
+        )
+        plan = self.share.plan(_open_requests(waiting, held), max(0, room), self.clock())
+        count = await self._release(conn, dict(plan)) if plan else 0
         # Requests with nothing left to release are marked published (the reconciler finishes
         # only those), including ones with no images at all.
         await queries.mark_released(conn)
-        return FeedPass(released=released, in_window=in_window)
+        return FeedPass(released=count, in_window=in_window, room=max(0, room))
 
     async def _release(self, conn: queries.Connection, plan: dict[uuid.UUID, int]) -> int:
         releases = await queries.next_waiting_images(conn, plan)
         released = await publish_releases(conn, self.redis, self.names, releases)
         await queries.mark_started(conn, [r.request_id for r in releases])
         return released
+
+
+def _held(released: list[queries.Released], stream: TaskStreamState) -> list[Waiting]:
+    """The requests whose tasks are in workers' hands, with how many."""
+    owners = {r.request_id: r.owner for r in released}
+    held = Counter(
+        r.request_id for r in released if r.entry_id and not stream.undelivered(r.entry_id)
+    )
+    return [Waiting(request_id, owners[request_id], 0, n) for request_id, n in held.items()]
+
+
+def _open_requests(waiting: list[queries.WaitingRequest], held: list[Waiting]) -> list[Waiting]:
+    """Requests with images waiting (oldest first), then those with tasks held only."""
+    holding = {h.request_id: h for h in held}
+    requests = [
+        Waiting(w.request_id, w.owner, w.waiting, holding.pop(w.request_id).held)
+        if w.request_id in holding
+        else Waiting(w.request_id, w.owner, w.waiting)
+        for w in waiting
+    ]
+    return requests + list(holding.values())

@@ -612,12 +612,15 @@ def test_prod_scales_workers_on_the_backlog(prod: Rendered) -> None:
 
 
 def test_the_window_covers_the_most_workers_the_autoscaler_starts(overlay: Rendered) -> None:
-    """Fewer tasks released than the workers can hold in flight would leave workers idle."""
+    """Fewer tasks released than the workers can hold in flight, or fewer waiting on the stream
+    than they take between two passes of the feeder, would leave workers idle."""
     config = overlay.config_data(config_map_name(overlay))
     scalers = overlay.of_kind("ScaledObject") + overlay.of_kind("HorizontalPodAutoscaler")
     most = max(s["spec"].get("maxReplicaCount") or s["spec"]["maxReplicas"] for s in scalers)
     in_flight = most * int(config["IMGPIPE_WORKER_CONCURRENCY"])
     assert int(config["IMGPIPE_SCHEDULER_WINDOW"]) >= in_flight
+    # And the lookahead what they take from the stream in two 0.1 s polls (~80 images/s each).
+    assert int(config["IMGPIPE_SCHEDULER_LOOKAHEAD"]) >= most * 16
 
 
 def test_the_backlog_metric_is_reported_by_the_status_service() -> None:

@@ -117,7 +117,8 @@ async def serving(register: Callable[[grpc.aio.Server], None]) -> AsyncIterator[
 
 
 # The session's database is shared by its tests, so images they left released and unfinished
-# are still in the window: the tests' feeder has room to spare.
+# are still in the window, and may look undelivered to this test's stream: the tests' feeder
+# has room to spare in both.
 TEST_WINDOW = 1_000_000
 
 
@@ -131,7 +132,14 @@ async def feeder(
     await pool.execute(
         "UPDATE images SET enqueued_at = now() WHERE status = 'Pending' AND enqueued_at IS NULL"
     )
-    feeder = Feeder(pool=pool, redis=redis_client, names=names, window=TEST_WINDOW, poll=0.05)
+    feeder = Feeder(
+        pool=pool,
+        redis=redis_client,
+        names=names,
+        window=TEST_WINDOW,
+        lookahead=TEST_WINDOW,
+        poll=0.05,
+    )
     stop = asyncio.Event()
     running = asyncio.create_task(feeder.run(stop))
     try:

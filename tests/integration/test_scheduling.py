@@ -4,9 +4,10 @@ the feeder (docs/scheduling.md). One pass at a time, called directly."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import asyncpg
 import pytest
@@ -15,7 +16,7 @@ import redis.asyncio
 from services.common.csv_format import ProductRow
 from services.common.db import queries
 from services.common.pb.imgpipe.v1 import task_pb2
-from services.common.streams import TASK_FIELD, StreamNames
+from services.common.streams import TASK_FIELD, StreamNames, TaskConsumer
 from services.ingest.feeder import Feeder, FeedPass
 from testing.databases import own_database
 from testing.polling import wait_until_async
@@ -33,9 +34,22 @@ async def pool(postgres_server_url: str) -> AsyncIterator[asyncpg.Pool]:
         yield pool
 
 
+def passes_apart() -> Callable[[], float]:
+    """A clock for the feeder that says 0.1 s passed between its passes, as at its poll."""
+    ticks = itertools.count()
+    return lambda: next(ticks) * 0.1
+
+
 @pytest.fixture
 def feeder(pool: asyncpg.Pool, redis_client: redis.asyncio.Redis, names: StreamNames) -> Feeder:
-    return Feeder(pool=pool, redis=redis_client, names=names, window=WINDOW, weights={"acme": 2})
+    return Feeder(
+        pool=pool,
+        redis=redis_client,
+        names=names,
+        window=WINDOW,
+        weights={"acme": 2},
+        clock=passes_apart(),
+    )
 
 
 async def stored(pool: asyncpg.Pool, images: int, owner: str = "") -> uuid.UUID:
@@ -95,18 +109,90 @@ async def test_the_window_bounds_what_is_on_the_stream(
     assert await redis_client.xlen(names.tasks) == WINDOW + 2
 
 
+@pytest.fixture
+async def worker(redis_client: redis.asyncio.Redis, names: StreamNames) -> TaskConsumer:
+    """A worker's consumer: what it reads is in its hands (delivered, pending) until acked."""
+    consumer = TaskConsumer(redis_client, names, "worker-1")
+    await consumer.ensure_group()
+    return consumer
+
+
 async def test_a_new_request_takes_turns_with_a_running_one(
-    pool: asyncpg.Pool, redis_client: redis.asyncio.Redis, names: StreamNames, feeder: Feeder
+    pool: asyncpg.Pool,
+    redis_client: redis.asyncio.Redis,
+    names: StreamNames,
+    feeder: Feeder,
+    worker: TaskConsumer,
 ) -> None:
     big = await stored(pool, 50)
     await feeder.feed_once()
+    await worker.read(WINDOW, block_ms=0)
     small = await stored(pool, 3)
 
     await finish(pool, big, 4)
     await feeder.feed_once()
 
-    # Of the four free places, the newcomer gets half, not the last of 50.
-    assert await on_stream(redis_client, names) == {str(big): WINDOW + 2, str(small): 2}
+    # The big request's tasks hold 2 slots: of the four free places the newcomer gets all it
+    # has (3), not the last of 50.
+    assert await on_stream(redis_client, names) == {str(big): WINDOW + 1, str(small): 3}
+
+
+async def test_an_owner_whose_images_take_long_gives_way_as_its_slots_free(
+    pool: asyncpg.Pool,
+    redis_client: redis.asyncio.Redis,
+    names: StreamNames,
+    feeder: Feeder,
+    worker: TaskConsumer,
+) -> None:
+    slow = await stored(pool, 50, owner="globex")  # weight 1, like prompt
+    await feeder.feed_once()  # alone: it takes the whole window
+    await worker.read(WINDOW, block_ms=0)
+    prompt = await stored(pool, 50, owner="initech")
+
+    await finish(pool, slow, 2)  # two of its long images end
+    for _ in range(6):
+        await feeder.feed_once()
+        await worker.read(WINDOW, block_ms=0)
+        await finish(pool, prompt, WINDOW)  # prompt images end as soon as a worker has them
+
+    # Every free place went to the prompt owner, which held fewer slots than the slow one.
+    assert await on_stream(redis_client, names) == {str(slow): WINDOW, str(prompt): 12}
+
+
+async def test_tasks_still_on_the_stream_hold_no_slot(
+    pool: asyncpg.Pool,
+    redis_client: redis.asyncio.Redis,
+    names: StreamNames,
+    feeder: Feeder,
+    worker: TaskConsumer,
+) -> None:
+    first = await stored(pool, 50, owner="globex")
+    await feeder.feed_once()
+    await worker.read(2, block_ms=0)  # 2 in a worker's hands, 4 waiting on the stream
+    second = await stored(pool, 50, owner="initech")
+
+    await finish(pool, first, 2)  # the two in hand end
+    await feeder.feed_once()
+
+    # Neither owner's tasks hold a slot now, so the two places alternate, oldest first: the
+    # first owner's 4 tasks on the stream do not count against it.
+    assert await on_stream(redis_client, names) == {str(first): 7, str(second): 1}
+
+
+async def test_the_lookahead_bounds_what_waits_for_a_worker(
+    pool: asyncpg.Pool, redis_client: redis.asyncio.Redis, names: StreamNames, worker: TaskConsumer
+) -> None:
+    feeder = Feeder(pool=pool, redis=redis_client, names=names, window=WINDOW, lookahead=3)
+    await stored(pool, 50)
+
+    assert (await feeder.feed_once()).released == 3
+    assert (await feeder.feed_once()).released == 0  # three wait for a worker: no more
+
+    await worker.read(2, block_ms=0)  # a worker takes two: two more may wait
+    assert (await feeder.feed_once()).released == 2
+    await worker.read(3, block_ms=0)  # it takes the other three: the window (6) has one place
+    assert (await feeder.feed_once()).released == 1
+    assert (await feeder.feed_once()).released == 0
 
 
 async def test_owners_share_by_weight(

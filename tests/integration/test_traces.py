@@ -234,7 +234,7 @@ async def upload_and_wait(
     async def fetch(url: str, *, reserve: Reserve | None = None) -> bytes:
         return await fetch_image(images, url, FetchLimits(), reserve=reserve)
 
-    feeder = Feeder(pool=pool, redis=client, names=names, window=1000, poll=0.05)
+    feeder = Feeder(pool=pool, redis=client, names=names, window=1000, lookahead=1000, poll=0.05)
     with ThreadPoolExecutor(1) as executor:
         processor = Processor(
             pool=pool,

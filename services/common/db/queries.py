@@ -194,13 +194,23 @@ async def set_stream_entries(
 # repeated URL (leader_id set) are never released: their leader's outcome becomes theirs.
 
 
-async def released_count(conn: Connection) -> int:
-    """Images released to the task stream and not yet final: the part of the window in use."""
-    return int(
-        await conn.fetchval(
-            "SELECT count(*) FROM images WHERE status = 'Pending' AND enqueued_at IS NOT NULL"
-        )
+@dataclass(frozen=True, slots=True)
+class Released:
+    """An image released to the task stream and not yet final: a place of the window in use."""
+
+    request_id: uuid.UUID
+    owner: str
+    entry_id: str  # its task's stream entry ("" if none was recorded)
+
+
+async def released_images(conn: Connection) -> list[Released]:
+    """The window in use, an image per row (the window bounds them)."""
+    rows = await conn.fetch(
+        """SELECT i.request_id, r.owner, i.stream_entry_id
+             FROM images i JOIN requests r ON r.id = i.request_id
+            WHERE i.status = 'Pending' AND i.enqueued_at IS NOT NULL"""
     )
+    return [Released(r["request_id"], r["owner"], r["stream_entry_id"] or "") for r in rows]
 
 
 @dataclass(frozen=True, slots=True)
