@@ -74,6 +74,20 @@ async def test_a_cancelled_waiter_leaves_the_queue_and_lets_smaller_ones_through
     assert budget.used == 100
 
 
+async def test_a_waiter_cancelled_as_the_budget_frees_leaves_quietly() -> None:
+    budget = ByteBudget(10)
+    await budget.acquire(10)
+    waiter = asyncio.create_task(budget.acquire(5))
+    await queued(budget, 1)
+
+    waiter.cancel()  # its future is cancelled now; its cleanup runs on the next turn...
+    budget.release(10)  # ... after the budget has already dropped it from the queue
+
+    with pytest.raises(asyncio.CancelledError):  # not ValueError from its cleanup
+        await waiter
+    assert (budget.used, budget.waiting) == (0, 0)
+
+
 async def test_a_lease_counts_the_time_it_waited_for_the_budget() -> None:
     budget = ByteBudget(100)
     await budget.acquire(100)
