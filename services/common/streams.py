@@ -335,7 +335,12 @@ class TaskStreamState:
     last_delivered: str  # the group's last delivered id ("0-0" when none)
 
     def undelivered(self, entry_id: str) -> bool:
-        return _id_key(entry_id) > _id_key(self.last_delivered)
+        return _id_key(entry_id) > self.last_delivered_key
+
+    @property
+    def last_delivered_key(self) -> tuple[int, int]:
+        """The last delivered id as (milliseconds, sequence), the stream's order."""
+        return _id_key(self.last_delivered)
 
 
 async def task_stream_state(redis: aioredis.Redis, names: StreamNames) -> TaskStreamState:

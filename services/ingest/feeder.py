@@ -19,7 +19,6 @@ import asyncio
 import logging
 import time
 import uuid
-from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -30,7 +29,7 @@ from services.common.db import queries
 from services.common.grpc_server import wait_any, wait_or_stop
 from services.common.publish import publish_releases
 from services.common.servicer_errors import BACKEND_ERRORS
-from services.common.streams import StreamNames, TaskStreamState, task_stream_state
+from services.common.streams import StreamNames, task_stream_state
 from services.ingest.config import DEFAULT_LOOKAHEAD
 from services.ingest.fair_share import FairShare, Waiting
 
@@ -113,16 +112,13 @@ class Feeder:
             return FeedPass(leader=False) if conn is None else await self._feed(conn)
 
     async def _feed(self, conn: queries.Connection) -> FeedPass:
-        released = await queries.released_images(conn)
-        in_window = len(released)
         # What workers hold is what is scarce: tasks still on the stream hold no slot. The
         # group delivers in stream order, so an entry past its last delivered id is waiting.
         stream = await task_stream_state(self.redis, self.names)
-        held = _held(released, stream)
-        waiting_for_a_worker = sum(
-            1 for r in released if r.entry_id and stream.undelivered(r.entry_id)
-        )
-        room = min(self.window - in_window, self.lookahead - waiting_for_a_worker)
+        in_use = await queries.window_in_use(conn, stream.last_delivered_key)
+        in_window = sum(u.released for u in in_use)
+        room = min(self.window - in_window, self.lookahead - sum(u.on_stream for u in in_use))
+        held = [Waiting(u.request_id, u.owner, 0, u.held) for u in in_use if u.held]
         # Every pass keeps the accounts (who waits, the slot time used), room or not.
         waiting = await queries.waiting_requests(
             conn, up_to=max(1, room), limit=MAX_REQUESTS_PER_PASS
@@ -139,15 +135,6 @@ class Feeder:
         released = await publish_releases(conn, self.redis, self.names, releases)
         await queries.mark_started(conn, [r.request_id for r in releases])
         return released
-
-
-def _held(released: list[queries.Released], stream: TaskStreamState) -> list[Waiting]:
-    """The requests whose tasks are in workers' hands, with how many."""
-    owners = {r.request_id: r.owner for r in released}
-    held = Counter(
-        r.request_id for r in released if r.entry_id and not stream.undelivered(r.entry_id)
-    )
-    return [Waiting(request_id, owners[request_id], 0, n) for request_id, n in held.items()]
 
 
 def _open_requests(waiting: list[queries.WaitingRequest], held: list[Waiting]) -> list[Waiting]:

@@ -195,22 +195,37 @@ async def set_stream_entries(
 
 
 @dataclass(frozen=True, slots=True)
-class Released:
-    """An image released to the task stream and not yet final: a place of the window in use."""
+class InUse:
+    """A request's part of the window in use: its images released and not yet final."""
 
     request_id: uuid.UUID
     owner: str
-    entry_id: str  # its task's stream entry ("" if none was recorded)
+    released: int
+    held: int  # of those, delivered to a worker (stream entry up to the last delivered id)
+    on_stream: int  # of those, still waiting on the stream (entry past it)
 
 
-async def released_images(conn: Connection) -> list[Released]:
-    """The window in use, an image per row (the window bounds them)."""
+async def window_in_use(conn: Connection, last_delivered: tuple[int, int]) -> list[InUse]:
+    """The window in use, by request. Entry ids compare as (milliseconds, sequence), as the
+    stream orders them; an image with no entry recorded counts in neither part."""
     rows = await conn.fetch(
-        """SELECT i.request_id, r.owner, i.stream_entry_id
-             FROM images i JOIN requests r ON r.id = i.request_id
-            WHERE i.status = 'Pending' AND i.enqueued_at IS NOT NULL"""
+        """WITH w AS (
+               SELECT i.request_id,
+                      (split_part(i.stream_entry_id, '-', 1)::bigint,
+                       split_part(i.stream_entry_id, '-', 2)::bigint) <= ($1::bigint, $2::bigint)
+                          AS delivered
+                 FROM images i
+                WHERE i.status = 'Pending' AND i.enqueued_at IS NOT NULL)
+           SELECT w.request_id, r.owner, count(*) AS released,
+                  count(*) FILTER (WHERE w.delivered) AS held,
+                  count(*) FILTER (WHERE NOT w.delivered) AS on_stream
+             FROM w JOIN requests r ON r.id = w.request_id
+            GROUP BY w.request_id, r.owner""",
+        *last_delivered,
     )
-    return [Released(r["request_id"], r["owner"], r["stream_entry_id"] or "") for r in rows]
+    return [
+        InUse(r["request_id"], r["owner"], r["released"], r["held"], r["on_stream"]) for r in rows
+    ]
 
 
 @dataclass(frozen=True, slots=True)
