@@ -139,11 +139,9 @@ class Feeder:
 
 def _open_requests(waiting: list[queries.WaitingRequest], held: list[Waiting]) -> list[Waiting]:
     """Requests with images waiting (oldest first), then those with tasks held only."""
-    holding = {h.request_id: h for h in held}
+    tasks = {h.request_id: h.held for h in held}
     requests = [
-        Waiting(w.request_id, w.owner, w.waiting, holding.pop(w.request_id).held)
-        if w.request_id in holding
-        else Waiting(w.request_id, w.owner, w.waiting)
-        for w in waiting
+        Waiting(w.request_id, w.owner, w.waiting, tasks.get(w.request_id, 0)) for w in waiting
     ]
-    return requests + list(holding.values())
+    listed = {w.request_id for w in waiting}
+    return requests + [h for h in held if h.request_id not in listed]
