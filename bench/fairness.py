@@ -1,5 +1,5 @@
-"""B8 head of line, B9 two owners and B13 a slow owner: fair scheduling (docs/scheduling.md) on
-the real stack.
+"""B8 head of line, B9 two owners, B13 a slow owner and B14 a waiting one: fair scheduling
+(docs/scheduling.md) on the real stack.
 
 Both serve one small generated photo under many paths from 127.0.0.1, with origin latency
 (IMGPIPE_BENCH_HOL_DELAY, IMGPIPE_BENCH_FAIR_DELAY), and every URL is distinct.
@@ -17,6 +17,10 @@ once its tasks hold the workers, another owner's prompt request: that one's time
 to its completion, against the same request alone. A task is not preempted, so the prompt one
 waits for the first slots to free: up to two of the slow images' times, since a worker's 16
 connections to one origin serve its 32 slots in two rounds.
+
+B14: as B13, but the first owner's origin answers each image's first request 503 with
+`Retry-After: IMGPIPE_BENCH_RETRY_AFTER`: its images wait for their next attempt, and for the
+origin's cooldown, with their slots given back (docs/scheduling.md).
 """
 
 from __future__ import annotations
@@ -252,12 +256,7 @@ SLOW_SLACK = 1.0  # B13: the prompt request's time beyond alone and two slow ima
 
 
 async def run_b13(settings: BenchSettings) -> Section:
-    alone, during = [], []
-    for i in range(settings.runs):
-        a, d = await _slow_owner(settings, f"r{i}")
-        alone.append(a)
-        during.append(d)
-        log(f"B13 run {i + 1}/{settings.runs}: prompt request {d:.2f} s (alone {a:.2f} s)")
+    alone, during = await _prompt_runs(settings, "B13", delay=settings.slow_delay)
     bound = median(alone) + 2 * settings.slow_delay + SLOW_SLACK
     target = Target(
         "B13",
@@ -274,24 +273,72 @@ async def run_b13(settings: BenchSettings) -> Section:
         " from the second POST until the client sees it Completed (polled every 50 ms); alone"
         " is the same request on the same stack before the slow one.",
         "",
-        *table(
-            ("run", "prompt request alone, s", "during the slow one, s"),
-            [
-                (i + 1, f"{a:.2f}", f"{d:.2f}")
-                for i, (a, d) in enumerate(zip(alone, during, strict=True))
-            ],
-        ),
+        *_runs_table(alone, during),
     ]
     data = {"alone_s": alone, "during_s": during, "slow_delay_s": settings.slow_delay}
     return Section("B13", "a slow owner", lines, data, [target])
 
 
-async def _slow_owner(settings: BenchSettings, tag: str) -> tuple[float, float]:
-    """(the prompt request's seconds alone, and during the slow owner's request), one stack."""
+WAIT_SLACK = 2.0  # B14: the prompt request's time beyond alone
+
+
+async def run_b14(settings: BenchSettings) -> Section:
+    wait = settings.retry_after
+    alone, during = await _prompt_runs(settings, "B14", unavailable=wait)
+    target = Target(
+        "B14",
+        f"{settings.prompt_images} prompt images while another owner's"
+        f" {settings.slow_images} wait for their origin's Retry-After of {wait} s"
+        f" (median of {len(during)})",
+        f"{median(during):.2f} s (alone {median(alone):.2f} s)",
+        f"≤ alone + {WAIT_SLACK:g} s",
+        median(during) <= median(alone) + WAIT_SLACK,
+    )
+    lines = [
+        f"Two API keys on {settings.workers} workers. The first sends {settings.slow_images}"
+        f" images from an origin that answers each image's first request 503 with `Retry-After:"
+        f" {wait}`; the second, {SLOW_HEAD_START:g} s later, {settings.prompt_images} from a"
+        " prompt origin. Times as in B13.",
+        "",
+        *_runs_table(alone, during),
+    ]
+    data = {"alone_s": alone, "during_s": during, "retry_after_s": wait}
+    return Section("B14", "an owner whose origin asks to wait", lines, data, [target])
+
+
+async def _prompt_runs(
+    settings: BenchSettings, name: str, *, delay: float = 0.0, unavailable: int = 0
+) -> tuple[list[float], list[float]]:
+    """Each run's prompt request alone and beside the other owner's (`_beside`)."""
+    alone, during = [], []
+    for i in range(settings.runs):
+        a, d = await _beside(settings, f"{name}r{i}", delay=delay, unavailable=unavailable)
+        alone.append(a)
+        during.append(d)
+        log(f"{name} run {i + 1}/{settings.runs}: prompt request {d:.2f} s (alone {a:.2f} s)")
+    return alone, during
+
+
+def _runs_table(alone: list[float], during: list[float]) -> list[str]:
+    return table(
+        ("run", "prompt request alone, s", "beside the other owner's, s"),
+        [
+            (i + 1, f"{a:.2f}", f"{d:.2f}")
+            for i, (a, d) in enumerate(zip(alone, during, strict=True))
+        ],
+    )
+
+
+async def _beside(
+    settings: BenchSettings, tag: str, *, delay: float = 0.0, unavailable: int = 0
+) -> tuple[float, float]:
+    """(the prompt request's seconds alone, and beside the other owner's request, whose origin
+    answers after `delay`, and each image's first request 503 with `Retry-After: unavailable`
+    when set), on one stack."""
     slow_key, prompt_key = new_key(), new_key()
     keys = f"slowco:{key_hash(slow_key)}, quickco:{key_hash(prompt_key)}"
     async with (
-        serve_images(SIZE, delay=settings.slow_delay) as slow,
+        serve_images(SIZE, delay=delay) as slow,
         serve_images(SIZE) as prompt,
     ):
         env = _stack_env(
@@ -306,6 +353,10 @@ async def _slow_owner(settings: BenchSettings, tag: str) -> tuple[float, float]:
                 n = settings.prompt_images
                 alone = await _until_done(http, stack, _urls(prompt, n, f"{tag}a"), prompt_key)
                 slow_urls = _urls(slow, settings.slow_images, f"{tag}s")
+                if unavailable:
+                    slow.unavailable.update(
+                        (url.removeprefix(slow.url("")), unavailable) for url in slow_urls
+                    )
                 await upload(http, stack, csv_bytes(slow_urls, 10, f"{tag}s"), api_key=slow_key)
                 await asyncio.sleep(SLOW_HEAD_START)  # the slow owner's tasks fill the workers
                 during = await _until_done(http, stack, _urls(prompt, n, f"{tag}d"), prompt_key)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
-BENCHMARKS = ("B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B9", "B10", "B11", "B12", "B13")
+BENCHMARKS = tuple(f"B{n}" for n in range(1, 15))
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +40,8 @@ class BenchSettings:
     slow_images: int = 600  # IMGPIPE_BENCH_SLOW_IMAGES: B13's images from the slow origin
     slow_delay: float = 5.0  # IMGPIPE_BENCH_SLOW_DELAY: seconds per image of B13's slow origin
     prompt_images: int = 200  # IMGPIPE_BENCH_PROMPT_IMAGES: B13's other owner's images
+    # IMGPIPE_BENCH_RETRY_AFTER: B14's origin answers each image's first request 503 with it
+    retry_after: int = 20
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> BenchSettings:
@@ -99,6 +101,7 @@ class BenchSettings:
             dedup_rows=int(number("DEDUP_ROWS", defaults.dedup_rows, int)),
             slow_images=int(number("SLOW_IMAGES", defaults.slow_images, int)),
             slow_delay=number("SLOW_DELAY", defaults.slow_delay, float),
+            retry_after=int(number("RETRY_AFTER", defaults.retry_after, int)),
             prompt_images=int(number("PROMPT_IMAGES", defaults.prompt_images, int)),
         )
         if problems:

@@ -182,19 +182,26 @@ MEANINGS: dict[str, Meaning] = {
     "IMGPIPE_FETCH_MAX_REDIRECTS": Meaning("redirects followed, each re-checked"),
     "IMGPIPE_FETCH_PORTS": Meaning("ports images and webhooks may be fetched from or sent to"),
     "IMGPIPE_FETCH_PER_HOST": Meaning("connections per origin, per worker"),
-    "IMGPIPE_FETCH_MAX_RETRY_AFTER": Meaning("seconds; cap on an origin's `Retry-After`"),
+    "IMGPIPE_FETCH_MAX_RETRY_AFTER": Meaning(
+        "seconds; cap on an origin's `Retry-After` (the image waits in Postgres meanwhile, not in"
+        " a worker slot)"
+    ),
     "IMGPIPE_FETCH_ALLOW": Meaning(
         "`host:port` entries or CIDRs that bypass the address block. **Tests and local demos"
         " only: never set it in production.**"
     ),
     "IMGPIPE_MAX_PIXELS": Meaning("largest image in pixels, checked before decoding"),
     "IMGPIPE_MAX_FRAMES": Meaning("most frames in an animation"),
-    "IMGPIPE_MAX_ATTEMPTS": Meaning("tries for a transient download failure"),
+    "IMGPIPE_MAX_ATTEMPTS": Meaning(
+        "tries for a transient download failure; between two, the image waits in Postgres for its"
+        " backoff and gives its worker slot back"
+    ),
     "IMGPIPE_PROCESS_BUDGET": Meaning("seconds to decode, encode, store and record one image"),
     "IMGPIPE_VISIBILITY_TIMEOUT": Meaning(
         "seconds an entry may stay idle before it belongs to a dead worker and is taken over; a"
-        " value below the slowest legitimate image is refused",
-        default="derived (450 s with the defaults)",
+        " value below the slowest legitimate image (one download attempt and the processing"
+        " budget) is refused",
+        default="derived (90 s with the defaults)",
     ),
     "IMGPIPE_MAX_DELIVERIES": Meaning("deliveries before a task goes to the dead-letter stream"),
     "IMGPIPE_CLAIM_INTERVAL": Meaning("seconds; how often a worker looks for entries to take over"),

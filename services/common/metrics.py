@@ -63,6 +63,12 @@ IMAGES = Counter(
     "Images brought to a final state, by outcome and failure code",
     ["outcome", "code"],
 )
+IMAGES_DEFERRED = Counter(
+    "imgpipe_images_deferred",
+    "Images put back to wait for their next release: between fetch attempts (retry) or for an"
+    " origin's Retry-After (cooldown); their tasks gave their worker slots back",
+    ["reason"],
+)
 STAGE_SECONDS = Histogram(
     "imgpipe_stage_duration_seconds",
     "Duration of each completed processing stage of one image",

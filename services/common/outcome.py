@@ -82,12 +82,3 @@ class RetryPolicy:
         """Exponential backoff with full jitter; an origin's Retry-After wins when longer."""
         backoff = random.uniform(0, min(self.max_delay, self.base_delay * 2 ** (attempt - 1)))
         return max(backoff, min(retry_after or 0.0, self.max_wait))
-
-    @property
-    def longest_wait(self) -> float:
-        """The most a task can spend waiting between attempts and for origin cooldowns."""
-        between = sum(
-            max(min(self.max_delay, self.base_delay * 2.0 ** (attempt - 1)), self.max_wait)
-            for attempt in range(1, self.max_attempts)
-        )
-        return between + self.max_cooldown_waits * self.max_wait

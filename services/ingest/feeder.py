@@ -10,12 +10,14 @@ those tasks and records their stream entries, which marks them released. It runs
 ingest, one at a time across the deployment (a Postgres advisory lock taken for each pass, as
 the reconciler does), and wakes when this ingest commits a request or retries images, and every
 `poll` seconds to see workers' progress; every `idle_poll` seconds instead while nothing is
-released or waiting, since then only a commit or a retry, which wake it, can give it work.
+released or waiting, since then only a commit or a retry, which wake it, can give it work, or
+an image a worker put back to wait (a retry's backoff), whose time the pass looks up.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 import uuid
@@ -44,6 +46,9 @@ RETRY_SECONDS = 1.0
 # Between passes while the window is empty and nothing waits (another replica's commits
 # reach this one's feeder only through the poll, so not much longer).
 IDLE_POLL_SECONDS = 1.0
+# An idle feeder's pass comes this long after the next deferred image is due (the database's
+# clock and this process's may differ a little).
+DUE_SLACK = 0.01
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,11 +57,18 @@ class FeedPass:
     in_window: int = 0  # released and not final before this pass
     leader: bool = True
     room: int = 0  # what this pass could release (window and lookahead allowing)
+    due: float | None = None  # when idle: seconds until the next deferred image is due
 
     @property
     def idle(self) -> bool:
         """The leader found nothing in flight and nothing to release."""
         return self.leader and self.released == 0 and self.in_window == 0
+
+    def sleep(self, poll: float, idle_poll: float) -> float:
+        """How long to wait for a wake before the next pass."""
+        if not self.idle:
+            return poll
+        return idle_poll if self.due is None else min(idle_poll, self.due + DUE_SLACK)
 
 
 class Feeder:
@@ -104,7 +116,7 @@ class Feeder:
                 continue
             if result.released and result.released >= result.room:
                 continue  # more may be waiting, and the workers may have freed room meanwhile
-            await wait_any(self._wake, stop, timeout=self.idle_poll if result.idle else self.poll)
+            await wait_any(self._wake, stop, timeout=result.sleep(self.poll, self.idle_poll))
 
     async def feed_once(self) -> FeedPass:
         """One pass if no other feeder is in one; FeedPass(leader=False) otherwise."""
@@ -128,7 +140,10 @@ class Feeder:
         # Requests with nothing left to release are marked published (the reconciler finishes
         # only those), including ones with no images at all.
         await queries.mark_released(conn)
-        return FeedPass(released=count, in_window=in_window, room=max(0, room))
+        result = FeedPass(released=count, in_window=in_window, room=max(0, room))
+        if result.idle:  # images put back to wait for a later time need no wake to come due
+            return dataclasses.replace(result, due=await queries.next_due(conn))
+        return result
 
     async def _release(self, conn: queries.Connection, plan: dict[uuid.UUID, int]) -> int:
         releases = await queries.next_waiting_images(conn, plan)

@@ -50,10 +50,9 @@ class WorkerSettings:
 
     @property
     def slowest_image(self) -> float:
-        """The longest one image may legitimately take: every attempt at the total timeout,
-        every wait between attempts and for cooldowns, and the processing budget."""
-        fetching = self.retry.max_attempts * self.fetch_limits.total_timeout
-        return fetching + self.retry.longest_wait + self.process_budget
+        """The longest one task may legitimately take: one attempt at the total timeout and the
+        processing budget. A task waits for no retry: the image waits in Postgres instead."""
+        return self.fetch_limits.total_timeout + self.process_budget
 
     @property
     def visibility_timeout(self) -> float:

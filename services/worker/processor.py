@@ -47,6 +47,16 @@ log = logging.getLogger(__name__)
 DEFAULT_RECORD_LINGER = 0.2
 
 
+class Deferred(Exception):
+    """The image went back to waiting for `delay` seconds (queries.defer_image): its task is
+    over, and is acknowledged."""
+
+    def __init__(self, reason: str, delay: float) -> None:
+        super().__init__(reason, delay)
+        self.reason = reason  # "retry": between attempts; "cooldown": the origin's Retry-After
+        self.delay = delay
+
+
 class Fetch(Protocol):
     """fetch_image with its session and limits bound (see services.worker.__main__)."""
 
@@ -86,7 +96,7 @@ class Processor:
         # One round trip for many images (services/worker/batching.py): the checks that start
         # tasks read together, the Done records wait up to `record_linger` for company, and
         # the progress they cause is published together, the newest per request.
-        self._statuses = Batcher(self._read_statuses, observe=metrics.batch_sized("status"))
+        self._states = Batcher(self._read_states, observe=metrics.batch_sized("status"))
         self._reusable = Batcher(self._find_reusable, observe=metrics.batch_sized("reuse"))
         self._working = Expected()  # tasks that have not reached their record yet
         self._record = Batcher(
@@ -127,16 +137,30 @@ class Processor:
         request_id = uuid.UUID(task.request_id)
         # Checked on every delivery, not only redeliveries: a cancelled request's images are
         # final already, and none of them may start downloading (docs/lifecycle.md).
-        state = await self._statuses(task.image_id)
+        state = await self._states(task.image_id)
         if state is None:
             log.info("task for unknown image dropped", extra={"image_id": task.image_id})
             return
-        if state[0] != "Pending":
+        if state.deferred:  # a stale entry: the image waits in Postgres for its next release
+            return
+        if state.status != "Pending":
             if deliveries > 1:
                 await self._finish_once(request_id)
             return
         try:
             counters = await self._compress_and_store(task, request_id, ticket)
+        except Deferred as deferred:
+            ticket.done()
+            log.info(
+                "image deferred; its slot is given back",
+                extra={
+                    "image_id": task.image_id,
+                    "reason": deferred.reason,
+                    "delay": deferred.delay,
+                },
+            )
+            metrics.IMAGES_DEFERRED.labels(deferred.reason).inc()
+            return
         except ImageFailure as failure:
             ticket.done()
             log.info(
@@ -158,9 +182,9 @@ class Processor:
             if counters.all_final:
                 await self._finish_once(request_id)
 
-    async def _read_statuses(self, image_ids: Sequence[int]) -> list[tuple[str, uuid.UUID] | None]:
+    async def _read_states(self, image_ids: Sequence[int]) -> list[queries.ImageState | None]:
         async with self.pool.acquire() as conn:
-            found = await queries.image_statuses(conn, image_ids)
+            found = await queries.image_states(conn, image_ids)
         return [found.get(image_id) for image_id in image_ids]
 
     async def _find_reusable(
@@ -195,7 +219,7 @@ class Processor:
         the same source and options, or compressed here. What the record needs, and no image
         bytes: a record may linger for other tasks' (batching.py)."""
         async with self.buffers.lease() as lease:
-            data = await self._fetch_with_retries(task, lease)
+            data = await self._fetch(task, lease)
             await lease.settle(len(data))  # the fetch reserved in steps: keep what it is
             options = from_proto(task.options)
             loop = asyncio.get_running_loop()
@@ -275,52 +299,39 @@ class Processor:
                 recorded |= await queries.record_images_done(conn, images)
         return [recorded.get(done.output.image_id) for _, done in batch]
 
-    async def _fetch_with_retries(self, task: task_pb2.ImageTask, lease: Lease) -> bytes:
-        """Fetch, retrying transient failures with backoff up to max_attempts real attempts.
-
-        An origin in its Retry-After cooldown is waited for without spending an attempt (it saw
-        no request), a bounded number of times. The last transient error stays on the image row,
-        so a task dead-lettered later fails with it.
-        """
-        waits = 0
-        while True:
-            started, waited = time.perf_counter(), lease.waited
-            try:
-                with telemetry.span("fetch", attributes={"url.full": task.input_url}):
-                    data = await self.fetch(task.input_url, reserve=lease.reserve)
-            except ImageFailure as failure:
-                lease.release()  # nothing is held while waiting to try again
-                if not failure.sent and waits < self.retry.max_cooldown_waits:
-                    waits += 1
-                    await asyncio.sleep(min(failure.retry_after or 1.0, self.retry.max_wait))
-                    await self._check_pending(task.image_id)
-                    continue
+    async def _fetch(self, task: task_pb2.ImageTask, lease: Lease) -> bytes:
+        """One attempt at the download. A transient failure with attempts left, or an origin
+        in its Retry-After cooldown (which saw no request, so that is no attempt; a bounded
+        number of times), puts the image back to waiting for the feeder until its time comes:
+        the task ends and its slot serves others meanwhile (docs/scheduling.md). The last
+        transient error stays on the image row, so a task dead-lettered later fails with it."""
+        started, waited = time.perf_counter(), lease.waited
+        try:
+            with telemetry.span("fetch", attributes={"url.full": task.input_url}):
+                data = await self.fetch(task.input_url, reserve=lease.reserve)
+        except ImageFailure as failure:
+            lease.release()  # nothing is held while the image waits
+            if not failure.sent:
+                delay = min(failure.retry_after or 1.0, self.retry.max_wait)
                 async with self.pool.acquire() as conn:
-                    attempt = await queries.record_attempt(
-                        conn, task.image_id, code=str(failure.code), message=failure.message
-                    )
-                # 0: the image is final already (its request was cancelled): no retry.
-                if not failure.transient or not attempt or attempt >= self.retry.max_attempts:
-                    raise
-                delay = self.retry.delay(attempt, failure.retry_after)
-                log.info(
-                    "transient fetch failure; retrying",
-                    extra={"image_id": task.image_id, "attempt": attempt, "delay": delay},
+                    if await queries.defer_image(
+                        conn, task.image_id, delay, max_cooldown_waits=self.retry.max_cooldown_waits
+                    ):
+                        raise Deferred("cooldown", delay) from failure
+            async with self.pool.acquire() as conn:
+                attempt = await queries.record_attempt(
+                    conn, task.image_id, code=str(failure.code), message=failure.message
                 )
-                await asyncio.sleep(delay)
-                await self._check_pending(task.image_id)
-            else:
-                # The download itself: time spent waiting for the byte budget is not fetching.
-                fetching = time.perf_counter() - started - (lease.waited - waited)
-                metrics.STAGE_SECONDS.labels("fetch").observe(fetching)
-                return data  # record_image_done counts this successful attempt
-
-    async def _check_pending(self, image_id: int) -> None:
-        """Raise CANCELLED when the image became final while its task waited to try again
-        (its request was cancelled): no new download may start then."""
-        state = await self._statuses(image_id)
-        if state is None or state[0] != "Pending":
-            raise ImageFailure(OutcomeCode.CANCELLED, "the image is final already")
+                # 0: the image is final already (its request was cancelled): no retry.
+                if failure.transient and 0 < attempt < self.retry.max_attempts:
+                    delay = self.retry.delay(attempt, failure.retry_after)
+                    if await queries.defer_image(conn, task.image_id, delay):
+                        raise Deferred("retry", delay) from failure
+            raise
+        # The download itself: time spent waiting for the byte budget is not fetching.
+        fetching = time.perf_counter() - started - (lease.waited - waited)
+        metrics.STAGE_SECONDS.labels("fetch").observe(fetching)
+        return data  # record_image_done counts this successful attempt
 
     async def _finish_once(self, request_id: uuid.UUID) -> None:
         """finish_if_complete, or, while this process already runs it for the request, ask

@@ -276,3 +276,109 @@ async def test_an_idle_feeder_still_answers_a_wake_and_a_stop_at_once(
     finally:
         stop.set()
         await asyncio.wait_for(running, timeout=10)  # within the idle pause, not after it
+
+
+async def defer(pool: asyncpg.Pool, image_id: int, seconds: float, **kwargs: int) -> bool:
+    async with pool.acquire() as conn:
+        return await queries.defer_image(conn, image_id, seconds, **kwargs)
+
+
+async def image_ids(pool: asyncpg.Pool, request_id: uuid.UUID) -> list[int]:
+    rows = await pool.fetch("SELECT id FROM images WHERE request_id = $1 ORDER BY id", request_id)
+    return [row["id"] for row in rows]
+
+
+async def test_a_deferred_image_is_released_again_only_once_it_is_due(
+    pool: asyncpg.Pool, redis_client: redis.asyncio.Redis, names: StreamNames, feeder: Feeder
+) -> None:
+    request_id = await stored(pool, 3)
+    await feeder.feed_once()
+    later, due, untouched = await image_ids(pool, request_id)
+    # Workers put two of them back to wait: one for an hour, one not at all.
+    assert await defer(pool, later, 3600)
+    assert await defer(pool, due, 0)
+    async with pool.acquire() as conn:
+        states = await queries.image_states(conn, [later, due, untouched])
+        next_due = await queries.next_due(conn)
+    assert [states[i].startable for i in (later, due, untouched)] == [False, True, True]
+    assert next_due is not None and 3590 < next_due <= 3600
+
+    assert (await feeder.feed_once()).released == 1
+    tasks = await stream_messages(redis_client, names.tasks, TASK_FIELD, task_pb2.ImageTask)
+    assert [t.image_id for t in tasks] == [later, due, untouched, due]
+    row = await pool.fetchrow(
+        "SELECT enqueued_at, stream_entry_id FROM images WHERE id = $1", later
+    )
+    assert row is not None and tuple(row) == (None, None)
+
+
+async def test_an_image_put_back_before_its_release_was_recorded_stays_waiting(
+    pool: asyncpg.Pool,
+) -> None:
+    """A worker may take a task and put its image back between the feeder's XADD and its
+    recording of the entry: the record must not mark the waiting image released again."""
+    request_id = await stored(pool, 1)
+    (image_id,) = await image_ids(pool, request_id)
+    assert await defer(pool, image_id, 3600)
+    async with pool.acquire() as conn:
+        await queries.set_stream_entries(conn, [image_id], ["1-0"])
+    row = await pool.fetchrow(
+        "SELECT enqueued_at, stream_entry_id FROM images WHERE id = $1", image_id
+    )
+    assert row is not None and tuple(row) == (None, None)
+
+
+async def test_an_image_final_or_out_of_cooldown_waits_is_not_deferred(
+    pool: asyncpg.Pool, feeder: Feeder
+) -> None:
+    request_id = await stored(pool, 2)
+    await feeder.feed_once()
+    cooling, final = await image_ids(pool, request_id)
+
+    assert [await defer(pool, cooling, 0, max_cooldown_waits=2) for _ in range(3)] == [
+        True,
+        True,
+        False,  # two cooldown waits already: the next failure spends an attempt instead
+    ]
+    assert await defer(pool, cooling, 0)  # a retry's backoff is bounded by the attempts
+    async with pool.acquire() as conn:
+        await queries.record_image_failed(conn, final, code="CANCELLED", message="cancelled")
+        assert not await queries.defer_image(conn, final, 0)
+        # A retry of the request starts the image's waits afresh.
+        await queries.record_image_failed(conn, cooling, code="TIMEOUT", message="slow")
+        await queries.retry_failed_images(conn, request_id, owner="")
+    rows = await pool.fetch(
+        "SELECT not_before, cooldown_waits FROM images WHERE request_id = $1", request_id
+    )
+    assert {(r["not_before"], r["cooldown_waits"]) for r in rows} == {(None, 0)}
+
+
+def test_an_idle_pass_sleeps_until_the_next_deferred_image_is_due() -> None:
+    assert FeedPass().sleep(0.1, 1.0) == 1.0
+    assert FeedPass(due=0.25).sleep(0.1, 1.0) == pytest.approx(0.26)
+    assert FeedPass(due=30).sleep(0.1, 1.0) == 1.0
+    assert FeedPass(in_window=1, due=0.25).sleep(0.1, 1.0) == 0.1
+
+
+async def test_an_idle_feeder_releases_a_deferred_image_when_it_is_due_without_a_wake(
+    pool: asyncpg.Pool, redis_client: redis.asyncio.Redis, names: StreamNames
+) -> None:
+    # An idle pause of a minute: only the deferred image's due time can end it in the test.
+    feeder = Feeder(
+        pool=pool, redis=redis_client, names=names, window=WINDOW, poll=0.01, idle_poll=60
+    )
+    request_id = await stored(pool, 1)
+    await feeder.feed_once()
+    (image_id,) = await image_ids(pool, request_id)
+    assert await defer(pool, image_id, 0.5)
+    stop = asyncio.Event()
+    running = asyncio.create_task(feeder.run(stop))
+    try:
+
+        async def released_again() -> bool:
+            return (await on_stream(redis_client, names))[str(request_id)] == 2
+
+        await wait_until_async(released_again, timeout=10, message="released when due")
+    finally:
+        stop.set()
+        await asyncio.wait_for(running, timeout=10)

@@ -178,11 +178,12 @@ async def complete_request_insert(
 async def set_stream_entries(
     conn: Connection, image_ids: Sequence[int], entry_ids: Sequence[str]
 ) -> None:
-    """Remember where each image's task is on the stream (see the reconciler)."""
+    """Remember where each image's task is on the stream (see the reconciler). An image that a
+    worker put back to wait in the meantime (its task was quicker than this) stays waiting."""
     await conn.execute(
         """UPDATE images SET stream_entry_id = e.entry_id, enqueued_at = now()
              FROM unnest($1::bigint[], $2::text[]) AS e(image_id, entry_id)
-            WHERE images.id = e.image_id""",
+            WHERE images.id = e.image_id AND COALESCE(images.not_before, '-infinity') <= now()""",
         list(image_ids),
         list(entry_ids),
     )
@@ -236,7 +237,7 @@ class WaitingRequest:
 
 
 async def waiting_requests(conn: Connection, *, up_to: int, limit: int) -> list[WaitingRequest]:
-    """Open requests with images not yet released, oldest first, at most `limit`."""
+    """Open requests with images due for release, oldest first, at most `limit`."""
     rows = await conn.fetch(
         """SELECT r.id, r.owner, w.n
              FROM requests r
@@ -244,7 +245,7 @@ async def waiting_requests(conn: Connection, *, up_to: int, limit: int) -> list[
                   SELECT count(*) AS n FROM (
                          SELECT 1 FROM images
                           WHERE request_id = r.id AND status = 'Pending' AND enqueued_at IS NULL
-                            AND leader_id IS NULL
+                            AND leader_id IS NULL AND COALESCE(not_before, '-infinity') <= now()
                           LIMIT $1) s) w
             WHERE r.status IN ('Pending', 'Processing') AND w.n > 0
             ORDER BY r.created_at
@@ -266,7 +267,8 @@ class Release:
 
 
 async def next_waiting_images(conn: Connection, counts: dict[uuid.UUID, int]) -> list[Release]:
-    """For each request, its next `counts[request]` images not yet released, in id order."""
+    """For each request, its next `counts[request]` images due for release: those never
+    deferred in id order, then the deferred ones in the order they came due (images_waiting)."""
     rows = await conn.fetch(
         """SELECT c.request_id, r.options, r.traceparent, i.id, i.input_url
              FROM unnest($1::uuid[], $2::int[]) AS c(request_id, n)
@@ -275,7 +277,8 @@ async def next_waiting_images(conn: Connection, counts: dict[uuid.UUID, int]) ->
                   SELECT id, input_url FROM images
                    WHERE request_id = c.request_id AND status = 'Pending'
                      AND enqueued_at IS NULL AND leader_id IS NULL
-                   ORDER BY id LIMIT c.n) i
+                     AND COALESCE(not_before, '-infinity') <= now()
+                   ORDER BY COALESCE(not_before, '-infinity'), id LIMIT c.n) i
             ORDER BY c.request_id, i.id""",
         list(counts),
         list(counts.values()),
@@ -308,6 +311,16 @@ async def mark_released(conn: Connection) -> int:
                                  AND i.enqueued_at IS NULL AND i.leader_id IS NULL)"""
     )
     return int(result.split()[-1])
+
+
+async def next_due(conn: Connection) -> float | None:
+    """Seconds until the earliest deferred image is due for release; None if none is deferred."""
+    due = await conn.fetchval(
+        """SELECT extract(epoch FROM min(not_before) - now())::float8 FROM images
+            WHERE status = 'Pending' AND enqueued_at IS NULL AND not_before IS NOT NULL
+              AND not_before > now()"""
+    )
+    return None if due is None else float(due)
 
 
 @dataclass(frozen=True, slots=True)
@@ -377,14 +390,26 @@ class Counters:
         return self.images_done + self.images_failed >= self.images_total
 
 
-async def image_statuses(
-    conn: Connection, image_ids: Sequence[int]
-) -> dict[int, tuple[str, uuid.UUID]]:
-    """The status and request of each image, in one query; an image that is gone is absent."""
+@dataclass(frozen=True, slots=True)
+class ImageState:
+    status: str
+    deferred: bool  # back to waiting until a later time (defer_image): a task of it is stale
+
+    @property
+    def startable(self) -> bool:
+        """A delivered task of this image may download it now."""
+        return self.status == "Pending" and not self.deferred
+
+
+async def image_states(conn: Connection, image_ids: Sequence[int]) -> dict[int, ImageState]:
+    """The state of each image, in one query; an image that is gone is absent."""
     rows = await conn.fetch(
-        "SELECT id, status, request_id FROM images WHERE id = ANY($1::bigint[])", list(image_ids)
+        """SELECT id, status,
+                  enqueued_at IS NULL AND COALESCE(not_before > now(), false) AS deferred
+             FROM images WHERE id = ANY($1::bigint[])""",
+        list(image_ids),
     )
-    return {row["id"]: (row["status"], row["request_id"]) for row in rows}
+    return {row["id"]: ImageState(row["status"], bool(row["deferred"])) for row in rows}
 
 
 async def record_attempt(
@@ -404,6 +429,29 @@ async def record_attempt(
         message[:1000] if message else None,
     )
     return int(attempts or 0)
+
+
+async def defer_image(
+    conn: Connection, image_id: int, seconds: float, *, max_cooldown_waits: int | None = None
+) -> bool:
+    """Put a released image back to waiting, not to be released again for `seconds`, so its
+    task gives its worker slot back while it waits (docs/scheduling.md). With
+    `max_cooldown_waits`, the wait is for an origin's cooldown: it counts in cooldown_waits, and
+    there may be at most that many. False when the image is final (its request was
+    cancelled) or has waited for cooldowns that many times already."""
+    deferred = await conn.fetchval(
+        """UPDATE images
+              SET enqueued_at = NULL, stream_entry_id = NULL,
+                  not_before = now() + make_interval(secs => $2),
+                  cooldown_waits = cooldown_waits + ($3::int IS NOT NULL)::int,
+                  updated_at = now()
+            WHERE id = $1 AND status = 'Pending' AND ($3::int IS NULL OR cooldown_waits < $3)
+        RETURNING id""",
+        image_id,
+        seconds,
+        max_cooldown_waits,
+    )
+    return deferred is not None
 
 
 # One statement per outcome: the image's conditional state change, the same outcome for its
@@ -793,7 +841,8 @@ async def retry_failed_images(
         rows = await conn.fetch(
             """UPDATE images
                   SET status = 'Pending', error_code = NULL, error_message = NULL, attempts = 0,
-                      stream_entry_id = NULL, enqueued_at = NULL, updated_at = now()
+                      stream_entry_id = NULL, enqueued_at = NULL, not_before = NULL,
+                      cooldown_waits = 0, updated_at = now()
                 WHERE request_id = $1 AND status = 'Failed'
             RETURNING id, input_url""",
             request_id,
