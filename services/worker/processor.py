@@ -19,7 +19,7 @@ import asyncpg
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from services.common import metrics, telemetry
+from services.common import failpoints, metrics, telemetry
 from services.common import storage as keys
 from services.common.db import lifecycle, queries
 from services.common.fetch import Reserve
@@ -317,6 +317,7 @@ class Processor:
                     if await queries.defer_image(
                         conn, task.image_id, delay, max_cooldown_waits=self.retry.max_cooldown_waits
                     ):
+                        failpoints.crash_here("worker.after_defer")
                         raise Deferred("cooldown", delay) from failure
             async with self.pool.acquire() as conn:
                 attempt = await queries.record_attempt(
@@ -326,6 +327,7 @@ class Processor:
                 if failure.transient and 0 < attempt < self.retry.max_attempts:
                     delay = self.retry.delay(attempt, failure.retry_after)
                     if await queries.defer_image(conn, task.image_id, delay):
+                        failpoints.crash_here("worker.after_defer")  # before the XACK
                         raise Deferred("retry", delay) from failure
             raise
         # The download itself: time spent waiting for the byte budget is not fetching.

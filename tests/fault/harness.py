@@ -206,9 +206,10 @@ class Services:
         extra = {"IMGPIPE_FAILPOINTS": failpoints} if failpoints else {}
         return self.start("services.ingest", name, extra | settings)
 
-    def start_worker(self, name: str) -> Service:
+    def start_worker(self, name: str, *, failpoints: str = "") -> Service:
         """A worker whose consumer name is `name`: a new name is a new pod."""
-        return self.start("services.worker", name, {"IMGPIPE_CONSUMER_NAME": name})
+        extra = {"IMGPIPE_FAILPOINTS": failpoints} if failpoints else {}
+        return self.start("services.worker", name, {"IMGPIPE_CONSUMER_NAME": name} | extra)
 
     async def wait_serving(self, *services: Service, within: float = 60.0) -> None:
         for service in services:

@@ -88,6 +88,28 @@ async def test_kill_9_ingest_between_commit_and_release(
     await assert_clean(backends, services, request_id, images=total)
 
 
+async def test_kill_9_a_worker_between_putting_an_image_back_and_acknowledging_it(
+    backends: Backends, services: Services, origin: ImageOrigin
+) -> None:
+    total = 40
+    urls = image_urls(origin, total, "defer")
+    for url in urls[:5]:  # answered 503 with Retry-After first: their images wait in Postgres
+        origin.unavailable[url.removeprefix(origin.url(""))] = 1
+    dying = services.start_worker("worker-dying", failpoints="worker.after_defer")
+    ingest = services.start_ingest()
+    await services.wait_serving(ingest, dying)
+
+    request_id = await submit(ingest, urls)
+    # Its first 503 puts the image back to wait, and it dies before acknowledging the entry.
+    assert await dying.wait_exit(30) == -signal.SIGKILL, services.report()
+
+    # Another worker takes over the dead one's entries after the visibility timeout; the one
+    # whose image was put back is acknowledged without a download, and the feeder releases
+    # the image again once it is due.
+    await services.wait_serving(services.start_worker("worker-b"))
+    await assert_clean(backends, services, request_id, images=total)
+
+
 @pytest.mark.own_servers
 async def test_redis_restarts_and_loses_its_data(
     backends: Backends, services: Services, origin: ImageOrigin
