@@ -355,7 +355,7 @@ async def _beside(
                 slow_urls = _urls(slow, settings.slow_images, f"{tag}s")
                 if unavailable:
                     slow.unavailable.update(
-                        (url.removeprefix(slow.url("")), unavailable) for url in slow_urls
+                        (url.removeprefix(slow.url("")), [unavailable]) for url in slow_urls
                     )
                 await upload(http, stack, csv_bytes(slow_urls, 10, f"{tag}s"), api_key=slow_key)
                 await asyncio.sleep(SLOW_HEAD_START)  # the slow owner's tasks fill the workers

@@ -4,7 +4,7 @@
 `/chunked/<name>` the same in 16 KiB chunks without Content-Length, `/text` serves text that
 is not an image, anything else is 404. `delay` adds origin latency; `hits` counts the requests
 for each image path; a path in `gates` is answered once its event is set, one in `unavailable`
-once with 503 and a Retry-After.
+with 503 and each Retry-After listed, one per request, before it is served.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ class ImageOrigin:
     size: tuple[int, int]
     served: dict[str, bytes] = field(default_factory=dict)
     missing: set[str] = field(default_factory=set)  # paths answered 404 for now
-    # path: Retry-After seconds; its next request is answered 503 with it (once)
-    unavailable: dict[str, int] = field(default_factory=dict)
+    # path: the Retry-After seconds of its next requests, one each, answered 503
+    unavailable: dict[str, list[int]] = field(default_factory=dict)
     # (path, time.monotonic()) of every image request, when it arrived
     hits: list[tuple[str, float]] = field(default_factory=list)
     gates: dict[str, asyncio.Event] = field(default_factory=dict)  # path: answered once set
@@ -64,8 +64,8 @@ async def serve_images(
 
     async def image(request: web.Request) -> web.Response:
         origin.hits.append((request.path, time.monotonic()))
-        if (retry_after := origin.unavailable.pop(request.path, None)) is not None:
-            return web.Response(status=503, headers={"Retry-After": str(retry_after)})
+        if waits := origin.unavailable.get(request.path):
+            return web.Response(status=503, headers={"Retry-After": str(waits.pop(0))})
         if request.path in origin.gates:
             await origin.gates[request.path].wait()
         if delay:

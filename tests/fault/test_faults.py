@@ -94,7 +94,7 @@ async def test_kill_9_a_worker_between_putting_an_image_back_and_acknowledging_i
     total = 40
     urls = image_urls(origin, total, "defer")
     for url in urls[:5]:  # answered 503 with Retry-After first: their images wait in Postgres
-        origin.unavailable[url.removeprefix(origin.url(""))] = 1
+        origin.unavailable[url.removeprefix(origin.url(""))] = [1]
     dying = services.start_worker("worker-dying", failpoints="worker.after_defer")
     ingest = services.start_ingest()
     await services.wait_serving(ingest, dying)

@@ -68,7 +68,7 @@ async def test_an_image_waiting_for_its_retry_leaves_the_only_slot_to_another_re
     cooling_origin: ImageOrigin,
 ) -> None:
     first, second = cooling_origin.url("/img/first.jpg"), cooling_origin.url("/img/second.jpg")
-    cooling_origin.unavailable["/img/first.jpg"] = RETRY_AFTER  # its first answer: 503
+    cooling_origin.unavailable["/img/first.jpg"] = [RETRY_AFTER]  # its first answer: 503
     slow = await upload(ingest_stub, csv_of([("1", "Boot", [first, second])]))
     prompt = await upload(ingest_stub, csv_of([("1", "Shoe", image_urls(origin, 3, "prompt"))]))
 
@@ -88,6 +88,30 @@ async def test_an_image_waiting_for_its_retry_leaves_the_only_slot_to_another_re
     assert (rows[first]["attempts"], rows[first]["cooldown_waits"]) == (2, 0)
     assert (rows[second]["attempts"], rows[second]["cooldown_waits"]) == (1, 1)
     assert all(r["error_code"] is None for r in rows.values())
+
+
+async def test_an_origin_that_always_asks_to_wait_fails_its_image_after_the_attempts(
+    ingest_stub: ingest_grpc.IngestServiceAsyncStub,
+    one_slot_worker: None,
+    pool: asyncpg.Pool,
+    processor: Processor,
+    cooling_origin: ImageOrigin,
+) -> None:
+    (url,) = image_urls(cooling_origin, 1, "busy")
+    cooling_origin.unavailable[url.removeprefix(cooling_origin.url(""))] = [1] * 10
+    accepted = await upload(ingest_stub, csv_of([("1", "Cap", [url])]))
+
+    request = await wait_final(pool, accepted.request_id)
+
+    assert request["status"] == "Failed"
+    (row,) = await image_rows(pool, accepted.request_id)
+    # Every attempt was a request (no more than the retry policy allows), each cooldown wait
+    # was none, and the image ends with the origin's answer.
+    attempts = processor.retry.max_attempts
+    assert (row["attempts"], cooling_origin.hits_of(url)) == (attempts, attempts)
+    assert row["cooldown_waits"] <= processor.retry.max_cooldown_waits
+    assert (row["error_code"], row["status"]) == ("HTTP_STATUS", "Failed")
+    assert "503" in row["error_message"]
 
 
 async def test_a_stale_task_of_a_deferred_image_is_acknowledged_without_a_download(
