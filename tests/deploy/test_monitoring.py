@@ -32,6 +32,7 @@ COUNTERS_AND_GAUGES = {
     "imgpipe_retention_requests_deleted_total": set(),
     "imgpipe_retention_bytes_deleted_total": set(),
     "imgpipe_images_reused_total": set(),
+    "imgpipe_images_deferred_total": {"reason"},
     "imgpipe_tasks_reclaimed_total": set(),
     "grpc_server_handled_total": {"grpc_service", "grpc_method", "grpc_code"},
     "http_requests_total": {"method", "route", "status"},
