@@ -224,6 +224,10 @@ MEANINGS: dict[str, Meaning] = {
         "manual redeliveries per owner (`N/s`, `N/min`, `N/h`)"
     ),
     "IMGPIPE_WEBHOOK_REDELIVER_BURST": Meaning("manual redeliveries per owner at once"),
+    "IMGPIPE_WEBHOOK_PER_OWNER": Meaning(
+        "attempts of one owner in flight at once, across the status replicas: one owner's slow"
+        " receivers hold no more of the deliveries ([webhooks.md](webhooks.md))"
+    ),
     "IMGPIPE_SESSION_TTL": Meaning("seconds a browser's sign-in lasts"),
     # --- the gateway -----------------------------------------------------------------------
     "IMGPIPE_WATCH_TIMEOUT": Meaning(

@@ -62,7 +62,9 @@ class Receiver:
     """A webhook endpoint that verifies every request with the secret and records it.
 
     `answers` are (status, headers) given to the first requests, in order; then 200. `on_request`
-    is called with each verified request before it is answered."""
+    is called with each verified request before it is answered. Requests to a path in
+    `hung_paths` get no answer until `release` is set (at the latest when the receiver stops):
+    a hung receiver. A path in `secrets` is verified with its own secret (another owner's)."""
 
     secret: str
     port: int = 0
@@ -70,14 +72,27 @@ class Receiver:
     received: list[Received] = field(default_factory=list)
     rejected: list[str] = field(default_factory=list)
     on_request: Callable[[Received], None] | None = None
+    hung_paths: set[str] = field(default_factory=set)
+    secrets: dict[str, str] = field(default_factory=dict)
+    release: asyncio.Event = field(default_factory=asyncio.Event)
+    held: int = 0  # requests held unanswered now
+    most_held: int = 0  # at once, ever
 
     def url(self, path: str = "/hook") -> str:
         return f"http://127.0.0.1:{self.port}{path}"
 
     async def handle(self, request: web.Request) -> web.Response:
+        if request.path in self.hung_paths:
+            self.held += 1
+            self.most_held = max(self.most_held, self.held)
+            try:
+                await self.release.wait()
+            finally:
+                self.held -= 1
         body = await request.read()
         try:
-            payload = Webhook(self.secret).verify(body, dict(request.headers))
+            secret = self.secrets.get(request.path, self.secret)
+            payload = Webhook(secret).verify(body, dict(request.headers))
         except WebhookVerificationError as exc:
             self.rejected.append(str(exc))
             return web.Response(status=400, text="bad signature")
@@ -102,4 +117,5 @@ async def serve_receiver(secret: str, host: str = "127.0.0.1") -> AsyncIterator[
     try:
         yield receiver
     finally:
+        receiver.release.set()
         await runner.cleanup()

@@ -9,7 +9,6 @@ import grpc
 
 from services.common.auth import log_auth_state
 from services.common.db import queries
-from services.common.fetch import make_session
 from services.common.grpc_auth import ApiKeyInterceptor
 from services.common.grpc_server import Health, run_service
 from services.common.limits import Limiter
@@ -27,7 +26,7 @@ from services.status.session_service import SessionServicer
 from services.status.session_service import registrar as session_registrar
 from services.status.stream_metrics import StreamStats
 from services.status.webhooks import GROUP as WEBHOOK_GROUP
-from services.status.webhooks import WebhookDispatcher
+from services.status.webhooks import WebhookDispatcher, webhook_session
 
 SERVICE = status_pb.DESCRIPTOR.services_by_name["StatusService"].full_name
 SESSION_SERVICE = session_pb.DESCRIPTOR.services_by_name["SessionService"].full_name
@@ -41,7 +40,7 @@ async def main(settings: StatusSettings) -> None:
         storage = Storage.from_config(common.storage)
         hooks = settings.webhooks
         # Webhooks go through the same SSRF guard as image downloads.
-        session = make_session(hooks.fetch_allow, hooks.fetch_limits)
+        session = webhook_session(hooks)
         try:
             webhooks = WebhookDispatcher(
                 pool=backends.pool,

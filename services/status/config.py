@@ -38,6 +38,8 @@ class WebhookSettings:
     secret_grace: float = WEBHOOK_SECRET_GRACE
     redeliver_rate: float = WEBHOOK_REDELIVER_RATE  # per second and owner; 0: unthrottled
     redeliver_burst: int = WEBHOOK_REDELIVER_BURST
+    # Attempts of one owner in flight at once, across the replicas (db.webhooks.claim_due).
+    per_owner: int = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +89,7 @@ class StatusSettings:
                 redeliver_burst=env.integer(
                     "IMGPIPE_WEBHOOK_REDELIVER_BURST", WEBHOOK_REDELIVER_BURST, minimum=1
                 ),
+                per_owner=env.integer("IMGPIPE_WEBHOOK_PER_OWNER", 4, minimum=1),
             ),
             api_keys=read_api_keys(env),
             session_ttl=env.number("IMGPIPE_SESSION_TTL", 12 * 3600.0, minimum=59.0),

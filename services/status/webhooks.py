@@ -37,6 +37,7 @@ from datetime import UTC, datetime
 import aiohttp
 import asyncpg
 import redis.asyncio as aioredis
+from aiohttp.abc import AbstractResolver
 from google.protobuf.message import DecodeError
 from google.protobuf.timestamp_pb2 import Timestamp
 from standardwebhooks.webhooks import EmptyWebhookSecretError, Webhook
@@ -51,6 +52,7 @@ from services.common.fetch import (
     USER_AGENT,
     check_url,
     failure_from_exception,
+    make_session,
     parse_retry_after,
 )
 from services.common.grpc_server import wait_any, wait_or_stop
@@ -103,11 +105,26 @@ _STATES = {
 }
 
 
+def webhook_session(
+    settings: WebhookSettings, *, resolver_inner: AbstractResolver | None = None
+) -> aiohttp.ClientSession:
+    """The session attempts are sent with: the fetch guard of image downloads, and as many
+    connections to one receiver host as attempts in flight, so that owners sharing a receiver
+    host (an integration platform) are bounded by their own turns, not by each other's hung
+    connections."""
+    return make_session(
+        settings.fetch_allow,
+        settings.fetch_limits,
+        resolver_inner=resolver_inner,
+        limit_per_host=CONCURRENCY,
+    )
+
+
 class WebhookDispatcher:
     """Schedules, sends, retries and lists the webhooks of finished requests.
 
-    `session` comes from `make_session(settings.fetch_allow, settings.fetch_limits)`: its
-    connector refuses blocked addresses at resolve and at connect time. `consumer` names this
+    `session` comes from `webhook_session(settings)`: its connector refuses blocked addresses at
+    resolve and at connect time. `consumer` names this
     replica in the consumer group (default `status-<host>-<pid>`).
     """
 
@@ -290,7 +307,9 @@ class WebhookDispatcher:
                             task = asyncio.create_task(self._deliver(delivery, secret))
                             in_flight.add(task)
                             task.add_done_callback(in_flight.discard)
-                        if next_due is not None:
+                        # Due now and not taken: an owner at its limit, or another replica's
+                        # claim. A finished attempt wakes the loop; else the poll comes.
+                        if next_due is not None and next_due > 0:
                             pause = min(POLL_INTERVAL, max(next_due, 0.02))
                 # Woken early by a new schedule (run_events, redeliver) or a finished attempt.
                 await wait_any(stop, self._wake, timeout=pause)
@@ -306,7 +325,9 @@ class WebhookDispatcher:
         were fewer, also the seconds until the next one is due (None: nothing is scheduled)."""
         lease = self.settings.timeout + LEASE_MARGIN
         async with self.pool.acquire() as conn:
-            due = await db.claim_due(conn, limit=limit, lease_seconds=lease)
+            due = await db.claim_due(
+                conn, limit=limit, lease_seconds=lease, per_owner=self.settings.per_owner
+            )
             ids = list({d.request_id for d in due})
             states = await db.signing_generations(conn, ids) if ids else {}
             signed = [(d, self._secret_of(states.get(d.request_id))) for d in due]

@@ -25,14 +25,15 @@ from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 from services.common import tracing
 from services.common.csv_format import ProductRow
 from services.common.db import queries
+from services.common.db import webhooks as webhooks_db
 from services.common.errors import Conflict
-from services.common.fetch import FetchAllow, FetchLimits, make_session
+from services.common.fetch import FetchAllow, FetchLimits
 from services.common.pb.imgpipe.v1 import request_pb2
 from services.common.pb.imgpipe.v1 import status_service_pb2 as status_pb
 from services.common.streams import EVENT_FIELD, StreamNames
 from services.status.config import WebhookSettings
 from services.status.webhook_secrets import NOT_CONFIGURED
-from services.status.webhooks import GROUP, WebhookDispatcher, retry_delay
+from services.status.webhooks import GROUP, WebhookDispatcher, retry_delay, webhook_session
 from testing.databases import own_database
 from testing.listeners import Receiver, Tripwire, serve_receiver
 from testing.polling import wait_until_async
@@ -129,7 +130,7 @@ async def running(
     """A dispatcher with both loops running, as the status service runs it; stopped (and
     checked not to have crashed) on exit. `quiet`: it must log no warning or error either, so
     a failure its loops survive (and retry forever) does not go unnoticed."""
-    session = make_session(settings.fetch_allow, settings.fetch_limits, resolver_inner=resolver)
+    session = webhook_session(settings, resolver_inner=resolver)
     complaints = Complaints()
     logger = logging.getLogger("services.status.webhooks")
     logger.addHandler(complaints)
@@ -711,3 +712,46 @@ def test_retry_delay_follows_the_schedule_with_jitter_and_retry_after() -> None:
     shorter = retry_delay(schedule, 2, 1.0, floor=60)
     assert shorter is not None and shorter >= 240  # a shorter Retry-After changes nothing
     assert retry_delay((0.01,), 1, 1.0, floor=60) == 1.0  # tiny schedules still honour it
+
+
+# ---------------------------------------------------------------- turns between owners
+
+
+async def scheduled(pool: asyncpg.Pool, owner: str, count: int) -> list[int]:
+    """`count` finished requests of `owner`, each with attempt 1 scheduled; their rows' ids."""
+    ids = []
+    for _ in range(count):
+        row = await finished_request(pool, "http://127.0.0.1:9/hook", owner=owner)
+        async with pool.acquire() as conn:
+            assert await webhooks_db.schedule_first_attempt(
+                conn,
+                request_id=row.id,
+                event_id=row.finished_event_id,
+                event_type="request.completed",
+                url="http://127.0.0.1:9/hook",
+                payload="{}",
+            )
+            ids.append(
+                await conn.fetchval(
+                    "SELECT id FROM webhook_deliveries WHERE request_id = $1", row.id
+                )
+            )
+    return ids
+
+
+async def claim(pool: asyncpg.Pool, limit: int, per_owner: int) -> set[int]:
+    async with pool.acquire() as conn:
+        due = await webhooks_db.claim_due(conn, limit=limit, lease_seconds=60, per_owner=per_owner)
+    return {d.id for d in due}
+
+
+async def test_owners_take_turns_and_each_has_a_bound_in_flight(pool: asyncpg.Pool) -> None:
+    busy = await scheduled(pool, "busy", 10)  # the older backlog
+    quiet = await scheduled(pool, "quiet", 2)
+
+    # Turns: each owner's oldest due attempt before anyone's second.
+    assert await claim(pool, limit=2, per_owner=100) == {busy[0], quiet[0]}
+    # The bound counts what is in flight already: busy has 1 of 3, quiet 1 of 3.
+    assert await claim(pool, limit=100, per_owner=3) == {*busy[1:3], quiet[1]}
+    # Both at their bound (busy) or done: nothing more until an attempt is recorded.
+    assert await claim(pool, limit=100, per_owner=3) == set()

@@ -11,6 +11,7 @@ import contextlib
 import ipaddress
 import logging
 import secrets
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -288,6 +289,46 @@ async def test_webhook_redelivery_is_throttled_per_owner(
     assert [d.column for d in error.details] == ["redeliver"]
     attempts = await hooks.dispatcher.list_deliveries(acme_row.id)
     assert 1 <= len(attempts) <= 2  # the refused call scheduled nothing
+
+
+# ---------------------------------------------------------------- finding 11: hung receivers
+
+HUNG = 20  # more than the attempts one replica has in flight (CONCURRENCY, 16)
+PER_OWNER = 4
+
+
+async def test_one_owners_hung_receivers_do_not_hold_back_another_owners_webhook(
+    pool: asyncpg.Pool, redis_client: redis.asyncio.Redis, names: StreamNames, tmp_path: Path
+) -> None:
+    """Finding 11: attempts were claimed oldest first whoever their owner, so an owner whose
+    receivers never answer held every delivery in flight, each until the timeout, and every
+    other owner's webhook waited behind its backlog. Now owners take turns, each has at most
+    IMGPIPE_WEBHOOK_PER_OWNER attempts in flight, and one receiver host (shared by both here,
+    as an integration platform's would be) takes as many connections as there are attempts."""
+    async with (
+        hooks_for(pool, redis_client, names, tmp_path, per_owner=PER_OWNER) as hooks,
+        serve_receiver(SECRET) as shared,
+    ):
+        shared.hung_paths.add("/hung")
+        shared.secrets["/hung"] = (await hooks.secret(ACME)).secret
+        shared.secrets["/prompt"] = (await hooks.secret(GLOBEX)).secret
+        for _ in range(HUNG):
+            row = await finished_request(pool, shared.url("/hung"), owner=hooks.acme)
+            await publish(redis_client, names, finished_event(row))
+
+        async def acme_in_flight() -> bool:
+            return shared.held >= PER_OWNER
+
+        await wait_until_async(acme_in_flight, timeout=10, message="acme's attempts held")
+        sent = time.monotonic()
+        row = await finished_request(pool, shared.url("/prompt"), owner=hooks.globex)
+        await publish(redis_client, names, finished_event(row))
+        (delivery,) = await received(shared, 1)
+        waited = time.monotonic() - sent
+    # The timeout is 5 s: globex's webhook waited for none of acme's attempts to end.
+    assert waited < 2.5, waited
+    assert shared.most_held == PER_OWNER
+    assert delivery.payload["data"]["owner"] == hooks.globex and shared.rejected == []
 
 
 # ---------------------------------------------------------------- finding 7: links, logs, URLs

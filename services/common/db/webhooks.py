@@ -69,26 +69,53 @@ async def schedule_first_attempt(
     return inserted is not None
 
 
-async def claim_due(conn: Connection, *, limit: int, lease_seconds: float) -> list[DeliveryRow]:
-    """Lease up to `limit` due scheduled attempts, oldest due first, for `lease_seconds`.
+async def claim_due(
+    conn: Connection, *, limit: int, lease_seconds: float, per_owner: int
+) -> list[DeliveryRow]:
+    """Lease up to `limit` due scheduled attempts for `lease_seconds`, taking turns between
+    owners: each owner's oldest due attempt first, then each one's second, and so on, and no
+    owner more than `per_owner` attempts in flight across the replicas (leased and not yet
+    recorded). So one owner's slow or hung receivers hold at most `per_owner` of the
+    deliveries in flight, and another owner's attempt goes first whatever the first one's
+    backlog (docs/webhooks.md).
 
     The returned row's `leased_until` is the lease: record_attempt takes it back as proof that
     the attempt is still this caller's.
     """
     rows = await conn.fetch(
-        f"""UPDATE webhook_deliveries
-               SET leased_until = now() + make_interval(secs => $2)
-             WHERE id IN (SELECT id FROM webhook_deliveries
-                           WHERE state = 'scheduled' AND next_attempt_at <= now()
-                             AND (leased_until IS NULL OR leased_until <= now())
-                           ORDER BY next_attempt_at, id
-                           LIMIT $1
-                             FOR UPDATE SKIP LOCKED)
-         RETURNING {_COLUMNS},
-                   COALESCE((SELECT r.traceparent FROM requests r
-                              WHERE r.id = webhook_deliveries.request_id), '') AS traceparent""",
+        f"""WITH in_flight AS (
+                 SELECT r.owner, count(*) AS n
+                   FROM webhook_deliveries d JOIN requests r ON r.id = d.request_id
+                  WHERE d.state = 'scheduled' AND d.leased_until > now()
+                  GROUP BY r.owner),
+             due AS (
+                 SELECT d.id, d.next_attempt_at,
+                        row_number() OVER (PARTITION BY r.owner
+                                           ORDER BY d.next_attempt_at, d.id)
+                            + COALESCE(f.n, 0) AS place
+                   FROM webhook_deliveries d
+                   JOIN requests r ON r.id = d.request_id
+                   LEFT JOIN in_flight f ON f.owner = r.owner
+                  WHERE d.state = 'scheduled' AND d.next_attempt_at <= now()
+                    AND (d.leased_until IS NULL OR d.leased_until <= now())),
+             chosen AS (
+                 SELECT id FROM due WHERE place <= $3
+                  ORDER BY place, next_attempt_at, id
+                  LIMIT $1),
+             locked AS (
+                 SELECT id FROM webhook_deliveries
+                  WHERE id IN (SELECT id FROM chosen)
+                    AND state = 'scheduled' AND (leased_until IS NULL OR leased_until <= now())
+                    FOR UPDATE SKIP LOCKED)
+           UPDATE webhook_deliveries
+              SET leased_until = now() + make_interval(secs => $2)
+            WHERE id IN (SELECT id FROM locked)
+        RETURNING {_COLUMNS},
+                  COALESCE((SELECT r.traceparent FROM requests r
+                             WHERE r.id = webhook_deliveries.request_id), '') AS traceparent""",
         limit,
         lease_seconds,
+        per_owner,
     )
     return sorted((DeliveryRow(**dict(r)) for r in rows), key=lambda r: r.id)
 
