@@ -1,6 +1,6 @@
 """make bench: the benchmark suite of issue 6 against the real stack, results in bench/results/.
 
-    python -m bench            # B1 … B14 → bench/results/latest.md, latest.json, scaling.png
+    python -m bench            # B1 … B15 → bench/results/latest.md, latest.json, scaling.png
     python -m bench B1 B4      # a subset → bench/results/subset.md and subset.json
 
 B1 codec efficiency, B2 latency hiding, B3 ingest, B4 status under load, B5 worker memory,
@@ -11,7 +11,8 @@ target_ratio, min_ssim, AVIF, auto; and the search's CPU cost; in-process), B12 
 work (a catalog where 30 % of the rows repeat a URL, with and without dedup; a catalog sent
 again by its owner), B13 a slow owner (one owner's images from a slow origin, another's
 prompt ones sent into them), B14 a waiting owner (as B13, from an origin that answers 503 with
-Retry-After).
+Retry-After), B15 a slow webhook receiver (one owner's receivers hang, another's webhook is
+timed).
 bench/settings.py lists the IMGPIPE_BENCH_* knobs and their defaults. Every benchmark serves
 real photographs (testing/photos.py) from 127.0.0.1 and talks to 127.0.0.1 only. None of this
 is a test: nothing asserts a timing; the report compares the figures with the issue's targets.
@@ -42,6 +43,7 @@ from bench import (
     scaleout,
     scaling,
     status_load,
+    webhooks,
 )
 from bench.corpus import Corpus
 from bench.pipeline import log
@@ -89,6 +91,7 @@ async def main(argv: list[str]) -> int:
             (("B12",), lambda: _one(dedup.run(settings, photos))),
             (("B13",), lambda: _one(fairness.run_b13(settings))),
             (("B14",), lambda: _one(fairness.run_b14(settings))),
+            (("B15",), lambda: _one(webhooks.run(settings))),
         ]
         for covers, run in suite:
             chosen = [name for name in covers if name in names]

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
-BENCHMARKS = tuple(f"B{n}" for n in range(1, 15))
+BENCHMARKS = tuple(f"B{n}" for n in range(1, 16))
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +42,8 @@ class BenchSettings:
     prompt_images: int = 200  # IMGPIPE_BENCH_PROMPT_IMAGES: B13's other owner's images
     # IMGPIPE_BENCH_RETRY_AFTER: B14's origin answers each image's first request 503 with it
     retry_after: int = 20
+    # IMGPIPE_BENCH_HUNG_WEBHOOKS: B15's one-image requests whose webhook receiver never answers
+    hung_webhooks: int = 64
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> BenchSettings:
@@ -102,6 +104,7 @@ class BenchSettings:
             slow_images=int(number("SLOW_IMAGES", defaults.slow_images, int)),
             slow_delay=number("SLOW_DELAY", defaults.slow_delay, float),
             retry_after=int(number("RETRY_AFTER", defaults.retry_after, int)),
+            hung_webhooks=int(number("HUNG_WEBHOOKS", defaults.hung_webhooks, int)),
             prompt_images=int(number("PROMPT_IMAGES", defaults.prompt_images, int)),
         )
         if problems:
