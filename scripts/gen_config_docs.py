@@ -192,6 +192,10 @@ MEANINGS: dict[str, Meaning] = {
     ),
     "IMGPIPE_MAX_PIXELS": Meaning("largest image in pixels, checked before decoding"),
     "IMGPIPE_MAX_FRAMES": Meaning("most frames in an animation"),
+    "IMGPIPE_MAX_SCANS": Meaning(
+        "most scans in a progressive JPEG (each one a pass over the whole image), counted"
+        " before decoding"
+    ),
     "IMGPIPE_MAX_ATTEMPTS": Meaning(
         "tries for a transient download failure; between two, the image waits in Postgres for its"
         " backoff and gives its worker slot back"

@@ -110,6 +110,9 @@ def _is_number(value: object) -> bool:
 class ImageLimits:
     max_pixels: int = 50_000_000  # checked from the header before decoding
     max_frames: int = 1000  # animation frames (or TIFF pages), counted without decoding them
+    # Scans of a progressive JPEG, each a pass over the whole image: libjpeg's progressive
+    # script has 10, cjpeg accepts at most 100, a valid file can have over 2,000.
+    max_scans: int = 100
 
 
 # The conversions to and from what a task and Postgres carry.

@@ -91,6 +91,7 @@ class WorkerSettings:
             image_limits=ImageLimits(
                 max_pixels=env.integer("IMGPIPE_MAX_PIXELS", images.max_pixels, minimum=1),
                 max_frames=env.integer("IMGPIPE_MAX_FRAMES", images.max_frames, minimum=1),
+                max_scans=env.integer("IMGPIPE_MAX_SCANS", images.max_scans, minimum=1),
             ),
             retry=RetryPolicy(
                 max_attempts=env.integer("IMGPIPE_MAX_ATTEMPTS", 3, minimum=1),

@@ -130,8 +130,9 @@ def compress(
     When the source is already in the output format, needs no pixel change and is smaller than
     the new encoding, its own bytes are returned with metadata removed (`kept_source=True`).
 
-    Refused before any pixel is decoded: more than `limits.max_pixels` pixels or more than
-    `limits.max_frames` frames (DECOMPRESSION_BOMB); SVG (UNSUPPORTED_FORMAT) and HTML pages
+    Refused before any pixel is decoded: more than `limits.max_pixels` pixels, more than
+    `limits.max_frames` frames or a progressive JPEG of more than `limits.max_scans` scans
+    (DECOMPRESSION_BOMB); SVG (UNSUPPORTED_FORMAT) and HTML pages
     (NOT_AN_IMAGE) are told apart from other non-images by their first bytes.
 
     With a `budget`, the decode and encode wait until the image's pixels (after JPEG
@@ -163,6 +164,14 @@ def compress(
                 f"the {what} has more than {limits.max_frames} {unit}; the limit is "
                 f"{limits.max_frames} {unit}",
             )
+        if source_format in ("JPEG", "MPO") and img.info.get("progressive"):
+            scans = _jpeg_scans(data, stop=limits.max_scans + 1)
+            if scans > limits.max_scans:
+                raise ImageFailure(
+                    OutcomeCode.DECOMPRESSION_BOMB,
+                    f"the progressive JPEG has more than {limits.max_scans} scans; the limit is"
+                    f" {limits.max_scans} scans",
+                )
         try:
             animated = frames > 1
             img.seek(0)
@@ -355,6 +364,35 @@ def _count_frames(img: Image.Image, data: bytes, *, stop: int) -> int:
         return _tiff_pages(data, stop)
     count = getattr(img, "n_frames", 1)
     return count if isinstance(count, int) and count > 0 else 1
+
+
+def _jpeg_scans(data: bytes, stop: int) -> int:
+    """Scans (SOS segments) of a JPEG's first image, counted up to `stop`.
+
+    A progressive decoder goes over the whole image once per scan, and a scan may be a few
+    bytes (one coefficient bit of every block, in end-of-band runs), so thousands of scans
+    make a small file that costs seconds of CPU. Marker segments are stepped over by their
+    lengths, entropy-coded data to the next marker (as `_strip_jpeg` does); anything
+    unexpected ends the count (the decoder has the last word on damage)."""
+    scans, i = 0, 2
+    while scans < stop and (found := _jpeg_marker(data, i)) is not None:
+        i, marker = found
+        if marker == 0xD9:  # end of the first image
+            break
+        if 0xD0 <= marker <= 0xD7 or marker == 0x01:  # restart markers, TEM: no length
+            i += 2
+            continue
+        end = _jpeg_segment_end(data, i)
+        if end is None:
+            break
+        i = end
+        if marker == 0xDA:
+            scans += 1
+            scan_end = _NEXT_MARKER.search(data, i)
+            if scan_end is None:
+                break
+            i = scan_end.start()
+    return scans
 
 
 def _gif_frames(data: bytes, stop: int) -> int:

@@ -16,7 +16,14 @@ from PIL.PngImagePlugin import PngInfo
 
 from services.common.image_options import Effort, ImageLimits, ImageOptions, OutputFormat
 from services.common.outcome import ImageFailure, OutcomeCode
-from services.worker.imaging import Compressed, _gif_frames, _is_srgb, _tiff_pages, compress
+from services.worker.imaging import (
+    Compressed,
+    _gif_frames,
+    _is_srgb,
+    _jpeg_scans,
+    _tiff_pages,
+    compress,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -489,6 +496,36 @@ def test_frames_are_counted_only_up_to_the_limit() -> None:
     assert _gif_frames(gif, stop=1000) == 30
     assert _tiff_pages(tiff, stop=1000) == 30
     assert ImageLimits().max_frames == 1000
+
+
+def test_a_progressive_jpeg_of_too_many_scans_is_a_bomb() -> None:
+    # libjpeg's progressive script: 10 scans, each a pass over every block of the image.
+    source = encode(photo((64, 48)), "JPEG", quality=90, progressive=True)
+    assert _jpeg_scans(source, stop=1000) == 10
+
+    failure = failure_of(source, limits=ImageLimits(max_scans=9))
+
+    assert failure.code is OutcomeCode.DECOMPRESSION_BOMB
+    assert failure.message == ("the progressive JPEG has more than 9 scans; the limit is 9 scans")
+    assert not failure.transient
+    assert compress(source, limits=ImageLimits(max_scans=10)).width == 64  # at the limit
+    # A baseline JPEG is one scan per component at most, and is not counted.
+    baseline = encode(photo((64, 48)), "JPEG", quality=90)
+    assert compress(baseline, limits=ImageLimits(max_scans=1)).width == 64
+    assert ImageLimits().max_scans == 100
+
+
+def test_jpeg_scans_are_counted_by_structure_and_only_up_to_the_limit() -> None:
+    source = encode(photo((64, 48)), "JPEG", quality=90, progressive=True)
+    # A segment whose bytes look like a scan (an EXIF thumbnail has real ones) is stepped over
+    # by its length, and fill bytes before a marker are allowed.
+    fake_scan = b"\xff\xda\x00\x08\x01\x01\x00\x00\x3f\x00" * 5
+    app1 = b"\xff\xe1" + (len(fake_scan) + 2).to_bytes(2, "big") + fake_scan
+    padded = source[:2] + app1 + source[2:].replace(b"\xff\xda", b"\xff\xff\xda", 1)
+    assert _jpeg_scans(padded, stop=1000) == 10
+    assert decode(padded).size == (64, 48)
+    assert _jpeg_scans(source, stop=4) == 4
+    assert _jpeg_scans(b"\xff\xd8not a jpeg", stop=100) == 0
 
 
 def test_gif_frame_count_agrees_with_pillow() -> None:
