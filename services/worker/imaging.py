@@ -149,29 +149,7 @@ def compress(
     with _open(data, limits) as img, contextlib.ExitStack() as held:
         source_format = img.format or ""
         width, height = img.size
-        if width * height > limits.max_pixels:
-            raise ImageFailure(
-                OutcomeCode.DECOMPRESSION_BOMB,
-                f"the image is {width}x{height} pixels; the limit is {_pixels(limits.max_pixels)}",
-            )
-        frames = _count_frames(img, data, stop=limits.max_frames + 1)
-        if frames > limits.max_frames:
-            what, unit = (
-                ("TIFF image", "pages") if source_format == "TIFF" else ("animated image", "frames")
-            )
-            raise ImageFailure(
-                OutcomeCode.DECOMPRESSION_BOMB,
-                f"the {what} has more than {limits.max_frames} {unit}; the limit is "
-                f"{limits.max_frames} {unit}",
-            )
-        if source_format in ("JPEG", "MPO") and img.info.get("progressive"):
-            scans = _jpeg_scans(data, stop=limits.max_scans + 1)
-            if scans > limits.max_scans:
-                raise ImageFailure(
-                    OutcomeCode.DECOMPRESSION_BOMB,
-                    f"the progressive JPEG has more than {limits.max_scans} scans; the limit is"
-                    f" {limits.max_scans} scans",
-                )
+        frames = _frames_within_limits(img, data, limits)
         try:
             animated = frames > 1
             img.seek(0)
@@ -349,6 +327,36 @@ def _pixels(count: int) -> str:
 
 
 # --- frames: counted from the file structure, never decoded ---------------------------------
+
+
+def _frames_within_limits(img: Image.Image, data: bytes, limits: ImageLimits) -> int:
+    """The image's frame count, once its header shows nothing that decoding could make
+    costly past `limits`: its pixels, frames and, for a progressive JPEG, scans. Raises
+    DECOMPRESSION_BOMB otherwise."""
+    width, height = img.size
+    if width * height > limits.max_pixels:
+        raise ImageFailure(
+            OutcomeCode.DECOMPRESSION_BOMB,
+            f"the image is {width}x{height} pixels; the limit is {_pixels(limits.max_pixels)}",
+        )
+    frames = _count_frames(img, data, stop=limits.max_frames + 1)
+    if frames > limits.max_frames:
+        what, unit = (
+            ("TIFF image", "pages") if img.format == "TIFF" else ("animated image", "frames")
+        )
+        raise ImageFailure(
+            OutcomeCode.DECOMPRESSION_BOMB,
+            f"the {what} has more than {limits.max_frames} {unit}; the limit is "
+            f"{limits.max_frames} {unit}",
+        )
+    progressive = img.format in ("JPEG", "MPO") and img.info.get("progressive")
+    if progressive and _jpeg_scans(data, stop=limits.max_scans + 1) > limits.max_scans:
+        raise ImageFailure(
+            OutcomeCode.DECOMPRESSION_BOMB,
+            f"the progressive JPEG has more than {limits.max_scans} scans; the limit is"
+            f" {limits.max_scans} scans",
+        )
+    return frames
 
 
 def _count_frames(img: Image.Image, data: bytes, *, stop: int) -> int:
