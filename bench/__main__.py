@@ -1,6 +1,6 @@
 """make bench: the benchmark suite of issue 6 against the real stack, results in bench/results/.
 
-    python -m bench            # B1 … B15 → bench/results/latest.md, latest.json, scaling.png
+    python -m bench            # B1 … B16 → bench/results/latest.md, latest.json, scaling.png
     python -m bench B1 B4      # a subset → bench/results/subset.md and subset.json
 
 B1 codec efficiency, B2 latency hiding, B3 ingest, B4 status under load, B5 worker memory,
@@ -12,7 +12,8 @@ work (a catalog where 30 % of the rows repeat a URL, with and without dedup; a c
 again by its owner), B13 a slow owner (one owner's images from a slow origin, another's
 prompt ones sent into them), B14 a waiting owner (as B13, from an origin that answers 503 with
 Retry-After), B15 a slow webhook receiver (one owner's receivers hang, another's webhook is
-timed).
+timed), B16 a heavy owner (as B13, with 24-megapixel photos that queue for the compress
+threads).
 bench/settings.py lists the IMGPIPE_BENCH_* knobs and their defaults. Every benchmark serves
 real photographs (testing/photos.py) from 127.0.0.1 and talks to 127.0.0.1 only. None of this
 is a test: nothing asserts a timing; the report compares the figures with the issue's targets.
@@ -92,6 +93,7 @@ async def main(argv: list[str]) -> int:
             (("B13",), lambda: _one(fairness.run_b13(settings))),
             (("B14",), lambda: _one(fairness.run_b14(settings))),
             (("B15",), lambda: _one(webhooks.run(settings))),
+            (("B16",), lambda: _one(fairness.run_b16(settings))),
         ]
         for covers, run in suite:
             chosen = [name for name in covers if name in names]

@@ -1,5 +1,5 @@
-"""B8 head of line, B9 two owners, B13 a slow owner and B14 a waiting one: fair scheduling
-(docs/scheduling.md) on the real stack.
+"""B8 head of line, B9 two owners, B13 a slow owner, B14 a waiting one and B16 a heavy one:
+fair scheduling (docs/scheduling.md) on the real stack.
 
 Both serve one small generated photo under many paths from 127.0.0.1, with origin latency
 (IMGPIPE_BENCH_HOL_DELAY, IMGPIPE_BENCH_FAIR_DELAY), and every URL is distinct.
@@ -21,6 +21,9 @@ connections to one origin serve its 32 slots in two rounds.
 B14: as B13, but the first owner's origin answers each image's first request 503 with
 `Retry-After: IMGPIPE_BENCH_RETRY_AFTER`: its images wait for their next attempt, and for the
 origin's cooldown, with their slots given back (docs/scheduling.md).
+
+B16: as B13, but the first owner's IMGPIPE_BENCH_HEAVY_IMAGES photos are of 24 megapixels,
+from a prompt origin: its tasks queue for the workers' compress threads with the prompt ones.
 """
 
 from __future__ import annotations
@@ -306,13 +309,52 @@ async def run_b14(settings: BenchSettings) -> Section:
     return Section("B14", "an owner whose origin asks to wait", lines, data, [target])
 
 
+HEAVY_SIZE = (6000, 4000)  # B16: 24-megapixel photos, about 0.4 s of codec each
+HEAVY_SLACK = 3.0  # B16: the prompt request's time beyond alone
+
+
+async def run_b16(settings: BenchSettings) -> Section:
+    count = settings.heavy_images
+    alone, during = await _prompt_runs(settings, "B16", size=HEAVY_SIZE, count=count)
+    target = Target(
+        "B16",
+        f"{settings.prompt_images} prompt images while another owner's {count} photos of"
+        f" {HEAVY_SIZE[0]}×{HEAVY_SIZE[1]} are compressed (median of {len(during)})",
+        f"{median(during):.2f} s (alone {median(alone):.2f} s)",
+        f"≤ alone + {HEAVY_SLACK:g} s",
+        median(during) <= median(alone) + HEAVY_SLACK,
+    )
+    lines = [
+        f"Two API keys on {settings.workers} workers. The first sends {count} photos of"
+        f" {HEAVY_SIZE[0]}×{HEAVY_SIZE[1]} from a prompt origin; the second, {SLOW_HEAD_START:g} s"
+        f" later, {settings.prompt_images} of {SIZE[0]}×{SIZE[1]}. Times as in B13.",
+        "",
+        *_runs_table(alone, during),
+    ]
+    data = {"alone_s": alone, "during_s": during, "heavy_images": count}
+    return Section("B16", "an owner of heavy images", lines, data, [target])
+
+
 async def _prompt_runs(
-    settings: BenchSettings, name: str, *, delay: float = 0.0, unavailable: int = 0
+    settings: BenchSettings,
+    name: str,
+    *,
+    delay: float = 0.0,
+    unavailable: int = 0,
+    size: tuple[int, int] = SIZE,
+    count: int | None = None,
 ) -> tuple[list[float], list[float]]:
     """Each run's prompt request alone and beside the other owner's (`_beside`)."""
     alone, during = [], []
     for i in range(settings.runs):
-        a, d = await _beside(settings, f"{name}r{i}", delay=delay, unavailable=unavailable)
+        a, d = await _beside(
+            settings,
+            f"{name}r{i}",
+            delay=delay,
+            unavailable=unavailable,
+            size=size,
+            count=count or settings.slow_images,
+        )
         alone.append(a)
         during.append(d)
         log(f"{name} run {i + 1}/{settings.runs}: prompt request {d:.2f} s (alone {a:.2f} s)")
@@ -330,15 +372,21 @@ def _runs_table(alone: list[float], during: list[float]) -> list[str]:
 
 
 async def _beside(
-    settings: BenchSettings, tag: str, *, delay: float = 0.0, unavailable: int = 0
+    settings: BenchSettings,
+    tag: str,
+    *,
+    delay: float = 0.0,
+    unavailable: int = 0,
+    size: tuple[int, int] = SIZE,
+    count: int = 0,
 ) -> tuple[float, float]:
-    """(the prompt request's seconds alone, and beside the other owner's request, whose origin
-    answers after `delay`, and each image's first request 503 with `Retry-After: unavailable`
-    when set), on one stack."""
+    """(the prompt request's seconds alone, and beside the other owner's request of `count`
+    images of `size`, whose origin answers after `delay`, and each image's first request 503
+    with `Retry-After: unavailable` when set), on one stack."""
     slow_key, prompt_key = new_key(), new_key()
     keys = f"slowco:{key_hash(slow_key)}, quickco:{key_hash(prompt_key)}"
     async with (
-        serve_images(SIZE, delay=delay) as slow,
+        serve_images(size, delay=delay) as slow,
         serve_images(SIZE) as prompt,
     ):
         env = _stack_env(
@@ -352,7 +400,7 @@ async def _beside(
             async with aiohttp.ClientSession(timeout=timeout) as http:
                 n = settings.prompt_images
                 alone = await _until_done(http, stack, _urls(prompt, n, f"{tag}a"), prompt_key)
-                slow_urls = _urls(slow, settings.slow_images, f"{tag}s")
+                slow_urls = _urls(slow, count or settings.slow_images, f"{tag}s")
                 if unavailable:
                     slow.unavailable.update(
                         (url.removeprefix(slow.url("")), [unavailable]) for url in slow_urls

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
-BENCHMARKS = tuple(f"B{n}" for n in range(1, 16))
+BENCHMARKS = tuple(f"B{n}" for n in range(1, 17))
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +44,7 @@ class BenchSettings:
     retry_after: int = 20
     # IMGPIPE_BENCH_HUNG_WEBHOOKS: B15's one-image requests whose webhook receiver never answers
     hung_webhooks: int = 64
+    heavy_images: int = 300  # IMGPIPE_BENCH_HEAVY_IMAGES: B16's 24-megapixel photos
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> BenchSettings:
@@ -105,6 +106,7 @@ class BenchSettings:
             slow_delay=number("SLOW_DELAY", defaults.slow_delay, float),
             retry_after=int(number("RETRY_AFTER", defaults.retry_after, int)),
             hung_webhooks=int(number("HUNG_WEBHOOKS", defaults.hung_webhooks, int)),
+            heavy_images=int(number("HEAVY_IMAGES", defaults.heavy_images, int)),
             prompt_images=int(number("PROMPT_IMAGES", defaults.prompt_images, int)),
         )
         if problems:

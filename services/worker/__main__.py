@@ -43,6 +43,7 @@ async def main(settings: WorkerSettings) -> None:
                 executor=executor,
                 image_limits=settings.image_limits,
                 retry=settings.retry,
+                threads=settings.threads,
                 buffers=ByteBudget(settings.buffer_bytes, metrics.budget_waited("bytes")),
                 pixels=PixelBudget(settings.pixel_budget, metrics.budget_waited("pixels")),
                 reuse_outputs=settings.reuse_outputs,

@@ -7,7 +7,6 @@ commit. A task delivered twice finds its image already final and only checks the
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 import uuid
@@ -40,6 +39,7 @@ from services.worker.budget import (
     PixelBudget,
 )
 from services.worker.imaging import Compressed, compress
+from services.worker.turns import CodecTurns
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +75,7 @@ class Processor:
         executor: Executor,
         image_limits: ImageLimits,
         retry: RetryPolicy,
+        threads: int = 2,
         buffers: ByteBudget | None = None,
         pixels: PixelBudget | None = None,
         reuse_outputs: bool = True,
@@ -86,6 +87,8 @@ class Processor:
         self.storage = storage
         self.fetch = fetch
         self.executor = executor
+        # The executor's `threads`, taken in turns by request (services/worker/turns.py).
+        self.codec = CodecTurns(executor, threads)
         self.image_limits = image_limits
         self.retry = retry
         # Many tasks wait on origins at once; these bound what they hold once the bytes come.
@@ -222,18 +225,17 @@ class Processor:
             data = await self._fetch(task, lease)
             await lease.settle(len(data))  # the fetch reserved in steps: keep what it is
             options = from_proto(task.options)
-            loop = asyncio.get_running_loop()
             digests = None
             if self.reuse_outputs:
-                digests = await loop.run_in_executor(self.executor, dedup.digests_of, data, options)
+                digests = await self.codec.run(task.request_id, dedup.digests_of, data, options)
                 reused = await dedup.reuse_stored(
                     self._reusable, self.storage, request_id, task.image_id, digests
                 )
                 if reused is not None:
                     return queries.DoneImage(reused.output, len(data), digests, reused.from_image)
             try:
-                result = await loop.run_in_executor(
-                    self.executor, compress, data, options, self.image_limits, self.pixels
+                result = await self.codec.run(
+                    task.request_id, compress, data, options, self.image_limits, self.pixels
                 )
             except ImageFailure:
                 raise
