@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import itertools
 import sys
 import threading
 import time
@@ -44,7 +45,10 @@ def _ignore(_: float) -> None:
 
 class ByteBudget:
     """Bytes held by downloads, granted in order: leases growing a body they are reading first,
-    then new ones, each first come, first served.
+    first come, first served; then new ones, those of the request (`key`) holding the fewest
+    bytes first, so that a small image's download does not wait for the bodies another
+    request's images hold while they queue for the codec (docs/scheduling.md). The next in
+    that order waits until it fits: none is overtaken by a smaller one behind it.
 
     A lease may wait for more while it holds bytes (a body longer than it said, or of no stated
     length). Two such leases could each wait for the other's bytes; so when every byte held
@@ -61,20 +65,27 @@ class ByteBudget:
         self.waited = waited
         self._waiters: deque[_Waiter] = deque()
         self._held_by_waiters = 0
+        self._held: dict[str, int] = {}  # bytes held, by key (a request); none kept at 0
+        self._arrivals = itertools.count()
 
     @property
     def waiting(self) -> int:
         """How many acquisitions are queued for bytes."""
         return len(self._waiters)
 
-    async def acquire(self, amount: int, holding: int = 0) -> None:
-        """Add `amount` to the `holding` bytes the caller already holds (and keeps meanwhile)."""
+    def held_by(self, key: str) -> int:
+        return self._held.get(key, 0)
+
+    async def acquire(self, amount: int, holding: int = 0, key: str = "") -> None:
+        """Add `amount` to the `holding` bytes the caller already holds (and keeps meanwhile),
+        for `key`."""
         if not self._waiters and self._fits(amount, holding):
-            self.used += amount
+            self._take(amount, key)
             self.waited(0.0)
             return
         started = time.perf_counter()
-        waiter = _Waiter(amount, holding, asyncio.get_running_loop().create_future())
+        future = asyncio.get_running_loop().create_future()
+        waiter = _Waiter(amount, holding, future, key, next(self._arrivals))
         if holding:  # behind the other growing leases, ahead of the new ones
             growing = sum(1 for w in self._waiters if w.holding)
             self._waiters.insert(growing, waiter)
@@ -87,23 +98,39 @@ class ByteBudget:
             self.waited(time.perf_counter() - started)
         except BaseException:
             if waiter.future.done() and not waiter.future.cancelled():
-                self.release(amount)  # granted just as we were cancelled
+                self.release(amount, key)  # granted just as we were cancelled
             elif waiter in self._waiters:
                 self._waiters.remove(waiter)
                 self._held_by_waiters -= holding
                 self._wake()  # a large waiter leaving may unblock smaller ones behind it
             raise
 
-    def release(self, amount: int) -> None:
+    def release(self, amount: int, key: str = "") -> None:
         self.used -= amount
+        left = self._held.get(key, 0) - amount
+        if left > 0:
+            self._held[key] = left
+        else:
+            self._held.pop(key, None)
         self._wake()
+
+    def _take(self, amount: int, key: str) -> None:
+        self.used += amount
+        self._held[key] = self._held.get(key, 0) + amount
 
     def _fits(self, amount: int, holding: int) -> bool:
         return self.used == holding or self.used + amount <= self.capacity
 
+    def _next(self) -> _Waiter:
+        """The first growing lease; else the new one whose key holds the fewest bytes."""
+        head = self._waiters[0]
+        if head.holding:
+            return head
+        return min(self._waiters, key=lambda w: (self._held.get(w.key, 0), w.arrival))
+
     def _wake(self) -> None:
         while self._waiters:
-            head = self._waiters[0]
+            head = self._next()
             if self._fits(head.amount, head.holding):
                 self._grant(head)
             elif self.used and self._held_by_waiters == self.used:
@@ -116,13 +143,14 @@ class ByteBudget:
         self._waiters.remove(waiter)
         self._held_by_waiters -= waiter.holding
         if not waiter.future.done():  # a cancelled one is on its way out
-            self.used += waiter.amount
+            self._take(waiter.amount, waiter.key)
             waiter.future.set_result(None)
 
     @contextlib.asynccontextmanager
-    async def lease(self) -> AsyncIterator[Lease]:
-        """A holder that reserves as it learns sizes and gives everything back at the end."""
-        lease = Lease(self)
+    async def lease(self, key: str = "") -> AsyncIterator[Lease]:
+        """A holder for `key` (a request) that reserves as it learns sizes and gives
+        everything back at the end."""
+        lease = Lease(self, key)
         try:
             yield lease
         finally:
@@ -134,11 +162,14 @@ class _Waiter:
     amount: int  # wanted on top of what it holds
     holding: int  # held already, counted in the budget's `used`
     future: asyncio.Future[None]
+    key: str
+    arrival: int  # first come, first served among equals
 
 
 class Lease:
-    def __init__(self, budget: ByteBudget) -> None:
+    def __init__(self, budget: ByteBudget, key: str = "") -> None:
         self._budget = budget
+        self.key = key
         self.held = 0
         self.waited = 0.0  # seconds spent waiting for the budget, so timings can leave it out
 
@@ -148,7 +179,7 @@ class Lease:
         if amount <= self.held:
             return
         started = time.perf_counter()
-        await self._budget.acquire(amount - self.held, self.held)
+        await self._budget.acquire(amount - self.held, self.held, self.key)
         self.waited += time.perf_counter() - started
         self.held = amount
 
@@ -157,12 +188,12 @@ class Lease:
         if amount > self.held:
             await self.reserve(amount)
         elif amount < self.held:
-            self._budget.release(self.held - amount)
+            self._budget.release(self.held - amount, self.key)
             self.held = amount
 
     def release(self) -> None:
         if self.held:
-            self._budget.release(self.held)
+            self._budget.release(self.held, self.key)
             self.held = 0
 
 

@@ -221,7 +221,7 @@ class Processor:
         """The image's output, stored under its key: a copy of the owner's earlier output of
         the same source and options, or compressed here. What the record needs, and no image
         bytes: a record may linger for other tasks' (batching.py)."""
-        async with self.buffers.lease() as lease:
+        async with self.buffers.lease(task.request_id) as lease:
             data = await self._fetch(task, lease)
             await lease.settle(len(data))  # the fetch reserved in steps: keep what it is
             options = from_proto(task.options)

@@ -1,10 +1,11 @@
-"""Turns at the compress threads, by request (docs/scheduling.md, "Turns at the codec").
+"""Turns at the compress threads, by request (docs/scheduling.md, "Turns at the codec and the
+download buffer").
 
 The feeder shares the workers' slots between owners, and between an owner's requests, by the
 time their tasks hold them. Inside a worker the tasks in those slots then queue for a few
 compress threads, and first come, first served there undoes the shares when images cost
-different amounts: a request of 1200-pixel photos (10 ms of codec each) waited behind every
-24-megapixel photo (about 0.4 s) queued ahead of it, 33.7 s for 200 images against 1.3 s alone.
+different amounts: a request of small images (a few ms of codec each) waited behind every
+24-megapixel photo (about 0.4 s) queued ahead of it (B16).
 
 So a call waits for its turn: the next to run is the waiting call whose request has used the
 least thread time in this worker. A request that arrives starts level with the least-served

@@ -1,4 +1,4 @@
-"""The worker's memory budgets: bounded, first come first served, and never deadlocked."""
+"""The worker's memory budgets: bounded, in a fair order, and never deadlocked."""
 
 from __future__ import annotations
 
@@ -127,6 +127,25 @@ async def test_a_growing_lease_keeps_what_it_holds_and_goes_before_new_leases() 
         await newcomer
         assert (reading.held, budget.used) == (25, 95)
     assert budget.used == 70
+
+
+async def test_a_new_lease_of_a_request_holding_less_goes_first() -> None:
+    budget = ByteBudget(100)
+    async with budget.lease("heavy") as waiting_for_the_codec:
+        await waiting_for_the_codec.reserve(90)
+        heavy = asyncio.create_task(budget.acquire(50, key="heavy"))  # 140 > 100: queued
+        await queued(budget, 1)
+        light = asyncio.create_task(budget.acquire(5, key="light"))
+
+        # First come, first served, the small download would wait behind the heavy request's;
+        # its request holds nothing, so it goes first, and it fits.
+        await asyncio.wait_for(light, 5)
+        assert not heavy.done()
+        assert (budget.held_by("light"), budget.held_by("heavy"), budget.used) == (5, 90, 95)
+    await asyncio.wait_for(heavy, 5)  # compressed: the heavy request's next download goes on
+    budget.release(5, "light")
+    budget.release(50, "heavy")
+    assert budget.used == 0 and budget.held_by("heavy") == 0  # nothing kept per request
 
 
 async def test_when_every_holder_waits_the_one_holding_most_grows_past_the_capacity() -> None:
