@@ -124,8 +124,8 @@ class WebhookDispatcher:
     """Schedules, sends, retries and lists the webhooks of finished requests.
 
     `session` comes from `webhook_session(settings)`: its connector refuses blocked addresses at
-    resolve and at connect time. `consumer` names this
-    replica in the consumer group (default `status-<host>-<pid>`).
+    resolve and at connect time. `consumer` names this replica in the consumer group (default
+    `status-<host>-<pid>`).
     """
 
     def __init__(
