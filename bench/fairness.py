@@ -259,27 +259,21 @@ SLOW_SLACK = 1.0  # B13: the prompt request's time beyond alone and two slow ima
 
 
 async def run_b13(settings: BenchSettings) -> Section:
-    alone, during = await _prompt_runs(settings, "B13", delay=settings.slow_delay)
-    bound = median(alone) + 2 * settings.slow_delay + SLOW_SLACK
-    target = Target(
-        "B13",
-        f"{settings.prompt_images} prompt images while another owner's"
-        f" {settings.slow_images} take {settings.slow_delay:g} s each (median of {len(during)})",
-        f"{median(during):.2f} s (alone {median(alone):.2f} s)",
-        f"≤ alone + 2 × {settings.slow_delay:g} s + {SLOW_SLACK:g} s",
-        median(during) <= bound,
+    delay = settings.slow_delay
+    alone, during = await _prompt_runs(settings, "B13", delay=delay)
+    return _prompt_section(
+        settings,
+        ("B13", "a slow owner"),
+        f"{settings.slow_images} take {delay:g} s each",
+        (2 * delay + SLOW_SLACK, f"2 × {delay:g} s + {SLOW_SLACK:g} s"),
+        (alone, during),
+        f"sends {settings.slow_images} images from an origin that answers each after"
+        f" {delay:g} s; the second, {SLOW_HEAD_START:g} s later, {settings.prompt_images} from a"
+        " prompt origin. Times are from the second POST until the client sees it Completed"
+        " (polled every 50 ms); alone is the same request on the same stack before the slow"
+        " one.",
+        {"slow_delay_s": delay},
     )
-    lines = [
-        f"Two API keys on {settings.workers} workers. The first sends {settings.slow_images}"
-        f" images from an origin that answers each after {settings.slow_delay:g} s; the second,"
-        f" {SLOW_HEAD_START:g} s later, {settings.prompt_images} from a prompt origin. Times are"
-        " from the second POST until the client sees it Completed (polled every 50 ms); alone"
-        " is the same request on the same stack before the slow one.",
-        "",
-        *_runs_table(alone, during),
-    ]
-    data = {"alone_s": alone, "during_s": during, "slow_delay_s": settings.slow_delay}
-    return Section("B13", "a slow owner", lines, data, [target])
 
 
 WAIT_SLACK = 2.0  # B14: the prompt request's time beyond alone
@@ -288,25 +282,17 @@ WAIT_SLACK = 2.0  # B14: the prompt request's time beyond alone
 async def run_b14(settings: BenchSettings) -> Section:
     wait = settings.retry_after
     alone, during = await _prompt_runs(settings, "B14", unavailable=wait)
-    target = Target(
-        "B14",
-        f"{settings.prompt_images} prompt images while another owner's"
-        f" {settings.slow_images} wait for their origin's Retry-After of {wait} s"
-        f" (median of {len(during)})",
-        f"{median(during):.2f} s (alone {median(alone):.2f} s)",
-        f"≤ alone + {WAIT_SLACK:g} s",
-        median(during) <= median(alone) + WAIT_SLACK,
+    return _prompt_section(
+        settings,
+        ("B14", "an owner whose origin asks to wait"),
+        f"{settings.slow_images} wait for their origin's Retry-After of {wait} s",
+        (WAIT_SLACK, f"{WAIT_SLACK:g} s"),
+        (alone, during),
+        f"sends {settings.slow_images} images from an origin that answers each image's first"
+        f" request 503 with `Retry-After: {wait}`; the second, {SLOW_HEAD_START:g} s later,"
+        f" {settings.prompt_images} from a prompt origin. Times as in B13.",
+        {"retry_after_s": wait},
     )
-    lines = [
-        f"Two API keys on {settings.workers} workers. The first sends {settings.slow_images}"
-        f" images from an origin that answers each image's first request 503 with `Retry-After:"
-        f" {wait}`; the second, {SLOW_HEAD_START:g} s later, {settings.prompt_images} from a"
-        " prompt origin. Times as in B13.",
-        "",
-        *_runs_table(alone, during),
-    ]
-    data = {"alone_s": alone, "during_s": during, "retry_after_s": wait}
-    return Section("B14", "an owner whose origin asks to wait", lines, data, [target])
 
 
 HEAVY_SIZE = (6000, 4000)  # B16: 24-megapixel photos, about 0.4 s of codec each
@@ -315,24 +301,46 @@ HEAVY_SLACK = 3.0  # B16: the prompt request's time beyond alone
 
 async def run_b16(settings: BenchSettings) -> Section:
     count = settings.heavy_images
+    photos = f"{count} photos of {HEAVY_SIZE[0]}×{HEAVY_SIZE[1]}"
     alone, during = await _prompt_runs(settings, "B16", size=HEAVY_SIZE, count=count)
+    return _prompt_section(
+        settings,
+        ("B16", "an owner of heavy images"),
+        f"{photos} are compressed",
+        (HEAVY_SLACK, f"{HEAVY_SLACK:g} s"),
+        (alone, during),
+        f"sends {photos} from a prompt origin; the second, {SLOW_HEAD_START:g} s later,"
+        f" {settings.prompt_images} of {SIZE[0]}×{SIZE[1]}. Times as in B13.",
+        {"heavy_images": count},
+    )
+
+
+def _prompt_section(
+    settings: BenchSettings,
+    name: tuple[str, str],
+    beside: str,
+    slack: tuple[float, str],
+    times: tuple[list[float], list[float]],
+    setup: str,
+    data: dict[str, object],
+) -> Section:
+    """B13, B14, B16: the prompt request's time beside the other owner's `beside`, against
+    alone + `slack`; `setup` says what the first owner sends, and how."""
+    alone, during = times
     target = Target(
-        "B16",
-        f"{settings.prompt_images} prompt images while another owner's {count} photos of"
-        f" {HEAVY_SIZE[0]}×{HEAVY_SIZE[1]} are compressed (median of {len(during)})",
+        name[0],
+        f"{settings.prompt_images} prompt images while another owner's {beside}"
+        f" (median of {len(during)})",
         f"{median(during):.2f} s (alone {median(alone):.2f} s)",
-        f"≤ alone + {HEAVY_SLACK:g} s",
-        median(during) <= median(alone) + HEAVY_SLACK,
+        f"≤ alone + {slack[1]}",
+        median(during) <= median(alone) + slack[0],
     )
     lines = [
-        f"Two API keys on {settings.workers} workers. The first sends {count} photos of"
-        f" {HEAVY_SIZE[0]}×{HEAVY_SIZE[1]} from a prompt origin; the second, {SLOW_HEAD_START:g} s"
-        f" later, {settings.prompt_images} of {SIZE[0]}×{SIZE[1]}. Times as in B13.",
+        f"Two API keys on {settings.workers} workers. The first {setup}",
         "",
         *_runs_table(alone, during),
     ]
-    data = {"alone_s": alone, "during_s": during, "heavy_images": count}
-    return Section("B16", "an owner of heavy images", lines, data, [target])
+    return Section(name[0], name[1], lines, {"alone_s": alone, "during_s": during} | data, [target])
 
 
 async def _prompt_runs(
