@@ -13,9 +13,10 @@ Three checks, each on the address that is actually dialled:
 `IMGPIPE_FETCH_ALLOW` (`FetchAllow`) lets tests and local demos reach named host:port pairs
 or networks.
 
-Politeness: `limit_per_host` caps the connections to one origin, and an origin that answers
-429 or 503 is left alone for as long as its Retry-After asks (`HostCooldowns`, shared by every
-fetch on the session).
+Politeness: `limit_per_host` caps the connections to one origin (`OriginTurns`: fetch_image
+takes turns, first come first served, and may refuse to wait longer than it is told), and an
+origin that answers 429 or 503 is left alone for as long as its Retry-After asks
+(`HostCooldowns`). Both are shared by every fetch on the session.
 
 Every ImageFailure message is written for the merchant who sent the URL: what happened, in
 plain words, with the number, limit or status involved.
@@ -24,6 +25,7 @@ plain words, with the number, limit or status involved.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
 import ipaddress
 import logging
@@ -31,7 +33,7 @@ import math
 import re
 import socket
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -349,10 +351,85 @@ class HostCooldowns:
         self._until[key] = max(self._until.get(key, now), now + seconds)
 
 
+class OriginBusy(Exception):
+    """Every connection to an origin stayed in use for as long as the fetch agreed to wait for
+    one: nothing was sent. `delay` is the origin's recent time per turn (the wait when it has
+    none yet): about when a connection should be free again."""
+
+    def __init__(self, origin: str, waited: float, delay: float) -> None:
+        super().__init__(f"{origin}: every connection busy for {waited:.1f} s")
+        self.waited = waited
+        self.delay = delay
+
+
+@dataclass(slots=True)
+class _Origin:
+    connections: asyncio.Semaphore
+    users: int = 0  # fetches holding or waiting for a connection: the entry goes at 0
+    seconds: float | None = None  # recent time per turn, a moving average
+
+
+class OriginTurns:
+    """At most `limit` fetches at a time to one origin (scheme, host and port); the others wait,
+    first come, first served. A fetch may bound its wait: then OriginBusy tells it when to come
+    back instead of holding it in the queue (a worker gives its task back rather than hold a
+    slot while it waits, docs/scheduling.md).
+
+    Memory is bounded by the fetches in progress: an origin nobody uses or waits for is forgotten.
+    `now` is the clock (time.monotonic; tests inject their own)."""
+
+    SMOOTHING = 0.2  # the weight of the newest turn in the moving average
+
+    def __init__(self, limit: int, now: Callable[[], float] = time.monotonic) -> None:
+        self.limit = limit
+        self.now = now
+        self._origins: dict[OriginKey, _Origin] = {}
+
+    def __len__(self) -> int:
+        """The origins somebody holds or waits for a connection to."""
+        return len(self._origins)
+
+    def users(self, url: URL) -> int:
+        """The fetches holding or waiting for a connection to `url`'s origin."""
+        origin = self._origins.get(HostCooldowns.key(url))
+        return 0 if origin is None else origin.users
+
+    @contextlib.asynccontextmanager
+    async def turn(self, url: URL, *, wait: float | None = None) -> AsyncIterator[None]:
+        """Hold one of the origin's `limit` connections for the body of the block; waits for
+        one at most `wait` seconds (None: as long as it takes), then raises OriginBusy."""
+        key = HostCooldowns.key(url)
+        origin = self._origins.get(key)
+        if origin is None:
+            origin = self._origins[key] = _Origin(asyncio.Semaphore(self.limit))
+        origin.users += 1
+        try:
+            started = self.now()
+            try:
+                async with asyncio.timeout(wait):
+                    await origin.connections.acquire()
+            except TimeoutError:
+                waited = self.now() - started
+                delay = origin.seconds if origin.seconds is not None else waited
+                raise OriginBusy(f"{key[1]}:{key[2]}", waited, delay) from None
+            began = self.now()
+            try:
+                yield
+            finally:
+                origin.connections.release()
+                took = self.now() - began
+                previous = took if origin.seconds is None else origin.seconds
+                origin.seconds = previous + self.SMOOTHING * (took - previous)
+        finally:
+            origin.users -= 1
+            if origin.users == 0:
+                del self._origins[key]
+
+
 class GuardedConnector(aiohttp.TCPConnector):
     """A TCPConnector that resolves through `guard`, never caches DNS, and dials only what the
     guard approves. Closing it closes the guard. `cooldowns` holds the origins that asked us
-    to slow down."""
+    to slow down; fetch_image takes `turns` for the `limit_per_host` connections to an origin."""
 
     def __init__(
         self,
@@ -369,6 +446,7 @@ class GuardedConnector(aiohttp.TCPConnector):
         )
         self.guard = guard
         self.cooldowns = HostCooldowns(now)
+        self.turns = OriginTurns(limit_per_host, now)
 
     async def close(self, *, abort_ssl: bool = False) -> None:
         try:
@@ -412,6 +490,7 @@ async def fetch_image(
     limits: FetchLimits,
     *,
     reserve: Reserve | None = None,
+    connection_wait: float | None = None,
 ) -> bytes:
     """GET `url` through `session` (from make_session), following at most
     `limits.max_redirects` redirects, each hop checked like the first, within
@@ -427,6 +506,10 @@ async def fetch_image(
     what was reserved are kept (no Content-Length, or gzip that decodes larger): reading
     pauses while the budget is busy, so a worker bounds the input it holds whatever the
     origin sends. The waits do not count against the timeouts.
+
+    Each hop waits its turn for one of the origin's `limit_per_host` connections; with
+    `connection_wait`, for at most that many seconds, then it raises OriginBusy, having sent
+    nothing on that hop.
 
     The port rule uses the session's `allowed_ports` (make_session's limits). Raises
     ImageFailure: HTTP_STATUS, TIMEOUT, CONNECTION, TOO_MANY_REDIRECTS, BLOCKED_ADDRESS (also
@@ -452,7 +535,7 @@ async def fetch_image(
 
     try:
         async with deadline:
-            return await _follow(session, connector, url, limits, reserve_body)
+            return await _follow(session, connector, url, limits, reserve_body, connection_wait)
     except ImageFailure:
         raise
     except TimeoutError as exc:
@@ -470,6 +553,7 @@ async def _follow(
     url: str,
     limits: FetchLimits,
     reserve: Reserve,
+    connection_wait: float | None,
 ) -> bytes:
     try:
         current = URL(url)
@@ -482,16 +566,18 @@ async def _follow(
     )
     for _ in range(limits.max_redirects + 1):
         _check_url(current, connector.guard)
-        _check_cooldown(current, connector.cooldowns)
-        async with session.get(
-            current, allow_redirects=False, timeout=timeout, headers={"Accept": ACCEPT}
-        ) as response:
-            if response.status in _REDIRECTS:
-                current = _redirect_target(response)
-                continue
-            if not 200 <= response.status < 300:
-                raise _status_failure(response, current, connector.cooldowns, limits)
-            return await _read_body(response, limits, reserve)
+        async with connector.turns.turn(current, wait=connection_wait):
+            # After the wait: another fetch's answer may have started a cooldown meanwhile.
+            _check_cooldown(current, connector.cooldowns)
+            async with session.get(
+                current, allow_redirects=False, timeout=timeout, headers={"Accept": ACCEPT}
+            ) as response:
+                if response.status in _REDIRECTS:
+                    current = _redirect_target(response)
+                    continue
+                if not 200 <= response.status < 300:
+                    raise _status_failure(response, current, connector.cooldowns, limits)
+                return await _read_body(response, limits, reserve)
     if limits.max_redirects == 0:
         message = "the image server answered with a redirect, and redirects are not followed"
     else:

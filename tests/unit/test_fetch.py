@@ -25,6 +25,7 @@ import pytest
 from aiohttp import web
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.test_utils import TestServer
+from yarl import URL
 
 from services.common.fetch import (
     RESERVE_STEP,
@@ -32,6 +33,8 @@ from services.common.fetch import (
     FetchAllow,
     FetchLimits,
     GuardedResolver,
+    OriginBusy,
+    OriginTurns,
     failure_from_exception,
     fetch_image,
     is_public_address,
@@ -276,6 +279,7 @@ async def sessions() -> AsyncIterator[SessionFactory]:
         resolver: AbstractResolver | None = None,
         limits: FetchLimits | None = None,
         now: Callable[[], float] | None = None,
+        limit_per_host: int = 8,
     ) -> aiohttp.ClientSession:
         # The default inner resolver would ask real DNS: tests always inject one.
         session = make_session(
@@ -283,6 +287,7 @@ async def sessions() -> AsyncIterator[SessionFactory]:
             limits or FetchLimits(),
             resolver_inner=resolver or ForbiddenResolver(),
             now=now or time.monotonic,
+            limit_per_host=limit_per_host,
         )
         opened.append(session)
         return session
@@ -303,6 +308,15 @@ def allow_for(server: TestServer) -> str:
 
 def url(server: TestServer, path: str) -> str:
     return str(server.make_url(path))
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Poll `condition`, with a deadline, while other tasks run."""
+
+    async def check() -> bool:
+        return condition()
+
+    await wait_until_async(check, timeout=5)
 
 
 async def failure(coroutine: Awaitable[bytes]) -> ImageFailure:
@@ -326,6 +340,29 @@ async def test_connections_are_kept_alive(
     for _ in range(3):
         await fetch_image(session, url(server, "/image"), FetchLimits())
     assert dialled == [("127.0.0.1", server.port)]
+
+
+async def test_a_fetch_that_may_not_wait_longer_for_a_connection_sends_nothing(
+    server: TestServer, sessions: SessionFactory
+) -> None:
+    session = sessions(allow_for(server), limit_per_host=1)
+    holder = asyncio.create_task(fetch_image(session, url(server, "/stall"), FetchLimits()))
+    await until(lambda: server.app[SEEN] == ["/stall"])
+
+    with pytest.raises(OriginBusy) as busy:
+        await fetch_image(session, url(server, "/image"), FetchLimits(), connection_wait=0.1)
+
+    # The origin's one connection stayed busy: the fetch gave up before sending anything, and
+    # asks to come back after a turn (the origin has no time per turn yet: the wait).
+    assert server.app[SEEN] == ["/stall"]
+    assert busy.value.waited >= 0.1 and busy.value.delay == busy.value.waited
+    server.app[RELEASE].set()
+    assert await asyncio.wait_for(holder, 5) == IMAGE
+    # With the connection free, the same bounded wait is no wait at all.
+    assert (
+        await fetch_image(session, url(server, "/image"), FetchLimits(), connection_wait=0.1)
+        == IMAGE
+    )
 
 
 @pytest.mark.parametrize("code", [400, 401, 403, 404, 410, 451])
@@ -1114,3 +1151,84 @@ async def test_reading_pauses_while_the_budget_is_busy_and_the_wait_is_not_timed
 
     data = await fetching
     assert len(data) == size and asked[-1] >= size
+
+
+# --- turns for an origin's connections ----------------------------------------------------
+
+ORIGIN = URL("https://images.example/a.jpg")
+
+
+async def test_an_origins_connections_are_taken_in_turns_first_come_first_served() -> None:
+    turns = OriginTurns(1)
+    order: list[str] = []
+    first = asyncio.Event()
+
+    async def fetch(name: str) -> None:
+        async with turns.turn(ORIGIN):
+            order.append(name)
+            if name == "a":
+                await first.wait()
+
+    holder = asyncio.create_task(fetch("a"))
+    await until(lambda: order == ["a"])
+    waiting = [asyncio.create_task(fetch(name)) for name in "bcd"]
+    await until(lambda: turns.users(ORIGIN) == 4)  # queued, in the order they were created
+    # Another origin is not held up by this one's queue.
+    async with turns.turn(URL("https://other.example/a.jpg"), wait=0.01):
+        pass
+    first.set()
+    await asyncio.wait_for(asyncio.gather(holder, *waiting), 5)
+
+    assert order == ["a", "b", "c", "d"]
+    assert len(turns) == 0  # nobody uses or waits for an origin: it is forgotten
+
+
+async def test_a_bounded_wait_reports_the_origins_recent_time_per_turn() -> None:
+    clock = Clock()
+    turns = OriginTurns(2, now=clock)
+    released = asyncio.Event()
+
+    async def hold() -> None:
+        async with turns.turn(ORIGIN):
+            await released.wait()
+
+    keeper = asyncio.create_task(hold())  # holds one connection throughout
+    await until(lambda: turns.users(ORIGIN) == 1)
+    for seconds in (4.0, 9.0):  # on the other connection, turns of 4 s and then 9 s
+        async with turns.turn(ORIGIN):
+            clock.time += seconds
+    holder = asyncio.create_task(hold())
+    await until(lambda: turns.users(ORIGIN) == 2)
+
+    with pytest.raises(OriginBusy) as busy:
+        async with turns.turn(ORIGIN, wait=0.01):
+            pytest.fail("a third turn with two connections held")
+
+    # The moving average of the turns: 4 + 0.2 × (9 - 4); the test's clock did not move.
+    assert busy.value.delay == pytest.approx(5.0)
+    assert busy.value.waited == 0.0
+    released.set()
+    await asyncio.wait_for(asyncio.gather(keeper, holder), 5)
+    assert len(turns) == 0
+
+
+async def test_a_cancelled_wait_for_a_connection_takes_none() -> None:
+    turns = OriginTurns(1)
+    released = asyncio.Event()
+
+    async def hold() -> None:
+        async with turns.turn(ORIGIN):
+            await released.wait()
+
+    holder = asyncio.create_task(hold())
+    await until(lambda: len(turns) == 1)
+    waiter = asyncio.create_task(hold())
+    await until(lambda: turns.users(ORIGIN) == 2)  # waiting for the connection
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    released.set()
+    await holder
+    async with turns.turn(ORIGIN, wait=0.01):  # the cancelled waiter left nothing held
+        pass
+    assert len(turns) == 0
