@@ -182,6 +182,11 @@ MEANINGS: dict[str, Meaning] = {
     "IMGPIPE_FETCH_MAX_REDIRECTS": Meaning("redirects followed, each re-checked"),
     "IMGPIPE_FETCH_PORTS": Meaning("ports images and webhooks may be fetched from or sent to"),
     "IMGPIPE_FETCH_PER_HOST": Meaning("connections per origin, per worker"),
+    "IMGPIPE_FETCH_CONNECTION_WAIT": Meaning(
+        "seconds a task waits for a connection to its busy origin before it gives its worker slot"
+        " back (the image waits in Postgres for about the origin's time per download, at most"
+        " 10 times; then it waits in its slot)"
+    ),
     "IMGPIPE_FETCH_MAX_RETRY_AFTER": Meaning(
         "seconds; cap on an origin's `Retry-After` (the image waits in Postgres meanwhile, not in"
         " a worker slot)"

@@ -65,8 +65,9 @@ IMAGES = Counter(
 )
 IMAGES_DEFERRED = Counter(
     "imgpipe_images_deferred",
-    "Images put back to wait for their next release: between fetch attempts (retry) or for an"
-    " origin's Retry-After (cooldown); their tasks gave their worker slots back",
+    "Images put back to wait for their next release: between fetch attempts (retry), for an"
+    " origin's Retry-After (cooldown) or while every connection to the origin stayed busy"
+    " (busy); their tasks gave their worker slots back",
     ["reason"],
 )
 STAGE_SECONDS = Histogram(

@@ -77,6 +77,9 @@ class RetryPolicy:
     # Waiting for an origin's Retry-After cooldown: how often, and how long at most each time.
     max_cooldown_waits: int = 3
     max_wait: float = 60.0
+    # Giving the slot back while every connection to the origin is busy: how often. After
+    # that, the image's task waits in its slot for as long as the connection takes.
+    max_busy_waits: int = 10
 
     def delay(self, attempt: int, retry_after: float | None) -> float:
         """Exponential backoff with full jitter; an origin's Retry-After wins when longer."""

@@ -354,6 +354,25 @@ async def task_stream_state(redis: aioredis.Redis, names: StreamNames) -> TaskSt
     return TaskStreamState(exists=False, last_delivered="0-0")
 
 
+async def tasks_undelivered(redis: aioredis.Redis, names: StreamNames) -> bool:
+    """Whether the task stream holds an entry no worker has taken yet: a task waiting for a
+    slot. One round trip (the group's last delivered id, and the newest entry)."""
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.xinfo_groups(names.tasks)
+        pipe.xrevrange(names.tasks, count=1)
+        try:
+            groups, newest = await pipe.execute()
+        except ResponseError:  # no such stream
+            return False
+    if not newest:
+        return False
+    delivered = next(
+        (_text(g["last-delivered-id"]) for g in groups if _text(g["name"]) == WORKER_GROUP),
+        "0-0",
+    )
+    return _id_key(_text(newest[0][0])) > _id_key(delivered)
+
+
 async def live_entries(
     redis: aioredis.Redis, names: StreamNames, entry_ids: Sequence[str]
 ) -> set[str]:

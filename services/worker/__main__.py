@@ -48,6 +48,7 @@ async def main(settings: WorkerSettings) -> None:
                 pixels=PixelBudget(settings.pixel_budget, metrics.budget_waited("pixels")),
                 reuse_outputs=settings.reuse_outputs,
                 record_linger=settings.record_linger,
+                connection_wait=settings.connection_wait,
             )
             consumer = TaskConsumer(backends.redis, backends.names, settings.consumer_name)
             policy = ConsumePolicy(

@@ -13,7 +13,7 @@ from services.common.image_options import ImageLimits
 from services.common.outcome import RetryPolicy
 from services.worker.budget import DEFAULT_BUFFER_BYTES, DEFAULT_PIXEL_BUDGET
 from services.worker.cpus import usable_cpus
-from services.worker.processor import DEFAULT_RECORD_LINGER
+from services.worker.processor import DEFAULT_CONNECTION_WAIT, DEFAULT_RECORD_LINGER
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,6 +25,9 @@ class WorkerSettings:
     concurrency: int = 32
     threads: int = 2
     fetch_per_host: int = 16
+    # A task that waits this long for a connection to its origin gives its slot back
+    # (docs/scheduling.md, "Waiting for a connection").
+    connection_wait: float = DEFAULT_CONNECTION_WAIT
     buffer_bytes: int = DEFAULT_BUFFER_BYTES  # downloaded bodies waiting for a compress thread
     pixel_budget: int = DEFAULT_PIXEL_BUDGET  # pixels decoded and encoded at once, all threads
     fetch_limits: FetchLimits = field(default_factory=FetchLimits)
@@ -83,6 +86,7 @@ class WorkerSettings:
                 max_retry_after=env.number("IMGPIPE_FETCH_MAX_RETRY_AFTER", fetch.max_retry_after),
             ),
             fetch_per_host=env.integer("IMGPIPE_FETCH_PER_HOST", 16, minimum=1),
+            connection_wait=env.number("IMGPIPE_FETCH_CONNECTION_WAIT", DEFAULT_CONNECTION_WAIT),
             buffer_bytes=env.integer(
                 "IMGPIPE_WORKER_BUFFER_BYTES", DEFAULT_BUFFER_BYTES, minimum=1
             ),

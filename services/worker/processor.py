@@ -21,14 +21,19 @@ from redis.exceptions import RedisError
 from services.common import failpoints, metrics, telemetry
 from services.common import storage as keys
 from services.common.db import lifecycle, queries
-from services.common.fetch import Reserve
+from services.common.fetch import OriginBusy, Reserve
 from services.common.image_options import ImageLimits, from_proto
 from services.common.outcome import ImageFailure, OutcomeCode, RetryPolicy
 from services.common.pb.imgpipe.v1 import task_pb2
 from services.common.proto_convert import finished_event, progress_event
 from services.common.storage import Storage
 from services.common.stored_csv import render_output_csv, store_output_csv
-from services.common.streams import StreamNames, publish_event_once, publish_progress
+from services.common.streams import (
+    StreamNames,
+    publish_event_once,
+    publish_progress,
+    tasks_undelivered,
+)
 from services.worker import dedup
 from services.worker.batching import Batcher, Expected, Ticket
 from services.worker.budget import (
@@ -45,6 +50,8 @@ log = logging.getLogger(__name__)
 
 # How long a Done record waits for others to share its statement (IMGPIPE_WORKER_RECORD_LINGER_MS).
 DEFAULT_RECORD_LINGER = 0.2
+# How long a task waits for a connection to its origin in its slot (IMGPIPE_FETCH_CONNECTION_WAIT).
+DEFAULT_CONNECTION_WAIT = 1.0
 
 
 class Deferred(Exception):
@@ -53,14 +60,18 @@ class Deferred(Exception):
 
     def __init__(self, reason: str, delay: float) -> None:
         super().__init__(reason, delay)
-        self.reason = reason  # "retry": between attempts; "cooldown": the origin's Retry-After
+        # "retry": between attempts; "cooldown": the origin's Retry-After; "busy": every
+        # connection to the origin stayed in use longer than the task may wait for one.
+        self.reason = reason
         self.delay = delay
 
 
 class Fetch(Protocol):
     """fetch_image with its session and limits bound (see services.worker.__main__)."""
 
-    def __call__(self, url: str, *, reserve: Reserve | None = None) -> Awaitable[bytes]: ...
+    def __call__(
+        self, url: str, *, reserve: Reserve | None = None, connection_wait: float | None = None
+    ) -> Awaitable[bytes]: ...
 
 
 class Processor:
@@ -80,6 +91,7 @@ class Processor:
         pixels: PixelBudget | None = None,
         reuse_outputs: bool = True,
         record_linger: float = DEFAULT_RECORD_LINGER,
+        connection_wait: float = DEFAULT_CONNECTION_WAIT,
     ) -> None:
         self.pool = pool
         self.redis = redis
@@ -91,6 +103,9 @@ class Processor:
         self.codec = CodecTurns(executor, threads)
         self.image_limits = image_limits
         self.retry = retry
+        # How long a task waits for a connection to a busy origin before it gives its slot
+        # back; an image does so at most retry.max_busy_waits times, then waits in its slot.
+        self.connection_wait = connection_wait
         # Many tasks wait on origins at once; these bound what they hold once the bytes come.
         self.buffers = buffers or ByteBudget(DEFAULT_BUFFER_BYTES)
         self.pixels = pixels or PixelBudget(DEFAULT_PIXEL_BUDGET)
@@ -150,8 +165,9 @@ class Processor:
             if deliveries > 1:
                 await self._finish_once(request_id)
             return
+        wait = self.connection_wait if state.busy_waits < self.retry.max_busy_waits else None
         try:
-            counters = await self._compress_and_store(task, request_id, ticket)
+            counters = await self._compress_and_store(task, request_id, ticket, wait)
         except Deferred as deferred:
             ticket.done()
             log.info(
@@ -211,18 +227,24 @@ class Processor:
         return [None] * len(batch)
 
     async def _compress_and_store(
-        self, task: task_pb2.ImageTask, request_id: uuid.UUID, ticket: Ticket
+        self,
+        task: task_pb2.ImageTask,
+        request_id: uuid.UUID,
+        ticket: Ticket,
+        connection_wait: float | None,
     ) -> queries.Counters | None:
-        done = await self._produce(task, request_id)
+        done = await self._produce(task, request_id, connection_wait)
         with telemetry.span("record"):
             return await self._record_done(task, ticket, done)
 
-    async def _produce(self, task: task_pb2.ImageTask, request_id: uuid.UUID) -> queries.DoneImage:
+    async def _produce(
+        self, task: task_pb2.ImageTask, request_id: uuid.UUID, connection_wait: float | None
+    ) -> queries.DoneImage:
         """The image's output, stored under its key: a copy of the owner's earlier output of
         the same source and options, or compressed here. What the record needs, and no image
         bytes: a record may linger for other tasks' (batching.py)."""
         async with self.buffers.lease(task.request_id) as lease:
-            data = await self._fetch(task, lease)
+            data = await self._fetch(task, lease, connection_wait)
             await lease.settle(len(data))  # the fetch reserved in steps: keep what it is
             options = from_proto(task.options)
             digests = None
@@ -301,23 +323,40 @@ class Processor:
                 recorded |= await queries.record_images_done(conn, images)
         return [recorded.get(done.output.image_id) for _, done in batch]
 
-    async def _fetch(self, task: task_pb2.ImageTask, lease: Lease) -> bytes:
-        """One attempt at the download. A transient failure with attempts left, or an origin
-        in its Retry-After cooldown (which saw no request, so that is no attempt; a bounded
-        number of times), puts the image back to waiting for the feeder until its time comes:
-        the task ends and its slot serves others meanwhile (docs/scheduling.md). The last
-        transient error stays on the image row, so a task dead-lettered later fails with it."""
+    async def _fetch(
+        self, task: task_pb2.ImageTask, lease: Lease, connection_wait: float | None
+    ) -> bytes:
+        """One attempt at the download. A transient failure with attempts left, an origin in
+        its Retry-After cooldown, or one whose connections all stayed busy for
+        `connection_wait` while another task waited for a slot (neither saw a request, so that
+        is no attempt; each a bounded number of times), puts the image back to waiting for the
+        feeder until its time comes: the task ends and its slot serves others meanwhile
+        (docs/scheduling.md). The last transient error stays on the image row, so a task
+        dead-lettered later fails with it."""
         started, waited = time.perf_counter(), lease.waited
         try:
             with telemetry.span("fetch", attributes={"url.full": task.input_url}):
-                data = await self.fetch(task.input_url, reserve=lease.reserve)
+                data = await self._download(task, lease, connection_wait)
+        except OriginBusy as busy:
+            lease.release()
+            delay = min(busy.delay, self.retry.max_wait)
+            async with self.pool.acquire() as conn:
+                if await queries.defer_image(conn, task.image_id, delay, wait="busy"):
+                    failpoints.crash_here("worker.after_defer")
+                    raise Deferred("busy", delay) from busy
+            # Final already (its request was cancelled): recording this changes nothing.
+            raise ImageFailure(OutcomeCode.CONNECTION, str(busy), transient=True) from busy
         except ImageFailure as failure:
             lease.release()  # nothing is held while the image waits
             if not failure.sent:
                 delay = min(failure.retry_after or 1.0, self.retry.max_wait)
                 async with self.pool.acquire() as conn:
                     if await queries.defer_image(
-                        conn, task.image_id, delay, max_cooldown_waits=self.retry.max_cooldown_waits
+                        conn,
+                        task.image_id,
+                        delay,
+                        wait="cooldown",
+                        most=self.retry.max_cooldown_waits,
                     ):
                         failpoints.crash_here("worker.after_defer")
                         raise Deferred("cooldown", delay) from failure
@@ -336,6 +375,21 @@ class Processor:
         fetching = time.perf_counter() - started - (lease.waited - waited)
         metrics.STAGE_SECONDS.labels("fetch").observe(fetching)
         return data  # record_image_done counts this successful attempt
+
+    async def _download(
+        self, task: task_pb2.ImageTask, lease: Lease, connection_wait: float | None
+    ) -> bytes:
+        """The download; OriginBusy when its origin's connections stayed busy for
+        `connection_wait` and a task on the stream waits for a slot. When none does, the
+        task waits on in its slot: giving it back would serve nobody, and the image would be
+        away when a connection frees (the last images of a request at a slow origin)."""
+        url = task.input_url
+        try:
+            return await self.fetch(url, reserve=lease.reserve, connection_wait=connection_wait)
+        except OriginBusy:
+            if await tasks_undelivered(self.redis, self.names):
+                raise
+        return await self.fetch(url, reserve=lease.reserve)
 
     async def _finish_once(self, request_id: uuid.UUID) -> None:
         """finish_if_complete, or, while this process already runs it for the request, ask

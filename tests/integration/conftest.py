@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import secrets
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -18,7 +19,7 @@ import redis.asyncio
 
 from services.common.csv_format import CsvLimits
 from services.common.db.pool import migrate
-from services.common.fetch import FetchAllow, FetchLimits, Reserve, fetch_image, make_session
+from services.common.fetch import FetchAllow, FetchLimits, fetch_image, make_session
 from services.common.image_options import ImageLimits
 from services.common.outcome import RetryPolicy
 from services.common.pb.imgpipe.v1 import ingest_service_pb2_grpc as ingest_grpc
@@ -81,9 +82,7 @@ def processor(
     http_session: aiohttp.ClientSession,
     executor: ThreadPoolExecutor,
 ) -> Processor:
-    async def fetch(url: str, *, reserve: Reserve | None = None) -> bytes:
-        return await fetch_image(http_session, url, FetchLimits(), reserve=reserve)
-
+    fetch = functools.partial(fetch_image, http_session, limits=FetchLimits())
     return Processor(
         pool=pool,
         redis=redis_client,

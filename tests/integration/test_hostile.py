@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import csv
+import functools
 import io
 import struct
 import zlib
@@ -24,7 +25,7 @@ import redis.asyncio
 from aiohttp import web
 from PIL import Image
 
-from services.common.fetch import FetchAllow, FetchLimits, Reserve, fetch_image, make_session
+from services.common.fetch import FetchAllow, FetchLimits, fetch_image, make_session
 from services.common.image_options import ImageLimits
 from services.common.outcome import RetryPolicy
 from services.common.pb.imgpipe.v1 import ingest_service_pb2_grpc as ingest_grpc
@@ -209,10 +210,7 @@ async def guarded_processor(
     session = make_session(FetchAllow.parse(f"127.0.0.1:{hostile_origin.port}"), LIMITS)
     with ThreadPoolExecutor(2) as executor:
         try:
-
-            async def fetch(url: str, *, reserve: Reserve | None = None) -> bytes:
-                return await fetch_image(session, url, LIMITS, reserve=reserve)
-
+            fetch = functools.partial(fetch_image, session, limits=LIMITS)
             yield Processor(
                 pool=pool,
                 redis=redis_client,

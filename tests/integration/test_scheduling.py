@@ -8,6 +8,7 @@ import itertools
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import asyncpg
 import pytest
@@ -278,7 +279,7 @@ async def test_an_idle_feeder_still_answers_a_wake_and_a_stop_at_once(
         await asyncio.wait_for(running, timeout=10)  # within the idle pause, not after it
 
 
-async def defer(pool: asyncpg.Pool, image_id: int, seconds: float, **kwargs: int) -> bool:
+async def defer(pool: asyncpg.Pool, image_id: int, seconds: float, **kwargs: Any) -> bool:
     async with pool.acquire() as conn:
         return await queries.defer_image(conn, image_id, seconds, **kwargs)
 
@@ -328,19 +329,25 @@ async def test_an_image_put_back_before_its_release_was_recorded_stays_waiting(
     assert row is not None and tuple(row) == (None, None)
 
 
-async def test_an_image_final_or_out_of_cooldown_waits_is_not_deferred(
+async def test_an_image_final_or_out_of_cooldown_or_busy_waits_is_not_deferred(
     pool: asyncpg.Pool, feeder: Feeder
 ) -> None:
     request_id = await stored(pool, 2)
     await feeder.feed_once()
     cooling, final = await image_ids(pool, request_id)
 
-    assert [await defer(pool, cooling, 0, max_cooldown_waits=2) for _ in range(3)] == [
+    assert [await defer(pool, cooling, 0, wait="cooldown", most=2) for _ in range(3)] == [
         True,
         True,
         False,  # two cooldown waits already: the next failure spends an attempt instead
     ]
+    # Waits for a busy origin's connections are counted apart from the cooldowns.
+    assert [await defer(pool, cooling, 0, wait="busy", most=1) for _ in range(2)] == [True, False]
     assert await defer(pool, cooling, 0)  # a retry's backoff is bounded by the attempts
+    row = await pool.fetchrow(
+        "SELECT cooldown_waits, busy_waits FROM images WHERE id = $1", cooling
+    )
+    assert row is not None and tuple(row) == (2, 1)
     async with pool.acquire() as conn:
         await queries.record_image_failed(conn, final, code="CANCELLED", message="cancelled")
         assert not await queries.defer_image(conn, final, 0)
@@ -348,9 +355,10 @@ async def test_an_image_final_or_out_of_cooldown_waits_is_not_deferred(
         await queries.record_image_failed(conn, cooling, code="TIMEOUT", message="slow")
         await queries.retry_failed_images(conn, request_id, owner="")
     rows = await pool.fetch(
-        "SELECT not_before, cooldown_waits FROM images WHERE request_id = $1", request_id
+        "SELECT not_before, cooldown_waits, busy_waits FROM images WHERE request_id = $1",
+        request_id,
     )
-    assert {(r["not_before"], r["cooldown_waits"]) for r in rows} == {(None, 0)}
+    assert {tuple(r) for r in rows} == {(None, 0, 0)}
 
 
 def test_an_idle_pass_sleeps_until_the_next_deferred_image_is_due() -> None:

@@ -12,6 +12,7 @@ import asyncio
 import base64
 import contextlib
 import csv
+import functools
 import io
 from collections.abc import AsyncIterator, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -31,7 +32,7 @@ from gateway.app import create_app
 from gateway.config import GatewaySettings
 from services.common import telemetry, tracing
 from services.common.csv_format import CsvLimits
-from services.common.fetch import FetchAllow, FetchLimits, Reserve, fetch_image, make_session
+from services.common.fetch import FetchAllow, FetchLimits, fetch_image, make_session
 from services.common.image_options import ImageLimits
 from services.common.metrics import GrpcServerInterceptor
 from services.common.outcome import RetryPolicy
@@ -231,9 +232,7 @@ async def upload_and_wait(
     """Upload one image through the gateway with every service running; once the webhook has
     arrived, its request id and the span id the gateway answered with."""
 
-    async def fetch(url: str, *, reserve: Reserve | None = None) -> bytes:
-        return await fetch_image(images, url, FetchLimits(), reserve=reserve)
-
+    fetch = functools.partial(fetch_image, images, limits=FetchLimits())
     feeder = Feeder(pool=pool, redis=client, names=names, window=1000, lookahead=1000, poll=0.05)
     with ThreadPoolExecutor(1) as executor:
         processor = Processor(

@@ -1,22 +1,35 @@
 """A task that has to wait gives its worker slot back (docs/scheduling.md, "Waiting gives the
-slot back"): between fetch attempts and during an origin's Retry-After, the image waits in
-Postgres, and the worker serves other requests meanwhile. Real Postgres, Redis, feeder and
-worker, with one slot, and two origins on 127.0.0.1."""
+slot back"): between fetch attempts, during an origin's Retry-After and while every
+connection to its origin stays busy, the image waits in Postgres, and the worker serves other
+requests meanwhile. Real Postgres, Redis, feeder and worker, with few slots, and origins on
+127.0.0.1."""
 
 from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import aiohttp
 import asyncpg
 import pytest
+import redis.asyncio
 
 from services.common.db import queries
-from services.common.fetch import FetchAllow, FetchLimits, make_session
+from services.common.fetch import FetchAllow, FetchLimits, Reserve, fetch_image, make_session
+from services.common.image_options import ImageLimits
+from services.common.outcome import RetryPolicy
 from services.common.pb.imgpipe.v1 import ingest_service_pb2_grpc as ingest_grpc
-from services.common.streams import Delivery, TaskConsumer
+from services.common.pb.imgpipe.v1 import task_pb2
+from services.common.storage import Storage
+from services.common.streams import (
+    Delivery,
+    StreamNames,
+    TaskConsumer,
+    publish_tasks,
+    tasks_undelivered,
+)
 from services.worker.processor import Processor
 from services.worker.runner import ConsumePolicy, consume
 from testing.origin import ImageOrigin, image_urls, serve_images
@@ -142,3 +155,192 @@ async def test_a_stale_task_of_a_deferred_image_is_acknowledged_without_a_downlo
     assert origin.hits_of(url) == 0
     row = await pool.fetchrow("SELECT status, enqueued_at FROM images WHERE id = $1", image_id)
     assert row is not None and tuple(row) == ("Pending", None)
+
+
+# --- waiting for a connection ---------------------------------------------------------------
+
+CONNECTION_WAIT = 0.1  # seconds a task of the narrow worker waits for its origin's connection
+
+StartWorker = Callable[[int], Awaitable[Processor]]
+
+
+@pytest.fixture
+async def busy_origin() -> AsyncIterator[ImageOrigin]:
+    """An origin whose images are answered once the test opens their gates."""
+    async with serve_images((320, 240)) as served:
+        yield served
+
+
+@pytest.fixture
+def fetches() -> list[tuple[str, float | None]]:
+    return []
+
+
+@pytest.fixture
+async def narrow_worker(
+    pool: asyncpg.Pool,
+    redis_client: redis.asyncio.Redis,
+    names: StreamNames,
+    storage: Storage,
+    executor: ThreadPoolExecutor,
+    consumer: TaskConsumer,
+    origin: ImageOrigin,
+    busy_origin: ImageOrigin,
+    fetches: list[tuple[str, float | None]],
+) -> AsyncIterator[StartWorker]:
+    """Starts a worker of two slots and one connection per origin, whose tasks give their slot
+    back after CONNECTION_WAIT, at most `busy_waits` times per image. Each download it starts
+    is noted in `fetches`: its URL and how long it may wait for a connection."""
+    allow = FetchAllow.parse(f"127.0.0.1:{origin.port},127.0.0.1:{busy_origin.port}")
+    session = make_session(allow, FetchLimits(), limit_per_host=1)
+    stop = asyncio.Event()
+    running: list[asyncio.Task[None]] = []
+
+    async def fetch(
+        url: str, *, reserve: Reserve | None = None, connection_wait: float | None = None
+    ) -> bytes:
+        fetches.append((url, connection_wait))
+        return await fetch_image(
+            session, url, FetchLimits(), reserve=reserve, connection_wait=connection_wait
+        )
+
+    async def start(busy_waits: int) -> Processor:
+        processor = Processor(
+            pool=pool,
+            redis=redis_client,
+            names=names,
+            storage=storage,
+            fetch=fetch,
+            executor=executor,
+            image_limits=ImageLimits(),
+            retry=RetryPolicy(max_busy_waits=busy_waits),
+            connection_wait=CONNECTION_WAIT,
+        )
+        policy = ConsumePolicy(concurrency=2)
+        running.append(asyncio.create_task(consume(consumer, processor, policy, stop)))
+        return processor
+
+    try:
+        yield start
+    finally:
+        for gate in busy_origin.gates.values():
+            gate.set()
+        stop.set()
+        await asyncio.wait_for(asyncio.gather(*running), timeout=15)
+        await session.close()
+
+
+def gated(origin: ImageOrigin, count: int, tag: str) -> list[str]:
+    """`count` image URLs of the origin, each answered once the test sets its gate."""
+    urls = image_urls(origin, count, tag)
+    for url in urls:
+        origin.gates[url.removeprefix(origin.url(""))] = asyncio.Event()
+    return urls
+
+
+def open_gates(origin: ImageOrigin) -> None:
+    for gate in origin.gates.values():
+        gate.set()
+
+
+async def test_a_task_waiting_for_a_busy_origins_connection_leaves_its_slot_to_another_request(
+    ingest_stub: ingest_grpc.IngestServiceAsyncStub,
+    narrow_worker: StartWorker,
+    pool: asyncpg.Pool,
+    origin: ImageOrigin,
+    busy_origin: ImageOrigin,
+) -> None:
+    await narrow_worker(1000)  # bounds that this test never reaches
+    held = gated(busy_origin, 3, "held")
+    slow = await upload(ingest_stub, csv_of([("1", "Boot", held)]))
+    prompt = await upload(ingest_stub, csv_of([("1", "Shoe", image_urls(origin, 4, "prompt"))]))
+
+    # One slow image holds the origin's only connection and the worker's first slot; the
+    # other two took turns in the second slot with the prompt request, each waiting no more
+    # than CONNECTION_WAIT before giving the slot back.
+    assert (await wait_final(pool, prompt.request_id))["status"] == "Completed"
+    assert len(busy_origin.hits) == 1  # nothing else was sent while the connection was busy
+    rows = await image_rows(pool, slow.request_id)
+    assert sorted(r["busy_waits"] > 0 for r in rows) == [False, True, True]
+
+    open_gates(busy_origin)
+    assert (await wait_final(pool, slow.request_id))["status"] == "Completed"
+    rows = await image_rows(pool, slow.request_id)
+    # Waiting for a connection is no attempt, and no error.
+    assert [(r["attempts"], r["error_code"]) for r in rows] == [(1, None)] * 3
+    assert sorted(busy_origin.hits_of(url) for url in held) == [1, 1, 1]
+
+
+async def test_an_image_gives_its_slot_back_as_often_as_allowed_then_waits_in_it(
+    ingest_stub: ingest_grpc.IngestServiceAsyncStub,
+    narrow_worker: StartWorker,
+    pool: asyncpg.Pool,
+    busy_origin: ImageOrigin,
+) -> None:
+    processor = await narrow_worker(2)
+    # Six images for two slots: while one holds the connection, other tasks wait for a slot
+    # (at most two are put back at a time), so the one waiting for the connection gives its
+    # slot back.
+    held = gated(busy_origin, 6, "bounded")
+    accepted = await upload(ingest_stub, csv_of([("1", "Boot", held)]))
+
+    async def waiting_in_its_slot() -> bool:
+        # Put back as often as allowed, then released again: its task waits in its slot.
+        rows = await image_rows(pool, accepted.request_id)
+        return any(
+            r["busy_waits"] == processor.retry.max_busy_waits and r["enqueued_at"] is not None
+            for r in rows
+        )
+
+    await wait_until_async(waiting_in_its_slot, timeout=10, message="a task waiting in its slot")
+    open_gates(busy_origin)
+
+    assert (await wait_final(pool, accepted.request_id))["status"] == "Completed"
+    rows = await image_rows(pool, accepted.request_id)
+    # Never more waits than the bound, each image sent once.
+    assert max(r["busy_waits"] for r in rows) == processor.retry.max_busy_waits
+    assert [busy_origin.hits_of(url) for url in held] == [1] * 6
+
+
+async def test_a_task_that_nobody_waits_behind_waits_on_in_its_slot_for_the_connection(
+    ingest_stub: ingest_grpc.IngestServiceAsyncStub,
+    narrow_worker: StartWorker,
+    pool: asyncpg.Pool,
+    busy_origin: ImageOrigin,
+    fetches: list[tuple[str, float | None]],
+) -> None:
+    """The last images of a request: giving the slot back would serve nobody, and the image
+    would be away when the connection frees."""
+    await narrow_worker(1000)
+    held = gated(busy_origin, 2, "last")
+    accepted = await upload(ingest_stub, csv_of([("1", "Boot", held)]))
+
+    async def waiting_on() -> bool:
+        # A second download of the same image, without a bound on its wait for a connection.
+        return any(wait is None for _, wait in fetches)
+
+    await wait_until_async(waiting_on, timeout=10, message="a download waiting without a bound")
+    open_gates(busy_origin)
+
+    assert (await wait_final(pool, accepted.request_id))["status"] == "Completed"
+    rows = await image_rows(pool, accepted.request_id)
+    assert [r["busy_waits"] for r in rows] == [0, 0]
+    assert [busy_origin.hits_of(url) for url in held] == [1, 1]
+    (waited_on,) = [url for url, wait in fetches if wait is None]
+    assert fetches.count((waited_on, CONNECTION_WAIT)) == 1
+
+
+async def test_a_task_waits_for_a_slot_only_while_its_entry_is_undelivered(
+    redis_client: redis.asyncio.Redis, names: StreamNames, consumer: TaskConsumer
+) -> None:
+    assert not await tasks_undelivered(redis_client, names)  # no stream yet
+    await consumer.ensure_group()
+    assert not await tasks_undelivered(redis_client, names)  # nothing on it
+    tasks = [task_pb2.ImageTask(image_id=i, request_id=str(uuid.uuid4())) for i in (1, 2)]
+    await publish_tasks(redis_client, names, tasks)
+    assert await tasks_undelivered(redis_client, names)
+
+    assert len(await consumer.read(1, 100)) == 1
+    assert await tasks_undelivered(redis_client, names)  # the second still waits
+    assert len(await consumer.read(1, 100)) == 1
+    assert not await tasks_undelivered(redis_client, names)  # taken, though not acknowledged

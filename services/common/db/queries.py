@@ -12,7 +12,7 @@ import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 import asyncpg
 
@@ -394,6 +394,7 @@ class Counters:
 class ImageState:
     status: str
     deferred: bool  # back to waiting until a later time (defer_image): a task of it is stale
+    busy_waits: int = 0  # times it was put back because its origin's connections were busy
 
     @property
     def startable(self) -> bool:
@@ -404,12 +405,15 @@ class ImageState:
 async def image_states(conn: Connection, image_ids: Sequence[int]) -> dict[int, ImageState]:
     """The state of each image, in one query; an image that is gone is absent."""
     rows = await conn.fetch(
-        """SELECT id, status,
+        """SELECT id, status, busy_waits,
                   enqueued_at IS NULL AND COALESCE(not_before > now(), false) AS deferred
              FROM images WHERE id = ANY($1::bigint[])""",
         list(image_ids),
     )
-    return {row["id"]: ImageState(row["status"], bool(row["deferred"])) for row in rows}
+    return {
+        row["id"]: ImageState(row["status"], bool(row["deferred"]), row["busy_waits"])
+        for row in rows
+    }
 
 
 async def record_attempt(
@@ -432,24 +436,34 @@ async def record_attempt(
 
 
 async def defer_image(
-    conn: Connection, image_id: int, seconds: float, *, max_cooldown_waits: int | None = None
+    conn: Connection,
+    image_id: int,
+    seconds: float,
+    *,
+    wait: Literal["retry", "cooldown", "busy"] = "retry",
+    most: int | None = None,
 ) -> bool:
     """Put a released image back to waiting, not to be released again for `seconds`, so its
-    task gives its worker slot back while it waits (docs/scheduling.md). With
-    `max_cooldown_waits`, the wait is for an origin's cooldown: it counts in cooldown_waits, and
-    there may be at most that many. False when the image is final (its request was
-    cancelled) or has waited for cooldowns that many times already."""
+    task gives its worker slot back while it waits (docs/scheduling.md). A wait for an
+    origin's cooldown or for a connection to a busy origin spends no attempt: it counts in the
+    image's cooldown_waits or busy_waits, of which there may be at most `most`. False when the
+    image is final (its request was cancelled) or has waited so `most` times already."""
     deferred = await conn.fetchval(
         """UPDATE images
               SET enqueued_at = NULL, stream_entry_id = NULL,
                   not_before = now() + make_interval(secs => $2),
-                  cooldown_waits = cooldown_waits + ($3::int IS NOT NULL)::int,
+                  cooldown_waits = cooldown_waits + ($3 = 'cooldown')::int,
+                  busy_waits = busy_waits + ($3 = 'busy')::int,
                   updated_at = now()
-            WHERE id = $1 AND status = 'Pending' AND ($3::int IS NULL OR cooldown_waits < $3)
+            WHERE id = $1 AND status = 'Pending'
+              AND ($4::int IS NULL
+                   OR CASE $3 WHEN 'cooldown' THEN cooldown_waits
+                              WHEN 'busy' THEN busy_waits END < $4)
         RETURNING id""",
         image_id,
         seconds,
-        max_cooldown_waits,
+        wait,
+        most,
     )
     return deferred is not None
 
@@ -842,7 +856,7 @@ async def retry_failed_images(
             """UPDATE images
                   SET status = 'Pending', error_code = NULL, error_message = NULL, attempts = 0,
                       stream_entry_id = NULL, enqueued_at = NULL, not_before = NULL,
-                      cooldown_waits = 0, updated_at = now()
+                      cooldown_waits = 0, busy_waits = 0, updated_at = now()
                 WHERE request_id = $1 AND status = 'Failed'
             RETURNING id, input_url""",
             request_id,
