@@ -1,6 +1,6 @@
 """make bench: the benchmark suite of issue 6 against the real stack, results in bench/results/.
 
-    python -m bench            # B1 … B16 → bench/results/latest.md, latest.json, scaling.png
+    python -m bench            # B1 … B17 → bench/results/latest.md, latest.json, scaling.png
     python -m bench B1 B4      # a subset → bench/results/subset.md and subset.json
 
 B1 codec efficiency, B2 latency hiding, B3 ingest, B4 status under load, B5 worker memory,
@@ -13,7 +13,8 @@ again by its owner), B13 a slow owner (one owner's images from a slow origin, an
 prompt ones sent into them), B14 a waiting owner (as B13, from an origin that answers 503 with
 Retry-After), B15 a slow webhook receiver (one owner's receivers hang, another's webhook is
 timed), B16 a heavy owner (as B13, with 24-megapixel photos that queue for the compress
-threads).
+threads), B17 a busy origin (one owner's images from a slow origin alone, its tasks giving
+their slots back while they wait for a connection, against waiting in them).
 bench/settings.py lists the IMGPIPE_BENCH_* knobs and their defaults. Every benchmark serves
 real photographs (testing/photos.py) from 127.0.0.1 and talks to 127.0.0.1 only. None of this
 is a test: nothing asserts a timing; the report compares the figures with the issue's targets.
@@ -94,6 +95,7 @@ async def main(argv: list[str]) -> int:
             (("B14",), lambda: _one(fairness.run_b14(settings))),
             (("B15",), lambda: _one(webhooks.run(settings))),
             (("B16",), lambda: _one(fairness.run_b16(settings))),
+            (("B17",), lambda: _one(fairness.run_b17(settings))),
         ]
         for covers, run in suite:
             chosen = [name for name in covers if name in names]

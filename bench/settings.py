@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
-BENCHMARKS = tuple(f"B{n}" for n in range(1, 17))
+BENCHMARKS = tuple(f"B{n}" for n in range(1, 18))
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +45,10 @@ class BenchSettings:
     # IMGPIPE_BENCH_HUNG_WEBHOOKS: B15's one-image requests whose webhook receiver never answers
     hung_webhooks: int = 64
     heavy_images: int = 300  # IMGPIPE_BENCH_HEAVY_IMAGES: B16's 24-megapixel photos
+    # IMGPIPE_BENCH_BUSY_IMAGES: B17's images from one slow origin: 10.5 rounds of each of two
+    # workers' 16 connections, so that an uneven split between the workers adds no round
+    busy_images: int = 336
+    busy_delay: float = 2.0  # IMGPIPE_BENCH_BUSY_DELAY: seconds per image of B17's origin
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> BenchSettings:
@@ -107,6 +111,8 @@ class BenchSettings:
             retry_after=int(number("RETRY_AFTER", defaults.retry_after, int)),
             hung_webhooks=int(number("HUNG_WEBHOOKS", defaults.hung_webhooks, int)),
             heavy_images=int(number("HEAVY_IMAGES", defaults.heavy_images, int)),
+            busy_images=int(number("BUSY_IMAGES", defaults.busy_images, int)),
+            busy_delay=number("BUSY_DELAY", defaults.busy_delay, float),
             prompt_images=int(number("PROMPT_IMAGES", defaults.prompt_images, int)),
         )
         if problems:
