@@ -376,13 +376,20 @@ class OriginTurns:
     slot while it waits, docs/scheduling.md).
 
     Memory is bounded by the fetches in progress: an origin nobody uses or waits for is forgotten.
-    `now` is the clock (time.monotonic; tests inject their own)."""
+    `now` is the clock (time.monotonic; tests inject their own); `observe`, when given, is
+    called with the seconds each fetch waited, for a connection or until it gave up."""
 
     SMOOTHING = 0.2  # the weight of the newest turn in the moving average
 
-    def __init__(self, limit: int, now: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        limit: int,
+        now: Callable[[], float] = time.monotonic,
+        observe: Callable[[float], None] | None = None,
+    ) -> None:
         self.limit = limit
         self.now = now
+        self.observe = observe or (lambda seconds: None)
         self._origins: dict[OriginKey, _Origin] = {}
 
     def __len__(self) -> int:
@@ -410,9 +417,11 @@ class OriginTurns:
                     await origin.connections.acquire()
             except TimeoutError:
                 waited = self.now() - started
+                self.observe(waited)
                 delay = origin.seconds if origin.seconds is not None else waited
                 raise OriginBusy(f"{key[1]}:{key[2]}", waited, delay) from None
             began = self.now()
+            self.observe(began - started)
             try:
                 yield
             finally:
@@ -437,6 +446,7 @@ class GuardedConnector(aiohttp.TCPConnector):
         *,
         limit_per_host: int = 8,
         now: Callable[[], float] = time.monotonic,
+        observe_connection_wait: Callable[[float], None] | None = None,
     ) -> None:
         super().__init__(
             resolver=guard,
@@ -446,7 +456,7 @@ class GuardedConnector(aiohttp.TCPConnector):
         )
         self.guard = guard
         self.cooldowns = HostCooldowns(now)
-        self.turns = OriginTurns(limit_per_host, now)
+        self.turns = OriginTurns(limit_per_host, now, observe_connection_wait)
 
     async def close(self, *, abort_ssl: bool = False) -> None:
         try:
@@ -462,14 +472,22 @@ def make_session(
     resolver_inner: AbstractResolver | None = None,
     limit_per_host: int = 8,
     now: Callable[[], float] = time.monotonic,
+    observe_connection_wait: Callable[[float], None] | None = None,
 ) -> aiohttp.ClientSession:
     """A ClientSession on a GuardedConnector (no DNS cache, keep-alive, at most
     `limit_per_host` connections to one origin), with the limits' timeouts, no cookies and no
-    proxy from the environment. `now` is the clock of the 429/503 cooldowns. Callers own and
-    close it; call from a running event loop."""
+    proxy from the environment. `now` is the clock of the 429/503 cooldowns and the
+    connections' turns; `observe_connection_wait` gets each fetch_image hop's wait for a
+    connection. Callers own and close it; call from a running event loop."""
     guard = GuardedResolver(allow, resolver_inner, allowed_ports=limits.allowed_ports)
+    connector = GuardedConnector(
+        guard,
+        limit_per_host=limit_per_host,
+        now=now,
+        observe_connection_wait=observe_connection_wait,
+    )
     return aiohttp.ClientSession(
-        connector=GuardedConnector(guard, limit_per_host=limit_per_host, now=now),
+        connector=connector,
         timeout=aiohttp.ClientTimeout(
             total=limits.total_timeout,
             sock_connect=limits.connect_timeout,

@@ -97,11 +97,13 @@ REQUEST_SECONDS = Histogram(
 )
 BUDGET_WAIT_SECONDS = Histogram(
     "imgpipe_budget_wait_seconds",
-    "Time one acquisition waited for a worker memory budget (services/worker/budget.py)",
+    "Time one acquisition waited for a worker budget: download bytes and decoded pixels"
+    " (services/worker/budget.py), or one of the connections to an origin"
+    " (OriginTurns in services/common/fetch.py; a wait that gave up counts its time too)",
     ["budget"],
     buckets=(0.0005, *_BUCKETS),
 )
-BUDGETS = ("bytes", "pixels")
+BUDGETS = ("bytes", "pixels", "connections")
 BATCH_SIZE = Histogram(
     "imgpipe_worker_batch_size",
     "Calls one round trip to Postgres or Redis served (services/worker/batching.py)",

@@ -28,7 +28,10 @@ async def main(settings: WorkerSettings) -> None:
     metrics.prime_worker()
     async with open_backends("worker", common, pool_size=settings.concurrency + 2) as backends:
         session = make_session(
-            settings.fetch_allow, settings.fetch_limits, limit_per_host=settings.fetch_per_host
+            settings.fetch_allow,
+            settings.fetch_limits,
+            limit_per_host=settings.fetch_per_host,
+            observe_connection_wait=metrics.budget_waited("connections"),
         )
         # Pillow releases the GIL while decoding and encoding, so threads use every core.
         executor = ThreadPoolExecutor(settings.threads, thread_name_prefix="compress")

@@ -1232,3 +1232,28 @@ async def test_a_cancelled_wait_for_a_connection_takes_none() -> None:
     async with turns.turn(ORIGIN, wait=0.01):  # the cancelled waiter left nothing held
         pass
     assert len(turns) == 0
+
+
+async def test_each_wait_for_a_connection_is_observed_even_one_that_gave_up() -> None:
+    clock = Clock()
+    waits: list[float] = []
+    turns = OriginTurns(1, now=clock, observe=waits.append)
+    released = asyncio.Event()
+
+    async def hold() -> None:
+        async with turns.turn(ORIGIN):
+            await released.wait()
+
+    holder = asyncio.create_task(hold())
+    await until(lambda: waits == [0.0])  # a free connection: no wait
+    waiter = asyncio.create_task(hold())
+    await until(lambda: turns.users(ORIGIN) == 2)
+    clock.time += 3.0  # the waiter waits 3 s on the test's clock
+    with pytest.raises(OriginBusy):
+        async with turns.turn(ORIGIN, wait=0.01):
+            pytest.fail("a turn while the only connection is held")
+    released.set()
+    await asyncio.wait_for(asyncio.gather(holder, waiter), 5)
+
+    # The holder's 0, the one that gave up (at once, on this clock), then the waiter's 3 s.
+    assert waits == [0.0, 0.0, 3.0]
