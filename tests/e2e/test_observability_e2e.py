@@ -115,11 +115,13 @@ async def test_metrics_of_every_process_and_one_trace_across_the_stack(
             bytes_out = value(worker, "imgpipe_image_bytes_total", direction="out")
             assert bytes_in == status["progress"]["bytes_in"] > 0
             assert bytes_out == status["progress"]["bytes_out"] > 0
-            # Accepted to final, once per request; every download and decode took a budget.
+            # Accepted to final, once per request; every download and decode took a budget,
+            # and every download, the failed one too, took its turn for a connection.
             assert value(worker, "imgpipe_request_duration_seconds_count", status="Completed") == 1
             assert value(worker, "imgpipe_request_duration_seconds_sum", status="Completed") > 0
             assert value(worker, "imgpipe_budget_wait_seconds_count", budget="bytes") >= 2
             assert value(worker, "imgpipe_budget_wait_seconds_count", budget="pixels") == 2
+            assert value(worker, "imgpipe_budget_wait_seconds_count", budget="connections") >= 3
             assert value(worker, "imgpipe_db_pool_max_connections") > 0
             assert value(worker, "imgpipe_db_pool_waiting") == 0
 
