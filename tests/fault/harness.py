@@ -206,10 +206,13 @@ class Services:
         extra = {"IMGPIPE_FAILPOINTS": failpoints} if failpoints else {}
         return self.start("services.ingest", name, extra | settings)
 
-    def start_worker(self, name: str, *, failpoints: str = "") -> Service:
-        """A worker whose consumer name is `name`: a new name is a new pod."""
+    def start_worker(self, name: str, *, failpoints: str = "", **settings: str) -> Service:
+        """A worker whose consumer name is `name`: a new name is a new pod. `settings` are
+        more IMGPIPE_* variables (IMGPIPE_FETCH_PER_HOST=...)."""
         extra = {"IMGPIPE_FAILPOINTS": failpoints} if failpoints else {}
-        return self.start("services.worker", name, {"IMGPIPE_CONSUMER_NAME": name} | extra)
+        return self.start(
+            "services.worker", name, {"IMGPIPE_CONSUMER_NAME": name} | extra | settings
+        )
 
     async def wait_serving(self, *services: Service, within: float = 60.0) -> None:
         for service in services:

@@ -110,6 +110,30 @@ async def test_kill_9_a_worker_between_putting_an_image_back_and_acknowledging_i
     await assert_clean(backends, services, request_id, images=total)
 
 
+async def test_kill_9_a_worker_between_giving_a_busy_origins_image_back_and_acknowledging_it(
+    backends: Backends, services: Services, origin: ImageOrigin
+) -> None:
+    total = 40
+    # One connection to the origin for 8 slots, and a wait for it of 50 ms: the tasks at the
+    # end of its queue give their slots back to the tasks still on the stream.
+    dying = services.start_worker(
+        "worker-dying",
+        failpoints="worker.after_defer",
+        IMGPIPE_FETCH_PER_HOST="1",
+        IMGPIPE_FETCH_CONNECTION_WAIT="0.05",
+    )
+    ingest = services.start_ingest()
+    await services.wait_serving(ingest, dying)
+
+    request_id = await submit(ingest, image_urls(origin, total, "busy"))
+    assert await dying.wait_exit(30) == -signal.SIGKILL, services.report()
+
+    # As for a retry: the entry of the image given back is acknowledged without a download
+    # by the worker that takes it over, and the feeder releases the image again.
+    await services.wait_serving(services.start_worker("worker-b"))
+    await assert_clean(backends, services, request_id, images=total)
+
+
 @pytest.mark.own_servers
 async def test_redis_restarts_and_loses_its_data(
     backends: Backends, services: Services, origin: ImageOrigin
