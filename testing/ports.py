@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import socket
 from collections.abc import Sequence
@@ -30,12 +31,23 @@ def free_port_block(offsets: Sequence[int]) -> int:
     inside it can become the source port of any outgoing connection on the machine before the
     service binds it, and under load (the containers of `make image-test` take seconds to
     start) that happened."""
-    high = _ephemeral_low() - max(offsets)
+    low, high = _own_range()
     for _ in range(50):
-        base = random.randrange(10000, high)
+        base = random.randrange(low, high - max(offsets))
         if all(free_tcp_port_is(base + offset) for offset in offsets):
             return base
     raise AssertionError("no free block of ports")
+
+
+def _own_range(low: int = 10000) -> tuple[int, int]:
+    """[low, the ephemeral range), one slice per pytest-xdist process. A port is free when it
+    is picked; two processes picking the same one before either binds it is a race, which
+    gRPC's default SO_REUSEPORT (now off: grpc_transport.py) used to make silent."""
+    high = _ephemeral_low()
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    index = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw"))
+    size = (high - low) // count
+    return low + index * size, low + (index + 1) * size
 
 
 def free_tcp_port_is(port: int) -> bool:

@@ -26,6 +26,7 @@ from services.local.embedded import docker_available, start_postgres, start_redi
 from testing import containers
 from testing.databases import create_database, delete_keys, drop_database
 from testing.seaweed import BUCKET, SeaweedS3, start_seaweed
+from testing.stack import Stack
 
 T = TypeVar("T")
 
@@ -45,6 +46,27 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         folder = item.path.relative_to(TESTS).parts[0]
         if folder in FOLDER_MARKERS:
             item.add_marker(folder)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """A failing test that uses a local stack shows the end of the stack's log: the services'
+    own account of a 5xx is there, and CI prints nothing else of it."""
+    outcome: Any = yield
+    report: pytest.TestReport = outcome.get_result()
+    if report.failed:
+        for name, stack in _stacks(getattr(item, "funcargs", {})):
+            report.sections.append((f"end of {name}'s stack log ({stack.log})", stack.log_tail()))
+
+
+def _stacks(funcargs: dict[str, Any]) -> Iterator[tuple[str, Stack]]:
+    """The stacks among a test's fixture values: a Stack, a list of them, or a value with a
+    `stack` attribute (tests/e2e/test_schemathesis.py's Live)."""
+    for name, value in funcargs.items():
+        values = value if isinstance(value, list | tuple) else [getattr(value, "stack", value)]
+        for each in values:
+            if isinstance(each, Stack) and each.log.exists():
+                yield name, each
 
 
 _docker_available = functools.cache(docker_available)

@@ -61,6 +61,10 @@ class GrpcTransport:
         return [
             ("grpc.max_connection_age_ms", _ms(self.max_connection_age)),
             ("grpc.max_connection_age_grace_ms", _ms(self.max_connection_age_grace)),
+            # gRPC sets SO_REUSEPORT by default: a second server on a port in use would start
+            # without a word and take part of the first one's new connections (measured: two
+            # processes both bound one port). Without it, the second one fails to listen.
+            ("grpc.so_reuseport", 0),
         ]
 
     def server(self, interceptors: Sequence[grpc.aio.ServerInterceptor] = ()) -> grpc.aio.Server:
@@ -69,12 +73,15 @@ class GrpcTransport:
 
     def listen(self, server: grpc.aio.Server, address: str) -> int:
         """Add `address` to `server`, with TLS when a certificate is set; return the port."""
-        if self.tls.cert:
-            port = server.add_secure_port(address, self.server_credentials())
-        else:
-            port = server.add_insecure_port(address)
+        try:
+            if self.tls.cert:
+                port = server.add_secure_port(address, self.server_credentials())
+            else:
+                port = server.add_insecure_port(address)
+        except RuntimeError:  # newer grpcio raises where older versions return 0
+            port = 0
         if port == 0:
-            raise OSError(f"cannot listen on {address}")
+            raise OSError(f"cannot listen on {address}: is something else listening there?")
         return port
 
     def health_server(self, servicer: Any) -> grpc.aio.Server | None:
@@ -83,8 +90,7 @@ class GrpcTransport:
             return None
         server = grpc.aio.server(options=self.server_options())
         health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
-        if server.add_insecure_port(self.health_listen) == 0:
-            raise OSError(f"cannot listen on {self.health_listen}")
+        GrpcTransport().listen(server, self.health_listen)  # plaintext, whatever self's TLS
         return server
 
     def server_credentials(self) -> grpc.ServerCredentials:

@@ -14,7 +14,7 @@ from typing import Any
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from gateway.config import GatewaySettings
 from services.common.config import MAX_WATCH_SECONDS, ConfigError
@@ -125,9 +125,23 @@ def test_server_options_carry_the_age_and_grace_in_milliseconds() -> None:
     assert options == {
         "grpc.max_connection_age_ms": 2500,
         "grpc.max_connection_age_grace_ms": 630_000,
+        "grpc.so_reuseport": 0,
     }
     # The default grace outlasts the longest WatchRequest stream.
     assert GrpcTransport().max_connection_age_grace > MAX_WATCH_SECONDS
+
+
+async def test_a_second_server_on_a_port_in_use_fails_to_listen() -> None:
+    """gRPC's default SO_REUSEPORT would let it bind and take part of the first one's new
+    connections; both servers are of this transport, in one process as in two."""
+    transport = GrpcTransport()
+    async with serving(transport) as (target, _):
+        port = target.rsplit(":", 1)[1]
+        with pytest.raises(OSError, match=f"cannot listen on 127.0.0.1:{port}"):
+            transport.listen(transport.server(), f"127.0.0.1:{port}")
+        probes = replace(transport, health_listen=f"127.0.0.1:{port}")
+        with pytest.raises(OSError, match=f"cannot listen on 127.0.0.1:{port}"):
+            probes.health_server(health.aio.HealthServicer())
 
 
 @dataclass(frozen=True)
