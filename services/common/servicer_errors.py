@@ -32,6 +32,9 @@ BACKEND_ERRORS: tuple[type[BaseException], ...] = (
     # What asyncpg raises when the server goes away in the middle of an operation
     # ("cannot switch to state 12; another operation is in progress"), MagicStack/asyncpg#784.
     asyncpg.exceptions.InternalClientError,
+    # Postgres broke a deadlock or a serialization conflict by failing this transaction:
+    # trying again succeeds. Uncaught, one stopped ingest (its feeder loop) in a CI run.
+    asyncpg.exceptions.TransactionRollbackError,
     RedisError,
 )
 

@@ -17,6 +17,7 @@ import redis.asyncio
 from services.common.csv_format import ProductRow
 from services.common.db import queries
 from services.common.pb.imgpipe.v1 import task_pb2
+from services.common.servicer_errors import BACKEND_ERRORS
 from services.common.streams import TASK_FIELD, StreamNames, TaskConsumer
 from services.ingest.feeder import Feeder, FeedPass
 from testing.databases import own_database
@@ -327,6 +328,65 @@ async def test_an_image_put_back_before_its_release_was_recorded_stays_waiting(
         "SELECT enqueued_at, stream_entry_id FROM images WHERE id = $1", image_id
     )
     assert row is not None and tuple(row) == (None, None)
+
+
+async def test_recording_a_release_never_waits_for_an_image_that_is_final_already(
+    pool: asyncpg.Pool,
+) -> None:
+    """A deadlock a CI run hit, which Postgres broke by failing the feeder's statement (and the
+    feeder's crash stopped ingest). A worker failed an image between the feeder's XADD and its
+    recording of the entry. A retry of the request then held the request row and waited for
+    that image's row; another worker, failing the request's next image, held that one and
+    waited for the request row; and the recording held the failed image and waited for the
+    next. A final image needs no stream entry: the recording must leave its row alone, and so
+    never wait for whoever holds it."""
+    request_id = await stored(pool, 1)
+    (image_id,) = await image_ids(pool, request_id)
+    async with pool.acquire() as conn:
+        await queries.record_image_failed(conn, image_id, code="BLOCKED_ADDRESS", message="no")
+    # The retry's locks: the request row, then the failed image, turned Pending (not yet
+    # committed).
+    async with pool.acquire() as retry, pool.acquire() as feeder, retry.transaction():
+        await retry.execute("SELECT 1 FROM requests WHERE id = $1 FOR UPDATE", request_id)
+        await retry.execute("UPDATE images SET status = 'Pending' WHERE id = $1", image_id)
+        await feeder.execute("SET lock_timeout = '2s'")  # waiting raises, and fails the test
+        await queries.set_stream_entries(feeder, [image_id], ["1-0"])
+    # Retried, it waits for the feeder's next pass, unreleased.
+    row = await pool.fetchrow(
+        "SELECT status, enqueued_at, stream_entry_id FROM images WHERE id = $1", image_id
+    )
+    assert row is not None and tuple(row) == ("Pending", None, None)
+
+
+async def test_a_deadlock_postgres_breaks_is_a_backend_error_that_is_retried(
+    pool: asyncpg.Pool,
+) -> None:
+    """Whatever cycle is left, Postgres ends it by failing one statement: the service loops
+    (the feeder's included) log it and try again, workers keep the task and retry it, and
+    callers get UNAVAILABLE, as for any backend error, instead of the service stopping."""
+    async with pool.acquire() as first, pool.acquire() as second:
+
+        async def take(
+            conn: queries.Connection, locks: tuple[int, int], held: asyncio.Event
+        ) -> None:
+            async with conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock($1)", locks[0])
+                held.set()
+                await both.wait()
+                await conn.execute("SELECT pg_advisory_xact_lock($1)", locks[1])
+
+        held = [asyncio.Event(), asyncio.Event()]
+        both = asyncio.Event()
+        runs = [
+            asyncio.create_task(take(first, (1, 2), held[0])),
+            asyncio.create_task(take(second, (2, 1), held[1])),
+        ]
+        await asyncio.wait_for(asyncio.gather(*(h.wait() for h in held)), 5)
+        both.set()
+        outcomes = await asyncio.wait_for(asyncio.gather(*runs, return_exceptions=True), 30)
+    (broken,) = [o for o in outcomes if isinstance(o, BaseException)]
+    assert isinstance(broken, asyncpg.exceptions.DeadlockDetectedError)
+    assert isinstance(broken, BACKEND_ERRORS)
 
 
 async def test_an_image_final_or_out_of_cooldown_or_busy_waits_is_not_deferred(

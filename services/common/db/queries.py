@@ -179,11 +179,17 @@ async def set_stream_entries(
     conn: Connection, image_ids: Sequence[int], entry_ids: Sequence[str]
 ) -> None:
     """Remember where each image's task is on the stream (see the reconciler). An image that a
-    worker put back to wait in the meantime (its task was quicker than this) stays waiting."""
+    worker put back to wait in the meantime (its task was quicker than this) stays waiting.
+
+    An image a worker made final meanwhile is left alone: it needs no entry, and its row may be
+    locked by a retry that holds its request's row, while a worker holds another of the
+    request's images and waits for that request row. Waiting for it here closed that cycle (a
+    deadlock, seen in CI); skipping it, this statement only ever waits for Pending images."""
     await conn.execute(
         """UPDATE images SET stream_entry_id = e.entry_id, enqueued_at = now()
              FROM unnest($1::bigint[], $2::text[]) AS e(image_id, entry_id)
-            WHERE images.id = e.image_id AND COALESCE(images.not_before, '-infinity') <= now()""",
+            WHERE images.id = e.image_id AND images.status = 'Pending'
+              AND COALESCE(images.not_before, '-infinity') <= now()""",
         list(image_ids),
         list(entry_ids),
     )
