@@ -313,6 +313,14 @@ class GuardedResolver(AbstractResolver):
 OriginKey = tuple[str, str, int]  # scheme, host, port
 
 
+def origin_key(url: str) -> OriginKey | None:
+    """The origin a URL's first request goes to; None for a URL that does not parse."""
+    try:
+        return HostCooldowns.key(URL(url))
+    except ValueError:
+        return None
+
+
 class HostCooldowns:
     """Origins that answered 429 or 503, and until when we leave them alone.
 
@@ -356,8 +364,9 @@ class OriginBusy(Exception):
     one: nothing was sent. `delay` is the origin's recent time per turn (the wait when it has
     none yet): about when a connection should be free again."""
 
-    def __init__(self, origin: str, waited: float, delay: float) -> None:
-        super().__init__(f"{origin}: every connection busy for {waited:.1f} s")
+    def __init__(self, origin: OriginKey, waited: float, delay: float) -> None:
+        super().__init__(f"{origin[1]}:{origin[2]}: every connection busy for {waited:.1f} s")
+        self.origin = origin
         self.waited = waited
         self.delay = delay
 
@@ -419,7 +428,7 @@ class OriginTurns:
                 waited = self.now() - started
                 self.observe(waited)
                 delay = origin.seconds if origin.seconds is not None else waited
-                raise OriginBusy(f"{key[1]}:{key[2]}", waited, delay) from None
+                raise OriginBusy(key, waited, delay) from None
             began = self.now()
             self.observe(began - started)
             try:

@@ -354,23 +354,28 @@ async def task_stream_state(redis: aioredis.Redis, names: StreamNames) -> TaskSt
     return TaskStreamState(exists=False, last_delivered="0-0")
 
 
-async def tasks_undelivered(redis: aioredis.Redis, names: StreamNames) -> bool:
-    """Whether the task stream holds an entry no worker has taken yet: a task waiting for a
-    slot. One round trip (the group's last delivered id, and the newest entry)."""
-    async with redis.pipeline(transaction=False) as pipe:
-        pipe.xinfo_groups(names.tasks)
-        pipe.xrevrange(names.tasks, count=1)
-        try:
-            groups, newest = await pipe.execute()
-        except ResponseError:  # no such stream
-            return False
-    if not newest:
-        return False
-    delivered = next(
-        (_text(g["last-delivered-id"]) for g in groups if _text(g["name"]) == WORKER_GROUP),
-        "0-0",
+async def undelivered_tasks(
+    redis: aioredis.Redis, names: StreamNames, count: int
+) -> list[task_pb2.ImageTask]:
+    """At most `count` of the tasks on the stream that no worker has taken yet, oldest first:
+    the tasks waiting for a slot. Two round trips (the group's last delivered id, then the
+    entries after it); an entry that does not decode is left out (its worker dead-letters it)."""
+    state = await task_stream_state(redis, names)
+    if not state.exists:
+        return []
+    milliseconds, sequence = state.last_delivered_key
+    entries: Any = await redis.xrange(
+        names.tasks, min=f"{milliseconds}-{sequence + 1}", count=count
     )
-    return _id_key(_text(newest[0][0])) > _id_key(delivered)
+    tasks = []
+    for _, fields in entries:
+        task = task_pb2.ImageTask()
+        try:
+            task.ParseFromString(fields[TASK_FIELD])
+        except (KeyError, DecodeError):
+            continue
+        tasks.append(task)
+    return tasks
 
 
 async def live_entries(

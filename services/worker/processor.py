@@ -21,7 +21,7 @@ from redis.exceptions import RedisError
 from services.common import failpoints, metrics, telemetry
 from services.common import storage as keys
 from services.common.db import lifecycle, queries
-from services.common.fetch import OriginBusy, Reserve
+from services.common.fetch import OriginBusy, OriginKey, Reserve, origin_key
 from services.common.image_options import ImageLimits, from_proto
 from services.common.outcome import ImageFailure, OutcomeCode, RetryPolicy
 from services.common.pb.imgpipe.v1 import task_pb2
@@ -32,7 +32,7 @@ from services.common.streams import (
     StreamNames,
     publish_event_once,
     publish_progress,
-    tasks_undelivered,
+    undelivered_tasks,
 )
 from services.worker import dedup
 from services.worker.batching import Batcher, Expected, Ticket
@@ -52,6 +52,9 @@ log = logging.getLogger(__name__)
 DEFAULT_RECORD_LINGER = 0.2
 # How long a task waits for a connection to its origin in its slot (IMGPIPE_FETCH_CONNECTION_WAIT).
 DEFAULT_CONNECTION_WAIT = 1.0
+# Tasks waiting for a slot read before a task that waited that long gives its slot back:
+# twice the feeder's default lookahead (services/ingest/config.py), so the read sees them all.
+DEFAULT_WAITING_READ = 64
 
 
 class Deferred(Exception):
@@ -92,6 +95,7 @@ class Processor:
         reuse_outputs: bool = True,
         record_linger: float = DEFAULT_RECORD_LINGER,
         connection_wait: float = DEFAULT_CONNECTION_WAIT,
+        waiting_read: int = DEFAULT_WAITING_READ,
     ) -> None:
         self.pool = pool
         self.redis = redis
@@ -106,6 +110,9 @@ class Processor:
         # How long a task waits for a connection to a busy origin before it gives its slot
         # back; an image does so at most retry.max_busy_waits times, then waits in its slot.
         self.connection_wait = connection_wait
+        # How many tasks waiting for a slot it reads to see whether giving one back serves
+        # another origin: more than the feeder's lookahead (IMGPIPE_SCHEDULER_LOOKAHEAD) keeps.
+        self.waiting_read = waiting_read
         # Many tasks wait on origins at once; these bound what they hold once the bytes come.
         self.buffers = buffers or ByteBudget(DEFAULT_BUFFER_BYTES)
         self.pixels = pixels or PixelBudget(DEFAULT_PIXEL_BUDGET)
@@ -380,16 +387,26 @@ class Processor:
         self, task: task_pb2.ImageTask, lease: Lease, connection_wait: float | None
     ) -> bytes:
         """The download; OriginBusy when its origin's connections stayed busy for
-        `connection_wait` and a task on the stream waits for a slot. When none does, the
-        task waits on in its slot: giving it back would serve nobody, and the image would be
-        away when a connection frees (the last images of a request at a slow origin)."""
+        `connection_wait` and a task on the stream that could use the slot waits for one.
+        When none does, the task waits on in its slot: giving it back would serve nobody, and
+        the image would be away when a connection frees (the last images of a request at a
+        slow origin, or a catalog from one origin)."""
         url = task.input_url
         try:
             return await self.fetch(url, reserve=lease.reserve, connection_wait=connection_wait)
-        except OriginBusy:
-            if await tasks_undelivered(self.redis, self.names):
+        except OriginBusy as busy:
+            if await self._slot_wanted_elsewhere(busy.origin):
                 raise
         return await self.fetch(url, reserve=lease.reserve)
+
+    async def _slot_wanted_elsewhere(self, busy: OriginKey) -> bool:
+        """Whether a task waiting for a slot would download from another origin than `busy`.
+        Those of `busy` would only queue for the same connections. When the read is full, more
+        wait behind it than it saw: as if one did."""
+        waiting = await undelivered_tasks(self.redis, self.names, self.waiting_read)
+        return len(waiting) == self.waiting_read or any(
+            origin_key(task.input_url) != busy for task in waiting
+        )
 
     async def _finish_once(self, request_id: uuid.UUID) -> None:
         """finish_if_complete, or, while this process already runs it for the request, ask

@@ -18,7 +18,7 @@ import pytest
 from redis.exceptions import RedisError
 
 from services.common.streams import WORKER_GROUP
-from testing.origin import ImageOrigin, image_urls
+from testing.origin import ImageOrigin, image_urls, serve_images
 from testing.polling import wait_until_async
 from testing.services import NOT_SERVING, SERVING, Service, submit
 from tests.fault.harness import (
@@ -114,24 +114,30 @@ async def test_kill_9_a_worker_between_giving_a_busy_origins_image_back_and_ackn
     backends: Backends, services: Services, origin: ImageOrigin
 ) -> None:
     total = 40
-    # One connection to the origin for 8 slots, and a wait for it of 50 ms: the tasks at the
-    # end of its queue give their slots back to the tasks still on the stream.
-    dying = services.start_worker(
-        "worker-dying",
-        failpoints="worker.after_defer",
-        IMGPIPE_FETCH_PER_HOST="1",
-        IMGPIPE_FETCH_CONNECTION_WAIT="0.05",
-    )
-    ingest = services.start_ingest()
-    await services.wait_serving(ingest, dying)
+    async with serve_images((160, 120), delay=0.02) as other:
+        # One connection per origin for 8 slots, and a wait for it of 50 ms: a task waiting
+        # for one origin gives its slot back to a task of the other still on the stream.
+        allow = {"IMGPIPE_FETCH_ALLOW": f"127.0.0.1:{origin.port},127.0.0.1:{other.port}"}
+        dying = services.start_worker(
+            "worker-dying",
+            failpoints="worker.after_defer",
+            IMGPIPE_FETCH_PER_HOST="1",
+            IMGPIPE_FETCH_CONNECTION_WAIT="0.05",
+            **allow,
+        )
+        ingest = services.start_ingest(**allow)
+        await services.wait_serving(ingest, dying)
 
-    request_id = await submit(ingest, image_urls(origin, total, "busy"))
-    assert await dying.wait_exit(30) == -signal.SIGKILL, services.report()
+        mine, others = image_urls(origin, total // 2, "busy"), image_urls(other, total // 2, "busy")
+        request_id = await submit(
+            ingest, [url for pair in zip(mine, others, strict=True) for url in pair]
+        )
+        assert await dying.wait_exit(30) == -signal.SIGKILL, services.report()
 
-    # As for a retry: the entry of the image given back is acknowledged without a download
-    # by the worker that takes it over, and the feeder releases the image again.
-    await services.wait_serving(services.start_worker("worker-b"))
-    await assert_clean(backends, services, request_id, images=total)
+        # As for a retry: the entry of the image given back is acknowledged without a
+        # download by the worker that takes it over, and the feeder releases the image again.
+        await services.wait_serving(services.start_worker("worker-b", **allow))
+        await assert_clean(backends, services, request_id, images=total)
 
 
 @pytest.mark.own_servers

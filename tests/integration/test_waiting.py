@@ -28,9 +28,9 @@ from services.common.streams import (
     StreamNames,
     TaskConsumer,
     publish_tasks,
-    tasks_undelivered,
+    undelivered_tasks,
 )
-from services.worker.processor import Processor
+from services.worker.processor import DEFAULT_WAITING_READ, Processor
 from services.worker.runner import ConsumePolicy, consume
 from testing.origin import ImageOrigin, image_urls, serve_images
 from testing.polling import wait_until_async
@@ -161,7 +161,7 @@ async def test_a_stale_task_of_a_deferred_image_is_acknowledged_without_a_downlo
 
 CONNECTION_WAIT = 0.1  # seconds a task of the narrow worker waits for its origin's connection
 
-StartWorker = Callable[[int], Awaitable[Processor]]
+StartWorker = Callable[..., Awaitable[Processor]]
 
 
 @pytest.fixture
@@ -189,8 +189,9 @@ async def narrow_worker(
     fetches: list[tuple[str, float | None]],
 ) -> AsyncIterator[StartWorker]:
     """Starts a worker of two slots and one connection per origin, whose tasks give their slot
-    back after CONNECTION_WAIT, at most `busy_waits` times per image. Each download it starts
-    is noted in `fetches`: its URL and how long it may wait for a connection."""
+    back after CONNECTION_WAIT, at most `busy_waits` times per image (reading `waiting_read`
+    tasks waiting for a slot to decide). Each download it starts is noted in `fetches`: its URL
+    and how long it may wait for a connection."""
     allow = FetchAllow.parse(f"127.0.0.1:{origin.port},127.0.0.1:{busy_origin.port}")
     session = make_session(allow, FetchLimits(), limit_per_host=1)
     stop = asyncio.Event()
@@ -204,7 +205,7 @@ async def narrow_worker(
             session, url, FetchLimits(), reserve=reserve, connection_wait=connection_wait
         )
 
-    async def start(busy_waits: int) -> Processor:
+    async def start(busy_waits: int, waiting_read: int = DEFAULT_WAITING_READ) -> Processor:
         processor = Processor(
             pool=pool,
             redis=redis_client,
@@ -215,6 +216,7 @@ async def narrow_worker(
             image_limits=ImageLimits(),
             retry=RetryPolicy(max_busy_waits=busy_waits),
             connection_wait=CONNECTION_WAIT,
+            waiting_read=waiting_read,
         )
         policy = ConsumePolicy(concurrency=2)
         running.append(asyncio.create_task(consume(consumer, processor, policy, stop)))
@@ -277,7 +279,9 @@ async def test_an_image_gives_its_slot_back_as_often_as_allowed_then_waits_in_it
     pool: asyncpg.Pool,
     busy_origin: ImageOrigin,
 ) -> None:
-    processor = await narrow_worker(2)
+    # Reading one waiting task, the worker cannot tell whether more wait behind it, of other
+    # origins: a full read counts as a task that could use the slot.
+    processor = await narrow_worker(2, waiting_read=1)
     # Six images for two slots: while one holds the connection, other tasks wait for a slot
     # (at most two are put back at a time), so the one waiting for the connection gives its
     # slot back.
@@ -302,17 +306,26 @@ async def test_an_image_gives_its_slot_back_as_often_as_allowed_then_waits_in_it
     assert [busy_origin.hits_of(url) for url in held] == [1] * 6
 
 
-async def test_a_task_that_nobody_waits_behind_waits_on_in_its_slot_for_the_connection(
+@pytest.mark.parametrize(
+    "images",
+    [
+        pytest.param(2, id="the last images of a request: nobody waits behind"),
+        pytest.param(6, id="a catalog from one origin: only tasks of the busy origin wait"),
+    ],
+)
+async def test_a_task_whose_slot_would_serve_nobody_waits_on_in_it_for_the_connection(
     ingest_stub: ingest_grpc.IngestServiceAsyncStub,
     narrow_worker: StartWorker,
     pool: asyncpg.Pool,
     busy_origin: ImageOrigin,
     fetches: list[tuple[str, float | None]],
+    images: int,
 ) -> None:
-    """The last images of a request: giving the slot back would serve nobody, and the image
-    would be away when the connection frees."""
+    """Giving the slot back serves a task waiting for one only if it would download from
+    another origin: those of the busy origin would queue for the same connection. Given back,
+    the image would be away when the connection frees."""
     await narrow_worker(1000)
-    held = gated(busy_origin, 2, "last")
+    held = gated(busy_origin, images, "waits-on")
     accepted = await upload(ingest_stub, csv_of([("1", "Boot", held)]))
 
     async def waiting_on() -> bool:
@@ -320,27 +333,34 @@ async def test_a_task_that_nobody_waits_behind_waits_on_in_its_slot_for_the_conn
         return any(wait is None for _, wait in fetches)
 
     await wait_until_async(waiting_on, timeout=10, message="a download waiting without a bound")
+    rows = await image_rows(pool, accepted.request_id)
+    assert all(r["enqueued_at"] is not None for r in rows)  # none was put back
     open_gates(busy_origin)
 
     assert (await wait_final(pool, accepted.request_id))["status"] == "Completed"
     rows = await image_rows(pool, accepted.request_id)
-    assert [r["busy_waits"] for r in rows] == [0, 0]
-    assert [busy_origin.hits_of(url) for url in held] == [1, 1]
-    (waited_on,) = [url for url, wait in fetches if wait is None]
+    assert [r["busy_waits"] for r in rows] == [0] * images
+    assert [busy_origin.hits_of(url) for url in held] == [1] * images
+    # The first task that waited on had given up on a bounded wait once, and only once.
+    waited_on = next(url for url, wait in fetches if wait is None)
     assert fetches.count((waited_on, CONNECTION_WAIT)) == 1
 
 
-async def test_a_task_waits_for_a_slot_only_while_its_entry_is_undelivered(
+async def test_the_tasks_waiting_for_a_slot_are_the_undelivered_entries_oldest_first(
     redis_client: redis.asyncio.Redis, names: StreamNames, consumer: TaskConsumer
 ) -> None:
-    assert not await tasks_undelivered(redis_client, names)  # no stream yet
+    assert await undelivered_tasks(redis_client, names, 10) == []  # no stream yet
     await consumer.ensure_group()
-    assert not await tasks_undelivered(redis_client, names)  # nothing on it
-    tasks = [task_pb2.ImageTask(image_id=i, request_id=str(uuid.uuid4())) for i in (1, 2)]
+    assert await undelivered_tasks(redis_client, names, 10) == []  # nothing on it
+    tasks = [
+        task_pb2.ImageTask(image_id=i, request_id=str(uuid.uuid4()), input_url=f"http://h{i}/")
+        for i in (1, 2, 3)
+    ]
     await publish_tasks(redis_client, names, tasks)
-    assert await tasks_undelivered(redis_client, names)
+    assert await undelivered_tasks(redis_client, names, 10) == tasks
+    assert await undelivered_tasks(redis_client, names, 2) == tasks[:2]  # at most the count
 
     assert len(await consumer.read(1, 100)) == 1
-    assert await tasks_undelivered(redis_client, names)  # the second still waits
-    assert len(await consumer.read(1, 100)) == 1
-    assert not await tasks_undelivered(redis_client, names)  # taken, though not acknowledged
+    assert await undelivered_tasks(redis_client, names, 10) == tasks[1:]
+    assert len(await consumer.read(2, 100)) == 2
+    assert await undelivered_tasks(redis_client, names, 10) == []  # taken, not acknowledged

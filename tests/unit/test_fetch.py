@@ -39,6 +39,7 @@ from services.common.fetch import (
     fetch_image,
     is_public_address,
     make_session,
+    origin_key,
     parse_retry_after,
 )
 from services.common.outcome import ImageFailure, OutcomeCode
@@ -356,6 +357,8 @@ async def test_a_fetch_that_may_not_wait_longer_for_a_connection_sends_nothing(
     # asks to come back after a turn (the origin has no time per turn yet: the wait).
     assert server.app[SEEN] == ["/stall"]
     assert busy.value.waited >= 0.1 and busy.value.delay == busy.value.waited
+    assert busy.value.origin == ("http", "127.0.0.1", server.port)
+    assert origin_key(url(server, "/other")) == busy.value.origin
     server.app[RELEASE].set()
     assert await asyncio.wait_for(holder, 5) == IMAGE
     # With the connection free, the same bounded wait is no wait at all.
