@@ -311,6 +311,8 @@ class GuardedResolver(AbstractResolver):
 
 
 OriginKey = tuple[str, str, int]  # scheme, host, port
+# Asked when a bounded wait for an origin's connection runs out: True waits another round.
+KeepWaiting = Callable[[OriginKey], Awaitable[bool]]
 
 
 def origin_key(url: str) -> OriginKey | None:
@@ -411,9 +413,13 @@ class OriginTurns:
         return 0 if origin is None else origin.users
 
     @contextlib.asynccontextmanager
-    async def turn(self, url: URL, *, wait: float | None = None) -> AsyncIterator[None]:
-        """Hold one of the origin's `limit` connections for the body of the block; waits for
-        one at most `wait` seconds (None: as long as it takes), then raises OriginBusy."""
+    async def turn(
+        self, url: URL, *, wait: float | None = None, keep_waiting: KeepWaiting | None = None
+    ) -> AsyncIterator[None]:
+        """Hold one of the origin's `limit` connections for the body of the block. With `wait`,
+        each time that many seconds pass without one, `keep_waiting(origin)` decides: True
+        keeps the fetch's place in the queue for another `wait`; False (or no keep_waiting)
+        raises OriginBusy. Without `wait`, it waits as long as it takes."""
         key = HostCooldowns.key(url)
         origin = self._origins.get(key)
         if origin is None:
@@ -421,14 +427,11 @@ class OriginTurns:
         origin.users += 1
         try:
             started = self.now()
-            try:
-                async with asyncio.timeout(wait):
-                    await origin.connections.acquire()
-            except TimeoutError:
+            if not await _acquire(origin.connections, wait, lambda: _ask(keep_waiting, key)):
                 waited = self.now() - started
                 self.observe(waited)
                 delay = origin.seconds if origin.seconds is not None else waited
-                raise OriginBusy(key, waited, delay) from None
+                raise OriginBusy(key, waited, delay)
             began = self.now()
             self.observe(began - started)
             try:
@@ -442,6 +445,35 @@ class OriginTurns:
             origin.users -= 1
             if origin.users == 0:
                 del self._origins[key]
+
+
+async def _ask(keep_waiting: KeepWaiting | None, origin: OriginKey) -> bool:
+    return keep_waiting is not None and await keep_waiting(origin)
+
+
+async def _acquire(
+    connections: asyncio.Semaphore, wait: float | None, keep_waiting: Callable[[], Awaitable[bool]]
+) -> bool:
+    """Take a connection, asking `keep_waiting` after each `wait` seconds without one; False
+    when it said no. The place in the semaphore's queue is kept throughout."""
+    if wait is None:
+        await connections.acquire()
+        return True
+    acquiring = asyncio.ensure_future(connections.acquire())
+    taken = False
+    try:
+        while not (await asyncio.wait({acquiring}, timeout=wait))[0]:
+            # A connection that came while keep_waiting was asked is taken all the same.
+            if not await keep_waiting() and not acquiring.done():
+                return False
+        taken = True
+        return True
+    finally:
+        if not taken:
+            if acquiring.done() and not acquiring.cancelled():
+                connections.release()  # came just as an error or a cancel ended the wait
+            else:
+                acquiring.cancel()  # asyncio's semaphore hands on a turn it was just given
 
 
 class GuardedConnector(aiohttp.TCPConnector):
@@ -518,6 +550,7 @@ async def fetch_image(
     *,
     reserve: Reserve | None = None,
     connection_wait: float | None = None,
+    keep_waiting: KeepWaiting | None = None,
 ) -> bytes:
     """GET `url` through `session` (from make_session), following at most
     `limits.max_redirects` redirects, each hop checked like the first, within
@@ -534,9 +567,10 @@ async def fetch_image(
     pauses while the budget is busy, so a worker bounds the input it holds whatever the
     origin sends. The waits do not count against the timeouts.
 
-    Each hop waits its turn for one of the origin's `limit_per_host` connections; with
-    `connection_wait`, for at most that many seconds, then it raises OriginBusy, having sent
-    nothing on that hop.
+    Each hop waits its turn for one of the origin's `limit_per_host` connections. With
+    `connection_wait`, each time that many seconds pass without one, `keep_waiting(origin)`
+    decides whether it keeps its place for another round; when it does not (or there is no
+    keep_waiting), the fetch raises OriginBusy, having sent nothing on that hop.
 
     The port rule uses the session's `allowed_ports` (make_session's limits). Raises
     ImageFailure: HTTP_STATUS, TIMEOUT, CONNECTION, TOO_MANY_REDIRECTS, BLOCKED_ADDRESS (also
@@ -562,7 +596,9 @@ async def fetch_image(
 
     try:
         async with deadline:
-            return await _follow(session, connector, url, limits, reserve_body, connection_wait)
+            return await _follow(
+                session, connector, url, limits, reserve_body, connection_wait, keep_waiting
+            )
     except ImageFailure:
         raise
     except TimeoutError as exc:
@@ -581,6 +617,7 @@ async def _follow(
     limits: FetchLimits,
     reserve: Reserve,
     connection_wait: float | None,
+    keep_waiting: KeepWaiting | None,
 ) -> bytes:
     try:
         current = URL(url)
@@ -593,7 +630,7 @@ async def _follow(
     )
     for _ in range(limits.max_redirects + 1):
         _check_url(current, connector.guard)
-        async with connector.turns.turn(current, wait=connection_wait):
+        async with connector.turns.turn(current, wait=connection_wait, keep_waiting=keep_waiting):
             # After the wait: another fetch's answer may have started a cooldown meanwhile.
             _check_cooldown(current, connector.cooldowns)
             async with session.get(

@@ -58,6 +58,11 @@ class StreamNames:
     def events(self) -> str:
         return f"{self.prefix}:events"
 
+    @property
+    def starved(self) -> str:
+        """Set by the feeder while a request waits with no task on the stream and no room."""
+        return f"{self.prefix}:feeder:starved"
+
     def event_published(self, event_id: str) -> str:
         return f"{self.prefix}:events:published:{event_id}"
 
@@ -354,28 +359,48 @@ async def task_stream_state(redis: aioredis.Redis, names: StreamNames) -> TaskSt
     return TaskStreamState(exists=False, last_delivered="0-0")
 
 
-async def undelivered_tasks(
-    redis: aioredis.Redis, names: StreamNames, count: int
-) -> list[task_pb2.ImageTask]:
-    """At most `count` of the tasks on the stream that no worker has taken yet, oldest first:
-    the tasks waiting for a slot. Two round trips (the group's last delivered id, then the
-    entries after it); an entry that does not decode is left out (its worker dead-letters it)."""
-    state = await task_stream_state(redis, names)
-    if not state.exists:
-        return []
-    milliseconds, sequence = state.last_delivered_key
+@dataclass(frozen=True, slots=True)
+class SlotDemand:
+    """Who would use a worker's slot if a task gave it back."""
+
+    # The feeder holds a request back with nothing on the stream, for want of room there.
+    starved: bool
+    # Tasks on the stream no worker has taken yet, oldest first (at most the count asked).
+    waiting: list[task_pb2.ImageTask]
+
+
+async def slot_demand(redis: aioredis.Redis, names: StreamNames, count: int) -> SlotDemand:
+    """The feeder's starved flag and the group's last delivered id in one round trip, then
+    the entries after that id, decoded; an entry that does not decode is left out (the worker
+    that takes it dead-letters it)."""
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.get(names.starved)
+        pipe.xinfo_groups(names.tasks)
+        replies = await pipe.execute(raise_on_error=False)
+    starved = replies[0] is not None
+    if isinstance(replies[1], ResponseError):  # no such stream
+        return SlotDemand(starved, [])
+    if isinstance(replies[1], Exception):
+        raise replies[1]
+    delivered = next(
+        (_text(g["last-delivered-id"]) for g in replies[1] if _text(g["name"]) == WORKER_GROUP),
+        None,
+    )
+    if delivered is None:
+        return SlotDemand(starved, [])
+    milliseconds, sequence = _id_key(delivered)
     entries: Any = await redis.xrange(
         names.tasks, min=f"{milliseconds}-{sequence + 1}", count=count
     )
-    tasks = []
+    waiting = []
     for _, fields in entries:
         task = task_pb2.ImageTask()
         try:
             task.ParseFromString(fields[TASK_FIELD])
         except (KeyError, DecodeError):
             continue
-        tasks.append(task)
-    return tasks
+        waiting.append(task)
+    return SlotDemand(starved, waiting)
 
 
 async def live_entries(

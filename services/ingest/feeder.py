@@ -49,6 +49,9 @@ IDLE_POLL_SECONDS = 1.0
 # An idle feeder's pass comes this long after the next deferred image is due (the database's
 # clock and this process's may differ a little).
 DUE_SLACK = 0.01
+# How long the workers believe "a request is starved" (_report_starved) without a new pass:
+# many passes at the busy poll, and short enough that a stopped feeder's word soon expires.
+STARVED_TTL_MS = 2000
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +100,7 @@ class Feeder:
         # An owner without a configured weight (auth off, a key since removed) weighs 1.
         self.share = FairShare(lambda owner: known.get(owner, 1))
         self._wake = asyncio.Event()
+        self._starved = False  # what the last pass reported (_report_starved)
 
     def wake(self) -> None:
         """Release soon: new work was committed (called by the servicer, never blocks)."""
@@ -137,6 +141,7 @@ class Feeder:
         )
         plan = self.share.plan(_open_requests(waiting, held), max(0, room), self.clock())
         count = await self._release(conn, dict(plan)) if plan else 0
+        await self._report_starved(room <= 0 and _starved(waiting, in_use))
         # Requests with nothing left to release are marked published (the reconciler finishes
         # only those), including ones with no images at all.
         await queries.mark_released(conn)
@@ -145,11 +150,28 @@ class Feeder:
             return dataclasses.replace(result, due=await queries.next_due(conn))
         return result
 
+    async def _report_starved(self, starved: bool) -> None:
+        """Tell the workers (streams.slot_demand) that a request waits with nothing on the
+        stream and no room to put anything there: a task that waits for a connection then
+        gives its slot back, which takes an entry off the stream and makes room. Refreshed
+        every pass while true, so it expires soon after a feeder that stops."""
+        if starved:
+            await self.redis.set(self.names.starved, b"1", px=STARVED_TTL_MS)
+        elif self._starved:
+            await self.redis.delete(self.names.starved)
+        self._starved = starved
+
     async def _release(self, conn: queries.Connection, plan: dict[uuid.UUID, int]) -> int:
         releases = await queries.next_waiting_images(conn, plan)
         released = await publish_releases(conn, self.redis, self.names, releases)
         await queries.mark_started(conn, [r.request_id for r in releases])
         return released
+
+
+def _starved(waiting: list[queries.WaitingRequest], in_use: list[queries.InUse]) -> bool:
+    """Whether a request waits with no task on the stream: with no room, it can get none."""
+    on_stream = {u.request_id for u in in_use if u.on_stream}
+    return any(w.waiting and w.request_id not in on_stream for w in waiting)
 
 
 def _open_requests(waiting: list[queries.WaitingRequest], held: list[Waiting]) -> list[Waiting]:

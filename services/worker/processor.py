@@ -21,7 +21,7 @@ from redis.exceptions import RedisError
 from services.common import failpoints, metrics, telemetry
 from services.common import storage as keys
 from services.common.db import lifecycle, queries
-from services.common.fetch import OriginBusy, OriginKey, Reserve, origin_key
+from services.common.fetch import KeepWaiting, OriginBusy, OriginKey, Reserve, origin_key
 from services.common.image_options import ImageLimits, from_proto
 from services.common.outcome import ImageFailure, OutcomeCode, RetryPolicy
 from services.common.pb.imgpipe.v1 import task_pb2
@@ -32,7 +32,7 @@ from services.common.streams import (
     StreamNames,
     publish_event_once,
     publish_progress,
-    undelivered_tasks,
+    slot_demand,
 )
 from services.worker import dedup
 from services.worker.batching import Batcher, Expected, Ticket
@@ -73,7 +73,12 @@ class Fetch(Protocol):
     """fetch_image with its session and limits bound (see services.worker.__main__)."""
 
     def __call__(
-        self, url: str, *, reserve: Reserve | None = None, connection_wait: float | None = None
+        self,
+        url: str,
+        *,
+        reserve: Reserve | None = None,
+        connection_wait: float | None = None,
+        keep_waiting: KeepWaiting | None = None,
     ) -> Awaitable[bytes]: ...
 
 
@@ -335,15 +340,21 @@ class Processor:
     ) -> bytes:
         """One attempt at the download. A transient failure with attempts left, an origin in
         its Retry-After cooldown, or one whose connections all stayed busy for
-        `connection_wait` while another task waited for a slot (neither saw a request, so that
-        is no attempt; each a bounded number of times), puts the image back to waiting for the
+        `connection_wait` while a task of another origin waited for a slot (see
+        _keep_waiting; neither saw a request, so that is no attempt; each a bounded number of
+        times), puts the image back to waiting for the
         feeder until its time comes: the task ends and its slot serves others meanwhile
         (docs/scheduling.md). The last transient error stays on the image row, so a task
         dead-lettered later fails with it."""
         started, waited = time.perf_counter(), lease.waited
         try:
             with telemetry.span("fetch", attributes={"url.full": task.input_url}):
-                data = await self._download(task, lease, connection_wait)
+                data = await self.fetch(
+                    task.input_url,
+                    reserve=lease.reserve,
+                    connection_wait=connection_wait,
+                    keep_waiting=self._keep_waiting,
+                )
         except OriginBusy as busy:
             lease.release()
             delay = min(busy.delay, self.retry.max_wait)
@@ -383,30 +394,22 @@ class Processor:
         metrics.STAGE_SECONDS.labels("fetch").observe(fetching)
         return data  # record_image_done counts this successful attempt
 
-    async def _download(
-        self, task: task_pb2.ImageTask, lease: Lease, connection_wait: float | None
-    ) -> bytes:
-        """The download; OriginBusy when its origin's connections stayed busy for
-        `connection_wait` and a task on the stream that could use the slot waits for one.
-        When none does, the task waits on in its slot: giving it back would serve nobody, and
-        the image would be away when a connection frees (the last images of a request at a
-        slow origin, or a catalog from one origin)."""
-        url = task.input_url
-        try:
-            return await self.fetch(url, reserve=lease.reserve, connection_wait=connection_wait)
-        except OriginBusy as busy:
-            if await self._slot_wanted_elsewhere(busy.origin):
-                raise
-        return await self.fetch(url, reserve=lease.reserve)
-
-    async def _slot_wanted_elsewhere(self, busy: OriginKey) -> bool:
-        """Whether a task waiting for a slot would download from another origin than `busy`.
-        Those of `busy` would only queue for the same connections. When the read is full, more
-        wait behind it than it saw: as if one did."""
-        waiting = await undelivered_tasks(self.redis, self.names, self.waiting_read)
-        return len(waiting) == self.waiting_read or any(
-            origin_key(task.input_url) != busy for task in waiting
+    async def _keep_waiting(self, busy: OriginKey) -> bool:
+        """Asked each `connection_wait` a task waits for a connection to `busy`: whether it
+        keeps its place in the origin's queue (and its slot) for another round. It does unless
+        a task waiting for a slot would download from another origin: those of `busy` would
+        only queue for the same connections, and given back, the image would be away when a
+        connection frees (the last images of a request at a slow origin, or a catalog from
+        one origin). When the read is full, more wait behind it than it saw: as if one did.
+        And when the feeder reports a request starved (nothing of it on the stream, and no
+        room there), giving the slot back takes an entry off the stream, which makes room."""
+        demand = await slot_demand(self.redis, self.names, self.waiting_read)
+        wanted = (
+            demand.starved
+            or len(demand.waiting) == self.waiting_read
+            or any(origin_key(task.input_url) != busy for task in demand.waiting)
         )
+        return not wanted
 
     async def _finish_once(self, request_id: uuid.UUID) -> None:
         """finish_if_complete, or, while this process already runs it for the request, ask

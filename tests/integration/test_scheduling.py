@@ -19,7 +19,7 @@ from services.common.db import queries
 from services.common.pb.imgpipe.v1 import task_pb2
 from services.common.servicer_errors import BACKEND_ERRORS
 from services.common.streams import TASK_FIELD, StreamNames, TaskConsumer
-from services.ingest.feeder import Feeder, FeedPass
+from services.ingest.feeder import STARVED_TTL_MS, Feeder, FeedPass
 from testing.databases import own_database
 from testing.polling import wait_until_async
 from tests.integration.flows import stream_messages
@@ -195,6 +195,29 @@ async def test_the_lookahead_bounds_what_waits_for_a_worker(
     await worker.read(3, block_ms=0)  # it takes the other three: the window (6) has one place
     assert (await feeder.feed_once()).released == 1
     assert (await feeder.feed_once()).released == 0
+
+
+async def test_a_request_with_nothing_on_a_full_stream_is_reported_starved_until_released(
+    pool: asyncpg.Pool, redis_client: redis.asyncio.Redis, names: StreamNames, worker: TaskConsumer
+) -> None:
+    """The workers' tasks waiting for a busy origin give their slots back when told: each
+    takes an entry off the stream, which makes room (docs/scheduling.md)."""
+    feeder = Feeder(pool=pool, redis=redis_client, names=names, window=WINDOW, lookahead=3)
+    await stored(pool, 50)
+    assert (await feeder.feed_once()).released == 3
+    await feeder.feed_once()
+    # The first request waits too, but it has tasks on the stream: nobody is starved.
+    assert await redis_client.get(names.starved) is None
+
+    newcomer = await stored(pool, 5)
+    await feeder.feed_once()
+    assert await redis_client.get(names.starved) == b"1"
+    assert 0 < await redis_client.pttl(names.starved) <= STARVED_TTL_MS  # gone with the feeder
+
+    await worker.read(1, block_ms=0)  # an entry leaves the stream: room for the newcomer
+    assert (await feeder.feed_once()).released == 1
+    assert (await on_stream(redis_client, names))[str(newcomer)] == 1
+    assert await redis_client.get(names.starved) is None
 
 
 async def test_owners_share_by_weight(

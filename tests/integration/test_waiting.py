@@ -17,7 +17,15 @@ import pytest
 import redis.asyncio
 
 from services.common.db import queries
-from services.common.fetch import FetchAllow, FetchLimits, Reserve, fetch_image, make_session
+from services.common.fetch import (
+    FetchAllow,
+    FetchLimits,
+    KeepWaiting,
+    OriginKey,
+    Reserve,
+    fetch_image,
+    make_session,
+)
 from services.common.image_options import ImageLimits
 from services.common.outcome import RetryPolicy
 from services.common.pb.imgpipe.v1 import ingest_service_pb2_grpc as ingest_grpc
@@ -28,7 +36,7 @@ from services.common.streams import (
     StreamNames,
     TaskConsumer,
     publish_tasks,
-    undelivered_tasks,
+    slot_demand,
 )
 from services.worker.processor import DEFAULT_WAITING_READ, Processor
 from services.worker.runner import ConsumePolicy, consume
@@ -172,7 +180,9 @@ async def busy_origin() -> AsyncIterator[ImageOrigin]:
 
 
 @pytest.fixture
-def fetches() -> list[tuple[str, float | None]]:
+def kept() -> list[tuple[str, bool]]:
+    """What the narrow worker's tasks decided each time a wait for a connection ran out: the
+    URL, and whether the task kept waiting in its slot."""
     return []
 
 
@@ -186,23 +196,36 @@ async def narrow_worker(
     consumer: TaskConsumer,
     origin: ImageOrigin,
     busy_origin: ImageOrigin,
-    fetches: list[tuple[str, float | None]],
+    kept: list[tuple[str, bool]],
 ) -> AsyncIterator[StartWorker]:
-    """Starts a worker of two slots and one connection per origin, whose tasks give their slot
-    back after CONNECTION_WAIT, at most `busy_waits` times per image (reading `waiting_read`
-    tasks waiting for a slot to decide). Each download it starts is noted in `fetches`: its URL
-    and how long it may wait for a connection."""
+    """Starts a worker of two slots and one connection per origin, whose tasks may give their
+    slot back after each CONNECTION_WAIT, at most `busy_waits` times per image (reading
+    `waiting_read` tasks waiting for a slot to decide); each decision is noted in `kept`."""
     allow = FetchAllow.parse(f"127.0.0.1:{origin.port},127.0.0.1:{busy_origin.port}")
     session = make_session(allow, FetchLimits(), limit_per_host=1)
     stop = asyncio.Event()
     running: list[asyncio.Task[None]] = []
 
     async def fetch(
-        url: str, *, reserve: Reserve | None = None, connection_wait: float | None = None
+        url: str,
+        *,
+        reserve: Reserve | None = None,
+        connection_wait: float | None = None,
+        keep_waiting: KeepWaiting | None = None,
     ) -> bytes:
-        fetches.append((url, connection_wait))
+        async def noted(origin: OriginKey) -> bool:
+            assert keep_waiting is not None
+            answer = await keep_waiting(origin)
+            kept.append((url, answer))
+            return answer
+
         return await fetch_image(
-            session, url, FetchLimits(), reserve=reserve, connection_wait=connection_wait
+            session,
+            url,
+            FetchLimits(),
+            reserve=reserve,
+            connection_wait=connection_wait,
+            keep_waiting=noted,
         )
 
     async def start(busy_waits: int, waiting_read: int = DEFAULT_WAITING_READ) -> Processor:
@@ -318,7 +341,7 @@ async def test_a_task_whose_slot_would_serve_nobody_waits_on_in_it_for_the_conne
     narrow_worker: StartWorker,
     pool: asyncpg.Pool,
     busy_origin: ImageOrigin,
-    fetches: list[tuple[str, float | None]],
+    kept: list[tuple[str, bool]],
     images: int,
 ) -> None:
     """Giving the slot back serves a task waiting for one only if it would download from
@@ -328,11 +351,10 @@ async def test_a_task_whose_slot_would_serve_nobody_waits_on_in_it_for_the_conne
     held = gated(busy_origin, images, "waits-on")
     accepted = await upload(ingest_stub, csv_of([("1", "Boot", held)]))
 
-    async def waiting_on() -> bool:
-        # A second download of the same image, without a bound on its wait for a connection.
-        return any(wait is None for _, wait in fetches)
+    async def waited_on() -> bool:
+        return any(keep for _, keep in kept)
 
-    await wait_until_async(waiting_on, timeout=10, message="a download waiting without a bound")
+    await wait_until_async(waited_on, timeout=10, message="a task keeping its place")
     rows = await image_rows(pool, accepted.request_id)
     assert all(r["enqueued_at"] is not None for r in rows)  # none was put back
     open_gates(busy_origin)
@@ -341,26 +363,60 @@ async def test_a_task_whose_slot_would_serve_nobody_waits_on_in_it_for_the_conne
     rows = await image_rows(pool, accepted.request_id)
     assert [r["busy_waits"] for r in rows] == [0] * images
     assert [busy_origin.hits_of(url) for url in held] == [1] * images
-    # The first task that waited on had given up on a bounded wait once, and only once.
-    waited_on = next(url for url, wait in fetches if wait is None)
-    assert fetches.count((waited_on, CONNECTION_WAIT)) == 1
+    assert all(keep for _, keep in kept)
 
 
-async def test_the_tasks_waiting_for_a_slot_are_the_undelivered_entries_oldest_first(
+async def test_a_task_keeping_its_place_gives_its_slot_to_a_newcomer_of_another_origin(
+    ingest_stub: ingest_grpc.IngestServiceAsyncStub,
+    narrow_worker: StartWorker,
+    pool: asyncpg.Pool,
+    origin: ImageOrigin,
+    busy_origin: ImageOrigin,
+    kept: list[tuple[str, bool]],
+) -> None:
+    """A request that arrives after the busy origin's tasks settled to wait in their slots
+    still gets a slot: each round of the wait asks again."""
+    await narrow_worker(1000)
+    held = gated(busy_origin, 2, "settled")
+    slow = await upload(ingest_stub, csv_of([("1", "Boot", held)]))
+
+    async def settled() -> bool:
+        return any(keep for _, keep in kept)
+
+    await wait_until_async(settled, timeout=10, message="a task keeping its place")
+    prompt = await upload(ingest_stub, csv_of([("1", "Shoe", image_urls(origin, 3, "late"))]))
+
+    assert (await wait_final(pool, prompt.request_id))["status"] == "Completed"
+    given_back = [url for url, keep in kept if not keep]
+    assert given_back and set(given_back) <= set(held)
+    open_gates(busy_origin)
+    assert (await wait_final(pool, slow.request_id))["status"] == "Completed"
+    rows = await image_rows(pool, slow.request_id)
+    assert sorted(r["busy_waits"] for r in rows) == [0, len(given_back)]
+
+
+async def test_the_demand_for_a_slot_is_the_undelivered_entries_and_the_feeders_word(
     redis_client: redis.asyncio.Redis, names: StreamNames, consumer: TaskConsumer
 ) -> None:
-    assert await undelivered_tasks(redis_client, names, 10) == []  # no stream yet
+    async def waiting(count: int = 10) -> list[task_pb2.ImageTask]:
+        return (await slot_demand(redis_client, names, count)).waiting
+
+    assert await waiting() == []  # no stream yet
     await consumer.ensure_group()
-    assert await undelivered_tasks(redis_client, names, 10) == []  # nothing on it
+    assert await waiting() == []  # nothing on it
     tasks = [
         task_pb2.ImageTask(image_id=i, request_id=str(uuid.uuid4()), input_url=f"http://h{i}/")
         for i in (1, 2, 3)
     ]
     await publish_tasks(redis_client, names, tasks)
-    assert await undelivered_tasks(redis_client, names, 10) == tasks
-    assert await undelivered_tasks(redis_client, names, 2) == tasks[:2]  # at most the count
+    assert await waiting() == tasks
+    assert await waiting(2) == tasks[:2]  # at most the count
 
     assert len(await consumer.read(1, 100)) == 1
-    assert await undelivered_tasks(redis_client, names, 10) == tasks[1:]
+    assert await waiting() == tasks[1:]
     assert len(await consumer.read(2, 100)) == 2
-    assert await undelivered_tasks(redis_client, names, 10) == []  # taken, not acknowledged
+    assert await waiting() == []  # taken, though not acknowledged
+
+    assert not (await slot_demand(redis_client, names, 10)).starved
+    await redis_client.set(names.starved, b"1")  # as the feeder says it
+    assert (await slot_demand(redis_client, names, 10)).starved

@@ -34,6 +34,7 @@ from services.common.fetch import (
     FetchLimits,
     GuardedResolver,
     OriginBusy,
+    OriginKey,
     OriginTurns,
     failure_from_exception,
     fetch_image,
@@ -1234,6 +1235,86 @@ async def test_a_cancelled_wait_for_a_connection_takes_none() -> None:
     await holder
     async with turns.turn(ORIGIN, wait=0.01):  # the cancelled waiter left nothing held
         pass
+    assert len(turns) == 0
+
+
+async def test_a_wait_that_keeps_waiting_keeps_its_place_in_the_queue() -> None:
+    """keep_waiting is asked after each bounded round; saying yes keeps the fetch's place, so a
+    fetch queued behind it (unbounded) still comes after it."""
+    turns = OriginTurns(1)
+    order: list[str] = []
+    asked: list[OriginKey] = []
+    released = asyncio.Event()
+
+    async def keep_waiting(origin: OriginKey) -> bool:
+        asked.append(origin)
+        return True
+
+    async def fetch(name: str, wait: float | None = None) -> None:
+        async with turns.turn(ORIGIN, wait=wait, keep_waiting=keep_waiting):
+            order.append(name)
+            if name == "holder":
+                await released.wait()
+
+    holder = asyncio.create_task(fetch("holder"))
+    await until(lambda: order == ["holder"])
+    patient = asyncio.create_task(fetch("patient", wait=0.01))
+    await until(lambda: turns.users(ORIGIN) == 2)
+    later = asyncio.create_task(fetch("later"))
+    await until(lambda: len(asked) >= 3)  # rounds ran out, and it stayed each time
+    released.set()
+    await asyncio.wait_for(asyncio.gather(holder, patient, later), 5)
+
+    assert order == ["holder", "patient", "later"]
+    assert set(asked) == {origin_key(str(ORIGIN))}
+    assert len(turns) == 0
+
+
+async def test_a_wait_that_stops_waiting_raises_origin_busy_and_holds_nothing() -> None:
+    turns = OriginTurns(1)
+    released = asyncio.Event()
+    answers = iter([True, False])
+
+    async def keep_waiting(origin: OriginKey) -> bool:
+        return next(answers)
+
+    async def hold() -> None:
+        async with turns.turn(ORIGIN):
+            await released.wait()
+
+    holder = asyncio.create_task(hold())
+    await until(lambda: len(turns) == 1)
+    with pytest.raises(OriginBusy) as busy:
+        async with turns.turn(ORIGIN, wait=0.01, keep_waiting=keep_waiting):
+            pytest.fail("a turn while the only connection is held")
+    assert busy.value.waited >= 0.02  # two rounds: one kept, one given up
+    released.set()
+    await holder
+    async with turns.turn(ORIGIN, wait=0.01):  # the one that gave up left nothing held
+        pass
+    assert len(turns) == 0
+
+
+async def test_a_connection_that_frees_while_keep_waiting_is_asked_is_taken() -> None:
+    turns = OriginTurns(1)
+    released = asyncio.Event()
+    entered: list[str] = []
+
+    async def release_then_refuse(origin: OriginKey) -> bool:
+        released.set()  # the holder lets go while the answer is on its way
+        await until(lambda: turns.users(ORIGIN) == 1)
+        return False
+
+    async def hold() -> None:
+        async with turns.turn(ORIGIN):
+            await released.wait()
+
+    holder = asyncio.create_task(hold())
+    await until(lambda: len(turns) == 1)
+    async with turns.turn(ORIGIN, wait=0.01, keep_waiting=release_then_refuse):
+        entered.append("waiter")
+    await holder
+    assert entered == ["waiter"]
     assert len(turns) == 0
 
 
