@@ -115,7 +115,7 @@ class Processor:
         # How long a task waits for a connection to a busy origin before it gives its slot
         # back; an image does so at most retry.max_busy_waits times, then waits in its slot.
         self.connection_wait = connection_wait
-        # How many tasks waiting for a slot it reads to see whether giving one back serves
+        # How many tasks waiting for a slot _keep_waiting reads to see whether one is of
         # another origin: more than the feeder's lookahead (IMGPIPE_SCHEDULER_LOOKAHEAD) keeps.
         self.waiting_read = waiting_read
         # Many tasks wait on origins at once; these bound what they hold once the bytes come.
@@ -339,13 +339,12 @@ class Processor:
         self, task: task_pb2.ImageTask, lease: Lease, connection_wait: float | None
     ) -> bytes:
         """One attempt at the download. A transient failure with attempts left, an origin in
-        its Retry-After cooldown, or one whose connections all stayed busy for
-        `connection_wait` while a task of another origin waited for a slot (see
-        _keep_waiting; neither saw a request, so that is no attempt; each a bounded number of
-        times), puts the image back to waiting for the
-        feeder until its time comes: the task ends and its slot serves others meanwhile
-        (docs/scheduling.md). The last transient error stays on the image row, so a task
-        dead-lettered later fails with it."""
+        its Retry-After cooldown, or one whose connections all stayed busy while another task
+        wanted the slot (_keep_waiting; neither saw a request, so that is no attempt; each a
+        bounded number of times), puts the image back to waiting for the feeder until its
+        time comes: the task ends and its slot serves others meanwhile (docs/scheduling.md).
+        The last transient error stays on the image row, so a task dead-lettered later fails
+        with it."""
         started, waited = time.perf_counter(), lease.waited
         try:
             with telemetry.span("fetch", attributes={"url.full": task.input_url}):
