@@ -146,8 +146,12 @@ MEANINGS: dict[str, Meaning] = {
         " ([scheduling.md](scheduling.md))"
     ),
     "IMGPIPE_SCHEDULER_LOOKAHEAD": Meaning(
-        "of those, not yet delivered to a worker, at most: a new request waits behind no more"
-        " ([scheduling.md](scheduling.md))"
+        "of those, not yet delivered to a worker, at most"
+        " ([scheduling.md](scheduling.md#the-lookahead))"
+    ),
+    "IMGPIPE_SCHEDULER_LOOKAHEAD_SECONDS": Meaning(
+        "and at most what the workers took from the stream in this many seconds: a new request"
+        " waits behind about this much work ([scheduling.md](scheduling.md#the-lookahead))"
     ),
     "IMGPIPE_SCHEDULER_POLL": Meaning("seconds between the feeder's looks at the window"),
     # --- the worker ------------------------------------------------------------------------

@@ -59,6 +59,11 @@ class StreamNames:
         return f"{self.prefix}:events"
 
     @property
+    def tasks_added(self) -> str:
+        """How many entries were ever added to the task stream (the feeder's turnover count)."""
+        return f"{self.prefix}:tasks:added"
+
+    @property
     def starved(self) -> str:
         """Set by the feeder while a request waits with no task on the stream and no room."""
         return f"{self.prefix}:feeder:starved"
@@ -78,13 +83,16 @@ class StreamNames:
 async def publish_tasks(
     redis: aioredis.Redis, names: StreamNames, tasks: Sequence[task_pb2.ImageTask]
 ) -> list[str]:
-    """XADD every task in one pipelined round trip; returns the entry ids, in order."""
+    """XADD every task, and count them in `names.tasks_added`, in one pipelined round trip;
+    returns the entry ids, in order."""
     if not tasks:
         return []
     async with redis.pipeline(transaction=False) as pipe:
         for task in tasks:
             pipe.xadd(names.tasks, {TASK_FIELD: task.SerializeToString()})
-        return [_text(entry_id) for entry_id in await pipe.execute()]
+        pipe.incrby(names.tasks_added, len(tasks))
+        *entry_ids, _ = await pipe.execute()
+    return [_text(entry_id) for entry_id in entry_ids]
 
 
 async def publish_event_once(
@@ -334,10 +342,12 @@ class TaskConsumer:
 
 @dataclass(frozen=True, slots=True)
 class TaskStreamState:
-    """What the reconciler needs to tell a live entry from a lost one."""
+    """What the reconciler needs to tell a live entry from a lost one, and the feeder what the
+    workers took."""
 
     exists: bool
     last_delivered: str  # the group's last delivered id ("0-0" when none)
+    added: int = 0  # entries ever added (StreamNames.tasks_added)
 
     def undelivered(self, entry_id: str) -> bool:
         return _id_key(entry_id) > self.last_delivered_key
@@ -349,14 +359,22 @@ class TaskStreamState:
 
 
 async def task_stream_state(redis: aioredis.Redis, names: StreamNames) -> TaskStreamState:
-    try:
-        groups: Any = await redis.xinfo_groups(names.tasks)
-    except ResponseError:  # no such stream
-        return TaskStreamState(exists=False, last_delivered="0-0")
+    """The group's last delivered id and the count of entries added, in one round trip."""
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.get(names.tasks_added)
+        pipe.xinfo_groups(names.tasks)
+        added, groups = await pipe.execute(raise_on_error=False)
+    if isinstance(added, Exception):
+        raise added
+    added = int(added or 0)
+    if isinstance(groups, ResponseError):  # no such stream
+        return TaskStreamState(exists=False, last_delivered="0-0", added=added)
+    if isinstance(groups, Exception):
+        raise groups
     for group in groups:
         if _text(group["name"]) == WORKER_GROUP:
-            return TaskStreamState(True, _text(group["last-delivered-id"]))
-    return TaskStreamState(exists=False, last_delivered="0-0")
+            return TaskStreamState(True, _text(group["last-delivered-id"]), added)
+    return TaskStreamState(exists=False, last_delivered="0-0", added=added)
 
 
 @dataclass(frozen=True, slots=True)

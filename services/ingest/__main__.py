@@ -29,6 +29,7 @@ async def main(settings: IngestSettings) -> None:
             names=backends.names,
             window=settings.scheduler_window,
             lookahead=settings.scheduler_lookahead,
+            lookahead_seconds=settings.scheduler_lookahead_seconds,
             weights=settings.api_keys.weights,
             poll=settings.scheduler_poll,
         )

@@ -13,6 +13,9 @@ from services.common.fetch import FetchAllow, FetchLimits
 
 # Tasks released and not yet delivered to a worker, at most (IMGPIPE_SCHEDULER_LOOKAHEAD).
 DEFAULT_LOOKAHEAD = 32
+# Of those, at most what the workers took in this many seconds
+# (IMGPIPE_SCHEDULER_LOOKAHEAD_SECONDS).
+DEFAULT_LOOKAHEAD_SECONDS = 0.5
 
 # The setting behind each CsvLimits field, to name it when a CSV goes over it (413).
 CSV_LIMIT_SETTINGS = {
@@ -38,6 +41,8 @@ class IngestSettings:
     # Of those, not yet delivered to a worker, at most: what the workers take during a poll or
     # two. A new request waits behind no more than this.
     scheduler_lookahead: int = DEFAULT_LOOKAHEAD
+    # And at most what they take in this many seconds: a newcomer waits behind little work.
+    scheduler_lookahead_seconds: float = DEFAULT_LOOKAHEAD_SECONDS
     scheduler_poll: float = 0.1  # seconds between the feeder's looks at the window
 
     @classmethod
@@ -62,6 +67,9 @@ class IngestSettings:
             scheduler_window=env.integer("IMGPIPE_SCHEDULER_WINDOW", 128, minimum=1),
             scheduler_lookahead=env.integer(
                 "IMGPIPE_SCHEDULER_LOOKAHEAD", DEFAULT_LOOKAHEAD, minimum=1
+            ),
+            scheduler_lookahead_seconds=env.number(
+                "IMGPIPE_SCHEDULER_LOOKAHEAD_SECONDS", DEFAULT_LOOKAHEAD_SECONDS
             ),
             scheduler_poll=env.number("IMGPIPE_SCHEDULER_POLL", 0.1, minimum=0.01),
         )

@@ -3,8 +3,9 @@ in fair shares (docs/scheduling.md).
 
 Ingest commits a request's images as Pending and not released; it does not XADD them. The
 feeder keeps at most `window` tasks released and not yet final (counted in Postgres, so a lost
-stream entry still counts until the reconciler republishes it), and at most `lookahead` of them
-not yet delivered to a worker, so that a newcomer waits behind few tasks it did not choose.
+stream entry still counts until the reconciler republishes it), and of them not yet delivered to
+a worker, at most what the workers take in `lookahead_seconds` (lookahead.py; `lookahead` at
+most), so that a newcomer waits behind little work it did not choose.
 Whenever there is room it asks FairShare whose share of the workers' time is smallest, XADDs
 those tasks and records their stream entries, which marks them released. It runs in every
 ingest, one at a time across the deployment (a Postgres advisory lock taken for each pass, as
@@ -32,8 +33,9 @@ from services.common.grpc_server import wait_any, wait_or_stop
 from services.common.publish import publish_releases
 from services.common.servicer_errors import BACKEND_ERRORS
 from services.common.streams import StreamNames, task_stream_state
-from services.ingest.config import DEFAULT_LOOKAHEAD
+from services.ingest.config import DEFAULT_LOOKAHEAD, DEFAULT_LOOKAHEAD_SECONDS
 from services.ingest.fair_share import FairShare, Waiting
+from services.ingest.lookahead import Lookahead, Window
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +62,7 @@ class FeedPass:
     in_window: int = 0  # released and not final before this pass
     leader: bool = True
     room: int = 0  # what this pass could release (window and lookahead allowing)
+    lookahead: int = 0  # the tasks that could wait on the stream (Lookahead.limit)
     due: float | None = None  # when idle: seconds until the next deferred image is due
 
     @property
@@ -83,6 +86,7 @@ class Feeder:
         names: StreamNames,
         window: int,
         lookahead: int = DEFAULT_LOOKAHEAD,
+        lookahead_seconds: float = DEFAULT_LOOKAHEAD_SECONDS,
         weights: Mapping[str, int] | None = None,
         poll: float = 0.1,
         idle_poll: float = IDLE_POLL_SECONDS,
@@ -92,7 +96,7 @@ class Feeder:
         self.redis = redis
         self.names = names
         self.window = window
-        self.lookahead = lookahead
+        self.lookahead = Lookahead(lookahead, lookahead_seconds)
         self.poll = poll
         self.idle_poll = max(poll, idle_poll)
         self.clock = clock  # charges the workers' slot time (FairShare)
@@ -133,7 +137,13 @@ class Feeder:
         stream = await task_stream_state(self.redis, self.names)
         in_use = await queries.window_in_use(conn, stream.last_delivered_key)
         in_window = sum(u.released for u in in_use)
-        room = min(self.window - in_window, self.lookahead - sum(u.on_stream for u in in_use))
+        seen = Window(
+            held=sum(u.held for u in in_use),
+            on_stream=sum(u.on_stream for u in in_use),
+            added=stream.added,
+        )
+        lookahead = self.lookahead.limit(seen, self.clock())
+        room = min(self.window - in_window, lookahead - seen.on_stream)
         held = [Waiting(u.request_id, u.owner, 0, u.held) for u in in_use if u.held]
         # Every pass keeps the accounts (who waits, the slot time used), room or not.
         waiting = await queries.waiting_requests(
@@ -145,7 +155,9 @@ class Feeder:
         # Requests with nothing left to release are marked published (the reconciler finishes
         # only those), including ones with no images at all.
         await queries.mark_released(conn)
-        result = FeedPass(released=count, in_window=in_window, room=max(0, room))
+        result = FeedPass(
+            released=count, in_window=in_window, room=max(0, room), lookahead=lookahead
+        )
         if result.idle:  # images put back to wait for a later time need no wake to come due
             return dataclasses.replace(result, due=await queries.next_due(conn))
         return result

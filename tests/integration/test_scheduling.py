@@ -20,6 +20,7 @@ from services.common.pb.imgpipe.v1 import task_pb2
 from services.common.servicer_errors import BACKEND_ERRORS
 from services.common.streams import TASK_FIELD, StreamNames, TaskConsumer
 from services.ingest.feeder import STARVED_TTL_MS, Feeder, FeedPass
+from services.ingest.lookahead import LEAST
 from testing.databases import own_database
 from testing.polling import wait_until_async
 from tests.integration.flows import stream_messages
@@ -195,6 +196,44 @@ async def test_the_lookahead_bounds_what_waits_for_a_worker(
     await worker.read(3, block_ms=0)  # it takes the other three: the window (6) has one place
     assert (await feeder.feed_once()).released == 1
     assert (await feeder.feed_once()).released == 0
+
+
+async def test_the_lookahead_follows_what_the_workers_take(
+    pool: asyncpg.Pool, redis_client: redis.asyncio.Redis, names: StreamNames, worker: TaskConsumer
+) -> None:
+    """Long tasks leave the stream slowly, so few wait there: a newcomer waits behind the
+    work the workers take in `lookahead_seconds`, not behind `lookahead` tasks."""
+    feeder = Feeder(
+        pool=pool,
+        redis=redis_client,
+        names=names,
+        window=100,
+        lookahead=32,
+        lookahead_seconds=0.5,
+        clock=passes_apart(),
+    )
+    heavy = await stored(pool, 80, owner="globex")
+    assert (await feeder.feed_once()).released == 32  # idle workers take whatever comes
+    await worker.read(32, block_ms=0)
+
+    # The workers hold 32 and none has ended: the turnover is unknown, so LEAST may wait.
+    assert (await feeder.feed_once()).released == LEAST
+    assert (await feeder.feed_once()).released == 0
+
+    newcomer = await stored(pool, 10, owner="initech")
+    await finish(pool, heavy, 2)  # two long tasks end, and their slots take two entries
+    await worker.read(2, block_ms=0)
+    second = await feeder.feed_once()
+    assert (second.lookahead, second.released) == (LEAST, 2)  # fair share: the newcomer's
+    assert (await on_stream(redis_client, names))[str(newcomer)] == 2
+
+    # Prompt tasks turn the slots over quickly: more may wait.
+    await worker.read(4, block_ms=0)
+    await finish(pool, newcomer, 2)
+    await finish(pool, heavy, 2)
+    third = await feeder.feed_once()
+    assert third.lookahead == 2 + 4
+    assert third.released == 6
 
 
 async def test_a_request_with_nothing_on_a_full_stream_is_reported_starved_until_released(
