@@ -9,6 +9,7 @@ retried in place once they answer again, and is never acknowledged unfinished.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
@@ -28,6 +29,10 @@ from services.worker.processor import Processor
 log = logging.getLogger(__name__)
 
 READ_BLOCK_MS = 1000  # also bounds how long a SIGTERM waits for the read to return
+# A worker reads when a quarter of its slots are free, or when any is and this long has passed
+# since its last read: tasks that hold their slots for seconds (24 MP photos) free a quarter
+# only every few seconds, and the stream's next entry (a newcomer's) waited that long.
+REFILL_LINGER = 0.1
 BACKOFF_MAX = 10.0
 # A task that keeps meeting a backend outage is retried in place this many times, then left
 # pending (not acknowledged) for another delivery.
@@ -65,6 +70,7 @@ async def consume(
     )
     failures = 0
     next_claim = 0.0
+    last_read = 0.0
     await consumer.ensure_group()
     try:
         while not stop.is_set():
@@ -72,10 +78,16 @@ async def consume(
                 break
             # Read when a quarter of the slots are free, not one by one: each read is a round
             # trip to Redis and another to Postgres (the tasks' first check), whatever its size.
+            # But not later than REFILL_LINGER after the last read, once a slot is free.
             free = slots.free
-            if free < slots.refill:
-                await slots.wait_free(slots.refill)
+            linger = last_read + REFILL_LINGER - time.monotonic()
+            wanted = slots.refill if linger > 0 else 1
+            if free < wanted:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(linger if linger > 0 else None):
+                        await slots.wait_free(wanted)
                 continue
+            last_read = time.monotonic()
             try:
                 deliveries: list[Delivery] = []
                 if time.monotonic() >= next_claim:

@@ -377,3 +377,46 @@ async def test_a_busy_worker_records_its_images_in_shared_statements(
     assert (request["status"], request["images_done"]) == ("Completed", 6)
     assert total - total_before == 6  # every record went through a batch
     assert count - count_before < 6  # and some shared one statement
+
+
+async def test_a_freed_slot_takes_the_next_task_without_waiting_for_a_quarter(
+    ingest_stub: ingest_grpc.IngestServiceAsyncStub,
+    processor: Processor,
+    consumer: TaskConsumer,
+    pool: asyncpg.Pool,
+    origin: ImageOrigin,
+) -> None:
+    """A worker reads when a quarter of its slots are free, or soon after one is: tasks that
+    hold their slots for long (24 MP photos; here, held at the origin) free a quarter rarely,
+    and the stream's next task, a newcomer's, waited for that."""
+    gate = asyncio.Event()
+    held = [f"/img/held-{n}.jpg" for n in range(7)]
+    for path in held:
+        origin.gates[path] = gate
+    origin.missing.add("/img/gone.jpg")
+    stop = asyncio.Event()
+    worker = asyncio.create_task(consume(consumer, processor, ConsumePolicy(concurrency=8), stop))
+    try:
+        urls = [origin.url(path) for path in [*held, "/img/gone.jpg"]]
+        slow = await upload(ingest_stub, csv_of([("1", "Shoe", urls)]))
+
+        async def one_slot_free() -> bool:  # the 404 failed, the other seven wait at the origin
+            rows = await image_rows(pool, slow.request_id)
+            return sum(r["status"] == "Failed" for r in rows) == 1 and all(
+                origin.hits_of(origin.url(path)) for path in held
+            )
+
+        await wait_until_async(one_slot_free, timeout=30, message="seven slots held, one free")
+
+        quick = await upload(ingest_stub, csv_of([("1", "Hat", [origin.url("/img/quick.jpg")])]))
+        request = await wait_final(pool, quick.request_id)
+        assert request["status"] == "Completed"
+        # It took the one free slot while the seven still waited in theirs, each at its first
+        # request: a quarter of the slots (2) was never free.
+        rows = await image_rows(pool, slow.request_id)
+        assert sorted(r["status"] for r in rows) == ["Failed"] + ["Pending"] * 7
+        assert [origin.hits_of(origin.url(path)) for path in held] == [1] * 7
+    finally:
+        gate.set()
+        stop.set()
+        await asyncio.wait_for(worker, timeout=10)
