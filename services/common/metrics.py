@@ -42,7 +42,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from typing import Any
 
 import grpc
-from prometheus_client import REGISTRY, Counter, Histogram, start_http_server
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -171,6 +171,15 @@ def image_done(bytes_in: int, bytes_out: int, *, reused: bool = False) -> None:
 def image_failed(code: str) -> None:
     IMAGES.labels("failed", code).inc()
 
+
+# ---------------------------------------------------------------- ingest: the feeder
+
+FEEDER_LOOKAHEAD = Gauge(
+    "imgpipe_feeder_lookahead_tasks",
+    "Released tasks the feeder let wait on the task stream at its last pass: what the workers"
+    " took from it in IMGPIPE_SCHEDULER_LOOKAHEAD_SECONDS, between 4 and"
+    " IMGPIPE_SCHEDULER_LOOKAHEAD",
+)
 
 # ---------------------------------------------------------------- status: webhooks
 

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import asyncpg
 import redis.asyncio as aioredis
 
+from services.common import metrics
 from services.common.db import queries
 from services.common.grpc_server import wait_any, wait_or_stop
 from services.common.publish import publish_releases
@@ -143,6 +144,7 @@ class Feeder:
             added=stream.added,
         )
         lookahead = self.lookahead.limit(seen, self.clock())
+        metrics.FEEDER_LOOKAHEAD.set(lookahead)
         room = min(self.window - in_window, lookahead - seen.on_stream)
         held = [Waiting(u.request_id, u.owner, 0, u.held) for u in in_use if u.held]
         # Every pass keeps the accounts (who waits, the slot time used), room or not.

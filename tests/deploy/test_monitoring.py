@@ -34,6 +34,7 @@ COUNTERS_AND_GAUGES = {
     "imgpipe_images_reused_total": set(),
     "imgpipe_images_deferred_total": {"reason"},
     "imgpipe_tasks_reclaimed_total": set(),
+    "imgpipe_feeder_lookahead_tasks": set(),
     "grpc_server_handled_total": {"grpc_service", "grpc_method", "grpc_code"},
     "http_requests_total": {"method", "route", "status"},
 }
@@ -176,8 +177,9 @@ def test_dashboard_queries_only_exported_metrics() -> None:
 
 
 def test_the_names_match_what_the_services_register() -> None:
-    # The gauges (lag, pending, dead letters) come from a collector registered at run time;
-    # the counters and histograms exist as soon as services.common.metrics is imported.
+    # The stream and pool gauges (lag, pending, dead letters) come from collectors registered
+    # at run time; the counters, the histograms and the feeder's gauge exist as soon as
+    # services.common.metrics is imported.
     client = pytest.importorskip("prometheus_client")
     pytest.importorskip("services.common.metrics")
     registered = {
@@ -186,4 +188,4 @@ def test_the_names_match_what_the_services_register() -> None:
         if family.name.startswith(("imgpipe_", "grpc_server_", "http_request"))
     }
     expected = {name.removesuffix("_total") for name in COUNTERS_AND_GAUGES if "_total" in name}
-    assert registered == expected | set(HISTOGRAMS)
+    assert registered == expected | set(HISTOGRAMS) | {"imgpipe_feeder_lookahead_tasks"}

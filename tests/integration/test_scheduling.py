@@ -13,6 +13,7 @@ from typing import Any
 import asyncpg
 import pytest
 import redis.asyncio
+from prometheus_client import REGISTRY
 
 from services.common.csv_format import ProductRow
 from services.common.db import queries
@@ -218,6 +219,7 @@ async def test_the_lookahead_follows_what_the_workers_take(
 
     # The workers hold 32 and none has ended: the turnover is unknown, so LEAST may wait.
     assert (await feeder.feed_once()).released == LEAST
+    assert REGISTRY.get_sample_value("imgpipe_feeder_lookahead_tasks") == LEAST
     assert (await feeder.feed_once()).released == 0
 
     newcomer = await stored(pool, 10, owner="initech")
@@ -233,6 +235,7 @@ async def test_the_lookahead_follows_what_the_workers_take(
     await finish(pool, heavy, 2)
     third = await feeder.feed_once()
     assert third.lookahead == 2 + 4
+    assert REGISTRY.get_sample_value("imgpipe_feeder_lookahead_tasks") == 2 + 4
     assert third.released == 6
 
 
