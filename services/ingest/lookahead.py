@@ -37,18 +37,24 @@ class Window:
 
 
 class Lookahead:
+    """`seconds` of turnover, between `least` and `most` tasks (`seconds` ≤ 0: `most`)."""
+
     def __init__(self, most: int, seconds: float, least: int = LEAST) -> None:
         self.most = most
         self.seconds = seconds
         self.least = min(least, most)
         self._last: Window | None = None
+        self._last_at = 0.0
         self._freed: deque[tuple[float, int]] = deque()  # (when, tasks that left a slot)
 
     def limit(self, window: Window, now: float) -> int:
         """The tasks that may wait on the stream after this pass; `now` is a monotonic clock's
         seconds. Call once per pass."""
-        freed = self._freed_since_last(window)
-        self._last = window
+        # A pass longer ago than `seconds` (another ingest's feeder took the passes meanwhile)
+        # says what left the slots since, but not how quickly: start afresh.
+        stale = self._last is None or now - self._last_at > self.seconds
+        freed = 0 if stale else self._freed_since_last(window)
+        self._last, self._last_at = window, now
         self._freed.append((now, freed))
         while self._freed and self._freed[0][0] <= now - self.seconds:
             self._freed.popleft()
@@ -59,7 +65,7 @@ class Lookahead:
 
     def _freed_since_last(self, now: Window) -> int:
         last = self._last
-        if last is None or now.added < last.added:  # the first pass, or Redis lost its data
+        if last is None or now.added < last.added:  # Redis lost its data: the count restarted
             return 0
         taken = last.on_stream + (now.added - last.added) - now.on_stream
         return max(0, taken - (now.held - last.held))

@@ -61,3 +61,13 @@ def test_a_lost_count_starts_afresh() -> None:
 
     assert lookahead.limit(Window(held=10, on_stream=0, added=3), now=0.1) == LEAST
     assert lookahead.limit(Window(held=10, on_stream=0, added=10), now=0.2) == 7
+
+
+def test_a_pass_long_ago_says_nothing_of_the_rate() -> None:
+    """Another ingest's feeder took the passes for a while: what left the slots since this
+    one's last pass is not half a second's turnover."""
+    lookahead = Lookahead(most=32, seconds=0.5)
+    lookahead.limit(Window(held=10, on_stream=0, added=0), now=0.0)
+
+    assert lookahead.limit(Window(held=10, on_stream=0, added=30), now=5.0) == LEAST
+    assert lookahead.limit(Window(held=10, on_stream=0, added=36), now=5.1) == 6
