@@ -52,8 +52,9 @@ class Lookahead:
         seconds. Call once per pass."""
         # A pass longer ago than `seconds` (another ingest's feeder took the passes meanwhile)
         # says what left the slots since, but not how quickly: start afresh.
-        stale = self._last is None or now - self._last_at > self.seconds
-        freed = 0 if stale else self._freed_since_last(window)
+        freed = 0
+        if self._last is not None and now - self._last_at <= self.seconds:
+            freed = _freed(self._last, window)
         self._last, self._last_at = window, now
         self._freed.append((now, freed))
         while self._freed and self._freed[0][0] <= now - self.seconds:
@@ -63,9 +64,11 @@ class Lookahead:
         turnover = sum(count for _, count in self._freed)
         return min(self.most, max(self.least, turnover))
 
-    def _freed_since_last(self, now: Window) -> int:
-        last = self._last
-        if last is None or now.added < last.added:  # Redis lost its data: the count restarted
-            return 0
-        taken = last.on_stream + (now.added - last.added) - now.on_stream
-        return max(0, taken - (now.held - last.held))
+
+def _freed(last: Window, now: Window) -> int:
+    """Tasks that left a slot between two passes: those taken from the stream, less the growth
+    of what the workers hold."""
+    if now.added < last.added:  # Redis lost its data: the count restarted
+        return 0
+    taken = last.on_stream + (now.added - last.added) - now.on_stream
+    return max(0, taken - (now.held - last.held))
