@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import random
 import socket
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -30,13 +31,28 @@ def free_port_block(offsets: Sequence[int]) -> int:
     """A base port whose base+offset ports are free, below the ephemeral range: a port picked
     inside it can become the source port of any outgoing connection on the machine before the
     service binds it, and under load (the containers of `make image-test` take seconds to
-    start) that happened."""
+    start) that happened.
+
+    Free is not enough: a stack takes its gateway port and its block of gRPC ports in two
+    calls before anything binds either, and both were free, so a random pick could hand out
+    one port twice (CI saw ingest crash-loop on the port its own gateway held). A cursor walks
+    this process's slice instead, so no port comes back until the whole slice has been used."""
+    global _cursor
     low, high = _own_range()
-    for _ in range(50):
-        base = random.randrange(low, high - max(offsets))
-        if all(free_tcp_port_is(base + offset) for offset in offsets):
-            return base
+    span = high - low - max(offsets)
+    with _lock:
+        if _cursor is None or not low <= _cursor < low + span:
+            _cursor = random.randrange(low, low + span)
+        for _ in range(span):
+            base = _cursor
+            _cursor = low + (_cursor - low + max(offsets) + 1) % span
+            if all(free_tcp_port_is(base + offset) for offset in offsets):
+                return base
     raise AssertionError("no free block of ports")
+
+
+_lock = threading.Lock()
+_cursor: int | None = None
 
 
 def _own_range(low: int = 10000) -> tuple[int, int]:
