@@ -10,13 +10,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 
-def free_tcp_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that nothing listens on right now (the OS picks it)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-        return port
+def free_tcp_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now, below the ephemeral range
+    and not handed out before in this process (free_port_block)."""
+    return free_port_block((0,))
 
 
 def _ephemeral_low() -> int:

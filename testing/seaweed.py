@@ -94,7 +94,7 @@ class SeaweedS3:
 def start_seaweed(folder: Path, buckets: tuple[str, ...] = (BUCKET, PUBLIC_BUCKET)) -> SeaweedS3:
     """Start SeaweedFS with its data in `folder` and return once every bucket takes a PUT."""
     folder.mkdir(parents=True, exist_ok=True)
-    http_ports = _distinct_free_ports(len(_COMPONENTS) * 2)
+    http_ports = [free_tcp_port() for _ in range(len(_COMPONENTS) * 2)]
     ports = dict(zip(_COMPONENTS, http_ports[: len(_COMPONENTS)], strict=True))
     grpc_ports = dict(zip(_COMPONENTS, http_ports[len(_COMPONENTS) :], strict=True))
     access_key, secret_key = f"imgpipe-{secrets.token_hex(4)}", secrets.token_hex(20)
@@ -190,12 +190,3 @@ def _wait_for_bucket(server: SeaweedS3, bucket: str) -> None:
         message=f"SeaweedFS to take a PUT into {bucket}",
         ignore=(OSError, obstore.exceptions.BaseError),
     )
-
-
-def _distinct_free_ports(count: int) -> list[int]:
-    ports: list[int] = []
-    while len(ports) < count:
-        port = free_tcp_port()
-        if port not in ports:
-            ports.append(port)
-    return ports
