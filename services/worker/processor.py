@@ -55,6 +55,24 @@ DEFAULT_CONNECTION_WAIT = 1.0
 # Tasks waiting for a slot read before a task that waited that long gives its slot back:
 # twice the feeder's default lookahead (services/ingest/config.py), so the read sees them all.
 DEFAULT_WAITING_READ = 64
+# Tries of one request's Done statement when Postgres fails it to break a lock cycle.
+RECORD_TRIES = 3
+
+
+async def record_images_done(
+    conn: queries.Connection, images: Sequence[queries.DoneImage], *, tries: int = RECORD_TRIES
+) -> dict[int, queries.Counters]:
+    """queries.record_images_done, tried again when Postgres breaks a lock cycle by failing it
+    (a deadlock or a serialization failure: TransactionRollbackError). The statement is atomic
+    and conditional, so trying again records what the failed try did not; without it, one
+    broken cycle failed every image of the batch, other requests' included, and the worker
+    compressed them all again."""
+    for attempt in range(1, tries):
+        try:
+            return await queries.record_images_done(conn, images)
+        except asyncpg.exceptions.TransactionRollbackError as exc:
+            log.warning("recording images again: %s", exc, extra={"attempt": attempt})
+    return await queries.record_images_done(conn, images)
 
 
 class Deferred(Exception):
@@ -332,7 +350,7 @@ class Processor:
         recorded: dict[int, queries.Counters] = {}
         async with self.pool.acquire() as conn:
             for images in by_request.values():
-                recorded |= await queries.record_images_done(conn, images)
+                recorded |= await record_images_done(conn, images)
         return [recorded.get(done.output.image_id) for _, done in batch]
 
     async def _fetch(

@@ -71,16 +71,28 @@ class Cancelled:
 
 # One statement: the request's non-final images end as CANCELLED, whatever their kind (waiting
 # for the feeder, on the stream, being processed, a dedup follower), and the request's counters
-# and status move with them. Images are locked before the request row, in the order a worker's
-# record_image_done takes them, so the two cannot deadlock. The images update only while the
-# request is open: a request finished meanwhile is left as it is.
+# and status move with them. The images update only while the request is open: a request
+# finished meanwhile is left as it is.
+#
+# Lock order: the images in id order, then the request row. Every other writer of several of
+# a request's images (a worker's record_images_done, the feeder's set_stream_entries) takes
+# them in id order too, so whoever waits for another holds only lower ids than the row it
+# waits for, and no cycle can form. Without the ORDER BY, a big request's update runs as a
+# bitmap scan and locks in the rows' physical order, which releases and deferrals (new row
+# versions, enqueued_at being indexed) move away from id order.
 _CANCEL = f"""
-WITH img AS (
-    UPDATE images
-       SET status = 'Failed', error_code = $2, error_message = $3, updated_at = now()
+WITH locked AS (
+    SELECT id FROM images
      WHERE request_id = $1 AND status = 'Pending'
        AND EXISTS (SELECT 1 FROM requests
                     WHERE id = $1 AND status IN ('Pending', 'Processing'))
+     ORDER BY id
+       FOR UPDATE),
+img AS (
+    UPDATE images
+       SET status = 'Failed', error_code = $2, error_message = $3, updated_at = now()
+      FROM locked
+     WHERE images.id = locked.id AND images.status = 'Pending'
  RETURNING 1)
 UPDATE requests
    SET status = 'Cancelled', images_failed = images_failed + (SELECT count(*) FROM img),

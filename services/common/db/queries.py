@@ -184,11 +184,21 @@ async def set_stream_entries(
     An image a worker made final meanwhile is left alone: it needs no entry, and its row may be
     locked by a retry that holds its request's row, while a worker holds another of the
     request's images and waits for that request row. Waiting for it here closed that cycle (a
-    deadlock, seen in CI); skipping it, this statement only ever waits for Pending images."""
+    deadlock, seen in CI); skipping it, this statement only ever waits for Pending images.
+
+    The rows are locked in id order, as a cancel and a worker's record take them
+    (lifecycle._CANCEL), whatever order the tasks were released in."""
     await conn.execute(
-        """UPDATE images SET stream_entry_id = e.entry_id, enqueued_at = now()
-             FROM unnest($1::bigint[], $2::text[]) AS e(image_id, entry_id)
-            WHERE images.id = e.image_id AND images.status = 'Pending'
+        """WITH locked AS (
+               SELECT id FROM images
+                WHERE id = ANY($1::bigint[]) AND status = 'Pending'
+                  AND COALESCE(not_before, '-infinity') <= now()
+                ORDER BY id
+                  FOR UPDATE)
+           UPDATE images SET stream_entry_id = e.entry_id, enqueued_at = now()
+             FROM unnest($1::bigint[], $2::text[]) AS e(image_id, entry_id), locked
+            WHERE images.id = e.image_id AND images.id = locked.id
+              AND images.status = 'Pending'
               AND COALESCE(images.not_before, '-infinity') <= now()""",
         list(image_ids),
         list(entry_ids),
@@ -851,10 +861,14 @@ async def retry_failed_images(
 ) -> RetryBatch | None:
     """Put a request's failed images back to Pending and waiting for the feeder, and reopen
     it (its next tasks continue `traceparent`, the retry's trace); None if `owner` has no such
-    request."""
+    request, or it is being deleted (a delete left half done is finished by the janitor, and
+    reopening it would put images back to work under a request whose rows are about to go)."""
     async with conn.transaction():
         found = await conn.fetchval(
-            "SELECT 1 FROM requests WHERE id = $1 AND owner = $2 FOR UPDATE", request_id, owner
+            """SELECT 1 FROM requests WHERE id = $1 AND owner = $2 AND deleting_at IS NULL
+                  FOR UPDATE""",
+            request_id,
+            owner,
         )
         if found is None:
             return None

@@ -1,0 +1,167 @@
+"""Writers that share a request's image rows take them in id order, so none waits for another
+in a cycle; a cycle Postgres breaks anyway costs a worker's record one more try (real
+Postgres, real lock waits read from pg_stat_activity)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+import asyncpg
+import pytest
+
+from services.common.db import lifecycle, queries
+from services.worker import processor
+from testing.polling import wait_until_async
+from tests.integration.test_record_batch import done, stored
+
+pytestmark = pytest.mark.integration
+
+
+async def waits_for_a_lock(observer: queries.Connection, conn: queries.Connection) -> bool:
+    pid = conn.get_server_pid()
+    return bool(
+        await observer.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE pid = $1 AND wait_event_type = 'Lock'",
+            pid,
+        )
+    )
+
+
+async def out_of_id_order(pool: asyncpg.Pool) -> tuple[int, int]:
+    """Two Pending images of one request, the lower id stored after the higher, as releases and
+    deferrals leave them: each writes a new row version (enqueued_at is indexed, so no HOT
+    update) wherever its page or the free space map has room. A snapshot held meanwhile keeps
+    the old versions from being pruned, so the versions fill the pages they land on and move
+    on, until one lands after the other row."""
+    first, second = await stored(pool, ("http://a.example/1.jpg", "http://a.example/2.jpg"))
+    async with pool.acquire() as pin, pin.transaction(isolation="repeatable_read"):
+        await pin.fetchval("SELECT count(*) FROM images WHERE id = $1", first)
+        for _ in range(5000):
+            await pool.execute(
+                "UPDATE images SET enqueued_at = clock_timestamp(), stream_entry_id = '1-0'"
+                " WHERE id = $1",
+                first,
+            )
+            rows = await pool.fetch(
+                "SELECT id FROM images WHERE id = ANY($1::bigint[]) ORDER BY ctid",
+                [first, second],
+            )
+            if [r["id"] for r in rows] == [second, first]:
+                return first, second
+    raise AssertionError("the setup could not store the two rows out of id order")
+
+
+@contextlib.asynccontextmanager
+async def holding(pool: asyncpg.Pool, image_id: int) -> AsyncIterator[queries.Connection]:
+    """A transaction that holds `image_id`, as a worker's record holds the lowest id of its
+    batch first; it fails rather than wait more than 3 s for any further lock."""
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute("SET LOCAL lock_timeout = '3s'")
+        await conn.execute("SELECT 1 FROM images WHERE id = $1 FOR UPDATE", image_id)
+        yield conn
+
+
+async def test_a_cancel_takes_the_images_in_id_order_whatever_their_physical_order(
+    pool: asyncpg.Pool,
+) -> None:
+    first, second = await out_of_id_order(pool)
+    request_id = await pool.fetchval("SELECT request_id FROM images WHERE id = $1", first)
+    owner = await pool.fetchval("SELECT owner FROM requests WHERE id = $1", request_id)
+    async with pool.acquire() as observer, pool.acquire() as canceller:
+        # The plan of a big request (a bitmap scan, which reads rows in physical order); a
+        # two-image request would otherwise be read through the index, in id order.
+        await canceller.execute("SET enable_indexscan = off")
+        async with holding(pool, first) as worker:
+            cancel = asyncio.create_task(
+                lifecycle.cancel_request(canceller, request_id, owner, output_csv_key="x.csv")
+            )
+            await wait_until_async(
+                lambda: waits_for_a_lock(observer, canceller), message="the cancel to queue"
+            )
+            # The worker's record goes on to the next image. Had the cancel taken `second`
+            # before queueing for `first`, this would wait for it: a cycle.
+            await worker.execute("UPDATE images SET updated_at = now() WHERE id = $1", second)
+        cancelled = await asyncio.wait_for(cancel, 30)
+    assert isinstance(cancelled, lifecycle.Cancelled) and cancelled.changed
+    assert cancelled.request.images_failed == 2
+
+
+async def test_recording_releases_takes_the_images_in_id_order(pool: asyncpg.Pool) -> None:
+    first, second = await out_of_id_order(pool)
+    async with pool.acquire() as observer, pool.acquire() as feeder:
+        await feeder.execute("SET enable_indexscan = off")
+        await feeder.execute("SET enable_bitmapscan = off")
+        async with holding(pool, first) as worker:
+            # The feeder's tasks in the order it released them, the higher id first.
+            release = asyncio.create_task(
+                queries.set_stream_entries(feeder, [second, first], ["2-0", "3-0"])
+            )
+            await wait_until_async(
+                lambda: waits_for_a_lock(observer, feeder), message="the recording to queue"
+            )
+            await worker.execute("UPDATE images SET updated_at = now() WHERE id = $1", second)
+        await asyncio.wait_for(release, 30)
+    rows = await pool.fetch(
+        "SELECT stream_entry_id FROM images WHERE id = ANY($1::bigint[]) ORDER BY id",
+        [first, second],
+    )
+    assert [r["stream_entry_id"] for r in rows] == ["3-0", "2-0"]
+
+
+async def record_in_a_broken_cycle(
+    pool: asyncpg.Pool, tries: int
+) -> tuple[int, dict[int, queries.Counters] | BaseException]:
+    """A cycle no order prevents: another transaction holds the request row and then wants the
+    image the worker's record holds. The record waited first, so its deadlock check runs first
+    and Postgres fails it; the other one (a long deadlock_timeout) goes on. The image and what
+    the record came to."""
+    (image_id,) = await stored(pool, ("http://a.example/1.jpg",))
+    request_id = await pool.fetchval("SELECT request_id FROM images WHERE id = $1", image_id)
+    async with pool.acquire() as observer, pool.acquire() as recorder, pool.acquire() as other:
+        async with other.transaction():
+            await other.execute("SET LOCAL deadlock_timeout = '60s'")
+            await other.execute("SELECT 1 FROM requests WHERE id = $1 FOR UPDATE", request_id)
+            record = asyncio.create_task(
+                processor.record_images_done(recorder, [done(image_id)], tries=tries)
+            )
+            await wait_until_async(
+                lambda: waits_for_a_lock(observer, recorder), message="the record to queue"
+            )
+            await other.execute("SELECT 1 FROM images WHERE id = $1 FOR UPDATE", image_id)
+        (outcome,) = await asyncio.wait_for(asyncio.gather(record, return_exceptions=True), 30)
+    return image_id, outcome
+
+
+async def test_a_record_that_postgres_fails_to_break_a_cycle_is_tried_again(
+    pool: asyncpg.Pool,
+) -> None:
+    image_id, recorded = await record_in_a_broken_cycle(pool, tries=processor.RECORD_TRIES)
+    assert isinstance(recorded, dict) and set(recorded) == {image_id}
+    assert recorded[image_id].images_done == 1
+
+
+async def test_without_tries_left_the_broken_cycle_is_the_callers(pool: asyncpg.Pool) -> None:
+    _, outcome = await record_in_a_broken_cycle(pool, tries=1)
+    assert isinstance(outcome, asyncpg.exceptions.DeadlockDetectedError)
+
+
+async def test_a_request_being_deleted_is_not_reopened_by_a_retry(pool: asyncpg.Pool) -> None:
+    (image_id,) = await stored(pool, ("http://a.example/1.jpg",))
+    request_id = await pool.fetchval("SELECT request_id FROM images WHERE id = $1", image_id)
+    owner = await pool.fetchval("SELECT owner FROM requests WHERE id = $1", request_id)
+    async with pool.acquire() as conn:
+        await queries.record_image_failed(conn, image_id, code="BLOCKED_ADDRESS", message="no")
+        await pool.execute(
+            "UPDATE requests SET status = 'Failed', completed_at = now() WHERE id = $1",
+            request_id,
+        )
+        assert await lifecycle.mark_deleting(conn, request_id)  # the delete stops here
+        assert await queries.retry_failed_images(conn, request_id, owner=owner) is None
+    row = await pool.fetchrow(
+        "SELECT r.status, i.status AS image FROM requests r JOIN images i"
+        " ON i.request_id = r.id WHERE r.id = $1",
+        request_id,
+    )
+    assert row is not None and (row["status"], row["image"]) == ("Failed", "Failed")
