@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import asyncpg
 import pytest
 
-from services.common.db import lifecycle, queries
+from services.common.db import lifecycle, queries, webhooks
 from services.worker import processor
 from testing.polling import wait_until_async
 from tests.integration.test_record_batch import done, stored
@@ -165,3 +166,101 @@ async def test_a_request_being_deleted_is_not_reopened_by_a_retry(pool: asyncpg.
         request_id,
     )
     assert row is not None and (row["status"], row["image"]) == ("Failed", "Failed")
+
+
+async def being_deleted(pool: asyncpg.Pool, owner: str) -> tuple[uuid.UUID, int]:
+    """A final request of `owner` marked deleting, as a delete leaves it before its rows go;
+    and its image."""
+    (image_id,) = await stored(pool, ("http://a.example/1.jpg",), owner=owner)
+    request_id = await pool.fetchval("SELECT request_id FROM images WHERE id = $1", image_id)
+    await pool.execute(
+        "UPDATE requests SET status = 'Completed', completed_at = now() WHERE id = $1",
+        request_id,
+    )
+    async with pool.acquire() as conn:
+        assert await lifecycle.mark_deleting(conn, request_id)
+    return request_id, image_id
+
+
+Step = Callable[[queries.Connection], Awaitable[object]]
+
+
+async def delete_beside(pool: asyncpg.Pool, request_id: uuid.UUID, first: Step, then: Step) -> None:
+    """delete_rows while another transaction runs `first`, then, once the delete waits for a
+    lock, `then`; that transaction fails rather than wait over 3 s."""
+    async with pool.acquire() as observer, pool.acquire() as deleter:
+        async with pool.acquire() as other, other.transaction():
+            await other.execute("SET LOCAL lock_timeout = '3s'")
+            await first(other)
+            delete = asyncio.create_task(lifecycle.delete_rows(deleter, request_id))
+            await wait_until_async(
+                lambda: waits_for_a_lock(observer, deleter), message="the delete to queue"
+            )
+            await then(other)
+        await asyncio.wait_for(delete, 30)
+    assert await pool.fetchval("SELECT count(*) FROM requests WHERE id = $1", request_id) == 0
+
+
+async def test_a_delete_takes_the_reusable_outputs_in_key_order(pool: asyncpg.Pool) -> None:
+    """A worker recording a later request of the owner takes over the reusable outputs that
+    the request being deleted holds, in key order; the delete's cascade went by its index (the
+    rows' physical order, for one request)."""
+    owner = f"owner-{uuid.uuid4().hex[:8]}"
+    deleted, image_id = await being_deleted(pool, owner)
+    (later_image,) = await stored(pool, ("http://a.example/1.jpg",), owner=owner)
+    later = await pool.fetchval("SELECT request_id FROM images WHERE id = $1", later_image)
+    low, high = b"\x01" * 32, b"\x02" * 32
+    for source in (high, low):  # the higher key stored first
+        await pool.execute(
+            """INSERT INTO reusable_outputs (owner, source_sha256, options_sha256, request_id,
+                   image_id, output_key, bytes_out, width, height, kept_source)
+               VALUES ($1, $2, $2, $3, $4, 'out.jpg', 1, 1, 1, false)""",
+            owner,
+            source,
+            deleted,
+            image_id,
+        )
+    take_over = (
+        "UPDATE reusable_outputs SET request_id = $1 WHERE owner = $2 AND source_sha256 = $3"
+    )
+    await delete_beside(
+        pool,
+        deleted,
+        lambda conn: conn.execute(take_over, later, owner, low),
+        lambda conn: conn.execute(take_over, later, owner, high),
+    )
+    kept = await pool.fetch("SELECT request_id FROM reusable_outputs WHERE owner = $1", owner)
+    assert [r["request_id"] for r in kept] == [later, later]  # the later request's now
+
+
+async def test_a_delete_takes_the_webhook_deliveries_before_the_request(
+    pool: asyncpg.Pool,
+) -> None:
+    """A sender recording a failed attempt holds the delivery, then inserts the next attempt,
+    which needs the request row; the delete's cascade held the request row first."""
+    request_id, _ = await being_deleted(pool, f"owner-{uuid.uuid4().hex[:8]}")
+    async with pool.acquire() as conn:
+        assert await webhooks.schedule_first_attempt(
+            conn,
+            request_id=request_id,
+            event_id=f"evt-{uuid.uuid4().hex}",
+            event_type="request.completed",
+            url="http://127.0.0.1:9/hook",
+            payload="{}",
+        )
+    # The sender's record_attempt, its two statements.
+    failed = "UPDATE webhook_deliveries SET state = 'failed' WHERE request_id = $1"
+    next_attempt = """
+        INSERT INTO webhook_deliveries (request_id, event_id, attempt, event_type, url, payload,
+                                        state, next_attempt_at)
+        SELECT request_id, event_id, attempt + 1, event_type, url, payload, 'scheduled', now()
+          FROM webhook_deliveries WHERE request_id = $1"""
+    await delete_beside(
+        pool,
+        request_id,
+        lambda conn: conn.execute(failed, request_id),
+        lambda conn: conn.execute(next_attempt, request_id),
+    )
+    assert not await pool.fetchval(
+        "SELECT count(*) FROM webhook_deliveries WHERE request_id = $1", request_id
+    )

@@ -214,7 +214,41 @@ async def event_window(conn: Connection, request_id: uuid.UUID) -> EventWindow |
 
 async def delete_rows(conn: Connection, request_id: uuid.UUID) -> None:
     """The last step: the request row; its products, images, webhook deliveries and any other
-    table referencing it go with it (ON DELETE CASCADE)."""
+    table referencing it go with it (ON DELETE CASCADE).
+
+    Two of those tables go first, each locked in the order its other writers take it, since
+    the cascade, which holds the request row, takes them in its indexes' order:
+    - the owner's reusable outputs the request holds, in key order: a worker recording another
+      request of the owner takes the same rows over in that order (record_images_done);
+    - its webhook deliveries, before the request row: a sender recording a failed attempt
+      holds the delivery and then needs the request row for the next attempt's row
+      (webhooks.record_attempt).
+    A failure between the statements leaves the request marked deleting, and the next try
+    finishes it."""
+    await conn.execute(
+        """WITH held AS (
+               SELECT owner, source_sha256, options_sha256 FROM reusable_outputs
+                WHERE request_id = $1
+                  AND EXISTS (SELECT 1 FROM requests
+                               WHERE id = $1 AND deleting_at IS NOT NULL)
+                ORDER BY owner, source_sha256, options_sha256
+                  FOR UPDATE)
+           DELETE FROM reusable_outputs r USING held
+            WHERE (r.owner, r.source_sha256, r.options_sha256)
+                  = (held.owner, held.source_sha256, held.options_sha256)
+              AND r.request_id = $1""",
+        request_id,
+    )
+    await conn.execute(
+        """DELETE FROM webhook_deliveries
+            WHERE id IN (SELECT id FROM webhook_deliveries
+                          WHERE request_id = $1
+                            AND EXISTS (SELECT 1 FROM requests
+                                         WHERE id = $1 AND deleting_at IS NOT NULL)
+                          ORDER BY id
+                            FOR UPDATE)""",
+        request_id,
+    )
     await conn.execute("DELETE FROM requests WHERE id = $1 AND deleting_at IS NOT NULL", request_id)
 
 
