@@ -63,6 +63,10 @@ MEANINGS: dict[str, Meaning] = {
     "IMGPIPE_DB_ACQUIRE_TIMEOUT": Meaning(
         "seconds; longest wait for a pooled Postgres connection, then 503 with `Retry-After`"
     ),
+    "IMGPIPE_DB_POOL_SIZE": Meaning(
+        "most Postgres connections one process opens; Postgres must allow every pod's, plus one"
+        " each for the health probe ([operations.md](operations.md#postgres-connections))"
+    ),
     # --- object storage --------------------------------------------------------------------
     "IMGPIPE_STORAGE_URL": Meaning(
         "object store: `file://DIR` or `s3://BUCKET[/PREFIX]` ([operations.md, Object"

@@ -145,6 +145,10 @@ class CommonSettings:
     grace_seconds: float = 20.0
     # How long a call waits for a free Postgres connection before answering UNAVAILABLE.
     db_acquire_timeout: float = 5.0
+    # The most Postgres connections the process's pool opens (it opens them as they are
+    # needed); Postgres must allow every pod's, plus one each for the dependency probe
+    # (docs/operations.md, "Postgres connections").
+    db_pool_size: int = 10
     log_level: str = "INFO"
     # Crash points for fault tests (services/common/failpoints.py); empty in production.
     failpoints: frozenset[str] = frozenset()
@@ -165,6 +169,7 @@ class CommonSettings:
             grpc=read_grpc_transport(env, server=True),
             grace_seconds=env.number("IMGPIPE_GRACE_SECONDS", 20.0),
             db_acquire_timeout=env.number("IMGPIPE_DB_ACQUIRE_TIMEOUT", 5.0),
+            db_pool_size=env.integer("IMGPIPE_DB_POOL_SIZE", 10, minimum=2),
             log_level=env.text("IMGPIPE_LOG_LEVEL", "INFO").upper(),
             failpoints=frozenset(
                 name.strip() for name in env.text("IMGPIPE_FAILPOINTS").split(",") if name.strip()

@@ -62,9 +62,7 @@ class Backends:
 
 
 @contextlib.asynccontextmanager
-async def open_backends(
-    service: str, common: CommonSettings, *, pool_size: int = 10
-) -> AsyncIterator[Backends]:
+async def open_backends(service: str, common: CommonSettings) -> AsyncIterator[Backends]:
     """Logging, /metrics (when IMGPIPE_METRICS_LISTEN is set), traces (when imgpipe[otel] is
     installed and OTEL_* asks), the Postgres pool (migrated) and the Redis client, for the
     service's lifetime."""
@@ -73,7 +71,9 @@ async def open_backends(
     # The OTEL_* variables are the SDK's own (its exporters read them too), not imgpipe settings.
     with metrics.serving(common.metrics_listen), telemetry.configure(service, os.environ):
         pool = await create_pool(
-            common.database_url, max_size=pool_size, acquire_timeout=common.db_acquire_timeout
+            common.database_url,
+            max_size=common.db_pool_size,
+            acquire_timeout=common.db_acquire_timeout,
         )
         probe_connection = PostgresConnection(common.database_url)
         try:

@@ -26,7 +26,7 @@ async def main(settings: WorkerSettings) -> None:
     common = settings.common
     return_big_images_to_the_os()
     metrics.prime_worker()
-    async with open_backends("worker", common, pool_size=settings.concurrency + 2) as backends:
+    async with open_backends("worker", common) as backends:
         session = make_session(
             settings.fetch_allow,
             settings.fetch_limits,

@@ -14,7 +14,7 @@ from gateway.__main__ import GRACE_SECONDS as GATEWAY_GRACE_SECONDS
 from gateway.config import GatewaySettings
 from gateway.grpc_backends import CHANNEL_OPTIONS as gateway_channel_options
 from imgpipe.cli import SERVICES
-from services.common.config import CommonSettings
+from services.common.config import CommonSettings, EnvReader
 from services.ingest.config import IngestSettings
 from services.status.config import StatusSettings
 from services.worker.config import WorkerSettings
@@ -621,6 +621,44 @@ def test_the_window_covers_the_most_workers_the_autoscaler_starts(overlay: Rende
     assert int(config["IMGPIPE_SCHEDULER_WINDOW"]) >= in_flight
     # And the lookahead what they take from the stream in two 0.1 s polls (~80 images/s each).
     assert int(config["IMGPIPE_SCHEDULER_LOOKAHEAD"]) >= most * 16
+
+
+def postgres_connections_at_most(overlay: Rendered) -> int:
+    """The Postgres connections the overlay's services can open at once: at the most replicas
+    (the worker autoscaler's maximum), each pod its pool (IMGPIPE_DB_POOL_SIZE, read by the
+    real settings reader from what the container starts with) and the health probe's own."""
+    scalers = overlay.of_kind("ScaledObject") + overlay.of_kind("HorizontalPodAutoscaler")
+    most_workers = max(
+        s["spec"].get("maxReplicaCount") or s["spec"]["maxReplicas"] for s in scalers
+    )
+    secrets = secrets_of(overlay)
+    total = 0
+    for component in ("ingest", "status", "worker"):  # the gateway opens none
+        workload = overlay.apps()[component]
+        (container,) = workload.containers()
+        env = EnvReader(overlay.effective_env(container, secrets=secrets))
+        pool = CommonSettings.read(env, "127.0.0.1:50051").db_pool_size
+        assert not env.problems, env.problems
+        replicas = most_workers if component == "worker" else workload.obj["spec"]["replicas"]
+        total += replicas * (pool + 1)
+    return total
+
+
+def test_dev_postgres_takes_every_connection_at_the_most_replicas(dev: Rendered) -> None:
+    (postgres,) = [w for w in dev.workloads() if w.name == "postgres"]
+    (container,) = postgres.containers()
+    settings = dict(
+        arg.split("=", 1) for arg in container.get("args", []) if arg.startswith("max_conn")
+    )
+    allowed = int(settings.get("max_connections", 100)) - 3  # superuser_reserved_connections
+    assert postgres_connections_at_most(dev) <= allowed
+
+
+def test_the_operations_guide_states_prod_s_connection_budget(prod: Rendered) -> None:
+    """Prod's Postgres is managed: the guide tells its operator how many connections to allow."""
+    budget = postgres_connections_at_most(prod)
+    guide = (ROOT / "docs" / "operations.md").read_text()
+    assert f"**{budget}** connections" in guide, budget
 
 
 def test_the_backlog_metric_is_reported_by_the_status_service() -> None:

@@ -8,7 +8,6 @@ import base64
 import csv
 import io
 import json
-import random
 import secrets
 from typing import Any
 
@@ -22,7 +21,7 @@ from services.local.launcher import metrics_ports
 from testing.listeners import serve_receiver
 from testing.origin import ImageOrigin
 from testing.polling import wait_until, wait_until_async
-from testing.ports import free_tcp_port_is
+from testing.ports import free_port_block
 from testing.stack import StartStack, public_address
 from tests.e2e.test_pipeline import wait_completed
 from tests.e2e.test_webhooks_e2e import received
@@ -34,11 +33,8 @@ TRACEPARENT = f"00-{TRACE_ID}-{secrets.token_hex(8)}-01"
 
 
 def _free_metrics_base(workers: int) -> int:
-    for _ in range(50):
-        base = random.randrange(20000, 60000)
-        if all(free_tcp_port_is(port) for port in metrics_ports(base, workers).values()):
-            return base
-    raise AssertionError("no free block of metrics ports")
+    ports = metrics_ports(0, workers).values()  # the offsets from the base
+    return free_port_block(sorted(ports))
 
 
 async def scrape(http: aiohttp.ClientSession, port: int) -> list[Sample]:
@@ -71,6 +67,7 @@ async def test_metrics_of_every_process_and_one_trace_across_the_stack(
             IMGPIPE_WEBHOOK_SECRET=secret,
             IMGPIPE_DEV_WORKERS="1",
             IMGPIPE_DEV_METRICS_BASE_PORT=str(metrics_base),
+            IMGPIPE_DB_POOL_SIZE="3",  # the worker's too, whatever its concurrency (32)
         )
         base = stack.base_url
         ports = metrics_ports(metrics_base, 1)
@@ -122,7 +119,7 @@ async def test_metrics_of_every_process_and_one_trace_across_the_stack(
             assert value(worker, "imgpipe_budget_wait_seconds_count", budget="bytes") >= 2
             assert value(worker, "imgpipe_budget_wait_seconds_count", budget="pixels") == 2
             assert value(worker, "imgpipe_budget_wait_seconds_count", budget="connections") >= 3
-            assert value(worker, "imgpipe_db_pool_max_connections") > 0
+            assert value(worker, "imgpipe_db_pool_max_connections") == 3
             assert value(worker, "imgpipe_db_pool_waiting") == 0
 
             gateway = await scrape(http, ports["gateway"])
@@ -135,6 +132,7 @@ async def test_metrics_of_every_process_and_one_trace_across_the_stack(
             assert not any(s.labels.get("route", "").endswith(request_id) for s in gateway)
 
             ingest = await scrape(http, ports["ingest"])
+            assert value(ingest, "imgpipe_db_pool_max_connections") == 3
             call = {"grpc_service": "imgpipe.v1.IngestService", "grpc_method": "UploadCsv"}
             assert value(ingest, "grpc_server_handled_total", **call, grpc_code="OK") == 1
             assert value(ingest, "grpc_server_handling_seconds_count", **call) == 1
