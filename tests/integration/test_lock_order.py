@@ -89,6 +89,27 @@ async def test_a_cancel_takes_the_images_in_id_order_whatever_their_physical_ord
     assert cancelled.request.images_failed == 2
 
 
+async def test_a_workers_record_takes_the_images_in_id_order_whatever_its_plan(
+    pool: asyncpg.Pool,
+) -> None:
+    first, second = await out_of_id_order(pool)
+    async with pool.acquire() as observer, pool.acquire() as recorder:
+        # A hash join over a scan of the table, the plan of a small one: rows in physical
+        # order. (test_record_batch.py forces the nested loop of a big table.)
+        for plan in ("nestloop", "mergejoin", "indexscan", "bitmapscan"):
+            await recorder.execute(f"SET enable_{plan} = off")
+        async with holding(pool, first) as other:
+            record = asyncio.create_task(
+                queries.record_images_done(recorder, [done(first), done(second)])
+            )
+            await wait_until_async(
+                lambda: waits_for_a_lock(observer, recorder), message="the record to queue"
+            )
+            await other.execute("UPDATE images SET updated_at = now() WHERE id = $1", second)
+        recorded = await asyncio.wait_for(record, 30)
+    assert set(recorded) == {first, second}
+
+
 async def test_recording_releases_takes_the_images_in_id_order(pool: asyncpg.Pool) -> None:
     first, second = await out_of_id_order(pool)
     async with pool.acquire() as observer, pool.acquire() as feeder:

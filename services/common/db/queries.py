@@ -525,15 +525,16 @@ CANCELLED_CODE = "CANCELLED"
 # output is remembered for the owner's later requests (the newest copy wins, so deleting an older
 # request keeps the output reusable; of two in one statement, the later image). {leader} and
 # {follower}: the state an image must be in to take this outcome; {revived}: whether it was
-# counted failed until now. The statement returns one row per image it recorded, with its
-# request's counters after the whole statement.
+# counted failed until now; {locked}: a CTE that locks the images first, or nothing. The
+# statement returns one row per image it recorded, with its request's counters after the
+# whole statement.
 _DONE_TEMPLATE = """
 WITH v AS (
     SELECT * FROM unnest($1::bigint[], $2::text[], $3::integer[], $4::integer[], $5::integer[],
                          $6::integer[], $7::boolean[], $8::real[], $9::smallint[], $10::text[],
                          $11::bigint[], $12::bytea[], $13::bytea[])
         AS v(id, output_key, bytes_in, bytes_out, width, height, kept_source, ssim, quality,
-             note, reused_from, source_sha256, options_sha256)),
+             note, reused_from, source_sha256, options_sha256)),{locked}
 leader AS (
     UPDATE images
        SET status = 'Done', output_key = v.output_key, bytes_in = v.bytes_in,
@@ -576,9 +577,20 @@ _RECORDED = """
 SELECT l.id AS image_id, c.*
   FROM leader l JOIN counted c ON c.id = l.request_id"""
 
+# The images are locked in id order before the update, whatever the plan's join order: a
+# nested loop over the arrays would take them in array order (sorted, _done_arrays), but a hash
+# join, the plan of a small table, in the order it scans the table. A cancel and the feeder take
+# them in id order too (lifecycle._CANCEL).
 _IMAGES_DONE = (
     _DONE_TEMPLATE.format(
-        leader="images.status = 'Pending'", follower="f.status = 'Pending'", revived="false"
+        locked="""
+locked AS (
+    SELECT id FROM images WHERE id = ANY($1::bigint[]) AND status = 'Pending'
+     ORDER BY id
+       FOR UPDATE),""",
+        leader="images.status = 'Pending' AND images.id IN (SELECT id FROM locked)",
+        follower="f.status = 'Pending'",
+        revived="false",
     )
     + _FOLLOWERS_AND_COUNTERS
     + _RECORDED
@@ -591,6 +603,7 @@ _IMAGES_DONE = (
 # is left alone.
 _LATE_IMAGES_DONE = (
     _DONE_TEMPLATE.format(
+        locked="",
         leader=f"""images.status = 'Failed' AND images.error_code = '{CANCELLED_CODE}'
            AND EXISTS (SELECT 1 FROM requests r
                         WHERE r.id = images.request_id AND r.status = 'Cancelled'
@@ -681,10 +694,11 @@ async def record_images_done(conn: Connection, images: Sequence[DoneImage]) -> d
 
 
 def _done_arrays(images: Sequence[DoneImage]) -> list[list[Any]]:
-    """The thirteen arrays of _DONE_TEMPLATE, an element per image, in image id order: the
-    statement locks the image rows in the order of the arrays (a loop over them, an index
-    lookup each), so two batches holding the same images (a redelivered task) lock them in one
-    order and never wait for each other in a cycle."""
+    """The thirteen arrays of _DONE_TEMPLATE, an element per image, in image id order. The
+    first statement locks its images in id order whatever its plan (_IMAGES_DONE); the late
+    one, with a nested loop over the arrays, in their order. So two batches holding the same
+    images (a redelivered task) lock them in one order and never wait for each other in a
+    cycle."""
     images = sorted(images, key=lambda image: image.output.image_id)
     rows = [
         (
