@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable, Sequence
 import asyncpg
 import redis.asyncio as aioredis
 
+from services.common.db.pool import server_settings
 from services.common.grpc_server import Health, wait_any
 
 log = logging.getLogger(__name__)
@@ -26,14 +27,17 @@ class PostgresConnection:
     it breaks. Probing through the service's pool would report a busy pool as a database that
     is down, and take the service out of its load balancer for being busy."""
 
-    def __init__(self, dsn: str) -> None:
+    def __init__(self, dsn: str, application_name: str | None = None) -> None:
         self.dsn = dsn
+        self.server_settings = server_settings(dsn, application_name)
         self._connection: asyncpg.Connection | None = None
 
     async def probe(self) -> object:
         try:
             if self._connection is None or self._connection.is_closed():
-                self._connection = await asyncpg.connect(self.dsn, timeout=PROBE_TIMEOUT)
+                self._connection = await asyncpg.connect(
+                    self.dsn, timeout=PROBE_TIMEOUT, server_settings=self.server_settings
+                )
             return await self._connection.fetchval("SELECT 1", timeout=PROBE_TIMEOUT)
         except BaseException:
             # A probe cut short leaves the connection in an unknown state: start afresh.

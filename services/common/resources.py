@@ -74,8 +74,9 @@ async def open_backends(service: str, common: CommonSettings) -> AsyncIterator[B
             common.database_url,
             max_size=common.db_pool_size,
             acquire_timeout=common.db_acquire_timeout,
+            application_name=f"imgpipe-{service}",
         )
-        probe_connection = PostgresConnection(common.database_url)
+        probe_connection = PostgresConnection(common.database_url, f"imgpipe-{service}-probe")
         try:
             await migrate(pool)
             redis = aioredis.Redis.from_url(common.redis_url)

@@ -131,11 +131,15 @@ async def test_a_busy_pool_answers_unavailable_with_retry_after(
 async def test_the_health_probe_does_not_wait_for_the_pool(
     pool_of_one: asyncpg.Pool, database_url: str
 ) -> None:
-    connection = PostgresConnection(database_url)
+    name = f"imgpipe-status-probe-{secrets.token_hex(3)}"
+    connection = PostgresConnection(database_url, name)
     monitor = DependencyMonitor({"postgres": connection.probe})
     try:
         async with pool_of_one.acquire():
             assert await monitor.check() == []
+        # A connection apart from the pool's, named as such in pg_stat_activity.
+        named = "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1"
+        assert await pool_of_one.fetchval(named, name) == 1
         # A broken connection is replaced at the next probe.
         await connection.close()
         assert await monitor.check() == []

@@ -144,3 +144,28 @@ async def _waiting_for_advisory_lock(conn: asyncpg.Connection) -> bool:
             "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
         )
     )
+
+
+async def _application_name(pool: asyncpg.Pool) -> str:
+    async with pool.acquire() as conn:
+        name: str = await conn.fetchval(
+            "SELECT application_name FROM pg_stat_activity WHERE pid = pg_backend_pid()"
+        )
+        return name
+
+
+async def test_connections_name_their_service_unless_the_dsn_does(database_url: str) -> None:
+    """What pg_stat_activity shows an operator counting who holds the connections
+    (docs/operations.md, "Postgres connections"); a name the DSN gives wins."""
+    pool = await create_pool(database_url, max_size=1, application_name="imgpipe-worker")
+    try:
+        assert await _application_name(pool) == "imgpipe-worker"
+    finally:
+        await pool.close()
+    separator = "&" if "?" in database_url else "?"
+    named = f"{database_url}{separator}application_name=reporting"
+    pool = await create_pool(named, max_size=1, application_name="imgpipe-worker")
+    try:
+        assert await _application_name(pool) == "reporting"
+    finally:
+        await pool.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import urllib.parse
 from collections.abc import AsyncIterator
 from pathlib import Path
 from types import TracebackType
@@ -132,15 +133,26 @@ class _BusyIsUnavailable:
         )
 
 
+def server_settings(dsn: str, application_name: str | None) -> dict[str, str] | None:
+    """Postgres settings for a connection of ours: `application_name` (what pg_stat_activity
+    shows, so an operator can see which service holds which connections), unless the DSN
+    names one itself."""
+    if application_name is None or "application_name=" in urllib.parse.urlsplit(dsn).query:
+        return None
+    return {"application_name": application_name}
+
+
 async def create_pool(
     dsn: str,
     *,
     min_size: int = 1,
     max_size: int = 10,
     acquire_timeout: float = DEFAULT_ACQUIRE_TIMEOUT,
+    application_name: str | None = None,
 ) -> asyncpg.Pool:
     pool = BoundedWaitPool(
         dsn,
+        server_settings=server_settings(dsn, application_name),
         min_size=min_size,
         max_size=max_size,
         max_queries=50_000,
