@@ -63,6 +63,10 @@ MEANINGS: dict[str, Meaning] = {
     "IMGPIPE_DB_ACQUIRE_TIMEOUT": Meaning(
         "seconds; longest wait for a pooled Postgres connection, then 503 with `Retry-After`"
     ),
+    "IMGPIPE_REDIS_TIMEOUT": Meaning(
+        "seconds; longest wait for a Redis answer or connection, then a backend error (retried);"
+        " more than the 1 s blocking reads"
+    ),
     "IMGPIPE_DB_POOL_SIZE": Meaning(
         "most Postgres connections one process opens; Postgres must allow every pod's, plus one"
         " each for the health probe ([operations.md](operations.md#postgres-connections))"

@@ -39,6 +39,10 @@ class ConfigError(Exception):
         self.problems = problems
 
 
+# Seconds: the longest a Redis read blocks waiting for entries (streams.READ_BLOCK_MS).
+LONGEST_REDIS_BLOCK = 1.0
+
+
 class EnvReader:
     """Reads typed values from a mapping, collecting every problem instead of stopping."""
 
@@ -149,6 +153,10 @@ class CommonSettings:
     # needed); Postgres must allow every pod's, plus one each for the dependency probe
     # (docs/operations.md, "Postgres connections").
     db_pool_size: int = 10
+    # The longest a Redis command may go unanswered before it fails as a backend error (and a
+    # connection attempt): without it, a Redis that stops answering without closing its
+    # connections held every caller for as long as TCP takes to give up.
+    redis_timeout: float = 5.0
     log_level: str = "INFO"
     # Crash points for fault tests (services/common/failpoints.py); empty in production.
     failpoints: frozenset[str] = frozenset()
@@ -170,6 +178,9 @@ class CommonSettings:
             grace_seconds=env.number("IMGPIPE_GRACE_SECONDS", 20.0),
             db_acquire_timeout=env.number("IMGPIPE_DB_ACQUIRE_TIMEOUT", 5.0),
             db_pool_size=env.integer("IMGPIPE_DB_POOL_SIZE", 10, minimum=2),
+            # More than the longest blocking read (streams.READ_BLOCK_MS), which waits that
+            # long for an answer by design.
+            redis_timeout=env.number("IMGPIPE_REDIS_TIMEOUT", 5.0, minimum=LONGEST_REDIS_BLOCK),
             log_level=env.text("IMGPIPE_LOG_LEVEL", "INFO").upper(),
             failpoints=frozenset(
                 name.strip() for name in env.text("IMGPIPE_FAILPOINTS").split(",") if name.strip()

@@ -61,6 +61,13 @@ class Backends:
         return DependencyMonitor(probes, health)
 
 
+def redis_client(url: str, timeout: float) -> aioredis.Redis:
+    """The services' Redis client: a command unanswered for `timeout` seconds, or a connection
+    not made in that time, raises redis.exceptions.TimeoutError (a backend error: the caller
+    retries, as for an outage) instead of waiting for TCP to give up."""
+    return aioredis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+
+
 @contextlib.asynccontextmanager
 async def open_backends(service: str, common: CommonSettings) -> AsyncIterator[Backends]:
     """Logging, /metrics (when IMGPIPE_METRICS_LISTEN is set), traces (when imgpipe[otel] is
@@ -79,7 +86,7 @@ async def open_backends(service: str, common: CommonSettings) -> AsyncIterator[B
         probe_connection = PostgresConnection(common.database_url, f"imgpipe-{service}-probe")
         try:
             await migrate(pool)
-            redis = aioredis.Redis.from_url(common.redis_url)
+            redis = redis_client(common.redis_url, common.redis_timeout)
             try:
                 with metrics.reporting(metrics.PoolStats(pool)):
                     yield Backends(pool, redis, StreamNames(common.redis_prefix), probe_connection)

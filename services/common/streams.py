@@ -26,6 +26,9 @@ log = logging.getLogger(__name__)
 TASK_FIELD = b"task"
 EVENT_FIELD = b"event"
 WORKER_GROUP = "workers"
+# How long a reader's XREADGROUP waits for entries; it also bounds how long a SIGTERM waits for
+# the read to return, and IMGPIPE_REDIS_TIMEOUT must exceed it (config.LONGEST_REDIS_BLOCK).
+READ_BLOCK_MS = 1000
 # How long "this event was published" is remembered, so republishing it is a no-op.
 EVENT_DEDUP_SECONDS = 7 * 24 * 3600
 # Entries per XDEL when a request is deleted.

@@ -62,7 +62,13 @@ from services.common.pb.imgpipe.v1 import request_pb2
 from services.common.pb.imgpipe.v1 import status_service_pb2 as status_pb
 from services.common.proto_convert import FINAL_STATUSES, STATUS_TO_PROTO
 from services.common.servicer_errors import BACKEND_ERRORS
-from services.common.streams import EVENT_FIELD, Entry, GroupReader, StreamNames
+from services.common.streams import (
+    EVENT_FIELD,
+    READ_BLOCK_MS,
+    Entry,
+    GroupReader,
+    StreamNames,
+)
 from services.status.config import WebhookSettings
 from services.status.webhook_secrets import (
     NOT_CONFIGURED,
@@ -77,7 +83,6 @@ GROUP = "webhooks"
 WHO = "the webhook receiver"  # how failure messages name the other side
 
 EVENT_BATCH = 50  # events read per XREADGROUP
-READ_BLOCK_MS = 1000  # also bounds how long a SIGTERM waits for a read to return
 CLAIM_INTERVAL = 15.0  # how often entries left idle by a dead replica are looked for
 CLAIM_IDLE = 60.0  # scheduling an event takes milliseconds: idle this long, its replica died
 CONCURRENCY = 16  # attempts in flight per replica

@@ -22,13 +22,12 @@ from services.common import metrics, telemetry, tracing
 from services.common.dependencies import DependencyMonitor
 from services.common.grpc_server import wait_or_stop
 from services.common.servicer_errors import BACKEND_ERRORS
-from services.common.streams import Delivery, TaskConsumer
+from services.common.streams import READ_BLOCK_MS, Delivery, TaskConsumer
 from services.worker.batching import Batcher
 from services.worker.processor import Processor
 
 log = logging.getLogger(__name__)
 
-READ_BLOCK_MS = 1000  # also bounds how long a SIGTERM waits for the read to return
 # A worker reads when a quarter of its slots are free, or when any is and this long has passed
 # since its last read: tasks that hold their slots for seconds (24 MP photos) free a quarter
 # only every few seconds, and the stream's next entry (a newcomer's) waited that long.

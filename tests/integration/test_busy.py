@@ -19,6 +19,7 @@ import asyncpg
 import grpc
 import pytest
 import redis.asyncio
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from services.common import limits
 from services.common.auth import Limits, Principal
@@ -35,8 +36,11 @@ from services.common.errors import (
 from services.common.limits import UPLOAD_LEASE, Limiter
 from services.common.pb.imgpipe.v1 import ingest_service_pb2 as ingest_pb
 from services.common.pb.imgpipe.v1 import ingest_service_pb2_grpc as ingest_grpc
-from services.common.streams import StreamNames
+from services.common.resources import redis_client
+from services.common.servicer_errors import BACKEND_ERRORS
+from services.common.streams import READ_BLOCK_MS, GroupReader, StreamNames
 from services.ingest.servicer import Header, IngestServicer, registrar
+from services.worker.config import WorkerSettings
 from testing.polling import wait_until_async
 from testing.uploads import csv_of, upload
 from tests.integration.conftest import serving
@@ -263,5 +267,55 @@ async def test_a_lease_is_given_back_when_its_holder_is_cancelled_while_giving_i
             return await client.zcard(key) == 0
 
         await wait_until_async(given_back, timeout=10, message="the lease given back")
+    finally:
+        await client.aclose()
+
+
+@contextlib.asynccontextmanager
+async def silent_server() -> AsyncIterator[int]:
+    """A port on 127.0.0.1 that accepts connections, reads what comes and never answers: a
+    Redis that stopped answering without closing its connections (a partition, a stall)."""
+    received = []
+
+    async def swallow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        received.append(writer)
+        while await reader.read(4096):
+            pass
+
+    server = await asyncio.start_server(swallow, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        for writer in received:
+            writer.close()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_a_redis_that_stops_answering_fails_the_call_instead_of_holding_it() -> None:
+    async with silent_server() as port:
+        client = redis_client(f"redis://127.0.0.1:{port}/0", timeout=0.5)
+        try:
+            with pytest.raises(RedisTimeoutError) as caught:
+                # Bounded here too: without the client's timeout this would never return.
+                await asyncio.wait_for(client.xadd("imgpipe:tasks", {"task": b"x"}), 30)
+        finally:
+            await client.aclose()
+    assert isinstance(caught.value, BACKEND_ERRORS)  # retried as an outage, not a bug
+
+
+async def test_a_blocking_read_still_returns_empty_under_the_default_timeout(
+    redis_server_url: str, names: StreamNames
+) -> None:
+    """A worker's read blocks for READ_BLOCK_MS on an empty stream: under the services' default
+    timeout it returns empty, as before."""
+    timeout = WorkerSettings.from_env(
+        {"IMGPIPE_DATABASE_URL": "postgresql://x/y", "IMGPIPE_REDIS_URL": redis_server_url}
+    ).common.redis_timeout
+    client = redis_client(redis_server_url, timeout)
+    try:
+        reader = GroupReader(client, names.tasks, "workers", "worker-1")
+        await reader.ensure_group()
+        assert await reader.read(1, READ_BLOCK_MS) == []
     finally:
         await client.aclose()

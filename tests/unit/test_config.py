@@ -8,7 +8,8 @@ import ipaddress
 import pytest
 
 from gateway.config import GatewaySettings
-from services.common.config import ConfigError
+from services.common.config import LONGEST_REDIS_BLOCK, ConfigError
+from services.common.streams import READ_BLOCK_MS
 from services.ingest.config import IngestSettings
 from services.status.config import StatusSettings
 from services.worker.config import WorkerSettings
@@ -45,6 +46,13 @@ def test_a_live_stream_lasts_at_most_ten_minutes() -> None:
     assert GatewaySettings.from_env({"IMGPIPE_WATCH_TIMEOUT": "60"}).watch_timeout == 60
     with pytest.raises(ConfigError, match="IMGPIPE_WATCH_TIMEOUT=3600: at most 600 seconds"):
         GatewaySettings.from_env({"IMGPIPE_WATCH_TIMEOUT": "3600"})
+
+
+def test_redis_answers_wait_longer_than_a_blocking_read() -> None:
+    assert WorkerSettings.from_env(BASE).common.redis_timeout == 5
+    assert READ_BLOCK_MS / 1000 <= LONGEST_REDIS_BLOCK
+    with pytest.raises(ConfigError, match="IMGPIPE_REDIS_TIMEOUT"):
+        WorkerSettings.from_env({**BASE, "IMGPIPE_REDIS_TIMEOUT": "1"})
 
 
 def test_every_problem_is_listed_at_once() -> None:
