@@ -75,8 +75,13 @@ async def test_two_owners_share_the_workers_by_weight(
     acme_done, globex_done = await wait_until_async(
         both_counted, timeout=COMPLETION_TIMEOUT, message="200 images final"
     )
-    # 3:1 by weight, give or take a window's worth of releases.
-    assert 2.0 * globex_done <= acme_done <= 4.5 * globex_done, (acme_done, globex_done)
+    # 3:1 by weight. Slack of two windows either way: a window is released ahead of what is
+    # final, and the counts are read while the records land a batch at a time per request
+    # (up to a window of one owner's at once). As a ratio that slack swings widely (a CI run
+    # under load read 172 against 32); equal shares (100 each) or first come, first served
+    # (200 of acme's) are well outside it.
+    expected = 0.75 * (acme_done + globex_done)
+    assert abs(acme_done - expected) <= 2 * int(WINDOW), (acme_done, globex_done)
     # The checks look at the whole stream: both requests final first.
     await wait_until_async(
         lambda: _all_final(backends, acme, globex),
