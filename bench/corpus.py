@@ -117,11 +117,15 @@ class Task:
 
 
 def _timed(work: Callable[[str], int], path: str) -> Task:
-    before, started = resource.getrusage(resource.RUSAGE_SELF), time.process_time()
+    """The CPU time and its kernel share from one accounting (getrusage: the process's exact
+    run time, split between user and kernel by the kernel). With the total from process_time
+    instead, the split could exceed it on a photo of a few ms (7.70 ms of system time against
+    7.69 ms of CPU in a CI run)."""
+    before = resource.getrusage(resource.RUSAGE_SELF)
     size = work(path)
-    seconds = time.process_time() - started
     after = resource.getrusage(resource.RUSAGE_SELF)
-    return Task(size, seconds, after.ru_stime - before.ru_stime, after.ru_minflt - before.ru_minflt)
+    user, system = after.ru_utime - before.ru_utime, after.ru_stime - before.ru_stime
+    return Task(size, user + system, system, after.ru_minflt - before.ru_minflt)
 
 
 @dataclass(frozen=True, slots=True)
