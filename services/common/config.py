@@ -39,7 +39,9 @@ class ConfigError(Exception):
         self.problems = problems
 
 
-# Seconds: the longest a Redis read blocks waiting for entries (streams.READ_BLOCK_MS).
+# Seconds: the longest a Redis read blocks waiting for entries (streams.READ_BLOCK_MS; a copy,
+# since importing streams would load redis into the gateway, which reads this module too;
+# tests/unit/test_config.py keeps the two in step).
 LONGEST_REDIS_BLOCK = 1.0
 
 
