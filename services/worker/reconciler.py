@@ -97,7 +97,13 @@ class Reconciler:
                 image.request_id, queries.Release(image.request_id, image.options, [])
             )
             release.images.append((image.image_id, image.input_url))
-        return await publish_releases(conn, self.redis, self.names, list(by_request.values()))
+        return await publish_releases(
+            conn,
+            self.redis,
+            self.names,
+            list(by_request.values()),
+            released_at={image.image_id: image.enqueued_at for image in lost},
+        )
 
     async def _finish_complete(self, conn: queries.Connection) -> int:
         request_ids = await queries.unfinished_complete_requests(

@@ -88,6 +88,31 @@ async def test_kill_9_ingest_between_commit_and_release(
     await assert_clean(backends, services, request_id, images=total)
 
 
+@pytest.mark.parametrize("failpoint", ["release.after_claim", "release.after_xadd"])
+async def test_kill_9_the_feeder_inside_a_release(
+    backends: Backends, services: Services, origin: ImageOrigin, failpoint: str
+) -> None:
+    """Killed after claiming its first release (the images are released, with no task on the
+    stream: the reconciler republishes them) or after putting the tasks on the stream (their
+    entries are never recorded: the workers take them anyway)."""
+    total = 40
+    workers = [services.start_worker("worker-a"), services.start_worker("worker-b")]
+    ingest = services.start_ingest("ingest-dying", failpoints=failpoint)
+    await services.wait_serving(ingest, *workers)
+
+    answer = grpc.StatusCode.OK
+    try:  # the release may come before or after the answer
+        await submit(ingest, image_urls(origin, total, "release"))
+    except grpc.aio.AioRpcError as exc:
+        answer = exc.code()
+    assert answer in (grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE), services.report()
+    assert await ingest.wait_exit(10) == -signal.SIGKILL, services.report()
+
+    request_id = await only_request(backends)
+    await services.wait_serving(services.start_ingest("ingest"))
+    await assert_clean(backends, services, request_id, images=total)
+
+
 async def test_kill_9_a_worker_between_putting_an_image_back_and_acknowledging_it(
     backends: Backends, services: Services, origin: ImageOrigin
 ) -> None:

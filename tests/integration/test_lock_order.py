@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
 
 import asyncpg
 import pytest
@@ -30,20 +31,27 @@ async def waits_for_a_lock(observer: queries.Connection, conn: queries.Connectio
     )
 
 
-async def out_of_id_order(pool: asyncpg.Pool) -> tuple[int, int]:
+async def out_of_id_order(
+    pool: asyncpg.Pool, released_at: datetime | None = None
+) -> tuple[int, int]:
     """Two Pending images of one request, the lower id stored after the higher, as releases and
     deferrals leave them: each writes a new row version (enqueued_at is indexed, so no HOT
     update) wherever its page or the free space map has room. A snapshot held meanwhile keeps
     the old versions from being pruned, so the versions fill the pages they land on and move
-    on, until one lands after the other row."""
+    on, until one lands after the other row. With `released_at`, both are left claimed for a
+    release at that time, their entries not yet recorded; else only the first is released."""
     first, second = await stored(pool, ("http://a.example/1.jpg", "http://a.example/2.jpg"))
+    if released_at is not None:
+        await pool.execute("UPDATE images SET enqueued_at = $2 WHERE id = $1", second, released_at)
     async with pool.acquire() as pin, pin.transaction(isolation="repeatable_read"):
         await pin.fetchval("SELECT count(*) FROM images WHERE id = $1", first)
         for _ in range(5000):
             await pool.execute(
-                "UPDATE images SET enqueued_at = clock_timestamp(), stream_entry_id = '1-0'"
-                " WHERE id = $1",
+                """UPDATE images SET enqueued_at = COALESCE($2, clock_timestamp()),
+                                     stream_entry_id = CASE WHEN $2 IS NULL THEN '1-0' END
+                    WHERE id = $1""",
                 first,
+                released_at,
             )
             rows = await pool.fetch(
                 "SELECT id FROM images WHERE id = ANY($1::bigint[]) ORDER BY ctid",
@@ -110,15 +118,36 @@ async def test_a_workers_record_takes_the_images_in_id_order_whatever_its_plan(
     assert set(recorded) == {first, second}
 
 
+async def test_claiming_releases_takes_the_images_in_id_order(pool: asyncpg.Pool) -> None:
+    first, second = await out_of_id_order(pool)  # the first released, its entry lost
+    seen = await pool.fetchval("SELECT enqueued_at FROM images WHERE id = $1", first)
+    async with pool.acquire() as observer, pool.acquire() as feeder:
+        await feeder.execute("SET enable_indexscan = off")
+        await feeder.execute("SET enable_bitmapscan = off")
+        async with holding(pool, first) as worker:
+            # The images in the order of the tasks, the higher id first.
+            claim = asyncio.create_task(
+                queries.claim_releases(feeder, [(second, None), (first, seen)])
+            )
+            await wait_until_async(
+                lambda: waits_for_a_lock(observer, feeder), message="the claim to queue"
+            )
+            await worker.execute("UPDATE images SET updated_at = now() WHERE id = $1", second)
+        claimed = await asyncio.wait_for(claim, 30)
+    assert claimed.image_ids == {first, second}
+
+
 async def test_recording_releases_takes_the_images_in_id_order(pool: asyncpg.Pool) -> None:
-    first, second = await out_of_id_order(pool)
+    released_at = datetime.now(UTC)
+    first, second = await out_of_id_order(pool, released_at)
+    claim = queries.Claim(frozenset({first, second}), released_at)
     async with pool.acquire() as observer, pool.acquire() as feeder:
         await feeder.execute("SET enable_indexscan = off")
         await feeder.execute("SET enable_bitmapscan = off")
         async with holding(pool, first) as worker:
             # The feeder's tasks in the order it released them, the higher id first.
             release = asyncio.create_task(
-                queries.set_stream_entries(feeder, [second, first], ["2-0", "3-0"])
+                queries.record_releases(feeder, claim, [second, first], ["2-0", "3-0"])
             )
             await wait_until_async(
                 lambda: waits_for_a_lock(observer, feeder), message="the recording to queue"

@@ -4,6 +4,7 @@ against real Postgres and Redis."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -16,10 +17,11 @@ from prometheus_client import REGISTRY
 from services.common.db import queries
 from services.common.pb.imgpipe.v1 import ingest_service_pb2 as ingest_pb
 from services.common.pb.imgpipe.v1 import ingest_service_pb2_grpc as ingest_grpc
-from services.common.pb.imgpipe.v1 import request_pb2
+from services.common.pb.imgpipe.v1 import request_pb2, task_pb2
 from services.common.proto_convert import finished_event
 from services.common.streams import (
     EVENT_FIELD,
+    TASK_FIELD,
     WORKER_GROUP,
     StreamNames,
     TaskConsumer,
@@ -62,6 +64,19 @@ async def worker(consumer: TaskConsumer, processor: Processor) -> AsyncIterator[
     finally:
         stop.set()
         await asyncio.wait_for(task, timeout=10)
+
+
+@contextlib.asynccontextmanager
+async def another_feeder_leads(pool: asyncpg.Pool) -> AsyncIterator[queries.Connection]:
+    """Another feeder leads (and is stuck, or dead with its session still open): the test's
+    own ingest releases nothing. Taken between two of its passes: it holds the lock only
+    during one."""
+    async with pool.acquire() as leader:
+        await leader.execute("SELECT pg_advisory_lock($1)", FEEDER_LOCK_KEY)
+        try:
+            yield leader
+        finally:
+            await leader.execute("SELECT pg_advisory_unlock($1)", FEEDER_LOCK_KEY)
 
 
 async def request_row(pool: asyncpg.Pool, request_id: str) -> asyncpg.Record:
@@ -344,17 +359,38 @@ async def test_images_waiting_for_their_turn_are_left_to_the_feeder(
     """What an ingest crash between the commit and the release leaves: images in Postgres and
     nothing on the stream. The reconciler does not publish them (that would bypass the
     window and the turns); the feeder does, once it leads."""
-    async with pool.acquire() as leader:
-        # Another feeder leads (and is stuck): the test's own feeder releases nothing. (Taken
-        # between two of its passes: it holds the lock only during one.)
-        await leader.execute("SELECT pg_advisory_lock($1)", FEEDER_LOCK_KEY)
-        try:
-            accepted = await upload(
-                ingest_stub, csv_of([("1", "Shoe", ["http://a.example/1.jpg"])])
-            )
-            assert (await reconciler.reconcile_once()).republished == 0
-            assert await redis_client.xlen(names.tasks) == 0
-        finally:
-            await leader.execute("SELECT pg_advisory_unlock($1)", FEEDER_LOCK_KEY)
+    async with another_feeder_leads(pool):
+        accepted = await upload(ingest_stub, csv_of([("1", "Shoe", ["http://a.example/1.jpg"])]))
+        assert (await reconciler.reconcile_once()).republished == 0
+        assert await redis_client.xlen(names.tasks) == 0
     assert len(await released_rows(pool, accepted.request_id)) == 1
     assert await redis_client.xlen(names.tasks) == 1
+
+
+async def test_reconciler_republishes_a_release_a_crash_left_claimed_and_off_the_stream(
+    ingest_stub: ingest_grpc.IngestServiceAsyncStub,
+    pool: asyncpg.Pool,
+    redis_client: redis.asyncio.Redis,
+    names: StreamNames,
+    reconciler: Reconciler,
+    consumer: TaskConsumer,
+) -> None:
+    """A feeder killed between claiming a release and its XADD leaves the image released with
+    no entry: the reconciler republishes it, once, and no older claim can take it back."""
+    await consumer.ensure_group()  # as the worker the reconciler runs in does at its start
+    async with another_feeder_leads(pool) as leader:
+        accepted = await upload(ingest_stub, csv_of([("1", "Shoe", ["http://a.example/1.jpg"])]))
+        (image,) = await image_rows(pool, accepted.request_id)
+        # What the killed feeder did before it died.
+        claim = await queries.claim_releases(leader, [(image["id"], None)])
+        assert claim.image_ids == {image["id"]}
+
+        assert (await reconciler.reconcile_once()).republished == 1
+    (after,) = await image_rows(pool, accepted.request_id)
+    assert after["enqueued_at"] > claim.token
+    tasks = await stream_messages(redis_client, names.tasks, TASK_FIELD, task_pb2.ImageTask)
+    assert [(t.image_id, t.input_url) for t in tasks] == [(image["id"], image["input_url"])]
+    assert (await reconciler.reconcile_once()).republished == 0
+    # The dead feeder's claim is spent: seen from it, the image is no longer to be claimed.
+    async with pool.acquire() as conn:
+        assert not (await queries.claim_releases(conn, [(image["id"], claim.token)])).image_ids

@@ -18,12 +18,14 @@ from prometheus_client import REGISTRY
 from services.common.csv_format import ProductRow
 from services.common.db import queries
 from services.common.pb.imgpipe.v1 import task_pb2
+from services.common.publish import publish_releases
 from services.common.servicer_errors import BACKEND_ERRORS
 from services.common.streams import TASK_FIELD, StreamNames, TaskConsumer
 from services.ingest.feeder import STARVED_TTL_MS, Feeder, FeedPass
 from services.ingest.lookahead import LEAST
 from testing.databases import own_database
 from testing.polling import wait_until_async
+from testing.ports import free_tcp_port
 from tests.integration.flows import stream_messages
 
 pytestmark = pytest.mark.integration
@@ -386,9 +388,11 @@ async def test_an_image_put_back_before_its_release_was_recorded_stays_waiting(
     recording of the entry: the record must not mark the waiting image released again."""
     request_id = await stored(pool, 1)
     (image_id,) = await image_ids(pool, request_id)
-    assert await defer(pool, image_id, 3600)
     async with pool.acquire() as conn:
-        await queries.set_stream_entries(conn, [image_id], ["1-0"])
+        claim = await queries.claim_releases(conn, [(image_id, None)])
+        assert claim.image_ids == {image_id}
+        assert await defer(pool, image_id, 3600)
+        await queries.record_releases(conn, claim, [image_id], ["1-0"])
     row = await pool.fetchrow(
         "SELECT enqueued_at, stream_entry_id FROM images WHERE id = $1", image_id
     )
@@ -408,19 +412,84 @@ async def test_recording_a_release_never_waits_for_an_image_that_is_final_alread
     request_id = await stored(pool, 1)
     (image_id,) = await image_ids(pool, request_id)
     async with pool.acquire() as conn:
+        claim = await queries.claim_releases(conn, [(image_id, None)])
         await queries.record_image_failed(conn, image_id, code="BLOCKED_ADDRESS", message="no")
     # The retry's locks: the request row, then the failed image, turned Pending (not yet
     # committed).
     async with pool.acquire() as retry, pool.acquire() as feeder, retry.transaction():
         await retry.execute("SELECT 1 FROM requests WHERE id = $1 FOR UPDATE", request_id)
-        await retry.execute("UPDATE images SET status = 'Pending' WHERE id = $1", image_id)
+        await retry.execute(
+            "UPDATE images SET status = 'Pending', enqueued_at = NULL WHERE id = $1", image_id
+        )
         await feeder.execute("SET lock_timeout = '2s'")  # waiting raises, and fails the test
-        await queries.set_stream_entries(feeder, [image_id], ["1-0"])
+        await queries.record_releases(feeder, claim, [image_id], ["1-0"])
     # Retried, it waits for the feeder's next pass, unreleased.
     row = await pool.fetchrow(
         "SELECT status, enqueued_at, stream_entry_id FROM images WHERE id = $1", image_id
     )
     assert row is not None and tuple(row) == ("Pending", None, None)
+
+
+async def test_an_image_retried_during_its_release_gets_a_task_a_worker_can_take(
+    pool: asyncpg.Pool,
+    redis_client: redis.asyncio.Redis,
+    names: StreamNames,
+    feeder: Feeder,
+    worker: TaskConsumer,
+) -> None:
+    """A CI run saw this one: a worker took a task between the feeder's XADD and its recording
+    of the entry, failed the image, and a retry put it back to wait; the late recording then
+    marked the retried image released, under an entry already acknowledged. No worker had it,
+    and the feeder no longer offered it, until the reconciler found the entry gone, 10 to 40 s
+    later. Here the test holds the image's row while the pass runs, and plays the worker and
+    the retry in that time; whatever the pass did first, the image must end with a task on the
+    stream for a worker, or waiting for the next pass to give it one."""
+    request_id = await stored(pool, 1)
+    (image_id,) = await image_ids(pool, request_id)
+    async with pool.acquire() as observer, pool.acquire() as hand:
+        async with hand.transaction():
+            await hand.execute("SELECT 1 FROM images WHERE id = $1 FOR UPDATE", image_id)
+            feed = asyncio.create_task(feeder.feed_once())
+            await wait_until_async(
+                lambda: lock_waits(observer), message="the pass to wait for the image"
+            )
+            for delivery in await worker.read(1, block_ms=1):  # a task the pass put out first
+                await worker.ack([delivery.entry_id])
+            await queries.record_image_failed(hand, image_id, code="HTTP_ERROR", message="503")
+            assert await queries.retry_failed_images(hand, request_id, owner="") is not None
+        await asyncio.wait_for(feed, 30)
+
+    await feeder.feed_once()
+    delivered = await worker.read(10, block_ms=1)
+    assert [d.task.image_id for d in delivered] == [image_id]
+
+
+async def lock_waits(observer: queries.Connection) -> bool:
+    """Whether any session of this database waits for a row lock."""
+    return bool(
+        await observer.fetchval(
+            """SELECT count(*) FROM pg_stat_activity
+                WHERE datname = current_database() AND wait_event_type = 'Lock'"""
+        )
+    )
+
+
+async def test_a_release_the_stream_refused_goes_back_to_wait_for_the_next_pass(
+    pool: asyncpg.Pool, names: StreamNames
+) -> None:
+    """Claimed and then not put on the stream (Redis did not answer): the images wait for the
+    feeder's next pass, not for the reconciler to find them released with no task."""
+    request_id = await stored(pool, 2)
+    silent = redis.asyncio.Redis(host="127.0.0.1", port=free_tcp_port(), socket_timeout=2)
+    async with pool.acquire() as conn:
+        (release,) = await queries.next_waiting_images(conn, {request_id: 2})
+        with pytest.raises(redis.exceptions.ConnectionError):
+            await publish_releases(conn, silent, names, [release])
+    await silent.aclose()
+    rows = await pool.fetch(
+        "SELECT enqueued_at, stream_entry_id FROM images WHERE request_id = $1", request_id
+    )
+    assert [tuple(r) for r in rows] == [(None, None), (None, None)]
 
 
 async def test_a_deadlock_postgres_breaks_is_a_backend_error_that_is_retried(

@@ -18,12 +18,11 @@ from prometheus_client import REGISTRY
 
 from services.common import storage as keys
 from services.common.db import lifecycle
-from services.common.image_options import ImageOptions
+from services.common.image_options import ImageOptions, to_proto
 from services.common.pb.imgpipe.v1 import ingest_service_pb2_grpc as ingest_grpc
 from services.common.pb.imgpipe.v1 import request_pb2, task_pb2
-from services.common.publish import publish_images
 from services.common.storage import Storage
-from services.common.streams import EVENT_FIELD, StreamNames, TaskConsumer
+from services.common.streams import EVENT_FIELD, StreamNames, TaskConsumer, publish_tasks
 from services.worker.budget import ByteBudget, PixelBudget
 from services.worker.processor import Processor
 from services.worker.runner import ConsumePolicy, consume
@@ -192,16 +191,18 @@ async def test_duplicate_deliveries_count_once_and_finish_once(
     urls = [origin.url(f"/img/dup{i}.jpg") for i in range(3)]
     accepted = await upload(ingest_stub, csv_of([("1", "Shoe", urls)]))
     rows = await released_rows(pool, accepted.request_id)
-    # Every task published a second time, as after a crash between the XADDs and recording them.
-    async with pool.acquire() as conn:
-        await publish_images(
-            conn,
-            redis_client,
-            names,
-            uuid.UUID(accepted.request_id),
-            ImageOptions(),
-            [(r["id"], r["input_url"]) for r in rows],
+    # Every task on the stream a second time, as a republish of a release whose entries were
+    # not recorded leaves them.
+    duplicates = [
+        task_pb2.ImageTask(
+            request_id=accepted.request_id,
+            image_id=r["id"],
+            input_url=r["input_url"],
+            options=to_proto(ImageOptions()),
         )
+        for r in rows
+    ]
+    await publish_tasks(redis_client, names, duplicates)
     assert await redis_client.xlen(names.tasks) == 6
 
     stop = asyncio.Event()

@@ -75,11 +75,11 @@ class Cancelled:
 # finished meanwhile is left as it is.
 #
 # Lock order: the images in id order, then the request row. Every other writer of several of
-# a request's images (a worker's record_images_done, the feeder's set_stream_entries) takes
-# them in id order too, so whoever waits for another holds only lower ids than the row it
-# waits for, and no cycle can form. Without the ORDER BY, a big request's update runs as a
-# bitmap scan and locks in the rows' physical order, which releases and deferrals (new row
-# versions, enqueued_at being indexed) move away from id order.
+# a request's images (a worker's record_images_done, a release's claim_releases and
+# record_releases) takes them in id order too, so whoever waits for another holds only lower
+# ids than the row it waits for, and no cycle can form. Without the ORDER BY, a big request's
+# update runs as a bitmap scan and locks in the rows' physical order, which releases and
+# deferrals (new row versions, enqueued_at being indexed) move away from id order.
 _CANCEL = f"""
 WITH locked AS (
     SELECT id FROM images

@@ -175,33 +175,93 @@ async def complete_request_insert(
     )
 
 
-async def set_stream_entries(
-    conn: Connection, image_ids: Sequence[int], entry_ids: Sequence[str]
-) -> None:
-    """Remember where each image's task is on the stream (see the reconciler). An image that a
-    worker put back to wait in the meantime (its task was quicker than this) stays waiting.
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """Images claimed for release by one statement, and the token that claimed them: their
+    enqueued_at, which only that claim wrote."""
 
-    An image a worker made final meanwhile is left alone: it needs no entry, and its row may be
-    locked by a retry that holds its request's row, while a worker holds another of the
-    request's images and waits for that request row. Waiting for it here closed that cycle (a
-    deadlock, seen in CI); skipping it, this statement only ever waits for Pending images.
+    image_ids: frozenset[int]
+    token: datetime | None  # None when nothing was claimed
+
+
+async def claim_releases(conn: Connection, images: Sequence[tuple[int, datetime | None]]) -> Claim:
+    """Claim images for release before their tasks go on the stream: each (image_id, seen)
+    whose enqueued_at is still `seen` (None: waiting for its first release; a time: released
+    then, its entry lost), Pending and due. Its enqueued_at becomes the claim's token.
+
+    The entry is recorded afterwards only where the token is still there (record_releases), so
+    a recording that comes late never marks an image released that a worker failed and a retry
+    put back to wait in the meantime: that image is claimed and released again.
 
     The rows are locked in id order, as a cancel and a worker's record take them
     (lifecycle._CANCEL), whatever order the tasks were released in."""
+    rows = await conn.fetch(
+        """WITH c AS (SELECT * FROM unnest($1::bigint[], $2::timestamptz[]) AS c(id, seen)),
+                locked AS (
+                  SELECT i.id FROM images i JOIN c ON c.id = i.id
+                   WHERE i.status = 'Pending' AND i.leader_id IS NULL
+                     AND i.enqueued_at IS NOT DISTINCT FROM c.seen
+                     AND COALESCE(i.not_before, '-infinity') <= now()
+                   ORDER BY i.id
+                     FOR UPDATE OF i),
+                token AS MATERIALIZED (SELECT clock_timestamp() AS at)
+           UPDATE images SET enqueued_at = token.at, stream_entry_id = NULL
+             FROM c, locked, token
+            WHERE images.id = c.id AND images.id = locked.id
+              AND images.status = 'Pending'
+              AND images.enqueued_at IS NOT DISTINCT FROM c.seen
+              AND COALESCE(images.not_before, '-infinity') <= now()
+        RETURNING images.id, images.enqueued_at""",
+        [image_id for image_id, _ in images],
+        [seen for _, seen in images],
+    )
+    return Claim(frozenset(r["id"] for r in rows), rows[0]["enqueued_at"] if rows else None)
+
+
+async def record_releases(
+    conn: Connection, claim: Claim, image_ids: Sequence[int], entry_ids: Sequence[str]
+) -> None:
+    """Remember where each claimed image's task is on the stream (see the reconciler), where
+    the claim still holds: an image a worker made final, put back to wait, or that was claimed
+    again meanwhile keeps what it has.
+
+    An image a worker made final is never waited for: its row may be locked by a retry that
+    holds its request's row, while a worker holds another of the request's images and waits
+    for that request row. Waiting for it here closed that cycle (a deadlock, seen in CI);
+    skipping it, this statement only ever waits for Pending images. The rows are locked in id
+    order, as in claim_releases."""
     await conn.execute(
         """WITH locked AS (
                SELECT id FROM images
-                WHERE id = ANY($1::bigint[]) AND status = 'Pending'
-                  AND COALESCE(not_before, '-infinity') <= now()
+                WHERE id = ANY($1::bigint[]) AND status = 'Pending' AND enqueued_at = $3
                 ORDER BY id
                   FOR UPDATE)
-           UPDATE images SET stream_entry_id = e.entry_id, enqueued_at = now()
+           UPDATE images SET stream_entry_id = e.entry_id
              FROM unnest($1::bigint[], $2::text[]) AS e(image_id, entry_id), locked
             WHERE images.id = e.image_id AND images.id = locked.id
-              AND images.status = 'Pending'
-              AND COALESCE(images.not_before, '-infinity') <= now()""",
+              AND images.status = 'Pending' AND images.enqueued_at = $3""",
         list(image_ids),
         list(entry_ids),
+        claim.token,
+    )
+
+
+async def unclaim_releases(conn: Connection, claim: Claim) -> None:
+    """Put images back to waiting whose claim holds and whose tasks never went on the stream
+    (the XADD failed), so the feeder's next pass releases them."""
+    await conn.execute(
+        """WITH locked AS (
+               SELECT id FROM images
+                WHERE id = ANY($1::bigint[]) AND status = 'Pending' AND enqueued_at = $2
+                  AND stream_entry_id IS NULL
+                ORDER BY id
+                  FOR UPDATE)
+           UPDATE images SET enqueued_at = NULL
+             FROM locked
+            WHERE images.id = locked.id AND images.status = 'Pending'
+              AND images.enqueued_at = $2 AND images.stream_entry_id IS NULL""",
+        sorted(claim.image_ids),
+        claim.token,
     )
 
 
@@ -926,6 +986,7 @@ class StaleImage:
     input_url: str
     stream_entry_id: str | None
     options: dict[str, Any]
+    enqueued_at: datetime  # when it was released (claimed): a republish claims it from then
 
 
 async def stale_pending_images(
@@ -934,7 +995,7 @@ async def stale_pending_images(
     """Pending images released to the stream more than `min_age_seconds` ago (the window;
     images still waiting for their turn are the feeder's, not lost)."""
     rows = await conn.fetch(
-        """SELECT i.id, i.request_id, i.input_url, i.stream_entry_id, r.options
+        """SELECT i.id, i.request_id, i.input_url, i.stream_entry_id, r.options, i.enqueued_at
              FROM images i JOIN requests r ON r.id = i.request_id
             WHERE i.status = 'Pending' AND i.enqueued_at IS NOT NULL
               AND i.enqueued_at < now() - make_interval(secs => $1)
@@ -945,7 +1006,12 @@ async def stale_pending_images(
     )
     return [
         StaleImage(
-            r["id"], r["request_id"], r["input_url"], r["stream_entry_id"], json.loads(r["options"])
+            r["id"],
+            r["request_id"],
+            r["input_url"],
+            r["stream_entry_id"],
+            json.loads(r["options"]),
+            r["enqueued_at"],
         )
         for r in rows
     ]
