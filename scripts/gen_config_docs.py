@@ -63,6 +63,11 @@ MEANINGS: dict[str, Meaning] = {
     "IMGPIPE_DB_ACQUIRE_TIMEOUT": Meaning(
         "seconds; longest wait for a pooled Postgres connection, then 503 with `Retry-After`"
     ),
+    "IMGPIPE_DB_COMMAND_TIMEOUT": Meaning(
+        "seconds; longest wait for a Postgres statement or connection, then a backend error"
+        " (retried); migrations wait up to an hour"
+        " ([operations.md](operations.md#postgres-timeouts))"
+    ),
     "IMGPIPE_REDIS_TIMEOUT": Meaning(
         "seconds; longest wait for a Redis answer or connection, then a backend error (retried);"
         " more than the 1 s blocking reads"

@@ -155,6 +155,11 @@ class CommonSettings:
     # needed); Postgres must allow every pod's, plus one each for the dependency probe
     # (docs/operations.md, "Postgres connections").
     db_pool_size: int = 10
+    # The longest a Postgres statement, or a connection attempt, may go unanswered before it
+    # fails as a backend error; above the longest legitimate statement (docs/operations.md,
+    # "Postgres timeouts"). Without it, a Postgres that stopped answering without closing its
+    # connections held every caller for as long as TCP takes to give up.
+    db_command_timeout: float = 60.0  # db/pool.DEFAULT_COMMAND_TIMEOUT (no asyncpg here)
     # The longest a Redis command may go unanswered before it fails as a backend error (and a
     # connection attempt): without it, a Redis that stops answering without closing its
     # connections held every caller for as long as TCP takes to give up.
@@ -180,6 +185,7 @@ class CommonSettings:
             grace_seconds=env.number("IMGPIPE_GRACE_SECONDS", 20.0),
             db_acquire_timeout=env.number("IMGPIPE_DB_ACQUIRE_TIMEOUT", 5.0),
             db_pool_size=env.integer("IMGPIPE_DB_POOL_SIZE", 10, minimum=2),
+            db_command_timeout=env.number("IMGPIPE_DB_COMMAND_TIMEOUT", 60.0),
             # More than the longest blocking read (streams.READ_BLOCK_MS), which waits that
             # long for an answer by design.
             redis_timeout=env.number("IMGPIPE_REDIS_TIMEOUT", 5.0, minimum=LONGEST_REDIS_BLOCK),

@@ -81,6 +81,7 @@ async def open_backends(service: str, common: CommonSettings) -> AsyncIterator[B
             common.database_url,
             max_size=common.db_pool_size,
             acquire_timeout=common.db_acquire_timeout,
+            command_timeout=common.db_command_timeout,
             application_name=f"imgpipe-{service}",
         )
         probe_connection = PostgresConnection(common.database_url, f"imgpipe-{service}-probe")

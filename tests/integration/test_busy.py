@@ -4,7 +4,8 @@
 - acquiring a pooled connection waits at most its timeout, then UNAVAILABLE with Retry-After;
 - the health probe has a connection of its own, so a busy pool is not "Postgres down";
 - an upload lease left by a dead process expires; `uploads=` counts per key;
-- a lease is given back even when its holder is cancelled while giving it back.
+- a lease is given back even when its holder is cancelled while giving it back;
+- a Redis or a Postgres that stops answering fails the call in a bounded time.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any, cast
 
 import asyncpg
@@ -42,6 +43,7 @@ from services.common.streams import READ_BLOCK_MS, GroupReader, StreamNames
 from services.ingest.servicer import Header, IngestServicer, registrar
 from services.worker.config import WorkerSettings
 from testing.polling import wait_until_async
+from testing.relay import postgres_relay
 from testing.uploads import csv_of, upload
 from tests.integration.conftest import serving
 
@@ -319,3 +321,51 @@ async def test_a_blocking_read_still_returns_empty_under_the_default_timeout(
         assert await reader.read(1, READ_BLOCK_MS) == []
     finally:
         await client.aclose()
+
+
+async def test_a_postgres_that_stops_answering_fails_the_call_and_the_pool_recovers(
+    database_url: str, pool: asyncpg.Pool
+) -> None:
+    """A Postgres that stops answering without closing its connections (a partition, a stall)
+    held a statement for as long as TCP took to give up. With IMGPIPE_DB_COMMAND_TIMEOUT, the
+    statement fails as a backend error in that time; a call that needs a new connection gets
+    UNAVAILABLE after IMGPIPE_DB_ACQUIRE_TIMEOUT; once Postgres answers again, the pool serves
+    statements again."""
+    del pool  # migrated the database
+    async with postgres_relay(database_url) as (relay, through):
+        frozen = await create_pool(
+            through, min_size=1, max_size=2, acquire_timeout=0.5, command_timeout=0.5
+        )
+        try:
+            assert await frozen.fetchval("SELECT 1") == 1
+            relay.freeze()
+            statement = await outcome(frozen.fetchval("SELECT 2"))
+            assert isinstance(statement, TimeoutError)
+            assert isinstance(statement, BACKEND_ERRORS)  # retried as an outage
+            # Its connection was closed; the next call waits for a new one, which is not made.
+            assert isinstance(await outcome(frozen.fetchval("SELECT 3")), BackendBusy)
+            relay.thaw()
+
+            async def answers() -> bool:
+                try:
+                    return bool(await frozen.fetchval("SELECT 4") == 4)
+                except (TimeoutError, BackendBusy):
+                    return False
+
+            await wait_until_async(answers, timeout=30, message="the pool to serve again")
+        finally:
+            relay.thaw()
+            await frozen.close()
+
+
+async def outcome(call: Awaitable[Any]) -> BaseException:
+    """What `call` raised; the test fails if it did not end within 30 s (without the
+    timeouts, a call to a Postgres that does not answer ends only when TCP gives up)."""
+    task = asyncio.ensure_future(call)
+    done, _ = await asyncio.wait({task}, timeout=30)
+    if not done:
+        task.cancel()
+    assert done, "still waiting for a Postgres that does not answer"
+    error = task.exception()
+    assert error is not None, "a Postgres that does not answer answered"
+    return error

@@ -9,6 +9,7 @@ import pytest
 
 from gateway.config import GatewaySettings
 from services.common.config import LONGEST_REDIS_BLOCK, ConfigError
+from services.common.db.pool import DEFAULT_COMMAND_TIMEOUT
 from services.common.streams import READ_BLOCK_MS
 from services.ingest.config import IngestSettings
 from services.status.config import StatusSettings
@@ -53,6 +54,14 @@ def test_redis_answers_wait_longer_than_a_blocking_read() -> None:
     assert READ_BLOCK_MS / 1000 <= LONGEST_REDIS_BLOCK
     with pytest.raises(ConfigError, match="IMGPIPE_REDIS_TIMEOUT"):
         WorkerSettings.from_env({**BASE, "IMGPIPE_REDIS_TIMEOUT": "1"})
+
+
+def test_postgres_statements_wait_the_pools_default_unless_set() -> None:
+    assert WorkerSettings.from_env(BASE).common.db_command_timeout == DEFAULT_COMMAND_TIMEOUT
+    settings = WorkerSettings.from_env({**BASE, "IMGPIPE_DB_COMMAND_TIMEOUT": "120"})
+    assert settings.common.db_command_timeout == 120
+    with pytest.raises(ConfigError, match="IMGPIPE_DB_COMMAND_TIMEOUT"):
+        WorkerSettings.from_env({**BASE, "IMGPIPE_DB_COMMAND_TIMEOUT": "0"})
 
 
 def test_every_problem_is_listed_at_once() -> None:

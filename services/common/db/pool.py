@@ -26,6 +26,13 @@ Pool = asyncpg.Pool
 # A connection, or the pool's proxy of one: what the query functions take.
 Connection = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
 DEFAULT_ACQUIRE_TIMEOUT = 5.0
+# The longest a statement may go unanswered before it fails as a
+# backend error: IMGPIPE_DB_COMMAND_TIMEOUT, chosen from the longest legitimate statements
+# (docs/operations.md, "Postgres timeouts").
+DEFAULT_COMMAND_TIMEOUT = 60.0
+# Migrations are exempt: a replica waits for another to finish migrating, and a migration of
+# a big table may take long. An hour still ends a wait on a Postgres that stopped answering.
+MIGRATION_TIMEOUT = 3600.0
 
 
 class PooledConnection(asyncpg.Connection):
@@ -44,9 +51,12 @@ class PooledConnection(asyncpg.Connection):
 
 
 @contextlib.asynccontextmanager
-async def advisory_lock(conn: Connection, key: int, *, wait: bool = True) -> AsyncIterator[bool]:
+async def advisory_lock(
+    conn: Connection, key: int, *, wait: bool = True, wait_seconds: float | None = None
+) -> AsyncIterator[bool]:
     """Hold the session advisory lock `key` on `conn` for the block; yields whether it was
-    taken (always, when `wait`; with `wait=False` only when no other session holds it).
+    taken (always, when `wait`, within `wait_seconds` or else the command timeout; with
+    `wait=False` only when no other session holds it).
 
     Taking or releasing it is never left half done: if either fails or is cancelled, the
     connection is terminated, so the lock ends with its session and never goes back to the
@@ -54,7 +64,7 @@ async def advisory_lock(conn: Connection, key: int, *, wait: bool = True) -> Asy
     """
     try:
         if wait:
-            await conn.execute("SELECT pg_advisory_lock($1)", key)
+            await conn.execute("SELECT pg_advisory_lock($1)", key, timeout=wait_seconds)
             taken = True
         else:
             taken = bool(await conn.fetchval("SELECT pg_try_advisory_lock($1)", key))
@@ -148,11 +158,18 @@ async def create_pool(
     min_size: int = 1,
     max_size: int = 10,
     acquire_timeout: float = DEFAULT_ACQUIRE_TIMEOUT,
+    command_timeout: float = DEFAULT_COMMAND_TIMEOUT,
     application_name: str | None = None,
 ) -> asyncpg.Pool:
+    """A pool whose statements fail with TimeoutError (a backend error) after
+    `command_timeout` seconds unanswered, instead of waiting for as long as TCP takes to give
+    up on a Postgres that stopped answering; asyncpg then cancels the statement on the server,
+    or closes the connection if it cannot. Opening a connection is bounded by the acquire
+    timeout, which the connection is opened for."""
     pool = BoundedWaitPool(
         dsn,
         server_settings=server_settings(dsn, application_name),
+        command_timeout=command_timeout,
         min_size=min_size,
         max_size=max_size,
         max_queries=50_000,
@@ -176,7 +193,10 @@ async def migrate(pool: asyncpg.Pool) -> list[str]:
     Returns the names of the migrations this call applied.
     """
     applied: list[str] = []
-    async with pool.acquire() as conn, advisory_lock(conn, MIGRATION_LOCK_KEY):
+    async with (
+        pool.acquire() as conn,
+        advisory_lock(conn, MIGRATION_LOCK_KEY, wait_seconds=MIGRATION_TIMEOUT),
+    ):
         await conn.execute(
             """CREATE TABLE IF NOT EXISTS schema_migrations (
                        version    integer PRIMARY KEY,
@@ -189,7 +209,7 @@ async def migrate(pool: asyncpg.Pool) -> list[str]:
             if version in done:
                 continue
             async with conn.transaction():
-                await conn.execute(path.read_text())
+                await conn.execute(path.read_text(), timeout=MIGRATION_TIMEOUT)
                 await conn.execute(
                     "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
                     version,
