@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import io
 import logging
 import uuid
@@ -151,26 +152,35 @@ class IngestServicer(ingest_grpc.IngestServiceServicer):
         self, conn: queries.Connection, principal: Principal | None, request_id: uuid.UUID
     ) -> queries.RetryBatch | None:
         """Put the failed images back to Pending, charged to today's `images_per_day` like an
-        upload's: every retried image is fetched again from its origin."""
+        upload's: every retried image is fetched again from its origin.
+
+        Charged first, so a retry over the limit changes nothing, and outside the retry's
+        transaction, which holds the request's row and its failed images' (300,000 at the size
+        limit) and so must not wait on Redis meanwhile: workers recording the request's images
+        would wait with it. The retry then takes at most the images charged; any that failed
+        in between stay Failed for the next retry, and any charged but no longer Failed (a
+        retry at the same time took them) are given back."""
+        owner, traceparent = caller_owner(), tracing.current_traceparent()
         if principal is None or self.limiter is None:
             return await queries.retry_failed_images(
-                conn, request_id, owner=caller_owner(), traceparent=tracing.current_traceparent()
+                conn, request_id, owner=owner, traceparent=traceparent
             )
-        reservation = None
+        failed = await queries.failed_images(conn, request_id, owner=owner)
+        if failed is None:
+            return None
+        reservation = await self.limiter.take_images(principal, failed)
         try:
-            # Charged before the commit, so a retry over the limit changes nothing.
-            async with conn.transaction():
-                batch = await queries.retry_failed_images(
-                    conn,
-                    request_id,
-                    owner=caller_owner(),
-                    traceparent=tracing.current_traceparent(),
-                )
-                if batch is not None:
-                    reservation = await self.limiter.take_images(principal, len(batch.images))
+            batch = await queries.retry_failed_images(
+                conn, request_id, owner=owner, traceparent=traceparent, most=failed
+            )
         except BaseException:
             await self.limiter.give_back_images(reservation)
             raise
+        retried = len(batch.images) if batch is not None else 0
+        if reservation is not None and retried < failed:
+            await self.limiter.give_back_images(
+                dataclasses.replace(reservation, count=failed - retried)
+            )
         return batch
 
     async def _header(self, messages: AsyncIterator[Any]) -> Header:

@@ -27,6 +27,7 @@ from grpc_status import rpc_status
 from services.common.auth import KeyRing, key_hash, new_key, parse_api_keys
 from services.common.auth import Limits as KeyLimits
 from services.common.csv_format import CsvLimits
+from services.common.db import queries
 from services.common.errors import RateLimited, TooLarge, error_from_rpc
 from services.common.fetch import FetchAllow, FetchLimits, make_session
 from services.common.grpc_auth import ApiKeyInterceptor
@@ -117,8 +118,8 @@ async def serving_with_keys(
         await server.stop(None)
 
 
-@pytest.fixture
-async def services(
+@contextlib.asynccontextmanager
+async def serving(
     pool: asyncpg.Pool,
     redis_client: redis.asyncio.Redis,
     names: StreamNames,
@@ -126,6 +127,7 @@ async def services(
     hub: ProgressHub,
     feeder: Feeder,
 ) -> AsyncIterator[Services]:
+    """Ingest and status behind the API-key interceptor, their limiter on `redis_client`."""
     limiter = Limiter(redis_client, names, pool)
     session = make_session(FetchAllow(), FetchLimits())
     webhooks = WebhookDispatcher(
@@ -153,6 +155,19 @@ async def services(
             )
     finally:
         await session.close()
+
+
+@pytest.fixture
+async def services(
+    pool: asyncpg.Pool,
+    redis_client: redis.asyncio.Redis,
+    names: StreamNames,
+    storage: Storage,
+    hub: ProgressHub,
+    feeder: Feeder,
+) -> AsyncIterator[Services]:
+    async with serving(pool, redis_client, names, storage, hub, feeder) as services:
+        yield services
 
 
 async def upload(
@@ -491,6 +506,79 @@ async def test_images_per_day_are_limited_per_utc_day(services: Services) -> Non
     error = await refused(lambda: upload(services, DAILY, one_image()))
     assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert await services.owners() == {"daily": 2}
+
+
+class ChargingImagesWaits(redis.asyncio.Redis):
+    """A real Redis client whose charge of images_per_day waits until the test lets it go."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.charging = asyncio.Event()
+        self.go_on = asyncio.Event()
+        self.go_on.set()
+
+    async def evalsha(self, sha: str, numkeys: int, *keys_and_args: Any) -> Any:
+        if any(":limits:images:" in str(key) for key in keys_and_args[:numkeys]):
+            self.charging.set()
+            await self.go_on.wait()
+        return await super().evalsha(sha, numkeys, *keys_and_args)
+
+
+async def test_a_retry_holds_no_row_while_redis_charges_its_images(
+    pool: asyncpg.Pool,
+    redis_server_url: str,
+    names: StreamNames,
+    storage: Storage,
+    hub: ProgressHub,
+    feeder: Feeder,
+) -> None:
+    """A retry's charge to images_per_day is a Redis call (up to IMGPIPE_REDIS_TIMEOUT): made
+    inside the retry's transaction, it held the request's row and its failed images' rows for
+    that long, and workers recording the request's other images waited with it."""
+    client = ChargingImagesWaits.from_url(redis_server_url)
+    assert isinstance(client, ChargingImagesWaits)
+    try:
+        async with serving(pool, client, names, storage, hub, feeder) as services:
+            accepted = await upload(services, DAILY, csv_of([("1", "Shoe", [IMAGE, IMAGE])]))
+            request_id = uuid.UUID(accepted.request_id)
+            async with pool.acquire() as conn:
+                for image_id in await pool.fetch(
+                    "SELECT id FROM images WHERE request_id = $1", request_id
+                ):
+                    await queries.record_image_failed(
+                        conn, image_id["id"], code="HTTP_ERROR", message="404"
+                    )
+            client.go_on.clear()
+            client.charging.clear()
+            retry = asyncio.ensure_future(
+                services.ingest.RetryFailedImages(
+                    ingest_pb.RetryFailedImagesRequest(request_id=str(request_id)),
+                    metadata=bearer(DAILY),
+                    timeout=30,
+                )
+            )
+
+            async def charging() -> bool:
+                return client.charging.is_set()
+
+            await wait_until_async(charging, message="the retry to charge its images")
+            # While Redis has not answered, every row of the request is free to take.
+            async with pool.acquire() as conn, conn.transaction():
+                await conn.execute("SET LOCAL lock_timeout = '2s'")
+                await conn.execute("SELECT 1 FROM requests WHERE id = $1 FOR UPDATE", request_id)
+                await conn.execute(
+                    "SELECT 1 FROM images WHERE request_id = $1 FOR UPDATE", request_id
+                )
+            client.go_on.set()
+            assert (await retry).images_retried == 2
+            # Charged: 2 + 2 of the 5 a day, so one more image fits and two do not.
+            error = await refused(
+                lambda: upload(services, DAILY, csv_of([("1", "Shoe", [IMAGE, IMAGE])]))
+            )
+            assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "4 images accepted today" in (error.details() or "")
+    finally:
+        await client.aclose()
 
 
 @pytest.mark.parametrize(

@@ -930,13 +930,31 @@ class RetryBatch:
     images: list[tuple[int, str]]  # (image_id, input_url) now Pending again
 
 
+async def failed_images(conn: Connection, request_id: uuid.UUID, *, owner: str) -> int | None:
+    """How many of the request's images are Failed (its counter); None as retry_failed_images
+    would answer None."""
+    count = await conn.fetchval(
+        """SELECT images_failed FROM requests
+            WHERE id = $1 AND owner = $2 AND deleting_at IS NULL""",
+        request_id,
+        owner,
+    )
+    return None if count is None else int(count)
+
+
 async def retry_failed_images(
-    conn: Connection, request_id: uuid.UUID, *, owner: str, traceparent: str = ""
+    conn: Connection,
+    request_id: uuid.UUID,
+    *,
+    owner: str,
+    traceparent: str = "",
+    most: int | None = None,
 ) -> RetryBatch | None:
-    """Put a request's failed images back to Pending and waiting for the feeder, and reopen
-    it (its next tasks continue `traceparent`, the retry's trace); None if `owner` has no such
-    request, or it is being deleted (a delete left half done is finished by the janitor, and
-    reopening it would put images back to work under a request whose rows are about to go)."""
+    """Put a request's failed images back to Pending and waiting for the feeder, the first
+    `most` of them by id when given, and reopen it (its next tasks continue `traceparent`, the
+    retry's trace); None if `owner` has no such request, or it is being deleted (a delete left
+    half done is finished by the janitor, and reopening it would put images back to work under
+    a request whose rows are about to go)."""
     async with conn.transaction():
         found = await conn.fetchval(
             """SELECT 1 FROM requests WHERE id = $1 AND owner = $2 AND deleting_at IS NULL
@@ -951,9 +969,12 @@ async def retry_failed_images(
                   SET status = 'Pending', error_code = NULL, error_message = NULL, attempts = 0,
                       stream_entry_id = NULL, enqueued_at = NULL, not_before = NULL,
                       cooldown_waits = 0, busy_waits = 0, updated_at = now()
-                WHERE request_id = $1 AND status = 'Failed'
+                WHERE id IN (SELECT id FROM images WHERE request_id = $1 AND status = 'Failed'
+                              ORDER BY id LIMIT $2)
+                  AND status = 'Failed'
             RETURNING id, input_url""",
             request_id,
+            most,
         )
         row = await conn.fetchrow(
             f"""UPDATE requests
