@@ -22,6 +22,9 @@ from services.common.fetch import IPNetwork
 from services.common.grpc_transport import GrpcTransport
 from services.common.storage import StorageConfig
 
+# How much longer than a read a cancel, retry or delete may take (bulk_rpc_timeout).
+BULK_RPC_TIMEOUT_FACTOR = 10
+
 
 @dataclass(frozen=True, slots=True)
 class GatewaySettings:
@@ -46,6 +49,13 @@ class GatewaySettings:
     # trusts X-Forwarded-Proto from `trusted_proxies` only, else links are paths.
     public_api_url: str = ""
     trusted_proxies: tuple[IPNetwork, ...] = ()
+
+    @property
+    def bulk_rpc_timeout(self) -> float:
+        """The deadline of a call whose work grows with the request: a cancel, a retry or a
+        delete of 300,000 images is one statement of seconds (a retry took 6 s at the size
+        limit, docs/operations.md, "Postgres timeouts"), more than a read may take."""
+        return self.rpc_timeout * BULK_RPC_TIMEOUT_FACTOR
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Self:

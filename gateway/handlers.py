@@ -41,7 +41,6 @@ MAX_PAGE_SIZE = 1000
 # /readyz must answer quickly even when a backend hangs.
 READY_TIMEOUT = 2.0
 KEEPALIVE = 15.0
-DELETE_TIMEOUT_FACTOR = 10
 _UNSAFE_FILENAME = re.compile(r"[^A-Za-z0-9._-]")
 
 
@@ -205,7 +204,7 @@ async def retry(request: web.Request) -> web.Response:
     request_id = _request_id(request)
     answer = await request.app[CHANNELS].ingest.RetryFailedImages(
         ingest_pb.RetryFailedImagesRequest(request_id=request_id),
-        timeout=request.app[SETTINGS].rpc_timeout,
+        timeout=request.app[SETTINGS].bulk_rpc_timeout,
     )
     return web.json_response(
         json_views.retry_json(answer, status_url(request, answer.request_id)), status=202
@@ -235,7 +234,7 @@ async def cancel(request: web.Request) -> web.Response:
     """Stop a running request; cancelling a Cancelled request again answers the same state."""
     answer = await request.app[CHANNELS].status.CancelRequest(
         status_pb.CancelRequestRequest(request_id=_request_id(request)),
-        timeout=request.app[SETTINGS].rpc_timeout,
+        timeout=request.app[SETTINGS].bulk_rpc_timeout,
     )
     found = answer.request
     return web.json_response(json_views.request_json(found, output_csv_link(request, found)))
@@ -247,7 +246,7 @@ async def delete(request: web.Request) -> web.Response:
     await request.app[CHANNELS].status.DeleteRequest(
         status_pb.DeleteRequestRequest(request_id=request_id),
         # Listing and deleting the objects of a large request takes longer than a read.
-        timeout=request.app[SETTINGS].rpc_timeout * DELETE_TIMEOUT_FACTOR,
+        timeout=request.app[SETTINGS].bulk_rpc_timeout,
     )
     return web.Response(status=204)
 

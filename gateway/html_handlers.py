@@ -178,7 +178,7 @@ async def cancel_form(request: web.Request) -> web.Response:
     try:
         await request.app[CHANNELS].status.CancelRequest(
             status_pb.CancelRequestRequest(request_id=request_id),
-            timeout=request.app[SETTINGS].rpc_timeout,
+            timeout=request.app[SETTINGS].bulk_rpc_timeout,
         )
     except (ImgpipeError, grpc.aio.AioRpcError) as exc:
         return html_error_response(request, exc)

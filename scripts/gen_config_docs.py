@@ -108,7 +108,10 @@ MEANINGS: dict[str, Meaning] = {
     "IMGPIPE_HTTP_LISTEN": Meaning("the gateway's HTTP listen address"),
     "IMGPIPE_INGEST_ADDR": Meaning("where the gateway finds ingest"),
     "IMGPIPE_STATUS_ADDR": Meaning("where the gateway finds status"),
-    "IMGPIPE_RPC_TIMEOUT": Meaning("seconds; deadline of the gateway's gRPC calls"),
+    "IMGPIPE_RPC_TIMEOUT": Meaning(
+        "seconds; deadline of the gateway's gRPC calls; ten times this for a cancel, a retry"
+        " and a delete, whose work grows with the request"
+    ),
     "IMGPIPE_UPLOAD_TIMEOUT": Meaning("seconds; deadline of one upload's gRPC stream"),
     "IMGPIPE_UPLOAD_IDLE_TIMEOUT": Meaning(
         "seconds; an upload body that sends nothing this long is answered 408"

@@ -5,19 +5,24 @@ request.cancelled webhook is delivered."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import csv
+import functools
 import io
 import time
+import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import asyncpg
 import pytest
 
 from testing.listeners import serve_receiver
 from testing.origin import serve_images
 from testing.polling import wait_until_async
-from testing.stack import Stack
+from testing.stack import Stack, live_stack
 from tests.e2e.test_pipeline import upload_csv, wait_completed
 from tests.e2e.test_webhooks_e2e import HookedStack, hooked_stack, new_secret, received
 
@@ -145,3 +150,86 @@ async def _completed_request(http: aiohttp.ClientSession, base: str, url: str) -
 
 
 pytestmark = pytest.mark.timeout(240)
+
+
+@contextlib.asynccontextmanager
+async def holding_the_request_row(database_url: str, request_id: str) -> AsyncIterator[None]:
+    """A transaction that holds the request's row, as a long statement of another caller
+    would, until the block ends."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        async with conn.transaction():
+            await conn.execute(
+                "SELECT 1 FROM requests WHERE id = $1 FOR UPDATE", uuid.UUID(request_id)
+            )
+            yield
+    finally:
+        await conn.close()
+
+
+async def waits_for_a_lock(database_url: str, application_name: str) -> bool:
+    conn = await asyncpg.connect(database_url)
+    try:
+        return bool(
+            await conn.fetchval(
+                """SELECT count(*) FROM pg_stat_activity
+                    WHERE datname = current_database() AND application_name = $1
+                      AND wait_event_type = 'Lock'""",
+                application_name,
+            )
+        )
+    finally:
+        await conn.close()
+
+
+async def test_a_cancel_and_a_retry_may_take_longer_than_a_read(
+    tmp_path: Path,
+    database_url: str,
+    redis_server_url: str,
+    stack_factory: list[Stack],
+) -> None:
+    """A cancel or a retry of a large request is one statement over every image (5 and 6 s at
+    300,000 images, bench/results/longest-statements.md): the gateway gave it the deadline of a
+    read (IMGPIPE_RPC_TIMEOUT) and answered 504 while the statement was cut short. Here a
+    transaction holds the request's row for twice that deadline while each call waits."""
+    rpc_timeout = 1.0
+    async with serve_images((320, 240)) as origin:
+        paths = [f"/img/long{i}.jpg" for i in range(4)]
+        origin.gates.update({path: asyncio.Event() for path in paths})  # they stay Pending
+        base = live_stack(
+            tmp_path,
+            database_url,
+            redis_server_url,
+            stack_factory,
+            origin.port,
+            IMGPIPE_RPC_TIMEOUT=f"{rpc_timeout:g}",
+            IMGPIPE_DEV_WORKERS="1",
+        ).base_url
+        try:
+            async with aiohttp.ClientSession() as http:
+                uploaded = await upload_csv(http, base, csv_of([origin.url(p) for p in paths]))
+                assert uploaded.status == 202, await uploaded.text()
+                request_id = (await uploaded.json())["request_id"]
+                for path, service, expected in (
+                    ("cancel", "imgpipe-status", 200),
+                    ("retry", "imgpipe-ingest", 202),  # resumes the cancelled request
+                ):
+                    async with holding_the_request_row(database_url, request_id):
+                        call = asyncio.ensure_future(
+                            http.post(f"{base}/requests/{request_id}/{path}")
+                        )
+                        called = time.monotonic()
+                        await wait_until_async(
+                            functools.partial(waits_for_a_lock, database_url, service),
+                            timeout=30,
+                            message=f"the {path} to wait for the request's row",
+                        )
+                        # Held past the deadline of a read: the time passing is the scenario.
+                        await asyncio.sleep(max(0.0, called + 2 * rpc_timeout - time.monotonic()))
+                    async with await call as answer:
+                        assert answer.status == expected, await answer.text()
+                status = (await status_of(http, base, request_id))["status"]
+                assert status in ("Pending", "Processing")
+        finally:
+            for gate in origin.gates.values():
+                gate.set()
