@@ -35,7 +35,15 @@ from services.common.csv_format import (
     duplicate_serial,
 )
 from services.common.db import queries
-from services.common.errors import Conflict, Detail, InvalidArgument, InvalidCsv, NotFound, TooLarge
+from services.common.errors import (
+    Conflict,
+    Detail,
+    InvalidArgument,
+    InvalidCsv,
+    NotFound,
+    TooLarge,
+    Unavailable,
+)
 from services.common.fetch import FetchAllow, FetchLimits, refused_before_dns
 from services.common.grpc_auth import caller, caller_owner
 from services.common.grpc_server import Register
@@ -56,6 +64,10 @@ from services.ingest.config import CSV_LIMIT_SETTINGS
 from services.ingest.spool import Spool
 
 log = logging.getLogger(__name__)
+
+# Times a keyed retry charges again because more images failed between its count and its
+# transaction (a request still running); then it answers UNAVAILABLE, to be tried again.
+RETRY_CHARGE_TRIES = 3
 
 INSERT_BATCH = 500
 ANALYZE_AFTER_PRODUCTS = 5_000
@@ -157,31 +169,39 @@ class IngestServicer(ingest_grpc.IngestServiceServicer):
         Charged first, so a retry over the limit changes nothing, and outside the retry's
         transaction, which holds the request's row and its failed images' (300,000 at the size
         limit) and so must not wait on Redis meanwhile: workers recording the request's images
-        would wait with it. The retry then takes at most the images charged; any that failed
-        in between stay Failed for the next retry, and any charged but no longer Failed (a
-        retry at the same time took them) are given back."""
+        would wait with it. The charge is for the images Failed before the transaction; if
+        more failed since (the request is still running), it is taken again for the new
+        count, and if fewer (a retry at the same time took some), the rest is given back."""
         owner, traceparent = caller_owner(), tracing.current_traceparent()
         if principal is None or self.limiter is None:
-            return await queries.retry_failed_images(
+            result = await queries.retry_failed_images(
                 conn, request_id, owner=owner, traceparent=traceparent
             )
+            assert not isinstance(result, queries.MoreFailed), "no `most` given"
+            return result
         failed = await queries.failed_images(conn, request_id, owner=owner)
-        if failed is None:
-            return None
-        reservation = await self.limiter.take_images(principal, failed)
-        try:
-            batch = await queries.retry_failed_images(
-                conn, request_id, owner=owner, traceparent=traceparent, most=failed
-            )
-        except BaseException:
-            await self.limiter.give_back_images(reservation)
-            raise
-        retried = len(batch.images) if batch is not None else 0
-        if reservation is not None and retried < failed:
-            await self.limiter.give_back_images(
-                dataclasses.replace(reservation, count=failed - retried)
-            )
-        return batch
+        for _ in range(RETRY_CHARGE_TRIES):
+            if failed is None:
+                return None
+            reservation = await self.limiter.take_images(principal, failed)
+            try:
+                result = await queries.retry_failed_images(
+                    conn, request_id, owner=owner, traceparent=traceparent, most=failed
+                )
+            except BaseException:
+                await self.limiter.give_back_images(reservation)
+                raise
+            if isinstance(result, queries.MoreFailed):
+                await self.limiter.give_back_images(reservation)
+                failed = result.failed
+                continue
+            retried = len(result.images) if result is not None else 0
+            if reservation is not None and retried < failed:
+                await self.limiter.give_back_images(
+                    dataclasses.replace(reservation, count=failed - retried)
+                )
+            return result
+        raise Unavailable("the request's images kept failing while it was retried; try again")
 
     async def _header(self, messages: AsyncIterator[Any]) -> Header:
         first = await anext(aiter(messages), None)

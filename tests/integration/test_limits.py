@@ -534,20 +534,23 @@ async def test_a_retry_holds_no_row_while_redis_charges_its_images(
 ) -> None:
     """A retry's charge to images_per_day is a Redis call (up to IMGPIPE_REDIS_TIMEOUT): made
     inside the retry's transaction, it held the request's row and its failed images' rows for
-    that long, and workers recording the request's other images waited with it."""
+    that long, and workers recording the request's other images waited with it. Charged
+    before, for the images Failed then, it is charged again when more fail meanwhile."""
     client = ChargingImagesWaits.from_url(redis_server_url)
     assert isinstance(client, ChargingImagesWaits)
     try:
         async with serving(pool, client, names, storage, hub, feeder) as services:
-            accepted = await upload(services, DAILY, csv_of([("1", "Shoe", [IMAGE, IMAGE])]))
+            two = [IMAGE, IMAGE.replace("a.jpg", "b.jpg")]  # two sources: no dedup follower
+            accepted = await upload(services, DAILY, csv_of([("1", "Shoe", two)]))
             request_id = uuid.UUID(accepted.request_id)
+            first, second = [
+                r["id"]
+                for r in await pool.fetch(
+                    "SELECT id FROM images WHERE request_id = $1 ORDER BY id", request_id
+                )
+            ]
             async with pool.acquire() as conn:
-                for image_id in await pool.fetch(
-                    "SELECT id FROM images WHERE request_id = $1", request_id
-                ):
-                    await queries.record_image_failed(
-                        conn, image_id["id"], code="HTTP_ERROR", message="404"
-                    )
+                await queries.record_image_failed(conn, first, code="HTTP_ERROR", message="404")
             client.go_on.clear()
             client.charging.clear()
             retry = asyncio.ensure_future(
@@ -562,16 +565,18 @@ async def test_a_retry_holds_no_row_while_redis_charges_its_images(
                 return client.charging.is_set()
 
             await wait_until_async(charging, message="the retry to charge its images")
-            # While Redis has not answered, every row of the request is free to take.
+            # While Redis has not answered, every row of the request is free to take: a
+            # worker fails the other image meanwhile.
             async with pool.acquire() as conn, conn.transaction():
                 await conn.execute("SET LOCAL lock_timeout = '2s'")
                 await conn.execute("SELECT 1 FROM requests WHERE id = $1 FOR UPDATE", request_id)
                 await conn.execute(
                     "SELECT 1 FROM images WHERE request_id = $1 FOR UPDATE", request_id
                 )
+                await queries.record_image_failed(conn, second, code="HTTP_ERROR", message="404")
             client.go_on.set()
             assert (await retry).images_retried == 2
-            # Charged: 2 + 2 of the 5 a day, so one more image fits and two do not.
+            # Charged for both: 2 + 2 of the 5 a day, so one more image fits and two do not.
             error = await refused(
                 lambda: upload(services, DAILY, csv_of([("1", "Shoe", [IMAGE, IMAGE])]))
             )

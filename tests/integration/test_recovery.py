@@ -396,21 +396,28 @@ async def test_reconciler_republishes_a_release_a_crash_left_claimed_and_off_the
         assert not (await queries.claim_releases(conn, [(image["id"], claim.token)])).image_ids
 
 
-async def test_a_retry_takes_at_most_the_images_it_was_charged_for(
+async def test_a_retry_allowed_fewer_images_than_have_failed_changes_nothing(
     ingest_stub: ingest_grpc.IngestServiceAsyncStub, pool: asyncpg.Pool
 ) -> None:
-    """A keyed retry charges images_per_day before it starts, for the images Failed then; one
-    that failed since waits for the next retry instead of being fetched again uncharged."""
-    urls = [f"http://a.example/{i}.jpg" for i in range(3)]
+    """A keyed retry charges images_per_day for the images Failed before it starts. If more
+    failed since, it changes nothing and says how many (the servicer charges again): retrying
+    only some would split a dedup leader from its followers, which fail together and would
+    wait for it forever if retried without it."""
+    repeated = "http://a.example/same.jpg"
+    urls = ["http://a.example/0.jpg", repeated, repeated]  # a leader and its follower
     accepted = await upload(ingest_stub, csv_of([("1", "Shoe", urls)]))
     request_id = uuid.UUID(accepted.request_id)
-    ids = [r["id"] for r in await image_rows(pool, accepted.request_id)]
+    rows = await image_rows(pool, accepted.request_id)
     async with pool.acquire() as conn:
-        for image_id in ids:
-            await queries.record_image_failed(conn, image_id, code="HTTP_ERROR", message="404")
+        for row in rows:
+            if row["leader_id"] is None:  # its followers fail with it
+                await queries.record_image_failed(conn, row["id"], code="HTTP_ERROR", message="404")
         assert await queries.failed_images(conn, request_id, owner="") == 3
         assert await queries.failed_images(conn, request_id, owner="someone else") is None
-        batch = await queries.retry_failed_images(conn, request_id, owner="", most=2)
-    assert batch is not None
-    assert [image_id for image_id, _ in batch.images] == ids[:2]
-    assert (batch.request.images_failed, batch.request.status) == (1, "Pending")
+        refused = await queries.retry_failed_images(conn, request_id, owner="", most=2)
+        assert refused == queries.MoreFailed(3)
+        assert await queries.failed_images(conn, request_id, owner="") == 3
+        batch = await queries.retry_failed_images(conn, request_id, owner="", most=3)
+    assert isinstance(batch, queries.RetryBatch)
+    assert sorted(image_id for image_id, _ in batch.images) == sorted(r["id"] for r in rows)
+    assert (batch.request.images_failed, batch.request.status) == (0, "Pending")

@@ -942,6 +942,14 @@ async def failed_images(conn: Connection, request_id: uuid.UUID, *, owner: str) 
     return None if count is None else int(count)
 
 
+@dataclass(frozen=True, slots=True)
+class MoreFailed:
+    """The request had more Failed images than the retry was allowed (`most`): nothing was
+    changed."""
+
+    failed: int
+
+
 async def retry_failed_images(
     conn: Connection,
     request_id: uuid.UUID,
@@ -949,32 +957,36 @@ async def retry_failed_images(
     owner: str,
     traceparent: str = "",
     most: int | None = None,
-) -> RetryBatch | None:
-    """Put a request's failed images back to Pending and waiting for the feeder, the first
-    `most` of them by id when given, and reopen it (its next tasks continue `traceparent`, the
-    retry's trace); None if `owner` has no such request, or it is being deleted (a delete left
-    half done is finished by the janitor, and reopening it would put images back to work under
-    a request whose rows are about to go)."""
+) -> RetryBatch | MoreFailed | None:
+    """Put a request's failed images back to Pending and waiting for the feeder, and reopen
+    it (its next tasks continue `traceparent`, the retry's trace); None if `owner` has no such
+    request, or it is being deleted (a delete left half done is finished by the janitor, and
+    reopening it would put images back to work under a request whose rows are about to go).
+
+    With `most`, MoreFailed when more than that many are Failed, read under the request's lock
+    (so the count cannot change before the update): a caller that charged for the images it
+    counted before learns that more failed since. Every Failed image is retried or none is, so
+    a dedup leader and its followers, which fail together, are retried together."""
     async with conn.transaction():
-        found = await conn.fetchval(
-            """SELECT 1 FROM requests WHERE id = $1 AND owner = $2 AND deleting_at IS NULL
+        failed = await conn.fetchval(
+            """SELECT images_failed FROM requests
+                WHERE id = $1 AND owner = $2 AND deleting_at IS NULL
                   FOR UPDATE""",
             request_id,
             owner,
         )
-        if found is None:
+        if failed is None:
             return None
+        if most is not None and failed > most:
+            return MoreFailed(failed)
         rows = await conn.fetch(
             """UPDATE images
                   SET status = 'Pending', error_code = NULL, error_message = NULL, attempts = 0,
                       stream_entry_id = NULL, enqueued_at = NULL, not_before = NULL,
                       cooldown_waits = 0, busy_waits = 0, updated_at = now()
-                WHERE id IN (SELECT id FROM images WHERE request_id = $1 AND status = 'Failed'
-                              ORDER BY id LIMIT $2)
-                  AND status = 'Failed'
+                WHERE request_id = $1 AND status = 'Failed'
             RETURNING id, input_url""",
             request_id,
-            most,
         )
         row = await conn.fetchrow(
             f"""UPDATE requests
