@@ -181,6 +181,13 @@ FEEDER_LOOKAHEAD = Gauge(
     " IMGPIPE_SCHEDULER_LOOKAHEAD",
 )
 
+RELEASES_SUPERSEDED = Counter(
+    "imgpipe_releases_superseded",
+    "Released tasks whose stream entry was not recorded: between the release's claim and its"
+    " record, a worker made the image final or put it back to wait (and a retry may have"
+    " released it again)",
+)
+
 # ---------------------------------------------------------------- status: webhooks
 
 # A bounded set: what happened to one attempt, whether or not another follows.

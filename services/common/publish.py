@@ -20,7 +20,7 @@ import redis.asyncio as aioredis
 from google.protobuf.timestamp_pb2 import Timestamp
 from redis.exceptions import RedisError
 
-from services.common import failpoints
+from services.common import failpoints, metrics
 from services.common.db import queries
 from services.common.image_options import from_json, to_proto
 from services.common.pb.imgpipe.v1 import task_pb2
@@ -63,7 +63,10 @@ async def publish_releases(
         await queries.unclaim_releases(conn, claim)
         raise
     failpoints.crash_here("release.after_xadd")
-    await queries.record_releases(conn, claim, [task.image_id for task in tasks], entry_ids)
+    recorded = await queries.record_releases(
+        conn, claim, [task.image_id for task in tasks], entry_ids
+    )
+    metrics.RELEASES_SUPERSEDED.inc(len(tasks) - recorded)
     return len(tasks)
 
 

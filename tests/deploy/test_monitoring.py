@@ -34,6 +34,7 @@ COUNTERS_AND_GAUGES = {
     "imgpipe_images_reused_total": set(),
     "imgpipe_images_deferred_total": {"reason"},
     "imgpipe_tasks_reclaimed_total": set(),
+    "imgpipe_releases_superseded_total": set(),
     "imgpipe_feeder_lookahead_tasks": set(),
     "grpc_server_handled_total": {"grpc_service", "grpc_method", "grpc_code"},
     "http_requests_total": {"method", "route", "status"},

@@ -464,6 +464,75 @@ async def test_an_image_retried_during_its_release_gets_a_task_a_worker_can_take
     assert [d.task.image_id for d in delivered] == [image_id]
 
 
+class XaddWaits(redis.asyncio.Redis):
+    """A real Redis client whose pipelines that XADD wait until the test lets them go."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.adding = asyncio.Event()
+        self.go_on = asyncio.Event()
+
+    def pipeline(self, transaction: bool = True, shard_hint: Any = None) -> Any:
+        pipe = XaddWaitsPipeline(
+            self.connection_pool, self.response_callbacks, transaction, shard_hint
+        )
+        pipe.owner = self
+        return pipe
+
+
+class XaddWaitsPipeline(redis.asyncio.client.Pipeline):
+    owner: XaddWaits  # whose events it waits on
+
+    async def execute(self, raise_on_error: bool = True) -> Any:
+        if any(args[0] == "XADD" for args, _ in self.command_stack):
+            self.owner.adding.set()
+            await self.owner.go_on.wait()
+        return await super().execute(raise_on_error=raise_on_error)
+
+
+async def test_a_release_recorded_after_its_image_was_retried_leaves_it_waiting(
+    pool: asyncpg.Pool, redis_server_url: str, names: StreamNames, worker: TaskConsumer
+) -> None:
+    """The other order of the race above: the claim is made, and the worker's failure and the
+    retry come before the XADD is answered. The record then finds the claim gone, records
+    nothing (counted in imgpipe_releases_superseded_total), and the next pass releases the
+    image again."""
+    client = XaddWaits.from_url(redis_server_url)
+    assert isinstance(client, XaddWaits)
+    feeder = Feeder(pool=pool, redis=client, names=names, window=WINDOW, clock=passes_apart())
+    request_id = await stored(pool, 1)
+    (image_id,) = await image_ids(pool, request_id)
+    superseded = REGISTRY.get_sample_value("imgpipe_releases_superseded_total") or 0.0
+    try:
+        feed = asyncio.create_task(feeder.feed_once())
+
+        async def adding() -> bool:
+            return client.adding.is_set()
+
+        await wait_until_async(adding, message="the pass to XADD its release")
+        async with pool.acquire() as conn:  # the claim is made: a worker fails the image
+            await queries.record_image_failed(conn, image_id, code="HTTP_ERROR", message="503")
+            assert await queries.retry_failed_images(conn, request_id, owner="") is not None
+        client.go_on.set()
+        assert (await asyncio.wait_for(feed, 30)).released == 1
+        row = await pool.fetchrow(
+            "SELECT enqueued_at, stream_entry_id FROM images WHERE id = $1", image_id
+        )
+        assert row is not None and tuple(row) == (None, None)  # waiting, not released
+        assert REGISTRY.get_sample_value("imgpipe_releases_superseded_total") == superseded + 1
+
+        assert (await feeder.feed_once()).released == 1
+        delivered = await worker.read(10, block_ms=1)
+        # The stale task of the first release, then the new one.
+        assert [d.task.image_id for d in delivered] == [image_id, image_id]
+        async with pool.acquire() as conn:
+            (state,) = (await queries.image_states(conn, [image_id])).values()
+        assert state.startable
+    finally:
+        client.go_on.set()
+        await client.aclose()
+
+
 async def lock_waits(observer: queries.Connection) -> bool:
     """Whether any session of this database waits for a row lock."""
     return bool(

@@ -220,17 +220,17 @@ async def claim_releases(conn: Connection, images: Sequence[tuple[int, datetime 
 
 async def record_releases(
     conn: Connection, claim: Claim, image_ids: Sequence[int], entry_ids: Sequence[str]
-) -> None:
+) -> int:
     """Remember where each claimed image's task is on the stream (see the reconciler), where
     the claim still holds: an image a worker made final, put back to wait, or that was claimed
-    again meanwhile keeps what it has.
+    again meanwhile keeps what it has. Returns how many were recorded.
 
     An image a worker made final is never waited for: its row may be locked by a retry that
     holds its request's row, while a worker holds another of the request's images and waits
     for that request row. Waiting for it here closed that cycle (a deadlock, seen in CI);
     skipping it, this statement only ever waits for Pending images. The rows are locked in id
     order, as in claim_releases."""
-    await conn.execute(
+    result = await conn.execute(
         """WITH locked AS (
                SELECT id FROM images
                 WHERE id = ANY($1::bigint[]) AND status = 'Pending' AND enqueued_at = $3
@@ -244,6 +244,7 @@ async def record_releases(
         list(entry_ids),
         claim.token,
     )
+    return int(result.split()[-1])
 
 
 async def unclaim_releases(conn: Connection, claim: Claim) -> None:
