@@ -10,10 +10,11 @@ import asyncio
 import contextlib
 import csv
 import io
+import os
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -21,6 +22,7 @@ from typing import Any
 
 import aiohttp
 
+from bench.settings import stack_env
 from testing.stack import Stack, start_stack
 
 CSV_HEADERS = {"Content-Type": "text/csv"}
@@ -37,14 +39,20 @@ def log(message: str) -> None:
 def running_stack(env: dict[str, str]) -> Iterator[Stack]:
     """The whole stack in a fresh data folder; stopped (SIGTERM to the launcher) on exit."""
     with tempfile.TemporaryDirectory(prefix="imgpipe-bench-") as tmp:
-        # Benchmarks send the same photos again and again to one stack: reusing earlier outputs
-        # would measure copies, not compression. B12 switches it on where it is the subject.
-        defaults = {"IMGPIPE_LOG_LEVEL": "WARNING", "IMGPIPE_REUSE_OUTPUTS": "off"}
-        stack = start_stack(Path(tmp), defaults | env)
+        stack = start_stack(Path(tmp), stack_settings(env, os.environ))
         try:
             yield stack
         finally:
             stack.stop()
+
+
+def stack_settings(env: dict[str, str], environ: Mapping[str, str]) -> dict[str, str]:
+    """What a benchmark's stack starts with: the benchmarks' defaults, then
+    IMGPIPE_BENCH_STACK_ENV, then the benchmark's own `env`, which wins: it is its design."""
+    # Benchmarks send the same photos again and again to one stack: reusing earlier outputs
+    # would measure copies, not compression. B12 switches it on where it is the subject.
+    defaults = {"IMGPIPE_LOG_LEVEL": "WARNING", "IMGPIPE_REUSE_OUTPUTS": "off"}
+    return defaults | dict(stack_env(environ)) | env
 
 
 def csv_lines(urls: Sequence[str], per_row: int, tag: str) -> Iterator[str]:

@@ -49,6 +49,11 @@ class BenchSettings:
     # workers' 16 connections, so that an uneven split between the workers adds no round
     busy_images: int = 336
     busy_delay: float = 2.0  # IMGPIPE_BENCH_BUSY_DELAY: seconds per image of B17's origin
+    # IMGPIPE_BENCH_STACK_ENV: `NAME=value,...` settings of the stack for every benchmark that
+    # starts one, where the benchmark does not set them itself (it sets what its design needs:
+    # B7 its workers' concurrency, say). To measure a setting before changing its default:
+    # IMGPIPE_BENCH_STACK_ENV=IMGPIPE_WORKER_CONCURRENCY=64,IMGPIPE_SCHEDULER_WINDOW=192.
+    stack_env: tuple[tuple[str, str], ...] = ()
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> BenchSettings:
@@ -114,6 +119,7 @@ class BenchSettings:
             busy_images=int(number("BUSY_IMAGES", defaults.busy_images, int)),
             busy_delay=number("BUSY_DELAY", defaults.busy_delay, float),
             prompt_images=int(number("PROMPT_IMAGES", defaults.prompt_images, int)),
+            stack_env=stack_env(environ, problems),
         )
         if problems:
             raise ValueError("; ".join(problems))
@@ -123,6 +129,25 @@ class BenchSettings:
         """The knobs that differ from the defaults (a reduced run says so in its report)."""
         defaults = asdict(BenchSettings())
         return {name: value for name, value in asdict(self).items() if value != defaults[name]}
+
+
+def stack_env(
+    environ: Mapping[str, str], problems: list[str] | None = None
+) -> tuple[tuple[str, str], ...]:
+    """IMGPIPE_BENCH_STACK_ENV as (name, value) pairs; a malformed entry is left out and told
+    to `problems`. Only the services' settings may be given, not the benchmarks' own."""
+    raw = environ.get("IMGPIPE_BENCH_STACK_ENV", "").strip()
+    pairs = []
+    for entry in filter(None, (part.strip() for part in raw.split(","))):
+        name, sep, value = entry.partition("=")
+        if not sep or not name.startswith("IMGPIPE_") or name.startswith("IMGPIPE_BENCH_"):
+            if problems is not None:
+                problems.append(
+                    f"IMGPIPE_BENCH_STACK_ENV entry {entry!r}: expected IMGPIPE_NAME=value"
+                )
+            continue
+        pairs.append((name, value))
+    return tuple(pairs)
 
 
 def select(argv: list[str]) -> tuple[str, ...]:
