@@ -49,6 +49,8 @@ async def publish_releases(
     tasks = []
     for turn in itertools.zip_longest(*(_tasks(r, now) for r in releases)):
         tasks += [task for task in turn if task is not None]
+    if not tasks:
+        return 0
     seen = released_at or {}
     claim = await queries.claim_releases(conn, [(t.image_id, seen.get(t.image_id)) for t in tasks])
     tasks = [task for task in tasks if task.image_id in claim.image_ids]
