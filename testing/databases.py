@@ -88,3 +88,24 @@ def delete_keys(redis_url: str, pattern: str) -> int:
     finally:
         client.close()
     return deleted
+
+
+async def waits_for_a_lock(
+    observer: asyncpg.Connection | asyncpg.pool.PoolConnectionProxy,
+    *,
+    pid: int | None = None,
+    application_name: str | None = None,
+) -> bool:
+    """Whether a session of the observer's database waits for a lock: the one with `pid`, or
+    those named `application_name`, or any. Read from pg_stat_activity, so a test can wait for
+    a statement to queue behind the lock it holds instead of sleeping."""
+    return bool(
+        await observer.fetchval(
+            """SELECT count(*) FROM pg_stat_activity
+                WHERE datname = current_database() AND wait_event_type = 'Lock'
+                  AND ($1::int IS NULL OR pid = $1)
+                  AND ($2::text IS NULL OR application_name = $2)""",
+            pid,
+            application_name,
+        )
+    )

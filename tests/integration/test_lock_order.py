@@ -15,20 +15,11 @@ import pytest
 
 from services.common.db import lifecycle, queries, webhooks
 from services.worker import processor
+from testing.databases import waits_for_a_lock
 from testing.polling import wait_until_async
 from tests.integration.test_record_batch import done, stored
 
 pytestmark = pytest.mark.integration
-
-
-async def waits_for_a_lock(observer: queries.Connection, conn: queries.Connection) -> bool:
-    pid = conn.get_server_pid()
-    return bool(
-        await observer.fetchval(
-            "SELECT count(*) FROM pg_stat_activity WHERE pid = $1 AND wait_event_type = 'Lock'",
-            pid,
-        )
-    )
 
 
 async def out_of_id_order(
@@ -87,7 +78,8 @@ async def test_a_cancel_takes_the_images_in_id_order_whatever_their_physical_ord
                 lifecycle.cancel_request(canceller, request_id, owner, output_csv_key="x.csv")
             )
             await wait_until_async(
-                lambda: waits_for_a_lock(observer, canceller), message="the cancel to queue"
+                lambda: waits_for_a_lock(observer, pid=canceller.get_server_pid()),
+                message="the cancel to queue",
             )
             # The worker's record goes on to the next image. Had the cancel taken `second`
             # before queueing for `first`, this would wait for it: a cycle.
@@ -111,7 +103,8 @@ async def test_a_workers_record_takes_the_images_in_id_order_whatever_its_plan(
                 queries.record_images_done(recorder, [done(first), done(second)])
             )
             await wait_until_async(
-                lambda: waits_for_a_lock(observer, recorder), message="the record to queue"
+                lambda: waits_for_a_lock(observer, pid=recorder.get_server_pid()),
+                message="the record to queue",
             )
             await other.execute("UPDATE images SET updated_at = now() WHERE id = $1", second)
         recorded = await asyncio.wait_for(record, 30)
@@ -130,7 +123,8 @@ async def test_claiming_releases_takes_the_images_in_id_order(pool: asyncpg.Pool
                 queries.claim_releases(feeder, [(second, None), (first, seen)])
             )
             await wait_until_async(
-                lambda: waits_for_a_lock(observer, feeder), message="the claim to queue"
+                lambda: waits_for_a_lock(observer, pid=feeder.get_server_pid()),
+                message="the claim to queue",
             )
             await worker.execute("UPDATE images SET updated_at = now() WHERE id = $1", second)
         claimed = await asyncio.wait_for(claim, 30)
@@ -150,7 +144,8 @@ async def test_recording_releases_takes_the_images_in_id_order(pool: asyncpg.Poo
                 queries.record_releases(feeder, claim, [second, first], ["2-0", "3-0"])
             )
             await wait_until_async(
-                lambda: waits_for_a_lock(observer, feeder), message="the recording to queue"
+                lambda: waits_for_a_lock(observer, pid=feeder.get_server_pid()),
+                message="the recording to queue",
             )
             await worker.execute("UPDATE images SET updated_at = now() WHERE id = $1", second)
         await asyncio.wait_for(release, 30)
@@ -178,7 +173,8 @@ async def record_in_a_broken_cycle(
                 processor.record_images_done(recorder, [done(image_id)], tries=tries)
             )
             await wait_until_async(
-                lambda: waits_for_a_lock(observer, recorder), message="the record to queue"
+                lambda: waits_for_a_lock(observer, pid=recorder.get_server_pid()),
+                message="the record to queue",
             )
             await other.execute("SELECT 1 FROM images WHERE id = $1 FOR UPDATE", image_id)
         (outcome,) = await asyncio.wait_for(asyncio.gather(record, return_exceptions=True), 30)
@@ -244,7 +240,8 @@ async def delete_beside(pool: asyncpg.Pool, request_id: uuid.UUID, first: Step, 
             await first(other)
             delete = asyncio.create_task(lifecycle.delete_rows(deleter, request_id))
             await wait_until_async(
-                lambda: waits_for_a_lock(observer, deleter), message="the delete to queue"
+                lambda: waits_for_a_lock(observer, pid=deleter.get_server_pid()),
+                message="the delete to queue",
             )
             await then(other)
         await asyncio.wait_for(delete, 30)

@@ -23,7 +23,7 @@ from services.common.servicer_errors import BACKEND_ERRORS
 from services.common.streams import TASK_FIELD, StreamNames, TaskConsumer
 from services.ingest.feeder import STARVED_TTL_MS, Feeder, FeedPass
 from services.ingest.lookahead import LEAST
-from testing.databases import own_database
+from testing.databases import own_database, waits_for_a_lock
 from testing.polling import wait_until_async
 from testing.ports import free_tcp_port
 from tests.integration.flows import stream_messages
@@ -451,7 +451,7 @@ async def test_an_image_retried_during_its_release_gets_a_task_a_worker_can_take
             await hand.execute("SELECT 1 FROM images WHERE id = $1 FOR UPDATE", image_id)
             feed = asyncio.create_task(feeder.feed_once())
             await wait_until_async(
-                lambda: lock_waits(observer), message="the pass to wait for the image"
+                lambda: waits_for_a_lock(observer), message="the pass to wait for the image"
             )
             for delivery in await worker.read(1, block_ms=1):  # a task the pass put out first
                 await worker.ack([delivery.entry_id])
@@ -531,16 +531,6 @@ async def test_a_release_recorded_after_its_image_was_retried_leaves_it_waiting(
     finally:
         client.go_on.set()
         await client.aclose()
-
-
-async def lock_waits(observer: queries.Connection) -> bool:
-    """Whether any session of this database waits for a row lock."""
-    return bool(
-        await observer.fetchval(
-            """SELECT count(*) FROM pg_stat_activity
-                WHERE datname = current_database() AND wait_event_type = 'Lock'"""
-        )
-    )
 
 
 async def test_a_release_the_stream_refused_goes_back_to_wait_for_the_next_pass(

@@ -19,6 +19,7 @@ import aiohttp
 import asyncpg
 import pytest
 
+from testing.databases import waits_for_a_lock
 from testing.listeners import serve_receiver
 from testing.origin import serve_images
 from testing.polling import wait_until_async
@@ -167,17 +168,10 @@ async def holding_the_request_row(database_url: str, request_id: str) -> AsyncIt
         await conn.close()
 
 
-async def waits_for_a_lock(database_url: str, application_name: str) -> bool:
+async def service_waits_for_a_lock(database_url: str, application_name: str) -> bool:
     conn = await asyncpg.connect(database_url)
     try:
-        return bool(
-            await conn.fetchval(
-                """SELECT count(*) FROM pg_stat_activity
-                    WHERE datname = current_database() AND application_name = $1
-                      AND wait_event_type = 'Lock'""",
-                application_name,
-            )
-        )
+        return await waits_for_a_lock(conn, application_name=application_name)
     finally:
         await conn.close()
 
@@ -220,7 +214,7 @@ async def test_a_cancel_and_a_retry_may_take_longer_than_a_read(
                         )
                         called = time.monotonic()
                         await wait_until_async(
-                            functools.partial(waits_for_a_lock, database_url, service),
+                            functools.partial(service_waits_for_a_lock, database_url, service),
                             timeout=30,
                             message=f"the {path} to wait for the request's row",
                         )
