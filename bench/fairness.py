@@ -15,7 +15,7 @@ images that became final is its share of the workers. Once with equal weights, o
 B13: one owner's request from an origin that takes IMGPIPE_BENCH_SLOW_DELAY per image, then,
 once its tasks hold the workers, another owner's prompt request: that one's time from its POST
 to its completion, against the same request alone. A task is not preempted, but a worker's 16
-connections to one origin serve its 32 slots in two rounds, and a task that waits for one
+connections to one origin serve its slots in rounds, and a task that waits for one
 longer than IMGPIPE_FETCH_CONNECTION_WAIT (1 s) gives its slot back: the prompt one waits about
 that long for slots (until 2026-12-07, up to two of the slow images' times).
 
@@ -43,7 +43,7 @@ from typing import Any
 
 import aiohttp
 
-from bench.pipeline import csv_bytes, log, running_stack, upload, wait_final
+from bench.pipeline import csv_bytes, log, running_stack, upload, wait_final, worker_concurrency
 from bench.report import Section, Target, median, table
 from bench.settings import BenchSettings
 from services.common.auth import key_hash, new_key
@@ -480,8 +480,9 @@ async def run_b17(settings: BenchSettings) -> Section:
         median(ratios) >= 1 - BUSY_DROP,
     )
     lines = [
-        f"One owner on {settings.workers} workers (32 slots and 16 connections to an origin"
-        f" each) sends {n} images from an origin that answers each after {delay:g} s, after"
+        f"One owner on {settings.workers} workers ({worker_concurrency({})} slots and 16"
+        f" connections to an origin each) sends {n} images from an origin that answers each"
+        f" after {delay:g} s, after"
         " one image per slot to warm the stack up. Images/s are the server's (images over"
         " completed_at - created_at); with every connection busy all the time they would be"
         f" {ideal:.1f}, but a worker's connections serve its images in rounds of {delay:g} s,"

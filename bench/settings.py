@@ -33,8 +33,9 @@ class BenchSettings:
     fair_images: int = 2_000  # IMGPIPE_BENCH_FAIR_IMAGES: images of each B9 request
     fair_head_start: float = 10.0  # IMGPIPE_BENCH_FAIR_HEAD_START: seconds between B9's uploads
     hol_delay: float = 0.05  # IMGPIPE_BENCH_HOL_DELAY: origin latency per image in B8
-    # IMGPIPE_BENCH_FAIR_DELAY: origin latency per image in B9, so that the workers' tasks in
-    # flight (2 × 32) cap the rate below what the first request would finish in its head start.
+    # IMGPIPE_BENCH_FAIR_DELAY: origin latency per image in B9, so that the workers'
+    # connections to the origin (2 × 16) cap the rate below what the first request would
+    # finish in its head start (64 images/s: 640 of its 2,000).
     fair_delay: float = 0.5
     dedup_rows: int = 300  # IMGPIPE_BENCH_DEDUP_ROWS: rows of B12's catalog (30 % repeats)
     slow_images: int = 600  # IMGPIPE_BENCH_SLOW_IMAGES: B13's images from the slow origin
@@ -52,7 +53,7 @@ class BenchSettings:
     # IMGPIPE_BENCH_STACK_ENV: `NAME=value,...` settings of the stack for every benchmark that
     # starts one, where the benchmark does not set them itself (it sets what its design needs:
     # B7 its workers' concurrency, say). To measure a setting before changing its default:
-    # IMGPIPE_BENCH_STACK_ENV=IMGPIPE_WORKER_CONCURRENCY=64,IMGPIPE_SCHEDULER_WINDOW=192.
+    # IMGPIPE_BENCH_STACK_ENV=IMGPIPE_WORKER_CONCURRENCY=32,IMGPIPE_SCHEDULER_WINDOW=128.
     stack_env: tuple[tuple[str, str], ...] = ()
 
     @classmethod

@@ -11,6 +11,9 @@ from services.common.config import CommonSettings, EnvReader, read_api_keys, rea
 from services.common.csv_format import CsvLimits
 from services.common.fetch import FetchAllow, FetchLimits
 
+# Tasks released and not yet final, at most (IMGPIPE_SCHEDULER_WINDOW): the slots of `make
+# run`'s two workers (2 × 64) and room for the lookahead and the lingering Done records.
+DEFAULT_WINDOW = 192
 # Tasks released and not yet delivered to a worker, at most (IMGPIPE_SCHEDULER_LOOKAHEAD).
 DEFAULT_LOOKAHEAD = 32
 # Of those, at most what the workers took in this many seconds
@@ -36,8 +39,8 @@ class IngestSettings:
     fetch_allow: FetchAllow = field(default_factory=FetchAllow)
     fetch_ports: frozenset[int] = FetchLimits().allowed_ports
     # Tasks on the stream and not yet final, at most (docs/scheduling.md): at least the
-    # workers' tasks in flight (workers × IMGPIPE_WORKER_CONCURRENCY), plus a little headroom.
-    scheduler_window: int = 128
+    # workers' tasks in flight (workers × IMGPIPE_WORKER_CONCURRENCY), plus 64.
+    scheduler_window: int = DEFAULT_WINDOW
     # Of those, not yet delivered to a worker, at most: what the workers take during a poll or
     # two. A new request waits behind no more than this.
     scheduler_lookahead: int = DEFAULT_LOOKAHEAD
@@ -64,7 +67,7 @@ class IngestSettings:
             api_keys=read_api_keys(env),
             fetch_allow=read_fetch_allow(env),
             fetch_ports=env.ports("IMGPIPE_FETCH_PORTS", FetchLimits().allowed_ports),
-            scheduler_window=env.integer("IMGPIPE_SCHEDULER_WINDOW", 128, minimum=1),
+            scheduler_window=env.integer("IMGPIPE_SCHEDULER_WINDOW", DEFAULT_WINDOW, minimum=1),
             scheduler_lookahead=env.integer(
                 "IMGPIPE_SCHEDULER_LOOKAHEAD", DEFAULT_LOOKAHEAD, minimum=1
             ),

@@ -15,14 +15,17 @@ from services.worker.budget import DEFAULT_BUFFER_BYTES, DEFAULT_PIXEL_BUDGET
 from services.worker.cpus import usable_cpus
 from services.worker.processor import DEFAULT_CONNECTION_WAIT, DEFAULT_RECORD_LINGER
 
+# Tasks in flight per worker (IMGPIPE_WORKER_CONCURRENCY): enough to hide origin latency and
+# to hold another owner's tasks while a heavy owner's wait for the compress threads
+# (docs/scheduling.md, "Slots for a newcomer"). The budgets, not this number, bound memory.
+DEFAULT_CONCURRENCY = 64
+
 
 @dataclass(frozen=True, slots=True)
 class WorkerSettings:
     common: CommonSettings
     consumer_name: str
-    # Tasks in flight: enough to hide origin latency (32 × 16 per origin); the budgets below,
-    # not this number, bound memory.
-    concurrency: int = 32
+    concurrency: int = DEFAULT_CONCURRENCY
     threads: int = 2
     fetch_per_host: int = 16
     # A task that waits this long for a connection to its origin gives its slot back
@@ -74,7 +77,7 @@ class WorkerSettings:
             # The pod name in Kubernetes; hostname-pid elsewhere, so restarts get a new name
             # and the old name's pending entries are claimed by XAUTOCLAIM.
             consumer_name=env.text("IMGPIPE_CONSUMER_NAME", f"{os.uname().nodename}-{os.getpid()}"),
-            concurrency=env.integer("IMGPIPE_WORKER_CONCURRENCY", 32, minimum=1),
+            concurrency=env.integer("IMGPIPE_WORKER_CONCURRENCY", DEFAULT_CONCURRENCY, minimum=1),
             threads=env.integer("IMGPIPE_WORKER_THREADS", usable_cpus(), minimum=1),
             fetch_limits=FetchLimits(
                 connect_timeout=env.number("IMGPIPE_FETCH_CONNECT_TIMEOUT", fetch.connect_timeout),

@@ -67,7 +67,7 @@ async def test_metrics_of_every_process_and_one_trace_across_the_stack(
             IMGPIPE_WEBHOOK_SECRET=secret,
             IMGPIPE_DEV_WORKERS="1",
             IMGPIPE_DEV_METRICS_BASE_PORT=str(metrics_base),
-            IMGPIPE_DB_POOL_SIZE="3",  # the worker's too, whatever its concurrency (32)
+            IMGPIPE_DB_POOL_SIZE="3",  # the worker's too, whatever its concurrency (64)
         )
         base = stack.base_url
         ports = metrics_ports(metrics_base, 1)

@@ -201,7 +201,7 @@ def test_the_scheduler_window_and_the_owners_weights_reach_ingest() -> None:
     settings = IngestSettings.from_env(env)
     assert (settings.scheduler_window, settings.scheduler_poll) == (256, 0.1)
     assert settings.api_keys.weights == {"acme": 3, "globex": 1}
-    assert IngestSettings.from_env(BASE).scheduler_window == 128
+    assert IngestSettings.from_env(BASE).scheduler_window == 192
     with pytest.raises(ConfigError) as caught:
         IngestSettings.from_env(
             {**BASE, "IMGPIPE_SCHEDULER_WINDOW": "0", "IMGPIPE_SCHEDULER_POLL": "soon"}

@@ -36,7 +36,7 @@ def test_the_committed_page_is_what_the_script_writes() -> None:
 def test_every_variable_a_service_reads_is_found_with_its_default_and_readers() -> None:
     found = _generator().read_variables()
     assert found["IMGPIPE_DATABASE_URL"].required
-    assert found["IMGPIPE_WORKER_CONCURRENCY"].defaults == {"worker": 32}
+    assert found["IMGPIPE_WORKER_CONCURRENCY"].defaults == {"worker": 64}
     assert found["IMGPIPE_WORKER_CONCURRENCY"].rule == "an integer ≥ 1"
     # Read only with s3:// storage, and straight from the mapping: both are found.
     assert "AWS_ACCESS_KEY_ID" in found
