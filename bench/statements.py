@@ -16,10 +16,11 @@ import sys
 import time
 import uuid
 from collections.abc import Awaitable
-from typing import TypeVar
+from typing import Any, TypeVar, cast
 
 from services.common.csv_format import ProductRow
 from services.common.db import lifecycle, queries
+from services.common.db.pool import Connection
 from testing.databases import own_database
 
 T = TypeVar("T")
@@ -32,6 +33,33 @@ class Timings(dict[str, float]):
         result = await statement
         self[name] = max(self.get(name, 0.0), time.perf_counter() - started)
         return result
+
+
+class LongestStatement:
+    """A connection that notes its longest statement: for a call made of many statements (a
+    cancel, a chunk at a time), what a writer of the rows it holds waits at most."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.longest = 0.0
+
+    async def _timed(self, statement: Awaitable[T]) -> T:
+        started = time.perf_counter()
+        result = await statement
+        self.longest = max(self.longest, time.perf_counter() - started)
+        return result
+
+    async def fetchrow(self, *args: Any, **kwargs: Any) -> Any:
+        return await self._timed(self.conn.fetchrow(*args, **kwargs))
+
+    async def fetchval(self, *args: Any, **kwargs: Any) -> Any:
+        return await self._timed(self.conn.fetchval(*args, **kwargs))
+
+    async def fetch(self, *args: Any, **kwargs: Any) -> Any:
+        return await self._timed(self.conn.fetch(*args, **kwargs))
+
+    async def execute(self, *args: Any, **kwargs: Any) -> Any:
+        return await self._timed(self.conn.execute(*args, **kwargs))
 
 
 async def measure(server_url: str, rows: int) -> Timings:
@@ -92,9 +120,13 @@ async def measure(server_url: str, rows: int) -> Timings:
             "list_products (a page of 1,000)",
             queries.list_products(conn, request_id, after_row=rows // 2, limit=1000),
         )
+        clock = LongestStatement(conn)
         await timed(
             "cancel_request (every image)",
-            lifecycle.cancel_request(conn, request_id, "o", output_csv_key="k"),
+            lifecycle.cancel_request(cast(Connection, clock), request_id, "o", output_csv_key="k"),
+        )
+        timed["cancel_request's longest statement (a writer of its rows waits this long)"] = (
+            clock.longest
         )
         await timed(
             "retry_failed_images (every image)",

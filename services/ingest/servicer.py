@@ -146,6 +146,11 @@ class IngestServicer(ingest_grpc.IngestServiceServicer):
                 batch = await self._reopen(conn, principal, request_id)
                 if batch is None:
                     raise NotFound(f"no request {request.request_id}")
+                if isinstance(batch, queries.BeingCancelled):
+                    raise Conflict(
+                        f"request {request.request_id} is being cancelled: retry it once it is"
+                        " Cancelled"
+                    )
             except BaseException:
                 await self._give_back_slot(principal, request_id)
                 raise
@@ -162,7 +167,7 @@ class IngestServicer(ingest_grpc.IngestServiceServicer):
 
     async def _reopen(
         self, conn: queries.Connection, principal: Principal | None, request_id: uuid.UUID
-    ) -> queries.RetryBatch | None:
+    ) -> queries.RetryBatch | queries.BeingCancelled | None:
         """Put the failed images back to Pending, charged to today's `images_per_day` like an
         upload's: every retried image is fetched again from its origin.
 
@@ -195,7 +200,7 @@ class IngestServicer(ingest_grpc.IngestServiceServicer):
                 await self.limiter.give_back_images(reservation)
                 failed = result.failed
                 continue
-            retried = len(result.images) if result is not None else 0
+            retried = len(result.images) if isinstance(result, queries.RetryBatch) else 0
             if reservation is not None and retried < failed:
                 await self.limiter.give_back_images(
                     dataclasses.replace(reservation, count=failed - retried)

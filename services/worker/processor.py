@@ -191,6 +191,8 @@ class Processor:
             return
         if state.deferred:  # a stale entry: the image waits in Postgres for its next release
             return
+        if state.cancelling:  # its request's cancel fails it (lifecycle.cancel_request)
+            return
         if state.status != "Pending":
             if deliveries > 1:
                 await self._finish_once(request_id)
@@ -227,7 +229,7 @@ class Processor:
             if counters is not None:  # None: another delivery recorded it first
                 metrics.image_failed(str(failure.code))
         if counters is not None:
-            await self._announce(counters)
+            await self.announce(counters)
             if counters.all_final:
                 await self._finish_once(request_id)
 
@@ -242,7 +244,7 @@ class Processor:
         async with self.pool.acquire() as conn:
             return await queries.find_reusable_outputs(conn, lookups)
 
-    async def _announce(self, counters: queries.Counters) -> None:
+    async def announce(self, counters: queries.Counters) -> None:
         """Tell live watchers; losing this message loses nothing (they re-read Postgres)."""
         try:
             await self._progress(counters)
@@ -478,7 +480,7 @@ class Processor:
         log.info(
             "request finished", extra={"request_id": str(request_id), "status": finished.status}
         )
-        await self._announce(queries.Counters.of(finished))
+        await self.announce(queries.Counters.of(finished))
         await self.publish_finished(finished)
 
     async def publish_finished(self, request: queries.RequestRow) -> None:
@@ -504,7 +506,7 @@ class Processor:
             )
         if counters is not None:
             metrics.image_failed(code)
-            await self._announce(counters)
+            await self.announce(counters)
             if counters.all_final:
                 await self._finish_once(counters.request_id)
         return code, message

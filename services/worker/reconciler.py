@@ -2,6 +2,7 @@
 
 It runs in every worker, but one at a time across the deployment (a Postgres advisory lock).
 Each pass:
+- finishes cancels whose process died half way (lifecycle.finish_cancel);
 - republishes released Pending images whose task is no longer on the stream (Redis losing its
   data, anything else that drops a task); images not yet released wait for the feeder;
 - finishes requests whose images are all final but which were never marked final;
@@ -20,10 +21,12 @@ import asyncpg
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from services.common.db import queries
+from services.common import storage as keys
+from services.common.db import lifecycle, queries
 from services.common.grpc_server import wait_or_stop
 from services.common.publish import publish_releases
 from services.common.servicer_errors import BACKEND_ERRORS
+from services.common.stored_csv import store_output_csv
 from services.common.streams import StreamNames, live_entries, trim_acknowledged
 from services.worker.processor import Processor
 
@@ -37,6 +40,7 @@ EVENTS_KEPT_WITHOUT_GROUPS = 100_000
 
 @dataclass(frozen=True, slots=True)
 class Pass:
+    cancelled: int = 0
     republished: int = 0
     finished: int = 0
     events: int = 0
@@ -67,7 +71,7 @@ class Reconciler:
             except BACKEND_ERRORS as exc:
                 log.warning("reconcile pass failed; will retry", extra={"error": repr(exc)})
                 continue
-            if result.republished or result.finished or result.events:
+            if result.cancelled or result.republished or result.finished or result.events:
                 log.warning("reconciled", extra=_fields(result))
 
     async def reconcile_once(self) -> Pass:
@@ -76,11 +80,30 @@ class Reconciler:
             if conn is None:
                 return Pass(leader=False)
             return Pass(
+                cancelled=await self._finish_cancels(conn),
                 republished=await self._republish_lost(conn),
                 finished=await self._finish_complete(conn),
                 events=await self._publish_missing_events(conn),
                 trimmed=await self._trim(),
             )
+
+    async def _finish_cancels(self, conn: queries.Connection) -> int:
+        """Finish the cancels whose process died after marking the request, as that process
+        would have: the images not final fail CANCELLED, the request is Cancelled, its output
+        CSV is stored and its event published."""
+        request_ids = await lifecycle.cancels_left_half_done(
+            conn, min_age_seconds=self.min_age, limit=BATCH
+        )
+        for request_id in request_ids:
+            row = await lifecycle.finish_cancel(
+                conn, request_id, output_csv_key=keys.output_csv_key(request_id)
+            )
+            if row is None:  # the cancel finished meanwhile
+                continue
+            await store_output_csv(self.pool, self.processor.storage, request_id)
+            await self.processor.announce(queries.Counters.of(row))
+            await self.processor.publish_finished(row)
+        return len(request_ids)
 
     async def _republish_lost(self, conn: queries.Connection) -> int:
         """Republish released tasks whose stream entry is gone. Only released images count:
@@ -135,6 +158,7 @@ class Reconciler:
 
 def _fields(result: Pass) -> dict[str, int]:
     return {
+        "cancelled": result.cancelled,
         "republished": result.republished,
         "finished": result.finished,
         "events": result.events,

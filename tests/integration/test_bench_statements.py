@@ -18,6 +18,7 @@ async def test_every_statement_that_grows_with_a_request_is_timed(
     assert {
         "retry_failed_images (every image)",
         "cancel_request (every image)",
+        "cancel_request's longest statement (a writer of its rows waits this long)",
         "delete_rows (the whole request)",
         "claim_releases (64)",
         "record_releases (64)",

@@ -1,5 +1,6 @@
-"""A delete killed with SIGKILL half way and finished by a retry; and the retention janitor with
-its clock moved past the retention period, against requests the real stack processed."""
+"""A delete killed with SIGKILL half way and finished by a retry; a cancel killed half way and
+finished by the reconciler; and the retention janitor with its clock moved past the retention
+period, against requests the real stack processed."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import asyncio
 import secrets
 import signal
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -23,7 +25,8 @@ from services.common.pb.imgpipe.v1 import status_service_pb2_grpc as status_grpc
 from services.common.storage import Storage
 from services.common.streams import StreamNames
 from services.worker.janitor import Janitor
-from testing.origin import ImageOrigin
+from testing.origin import ImageOrigin, serve_images
+from testing.polling import wait_until_async
 from testing.ports import free_tcp_port
 from testing.services import start_service
 from testing.stack import Stack, start_stack
@@ -102,34 +105,14 @@ async def test_kill_9_during_a_delete_then_a_retry_finishes_it(
     async with aiohttp.ClientSession() as http:
         request_id = await _completed(http, stack, image_origin)
         assert len(_stored(stack, request_id)) == 4
-        # A status service of its own, on the same backends, armed to die between the objects
-        # and the rows: the worst moment, when the request is neither whole nor gone.
-        listen = f"127.0.0.1:{free_tcp_port()}"
-        armed = start_service(
-            "services.status",
-            {
-                "IMGPIPE_DATABASE_URL": database_url,
-                "IMGPIPE_REDIS_URL": redis_server_url,
-                "IMGPIPE_REDIS_PREFIX": prefix,
-                "IMGPIPE_STORAGE_URL": (stack.data_dir / "store").as_uri(),
-                "IMGPIPE_GRPC_LISTEN": listen,
-                "IMGPIPE_FAILPOINTS": "delete.before_rows",
-            },
-            tmp_path / "armed-status.log",
+        # Killed between the objects and the rows: the worst moment, when the request is
+        # neither whole nor gone.
+        delete = status_pb.DeleteRequestRequest(request_id=request_id)
+        await _killed_inside(
+            Backing(tmp_path, database_url, redis_server_url, prefix, stack),
+            "delete.before_rows",
+            lambda stub: stub.DeleteRequest(delete, timeout=60, wait_for_ready=True),
         )
-        try:
-            async with grpc.aio.insecure_channel(listen) as channel:
-                stub = status_grpc.StatusServiceStub(channel)
-                delete = status_pb.DeleteRequestRequest(request_id=request_id)
-
-                with pytest.raises(grpc.aio.AioRpcError) as failed:
-                    await stub.DeleteRequest(delete, timeout=60, wait_for_ready=True)
-            assert failed.value.code() == grpc.StatusCode.UNAVAILABLE, failed.value
-            assert await asyncio.to_thread(armed.wait, 10) == -signal.SIGKILL
-        finally:
-            if armed.poll() is None:
-                armed.kill()
-                armed.wait(10)
 
         # Half done: the objects are gone, the rows are not, and the request is already gone
         # for its owner.
@@ -153,6 +136,125 @@ async def test_kill_9_during_a_delete_then_a_retry_finishes_it(
         )
         async with http.delete(f"{stack.base_url}/requests/{request_id}") as response:
             assert response.status == 404
+
+
+@dataclass(frozen=True, slots=True)
+class Backing:
+    """Where a stack keeps its state, for a status service of the test's own beside it."""
+
+    folder: Path
+    database_url: str
+    redis_url: str
+    prefix: str
+    stack: Stack
+
+
+async def _killed_inside(
+    backing: Backing,
+    failpoint: str,
+    call: Callable[[status_grpc.StatusServiceAsyncStub], Awaitable[object]],
+) -> None:
+    """`call` on a status service of its own, on the stack's backends, armed to SIGKILL itself
+    at `failpoint`: the call fails UNAVAILABLE and the service is dead."""
+    listen = f"127.0.0.1:{free_tcp_port()}"
+    armed = start_service(
+        "services.status",
+        {
+            "IMGPIPE_DATABASE_URL": backing.database_url,
+            "IMGPIPE_REDIS_URL": backing.redis_url,
+            "IMGPIPE_REDIS_PREFIX": backing.prefix,
+            "IMGPIPE_STORAGE_URL": (backing.stack.data_dir / "store").as_uri(),
+            "IMGPIPE_GRPC_LISTEN": listen,
+            "IMGPIPE_FAILPOINTS": failpoint,
+        },
+        backing.folder / "armed-status.log",
+    )
+    try:
+        async with grpc.aio.insecure_channel(listen) as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as failed:
+                await call(status_grpc.StatusServiceStub(channel))
+        assert failed.value.code() == grpc.StatusCode.UNAVAILABLE, failed.value
+        assert await asyncio.to_thread(armed.wait, 10) == -signal.SIGKILL
+    finally:
+        if armed.poll() is None:
+            armed.kill()
+            armed.wait(10)
+
+
+async def test_kill_9_during_a_cancel_then_the_reconciler_finishes_it(
+    tmp_path: Path,
+    database_url: str,
+    redis_server_url: str,
+    stack_factory: list[Stack],
+    prefix: str,
+    pool: asyncpg.Pool,
+) -> None:
+    """Killed after the cancel's first chunk: every image failed CANCELLED, the request marked
+    and still open, its output CSV not written and its event not published. A worker's
+    reconciler finishes it as the status service would have."""
+    async with serve_images((160, 120), delay=0.3) as origin:
+        stack = start_stack(
+            tmp_path,
+            {
+                "IMGPIPE_DATABASE_URL": database_url,
+                "IMGPIPE_REDIS_URL": redis_server_url,
+                "IMGPIPE_REDIS_PREFIX": prefix,
+                "IMGPIPE_FETCH_ALLOW": f"127.0.0.1:{origin.port}",
+                "IMGPIPE_DEV_WORKERS": "1",
+                "IMGPIPE_WORKER_CONCURRENCY": "2",
+                "IMGPIPE_RECONCILE_INTERVAL": "0.5",
+                "IMGPIPE_RECONCILE_MIN_AGE": "1",
+            },
+        )
+        stack_factory.append(stack)
+        urls = [origin.url(f"/img/{uuid.uuid4().hex}.jpg") for _ in range(40)]
+        async with aiohttp.ClientSession() as http:
+            response = await upload_csv(http, stack.base_url, csv_of(urls))
+            assert response.status == 202, await response.text()
+            request_id: str = (await response.json())["request_id"]
+            request_uuid = uuid.UUID(request_id)
+
+            async def some_done() -> bool:
+                done = await pool.fetchval(
+                    "SELECT images_done FROM requests WHERE id = $1", request_uuid
+                )
+                return bool(done)
+
+            await wait_until_async(some_done, timeout=60, message="an image done")
+            cancel = status_pb.CancelRequestRequest(request_id=request_id)
+            await _killed_inside(
+                Backing(tmp_path, database_url, redis_server_url, prefix, stack),
+                "cancel.after_chunk",
+                lambda stub: stub.CancelRequest(cancel, timeout=60, wait_for_ready=True),
+            )
+
+            async def cancelled() -> asyncpg.Record | None:
+                row = await pool.fetchrow(
+                    """SELECT status, images_done, images_failed, images_total,
+                              finished_event_at
+                         FROM requests WHERE id = $1""",
+                    request_uuid,
+                )
+                if row is None or row["status"] != "Cancelled":
+                    return None
+                return row if row["finished_event_at"] is not None else None
+
+            row = await wait_until_async(
+                cancelled, timeout=30, message="the reconciler to finish the cancel"
+            )
+            assert row["images_done"] >= 1
+            assert row["images_done"] + row["images_failed"] == row["images_total"] == 40
+            pending = await pool.fetchval(
+                "SELECT count(*) FROM images WHERE request_id = $1 AND status = 'Pending'",
+                request_uuid,
+            )
+            assert pending == 0
+            async with http.get(f"{stack.base_url}/requests/{request_id}/output.csv") as got:
+                assert got.status == 200, await got.text()
+                assert "CANCELLED" in await got.text()
+            # Final like any other (and gone, for the retention test on the same database).
+            async with http.delete(f"{stack.base_url}/requests/{request_id}") as deleted:
+                assert deleted.status == 204, await deleted.text()
 
 
 async def test_retention_deletes_final_requests_older_than_the_period(

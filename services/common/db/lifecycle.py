@@ -12,6 +12,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime
 
+from services.common import failpoints
 from services.common.db.queries import (
     _REQUEST_COLUMNS,
     CANCELLED_CODE,
@@ -69,41 +70,85 @@ class Cancelled:
     changed: bool  # False: it was Cancelled already (the same state is returned)
 
 
-# One statement: the request's non-final images end as CANCELLED, whatever their kind (waiting
-# for the feeder, on the stream, being processed, a dedup follower), and the request's counters
-# and status move with them. The images update only while the request is open: a request
-# finished meanwhile is left as it is.
+# A cancel in three steps, so that no statement holds many of a request's rows: a worker
+# recording one of its images, or the feeder claiming one, waits for one chunk at most, not for
+# the whole request (a cancel of 300,000 images in one statement held them 5 s, and every
+# worker and the feeder with them). bench/statements.py times each step.
 #
-# Lock order: the images in id order, then the request row. Every other writer of several of
-# a request's images (a worker's record_images_done, a release's claim_releases and
-# record_releases) takes them in id order too, so whoever waits for another holds only lower
-# ids than the row it waits for, and no cycle can form. Without the ORDER BY, a big request's
-# update runs as a bitmap scan and locks in the rows' physical order, which releases and
-# deferrals (new row versions, enqueued_at being indexed) move away from id order.
-_CANCEL = f"""
-WITH locked AS (
-    SELECT id FROM images
-     WHERE request_id = $1 AND status = 'Pending'
-       AND EXISTS (SELECT 1 FROM requests
-                    WHERE id = $1 AND status IN ('Pending', 'Processing'))
-     ORDER BY id
-       FOR UPDATE),
+# 1. _MARK_CANCEL: the request row only. From then on the feeder releases none of its images,
+#    workers start none, a retry is refused, and no worker finishes it.
+# 2. _CANCEL_CHUNK, until it finds nothing: the next CANCEL_CHUNK images not final, in id order,
+#    fail with CANCELLED, and the request's counter moves with them; each chunk commits alone.
+# 3. _CANCEL: the request, Cancelled, with its output CSV's key and its event to publish; and,
+#    for safety, any image after the last chunk's that is not final (none: only a retry makes
+#    an image Pending again, and a retry is refused while the request is marked).
+#
+# Whatever the kind of an image (waiting for the feeder, on the stream, being processed, a
+# dedup follower), it ends as CANCELLED. A cancel that dies after step 1 leaves the request
+# marked and open: the reconciler finishes it (finish_cancel), and so does a cancel again.
+#
+# Lock order: the images in id order, then the request row, in each chunk as in step 3. Every
+# other writer of several of a request's images (a worker's record_images_done, a release's
+# claim_releases and record_releases) takes them in id order too, so whoever waits for another
+# holds only lower ids than the row it waits for, and no cycle can form. Without the ORDER BY,
+# a big request's update runs as a bitmap scan and locks in the rows' physical order, which
+# releases and deferrals (new row versions, enqueued_at being indexed) move away from id order.
+CANCEL_CHUNK = 2_000
+
+_MARK_CANCEL = """
+UPDATE requests SET cancel_requested_at = COALESCE(cancel_requested_at, now()), updated_at = now()
+ WHERE id = $1 AND status IN ('Pending', 'Processing') AND deleting_at IS NULL
+RETURNING 1"""
+
+_CANCELLING = """EXISTS (SELECT 1 FROM requests
+                    WHERE id = $1 AND status IN ('Pending', 'Processing')
+                      AND cancel_requested_at IS NOT NULL)"""
+
+_FAIL_LOCKED = """
 img AS (
     UPDATE images
        SET status = 'Failed', error_code = $2, error_message = $3, updated_at = now()
       FROM locked
      WHERE images.id = locked.id AND images.status = 'Pending'
+ RETURNING images.id)"""
+
+_CANCEL_CHUNK = f"""
+WITH locked AS (
+    SELECT id FROM images
+     WHERE request_id = $1 AND status = 'Pending' AND id > $4 AND {_CANCELLING}
+     ORDER BY id
+     LIMIT $5
+       FOR UPDATE),
+{_FAIL_LOCKED},
+counted AS (
+    UPDATE requests
+       SET images_failed = images_failed + (SELECT count(*) FROM img), updated_at = now()
+     WHERE id = $1 AND EXISTS (SELECT 1 FROM img)
  RETURNING 1)
+SELECT max(id) AS last FROM locked"""
+
+_CANCEL = f"""
+WITH locked AS (
+    SELECT id FROM images
+     WHERE request_id = $1 AND status = 'Pending' AND id > $5 AND {_CANCELLING}
+     ORDER BY id
+       FOR UPDATE),
+{_FAIL_LOCKED}
 UPDATE requests
    SET status = 'Cancelled', images_failed = images_failed + (SELECT count(*) FROM img),
        output_csv_key = $4, completed_at = now(), updated_at = now(), finished_event_at = NULL,
        published_at = COALESCE(published_at, now()), publish_lease_until = NULL
- WHERE id = $1 AND status IN ('Pending', 'Processing')
+ WHERE id = $1 AND status IN ('Pending', 'Processing') AND cancel_requested_at IS NOT NULL
 RETURNING {_REQUEST_COLUMNS}"""
 
 
 async def cancel_request(
-    conn: Connection, request_id: uuid.UUID, owner: str, *, output_csv_key: str
+    conn: Connection,
+    request_id: uuid.UUID,
+    owner: str,
+    *,
+    output_csv_key: str,
+    chunk: int = CANCEL_CHUNK,
 ) -> Cancelled | RequestRow | None:
     """Cancel an open request of `owner`. Returns Cancelled (changed or not), the request
     itself when it is final in another status (the caller's conflict), None when `owner` has
@@ -115,12 +160,62 @@ async def cancel_request(
         return Cancelled(found, changed=False)
     if found.status in FINAL:
         return found
+    if not await mark_cancel(conn, request_id):  # final meanwhile
+        return await cancel_request(
+            conn, request_id, owner, output_csv_key=output_csv_key, chunk=chunk
+        )
+    row = await finish_cancel(conn, request_id, output_csv_key=output_csv_key, chunk=chunk)
+    if row is None:  # another cancel finished it meanwhile
+        return await cancel_request(
+            conn, request_id, owner, output_csv_key=output_csv_key, chunk=chunk
+        )
+    return Cancelled(row, changed=True)
+
+
+async def mark_cancel(conn: Connection, request_id: uuid.UUID) -> bool:
+    """Step 1 of a cancel; False when the request is not open (or is being deleted)."""
+    return await conn.fetchval(_MARK_CANCEL, request_id) is not None
+
+
+async def finish_cancel(
+    conn: Connection,
+    request_id: uuid.UUID,
+    *,
+    output_csv_key: str,
+    chunk: int = CANCEL_CHUNK,
+) -> RequestRow | None:
+    """Steps 2 and 3 of a cancel of a marked request: the request, now Cancelled; None when it
+    is not marked and open (another cancel finished it, or it is gone)."""
+    after = 0
+    while True:
+        swept = await conn.fetchrow(
+            _CANCEL_CHUNK, request_id, CANCELLED_CODE, CANCELLED_MESSAGE, after, chunk
+        )
+        assert swept is not None, "the SELECT returns one row"
+        if swept["last"] is None:
+            break
+        after = swept["last"]
+        failpoints.crash_here("cancel.after_chunk")
     row = await conn.fetchrow(
-        _CANCEL, request_id, CANCELLED_CODE, CANCELLED_MESSAGE, output_csv_key
+        _CANCEL, request_id, CANCELLED_CODE, CANCELLED_MESSAGE, output_csv_key, after
     )
-    if row is None:  # it became final between the two statements
-        return await cancel_request(conn, request_id, owner, output_csv_key=output_csv_key)
-    return Cancelled(_request(row), changed=True)
+    return _request(row) if row else None
+
+
+async def cancels_left_half_done(
+    conn: Connection, *, min_age_seconds: float, limit: int
+) -> list[uuid.UUID]:
+    """Marked, still open requests whose cancel has not moved for `min_age_seconds`: the
+    process cancelling them died (finish_cancel finishes them)."""
+    rows = await conn.fetch(
+        """SELECT id FROM requests
+            WHERE cancel_requested_at IS NOT NULL AND status IN ('Pending', 'Processing')
+              AND updated_at < now() - make_interval(secs => $1)
+            ORDER BY updated_at LIMIT $2""",
+        min_age_seconds,
+        limit,
+    )
+    return [r["id"] for r in rows]
 
 
 # ---------------------------------------------------------------- delete

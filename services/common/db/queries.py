@@ -314,7 +314,8 @@ class WaitingRequest:
 
 
 async def waiting_requests(conn: Connection, *, up_to: int, limit: int) -> list[WaitingRequest]:
-    """Open requests with images due for release, oldest first, at most `limit`."""
+    """Open requests with images due for release, oldest first, at most `limit`; none being
+    cancelled."""
     rows = await conn.fetch(
         """SELECT r.id, r.owner, w.n
              FROM requests r
@@ -324,7 +325,8 @@ async def waiting_requests(conn: Connection, *, up_to: int, limit: int) -> list[
                           WHERE request_id = r.id AND status = 'Pending' AND enqueued_at IS NULL
                             AND leader_id IS NULL AND COALESCE(not_before, '-infinity') <= now()
                           LIMIT $1) s) w
-            WHERE r.status IN ('Pending', 'Processing') AND w.n > 0
+            WHERE r.status IN ('Pending', 'Processing') AND r.cancel_requested_at IS NULL
+              AND w.n > 0
             ORDER BY r.created_at
             LIMIT $2""",
         up_to,
@@ -472,23 +474,29 @@ class ImageState:
     status: str
     deferred: bool  # back to waiting until a later time (defer_image): a task of it is stale
     busy_waits: int = 0  # times it was put back because its origin's connections were busy
+    cancelling: bool = False  # its request is being cancelled (lifecycle.cancel_request)
 
     @property
     def startable(self) -> bool:
         """A delivered task of this image may download it now."""
-        return self.status == "Pending" and not self.deferred
+        return self.status == "Pending" and not self.deferred and not self.cancelling
 
 
 async def image_states(conn: Connection, image_ids: Sequence[int]) -> dict[int, ImageState]:
     """The state of each image, in one query; an image that is gone is absent."""
     rows = await conn.fetch(
-        """SELECT id, status, busy_waits,
-                  enqueued_at IS NULL AND COALESCE(not_before > now(), false) AS deferred
-             FROM images WHERE id = ANY($1::bigint[])""",
+        """SELECT i.id, i.status, i.busy_waits,
+                  i.enqueued_at IS NULL AND COALESCE(i.not_before > now(), false) AS deferred,
+                  r.cancel_requested_at IS NOT NULL AND r.status IN ('Pending', 'Processing')
+                      AS cancelling
+             FROM images i JOIN requests r ON r.id = i.request_id
+            WHERE i.id = ANY($1::bigint[])""",
         list(image_ids),
     )
     return {
-        row["id"]: ImageState(row["status"], bool(row["deferred"]), row["busy_waits"])
+        row["id"]: ImageState(
+            row["status"], bool(row["deferred"]), row["busy_waits"], bool(row["cancelling"])
+        )
         for row in rows
     }
 
@@ -659,15 +667,16 @@ locked AS (
 
 # The same outcome arriving after the image's request was cancelled while it was in flight
 # (docs/lifecycle.md): the image and its followers, failed CANCELLED by the cancel, turn Done,
-# and the request stays Cancelled. The request row is locked first (FOR UPDATE), the order a
-# retry takes, and re-read at its newest version: a request retried or being deleted meanwhile
-# is left alone.
+# and the request stays Cancelled (or marked, while the cancel's chunks run). The request row
+# is locked first (FOR UPDATE), the order a retry takes, and re-read at its newest version: a
+# request retried or being deleted meanwhile is left alone.
 _LATE_IMAGES_DONE = (
     _DONE_TEMPLATE.format(
         locked="",
         leader=f"""images.status = 'Failed' AND images.error_code = '{CANCELLED_CODE}'
            AND EXISTS (SELECT 1 FROM requests r
-                        WHERE r.id = images.request_id AND r.status = 'Cancelled'
+                        WHERE r.id = images.request_id
+                          AND (r.status = 'Cancelled' OR r.cancel_requested_at IS NOT NULL)
                           AND r.deleting_at IS NULL
                           FOR UPDATE)""",
         follower=f"f.status = 'Failed' AND f.error_code = '{CANCELLED_CODE}'",
@@ -899,7 +908,8 @@ async def finish_request(
 ) -> RequestRow | None:
     """Move a request whose images are all final to Completed or Failed, exactly once.
 
-    Returns the finished request, or None when it was already final (another worker won).
+    Returns the finished request, or None when it was already final (another worker won) or
+    is being cancelled (the cancel finishes it: lifecycle.finish_cancel).
     """
     row = await conn.fetchrow(
         f"""UPDATE requests
@@ -907,7 +917,7 @@ async def finish_request(
                    output_csv_key = $2, completed_at = now(), updated_at = now(),
                    finished_event_at = NULL
              WHERE id = $1 AND status IN ('Pending', 'Processing')
-               AND images_done + images_failed = images_total
+               AND images_done + images_failed = images_total AND cancel_requested_at IS NULL
          RETURNING {_REQUEST_COLUMNS}""",
         request_id,
         output_csv_key,
@@ -951,6 +961,11 @@ class MoreFailed:
     failed: int
 
 
+@dataclass(frozen=True, slots=True)
+class BeingCancelled:
+    """A cancel of the request is under way (lifecycle.cancel_request): nothing was changed."""
+
+
 async def retry_failed_images(
     conn: Connection,
     request_id: uuid.UUID,
@@ -958,7 +973,7 @@ async def retry_failed_images(
     owner: str,
     traceparent: str = "",
     most: int | None = None,
-) -> RetryBatch | MoreFailed | None:
+) -> RetryBatch | MoreFailed | BeingCancelled | None:
     """Put a request's failed images back to Pending and waiting for the feeder, and reopen
     it (its next tasks continue `traceparent`, the retry's trace); None if `owner` has no such
     request, or it is being deleted (a delete left half done is finished by the janitor, and
@@ -967,17 +982,25 @@ async def retry_failed_images(
     With `most`, MoreFailed when more than that many are Failed, read under the request's lock
     (so the count cannot change before the update): a caller that charged for the images it
     counted before learns that more failed since. Every Failed image is retried or none is, so
-    a dedup leader and its followers, which fail together, are retried together."""
+    a dedup leader and its followers, which fail together, are retried together.
+
+    BeingCancelled while a cancel of the request is under way: its chunks would fail the images
+    again. A retry of a Cancelled request clears the cancel's mark."""
     async with conn.transaction():
-        failed = await conn.fetchval(
-            """SELECT images_failed FROM requests
+        found = await conn.fetchrow(
+            """SELECT images_failed, cancel_requested_at IS NOT NULL
+                       AND status IN ('Pending', 'Processing') AS cancelling
+                 FROM requests
                 WHERE id = $1 AND owner = $2 AND deleting_at IS NULL
                   FOR UPDATE""",
             request_id,
             owner,
         )
-        if failed is None:
+        if found is None:
             return None
+        if found["cancelling"]:
+            return BeingCancelled()
+        failed = found["images_failed"]
         if most is not None and failed > most:
             return MoreFailed(failed)
         rows = await conn.fetch(
@@ -999,6 +1022,7 @@ async def retry_failed_images(
                        finish_generation = finish_generation + CASE WHEN $2 = 0 THEN 0 ELSE 1 END,
                        finished_event_at = CASE WHEN $2 = 0 THEN finished_event_at END,
                        traceparent = COALESCE($3, traceparent),
+                       cancel_requested_at = CASE WHEN $2 = 0 THEN cancel_requested_at END,
                        updated_at = now()
                  WHERE id = $1
              RETURNING {_REQUEST_COLUMNS}""",
@@ -1033,6 +1057,7 @@ async def stale_pending_images(
              FROM images i JOIN requests r ON r.id = i.request_id
             WHERE i.status = 'Pending' AND i.enqueued_at IS NOT NULL
               AND i.enqueued_at < now() - make_interval(secs => $1)
+              AND r.cancel_requested_at IS NULL
             ORDER BY i.enqueued_at, i.id
             LIMIT $2""",
         min_age_seconds,
@@ -1057,7 +1082,7 @@ async def unfinished_complete_requests(
     """Open requests whose images are all final, untouched for `min_age_seconds`."""
     rows = await conn.fetch(
         """SELECT id FROM requests
-            WHERE status IN ('Pending', 'Processing')
+            WHERE status IN ('Pending', 'Processing') AND cancel_requested_at IS NULL
               AND images_done + images_failed = images_total AND published_at IS NOT NULL
               AND updated_at < now() - make_interval(secs => $1)
             ORDER BY updated_at LIMIT $2""",
