@@ -157,12 +157,12 @@ class IngestServicer(ingest_grpc.IngestServiceServicer):
         self.wake_feeder()  # the images are waiting again, in their request's turn
         log.info(
             "retrying failed images",
-            extra={"request_id": str(request_id), "images": len(batch.images)},
+            extra={"request_id": str(request_id), "images": batch.retried},
         )
         return ingest_pb.RetryFailedImagesResponse(
             request_id=str(request_id),
             status=STATUS_TO_PROTO[batch.request.status],
-            images_retried=len(batch.images),
+            images_retried=batch.retried,
         )
 
     async def _reopen(
@@ -200,7 +200,7 @@ class IngestServicer(ingest_grpc.IngestServiceServicer):
                 await self.limiter.give_back_images(reservation)
                 failed = result.failed
                 continue
-            retried = len(result.images) if isinstance(result, queries.RetryBatch) else 0
+            retried = result.retried if isinstance(result, queries.RetryBatch) else 0
             if reservation is not None and retried < failed:
                 await self.limiter.give_back_images(
                     dataclasses.replace(reservation, count=failed - retried)

@@ -938,7 +938,7 @@ async def mark_event_published(conn: Connection, request_id: uuid.UUID, generati
 @dataclass(frozen=True, slots=True)
 class RetryBatch:
     request: RequestRow
-    images: list[tuple[int, str]]  # (image_id, input_url) now Pending again
+    retried: int  # images now Pending again, waiting for the feeder
 
 
 async def failed_images(conn: Connection, request_id: uuid.UUID, *, owner: str) -> int | None:
@@ -1003,15 +1003,17 @@ async def retry_failed_images(
         failed = found["images_failed"]
         if most is not None and failed > most:
             return MoreFailed(failed)
-        rows = await conn.fetch(
+        # A count, not the rows: 300,000 (id, URL) pairs at the size limit were some 30 MB
+        # for ingest to receive and hold, and the feeder reads the images from Postgres anyway.
+        updated = await conn.execute(
             """UPDATE images
                   SET status = 'Pending', error_code = NULL, error_message = NULL, attempts = 0,
                       stream_entry_id = NULL, enqueued_at = NULL, not_before = NULL,
                       cooldown_waits = 0, busy_waits = 0, updated_at = now()
-                WHERE request_id = $1 AND status = 'Failed'
-            RETURNING id, input_url""",
+                WHERE request_id = $1 AND status = 'Failed'""",
             request_id,
         )
+        retried = int(updated.split()[-1])
         row = await conn.fetchrow(
             f"""UPDATE requests
                    SET images_failed = images_failed - $2,
@@ -1027,11 +1029,11 @@ async def retry_failed_images(
                  WHERE id = $1
              RETURNING {_REQUEST_COLUMNS}""",
             request_id,
-            len(rows),
+            retried,
             traceparent or None,
         )
         assert row is not None, "locked above"
-        return RetryBatch(_request(row), [(r["id"], r["input_url"]) for r in rows])
+        return RetryBatch(_request(row), retried)
 
 
 # ---------------------------------------------------------------- reconciler
