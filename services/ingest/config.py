@@ -7,13 +7,15 @@ from dataclasses import dataclass, field
 from typing import Self
 
 from services.common.auth import KeyRing
+from services.common.capacity import window_for
 from services.common.config import CommonSettings, EnvReader, read_api_keys, read_fetch_allow
 from services.common.csv_format import CsvLimits
 from services.common.fetch import FetchAllow, FetchLimits
 
-# Tasks released and not yet final, at most (IMGPIPE_SCHEDULER_WINDOW): the slots of `make
-# run`'s two workers (2 × 64) and room for the lookahead and the lingering Done records.
-DEFAULT_WINDOW = 192
+# Tasks released and not yet final, at most (IMGPIPE_SCHEDULER_WINDOW): the slots of two
+# workers (2 × 64) and room for the lookahead and the lingering Done records. `make run`
+# sizes it from its workers (services/local/launcher.py).
+DEFAULT_WINDOW = window_for(2)
 # Tasks released and not yet delivered to a worker, at most (IMGPIPE_SCHEDULER_LOOKAHEAD).
 DEFAULT_LOOKAHEAD = 32
 # Of those, at most what the workers took in this many seconds

@@ -43,6 +43,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from urllib.parse import unquote, urlsplit, urlunsplit
 
+from services.common.capacity import WORKER_CONCURRENCY, window_for
 from services.common.process import die_with_parent
 from services.local.embedded import (
     LOCAL_EXTRA,
@@ -156,6 +157,9 @@ def plan_stack(
     base = cwd if cwd is not None else Path.cwd()
     data_dir = (base / Path(read.get("IMGPIPE_DATA_DIR") or ".imgpipe").expanduser()).resolve()
     workers = read.integer("IMGPIPE_DEV_WORKERS", DEFAULT_WORKERS, 1, 64)
+    # Ingest's window covers the workers' slots, however many workers: set unless given.
+    concurrency = read.integer("IMGPIPE_WORKER_CONCURRENCY", WORKER_CONCURRENCY, 1, 100_000)
+    window = None if read.get("IMGPIPE_SCHEDULER_WINDOW") else window_for(workers, concurrency)
     grpc_base = read.integer("IMGPIPE_DEV_GRPC_BASE_PORT", DEFAULT_GRPC_BASE_PORT, 1, 65535)
     if grpc_base + 9 + workers > 65535:
         read.problems.append(
@@ -185,6 +189,13 @@ def plan_stack(
     children = _plan_children(
         python or sys.executable, ingest_addr, status_addr, grpc_base, workers, metrics_base
     )
+    if window is not None:
+        children = tuple(
+            replace(c, env={**c.env, "IMGPIPE_SCHEDULER_WINDOW": str(window)})
+            if c.role == INGEST
+            else c
+            for c in children
+        )
     storage_url = read.get("IMGPIPE_STORAGE_URL") or (data_dir / "store").as_uri()
     # The gateway serves a file:// store; S3 URLs are a CDN's or presigned (empty: unset).
     files_url = f"{gateway_url}/files/" if storage_url.startswith("file:") else ""

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Self
 
+from services.common.capacity import WORKER_CONCURRENCY
 from services.common.config import CommonSettings, EnvReader, read_fetch_allow
 from services.common.fetch import FetchAllow, FetchLimits
 from services.common.image_options import ImageLimits
@@ -15,10 +16,7 @@ from services.worker.budget import DEFAULT_BUFFER_BYTES, DEFAULT_PIXEL_BUDGET
 from services.worker.cpus import usable_cpus
 from services.worker.processor import DEFAULT_CONNECTION_WAIT, DEFAULT_RECORD_LINGER
 
-# Tasks in flight per worker (IMGPIPE_WORKER_CONCURRENCY): enough to hide origin latency and
-# to hold another owner's tasks while a heavy owner's wait for the compress threads
-# (docs/scheduling.md, "Slots for a newcomer"). The budgets, not this number, bound memory.
-DEFAULT_CONCURRENCY = 64
+DEFAULT_CONCURRENCY = WORKER_CONCURRENCY  # tasks in flight (services/common/capacity.py)
 
 
 @dataclass(frozen=True, slots=True)

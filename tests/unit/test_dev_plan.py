@@ -147,6 +147,20 @@ def test_ports_and_worker_count_can_move(tmp_path: Path) -> None:
     assert stack.public_base_url == "http://127.0.0.1:9000/files/"
 
 
+def test_ingests_window_covers_the_slots_of_the_workers_it_starts(tmp_path: Path) -> None:
+    def window(**environ: str) -> str | None:
+        return by_name(plan(tmp_path, **environ))["ingest"].get("IMGPIPE_SCHEDULER_WINDOW")
+
+    assert window() == str(2 * 64 + 64)
+    assert window(IMGPIPE_DEV_WORKERS="4") == str(4 * 64 + 64)
+    assert window(IMGPIPE_DEV_WORKERS="3", IMGPIPE_WORKER_CONCURRENCY="8") == str(3 * 8 + 64)
+    assert window(IMGPIPE_DEV_WORKERS="4", IMGPIPE_SCHEDULER_WINDOW="50") == "50"  # as given
+    others = [c for c in plan(tmp_path, IMGPIPE_DEV_WORKERS="4").children if c.name != "ingest"]
+    assert all("IMGPIPE_SCHEDULER_WINDOW" not in c.env for c in others)
+    with pytest.raises(PlanError, match="IMGPIPE_WORKER_CONCURRENCY"):
+        plan(tmp_path, IMGPIPE_WORKER_CONCURRENCY="0")
+
+
 def test_ipv6_listen_address_is_bracketed_in_urls(tmp_path: Path) -> None:
     stack = plan(tmp_path, IMGPIPE_HTTP_LISTEN="[::1]:8081")
 
