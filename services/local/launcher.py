@@ -157,8 +157,11 @@ def plan_stack(
     base = cwd if cwd is not None else Path.cwd()
     data_dir = (base / Path(read.get("IMGPIPE_DATA_DIR") or ".imgpipe").expanduser()).resolve()
     workers = read.integer("IMGPIPE_DEV_WORKERS", DEFAULT_WORKERS, 1, 64)
-    # Ingest's window covers the workers' slots, however many workers: set unless given.
-    concurrency = read.integer("IMGPIPE_WORKER_CONCURRENCY", WORKER_CONCURRENCY, 1, 100_000)
+    # Ingest's window covers the workers' slots, however many workers: set unless given. The
+    # workers judge their own concurrency (a bad one stops them, a crash loop): here it only
+    # sizes the window, from the default when it is not a whole number above 0.
+    raw = read.get("IMGPIPE_WORKER_CONCURRENCY") or ""
+    concurrency = int(raw) if raw.isdigit() and int(raw) > 0 else WORKER_CONCURRENCY
     window = None if read.get("IMGPIPE_SCHEDULER_WINDOW") else window_for(workers, concurrency)
     grpc_base = read.integer("IMGPIPE_DEV_GRPC_BASE_PORT", DEFAULT_GRPC_BASE_PORT, 1, 65535)
     if grpc_base + 9 + workers > 65535:
