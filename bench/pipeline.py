@@ -23,7 +23,7 @@ from typing import Any
 import aiohttp
 
 from bench.settings import stack_env
-from services.worker.config import DEFAULT_CONCURRENCY
+from services.common.capacity import WORKER_CONCURRENCY
 from testing.stack import Stack, start_stack
 
 CSV_HEADERS = {"Content-Type": "text/csv"}
@@ -59,7 +59,7 @@ def stack_settings(env: dict[str, str], environ: Mapping[str, str]) -> dict[str,
 def worker_concurrency(env: dict[str, str]) -> int:
     """The slots of each worker of a stack started with `env`."""
     settings = stack_settings(env, os.environ)
-    return int(settings.get("IMGPIPE_WORKER_CONCURRENCY", DEFAULT_CONCURRENCY))
+    return int(settings.get("IMGPIPE_WORKER_CONCURRENCY", WORKER_CONCURRENCY))
 
 
 def csv_lines(urls: Sequence[str], per_row: int, tag: str) -> Iterator[str]:

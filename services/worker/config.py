@@ -16,14 +16,12 @@ from services.worker.budget import DEFAULT_BUFFER_BYTES, DEFAULT_PIXEL_BUDGET
 from services.worker.cpus import usable_cpus
 from services.worker.processor import DEFAULT_CONNECTION_WAIT, DEFAULT_RECORD_LINGER
 
-DEFAULT_CONCURRENCY = WORKER_CONCURRENCY  # tasks in flight (services/common/capacity.py)
-
 
 @dataclass(frozen=True, slots=True)
 class WorkerSettings:
     common: CommonSettings
     consumer_name: str
-    concurrency: int = DEFAULT_CONCURRENCY
+    concurrency: int = WORKER_CONCURRENCY  # tasks in flight (services/common/capacity.py)
     threads: int = 2
     fetch_per_host: int = 16
     # A task that waits this long for a connection to its origin gives its slot back
@@ -75,7 +73,7 @@ class WorkerSettings:
             # The pod name in Kubernetes; hostname-pid elsewhere, so restarts get a new name
             # and the old name's pending entries are claimed by XAUTOCLAIM.
             consumer_name=env.text("IMGPIPE_CONSUMER_NAME", f"{os.uname().nodename}-{os.getpid()}"),
-            concurrency=env.integer("IMGPIPE_WORKER_CONCURRENCY", DEFAULT_CONCURRENCY, minimum=1),
+            concurrency=env.integer("IMGPIPE_WORKER_CONCURRENCY", WORKER_CONCURRENCY, minimum=1),
             threads=env.integer("IMGPIPE_WORKER_THREADS", usable_cpus(), minimum=1),
             fetch_limits=FetchLimits(
                 connect_timeout=env.number("IMGPIPE_FETCH_CONNECT_TIMEOUT", fetch.connect_timeout),
