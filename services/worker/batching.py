@@ -13,6 +13,10 @@ recorded batch wakes all acknowledge together, at no added latency.
 A batcher given `Expected` lingers only while a call may still come: each task that will call
 it holds a `Ticket` until it calls (or knows it will not), and when no ticket is out the batch
 runs at once. A lone image is recorded without waiting; a busy worker's are gathered.
+
+A `KeyedBatcher` keeps a Batcher per key (the worker's Done records: per request). A key's
+batches run one at a time, different keys' side by side, so a batch that waits for its key's
+rows (a retry holds its request's row for seconds) holds up that key's calls only.
 """
 
 from __future__ import annotations
@@ -20,9 +24,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Sequence
 from typing import Any, Generic, TypeVar
 
+K = TypeVar("K", bound=Hashable)
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -53,7 +58,12 @@ class Batcher(Generic[T, R]):
         self._expected = expected
         self._observe = observe
         if expected is not None:
-            expected.batchers.append(self)
+            expected.batchers.add(self)
+
+    def close(self) -> None:
+        """No longer poked by its `expected` (a KeyedBatcher dropping an idle key's batcher)."""
+        if self._expected is not None:
+            self._expected.batchers.discard(self)
 
     async def __call__(self, item: T) -> R:
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
@@ -138,12 +148,60 @@ class Batcher(Generic[T, R]):
                 future.set_exception(exc)
 
 
+class KeyedBatcher(Generic[K, T, R]):
+    """A Batcher per key, made at the key's first call and dropped when none of its calls is
+    left, so there are never more batchers than calls in flight. `run(key, items)` runs one
+    key's batch; the other options are each Batcher's."""
+
+    def __init__(
+        self,
+        run: Callable[[K, Sequence[T]], Awaitable[Sequence[R]]],
+        *,
+        linger: float = 0.0,
+        max_size: int = 64,
+        expected: Expected | None = None,
+        observe: Callable[[int], None] | None = None,
+    ) -> None:
+        self._run = run
+        self._options: dict[str, Any] = {
+            "linger": linger,
+            "max_size": max_size,
+            "expected": expected,
+            "observe": observe,
+        }
+        self._batchers: dict[K, tuple[Batcher[T, R], int]] = {}  # with its calls in flight
+
+    async def __call__(self, key: K, item: T) -> R:
+        batcher, calls = self._batchers.get(key) or (self._batcher(key), 0)
+        self._batchers[key] = batcher, calls + 1
+        try:
+            return await batcher(item)
+        finally:
+            batcher, calls = self._batchers[key]
+            if calls > 1:
+                self._batchers[key] = batcher, calls - 1
+            else:
+                del self._batchers[key]
+                batcher.close()
+
+    def _batcher(self, key: K) -> Batcher[T, R]:
+        async def run(items: Sequence[T]) -> Sequence[R]:
+            return await self._run(key, items)
+
+        return Batcher(run, **self._options)
+
+    @property
+    def keys(self) -> int:
+        """Keys with a call in flight: each has a batcher."""
+        return len(self._batchers)
+
+
 class Expected:
     """The calls a lingering Batcher may still get: one `Ticket` per caller-to-be."""
 
     def __init__(self) -> None:
         self.count = 0
-        self.batchers: list[Batcher[Any, Any]] = []
+        self.batchers: set[Batcher[Any, Any]] = set()
 
     def ticket(self, on_done: Callable[[], None] | None = None) -> Ticket:
         self.count += 1

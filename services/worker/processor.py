@@ -7,6 +7,7 @@ commit. A task delivered twice finds its image already final and only checks the
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
@@ -35,7 +36,7 @@ from services.common.streams import (
     slot_demand,
 )
 from services.worker import dedup
-from services.worker.batching import Batcher, Expected, Ticket
+from services.worker.batching import Batcher, Expected, KeyedBatcher, Ticket
 from services.worker.budget import (
     DEFAULT_BUFFER_BYTES,
     DEFAULT_PIXEL_BUDGET,
@@ -147,12 +148,18 @@ class Processor:
         self._states = Batcher(self._read_states, observe=metrics.batch_sized("status"))
         self._reusable = Batcher(self._find_reusable, observe=metrics.batch_sized("reuse"))
         self._working = Expected()  # tasks that have not reached their record yet
-        self._record = Batcher(
-            self._record_batch,
-            linger=record_linger,
-            expected=self._working,
-            observe=metrics.batch_sized("record"),
+        # A batcher per request, each batch on its own connection: a statement that waits for
+        # one request's row (a retry holds it for seconds) holds up that request's records
+        # only. At most half the pool records at once; the rest stays for everything else.
+        self._record: KeyedBatcher[uuid.UUID, queries.DoneImage, queries.Counters | None] = (
+            KeyedBatcher(
+                self._record_batch,
+                linger=record_linger,
+                expected=self._working,
+                observe=metrics.batch_sized("record"),
+            )
         )
+        self._recorders = asyncio.Semaphore(max(1, pool.get_max_size() // 2))
         self._progress = Batcher(self._publish_progress, observe=metrics.batch_sized("progress"))
         # Requests whose finish runs in this process now: another task that completes the
         # same request asks the running finish to look again instead of rendering it twice.
@@ -322,10 +329,10 @@ class Processor:
     async def _record_done(
         self, task: task_pb2.ImageTask, ticket: Ticket, done: queries.DoneImage
     ) -> queries.Counters | None:
-        """Record the image Done, its output stored under its key, in a batch with other
-        tasks' (`_record_batch`); the task's work ends as it joins the batch."""
+        """Record the image Done, its output stored under its key, in a batch with its
+        request's other tasks' (`_record_batch`); the task's work ends as it joins the batch."""
         ticket.done()
-        counters = await self._record((uuid.UUID(task.request_id), done))
+        counters = await self._record(uuid.UUID(task.request_id), done)
         if counters is not None:
             metrics.image_done(
                 done.bytes_in, done.output.bytes_out, reused=done.reused_from is not None
@@ -342,18 +349,13 @@ class Processor:
         return None
 
     async def _record_batch(
-        self, batch: Sequence[tuple[uuid.UUID, queries.DoneImage]]
+        self, request_id: uuid.UUID, batch: Sequence[queries.DoneImage]
     ) -> list[queries.Counters | None]:
-        """Record a batch of Done images on one connection, a statement per request (the
-        order record_images_done needs); each image's counters, or None if it was final."""
-        by_request: dict[uuid.UUID, list[queries.DoneImage]] = {}
-        for request_id, done in batch:
-            by_request.setdefault(request_id, []).append(done)
-        recorded: dict[int, queries.Counters] = {}
-        async with self.pool.acquire() as conn:
-            for images in by_request.values():
-                recorded |= await record_images_done(conn, images)
-        return [recorded.get(done.output.image_id) for _, done in batch]
+        """Record a batch of one request's Done images in one statement; each image's
+        counters, or None if it was final."""
+        async with self._recorders, self.pool.acquire() as conn:
+            recorded = await record_images_done(conn, batch)
+        return [recorded.get(done.output.image_id) for done in batch]
 
     async def _fetch(
         self, task: task_pb2.ImageTask, lease: Lease, connection_wait: float | None

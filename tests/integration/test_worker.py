@@ -27,6 +27,7 @@ from services.worker.budget import ByteBudget, PixelBudget
 from services.worker.processor import Processor
 from services.worker.runner import ConsumePolicy, consume
 from testing import photos
+from testing.databases import waits_for_a_lock
 from testing.origin import ImageOrigin
 from testing.polling import wait_until_async
 from testing.uploads import csv_of, upload
@@ -378,6 +379,42 @@ async def test_a_busy_worker_records_its_images_in_shared_statements(
     assert (request["status"], request["images_done"]) == ("Completed", 6)
     assert total - total_before == 6  # every record went through a batch
     assert count - count_before < 6  # and some shared one statement
+
+
+async def test_a_request_whose_row_is_held_holds_up_no_other_requests_records(
+    ingest_stub: ingest_grpc.IngestServiceAsyncStub,
+    running_worker: asyncio.Event,
+    pool: asyncpg.Pool,
+    origin: ImageOrigin,
+) -> None:
+    """A retry of a big request holds its row for seconds (docs/lifecycle.md), and a worker's
+    record of one of its images waits for it. Another request's records on that worker do not:
+    each request's records batch apart, on their own connections."""
+    held = "/img/row-held.jpg"
+    origin.gates[held] = release = asyncio.Event()
+    busy = await upload(ingest_stub, csv_of([("1", "Shoe", [origin.url(held)])]))
+
+    async def fetching() -> bool:
+        return origin.hits_of(held) > 0
+
+    await wait_until_async(fetching, timeout=30, message="the held image requested")
+    async with pool.acquire() as holder, pool.acquire() as observer:
+        async with holder.transaction():
+            await holder.execute(
+                "SELECT 1 FROM requests WHERE id = $1 FOR UPDATE", uuid.UUID(busy.request_id)
+            )
+            release.set()
+            await wait_until_async(
+                lambda: waits_for_a_lock(observer),
+                timeout=30,
+                message="the held request's record to queue for its row",
+            )
+            other = await upload(ingest_stub, csv_of([("1", "Hat", [origin.url("/img/o.jpg")])]))
+            request = await wait_final(pool, other.request_id)
+            assert (request["status"], request["images_done"]) == ("Completed", 1)
+            assert await waits_for_a_lock(observer)  # the first one still waits
+        request = await wait_final(pool, busy.request_id)
+    assert (request["status"], request["images_done"]) == ("Completed", 1)
 
 
 async def test_a_freed_slot_takes_the_next_task_without_waiting_for_a_quarter(

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import pytest
 
-from services.worker.batching import Batcher, Expected
+from services.worker.batching import Batcher, Expected, KeyedBatcher
 from testing.polling import wait_until_async
 
 
@@ -138,6 +138,49 @@ async def test_cancelling_the_run_cancels_its_callers_instead_of_leaving_them_wa
         await drainer
     with pytest.raises(asyncio.CancelledError):
         await asyncio.wait_for(caller, 10)
+
+
+class KeyedRecorder:
+    """A Recorder per key: `runs[key]`."""
+
+    def __init__(self, *keys: str) -> None:
+        self.runs = {key: Recorder() for key in keys}
+
+    async def __call__(self, key: str, items: Sequence[int]) -> list[int]:
+        return await self.runs[key](items)
+
+
+async def test_a_keys_batch_that_waits_holds_up_no_other_key() -> None:
+    run = KeyedRecorder("held", "free")
+    run.runs["held"].gate.clear()  # a statement queued for its request's row
+    batcher: KeyedBatcher[str, int, int] = KeyedBatcher(run)
+    held = asyncio.create_task(batcher("held", 1))
+    await run.runs["held"].started.wait()
+    answers = await asyncio.wait_for(asyncio.gather(batcher("free", 2), batcher("free", 3)), 10)
+    assert list(answers) == [20, 30]
+    assert run.runs["free"].batches == [[2, 3]]  # one key's calls still share a batch
+    assert not held.done()
+    run.runs["held"].gate.set()
+    assert await held == 10
+
+
+async def test_an_idle_keys_batcher_is_dropped_and_no_longer_poked() -> None:
+    run = KeyedRecorder("a", "b")
+    expected = Expected()
+    batcher: KeyedBatcher[str, int, int] = KeyedBatcher(run, linger=30.0, expected=expected)
+    other = expected.ticket()
+    calls = [asyncio.create_task(batcher(key, n)) for key, n in (("a", 1), ("b", 2), ("a", 3))]
+    await wait_until_async(lambda: _keys(batcher, 2), timeout=10, message="two keys waiting")
+    assert len(expected.batchers) == 2
+    assert not any(call.done() for call in calls)  # both linger for the expected caller
+    other.done()
+    assert await asyncio.wait_for(asyncio.gather(*calls), 10) == [10, 20, 30]
+    assert (run.runs["a"].batches, run.runs["b"].batches) == ([[1, 3]], [[2]])
+    assert batcher.keys == 0 and not expected.batchers
+
+
+async def _keys(batcher: KeyedBatcher[str, int, int], count: int) -> bool:
+    return batcher.keys == count
 
 
 def test_a_batch_holds_at_least_one_call() -> None:
