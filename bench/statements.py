@@ -120,6 +120,13 @@ async def measure(server_url: str, rows: int) -> Timings:
             "list_products (a page of 1,000)",
             queries.list_products(conn, request_id, after_row=rows // 2, limit=1000),
         )
+        # A request at work with one failed image: what a retry of it costs, and holds its
+        # request's row for (a worker recording another of its images waits that long).
+        await queries.record_image_failed(conn, ids[0], code="HTTP_404", message="gone")
+        await timed(
+            "retry_failed_images (one failed image of the request)",
+            queries.retry_failed_images(conn, request_id, owner="o"),
+        )
         clock = LongestStatement(conn)
         await timed(
             "cancel_request (every image)",
