@@ -13,6 +13,7 @@ import pytest
 
 from services.common.db.pool import Connection, advisory_lock, create_pool
 from services.common.db.queries import idempotency_lock, leader_lock
+from services.ingest.feeder import LEADER_LOCK_KEY as FEEDER_LOCK_KEY
 from testing.polling import wait_until_async
 
 pytestmark = pytest.mark.integration
@@ -138,7 +139,7 @@ async def test_a_cancel_while_waiting_for_the_lock_leaves_the_pool_clean(
         await pool.close()
 
 
-async def _waiting_for_advisory_lock(conn: asyncpg.Connection) -> bool:
+async def _waiting_for_advisory_lock(conn: Connection) -> bool:
     return bool(
         await conn.fetchval(
             "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
@@ -167,5 +168,42 @@ async def test_connections_name_their_service_unless_the_dsn_does(database_url: 
     pool = await create_pool(named, max_size=1, application_name="imgpipe-worker")
     try:
         assert await _application_name(pool) == "reporting"
+    finally:
+        await pool.close()
+
+
+# An Idempotency-Key that the lock before two key spaces (one 64-bit key, hashtextextended of
+# "<length of owner>:<owner><key>") put onto the feeder's lock. Found by running Postgres's
+# hash backwards, in seconds of Python; the owner's name is what GET /webhook-secret shows.
+COLLIDING_OWNER, COLLIDING_KEY = "tenant-a", "kkS(;Yqb+7(x@<"
+
+
+async def test_no_idempotency_key_can_take_a_services_lock(database_url: str) -> None:
+    """Uploads sharing a key take turns, but no key a caller chooses holds the feeder (or any
+    other service's one-at-a-time lock): that stopped every tenant's releases for as long as
+    the upload lasted, and two uploads could hand it to each other for good."""
+    pool = await create_pool(database_url, min_size=1, max_size=3)
+    try:
+        hashed = await pool.fetchval(
+            "SELECT hashtextextended($1, 0)",
+            f"{len(COLLIDING_OWNER)}:{COLLIDING_OWNER}{COLLIDING_KEY}",
+        )
+        assert hashed == FEEDER_LOCK_KEY  # the collision the old lock met
+        async with idempotency_lock(pool, COLLIDING_OWNER, COLLIDING_KEY) as holder:
+            async with leader_lock(pool, FEEDER_LOCK_KEY) as feeder:
+                assert feeder is not None
+            assert await _free_elsewhere(database_url, FEEDER_LOCK_KEY)
+
+            async def same_key(owner: str) -> None:
+                async with idempotency_lock(pool, owner, COLLIDING_KEY):
+                    pass
+
+            # Another owner's upload with the same key goes ahead; the same owner's waits.
+            await asyncio.wait_for(same_key("tenant-b"), 10)
+            twin = asyncio.create_task(same_key(COLLIDING_OWNER))
+            await wait_until_async(
+                lambda: _waiting_for_advisory_lock(holder), timeout=10, message="twin waits"
+            )
+        await asyncio.wait_for(twin, 10)  # and goes ahead once the first one is done
     finally:
         await pool.close()

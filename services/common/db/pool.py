@@ -50,24 +50,36 @@ class PooledConnection(asyncpg.Connection):
         return ""
 
 
+# Postgres has two key spaces for advisory locks that never meet: one 64-bit key, or two 32-bit
+# keys. The services' own locks (migrations, feeder, reconciler, janitor, a request's output
+# CSV) take one key, built from constants and ids the service made. A lock whose key a caller
+# chooses (an upload's Idempotency-Key) takes two, so no caller can pick the key of a service's
+# lock: Postgres's hash is easily run backwards, and a key once hashed onto the feeder's stopped
+# every tenant's releases for as long as its upload held it.
+AdvisoryKey = int | tuple[int, int]
+
+
 @contextlib.asynccontextmanager
 async def advisory_lock(
-    conn: Connection, key: int, *, wait: bool = True, wait_seconds: float | None = None
+    conn: Connection, key: AdvisoryKey, *, wait: bool = True, wait_seconds: float | None = None
 ) -> AsyncIterator[bool]:
-    """Hold the session advisory lock `key` on `conn` for the block; yields whether it was
-    taken (always, when `wait`, within `wait_seconds` or else the command timeout; with
-    `wait=False` only when no other session holds it).
+    """Hold the session advisory lock `key` (one 64-bit key, or a pair of 32-bit ones) on
+    `conn` for the block; yields whether it was taken (always, when `wait`, within
+    `wait_seconds` or else the command timeout; with `wait=False` only when no other session
+    holds it).
 
     Taking or releasing it is never left half done: if either fails or is cancelled, the
     connection is terminated, so the lock ends with its session and never goes back to the
     pool held (PooledConnection's release does not unlock everything).
     """
+    keys = key if isinstance(key, tuple) else (key,)
+    slots = ", ".join(f"${n}" for n in range(1, len(keys) + 1))
     try:
         if wait:
-            await conn.execute("SELECT pg_advisory_lock($1)", key, timeout=wait_seconds)
+            await conn.execute(f"SELECT pg_advisory_lock({slots})", *keys, timeout=wait_seconds)
             taken = True
         else:
-            taken = bool(await conn.fetchval("SELECT pg_try_advisory_lock($1)", key))
+            taken = bool(await conn.fetchval(f"SELECT pg_try_advisory_lock({slots})", *keys))
     except BaseException:
         conn.terminate()
         raise
@@ -76,7 +88,7 @@ async def advisory_lock(
     finally:
         if taken:
             try:
-                await conn.execute("SELECT pg_advisory_unlock($1)", key)
+                await conn.execute(f"SELECT pg_advisory_unlock({slots})", *keys)
             except BaseException:
                 conn.terminate()
                 raise

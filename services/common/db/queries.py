@@ -50,11 +50,15 @@ PUBLISH_LEASE_SECONDS = 60.0
 @contextlib.asynccontextmanager
 async def idempotency_lock(pool: asyncpg.Pool, owner: str, key: str) -> AsyncIterator[Connection]:
     """Hold a session advisory lock on (owner, key) for the block: uploads sharing a key
-    take turns instead of racing to insert."""
+    take turns instead of racing to insert.
+
+    The lock is a pair of 32-bit keys, the owner's hash and the key's: never one of the
+    services' own locks, which take one 64-bit key (pool.AdvisoryKey), and another owner's only
+    if the two owners' names hash alike, which no caller chooses."""
     async with pool.acquire() as conn:
-        # The owner's length first makes the pair unambiguous without a separator.
-        lock = await conn.fetchval("SELECT hashtextextended($1, 0)", f"{len(owner)}:{owner}{key}")
-        async with advisory_lock(conn, lock):
+        pair = await conn.fetchrow("SELECT hashtext($1), hashtext($2)", owner, key)
+        assert pair is not None  # a SELECT without FROM has its one row
+        async with advisory_lock(conn, (pair[0], pair[1])):
             yield conn
 
 
