@@ -13,6 +13,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor
+from dataclasses import dataclass
 from typing import Protocol
 
 import asyncpg
@@ -74,6 +75,23 @@ async def record_images_done(
         except asyncpg.exceptions.TransactionRollbackError as exc:
             log.warning("recording images again: %s", exc, extra={"attempt": attempt})
     return await queries.record_images_done(conn, images)
+
+
+@dataclass(frozen=True, slots=True)
+class FailedImage:
+    """An image's failure, to be recorded with its reason (queries.record_image_failed)."""
+
+    image_id: int
+    code: str
+    message: str
+
+
+# What a task records at its end, in its request's batch.
+Outcome = queries.DoneImage | FailedImage
+
+
+def _image_id(outcome: Outcome) -> int:
+    return outcome.image_id if isinstance(outcome, FailedImage) else outcome.output.image_id
 
 
 class Deferred(Exception):
@@ -150,14 +168,13 @@ class Processor:
         self._working = Expected()  # tasks that have not reached their record yet
         # A batcher per request, each batch on its own connection: a statement that waits for
         # one request's row (a retry holds it for seconds) holds up that request's records
-        # only. At most half the pool records at once; the rest stays for everything else.
-        self._record: KeyedBatcher[uuid.UUID, queries.DoneImage, queries.Counters | None] = (
-            KeyedBatcher(
-                self._record_batch,
-                linger=record_linger,
-                expected=self._working,
-                observe=metrics.batch_sized("record"),
-            )
+        # only, on one connection, however many of its images end meanwhile. At most half the
+        # pool records at once; the rest stays for everything else.
+        self._record: KeyedBatcher[uuid.UUID, Outcome, queries.Counters | None] = KeyedBatcher(
+            self._record_batch,
+            linger=record_linger,
+            expected=self._working,
+            observe=metrics.batch_sized("record"),
         )
         self._recorders = asyncio.Semaphore(max(1, pool.get_max_size() // 2))
         self._progress = Batcher(self._publish_progress, observe=metrics.batch_sized("progress"))
@@ -229,10 +246,9 @@ class Processor:
                     "error": failure.message,
                 },
             )
-            async with self.pool.acquire() as conn:
-                counters = await queries.record_image_failed(
-                    conn, task.image_id, code=str(failure.code), message=failure.message
-                )
+            counters = await self._record(
+                request_id, FailedImage(task.image_id, str(failure.code), failure.message)
+            )
             if counters is not None:  # None: another delivery recorded it first
                 metrics.image_failed(str(failure.code))
         if counters is not None:
@@ -349,13 +365,22 @@ class Processor:
         return None
 
     async def _record_batch(
-        self, request_id: uuid.UUID, batch: Sequence[queries.DoneImage]
+        self, request_id: uuid.UUID, batch: Sequence[Outcome]
     ) -> list[queries.Counters | None]:
-        """Record a batch of one request's Done images in one statement; each image's
-        counters, or None if it was final."""
+        """Record a batch of one request's outcomes on one connection: its Done images in one
+        statement, then each failure in its own. Each image's counters after its record (the
+        last record's show whether the request is complete), or None if it was final."""
+        done = [outcome for outcome in batch if isinstance(outcome, queries.DoneImage)]
         async with self._recorders, self.pool.acquire() as conn:
-            recorded = await record_images_done(conn, batch)
-        return [recorded.get(done.output.image_id) for done in batch]
+            recorded = await record_images_done(conn, done) if done else {}
+            for failed in batch:
+                if isinstance(failed, FailedImage):
+                    counters = await queries.record_image_failed(
+                        conn, failed.image_id, code=failed.code, message=failed.message
+                    )
+                    if counters is not None:
+                        recorded[failed.image_id] = counters
+        return [recorded.get(_image_id(outcome)) for outcome in batch]
 
     async def _fetch(
         self, task: task_pb2.ImageTask, lease: Lease, connection_wait: float | None

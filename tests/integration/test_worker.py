@@ -417,6 +417,49 @@ async def test_a_request_whose_row_is_held_holds_up_no_other_requests_records(
     assert (request["status"], request["images_done"]) == ("Completed", 1)
 
 
+async def test_failures_of_a_request_whose_row_is_held_wait_on_one_connection(
+    ingest_stub: ingest_grpc.IngestServiceAsyncStub,
+    running_worker: asyncio.Event,
+    pool: asyncpg.Pool,
+    origin: ImageOrigin,
+) -> None:
+    """Each failure of an image moves its request's counters too. While the request's row is
+    held, its failures wait in one batch on one connection: one connection each took the
+    whole pool (4 here, 2 of them the test's), and the next upload found none."""
+    gate = asyncio.Event()
+    gone = [f"/img/gone-{n}.jpg" for n in range(3)]
+    for path in gone:
+        origin.gates[path] = gate
+        origin.missing.add(path)
+    busy = await upload(ingest_stub, csv_of([("1", "Shoe", [origin.url(p) for p in gone])]))
+
+    async def fetching() -> bool:
+        return all(origin.hits_of(path) for path in gone)
+
+    await wait_until_async(fetching, timeout=30, message="the three images requested")
+    async with pool.acquire() as holder, pool.acquire() as observer:
+        async with holder.transaction():
+            await holder.execute(
+                "SELECT 1 FROM requests WHERE id = $1 FOR UPDATE", uuid.UUID(busy.request_id)
+            )
+            gate.set()  # three 404s
+            await wait_until_async(
+                lambda: waits_for_a_lock(observer),
+                timeout=30,
+                message="the failures to queue for the request's row",
+            )
+            other = await upload(ingest_stub, csv_of([("1", "Hat", [origin.url("/img/f.jpg")])]))
+            request = await wait_final(pool, other.request_id)
+            assert (request["status"], request["images_done"]) == ("Completed", 1)
+            waiting = await observer.fetchval(
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+            )
+            assert waiting == 1
+        request = await wait_final(pool, busy.request_id)
+    assert (request["status"], request["images_failed"]) == ("Failed", 3)
+
+
 async def test_a_freed_slot_takes_the_next_task_without_waiting_for_a_quarter(
     ingest_stub: ingest_grpc.IngestServiceAsyncStub,
     processor: Processor,
