@@ -381,83 +381,59 @@ async def test_a_busy_worker_records_its_images_in_shared_statements(
     assert count - count_before < 6  # and some shared one statement
 
 
+@pytest.mark.parametrize(
+    ("images", "found", "final"),
+    [(1, True, ("Completed", 1, 0)), (3, False, ("Failed", 0, 3))],
+    ids=["done", "failed"],
+)
 async def test_a_request_whose_row_is_held_holds_up_no_other_requests_records(
     ingest_stub: ingest_grpc.IngestServiceAsyncStub,
     running_worker: asyncio.Event,
     pool: asyncpg.Pool,
     origin: ImageOrigin,
+    images: int,
+    found: bool,
+    final: tuple[str, int, int],
 ) -> None:
     """A retry of a big request holds its row for seconds (docs/lifecycle.md), and a worker's
-    record of one of its images waits for it. Another request's records on that worker do not:
-    each request's records batch apart, on their own connections."""
-    held = "/img/row-held.jpg"
-    origin.gates[held] = release = asyncio.Event()
-    busy = await upload(ingest_stub, csv_of([("1", "Shoe", [origin.url(held)])]))
+    record of one of its images, Done or failed, waits for it. Another request's records on
+    that worker do not: each request's records batch apart, on their own connection, and the
+    held request's wait on one however many of its images end (three failures, one
+    connection each, took the pool of 4 here, 2 of them the test's, and the next upload found
+    none)."""
+    gate = asyncio.Event()
+    paths = [f"/img/row-held-{n}.jpg" for n in range(images)]
+    for path in paths:
+        origin.gates[path] = gate
+        if not found:
+            origin.missing.add(path)
+    busy = await upload(ingest_stub, csv_of([("1", "Shoe", [origin.url(p) for p in paths])]))
 
     async def fetching() -> bool:
-        return origin.hits_of(held) > 0
+        return all(origin.hits_of(path) for path in paths)
 
-    await wait_until_async(fetching, timeout=30, message="the held image requested")
+    await wait_until_async(fetching, timeout=30, message="the held images requested")
     async with pool.acquire() as holder, pool.acquire() as observer:
         async with holder.transaction():
             await holder.execute(
                 "SELECT 1 FROM requests WHERE id = $1 FOR UPDATE", uuid.UUID(busy.request_id)
             )
-            release.set()
+            gate.set()
             await wait_until_async(
                 lambda: waits_for_a_lock(observer),
                 timeout=30,
-                message="the held request's record to queue for its row",
+                message="the held request's records to queue for its row",
             )
             other = await upload(ingest_stub, csv_of([("1", "Hat", [origin.url("/img/o.jpg")])]))
-            request = await wait_final(pool, other.request_id)
-            assert (request["status"], request["images_done"]) == ("Completed", 1)
-            assert await waits_for_a_lock(observer)  # the first one still waits
-        request = await wait_final(pool, busy.request_id)
-    assert (request["status"], request["images_done"]) == ("Completed", 1)
-
-
-async def test_failures_of_a_request_whose_row_is_held_wait_on_one_connection(
-    ingest_stub: ingest_grpc.IngestServiceAsyncStub,
-    running_worker: asyncio.Event,
-    pool: asyncpg.Pool,
-    origin: ImageOrigin,
-) -> None:
-    """Each failure of an image moves its request's counters too. While the request's row is
-    held, its failures wait in one batch on one connection: one connection each took the
-    whole pool (4 here, 2 of them the test's), and the next upload found none."""
-    gate = asyncio.Event()
-    gone = [f"/img/gone-{n}.jpg" for n in range(3)]
-    for path in gone:
-        origin.gates[path] = gate
-        origin.missing.add(path)
-    busy = await upload(ingest_stub, csv_of([("1", "Shoe", [origin.url(p) for p in gone])]))
-
-    async def fetching() -> bool:
-        return all(origin.hits_of(path) for path in gone)
-
-    await wait_until_async(fetching, timeout=30, message="the three images requested")
-    async with pool.acquire() as holder, pool.acquire() as observer:
-        async with holder.transaction():
-            await holder.execute(
-                "SELECT 1 FROM requests WHERE id = $1 FOR UPDATE", uuid.UUID(busy.request_id)
-            )
-            gate.set()  # three 404s
-            await wait_until_async(
-                lambda: waits_for_a_lock(observer),
-                timeout=30,
-                message="the failures to queue for the request's row",
-            )
-            other = await upload(ingest_stub, csv_of([("1", "Hat", [origin.url("/img/f.jpg")])]))
             request = await wait_final(pool, other.request_id)
             assert (request["status"], request["images_done"]) == ("Completed", 1)
             waiting = await observer.fetchval(
                 "SELECT count(*) FROM pg_stat_activity"
                 " WHERE datname = current_database() AND wait_event_type = 'Lock'"
             )
-            assert waiting == 1
+            assert waiting == 1  # the held request's records, on one connection
         request = await wait_final(pool, busy.request_id)
-    assert (request["status"], request["images_failed"]) == ("Failed", 3)
+    assert (request["status"], request["images_done"], request["images_failed"]) == final
 
 
 async def test_a_freed_slot_takes_the_next_task_without_waiting_for_a_quarter(
