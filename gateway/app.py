@@ -23,16 +23,17 @@ from gateway import (
     rate_headers,
     sign_in,
 )
-from gateway.anonymous_uploads import AnonymousUploads
 from gateway.auth_middleware import auth_middleware
 from gateway.config import GatewaySettings
 from gateway.grpc_backends import open_channels
+from gateway.holds import Holds
 from gateway.http_errors import error_middleware
 from gateway.in_flight import InFlight
 from gateway.keys import (
     ANONYMOUS_UPLOADS,
     API_KEYS,
     CHANNELS,
+    DOWNLOADS,
     IN_FLIGHT,
     PAGE_REFUSAL,
     PRODUCT_PAGES,
@@ -68,7 +69,8 @@ def create_app(settings: GatewaySettings) -> web.Application:
     app[PAGE_REFUSAL] = html_handlers.html_error_response
     app[IN_FLIGHT] = in_flight
     app[PRODUCT_PAGES] = ProductPageCache(max_bytes=settings.page_cache_bytes)
-    app[ANONYMOUS_UPLOADS] = AnonymousUploads(settings.anonymous_uploads)
+    app[ANONYMOUS_UPLOADS] = Holds(settings.anonymous_uploads, "uploads", "IMGPIPE_LIMIT_UPLOADS")
+    app[DOWNLOADS] = Holds(settings.downloads, "downloads", "IMGPIPE_GATEWAY_DOWNLOADS")
     app.cleanup_ctx.append(_connected_while_running)
     app.cleanup_ctx.append(_product_pages_purged_while_running)
     _add_routes(app.router)

@@ -40,8 +40,13 @@ class GatewaySettings:
     page_cache_bytes: int = 32 * 1024 * 1024  # rendered GET /status pages kept (page_cache.py)
     # An upload body that sends nothing for this long is answered 408.
     upload_idle_timeout: float = 30.0
+    # A download whose client takes nothing for this long is cut off (gateway/output_csv.py).
+    download_idle_timeout: float = 30.0
     # Uploads at a time per client address when authentication is off (with keys: `uploads=`).
     anonymous_uploads: int = Limits().uploads
+    # Output CSV downloads at a time per caller (its credential, else its address), in one
+    # gateway process (gateway/holds.py); 0: no limit.
+    downloads: int = 4
     log_level: str = "INFO"
     api_keys: KeyRing = field(default_factory=KeyRing)
     metrics_listen: str = ""  # where /metrics is served (never the API port); '' serves nothing
@@ -74,8 +79,10 @@ class GatewaySettings:
             watch_timeout=env.number("IMGPIPE_WATCH_TIMEOUT", MAX_WATCH_SECONDS),
             page_cache_bytes=env.integer("IMGPIPE_PAGE_CACHE_BYTES", 32 * 1024 * 1024),
             upload_idle_timeout=env.number("IMGPIPE_UPLOAD_IDLE_TIMEOUT", 30.0),
+            download_idle_timeout=env.number("IMGPIPE_DOWNLOAD_IDLE_TIMEOUT", 30.0),
             # read_api_keys has reported a bad value already: read it again quietly.
             anonymous_uploads=EnvReader(environ).integer("IMGPIPE_LIMIT_UPLOADS", Limits().uploads),
+            downloads=env.integer("IMGPIPE_GATEWAY_DOWNLOADS", 4, minimum=0),
             log_level=env.text("IMGPIPE_LOG_LEVEL", "INFO").upper(),
             api_keys=read_api_keys(env),
             metrics_listen=read_metrics_listen(env),

@@ -18,8 +18,9 @@ from aiohttp import web
 from grpc_health.v1 import health_pb2
 
 from gateway import json_views
-from gateway.keys import CHANNELS, IN_FLIGHT, PRODUCT_PAGES, SETTINGS, STORAGE
-from gateway.output_csv import stream_output_csv
+from gateway.http_credentials import presented
+from gateway.keys import CHANNELS, DOWNLOADS, IN_FLIGHT, PRODUCT_PAGES, SETTINGS, STORAGE
+from gateway.output_csv import send_stored_csv, stream_output_csv
 from gateway.product_page_cache import ProductPageKey, Version
 from gateway.upload import upload_csv
 from gateway.urls import output_csv_link, output_csv_url, status_url
@@ -189,14 +190,25 @@ async def output_csv(request: web.Request) -> web.StreamResponse:
         raise NotFound("this request has no output CSV")
     filename = f"imgpipe-{_UNSAFE_FILENAME.sub('_', found.request_id or request_id)}.csv"
     headers = {"Content-Disposition": f'attachment; filename="{filename}"'}
-    if storage.presigned:
-        # Signed URLs expire: render the CSV now instead of serving the stored copy.
-        return await stream_output_csv(request, found.request_id, headers)
-    try:
-        data = await storage.get(found.output_csv_key)
-    except FileNotFoundError:
-        raise NotFound("the output CSV of this request was not found") from None
-    return web.Response(body=data, content_type="text/csv", charset="utf-8", headers=headers)
+    # Each download holds a page of rows, or a piece of the stored copy, while its client reads:
+    # IMGPIPE_GATEWAY_DOWNLOADS at a time per caller.
+    with request.app[DOWNLOADS].hold(_caller(request)):
+        if storage.presigned:
+            # Signed URLs expire: render the CSV now instead of serving the stored copy.
+            return await stream_output_csv(request, found.request_id, headers)
+        try:
+            size, pieces = await storage.read(found.output_csv_key)
+        except FileNotFoundError:
+            raise NotFound("the output CSV of this request was not found") from None
+        return await send_stored_csv(request, size, pieces, headers)
+
+
+def _caller(request: web.Request) -> str:
+    """Who counts against a per-caller cap of this gateway: the credential, else the address."""
+    credential = presented(request)
+    if credential is not None and credential.token:
+        return f"{credential.scheme} {credential.token}"
+    return f"address {request.remote or ''}"
 
 
 async def retry(request: web.Request) -> web.Response:

@@ -11,9 +11,9 @@ from collections.abc import Callable
 
 from aiohttp import web
 
-from gateway.anonymous_uploads import AnonymousUploads
 from gateway.config import GatewaySettings
 from gateway.grpc_backends import Channels
+from gateway.holds import Holds
 from gateway.in_flight import InFlight
 from gateway.product_page_cache import ProductPageCache
 from gateway.session_client import SessionClient
@@ -33,4 +33,5 @@ SESSIONS = web.AppKey("sessions", SessionClient)
 PAGE_REFUSAL: web.AppKey[PageRefusal] = web.AppKey("page_refusal")
 PRODUCT_PAGES = web.AppKey("product_pages", ProductPageCache)
 IN_FLIGHT = web.AppKey("in_flight", InFlight)
-ANONYMOUS_UPLOADS = web.AppKey("anonymous_uploads", AnonymousUploads)
+ANONYMOUS_UPLOADS = web.AppKey("anonymous_uploads", Holds)
+DOWNLOADS = web.AppKey("downloads", Holds)

@@ -12,7 +12,7 @@ commits a partial upload. What the body may be (docs/uploads.md):
 - it keeps arriving: IMGPIPE_UPLOAD_IDLE_TIMEOUT seconds without a byte answers 408.
 
 With authentication off there is no key to count uploads against, so the gateway itself allows
-each client address `IMGPIPE_LIMIT_UPLOADS` uploads at a time (gateway/anonymous_uploads.py).
+each client address `IMGPIPE_LIMIT_UPLOADS` uploads at a time (gateway/holds.py).
 """
 
 from __future__ import annotations

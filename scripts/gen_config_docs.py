@@ -116,6 +116,9 @@ MEANINGS: dict[str, Meaning] = {
     "IMGPIPE_UPLOAD_IDLE_TIMEOUT": Meaning(
         "seconds; an upload body that sends nothing this long is answered 408"
     ),
+    "IMGPIPE_DOWNLOAD_IDLE_TIMEOUT": Meaning(
+        "seconds; an output CSV download whose client takes nothing this long is cut off"
+    ),
     "IMGPIPE_METRICS_LISTEN": Meaning(
         "`host:port` where the process serves `/metrics` (never its API port); Kubernetes sets"
         " `0.0.0.0:9464`; unset: off ([operations.md, Metrics](operations.md#metrics))"
@@ -263,6 +266,11 @@ MEANINGS: dict[str, Meaning] = {
         "seconds; longest live-progress stream (at most 600); clients reconnect"
     ),
     "IMGPIPE_PAGE_CACHE_BYTES": Meaning("bytes of rendered `GET /status` pages kept"),
+    "IMGPIPE_GATEWAY_DOWNLOADS": Meaning(
+        "output CSV downloads at a time per caller (its key or session, else its address), in"
+        " one gateway process; each holds up to a page of rows while its client reads (0 no"
+        " limit)"
+    ),
     # --- gRPC transport (docs/grpc.md), reuse, retention ---------------------------------
     "IMGPIPE_GRPC_TLS_CERT": Meaning(
         "PEM file: the service's certificate; with the key, the service serves TLS"

@@ -17,7 +17,7 @@ import contextlib
 import os
 import re
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -140,6 +140,17 @@ class Storage:
         """The object's bytes; FileNotFoundError when it does not exist."""
         result = await obstore.get_async(self.store, key)
         return bytes(await result.bytes_async())
+
+    async def read(self, key: str, piece: int = 64 * 1024) -> tuple[int, AsyncIterator[bytes]]:
+        """The object's size and its bytes in pieces of `piece` (the last one shorter), read
+        as they are taken; FileNotFoundError when it does not exist."""
+        result = await obstore.get_async(self.store, key)
+
+        async def pieces() -> AsyncIterator[bytes]:
+            async for chunk in result.stream(min_chunk_size=piece):
+                yield bytes(chunk)
+
+        return int(result.meta["size"]), pieces()
 
     async def missing(self, key: str) -> bool:
         """True when the store says `key` does not exist. Without s3:ListBucket, S3 answers a
