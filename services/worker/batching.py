@@ -14,9 +14,12 @@ A batcher given `Expected` lingers only while a call may still come: each task t
 it holds a `Ticket` until it calls (or knows it will not), and when no ticket is out the batch
 runs at once. A lone image is recorded without waiting; a busy worker's are gathered.
 
-A `KeyedBatcher` keeps a Batcher per key (the worker's Done records: per request). A key's
+A `KeyedBatcher` keeps a Batcher per key (the worker's records: per request). A key's
 batches run one at a time, different keys' side by side, so a batch that waits for its key's
-rows (a retry holds its request's row for seconds) holds up that key's calls only.
+rows (a retry holds its request's row for seconds) holds up that key's calls only. The keys
+still start together, as their calls did in one batch: when one key's batch starts (full, or
+its linger over), or all keys' waiting calls together fill a batch, every key's waiting
+calls start too. A small request's record does not linger beside a big one's full batches.
 """
 
 from __future__ import annotations
@@ -41,11 +44,12 @@ class Batcher(Generic[T, R]):
         max_size: int = 64,
         expected: Expected | None = None,
         observe: Callable[[int], None] | None = None,
+        group: _Group | None = None,
     ) -> None:
         """`run` takes a batch and returns one result per item, in order; what it raises is
         raised to every caller of that batch. `expected`: the calls that may still come (a
         batch stops lingering when there are none). `observe` is called with each batch's
-        size."""
+        size. `group`: the KeyedBatcher's batchers, which start together."""
         if max_size < 1:
             raise ValueError(f"max_size must be at least 1, not {max_size}")
         self._run = run
@@ -57,19 +61,33 @@ class Batcher(Generic[T, R]):
         self._drainer: asyncio.Task[None] | None = None
         self._expected = expected
         self._observe = observe
+        self._group = group
+        self._flush = False  # another batcher of the group started: start now too
         if expected is not None:
             expected.batchers.add(self)
+        if group is not None:
+            group.batchers.add(self)
 
     def close(self) -> None:
-        """No longer poked by its `expected` (a KeyedBatcher dropping an idle key's batcher)."""
+        """No longer poked by its `expected` nor its group (a KeyedBatcher dropping an idle
+        key's batcher)."""
         if self._expected is not None:
             self._expected.batchers.discard(self)
+        if self._group is not None:
+            self._group.batchers.discard(self)
+
+    def flush(self) -> None:
+        """Start the waiting calls' batch now, whatever its linger."""
+        self._flush = True
+        self._check.set()
 
     async def __call__(self, item: T) -> R:
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         if not self._waiting:
             self._oldest = time.monotonic()
         self._waiting.append((item, future))
+        if self._group is not None:
+            self._group.added(1)
         self.poke()
         if self._drainer is None:
             self._drainer = asyncio.create_task(self._drain())
@@ -88,18 +106,25 @@ class Batcher(Generic[T, R]):
             self._check.set()
 
     def _ready(self) -> bool:
-        return len(self._waiting) >= self.max_size or (
-            self._expected is not None and self._expected.count == 0
+        return (
+            self._flush
+            or len(self._waiting) >= self.max_size
+            or (self._expected is not None and self._expected.count == 0)
         )
 
     async def _drain(self) -> None:
         try:
             while self._waiting:
                 await self._gather()
+                flushed, self._flush = self._flush, False
                 batch = self._waiting[: self.max_size]
                 del self._waiting[: self.max_size]
                 if self._waiting:
                     self._oldest = time.monotonic()
+                if self._group is not None:
+                    self._group.added(-len(batch))
+                    if not flushed:  # it starts on its own: the others' calls go with it
+                        self._group.start_all()
                 live = [(item, future) for item, future in batch if not future.done()]
                 if live:
                     await self._run_batch(live)
@@ -107,6 +132,8 @@ class Batcher(Generic[T, R]):
             self._drainer = None
             for _, future in self._waiting:  # only when the drainer itself was cancelled
                 future.cancel()
+            if self._group is not None:
+                self._group.added(-len(self._waiting))
             self._waiting.clear()
 
     async def _gather(self) -> None:
@@ -163,11 +190,13 @@ class KeyedBatcher(Generic[K, T, R]):
         observe: Callable[[int], None] | None = None,
     ) -> None:
         self._run = run
+        self._group = _Group(max_size)
         self._options: dict[str, Any] = {
             "linger": linger,
             "max_size": max_size,
             "expected": expected,
             "observe": observe,
+            "group": self._group,
         }
         self._batchers: dict[K, tuple[Batcher[T, R], int]] = {}  # with its calls in flight
 
@@ -194,6 +223,25 @@ class KeyedBatcher(Generic[K, T, R]):
     def keys(self) -> int:
         """Keys with a call in flight: each has a batcher."""
         return len(self._batchers)
+
+
+class _Group:
+    """A KeyedBatcher's batchers, which start together, and their calls waiting to start."""
+
+    def __init__(self, max_size: int) -> None:
+        self.max_size = max_size
+        self.waiting = 0
+        self.batchers: set[Batcher[Any, Any]] = set()
+
+    def added(self, count: int) -> None:
+        self.waiting += count
+        if count > 0 and self.waiting >= self.max_size:  # together, a full batch
+            self.start_all()
+
+    def start_all(self) -> None:
+        for batcher in self.batchers:
+            if batcher.waiting:
+                batcher.flush()
 
 
 class Expected:

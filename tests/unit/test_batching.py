@@ -179,6 +179,22 @@ async def test_an_idle_keys_batcher_is_dropped_and_no_longer_poked() -> None:
     assert batcher.keys == 0 and not expected.batchers
 
 
+async def test_keys_whose_waiting_calls_fill_a_batch_together_start_together() -> None:
+    """As when they shared one batch: a small request's record does not linger beside a big
+    one's until its own batch is full or its linger is over."""
+    run = KeyedRecorder("big", "small")
+    expected = Expected()
+    batcher: KeyedBatcher[str, int, int] = KeyedBatcher(
+        run, linger=30.0, max_size=3, expected=expected
+    )
+    other = expected.ticket()  # a task still at work: without the rule, everyone lingers
+    small = asyncio.create_task(batcher("small", 1))
+    big = [asyncio.create_task(batcher("big", n)) for n in (2, 3)]
+    assert await asyncio.wait_for(asyncio.gather(small, *big), 10) == [10, 20, 30]
+    assert (run.runs["small"].batches, run.runs["big"].batches) == ([[1]], [[2, 3]])
+    other.done()
+
+
 async def _keys(batcher: KeyedBatcher[str, int, int], count: int) -> bool:
     return batcher.keys == count
 
