@@ -32,6 +32,7 @@ from services.status.progress import ProgressHub
 from services.status.servicer import StatusServicer
 from services.status.servicer import registrar as status_registrar
 from services.worker.processor import Processor
+from testing.grpc_servers import on_loopback
 from testing.origin import ImageOrigin, serve_images
 
 
@@ -103,16 +104,12 @@ def consumer(redis_client: redis.asyncio.Redis, names: StreamNames) -> TaskConsu
 @contextlib.asynccontextmanager
 async def serving(register: Callable[[grpc.aio.Server], None]) -> AsyncIterator[grpc.aio.Channel]:
     """A gRPC server on 127.0.0.1 with the servicer `register` adds, and a channel to it."""
-    server = grpc.aio.server()
-    register(server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-    try:
-        yield channel
-    finally:
-        await channel.close(None)
-        await server.stop(None)
+    async with on_loopback(register) as address:
+        channel = grpc.aio.insecure_channel(address)
+        try:
+            yield channel
+        finally:
+            await channel.close(None)
 
 
 # The session's database is shared by its tests, so images they left released and unfinished

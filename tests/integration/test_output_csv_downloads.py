@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import grpc
 import pytest
 from aiohttp.test_utils import TestClient
 
@@ -27,6 +27,7 @@ from services.common.pb.imgpipe.v1 import request_pb2
 from services.common.pb.imgpipe.v1 import status_service_pb2_grpc as status_grpc
 from services.common.storage import S3Options, StorageConfig
 from testing.gateway import GatewayServer
+from testing.grpc_servers import on_loopback
 from testing.polling import wait_until_async
 from testing.ports import free_tcp_port
 from tests.integration.test_output_csv_presigned import REQUEST_ID, FakeStatus
@@ -44,14 +45,11 @@ CALLER = "address 127.0.0.1"
 @contextlib.asynccontextmanager
 async def status_server(products: list[request_pb2.Product]) -> AsyncIterator[str]:
     """A stand-in StatusService listing `products`; its address."""
-    server = grpc.aio.server()
-    status_grpc.add_StatusServiceServicer_to_server(FakeStatus(products), server)  # type: ignore[abstract]
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
-        yield f"127.0.0.1:{port}"
-    finally:
-        await server.stop(None)
+    servicer = FakeStatus(products)  # type: ignore[abstract]
+    async with on_loopback(
+        functools.partial(status_grpc.add_StatusServiceServicer_to_server, servicer)
+    ) as address:
+        yield address
 
 
 @pytest.fixture

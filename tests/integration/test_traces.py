@@ -20,7 +20,6 @@ from pathlib import Path
 
 import aiohttp
 import asyncpg
-import grpc
 import pytest
 import redis.asyncio
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
@@ -46,6 +45,7 @@ from services.worker.processor import Processor
 from services.worker.runner import ConsumePolicy, consume
 from testing.databases import own_database
 from testing.gateway import GatewayServer
+from testing.grpc_servers import on_loopback
 from testing.listeners import Receiver, serve_receiver
 from testing.origin import ImageOrigin
 from testing.polling import wait_until_async
@@ -93,17 +93,11 @@ async def ingest_server(
     allow: FetchAllow,
 ) -> AsyncIterator[str]:
     """Ingest on a real gRPC server with the services' own interceptor, as run_service has it."""
-    server = grpc.aio.server(interceptors=[GrpcServerInterceptor()])
     servicer = IngestServicer(
         pool, client, names, CsvLimits(), fetch_allow=allow, wake_feeder=feeder.wake
     )
-    registrar(servicer)(server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
-        yield f"127.0.0.1:{port}"
-    finally:
-        await server.stop(None)
+    async with on_loopback(registrar(servicer), [GrpcServerInterceptor()]) as address:
+        yield address
 
 
 @contextlib.asynccontextmanager
